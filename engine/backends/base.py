@@ -1,0 +1,70 @@
+"""The interface every backend implements (capabilities as class attributes, as xFormers ops)."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..validation import AttentionProblem
+
+__all__ = ["Backend"]
+
+
+class Backend:
+    """One way to compute attention. Subclasses set the class attributes and implement ``run``.
+
+    ``run`` is only called on problems for which ``not_supported_reasons`` returned ``[]``, and
+    only for non-empty problems (L, S, batch and heads all >= 1); the dispatcher handles empty ones.
+    """
+
+    name: str = ""
+    description: str = ""
+    #: dtype names this backend computes in
+    dtypes: tuple = ("float32", "float64")
+    #: whether it accepts host (NumPy) arrays and device (``__cuda_array_interface__``) arrays
+    host_arrays: bool = True
+    device_arrays: bool = False
+    #: ``auto`` tries backends from the highest priority down
+    priority: int = 0
+
+    def unavailable_reason(self) -> str | None:
+        """Why this backend cannot run on this machine at all (``None`` when it can)."""
+        return None
+
+    def not_supported_reasons(self, problem: AttentionProblem) -> list[str]:
+        """Every reason this backend cannot run ``problem``; empty when it can."""
+        reasons = []
+        why = self.unavailable_reason()
+        if why:
+            reasons.append(why)
+        if problem.dtype.name not in self.dtypes:
+            reasons.append(f"dtype {problem.dtype.name} not supported (supports {', '.join(self.dtypes)})")
+        if problem.on_device and not self.device_arrays:
+            reasons.append("inputs are device arrays; this backend takes host arrays")
+        if not problem.on_device and not self.host_arrays:
+            reasons.append("inputs are host arrays; this backend takes device arrays")
+        return reasons
+
+    def run(self, problem: AttentionProblem) -> tuple[Any, Any]:
+        """Compute ``(out, lse)``: out of ``problem.out_shape``, lse of ``problem.lse_shape``.
+
+        Fully masked rows give zeros in ``out`` and ``-inf`` in ``lse``.
+        """
+        raise NotImplementedError
+
+    def capabilities(self) -> dict:
+        """What ``attention-engine list`` prints about this backend."""
+        why = self.unavailable_reason()
+        return {"name": self.name, "description": self.description, "dtypes": list(self.dtypes),
+                "host_arrays": self.host_arrays, "device_arrays": self.device_arrays,
+                "priority": self.priority, "available": why is None, "unavailable_reason": why}
+
+
+def empty_result(problem: AttentionProblem):
+    """The result of a problem with L, S, batch or heads equal to 0 (host arrays).
+
+    S = 0 gives zeros and lse = -inf, as torch; any other zero size gives empty arrays.
+    """
+    out = np.zeros(problem.out_shape, dtype=problem.dtype)
+    lse = np.full(problem.lse_shape, -np.inf, dtype=problem.dtype)
+    return out, lse

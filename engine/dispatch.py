@@ -1,0 +1,45 @@
+"""Choosing a backend for a problem, and explaining every refusal."""
+from __future__ import annotations
+
+from .backends.base import Backend
+from .plugins import backend_registry
+from .validation import AttentionProblem
+
+__all__ = ["list_backends", "get_backend", "select_backend", "not_supported_reasons"]
+
+
+def list_backends() -> list[str]:
+    """Sorted names of every registered backend (available on this machine or not)."""
+    return sorted(backend_registry())
+
+
+def get_backend(name: str) -> Backend:
+    """The backend instance called ``name``; ``ValueError`` listing the names if unknown."""
+    backends = backend_registry()
+    if not isinstance(name, str) or name not in backends:
+        raise ValueError(f"unknown backend {name!r}; available: auto, {', '.join(sorted(backends))}")
+    return backends[name]
+
+
+def not_supported_reasons(problem: AttentionProblem) -> dict[str, list[str]]:
+    """For every backend, why it cannot run ``problem`` (an empty list when it can)."""
+    return {name: b.not_supported_reasons(problem) for name, b in sorted(backend_registry().items())}
+
+
+def select_backend(name: str, problem: AttentionProblem) -> Backend:
+    """The backend to run ``problem`` on.
+
+    ``"auto"`` takes the highest-priority backend with no reasons; an explicit name that cannot run
+    the problem raises ``ValueError`` listing its reasons.
+    """
+    if name == "auto":
+        for backend in sorted(backend_registry().values(), key=lambda b: -b.priority):
+            if not backend.not_supported_reasons(problem):
+                return backend
+        detail = "; ".join(f"{n}: {', '.join(r)}" for n, r in not_supported_reasons(problem).items())
+        raise ValueError(f"no backend can run these inputs ({detail})")
+    backend = get_backend(name)
+    reasons = backend.not_supported_reasons(problem)
+    if reasons:
+        raise ValueError(f"backend {name!r} cannot run these inputs: {'; '.join(reasons)}")
+    return backend

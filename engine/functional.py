@@ -1,0 +1,35 @@
+"""``scaled_dot_product_attention``: validate, pick a backend, run it."""
+from __future__ import annotations
+
+from .backends.base import empty_result
+from .dispatch import select_backend
+from .validation import validate_attention_args
+
+__all__ = ["scaled_dot_product_attention"]
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
+                                 enable_gqa=False, *, backend="auto", return_lse=False):
+    """Attention with the semantics of ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Shapes ``(..., Hq, L, E)``, ``(..., H, S, E)``, ``(..., H, S, Ev)`` -> ``(..., Hq, L, Ev)``
+    (2-D ``(L, E)`` inputs are one head without batch). ``attn_mask`` is boolean (True = may
+    attend) or floating (added to the scores), broadcastable to ``(..., Hq, L, S)``.
+    ``is_causal`` is top-left aligned and excludes ``attn_mask``. ``scale`` defaults to
+    ``1/sqrt(E)``. ``enable_gqa`` lets H divide Hq. Rows with no visible key are zeros.
+
+    :param backend: ``"auto"`` or a name from ``engine.list_backends()``.
+    :param return_lse: also return the natural-log log-sum-exp of the scaled, masked scores,
+        shape ``(..., Hq, L)``, ``-inf`` for rows with no visible key.
+    :return: ``out`` in the input dtype, or ``(out, lse)``.
+    :raises TypeError, ValueError: on any bad argument, naming it, before any kernel runs.
+    """
+    problem = validate_attention_args(query, key, value, attn_mask, is_causal, scale, enable_gqa,
+                                      return_lse)
+    chosen = select_backend(backend, problem)
+    empty = 0 in (problem.L, problem.S, problem.batch, problem.num_q_heads, problem.Ev)
+    if empty and not problem.on_device:
+        out, lse = empty_result(problem)
+    else:
+        out, lse = chosen.run(problem)
+    return (out, lse) if return_lse else out

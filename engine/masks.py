@@ -1,0 +1,83 @@
+"""Lay out an ``attn_mask`` for the tiled kernels without materialising the broadcast."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .validation import AttentionProblem
+
+__all__ = ["kernel_mask"]
+
+
+def kernel_mask(problem: AttentionProblem, xp=np):
+    """Return ``(mask4, batch_index)`` for a problem that has a mask.
+
+    ``mask4`` has shape ``(Bm, Hq, L, S)`` where ``Bm`` is the product of the mask's own leading
+    dims; the head, row and column axes are zero-stride views where the mask broadcasts, so memory
+    stays that of the mask the caller passed. ``batch_index[b]`` (int64, length ``problem.batch``)
+    is the ``mask4`` row serving flattened batch entry ``b``. Boolean masks keep their dtype
+    (True = may attend); float masks are cast to the problem's dtype. ``xp`` is ``numpy`` or a
+    NumPy-compatible device module (CuPy).
+    """
+    m = problem.attn_mask
+    if problem.mask_kind == "float" and m.dtype != problem.dtype:
+        m = m.astype(problem.dtype)
+    nb = len(problem.batch_shape)
+    full = problem.batch_shape + (problem.num_q_heads, problem.L, problem.S)
+    m = m.reshape((1,) * (len(full) - m.ndim) + tuple(m.shape))
+    lead = tuple(m.shape[:nb])
+    m3 = m.reshape((math.prod(lead),) + tuple(m.shape[nb:]))
+    index = np.broadcast_to(np.arange(math.prod(lead), dtype=np.int64).reshape(lead),
+                            problem.batch_shape).reshape(-1)
+    mask4 = xp.broadcast_to(m3, (m3.shape[0], problem.num_q_heads, problem.L, problem.S))
+    return mask4, np.ascontiguousarray(index)
+
+
+def mha_masks_to_sdpa(attn_mask, key_padding_mask, is_causal: bool, N: int, H: int, L: int, S: int,
+                      dtype):
+    """Turn ``nn.MultiheadAttention`` masks into one ``scaled_dot_product_attention`` mask.
+
+    MHA polarity: boolean True = **not allowed**, float = added. ``attn_mask`` is (L, S) or
+    (N * H, L, S); ``key_padding_mask`` is (N, S). Returns ``(mask, is_causal)`` for the
+    functional API (boolean True = may attend, or float), broadcastable to (N, H, L, S) without
+    materialising more than the inputs' own broadcast. ``is_causal`` stays a flag (the fast path)
+    when no other mask is given, and is folded into the mask otherwise.
+    """
+    parts = []
+    if attn_mask is not None:
+        attn_mask = _mha_mask_array(attn_mask, "attn_mask")
+        if attn_mask.shape == (L, S):
+            parts.append(attn_mask.reshape(1, 1, L, S))
+        elif attn_mask.shape == (N * H, L, S):
+            parts.append(attn_mask.reshape(N, H, L, S))
+        else:
+            raise ValueError(f"attn_mask must have shape (L, S) = {(L, S)} or (N * num_heads, L, S) = "
+                             f"{(N * H, L, S)}, got {attn_mask.shape}")
+    if key_padding_mask is not None:
+        key_padding_mask = _mha_mask_array(key_padding_mask, "key_padding_mask")
+        if key_padding_mask.shape != (N, S):
+            raise ValueError(f"key_padding_mask must have shape (N, S) = {(N, S)}, got "
+                             f"{key_padding_mask.shape}")
+        parts.append(key_padding_mask.reshape(N, 1, 1, S))
+    if not parts:
+        return None, bool(is_causal)
+    if is_causal:
+        parts.append(np.triu(np.ones((L, S), dtype=bool), k=1))  # MHA polarity: True = blocked
+    if all(p.dtype == bool for p in parts):
+        blocked = parts[0]
+        for p in parts[1:]:
+            blocked = blocked | p
+        return ~blocked, False
+    total = np.zeros((), dtype=dtype)
+    for p in parts:
+        total = total + (np.where(p, -np.inf, 0.0).astype(dtype) if p.dtype == bool else p.astype(dtype))
+    return total, False
+
+
+def _mha_mask_array(mask, name: str) -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.dtype.kind not in "bf":
+        raise TypeError(f"{name} must be boolean (True = not allowed) or floating (added), got dtype "
+                        f"{mask.dtype} with shape {mask.shape}")
+    return mask

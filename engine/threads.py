@@ -1,0 +1,100 @@
+"""Numba's threading layer and the thread count of the ``cpu`` backend.
+
+The layer is pinned to TBB: the only one of Numba's layers that is safe both when several Python
+threads call a parallel kernel at once (``workqueue`` aborts the process) and in a child forked
+after the parent ran a kernel (GNU OpenMP hangs there). pip installs ``libtbb.so.12`` into
+``<prefix>/lib``, off the loader's path, so it is preloaded from there. If TBB cannot be loaded, the
+engine falls back to ``workqueue`` and serialises kernel calls with a lock, so it stays safe, only
+less parallel across Python threads.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import glob
+import os
+import sys
+import threading
+import warnings
+
+__all__ = ["configure_threading_layer", "kernel_call_guard", "set_num_threads", "get_num_threads"]
+
+_configured = False
+_serialise = threading.Lock()
+_use_lock = False
+_num_threads: int | None = None
+
+
+def _preload_tbb() -> bool:
+    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
+        for lib in sorted(glob.glob(os.path.join(prefix, "lib", "libtbb.so.12*"))):
+            try:
+                ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+                return True
+            except OSError:
+                continue
+    return False
+
+
+def configure_threading_layer() -> str:
+    """Pin Numba's threading layer before the first parallel kernel; return the layer chosen.
+
+    An explicit ``NUMBA_THREADING_LAYER`` in the environment is respected (on ``workqueue`` calls
+    are serialised).
+    """
+    global _configured, _use_lock
+    import numba
+
+    if _configured:
+        return numba.config.THREADING_LAYER
+    _configured = True
+    if os.environ.get("NUMBA_THREADING_LAYER"):
+        layer = numba.config.THREADING_LAYER
+    else:
+        _preload_tbb()
+        try:
+            import numba.np.ufunc.tbbpool  # noqa: F401  (raises if libtbb cannot be loaded)
+            layer = "tbb"
+        except ImportError as exc:
+            warnings.warn(f"attention-engine: TBB threading layer unavailable ({exc}); using "
+                          "'workqueue' with calls serialised across Python threads", RuntimeWarning,
+                          stacklevel=2)
+            layer = "workqueue"
+        numba.config.THREADING_LAYER = layer
+    _use_lock = layer in ("workqueue", "default")
+    return layer
+
+
+@contextlib.contextmanager
+def kernel_call_guard():
+    """Around every parallel kernel call: applies the thread count, serialises where unsafe.
+
+    Numba's thread count is per Python thread, so it is set on the calling thread each time.
+    """
+    import numba
+
+    configure_threading_layer()
+    n = _num_threads or numba.config.NUMBA_NUM_THREADS
+    lock = _serialise if _use_lock else contextlib.nullcontext()
+    with lock:
+        numba.set_num_threads(n)
+        yield
+
+
+def set_num_threads(n: int | None) -> None:
+    """Threads the ``cpu`` backend uses (``None``: all of Numba's, ``NUMBA_NUM_THREADS``)."""
+    global _num_threads
+    import numba
+
+    if n is not None:
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
+            raise ValueError(f"num_threads must be an int in 1..{numba.config.NUMBA_NUM_THREADS} "
+                             f"(NUMBA_NUM_THREADS), got {n!r}")
+    _num_threads = n
+
+
+def get_num_threads() -> int:
+    """Threads the next ``cpu`` kernel call will use."""
+    import numba
+
+    return _num_threads or numba.config.NUMBA_NUM_THREADS

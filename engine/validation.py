@@ -1,0 +1,208 @@
+"""Validation of ``scaled_dot_product_attention`` arguments, before any kernel runs.
+
+Every check raises ``TypeError`` (wrong kind of thing) or ``ValueError`` (wrong shape or value)
+with a message naming the argument and the shapes involved. The result is an
+:class:`AttentionProblem`: the normalised description every backend consumes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["AttentionProblem", "validate_attention_args", "array_dtype", "is_device_array"]
+
+
+def is_device_array(x: Any) -> bool:
+    """True for GPU arrays that expose ``__cuda_array_interface__`` (Numba, CuPy, torch CUDA)."""
+    return hasattr(x, "__cuda_array_interface__")
+
+
+def array_dtype(x: Any) -> np.dtype:
+    """The NumPy dtype of a host or device array, without copying it."""
+    if is_device_array(x):
+        return np.dtype(x.__cuda_array_interface__["typestr"])
+    return x.dtype
+
+
+def _as_array(x: Any, name: str) -> Any:
+    """Host inputs become ``np.ndarray`` (torch CPU tensors included); device arrays stay as they are."""
+    if x is None:
+        raise TypeError(f"{name} must be an array, got None")
+    if is_device_array(x):
+        return x
+    try:
+        arr = np.asarray(x)
+    except Exception as exc:  # e.g. ragged nested lists
+        raise TypeError(f"{name} could not be converted to an array: {exc}") from None
+    return arr
+
+
+def _check_float(arr: Any, name: str) -> np.dtype:
+    dtype = array_dtype(arr)
+    if dtype.kind != "f":
+        raise TypeError(
+            f"{name} must have a floating dtype (float16, float32, float64), got {dtype} "
+            f"with shape {tuple(arr.shape)}"
+        )
+    return dtype
+
+
+@dataclass(frozen=True)
+class AttentionProblem:
+    """A validated attention call: arrays plus every size a backend needs.
+
+    ``query``/``key``/``value`` are NumPy arrays for host inputs (any strides) or the caller's
+    device arrays. Shapes are ``batch_shape + (num_q_heads, L, E)`` and
+    ``batch_shape + (num_kv_heads, S, E or Ev)``. ``attn_mask`` is ``None`` or an array
+    broadcastable to ``batch_shape + (num_q_heads, L, S)``; ``mask_kind`` is ``"bool"``
+    (True = may attend) or ``"float"`` (added to the scores).
+    """
+
+    query: Any
+    key: Any
+    value: Any
+    attn_mask: Any
+    mask_kind: str | None
+    batch_shape: tuple
+    num_q_heads: int
+    num_kv_heads: int
+    L: int
+    S: int
+    E: int
+    Ev: int
+    dtype: np.dtype
+    is_causal: bool
+    scale: float
+    return_lse: bool
+    on_device: bool
+
+    @property
+    def batch(self) -> int:
+        """Product of the leading (batch) dimensions."""
+        return math.prod(self.batch_shape)
+
+    @property
+    def group(self) -> int:
+        """Query heads served by one key/value head (1 without GQA)."""
+        return self.num_q_heads // self.num_kv_heads
+
+    @property
+    def out_shape(self) -> tuple:
+        """Shape of the result: the query's shape with E replaced by Ev."""
+        return tuple(self.query.shape[:-1]) + (self.Ev,)
+
+    @property
+    def lse_shape(self) -> tuple:
+        """Shape of the log-sum-exp: the query's shape without E."""
+        return tuple(self.query.shape[:-1])
+
+    @property
+    def shape4(self) -> tuple:
+        """(batch, q heads, L, Ev): the flattened shape kernels write."""
+        return (self.batch, self.num_q_heads, self.L, self.Ev)
+
+    @property
+    def flops(self) -> int:
+        """Multiply-adds of both products, times two (no causal discount)."""
+        return 2 * self.batch * self.num_q_heads * self.L * self.S * (self.E + self.Ev)
+
+
+def validate_attention_args(query, key, value, attn_mask=None, is_causal=False, scale=None,
+                            enable_gqa=False, return_lse=False) -> AttentionProblem:
+    """Check every argument of ``scaled_dot_product_attention`` and describe the problem.
+
+    Raises ``TypeError``/``ValueError`` naming the argument and shapes; never touches a kernel.
+    """
+    q = _as_array(query, "query")
+    k = _as_array(key, "key")
+    v = _as_array(value, "value")
+    on_device = [is_device_array(a) for a in (q, k, v)]
+    if any(on_device) and not all(on_device):
+        raise TypeError("query, key and value must all be host arrays or all be device arrays; "
+                        f"device arrays: query={on_device[0]}, key={on_device[1]}, value={on_device[2]}")
+
+    dtypes = [_check_float(a, n) for a, n in ((q, "query"), (k, "key"), (v, "value"))]
+    if len(set(dtypes)) != 1:
+        raise TypeError(f"query, key and value must share one dtype, got {dtypes[0]}, {dtypes[1]}, {dtypes[2]}")
+    dtype = dtypes[0]
+
+    shapes = {n: tuple(a.shape) for n, a in (("query", q), ("key", k), ("value", v))}
+    for n, shp in shapes.items():
+        if len(shp) < 2:
+            raise ValueError(f"{n} must have at least 2 dimensions (..., L, E), got shape {shp}")
+    ranks = {len(s) for s in shapes.values()}
+    if len(ranks) != 1:
+        raise ValueError("query, key and value must have the same number of dimensions, got shapes "
+                         f"query={shapes['query']}, key={shapes['key']}, value={shapes['value']}")
+    qs, ks, vs = shapes["query"], shapes["key"], shapes["value"]
+    if len(qs) == 2:  # (L, E): one head, no batch
+        batch_shape, Hq, H = (), 1, 1
+    else:
+        batch_shape, Hq, H = qs[:-3], qs[-3], ks[-3]
+        if ks[:-3] != batch_shape or vs[:-3] != batch_shape:
+            raise ValueError("query, key and value must have the same batch dimensions, got shapes "
+                             f"query={qs}, key={ks}, value={vs}")
+        if vs[-3] != H:
+            raise ValueError(f"key and value must have the same number of heads, got key={ks}, value={vs}")
+    L, E = qs[-2], qs[-1]
+    S, Ek = ks[-2], ks[-1]
+    Sv, Ev = vs[-2], vs[-1]
+    if Ek != E:
+        raise ValueError(f"query and key must have the same feature size E, got query={qs}, key={ks}")
+    if Sv != S:
+        raise ValueError(f"key and value must have the same sequence length S, got key={ks}, value={vs}")
+    if Hq != H:
+        if not enable_gqa:
+            raise ValueError(f"query has {Hq} heads but key/value have {H}; pass enable_gqa=True for "
+                             f"grouped-query attention (query={qs}, key={ks})")
+        if H == 0 or Hq % H != 0:
+            raise ValueError(f"enable_gqa=True needs the query head count to be a multiple of the "
+                             f"key/value head count, got {Hq} and {H} (query={qs}, key={ks})")
+
+    if not isinstance(is_causal, (bool, np.bool_)):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if not isinstance(return_lse, (bool, np.bool_)):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+
+    if scale is None:
+        if E == 0:
+            raise ValueError(f"the default scale 1/sqrt(E) needs E >= 1, got query={qs}; pass scale=")
+        scale_f = 1.0 / math.sqrt(E)
+    else:
+        if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.integer, np.floating)):
+            raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+        scale_f = float(scale)
+        if not math.isfinite(scale_f):
+            raise ValueError(f"scale must be finite, got {scale_f}")
+
+    mask, mask_kind = None, None
+    if attn_mask is not None:
+        if is_causal:
+            raise ValueError("pass either attn_mask or is_causal=True, not both (as torch)")
+        mask = _as_array(attn_mask, "attn_mask")
+        if is_device_array(mask) != on_device[0]:
+            raise TypeError("attn_mask must live where query does (host or device)")
+        mdtype = array_dtype(mask)
+        if mdtype.kind == "b":
+            mask_kind = "bool"
+        elif mdtype.kind == "f":
+            mask_kind = "float"
+        else:
+            raise TypeError(f"attn_mask must be boolean (True = may attend) or floating (added to the "
+                            f"scores), got dtype {mdtype}")
+        target = batch_shape + (Hq, L, S) if len(qs) > 2 else (L, S)
+        mshape = tuple(mask.shape)
+        ok = len(mshape) <= len(target) and all(
+            m in (1, t) for m, t in zip(mshape[::-1], target[::-1]))
+        if not ok:
+            raise ValueError(f"attn_mask of shape {mshape} is not broadcastable to the score shape "
+                             f"{target} (batch..., heads, L, S)")
+
+    return AttentionProblem(
+        query=q, key=k, value=v, attn_mask=mask, mask_kind=mask_kind,
+        batch_shape=tuple(batch_shape), num_q_heads=Hq, num_kv_heads=H, L=L, S=S, E=E, Ev=Ev,
+        dtype=np.dtype(dtype), is_causal=bool(is_causal), scale=scale_f,
+        return_lse=bool(return_lse), on_device=on_device[0])

@@ -1,0 +1,1 @@
+"""The built-in attention variants. Each module is a plugin, registered like any external one."""

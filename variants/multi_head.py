@@ -1,0 +1,116 @@
+"""``multi-head``: ``torch.nn.MultiheadAttention(batch_first=True)`` on the engine's backends."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from engine import Variant, hookimpl, scaled_dot_product_attention
+from engine.backends.reference import attention_probabilities
+from engine.masks import mha_masks_to_sdpa
+from engine.validation import validate_attention_args
+from engine.variant import check_fits_in_memory
+
+
+class MultiHeadAttention(Variant):
+    """Project, split into heads, attend on an engine backend, concatenate, project.
+
+    Parameters have torch's names and shapes (``y = x @ W.T + b``): ``in_proj_weight`` (3E, E) and
+    ``in_proj_bias`` (3E,), or ``q_proj_weight`` (E, E), ``k_proj_weight`` (E, kdim),
+    ``v_proj_weight`` (E, vdim) when ``kdim``/``vdim`` differ from ``embed_dim``; then
+    ``out_proj.weight`` (E, E) and ``out_proj.bias`` (E,). Initialisation follows torch: Xavier
+    uniform projections, zero biases, ``out_proj.weight`` uniform in +-1/sqrt(E).
+    """
+
+    name = "multi-head"
+    description = "nn.MultiheadAttention: per-head scaled dot-product attention, concat, output projection"
+    out_projection = True
+
+    def __init__(self, embed_dim: int, num_heads: int, *, bias: bool = True, kdim: int | None = None,
+                 vdim: int | None = None, dtype=np.float32, seed=None):
+        super().__init__(dtype=dtype, seed=seed)
+        for argname, val in (("embed_dim", embed_dim), ("num_heads", num_heads)):
+            if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
+                raise ValueError(f"{argname} must be a positive int, got {val!r}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        self.embed_dim, self.num_heads = int(embed_dim), int(num_heads)
+        self.head_dim = self.embed_dim // self.num_heads
+        self.kdim = int(kdim) if kdim is not None else self.embed_dim
+        self.vdim = int(vdim) if vdim is not None else self.embed_dim
+        if self.kdim < 1 or self.vdim < 1:
+            raise ValueError(f"kdim and vdim must be positive, got {kdim!r}, {vdim!r}")
+        self.bias = bool(bias)
+        self.same_embed_dim = self.kdim == self.embed_dim and self.vdim == self.embed_dim
+        E = self.embed_dim
+        if self.same_embed_dim:
+            self.register_parameter("in_proj_weight", self._xavier(3 * E, E))
+        else:
+            self.register_parameter("q_proj_weight", self._xavier(E, E))
+            self.register_parameter("k_proj_weight", self._xavier(E, self.kdim))
+            self.register_parameter("v_proj_weight", self._xavier(E, self.vdim))
+        if self.bias:
+            self.register_parameter("in_proj_bias", np.zeros(3 * E))
+        if self.out_projection:
+            bound = 1.0 / math.sqrt(E)
+            self.register_parameter("out_proj.weight", self.rng.uniform(-bound, bound, (E, E)))
+            if self.bias:
+                self.register_parameter("out_proj.bias", np.zeros(E))
+
+    def _xavier(self, fan_out: int, fan_in: int) -> np.ndarray:
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        return self.rng.uniform(-bound, bound, (fan_out, fan_in))
+
+    def projection_weights(self):
+        """``(Wq, Wk, Wv, bq, bk, bv)`` with biases None when ``bias=False``."""
+        E = self.embed_dim
+        if self.same_embed_dim:
+            w = self.param("in_proj_weight")
+            ws = (w[:E], w[E:2 * E], w[2 * E:])
+        else:
+            ws = (self.param("q_proj_weight"), self.param("k_proj_weight"), self.param("v_proj_weight"))
+        if self.bias:
+            b = self.param("in_proj_bias")
+            return ws + (b[:E], b[E:2 * E], b[2 * E:])
+        return ws + (None, None, None)
+
+    def _heads(self, x, w, b, name):
+        """(N, T, d_in) @ W.T + b -> (N, heads, T, head_dim)."""
+        if x.shape[-1] != w.shape[1]:
+            raise ValueError(f"{name} has {x.shape[-1]} features, expected {w.shape[1]} (shape {x.shape})")
+        y = x @ w.T
+        if b is not None:
+            y += b
+        N, T, _ = y.shape
+        return y.reshape(N, T, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+
+    def forward(self, query, key, value, *, attn_mask, key_padding_mask, need_weights,
+                average_attn_weights, is_causal, backend):
+        wq, wk, wv, bq, bk, bv = self.projection_weights()
+        q = self._heads(query, wq, bq, "query")
+        k = self._heads(key, wk, bk, "key")
+        v = self._heads(value, wv, bv, "value")
+        N, H, L, _ = q.shape
+        S = k.shape[2]
+        mask, causal = mha_masks_to_sdpa(attn_mask, key_padding_mask, is_causal, N, H, L, S, self.dtype)
+        weights = None
+        if need_weights:  # materialises (N, H, L, S): checked before anything is allocated
+            check_fits_in_memory(N * H * L * S * 8 * 3, f"need_weights=True for (N, heads, L, S) = "
+                                 f"{(N, H, L, S)}")
+            problem = validate_attention_args(q, k, v, mask, causal)
+        out = scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, backend=backend)
+        if need_weights:
+            weights = attention_probabilities(problem)
+            if average_attn_weights:
+                weights = weights.mean(axis=1)
+        out = out.transpose(0, 2, 1, 3).reshape(N, L, self.embed_dim)
+        if self.out_projection:
+            out = out @ self.param("out_proj.weight").T
+            if self.bias:
+                out += self.param("out_proj.bias")
+        return out, weights
+
+
+@hookimpl
+def attention_variants():
+    return [MultiHeadAttention]
