@@ -1,0 +1,31 @@
+"""The console script: ``attention-engine list``."""
+import json
+import subprocess
+import sys
+
+from engine.cli import main
+
+
+def test_list_prints_variants_with_origin_and_backends(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "multi-head" in out and "variants.multi_head" in out and "attention-engine" in out
+    for backend in ("cpu", "reference", "cuda"):
+        assert f"  {backend} " in out
+
+
+def test_list_json_via_console_entry():
+    res = subprocess.run([sys.executable, "-m", "engine.cli", "list", "--json"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert {v["name"] for v in info["variants"]} >= {"self", "multi-head", "cross", "masked"}
+    cpu = next(b for b in info["backends"] if b["name"] == "cpu")
+    assert cpu["available"] and cpu["dtypes"] == ["float32", "float64"]
+
+
+def test_bad_subcommand_exits_with_usage(capsys):
+    import pytest
+    with pytest.raises(SystemExit) as exc:
+        main(["frobnicate"])
+    assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err

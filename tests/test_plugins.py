@@ -1,0 +1,156 @@
+"""Plugins: run-time registration, real entry-point discovery, failures named clearly."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import engine
+from variants.multi_head import MultiHeadAttention
+
+
+class _Scaled(MultiHeadAttention):
+    name = "test-scaled"
+    description = "multi-head attention whose output is doubled (test plugin)"
+
+    def forward(self, *args, **kwargs):
+        out, w = super().forward(*args, **kwargs)
+        return out * 2, w
+
+
+class _ScaledPlugin:
+    @engine.hookimpl
+    def attention_variants(self):
+        return [_Scaled]
+
+
+def test_builtin_variants_and_backends_are_registered():
+    assert {"self", "multi-head", "cross", "masked"} <= set(engine.list_variants())
+    assert {"reference", "cpu", "cuda"} <= set(engine.list_backends())
+
+
+def test_register_and_unregister_at_run_time():
+    name = engine.register_plugin(_ScaledPlugin(), name="scaled-plugin")
+    try:
+        assert name == "scaled-plugin" and "test-scaled" in engine.list_variants()
+        v = engine.get_variant("test-scaled", embed_dim=8, num_heads=2, seed=0)
+        ref = engine.get_variant("multi-head", embed_dim=8, num_heads=2, seed=0)
+        x = np.ones((1, 3, 8), np.float32)
+        np.testing.assert_allclose(v(x)[0], 2 * ref(x)[0], rtol=1e-6)
+    finally:
+        engine.unregister_plugin("scaled-plugin")
+    assert "test-scaled" not in engine.list_variants()
+    with pytest.raises(ValueError, match="no plugin registered under 'scaled-plugin'"):
+        engine.unregister_plugin("scaled-plugin")
+
+
+def test_unknown_variant_lists_available_names():
+    with pytest.raises(ValueError, match=r"unknown variant 'nope'; available: cross, masked, multi-head, self"):
+        engine.get_variant("nope")
+
+
+def test_duplicate_variant_name_is_an_error_naming_both_plugins():
+    class Dup(MultiHeadAttention):
+        name = "multi-head"
+        description = "a clash"
+
+    class DupPlugin:
+        @engine.hookimpl
+        def attention_variants(self):
+            return [Dup]
+
+    with pytest.raises(engine.PluginError, match=r"'multi-head' is offered by both plugin 'variants.multi_head' "
+                       r"\(distribution 'attention-engine'\) and plugin 'dup'"):
+        engine.register_plugin(DupPlugin(), name="dup")
+    assert not engine.get_plugin_manager().has_plugin("dup")
+    assert type(engine.get_variant("multi-head", embed_dim=8, num_heads=2)) is MultiHeadAttention
+
+
+def test_malformed_variant_is_refused():
+    class NoName(engine.Variant):
+        description = "no name"
+
+        def forward(self, *a, **k):
+            return None, None
+
+    class Bad:
+        @engine.hookimpl
+        def attention_variants(self):
+            return [NoName]
+
+    with pytest.raises(engine.PluginError, match="does not declare its own non-empty class attribute 'name'"):
+        engine.register_plugin(Bad(), name="bad")
+    assert not engine.get_plugin_manager().has_plugin("bad")
+
+
+def test_unknown_hook_is_refused():
+    class Typo:
+        @engine.hookimpl
+        def attention_variantz(self):
+            return []
+
+    with pytest.raises(Exception, match="unknown hook 'attention_variantz'"):
+        engine.register_plugin(Typo(), name="typo")
+    assert not engine.get_plugin_manager().has_plugin("typo")
+
+
+def _fake_distribution(root, dist, module, source, ep_name):
+    """A throw-away installed distribution: a *.dist-info with entry_points.txt, plus a module."""
+    info = root / f"{dist.replace('-', '_')}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[attention_engine]\n{ep_name} = {module}\n")
+    (root / f"{module}.py").write_text(textwrap.dedent(source))
+
+
+GOOD_PLUGIN = """
+    import numpy as np
+    import engine
+    from variants.multi_head import MultiHeadAttention
+
+    class Halved(MultiHeadAttention):
+        name = "halved"
+        description = "multi-head attention, output halved (an installed test plugin)"
+
+        def forward(self, *args, **kwargs):
+            out, w = super().forward(*args, **kwargs)
+            return out / 2, w
+
+    @engine.hookimpl
+    def attention_variants():
+        return [Halved]
+"""
+
+PROBE = """
+import json, sys, warnings
+import numpy as np
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import engine
+    names = engine.list_variants()
+from engine.listing import collect
+x = np.ones((1, 2, 8), np.float32)
+out = engine.get_variant("halved", embed_dim=8, num_heads=2, seed=0)(x)[0]
+ref = engine.get_variant("multi-head", embed_dim=8, num_heads=2, seed=0)(x)[0]
+print(json.dumps({"names": names, "warnings": [str(w.message) for w in caught],
+                  "ratio": float((ref / out).mean()),
+                  "listed": [v for v in collect()["variants"] if v["name"] == "halved"]}))
+"""
+
+
+def test_entry_point_discovery_for_real(tmp_path):
+    _fake_distribution(tmp_path, "ae-halved", "ae_halved_plugin", GOOD_PLUGIN, "halved")
+    _fake_distribution(tmp_path, "ae-broken", "ae_broken_plugin", "raise RuntimeError('boom at import')\n", "broken")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path)] + sys.path))
+    res = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert "halved" in got["names"] and "multi-head" in got["names"]
+    assert got["ratio"] == pytest.approx(2.0, rel=1e-5)
+    assert got["listed"] == [{"name": "halved", "description": "multi-head attention, output halved (an installed test plugin)",
+                              "plugin": "halved", "distribution": "ae-halved"}]
+    assert any("skipping plugin 'broken' from distribution 'ae-broken'" in w and "boom at import" in w
+               for w in got["warnings"]), got["warnings"]
