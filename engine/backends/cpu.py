@@ -1,18 +1,110 @@
 """The ``cpu`` backend: validation done, this wrapper lays out arrays and calls the Numba kernel."""
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import threading
+
 import numpy as np
 
 from ..masks import kernel_mask
+from .reference import add_nonfinite_values
 from ..threads import kernel_call_guard
 from ..validation import AttentionProblem
 from .base import Backend
 
-__all__ = ["CpuBackend", "BLOCK_Q", "BLOCK_K"]
+__all__ = ["CpuBackend", "BLOCK_Q", "BIG_BLOCK_Q", "TASK_ROWS", "tile_sizes"]
 
-#: query rows and key columns per tile: a 64 x 256 float32 score tile (64 KiB) stays in L2
+#: query rows per tile
 BLOCK_Q = 64
-BLOCK_K = 256
+#: query rows per tile when BLAS is held at one thread (see ``_BlasPin``)
+BIG_BLOCK_Q = 128
+#: query rows per parallel task, split into tiles that share each key/value tile while cached
+TASK_ROWS = 256
+#: OpenBLAS runs a GEMM on one thread when m*n*k <= 65536 * GEMM_MULTITHREAD_THRESHOLD (4 by
+#: default); above that it starts its own threads inside our parallel tasks and oversubscribes
+#: the cores (3x slower at L = 4096). Both products of a tile stay at or below this.
+_BLAS_SINGLE_THREAD_MNK = 65536 * 4
+
+
+class _BlasPin:
+    """Holds SciPy's OpenBLAS (the BLAS of ``np.dot`` inside Numba kernels) at one thread while any
+    kernel call runs, so each parallel task's GEMM runs on its own core and tiles can be larger
+    than OpenBLAS's multithreading threshold (17% faster at L = 4096 than 64 x 64 tiles).
+
+    OpenBLAS's thread count is process-wide (its ``_local`` setter is too), so calls are counted:
+    the first to enter saves and sets 1, the last to leave restores. Meanwhile SciPy BLAS calls
+    from other Python threads also run on one thread: slower, never wrong. ``available`` is False
+    when the setter cannot be found; tiles then stay under the threshold instead.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved = None
+        self._get = self._set = None
+        self.available = False
+        try:
+            import scipy.linalg.cython_blas as cython_blas
+
+            lib = ctypes.CDLL(cython_blas.__file__)  # dlsym also searches its OpenBLAS dependency
+            for prefix in ("scipy_", ""):
+                try:
+                    self._get = getattr(lib, prefix + "openblas_get_num_threads")
+                    self._set = getattr(lib, prefix + "openblas_set_num_threads")
+                    break
+                except AttributeError:
+                    continue
+            self.available = self._set is not None
+        except (ImportError, OSError):
+            pass
+
+    @contextlib.contextmanager
+    def __call__(self):
+        if not self.available:
+            yield
+            return
+        with self._lock:
+            if self._users == 0:
+                self._saved = self._get()
+                if self._saved != 1:
+                    self._set(1)
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0 and self._saved not in (None, 1):
+                    self._set(self._saved)
+
+
+_blas_pin: _BlasPin | None = None
+_blas_pin_lock = threading.Lock()
+
+
+def _get_blas_pin() -> _BlasPin:
+    """The one process-wide pin (created under a lock: two pins would count users separately)."""
+    global _blas_pin
+    with _blas_pin_lock:
+        if _blas_pin is None:
+            _blas_pin = _BlasPin()
+        return _blas_pin
+
+
+def tile_sizes(L: int, E: int, Ev: int, blas_pinned: bool = False) -> tuple[int, int]:
+    """(block_q, block_k) for a problem. ``blas_pinned``: BLAS is held at one thread, so tiles
+    may be large (128 x 256, 64 x 256 for heads over 128 wide). Otherwise block_k is a multiple of
+    16, 16 to 256, and block_q * block_k * max(E, Ev) <= the BLAS single-thread threshold wherever
+    E, Ev <= 16384 (block_q shrinks for very large heads)."""
+    width = max(E, Ev, 1)
+    if blas_pinned:
+        return max(1, min(BIG_BLOCK_Q if width <= 128 else BLOCK_Q, L)), 256
+    block_q = max(1, min(BLOCK_Q, L))
+    block_k = max(16, min(256, _BLAS_SINGLE_THREAD_MNK // (block_q * width) // 16 * 16))
+    if block_q * block_k * width > _BLAS_SINGLE_THREAD_MNK:
+        block_q = max(1, _BLAS_SINGLE_THREAD_MNK // (block_k * width))
+    return block_q, block_k
 
 
 def _as4(a, batch: int) -> np.ndarray:
@@ -27,6 +119,7 @@ class CpuBackend(Backend):
     name = "cpu"
     description = "Numba njit(parallel=True), tiled online softmax, BLAS tiles; memory linear in L"
     dtypes = ("float32", "float64")
+    supports_mods = True
     priority = 10
 
     def not_supported_reasons(self, problem: AttentionProblem) -> list[str]:
@@ -36,22 +129,57 @@ class CpuBackend(Backend):
         return reasons
 
     def run(self, problem: AttentionProblem):
-        from ..kernels.cpu_flash import MASK_BOOL, MASK_FLOAT, MASK_NONE, _flash_forward
+        from ..kernels.cpu_flash import (MASK_BOOL, MASK_FLOAT, MASK_NONE, TILE_FULL, _flash_forward,
+                                         no_mask_mod, no_score_mod)
 
         q, k, v = (_as4(a, problem.batch) for a in (problem.query, problem.key, problem.value))
+        # a NaN/inf value would leak through 0 * NaN into rows that do not attend to it: compute
+        # with it zeroed, then add it back to exactly the rows whose weight is > 0. The sum is a
+        # cheap screen: a non-finite total only costs the slower exact path
+        nonfinite_v = not np.isfinite(np.sum(v))
+        if nonfinite_v:
+            v = np.where(np.isfinite(v), v, 0).astype(problem.dtype)
         B, Hq, L, S = problem.batch, problem.num_q_heads, problem.L, problem.S
-        if problem.attn_mask is None:
-            mask = np.broadcast_to(np.zeros((1, 1, 1, 1), dtype=problem.dtype), (1, Hq, L, S))
-            mask_batch = np.zeros(B, dtype=np.int64)
-            kind = MASK_NONE
-        else:
+        # both mask slots are always filled (a zero-stride dummy for the unused one), so the
+        # kernel compiles once per dtype instead of once per mask kind
+        fmask = np.broadcast_to(np.zeros((1, 1, 1, 1), dtype=problem.dtype), (1, Hq, L, S))
+        bmask = np.broadcast_to(np.ones((1, 1, 1, 1), dtype=np.bool_), (1, Hq, L, S))
+        mask_batch = np.zeros(B, dtype=np.int64)
+        kind = MASK_NONE
+        if problem.attn_mask is not None:
             mask, mask_batch = kernel_mask(problem)
-            kind = MASK_BOOL if problem.mask_kind == "bool" else MASK_FLOAT
-        nqb = -(-L // BLOCK_Q)
-        bits = np.empty((B * Hq * nqb, BLOCK_K), dtype=np.int32 if problem.dtype == np.float32 else np.int64)
+            mask_batch = np.array(mask_batch, dtype=np.int64)  # writable: same signature as above
+            if problem.mask_kind == "bool":
+                bmask, kind = mask, MASK_BOOL
+            else:
+                fmask, kind = mask, MASK_FLOAT
+        pin = _get_blas_pin()
+        block_q, block_k = tile_sizes(L, problem.E, problem.Ev, blas_pinned=pin.available)
+        sub_tiles = max(1, TASK_ROWS // block_q)
+        score_mod = problem.score_mod or no_score_mod
+        mask_mod = problem.mask_mod or no_mask_mod
+        tile_kinds = np.full((1, 1, 1, 1), TILE_FULL, dtype=np.int8)
+        if problem.mask_mod is not None:
+            tile_kinds = self._tile_kinds(problem, block_q, block_k)
         out = np.empty((B, Hq, L, problem.Ev), dtype=problem.dtype)
         lse = np.empty((B, Hq, L), dtype=problem.dtype)
-        with kernel_call_guard():
-            _flash_forward(q, k, v, mask, mask_batch, kind, problem.is_causal, problem.scale,
-                           problem.group, BLOCK_Q, BLOCK_K, bits, out, lse)
-        return out.reshape(problem.out_shape), lse.reshape(problem.lse_shape)
+        with kernel_call_guard(), pin():
+            _flash_forward(q, k, v, fmask, bmask, mask_batch, kind, problem.is_causal, problem.scale,
+                           problem.group, block_q, block_k, sub_tiles, score_mod, mask_mod,
+                           problem.mod_args, problem.score_mod is not None, tile_kinds, out, lse)
+        out, lse = out.reshape(problem.out_shape), lse.reshape(problem.lse_shape)
+        if nonfinite_v:
+            out = add_nonfinite_values(problem, out, lse)
+        return out, lse
+
+    @staticmethod
+    def _tile_kinds(problem: AttentionProblem, block_q: int, block_k: int) -> np.ndarray:
+        """The mask_mod's tile map at the kernel's tile sizes (from the caller's block mask when
+        it has them, memoised there; otherwise built for this call)."""
+        from ..mods import create_block_mask
+
+        bm = problem.block_mask
+        if bm is None:
+            bm = create_block_mask(problem.mask_mod, problem.batch, problem.num_q_heads, problem.L,
+                                   problem.S, mod_args=problem.mod_args, block_q=block_q, block_k=block_k)
+        return bm.kinds_at(block_q, block_k)

@@ -1,97 +1,205 @@
 """The tiled flash-attention forward kernel of the ``cpu`` backend.
 
 One parallel task per (batch, query head, query tile). Each task walks the key tiles, computes the
-tile of scores with BLAS (``np.dot`` on contiguous blocks), and folds it into a running row
-maximum, running sum and output accumulator (online softmax), so no L x S matrix ever exists:
-working memory is O(tile) per task and the output is the only O(L) allocation.
-"""
-import math
+*transposed* tile of scores ``st = k_tile @ (scale * q_tile).T`` with BLAS (``np.dot`` on
+contiguous blocks), and folds it into a running row maximum, running sum and output accumulator
+(online softmax), so no L x S matrix ever exists: working memory is O(tile) per task and the
+output is the only O(L) allocation.
 
+Why transposed: with keys along the rows of ``st`` and queries along its columns, every per-query
+quantity (running max, shift, sum) is a contiguous vector, and the max, exp and sum passes are
+element-wise loops over query columns, which LLVM vectorises; per-row horizontal reductions do not
+vectorise in Numba. The second product takes ``st.T`` (an F-ordered view), which BLAS reads as a
+transposed operand at no cost.
+
+BLAS must not start its own threads inside our parallel tasks (oversubscription cost 3x at
+L = 4096): the wrapper holds OpenBLAS at one thread during the call, or, where it cannot, sizes
+the tiles below OpenBLAS's multithreading threshold.
+"""
 import numpy as np
 from numba import njit, prange
 
 from ..jit_cache import cache_enabled
-from .fastexp import exp_shifted
+from .fastexp import fast_exp
 
 _CACHE = cache_enabled()
 
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
+TILE_EMPTY, TILE_PARTIAL, TILE_FULL = 0, 1, 2  # as engine.mods.EMPTY / PARTIAL / FULL
 
 
-@njit(parallel=True, cache=_CACHE)
-def _flash_forward(q, k, v, mask, mask_batch, mask_kind, causal, scale, group,
-                   block_q, block_k, bits, out, lse):
+@njit(cache=_CACHE, inline="always")
+def no_score_mod(score, b, h, q_idx, kv_idx, *mod_args):
+    """The identity ``score_mod`` passed when the caller gave none."""
+    return score
+
+
+@njit(cache=_CACHE, inline="always")
+def no_mask_mod(b, h, q_idx, kv_idx, *mod_args):
+    """The allow-all ``mask_mod`` passed when the caller gave none."""
+    return True
+
+# reassoc/contract only: no nnan/ninf, NaN and -inf carry meaning here (NaN rows, masked keys)
+_FM = {"contract", "reassoc", "nsz", "arcp"}
+
+
+@njit(parallel=True, cache=_CACHE, fastmath=_FM)
+def _flash_forward(q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scale, group,
+                   block_q, block_k, sub_tiles, score_mod, mask_mod, mod_args, has_score_mod,
+                   tile_kinds, out, lse):
     """out[b, h] = softmax(scale * q[b, h] @ k[b, h // group].T + mask) @ v[b, h // group].
 
     q (B, Hq, L, E), k (B, H, S, E), v (B, H, S, Ev), out (B, Hq, L, Ev), lse (B, Hq, L): C order.
-    ``mask`` (Bm, Hq, L, S) may be a zero-stride view; ``mask_batch[b]`` selects its first index.
-    ``mask_kind``: MASK_NONE, MASK_BOOL (True = may attend) or MASK_FLOAT (added).
-    ``causal``: top-left, row i sees keys j <= i; key tiles right of the diagonal are skipped.
-    ``bits``: (tasks, block_k) integer scratch for the exp kernel. Rows with no visible key get
-    zeros and lse = -inf; NaN scores propagate to their rows.
+    ``fmask`` (float, added) and ``bmask`` (bool, True = may attend), each (Bm, Hq, L, S), may be
+    zero-stride views; ``mask_batch[b]`` selects their first index. ``mask_kind`` says which one
+    applies: MASK_NONE, MASK_BOOL or MASK_FLOAT; the other is a dummy. Both are always passed so
+    that one compiled signature per dtype serves every kind (compile time). ``causal``: top-left, row i sees keys j <= i; key tiles right of the diagonal are
+    skipped and only tiles crossing it are masked. Rows with no visible key get zeros and
+    lse = -inf; NaN scores propagate to their rows (out and lse NaN).
+
+    ``score_mod(score, b, h, q_idx, kv_idx, *mod_args)`` rewrites each scaled score (before the
+    masks) when ``has_score_mod``. ``tile_kinds`` (Bt, Ht, ceil(L / block_q), ceil(S / block_k))
+    int8 is the ``mask_mod``'s tile map at these tile sizes (Bt/Ht 1 when it does not depend on
+    b/h): empty tiles are skipped, ``mask_mod(b, h, q_idx, kv_idx, *mod_args)`` is evaluated per
+    element in partial ones only. Without a ``mask_mod`` it is a (1, 1, 1, 1) array of TILE_FULL,
+    and the identity mods ``no_score_mod``/``no_mask_mod`` fill the function slots.
+
+    A task owns ``sub_tiles`` query tiles of ``block_q`` rows and walks the key tiles once for all
+    of them, so each key/value tile is read from memory once and reused from cache by every
+    sub-tile (at L = 4096 one head's K and V no longer fit in L2).
     """
     B, Hq, L, E = q.shape
     S = k.shape[2]
     Ev = v.shape[3]
-    nqb = (L + block_q - 1) // block_q
-    neg_inf = -np.inf
+    dt = out.dtype
+    rows = block_q * sub_tiles
+    nqb = (L + rows - 1) // rows
+    consts = np.array([-np.inf, 0.0], dtype=dt)  # typed constants: no float64 promotion
+    neg_inf = consts[0]
+    zero = consts[1]
+    per_tile = tile_kinds.shape[2] > 1 or tile_kinds.shape[3] > 1 or tile_kinds[0, 0, 0, 0] != TILE_FULL
     for task in prange(B * Hq * nqb):
         b = task // (Hq * nqb)
         rest = task - b * (Hq * nqb)
         h = rest // nqb
-        i0 = (rest - h * nqb) * block_q
-        i1 = min(i0 + block_q, L)
-        nq = i1 - i0
+        t0 = (rest - h * nqb) * rows
+        t1 = min(t0 + rows, L)
+        nt = t1 - t0
         hk = h // group
         mb = mask_batch[b]
-        scratch = bits[task]
-        qblk = q[b, h, i0:i1]  # no trailing ":": Numba then types the tile C-contiguous
-        acc = np.zeros((nq, Ev), dtype=out.dtype)
-        row_max = np.full(nq, neg_inf, dtype=out.dtype)
-        row_sum = np.zeros(nq, dtype=out.dtype)
-        kend = min(S, i1) if causal else S
+        # per-task scratch, reused by every key tile; row state indexed by row - t0
+        qt = np.empty((sub_tiles, E * block_q), dtype=dt)  # (scale * q_sub_tile).T, (E, nq) each
+        st_buf = np.empty(block_k * block_q, dtype=dt)   # transposed scores, then probabilities
+        pv_buf = np.empty(block_q * Ev, dtype=dt)
+        acc = np.zeros((nt, Ev), dtype=dt)
+        m = np.full(nt, neg_inf, dtype=dt)         # running max per query row
+        l = np.zeros(nt, dtype=dt)                 # running sum per query row
+        tm = np.empty(block_q, dtype=dt)
+        shift = np.empty(block_q, dtype=dt)
+        alpha = np.empty(block_q, dtype=dt)
+        ts = np.empty(block_q, dtype=dt)
+        for r in range(nt):
+            sub = r // block_q
+            rr = r - sub * block_q
+            nqs = min(block_q, nt - sub * block_q)  # rows of this sub-tile
+            for e in range(E):
+                qt[sub, e * nqs + rr] = q[b, h, t0 + r, e] * scale
+        kend = min(S, t1) if causal else S
         for j0 in range(0, kend, block_k):
             j1 = min(j0 + block_k, kend)
             nk = j1 - j0
-            s = np.dot(qblk, k[b, hk, j0:j1].T)
-            on_diagonal = causal and j1 - 1 > i0
-            for r in range(nq):
-                i = i0 + r
-                row = s[r]
-                mx = row_max[r]
-                nan_seen = False
-                for c in range(nk):
-                    t = row[c] * scale
-                    if mask_kind == MASK_FLOAT:
-                        t += mask[mb, h, i, j0 + c]
-                    elif mask_kind == MASK_BOOL:
-                        if not mask[mb, h, i, j0 + c]:
-                            t = neg_inf
-                    if on_diagonal and j0 + c > i:
-                        t = neg_inf
-                    row[c] = t
-                    nan_seen |= t != t
-                    mx = t if t > mx else mx
-                if nan_seen:
-                    mx = np.nan
-                if mx == neg_inf:  # nothing visible in this row yet: contributes nothing
-                    row[:] = 0.0
+            kt = k[b, hk, j0:j1]
+            vt = v[b, hk, j0:j1]
+            for sub in range(sub_tiles):
+                i0 = t0 + sub * block_q
+                i1 = min(i0 + block_q, t1)
+                if i0 >= i1 or (causal and j0 > i1 - 1):  # no rows, or all above the diagonal
                     continue
-                alpha = math.exp(row_max[r] - mx)  # 0 when the row had nothing before
-                exp_shifted(row, mx, scratch)
-                row_sum[r] = row_sum[r] * alpha + np.sum(row)
-                if alpha != 1.0:
-                    for c in range(Ev):
-                        acc[r, c] *= alpha
-                row_max[r] = mx
-            acc += np.dot(s, v[b, hk, j0:j1])
-        for r in range(nq):
-            total = row_sum[r]
+                tile = TILE_FULL
+                if per_tile:
+                    tile = tile_kinds[b if tile_kinds.shape[0] > 1 else 0, h if tile_kinds.shape[1] > 1 else 0,
+                                      i0 // block_q, j0 // block_k]
+                    if tile == TILE_EMPTY:  # the mask_mod hides every element: skip the tile
+                        continue
+                nq = i1 - i0
+                o = i0 - t0
+                st = st_buf[:nk * nq].reshape((nk, nq))
+                np.dot(kt, qt[sub, :E * nq].reshape((E, nq)), st)
+                if has_score_mod:
+                    for c in range(nk):
+                        for r in range(nq):
+                            st[c, r] = score_mod(st[c, r], b, h, i0 + r, j0 + c, *mod_args)
+                if tile == TILE_PARTIAL:
+                    for c in range(nk):
+                        for r in range(nq):
+                            if not mask_mod(b, h, i0 + r, j0 + c, *mod_args):
+                                st[c, r] = neg_inf
+                tm[:nq] = neg_inf
+                # max pass (and masking), one specialised straight loop per kind
+                if mask_kind == MASK_FLOAT:
+                    for c in range(nk):
+                        for r in range(nq):
+                            mv = fmask[mb, h, i0 + r, j0 + c]
+                            x = neg_inf if mv == neg_inf else st[c, r] + mv  # -inf hides even NaN
+                            st[c, r] = x
+                            tm[r] = x if x > tm[r] else tm[r]
+                elif mask_kind == MASK_BOOL:
+                    for c in range(nk):
+                        for r in range(nq):
+                            x = st[c, r] if bmask[mb, h, i0 + r, j0 + c] else neg_inf
+                            st[c, r] = x
+                            tm[r] = x if x > tm[r] else tm[r]
+                elif causal and j1 - 1 > i0:  # tile crosses the diagonal
+                    for c in range(nk):
+                        first = j0 + c - i0  # rows r < first cannot see key j0 + c
+                        for r in range(nq):
+                            x = st[c, r] if r >= first else neg_inf
+                            st[c, r] = x
+                            tm[r] = x if x > tm[r] else tm[r]
+                else:
+                    for c in range(nk):
+                        for r in range(nq):
+                            x = st[c, r]
+                            tm[r] = x if x > tm[r] else tm[r]
+                # new running max; a row with nothing visible yet shifts by 0 so its -inf -> 0
+                # (and all-NaN rows stay NaN); alpha rescales what was accumulated before
+                rescale = False
+                for r in range(nq):
+                    mo = m[o + r]
+                    mn = tm[r] if tm[r] > mo else mo
+                    sh = mn if mn > neg_inf else zero
+                    a = fast_exp(mo - sh)
+                    shift[r] = sh
+                    alpha[r] = a
+                    m[o + r] = mn
+                    ts[r] = zero
+                    rescale |= a != 1.0
+                for c in range(nk):
+                    for r in range(nq):
+                        p = fast_exp(st[c, r] - shift[r])
+                        st[c, r] = p
+                        ts[r] += p
+                for r in range(nq):
+                    l[o + r] = l[o + r] * alpha[r] + ts[r]
+                pv = pv_buf[:nq * Ev].reshape((nq, Ev))
+                np.dot(st.T, vt, pv)
+                if rescale:
+                    for r in range(nq):
+                        a = alpha[r]
+                        for c in range(Ev):
+                            acc[o + r, c] = acc[o + r, c] * a + pv[r, c]
+                else:
+                    for r in range(nq):
+                        for c in range(Ev):
+                            acc[o + r, c] += pv[r, c]
+        for r in range(nt):
+            total = l[r]
             if total > 0.0 or total != total:
                 inv = 1.0 / total
                 for c in range(Ev):
-                    out[b, h, i0 + r, c] = acc[r, c] * inv
-                lse[b, h, i0 + r] = row_max[r] + math.log(total)
+                    out[b, h, t0 + r, c] = acc[r, c] * inv
+                lse[b, h, t0 + r] = m[r] + np.log(total)
             else:
-                out[b, h, i0 + r, :] = 0.0
-                lse[b, h, i0 + r] = neg_inf
+                for c in range(Ev):
+                    out[b, h, t0 + r, c] = zero
+                lse[b, h, t0 + r] = neg_inf
