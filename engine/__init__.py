@@ -5,6 +5,7 @@ Importing this package is cheap: no kernel is compiled and no plugin is loaded u
 from .dispatch import get_backend, list_backends
 from .functional import scaled_dot_product_attention
 from .hookspecs import hookimpl
+from .mods import BlockMask, create_block_mask
 from .plugins import PluginError, get_plugin_manager, get_variant, list_variants, register_plugin, unregister_plugin
 from .threads import get_num_threads, set_num_threads
 from .variant import Variant
@@ -13,4 +14,4 @@ __version__ = "0.1.0"
 
 __all__ = ["scaled_dot_product_attention", "list_variants", "get_variant", "list_backends",
            "get_backend", "register_plugin", "unregister_plugin", "get_plugin_manager", "hookimpl",
-           "Variant", "PluginError", "set_num_threads", "get_num_threads", "__version__"]
+           "Variant", "PluginError", "create_block_mask", "BlockMask", "set_num_threads", "get_num_threads", "__version__"]

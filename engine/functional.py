@@ -9,7 +9,8 @@ __all__ = ["scaled_dot_product_attention"]
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
-                                 enable_gqa=False, *, backend="auto", return_lse=False):
+                                 enable_gqa=False, *, backend="auto", return_lse=False,
+                                 score_mod=None, mask_mod=None, block_mask=None, mod_args=()):
     """Attention with the semantics of ``torch.nn.functional.scaled_dot_product_attention``.
 
     Shapes ``(..., Hq, L, E)``, ``(..., H, S, E)``, ``(..., H, S, Ev)`` -> ``(..., Hq, L, Ev)``
@@ -21,11 +22,18 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     :param backend: ``"auto"`` or a name from ``engine.list_backends()``.
     :param return_lse: also return the natural-log log-sum-exp of the scaled, masked scores,
         shape ``(..., Hq, L)``, ``-inf`` for rows with no visible key.
+    :param score_mod: ``score_mod(score, b, h, q_idx, kv_idx, *mod_args) -> score`` rewrites each
+        scaled score before masking (``b`` is the flattened batch index, ``h`` the query head).
+    :param mask_mod: ``mask_mod(b, h, q_idx, kv_idx, *mod_args) -> bool``, True = may attend;
+        combined with ``attn_mask``/``is_causal``. Both mods are compiled with ``numba.njit``.
+    :param block_mask: from ``engine.create_block_mask``: a ``mask_mod`` with its tile map, reused
+        across calls (empty tiles are skipped).
+    :param mod_args: a tuple of extra arguments passed to both mods (arrays, numbers).
     :return: ``out`` in the input dtype, or ``(out, lse)``.
     :raises TypeError, ValueError: on any bad argument, naming it, before any kernel runs.
     """
     problem = validate_attention_args(query, key, value, attn_mask, is_causal, scale, enable_gqa,
-                                      return_lse)
+                                      return_lse, score_mod, mask_mod, block_mask, mod_args)
     chosen = select_backend(backend, problem)
     empty = 0 in (problem.L, problem.S, problem.batch, problem.num_q_heads, problem.Ev)
     if empty and not problem.on_device:

@@ -5,6 +5,11 @@ writable (a read-only install and an unwritable home), ``cache=True`` fails at i
 picks a folder that works before any kernel module is imported: ``NUMBA_CACHE_DIR`` if the user set
 it, else Numba's own choice if writable, else a per-user folder in the temp directory, else no
 cache at all (with a warning).
+
+A corrupted or truncated cache file is treated as a cache miss: the kernel is recompiled and the
+file rewritten, with a warning. Numba itself raises ``pickle.UnpicklingError`` there, so this module
+guards its two loader methods (``IndexDataCacheFile._load_index`` and ``load``); for the whole
+process, which only turns that error into a recompilation.
 """
 from __future__ import annotations
 
@@ -26,6 +31,34 @@ def _writable(path: str) -> bool:
         return False
 
 
+def _tolerate_corrupt_cache_files() -> None:
+    from numba.core import caching
+
+    cls = getattr(caching, "IndexDataCacheFile", None)
+    if cls is None or getattr(cls, "_attention_engine_guarded", False):
+        return
+    load_index, load = cls._load_index, cls.load
+
+    def _load_index(self):
+        try:
+            return load_index(self)
+        except Exception as exc:  # unpickling garbage can raise almost anything
+            warnings.warn(f"attention-engine: unreadable Numba cache index {self._index_path} "
+                          f"({type(exc).__name__}); recompiling", RuntimeWarning, stacklevel=2)
+            return {}
+
+    def _load(self, key):
+        try:
+            return load(self, key)
+        except Exception as exc:
+            warnings.warn(f"attention-engine: unreadable Numba cache file in {self._cache_path} "
+                          f"({type(exc).__name__}); recompiling", RuntimeWarning, stacklevel=2)
+            return None
+
+    cls._load_index, cls.load = _load_index, _load
+    cls._attention_engine_guarded = True
+
+
 def cache_enabled() -> bool:
     """Configure Numba's cache folder once; True when kernels may use ``cache=True``."""
     global _enabled
@@ -33,6 +66,7 @@ def cache_enabled() -> bool:
         return _enabled
     import numba
 
+    _tolerate_corrupt_cache_files()
     if numba.config.CACHE_DIR:
         _enabled = _writable(numba.config.CACHE_DIR)
     else:

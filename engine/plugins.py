@@ -21,7 +21,8 @@ __all__ = ["get_plugin_manager", "register_plugin", "unregister_plugin", "list_v
            "get_variant", "variant_info", "backend_registry", "PluginError"]
 
 BUILTIN_PLUGINS = ("engine.backends", "variants.self_attention", "variants.multi_head",
-                   "variants.cross", "variants.masked")
+                   "variants.cross", "variants.masked", "variants.sliding_window", "variants.alibi",
+                   "variants.softcap", "variants.grouped_query", "variants.document")
 DISTRIBUTION = "attention-engine"
 
 
@@ -78,8 +79,8 @@ def _build() -> pluggy.PluginManager:
             _warn(f"skipping built-in plugin {modname!r}: {type(exc).__name__}: {exc}")
     for ep in entry_points(group=hookspecs.PROJECT):
         dist = ep.dist.name if ep.dist is not None else "?"
-        if pm.has_plugin(ep.name) or pm.get_plugin(ep.value) is not None:
-            continue  # a built-in plugin, already registered above
+        if pm.get_plugin(ep.value) is not None:
+            continue  # a built-in plugin, registered above under its module name
         try:
             plugin = ep.load()
         except Exception as exc:
@@ -87,6 +88,10 @@ def _build() -> pluggy.PluginManager:
                   f"({type(exc).__name__}: {exc})")
             continue
         if pm.is_registered(plugin):
+            continue
+        if pm.has_plugin(ep.name):
+            _warn(f"skipping plugin {ep.name!r} from distribution {dist!r}: the name is already taken "
+                  f"by distribution {_distributions.get(ep.name, '?')!r}")
             continue
         try:
             pm.register(plugin, name=ep.name)

@@ -78,6 +78,15 @@ class AttentionProblem:
     scale: float
     return_lse: bool
     on_device: bool
+    #: compiled (``numba.njit``) mods and their argument tuple; see ``engine.mods``
+    score_mod: Any = None
+    mask_mod: Any = None
+    mod_args: tuple = ()
+    block_mask: Any = None
+
+    @property
+    def has_mods(self) -> bool:
+        return self.score_mod is not None or self.mask_mod is not None
 
     @property
     def batch(self) -> int:
@@ -111,7 +120,8 @@ class AttentionProblem:
 
 
 def validate_attention_args(query, key, value, attn_mask=None, is_causal=False, scale=None,
-                            enable_gqa=False, return_lse=False) -> AttentionProblem:
+                            enable_gqa=False, return_lse=False, score_mod=None, mask_mod=None,
+                            block_mask=None, mod_args=()) -> AttentionProblem:
     """Check every argument of ``scaled_dot_product_attention`` and describe the problem.
 
     Raises ``TypeError``/``ValueError`` naming the argument and shapes; never touches a kernel.
@@ -154,6 +164,8 @@ def validate_attention_args(query, key, value, attn_mask=None, is_causal=False, 
         raise ValueError(f"query and key must have the same feature size E, got query={qs}, key={ks}")
     if Sv != S:
         raise ValueError(f"key and value must have the same sequence length S, got key={ks}, value={vs}")
+    if not isinstance(enable_gqa, (bool, np.bool_)):
+        raise TypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
     if Hq != H:
         if not enable_gqa:
             raise ValueError(f"query has {Hq} heads but key/value have {H}; pass enable_gqa=True for "
@@ -201,8 +213,34 @@ def validate_attention_args(query, key, value, attn_mask=None, is_causal=False, 
             raise ValueError(f"attn_mask of shape {mshape} is not broadcastable to the score shape "
                              f"{target} (batch..., heads, L, S)")
 
+    mods = _validate_mods(score_mod, mask_mod, block_mask, mod_args, math.prod(batch_shape), Hq, L, S)
+
     return AttentionProblem(
         query=q, key=k, value=v, attn_mask=mask, mask_kind=mask_kind,
         batch_shape=tuple(batch_shape), num_q_heads=Hq, num_kv_heads=H, L=L, S=S, E=E, Ev=Ev,
         dtype=np.dtype(dtype), is_causal=bool(is_causal), scale=scale_f,
-        return_lse=bool(return_lse), on_device=on_device[0])
+        return_lse=bool(return_lse), on_device=on_device[0], **mods)
+
+
+def _validate_mods(score_mod, mask_mod, block_mask, mod_args, batch, heads, L, S) -> dict:
+    """Compile the mods (once per function) and check the block mask against the problem."""
+    if not isinstance(mod_args, tuple):
+        raise TypeError(f"mod_args must be a tuple, got {type(mod_args).__name__}")
+    if score_mod is None and mask_mod is None and block_mask is None:
+        if mod_args:
+            raise ValueError("mod_args given without score_mod, mask_mod or block_mask")
+        return {}
+    from .mods import BlockMask, as_jit
+
+    if block_mask is not None:
+        if not isinstance(block_mask, BlockMask):
+            raise TypeError(f"block_mask must come from engine.create_block_mask, got {type(block_mask).__name__}")
+        block_mask.check_compatible(batch, heads, L, S)
+        if mask_mod is not None and as_jit(mask_mod, "mask_mod") is not block_mask.mask_mod:
+            raise ValueError("mask_mod differs from the mask_mod block_mask was built with; pass one of them")
+        if mod_args and mod_args is not block_mask.mod_args:
+            raise ValueError("pass mod_args to create_block_mask, not again with block_mask")
+        mask_mod, mod_args = block_mask.mask_mod, block_mask.mod_args
+    return {"score_mod": None if score_mod is None else as_jit(score_mod, "score_mod"),
+            "mask_mod": None if mask_mod is None else as_jit(mask_mod, "mask_mod"),
+            "mod_args": mod_args, "block_mask": block_mask}

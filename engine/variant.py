@@ -96,10 +96,12 @@ class Variant:
         return np.asarray(arr, dtype=self.dtype)
 
     def __call__(self, query, key=None, value=None, *, attn_mask=None, key_padding_mask=None,
-                 need_weights=False, average_attn_weights=True, is_causal=False, backend="auto"):
+                 need_weights=False, average_attn_weights=True, is_causal=False, backend="auto",
+                 **variant_kwargs):
         """Attend; returns ``(output, weights)`` with ``weights`` None unless ``need_weights``.
 
-        ``key`` defaults to ``query`` and ``value`` to ``key``. Output is ``(N, L, E)`` (or
+        ``key`` defaults to ``query`` and ``value`` to ``key``. ``variant_kwargs`` are keywords
+        of a particular variant (e.g. ``document_ids`` of ``document``), passed to ``forward``. Output is ``(N, L, E)`` (or
         ``(L, E)``); weights ``(N, L, S)`` averaged over heads, or ``(N, heads, L, S)``.
         """
         q = self._input(query, "query")
@@ -119,7 +121,7 @@ class Variant:
         out, weights = self.forward(q, k, v, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
                                     need_weights=bool(need_weights),
                                     average_attn_weights=bool(average_attn_weights),
-                                    is_causal=bool(is_causal), backend=backend)
+                                    is_causal=bool(is_causal), backend=backend, **variant_kwargs)
         if unbatched:
             out = out[0]
             weights = None if weights is None else weights[0]

@@ -43,6 +43,16 @@ class MultiHeadAttention(Variant):
         self.bias = bool(bias)
         self.same_embed_dim = self.kdim == self.embed_dim and self.vdim == self.embed_dim
         E = self.embed_dim
+        self._init_projections()
+        if self.out_projection:
+            bound = 1.0 / math.sqrt(E)
+            self.register_parameter("out_proj.weight", self.rng.uniform(-bound, bound, (E, E)))
+            if self.bias:
+                self.register_parameter("out_proj.bias", np.zeros(E))
+
+    def _init_projections(self) -> None:
+        """Register the input projections (torch's names and initialisation)."""
+        E = self.embed_dim
         if self.same_embed_dim:
             self.register_parameter("in_proj_weight", self._xavier(3 * E, E))
         else:
@@ -51,11 +61,6 @@ class MultiHeadAttention(Variant):
             self.register_parameter("v_proj_weight", self._xavier(E, self.vdim))
         if self.bias:
             self.register_parameter("in_proj_bias", np.zeros(3 * E))
-        if self.out_projection:
-            bound = 1.0 / math.sqrt(E)
-            self.register_parameter("out_proj.weight", self.rng.uniform(-bound, bound, (E, E)))
-            if self.bias:
-                self.register_parameter("out_proj.bias", np.zeros(E))
 
     def _xavier(self, fan_out: int, fan_in: int) -> np.ndarray:
         bound = math.sqrt(6.0 / (fan_in + fan_out))
@@ -75,17 +80,25 @@ class MultiHeadAttention(Variant):
         return ws + (None, None, None)
 
     def _heads(self, x, w, b, name):
-        """(N, T, d_in) @ W.T + b -> (N, heads, T, head_dim)."""
+        """(N, T, d_in) @ W.T + b -> (N, W.shape[0] // head_dim, T, head_dim)."""
         if x.shape[-1] != w.shape[1]:
             raise ValueError(f"{name} has {x.shape[-1]} features, expected {w.shape[1]} (shape {x.shape})")
         y = x @ w.T
         if b is not None:
             y += b
         N, T, _ = y.shape
-        return y.reshape(N, T, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        return y.reshape(N, T, -1, self.head_dim).transpose(0, 2, 1, 3)
+
+    def attention_mods(self, N: int, L: int, S: int, **call_kwargs) -> dict:
+        """Extra ``scaled_dot_product_attention`` arguments (``score_mod``, ``mask_mod``,
+        ``mod_args``, ``block_mask``, ``enable_gqa``) for this variant; none for plain multi-head.
+        Subclasses built on mods override this; ``call_kwargs`` are the variant's own call keywords."""
+        if call_kwargs:
+            raise TypeError(f"{self.name!r} got unexpected keyword arguments {sorted(call_kwargs)}")
+        return {}
 
     def forward(self, query, key, value, *, attn_mask, key_padding_mask, need_weights,
-                average_attn_weights, is_causal, backend):
+                average_attn_weights, is_causal, backend, **call_kwargs):
         wq, wk, wv, bq, bk, bv = self.projection_weights()
         q = self._heads(query, wq, bq, "query")
         k = self._heads(key, wk, bk, "key")
@@ -93,12 +106,14 @@ class MultiHeadAttention(Variant):
         N, H, L, _ = q.shape
         S = k.shape[2]
         mask, causal = mha_masks_to_sdpa(attn_mask, key_padding_mask, is_causal, N, H, L, S, self.dtype)
+        extra = self.attention_mods(N, L, S, **call_kwargs)
         weights = None
         if need_weights:  # materialises (N, H, L, S): checked before anything is allocated
             check_fits_in_memory(N * H * L * S * 8 * 3, f"need_weights=True for (N, heads, L, S) = "
                                  f"{(N, H, L, S)}")
-            problem = validate_attention_args(q, k, v, mask, causal)
-        out = scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, backend=backend)
+            problem = validate_attention_args(q, k, v, mask, causal, **extra)
+        out = scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, backend=backend,
+                                           **extra)
         if need_weights:
             weights = attention_probabilities(problem)
             if average_attn_weights:

@@ -24,6 +24,8 @@ class Backend:
     #: whether it accepts host (NumPy) arrays and device (``__cuda_array_interface__``) arrays
     host_arrays: bool = True
     device_arrays: bool = False
+    #: whether ``score_mod``/``mask_mod`` are compiled into this backend's kernels
+    supports_mods: bool = False
     #: ``auto`` tries backends from the highest priority down
     priority: int = 0
 
@@ -43,6 +45,8 @@ class Backend:
             reasons.append("inputs are device arrays; this backend takes host arrays")
         if not problem.on_device and not self.host_arrays:
             reasons.append("inputs are host arrays; this backend takes device arrays")
+        if problem.has_mods and not self.supports_mods:
+            reasons.append("score_mod/mask_mod are not supported by this backend")
         return reasons
 
     def run(self, problem: AttentionProblem) -> tuple[Any, Any]:
@@ -57,6 +61,7 @@ class Backend:
         why = self.unavailable_reason()
         return {"name": self.name, "description": self.description, "dtypes": list(self.dtypes),
                 "host_arrays": self.host_arrays, "device_arrays": self.device_arrays,
+                "mods": self.supports_mods,
                 "priority": self.priority, "available": why is None, "unavailable_reason": why}
 
 

@@ -1,0 +1,31 @@
+"""Classifying (query tile, key tile) blocks of a ``mask_mod`` as empty, partial or full."""
+from numba import njit, prange
+
+from ..jit_cache import cache_enabled
+
+_CACHE = cache_enabled()
+
+
+@njit(parallel=True, cache=_CACHE)
+def _classify_blocks(mask_mod, mod_args, L, S, block_q, block_k, kinds):
+    """kinds[b, h, qb, kb] = 0 (no element allowed), 2 (all allowed) or 1 (some), for every tile.
+
+    ``kinds`` is (Bm, Hm, ceil(L / block_q), ceil(S / block_k)); ``mask_mod(b, h, i, j, *mod_args)``.
+    """
+    Bm, Hm, nqb, nkb = kinds.shape
+    for task in prange(Bm * Hm * nqb):
+        b = task // (Hm * nqb)
+        rest = task - b * (Hm * nqb)
+        h = rest // nqb
+        qb = rest - h * nqb
+        i0 = qb * block_q
+        i1 = min(i0 + block_q, L)
+        for kb in range(nkb):
+            j0 = kb * block_k
+            j1 = min(j0 + block_k, S)
+            allowed = 0
+            for i in range(i0, i1):
+                for j in range(j0, j1):
+                    if mask_mod(b, h, i, j, *mod_args):
+                        allowed += 1
+            kinds[b, h, qb, kb] = 0 if allowed == 0 else (2 if allowed == (i1 - i0) * (j1 - j0) else 1)

@@ -1,0 +1,206 @@
+"""score_mod / mask_mod / block masks, and the variants built on them, against dense equivalents."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import engine
+from conftest import available_backends, randn
+from engine.mods import EMPTY, FULL, PARTIAL
+from variants.alibi import alibi_slopes
+
+MOD_BACKENDS = [b for b in available_backends() if engine.get_backend(b).supports_mods]
+
+
+def causal_mod(b, h, q_idx, kv_idx):
+    return kv_idx <= q_idx
+
+
+def window_mod(b, h, q_idx, kv_idx, left, right):
+    return q_idx - left <= kv_idx and kv_idx <= q_idx + right
+
+
+def head_bias(score, b, h, q_idx, kv_idx, slopes):
+    return score - slopes[h] * abs(q_idx - kv_idx)
+
+
+def softcap_mod(score, b, h, q_idx, kv_idx, cap):
+    return cap * math.tanh(score / cap)
+
+
+def _qkv(rng, B=2, H=3, L=70, S=300, E=16, dtype=np.float32):
+    return randn(rng, (B, H, L, E), dtype), randn(rng, (B, H, S, E), dtype), randn(rng, (B, H, S, E), dtype)
+
+
+def _close(a, b, dtype=np.float32):
+    np.testing.assert_allclose(a, b, atol=2e-5 if dtype == np.float32 else 1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("backend", MOD_BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_causal_mask_mod_equals_is_causal(backend, dtype, rng):
+    q, k, v = _qkv(rng, dtype=dtype)
+    out, lse = engine.scaled_dot_product_attention(q, k, v, mask_mod=causal_mod, backend=backend, return_lse=True)
+    ref, ref_lse = engine.scaled_dot_product_attention(q, k, v, is_causal=True, backend="reference", return_lse=True)
+    _close(out, ref, dtype)
+    _close(lse, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("backend", MOD_BACKENDS)
+def test_window_mask_mod_with_block_mask_equals_dense_mask(backend, rng):
+    q, k, v = _qkv(rng, L=300, S=300)
+    i, j = np.arange(300)[:, None], np.arange(300)[None]
+    dense = (i - 20 <= j) & (j <= i + 5)
+    bm = engine.create_block_mask(window_mod, None, None, 300, 300, mod_args=(20, 5))
+    assert 0 < bm.density < 1
+    for kw in ({"block_mask": bm}, {"mask_mod": window_mod, "mod_args": (20, 5)}):
+        out = engine.scaled_dot_product_attention(q, k, v, backend=backend, **kw)
+        _close(out, engine.scaled_dot_product_attention(q, k, v, attn_mask=dense, backend="reference"))
+
+
+@pytest.mark.parametrize("backend", MOD_BACKENDS)
+def test_score_mod_with_captured_array_equals_dense_bias(backend, rng):
+    q, k, v = _qkv(rng)
+    slopes = np.array([0.5, 0.25, 0.125])
+    bias = -slopes[:, None, None] * np.abs(np.arange(70)[:, None] - np.arange(300)[None])
+    out = engine.scaled_dot_product_attention(q, k, v, score_mod=head_bias, mod_args=(slopes,), backend=backend)
+    _close(out, engine.scaled_dot_product_attention(q, k, v, attn_mask=bias.astype(np.float32), backend="reference"))
+
+
+@pytest.mark.parametrize("backend", MOD_BACKENDS)
+def test_score_mod_combined_with_mask_and_njit_function(backend, rng):
+    import numba
+
+    q, k, v = _qkv(rng, L=40, S=40)
+    mod = numba.njit(softcap_mod)
+    out = engine.scaled_dot_product_attention(q, k, v, score_mod=mod, mod_args=(0.5,), is_causal=True, backend=backend)
+    s = np.einsum("bhle,bhse->bhls", q.astype(np.float64), k.astype(np.float64)) / 4.0
+    s = np.where(np.tril(np.ones((40, 40), bool)), 0.5 * np.tanh(s / 0.5), -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    expected = (p / p.sum(-1, keepdims=True)) @ v.astype(np.float64)
+    _close(out, expected)
+
+
+def test_block_mask_classification():
+    bm = engine.create_block_mask(causal_mod, None, None, 200, 600, block_q=64, block_k=256)
+    # 64-row query tiles x 256-key tiles: tile (qb, kb) is empty when its first key is beyond its last row
+    for qb in range(bm.kinds.shape[2]):
+        for kb in range(bm.kinds.shape[3]):
+            i0, i1, j0, j1 = qb * 64, min(qb * 64 + 64, 200) - 1, kb * 256, min(kb * 256 + 256, 600) - 1
+            expected = EMPTY if j0 > i1 else (FULL if j1 <= i0 else PARTIAL)
+            assert bm.kinds[0, 0, qb, kb] == expected
+    per_head = engine.create_block_mask(lambda b, h, i, j: h == 1, 2, 3, 10, 10)
+    assert per_head.kinds.shape == (2, 3, 1, 1)
+    assert (per_head.kinds[:, 1] == FULL).all() and (per_head.kinds[:, [0, 2]] == EMPTY).all()
+    np.testing.assert_array_equal(bm.kinds_at(128, 256), engine.create_block_mask(
+        causal_mod, None, None, 200, 600, block_q=128, block_k=256).kinds)
+    assert bm.kinds_at(128, 256) is bm.kinds_at(128, 256)  # derived once, memoised
+
+
+def test_mod_errors(rng):
+    q, k, v = _qkv(rng, L=10, S=10)
+    with pytest.raises(TypeError, match="mask_mod must be a function, got int"):
+        engine.scaled_dot_product_attention(q, k, v, mask_mod=3)
+    with pytest.raises(TypeError, match="mod_args must be a tuple, got list"):
+        engine.scaled_dot_product_attention(q, k, v, mask_mod=causal_mod, mod_args=[1])
+    bm = engine.create_block_mask(causal_mod, None, None, 20, 20)
+    with pytest.raises(ValueError, match=r"block_mask was built for \(batch, heads, L, S\) = \(1, 1, 20, 20\) but the "
+                       r"inputs have \(2, 3, 10, 10\)"):
+        engine.scaled_dot_product_attention(q, k, v, block_mask=bm)
+
+
+# --- the variants built on mods ---------------------------------------------------------------
+
+def _mha_twin(variant, rng):
+    """A plain multi-head variant with the same weights, to compute the dense equivalent."""
+    twin = engine.get_variant("multi-head", embed_dim=variant.embed_dim, num_heads=variant.num_heads)
+    twin.load_state_dict(variant.state_dict())
+    return twin
+
+
+def _randomise(variant, rng):
+    variant.load_state_dict({k: rng.uniform(-0.5, 0.5, v.shape) for k, v in variant.state_dict().items()})
+    return variant
+
+
+@pytest.mark.parametrize("backend", MOD_BACKENDS)
+def test_sliding_window_variant_equals_dense_mask(backend, rng):
+    sw = _randomise(engine.get_variant("sliding-window", embed_dim=32, num_heads=4, left=7, right=2), rng)
+    x = randn(rng, (2, 90, 32))
+    i, j = np.arange(90)[:, None], np.arange(90)[None]
+    blocked = ~((i - 7 <= j) & (j <= i + 2))                          # MHA polarity: True = not allowed
+    out, w = sw(x, need_weights=True, backend=backend)
+    ref, ref_w = _mha_twin(sw, rng)(x, attn_mask=blocked, need_weights=True, backend="reference")
+    _close(out, ref)
+    _close(w, ref_w)
+
+
+@pytest.mark.parametrize("backend", MOD_BACKENDS)
+@pytest.mark.parametrize("heads", [4, 6])
+def test_alibi_variant_equals_dense_bias(backend, heads, rng):
+    al = _randomise(engine.get_variant("alibi", embed_dim=48, num_heads=heads), rng)
+    x = randn(rng, (2, 50, 48))
+    i, j = np.arange(50)[:, None], np.arange(50)[None]
+    bias = -alibi_slopes(heads)[:, None, None] * np.abs(i - j)
+    bias = np.where(j <= i, bias, -np.inf)                           # causal, as the paper's LMs
+    out, _ = al(x, backend=backend)
+    ref, _ = _mha_twin(al, rng)(x, attn_mask=np.tile(bias, (2, 1, 1)).astype(np.float32), backend="reference")
+    _close(out, ref)
+
+
+def test_alibi_slopes_follow_the_paper():
+    np.testing.assert_allclose(alibi_slopes(8), [2 ** -(k + 1) for k in range(8)])
+    s6 = alibi_slopes(6)  # 4 slopes of 4 heads, then every other slope of 8 heads
+    np.testing.assert_allclose(s6, [2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3])
+
+
+@pytest.mark.parametrize("backend", MOD_BACKENDS)
+def test_softcap_variant_matches_torch_formula(backend, rng):
+    sc = _randomise(engine.get_variant("softcap", embed_dim=32, num_heads=4, cap=1.5), rng)
+    x = randn(rng, (2, 30, 32))
+    out, _ = sc(x, backend=backend)
+    sd = {k: torch.from_numpy(v) for k, v in sc.state_dict().items()}
+    t = torch.from_numpy(x)
+    qkv = t @ sd["in_proj_weight"].T + sd["in_proj_bias"]
+    q, k, v = (z.reshape(2, 30, 4, 8).transpose(1, 2) for z in qkv.split(32, dim=-1))
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(8)
+    p = torch.softmax(1.5 * torch.tanh(s / 1.5), dim=-1)
+    expected = (p @ v).transpose(1, 2).reshape(2, 30, 32) @ sd["out_proj.weight"].T + sd["out_proj.bias"]
+    _close(out, expected.numpy())
+
+
+@pytest.mark.parametrize("backend", MOD_BACKENDS)
+def test_grouped_query_variant_matches_torch_sdpa(backend, rng):
+    gq = _randomise(engine.get_variant("grouped-query", embed_dim=32, num_heads=8, num_kv_heads=2), rng)
+    assert gq.state_dict()["k_proj_weight"].shape == (8, 32)
+    x = randn(rng, (2, 33, 32))
+    out, _ = gq(x, backend=backend)
+    sd = {k: torch.from_numpy(v) for k, v in gq.state_dict().items()}
+    t = torch.from_numpy(x)
+    b = sd["in_proj_bias"]
+    q = (t @ sd["q_proj_weight"].T + b[:32]).reshape(2, 33, 8, 4).transpose(1, 2)
+    k = (t @ sd["k_proj_weight"].T + b[32:40]).reshape(2, 33, 2, 4).transpose(1, 2)
+    v = (t @ sd["v_proj_weight"].T + b[40:]).reshape(2, 33, 2, 4).transpose(1, 2)
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    expected = o.transpose(1, 2).reshape(2, 33, 32) @ sd["out_proj.weight"].T + sd["out_proj.bias"]
+    _close(out, expected.numpy())
+
+
+@pytest.mark.parametrize("backend", MOD_BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_document_variant_equals_block_diagonal_mask(backend, causal, rng):
+    doc = _randomise(engine.get_variant("document", embed_dim=16, num_heads=2, causal=causal), rng)
+    x = randn(rng, (2, 40, 16))
+    ids = np.array([[0] * 10 + [1] * 25 + [2] * 5, [0] * 39 + [1]])
+    out, w = doc(x, document_ids=ids, need_weights=True, backend=backend)
+    blocked = ids[:, :, None] != ids[:, None, :]
+    if causal:
+        blocked = blocked | np.triu(np.ones((40, 40), bool), 1)
+    twin = _mha_twin(doc, rng)
+    ref, ref_w = twin(x, attn_mask=np.repeat(blocked, 2, axis=0), need_weights=True, backend="reference")
+    _close(out, ref)
+    _close(w, ref_w)
+    assert np.all(w[0, :10, 10:] == 0)  # the first document never sees the others
+    with pytest.raises(ValueError, match=r"document_ids must be integers of shape \(N, L\) = \(2, 40\)"):
+        doc(x, document_ids=ids[:, :30])

@@ -1,0 +1,40 @@
+"""``softcap``: tanh soft-capping of the attention scores, as in Gemma 2 (a ``score_mod``)."""
+from __future__ import annotations
+
+import math
+
+from engine import hookimpl
+
+from .multi_head import MultiHeadAttention
+
+
+def tanh_softcap(score, b, h, q_idx, kv_idx, cap):
+    """cap * tanh(score / cap): scores smoothly bounded to (-cap, cap)."""
+    return cap * math.tanh(score / cap)
+
+
+class SoftcapAttention(MultiHeadAttention):
+    """Multi-head attention whose scaled scores go through ``cap * tanh(score / cap)`` before the
+    softmax (Gemma 2 uses ``cap = 50``)."""
+
+    name = "softcap"
+    description = "multi-head attention with tanh soft-capped scores, as Gemma 2 (score_mod)"
+
+    def __init__(self, embed_dim: int, num_heads: int, *, cap: float = 50.0, **kw):
+        super().__init__(embed_dim, num_heads, **kw)
+        if not (isinstance(cap, (int, float)) and math.isfinite(cap) and cap > 0):
+            raise ValueError(f"cap must be a positive finite number, got {cap!r}")
+        self.cap = float(cap)
+
+    def attention_mods(self, N, L, S, **call_kwargs):
+        super().attention_mods(N, L, S, **call_kwargs)
+        return {"score_mod": tanh_softcap, "mod_args": (self.cap,)}
+
+    @classmethod
+    def example_params(cls, embed_dim=64, num_heads=8):
+        return {"embed_dim": embed_dim, "num_heads": num_heads, "cap": 2.0}
+
+
+@hookimpl
+def attention_variants():
+    return [SoftcapAttention]
