@@ -22,8 +22,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+from numba import types
+from numba.extending import overload
+from numba.np.numpy_support import as_dtype
 
-__all__ = ["BlockMask", "create_block_mask", "as_jit", "EMPTY", "PARTIAL", "FULL"]
+__all__ = ["BlockMask", "create_block_mask", "as_jit", "cast_like", "EMPTY", "PARTIAL", "FULL"]
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
@@ -35,7 +38,10 @@ _jitted: "weakref.WeakKeyDictionary[Callable, Callable]" = weakref.WeakKeyDictio
 
 
 def as_jit(fn: Callable, what: str) -> Callable:
-    """The ``numba.njit`` version of a mod, compiled once per function object."""
+    """The ``numba.njit(error_model="numpy")`` version of a mod, compiled once per function object.
+
+    A function that is already ``numba.njit``-compiled is used as it is; give it
+    ``error_model="numpy"`` too if it divides, or the zero check keeps its loop scalar."""
     from numba.core.registry import CPUDispatcher
 
     if isinstance(fn, CPUDispatcher):
@@ -45,8 +51,25 @@ def as_jit(fn: Callable, what: str) -> Callable:
     if fn not in _jitted:
         import numba
 
-        _jitted[fn] = numba.njit(fn)
+        # NumPy's error model: x / 0 is inf/NaN, not an exception, so divisions vectorise
+        _jitted[fn] = numba.njit(error_model="numpy")(fn)
     return _jitted[fn]
+
+
+def cast_like(value, like):
+    """``value`` converted to the float type of ``like`` (usually the score), in Python and in
+    kernels. Mods use it to keep float32 scores in float32: NumPy's rules make int64 * float32 a
+    float64, which halves the SIMD width and costs about 20% at L = 4096 for ALiBi."""
+    return np.result_type(like).type(value)
+
+
+@overload(cast_like, inline="always")
+def _cast_like_overload(value, like):
+    if not isinstance(like, types.Float):
+        return None
+    np_type = as_dtype(like).type
+
+    return lambda value, like: np_type(value)
 
 
 def python_function(fn: Callable) -> Callable:

@@ -60,3 +60,31 @@ def test_zero_gives_exactly_one_and_result_keeps_dtype(dtype):
     got = _exp(np.zeros(33, dtype=dtype))
     assert got.dtype == dtype
     assert np.all(got == 1.0)
+
+
+def test_fast_tanh_error_bound_in_kernels():
+    """fast_tanh inside njit against float64 tanh, over small, medium, huge, signed and NaN inputs."""
+    import math
+
+    from numba import njit
+
+    from engine.kernels.fastexp import fast_tanh
+
+    @njit
+    def tanh_all(x, out):
+        for i in range(x.shape[0]):
+            out[i] = fast_tanh(x[i])
+
+    grid = np.concatenate([np.linspace(-0.3, 0.3, 20001), np.linspace(-30, 30, 200001),
+                           [0.0, -0.0, 1e-30, -1e-30, 1e30, -1e30, np.inf, -np.inf]])
+    for dtype, bound in ((np.float32, 1e-6), (np.float64, 1e-14)):
+        x = grid.astype(dtype)
+        out = np.empty_like(x)
+        tanh_all(x, out)
+        exact = np.tanh(x.astype(np.float64))
+        rel = np.abs(out - exact) / np.maximum(np.abs(exact), np.finfo(dtype).tiny)
+        assert rel.max() < bound, (dtype, rel.max(), x[rel.argmax()])
+        nan_out = np.empty(1, dtype)
+        tanh_all(np.array([np.nan], dtype), nan_out)
+        assert np.isnan(nan_out[0])
+    assert fast_tanh(0.5) == math.tanh(0.5)  # outside kernels: exact

@@ -6,6 +6,7 @@ import math
 import numpy as np
 
 from engine import hookimpl
+from engine.mods import cast_like
 
 from .multi_head import MultiHeadAttention
 
@@ -27,7 +28,7 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
 
 def alibi_bias(score, b, h, q_idx, kv_idx, slopes):
     """score - slope[h] * |q_idx - kv_idx| (for causal attention: slope[h] * (kv_idx - q_idx))."""
-    return score - slopes[h] * abs(q_idx - kv_idx)
+    return score - slopes[h] * cast_like(abs(q_idx - kv_idx), score)
 
 
 class AlibiAttention(MultiHeadAttention):
@@ -49,7 +50,7 @@ class AlibiAttention(MultiHeadAttention):
 
     def attention_mods(self, N, L, S, **call_kwargs):
         super().attention_mods(N, L, S, **call_kwargs)
-        return {"score_mod": alibi_bias, "mod_args": (self.slopes,)}
+        return {"score_mod": alibi_bias, "mod_args": (self.slopes.astype(self.dtype),)}
 
 
 @hookimpl

@@ -4,13 +4,14 @@ from __future__ import annotations
 import math
 
 from engine import hookimpl
+from engine.kernels.fastexp import fast_tanh
 
 from .multi_head import MultiHeadAttention
 
 
 def tanh_softcap(score, b, h, q_idx, kv_idx, cap):
     """cap * tanh(score / cap): scores smoothly bounded to (-cap, cap)."""
-    return cap * math.tanh(score / cap)
+    return cap * fast_tanh(score / cap)
 
 
 class SoftcapAttention(MultiHeadAttention):
@@ -28,7 +29,8 @@ class SoftcapAttention(MultiHeadAttention):
 
     def attention_mods(self, N, L, S, **call_kwargs):
         super().attention_mods(N, L, S, **call_kwargs)
-        return {"score_mod": tanh_softcap, "mod_args": (self.cap,)}
+        # cap in the variant's dtype keeps the kernel's arithmetic in float32 for float32 layers
+        return {"score_mod": tanh_softcap, "mod_args": (self.dtype.type(self.cap),)}
 
     @classmethod
     def example_params(cls, embed_dim=64, num_heads=8):

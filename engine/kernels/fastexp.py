@@ -11,11 +11,13 @@ x = -inf and for x below ``_CUT_F32``/``_CUT_F64``, where e^x is below the small
 true value there is < 1.2e-38 or 2.3e-308: negligible next to the row maximum's own term, 1); NaN
 stays NaN. Positive x is outside the contract.
 """
+import math
+
 import numpy as np
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-__all__ = ["fast_exp", "exp_array"]
+__all__ = ["fast_exp", "fast_tanh", "exp_array"]
 
 _LOG2E = 1.4426950408889634
 _LN2_HI = 0.693145751953125          # ln2 split so n*_LN2_HI is exact
@@ -94,6 +96,36 @@ def _fast_exp_overload(t):
     if t == types.float64:
         return lambda t: _exp_f64(t)
     return None
+
+
+def fast_tanh(x):
+    """tanh(x) of a float32/float64 scalar. In Python it is ``math.tanh`` (exact: the reference
+    backend's oracle); inside kernels a vectorisable formula, relative error below 1e-6 (float32)
+    and 1e-14 (float64): an odd Taylor polynomial near 0, else (1 - t) / (1 + t) with
+    t = exp(-2|x|) from ``fast_exp`` (libm's tanh is a scalar call, ~10x slower in a loop)."""
+    return math.tanh(x)
+
+
+@overload(fast_tanh)
+def _fast_tanh_overload(x):
+    if x not in (types.float32, types.float64):
+        return None
+    f = np.float32 if x == types.float32 else np.float64
+    # the Taylor branch's truncation (~0.009 x^10) must stay below the dtype's precision, and the
+    # other branch's cancellation in 1 - t (amplifying t's error by 1/(1 - t)) moderate
+    one, two, small_limit = f(1.0), f(-2.0), f(0.25 if x == types.float32 else 0.02)
+    c3, c5, c7, c9 = f(-1.0 / 3.0), f(2.0 / 15.0), f(-17.0 / 315.0), f(62.0 / 2835.0)
+
+    def impl(x):
+        a = abs(x)
+        t = fast_exp(two * a)
+        big = (one - t) / (one + t)
+        x2 = x * x
+        small = a * (one + x2 * (c3 + x2 * (c5 + x2 * (c7 + x2 * c9))))  # error ~ 0.009 x^10
+        r = small if a < small_limit else big
+        return r if x >= 0 else -r  # NaN: both branches give NaN
+
+    return impl
 
 
 @njit(fastmath={"contract"})
