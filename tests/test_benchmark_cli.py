@@ -1,0 +1,158 @@
+"""``attention-engine bench`` in tiny configurations: the table, the JSON, the PNG, real memory."""
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+
+import engine
+from engine.cli import main
+from variants.multi_head import MultiHeadAttention
+
+TINY = ["--lengths", "16,32", "--batch", "1", "--embed-dim", "16", "--heads", "2", "--repeat", "2"]
+
+
+class RenamedMultiHead(MultiHeadAttention):
+    """A third-party variant: the same function as multi-head under another name."""
+
+    name = "bench-test-renamed"
+    description = "multi-head under another name (benchmark test plugin)"
+
+
+class _Plugin:
+    @engine.hookimpl
+    def attention_variants(self):
+        return [RenamedMultiHead]
+
+
+PLUGIN = _Plugin()  # module level, so the benchmark's child processes can import it
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    json_path, png_path = out / "bench.json", out / "bench.png"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        rc = main(["bench", "--variants", "multi-head,self", "--backends", "cpu,reference", *TINY,
+                   "--json", str(json_path), "--plot", str(png_path)])
+    def no_nan(name):  # the file must be standard JSON (no NaN or Infinity)
+        raise ValueError(f"non-standard JSON constant {name}")
+    return rc, json.loads(json_path.read_text(), parse_constant=no_nan), png_path, stdout.getvalue()
+
+
+def test_tiny_run_succeeds_and_prints_the_table(tiny_run):
+    rc, report, _, printed = tiny_run
+    assert rc == 0
+    header = printed.splitlines()[0].split()
+    assert header == ["case", "impl", "L", "time", "GFLOP/s", "peak", "mem", "1st", "call", "t/base", "max|diff|"]
+    table_rows = [line.split() for line in printed.splitlines()[2:] if line.startswith(("multi-head", "self", "sdpa"))]
+    assert len(table_rows) == len(report["rows"]) == 20
+    assert report["config"]["lengths"] == [16, 32] and report["config"]["backends"] == ["cpu", "reference"]
+
+
+def test_json_has_machine_info(tiny_run):
+    machine = tiny_run[1]["machine"]
+    assert machine["cpu"] and machine["cores"] >= 1 and machine["date"][:2] == "20"
+    assert machine["versions"]["numpy"] == np.__version__
+    import numba
+    assert machine["versions"]["numba"] == numba.__version__
+
+
+def test_json_has_one_complete_row_per_case_impl_and_length(tiny_run):
+    rows = tiny_run[1]["rows"]
+    torch = pytest.importorskip("torch")
+    assert torch  # the baselines below are torch's
+    expected = {(case, impl, L) for L in (16, 32)
+                for case, impls in (("multi-head", ("cpu", "reference", "torch-mha")),
+                                    ("self", ("cpu", "reference", "torch-mha")),
+                                    ("sdpa", ("cpu", "reference", "numpy", "torch-sdpa")))
+                for impl in impls}
+    assert {(r["case"], r["impl"], r["L"]) for r in rows} == expected
+    assert len(rows) == len(expected)
+    for r in rows:
+        assert r["error"] is None, r
+        assert r["time_s"] > 0 and len(r["times_s"]) == 2 and r["time_s"] == pytest.approx(np.median(r["times_s"]))
+        assert r["gflops"] == pytest.approx(r["flop"] / r["time_s"] / 1e9)
+        assert r["first_call_s"] > 0 and isinstance(r["peak_bytes"], int) and r["peak_bytes"] >= 0
+        assert r["baseline_impl"] == ("torch-sdpa" if r["case"] == "sdpa" else "torch-mha")
+        if r["baseline"]:
+            assert r["ratio"] == 1.0
+        else:
+            base = next(b for b in rows if b["case"] == r["case"] and b["L"] == r["L"] and b["baseline"])
+            assert r["ratio"] == pytest.approx(r["time_s"] / base["time_s"])
+            assert r["max_abs_diff"] < 1e-4  # same weights, same function as the torch layer
+
+
+def test_png_is_a_two_panel_plot(tiny_run):
+    png = tiny_run[2]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    h, w = matplotlib.image.imread(str(png)).shape[:2]
+    assert w > 1.5 * h > 300  # two panels side by side
+
+
+def test_peak_memory_is_measured_linear_for_tiled_quadratic_for_materialised(tmp_path):
+    json_path = tmp_path / "mem.json"
+    rc = main(["bench", "--variants", "none", "--backends", "cpu,reference", "--lengths", "256,1024",
+               "--batch", "1", "--embed-dim", "32", "--heads", "2", "--repeat", "1", "--no-torch",
+               "--json", str(json_path)])
+    assert rc == 0
+    peak = {(r["impl"], r["L"]): r["peak_bytes"] for r in json.loads(json_path.read_text())["rows"]}
+    scores = 1 * 2 * 1024 * 1024 * 4  # (N, heads, L, L) float32 at L = 1024: 8 MiB
+    assert peak["numpy", 1024] >= scores, peak  # the float32 score matrix exists
+    assert peak["reference", 1024] >= 2 * scores, peak  # float64 scores
+    assert peak["numpy", 1024] > 8 * peak["numpy", 256], peak  # quadratic: 16x from 4x the length
+    assert peak["cpu", 1024] < scores / 4, peak  # tiled: never holds the scores
+    assert peak["cpu", 1024] < 8 * max(peak["cpu", 256], 65536), peak  # linear, up to allocator granularity
+
+
+def test_plugin_registered_at_run_time_is_benchmarked_against_torch(tmp_path):
+    engine.register_plugin(PLUGIN, name="bench-test-plugin")
+    try:
+        json_path = tmp_path / "plugin.json"
+        rc = main(["bench", "--variants", "bench-test-renamed", "--backends", "reference", "--no-functional",
+                   *TINY, "--json", str(json_path)])
+    finally:
+        engine.unregister_plugin("bench-test-plugin")
+    assert rc == 0
+    rows = json.loads(json_path.read_text())["rows"]
+    assert {r["case"] for r in rows} == {"bench-test-renamed"}
+    impls = {r["impl"] for r in rows}
+    assert "reference" in impls
+    if "torch-mha" in impls:
+        assert all(r["max_abs_diff"] < 1e-4 for r in rows if not r["baseline"])
+
+
+def test_max_call_s_skips_the_lengths_predicted_too_slow(tmp_path, capsys):
+    json_path = tmp_path / "skip.json"
+    rc = main(["bench", "--variants", "none", "--backends", "reference", "--lengths", "16,32", "--batch", "1",
+               "--embed-dim", "16", "--heads", "2", "--repeat", "1", "--no-torch", "--max-call-s", "1e-9",
+               "--json", str(json_path)])
+    assert rc == 0  # skipping is not a failure
+    rows = {(r["impl"], r["L"]): r for r in json.loads(json_path.read_text())["rows"]}
+    assert rows["reference", 16]["time_s"] > 0 and rows["numpy", 16]["time_s"] > 0
+    for impl in ("reference", "numpy"):
+        assert rows[impl, 32]["skipped"] and rows[impl, 32]["time_s"] is None
+        assert "over --max-call-s 1e-09" in rows[impl, 32]["error"]
+    assert "predicts" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--variants", "no-such-variant"], "unknown variant(s) no-such-variant; available:"),
+    (["--backends", "no-such-backend"], "unknown backend 'no-such-backend'"),
+    (["--embed-dim", "10", "--heads", "3"], "--embed-dim (10) must be divisible by --heads (3)"),
+    (["--variants", "none", "--no-functional"], "nothing to run"),
+])
+def test_bad_options_exit_2_naming_the_problem(argv, message, capsys):
+    assert main(["bench", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_lengths_are_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--lengths", "128,abc"])
+    assert exc.value.code == 2
+    assert "lengths must be comma-separated integers" in capsys.readouterr().err
