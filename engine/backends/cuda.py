@@ -1,18 +1,295 @@
-"""The ``cuda`` backend (numba-cuda). Importing this module never needs CUDA or a GPU."""
+"""The ``cuda`` backend (numba-cuda). Importing this module never needs CUDA, a GPU or numba-cuda.
+
+Arrays:
+
+* NumPy (host) inputs are made C-contiguous, copied to the device on a fresh stream, and the
+  result is copied back: the caller gets NumPy arrays, as from the ``cpu`` backend.
+* Device inputs (anything with ``__cuda_array_interface__``) are read **in place**, whatever their
+  strides (a transposed torch tensor, a broadcast mask): the kernel indexes a flat view of the
+  caller's memory through element strides (see ``engine.kernels.cuda_flash``). The result is
+  allocated by the caller's library and stays on the device: torch CUDA tensors give torch
+  tensors, CuPy arrays give CuPy arrays, Numba device arrays (and any other producer of the
+  interface) give Numba device arrays.
+* Stream: torch inputs run on ``torch.cuda.current_stream()``, CuPy inputs on CuPy's current
+  stream, Numba device arrays on the stream they are bound to (``arr.stream``, else the default
+  stream). The call does not synchronise for device inputs, so the result is ordered after
+  earlier work on that stream and before later work, exactly as the library's own operations.
+"""
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import math
+import threading
+
+import numpy as np
+
+from ..validation import AttentionProblem
 from .base import Backend
 
-__all__ = ["CudaBackend"]
+__all__ = ["CudaBackend", "tile_sizes", "flat_layout"]
+
+#: query rows per block (one thread each)
+BLOCK_Q = 128
+#: upper bound on E + Ev: beyond it a key tile of 8 rows no longer fits in shared memory
+MAX_HEAD_SUM = 1024
+
+
+def tile_sizes(E: int, Ev: int) -> tuple[int, int]:
+    """(block_q, block_k) for head sizes E and Ev: 128 query rows per block, and key tiles as long
+    as fit 32 KiB of shared memory (64 rows for E = Ev = 64, 32 for E = Ev = 128), a multiple of 8."""
+    width = max(E, 1) + max(Ev, 1)
+    block_k = max(8, min(64, (32 * 1024) // (4 * width) // 8 * 8))
+    return BLOCK_Q, block_k
+
+
+def flat_layout(shape, strides, itemsize: int, batch_shape: tuple, rank: int):
+    """How the kernel indexes one operand in place.
+
+    ``shape``/``strides`` (bytes; ``None`` for C order) describe the caller's array, which is
+    broadcastable to ``batch_shape + (heads, rows, cols)`` (``rank`` = len of that). Returns
+    ``(lo, span, offsets, axis_strides)``: the flat view starts ``lo`` elements from the array's
+    first element and holds ``span`` elements; ``offsets[b]`` (int64, one per flattened batch
+    entry) is where batch entry ``b`` starts in the view, ``axis_strides`` the element strides of
+    the last three axes. Size-1 axes get stride 0, which broadcasts them. ``ValueError`` if a
+    stride is not a multiple of the item size.
+    """
+    shape = tuple(int(n) for n in shape)
+    if strides is None:
+        strides, acc = [], itemsize
+        for n in reversed(shape):
+            strides.insert(0, acc)
+            acc *= max(n, 1)
+    el = []
+    for n, st in zip(shape, strides):
+        if st % itemsize:
+            raise ValueError(f"array of shape {shape} has stride {st} bytes, not a multiple of its "
+                             f"item size {itemsize}")
+        el.append(0 if n == 1 else st // itemsize)
+    pad = rank - len(shape)
+    shape = (1,) * pad + shape
+    el = [0] * pad + el
+    lo = sum(min(0, (n - 1) * s) for n, s in zip(shape, el))
+    hi = sum(max(0, (n - 1) * s) for n, s in zip(shape, el))
+    nb = len(batch_shape)
+    offsets = np.zeros(batch_shape, dtype=np.int64) - lo
+    for ax in range(nb):
+        idx = np.arange(batch_shape[ax], dtype=np.int64) * el[ax]
+        offsets = offsets + idx.reshape((-1,) + (1,) * (nb - ax - 1))
+    return lo, hi - lo + 1, offsets.reshape(-1), tuple(el[nb:])
+
+
+class _HostArrays:
+    """NumPy in, NumPy out: copies on a private stream, synchronised before returning."""
+
+    def __init__(self, cuda):
+        self.cuda = cuda
+        self.stream = cuda.stream()
+
+    def context(self):
+        return contextlib.nullcontext()
+
+    def flat(self, arr, problem, rank, cast=None):
+        a = np.ascontiguousarray(arr if cast is None else arr.astype(cast, copy=False))
+        if a.size == 0:  # E = 0 or S = 0: never read, but the kernel needs an array
+            return _dummy(self.cuda, a.dtype, problem, self.stream)
+        lo, span, offs, st = flat_layout(a.shape, a.strides, a.itemsize, problem.batch_shape, rank)
+        return self.cuda.to_device(a.reshape(-1), stream=self.stream), offs, st
+
+    def empty(self, shape, dtype):
+        return self.cuda.device_array(shape, dtype=dtype, stream=self.stream)
+
+    def as_numba(self, arr):
+        return arr
+
+    def finish(self, out, lse, problem):
+        o = out.copy_to_host(stream=self.stream)
+        s = lse.copy_to_host(stream=self.stream)
+        self.stream.synchronize()
+        return o.reshape(problem.out_shape), s.reshape(problem.lse_shape)
+
+    def empty_result(self, problem):
+        from .base import empty_result
+
+        return empty_result(problem)
+
+
+class _DeviceArrays:
+    """Device arrays in place; the result is allocated by the caller's library."""
+
+    def __init__(self, cuda, like):
+        self.cuda = cuda
+        mod = type(like).__module__.split(".")[0]
+        self.kind = mod if mod in ("torch", "cupy") else "numba"
+        if self.kind == "torch":
+            import torch
+
+            self.lib = torch
+            self.device = like.device
+            ptr = torch.cuda.current_stream(like.device).cuda_stream
+            self.device_index = like.device.index
+        elif self.kind == "cupy":
+            import cupy
+
+            self.lib = cupy
+            self.device = like.device
+            ptr = cupy.cuda.get_current_stream().ptr
+            self.device_index = like.device.id
+        else:
+            self.lib = None
+            self.device_index = None
+            ptr = None
+        self._stream_ptr = ptr
+        self._numba_stream = getattr(like, "stream", 0) if self.kind == "numba" else 0
+        self.stream = None
+
+    def context(self):
+        """Makes the inputs' GPU current for Numba (and CuPy) while the call runs."""
+        stack = contextlib.ExitStack()
+        if self.device_index is not None:
+            stack.enter_context(self.cuda.gpus[self.device_index])
+            if self.kind == "cupy":
+                stack.enter_context(self.device)
+        # streams belong to a context: make them once the inputs' GPU is current
+        if self.kind == "numba":
+            self.stream = self._numba_stream or self.cuda.default_stream()
+        elif self._stream_ptr:
+            self.stream = self.cuda.external_stream(self._stream_ptr)
+        else:  # torch/CuPy on the legacy default stream
+            self.stream = self.cuda.default_stream()
+        return stack
+
+    def flat(self, arr, problem, rank, cast=None):
+        cai = arr.__cuda_array_interface__
+        dtype = np.dtype(cai["typestr"])
+        if math.prod(cai["shape"]) == 0:
+            return _dummy(self.cuda, dtype, problem, self.stream)
+        lo, span, offs, st = flat_layout(cai["shape"], cai.get("strides"), dtype.itemsize,
+                                         problem.batch_shape, rank)
+        desc = {"shape": (span,), "strides": None, "typestr": cai["typestr"],
+                "data": (cai["data"][0] + lo * dtype.itemsize, False), "version": 3}
+        # no stream sync: the kernel runs on the stream that produced the array
+        return self.cuda.from_cuda_array_interface(desc, owner=arr, sync=False), offs, st
+
+    def empty(self, shape, dtype):
+        if self.kind == "torch":
+            return self.lib.empty(shape, dtype=_torch_dtype(self.lib, dtype), device=self.device)
+        if self.kind == "cupy":
+            return self.lib.empty(shape, dtype=dtype)
+        return self.cuda.device_array(shape, dtype=dtype, stream=self.stream)
+
+    def as_numba(self, arr):
+        if self.kind == "numba":
+            return arr
+        return self.cuda.as_cuda_array(arr, sync=False)
+
+    def finish(self, out, lse, problem):
+        return out.reshape(problem.out_shape), lse.reshape(problem.lse_shape)
+
+    def empty_result(self, problem):
+        from .base import empty_result
+
+        o, s = empty_result(problem)
+        if self.kind == "torch":
+            return (self.lib.from_numpy(o).to(self.device), self.lib.from_numpy(s).to(self.device))
+        if self.kind == "cupy":
+            return self.lib.asarray(o), self.lib.asarray(s)
+        return self.cuda.to_device(o, stream=self.stream), self.cuda.to_device(s, stream=self.stream)
+
+
+def _dummy(cuda, dtype, problem, stream):
+    """A one-element stand-in for an operand the kernel never reads (no mask, or size 0)."""
+    return (cuda.to_device(np.zeros(1, dtype=dtype), stream=stream),
+            np.zeros(problem.batch, dtype=np.int64), (0, 0, 0))
+
+
+def _torch_dtype(torch, dtype):
+    return {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}[np.dtype(dtype)]
 
 
 class CudaBackend(Backend):
+    """The tiled flash kernel on an NVIDIA GPU; see the module docstring for array handling.
+
+    ``block_q``/``block_k`` override the tile sizes of :func:`tile_sizes` (tests use small ones).
+    """
+
     name = "cuda"
-    description = "numba-cuda tiled flash kernel (not implemented yet)"
-    dtypes = ("float32",)
+    description = "numba-cuda tiled flash kernel (one block per query tile, K/V tiles in shared memory)"
+    dtypes = ("float16", "float32")
     host_arrays = True
     device_arrays = True
-    priority = 20
+    # below ``cpu``: for host arrays ``auto`` keeps to the CPU (no transfers, no GPU timings yet);
+    # device arrays, which ``cpu`` refuses, go to ``cuda``
+    priority = 5
+
+    def __init__(self, block_q: int | None = None, block_k: int | None = None):
+        self.block_q = block_q
+        self.block_k = block_k
+        self._why: tuple | None = None
+        self._lock = threading.Lock()
 
     def unavailable_reason(self):
-        return "the cuda backend is not implemented yet"
+        with self._lock:
+            if self._why is None:
+                self._why = (self._probe(),)
+            return self._why[0]
+
+    @staticmethod
+    def _probe() -> str | None:
+        if importlib.util.find_spec("numba_cuda") is None:
+            return "numba-cuda not installed (pip install 'attention-engine[cuda]')"
+        try:
+            from numba import cuda
+
+            ok = cuda.is_available()
+        except Exception as exc:  # a broken driver or toolkit install: say what it was
+            return f"no CUDA GPU ({type(exc).__name__}: {exc})"
+        return None if ok else "no CUDA GPU"
+
+    def not_supported_reasons(self, problem: AttentionProblem) -> list[str]:
+        reasons = super().not_supported_reasons(problem)
+        if max(problem.E, 1) + max(problem.Ev, 1) > MAX_HEAD_SUM:
+            reasons.append(f"E + Ev = {problem.E + problem.Ev} > {MAX_HEAD_SUM} (the key/value "
+                           "tiles would not fit in shared memory)")
+        return reasons
+
+    def run(self, problem: AttentionProblem):
+        from numba import cuda
+
+        arrays = _DeviceArrays(cuda, problem.query) if problem.on_device else _HostArrays(cuda)
+        with arrays.context():
+            return self._run(problem, cuda, arrays)
+
+    def _run(self, problem, cuda, arrays):
+        from ..kernels.cuda_flash import MASK_BOOL, MASK_FLOAT, MASK_NONE, flash_kernel
+
+        B, Hq, L, S, E, Ev = (problem.batch, problem.num_q_heads, problem.L, problem.S,
+                              problem.E, problem.Ev)
+        if 0 in (B, Hq, L, Ev):
+            return arrays.empty_result(problem)
+        bq, bk = tile_sizes(E, Ev)
+        bq = self.block_q or bq
+        bk = self.block_k or bk
+        nb = len(problem.batch_shape)
+        rank = nb + 3
+        ops = [arrays.flat(a, problem, rank) for a in (problem.query, problem.key, problem.value)]
+        kind = MASK_NONE
+        if problem.attn_mask is not None:
+            kind = MASK_BOOL if problem.mask_kind == "bool" else MASK_FLOAT
+            cast = problem.dtype if kind == MASK_FLOAT and not problem.on_device else None
+            ops.append(arrays.flat(problem.attn_mask, problem, rank, cast=cast))
+        else:
+            ops.append(_dummy(cuda, np.bool_, problem, arrays.stream))
+        meta = np.empty((3 + B, 4), dtype=np.int64)
+        for col, (_, offs, st) in enumerate(ops):
+            meta[:3, col] = st
+            meta[3:, col] = offs
+        d_meta = cuda.to_device(meta, stream=arrays.stream)
+        out = arrays.empty((B, Hq, L, Ev), problem.dtype)
+        lse = arrays.empty((B, Hq, L), problem.dtype)
+        kern = flash_kernel(E, Ev, bq, bk, kind, problem.is_causal)
+        grid = (math.ceil(L / bq), Hq, B)
+        kern[grid, bq, arrays.stream](ops[0][0], ops[1][0], ops[2][0], ops[3][0], d_meta, L, S,
+                                      problem.group, problem.scale, arrays.as_numba(out),
+                                      arrays.as_numba(lse))
+        return arrays.finish(out, lse, problem)

@@ -1,0 +1,60 @@
+"""Every specialisation of the CUDA kernel compiles to PTX for compute capability 9.0.
+
+``numba.cuda.compile_ptx`` types and lowers the kernel exactly as a GPU launch would, so it catches
+typing errors the simulator (which runs the kernel as Python) cannot see. It needs no GPU, but it
+needs NVVM and NVRTC: the ``nvidia-nvvm`` and ``nvidia-cuda-nvrtc`` wheels that
+``numba-cuda[cu13]`` installs (or a CUDA toolkit). Without them these tests fail with Numba's
+"libnvrtc"/"libNVVM" not-found error: that is a broken test install, not a skip.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import pytest
+
+if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+    pytest.skip("compile_ptx needs the real CUDA target, not the simulator", allow_module_level=True)
+
+from numba import cuda  # noqa: E402
+
+from engine.backends.cuda import tile_sizes  # noqa: E402
+from engine.kernels.cuda_flash import (MASK_BOOL, MASK_FLOAT, MASK_NONE,  # noqa: E402
+                                       flash_kernel_source, kernel_signature, shared_bytes)
+
+# (mask kind, causal): the combinations the backend launches (is_causal excludes attn_mask)
+KINDS = [(MASK_NONE, False), (MASK_NONE, True), (MASK_BOOL, False), (MASK_FLOAT, False)]
+# head sizes (E, Ev) with the backend's own tiles, plus the tiny tiles of the simulator tests
+HEADS = [(64, 64), (128, 128), (8, 5)]
+
+
+def _mask_dtype(kind, dtype):
+    return dtype if kind == MASK_FLOAT else np.bool_
+
+
+@pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"E{h[0]}-Ev{h[1]}")
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: ["none", "bool", "float"][k[0]] + ("-causal" if k[1] else ""))
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["float32", "float16"])
+def test_kernel_compiles_to_ptx_for_sm90(dtype, kind, heads):
+    E, Ev = heads
+    block_q, block_k = tile_sizes(E, Ev)
+    mask_kind, causal = kind
+    fn = flash_kernel_source(E, Ev, block_q, block_k, mask_kind, causal)
+    ptx, restype = cuda.compile_ptx(fn, kernel_signature(dtype, _mask_dtype(mask_kind, dtype)),
+                                    cc=(9, 0))
+    assert str(restype) == "none"
+    assert re.search(r"^\.target sm_90\b", ptx, re.M)
+    assert re.search(r"^\.visible \.entry \S*_flash_forward", ptx, re.M)
+    # the two staged tiles are the kernel's only shared memory, and they fit the static limit
+    smem = sum(int(n) for n in re.findall(r"\.shared \.align \d+ \.b8 \S+\[(\d+)\]", ptx))
+    assert smem == shared_bytes(E, Ev, block_k) <= 48 * 1024
+    # float16 storage is converted to float32 for arithmetic, and back only when stored
+    if dtype == np.float16:
+        assert "cvt.f32.f16" in ptx and "cvt.rn.f16.f32" in ptx
+    # causal kernels never need the mask; boolean masks are read as bytes
+    if mask_kind == MASK_BOOL:
+        assert re.search(r"ld\.global\.(u8|s8)", ptx)
+    # the scores go through exp (libdevice's expf: ex2.approx after range reduction), never f64
+    assert "ex2.approx" in ptx
+    assert not re.search(r"\b(add|mul|fma\.rn)\.f64\b", ptx)

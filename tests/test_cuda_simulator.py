@@ -1,0 +1,265 @@
+"""The ``cuda`` backend against the ``reference`` oracle.
+
+These tests run where a CUDA target exists: under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``,
+which must be set before Numba is imported) or on a real GPU. In an ordinary run on a machine
+without a GPU, ``test_kernels_under_the_simulator`` runs this file again in a subprocess with the
+simulator switched on and fails if any test there fails or is skipped; the tests themselves are
+then skipped in the outer run (they ran in the subprocess). On a machine with a GPU they run on the
+GPU, and the device-array tests (torch, CuPy, Numba device arrays, streams) run too; those need a
+real GPU because the simulator's arrays do not expose ``__cuda_array_interface__``.
+
+Shapes are tiny and tiles small (4 query rows, 8 keys) so that several tiles, partial tiles and
+the causal tile skipping are all exercised: the simulator runs every GPU thread as a Python thread.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import engine
+from engine.backends.cuda import CudaBackend, flat_layout
+from engine.backends.reference import ReferenceBackend
+from engine.validation import validate_attention_args
+from tolerances import assert_out_close, lse_atol, out_atol
+
+SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+GPU = not SIM and engine.get_backend("cuda").unavailable_reason() is None
+HERE = SIM or GPU
+needs_cuda = pytest.mark.skipif(not HERE, reason="no CUDA target here; run by "
+                                "test_kernels_under_the_simulator in a subprocess")
+needs_gpu = pytest.mark.skipif(not GPU, reason="needs a real CUDA GPU (device arrays)")
+
+SMALL = CudaBackend(block_q=4, block_k=8)
+
+
+def test_kernels_under_the_simulator():
+    """CI entry point: this file, in a subprocess, under the CUDA simulator."""
+    if SIM:
+        pytest.skip("already under the simulator")
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                          __file__], env=env, capture_output=True, text=True, timeout=900,
+                         cwd=os.path.dirname(__file__))
+    tail = (res.stdout + res.stderr)[-4000:]
+    assert res.returncode == 0, tail
+    # only the device-array tests (they need a GPU) and this launcher may skip in there
+    summary = res.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "failed" not in summary, tail
+    skipped = [ln for ln in res.stdout.splitlines() if ln.startswith("SKIPPED")]
+    assert all("needs a real CUDA GPU" in ln or "already under the simulator" in ln
+               for ln in skipped), tail
+
+
+def _check(problem, out, lse):
+    ref_out, ref_lse = ReferenceBackend().run(problem)
+    # NaN inputs make NaN rows (checked as a pattern); the bound comes from the finite values
+    q, k, v = (np.nan_to_num(np.asarray(a)) for a in (problem.query, problem.key, problem.value))
+    assert np.asarray(out).dtype == problem.dtype and np.asarray(lse).dtype == problem.dtype
+    scale = problem.scale
+    mask = problem.attn_mask
+    if problem.dtype == np.float16:
+        # float32 arithmetic, then one rounding to float16 (unit roundoff 2^-11) of out and lse
+        f32 = out_atol(np.float32, q, k, v, scale, mask)
+        atol = 2.0 ** -10 * max(1.0, float(np.max(np.abs(v.astype(np.float64)), initial=0))) + f32
+        fin = np.isfinite(ref_lse)
+        big = float(np.max(np.abs(ref_lse[fin].astype(np.float64)), initial=0))
+        latol = 2.0 ** -10 * max(1.0, big) + lse_atol(np.float32, q, k, scale, mask)
+    else:
+        atol = out_atol(problem.dtype, q, k, v, scale, mask)
+        latol = lse_atol(problem.dtype, q, k, scale, mask)
+    assert_out_close(out, ref_out, atol, "cuda out")
+    assert_out_close(lse, ref_lse, latol, "cuda lse")
+
+
+def _run(q, k, v, backend=SMALL, **kw):
+    problem = validate_attention_args(q, k, v, return_lse=True, **kw)
+    assert not backend.not_supported_reasons(problem)
+    out, lse = backend.run(problem)
+    assert out.shape == problem.out_shape and lse.shape == problem.lse_shape
+    _check(problem, out, lse)
+    return out, lse
+
+
+def _qkv(rng, qshape, kshape, Ev, dtype=np.float32):
+    q = rng.standard_normal(qshape).astype(dtype)
+    k = rng.standard_normal(kshape).astype(dtype)
+    v = rng.standard_normal(kshape[:-1] + (Ev,)).astype(dtype)
+    return q, k, v
+
+
+# (query shape, key shape, Ev): L and S are not multiples of the 4 x 8 tiles, E != Ev
+SHAPES = [
+    ((2, 3, 13, 8), (2, 3, 21, 8), 5),
+    ((6, 4), (9, 4), 3),                   # 2-D: one head, no batch
+    ((2, 2, 2, 5, 7), (2, 2, 2, 11, 7), 7),  # two batch dims
+    ((1, 2, 17, 4), (1, 2, 6, 4), 4),        # L > S
+]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("shapes", SHAPES, ids=lambda s: "x".join(map(str, s[0])))
+def test_no_mask_and_causal(rng, shapes, dtype):
+    qs, ks, ev = shapes
+    q, k, v = _qkv(rng, qs, ks, ev, dtype)
+    _run(q, k, v)
+    _run(q, k, v, is_causal=True)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_gqa_and_custom_scale(rng, dtype):
+    q, k, v = _qkv(rng, (2, 6, 9, 8), (2, 2, 10, 8), 6, dtype)
+    _run(q, k, v, enable_gqa=True, scale=0.3)
+    _run(q, k, v, enable_gqa=True, is_causal=True, scale=2.0)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_boolean_masks_broadcast_and_fully_masked_rows(rng, dtype):
+    q, k, v = _qkv(rng, (2, 3, 7, 8), (2, 3, 11, 8), 5, dtype)
+    ls = rng.random((7, 11)) > 0.4
+    ls[2] = False                                     # row 2 sees nothing in every head
+    out, lse = _run(q, k, v, attn_mask=ls)
+    assert np.all(out[:, :, 2] == 0) and np.all(np.isneginf(lse[:, :, 2]))
+    pad = np.ones((2, 1, 1, 11), dtype=bool)
+    pad[1, ..., 6:] = False                           # key padding of batch entry 1
+    _run(q, k, v, attn_mask=pad)
+    per_head = rng.random((3, 1, 11)) > 0.5           # (Hq, 1, S)
+    per_head[1] = False                               # head 1 sees nothing at all
+    out, lse = _run(q, k, v, attn_mask=per_head)
+    assert np.all(out[:, 1] == 0) and np.all(np.isneginf(lse[:, 1]))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_float_masks(rng, dtype):
+    q, k, v = _qkv(rng, (2, 2, 6, 4), (2, 2, 13, 4), 4, dtype)
+    full = rng.standard_normal((2, 2, 6, 13)).astype(dtype)
+    full[0, 1, 3] = -np.inf                            # a fully masked row
+    full[1, 0, :, 5] = -np.inf                         # one key hidden from every row
+    out, lse = _run(q, k, v, attn_mask=full)
+    assert np.all(out[0, 1, 3] == 0) and np.isneginf(lse[0, 1, 3])
+    _run(q, k, v, attn_mask=rng.standard_normal((13,)).astype(np.float64))  # (S,), cast to dtype
+
+
+@needs_cuda
+def test_nan_score_propagates_to_its_row_only(rng):
+    q, k, v = _qkv(rng, (1, 1, 6, 4), (1, 1, 9, 4), 3)
+    q[0, 0, 4, 1] = np.nan
+    out, lse = _run(q, k, v)
+    assert np.isnan(out[0, 0, 4]).all() and np.isfinite(np.delete(out[0, 0], 4, axis=0)).all()
+
+
+@needs_cuda
+def test_non_contiguous_host_inputs(rng):
+    base = rng.standard_normal((2, 9, 3, 8)).astype(np.float32)   # (B, L, H, E), as torch often has
+    q = base.transpose(0, 2, 1, 3)
+    k = base[:, ::-1].transpose(0, 2, 1, 3)
+    _run(q, k, q[..., :5], is_causal=True)
+
+
+@needs_cuda
+def test_empty_sizes_give_zeros_and_neg_inf(rng):
+    q, k, v = _qkv(rng, (1, 2, 5, 4), (1, 2, 0, 4), 3)
+    out, lse = SMALL.run(validate_attention_args(q, k, v))  # S = 0: no key (the oracle cannot)
+    assert out.shape == (1, 2, 5, 3) and lse.shape == (1, 2, 5)
+    assert np.all(out == 0) and np.all(np.isneginf(lse))
+    q, k, v = _qkv(rng, (1, 2, 5, 0), (1, 2, 7, 0), 3)
+    _run(q, k, v, scale=1.0)                            # E = 0: every score is 0
+
+
+@needs_cuda
+def test_public_api_with_default_tiles(rng):
+    """Through ``scaled_dot_product_attention`` and the registered backend (128-row tiles)."""
+    q, k, v = _qkv(rng, (1, 1, 5, 4), (1, 1, 7, 4), 3)
+    out, lse = engine.scaled_dot_product_attention(q, k, v, backend="cuda", return_lse=True)
+    problem = validate_attention_args(q, k, v, return_lse=True)
+    _check(problem, out, lse)
+    assert isinstance(out, np.ndarray)
+
+
+def test_flat_layout_reaches_every_element_of_strided_and_broadcast_arrays():
+    """The offsets/strides the kernel indexes with, checked on host arrays (no CUDA needed)."""
+    base = np.arange(2 * 5 * 3 * 4, dtype=np.float32).reshape(2, 5, 3, 4)
+    cases = [base.transpose(0, 2, 1, 3),                       # permuted
+             base[:, ::-2].transpose(0, 2, 1, 3),               # negative stride
+             np.broadcast_to(base[:1, :1, :1], (2, 1, 1, 4))]   # zero strides
+    for a in cases:
+        lo, span, offs, st = flat_layout(a.shape, a.strides, a.itemsize, a.shape[:1], 4)
+        start = _first_index(a, base) + lo            # the flat view the device path builds
+        flat = np.frombuffer(base.data, dtype=base.dtype)[start:start + span]
+        assert flat.size == span
+        for b in range(a.shape[0]):
+            for h in range(a.shape[1]):
+                for i in range(a.shape[2]):
+                    for e in range(a.shape[3]):
+                        assert flat[offs[b] + h * st[0] + i * st[1] + e * st[2]] == a[b, h, i, e]
+    # a mask of shape (S,) broadcast over (batch 3, heads, L): every axis but the last has stride 0
+    lo, span, offs, st = flat_layout((6,), (8,), 8, (3,), 4)
+    assert (lo, span, list(offs), st) == (0, 6, [0, 0, 0], (0, 0, 1))
+    with pytest.raises(ValueError, match="not a multiple of its item size"):
+        flat_layout((2, 3), (6, 2), 4, (), 3)
+
+
+def _first_index(a, base):
+    """Element index of a[0, ..., 0] inside base's buffer."""
+    return (a.__array_interface__["data"][0] - base.__array_interface__["data"][0]) // base.itemsize
+
+
+# ---- real GPU only: device arrays in place, results in the caller's kind, streams ---------------
+
+@needs_gpu
+def test_numba_device_arrays_in_and_out(rng):
+    from numba import cuda
+
+    q, k, v = _qkv(rng, (2, 3, 70, 64), (2, 3, 90, 64), 32)
+    dq, dk, dv = (cuda.to_device(a) for a in (q, k, v))
+    out, lse = engine.scaled_dot_product_attention(dq, dk, dv, is_causal=True, return_lse=True)
+    assert cuda.is_cuda_array(out)
+    _check(validate_attention_args(q, k, v, is_causal=True, return_lse=True),
+           out.copy_to_host(), lse.copy_to_host())
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_torch_cuda_tensors_strided_and_masked(rng, dtype):
+    torch = pytest.importorskip("torch")
+    x = torch.randn(2, 150, 4, 64, device="cuda", dtype=getattr(torch, dtype))   # (B, L, H, E)
+    q = x.transpose(1, 2)                                                         # strided view
+    mask = torch.rand(2, 1, 1, 150, device="cuda") > 0.3
+    out, lse = engine.scaled_dot_product_attention(q, q, q, attn_mask=mask, return_lse=True)
+    assert isinstance(out, torch.Tensor) and out.is_cuda and out.dtype == q.dtype
+    assert isinstance(lse, torch.Tensor) and lse.shape == (2, 4, 150)
+    host = [t.cpu().numpy() for t in (q, q, q)]
+    _check(validate_attention_args(*host, attn_mask=mask.cpu().numpy(), return_lse=True),
+           out.cpu().numpy(), lse.cpu().numpy())
+
+
+@needs_gpu
+def test_cupy_arrays_in_and_out(rng):
+    cp = pytest.importorskip("cupy")
+    q, k, v = _qkv(rng, (1, 2, 33, 16), (1, 2, 40, 16), 8)
+    out = engine.scaled_dot_product_attention(cp.asarray(q), cp.asarray(k), cp.asarray(v))
+    assert isinstance(out, cp.ndarray)
+    ref = ReferenceBackend().run(validate_attention_args(q, k, v))[0]
+    assert_out_close(cp.asnumpy(out), ref, out_atol(np.float32, q, k, v, None), "cupy out")
+
+
+@needs_gpu
+def test_concurrent_torch_streams(rng):
+    torch = pytest.importorskip("torch")
+    qs = [torch.randn(1, 8, 512, 64, device="cuda") for _ in range(4)]
+    streams = [torch.cuda.Stream() for _ in qs]
+    outs = []
+    for q, s in zip(qs, streams):
+        with torch.cuda.stream(s):
+            outs.append(engine.scaled_dot_product_attention(q, q, q, is_causal=True))
+    torch.cuda.synchronize()
+    for q, out in zip(qs, outs):
+        ref = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+        assert torch.allclose(out, ref, atol=1e-5, rtol=1e-4)
