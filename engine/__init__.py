@@ -12,6 +12,15 @@ from .variant import Variant
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # plot_attention needs matplotlib: imported on first use, not with the engine
+    if name == "plot_attention":
+        from .plotting import plot_attention
+
+        return plot_attention
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")
+
 __all__ = ["scaled_dot_product_attention", "list_variants", "get_variant", "list_backends",
-           "get_backend", "register_plugin", "unregister_plugin", "get_plugin_manager", "hookimpl",
+           "get_backend", "plot_attention", "register_plugin", "unregister_plugin", "get_plugin_manager", "hookimpl",
            "Variant", "PluginError", "create_block_mask", "BlockMask", "set_num_threads", "get_num_threads", "__version__"]
