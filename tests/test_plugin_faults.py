@@ -11,29 +11,14 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
 
 import engine
+from conftest import HALVED_PLUGIN, make_distribution
 
-GOOD = """
-    import engine
-    from variants.multi_head import MultiHeadAttention
-
-    class Halved(MultiHeadAttention):
-        name = "halved"
-        description = "multi-head attention, output halved (a good installed plugin)"
-
-        def forward(self, *args, **kwargs):
-            out, w = super().forward(*args, **kwargs)
-            return out / 2, w
-
-    @engine.hookimpl
-    def attention_variants():
-        return [Halved]
-"""
+GOOD = HALVED_PLUGIN.replace("an installed test plugin", "a good installed plugin")
 
 HOOK_RAISES = """
     import engine
@@ -145,20 +130,11 @@ print(json.dumps(result))
 """
 
 
-def _make_distribution(root, dist, module, source, eps):
-    info = root / f"{dist.replace('-', '_')}-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[attention_engine]\n" + "\n".join(eps) + "\n")
-    if source:
-        (root / f"{module}.py").write_text(textwrap.dedent(source))
-
-
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory):
     root = tmp_path_factory.mktemp("site")
     for dist, module, source, eps in DISTRIBUTIONS:
-        _make_distribution(root, dist, module, source, eps)
+        make_distribution(root, dist, module, source, eps)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root)] + sys.path))
     res = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -3,12 +3,12 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
 
 import engine
+from conftest import HALVED_PLUGIN, make_distribution
 from variants.multi_head import MultiHeadAttention
 
 
@@ -97,33 +97,6 @@ def test_unknown_hook_is_refused():
     assert not engine.get_plugin_manager().has_plugin("typo")
 
 
-def _fake_distribution(root, dist, module, source, ep_name):
-    """A throw-away installed distribution: a *.dist-info with entry_points.txt, plus a module."""
-    info = root / f"{dist.replace('-', '_')}-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(f"[attention_engine]\n{ep_name} = {module}\n")
-    (root / f"{module}.py").write_text(textwrap.dedent(source))
-
-
-GOOD_PLUGIN = """
-    import numpy as np
-    import engine
-    from variants.multi_head import MultiHeadAttention
-
-    class Halved(MultiHeadAttention):
-        name = "halved"
-        description = "multi-head attention, output halved (an installed test plugin)"
-
-        def forward(self, *args, **kwargs):
-            out, w = super().forward(*args, **kwargs)
-            return out / 2, w
-
-    @engine.hookimpl
-    def attention_variants():
-        return [Halved]
-"""
-
 PROBE = """
 import json, sys, warnings
 import numpy as np
@@ -142,8 +115,9 @@ print(json.dumps({"names": names, "warnings": [str(w.message) for w in caught],
 
 
 def test_entry_point_discovery_for_real(tmp_path):
-    _fake_distribution(tmp_path, "ae-halved", "ae_halved_plugin", GOOD_PLUGIN, "halved")
-    _fake_distribution(tmp_path, "ae-broken", "ae_broken_plugin", "raise RuntimeError('boom at import')\n", "broken")
+    make_distribution(tmp_path, "ae-halved", "ae_halved_plugin", HALVED_PLUGIN, ["halved = ae_halved_plugin"])
+    make_distribution(tmp_path, "ae-broken", "ae_broken_plugin", "raise RuntimeError('boom at import')\n",
+                      ["broken = ae_broken_plugin"])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path)] + sys.path))
     res = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr
