@@ -1,5 +1,6 @@
 """score_mod / mask_mod / block masks, and the variants built on them, against dense equivalents."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -204,3 +205,33 @@ def test_document_variant_equals_block_diagonal_mask(backend, causal, rng):
     assert np.all(w[0, :10, 10:] == 0)  # the first document never sees the others
     with pytest.raises(ValueError, match=r"document_ids must be integers of shape \(N, L\) = \(2, 40\)"):
         doc(x, document_ids=ids[:, :30])
+
+
+USER_SCRIPT = """
+import warnings
+import numpy as np
+import engine
+warnings.simplefilter("error")   # an unreadable cache index would warn (and recompile)
+
+def {name}(b, h, i, j):
+    return (i + j) % 3 != 0 or j == 0
+
+q = np.random.default_rng(0).random((1, 2, 50, 8)).astype(np.float32)
+out = engine.scaled_dot_product_attention(q, q, q, mask_mod={name}, backend="cpu")
+ref = engine.scaled_dot_product_attention(q, q, q, mask_mod={name}, backend="reference")
+assert np.abs(out - ref).max() < 1e-5
+"""
+
+
+def test_user_mods_from_other_scripts_share_a_cache_folder(tmp_path):
+    """Kernels specialised on a script's own mods stay out of Numba's disk cache: its index would
+    refer to the script's module, which other processes cannot import."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    for name in ("mask_a", "mask_b", "mask_a"):
+        script = tmp_path / f"{name}.py"
+        script.write_text(USER_SCRIPT.format(name=name))
+        res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]

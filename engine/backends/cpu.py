@@ -8,6 +8,7 @@ import threading
 import numpy as np
 
 from ..masks import kernel_mask
+from ..mods import uncached_twin
 from .reference import add_nonfinite_values
 from ..threads import kernel_call_guard
 from ..validation import AttentionProblem
@@ -164,7 +165,8 @@ class CpuBackend(Backend):
         out = np.empty((B, Hq, L, problem.Ev), dtype=problem.dtype)
         lse = np.empty((B, Hq, L), dtype=problem.dtype)
         with kernel_call_guard(), pin():
-            _flash_forward(q, k, v, fmask, bmask, mask_batch, kind, problem.is_causal, problem.scale,
+            kernel = uncached_twin(_flash_forward, (problem.score_mod, problem.mask_mod))
+            kernel(q, k, v, fmask, bmask, mask_batch, kind, problem.is_causal, problem.scale,
                            problem.group, block_q, block_k, sub_tiles, score_mod, mask_mod,
                            problem.mod_args, problem.score_mod is not None, tile_kinds, out, lse)
         out, lse = out.reshape(problem.out_shape), lse.reshape(problem.lse_shape)
