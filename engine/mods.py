@@ -72,31 +72,6 @@ def _cast_like_overload(value, like):
     return lambda value, like: np_type(value)
 
 
-def uncached_twin(kernel, fns):
-    """The kernel to call for mods ``fns``: ``kernel`` itself (disk-cached) when every mod is this
-    distribution's own (``engine.*``/``variants.*``), else a twin compiled per process only.
-
-    Numba's cache index of a kernel pickles the types of all its specialisations, and the type of a
-    mod refers to the mod's module: a process that cannot import that module (another script, a
-    test module) could not read the index at all. Mods of other modules therefore stay out of it.
-    """
-    if all(f is None or getattr(python_function(f), "__module__", "").split(".")[0] in ("engine", "variants")
-           for f in fns):
-        return kernel
-    twin = _uncached.get(kernel)
-    if twin is None:
-        import numba
-
-        opts = dict(kernel.targetoptions)
-        for option in ("cache", "nopython"):  # njit sets nopython itself
-            opts.pop(option, None)
-        twin = _uncached.setdefault(kernel, numba.njit(**opts)(kernel.py_func))
-    return twin
-
-
-_uncached: dict = {}
-
-
 def python_function(fn: Callable) -> Callable:
     """The pure-Python function behind a mod (for the reference backend)."""
     return getattr(fn, "py_func", fn)
@@ -169,7 +144,7 @@ def create_block_mask(mask_mod: Callable, batch: int | None, heads: int | None, 
     kinds = np.empty((batch or 1, heads or 1, math.ceil(L / block_q), math.ceil(S / block_k)), np.int8)
     if kinds.size:
         with kernel_call_guard():
-            uncached_twin(_classify_blocks, (fn,))(fn, mod_args, L, S, block_q, block_k, kinds)
+            _classify_blocks(fn, mod_args, L, S, block_q, block_k, kinds)
     return BlockMask(fn, mod_args, kinds, int(L), int(S), int(block_q), int(block_k))
 
 

@@ -8,7 +8,6 @@ import threading
 import numpy as np
 
 from ..masks import kernel_mask
-from ..mods import uncached_twin
 from .reference import add_nonfinite_values
 from ..threads import kernel_call_guard
 from ..validation import AttentionProblem
@@ -130,8 +129,7 @@ class CpuBackend(Backend):
         return reasons
 
     def run(self, problem: AttentionProblem):
-        from ..kernels.cpu_flash import (MASK_BOOL, MASK_FLOAT, MASK_NONE, TILE_FULL, _flash_forward,
-                                         no_mask_mod, no_score_mod)
+        from ..kernels.cpu_flash import MASK_BOOL, MASK_FLOAT, MASK_NONE, TILE_FULL, flash_kernel
 
         q, k, v = (_as4(a, problem.batch) for a in (problem.query, problem.key, problem.value))
         # a NaN/inf value would leak through 0 * NaN into rows that do not attend to it: compute
@@ -157,18 +155,16 @@ class CpuBackend(Backend):
         pin = _get_blas_pin()
         block_q, block_k = tile_sizes(L, problem.E, problem.Ev, blas_pinned=pin.available)
         sub_tiles = max(1, TASK_ROWS // block_q)
-        score_mod = problem.score_mod or no_score_mod
-        mask_mod = problem.mask_mod or no_mask_mod
         tile_kinds = np.full((1, 1, 1, 1), TILE_FULL, dtype=np.int8)
         if problem.mask_mod is not None:
             tile_kinds = self._tile_kinds(problem, block_q, block_k)
         out = np.empty((B, Hq, L, problem.Ev), dtype=problem.dtype)
         lse = np.empty((B, Hq, L), dtype=problem.dtype)
+        kernel = flash_kernel(problem.score_mod, problem.mask_mod)
         with kernel_call_guard(), pin():
-            kernel = uncached_twin(_flash_forward, (problem.score_mod, problem.mask_mod))
-            kernel(q, k, v, fmask, bmask, mask_batch, kind, problem.is_causal, problem.scale,
-                           problem.group, block_q, block_k, sub_tiles, score_mod, mask_mod,
-                           problem.mod_args, problem.score_mod is not None, tile_kinds, out, lse)
+            kernel(q, k, v, fmask, bmask, mask_batch, kind, problem.is_causal, problem.scale, problem.group,
+                   block_q, block_k, sub_tiles, problem.mod_args, problem.score_mod is not None, tile_kinds,
+                   out, lse)
         out, lse = out.reshape(problem.out_shape), lse.reshape(problem.lse_shape)
         if nonfinite_v:
             out = add_nonfinite_values(problem, out, lse)

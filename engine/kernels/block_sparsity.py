@@ -1,12 +1,10 @@
 """Classifying (query tile, key tile) blocks of a ``mask_mod`` as empty, partial or full."""
 from numba import njit, prange
 
-from ..jit_cache import cache_enabled
 
-_CACHE = cache_enabled()
-
-
-@njit(parallel=True, cache=_CACHE)
+# not disk-cached: it always takes the user's mask_mod as an argument, and Numba never finds a
+# specialisation on a function argument in its cache again (compiled once per process instead)
+@njit(parallel=True)
 def _classify_blocks(mask_mod, mod_args, L, S, block_q, block_k, kinds):
     """kinds[b, h, qb, kb] = 0 (no element allowed), 2 (all allowed) or 1 (some), for every tile.
 

@@ -16,6 +16,8 @@ BLAS must not start its own threads inside our parallel tasks (oversubscription 
 L = 4096): the wrapper holds OpenBLAS at one thread during the call, or, where it cannot, sizes
 the tiles below OpenBLAS's multithreading threshold.
 """
+import types
+
 import numpy as np
 from numba import njit, prange
 
@@ -28,13 +30,13 @@ MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
 TILE_EMPTY, TILE_PARTIAL, TILE_FULL = 0, 1, 2  # as engine.mods.EMPTY / PARTIAL / FULL
 
 
-@njit(cache=_CACHE, inline="always")
+@njit(cache=_CACHE)
 def no_score_mod(score, b, h, q_idx, kv_idx, *mod_args):
     """The identity ``score_mod`` passed when the caller gave none."""
     return score
 
 
-@njit(cache=_CACHE, inline="always")
+@njit(cache=_CACHE)
 def no_mask_mod(b, h, q_idx, kv_idx, *mod_args):
     """The allow-all ``mask_mod`` passed when the caller gave none."""
     return True
@@ -43,12 +45,155 @@ def no_mask_mod(b, h, q_idx, kv_idx, *mod_args):
 _FM = {"contract", "reassoc", "nsz", "arcp"}
 
 
+#: the mods the kernels below call; ``flash_kernel`` re-binds these names for other mods
+_SCORE_MOD = no_score_mod
+_MASK_MOD = no_mask_mod
+
+
+@njit(cache=_CACHE, fastmath=_FM, error_model="numpy")
+def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scale, group, block_q,
+                block_k, sub_tiles, mod_args, has_score_mod, tile_kinds, per_tile, out, lse):
+    """One parallel task: ``sub_tiles`` query tiles of one (batch, head)."""
+    B, Hq, L, E = q.shape
+    S = k.shape[2]
+    Ev = v.shape[3]
+    dt = out.dtype
+    rows = block_q * sub_tiles
+    nqb = (L + rows - 1) // rows
+    consts = np.array([-np.inf, 0.0], dtype=dt)  # typed constants: no float64 promotion
+    neg_inf = consts[0]
+    zero = consts[1]
+    b = task // (Hq * nqb)
+    rest = task - b * (Hq * nqb)
+    h = rest // nqb
+    t0 = (rest - h * nqb) * rows
+    t1 = min(t0 + rows, L)
+    nt = t1 - t0
+    hk = h // group
+    mb = mask_batch[b]
+    # per-task scratch, reused by every key tile; row state indexed by row - t0
+    qt = np.empty((sub_tiles, E * block_q), dtype=dt)  # (scale * q_sub_tile).T, (E, nq) each
+    st_buf = np.empty(block_k * block_q, dtype=dt)   # transposed scores, then probabilities
+    pv_buf = np.empty(block_q * Ev, dtype=dt)
+    acc = np.zeros((nt, Ev), dtype=dt)
+    m = np.full(nt, neg_inf, dtype=dt)         # running max per query row
+    l = np.zeros(nt, dtype=dt)                 # running sum per query row
+    tm = np.empty(block_q, dtype=dt)
+    shift = np.empty(block_q, dtype=dt)
+    alpha = np.empty(block_q, dtype=dt)
+    ts = np.empty(block_q, dtype=dt)
+    for r in range(nt):
+        sub = r // block_q
+        rr = r - sub * block_q
+        nqs = min(block_q, nt - sub * block_q)  # rows of this sub-tile
+        for e in range(E):
+            qt[sub, e * nqs + rr] = q[b, h, t0 + r, e] * scale
+    kend = min(S, t1) if causal else S
+    for j0 in range(0, kend, block_k):
+        j1 = min(j0 + block_k, kend)
+        nk = j1 - j0
+        kt = k[b, hk, j0:j1]
+        vt = v[b, hk, j0:j1]
+        for sub in range(sub_tiles):
+            i0 = t0 + sub * block_q
+            i1 = min(i0 + block_q, t1)
+            if i0 >= i1 or (causal and j0 > i1 - 1):  # no rows, or all above the diagonal
+                continue
+            tile = TILE_FULL
+            if per_tile:
+                tile = tile_kinds[b if tile_kinds.shape[0] > 1 else 0, h if tile_kinds.shape[1] > 1 else 0,
+                                  i0 // block_q, j0 // block_k]
+                if tile == TILE_EMPTY:  # the mask_mod hides every element: skip the tile
+                    continue
+            nq = i1 - i0
+            o = i0 - t0
+            st = st_buf[:nk * nq].reshape((nk, nq))
+            np.dot(kt, qt[sub, :E * nq].reshape((E, nq)), st)
+            if has_score_mod:
+                for c in range(nk):
+                    for r in range(nq):
+                        st[c, r] = _SCORE_MOD(st[c, r], b, h, i0 + r, j0 + c, *mod_args)
+            if tile == TILE_PARTIAL:
+                for c in range(nk):
+                    for r in range(nq):
+                        if not _MASK_MOD(b, h, i0 + r, j0 + c, *mod_args):
+                            st[c, r] = neg_inf
+            tm[:nq] = neg_inf
+            # max pass (and masking), one specialised straight loop per kind
+            if mask_kind == MASK_FLOAT:
+                for c in range(nk):
+                    for r in range(nq):
+                        mv = fmask[mb, h, i0 + r, j0 + c]
+                        x = neg_inf if mv == neg_inf else st[c, r] + mv  # -inf hides even NaN
+                        st[c, r] = x
+                        tm[r] = x if x > tm[r] else tm[r]
+            elif mask_kind == MASK_BOOL:
+                for c in range(nk):
+                    for r in range(nq):
+                        x = st[c, r] if bmask[mb, h, i0 + r, j0 + c] else neg_inf
+                        st[c, r] = x
+                        tm[r] = x if x > tm[r] else tm[r]
+            elif causal and j1 - 1 > i0:  # tile crosses the diagonal
+                for c in range(nk):
+                    first = j0 + c - i0  # rows r < first cannot see key j0 + c
+                    for r in range(nq):
+                        x = st[c, r] if r >= first else neg_inf
+                        st[c, r] = x
+                        tm[r] = x if x > tm[r] else tm[r]
+            else:
+                for c in range(nk):
+                    for r in range(nq):
+                        x = st[c, r]
+                        tm[r] = x if x > tm[r] else tm[r]
+            # new running max; a row with nothing visible yet shifts by 0 so its -inf -> 0
+            # (and all-NaN rows stay NaN); alpha rescales what was accumulated before
+            rescale = False
+            for r in range(nq):
+                mo = m[o + r]
+                mn = tm[r] if tm[r] > mo else mo
+                sh = mn if mn > neg_inf else zero
+                a = fast_exp(mo - sh)
+                shift[r] = sh
+                alpha[r] = a
+                m[o + r] = mn
+                ts[r] = zero
+                rescale |= a != 1.0
+            for c in range(nk):
+                for r in range(nq):
+                    p = fast_exp(st[c, r] - shift[r])
+                    st[c, r] = p
+                    ts[r] += p
+            for r in range(nq):
+                l[o + r] = l[o + r] * alpha[r] + ts[r]
+            pv = pv_buf[:nq * Ev].reshape((nq, Ev))
+            np.dot(st.T, vt, pv)
+            if rescale:
+                for r in range(nq):
+                    a = alpha[r]
+                    for c in range(Ev):
+                        acc[o + r, c] = acc[o + r, c] * a + pv[r, c]
+            else:
+                for r in range(nq):
+                    for c in range(Ev):
+                        acc[o + r, c] += pv[r, c]
+    for r in range(nt):
+        total = l[r]
+        if total > 0.0 or total != total:
+            inv = 1.0 / total
+            for c in range(Ev):
+                out[b, h, t0 + r, c] = acc[r, c] * inv
+            lse[b, h, t0 + r] = m[r] + np.log(total)
+        else:
+            for c in range(Ev):
+                out[b, h, t0 + r, c] = zero
+            lse[b, h, t0 + r] = neg_inf
+
+
 # error_model="numpy": a float division by zero gives inf/NaN instead of raising, so divisions
 # (ours and those of inlined mods) carry no zero check and their loops vectorise (10x for tanh)
 @njit(parallel=True, cache=_CACHE, fastmath=_FM, error_model="numpy")
-def _flash_forward(q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scale, group,
-                   block_q, block_k, sub_tiles, score_mod, mask_mod, mod_args, has_score_mod,
-                   tile_kinds, out, lse):
+def _flash_forward(q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scale, group, block_q,
+                   block_k, sub_tiles, mod_args, has_score_mod, tile_kinds, out, lse):
     """out[b, h] = softmax(scale * q[b, h] @ k[b, h // group].T + mask) @ v[b, h // group].
 
     q (B, Hq, L, E), k (B, H, S, E), v (B, H, S, Ev), out (B, Hq, L, Ev), lse (B, Hq, L): C order.
@@ -64,144 +209,44 @@ def _flash_forward(q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scale, 
     int8 is the ``mask_mod``'s tile map at these tile sizes (Bt/Ht 1 when it does not depend on
     b/h): empty tiles are skipped, ``mask_mod(b, h, q_idx, kv_idx, *mod_args)`` is evaluated per
     element in partial ones only. Without a ``mask_mod`` it is a (1, 1, 1, 1) array of TILE_FULL,
-    and the identity mods ``no_score_mod``/``no_mask_mod`` fill the function slots.
+    ``has_score_mod`` False and ``mod_args`` ``()``.
 
     A task owns ``sub_tiles`` query tiles of ``block_q`` rows and walks the key tiles once for all
     of them, so each key/value tile is read from memory once and reused from cache by every
     sub-tile (at L = 4096 one head's K and V no longer fit in L2).
     """
-    B, Hq, L, E = q.shape
-    S = k.shape[2]
-    Ev = v.shape[3]
-    dt = out.dtype
-    rows = block_q * sub_tiles
-    nqb = (L + rows - 1) // rows
-    consts = np.array([-np.inf, 0.0], dtype=dt)  # typed constants: no float64 promotion
-    neg_inf = consts[0]
-    zero = consts[1]
     per_tile = tile_kinds.shape[2] > 1 or tile_kinds.shape[3] > 1 or tile_kinds[0, 0, 0, 0] != TILE_FULL
-    for task in prange(B * Hq * nqb):
-        b = task // (Hq * nqb)
-        rest = task - b * (Hq * nqb)
-        h = rest // nqb
-        t0 = (rest - h * nqb) * rows
-        t1 = min(t0 + rows, L)
-        nt = t1 - t0
-        hk = h // group
-        mb = mask_batch[b]
-        # per-task scratch, reused by every key tile; row state indexed by row - t0
-        qt = np.empty((sub_tiles, E * block_q), dtype=dt)  # (scale * q_sub_tile).T, (E, nq) each
-        st_buf = np.empty(block_k * block_q, dtype=dt)   # transposed scores, then probabilities
-        pv_buf = np.empty(block_q * Ev, dtype=dt)
-        acc = np.zeros((nt, Ev), dtype=dt)
-        m = np.full(nt, neg_inf, dtype=dt)         # running max per query row
-        l = np.zeros(nt, dtype=dt)                 # running sum per query row
-        tm = np.empty(block_q, dtype=dt)
-        shift = np.empty(block_q, dtype=dt)
-        alpha = np.empty(block_q, dtype=dt)
-        ts = np.empty(block_q, dtype=dt)
-        for r in range(nt):
-            sub = r // block_q
-            rr = r - sub * block_q
-            nqs = min(block_q, nt - sub * block_q)  # rows of this sub-tile
-            for e in range(E):
-                qt[sub, e * nqs + rr] = q[b, h, t0 + r, e] * scale
-        kend = min(S, t1) if causal else S
-        for j0 in range(0, kend, block_k):
-            j1 = min(j0 + block_k, kend)
-            nk = j1 - j0
-            kt = k[b, hk, j0:j1]
-            vt = v[b, hk, j0:j1]
-            for sub in range(sub_tiles):
-                i0 = t0 + sub * block_q
-                i1 = min(i0 + block_q, t1)
-                if i0 >= i1 or (causal and j0 > i1 - 1):  # no rows, or all above the diagonal
-                    continue
-                tile = TILE_FULL
-                if per_tile:
-                    tile = tile_kinds[b if tile_kinds.shape[0] > 1 else 0, h if tile_kinds.shape[1] > 1 else 0,
-                                      i0 // block_q, j0 // block_k]
-                    if tile == TILE_EMPTY:  # the mask_mod hides every element: skip the tile
-                        continue
-                nq = i1 - i0
-                o = i0 - t0
-                st = st_buf[:nk * nq].reshape((nk, nq))
-                np.dot(kt, qt[sub, :E * nq].reshape((E, nq)), st)
-                if has_score_mod:
-                    for c in range(nk):
-                        for r in range(nq):
-                            st[c, r] = score_mod(st[c, r], b, h, i0 + r, j0 + c, *mod_args)
-                if tile == TILE_PARTIAL:
-                    for c in range(nk):
-                        for r in range(nq):
-                            if not mask_mod(b, h, i0 + r, j0 + c, *mod_args):
-                                st[c, r] = neg_inf
-                tm[:nq] = neg_inf
-                # max pass (and masking), one specialised straight loop per kind
-                if mask_kind == MASK_FLOAT:
-                    for c in range(nk):
-                        for r in range(nq):
-                            mv = fmask[mb, h, i0 + r, j0 + c]
-                            x = neg_inf if mv == neg_inf else st[c, r] + mv  # -inf hides even NaN
-                            st[c, r] = x
-                            tm[r] = x if x > tm[r] else tm[r]
-                elif mask_kind == MASK_BOOL:
-                    for c in range(nk):
-                        for r in range(nq):
-                            x = st[c, r] if bmask[mb, h, i0 + r, j0 + c] else neg_inf
-                            st[c, r] = x
-                            tm[r] = x if x > tm[r] else tm[r]
-                elif causal and j1 - 1 > i0:  # tile crosses the diagonal
-                    for c in range(nk):
-                        first = j0 + c - i0  # rows r < first cannot see key j0 + c
-                        for r in range(nq):
-                            x = st[c, r] if r >= first else neg_inf
-                            st[c, r] = x
-                            tm[r] = x if x > tm[r] else tm[r]
-                else:
-                    for c in range(nk):
-                        for r in range(nq):
-                            x = st[c, r]
-                            tm[r] = x if x > tm[r] else tm[r]
-                # new running max; a row with nothing visible yet shifts by 0 so its -inf -> 0
-                # (and all-NaN rows stay NaN); alpha rescales what was accumulated before
-                rescale = False
-                for r in range(nq):
-                    mo = m[o + r]
-                    mn = tm[r] if tm[r] > mo else mo
-                    sh = mn if mn > neg_inf else zero
-                    a = fast_exp(mo - sh)
-                    shift[r] = sh
-                    alpha[r] = a
-                    m[o + r] = mn
-                    ts[r] = zero
-                    rescale |= a != 1.0
-                for c in range(nk):
-                    for r in range(nq):
-                        p = fast_exp(st[c, r] - shift[r])
-                        st[c, r] = p
-                        ts[r] += p
-                for r in range(nq):
-                    l[o + r] = l[o + r] * alpha[r] + ts[r]
-                pv = pv_buf[:nq * Ev].reshape((nq, Ev))
-                np.dot(st.T, vt, pv)
-                if rescale:
-                    for r in range(nq):
-                        a = alpha[r]
-                        for c in range(Ev):
-                            acc[o + r, c] = acc[o + r, c] * a + pv[r, c]
-                else:
-                    for r in range(nq):
-                        for c in range(Ev):
-                            acc[o + r, c] += pv[r, c]
-        for r in range(nt):
-            total = l[r]
-            if total > 0.0 or total != total:
-                inv = 1.0 / total
-                for c in range(Ev):
-                    out[b, h, t0 + r, c] = acc[r, c] * inv
-                lse[b, h, t0 + r] = m[r] + np.log(total)
-            else:
-                for c in range(Ev):
-                    out[b, h, t0 + r, c] = zero
-                lse[b, h, t0 + r] = neg_inf
+    rows = block_q * sub_tiles
+    for task in prange(q.shape[0] * q.shape[1] * ((q.shape[2] + rows - 1) // rows)):
+        _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scale, group,
+                    block_q, block_k, sub_tiles, mod_args, has_score_mod, tile_kinds, per_tile, out, lse)
+
+
+_with_mods: dict = {}
+
+
+def flash_kernel(score_mod, mask_mod):
+    """The kernel for these mods (``None`` for none): ``_flash_forward`` itself without mods, else
+    the same code with ``_SCORE_MOD``/``_MASK_MOD`` bound to the caller's mods, built once per
+    process per pair.
+
+    The mods are globals of the compiled code, not arguments: Numba then calls them directly
+    (inlined, vectorised), and the kernel without mods loads from Numba's disk cache (a function
+    argument would put a function type in the signature, which never matches after unpickling).
+    Kernels with mods are not disk-cached: they share their file, code and signature with the
+    plain one, so Numba's cache could not tell them apart.
+    """
+    if score_mod is None and mask_mod is None:
+        return _flash_forward
+    key = (score_mod, mask_mod)
+    if key not in _with_mods:
+        env = dict(globals(), _SCORE_MOD=score_mod or no_score_mod, _MASK_MOD=mask_mod or no_mask_mod)
+        task = njit(**_task_options)(types.FunctionType(_flash_task.py_func.__code__, env, "_flash_task_mods"))
+        env = dict(globals(), _flash_task=task)
+        _with_mods[key] = njit(**_kernel_options)(
+            types.FunctionType(_flash_forward.py_func.__code__, env, "_flash_forward_mods"))
+    return _with_mods[key]
+
+
+_task_options = dict(fastmath=_FM, error_model="numpy")
+_kernel_options = dict(parallel=True, fastmath=_FM, error_model="numpy")
