@@ -58,3 +58,60 @@ def test_kernel_compiles_to_ptx_for_sm90(dtype, kind, heads):
     # the scores go through exp (libdevice's expf: ex2.approx after range reduction), never f64
     assert "ex2.approx" in ptx
     assert not re.search(r"\b(add|mul|fma\.rn)\.f64\b", ptx)
+
+
+# -- kernels with mods ---------------------------------------------------------------------------
+
+@pytest.fixture
+def current_device_cc90(monkeypatch):
+    """Numba compiles a kernel's device functions (the mods, overloads such as ``cast_like``) for
+    the *current* device's compute capability, even inside ``compile_ptx``; with no GPU here, that
+    device is said to be 9.0, as the kernel itself."""
+    import types
+
+    from numba.cuda import dispatcher
+
+    if not cuda.is_available():
+        monkeypatch.setattr(dispatcher, "get_current_device",
+                            lambda: types.SimpleNamespace(compute_capability=(9, 0)))
+
+
+def _window(b, h, q_idx, kv_idx, left, right):
+    return q_idx - left <= kv_idx and kv_idx <= q_idx + right
+
+
+def _mods():
+    import numba
+
+    from variants.alibi import alibi_bias, alibi_slopes
+    from variants.document import same_document
+    from variants.softcap import tanh_softcap
+
+    slopes = alibi_slopes(8).astype(np.float32)
+    ids = np.zeros((2, 64), dtype=np.int64)
+    return {
+        "alibi": (alibi_bias, None, (slopes,)),
+        "softcap": (tanh_softcap, None, (np.float32(50.0),)),
+        "window": (None, _window, (128, 0)),
+        "document": (None, same_document, (ids,)),
+        "alibi-window-njit": (numba.njit(alibi_bias), numba.njit(lambda b, h, i, j, s: j <= i), (slopes,)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_mods()))
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["float32", "float16"])
+def test_kernels_with_mods_compile_to_ptx_for_sm90(current_device_cc90, dtype, name):
+    score_mod, mask_mod, mod_args = _mods()[name]
+    block_q, block_k = tile_sizes(64, 64)
+    fn = flash_kernel_source(64, 64, block_q, block_k, MASK_NONE, False, score_mod, mask_mod)
+    ptx, restype = cuda.compile_ptx(fn, kernel_signature(dtype, None, mod_args), cc=(9, 0))
+    assert str(restype) == "none"
+    assert re.search(r"^\.visible \.entry \S*_flash_forward", ptx, re.M)
+    # the mods are inlined into the kernel, not called
+    assert not re.search(r"^\s*call(\.uni)?\b", ptx, re.M)
+    # float32 parameters keep the arithmetic in float32 (cast_like, float32 slopes and cap)
+    assert not re.search(r"\b(add|sub|mul|fma\.rn)\.f64\b", ptx)
+    if name == "softcap":  # fast_tanh is libdevice's tanhf on the GPU
+        assert "tanh" in ptx
+    if mask_mod is not None:  # the block map is read: empty key tiles are skipped
+        assert re.search(r"ld\.global\.(u8|s8)", ptx)

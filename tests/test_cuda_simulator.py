@@ -23,6 +23,7 @@ import pytest
 import engine
 from engine.backends.cuda import CudaBackend, flat_layout
 from engine.backends.reference import ReferenceBackend
+from engine.mods import EMPTY, FULL, PARTIAL
 from engine.validation import validate_attention_args
 from tolerances import assert_out_close, lse_atol, out_atol
 
@@ -209,6 +210,95 @@ def test_flat_layout_reaches_every_element_of_strided_and_broadcast_arrays():
 def _first_index(a, base):
     """Element index of a[0, ..., 0] inside base's buffer."""
     return (a.__array_interface__["data"][0] - base.__array_interface__["data"][0]) // base.itemsize
+
+
+# ---- score_mod / mask_mod compiled into the kernel ----------------------------------------------
+
+def _window(b, h, q_idx, kv_idx, left, right):
+    return q_idx - left <= kv_idx and kv_idx <= q_idx + right
+
+
+def _run_mods(q, k, v, backend=SMALL, **kw):
+    """The cuda kernel with mods against the reference backend, which applies the same mods to
+    the materialised score matrix."""
+    problem = validate_attention_args(q, k, v, return_lse=True, **kw)
+    assert not backend.not_supported_reasons(problem)
+    out, lse = backend.run(problem)
+    ref_out, ref_lse = ReferenceBackend().run(problem)
+    atol = 2e-5 if problem.dtype == np.float32 else 4e-3
+    np.testing.assert_allclose(out, ref_out, atol=atol, rtol=0)
+    np.testing.assert_allclose(lse, ref_lse, atol=atol * 10, rtol=0)
+    return out, lse
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_score_mods_alibi_and_softcap(rng, dtype):
+    from variants.alibi import alibi_bias, alibi_slopes
+    from variants.softcap import tanh_softcap
+
+    q, k, v = _qkv(rng, (2, 3, 13, 8), (2, 3, 21, 8), 5, dtype)
+    _run_mods(q, k, v, score_mod=alibi_bias, mod_args=(alibi_slopes(3).astype(np.float32),))
+    _run_mods(3 * q, k, v, score_mod=tanh_softcap, mod_args=(np.float32(1.5),), is_causal=True)
+
+
+@needs_cuda
+def test_mask_mods_with_tile_skipping_and_partial_tiles(rng):
+    from variants.alibi import alibi_slopes
+    from variants.document import same_document
+
+    q, k, v = _qkv(rng, (2, 3, 21, 8), (2, 3, 21, 8), 5)
+    # width 3 with 4 x 8 tiles: every query tile has empty, partial and (left/right) no full tiles
+    out, _ = _run_mods(q, k, v, mask_mod=_window, mod_args=(3, 0))
+    kinds = engine.create_block_mask(_window, None, None, 21, 21, mod_args=(3, 0), block_q=4, block_k=8).kinds
+    assert (kinds == EMPTY).any() and (kinds == PARTIAL).any()
+    # a document mask from a 2-D argument, combined with a score_mod sharing the same tuple
+    ids = np.stack([np.repeat([0, 1, 2], 7), np.sort(rng.integers(0, 4, 21))])
+
+    # (mods call no plain Python helpers: the cpu classifier and the GPU compile them)
+    def doc_alibi(score, b, h, q_idx, kv_idx, doc_ids, slopes):
+        return score - slopes[h] * abs(q_idx - kv_idx)
+
+    def doc(b, h, q_idx, kv_idx, doc_ids, slopes):
+        return doc_ids[b, q_idx] == doc_ids[b, kv_idx]
+
+    _run_mods(q, k, v, mask_mod=same_document, mod_args=(ids,))
+    _run_mods(q, k, v, score_mod=doc_alibi, mask_mod=doc, mod_args=(ids, alibi_slopes(3)))
+    # a block mask built once (at the cpu's tiles) serves the cuda kernel, whose map it derives
+    bm = engine.create_block_mask(_window, None, None, 21, 21, mod_args=(3, 0))
+    np.testing.assert_array_equal(_run_mods(q, k, v, block_mask=bm)[0], out)
+
+
+@needs_cuda
+def test_kernel_obeys_the_block_map(rng):
+    """Tiles marked empty are skipped, tiles marked full never evaluate the mask: with a map that
+    says so on purpose, the result equals the dense mask that the map (not the mask_mod) implies."""
+    q, k, v = _qkv(rng, (1, 1, 8, 4), (1, 1, 16, 4), 4)
+
+    def lower(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx
+
+    bm = engine.create_block_mask(lower, None, None, 8, 16, block_q=4, block_k=8)
+    assert bm.kinds[0, 0].tolist() == [[PARTIAL, EMPTY], [PARTIAL, EMPTY]]
+    bm.kinds[0, 0, 1, 0] = FULL      # rows 4-7 see keys 0-7 whole
+    bm.kinds[0, 0, 0, 0] = EMPTY     # rows 0-3 see nothing
+    out, lse = SMALL.run(validate_attention_args(q, k, v, block_mask=bm, return_lse=True))
+    dense = np.zeros((8, 16), dtype=bool)
+    dense[4:, :8] = True
+    ref_out, ref_lse = ReferenceBackend().run(validate_attention_args(q, k, v, attn_mask=dense, return_lse=True))
+    np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=0)
+    assert np.all(out[0, 0, :4] == 0) and np.all(np.isneginf(lse[0, 0, :4]))
+
+
+@needs_cuda
+def test_mods_through_the_public_api_and_a_variant(rng):
+    q, k, v = _qkv(rng, (1, 2, 9, 4), (1, 2, 9, 4), 4)
+    out = engine.scaled_dot_product_attention(q, k, v, mask_mod=_window, mod_args=(2, 1), backend="cuda")
+    ref = engine.scaled_dot_product_attention(q, k, v, mask_mod=_window, mod_args=(2, 1), backend="reference")
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=0)
+    attn = engine.get_variant("alibi", embed_dim=16, num_heads=2, seed=0)
+    x = rng.standard_normal((1, 7, 16)).astype(np.float32)
+    np.testing.assert_allclose(attn(x, backend="cuda")[0], attn(x, backend="reference")[0], atol=2e-5, rtol=0)
 
 
 # ---- real GPU only: device arrays in place, results in the caller's kind, streams ---------------

@@ -102,6 +102,12 @@ class _HostArrays:
     def as_numba(self, arr):
         return arr
 
+    def mod_arg(self, value):
+        """A mod argument as the kernel takes it: arrays copied to the device, scalars as they are."""
+        if isinstance(value, np.ndarray):
+            return self.cuda.to_device(np.ascontiguousarray(value), stream=self.stream)
+        return value
+
     def finish(self, out, lse, problem):
         o = out.copy_to_host(stream=self.stream)
         s = lse.copy_to_host(stream=self.stream)
@@ -183,6 +189,14 @@ class _DeviceArrays:
             return arr
         return self.cuda.as_cuda_array(arr, sync=False)
 
+    def mod_arg(self, value):
+        """Device arrays among the mods' arguments are used in place, host arrays copied over."""
+        if hasattr(value, "__cuda_array_interface__"):
+            return self.cuda.as_cuda_array(value, sync=False)
+        if isinstance(value, np.ndarray):
+            return self.cuda.to_device(np.ascontiguousarray(value), stream=self.stream)
+        return value
+
     def finish(self, out, lse, problem):
         return out.reshape(problem.out_shape), lse.reshape(problem.lse_shape)
 
@@ -195,6 +209,28 @@ class _DeviceArrays:
         if self.kind == "cupy":
             return self.lib.asarray(o), self.lib.asarray(s)
         return self.cuda.to_device(o, stream=self.stream), self.cuda.to_device(s, stream=self.stream)
+
+
+def _tile_kinds(problem: AttentionProblem, block_q: int, block_k: int) -> np.ndarray:
+    """The mask_mod's block map at the kernel's tiles, computed on the host (by the cpu
+    classifier; device arrays among ``mod_args`` are copied to the host for it): from the
+    caller's block mask when there is one (memoised there), else built for this call."""
+    from ..mods import create_block_mask
+
+    bm = problem.block_mask
+    if bm is None:
+        args = tuple(_host_copy(a) for a in problem.mod_args)
+        bm = create_block_mask(problem.mask_mod, problem.batch, problem.num_q_heads, problem.L,
+                               problem.S, mod_args=args, block_q=block_q, block_k=block_k)
+    return bm.kinds_at(block_q, block_k)
+
+
+def _host_copy(value):
+    if hasattr(value, "__cuda_array_interface__"):
+        from numba import cuda
+
+        return cuda.as_cuda_array(value).copy_to_host()
+    return value
 
 
 def _dummy(cuda, dtype, problem, stream):
@@ -218,6 +254,7 @@ class CudaBackend(Backend):
     dtypes = ("float16", "float32")
     host_arrays = True
     device_arrays = True
+    supports_mods = True
     # below ``cpu``: for host arrays ``auto`` keeps to the CPU (no transfers, no GPU timings yet);
     # device arrays, which ``cpu`` refuses, go to ``cuda``
     priority = 5
@@ -262,6 +299,7 @@ class CudaBackend(Backend):
 
     def _run(self, problem, cuda, arrays):
         from ..kernels.cuda_flash import MASK_BOOL, MASK_FLOAT, MASK_NONE, flash_kernel
+        from ..mods import FULL
 
         B, Hq, L, S, E, Ev = (problem.batch, problem.num_q_heads, problem.L, problem.S,
                               problem.E, problem.Ev)
@@ -287,9 +325,14 @@ class CudaBackend(Backend):
         d_meta = cuda.to_device(meta, stream=arrays.stream)
         out = arrays.empty((B, Hq, L, Ev), problem.dtype)
         lse = arrays.empty((B, Hq, L), problem.dtype)
-        kern = flash_kernel(E, Ev, bq, bk, kind, problem.is_causal)
+        mod_args = tuple(arrays.mod_arg(a) for a in problem.mod_args)
+        kinds = np.full((1, 1, 1, 1), FULL, dtype=np.int8)
+        if problem.mask_mod is not None:
+            kinds = np.ascontiguousarray(_tile_kinds(problem, bq, bk))
+        d_kinds = cuda.to_device(kinds, stream=arrays.stream)
+        kern = flash_kernel(E, Ev, bq, bk, kind, problem.is_causal, problem.score_mod, problem.mask_mod)
         grid = (math.ceil(L / bq), Hq, B)
         kern[grid, bq, arrays.stream](ops[0][0], ops[1][0], ops[2][0], ops[3][0], d_meta, L, S,
-                                      problem.group, problem.scale, arrays.as_numba(out),
-                                      arrays.as_numba(lse))
+                                      problem.group, problem.scale, mod_args, d_kinds,
+                                      arrays.as_numba(out), arrays.as_numba(lse))
         return arrays.finish(out, lse, problem)

@@ -17,8 +17,16 @@ row without being materialised.
 
 Compile-time constants (one kernel per combination, built by :func:`flash_kernel`): the head sizes
 E and Ev (so the loops over them unroll and the row state stays in registers), the tile sizes, the
-mask kind and causality. The storage dtype (float16 or float32) comes from the arguments; all
-arithmetic is float32.
+mask kind, causality and the mods. The storage dtype (float16 or float32) and the types of
+``mod_args`` come from the arguments; the kernel's own arithmetic is float32 (a mod computes in
+whatever types its arguments give, and its result is rounded to float32).
+
+Mods (``score_mod``/``mask_mod``, see ``engine.mods``) become device functions
+(``cuda.jit(device=True)`` of their Python code) that the kernel calls per score, so NVVM inlines
+them. ``tile_kinds`` is the ``mask_mod``'s block map at the kernel's tiles: a key tile that is empty
+for the whole query tile is skipped by the whole block (the map is per block, so the skip is
+uniform and the block's barriers stay matched); the mask is evaluated per element only in partial
+tiles.
 """
 from __future__ import annotations
 
@@ -26,12 +34,53 @@ import math
 import threading
 
 import numpy as np
+import weakref
+
 from numba import cuda, float32  # this module is imported only when the cuda backend runs
+from numba.cuda.extending import overload
+
+from .fastexp import fast_exp, fast_tanh
+from ..mods import EMPTY, PARTIAL, python_function
 
 __all__ = ["MASK_NONE", "MASK_BOOL", "MASK_FLOAT", "flash_kernel", "flash_kernel_source", "kernel_signature",
-           "shared_bytes"]
+           "shared_bytes", "device_function"]
 
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
+
+
+# mods written for the cpu kernels may call these; on the GPU libdevice's expf/tanhf are already
+# fast (the polynomials exist only because Numba's CPU exp/tanh do not vectorise)
+@overload(fast_exp, inline="always")
+def _fast_exp_cuda(t):
+    return lambda t: math.exp(t)
+
+
+@overload(fast_tanh, inline="always")
+def _fast_tanh_cuda(x):
+    return lambda x: math.tanh(x)
+
+
+_device_functions: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_device_lock = threading.Lock()
+
+
+def device_function(mod):
+    """The ``cuda.jit(device=True)`` function of a mod's Python code (of ``mod.py_func`` for a
+    ``numba.njit`` one), built once per function."""
+    fn = python_function(mod)
+    with _device_lock:
+        dev = _device_functions.get(fn)
+        if dev is None:
+            dev = _device_functions[fn] = cuda.jit(device=True)(fn)
+        return dev
+
+
+def _no_score_mod(score, b, h, q_idx, kv_idx):
+    return score
+
+
+def _no_mask_mod(b, h, q_idx, kv_idx):
+    return True
 
 #: static shared memory per block is limited to 48 KiB; tiles stay below this
 SHARED_LIMIT = 48 * 1024
@@ -42,10 +91,12 @@ def shared_bytes(E: int, Ev: int, block_k: int) -> int:
     return 4 * block_k * (max(E, 1) + max(Ev, 1))
 
 
-def flash_kernel_source(E: int, Ev: int, block_q: int, block_k: int, mask_kind: int, causal: bool):
+def flash_kernel_source(E: int, Ev: int, block_q: int, block_k: int, mask_kind: int, causal: bool,
+                        score_mod=None, mask_mod=None):
     """The plain Python function of one kernel specialisation (before ``cuda.jit``).
 
-    ``_flash_forward(q, k, v, mask, meta, L, S, group, scale, out, lse)``: ``q``, ``k``, ``v``,
+    ``_flash_forward(q, k, v, mask, meta, L, S, group, scale, mod_args, tile_kinds, out, lse)``:
+    ``q``, ``k``, ``v``,
     ``mask`` are 1-D flat layouts (see the module docstring; ``mask`` is a one-element dummy with
     ``MASK_NONE``), ``meta`` the int64 strides and batch offsets, ``out`` a C-order
     ``(B, Hq, L, Ev)`` array and ``lse`` ``(B, Hq, L)``, both of the storage dtype. Launch with
@@ -54,6 +105,12 @@ def flash_kernel_source(E: int, Ev: int, block_q: int, block_k: int, mask_kind: 
     ``causal``: top-left, row i sees keys j <= i; key tiles right of the block's last row are
     never loaded. Rows with no visible key get zeros and lse = -inf; NaN scores propagate to their
     rows (out and lse NaN), as in the ``cpu`` kernel.
+
+    ``score_mod(score, b, h, q_idx, kv_idx, *mod_args)`` rewrites each scaled score before the
+    masks; ``mask_mod(b, h, q_idx, kv_idx, *mod_args)`` hides keys, with ``tile_kinds`` (int8,
+    ``(Bt, Ht, ceil(L / block_q), ceil(S / block_k))``, Bt/Ht 1 when the mask ignores b/h) its
+    block map at these tiles. ``b`` is the flattened batch index, ``h`` the query head. Without
+    mods ``mod_args`` is ``()`` and ``tile_kinds`` is never read.
     """
     EK = max(E, 1)   # local/shared arrays need a size >= 1; the loops still run E times
     EV = max(Ev, 1)
@@ -64,8 +121,14 @@ def flash_kernel_source(E: int, Ev: int, block_q: int, block_k: int, mask_kind: 
     NEG_INF = np.float32(-np.inf)
     ZERO = np.float32(0.0)
     ONE = np.float32(1.0)
+    HAS_SCORE_MOD = score_mod is not None
+    HAS_MASK_MOD = mask_mod is not None
+    SCORE_MOD = device_function(score_mod) if HAS_SCORE_MOD else _no_score_mod
+    MASK_MOD = device_function(mask_mod) if HAS_MASK_MOD else _no_mask_mod
+    TILE_EMPTY = np.int8(EMPTY)
+    TILE_PARTIAL = np.int8(PARTIAL)
 
-    def _flash_forward(q, k, v, mask, meta, L, S, group, scale, out, lse):
+    def _flash_forward(q, k, v, mask, meta, L, S, group, scale, mod_args, tile_kinds, out, lse):
         tid = cuda.threadIdx.x
         t0 = cuda.blockIdx.x * BQ
         h = cuda.blockIdx.y
@@ -103,7 +166,15 @@ def flash_kernel_source(E: int, Ev: int, block_q: int, block_k: int, mask_kind: 
         kend = S
         if CAUSAL:  # the block's last row sees keys up to itself: later tiles are never loaded
             kend = min(S, min(L, t0 + BQ))
+        partial = False
         for j0 in range(0, kend, BK):
+            if HAS_MASK_MOD:
+                # one kind for the whole block: every thread skips together or none does
+                kind = tile_kinds[b if tile_kinds.shape[0] > 1 else 0,
+                                  h if tile_kinds.shape[1] > 1 else 0, cuda.blockIdx.x, j0 // BK]
+                if kind == TILE_EMPTY:
+                    continue
+                partial = kind == TILE_PARTIAL
             nk = min(BK, kend - j0)
             cuda.syncthreads()  # every thread is done with the previous tile
             for idx in range(tid, nk * EK, BQ):
@@ -126,6 +197,11 @@ def flash_kernel_source(E: int, Ev: int, block_q: int, block_k: int, mask_kind: 
                     s = ZERO
                     for e in range(E):
                         s += qr[e] * ks[c, e]
+                    if HAS_SCORE_MOD:
+                        s = float32(SCORE_MOD(s, b, h, i, j0 + c, *mod_args))
+                    if HAS_MASK_MOD and partial:
+                        if not MASK_MOD(b, h, i, j0 + c, *mod_args):
+                            s = NEG_INF
                     if MASK == MASK_BOOL:
                         if not mask[m_base + (j0 + c) * m_col]:
                             s = NEG_INF
@@ -168,12 +244,16 @@ _kernels: dict = {}
 _kernels_lock = threading.Lock()
 
 
-def flash_kernel(E: int, Ev: int, block_q: int, block_k: int, mask_kind: int, causal: bool):
+def flash_kernel(E: int, Ev: int, block_q: int, block_k: int, mask_kind: int, causal: bool,
+                 score_mod=None, mask_mod=None):
     """The ``cuda.jit`` dispatcher for one specialisation (built once per process, then reused).
 
-    It compiles lazily, once per argument types (float16 or float32 storage, mask dtype).
+    It compiles lazily, once per argument types (float16 or float32 storage, mask dtype, the
+    types of ``mod_args``).
     """
-    key = (int(E), int(Ev), int(block_q), int(block_k), int(mask_kind), bool(causal))
+    key = (int(E), int(Ev), int(block_q), int(block_k), int(mask_kind), bool(causal),
+           None if score_mod is None else python_function(score_mod),
+           None if mask_mod is None else python_function(mask_mod))
     with _kernels_lock:
         kern = _kernels.get(key)
         if kern is None:
@@ -182,16 +262,17 @@ def flash_kernel(E: int, Ev: int, block_q: int, block_k: int, mask_kind: int, ca
         return kern
 
 
-def kernel_signature(storage, mask=None):
+def kernel_signature(storage, mask=None, mod_args=()):
     """The argument types the ``cuda`` backend launches the kernel with, for ``compile_ptx``.
 
     ``storage``: ``np.float16`` or ``np.float32``; ``mask``: the mask dtype (``np.bool_`` for a
     boolean mask and for the no-mask dummy; the storage dtype for float masks, to which host
-    masks are cast).
+    masks are cast); ``mod_args``: example values of the mods' arguments (their types count).
     """
-    from numba import from_dtype, types
+    from numba import from_dtype, typeof, types
 
     st = from_dtype(np.dtype(storage))
     mt = from_dtype(np.dtype(np.bool_ if mask is None else mask))
+    args = types.Tuple(tuple(typeof(a) for a in mod_args))
     return (st[::1], st[::1], st[::1], mt[::1], types.int64[:, ::1], types.int64, types.int64,
-            types.int64, types.float64, st[:, :, :, ::1], st[:, :, ::1])
+            types.int64, types.float64, args, types.int8[:, :, :, ::1], st[:, :, :, ::1], st[:, :, ::1])

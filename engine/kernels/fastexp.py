@@ -89,7 +89,7 @@ def fast_exp(t):
     return np.exp(t)
 
 
-@overload(fast_exp)
+@overload(fast_exp, target="cpu")  # the cuda kernels register their own (libdevice)
 def _fast_exp_overload(t):
     if t == types.float32:
         return lambda t: _exp_f32(t)
@@ -106,7 +106,7 @@ def fast_tanh(x):
     return math.tanh(x)
 
 
-@overload(fast_tanh)
+@overload(fast_tanh, target="cpu")
 def _fast_tanh_overload(x):
     if x not in (types.float32, types.float64):
         return None
