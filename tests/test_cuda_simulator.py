@@ -157,6 +157,23 @@ def test_nan_score_propagates_to_its_row_only(rng):
 
 
 @needs_cuda
+def test_nonfinite_values_reach_only_rows_that_attend_to_them(rng):
+    """A NaN/inf in V behind a mask (or right of the causal diagonal) leaves the other rows clean:
+    their weight for that key is 0, and 0 * NaN must not be added."""
+    q, k, v = _qkv(rng, (1, 2, 6, 4), (1, 2, 11, 4), 3)
+    v[0, 0, 9, 1] = np.nan
+    v[0, 1, 3, 0] = np.inf
+    mask = np.ones((6, 11), dtype=bool)
+    mask[:4, 9] = False      # rows 0-3 of head 0 never see the NaN
+    mask[2:, 3] = False      # rows 2-5 of head 1 never see the inf
+    out, _ = _run(q, k, v, attn_mask=mask)
+    assert np.isfinite(out[0, 0, :4]).all() and np.isnan(out[0, 0, 4:, 1]).all()
+    assert np.isfinite(out[0, 1, 2:]).all() and np.isinf(out[0, 1, :2, 0]).all()
+    out, _ = _run(q, k, v, is_causal=True)
+    assert np.isfinite(out[0, 1, :3]).all()
+
+
+@needs_cuda
 def test_non_contiguous_host_inputs(rng):
     base = rng.standard_normal((2, 9, 3, 8)).astype(np.float32)   # (B, L, H, E), as torch often has
     q = base.transpose(0, 2, 1, 3)

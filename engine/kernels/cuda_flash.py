@@ -104,7 +104,8 @@ def flash_kernel_source(E: int, Ev: int, block_q: int, block_k: int, mask_kind: 
     float masks are added (a ``-inf`` entry hides the key even when the score is NaN).
     ``causal``: top-left, row i sees keys j <= i; key tiles right of the block's last row are
     never loaded. Rows with no visible key get zeros and lse = -inf; NaN scores propagate to their
-    rows (out and lse NaN), as in the ``cpu`` kernel.
+    rows (out and lse NaN), and a NaN/inf value reaches only the rows that give its key a weight
+    above 0, as in the ``cpu`` backend.
 
     ``score_mod(score, b, h, q_idx, kv_idx, *mod_args)`` rewrites each scaled score before the
     masks; ``mask_mod(b, h, q_idx, kv_idx, *mod_args)`` hides keys, with ``tile_kinds`` (int8,
@@ -224,7 +225,10 @@ def flash_kernel_source(E: int, Ev: int, block_q: int, block_k: int, mask_kind: 
                 for d in range(Ev):
                     a = acc[d] * alpha
                     for c in range(ncol):
-                        a += sc[c] * vs[c, d]
+                        # a key with weight 0 adds nothing, even a NaN/inf value (0 * NaN is NaN):
+                        # a non-finite value reaches only the rows that attend to it (a select)
+                        p = sc[c]
+                        a += p * vs[c, d] if p != ZERO else ZERO
                     acc[d] = a
         if live:
             if l > ZERO or l != l:
