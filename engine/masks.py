@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 
+from .array_library import HOST, Placement
 from .validation import AttentionProblem
 
 __all__ = ["kernel_mask"]
@@ -35,49 +36,53 @@ def kernel_mask(problem: AttentionProblem, xp=np):
 
 
 def mha_masks_to_sdpa(attn_mask, key_padding_mask, is_causal: bool, N: int, H: int, L: int, S: int,
-                      dtype):
+                      dtype, place: Placement = HOST):
     """Turn ``nn.MultiheadAttention`` masks into one ``scaled_dot_product_attention`` mask.
 
     MHA polarity: boolean True = **not allowed**, float = added. ``attn_mask`` is (L, S) or
     (N * H, L, S); ``key_padding_mask`` is (N, S). Returns ``(mask, is_causal)`` for the
     functional API (boolean True = may attend, or float), broadcastable to (N, H, L, S) without
     materialising more than the inputs' own broadcast. ``is_causal`` stays a flag (the fast path)
-    when no other mask is given, and is folded into the mask otherwise.
+    when no other mask is given, and is folded into the mask otherwise. The mask is an array of
+    ``place`` (NumPy by default; masks given elsewhere are copied there).
     """
+    xp = place.xp
     parts = []
     if attn_mask is not None:
-        attn_mask = _mha_mask_array(attn_mask, "attn_mask")
-        if attn_mask.shape == (L, S):
-            parts.append(attn_mask.reshape(1, 1, L, S))
-        elif attn_mask.shape == (N * H, L, S):
-            parts.append(attn_mask.reshape(N, H, L, S))
+        attn_mask = _mha_mask_array(attn_mask, "attn_mask", place)
+        if tuple(attn_mask.shape) == (L, S):
+            parts.append(xp.reshape(attn_mask, (1, 1, L, S)))
+        elif tuple(attn_mask.shape) == (N * H, L, S):
+            parts.append(xp.reshape(attn_mask, (N, H, L, S)))
         else:
             raise ValueError(f"attn_mask must have shape (L, S) = {(L, S)} or (N * num_heads, L, S) = "
-                             f"{(N * H, L, S)}, got {attn_mask.shape}")
+                             f"{(N * H, L, S)}, got {tuple(attn_mask.shape)}")
     if key_padding_mask is not None:
-        key_padding_mask = _mha_mask_array(key_padding_mask, "key_padding_mask")
-        if key_padding_mask.shape != (N, S):
+        key_padding_mask = _mha_mask_array(key_padding_mask, "key_padding_mask", place)
+        if tuple(key_padding_mask.shape) != (N, S):
             raise ValueError(f"key_padding_mask must have shape (N, S) = {(N, S)}, got "
-                             f"{key_padding_mask.shape}")
-        parts.append(key_padding_mask.reshape(N, 1, 1, S))
+                             f"{tuple(key_padding_mask.shape)}")
+        parts.append(xp.reshape(key_padding_mask, (N, 1, 1, S)))
     if not parts:
         return None, bool(is_causal)
-    if is_causal:
-        parts.append(np.triu(np.ones((L, S), dtype=bool), k=1))  # MHA polarity: True = blocked
-    if all(p.dtype == bool for p in parts):
+    if is_causal:  # MHA polarity: True = blocked
+        parts.append(place.put(np.triu(np.ones((L, S), dtype=bool), k=1)))
+    if all(xp.isdtype(p.dtype, "bool") for p in parts):
         blocked = parts[0]
         for p in parts[1:]:
             blocked = blocked | p
         return ~blocked, False
-    total = np.zeros((), dtype=dtype)
+    blocked_score, zero = place.put(np.asarray(-np.inf, dtype)), place.put(np.asarray(0, dtype))
+    total = None
     for p in parts:
-        total = total + (np.where(p, -np.inf, 0.0).astype(dtype) if p.dtype == bool else p.astype(dtype))
+        term = xp.where(p, blocked_score, zero) if xp.isdtype(p.dtype, "bool") else place.put(p, dtype)
+        total = term if total is None else total + term
     return total, False
 
 
-def _mha_mask_array(mask, name: str) -> np.ndarray:
-    mask = np.asarray(mask)
-    if mask.dtype.kind not in "bf":
+def _mha_mask_array(mask, name: str, place: Placement):
+    mask = place.put(mask, what=name)
+    if not (place.xp.isdtype(mask.dtype, "bool") or place.xp.isdtype(mask.dtype, "real floating")):
         raise TypeError(f"{name} must be boolean (True = not allowed) or floating (added), got dtype "
-                        f"{mask.dtype} with shape {mask.shape}")
+                        f"{mask.dtype} with shape {tuple(mask.shape)}")
     return mask

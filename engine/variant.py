@@ -6,16 +6,9 @@ from typing import ClassVar
 
 import numpy as np
 
+from .array_library import HOST, Placement, input_placement, placement_of, to_host, to_numpy
+
 __all__ = ["Variant", "check_fits_in_memory"]
-
-
-def _to_numpy(value, what: str) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch tensor
-        value = value.detach().cpu().numpy()
-    try:
-        return np.asarray(value)
-    except Exception as exc:
-        raise TypeError(f"{what} could not be converted to an array: {exc}") from None
 
 
 def check_fits_in_memory(nbytes: int, what: str) -> None:
@@ -41,6 +34,11 @@ class Variant:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    #: True when ``forward`` computes in the array library of its inputs (array-API calls and
+    #: ``param(key, like=x)`` only), so torch CUDA tensors and CuPy arrays stay on their GPU.
+    #: When False, device inputs are copied to the host, ``forward`` runs on NumPy, and the
+    #: results are copied back to the inputs' device in their library.
+    device_arrays: ClassVar[bool] = False
 
     def __init__(self, *, dtype=np.float32, seed=None):
         dtype = np.dtype(dtype)
@@ -49,22 +47,39 @@ class Variant:
         self.dtype = dtype
         self.rng = np.random.default_rng(seed)
         self._params: dict[str, np.ndarray] = {}
+        # parameters copied to devices: {placement key: (the _params dict they came from, {key: array})}
+        self._placed: dict[tuple, tuple] = {}
 
     # -- parameters ---------------------------------------------------------------------------
     def register_parameter(self, key: str, value: np.ndarray) -> None:
         """Declare a parameter under its torch name (``state_dict`` key)."""
-        self._params[key] = np.ascontiguousarray(value, dtype=self.dtype)
+        # a new dict, never an update in place: device copies cached from the old one go stale
+        self._params = {**self._params, key: np.ascontiguousarray(value, dtype=self.dtype)}
 
-    def param(self, key: str) -> np.ndarray:
-        """The current value of a parameter (no copy)."""
-        return self._params[key]
+    def param(self, key: str, like=None):
+        """The current value of a parameter: the NumPy array itself (no copy), or, with ``like``
+        an array of another library or device, a copy there (made once, reused until the
+        parameters change through ``load_state_dict``)."""
+        params = self._params
+        if like is None or isinstance(like, np.ndarray):
+            return params[key]
+        place = placement_of(like)
+        if place.is_numpy:
+            return params[key]
+        cached = self._placed.get(place.key())
+        if cached is None or cached[0] is not params:
+            cached = self._placed[place.key()] = (params, {})
+        arr = cached[1].get(key)
+        if arr is None:
+            arr = cached[1][key] = place.put(params[key])
+        return arr
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """A copy of every parameter, as NumPy arrays under torch's names."""
         return {k: v.copy() for k, v in self._params.items()}
 
     def load_state_dict(self, state) -> None:
-        """Load parameters from a mapping of NumPy arrays or torch tensors (all or nothing).
+        """Load parameters from a mapping of NumPy arrays, torch tensors or CuPy arrays (all or nothing).
 
         Values are cast to the variant's dtype. Missing or unexpected keys, wrong shapes and
         non-floating values raise ``ValueError``/``TypeError`` naming them.
@@ -78,22 +93,30 @@ class Variant:
                              f"unexpected keys {unexpected}")
         loaded = {}
         for key, expected in self._params.items():
-            arr = _to_numpy(state[key], f"state_dict[{key!r}]")
+            arr = to_numpy(state[key], f"state_dict[{key!r}]")
             if arr.dtype.kind != "f":
                 raise TypeError(f"state_dict[{key!r}] must be floating, got dtype {arr.dtype}")
             if arr.shape != expected.shape:
                 raise ValueError(f"state_dict[{key!r}] has shape {arr.shape}, expected {expected.shape}")
             loaded[key] = np.ascontiguousarray(arr, dtype=self.dtype)
-        self._params.update(loaded)
+        self._params = {**self._params, **loaded}
 
     # -- calling ------------------------------------------------------------------------------
-    def _input(self, x, name: str) -> np.ndarray:
-        arr = _to_numpy(x, name)
-        if arr.dtype.kind != "f":
-            raise TypeError(f"{name} must be floating, got dtype {arr.dtype} with shape {arr.shape}")
-        if arr.ndim not in (2, 3):
-            raise ValueError(f"{name} must be (N, L, features) or unbatched (L, features), got shape {arr.shape}")
-        return np.asarray(arr, dtype=self.dtype)
+    def _input(self, x, name: str, place: Placement):
+        """A batched or unbatched floating input, in ``self.dtype``, in ``place``'s library."""
+        if place.is_numpy:
+            arr = to_numpy(x, name)
+            if arr.dtype.kind != "f":
+                raise TypeError(f"{name} must be floating, got dtype {arr.dtype} with shape {arr.shape}")
+            if arr.ndim not in (2, 3):
+                raise ValueError(f"{name} must be (N, L, features) or unbatched (L, features), got shape {arr.shape}")
+            return np.asarray(arr, dtype=self.dtype)
+        if not place.xp.isdtype(x.dtype, "real floating"):
+            raise TypeError(f"{name} must be floating, got dtype {x.dtype} with shape {tuple(x.shape)}")
+        if x.ndim not in (2, 3):
+            raise ValueError(f"{name} must be (N, L, features) or unbatched (L, features), got shape "
+                             f"{tuple(x.shape)}")
+        return place.put(x, self.dtype, name)
 
     def __call__(self, query, key=None, value=None, *, attn_mask=None, key_padding_mask=None,
                  need_weights=False, average_attn_weights=True, is_causal=False, backend="auto",
@@ -103,34 +126,56 @@ class Variant:
         ``key`` defaults to ``query`` and ``value`` to ``key``. ``variant_kwargs`` are keywords
         of a particular variant (e.g. ``document_ids`` of ``document``), passed to ``forward``. Output is ``(N, L, E)`` (or
         ``(L, E)``); weights ``(N, L, S)`` averaged over heads, or ``(N, heads, L, S)``.
+
+        Host inputs (NumPy, torch CPU tensors) give NumPy results. torch CUDA tensors and CuPy
+        arrays give results of their own library on their device: computed there when the variant
+        declares ``device_arrays`` (the built-in ones do; ``backend="auto"`` then picks ``cuda``),
+        else through host copies. Masks may be host arrays (copied over) or on the query's device.
         """
-        q = self._input(query, "query")
-        k = q if key is None else self._input(key, "key")
-        v = k if value is None else self._input(value, "value")
+        place = input_placement(query, "query")
+        for name, x in (("key", key), ("value", value)):
+            if x is not None and input_placement(x, name) != place:
+                where = input_placement(x, name)
+                raise TypeError(f"{name} is on {_describe(where)} but query is on {_describe(place)}; "
+                                f"pass query, key and value from one library and device")
+        run = place if self.device_arrays else HOST
+        if run is not place:  # a variant that computes in NumPy: device values become host copies
+            attn_mask, key_padding_mask = to_host(attn_mask), to_host(key_padding_mask)
+            variant_kwargs = {k: to_host(v) for k, v in variant_kwargs.items()}
+        q = self._input(query, "query", run)
+        k = q if key is None else self._input(key, "key", run)
+        v = k if value is None else self._input(value, "value", run)
         if not q.ndim == k.ndim == v.ndim:
             raise ValueError(f"query, key and value must all be batched or all unbatched, got shapes "
-                             f"{q.shape}, {k.shape}, {v.shape}")
+                             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
         unbatched = q.ndim == 2
         if unbatched:
-            q, k, v = q[None], k[None], v[None]
+            q, k, v = q[None, ...], k[None, ...], v[None, ...]
             if key_padding_mask is not None:
-                key_padding_mask = np.asarray(key_padding_mask)[None]
+                key_padding_mask = run.put(key_padding_mask, what="key_padding_mask")[None, ...]
         if k.shape[:2] != v.shape[:2] or k.shape[0] != q.shape[0]:
             raise ValueError(f"query (N, L, E), key (N, S, kdim) and value (N, S, vdim) disagree on N "
-                             f"or S: {q.shape}, {k.shape}, {v.shape}")
+                             f"or S: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
         out, weights = self.forward(q, k, v, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
                                     need_weights=bool(need_weights),
                                     average_attn_weights=bool(average_attn_weights),
                                     is_causal=bool(is_causal), backend=backend, **variant_kwargs)
         if unbatched:
-            out = out[0]
-            weights = None if weights is None else weights[0]
+            out = out[0, ...]
+            weights = None if weights is None else weights[0, ...]
+        if run is not place:  # computed on the host for device inputs: the results go back
+            out = place.put(out)
+            weights = None if weights is None else place.put(weights)
         return out, weights
 
     def forward(self, query, key, value, *, attn_mask, key_padding_mask, need_weights,
                 average_attn_weights, is_causal, backend):
         """Batched inputs ``(N, L, E)``, ``(N, S, kdim)``, ``(N, S, vdim)`` in ``self.dtype``;
-        returns ``(output, weights_or_None)``. Subclasses implement this."""
+        returns ``(output, weights_or_None)``. Subclasses implement this.
+
+        The inputs are NumPy arrays, or, for a variant with ``device_arrays = True``, arrays of the
+        caller's library on its device (torch CUDA, CuPy); the masks are as the caller passed them.
+        """
         raise NotImplementedError
 
     # -- for tests and benchmarks that cover every registered variant --------------------------
@@ -143,3 +188,7 @@ class Variant:
         """Keyword arguments for one call on random inputs of this size (self-attention here)."""
         rng = np.random.default_rng(rng)
         return {"query": rng.standard_normal((batch, length, self.embed_dim)).astype(self.dtype)}
+
+
+def _describe(place: Placement) -> str:
+    return "the host (NumPy)" if place.is_numpy else f"{place.xp.__name__.split('.')[-1]} device {place.device}"

@@ -370,3 +370,40 @@ def test_concurrent_torch_streams(rng):
     for q, out in zip(qs, outs):
         ref = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
         assert torch.allclose(out, ref, atol=1e-5, rtol=1e-4)
+
+
+def _variant_params(name):
+    from engine.plugins import variant_info
+    return variant_info()[0][name].cls.example_params(32, 4)
+
+
+@needs_gpu
+@pytest.mark.parametrize("name", engine.list_variants())
+def test_every_variant_on_torch_cuda_tensors_stays_on_the_gpu(name):
+    """Projections on the GPU with device copies of the weights, attention on ``cuda`` (picked by
+    ``auto``), results torch CUDA tensors; compared with the same layer on NumPy inputs."""
+    torch = pytest.importorskip("torch")
+    variant = engine.get_variant(name, **_variant_params(name), seed=0)
+    inputs = variant.example_inputs(2, 150, key_length=97, rng=3)
+    S = inputs.get("key", inputs["query"]).shape[1]
+    kpm = np.zeros((2, S), dtype=bool)
+    kpm[1, S - 20:] = True
+    ref, ref_w = variant(**inputs, key_padding_mask=kpm, need_weights=True, backend="cpu")
+    dev = {k: torch.asarray(v, device="cuda") for k, v in inputs.items()}  # document_ids too
+    out, w = variant(**dev, key_padding_mask=torch.asarray(kpm, device="cuda"), need_weights=True)
+    assert out.is_cuda and w.is_cuda and out.dtype == torch.float32
+    assert variant.param(next(iter(variant.state_dict())), like=out).is_cuda
+    np.testing.assert_allclose(out.cpu().numpy(), ref, atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(w.cpu().numpy(), ref_w, atol=1e-5, rtol=1e-4)
+
+
+@needs_gpu
+def test_variant_on_cupy_arrays_with_host_mask():
+    cp = pytest.importorskip("cupy")
+    mh = engine.get_variant("multi-head", embed_dim=32, num_heads=4, seed=0)
+    x = np.random.default_rng(0).standard_normal((2, 70, 32)).astype(np.float32)
+    mask = np.triu(np.ones((70, 70), dtype=bool), 1)
+    out, _ = mh(cp.asarray(x), attn_mask=mask)
+    assert isinstance(out, cp.ndarray)
+    np.testing.assert_allclose(cp.asnumpy(out), mh(x, attn_mask=mask, backend="cpu")[0],
+                               atol=2e-5, rtol=1e-4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine import hookimpl
+from engine.array_library import input_placement
 
 from .multi_head import MultiHeadAttention
 
@@ -38,14 +39,19 @@ class DocumentAttention(MultiHeadAttention):
 
     def attention_mods(self, N, L, S, document_ids=None, **call_kwargs):
         super().attention_mods(N, L, S, **call_kwargs)
-        ids = np.asarray(document_ids)
+        # device ids (torch CUDA, CuPy) stay where they are: the cuda kernel reads them in place
+        place = input_placement(document_ids, "document_ids")
+        ids = place.put(document_ids, what="document_ids")
         if ids.ndim == 1:
-            ids = ids[None]
-        if ids.dtype.kind not in "iu" or ids.shape != (N, L):
+            ids = ids[None, ...]
+        if not place.xp.isdtype(ids.dtype, "integral") or tuple(ids.shape) != (N, L):
             raise ValueError(f"document_ids must be integers of shape (N, L) = {(N, L)}, got {ids.dtype} "
-                             f"{ids.shape}")
+                             f"{tuple(ids.shape)}")
+        ids = place.put(ids, np.int64)
+        if place.is_numpy:
+            ids = np.ascontiguousarray(ids)
         mod = same_document_causal if self.causal else same_document
-        return {"mask_mod": mod, "mod_args": (np.ascontiguousarray(ids, dtype=np.int64),)}
+        return {"mask_mod": mod, "mod_args": (ids,)}
 
     def example_inputs(self, batch, length, key_length=None, rng=None):
         inputs = super().example_inputs(batch, length, rng=rng)

@@ -33,12 +33,12 @@ class GroupedQueryAttention(MultiHeadAttention):
         if self.bias:
             self.register_parameter("in_proj_bias", np.zeros(E + 2 * kv))
 
-    def projection_weights(self):
-        ws = (self.param("q_proj_weight"), self.param("k_proj_weight"), self.param("v_proj_weight"))
+    def projection_weights(self, like=None):
+        ws = tuple(self.param(n, like) for n in ("q_proj_weight", "k_proj_weight", "v_proj_weight"))
         if not self.bias:
             return ws + (None, None, None)
         E, kv = self.embed_dim, self.num_kv_heads * self.head_dim
-        b = self.param("in_proj_bias")
+        b = self.param("in_proj_bias", like)
         return ws + (b[:E], b[E:E + kv], b[E + kv:])
 
     def attention_mods(self, N, L, S, **call_kwargs):

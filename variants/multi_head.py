@@ -6,6 +6,7 @@ import math
 import numpy as np
 
 from engine import Variant, hookimpl, scaled_dot_product_attention
+from engine.array_library import Placement, placement_of, to_host
 from engine.backends.reference import attention_probabilities
 from engine.masks import mha_masks_to_sdpa
 from engine.validation import validate_attention_args
@@ -20,11 +21,15 @@ class MultiHeadAttention(Variant):
     ``v_proj_weight`` (E, vdim) when ``kdim``/``vdim`` differ from ``embed_dim``; then
     ``out_proj.weight`` (E, E) and ``out_proj.bias`` (E,). Initialisation follows torch: Xavier
     uniform projections, zero biases, ``out_proj.weight`` uniform in +-1/sqrt(E).
+
+    ``forward`` uses array-API calls only, so torch CUDA tensors and CuPy arrays are projected on
+    their GPU (weights copied there once) and attend on the ``cuda`` backend in place.
     """
 
     name = "multi-head"
     description = "nn.MultiheadAttention: per-head scaled dot-product attention, concat, output projection"
     out_projection = True
+    device_arrays = True
 
     def __init__(self, embed_dim: int, num_heads: int, *, bias: bool = True, kdim: int | None = None,
                  vdim: int | None = None, dtype=np.float32, seed=None):
@@ -66,28 +71,30 @@ class MultiHeadAttention(Variant):
         bound = math.sqrt(6.0 / (fan_in + fan_out))
         return self.rng.uniform(-bound, bound, (fan_out, fan_in))
 
-    def projection_weights(self):
-        """``(Wq, Wk, Wv, bq, bk, bv)`` with biases None when ``bias=False``."""
+    def projection_weights(self, like=None):
+        """``(Wq, Wk, Wv, bq, bk, bv)`` with biases None when ``bias=False``; NumPy, or in the
+        library and on the device of ``like`` (see ``Variant.param``)."""
         E = self.embed_dim
         if self.same_embed_dim:
-            w = self.param("in_proj_weight")
-            ws = (w[:E], w[E:2 * E], w[2 * E:])
+            w = self.param("in_proj_weight", like)
+            ws = (w[:E, ...], w[E:2 * E, ...], w[2 * E:, ...])
         else:
-            ws = (self.param("q_proj_weight"), self.param("k_proj_weight"), self.param("v_proj_weight"))
+            ws = tuple(self.param(n, like) for n in ("q_proj_weight", "k_proj_weight", "v_proj_weight"))
         if self.bias:
-            b = self.param("in_proj_bias")
+            b = self.param("in_proj_bias", like)
             return ws + (b[:E], b[E:2 * E], b[2 * E:])
         return ws + (None, None, None)
 
-    def _heads(self, x, w, b, name):
+    def _heads(self, x, w, b, name, xp):
         """(N, T, d_in) @ W.T + b -> (N, W.shape[0] // head_dim, T, head_dim)."""
         if x.shape[-1] != w.shape[1]:
-            raise ValueError(f"{name} has {x.shape[-1]} features, expected {w.shape[1]} (shape {x.shape})")
+            raise ValueError(f"{name} has {x.shape[-1]} features, expected {w.shape[1]} "
+                             f"(shape {tuple(x.shape)})")
         y = x @ w.T
         if b is not None:
             y += b
         N, T, _ = y.shape
-        return y.reshape(N, T, -1, self.head_dim).transpose(0, 2, 1, 3)
+        return xp.permute_dims(xp.reshape(y, (N, T, -1, self.head_dim)), (0, 2, 1, 3))
 
     def attention_mods(self, N: int, L: int, S: int, **call_kwargs) -> dict:
         """Extra ``scaled_dot_product_attention`` arguments (``score_mod``, ``mask_mod``,
@@ -99,33 +106,49 @@ class MultiHeadAttention(Variant):
 
     def forward(self, query, key, value, *, attn_mask, key_padding_mask, need_weights,
                 average_attn_weights, is_causal, backend, **call_kwargs):
-        wq, wk, wv, bq, bk, bv = self.projection_weights()
-        q = self._heads(query, wq, bq, "query")
-        k = self._heads(key, wk, bk, "key")
-        v = self._heads(value, wv, bv, "value")
+        place = placement_of(query)  # NumPy, or the caller's GPU library: everything stays there
+        xp = place.xp
+        wq, wk, wv, bq, bk, bv = self.projection_weights(like=query)
+        q = self._heads(query, wq, bq, "query", xp)
+        k = self._heads(key, wk, bk, "key", xp)
+        v = self._heads(value, wv, bv, "value", xp)
         N, H, L, _ = q.shape
         S = k.shape[2]
-        mask, causal = mha_masks_to_sdpa(attn_mask, key_padding_mask, is_causal, N, H, L, S, self.dtype)
+        mask, causal = mha_masks_to_sdpa(attn_mask, key_padding_mask, is_causal, N, H, L, S, self.dtype,
+                                         place)
         extra = self.attention_mods(N, L, S, **call_kwargs)
+        if place.is_numpy and "mod_args" in extra:  # the cpu kernels take host arrays only
+            extra["mod_args"] = tuple(to_host(a) for a in extra["mod_args"])
         weights = None
         if need_weights:  # materialises (N, H, L, S): checked before anything is allocated
             check_fits_in_memory(N * H * L * S * 8 * 3, f"need_weights=True for (N, heads, L, S) = "
                                  f"{(N, H, L, S)}")
-            problem = validate_attention_args(q, k, v, mask, causal, **extra)
+            weights = self._weights(q, k, v, mask, causal, extra, average_attn_weights, place)
         out = scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, backend=backend,
                                            **extra)
-        if need_weights:
-            weights = attention_probabilities(problem)
-            if average_attn_weights:
-                weights = weights.mean(axis=1)
-        out = out.transpose(0, 2, 1, 3).reshape(N, L, self.embed_dim)
+        out = xp.reshape(xp.permute_dims(place.put(out), (0, 2, 1, 3)), (N, L, self.embed_dim))
         if self.out_projection:
-            out = out @ self.param("out_proj.weight").T
+            out = out @ self.param("out_proj.weight", like=query).T
             if self.bias:
-                out += self.param("out_proj.bias")
+                out += self.param("out_proj.bias", like=query)
         return out, weights
+
+    @staticmethod
+    def _weights(q, k, v, mask, causal, extra, average, place: Placement):
+        """The (N, H, L, S) probabilities (or their mean over heads), from the NumPy oracle on host
+        copies of the projected inputs: a mod is Numba code, so only the host can evaluate it here."""
+        host = [to_host(a) for a in (q, k, v)]
+        host_extra = dict(extra)
+        if "mod_args" in extra:
+            host_extra["mod_args"] = tuple(to_host(a) for a in extra["mod_args"])
+        problem = validate_attention_args(*host, None if mask is None else to_host(mask), causal, **host_extra)
+        weights = attention_probabilities(problem)
+        if average:
+            weights = weights.mean(axis=1)
+        return place.put(weights)
 
 
 @hookimpl
 def attention_variants():
     return [MultiHeadAttention]
+
