@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["AttentionProblem", "validate_attention_args", "array_dtype", "is_device_array"]
+__all__ = ["AttentionProblem", "validate_attention_args", "array_dtype", "is_device_array",
+           "bfloat16_dtype", "is_bfloat16"]
 
 
 def is_device_array(x: Any) -> bool:
@@ -20,10 +21,32 @@ def is_device_array(x: Any) -> bool:
     return hasattr(x, "__cuda_array_interface__")
 
 
+def bfloat16_dtype() -> np.dtype:
+    """NumPy's bfloat16 dtype, from ml_dtypes (NumPy has none of its own).
+
+    ``TypeError`` when ml_dtypes is not installed (it comes with the ``cuda`` and ``test`` extras).
+    """
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise TypeError("bfloat16 arrays need the ml_dtypes package (pip install ml_dtypes, or the "
+                        "'cuda' extra)") from None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def is_bfloat16(dtype: np.dtype) -> bool:
+    """True for ml_dtypes' bfloat16 (a NumPy dtype of kind 'V' named 'bfloat16')."""
+    return dtype.kind == "V" and dtype.name == "bfloat16"
+
+
 def array_dtype(x: Any) -> np.dtype:
-    """The NumPy dtype of a host or device array, without copying it."""
+    """The NumPy dtype of a host or device array, without copying it (ml_dtypes' bfloat16 for
+    torch ``bfloat16`` CUDA tensors, whose interface type is an anonymous 2-byte ``<V2``)."""
     if is_device_array(x):
-        return np.dtype(x.__cuda_array_interface__["typestr"])
+        typestr = x.__cuda_array_interface__["typestr"]
+        if typestr == "<V2" and str(getattr(x, "dtype", "")) == "torch.bfloat16":
+            return bfloat16_dtype()
+        return np.dtype(typestr)
     return x.dtype
 
 
@@ -42,9 +65,9 @@ def _as_array(x: Any, name: str) -> Any:
 
 def _check_float(arr: Any, name: str) -> np.dtype:
     dtype = array_dtype(arr)
-    if dtype.kind != "f":
+    if dtype.kind != "f" and not is_bfloat16(dtype):
         raise TypeError(
-            f"{name} must have a floating dtype (float16, float32, float64), got {dtype} "
+            f"{name} must have a floating dtype (float16, float32, float64, bfloat16), got {dtype} "
             f"with shape {tuple(arr.shape)}"
         )
     return dtype
@@ -200,7 +223,7 @@ def validate_attention_args(query, key, value, attn_mask=None, is_causal=False, 
         mdtype = array_dtype(mask)
         if mdtype.kind == "b":
             mask_kind = "bool"
-        elif mdtype.kind == "f":
+        elif mdtype.kind == "f" or is_bfloat16(mdtype):
             mask_kind = "float"
         else:
             raise TypeError(f"attn_mask must be boolean (True = may attend) or floating (added to the "

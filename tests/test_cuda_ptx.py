@@ -115,3 +115,28 @@ def test_kernels_with_mods_compile_to_ptx_for_sm90(current_device_cc90, dtype, n
         assert "tanh" in ptx
     if mask_mod is not None:  # the block map is read: empty key tiles are skipped
         assert re.search(r"ld\.global\.(u8|s8)", ptx)
+
+
+# -- bfloat16 storage (uint16 bit patterns, converted in registers) ------------------------------
+
+@pytest.mark.parametrize("heads", HEADS[:2], ids=lambda h: f"E{h[0]}-Ev{h[1]}")
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: ["none", "bool", "float"][k[0]] + ("-causal" if k[1] else ""))
+def test_bfloat16_kernels_compile_to_ptx_for_sm90(current_device_cc90, kind, heads):
+    E, Ev = heads
+    block_q, block_k = tile_sizes(E, Ev)
+    mask_kind, causal = kind
+    bf16_mask = mask_kind == MASK_FLOAT
+    fn = flash_kernel_source(E, Ev, block_q, block_k, mask_kind, causal, bf16=True, mask_bf16=bf16_mask)
+    mask = np.uint16 if bf16_mask else np.bool_
+    ptx, restype = cuda.compile_ptx(fn, kernel_signature(np.uint16, mask), cc=(9, 0))
+    assert str(restype) == "none"
+    assert re.search(r"^\.visible \.entry \S*_flash_forward", ptx, re.M)
+    # the conversions are inlined bit operations: no call, no float16 or float64 arithmetic
+    assert not re.search(r"^\s*call(\.uni)?\b", ptx, re.M)
+    assert not re.search(r"\b(add|sub|mul|fma\.rn)\.f64\b", ptx)
+    assert "cvt.f32.f16" not in ptx
+    # 16-bit loads of q/k/v (and of a float mask), 16-bit stores of out and lse
+    assert re.search(r"ld\.global\.(u16|b16)", ptx)
+    assert re.search(r"st\.global\.(u16|b16)", ptx)
+    smem = sum(int(n) for n in re.findall(r"\.shared \.align \d+ \.b8 \S+\[(\d+)\]", ptx))
+    assert smem == shared_bytes(E, Ev, block_k) <= 48 * 1024

@@ -13,10 +13,12 @@ the causal tile skipping are all exercised: the simulator runs every GPU thread 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
 
+import ml_dtypes  # bfloat16 for NumPy (test extra)
 import numpy as np
 import pytest
 
@@ -24,8 +26,12 @@ import engine
 from engine.backends.cuda import CudaBackend, flat_layout
 from engine.backends.reference import ReferenceBackend
 from engine.mods import EMPTY, FULL, PARTIAL
-from engine.validation import validate_attention_args
+from engine.validation import is_bfloat16, validate_attention_args
 from tolerances import assert_out_close, lse_atol, out_atol
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+#: every storage dtype the kernel takes
+DTYPES = [np.float32, np.float16, BF16]
 
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 GPU = not SIM and engine.get_backend("cuda").unavailable_reason() is None
@@ -56,6 +62,8 @@ def test_kernels_under_the_simulator():
 
 
 def _check(problem, out, lse):
+    if is_bfloat16(problem.dtype):
+        return _check_bf16(problem, out, lse)
     ref_out, ref_lse = ReferenceBackend().run(problem)
     # NaN inputs make NaN rows (checked as a pattern); the bound comes from the finite values
     q, k, v = (np.nan_to_num(np.asarray(a)) for a in (problem.query, problem.key, problem.value))
@@ -74,6 +82,31 @@ def _check(problem, out, lse):
         latol = lse_atol(problem.dtype, q, k, scale, mask)
     assert_out_close(out, ref_out, atol, "cuda out")
     assert_out_close(lse, ref_lse, latol, "cuda lse")
+
+
+def _check_bf16(problem, out, lse):
+    """bfloat16: the kernel computes in float32 on the exact values of its inputs (a float mask
+    cast to bfloat16 first, as host masks are cast to the storage dtype) and rounds out and lse
+    once to bfloat16 (unit roundoff 2^-8). The oracle gets those float32 values."""
+    assert np.asarray(out).dtype == BF16 and np.asarray(lse).dtype == BF16
+
+    def f32(a):
+        return a.astype(BF16).astype(np.float32)
+
+    mask = problem.attn_mask
+    if mask is not None and problem.mask_kind == "float":
+        mask = f32(mask)
+    p32 = dataclasses.replace(problem, query=f32(problem.query), key=f32(problem.key),
+                              value=f32(problem.value), attn_mask=mask, dtype=np.dtype(np.float32))
+    ref_out, ref_lse = ReferenceBackend().run(p32)
+    q, k, v = (np.nan_to_num(a) for a in (p32.query, p32.key, p32.value))
+    atol = 2.0 ** -7 * max(1.0, float(np.max(np.abs(v), initial=0))) + out_atol(
+        np.float32, q, k, v, problem.scale, mask)
+    fin = np.isfinite(ref_lse)
+    big = float(np.max(np.abs(ref_lse[fin]), initial=0))
+    latol = 2.0 ** -7 * max(1.0, big) + lse_atol(np.float32, q, k, problem.scale, mask)
+    assert_out_close(np.asarray(out).astype(np.float32), ref_out, atol, "cuda out (bfloat16)")
+    assert_out_close(np.asarray(lse).astype(np.float32), ref_lse, latol, "cuda lse (bfloat16)")
 
 
 def _run(q, k, v, backend=SMALL, **kw):
@@ -102,7 +135,7 @@ SHAPES = [
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("shapes", SHAPES, ids=lambda s: "x".join(map(str, s[0])))
 def test_no_mask_and_causal(rng, shapes, dtype):
     qs, ks, ev = shapes
@@ -112,7 +145,7 @@ def test_no_mask_and_causal(rng, shapes, dtype):
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_gqa_and_custom_scale(rng, dtype):
     q, k, v = _qkv(rng, (2, 6, 9, 8), (2, 2, 10, 8), 6, dtype)
     _run(q, k, v, enable_gqa=True, scale=0.3)
@@ -120,7 +153,7 @@ def test_gqa_and_custom_scale(rng, dtype):
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_boolean_masks_broadcast_and_fully_masked_rows(rng, dtype):
     q, k, v = _qkv(rng, (2, 3, 7, 8), (2, 3, 11, 8), 5, dtype)
     ls = rng.random((7, 11)) > 0.4
@@ -137,7 +170,7 @@ def test_boolean_masks_broadcast_and_fully_masked_rows(rng, dtype):
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_float_masks(rng, dtype):
     q, k, v = _qkv(rng, (2, 2, 6, 4), (2, 2, 13, 4), 4, dtype)
     full = rng.standard_normal((2, 2, 6, 13)).astype(dtype)
@@ -241,6 +274,9 @@ def _run_mods(q, k, v, backend=SMALL, **kw):
     problem = validate_attention_args(q, k, v, return_lse=True, **kw)
     assert not backend.not_supported_reasons(problem)
     out, lse = backend.run(problem)
+    if is_bfloat16(problem.dtype):
+        _check_bf16(problem, out, lse)  # its oracle applies the same mods
+        return out, lse
     ref_out, ref_lse = ReferenceBackend().run(problem)
     atol = 2e-5 if problem.dtype == np.float32 else 4e-3
     np.testing.assert_allclose(out, ref_out, atol=atol, rtol=0)
@@ -249,7 +285,7 @@ def _run_mods(q, k, v, backend=SMALL, **kw):
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_score_mods_alibi_and_softcap(rng, dtype):
     from variants.alibi import alibi_bias, alibi_slopes
     from variants.softcap import tanh_softcap
@@ -345,6 +381,26 @@ def test_torch_cuda_tensors_strided_and_masked(rng, dtype):
     host = [t.cpu().numpy() for t in (q, q, q)]
     _check(validate_attention_args(*host, attn_mask=mask.cpu().numpy(), return_lse=True),
            out.cpu().numpy(), lse.cpu().numpy())
+
+
+@needs_gpu
+def test_torch_bfloat16_cuda_tensors_strided_and_masked(rng):
+    torch = pytest.importorskip("torch")
+    x = torch.randn(2, 150, 4, 64, device="cuda", dtype=torch.bfloat16)   # (B, L, H, E)
+    q = x.transpose(1, 2)                                                 # strided view
+    mask = torch.randn(2, 1, 1, 150, device="cuda", dtype=torch.bfloat16)
+    mask[1, ..., 100:] = -float("inf")
+    out, lse = engine.scaled_dot_product_attention(q, q, q, attn_mask=mask, return_lse=True)
+    assert isinstance(out, torch.Tensor) and out.is_cuda and out.dtype == torch.bfloat16
+    assert lse.dtype == torch.bfloat16 and lse.shape == (2, 4, 150)
+
+    def host(t):  # the same bits as ml_dtypes' bfloat16
+        return t.contiguous().cpu().view(torch.uint16).numpy().view(BF16)
+
+    _check(validate_attention_args(host(q), host(q), host(q), attn_mask=host(mask), return_lse=True),
+           host(out), host(lse))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+    assert (out.float() - ref.float()).abs().max().item() <= 2.0 ** -6 * q.float().abs().max().item()
 
 
 @needs_gpu

@@ -4,6 +4,8 @@ Arrays:
 
 * NumPy (host) inputs are made C-contiguous, copied to the device on a fresh stream, and the
   result is copied back: the caller gets NumPy arrays, as from the ``cpu`` backend.
+* bfloat16 (ml_dtypes' NumPy dtype, torch ``bfloat16`` tensors) reaches the kernel as ``uint16``
+  views of the same memory; the kernel converts (``engine.kernels.bfloat16``).
 * Device inputs (anything with ``__cuda_array_interface__``) are read **in place**, whatever their
   strides (a transposed torch tensor, a broadcast mask): the kernel indexes a flat view of the
   caller's memory through element strides (see ``engine.kernels.cuda_flash``). The result is
@@ -24,7 +26,7 @@ import threading
 
 import numpy as np
 
-from ..validation import AttentionProblem
+from ..validation import AttentionProblem, is_bfloat16
 from .base import Backend
 
 __all__ = ["CudaBackend", "tile_sizes", "flat_layout"]
@@ -91,13 +93,15 @@ class _HostArrays:
 
     def flat(self, arr, problem, rank, cast=None):
         a = np.ascontiguousarray(arr if cast is None else arr.astype(cast, copy=False))
+        if is_bfloat16(a.dtype):
+            a = a.view(np.uint16)
         if a.size == 0:  # E = 0 or S = 0: never read, but the kernel needs an array
             return _dummy(self.cuda, a.dtype, problem, self.stream)
         lo, span, offs, st = flat_layout(a.shape, a.strides, a.itemsize, problem.batch_shape, rank)
         return self.cuda.to_device(a.reshape(-1), stream=self.stream), offs, st
 
     def empty(self, shape, dtype):
-        return self.cuda.device_array(shape, dtype=dtype, stream=self.stream)
+        return self.cuda.device_array(shape, dtype=_bits_dtype(dtype), stream=self.stream)
 
     def as_numba(self, arr):
         return arr
@@ -112,6 +116,8 @@ class _HostArrays:
         o = out.copy_to_host(stream=self.stream)
         s = lse.copy_to_host(stream=self.stream)
         self.stream.synchronize()
+        if is_bfloat16(problem.dtype):
+            o, s = o.view(problem.dtype), s.view(problem.dtype)
         return o.reshape(problem.out_shape), s.reshape(problem.lse_shape)
 
     def empty_result(self, problem):
@@ -167,12 +173,14 @@ class _DeviceArrays:
 
     def flat(self, arr, problem, rank, cast=None):
         cai = arr.__cuda_array_interface__
-        dtype = np.dtype(cai["typestr"])
+        # validation let a 2-byte void through only for torch bfloat16: read its bits as uint16
+        typestr = "<u2" if cai["typestr"] == "<V2" else cai["typestr"]
+        dtype = np.dtype(typestr)
         if math.prod(cai["shape"]) == 0:
             return _dummy(self.cuda, dtype, problem, self.stream)
         lo, span, offs, st = flat_layout(cai["shape"], cai.get("strides"), dtype.itemsize,
                                          problem.batch_shape, rank)
-        desc = {"shape": (span,), "strides": None, "typestr": cai["typestr"],
+        desc = {"shape": (span,), "strides": None, "typestr": typestr,
                 "data": (cai["data"][0] + lo * dtype.itemsize, False), "version": 3}
         # no stream sync: the kernel runs on the stream that produced the array
         return self.cuda.from_cuda_array_interface(desc, owner=arr, sync=False), offs, st
@@ -182,11 +190,13 @@ class _DeviceArrays:
             return self.lib.empty(shape, dtype=_torch_dtype(self.lib, dtype), device=self.device)
         if self.kind == "cupy":
             return self.lib.empty(shape, dtype=dtype)
-        return self.cuda.device_array(shape, dtype=dtype, stream=self.stream)
+        return self.cuda.device_array(shape, dtype=_bits_dtype(dtype), stream=self.stream)
 
     def as_numba(self, arr):
         if self.kind == "numba":
             return arr
+        if self.kind == "torch" and arr.dtype == self.lib.bfloat16:
+            arr = arr.view(self.lib.uint16)  # same memory; torch exports bfloat16 as an untyped <V2
         return self.cuda.as_cuda_array(arr, sync=False)
 
     def mod_arg(self, value):
@@ -205,7 +215,9 @@ class _DeviceArrays:
 
         o, s = empty_result(problem)
         if self.kind == "torch":
-            return (self.lib.from_numpy(o).to(self.device), self.lib.from_numpy(s).to(self.device))
+            dt = _torch_dtype(self.lib, problem.dtype)
+            # via float32: torch.from_numpy knows no ml_dtypes bfloat16 (zeros and -inf are exact)
+            return tuple(self.lib.from_numpy(a.astype(np.float32)).to(self.device, dt) for a in (o, s))
         if self.kind == "cupy":
             return self.lib.asarray(o), self.lib.asarray(s)
         return self.cuda.to_device(o, stream=self.stream), self.cuda.to_device(s, stream=self.stream)
@@ -240,7 +252,14 @@ def _dummy(cuda, dtype, problem, stream):
 
 
 def _torch_dtype(torch, dtype):
+    if is_bfloat16(np.dtype(dtype)):
+        return torch.bfloat16
     return {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}[np.dtype(dtype)]
+
+
+def _bits_dtype(dtype):
+    """The dtype the kernel stores: bfloat16 as its uint16 bit patterns, others as they are."""
+    return np.dtype(np.uint16) if is_bfloat16(np.dtype(dtype)) else np.dtype(dtype)
 
 
 class CudaBackend(Backend):
@@ -251,7 +270,7 @@ class CudaBackend(Backend):
 
     name = "cuda"
     description = "numba-cuda tiled flash kernel (one block per query tile, K/V tiles in shared memory)"
-    dtypes = ("float16", "float32")
+    dtypes = ("float16", "float32", "bfloat16")
     host_arrays = True
     device_arrays = True
     supports_mods = True
@@ -330,7 +349,9 @@ class CudaBackend(Backend):
         if problem.mask_mod is not None:
             kinds = np.ascontiguousarray(_tile_kinds(problem, bq, bk))
         d_kinds = cuda.to_device(kinds, stream=arrays.stream)
-        kern = flash_kernel(E, Ev, bq, bk, kind, problem.is_causal, problem.score_mod, problem.mask_mod)
+        mask_bf16 = kind == MASK_FLOAT and ops[3][0].dtype == np.uint16
+        kern = flash_kernel(E, Ev, bq, bk, kind, problem.is_causal, problem.score_mod, problem.mask_mod,
+                            bf16=is_bfloat16(problem.dtype), mask_bf16=mask_bf16)
         grid = (math.ceil(L / bq), Hq, B)
         kern[grid, bq, arrays.stream](ops[0][0], ops[1][0], ops[2][0], ops[3][0], d_meta, L, S,
                                       problem.group, problem.scale, mod_args, d_kinds,

@@ -91,7 +91,8 @@ def attention_probabilities(problem: AttentionProblem) -> np.ndarray:
 class ReferenceBackend(Backend):
     name = "reference"
     description = "NumPy, materialised float64 scores; the oracle the other backends are tested against"
-    dtypes = ("float16", "float32", "float64")
+    # bfloat16 is ml_dtypes' NumPy dtype: computed in float64 like the others, rounded once
+    dtypes = ("float16", "float32", "float64", "bfloat16")
     supports_mods = True
     priority = 0
 

@@ -39,6 +39,7 @@ import weakref
 from numba import cuda, float32  # this module is imported only when the cuda backend runs
 from numba.cuda.extending import overload
 
+from .bfloat16 import bf16_to_float32, float32_to_bf16
 from .fastexp import fast_exp, fast_tanh
 from ..mods import EMPTY, PARTIAL, python_function
 
@@ -92,7 +93,7 @@ def shared_bytes(E: int, Ev: int, block_k: int) -> int:
 
 
 def flash_kernel_source(E: int, Ev: int, block_q: int, block_k: int, mask_kind: int, causal: bool,
-                        score_mod=None, mask_mod=None):
+                        score_mod=None, mask_mod=None, bf16: bool = False, mask_bf16: bool = False):
     """The plain Python function of one kernel specialisation (before ``cuda.jit``).
 
     ``_flash_forward(q, k, v, mask, meta, L, S, group, scale, mod_args, tile_kinds, out, lse)``:
@@ -112,6 +113,9 @@ def flash_kernel_source(E: int, Ev: int, block_q: int, block_k: int, mask_kind: 
     ``(Bt, Ht, ceil(L / block_q), ceil(S / block_k))``, Bt/Ht 1 when the mask ignores b/h) its
     block map at these tiles. ``b`` is the flattened batch index, ``h`` the query head. Without
     mods ``mod_args`` is ``()`` and ``tile_kinds`` is never read.
+
+    ``bf16``: q, k, v, out and lse hold bfloat16 bit patterns (``uint16``), converted to float32
+    on load and rounded to nearest even on store; ``mask_bf16``: so does a float mask.
     """
     EK = max(E, 1)   # local/shared arrays need a size >= 1; the loops still run E times
     EV = max(Ev, 1)
@@ -128,6 +132,10 @@ def flash_kernel_source(E: int, Ev: int, block_q: int, block_k: int, mask_kind: 
     MASK_MOD = device_function(mask_mod) if HAS_MASK_MOD else _no_mask_mod
     TILE_EMPTY = np.int8(EMPTY)
     TILE_PARTIAL = np.int8(PARTIAL)
+    # float16/float32 storage converts with plain casts (float16 on store, by the assignment)
+    LOAD = device_function(bf16_to_float32) if bf16 else float32
+    STORE = device_function(float32_to_bf16) if bf16 else float32
+    MASK_LOAD = device_function(bf16_to_float32) if mask_bf16 else float32
 
     def _flash_forward(q, k, v, mask, meta, L, S, group, scale, mod_args, tile_kinds, out, lse):
         tid = cuda.threadIdx.x
@@ -158,7 +166,7 @@ def flash_kernel_source(E: int, Ev: int, block_q: int, block_k: int, mask_kind: 
         if live:
             q_base = meta[3 + b, 0] + h * meta[0, 0] + i * q_row
             for e in range(E):
-                qr[e] = float32(q[q_base + e * q_col]) * scale32
+                qr[e] = LOAD(q[q_base + e * q_col]) * scale32
         for d in range(Ev):
             acc[d] = ZERO
         m = NEG_INF   # running maximum of this row
@@ -182,12 +190,12 @@ def flash_kernel_source(E: int, Ev: int, block_q: int, block_k: int, mask_kind: 
                 c = idx // EK
                 e = idx - c * EK
                 if e < E:
-                    ks[c, e] = float32(k[k_base + (j0 + c) * k_row + e * k_col])
+                    ks[c, e] = LOAD(k[k_base + (j0 + c) * k_row + e * k_col])
             for idx in range(tid, nk * EV, BQ):
                 c = idx // EV
                 e = idx - c * EV
                 if e < Ev:
-                    vs[c, e] = float32(v[v_base + (j0 + c) * v_row + e * v_col])
+                    vs[c, e] = LOAD(v[v_base + (j0 + c) * v_row + e * v_col])
             cuda.syncthreads()
             ncol = nk
             if CAUSAL:
@@ -207,7 +215,7 @@ def flash_kernel_source(E: int, Ev: int, block_q: int, block_k: int, mask_kind: 
                         if not mask[m_base + (j0 + c) * m_col]:
                             s = NEG_INF
                     elif MASK == MASK_FLOAT:
-                        mv = float32(mask[m_base + (j0 + c) * m_col])
+                        mv = MASK_LOAD(mask[m_base + (j0 + c) * m_col])
                         s = NEG_INF if mv == NEG_INF else s + mv
                     sc[c] = s
                     tmax = s if s > tmax else tmax  # NaN never wins: it reaches l through exp
@@ -234,12 +242,12 @@ def flash_kernel_source(E: int, Ev: int, block_q: int, block_k: int, mask_kind: 
             if l > ZERO or l != l:
                 inv = ONE / l
                 for d in range(Ev):
-                    out[b, h, i, d] = acc[d] * inv
-                lse[b, h, i] = m + math.log(l)
+                    out[b, h, i, d] = STORE(acc[d] * inv)
+                lse[b, h, i] = STORE(m + math.log(l))
             else:
                 for d in range(Ev):
-                    out[b, h, i, d] = ZERO
-                lse[b, h, i] = NEG_INF
+                    out[b, h, i, d] = STORE(ZERO)
+                lse[b, h, i] = STORE(NEG_INF)
 
     return _flash_forward
 
@@ -249,15 +257,15 @@ _kernels_lock = threading.Lock()
 
 
 def flash_kernel(E: int, Ev: int, block_q: int, block_k: int, mask_kind: int, causal: bool,
-                 score_mod=None, mask_mod=None):
+                 score_mod=None, mask_mod=None, bf16: bool = False, mask_bf16: bool = False):
     """The ``cuda.jit`` dispatcher for one specialisation (built once per process, then reused).
 
-    It compiles lazily, once per argument types (float16 or float32 storage, mask dtype, the
-    types of ``mod_args``).
+    It compiles lazily, once per argument types (float16, float32 or bfloat16-as-uint16 storage,
+    mask dtype, the types of ``mod_args``).
     """
     key = (int(E), int(Ev), int(block_q), int(block_k), int(mask_kind), bool(causal),
            None if score_mod is None else python_function(score_mod),
-           None if mask_mod is None else python_function(mask_mod))
+           None if mask_mod is None else python_function(mask_mod), bool(bf16), bool(mask_bf16))
     with _kernels_lock:
         kern = _kernels.get(key)
         if kern is None:
@@ -269,9 +277,9 @@ def flash_kernel(E: int, Ev: int, block_q: int, block_k: int, mask_kind: int, ca
 def kernel_signature(storage, mask=None, mod_args=()):
     """The argument types the ``cuda`` backend launches the kernel with, for ``compile_ptx``.
 
-    ``storage``: ``np.float16`` or ``np.float32``; ``mask``: the mask dtype (``np.bool_`` for a
-    boolean mask and for the no-mask dummy; the storage dtype for float masks, to which host
-    masks are cast); ``mod_args``: example values of the mods' arguments (their types count).
+    ``storage``: ``np.float16``, ``np.float32``, or ``np.uint16`` for bfloat16 bit patterns;
+    ``mask``: the mask dtype (``np.bool_`` for a boolean mask and for the no-mask dummy; for float
+    masks the dtype host masks are cast to: the storage dtype, float32 for bfloat16 storage); ``mod_args``: example values of the mods' arguments (their types count).
     """
     from numba import from_dtype, typeof, types
 
