@@ -68,11 +68,13 @@ def input_placement(x: Any, name: str) -> Placement:
 
 
 def to_numpy(value: Any, what: str) -> np.ndarray:
-    """A NumPy array holding ``value``: torch tensors (CPU or CUDA), CuPy and Numba device arrays
-    are copied to the host; anything else goes through ``np.asarray``. ``TypeError`` naming
+    """A NumPy array holding ``value``: torch tensors (CPU or CUDA; bfloat16 ones as float32), CuPy
+    and Numba device arrays are copied to the host; anything else goes through ``np.asarray``. ``TypeError`` naming
     ``what`` when it cannot be converted."""
     if array_api_compat.is_torch_array(value):
-        return value.detach().cpu().numpy()
+        value = value.detach().cpu()
+        # NumPy has no bfloat16: widen it (exact) rather than fail; callers cast to their dtype
+        return (value.float() if str(value.dtype) == "torch.bfloat16" else value).numpy()
     if array_api_compat.is_cupy_array(value):
         return value.get()
     if is_device_array(value) and hasattr(value, "copy_to_host"):  # Numba device array

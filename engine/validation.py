@@ -51,12 +51,18 @@ def array_dtype(x: Any) -> np.dtype:
 
 
 def _as_array(x: Any, name: str) -> Any:
-    """Host inputs become ``np.ndarray`` (torch CPU tensors included); device arrays stay as they are."""
+    """Host inputs become ``np.ndarray`` (torch CPU tensors included, bfloat16 ones as ml_dtypes'
+    bfloat16); device arrays stay as they are."""
     if x is None:
         raise TypeError(f"{name} must be an array, got None")
     if is_device_array(x):
         return x
     try:
+        if type(x).__module__.startswith("torch") and str(getattr(x, "dtype", "")) == "torch.bfloat16":
+            import torch
+
+            # NumPy has no bfloat16; ml_dtypes' holds the same bits (a view, no copy)
+            return x.view(torch.uint16).numpy().view(bfloat16_dtype())
         arr = np.asarray(x)
     except Exception as exc:  # e.g. ragged nested lists
         raise TypeError(f"{name} could not be converted to an array: {exc}") from None

@@ -95,3 +95,31 @@ def test_other_two_byte_records_are_not_taken_for_bfloat16():
     q = np.zeros((1, 2, 5, 4), dtype="V2")
     with pytest.raises(TypeError, match="query must have a floating dtype"):
         engine.scaled_dot_product_attention(q, q, q)
+
+
+def test_torch_bfloat16_cpu_tensors_are_read_as_ml_dtypes_bfloat16(rng):
+    torch = pytest.importorskip("torch")
+    q = torch.randn(2, 3, 6, 4, dtype=torch.bfloat16)
+    k = torch.randn(2, 3, 9, 4, dtype=torch.bfloat16).transpose(-1, -2).contiguous().transpose(-1, -2)
+    out = engine.scaled_dot_product_attention(q, k, k, is_causal=True, backend="reference")
+    host = [t.view(torch.uint16).numpy().view(BF16) for t in (q, k)]
+    want = engine.scaled_dot_product_attention(host[0], host[1], host[1], is_causal=True, backend="reference")
+    assert out.dtype == BF16 and np.array_equal(out.view(np.uint16), want.view(np.uint16))
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), k.float(), is_causal=True)
+    np.testing.assert_allclose(out.astype(np.float32), ref.numpy(), rtol=2.0 ** -8, atol=1e-6)
+
+
+def test_variants_take_bfloat16_inputs_and_weights_cast_to_their_dtype(rng):
+    """As for float16 inputs: a float32 variant casts bfloat16 (exactly) to float32."""
+    torch = pytest.importorskip("torch")
+    attn = engine.get_variant("multi-head", embed_dim=8, num_heads=2, seed=0)
+    x = rng.standard_normal((2, 5, 8)).astype(BF16)
+    want, _ = attn(x.astype(np.float32))
+    out, _ = attn(x)
+    assert out.dtype == np.float32 and np.array_equal(out, want)
+    out_t, _ = attn(torch.from_numpy(x.astype(np.float32)).to(torch.bfloat16))
+    assert np.array_equal(out_t, want)
+    state = {name: w.astype(BF16) for name, w in attn.state_dict().items()}
+    other = engine.get_variant("multi-head", embed_dim=8, num_heads=2, seed=1)
+    other.load_state_dict(state)
+    assert all(np.array_equal(other.state_dict()[n], state[n].astype(np.float32)) for n in state)
