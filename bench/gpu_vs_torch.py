@@ -3,8 +3,9 @@
 Needs a CUDA GPU, a CUDA build of torch and numba-cuda (``pip install -e ".[cuda]"``). Both sides
 get the same torch CUDA tensors (the engine reads them in place and launches on torch's current
 stream); each case is timed with CUDA events, alternating engine and torch, median of rounds.
-float16 compares against torch's own kernel choice (its flash kernel on tensor cores); the engine's
-kernel has no tensor-core path (Numba exposes no MMA intrinsics), so expect it to lose there.
+float16 and bfloat16 compare against torch's own kernel choice (its flash kernel on tensor cores);
+the engine's kernel has no tensor-core path (Numba exposes no MMA intrinsics), so expect it to lose
+there.
 
     python bench/gpu_vs_torch.py --json bench/results/gpu-<device>-<date>.json   # the grid
     python bench/gpu_vs_torch.py --quick                                          # a few cases
@@ -42,7 +43,13 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--peak-tflops", type=float, default=67.0, help="the GPU's FP32 peak")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--dtypes", default="float32,float16,bfloat16",
+                    help="comma-separated storage dtypes to measure (default: all three)")
     args = ap.parse_args(argv)
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    bad = sorted(set(dtypes) - {"float32", "float16", "bfloat16"})
+    if bad or not dtypes:
+        ap.error(f"--dtypes takes float32, float16 and bfloat16, got {args.dtypes!r}")
 
     import torch
 
@@ -57,11 +64,10 @@ def main(argv=None) -> int:
         return 2
 
     if args.quick:
-        grid = list(itertools.product([1], [8], [64], [1024, 2048], [False, True],
-                                      ["float32", "float16"]))
+        grid = list(itertools.product([1], [8], [64], [1024, 2048], [False, True], dtypes))
     else:  # the grid: batch 1-4, 8-32 heads, head size 64/128, L = 1k..16k
         grid = list(itertools.product([1, 4], [8, 32], [64, 128], [1024, 4096, 16384],
-                                      [False, True], ["float32", "float16"]))
+                                      [False, True], dtypes))
     device = torch.cuda.get_device_name()
     rows = []
     for batch, heads, hd, L, causal, dtype in grid:
