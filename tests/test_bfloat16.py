@@ -123,3 +123,20 @@ def test_variants_take_bfloat16_inputs_and_weights_cast_to_their_dtype(rng):
     other = engine.get_variant("multi-head", embed_dim=8, num_heads=2, seed=1)
     other.load_state_dict(state)
     assert all(np.array_equal(other.state_dict()[n], state[n].astype(np.float32)) for n in state)
+
+
+class _DeviceRecord:
+    """A device-array stand-in: an anonymous 2-byte type that is not torch's bfloat16."""
+
+    dtype = "void16"
+
+    def __init__(self, shape):
+        self.shape = shape
+        self.__cuda_array_interface__ = {"shape": shape, "typestr": "<V2", "data": (0, False),
+                                         "strides": None, "version": 3}
+
+
+def test_only_torch_bfloat16_device_arrays_are_read_as_bfloat16():
+    q = _DeviceRecord((1, 2, 5, 4))
+    with pytest.raises(TypeError, match=r"query must have a floating dtype .* got \|V2"):
+        engine.scaled_dot_product_attention(q, q, q, backend="cuda")
