@@ -2,6 +2,7 @@
 import math
 import os
 
+import numba
 import numpy as np
 import pytest
 import torch
@@ -235,3 +236,82 @@ def test_user_mods_from_other_scripts_share_a_cache_folder(tmp_path):
         script.write_text(USER_SCRIPT.format(name=name))
         res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
         assert res.returncode == 0, res.stderr[-2000:]
+
+
+BUILTIN_MODS_SCRIPT = """
+import json, warnings
+import numpy as np
+import engine
+from engine.kernels import cpu_flash
+warnings.simplefilter("error")   # an unreadable cache index would warn (and recompile)
+
+x = np.random.default_rng(0).standard_normal((2, 40, 16)).astype(np.float32)
+ids = np.repeat(np.arange(4), 10)[None].repeat(2, 0)
+outs = {{}}
+for key in {keys!r}:
+    name, causal = key.split(":") if ":" in key else (key, None)
+    kw = {{}} if causal is None else {{"causal": causal == "causal"}}
+    attn = engine.get_variant(name, embed_dim=16, num_heads=2, seed=0, **kw)
+    call = {{"document_ids": ids}} if name == "document" else {{}}
+    outs[key] = attn(x, backend="cpu", **call)[0].tolist()
+hits = sum(sum(k.stats.cache_hits.values()) for k in cpu_flash._with_mods.values())
+print(json.dumps({{"outs": outs, "hits": hits, "kernels": len(cpu_flash._with_mods)}}))
+"""
+
+KEYS = ["alibi", "softcap", "document:plain", "document:causal"]
+
+
+def test_builtin_mods_kernels_are_loaded_from_the_disk_cache(tmp_path):
+    """The second process loads the built-in mods' kernels instead of compiling them (about 12 s
+    each), and each gets its own kernel back, in either order: same_document and
+    same_document_causal even share a signature."""
+    import json
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    runs = []
+    for keys in (KEYS, KEYS[::-1]):
+        script = tmp_path / "builtin_mods.py"
+        script.write_text(BUILTIN_MODS_SCRIPT.format(keys=keys))
+        res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
+                             timeout=600)
+        assert res.returncode == 0, res.stderr[-2000:]
+        runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert first["kernels"] == second["kernels"] == len(KEYS)
+    assert first["hits"] == 0 and second["hits"] == len(KEYS)
+    for key in KEYS:
+        assert first["outs"][key] == second["outs"][key], key
+    assert first["outs"]["document:plain"] != first["outs"]["document:causal"]
+
+
+def _module_function(source, module):
+    """A function compiled from ``source`` as if it were defined in ``module``."""
+    env = {"__name__": module}
+    exec(compile(source, f"<{module}>", "exec"), env)
+    return env["f"]
+
+
+def test_cache_tag_changes_with_the_mods_code_and_skips_what_it_cannot_vouch_for():
+    from engine.kernels.cpu_flash import _CACHE, _cache_tag
+
+    if not _CACHE:
+        pytest.skip("Numba's disk cache is off in this environment")
+    src = "def f(score, b, h, q_idx, kv_idx):\n    return score * {c}\n"
+    a = _module_function(src.format(c=2.0), "variants.example")
+    edited = _module_function(src.format(c=3.0), "variants.example")
+    assert _cache_tag(a, None) and _cache_tag(a, None) == _cache_tag(numba.njit(a), None)
+    assert _cache_tag(a, None) != _cache_tag(edited, None)
+    assert _cache_tag(a, None) != _cache_tag(None, a)
+    assert _cache_tag(_module_function(src.format(c=2.0), "some_plugin.mods"), None) is None
+    assert _cache_tag(_module_function(src.format(c=2.0), "__main__"), None) is None
+
+    def closure(c):
+        def f(score, b, h, q_idx, kv_idx):
+            return score * c
+        return f
+
+    inner = closure(2.0)
+    inner.__module__ = "variants.example"
+    assert _cache_tag(inner, None) is None

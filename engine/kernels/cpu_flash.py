@@ -16,6 +16,8 @@ BLAS must not start its own threads inside our parallel tasks (oversubscription 
 L = 4096): the wrapper holds OpenBLAS at one thread during the call, or, where it cannot, sizes
 the tiles below OpenBLAS's multithreading threshold.
 """
+import hashlib
+import marshal
 import types
 
 import numpy as np
@@ -233,19 +235,61 @@ def flash_kernel(score_mod, mask_mod):
     The mods are globals of the compiled code, not arguments: Numba then calls them directly
     (inlined, vectorised), and the kernel without mods loads from Numba's disk cache (a function
     argument would put a function type in the signature, which never matches after unpickling).
-    Kernels with mods are not disk-cached: they share their file, code and signature with the
-    plain one, so Numba's cache could not tell them apart.
+    Kernels with the built-in variants' mods (modules under ``variants`` or ``engine``) are
+    disk-cached under a name tagged by :func:`_cache_tag`; kernels with other mods are compiled
+    once per process.
     """
     if score_mod is None and mask_mod is None:
         return _flash_forward
     key = (score_mod, mask_mod)
     if key not in _with_mods:
+        tag = _cache_tag(score_mod, mask_mod)
+        cache = {"cache": True} if tag else {}
         env = dict(globals(), _SCORE_MOD=score_mod or no_score_mod, _MASK_MOD=mask_mod or no_mask_mod)
-        task = njit(**_task_options)(types.FunctionType(_flash_task.py_func.__code__, env, "_flash_task_mods"))
+        task = njit(**_task_options, **cache)(_named(_flash_task.py_func.__code__, env, "_flash_task_mods", tag))
         env = dict(globals(), _flash_task=task)
-        _with_mods[key] = njit(**_kernel_options)(
-            types.FunctionType(_flash_forward.py_func.__code__, env, "_flash_forward_mods"))
+        _with_mods[key] = njit(**_kernel_options, **cache)(
+            _named(_flash_forward.py_func.__code__, env, "_flash_forward_mods", tag))
     return _with_mods[key]
+
+
+def _named(code, env, name, tag):
+    fn = types.FunctionType(code, env, name)
+    fn.__qualname__ = f"{name}_{tag}" if tag else name
+    return fn
+
+
+#: packages whose mods get disk-cached kernels (importable by every process, edited only with
+#: the package): the built-in variants and the engine itself
+_CACHED_MOD_PACKAGES = ("variants", "engine")
+
+
+def _cache_tag(score_mod, mask_mod):
+    """A name that tells this pair of mods apart in Numba's disk cache, or None to not cache.
+
+    Numba finds a cached kernel by file, qualified name, code and signature; kernels with mods
+    share the first and third with the plain one, so the qualified name carries this tag: a hash
+    of each mod's module, name and code object (its constants and line numbers too), so an edited
+    mod gets a new entry. Not cached: closures (their captured values are compiled in but are not
+    in the code) and mods from elsewhere (a script's module cannot be imported by the next process;
+    a third-party mod may call functions whose edits the tag cannot see).
+    """
+    if not _CACHE:
+        return None
+    h = hashlib.sha256()
+    for mod in (score_mod, mask_mod):
+        if mod is None:
+            h.update(b"-")
+            continue
+        fn = getattr(mod, "py_func", mod)
+        module = getattr(fn, "__module__", None) or ""
+        if module.split(".")[0] not in _CACHED_MOD_PACKAGES or not hasattr(fn, "__code__"):
+            return None
+        if fn.__closure__:  # captured values are compiled in, and the code does not show them
+            return None
+        h.update(f"{module}.{fn.__qualname__}".encode())
+        h.update(marshal.dumps(fn.__code__))  # the mod's code and constants: an edit is a new entry
+    return h.hexdigest()[:16]
 
 
 _task_options = dict(fastmath=_FM, error_model="numpy")
