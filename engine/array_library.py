@@ -69,8 +69,8 @@ def input_placement(x: Any, name: str) -> Placement:
 
 def to_numpy(value: Any, what: str) -> np.ndarray:
     """A NumPy array holding ``value``: torch tensors (CPU or CUDA; bfloat16 ones as float32), CuPy
-    and Numba device arrays are copied to the host; anything else goes through ``np.asarray``. ``TypeError`` naming
-    ``what`` when it cannot be converted."""
+    and Numba device arrays are copied to the host; anything else goes through ``np.asarray``.
+    ``TypeError`` naming ``what`` when it cannot be converted."""
     if array_api_compat.is_torch_array(value):
         value = value.detach().cpu()
         # NumPy has no bfloat16: widen it (exact) rather than fail; callers cast to their dtype

@@ -246,7 +246,8 @@ def flash_kernel(score_mod, mask_mod):
         tag = _cache_tag(score_mod, mask_mod)
         cache = {"cache": True} if tag else {}
         env = dict(globals(), _SCORE_MOD=score_mod or no_score_mod, _MASK_MOD=mask_mod or no_mask_mod)
-        task = njit(**_task_options, **cache)(_named(_flash_task.py_func.__code__, env, "_flash_task_mods", tag))
+        task = njit(**_task_options, **cache)(
+            _named(_flash_task.py_func.__code__, env, "_flash_task_mods", tag))
         env = dict(globals(), _flash_task=task)
         _with_mods[key] = njit(**_kernel_options, **cache)(
             _named(_flash_forward.py_func.__code__, env, "_flash_forward_mods", tag))
@@ -254,6 +255,8 @@ def flash_kernel(score_mod, mask_mod):
 
 
 def _named(code, env, name, tag):
+    """A function of ``code`` over ``env``, whose qualified name (part of Numba's cache key) ends
+    in ``tag``."""
     fn = types.FunctionType(code, env, name)
     fn.__qualname__ = f"{name}_{tag}" if tag else name
     return fn

@@ -279,7 +279,8 @@ def kernel_signature(storage, mask=None, mod_args=()):
 
     ``storage``: ``np.float16``, ``np.float32``, or ``np.uint16`` for bfloat16 bit patterns;
     ``mask``: the mask dtype (``np.bool_`` for a boolean mask and for the no-mask dummy; for float
-    masks the dtype host masks are cast to: the storage dtype, float32 for bfloat16 storage); ``mod_args``: example values of the mods' arguments (their types count).
+    masks the storage dtype, to which host masks are cast: ``np.uint16`` bits for bfloat16, with
+    ``mask_bf16``); ``mod_args``: example values of the mods' arguments (their types count).
     """
     from numba import from_dtype, typeof, types
 
