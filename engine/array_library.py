@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import array_api_compat
 import numpy as np
 
-from .validation import is_device_array
+from .validation import is_device_array, is_torch_bfloat16
 
 __all__ = ["Placement", "HOST", "placement_of", "input_placement", "to_numpy", "to_host"]
 
@@ -74,7 +74,7 @@ def to_numpy(value: Any, what: str) -> np.ndarray:
     if array_api_compat.is_torch_array(value):
         value = value.detach().cpu()
         # NumPy has no bfloat16: widen it (exact) rather than fail; callers cast to their dtype
-        return (value.float() if str(value.dtype) == "torch.bfloat16" else value).numpy()
+        return (value.float() if is_torch_bfloat16(value) else value).numpy()
     if array_api_compat.is_cupy_array(value):
         return value.get()
     if is_device_array(value) and hasattr(value, "copy_to_host"):  # Numba device array

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["AttentionProblem", "validate_attention_args", "array_dtype", "is_device_array",
-           "bfloat16_dtype", "is_bfloat16"]
+           "bfloat16_dtype", "is_bfloat16", "is_floating", "is_torch_bfloat16"]
 
 
 def is_device_array(x: Any) -> bool:
@@ -39,12 +39,22 @@ def is_bfloat16(dtype: np.dtype) -> bool:
     return dtype.kind == "V" and dtype.name == "bfloat16"
 
 
+def is_floating(dtype: np.dtype) -> bool:
+    """True for the floating dtypes the engine accepts: NumPy's, and ml_dtypes' bfloat16."""
+    return dtype.kind == "f" or is_bfloat16(dtype)
+
+
+def is_torch_bfloat16(x: Any) -> bool:
+    """True for a torch tensor of dtype ``torch.bfloat16`` (checked without importing torch)."""
+    return type(x).__module__.startswith("torch") and str(getattr(x, "dtype", "")) == "torch.bfloat16"
+
+
 def array_dtype(x: Any) -> np.dtype:
     """The NumPy dtype of a host or device array, without copying it (ml_dtypes' bfloat16 for
     torch ``bfloat16`` CUDA tensors, whose interface type is an anonymous 2-byte ``<V2``)."""
     if is_device_array(x):
         typestr = x.__cuda_array_interface__["typestr"]
-        if typestr == "<V2" and str(getattr(x, "dtype", "")) == "torch.bfloat16":
+        if typestr == "<V2" and is_torch_bfloat16(x):
             return bfloat16_dtype()
         return np.dtype(typestr)
     return x.dtype
@@ -58,7 +68,7 @@ def _as_array(x: Any, name: str) -> Any:
     if is_device_array(x):
         return x
     try:
-        if type(x).__module__.startswith("torch") and str(getattr(x, "dtype", "")) == "torch.bfloat16":
+        if is_torch_bfloat16(x):
             import torch
 
             # NumPy has no bfloat16; ml_dtypes' holds the same bits (a view, no copy)
@@ -71,7 +81,7 @@ def _as_array(x: Any, name: str) -> Any:
 
 def _check_float(arr: Any, name: str) -> np.dtype:
     dtype = array_dtype(arr)
-    if dtype.kind != "f" and not is_bfloat16(dtype):
+    if not is_floating(dtype):
         raise TypeError(
             f"{name} must have a floating dtype (float16, float32, float64, bfloat16), got {dtype} "
             f"with shape {tuple(arr.shape)}"
@@ -229,7 +239,7 @@ def validate_attention_args(query, key, value, attn_mask=None, is_causal=False, 
         mdtype = array_dtype(mask)
         if mdtype.kind == "b":
             mask_kind = "bool"
-        elif mdtype.kind == "f" or is_bfloat16(mdtype):
+        elif is_floating(mdtype):
             mask_kind = "float"
         else:
             raise TypeError(f"attn_mask must be boolean (True = may attend) or floating (added to the "

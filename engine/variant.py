@@ -7,7 +7,7 @@ from typing import ClassVar
 import numpy as np
 
 from .array_library import HOST, Placement, input_placement, placement_of, to_host, to_numpy
-from .validation import is_bfloat16
+from .validation import is_floating
 
 __all__ = ["Variant", "check_fits_in_memory"]
 
@@ -95,7 +95,7 @@ class Variant:
         loaded = {}
         for key, expected in self._params.items():
             arr = to_numpy(state[key], f"state_dict[{key!r}]")
-            if arr.dtype.kind != "f" and not is_bfloat16(arr.dtype):
+            if not is_floating(arr.dtype):
                 raise TypeError(f"state_dict[{key!r}] must be floating, got dtype {arr.dtype}")
             if arr.shape != expected.shape:
                 raise ValueError(f"state_dict[{key!r}] has shape {arr.shape}, expected {expected.shape}")
@@ -107,7 +107,7 @@ class Variant:
         """A batched or unbatched floating input, in ``self.dtype``, in ``place``'s library."""
         if place.is_numpy:
             arr = to_numpy(x, name)
-            if arr.dtype.kind != "f" and not is_bfloat16(arr.dtype):
+            if not is_floating(arr.dtype):
                 raise TypeError(f"{name} must be floating, got dtype {arr.dtype} with shape {arr.shape}")
             if arr.ndim not in (2, 3):
                 raise ValueError(f"{name} must be (N, L, features) or unbatched (L, features), got shape {arr.shape}")
