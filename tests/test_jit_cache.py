@@ -3,8 +3,10 @@
 A read-only install folder with an unwritable home must still import and run (cache in a writable
 fallback); an unwritable ``NUMBA_CACHE_DIR`` must run with a warning and no cache; a corrupted
 cache file must be recompiled, not be fatal. The read-only cases run on a copy of the package
-tree; when the tests run as root (who can write anywhere), the child drops to the ``nobody``
-user with ``setpriv`` so the permissions are real.
+tree; when the tests run as root (who can write anywhere), the child runs without capabilities
+(``setpriv``), so the permission bits bind it as they bind any user. It stays root rather than
+becoming ``nobody`` so that it can still read the Python environment, which may sit in a private
+folder (a clone in ``mktemp -d``).
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ import tempfile
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NOBODY = 65534
+# no CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH, now or after exec: root obeys the permission bits
+DROP_CAPABILITIES = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all"]
 
 PROBE = r"""
 import json, sys, warnings
@@ -49,10 +52,10 @@ def _env(**extra):
     return env
 
 
-def _run(env, as_nobody=False):
+def _run(env, unprivileged=False):
     cmd = [sys.executable, "-c", PROBE]
-    if as_nobody:
-        cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"] + cmd
+    if unprivileged:
+        cmd = DROP_CAPABILITIES + cmd
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd="/")
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -61,7 +64,7 @@ def _run(env, as_nobody=False):
 @pytest.fixture
 def sandbox():
     """A world-traversable folder with a read-only copy of the package tree, an unwritable home and
-    a writable temp folder; yields (folder, run_as_nobody)."""
+    a writable temp folder; yields (folder, run_unprivileged)."""
     root_user = os.geteuid() == 0
     if root_user and shutil.which("setpriv") is None:
         pytest.skip("running as root without setpriv: permissions cannot be made real")
@@ -90,25 +93,25 @@ def sandbox():
 
 
 def test_read_only_install_and_unwritable_home_use_a_writable_fallback(sandbox):
-    top, as_nobody = sandbox
+    top, unprivileged = sandbox
     env = _env(PYTHONPATH=os.pathsep.join([os.path.join(top, "site")] + sys.path),
                HOME=os.path.join(top, "home"), TMPDIR=os.path.join(top, "tmp"))
-    got = _run(env, as_nobody)
+    got = _run(env, unprivileged)
     assert got["file"].startswith(os.path.join(top, "site")), got  # the read-only copy was imported
     assert got["correct"] and got["cache_enabled"], got
     assert got["cache_dir"].startswith(os.path.join(top, "tmp", "attention-engine-numba-")), got
     cached = [n for _, _, files in os.walk(got["cache_dir"]) for n in files if n.endswith(".nbi")]
     assert cached, "the fallback folder holds no cache index"
-    again = _run(env, as_nobody)  # the second process loads from the fallback cache
+    again = _run(env, unprivileged)  # the second process loads from the fallback cache
     assert again["correct"] and again["cache_dir"] == got["cache_dir"] and again["cache_hits"] > 0, again
 
 
 def test_unwritable_cache_dir_runs_without_cache_and_warns(sandbox):
-    top, as_nobody = sandbox
+    top, unprivileged = sandbox
     env = _env(PYTHONPATH=os.pathsep.join([os.path.join(top, "site")] + sys.path),
                HOME=os.path.join(top, "home"), TMPDIR=os.path.join(top, "tmp"),
                NUMBA_CACHE_DIR=os.path.join(top, "home", "cache"))
-    got = _run(env, as_nobody)
+    got = _run(env, unprivileged)
     assert got["correct"] and not got["cache_enabled"], got
     assert any("no writable folder for Numba's cache" in w and "NUMBA_CACHE_DIR" in w
                for w in got["warnings"]), got
