@@ -3,6 +3,7 @@
 Importing this package is cheap: no kernel is compiled and no plugin is loaded until first use.
 """
 from .dispatch import get_backend, list_backends
+from .errors import NotSupportedError
 from .functional import scaled_dot_product_attention
 from .hookspecs import hookimpl
 from .mods import BlockMask, create_block_mask
@@ -23,4 +24,4 @@ def __getattr__(name):
 
 __all__ = ["scaled_dot_product_attention", "list_variants", "get_variant", "list_backends",
            "get_backend", "plot_attention", "register_plugin", "unregister_plugin", "get_plugin_manager", "hookimpl",
-           "Variant", "PluginError", "create_block_mask", "BlockMask", "set_num_threads", "get_num_threads", "__version__"]
+           "Variant", "PluginError", "NotSupportedError", "create_block_mask", "BlockMask", "set_num_threads", "get_num_threads", "__version__"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .backends.base import Backend
+from .errors import NotSupportedError
 from .plugins import backend_registry
 from .validation import AttentionProblem
 
@@ -30,16 +31,19 @@ def select_backend(name: str, problem: AttentionProblem) -> Backend:
     """The backend to run ``problem`` on.
 
     ``"auto"`` takes the highest-priority backend with no reasons; an explicit name that cannot run
-    the problem raises ``ValueError`` listing its reasons.
+    the problem raises :class:`~engine.errors.NotSupportedError` (a ``ValueError``) listing its
+    reasons, as does ``"auto"`` when no backend can.
     """
     if name == "auto":
         for backend in sorted(backend_registry().values(), key=lambda b: -b.priority):
             if not backend.not_supported_reasons(problem):
                 return backend
-        detail = "; ".join(f"{n}: {', '.join(r)}" for n, r in not_supported_reasons(problem).items())
-        raise ValueError(f"no backend can run these inputs ({detail})")
+        reasons = not_supported_reasons(problem)
+        detail = "; ".join(f"{n}: {', '.join(r)}" for n, r in reasons.items())
+        raise NotSupportedError(f"no backend can run these inputs ({detail})", reasons)
     backend = get_backend(name)
     reasons = backend.not_supported_reasons(problem)
     if reasons:
-        raise ValueError(f"backend {name!r} cannot run these inputs: {'; '.join(reasons)}")
+        raise NotSupportedError(f"backend {name!r} cannot run these inputs: {'; '.join(reasons)}",
+                                {name: reasons})
     return backend

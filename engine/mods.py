@@ -28,11 +28,8 @@ from numba.np.numpy_support import as_dtype
 
 __all__ = ["BlockMask", "create_block_mask", "as_jit", "cast_like", "EMPTY", "PARTIAL", "FULL"]
 
-EMPTY, PARTIAL, FULL = 0, 1, 2
-
-#: default tile sizes of a block map: the cpu kernel's usual tiles (a backend with other tiles
-#: derives its own map once and memoises it on the block mask)
-BLOCK_Q, BLOCK_K = 128, 256
+from .config import BLOCK_MASK_K, BLOCK_MASK_Q
+from .kernels.kinds import TILE_EMPTY as EMPTY, TILE_FULL as FULL, TILE_PARTIAL as PARTIAL
 
 _jitted: "weakref.WeakKeyDictionary[Callable, Callable]" = weakref.WeakKeyDictionary()
 
@@ -122,7 +119,7 @@ class BlockMask:
 
 
 def create_block_mask(mask_mod: Callable, batch: int | None, heads: int | None, L: int, S: int, *,
-                      mod_args: tuple = (), block_q: int = BLOCK_Q, block_k: int = BLOCK_K) -> BlockMask:
+                      mod_args: tuple = (), block_q: int = BLOCK_MASK_Q, block_k: int = BLOCK_MASK_K) -> BlockMask:
     """Evaluate ``mask_mod`` once over every (b, h, q_idx, kv_idx) and classify the tiles.
 
     Pass ``batch=None``/``heads=None`` when the mask does not depend on ``b``/``h`` (it is then

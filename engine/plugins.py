@@ -16,6 +16,7 @@ from importlib.metadata import entry_points
 import pluggy
 
 from . import hookspecs
+from .errors import PluginError
 
 __all__ = ["get_plugin_manager", "register_plugin", "unregister_plugin", "list_variants",
            "get_variant", "variant_info", "backend_registry", "PluginError"]
@@ -24,10 +25,6 @@ BUILTIN_PLUGINS = ("engine.backends", "variants.self_attention", "variants.multi
                    "variants.cross", "variants.masked", "variants.sliding_window", "variants.alibi",
                    "variants.softcap", "variants.grouped_query", "variants.document")
 DISTRIBUTION = "attention-engine"
-
-
-class PluginError(ValueError):
-    """A plugin conflicts with another one or does not follow the interface."""
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import engine
-from engine.backends.cpu import BLOCK_Q, TASK_ROWS, _get_blas_pin, tile_sizes
+from engine.backends.cpu import _get_blas_pin, tile_sizes
+from engine.config import CPU_BLOCK_Q as BLOCK_Q, CPU_TASK_ROWS as TASK_ROWS
 
 ATOL = {np.float32: 1e-5, np.float64: 1e-10}
 DTYPES = [np.float32, np.float64]

@@ -20,7 +20,7 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
 from numba import cuda  # noqa: E402
 
 from engine.backends.cuda import tile_sizes  # noqa: E402
-from engine.kernels.cuda_flash import (MASK_BOOL, MASK_FLOAT, MASK_NONE,  # noqa: E402
+from engine.kernels.cuda_flash_fwd import (MASK_BOOL, MASK_FLOAT, MASK_NONE,  # noqa: E402
                                        flash_kernel_source, kernel_signature, shared_bytes)
 
 # (mask kind, causal): the combinations the backend launches (is_causal excludes attn_mask)

@@ -242,7 +242,7 @@ BUILTIN_MODS_SCRIPT = """
 import json, warnings
 import numpy as np
 import engine
-from engine.kernels import cpu_flash
+from engine.kernels import cpu_flash_fwd as cpu_flash
 warnings.simplefilter("error")   # an unreadable cache index would warn (and recompile)
 
 x = np.random.default_rng(0).standard_normal((2, 40, 16)).astype(np.float32)
@@ -294,7 +294,7 @@ def _module_function(source, module):
 
 
 def test_cache_tag_changes_with_the_mods_code_and_skips_what_it_cannot_vouch_for():
-    from engine.kernels.cpu_flash import _CACHE, _cache_tag
+    from engine.kernels.cpu_flash_fwd import _CACHE, _cache_tag
 
     if not _CACHE:
         pytest.skip("Numba's disk cache is off in this environment")

@@ -7,7 +7,7 @@ import numpy as np
 
 from engine import Variant, hookimpl, scaled_dot_product_attention
 from engine.array_library import Placement, placement_of, to_host
-from engine.backends.reference import attention_probabilities
+from engine.materialised import attention_probabilities
 from engine.masks import mha_masks_to_sdpa
 from engine.validation import validate_attention_args
 from engine.variant import check_fits_in_memory

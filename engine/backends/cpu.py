@@ -7,24 +7,15 @@ import threading
 
 import numpy as np
 
+from ..config import BLAS_SINGLE_THREAD_MNK, CPU_BIG_BLOCK_Q, CPU_BLOCK_K, CPU_BLOCK_Q, CPU_TASK_ROWS
+from ..kernels.kinds import MASK_BOOL, MASK_FLOAT, MASK_NONE, TILE_FULL
 from ..masks import kernel_mask
-from .reference import add_nonfinite_values
+from ..materialised import add_nonfinite_values
 from ..threads import kernel_call_guard
 from ..validation import AttentionProblem
 from .base import Backend
 
-__all__ = ["CpuBackend", "BLOCK_Q", "BIG_BLOCK_Q", "TASK_ROWS", "tile_sizes"]
-
-#: query rows per tile
-BLOCK_Q = 64
-#: query rows per tile when BLAS is held at one thread (see ``_BlasPin``)
-BIG_BLOCK_Q = 128
-#: query rows per parallel task, split into tiles that share each key/value tile while cached
-TASK_ROWS = 256
-#: OpenBLAS runs a GEMM on one thread when m*n*k <= 65536 * GEMM_MULTITHREAD_THRESHOLD (4 by
-#: default); above that it starts its own threads inside our parallel tasks and oversubscribes
-#: the cores (3x slower at L = 4096). Both products of a tile stay at or below this.
-_BLAS_SINGLE_THREAD_MNK = 65536 * 4
+__all__ = ["CpuBackend", "tile_sizes"]
 
 
 class _BlasPin:
@@ -99,11 +90,11 @@ def tile_sizes(L: int, E: int, Ev: int, blas_pinned: bool = False) -> tuple[int,
     E, Ev <= 16384 (block_q shrinks for very large heads)."""
     width = max(E, Ev, 1)
     if blas_pinned:
-        return max(1, min(BIG_BLOCK_Q if width <= 128 else BLOCK_Q, L)), 256
-    block_q = max(1, min(BLOCK_Q, L))
-    block_k = max(16, min(256, _BLAS_SINGLE_THREAD_MNK // (block_q * width) // 16 * 16))
-    if block_q * block_k * width > _BLAS_SINGLE_THREAD_MNK:
-        block_q = max(1, _BLAS_SINGLE_THREAD_MNK // (block_k * width))
+        return max(1, min(CPU_BIG_BLOCK_Q if width <= 128 else CPU_BLOCK_Q, L)), CPU_BLOCK_K
+    block_q = max(1, min(CPU_BLOCK_Q, L))
+    block_k = max(16, min(CPU_BLOCK_K, BLAS_SINGLE_THREAD_MNK // (block_q * width) // 16 * 16))
+    if block_q * block_k * width > BLAS_SINGLE_THREAD_MNK:
+        block_q = max(1, BLAS_SINGLE_THREAD_MNK // (block_k * width))
     return block_q, block_k
 
 
@@ -129,7 +120,7 @@ class CpuBackend(Backend):
         return reasons
 
     def run(self, problem: AttentionProblem):
-        from ..kernels.cpu_flash import MASK_BOOL, MASK_FLOAT, MASK_NONE, TILE_FULL, flash_kernel
+        from ..kernels.cpu_flash_fwd import flash_kernel
 
         q, k, v = (_as4(a, problem.batch) for a in (problem.query, problem.key, problem.value))
         # a NaN/inf value would leak through 0 * NaN into rows that do not attend to it: compute
@@ -154,7 +145,7 @@ class CpuBackend(Backend):
                 fmask, kind = mask, MASK_FLOAT
         pin = _get_blas_pin()
         block_q, block_k = tile_sizes(L, problem.E, problem.Ev, blas_pinned=pin.available)
-        sub_tiles = max(1, TASK_ROWS // block_q)
+        sub_tiles = max(1, CPU_TASK_ROWS // block_q)
         tile_kinds = np.full((1, 1, 1, 1), TILE_FULL, dtype=np.int8)
         if problem.mask_mod is not None:
             tile_kinds = self._tile_kinds(problem, block_q, block_k)

@@ -8,7 +8,7 @@ Arrays:
   views of the same memory; the kernel converts (``engine.kernels.bfloat16``).
 * Device inputs (anything with ``__cuda_array_interface__``) are read **in place**, whatever their
   strides (a transposed torch tensor, a broadcast mask): the kernel indexes a flat view of the
-  caller's memory through element strides (see ``engine.kernels.cuda_flash``). The result is
+  caller's memory through element strides (see ``engine.kernels.cuda_flash_fwd``). The result is
   allocated by the caller's library and stays on the device: torch CUDA tensors give torch
   tensors, CuPy arrays give CuPy arrays, Numba device arrays (and any other producer of the
   interface) give Numba device arrays.
@@ -26,23 +26,21 @@ import threading
 
 import numpy as np
 
+from ..config import CUDA_BLOCK_Q, CUDA_MAX_HEAD_SUM, CUDA_TILE_SHARED_BYTES
+from ..kernels.kinds import MASK_BOOL, MASK_FLOAT, MASK_NONE, TILE_FULL
 from ..validation import AttentionProblem, is_bfloat16
 from .base import Backend
 
 __all__ = ["CudaBackend", "tile_sizes", "flat_layout"]
 
-#: query rows per block (one thread each)
-BLOCK_Q = 128
-#: upper bound on E + Ev: beyond it a key tile of 8 rows no longer fits in shared memory
-MAX_HEAD_SUM = 1024
 
 
 def tile_sizes(E: int, Ev: int) -> tuple[int, int]:
     """(block_q, block_k) for head sizes E and Ev: 128 query rows per block, and key tiles as long
     as fit 32 KiB of shared memory (64 rows for E = Ev = 64, 32 for E = Ev = 128), a multiple of 8."""
     width = max(E, 1) + max(Ev, 1)
-    block_k = max(8, min(64, (32 * 1024) // (4 * width) // 8 * 8))
-    return BLOCK_Q, block_k
+    block_k = max(8, min(64, CUDA_TILE_SHARED_BYTES // (4 * width) // 8 * 8))
+    return CUDA_BLOCK_Q, block_k
 
 
 def flat_layout(shape, strides, itemsize: int, batch_shape: tuple, rank: int):
@@ -304,8 +302,8 @@ class CudaBackend(Backend):
 
     def not_supported_reasons(self, problem: AttentionProblem) -> list[str]:
         reasons = super().not_supported_reasons(problem)
-        if max(problem.E, 1) + max(problem.Ev, 1) > MAX_HEAD_SUM:
-            reasons.append(f"E + Ev = {problem.E + problem.Ev} > {MAX_HEAD_SUM} (the key/value "
+        if max(problem.E, 1) + max(problem.Ev, 1) > CUDA_MAX_HEAD_SUM:
+            reasons.append(f"E + Ev = {problem.E + problem.Ev} > {CUDA_MAX_HEAD_SUM} (the key/value "
                            "tiles would not fit in shared memory)")
         return reasons
 
@@ -317,8 +315,7 @@ class CudaBackend(Backend):
             return self._run(problem, cuda, arrays)
 
     def _run(self, problem, cuda, arrays):
-        from ..kernels.cuda_flash import MASK_BOOL, MASK_FLOAT, MASK_NONE, flash_kernel
-        from ..mods import FULL
+        from ..kernels.cuda_flash_fwd import flash_kernel
 
         B, Hq, L, S, E, Ev = (problem.batch, problem.num_q_heads, problem.L, problem.S,
                               problem.E, problem.Ev)
@@ -345,7 +342,7 @@ class CudaBackend(Backend):
         out = arrays.empty((B, Hq, L, Ev), problem.dtype)
         lse = arrays.empty((B, Hq, L), problem.dtype)
         mod_args = tuple(arrays.mod_arg(a) for a in problem.mod_args)
-        kinds = np.full((1, 1, 1, 1), FULL, dtype=np.int8)
+        kinds = np.full((1, 1, 1, 1), TILE_FULL, dtype=np.int8)
         if problem.mask_mod is not None:
             kinds = np.ascontiguousarray(_tile_kinds(problem, bq, bk))
         d_kinds = cuda.to_device(kinds, stream=arrays.stream)

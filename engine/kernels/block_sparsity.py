@@ -1,12 +1,14 @@
 """Classifying (query tile, key tile) blocks of a ``mask_mod`` as empty, partial or full."""
 from numba import njit, prange
 
+from .kinds import TILE_EMPTY, TILE_FULL, TILE_PARTIAL
+
 
 # not disk-cached: it always takes the user's mask_mod as an argument, and Numba never finds a
 # specialisation on a function argument in its cache again (compiled once per process instead)
 @njit(parallel=True)
 def _classify_blocks(mask_mod, mod_args, L, S, block_q, block_k, kinds):
-    """kinds[b, h, qb, kb] = 0 (no element allowed), 2 (all allowed) or 1 (some), for every tile.
+    """kinds[b, h, qb, kb] = TILE_EMPTY (no element allowed), TILE_FULL (all) or TILE_PARTIAL, per tile.
 
     ``kinds`` is (Bm, Hm, ceil(L / block_q), ceil(S / block_k)); ``mask_mod(b, h, i, j, *mod_args)``.
     """
@@ -26,4 +28,5 @@ def _classify_blocks(mask_mod, mod_args, L, S, block_q, block_k, kinds):
                 for j in range(j0, j1):
                     if mask_mod(b, h, i, j, *mod_args):
                         allowed += 1
-            kinds[b, h, qb, kb] = 0 if allowed == 0 else (2 if allowed == (i1 - i0) * (j1 - j0) else 1)
+            kinds[b, h, qb, kb] = (TILE_EMPTY if allowed == 0 else
+                                  TILE_FULL if allowed == (i1 - i0) * (j1 - j0) else TILE_PARTIAL)

@@ -25,11 +25,10 @@ from numba import njit, prange
 
 from ..jit_cache import cache_enabled
 from .fastexp import fast_exp
+from .kinds import MASK_BOOL, MASK_FLOAT, TILE_EMPTY, TILE_FULL, TILE_PARTIAL
 
 _CACHE = cache_enabled()
 
-MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
-TILE_EMPTY, TILE_PARTIAL, TILE_FULL = 0, 1, 2  # as engine.mods.EMPTY / PARTIAL / FULL
 
 
 @njit(cache=_CACHE)

@@ -41,12 +41,11 @@ from numba.cuda.extending import overload
 
 from .bfloat16 import bf16_to_float32, float32_to_bf16
 from .fastexp import fast_exp, fast_tanh
-from ..mods import EMPTY, PARTIAL, python_function
+from .kinds import MASK_BOOL, MASK_FLOAT, MASK_NONE, TILE_EMPTY, TILE_PARTIAL
 
 __all__ = ["MASK_NONE", "MASK_BOOL", "MASK_FLOAT", "flash_kernel", "flash_kernel_source", "kernel_signature",
            "shared_bytes", "device_function"]
 
-MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
 
 
 # mods written for the cpu kernels may call these; on the GPU libdevice's expf/tanhf are already
@@ -63,6 +62,11 @@ def _fast_tanh_cuda(x):
 
 _device_functions: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _device_lock = threading.Lock()
+
+
+def python_function(fn):
+    """The pure-Python function behind a mod (``fn.py_func`` of a ``numba.njit`` one)."""
+    return getattr(fn, "py_func", fn)
 
 
 def device_function(mod):
@@ -130,8 +134,8 @@ def flash_kernel_source(E: int, Ev: int, block_q: int, block_k: int, mask_kind: 
     HAS_MASK_MOD = mask_mod is not None
     SCORE_MOD = device_function(score_mod) if HAS_SCORE_MOD else _no_score_mod
     MASK_MOD = device_function(mask_mod) if HAS_MASK_MOD else _no_mask_mod
-    TILE_EMPTY = np.int8(EMPTY)
-    TILE_PARTIAL = np.int8(PARTIAL)
+    EMPTY_TILE = np.int8(TILE_EMPTY)
+    PARTIAL_TILE = np.int8(TILE_PARTIAL)
     # float16/float32 storage converts with plain casts (float16 on store, by the assignment)
     LOAD = device_function(bf16_to_float32) if bf16 else float32
     STORE = device_function(float32_to_bf16) if bf16 else float32
@@ -181,9 +185,9 @@ def flash_kernel_source(E: int, Ev: int, block_q: int, block_k: int, mask_kind: 
                 # one kind for the whole block: every thread skips together or none does
                 kind = tile_kinds[b if tile_kinds.shape[0] > 1 else 0,
                                   h if tile_kinds.shape[1] > 1 else 0, cuda.blockIdx.x, j0 // BK]
-                if kind == TILE_EMPTY:
+                if kind == EMPTY_TILE:
                     continue
-                partial = kind == TILE_PARTIAL
+                partial = kind == PARTIAL_TILE
             nk = min(BK, kend - j0)
             cuda.syncthreads()  # every thread is done with the previous tile
             for idx in range(tid, nk * EK, BQ):

@@ -1,0 +1,29 @@
+"""The engine's tunables, in one place (as stumpy's ``config``): tile sizes and thresholds.
+
+Values were measured on the development machines (see the README's performance section); change
+them here and every kernel, wrapper and block map follows.
+"""
+
+#: ``cpu`` backend: query rows per tile
+CPU_BLOCK_Q = 64
+#: ``cpu`` backend: query rows per tile when BLAS is held at one thread (heads up to 128 wide)
+CPU_BIG_BLOCK_Q = 128
+#: ``cpu`` backend: key rows per tile when BLAS is held at one thread, and the largest otherwise
+CPU_BLOCK_K = 256
+#: ``cpu`` backend: query rows per parallel task, split into tiles that share each key/value tile
+CPU_TASK_ROWS = 256
+#: OpenBLAS runs a GEMM on one thread when m*n*k <= 65536 * GEMM_MULTITHREAD_THRESHOLD (4 by
+#: default); above that it starts its own threads inside our parallel tasks and oversubscribes
+#: the cores (3x slower at L = 4096). Without the BLAS pin, both products of a tile stay below it.
+BLAS_SINGLE_THREAD_MNK = 65536 * 4
+
+#: default tile sizes of a ``BlockMask`` (the cpu kernel's usual tiles; other tile sizes are
+#: derived from the mask_mod once and memoised on the block mask)
+BLOCK_MASK_Q, BLOCK_MASK_K = CPU_BIG_BLOCK_Q, CPU_BLOCK_K
+
+#: ``cuda`` backend: query rows per thread block (one thread each)
+CUDA_BLOCK_Q = 128
+#: ``cuda`` backend: shared memory for one key and value tile, in bytes
+CUDA_TILE_SHARED_BYTES = 32 * 1024
+#: ``cuda`` backend: upper bound on E + Ev (beyond it a key tile of 8 rows no longer fits)
+CUDA_MAX_HEAD_SUM = 1024
