@@ -53,7 +53,7 @@ import numpy as np
 
 __all__ = ["add_arguments", "run", "numpy_sdpa", "torch_mha_like", "torch_mha_forward",
            "variant_flop", "sdpa_flop", "available_backends", "machine_info", "device_synchronizer",
-           "as_torch_inputs", "format_table", "write_plot", "DEFAULT_LENGTHS",
+           "as_torch_inputs", "format_table", "write_plot", "predicted_skip", "DEFAULT_LENGTHS",
            "FULL_LENGTHS"]
 
 DEFAULT_LENGTHS = (256, 512, 1024)
@@ -64,6 +64,35 @@ MIN_ROUND_S = 0.02
 #: an implementation whose rounds would take longer than this in all gets fewer of them (>= 3)
 ROUNDS_BUDGET_S = 2.0
 _MARK = "@@attention-engine-bench "
+#: multiplies every duration the child measures: ``ATTENTION_BENCH_SLOWDOWN=1000`` makes this
+#: machine look 1000x slower to the benchmark's own decisions (the skip predictor, round counts),
+#: which is how the tests prove that their outcome does not depend on the machine's speed
+_SLOWDOWN_ENV = "ATTENTION_BENCH_SLOWDOWN"
+
+
+def _clock_scale() -> float:
+    value = os.environ.get(_SLOWDOWN_ENV, "1")
+    try:
+        scale = float(value)
+    except ValueError:
+        raise ValueError(f"{_SLOWDOWN_ENV} must be a positive number, got {value!r}") from None
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"{_SLOWDOWN_ENV} must be a positive number, got {value!r}")
+    return scale
+
+
+def predicted_skip(time_s: float, L: int, next_L: int, max_call_s: float) -> str | None:
+    """Why an implementation that took ``time_s`` per call at length ``L`` is not run at
+    ``next_L``, or None to run it: the call is predicted to grow with the square of the length
+    (the materialising paths are quadratic) and skipped over ``max_call_s``. ``max_call_s`` of 0
+    or inf never skips."""
+    if not max_call_s or math.isinf(max_call_s):
+        return None
+    predicted = time_s * (next_L / L) ** 2
+    if predicted <= max_call_s:
+        return None
+    return (f"skipped: {time_s:.2g} s per call at L={L} predicts {predicted:.2g} s here "
+            f"(over --max-call-s {max_call_s:g})")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -441,6 +470,7 @@ def _measure_length(case, L: int, spec: dict, peak_method: str, status,
     """Measure every implementation of ``case`` at length ``L`` except those in ``too_slow``
     (name -> why), which get a row saying why."""
     impls, flop, shape = case.build(L)
+    scale = _clock_scale()
     for impl in impls:  # 1. first call: compilation, cache loading, lazy initialisation
         if impl.impl in too_slow:
             impl.error, impl.skipped = too_slow[impl.impl], True
@@ -449,7 +479,7 @@ def _measure_length(case, L: int, spec: dict, peak_method: str, status,
         try:
             t0 = time.perf_counter()
             impl.out = np.asarray(impl.fn())
-            impl.first_call_s = time.perf_counter() - t0
+            impl.first_call_s = (time.perf_counter() - t0) * scale
         except ValueError as exc:
             impl.unsupported = "cannot run these inputs" in str(exc)
             impl.error = str(exc) if impl.unsupported else _describe(exc)
@@ -469,7 +499,7 @@ def _measure_length(case, L: int, spec: dict, peak_method: str, status,
         try:
             t0 = time.perf_counter()
             impl.peak_bytes = _peak_bytes(impl.fn, peak_method)
-            warm = time.perf_counter() - t0
+            warm = (time.perf_counter() - t0) * scale
             impl.loops = max(1, math.ceil(MIN_ROUND_S / max(warm, 1e-7)))
             # slow calls get fewer rounds (never fewer than 3 when --repeat allows): see ROUNDS_BUDGET_S
             impl.rounds = max(min(3, spec["repeat"]),
@@ -488,7 +518,7 @@ def _measure_length(case, L: int, spec: dict, peak_method: str, status,
                 t0 = time.perf_counter()
                 for _ in range(impl.loops):
                     impl.fn()
-                impl.times.append((time.perf_counter() - t0) / impl.loops)
+                impl.times.append((time.perf_counter() - t0) * scale / impl.loops)
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -560,10 +590,9 @@ def _run_spec(spec: dict, out, state: dict) -> None:
         _emit(out, type="rows", L=L, rows=rows)
         for row in rows:  # a call that would exceed --max-call-s at the next length is not made
             if n + 1 < len(lengths) and row["time_s"] and row["impl"] not in too_slow:
-                predicted = row["time_s"] * (lengths[n + 1] / L) ** 2
-                if predicted > spec["max_call_s"]:
-                    too_slow[row["impl"]] = (f"skipped: {row['time_s']:.2g} s per call at L={L} predicts "
-                                             f"{predicted:.2g} s here (over --max-call-s {spec['max_call_s']:g})")
+                why = predicted_skip(row["time_s"], L, lengths[n + 1], spec["max_call_s"])
+                if why:
+                    too_slow[row["impl"]] = why
     info = {"engine_threads": engine.get_num_threads(), "torch_threads": None}
     try:
         import numba
@@ -638,7 +667,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="PATH", help="write a PNG: time and peak memory against L (log-log)")
     parser.add_argument("--max-call-s", type=float, default=None, metavar="SECONDS",
                         help="skip an implementation at the lengths where one call would take longer, "
-                             "predicted quadratically from the previous length (default 1; 5 with --full)")
+                             "predicted quadratically from the previous length (default 1; 5 with --full; "
+                             "0 or inf: never skip)")
     parser.add_argument("--timeout", type=_positive, default=1800,
                         help="seconds one case (all its lengths) may take before it is stopped (default 1800)")
 
@@ -964,7 +994,7 @@ def run(args) -> int:
         return 2
     base = {"lengths": lengths, "batch": args.batch, "embed_dim": args.embed_dim, "heads": args.heads,
             "threads": threads, "repeat": args.repeat, "backends": backends, "plugins": plugins,
-            "max_call_s": args.max_call_s or (5.0 if args.full else 1.0),
+            "max_call_s": args.max_call_s if args.max_call_s is not None else (5.0 if args.full else 1.0),
             "no_torch": args.no_torch}
     progress = _Progress(len(cases) * len(lengths))
     rows, notes, info = [], [], {}

@@ -1,4 +1,9 @@
-"""``attention-engine bench`` in tiny configurations: the table, the JSON, the PNG, real memory."""
+"""``attention-engine bench`` in tiny configurations: the table, the JSON, the PNG, real memory.
+
+Every run here sees the machine as 1000 times slower than it is (``ATTENTION_BENCH_SLOWDOWN``):
+what these tests check must not depend on how fast the machine is or how busy, and this proves it
+(the skip predictor, for one, would drop rows a test needs if a test left it on).
+"""
 import contextlib
 import io
 import json
@@ -7,10 +12,21 @@ import numpy as np
 import pytest
 
 import engine
+from engine.benchmark import predicted_skip
 from engine.cli import main
 from variants.multi_head import MultiHeadAttention
 
-TINY = ["--lengths", "16,32", "--batch", "1", "--embed-dim", "16", "--heads", "2", "--repeat", "2"]
+TINY = ["--lengths", "16,32", "--batch", "1", "--embed-dim", "16", "--heads", "2", "--repeat", "2",
+        "--threads", "1", "--max-call-s", "inf"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def slow_machine():
+    """Every benchmark child of this module measures 1000x the real durations."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ATTENTION_BENCH_SLOWDOWN", "1000")
+    yield
+    mp.undo()
 
 
 class RenamedMultiHead(MultiHeadAttention):
@@ -98,7 +114,7 @@ def test_peak_memory_is_measured_linear_for_tiled_quadratic_for_materialised(tmp
     json_path = tmp_path / "mem.json"
     rc = main(["bench", "--variants", "none", "--backends", "cpu,reference", "--lengths", "256,1024",
                "--batch", "1", "--embed-dim", "32", "--heads", "2", "--repeat", "1", "--no-torch",
-               "--json", str(json_path)])
+               "--threads", "1", "--max-call-s", "inf", "--json", str(json_path)])
     assert rc == 0
     peak = {(r["impl"], r["L"]): r["peak_bytes"] for r in json.loads(json_path.read_text())["rows"]}
     scores = 1 * 2 * 1024 * 1024 * 4  # (N, heads, L, L) float32 at L = 1024: 8 MiB
@@ -130,7 +146,7 @@ def test_max_call_s_skips_the_lengths_predicted_too_slow(tmp_path, capsys):
     json_path = tmp_path / "skip.json"
     rc = main(["bench", "--variants", "none", "--backends", "reference", "--lengths", "16,32", "--batch", "1",
                "--embed-dim", "16", "--heads", "2", "--repeat", "1", "--no-torch", "--max-call-s", "1e-9",
-               "--json", str(json_path)])
+               "--threads", "1", "--json", str(json_path)])
     assert rc == 0  # skipping is not a failure
     rows = {(r["impl"], r["L"]): r for r in json.loads(json_path.read_text())["rows"]}
     assert rows["reference", 16]["time_s"] > 0 and rows["numpy", 16]["time_s"] > 0
@@ -138,6 +154,29 @@ def test_max_call_s_skips_the_lengths_predicted_too_slow(tmp_path, capsys):
         assert rows[impl, 32]["skipped"] and rows[impl, 32]["time_s"] is None
         assert "over --max-call-s 1e-09" in rows[impl, 32]["error"]
     assert "predicts" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("time_s, L, next_L, max_call_s, skipped", [
+    (0.072, 256, 1024, 1.0, True),       # the field failure: 72 ms at 256 predicts 1.15 s at 1024
+    (0.05, 256, 1024, 1.0, False),       # 0.8 s predicted: run
+    (0.25, 512, 1024, 1.0, False),       # exactly 1 s predicted: run
+    (100.0, 256, 1024, float("inf"), False),  # inf never skips
+    (100.0, 256, 1024, 0.0, False),      # 0 never skips
+])
+def test_skip_predictor_on_injected_figures(time_s, L, next_L, max_call_s, skipped):
+    why = predicted_skip(time_s, L, next_L, max_call_s)
+    assert (why is not None) == skipped
+    if skipped:
+        assert why.startswith(f"skipped: {time_s:.2g} s per call at L={L} predicts") and "--max-call-s" in why
+
+
+def test_slowdown_must_be_a_positive_number(monkeypatch, capsys):
+    from engine.benchmark import _clock_scale
+
+    for bad in ("0", "-1", "fast", "nan", "inf"):
+        monkeypatch.setenv("ATTENTION_BENCH_SLOWDOWN", bad)
+        with pytest.raises(ValueError, match="ATTENTION_BENCH_SLOWDOWN must be a positive number"):
+            _clock_scale()
 
 
 @pytest.mark.parametrize("argv, message", [
