@@ -6,6 +6,7 @@ from .dispatch import get_backend, list_backends
 from .errors import NotSupportedError
 from .functional import scaled_dot_product_attention
 from .hookspecs import hookimpl
+from .merge import merge_attention
 from .mods import BlockMask, create_block_mask
 from .plugins import PluginError, get_plugin_manager, get_variant, list_variants, register_plugin, unregister_plugin
 from .threads import get_num_threads, set_num_threads
@@ -24,4 +25,5 @@ def __getattr__(name):
 
 __all__ = ["scaled_dot_product_attention", "list_variants", "get_variant", "list_backends",
            "get_backend", "plot_attention", "register_plugin", "unregister_plugin", "get_plugin_manager", "hookimpl",
-           "Variant", "PluginError", "NotSupportedError", "create_block_mask", "BlockMask", "set_num_threads", "get_num_threads", "__version__"]
+           "Variant", "PluginError", "NotSupportedError", "create_block_mask", "BlockMask", "set_num_threads", "get_num_threads", "__version__",
+           "merge_attention"]
