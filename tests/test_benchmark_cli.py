@@ -61,9 +61,12 @@ def tiny_run(tmp_path_factory):
 def test_tiny_run_succeeds_and_prints_the_table(tiny_run):
     rc, report, _, printed = tiny_run
     assert rc == 0
-    header = printed.splitlines()[0].split()
+    summary, table = printed.split("\nAll rows:\n")
+    assert summary.startswith("Summary:")
+    lines = table.strip().splitlines()
+    header = lines[0].split()
     assert header == ["case", "impl", "L", "time", "GFLOP/s", "peak", "mem", "1st", "call", "t/base", "max|diff|"]
-    table_rows = [line.split() for line in printed.splitlines()[2:] if line.startswith(("multi-head", "self", "sdpa"))]
+    table_rows = [line.split() for line in lines[2:] if line.startswith(("multi-head", "self", "sdpa"))]
     assert len(table_rows) == len(report["rows"]) == 20
     assert report["config"]["lengths"] == [16, 32] and report["config"]["backends"] == ["cpu", "reference"]
 
@@ -99,6 +102,23 @@ def test_json_has_one_complete_row_per_case_impl_and_length(tiny_run):
             base = next(b for b in rows if b["case"] == r["case"] and b["L"] == r["L"] and b["baseline"])
             assert r["ratio"] == pytest.approx(r["time_s"] / base["time_s"])
             assert r["max_abs_diff"] < 1e-4  # same weights, same function as the torch layer
+
+
+def test_summary_says_faster_or_slower_per_case_and_length(tiny_run):
+    """The summary comes first: per case and L the engine's fastest backend against the baseline,
+    'N.NNx faster' or 'N.NNx slower' as the JSON's times say, with both peak memories."""
+    _, report, _, printed = tiny_run
+    summary = printed.split("\nAll rows:\n")[0].strip().splitlines()[4:]
+    rows = report["rows"]
+    assert len(summary) == 3 * 2  # multi-head, self, sdpa at L = 16, 32
+    for line in summary:
+        case, L = line.split()[:2]
+        group = [r for r in rows if r["case"] == case and r["L"] == int(L) and r["time_s"]]
+        best = min((r for r in group if r["backend"]), key=lambda r: r["time_s"])
+        base = next(r for r in group if r["baseline"])
+        ratio = base["time_s"] / best["time_s"]
+        expected = f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+        assert f" {best['impl']} " in line and expected in line and " / " in line, (line, expected)
 
 
 def test_png_is_a_two_panel_plot(tiny_run):
@@ -171,7 +191,7 @@ def test_skip_predictor_on_injected_figures(time_s, L, next_L, max_call_s, skipp
 
 
 def test_slowdown_must_be_a_positive_number(monkeypatch, capsys):
-    from engine.benchmark import _clock_scale
+    from engine.benchmark.measure import _clock_scale
 
     for bad in ("0", "-1", "fast", "nan", "inf"):
         monkeypatch.setenv("ATTENTION_BENCH_SLOWDOWN", bad)
