@@ -252,6 +252,7 @@ def victim(tiny_site, tmp_path):
 
     def plant(folder, owner, mode):
         """The cache built by tiny_site, copied to ``folder``, every index a payload."""
+        give = (lambda path: os.chown(path, owner, owner)) if owner != os.geteuid() else (lambda path: None)
         shutil.copytree(poisoned, folder)
         for dirpath, dirnames, filenames in os.walk(folder):
             for name in filenames:
@@ -260,12 +261,12 @@ def victim(tiny_site, tmp_path):
                     with open(path, "wb") as f:
                         pickle.dump(_RunsCode(marker), f)
                 os.chmod(path, 0o666 if mode & 0o002 else 0o600)
-                os.chown(path, owner, owner)
+                give(path)
             for name in dirnames:
                 os.chmod(os.path.join(dirpath, name), mode)
-                os.chown(os.path.join(dirpath, name), owner, owner)
+                give(os.path.join(dirpath, name))
         os.chmod(folder, mode)
-        os.chown(folder, owner, owner)
+        give(folder)
 
     def run(**extra):
         env = _env(PYTHONPATH=os.pathsep.join([os.path.join(top, "site")] + sys.path),
