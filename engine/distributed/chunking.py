@@ -19,7 +19,6 @@ along an axis that a dask input fixes, as that input; otherwise by :func:`defaul
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import dask.array as da
