@@ -166,21 +166,6 @@ def _release(client, arr):
         time.sleep(0.05)
 
 
-def task_times(client):
-    """Mean compute seconds of pair and merge tasks from the cluster's task stream."""
-    stream = client.get_task_stream()
-    pairs, merges = [], []
-    for t in stream:
-        for s in t.get("startstops", ()):
-            if s["action"] != "compute":
-                continue
-            name = str(t["key"][0] if isinstance(t["key"], tuple) else t["key"])
-            (pairs if name.startswith("attention-pair-") else merges if name.startswith("attention-merge-")
-             else []).append(s["stop"] - s["start"])
-    return (statistics.fmean(pairs) if pairs else 0.0, statistics.fmean(merges) if merges else 0.0,
-            len(pairs), len(merges))
-
-
 #: assumed serial cost of one task at the scheduler (Dask documents "about 1 ms" of overhead per
 #: task in total; what is left of the fitted per-task cost is counted on the workers, in parallel)
 SCHEDULER_S_PER_TASK = 2e-4
@@ -297,6 +282,29 @@ def killed_worker(client):
         got.view(np.uint32), want.view(np.uint32)))}
 
 
+def refit(result, L, chunk):
+    """Fit the model on the one-worker run and check it on the two-worker run, from measured
+    figures only: the work W is the cpu backend on one thread (same inputs, same run), pair tasks
+    share it by their flops (diagonal pairs half), and Dask's cost per task is what one worker
+    spent beyond W, over the tasks; merges are counted in that cost."""
+    one = result["scaling"]["one_worker"]
+    two = next(t for t in result["throughput"] if t["chunk"] == chunk)
+    pairs, merges = one["tasks"]["pairs"], one["tasks"]["merges"]
+    diagonal = 8 * math.ceil(L / chunk)
+    work = statistics.median(one["cpu_s"])
+    fit = {"t_pair_full": work / (pairs - diagonal / 2), "t_merge": 0.0,
+           "per_task_s": max(0.0, (statistics.median(one["distributed_s"]) - work) / (pairs + merges))}
+    check = model(2, L, chunk, 8, **fit)
+    result["scaling"].update({
+        "fitted": fit,
+        "check_two_workers": {"predicted_s": check["seconds"], "measured_s": statistics.median(two["distributed_s"]),
+                              "measured_cpu_2_threads_s": statistics.median(two["cpu_s"]),
+                              "predicted_bytes": check["bytes_moved"], "measured_bytes": two["bytes_moved"]["total"]},
+        "model_this_L": [model(P, L, chunk, 8, **fit) for P in (1, 2, 8, 64, 512)],
+        "model_L65536": [model(P, 65536, chunk, 8, **fit) for P in (1, 2, 8, 64, 512)],
+        "assumptions": {"scheduler_s_per_task": SCHEDULER_S_PER_TASK, "network_bytes_s": NETWORK_BYTES_S}})
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--length", type=int, default=16384)
@@ -304,7 +312,17 @@ def main(argv=None) -> int:
     p.add_argument("--chunks", default="8192,4096")
     p.add_argument("--skip", default="", help="comma-separated sections to skip: exact,speed,scaling,memory,fault")
     p.add_argument("--json", default=None)
+    p.add_argument("--refit", default=None, help="recompute the model from the measured figures in this JSON file")
     args = p.parse_args(argv)
+    if args.refit:
+        with open(args.refit) as f:
+            result = json.load(f)
+        refit(result, result["throughput"][0]["L"], result["scaling"]["one_worker"]["chunk"])
+        result["refit"] = "model recomputed by --refit from the measured figures of this run"
+        with open(args.refit, "w") as f:
+            json.dump(result, f, indent=1)
+        print(json.dumps(result["scaling"]["check_two_workers"]))
+        return 0
     skip = set(filter(None, args.skip.split(",")))
     chunks = [int(c) for c in args.chunks.split(",")]
     result = {"command": "python bench/distributed_vs_cpu.py " + " ".join(argv or sys.argv[1:]),
@@ -326,8 +344,6 @@ def main(argv=None) -> int:
                 print(f"throughput L=S={args.length}, chunk {chunk}: 2 workers x 1 thread vs cpu on 2 threads",
                       flush=True)
                 result["throughput"].append(throughput(client, args.length, chunk, args.rounds))
-                result["throughput"][-1]["task_times"] = dict(zip(
-                    ("pair_s", "merge_s", "pairs", "merges"), task_times(client)))
         if "fault" not in skip:
             print("killed worker", flush=True)
             result["fault"] = killed_worker(client)
@@ -340,25 +356,10 @@ def main(argv=None) -> int:
         try:
             print(f"scaling: 1 worker x 1 thread vs cpu on 1 thread, chunk {chunk}", flush=True)
             one = throughput(client, args.length, chunk, max(1, args.rounds - 1))
-            t_pair, t_merge, n_pairs, n_merges = task_times(client)
         finally:
             _close(client)
-        two = next(t for t in result["throughput"] if t["chunk"] == chunk)
-        pairs, merges = one["tasks"]["pairs"], one["tasks"]["merges"]
-        diagonal = 8 * math.ceil(args.length / chunk)  # half-cost pairs on the diagonal
-        full_pair = t_pair * pairs / (pairs - diagonal / 2)
-        # what one worker spent beyond the tasks' own compute: Dask's cost per task, fitted here
-        per_task = max(0.0, (statistics.median(one["distributed_s"]) - t_pair * pairs - t_merge * merges)
-                       / (pairs + merges))
-        fit = dict(t_pair_full=full_pair, t_merge=t_merge, per_task_s=per_task)
-        check = model(2, args.length, chunk, 8, **fit)
-        result["scaling"] = {
-            "one_worker": one, "fitted": fit,
-            "check_two_workers": {"predicted_s": check["seconds"], "measured_s": statistics.median(two["distributed_s"]),
-                                  "predicted_bytes": check["bytes_moved"], "measured_bytes": two["bytes_moved"]["total"]},
-            "model_L65536": [model(P, 65536, chunk, 8, **fit) for P in (1, 2, 8, 64, 512)],
-            "model_this_L": [model(P, args.length, chunk, 8, **fit) for P in (1, 2, 8, 64, 512)],
-            "assumptions": {"scheduler_s_per_task": SCHEDULER_S_PER_TASK, "network_bytes_s": NETWORK_BYTES_S}}
+        result["scaling"] = {"one_worker": one}
+        refit(result, args.length, chunk)
         print(json.dumps(result["scaling"]["check_two_workers"]), flush=True)
     if "memory" not in skip:
         print("Zarr to Zarr, 4x a worker's memory_limit", flush=True)
