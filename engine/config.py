@@ -27,3 +27,10 @@ CUDA_BLOCK_Q = 128
 CUDA_TILE_SHARED_BYTES = 32 * 1024
 #: ``cuda`` backend: upper bound on E + Ev (beyond it a key tile of 8 rows no longer fits)
 CUDA_MAX_HEAD_SUM = 1024
+
+#: ``engine.distributed``: rows of a query chunk when NumPy inputs are chunked for the user
+#: (sequence axes in chunks of up to this many rows; heads, then batch entries, grouped until a
+#: chunk holds about this many rows). 2048 rows of head 64 in float32 are 512 KiB; one (query
+#: chunk, key chunk) task is then about 1 GFLOP, so Dask's per-task cost (about a millisecond)
+#: stays small
+DASK_CHUNK_ROWS = 2048

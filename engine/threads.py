@@ -17,12 +17,15 @@ import sys
 import threading
 import warnings
 
-__all__ = ["configure_threading_layer", "kernel_call_guard", "set_num_threads", "get_num_threads"]
+__all__ = ["configure_threading_layer", "kernel_call_guard", "set_num_threads", "get_num_threads",
+           "thread_limit"]
 
 _configured = False
 _serialise = threading.Lock()
 _use_lock = False
 _num_threads: int | None = None
+#: per Python thread: a limit set by ``thread_limit`` (Dask tasks), which wins over ``_num_threads``
+_local = threading.local()
 
 
 def _preload_tbb() -> bool:
@@ -74,27 +77,49 @@ def kernel_call_guard():
     import numba
 
     configure_threading_layer()
-    n = _num_threads or numba.config.NUMBA_NUM_THREADS
+    n = get_num_threads()
     lock = _serialise if _use_lock else contextlib.nullcontext()
     with lock:
         numba.set_num_threads(n)
         yield
 
 
+def _check_count(n) -> None:
+    import numba
+
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
+        raise ValueError(f"num_threads must be an int in 1..{numba.config.NUMBA_NUM_THREADS} "
+                         f"(NUMBA_NUM_THREADS), got {n!r}")
+
+
 def set_num_threads(n: int | None) -> None:
     """Threads the ``cpu`` backend uses (``None``: all of Numba's, ``NUMBA_NUM_THREADS``)."""
     global _num_threads
-    import numba
 
     if n is not None:
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
-            raise ValueError(f"num_threads must be an int in 1..{numba.config.NUMBA_NUM_THREADS} "
-                             f"(NUMBA_NUM_THREADS), got {n!r}")
+        _check_count(n)
     _num_threads = n
 
 
+@contextlib.contextmanager
+def thread_limit(n: int):
+    """Within the block, kernels called from *this* Python thread use ``n`` threads; other
+    threads and the process-wide :func:`set_num_threads` are untouched.
+
+    For task schedulers that run one task per thread (Dask): each task's kernels stay on its
+    own share of the cores. ``ValueError`` unless ``1 <= n <= NUMBA_NUM_THREADS``.
+    """
+    _check_count(n)
+    before = getattr(_local, "limit", None)
+    _local.limit = n
+    try:
+        yield
+    finally:
+        _local.limit = before
+
+
 def get_num_threads() -> int:
-    """Threads the next ``cpu`` kernel call will use."""
+    """Threads the next ``cpu`` kernel call from this Python thread will use."""
     import numba
 
-    return _num_threads or numba.config.NUMBA_NUM_THREADS
+    return getattr(_local, "limit", None) or _num_threads or numba.config.NUMBA_NUM_THREADS

@@ -81,3 +81,20 @@ def make_distribution(root, dist, module, source, entry_points):
     (info / "entry_points.txt").write_text("[attention_engine]\n" + "\n".join(entry_points) + "\n")
     if source:
         (root / f"{module}.py").write_text(textwrap.dedent(source))
+
+
+@pytest.fixture(scope="session")
+def dask_client():
+    """One ``distributed.LocalCluster`` of 2 worker processes x 1 thread for the whole session.
+
+    Only the modules marked ``pytest.mark.xdist_group("dask")`` use it, and ``--dist loadgroup``
+    (the README's test command) sends them all to one pytest-xdist worker, so one cluster serves
+    them all; a test that kills a worker waits for its nanny to bring it back."""
+    pytest.importorskip("distributed", reason="the dask extra is not installed")
+    import logging
+
+    from dask.distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                      silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        yield client
