@@ -8,6 +8,7 @@ import threading
 import numpy as np
 
 from ..config import BLAS_SINGLE_THREAD_MNK, CPU_BIG_BLOCK_Q, CPU_BLOCK_K, CPU_BLOCK_Q, CPU_TASK_ROWS
+from ..kernels.philox import dropout_threshold, split_seed
 from ..kernels.kinds import MASK_BOOL, MASK_FLOAT, MASK_NONE, TILE_FULL
 from ..masks import kernel_mask
 from ..materialised import add_nonfinite_values
@@ -15,7 +16,7 @@ from ..threads import kernel_call_guard
 from ..validation import AttentionProblem
 from .base import Backend
 
-__all__ = ["CpuBackend", "tile_sizes"]
+__all__ = ["CpuBackend", "tile_sizes", "dropout_args"]
 
 
 class _BlasPin:
@@ -98,6 +99,16 @@ def tile_sizes(L: int, E: int, Ev: int, blas_pinned: bool = False) -> tuple[int,
     return block_q, block_k
 
 
+def dropout_args(problem: AttentionProblem) -> tuple:
+    """The kernels' ``dropout`` argument: (threshold, 1 / (1 - p), seed_lo, seed_hi), typed so
+    that one compiled signature serves every call (``(0, 1.0, 0, 0)`` without dropout)."""
+    if problem.dropout_p == 0:
+        return (np.uint64(0), 1.0, np.uint64(0), np.uint64(0))
+    lo, hi = split_seed(problem.dropout_seed)
+    keep = 0.0 if problem.dropout_p == 1 else 1.0 / (1.0 - problem.dropout_p)
+    return (np.uint64(dropout_threshold(problem.dropout_p)), keep, np.uint64(lo), np.uint64(hi))
+
+
 def _as4(a, batch: int) -> np.ndarray:
     """C-contiguous (batch, heads, rows, features) view, or copy, of a host array."""
     a = np.ascontiguousarray(a)
@@ -111,6 +122,8 @@ class CpuBackend(Backend):
     description = "Numba njit(parallel=True), tiled online softmax, BLAS tiles; memory linear in L"
     dtypes = ("float32", "float64")
     supports_mods = True
+    supports_backward = True
+    supports_dropout = True
     priority = 10
 
     def not_supported_reasons(self, problem: AttentionProblem) -> list[str]:
@@ -155,7 +168,7 @@ class CpuBackend(Backend):
         with kernel_call_guard(), pin():
             kernel(q, k, v, fmask, bmask, mask_batch, kind, problem.is_causal, problem.scale, problem.group,
                    block_q, block_k, sub_tiles, problem.mod_args, problem.score_mod is not None, tile_kinds,
-                   out, lse)
+                   dropout_args(problem), out, lse)
         out, lse = out.reshape(problem.out_shape), lse.reshape(problem.lse_shape)
         if nonfinite_v:
             out = add_nonfinite_values(problem, out, lse)
