@@ -171,7 +171,7 @@ def _check_against_finite_differences(mod, grad, how, name, problem) -> None:
                 "or abs of it)" if how == "complex-step" else ""
         raise TypeError(f"score_mod {name}: wrong derivative {exc}{extra}; {hint}") from None
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = _first_cause(exc)
         if how == "complex-step":
             raise TypeError(f"score_mod {name} has no derivative for the backward pass: it cannot be "
                             f"evaluated on a complex score (complex-step differentiation): "
@@ -182,6 +182,19 @@ def _check_against_finite_differences(mod, grad, how, name, problem) -> None:
 
 class _Mismatch(Exception):
     pass
+
+
+def _first_cause(exc: Exception) -> str:
+    """The informative line of an exception: for Numba's typing errors, the call it could not
+    type (e.g. ``fast_tanh(complex128)``), not the pipeline banner."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith(">>>"):
+            return "no implementation of " + ln[3:].strip()
+    for ln in lines:
+        if not ln.startswith("Failed in nopython mode pipeline"):
+            return ln
+    return lines[0] if lines else ""
 
 
 def python_function(fn: Callable) -> Callable:
