@@ -18,8 +18,8 @@ CPU_TASK_ROWS = 256
 BLAS_SINGLE_THREAD_MNK = 65536 * 4
 
 #: ``cpu`` backward: query rows and key rows per tile pair when BLAS is held at one thread
-CPU_BWD_BLOCK_Q = 128
-CPU_BWD_BLOCK_K = 128
+CPU_BWD_BLOCK_Q = 256
+CPU_BWD_BLOCK_K = 256
 #: ``cpu`` backward: split each head's key tiles until batch x kv heads x splits is a multiple of
 #: the thread count, or at least this many times the thread count (load balance)
 CPU_BWD_MIN_TASKS_PER_THREAD = 4

@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from engine import Variant, hookimpl, scaled_dot_product_attention
+from engine import Variant, hookimpl
 from engine.array_library import Placement, placement_of, to_host
 from engine.materialised import attention_probabilities
 from engine.masks import mha_masks_to_sdpa
@@ -124,8 +124,7 @@ class MultiHeadAttention(Variant):
             check_fits_in_memory(N * H * L * S * 8 * 3, f"need_weights=True for (N, heads, L, S) = "
                                  f"{(N, H, L, S)}")
             weights = self._weights(q, k, v, mask, causal, extra, average_attn_weights, place)
-        out = scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, backend=backend,
-                                           **extra)
+        out = self.attention(q, k, v, attn_mask=mask, is_causal=causal, backend=backend, **extra)
         out = xp.reshape(xp.permute_dims(place.put(out), (0, 2, 1, 3)), (N, L, self.embed_dim))
         if self.out_projection:
             out = out @ self.param("out_proj.weight", like=query).T
