@@ -213,7 +213,10 @@ def _bind(variant, module: VariantModule):
         return input_placement(x, name)
 
     def param(key, like=None):
-        return module.get_parameter(key)
+        value = module  # attribute lookups, so torch.func.functional_call's substitutes are seen
+        for part in key.split("."):
+            value = getattr(value, part)
+        return value
 
     def attention(query, key, value, *, attn_mask=None, is_causal=False, backend="auto", **kwargs):
         variant._attention_calls += 1

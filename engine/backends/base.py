@@ -28,6 +28,10 @@ class Backend:
     device_arrays: bool = False
     #: whether ``score_mod``/``mask_mod`` are compiled into this backend's kernels
     supports_mods: bool = False
+    #: whether ``run_backward`` computes gradients (training)
+    supports_backward: bool = False
+    #: whether ``dropout_p > 0`` is applied (forward, and backward when it has one)
+    supports_dropout: bool = False
     #: ``auto`` tries backends from the highest priority down
     priority: int = 0
 

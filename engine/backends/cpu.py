@@ -127,11 +127,13 @@ def backward_splits(tasks: int, threads: int, key_tiles: int) -> int:
 
 def split_bounds(work: np.ndarray, splits: int) -> np.ndarray:
     """Cut key tiles with these work counts into ``splits`` contiguous runs of about equal work:
-    int64 bounds, ``splits + 1`` entries from 0 to ``len(work)``."""
-    total = np.cumsum(work, dtype=np.float64)
+    int64 bounds, ``splits + 1`` entries from 0 to ``len(work)``, each inner bound where the
+    cumulative work comes closest to its share."""
+    total = np.concatenate([[0.0], np.cumsum(work, dtype=np.float64)])  # work before bound i
     targets = total[-1] * np.arange(1, splits) / splits
-    inner = np.searchsorted(total, targets, side="left") + 1
-    bounds = np.concatenate([[0], np.minimum(inner, len(work)), [len(work)]]).astype(np.int64)
+    above = np.clip(np.searchsorted(total, targets), 1, len(total) - 1)  # total[above] >= target
+    inner = np.where(total[above] - targets <= targets - total[above - 1], above, above - 1)
+    bounds = np.concatenate([[0], inner, [len(work)]]).astype(np.int64)
     return np.maximum.accumulate(bounds)
 
 
@@ -218,7 +220,7 @@ class CpuBackend(Backend):
         return out, lse
 
     def run_backward(self, problem: AttentionProblem):
-        from ..kernels.cpu_flash_bwd import backward_kernel
+        from ..kernels.cpu_flash_bwd import backward_epilogue, backward_kernel, backward_prologue
 
         B, Hq, H, L, S, E, Ev = (problem.batch, problem.num_q_heads, problem.num_kv_heads, problem.L,
                                  problem.S, problem.E, problem.Ev)
@@ -248,11 +250,13 @@ class CpuBackend(Backend):
         dq_part = np.zeros((splits, B, Hq, L, E), dtype=dt)
         dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
         kernel = backward_kernel(problem.score_mod, problem.score_grad, problem.mask_mod)
+        backward_prologue(q, o, do, lse, problem.scale, qs, delta, lrow)  # q * scale rounded as the forward
         with kernel_call_guard(), pin():
-            kernel(q, k, v, o, do, lse, fmask, bmask, mask_batch, kind, problem.is_causal, problem.scale,
+            kernel(qs, k, v, do, lrow, delta, fmask, bmask, mask_batch, kind, problem.is_causal,
                    problem.group, block_q, block_k, splits, bounds, problem.mod_args,
                    problem.score_mod is not None, tile_kinds, dropout_args(problem), dm_rows, dm_cols,
-                   want_dm, qs, lrow, delta, dq_part, dq, dk, dv, dm)
+                   want_dm, dq_part, dk, dv, dm)
+        backward_epilogue(dq_part, problem.scale, dq)
         dmask = None
         if want_dm:
             if not dm_cols:  # per key tile -> the mask's one column

@@ -31,7 +31,7 @@ from .kinds import MASK_BOOL, MASK_FLOAT, TILE_EMPTY, TILE_FULL, TILE_PARTIAL
 from .philox import keep_scale
 from .specialise import cache_tag, named
 
-__all__ = ["backward_kernel", "no_score_grad"]
+__all__ = ["backward_kernel", "backward_prologue", "backward_epilogue", "no_score_grad"]
 
 _CACHE = cache_enabled()
 
@@ -191,14 +191,16 @@ def _bwd_task(task, qs, k, v, do, lrow, delta, fmask, bmask, mask_batch, mask_ki
 
 
 @njit(parallel=True, cache=_CACHE, fastmath=_FM, error_model="numpy")
-def _flash_backward(q, k, v, o, do, lse, fmask, bmask, mask_batch, mask_kind, causal, scale, group,
+def _flash_backward(qs, k, v, do, lrow, delta, fmask, bmask, mask_batch, mask_kind, causal, group,
                     block_q, block_k, splits, bounds, mod_args, has_score_mod, tile_kinds, dropout,
-                    dm_rows, dm_cols, want_dm, qs, lrow, delta, dq_part, dq, dk, dv, dm):
+                    dm_rows, dm_cols, want_dm, dq_part, dk, dv, dm):
     """Gradients of ``out = softmax(scale * q @ k.T + mask) @ v`` per (batch, head), tiled.
 
-    q (B, Hq, L, E), k (B, H, S, E), v (B, H, S, Ev), o and do (B, Hq, L, Ev), lse (B, Hq, L):
-    C order, the forward's output, the output's gradient and the forward's log-sum-exp. Writes
-    dq (B, Hq, L, E), dk (B, H, S, E), dv (B, H, S, Ev) (dk/dv summed over each GQA group).
+    From :func:`backward_prologue`: ``qs`` = scale * q (B, Hq, L, E), ``delta`` = rowsum(dO * O)
+    and ``lrow`` = the forward's lse with -inf replaced by +inf (B, Hq, L). k (B, H, S, E),
+    v (B, H, S, Ev), do (B, Hq, L, Ev), all C order. Writes dk (B, H, S, E), dv (B, H, S, Ev)
+    (summed over each GQA group) and the splits' unscaled dQ accumulators ``dq_part``
+    (splits, B, Hq, L, E), zeroed by the caller and summed by :func:`backward_epilogue`.
 
     Masks, ``causal``, mods (``has_score_mod``, ``tile_kinds`` at these tile sizes) and
     ``dropout`` are the forward kernel's arguments (``engine.kernels.cpu_flash_fwd``). ``splits``
@@ -206,42 +208,51 @@ def _flash_backward(q, k, v, o, do, lse, fmask, bmask, mask_batch, mask_kind, ca
     tiles into the tasks' runs. With ``want_dm``, ``dm`` (float64, B, Hq, L or 1, S or number of
     key tiles, zeroed) receives the float mask's gradient dS: per row when ``dm_rows`` (else
     summed over rows), per key when ``dm_cols`` (else summed per key tile).
-
-    Scratch: ``qs`` (like q), ``lrow`` and ``delta`` (like lse), ``dq_part`` (splits, B, Hq, L, E),
-    zeroed by the caller.
     """
-    B, Hq, L, E = q.shape
+    B = qs.shape[0]
     H = k.shape[1]
-    Ev = v.shape[3]
-    # prologue: scale * q (so scores and dK carry the scale), D = rowsum(dO * O), and lse with
-    # -inf replaced by +inf (exp(x - inf) = 0 for rows with no visible key)
-    for bh in prange(B * Hq):
-        b = bh // Hq
-        h = bh - b * Hq
-        for i in range(L):
-            for e in range(E):
-                qs[b, h, i, e] = q[b, h, i, e] * scale
-            acc = do[b, h, i, 0] * o[b, h, i, 0]  # Ev >= 1: the wrapper handles empty problems
-            for e in range(1, Ev):
-                acc += do[b, h, i, e] * o[b, h, i, e]
-            delta[b, h, i] = acc
-            x = lse[b, h, i]
-            lrow[b, h, i] = -x if x == -np.inf else x
     per_tile = tile_kinds.shape[2] > 1 or tile_kinds.shape[3] > 1 or tile_kinds[0, 0, 0, 0] != TILE_FULL
     for task in prange(B * H * splits):
-        _bwd_task(task, qs, k, v, do, lrow, delta, fmask, bmask, mask_batch, mask_kind, causal, group,
-                  block_q, block_k, splits, bounds, mod_args, has_score_mod, tile_kinds, per_tile,
+        # the index is int64 when typed, uint64 when lowered: one type, one compilation of the task
+        _bwd_task(np.int64(task), qs, k, v, do, lrow, delta, fmask, bmask, mask_batch, mask_kind, causal,
+                  group, block_q, block_k, splits, bounds, mod_args, has_score_mod, tile_kinds, per_tile,
                   dropout, dm_rows, dm_cols, want_dm, dq_part, dk, dv, dm)
-    # epilogue: dQ = scale * (sum of the splits' accumulators, in split order)
-    for bh in prange(B * Hq):
-        b = bh // Hq
-        h = bh - b * Hq
-        for i in range(L):
-            for e in range(E):
-                acc = dq_part[0, b, h, i, e]
-                for s in range(1, splits):
-                    acc += dq_part[s, b, h, i, e]
-                dq[b, h, i, e] = acc * scale
+
+
+# prologue and epilogue: O(L) work, single-threaded (a parallel loop would cost more compile time
+# than it saves: they are under 1% of a call)
+@njit(cache=_CACHE, error_model="numpy")
+def backward_prologue(q, o, do, lse, scale, qs, delta, lrow):
+    """``qs = scale * q`` (scores and dK then carry the scale), ``delta = rowsum(dO * O)`` and
+    ``lrow`` = lse with -inf (a row with no visible key) replaced by +inf, so that
+    exp(score - lrow) is 0 on such rows. Ev >= 1."""
+    B, Hq, L, E = q.shape
+    Ev = o.shape[3]
+    for b in range(B):
+        for h in range(Hq):
+            for i in range(L):
+                for e in range(E):
+                    qs[b, h, i, e] = q[b, h, i, e] * scale
+                acc = do[b, h, i, 0] * o[b, h, i, 0]
+                for e in range(1, Ev):
+                    acc += do[b, h, i, e] * o[b, h, i, e]
+                delta[b, h, i] = acc
+                x = lse[b, h, i]
+                lrow[b, h, i] = -x if x == -np.inf else x
+
+
+@njit(cache=_CACHE, error_model="numpy")
+def backward_epilogue(dq_part, scale, dq):
+    """dQ = scale * (the splits' accumulators summed in split order)."""
+    S, B, Hq, L, E = dq_part.shape
+    for b in range(B):
+        for h in range(Hq):
+            for i in range(L):
+                for e in range(E):
+                    acc = dq_part[0, b, h, i, e]
+                    for s in range(1, S):
+                        acc += dq_part[s, b, h, i, e]
+                    dq[b, h, i, e] = acc * scale
 
 
 _with_mods: dict = {}

@@ -232,7 +232,8 @@ def _flash_forward(q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scale, 
     per_tile = tile_kinds.shape[2] > 1 or tile_kinds.shape[3] > 1 or tile_kinds[0, 0, 0, 0] != TILE_FULL
     rows = block_q * sub_tiles
     for task in prange(q.shape[0] * q.shape[1] * ((q.shape[2] + rows - 1) // rows)):
-        _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scale, group,
+        # the index is int64 when typed, uint64 when lowered: one type, one compilation of the task
+        _flash_task(np.int64(task), q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scale, group,
                     block_q, block_k, sub_tiles, mod_args, has_score_mod, tile_kinds, per_tile, dropout,
                     out, lse)
 
