@@ -17,9 +17,9 @@ CPU_TASK_ROWS = 256
 #: the cores (3x slower at L = 4096). Without the BLAS pin, both products of a tile stay below it.
 BLAS_SINGLE_THREAD_MNK = 65536 * 4
 
-#: ``cpu`` backward: query rows and key rows per tile pair when BLAS is held at one thread
+#: ``cpu`` backward: query rows per tile when BLAS is held at one thread (rounded down to a
+#: multiple of the forward's; its key tiles are the forward's)
 CPU_BWD_BLOCK_Q = 256
-CPU_BWD_BLOCK_K = 256
 #: ``cpu`` backward: split each head's key tiles until batch x kv heads x splits is a multiple of
 #: the thread count, or at least this many times the thread count (load balance)
 CPU_BWD_MIN_TASKS_PER_THREAD = 4

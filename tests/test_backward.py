@@ -31,8 +31,9 @@ WORST: dict = {}
 def small_tiles(monkeypatch):
     """cpu tiles far smaller than the inputs, so that tiling, causal skipping, block maps and
     splits all run on small shapes."""
-    monkeypatch.setattr(cpu_backend, "CPU_BWD_BLOCK_Q", 16)
-    monkeypatch.setattr(cpu_backend, "CPU_BWD_BLOCK_K", 24)
+    monkeypatch.setattr(cpu_backend, "CPU_BIG_BLOCK_Q", 8)   # the forward's query tiles
+    monkeypatch.setattr(cpu_backend, "CPU_BLOCK_K", 24)      # key tiles, both passes
+    monkeypatch.setattr(cpu_backend, "CPU_BWD_BLOCK_Q", 16)  # the backward's query tiles
 
 
 def _torch_grads(q, k, v, do, kw, dtype, full_mask=False):

@@ -104,10 +104,9 @@ def test_cpu_dropout_is_the_same_for_every_tile_size_and_thread_count(rng, monke
     ref = engine.scaled_dot_product_attention(q, k, v, dropout_p=0.4, dropout_seed=5, backend="reference")
     ref_grads = engine.scaled_dot_product_attention_backward(do, q, k, v, out, lse, dropout_p=0.4, dropout_seed=5,
                                                              backend="reference")
-    monkeypatch.setattr(cpu_backend, "CPU_BWD_BLOCK_Q", 16)
-    monkeypatch.setattr(cpu_backend, "CPU_BWD_BLOCK_K", 24)
-    monkeypatch.setattr(cpu_backend, "CPU_BIG_BLOCK_Q", 8)
-    monkeypatch.setattr(cpu_backend, "CPU_BLOCK_K", 32)
+    monkeypatch.setattr(cpu_backend, "CPU_BIG_BLOCK_Q", 8)   # the forward's query tiles
+    monkeypatch.setattr(cpu_backend, "CPU_BLOCK_K", 24)      # key tiles, both passes
+    monkeypatch.setattr(cpu_backend, "CPU_BWD_BLOCK_Q", 16)  # the backward's query tiles
     for threads in (1, 2):
         engine.set_num_threads(min(threads, engine.get_num_threads()))
         try:

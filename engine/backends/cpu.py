@@ -7,8 +7,8 @@ import threading
 
 import numpy as np
 
-from ..config import (BLAS_SINGLE_THREAD_MNK, CPU_BIG_BLOCK_Q, CPU_BLOCK_K, CPU_BLOCK_Q, CPU_BWD_BLOCK_K,
-                      CPU_BWD_BLOCK_Q, CPU_BWD_MIN_TASKS_PER_THREAD, CPU_TASK_ROWS)
+from ..config import (BLAS_SINGLE_THREAD_MNK, CPU_BIG_BLOCK_Q, CPU_BLOCK_K, CPU_BLOCK_Q, CPU_BWD_BLOCK_Q,
+                      CPU_BWD_MIN_TASKS_PER_THREAD, CPU_TASK_ROWS)
 from ..kernels.philox import dropout_threshold, split_seed
 from ..kernels.kinds import MASK_BOOL, MASK_FLOAT, MASK_NONE, TILE_FULL
 from ..masks import kernel_mask, reduce_to_shape
@@ -101,15 +101,15 @@ def tile_sizes(L: int, E: int, Ev: int, blas_pinned: bool = False) -> tuple[int,
     return block_q, block_k
 
 
-def backward_tile_sizes(L: int, S: int, E: int, Ev: int, blas_pinned: bool = False) -> tuple[int, int]:
-    """(block_q, block_k) of the backward kernel: ``CPU_BWD_BLOCK_Q`` x ``CPU_BWD_BLOCK_K`` when
-    BLAS is held at one thread, else the forward's unpinned sizes (under OpenBLAS's threshold)."""
-    if blas_pinned:
-        block_q, block_k = CPU_BWD_BLOCK_Q, CPU_BWD_BLOCK_K
-    else:
-        block_q, block_k = tile_sizes(L, E, Ev, blas_pinned=False)
-        block_k = min(block_k, CPU_BWD_BLOCK_K)
-    return max(1, min(block_q, L)), max(1, min(block_k, S))
+def backward_tile_sizes(L: int, S: int, E: int, Ev: int, blas_pinned: bool = False) -> tuple[int, int, int]:
+    """(block_q, block_k, fq) of the backward kernel. The forward's tiles are (fq, block_k)
+    (:func:`tile_sizes`); the backward's key tiles are the forward's and its query tiles a
+    multiple of fq, about ``CPU_BWD_BLOCK_Q`` rows when BLAS is held at one thread (one fq
+    otherwise, under OpenBLAS's threshold), so that it recomputes each score with the very
+    product the forward used."""
+    fq, block_k = tile_sizes(L, E, Ev, blas_pinned=blas_pinned)
+    block_q = fq * max(1, CPU_BWD_BLOCK_Q // fq) if blas_pinned else fq
+    return max(1, min(block_q, L)), max(1, min(block_k, S)), fq
 
 
 def backward_splits(tasks: int, threads: int, key_tiles: int) -> int:
@@ -230,7 +230,7 @@ class CpuBackend(Backend):
         lse = np.ascontiguousarray(problem.lse, dtype=dt).reshape(B, Hq, L)
         fmask, bmask, mask_batch, kind = _kernel_masks(problem)
         pin = _get_blas_pin()
-        block_q, block_k = backward_tile_sizes(L, S, E, Ev, blas_pinned=pin.available)
+        block_q, block_k, fq = backward_tile_sizes(L, S, E, Ev, blas_pinned=pin.available)
         nqb, nkb = -(-L // block_q), -(-S // block_k)
         splits = backward_splits(B * H, get_num_threads(), nkb)
         # work per key tile: the query tiles it meets (causal: those at or below the diagonal)
@@ -245,14 +245,15 @@ class CpuBackend(Backend):
         dm_cols = want_dm and mshape[-1] != 1
         dm = np.zeros((B, Hq, L if dm_rows else 1, S if dm_cols else nkb) if want_dm else (1, 1, 1, 1))
         qs = np.empty_like(q)
+        qst = np.empty((B, Hq, -(-L // fq), E * fq), dtype=dt)
         lrow = np.empty((B, Hq, L), dtype=dt)
         delta = np.empty((B, Hq, L), dtype=dt)
         dq_part = np.zeros((splits, B, Hq, L, E), dtype=dt)
         dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
         kernel = backward_kernel(problem.score_mod, problem.score_grad, problem.mask_mod)
-        backward_prologue(q, o, do, lse, problem.scale, qs, delta, lrow)  # q * scale rounded as the forward
+        backward_prologue(q, o, do, lse, problem.scale, fq, qs, qst, delta, lrow)
         with kernel_call_guard(), pin():
-            kernel(qs, k, v, do, lrow, delta, fmask, bmask, mask_batch, kind, problem.is_causal,
+            kernel(qs, qst, fq, k, v, do, lrow, delta, fmask, bmask, mask_batch, kind, problem.is_causal,
                    problem.group, block_q, block_k, splits, bounds, problem.mod_args,
                    problem.score_mod is not None, tile_kinds, dropout_args(problem), dm_rows, dm_cols,
                    want_dm, dq_part, dk, dv, dm)

@@ -49,7 +49,7 @@ _MASK_MOD = no_mask_mod
 
 
 @njit(cache=_CACHE, fastmath=_FM, error_model="numpy")
-def _bwd_task(task, qs, k, v, do, lrow, delta, fmask, bmask, mask_batch, mask_kind, causal, group,
+def _bwd_task(task, qs, qst, fq, k, v, do, lrow, delta, fmask, bmask, mask_batch, mask_kind, causal, group,
               block_q, block_k, splits, bounds, mod_args, has_score_mod, tile_kinds, per_tile, dropout,
               dm_rows, dm_cols, want_dm, dq_part, dk, dv, dm):
     """One parallel task: the key tiles ``bounds[s] ... bounds[s + 1] - 1`` of one (batch, kv head)."""
@@ -81,6 +81,7 @@ def _bwd_task(task, qs, k, v, do, lrow, delta, fmask, bmask, mask_batch, mask_ki
     tk = np.empty((block_k, E), dtype=dt)
     tv = np.empty((block_k, Ev), dtype=dt)
     tq = np.empty((block_q, E), dtype=dt)
+    ts = np.empty(block_k * fq, dtype=dt)  # one forward-shaped block of scores
     for kb in range(bounds[s], bounds[s + 1]):
         j0 = kb * block_k
         j1 = min(j0 + block_k, S)
@@ -106,7 +107,16 @@ def _bwd_task(task, qs, k, v, do, lrow, delta, fmask, bmask, mask_batch, mask_ki
                 dr = delta[b, h, i0:i1]
                 pt = pt_buf[:nk * nq].reshape((nk, nq))
                 dpt = dpt_buf[:nk * nq].reshape((nk, nq))
-                np.dot(kt, qi.T, pt)  # scaled scores (qs holds scale * q)
+                # scaled scores, as the forward computed them: one product per forward query tile
+                # of fq rows, with its operand layout (BLAS rounds differently for other shapes, and
+                # weights recomputed from other roundings of the scores disagree with lse and out)
+                for c0 in range(0, nq, fq):
+                    w = min(fq, nq - c0)
+                    tsw = ts[:nk * w].reshape((nk, w))
+                    np.dot(kt, qst[b, h, (i0 + c0) // fq, :E * w].reshape((E, w)), tsw)
+                    for c in range(nk):
+                        for r in range(w):
+                            pt[c, c0 + r] = tsw[c, r]
                 if has_score_mod:
                     gt = gt_buf[:nk * nq].reshape((nk, nq))
                     for c in range(nk):
@@ -191,12 +201,13 @@ def _bwd_task(task, qs, k, v, do, lrow, delta, fmask, bmask, mask_batch, mask_ki
 
 
 @njit(parallel=True, cache=_CACHE, fastmath=_FM, error_model="numpy")
-def _flash_backward(qs, k, v, do, lrow, delta, fmask, bmask, mask_batch, mask_kind, causal, group,
+def _flash_backward(qs, qst, fq, k, v, do, lrow, delta, fmask, bmask, mask_batch, mask_kind, causal, group,
                     block_q, block_k, splits, bounds, mod_args, has_score_mod, tile_kinds, dropout,
                     dm_rows, dm_cols, want_dm, dq_part, dk, dv, dm):
     """Gradients of ``out = softmax(scale * q @ k.T + mask) @ v`` per (batch, head), tiled.
 
-    From :func:`backward_prologue`: ``qs`` = scale * q (B, Hq, L, E), ``delta`` = rowsum(dO * O)
+    From :func:`backward_prologue`: ``qs`` = scale * q (B, Hq, L, E) and its copy ``qst`` in the
+    forward's operand layout (blocks of ``fq`` rows, each transposed), ``delta`` = rowsum(dO * O)
     and ``lrow`` = the forward's lse with -inf replaced by +inf (B, Hq, L). k (B, H, S, E),
     v (B, H, S, Ev), do (B, Hq, L, Ev), all C order. Writes dk (B, H, S, E), dv (B, H, S, Ev)
     (summed over each GQA group) and the splits' unscaled dQ accumulators ``dq_part``
@@ -214,7 +225,7 @@ def _flash_backward(qs, k, v, do, lrow, delta, fmask, bmask, mask_batch, mask_ki
     per_tile = tile_kinds.shape[2] > 1 or tile_kinds.shape[3] > 1 or tile_kinds[0, 0, 0, 0] != TILE_FULL
     for task in prange(B * H * splits):
         # the index is int64 when typed, uint64 when lowered: one type, one compilation of the task
-        _bwd_task(np.int64(task), qs, k, v, do, lrow, delta, fmask, bmask, mask_batch, mask_kind, causal,
+        _bwd_task(np.int64(task), qs, qst, fq, k, v, do, lrow, delta, fmask, bmask, mask_batch, mask_kind, causal,
                   group, block_q, block_k, splits, bounds, mod_args, has_score_mod, tile_kinds, per_tile,
                   dropout, dm_rows, dm_cols, want_dm, dq_part, dk, dv, dm)
 
@@ -222,17 +233,24 @@ def _flash_backward(qs, k, v, do, lrow, delta, fmask, bmask, mask_batch, mask_ki
 # prologue and epilogue: O(L) work, single-threaded (a parallel loop would cost more compile time
 # than it saves: they are under 1% of a call)
 @njit(cache=_CACHE, error_model="numpy")
-def backward_prologue(q, o, do, lse, scale, qs, delta, lrow):
-    """``qs = scale * q`` (scores and dK then carry the scale), ``delta = rowsum(dO * O)`` and
-    ``lrow`` = lse with -inf (a row with no visible key) replaced by +inf, so that
-    exp(score - lrow) is 0 on such rows. Ev >= 1."""
+def backward_prologue(q, o, do, lse, scale, fq, qs, qst, delta, lrow):
+    """``qs = scale * q`` (scores and dK then carry the scale), rounded as the forward rounds it;
+    ``qst[b, h, t]``: rows ``t*fq ...`` of ``qs`` transposed, ``(E, rows)`` in C order, as the
+    forward's score products read them; ``delta = rowsum(dO * O)``; ``lrow`` = lse with -inf (a
+    row with no visible key) replaced by +inf, so that exp(score - lrow) is 0 on such rows.
+    Ev >= 1."""
     B, Hq, L, E = q.shape
     Ev = o.shape[3]
     for b in range(B):
         for h in range(Hq):
             for i in range(L):
+                t = i // fq
+                w = min(fq, L - t * fq)
+                r = i - t * fq
                 for e in range(E):
-                    qs[b, h, i, e] = q[b, h, i, e] * scale
+                    x = q[b, h, i, e] * scale
+                    qs[b, h, i, e] = x
+                    qst[b, h, t, e * w + r] = x
                 acc = do[b, h, i, 0] * o[b, h, i, 0]
                 for e in range(1, Ev):
                     acc += do[b, h, i, e] * o[b, h, i, e]

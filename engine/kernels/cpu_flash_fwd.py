@@ -44,6 +44,9 @@ def no_mask_mod(b, h, q_idx, kv_idx, *mod_args):
 _FM = {"contract", "reassoc", "nsz", "arcp"}
 
 
+#: keys per partial row sum of the weights (see ``_flash_task``)
+_SUM_CHUNK = 32
+
 #: the mods the kernels below call; ``flash_kernel`` re-binds these names for other mods
 _SCORE_MOD = no_score_mod
 _MASK_MOD = no_mask_mod
@@ -79,11 +82,12 @@ def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scal
     pv_buf = np.empty(block_q * Ev, dtype=dt)
     acc = np.zeros((nt, Ev), dtype=dt)
     m = np.full(nt, neg_inf, dtype=dt)         # running max per query row
-    l = np.zeros(nt, dtype=dt)                 # running sum per query row
+    l = np.zeros(nt, dtype=np.float64)         # running sum per query row (float64: see below)
     tm = np.empty(block_q, dtype=dt)
     shift = np.empty(block_q, dtype=dt)
     alpha = np.empty(block_q, dtype=dt)
-    ts = np.empty(block_q, dtype=dt)
+    ts = np.empty(block_q, dtype=np.float64)
+    tc = np.empty(block_q, dtype=dt)
     zt_buf = np.empty(block_k * block_q if dropping else 1, dtype=dt)  # dropout multipliers
     for r in range(nt):
         sub = r // block_q
@@ -159,13 +163,19 @@ def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scal
                 shift[r] = sh
                 alpha[r] = a
                 m[o + r] = mn
-                ts[r] = zero
+                ts[r] = 0.0
                 rescale |= a != 1.0
-            for c in range(nk):
+            # chunks of keys summed in dt, the chunk sums in float64: a float32 sum over a whole
+            # tile would lose about sqrt(block_k) ulps, which lse and the backward's weights inherit
+            for c0 in range(0, nk, _SUM_CHUNK):
+                tc[:nq] = zero
+                for c in range(c0, min(c0 + _SUM_CHUNK, nk)):
+                    for r in range(nq):
+                        p = fast_exp(st[c, r] - shift[r])
+                        st[c, r] = p
+                        tc[r] += p
                 for r in range(nq):
-                    p = fast_exp(st[c, r] - shift[r])
-                    st[c, r] = p
-                    ts[r] += p
+                    ts[r] += tc[r]
             for r in range(nq):
                 l[o + r] = l[o + r] * alpha[r] + ts[r]
             if dropping:  # the sum above (so lse) is of the kept and dropped weights, as torch
