@@ -186,6 +186,10 @@ def test_as_module_every_variant_matches_and_gradchecks(name):
 
     args = tuple(p.detach().clone().requires_grad_() for p in module.parameters()) + tuple(inputs[k] for k in tensors)
     assert gradcheck(f, args, eps=1e-6, atol=1e-7, rtol=1e-5)
+    # and the output depends on every parameter of the module (not on copies of the variant's)
+    f(*args).square().sum().backward()
+    for n, a in zip(names, args):
+        assert a.grad is not None and a.grad.abs().max() > 0, n
 
 
 @pytest.mark.parametrize("name, params", [("multi-head", {}), ("cross", {"kdim": 6, "vdim": 10})])
