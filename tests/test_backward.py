@@ -265,3 +265,20 @@ def test_backends_without_a_backward_refuse_it_and_say_so(fwd):
     assert engine.get_backend("cuda").supports_backward is False
     with pytest.raises(engine.NotSupportedError, match="no backward pass"):
         engine.scaled_dot_product_attention_backward(out, q, k, v, out, lse, backend="cuda")
+
+
+def test_gemm_acc_accumulates_in_place_with_any_row_stride(rng):
+    from engine.kernels.blas import gemm_acc_kernel
+
+    for dtype in (np.float32, np.float64):
+        a, b = randn(rng, (30, 7), dtype), randn(rng, (7, 5), dtype)
+        big = randn(rng, (40, 9), dtype)
+        before = big.copy()
+        c = big[3:33, 2:7]  # a view with row stride 9
+        gemm_acc_kernel(a, b, c, False)
+        np.testing.assert_allclose(big[3:33, 2:7], before[3:33, 2:7] + a @ b, rtol=1e-5)
+        gemm_acc_kernel(np.ascontiguousarray(a.T), b, c, True)
+        np.testing.assert_allclose(big[3:33, 2:7], before[3:33, 2:7] + 2 * (a @ b), rtol=1e-5)
+        outside = np.ones(big.shape, bool)
+        outside[3:33, 2:7] = False
+        np.testing.assert_array_equal(big[outside], before[outside])  # nothing else written

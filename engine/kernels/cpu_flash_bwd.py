@@ -7,7 +7,8 @@ scores with BLAS, the weights from the forward's log-sum-exp, ``P = exp(S - lse)
     dV_j += P^T dO_i          dP = dO_i V_j^T          dS = P * (dP - D_i)
     dK_j += dS^T (scale Q_i)  dQ_i += dS K_j           with D = rowsum(dO * O)
 
-(five tile products). Tiles are transposed as in the forward (keys along the rows: per-query
+(five tile products; the three that accumulate call BLAS with beta = 1, ``engine.kernels.blas``).
+Tiles are transposed as in the forward (keys along the rows: per-query
 quantities lse and D are contiguous vectors and the element-wise passes vectorise).
 
 Parallel tasks own disjoint outputs, so no two threads ever add into the same number and the
@@ -26,8 +27,9 @@ from numba import njit, prange
 
 from ..jit_cache import cache_enabled
 from .cpu_flash_fwd import _FM, no_mask_mod, no_score_mod
+from .blas import gemm_acc
 from .fastexp import fast_exp
-from .kinds import MASK_BOOL, MASK_FLOAT, TILE_EMPTY, TILE_FULL, TILE_PARTIAL
+from .kinds import MASK_BOOL, MASK_FLOAT, MASK_NONE, TILE_EMPTY, TILE_FULL, TILE_PARTIAL
 from .philox import keep_scale
 from .specialise import cache_tag, named
 
@@ -78,9 +80,6 @@ def _bwd_task(task, qs, qst, fq, k, v, do, lrow, delta, fmask, bmask, mask_batch
     pzt_buf = np.empty(block_k * block_q if dropping else 1, dtype=dt)  # P^T * Z
     dk_acc = np.empty((block_k, E), dtype=dt)
     dv_acc = np.empty((block_k, Ev), dtype=dt)
-    tk = np.empty((block_k, E), dtype=dt)
-    tv = np.empty((block_k, Ev), dtype=dt)
-    tq = np.empty((block_q, E), dtype=dt)
     ts = np.empty(block_k * fq, dtype=dt)  # one forward-shaped block of scores
     for kb in range(bounds[s], bounds[s + 1]):
         j0 = kb * block_k
@@ -110,13 +109,23 @@ def _bwd_task(task, qs, qst, fq, k, v, do, lrow, delta, fmask, bmask, mask_batch
                 # scaled scores, as the forward computed them: one product per forward query tile
                 # of fq rows, with its operand layout (BLAS rounds differently for other shapes, and
                 # weights recomputed from other roundings of the scores disagree with lse and out)
+                # no mod and no mask on this tile: the weights straight from the products
+                plain = (not has_score_mod and tile != TILE_PARTIAL and mask_kind == MASK_NONE
+                         and not (causal and j1 - 1 > i0))
                 for c0 in range(0, nq, fq):
                     w = min(fq, nq - c0)
                     tsw = ts[:nk * w].reshape((nk, w))
                     np.dot(kt, qst[b, h, (i0 + c0) // fq, :E * w].reshape((E, w)), tsw)
-                    for c in range(nk):
-                        for r in range(w):
-                            pt[c, c0 + r] = tsw[c, r]
+                    lrw = lr[c0:c0 + w]
+                    for c in range(nk):  # 1-D row views: indexing with an offset does not vectorise
+                        prow = pt[c, c0:c0 + w]
+                        trow = tsw[c]
+                        if plain:
+                            for r in range(w):
+                                prow[r] = fast_exp(trow[r] - lrw[r])
+                        else:
+                            for r in range(w):
+                                prow[r] = trow[r]
                 if has_score_mod:
                     gt = gt_buf[:nk * nq].reshape((nk, nq))
                     for c in range(nk):
@@ -148,7 +157,7 @@ def _bwd_task(task, qs, qst, fq, k, v, do, lrow, delta, fmask, bmask, mask_batch
                         for r in range(nq):
                             x = pt[c, r] if r >= first else neg_inf
                             pt[c, r] = fast_exp(x - lr[r])
-                else:
+                elif not plain:  # a score_mod or a partial block without another mask
                     for c in range(nk):
                         for r in range(nq):
                             pt[c, r] = fast_exp(pt[c, r] - lr[r])
@@ -160,11 +169,7 @@ def _bwd_task(task, qs, qst, fq, k, v, do, lrow, delta, fmask, bmask, mask_batch
                     for c in range(nk):
                         for r in range(nq):
                             pz[c, r] = pt[c, r] * zt[c, r]
-                # dV_j += (P Z)^T dO_i, with the tile already transposed
-                np.dot(pz, doi, tv[:nk])
-                for c in range(nk):
-                    for e in range(Ev):
-                        dv_acc[c, e] += tv[c, e]
+                gemm_acc(pz, doi, dv_acc[:nk], False)  # dV_j += (P Z)^T dO_i (the tile is transposed)
                 np.dot(vt, doi.T, dpt)  # dP^T
                 if dropping:
                     for c in range(nk):
@@ -183,16 +188,8 @@ def _bwd_task(task, qs, qst, fq, k, v, do, lrow, delta, fmask, bmask, mask_batch
                     for c in range(nk):
                         for r in range(nq):
                             dpt[c, r] = dpt[c, r] * gt[c, r] if pt[c, r] != zero else zero
-                # dK_j += dS^T (scale Q_i);  dQ_i += dS K_j (scaled in the epilogue)
-                np.dot(dpt, qi, tk[:nk])
-                for c in range(nk):
-                    for e in range(E):
-                        dk_acc[c, e] += tk[c, e]
-                np.dot(dpt.T, kt, tq[:nq])
-                dqp = dq_part[s, b, h]
-                for r in range(nq):
-                    for e in range(E):
-                        dqp[i0 + r, e] += tq[r, e]
+                gemm_acc(dpt, qi, dk_acc[:nk], False)  # dK_j += dS^T (scale Q_i)
+                gemm_acc(dpt, kt, dq_part[s, b, h, i0:i1], True)  # dQ_i += dS K_j (scaled at the end)
         for c in range(nk):
             for e in range(E):
                 dk[b, hk, j0 + c, e] = dk_acc[c, e]
