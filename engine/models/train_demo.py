@@ -148,7 +148,7 @@ def plot(result: dict, path: str) -> None:
     bx.set_xlabel("step")
     bx.set_ylabel("|loss - torch loss| / torch loss  (equal: 1e-17)")
     bx.set_title("per-step agreement")
-    bx.legend(loc="upper left")
+    bx.legend(loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
