@@ -199,7 +199,7 @@ class CpuBackend(Backend):
         nonfinite_v = not np.isfinite(np.sum(v))
         if nonfinite_v:
             v = np.where(np.isfinite(v), v, 0).astype(problem.dtype)
-        B, Hq, L, S = problem.batch, problem.num_q_heads, problem.L, problem.S
+        B, Hq, L = problem.batch, problem.num_q_heads, problem.L
         fmask, bmask, mask_batch, kind = _kernel_masks(problem)
         pin = _get_blas_pin()
         block_q, block_k = tile_sizes(L, problem.E, problem.Ev, blas_pinned=pin.available)
@@ -220,7 +220,7 @@ class CpuBackend(Backend):
         return out, lse
 
     def run_backward(self, problem: AttentionProblem):
-        from ..kernels.cpu_flash_bwd import backward_epilogue, backward_kernel, backward_prologue
+        from ..kernels.cpu_flash_bwd import _backward_epilogue, _backward_prologue, backward_kernel
 
         B, Hq, H, L, S, E, Ev = (problem.batch, problem.num_q_heads, problem.num_kv_heads, problem.L,
                                  problem.S, problem.E, problem.Ev)
@@ -251,13 +251,13 @@ class CpuBackend(Backend):
         dq_part = np.zeros((splits, B, Hq, L, E), dtype=dt)
         dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
         kernel = backward_kernel(problem.score_mod, problem.score_grad, problem.mask_mod)
-        backward_prologue(q, o, do, lse, problem.scale, fq, qs, qst, delta, lrow)
+        _backward_prologue(q, o, do, lse, problem.scale, fq, qs, qst, delta, lrow)
         with kernel_call_guard(), pin():
             kernel(qs, qst, fq, k, v, do, lrow, delta, fmask, bmask, mask_batch, kind, problem.is_causal,
                    problem.group, block_q, block_k, splits, bounds, problem.mod_args,
                    problem.score_mod is not None, tile_kinds, dropout_args(problem), dm_rows, dm_cols,
                    want_dm, dq_part, dk, dv, dm)
-        backward_epilogue(dq_part, problem.scale, dq)
+        _backward_epilogue(dq_part, problem.scale, dq)
         dmask = None
         if want_dm:
             if not dm_cols:  # per key tile -> the mask's one column

@@ -33,7 +33,7 @@ from .kinds import MASK_BOOL, MASK_FLOAT, MASK_NONE, TILE_EMPTY, TILE_FULL, TILE
 from .philox import keep_scale
 from .specialise import cache_tag, named
 
-__all__ = ["backward_kernel", "backward_prologue", "backward_epilogue", "no_score_grad"]
+__all__ = ["backward_kernel", "no_score_grad"]
 
 _CACHE = cache_enabled()
 
@@ -203,12 +203,12 @@ def _flash_backward(qs, qst, fq, k, v, do, lrow, delta, fmask, bmask, mask_batch
                     dm_rows, dm_cols, want_dm, dq_part, dk, dv, dm):
     """Gradients of ``out = softmax(scale * q @ k.T + mask) @ v`` per (batch, head), tiled.
 
-    From :func:`backward_prologue`: ``qs`` = scale * q (B, Hq, L, E) and its copy ``qst`` in the
+    From :func:`_backward_prologue`: ``qs`` = scale * q (B, Hq, L, E) and its copy ``qst`` in the
     forward's operand layout (blocks of ``fq`` rows, each transposed), ``delta`` = rowsum(dO * O)
     and ``lrow`` = the forward's lse with -inf replaced by +inf (B, Hq, L). k (B, H, S, E),
     v (B, H, S, Ev), do (B, Hq, L, Ev), all C order. Writes dk (B, H, S, E), dv (B, H, S, Ev)
     (summed over each GQA group) and the splits' unscaled dQ accumulators ``dq_part``
-    (splits, B, Hq, L, E), zeroed by the caller and summed by :func:`backward_epilogue`.
+    (splits, B, Hq, L, E), zeroed by the caller and summed by :func:`_backward_epilogue`.
 
     Masks, ``causal``, mods (``has_score_mod``, ``tile_kinds`` at these tile sizes) and
     ``dropout`` are the forward kernel's arguments (``engine.kernels.cpu_flash_fwd``). ``splits``
@@ -230,7 +230,7 @@ def _flash_backward(qs, qst, fq, k, v, do, lrow, delta, fmask, bmask, mask_batch
 # prologue and epilogue: O(L) work, single-threaded (a parallel loop would cost more compile time
 # than it saves: they are under 1% of a call)
 @njit(cache=_CACHE, error_model="numpy")
-def backward_prologue(q, o, do, lse, scale, fq, qs, qst, delta, lrow):
+def _backward_prologue(q, o, do, lse, scale, fq, qs, qst, delta, lrow):
     """``qs = scale * q`` (scores and dK then carry the scale), rounded as the forward rounds it;
     ``qst[b, h, t]``: rows ``t*fq ...`` of ``qs`` transposed, ``(E, rows)`` in C order, as the
     forward's score products read them; ``delta = rowsum(dO * O)``; ``lrow`` = lse with -inf (a
@@ -257,7 +257,7 @@ def backward_prologue(q, o, do, lse, scale, fq, qs, qst, delta, lrow):
 
 
 @njit(cache=_CACHE, error_model="numpy")
-def backward_epilogue(dq_part, scale, dq):
+def _backward_epilogue(dq_part, scale, dq):
     """dQ = scale * (the splits' accumulators summed in split order)."""
     S, B, Hq, L, E = dq_part.shape
     for b in range(B):
