@@ -2,6 +2,7 @@
 
 Importing this package is cheap: no kernel is compiled and no plugin is loaded until first use.
 """
+from .backward import scaled_dot_product_attention_backward
 from .dispatch import get_backend, list_backends
 from .errors import NotSupportedError
 from .functional import scaled_dot_product_attention
@@ -23,7 +24,7 @@ def __getattr__(name):
         return plot_attention
     raise AttributeError(f"module 'engine' has no attribute {name!r}")
 
-__all__ = ["scaled_dot_product_attention", "list_variants", "get_variant", "list_backends",
+__all__ = ["scaled_dot_product_attention", "scaled_dot_product_attention_backward", "list_variants", "get_variant", "list_backends",
            "get_backend", "plot_attention", "register_plugin", "unregister_plugin", "get_plugin_manager", "hookimpl",
            "Variant", "PluginError", "NotSupportedError", "create_block_mask", "BlockMask", "set_num_threads", "get_num_threads", "__version__",
            "merge_attention"]

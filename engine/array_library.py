@@ -32,14 +32,26 @@ class Placement(NamedTuple):
         return (self.xp.__name__, str(self.device))
 
     def put(self, value: Any, dtype=None, what: str = "value"):
-        """``value`` as an array of this namespace on this device (no copy when it is one already),
-        optionally cast to the NumPy ``dtype``. Host values go through NumPy on the way."""
-        if self.is_numpy or not is_device_array(value):
-            value = to_numpy(value, what)
-        arr = self.xp.asarray(value, device=self.device)
+        """``value`` as an array of this namespace on this device (no copy when it is one already,
+        and then the very object: a torch tensor keeps its autograd history), optionally cast to
+        the NumPy ``dtype``. Host values go through NumPy on the way."""
+        if not self.is_numpy and self.holds(value):
+            arr = value
+        else:
+            if self.is_numpy or not is_device_array(value):
+                value = to_numpy(value, what)
+            arr = self.xp.asarray(value, device=self.device)
         if dtype is not None:
             arr = self.xp.astype(arr, getattr(self.xp, np.dtype(dtype).name), copy=False)
         return arr
+
+
+    def holds(self, value: Any) -> bool:
+        """True when ``value`` is already an array of this namespace on this device."""
+        if isinstance(value, np.ndarray) or not array_api_compat.is_array_api_obj(value):
+            return self.is_numpy and isinstance(value, np.ndarray)
+        return (array_api_compat.array_namespace(value) is self.xp
+                and str(array_api_compat.device(value)) == str(self.device))
 
 
 #: NumPy on the host: where every non-device input is computed

@@ -1,4 +1,4 @@
-"""The ``attention-engine`` command: ``list``, ``bench``, ``demo`` and ``distributed``.
+"""The ``attention-engine`` command: ``list``, ``bench``, ``demo``, ``distributed`` and ``train``.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
 this module only wires them, importing each lazily so ``list`` stays fast.
@@ -15,6 +15,8 @@ SUBCOMMANDS = {
     "demo": ("engine.models.demo", "run a pretrained transformer through the engine and show its attention"),
     "distributed": ("engine.distributed.cli", "one problem on a Dask cluster (a LocalCluster of worker "
                     "processes unless --scheduler): time, tasks, bytes moved, vs the cpu backend"),
+    "train": ("engine.models.train_demo", "train a character-level LM with torch's and the engine's attention "
+              "and compare the loss curves (needs torch)"),
 }
 
 

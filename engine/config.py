@@ -17,6 +17,13 @@ CPU_TASK_ROWS = 256
 #: the cores (3x slower at L = 4096). Without the BLAS pin, both products of a tile stay below it.
 BLAS_SINGLE_THREAD_MNK = 65536 * 4
 
+#: ``cpu`` backward: query rows per tile when BLAS is held at one thread (rounded down to a
+#: multiple of the forward's; its key tiles are the forward's)
+CPU_BWD_BLOCK_Q = 256
+#: ``cpu`` backward: split each head's key tiles until batch x kv heads x splits is a multiple of
+#: the thread count, or at least this many times the thread count (load balance)
+CPU_BWD_MIN_TASKS_PER_THREAD = 4
+
 #: default tile sizes of a ``BlockMask`` (the cpu kernel's usual tiles; other tile sizes are
 #: derived from the mask_mod once and memoised on the block mask)
 BLOCK_MASK_Q, BLOCK_MASK_K = CPU_BIG_BLOCK_Q, CPU_BLOCK_K

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 from .backends.base import empty_result
 from .dispatch import select_backend
-from .validation import validate_attention_args
+from .validation import AttentionProblem, validate_attention_args
 
-__all__ = ["scaled_dot_product_attention"]
+__all__ = ["scaled_dot_product_attention", "run_forward"]
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
                                  enable_gqa=False, *, backend="auto", return_lse=False,
-                                 score_mod=None, mask_mod=None, block_mask=None, mod_args=()):
+                                 score_mod=None, mask_mod=None, block_mask=None, mod_args=(),
+                                 dropout_p=0.0, dropout_seed=None):
     """Attention with the semantics of ``torch.nn.functional.scaled_dot_product_attention``.
 
     Shapes ``(..., Hq, L, E)``, ``(..., H, S, E)``, ``(..., H, S, Ev)`` -> ``(..., Hq, L, Ev)``
@@ -29,17 +30,28 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     :param block_mask: from ``engine.create_block_mask``: a ``mask_mod`` with its tile map, reused
         across calls (empty tiles are skipped).
     :param mod_args: a tuple of extra arguments passed to both mods (arrays, numbers).
+    :param dropout_p: probability of dropping each attention weight (torch's ``dropout_p``); the
+        kept ones are scaled by ``1 / (1 - dropout_p)``. ``lse`` is that of the weights before
+        dropout. Applied whenever it is > 0 (this function has no training mode).
+    :param dropout_seed: int in 0 ... 2**64 - 1 keying the counter-based dropout stream: the same
+        seed drops the same weights on every backend, tile size and thread count. None with
+        ``dropout_p > 0``: drawn from NumPy's global generator (``np.random.seed`` repeats it);
+        pass one explicitly to compute the backward (see ``docs/training.md``).
     :return: ``out`` in the input dtype, or ``(out, lse)``.
     :raises TypeError: an argument of the wrong kind, naming it, before any kernel runs.
     :raises ValueError: a wrong shape or value, naming the argument and the shapes.
     :raises engine.NotSupportedError: the backend (or, with ``auto``, every backend) refuses the inputs.
     """
     problem = validate_attention_args(query, key, value, attn_mask, is_causal, scale, enable_gqa,
-                                      return_lse, score_mod, mask_mod, block_mask, mod_args)
-    chosen = select_backend(backend, problem)
+                                      return_lse, score_mod, mask_mod, block_mask, mod_args,
+                                      dropout_p, dropout_seed)
+    out, lse = run_forward(problem, select_backend(backend, problem))
+    return (out, lse) if return_lse else out
+
+
+def run_forward(problem: AttentionProblem, chosen):
+    """``(out, lse)`` of a validated problem on the chosen backend (empty problems need none)."""
     empty = 0 in (problem.L, problem.S, problem.batch, problem.num_q_heads, problem.Ev)
     if empty and not problem.on_device:
-        out, lse = empty_result(problem)
-    else:
-        out, lse = chosen.run(problem)
-    return (out, lse) if return_lse else out
+        return empty_result(problem)
+    return chosen.run(problem)

@@ -37,8 +37,9 @@ def run(args) -> int:
     print("\nBackends")
     rows = [(b["name"], "yes" if b["available"] else f"no: {b['unavailable_reason']}",
              ", ".join(b["dtypes"]), "host" + (", device" if b["device_arrays"] else ""),
+             "yes" if b["backward"] else "no", "yes" if b["dropout"] else "no",
              str(b["priority"]), b["description"]) for b in info["backends"]]
-    _table(("name", "available", "dtypes", "arrays", "priority", "description"), rows)
+    _table(("name", "available", "dtypes", "arrays", "backward", "dropout", "priority", "description"), rows)
     return 0
 
 

@@ -8,7 +8,7 @@ import numpy as np
 from .array_library import HOST, Placement
 from .validation import AttentionProblem
 
-__all__ = ["kernel_mask"]
+__all__ = ["kernel_mask", "reduce_to_shape", "mha_masks_to_sdpa"]
 
 
 def kernel_mask(problem: AttentionProblem, xp=np):
@@ -33,6 +33,20 @@ def kernel_mask(problem: AttentionProblem, xp=np):
                             problem.batch_shape).reshape(-1)
     mask4 = xp.broadcast_to(m3, (m3.shape[0], problem.num_q_heads, problem.L, problem.S))
     return mask4, np.ascontiguousarray(index)
+
+
+def reduce_to_shape(grad: np.ndarray, shape: tuple) -> np.ndarray:
+    """The gradient of an array of ``shape`` that was broadcast to ``grad.shape``: ``grad`` summed
+    over the leading dimensions ``shape`` lacks and over those where ``shape`` has 1, in float64
+    (NumPy's summation order is fixed, so the result is deterministic)."""
+    grad = np.asarray(grad, dtype=np.float64)
+    lead = grad.ndim - len(shape)
+    if lead:
+        grad = grad.sum(axis=tuple(range(lead)))
+    axes = tuple(a for a, (n, m) in enumerate(zip(shape, grad.shape)) if n == 1 and m != 1)
+    if axes:
+        grad = grad.sum(axis=axes, keepdims=True)
+    return grad.reshape(shape)
 
 
 def mha_masks_to_sdpa(attn_mask, key_padding_mask, is_causal: bool, N: int, H: int, L: int, S: int,

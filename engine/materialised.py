@@ -1,23 +1,28 @@
 """Attention with the score matrix materialised, in float64: the oracle's arithmetic.
 
-Shared by the ``reference`` backend (the test oracle), the variants' ``need_weights=True`` and the
-cpu backend's exact path for non-finite values. Memory is O(L x S) per head.
+Shared by the ``reference`` backend (the test oracle, forward and backward), the variants'
+``need_weights=True`` and the cpu backend's exact path for non-finite values. Memory is O(L x S)
+per head.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .mods import apply_mods_dense
+from .kernels.philox import keep_mask_numpy
+from .masks import reduce_to_shape
+from .mods import apply_mods_dense, score_grad_dense
 from .validation import AttentionProblem
 
-__all__ = ["scores", "softmax", "attention_probabilities", "add_nonfinite_values"]
+__all__ = ["scores", "softmax", "attention_probabilities", "add_nonfinite_values", "dropout_multipliers",
+           "gradients"]
 
 
-def scores(problem: AttentionProblem, cols=None) -> np.ndarray:
+def scores(problem: AttentionProblem, cols=None, score_grad=None) -> np.ndarray:
     """Scaled, masked scores in float64, shape (batch..., Hq, L, S); masked entries are -inf.
 
     ``cols`` (optional key indices) restricts the result to those key columns, with causal
-    masking, masks and mods still applied at their absolute positions.
+    masking, masks and mods still applied at their absolute positions. ``score_grad``: a list
+    that receives d score_mod / d score at every element (None without a score_mod).
     """
     q = np.asarray(problem.query, dtype=np.float64)
     k = np.asarray(problem.key, dtype=np.float64)
@@ -28,6 +33,9 @@ def scores(problem: AttentionProblem, cols=None) -> np.ndarray:
         k = np.repeat(k, problem.group, axis=-3)
     s = np.matmul(q, np.swapaxes(k, -1, -2)) * problem.scale
     flat = (problem.batch, problem.num_q_heads, problem.L, len(kv_idx))
+    if score_grad is not None:
+        score_grad.append(None if problem.score_mod is None else score_grad_dense(
+            s.reshape(flat), problem.score_mod, problem.score_grad, problem.mod_args, kv_idx).reshape(s.shape))
     if problem.score_mod is not None:
         s = apply_mods_dense(s.reshape(flat), problem.score_mod, None, problem.mod_args,
                              kv_idx).reshape(s.shape)
@@ -89,3 +97,56 @@ def attention_probabilities(problem: AttentionProblem) -> np.ndarray:
     """
     p, _ = softmax(scores(problem))
     return p.astype(problem.dtype, copy=False)
+
+
+def dropout_multipliers(problem: AttentionProblem):
+    """The dropout stream's (batch..., Hq, L, S) multipliers, 1 / (1 - p) where kept and 0 where
+    dropped, or None without dropout."""
+    if problem.dropout_p == 0:
+        return None
+    keep = keep_mask_numpy(problem.dropout_seed, problem.dropout_p, problem.batch, problem.num_q_heads,
+                           problem.L, problem.S)
+    scale = 0.0 if problem.dropout_p == 1 else 1.0 / (1.0 - problem.dropout_p)
+    return (keep * scale).reshape(problem.lse_shape + (problem.S,))
+
+
+def gradients(problem: AttentionProblem):
+    """``(dq, dk, dv, dmask)`` of a backward problem, in float64, from scratch: the oracle.
+
+    The exact gradient of the attention function at the inputs (the softmax is recomputed here,
+    ``out`` and ``lse`` are not used): with P the weights, Z the dropout multipliers and g the
+    score_mod's derivative, ``dV = (P Z)^T dO``, ``dP = (dO V^T) Z``, ``dS = P (dP - rowsum(P dP))``,
+    ``dQ = scale (dS g) K``, ``dK = scale (dS g)^T Q`` (summed over a GQA group), and the float
+    mask's gradient is ``dS`` summed over the dimensions it broadcasts along. Rows with no visible
+    key have P = 0, so zero gradients.
+    """
+    grads = []
+    s = scores(problem, score_grad=grads)
+    g = grads[0]
+    p, _ = softmax(s)
+    do = np.asarray(problem.grad_out, dtype=np.float64)
+    q = np.asarray(problem.query, dtype=np.float64)
+    k = np.asarray(problem.key, dtype=np.float64)
+    v = np.asarray(problem.value, dtype=np.float64)
+    group = problem.group
+    if group > 1:
+        k, v = np.repeat(k, group, axis=-3), np.repeat(v, group, axis=-3)
+    z = dropout_multipliers(problem)
+    pz = p if z is None else p * z
+    dv = np.matmul(np.swapaxes(pz, -1, -2), do)
+    dp = np.matmul(do, np.swapaxes(v, -1, -2))
+    if z is not None:
+        dp = dp * z
+    ds = p * (dp - np.sum(p * dp, axis=-1, keepdims=True))
+    dmask = None
+    if problem.return_mask_grad:
+        dmask = reduce_to_shape(ds, problem.attn_mask.shape).astype(problem.attn_mask.dtype)
+    if g is not None:
+        with np.errstate(invalid="ignore"):
+            ds = np.where(p > 0, ds * g, 0.0)  # masked elements: weight 0, whatever g is there
+    dq = problem.scale * np.matmul(ds, k)
+    dk = problem.scale * np.matmul(np.swapaxes(ds, -1, -2), q)
+    if group > 1:  # key/value head j served query heads j*group ... (j+1)*group - 1
+        dk = dk.reshape(dk.shape[:-3] + (problem.num_kv_heads, group) + dk.shape[-2:]).sum(axis=-3)
+        dv = dv.reshape(dv.shape[:-3] + (problem.num_kv_heads, group) + dv.shape[-2:]).sum(axis=-3)
+    return dq, dk, dv, dmask

@@ -26,7 +26,8 @@ from numba import types
 from numba.extending import overload
 from numba.np.numpy_support import as_dtype
 
-__all__ = ["BlockMask", "create_block_mask", "as_jit", "cast_like", "EMPTY", "PARTIAL", "FULL"]
+__all__ = ["BlockMask", "create_block_mask", "as_jit", "cast_like", "with_score_grad", "score_mod_grad",
+           "EMPTY", "PARTIAL", "FULL"]
 
 from .config import BLOCK_MASK_K, BLOCK_MASK_Q
 from .kernels.kinds import TILE_EMPTY as EMPTY, TILE_FULL as FULL, TILE_PARTIAL as PARTIAL
@@ -62,11 +63,138 @@ def cast_like(value, like):
 
 @overload(cast_like, inline="always")
 def _cast_like_overload(value, like):
-    if not isinstance(like, types.Float):
+    # complex: the score is complex while the backward differentiates the mod (complex step)
+    if not isinstance(like, (types.Float, types.Complex)):
         return None
     np_type = as_dtype(like).type
 
     return lambda value, like: np_type(value)
+
+
+def with_score_grad(score_grad: Callable):
+    """Declare the derivative of a ``score_mod`` with respect to its score (a decorator).
+
+    ``score_grad(score, b, h, q_idx, kv_idx, *mod_args)`` returns d score_mod / d score at that
+    element. Declare it when the mod cannot be differentiated automatically (it compares or takes
+    ``abs`` of the score, or calls a function Numba cannot evaluate on complex numbers, such as
+    ``engine.kernels.fastexp.fast_tanh``), or when a closed form is cheaper::
+
+        def softcap_grad(score, b, h, q_idx, kv_idx, cap):
+            t = fast_tanh(score / cap)
+            return 1 - t * t
+
+        @with_score_grad(softcap_grad)
+        def softcap(score, b, h, q_idx, kv_idx, cap):
+            return cap * fast_tanh(score / cap)
+
+    It sets the attribute ``score_grad`` on the mod (setting it by hand is the same).
+    """
+    if not callable(score_grad):
+        raise TypeError(f"score_grad must be a function, got {type(score_grad).__name__}")
+
+    def declare(score_mod):
+        score_mod.score_grad = score_grad
+        return score_mod
+
+    return declare
+
+
+def _mod_name(fn) -> str:
+    fn = getattr(fn, "py_func", fn)
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+#: score_mod (as the caller passed it) -> (compiled derivative, how it was found, {verified dtypes})
+_grads: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def score_mod_grad(score_mod: Callable, problem) -> Callable:
+    """The compiled derivative d score_mod / d score the backward kernels call.
+
+    The mod's declared ``score_grad`` (see :func:`with_score_grad`), else the complex-step
+    derivative of the mod itself (``engine.kernels.score_grad``). Either is compiled for the
+    problem's dtype and checked once per mod and dtype against central finite differences of the
+    mod at a few scores and indices of this problem (with its ``mod_args``).
+
+    :raises TypeError: naming the mod, when it declares nothing and cannot be evaluated on complex
+        numbers, or when the derivative disagrees with finite differences (a mod that compares or
+        takes ``abs`` of the score: declare its derivative).
+    """
+    import numba
+
+    from .kernels.score_grad import complex_step_grad
+    from .kernels.specialise import named
+
+    name = _mod_name(score_mod)
+    declared = getattr(score_mod, "score_grad", None) or getattr(python_function(score_mod), "score_grad", None)
+    entry = _grads.get(score_mod)
+    if entry is None:
+        if declared is not None:
+            entry = (as_jit(declared, "score_grad"), "declared", set())
+        else:
+            env = dict(complex_step_grad.__globals__, _SCORE_MOD=as_jit(score_mod, "score_mod"))
+            fn = named(complex_step_grad.__code__, env, "complex_step_grad", None)
+            entry = (numba.njit(error_model="numpy")(fn), "complex-step", set())
+        _grads[score_mod] = entry
+    grad, how, verified = entry
+    if problem.dtype.name not in verified:
+        _check_against_finite_differences(problem.score_mod, grad, how, name, problem)
+        verified.add(problem.dtype.name)
+    return grad
+
+
+def _check_against_finite_differences(mod, grad, how, name, problem) -> None:
+    """Compile ``grad`` for the problem's dtype and compare it in float64 with central finite
+    differences of ``mod`` at a few points; ``TypeError`` naming the mod otherwise."""
+    dtype = problem.dtype.type
+    last = (max(problem.batch, 1) - 1, max(problem.num_q_heads, 1) - 1, max(problem.L, 1) - 1,
+            max(problem.S, 1) - 1)
+    points = [(0, 0, 0, 0), last, (0, last[1], last[2], 0), (last[0], 0, 0, last[3])]
+    hint = ("declare its derivative with engine.mods.with_score_grad (or set the attribute "
+            "score_grad on it)")
+    try:
+        grad(dtype(0.5), *points[0], *problem.mod_args)  # the specialisation the kernel inlines
+        for x in (-1.7, -0.2, 0.45, 1.3):
+            for idx in points:
+                g = float(grad(np.float64(x), *idx, *problem.mod_args))
+                eps = 1e-6 * max(1.0, abs(x))
+                hi = float(mod(np.float64(x + eps), *idx, *problem.mod_args))
+                lo = float(mod(np.float64(x - eps), *idx, *problem.mod_args))
+                fd = (hi - lo) / (2 * eps)
+                if not (math.isfinite(hi) and math.isfinite(lo)):
+                    continue  # e.g. a mod that masks this element with -inf: its weight is 0
+                if not abs(g - fd) <= 1e-5 * (1.0 + abs(fd)):
+                    raise _Mismatch(f"at score={x}, (b, h, q_idx, kv_idx)={idx} the {how} derivative is "
+                                    f"{g:.6g} but finite differences give {fd:.6g}")
+    except _Mismatch as exc:
+        extra = " (complex-step differentiation needs a mod analytic in the score: no comparison "\
+                "or abs of it)" if how == "complex-step" else ""
+        raise TypeError(f"score_mod {name}: wrong derivative {exc}{extra}; {hint}") from None
+    except Exception as exc:
+        first = _first_cause(exc)
+        if how == "complex-step":
+            raise TypeError(f"score_mod {name} has no derivative for the backward pass: it cannot be "
+                            f"evaluated on a complex score (complex-step differentiation): "
+                            f"{type(exc).__name__}: {first}; {hint}") from None
+        raise TypeError(f"score_grad of score_mod {name} failed to compile or run: "
+                        f"{type(exc).__name__}: {first}") from None
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _first_cause(exc: Exception) -> str:
+    """The informative line of an exception: for Numba's typing errors, the call it could not
+    type (e.g. ``fast_tanh(complex128)``), not the pipeline banner."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith(">>>"):
+            return "no implementation of " + ln[3:].strip()
+    for ln in lines:
+        if not ln.startswith("Failed in nopython mode pipeline"):
+            return ln
+    return lines[0] if lines else ""
 
 
 def python_function(fn: Callable) -> Callable:
@@ -165,3 +293,19 @@ def apply_mods_dense(scores: np.ndarray, score_mod, mask_mod, mod_args: tuple, k
         allowed = g(b, h, i, j, *mod_args) if scores.size else np.zeros(scores.shape, bool)
         scores = np.where(np.broadcast_to(allowed, scores.shape), scores, -np.inf)
     return scores
+
+
+def score_grad_dense(scores: np.ndarray, score_mod, score_grad, mod_args: tuple, kv_idx=None) -> np.ndarray:
+    """The oracle's d score_mod / d score over a (B, H, L, S) float64 array of raw scaled scores,
+    from Python functions: the mod's declared ``score_grad``, else complex-step on the mod's
+    Python function (``score_grad`` is the compiled derivative, used only to find a declared one)."""
+    from .kernels.score_grad import complex_step_grad_python
+
+    B, H, L, S = scores.shape
+    kv_idx = np.arange(S) if kv_idx is None else np.asarray(kv_idx)
+    b, h, i, j = np.meshgrid(np.arange(B), np.arange(H), np.arange(L), kv_idx, indexing="ij", sparse=True)
+    declared = getattr(python_function(score_mod), "score_grad", None) or getattr(score_mod, "score_grad", None)
+    fn = python_function(declared) if declared is not None else complex_step_grad_python(score_mod)
+    n = len(mod_args)
+    f = np.vectorize(fn, otypes=[np.float64], excluded=set(range(5, 5 + n)))
+    return f(scores, b, h, i, j, *mod_args) if scores.size else np.zeros(scores.shape)

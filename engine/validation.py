@@ -7,13 +7,13 @@ with a message naming the argument and the shapes involved. The result is an
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-__all__ = ["AttentionProblem", "validate_attention_args", "array_dtype", "is_device_array", "native",
-           "bfloat16_dtype", "is_bfloat16", "is_floating", "is_torch_bfloat16"]
+__all__ = ["AttentionProblem", "validate_attention_args", "validate_backward_args", "array_dtype",
+           "is_device_array", "native", "bfloat16_dtype", "is_bfloat16", "is_floating", "is_torch_bfloat16"]
 
 
 def is_device_array(x: Any) -> bool:
@@ -113,6 +113,13 @@ class AttentionProblem:
     ``batch_shape + (num_kv_heads, S, E or Ev)``. ``attn_mask`` is ``None`` or an array
     broadcastable to ``batch_shape + (num_q_heads, L, S)``; ``mask_kind`` is ``"bool"``
     (True = may attend) or ``"float"`` (added to the scores).
+
+    ``dropout_p`` > 0 drops attention weights with the counter-based stream keyed by
+    ``dropout_seed`` (an int in 0 ... 2**64 - 1; see ``engine.kernels.philox``).
+
+    A backward problem (``needs_backward``) also holds ``grad_out`` and ``out`` (of
+    ``out_shape``), ``lse`` (of ``lse_shape``), whether the float mask's gradient is wanted, and
+    ``score_grad``, the compiled derivative of ``score_mod`` with respect to the score.
     """
 
     query: Any
@@ -139,6 +146,16 @@ class AttentionProblem:
     mask_mod: Any = None
     mod_args: tuple = ()
     block_mask: Any = None
+    dropout_p: float = 0.0
+    dropout_seed: int | None = None
+    #: set on problems for the backward pass (and on forward problems whose gradient will be
+    #: asked for, so that dispatch picks a backend that has a backward)
+    needs_backward: bool = False
+    grad_out: Any = None
+    out: Any = None
+    lse: Any = None
+    return_mask_grad: bool = False
+    score_grad: Any = None
 
     @property
     def has_mods(self) -> bool:
@@ -177,9 +194,12 @@ class AttentionProblem:
 
 def validate_attention_args(query, key, value, attn_mask=None, is_causal=False, scale=None,
                             enable_gqa=False, return_lse=False, score_mod=None, mask_mod=None,
-                            block_mask=None, mod_args=()) -> AttentionProblem:
+                            block_mask=None, mod_args=(), dropout_p=0.0, dropout_seed=None,
+                            draw_seed=True) -> AttentionProblem:
     """Check every argument of ``scaled_dot_product_attention`` and describe the problem.
 
+    ``draw_seed``: with ``dropout_p > 0`` and no ``dropout_seed``, draw one from NumPy's global
+    generator (as torch draws from its own); when False the seed is required.
     Raises ``TypeError``/``ValueError`` naming the argument and shapes; never touches a kernel.
     """
     q = _as_array(query, "query")
@@ -242,13 +262,77 @@ def validate_attention_args(query, key, value, attn_mask=None, is_causal=False, 
                              f"{target} (batch..., heads, L, S)")
 
     mods = _validate_mods(score_mod, mask_mod, block_mask, mod_args, math.prod(batch_shape), Hq, L, S)
+    p, seed = _validate_dropout(dropout_p, dropout_seed, draw_seed)
 
     return AttentionProblem(
         query=q, key=k, value=v, attn_mask=mask, mask_kind=mask_kind,
         batch_shape=tuple(batch_shape), lead_shape=lead_shape, num_q_heads=Hq, num_kv_heads=H, L=L,
         S=S, E=E, Ev=Ev,
         dtype=np.dtype(dtype), is_causal=bool(is_causal), scale=scale_f,
-        return_lse=bool(return_lse), on_device=on_device[0], **mods)
+        return_lse=bool(return_lse), on_device=on_device[0], dropout_p=p, dropout_seed=seed, **mods)
+
+
+def _validate_dropout(dropout_p, dropout_seed, draw_seed: bool):
+    """``(p, seed)``: p a float in [0, 1]; seed an int in [0, 2**64) when p > 0, else None."""
+    if isinstance(dropout_p, (bool, np.bool_)) or not isinstance(dropout_p, (int, float, np.integer, np.floating)):
+        raise TypeError(f"dropout_p must be a real number, got {type(dropout_p).__name__}")
+    p = float(dropout_p)
+    if not 0.0 <= p <= 1.0:  # NaN fails too
+        raise ValueError(f"dropout_p must be between 0 and 1, got {p}")
+    if dropout_seed is not None:
+        if isinstance(dropout_seed, (bool, np.bool_)) or not isinstance(dropout_seed, (int, np.integer)):
+            raise TypeError(f"dropout_seed must be an int or None, got {type(dropout_seed).__name__}")
+        if not 0 <= int(dropout_seed) < 2 ** 64:
+            raise ValueError(f"dropout_seed must be in 0 ... 2**64 - 1, got {int(dropout_seed)}")
+    if p == 0.0:
+        return 0.0, None
+    if dropout_seed is None:
+        if not draw_seed:
+            raise ValueError("dropout_p > 0 needs dropout_seed: pass the seed the forward used, so "
+                             "the backward regenerates the same dropout mask")
+        # NumPy's global generator, as torch's dropout draws from torch's: np.random.seed() repeats it
+        dropout_seed = int(np.random.randint(0, 2 ** 63 - 1, dtype=np.int64))
+    return p, int(dropout_seed)
+
+
+def validate_backward_args(grad_out, query, key, value, out, lse, attn_mask=None, is_causal=False,
+                           scale=None, enable_gqa=False, score_mod=None, mask_mod=None,
+                           block_mask=None, mod_args=(), dropout_p=0.0, dropout_seed=None,
+                           return_mask_grad=False) -> AttentionProblem:
+    """Check every argument of ``scaled_dot_product_attention_backward``: the forward's
+    arguments (same checks, same messages), then ``grad_out``/``out`` (the forward's output
+    shape and dtype), ``lse`` (the output shape without its last axis) and the mods' derivative.
+
+    Raises ``TypeError``/``ValueError`` naming the argument and shapes; never touches a kernel.
+    """
+    problem = validate_attention_args(query, key, value, attn_mask, is_causal, scale, enable_gqa,
+                                      False, score_mod, mask_mod, block_mask, mod_args, dropout_p,
+                                      dropout_seed, draw_seed=False)
+    arrays = {}
+    for name, x, shape in (("grad_out", grad_out, problem.out_shape), ("out", out, problem.out_shape),
+                           ("lse", lse, problem.lse_shape)):
+        arr = _as_array(x, name)
+        if is_device_array(arr) != problem.on_device:
+            raise TypeError(f"{name} must live where query does (host or device)")
+        dtype = _check_float(arr, name)
+        if tuple(arr.shape) != tuple(shape):
+            raise ValueError(f"{name} must have shape {tuple(shape)} (from query {tuple(problem.query.shape)} "
+                             f"and value {tuple(problem.value.shape)}), got {tuple(arr.shape)}")
+        if name != "lse" and dtype != problem.dtype:
+            raise TypeError(f"{name} must have the dtype of query ({problem.dtype}), got {dtype}")
+        arrays[name] = arr
+    if not isinstance(return_mask_grad, (bool, np.bool_)):
+        raise TypeError(f"return_mask_grad must be a bool, got {type(return_mask_grad).__name__}")
+    if return_mask_grad and problem.mask_kind != "float":
+        raise ValueError("return_mask_grad=True needs a floating attn_mask (a boolean mask or no mask "
+                         f"has no gradient), got {'no mask' if attn_mask is None else 'a boolean mask'}")
+    score_grad = None
+    if problem.score_mod is not None:
+        from .mods import score_mod_grad
+
+        score_grad = score_mod_grad(score_mod, problem)
+    return replace(problem, needs_backward=True, grad_out=arrays["grad_out"], out=arrays["out"],
+                   lse=arrays["lse"], return_mask_grad=bool(return_mask_grad), score_grad=score_grad)
 
 
 def _broadcast_heads(q, k, v, enable_gqa: bool, on_device: bool):

@@ -137,10 +137,10 @@ class Variant:
         declares ``device_arrays`` (the built-in ones do; ``backend="auto"`` then picks ``cuda``),
         else through host copies. Masks may be host arrays (copied over) or on the query's device.
         """
-        place = input_placement(query, "query")
+        place = self.input_placement(query, "query")
         for name, x in (("key", key), ("value", value)):
-            if x is not None and input_placement(x, name) != place:
-                where = input_placement(x, name)
+            if x is not None and self.input_placement(x, name) != place:
+                where = self.input_placement(x, name)
                 raise TypeError(f"{name} is on {_describe(where)} but query is on {_describe(place)}; "
                                 f"pass query, key and value from one library and device")
         run = place if self.device_arrays else HOST
@@ -179,6 +179,20 @@ class Variant:
             weights = None if weights is None else place.put(weights)
         return out, weights
 
+    # -- hooks that engine.torch.as_module rebinds to train through torch autograd ------------------
+    def input_placement(self, x, name: str) -> Placement:
+        """Where this variant computes on input ``x`` (``engine.array_library.input_placement``:
+        NumPy for host inputs, the library and device of GPU arrays)."""
+        return input_placement(x, name)
+
+    def attention(self, query, key, value, **kwargs):
+        """The attention between the projections: ``engine.scaled_dot_product_attention`` with
+        these arguments. ``forward`` calls attention through this method, so that
+        ``engine.torch.as_module`` can route it through torch autograd."""
+        from .functional import scaled_dot_product_attention
+
+        return scaled_dot_product_attention(query, key, value, **kwargs)
+
     def forward(self, query, key, value, *, attn_mask, key_padding_mask, need_weights,
                 average_attn_weights, is_causal, backend):
         """Batched inputs ``(N, L, E)``, ``(N, S, kdim)``, ``(N, S, vdim)`` in ``self.dtype``;
@@ -186,6 +200,9 @@ class Variant:
 
         The inputs are NumPy arrays, or, for a variant with ``device_arrays = True``, arrays of the
         caller's library on its device (torch CUDA, CuPy); the masks are as the caller passed them.
+        A variant that computes with array-API calls, reads its parameters with
+        ``self.param(key, like=x)`` and attends with :meth:`attention` can be trained through
+        ``engine.torch.as_module``.
         """
         raise NotImplementedError
 

@@ -23,6 +23,17 @@ def test_list_json_via_console_entry():
     assert {v["name"] for v in info["variants"]} >= {"self", "multi-head", "cross", "masked"}
     cpu = next(b for b in info["backends"] if b["name"] == "cpu")
     assert cpu["available"] and cpu["dtypes"] == ["float32", "float64"]
+    backward = {b["name"]: b["backward"] for b in info["backends"]}
+    assert backward == {"cpu": True, "reference": True, "cuda": False}
+
+
+def test_list_table_shows_which_backends_train(capsys):
+    assert main(["list"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    header = next(line for line in rows.values() if "backward" in line)
+    col = header.index("backward")
+    assert rows["cpu"][col:col + 3] == "yes" and rows["reference"][col:col + 3] == "yes"
+    assert rows["cuda"][col:col + 2] == "no"
 
 
 def test_bad_subcommand_exits_with_usage(capsys):

@@ -294,7 +294,8 @@ def _module_function(source, module):
 
 
 def test_cache_tag_changes_with_the_mods_code_and_skips_what_it_cannot_vouch_for():
-    from engine.kernels.cpu_flash_fwd import _CACHE, _cache_tag
+    from engine.kernels.cpu_flash_fwd import _CACHE
+    from engine.kernels.specialise import cache_tag as _cache_tag
 
     if not _CACHE:
         pytest.skip("Numba's disk cache is off in this environment")

@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from engine import Variant, hookimpl, scaled_dot_product_attention
+from engine import Variant, hookimpl
 from engine.array_library import Placement, placement_of, to_host
 from engine.materialised import attention_probabilities
 from engine.masks import mha_masks_to_sdpa
@@ -147,11 +147,10 @@ class MultiHeadAttention(Variant):
                                  f"{(N, H, L, S)}")
             weights = self._weights(q, k, v, mask, causal, extra, place)
         if appended is None:
-            out = place.put(scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                                         backend=backend, **extra))
+            out = place.put(self.attention(q, k, v, attn_mask=mask, is_causal=causal, backend=backend, **extra))
         else:
-            out, lse = scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                                    backend=backend, return_lse=True, **extra)
+            out, lse = self.attention(q, k, v, attn_mask=mask, is_causal=causal, backend=backend,
+                                      return_lse=True, **extra)
             out, weights = _merge_appended(q, place.put(out), place.put(lse), *appended, weights, xp)
         if weights is not None and average_attn_weights:
             weights = xp.mean(weights, axis=1)

@@ -5,10 +5,19 @@ import math
 
 from engine import hookimpl
 from engine.kernels.fastexp import fast_tanh
+from engine.mods import with_score_grad
 
 from .multi_head import MultiHeadAttention
 
 
+def tanh_softcap_grad(score, b, h, q_idx, kv_idx, cap):
+    """d/d score of cap * tanh(score / cap) = 1 - tanh(score / cap)^2 (declared: the kernels'
+    fast_tanh has no complex version, so complex-step differentiation cannot run)."""
+    t = fast_tanh(score / cap)
+    return 1 - t * t
+
+
+@with_score_grad(tanh_softcap_grad)
 def tanh_softcap(score, b, h, q_idx, kv_idx, cap):
     """cap * tanh(score / cap): scores smoothly bounded to (-cap, cap)."""
     return cap * fast_tanh(score / cap)

@@ -7,14 +7,16 @@ import numpy as np
 
 from ..validation import AttentionProblem
 
-__all__ = ["Backend"]
+__all__ = ["Backend", "empty_result", "empty_gradients"]
 
 
 class Backend:
-    """One way to compute attention. Subclasses set the class attributes and implement ``run``.
+    """One way to compute attention. Subclasses set the class attributes and implement ``run``
+    (and ``run_backward`` when ``supports_backward``).
 
-    ``run`` is only called on problems for which ``not_supported_reasons`` returned ``[]``, and
-    only for non-empty problems (L, S, batch and heads all >= 1); the dispatcher handles empty ones.
+    ``run``/``run_backward`` are only called on problems for which ``not_supported_reasons``
+    returned ``[]``, and only for non-empty problems (L, S, batch and heads all >= 1); the
+    dispatcher handles empty ones.
     """
 
     name: str = ""
@@ -26,6 +28,10 @@ class Backend:
     device_arrays: bool = False
     #: whether ``score_mod``/``mask_mod`` are compiled into this backend's kernels
     supports_mods: bool = False
+    #: whether ``run_backward`` computes gradients (training)
+    supports_backward: bool = False
+    #: whether ``dropout_p > 0`` is applied (forward, and backward when it has one)
+    supports_dropout: bool = False
     #: ``auto`` tries backends from the highest priority down
     priority: int = 0
 
@@ -47,6 +53,10 @@ class Backend:
             reasons.append("inputs are host arrays; this backend takes device arrays")
         if problem.has_mods and not self.supports_mods:
             reasons.append("score_mod/mask_mod are not supported by this backend")
+        if problem.needs_backward and not self.supports_backward:
+            reasons.append("no backward pass (gradients) in this backend")
+        if problem.dropout_p > 0 and not self.supports_dropout:
+            reasons.append("dropout_p > 0 is not supported by this backend")
         return reasons
 
     def run(self, problem: AttentionProblem) -> tuple[Any, Any]:
@@ -56,12 +66,22 @@ class Backend:
         """
         raise NotImplementedError
 
+    def run_backward(self, problem: AttentionProblem) -> tuple[Any, Any, Any, Any]:
+        """Gradients ``(dq, dk, dv, dmask)`` of a backward problem (``problem.needs_backward``).
+
+        ``dq``/``dk``/``dv`` have the shapes and dtype of query/key/value; ``dmask`` is the gradient
+        of the floating ``attn_mask``, in its shape and dtype (summed over the dimensions it
+        broadcasts along), when ``problem.return_mask_grad``, else None.
+        """
+        raise NotImplementedError
+
     def capabilities(self) -> dict:
         """What ``attention-engine list`` prints about this backend."""
         why = self.unavailable_reason()
         return {"name": self.name, "description": self.description, "dtypes": list(self.dtypes),
                 "host_arrays": self.host_arrays, "device_arrays": self.device_arrays,
-                "mods": self.supports_mods,
+                "mods": self.supports_mods, "backward": self.supports_backward,
+                "dropout": self.supports_dropout,
                 "priority": self.priority, "available": why is None, "unavailable_reason": why}
 
 
@@ -73,3 +93,13 @@ def empty_result(problem: AttentionProblem):
     out = np.zeros(problem.out_shape, dtype=problem.dtype)
     lse = np.full(problem.lse_shape, -np.inf, dtype=problem.dtype)
     return out, lse
+
+
+def empty_gradients(problem: AttentionProblem):
+    """Gradients of a problem with L, S, batch or heads equal to 0 (host arrays): zeros (no score
+    exists, so nothing depends on the inputs), the mask's gradient too when it is asked for."""
+    grads = tuple(np.zeros(a.shape, dtype=problem.dtype) for a in (problem.query, problem.key, problem.value))
+    dmask = None
+    if problem.return_mask_grad:
+        dmask = np.zeros(problem.attn_mask.shape, dtype=problem.attn_mask.dtype)
+    return grads + (dmask,)

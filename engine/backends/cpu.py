@@ -7,15 +7,18 @@ import threading
 
 import numpy as np
 
-from ..config import BLAS_SINGLE_THREAD_MNK, CPU_BIG_BLOCK_Q, CPU_BLOCK_K, CPU_BLOCK_Q, CPU_TASK_ROWS
+from ..config import (BLAS_SINGLE_THREAD_MNK, CPU_BIG_BLOCK_Q, CPU_BLOCK_K, CPU_BLOCK_Q, CPU_BWD_BLOCK_Q,
+                      CPU_BWD_MIN_TASKS_PER_THREAD, CPU_TASK_ROWS)
+from ..kernels.philox import dropout_threshold, split_seed
 from ..kernels.kinds import MASK_BOOL, MASK_FLOAT, MASK_NONE, TILE_FULL
-from ..masks import kernel_mask
+from ..masks import kernel_mask, reduce_to_shape
 from ..materialised import add_nonfinite_values
-from ..threads import kernel_call_guard
+from ..threads import get_num_threads, kernel_call_guard
 from ..validation import AttentionProblem
 from .base import Backend
 
-__all__ = ["CpuBackend", "tile_sizes"]
+__all__ = ["CpuBackend", "tile_sizes", "backward_tile_sizes", "backward_splits", "split_bounds",
+           "dropout_args"]
 
 
 class _BlasPin:
@@ -98,6 +101,71 @@ def tile_sizes(L: int, E: int, Ev: int, blas_pinned: bool = False) -> tuple[int,
     return block_q, block_k
 
 
+def backward_tile_sizes(L: int, S: int, E: int, Ev: int, blas_pinned: bool = False) -> tuple[int, int, int]:
+    """(block_q, block_k, fq) of the backward kernel. The forward's tiles are (fq, block_k)
+    (:func:`tile_sizes`); the backward's key tiles are the forward's and its query tiles a
+    multiple of fq, about ``CPU_BWD_BLOCK_Q`` rows when BLAS is held at one thread (one fq
+    otherwise, under OpenBLAS's threshold), so that it recomputes each score with the very
+    product the forward used."""
+    fq, block_k = tile_sizes(L, E, Ev, blas_pinned=blas_pinned)
+    block_q = fq * max(1, CPU_BWD_BLOCK_Q // fq) if blas_pinned else fq
+    return max(1, min(block_q, L)), max(1, min(block_k, S)), fq
+
+
+def backward_splits(tasks: int, threads: int, key_tiles: int) -> int:
+    """How many runs of key tiles each (batch, kv head) is cut into, so that every thread has
+    work: 1 when ``tasks`` (batch x kv heads) is a multiple of ``threads``; else the smallest
+    count that makes ``tasks * splits`` a multiple of ``threads`` or at least
+    ``CPU_BWD_MIN_TASKS_PER_THREAD * threads``; never more than ``key_tiles``. A function of the
+    thread count and the shapes only: the gradients depend on it (the dQ sums' order), nothing
+    else does."""
+    splits = 1
+    while (tasks * splits) % threads and tasks * splits < CPU_BWD_MIN_TASKS_PER_THREAD * threads:
+        splits += 1
+    return max(1, min(splits, key_tiles))
+
+
+def split_bounds(work: np.ndarray, splits: int) -> np.ndarray:
+    """Cut key tiles with these work counts into ``splits`` contiguous runs of about equal work:
+    int64 bounds, ``splits + 1`` entries from 0 to ``len(work)``, each inner bound where the
+    cumulative work comes closest to its share."""
+    total = np.concatenate([[0.0], np.cumsum(work, dtype=np.float64)])  # work before bound i
+    targets = total[-1] * np.arange(1, splits) / splits
+    above = np.clip(np.searchsorted(total, targets), 1, len(total) - 1)  # total[above] >= target
+    inner = np.where(total[above] - targets <= targets - total[above - 1], above, above - 1)
+    bounds = np.concatenate([[0], inner, [len(work)]]).astype(np.int64)
+    return np.maximum.accumulate(bounds)
+
+
+def dropout_args(problem: AttentionProblem) -> tuple:
+    """The kernels' ``dropout`` argument: (threshold, 1 / (1 - p), seed_lo, seed_hi), typed so
+    that one compiled signature serves every call (``(0, 1.0, 0, 0)`` without dropout)."""
+    if problem.dropout_p == 0:
+        return (np.uint64(0), 1.0, np.uint64(0), np.uint64(0))
+    lo, hi = split_seed(problem.dropout_seed)
+    keep = 0.0 if problem.dropout_p == 1 else 1.0 / (1.0 - problem.dropout_p)
+    return (np.uint64(dropout_threshold(problem.dropout_p)), keep, np.uint64(lo), np.uint64(hi))
+
+
+def _kernel_masks(problem: AttentionProblem):
+    """``(fmask, bmask, mask_batch, kind)`` for the kernels. Both mask slots are always filled (a
+    zero-stride dummy for the unused one), so a kernel compiles once per dtype instead of once
+    per mask kind."""
+    Hq, L, S = problem.num_q_heads, problem.L, problem.S
+    fmask = np.broadcast_to(np.zeros((1, 1, 1, 1), dtype=problem.dtype), (1, Hq, L, S))
+    bmask = np.broadcast_to(np.ones((1, 1, 1, 1), dtype=np.bool_), (1, Hq, L, S))
+    mask_batch = np.zeros(problem.batch, dtype=np.int64)
+    kind = MASK_NONE
+    if problem.attn_mask is not None:
+        mask, mask_batch = kernel_mask(problem)
+        mask_batch = np.array(mask_batch, dtype=np.int64)  # writable: same signature as above
+        if problem.mask_kind == "bool":
+            bmask, kind = mask, MASK_BOOL
+        else:
+            fmask, kind = mask, MASK_FLOAT
+    return fmask, bmask, mask_batch, kind
+
+
 def _as4(a, batch: int) -> np.ndarray:
     """C-contiguous (batch, heads, rows, features) view, or copy, of a host array."""
     a = np.ascontiguousarray(a)
@@ -111,6 +179,8 @@ class CpuBackend(Backend):
     description = "Numba njit(parallel=True), tiled online softmax, BLAS tiles; memory linear in L"
     dtypes = ("float32", "float64")
     supports_mods = True
+    supports_backward = True
+    supports_dropout = True
     priority = 10
 
     def not_supported_reasons(self, problem: AttentionProblem) -> list[str]:
@@ -129,20 +199,8 @@ class CpuBackend(Backend):
         nonfinite_v = not np.isfinite(np.sum(v))
         if nonfinite_v:
             v = np.where(np.isfinite(v), v, 0).astype(problem.dtype)
-        B, Hq, L, S = problem.batch, problem.num_q_heads, problem.L, problem.S
-        # both mask slots are always filled (a zero-stride dummy for the unused one), so the
-        # kernel compiles once per dtype instead of once per mask kind
-        fmask = np.broadcast_to(np.zeros((1, 1, 1, 1), dtype=problem.dtype), (1, Hq, L, S))
-        bmask = np.broadcast_to(np.ones((1, 1, 1, 1), dtype=np.bool_), (1, Hq, L, S))
-        mask_batch = np.zeros(B, dtype=np.int64)
-        kind = MASK_NONE
-        if problem.attn_mask is not None:
-            mask, mask_batch = kernel_mask(problem)
-            mask_batch = np.array(mask_batch, dtype=np.int64)  # writable: same signature as above
-            if problem.mask_kind == "bool":
-                bmask, kind = mask, MASK_BOOL
-            else:
-                fmask, kind = mask, MASK_FLOAT
+        B, Hq, L = problem.batch, problem.num_q_heads, problem.L
+        fmask, bmask, mask_batch, kind = _kernel_masks(problem)
         pin = _get_blas_pin()
         block_q, block_k = tile_sizes(L, problem.E, problem.Ev, blas_pinned=pin.available)
         sub_tiles = max(1, CPU_TASK_ROWS // block_q)
@@ -155,11 +213,59 @@ class CpuBackend(Backend):
         with kernel_call_guard(), pin():
             kernel(q, k, v, fmask, bmask, mask_batch, kind, problem.is_causal, problem.scale, problem.group,
                    block_q, block_k, sub_tiles, problem.mod_args, problem.score_mod is not None, tile_kinds,
-                   out, lse)
+                   dropout_args(problem), out, lse)
         out, lse = out.reshape(problem.out_shape), lse.reshape(problem.lse_shape)
         if nonfinite_v:
             out = add_nonfinite_values(problem, out, lse)
         return out, lse
+
+    def run_backward(self, problem: AttentionProblem):
+        from ..kernels.cpu_flash_bwd import _backward_epilogue, _backward_prologue, backward_kernel
+
+        B, Hq, H, L, S, E, Ev = (problem.batch, problem.num_q_heads, problem.num_kv_heads, problem.L,
+                                 problem.S, problem.E, problem.Ev)
+        dt = problem.dtype
+        q, k, v, o, do = (_as4(a, B) for a in (problem.query, problem.key, problem.value, problem.out,
+                                               problem.grad_out))
+        lse = np.ascontiguousarray(problem.lse, dtype=dt).reshape(B, Hq, L)
+        fmask, bmask, mask_batch, kind = _kernel_masks(problem)
+        pin = _get_blas_pin()
+        block_q, block_k, fq = backward_tile_sizes(L, S, E, Ev, blas_pinned=pin.available)
+        nqb, nkb = -(-L // block_q), -(-S // block_k)
+        splits = backward_splits(B * H, get_num_threads(), nkb)
+        # work per key tile: the query tiles it meets (causal: those at or below the diagonal)
+        first = (np.arange(nkb) * block_k // block_q) if problem.is_causal else np.zeros(nkb, np.int64)
+        bounds = split_bounds(nqb - first, splits)
+        tile_kinds = np.full((1, 1, 1, 1), TILE_FULL, dtype=np.int8)
+        if problem.mask_mod is not None:
+            tile_kinds = self._tile_kinds(problem, block_q, block_k)
+        want_dm = problem.return_mask_grad
+        mshape = tuple(problem.attn_mask.shape) if want_dm else ()
+        dm_rows = want_dm and len(mshape) >= 2 and mshape[-2] != 1
+        dm_cols = want_dm and mshape[-1] != 1
+        dm = np.zeros((B, Hq, L if dm_rows else 1, S if dm_cols else nkb) if want_dm else (1, 1, 1, 1))
+        qs = np.empty_like(q)
+        qst = np.empty((B, Hq, -(-L // fq), E * fq), dtype=dt)
+        lrow = np.empty((B, Hq, L), dtype=dt)
+        delta = np.empty((B, Hq, L), dtype=dt)
+        dq_part = np.zeros((splits, B, Hq, L, E), dtype=dt)
+        dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
+        kernel = backward_kernel(problem.score_mod, problem.score_grad, problem.mask_mod)
+        _backward_prologue(q, o, do, lse, problem.scale, fq, qs, qst, delta, lrow)
+        with kernel_call_guard(), pin():
+            kernel(qs, qst, fq, k, v, do, lrow, delta, fmask, bmask, mask_batch, kind, problem.is_causal,
+                   problem.group, block_q, block_k, splits, bounds, problem.mod_args,
+                   problem.score_mod is not None, tile_kinds, dropout_args(problem), dm_rows, dm_cols,
+                   want_dm, dq_part, dk, dv, dm)
+        _backward_epilogue(dq_part, problem.scale, dq)
+        dmask = None
+        if want_dm:
+            if not dm_cols:  # per key tile -> the mask's one column
+                dm = dm.sum(axis=-1, keepdims=True)
+            dm = dm.reshape(problem.batch_shape + (Hq,) + dm.shape[-2:]) if problem.query.ndim > 2 else dm[0, 0]
+            dmask = reduce_to_shape(dm, mshape).astype(problem.attn_mask.dtype)
+        return (dq.reshape(problem.query.shape), dk.reshape(problem.key.shape),
+                dv.reshape(problem.value.shape), dmask)
 
     @staticmethod
     def _tile_kinds(problem: AttentionProblem, block_q: int, block_k: int) -> np.ndarray:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..materialised import add_nonfinite_values, scores, softmax
+from ..materialised import add_nonfinite_values, dropout_multipliers, gradients, scores, softmax
 from .base import Backend
 
 __all__ = ["ReferenceBackend"]
@@ -15,10 +15,15 @@ class ReferenceBackend(Backend):
     # bfloat16 is ml_dtypes' NumPy dtype: computed in float64 like the others, rounded once
     dtypes = ("float16", "float32", "float64", "bfloat16")
     supports_mods = True
+    supports_backward = True
+    supports_dropout = True
     priority = 0
 
     def run(self, problem):
         p, lse = softmax(scores(problem))
+        z = dropout_multipliers(problem)
+        if z is not None:  # lse stays that of the weights before dropout, as the cpu kernel's
+            p = p * z
         v = np.asarray(problem.value, dtype=np.float64)
         if problem.group > 1:
             v = np.repeat(v, problem.group, axis=-3)
@@ -27,3 +32,7 @@ class ReferenceBackend(Backend):
         if not finite.all():  # 0 * NaN must not leak a bad value into rows that ignore it
             out = add_nonfinite_values(problem, out, lse)
         return out.astype(problem.dtype), lse.astype(problem.dtype)
+
+    def run_backward(self, problem):
+        dq, dk, dv, dmask = gradients(problem)
+        return dq.astype(problem.dtype), dk.astype(problem.dtype), dv.astype(problem.dtype), dmask

@@ -16,16 +16,14 @@ BLAS must not start its own threads inside our parallel tasks (oversubscription 
 L = 4096): the wrapper holds OpenBLAS at one thread during the call, or, where it cannot, sizes
 the tiles below OpenBLAS's multithreading threshold.
 """
-import hashlib
-import marshal
-import types
-
 import numpy as np
 from numba import njit, prange
 
 from ..jit_cache import cache_enabled
 from .fastexp import fast_exp
+from .philox import keep_scale
 from .kinds import MASK_BOOL, MASK_FLOAT, TILE_EMPTY, TILE_FULL, TILE_PARTIAL
+from .specialise import cache_tag, named
 
 _CACHE = cache_enabled()
 
@@ -46,6 +44,9 @@ def no_mask_mod(b, h, q_idx, kv_idx, *mod_args):
 _FM = {"contract", "reassoc", "nsz", "arcp"}
 
 
+#: keys per partial row sum of the weights (see ``_flash_task``)
+_SUM_CHUNK = 32
+
 #: the mods the kernels below call; ``flash_kernel`` re-binds these names for other mods
 _SCORE_MOD = no_score_mod
 _MASK_MOD = no_mask_mod
@@ -53,7 +54,7 @@ _MASK_MOD = no_mask_mod
 
 @njit(cache=_CACHE, fastmath=_FM, error_model="numpy")
 def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scale, group, block_q,
-                block_k, sub_tiles, mod_args, has_score_mod, tile_kinds, per_tile, out, lse):
+                block_k, sub_tiles, mod_args, has_score_mod, tile_kinds, per_tile, dropout, out, lse):
     """One parallel task: ``sub_tiles`` query tiles of one (batch, head)."""
     B, Hq, L, E = q.shape
     S = k.shape[2]
@@ -61,9 +62,12 @@ def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scal
     dt = out.dtype
     rows = block_q * sub_tiles
     nqb = (L + rows - 1) // rows
-    consts = np.array([-np.inf, 0.0], dtype=dt)  # typed constants: no float64 promotion
+    drop_threshold, drop_scale, seed_lo, seed_hi = dropout
+    consts = np.array([-np.inf, 0.0, drop_scale], dtype=dt)  # typed constants: no float64 promotion
     neg_inf = consts[0]
     zero = consts[1]
+    keep = consts[2]
+    dropping = drop_threshold > 0 or keep != 1.0
     b = task // (Hq * nqb)
     rest = task - b * (Hq * nqb)
     h = rest // nqb
@@ -78,11 +82,13 @@ def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scal
     pv_buf = np.empty(block_q * Ev, dtype=dt)
     acc = np.zeros((nt, Ev), dtype=dt)
     m = np.full(nt, neg_inf, dtype=dt)         # running max per query row
-    l = np.zeros(nt, dtype=dt)                 # running sum per query row
+    l = np.zeros(nt, dtype=np.float64)         # running sum per query row (float64: see below)
     tm = np.empty(block_q, dtype=dt)
     shift = np.empty(block_q, dtype=dt)
     alpha = np.empty(block_q, dtype=dt)
-    ts = np.empty(block_q, dtype=dt)
+    ts = np.empty(block_q, dtype=np.float64)
+    tc = np.empty(block_q, dtype=dt)
+    zt_buf = np.empty(block_k * block_q if dropping else 1, dtype=dt)  # dropout multipliers
     for r in range(nt):
         sub = r // block_q
         rr = r - sub * block_q
@@ -157,15 +163,27 @@ def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scal
                 shift[r] = sh
                 alpha[r] = a
                 m[o + r] = mn
-                ts[r] = zero
+                ts[r] = 0.0
                 rescale |= a != 1.0
-            for c in range(nk):
+            # chunks of keys summed in dt, the chunk sums in float64: a float32 sum over a whole
+            # tile would lose about sqrt(block_k) ulps, which lse and the backward's weights inherit
+            for c0 in range(0, nk, _SUM_CHUNK):
+                tc[:nq] = zero
+                for c in range(c0, min(c0 + _SUM_CHUNK, nk)):
+                    for r in range(nq):
+                        p = fast_exp(st[c, r] - shift[r])
+                        st[c, r] = p
+                        tc[r] += p
                 for r in range(nq):
-                    p = fast_exp(st[c, r] - shift[r])
-                    st[c, r] = p
-                    ts[r] += p
+                    ts[r] += tc[r]
             for r in range(nq):
                 l[o + r] = l[o + r] * alpha[r] + ts[r]
+            if dropping:  # the sum above (so lse) is of the kept and dropped weights, as torch
+                zt = zt_buf[:nk * nq].reshape((nk, nq))
+                keep_scale(seed_lo, seed_hi, b, h, i0, nq, j0, nk, drop_threshold, keep, zt)
+                for c in range(nk):
+                    for r in range(nq):
+                        st[c, r] *= zt[c, r]
             pv = pv_buf[:nq * Ev].reshape((nq, Ev))
             np.dot(st.T, vt, pv)
             if rescale:
@@ -194,7 +212,7 @@ def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scal
 # (ours and those of inlined mods) carry no zero check and their loops vectorise (10x for tanh)
 @njit(parallel=True, cache=_CACHE, fastmath=_FM, error_model="numpy")
 def _flash_forward(q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scale, group, block_q,
-                   block_k, sub_tiles, mod_args, has_score_mod, tile_kinds, out, lse):
+                   block_k, sub_tiles, mod_args, has_score_mod, tile_kinds, dropout, out, lse):
     """out[b, h] = softmax(scale * q[b, h] @ k[b, h // group].T + mask) @ v[b, h // group].
 
     q (B, Hq, L, E), k (B, H, S, E), v (B, H, S, Ev), out (B, Hq, L, Ev), lse (B, Hq, L): C order.
@@ -212,6 +230,11 @@ def _flash_forward(q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scale, 
     element in partial ones only. Without a ``mask_mod`` it is a (1, 1, 1, 1) array of TILE_FULL,
     ``has_score_mod`` False and ``mod_args`` ``()``.
 
+    ``dropout`` is ``(threshold, 1 / (1 - p), seed_lo, seed_hi)`` (uint64, float, uint64, uint64):
+    with a threshold > 0, each weight is kept and scaled by 1 / (1 - p), or dropped, as
+    ``engine.kernels.philox.keep_scale`` decides from (b, h, i, j) alone; ``lse`` stays that of
+    the weights before dropout. ``(0, 1.0, 0, 0)`` without dropout.
+
     A task owns ``sub_tiles`` query tiles of ``block_q`` rows and walks the key tiles once for all
     of them, so each key/value tile is read from memory once and reused from cache by every
     sub-tile (at L = 4096 one head's K and V no longer fit in L2).
@@ -219,8 +242,10 @@ def _flash_forward(q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scale, 
     per_tile = tile_kinds.shape[2] > 1 or tile_kinds.shape[3] > 1 or tile_kinds[0, 0, 0, 0] != TILE_FULL
     rows = block_q * sub_tiles
     for task in prange(q.shape[0] * q.shape[1] * ((q.shape[2] + rows - 1) // rows)):
-        _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scale, group,
-                    block_q, block_k, sub_tiles, mod_args, has_score_mod, tile_kinds, per_tile, out, lse)
+        # the index is int64 when typed, uint64 when lowered: one type, one compilation of the task
+        _flash_task(np.int64(task), q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scale, group,
+                    block_q, block_k, sub_tiles, mod_args, has_score_mod, tile_kinds, per_tile, dropout,
+                    out, lse)
 
 
 _with_mods: dict = {}
@@ -235,63 +260,22 @@ def flash_kernel(score_mod, mask_mod):
     (inlined, vectorised), and the kernel without mods loads from Numba's disk cache (a function
     argument would put a function type in the signature, which never matches after unpickling).
     Kernels with the built-in variants' mods (modules under ``variants`` or ``engine``) are
-    disk-cached under a name tagged by :func:`_cache_tag`; kernels with other mods are compiled
-    once per process.
+    disk-cached under a name tagged by :func:`~engine.kernels.specialise.cache_tag`; kernels with
+    other mods are compiled once per process.
     """
     if score_mod is None and mask_mod is None:
         return _flash_forward
     key = (score_mod, mask_mod)
     if key not in _with_mods:
-        tag = _cache_tag(score_mod, mask_mod)
+        tag = cache_tag(score_mod, mask_mod)
         cache = {"cache": True} if tag else {}
         env = dict(globals(), _SCORE_MOD=score_mod or no_score_mod, _MASK_MOD=mask_mod or no_mask_mod)
         task = njit(**_task_options, **cache)(
-            _named(_flash_task.py_func.__code__, env, "_flash_task_mods", tag))
+            named(_flash_task.py_func.__code__, env, "_flash_task_mods", tag))
         env = dict(globals(), _flash_task=task)
         _with_mods[key] = njit(**_kernel_options, **cache)(
-            _named(_flash_forward.py_func.__code__, env, "_flash_forward_mods", tag))
+            named(_flash_forward.py_func.__code__, env, "_flash_forward_mods", tag))
     return _with_mods[key]
-
-
-def _named(code, env, name, tag):
-    """A function of ``code`` over ``env``, whose qualified name (part of Numba's cache key) ends
-    in ``tag``."""
-    fn = types.FunctionType(code, env, name)
-    fn.__qualname__ = f"{name}_{tag}" if tag else name
-    return fn
-
-
-#: packages whose mods get disk-cached kernels (importable by every process, edited only with
-#: the package): the built-in variants and the engine itself
-_CACHED_MOD_PACKAGES = ("variants", "engine")
-
-
-def _cache_tag(score_mod, mask_mod):
-    """A name that tells this pair of mods apart in Numba's disk cache, or None to not cache.
-
-    Numba finds a cached kernel by file, qualified name, code and signature; kernels with mods
-    share the first and third with the plain one, so the qualified name carries this tag: a hash
-    of each mod's module, name and code object (its constants and line numbers too), so an edited
-    mod gets a new entry. Not cached: closures (their captured values are compiled in but are not
-    in the code) and mods from elsewhere (a script's module cannot be imported by the next process;
-    a third-party mod may call functions whose edits the tag cannot see).
-    """
-    if not _CACHE:
-        return None
-    h = hashlib.sha256()
-    for mod in (score_mod, mask_mod):
-        if mod is None:
-            h.update(b"-")
-            continue
-        fn = getattr(mod, "py_func", mod)
-        module = getattr(fn, "__module__", None) or ""
-        if module.split(".")[0] not in _CACHED_MOD_PACKAGES or not hasattr(fn, "__code__"):
-            return None
-        if fn.__closure__:  # captured values are compiled in, and the code does not show them
-            return None
-        h.update(f"{module}.{fn.__qualname__}".encode())
-        h.update(marshal.dumps(fn.__code__))  # the mod's code and constants: an edit is a new entry
-    return h.hexdigest()[:16]
 
 
 _task_options = dict(fastmath=_FM, error_model="numpy")

@@ -1,0 +1,58 @@
+"""``scaled_dot_product_attention_backward``: the gradients of the attention function.
+
+Layered as the forward: validation (``engine.validation``), dispatch (``engine.dispatch``), the
+backend's ``run_backward`` and its kernel (``engine.kernels.cpu_flash_bwd`` for ``cpu``).
+"""
+from __future__ import annotations
+
+from .backends.base import empty_gradients
+from .dispatch import select_backend
+from .validation import AttentionProblem, validate_backward_args
+
+__all__ = ["scaled_dot_product_attention_backward", "run_backward"]
+
+
+def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse, attn_mask=None,
+                                          is_causal=False, scale=None, enable_gqa=False, *,
+                                          backend="auto", score_mod=None, mask_mod=None,
+                                          block_mask=None, mod_args=(), dropout_p=0.0,
+                                          dropout_seed=None, return_mask_grad=False):
+    """Gradients of :func:`engine.scaled_dot_product_attention` with respect to its inputs.
+
+    Pass the forward's arguments unchanged, with ``out`` and ``lse`` from the forward
+    (``return_lse=True``) and ``grad_out``, the gradient of the loss with respect to ``out``
+    (shape ``(..., Hq, L, Ev)``, the dtype of ``query``). The ``cpu`` backend recomputes the
+    attention weights tile by tile from ``lse`` (FlashAttention-2's backward, Dao 2023), so its
+    memory stays linear in L; ``reference`` recomputes everything densely in float64.
+
+    :param dropout_p: the forward's; with ``dropout_p > 0``, ``dropout_seed`` must be the seed the
+        forward used (the dropped weights are regenerated from it, never stored).
+    :param score_mod: the forward's; its derivative with respect to the score is the one it
+        declares (``engine.mods.with_score_grad``) or else found by complex-step
+        differentiation, checked against finite differences. ``mask_mod`` needs none.
+        ``mod_args`` get no gradient.
+    :param return_mask_grad: also return the gradient of the floating ``attn_mask``, in its
+        shape and dtype (summed over the dimensions it broadcasts along), e.g. to train a
+        learned bias.
+    :return: ``(dq, dk, dv)`` in the shapes and dtype of query, key and value, plus the mask's
+        gradient when ``return_mask_grad=True``. With GQA, ``dk``/``dv`` sum their query heads.
+        The ``cpu`` backend's gradients are the same bit for bit on every run with the same
+        thread count (``engine.set_num_threads``).
+    :raises TypeError, ValueError: on any bad argument, naming it, before any kernel runs (the
+        forward's checks and messages, then ``grad_out``/``out``/``lse`` shapes and dtypes, and a
+        score_mod with no usable derivative); :class:`~engine.errors.NotSupportedError` when the
+        backend has no backward (``cuda``) or cannot run the inputs.
+    """
+    problem = validate_backward_args(grad_out, query, key, value, out, lse, attn_mask, is_causal,
+                                     scale, enable_gqa, score_mod, mask_mod, block_mask, mod_args,
+                                     dropout_p, dropout_seed, return_mask_grad)
+    dq, dk, dv, dmask = run_backward(problem, select_backend(backend, problem))
+    return (dq, dk, dv, dmask) if problem.return_mask_grad else (dq, dk, dv)
+
+
+def run_backward(problem: AttentionProblem, chosen):
+    """``(dq, dk, dv, dmask)`` of a validated backward problem on the chosen backend."""
+    empty = 0 in (problem.L, problem.S, problem.batch, problem.num_q_heads, problem.Ev)
+    if empty and not problem.on_device:
+        return empty_gradients(problem)
+    return chosen.run_backward(problem)

@@ -1,0 +1,55 @@
+"""Kernels specialised on the caller's mods: the same code with the mods bound as globals.
+
+The mods are globals of the compiled code, not arguments: Numba then calls them directly (inlined,
+vectorised), and a kernel without mods loads from Numba's disk cache (a function argument would
+put a function type in the signature, which never matches after unpickling). Shared by the
+forward and backward kernels and the score_mod derivative.
+"""
+import hashlib
+import marshal
+import types
+
+from ..jit_cache import cache_enabled
+
+__all__ = ["named", "cache_tag"]
+
+#: packages whose mods get disk-cached kernels (importable by every process, edited only with
+#: the package): the built-in variants and the engine itself
+_CACHED_MOD_PACKAGES = ("variants", "engine")
+
+
+def named(code, env, name, tag):
+    """A function of ``code`` over the globals ``env``, whose qualified name (part of Numba's
+    cache key) ends in ``tag``."""
+    fn = types.FunctionType(code, env, name)
+    fn.__qualname__ = f"{name}_{tag}" if tag else name
+    return fn
+
+
+def cache_tag(*mods):
+    """A name that tells this tuple of mods apart in Numba's disk cache, or None to not cache.
+
+    Numba finds a cached kernel by file, qualified name, code and signature; kernels with mods
+    share the first and third with the plain one, so the qualified name carries this tag: a hash
+    of each mod's module, name and code object (its constants and line numbers too), so an edited
+    mod gets a new entry. ``None`` entries stand for "no mod". Not cached: closures (their captured
+    values are compiled in but are not in the code) and mods from elsewhere (a script's module
+    cannot be imported by the next process; a third-party mod may call functions whose edits the
+    tag cannot see).
+    """
+    if not cache_enabled():
+        return None
+    h = hashlib.sha256()
+    for mod in mods:
+        if mod is None:
+            h.update(b"-")
+            continue
+        fn = getattr(mod, "py_func", mod)
+        module = getattr(fn, "__module__", None) or ""
+        if module.split(".")[0] not in _CACHED_MOD_PACKAGES or not hasattr(fn, "__code__"):
+            return None
+        if fn.__closure__:  # captured values are compiled in, and the code does not show them
+            return None
+        h.update(f"{module}.{fn.__qualname__}".encode())
+        h.update(marshal.dumps(fn.__code__))  # the mod's code and constants: an edit is a new entry
+    return h.hexdigest()[:16]

@@ -1,0 +1,250 @@
+"""``engine.torch``: the engine's attention inside torch autograd (an optional extra: torch).
+
+``import engine`` never imports torch; this module does.
+
+- :func:`scaled_dot_product_attention` has the signature of
+  ``torch.nn.functional.scaled_dot_product_attention`` plus the engine's keywords, and is a
+  ``torch.autograd.Function``: its forward is the engine's forward, its backward the engine's
+  backward (``engine.scaled_dot_product_attention_backward``). CPU tensors are read and results
+  returned without copies (NumPy views of the same memory).
+- :func:`as_module` turns a variant into a ``torch.nn.Module`` whose parameters are the variant's
+  (torch's names, so ``state_dict()`` round-trips with ``nn.MultiheadAttention``), with the
+  projections computed by torch and the attention by the engine, so gradients reach every
+  parameter.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from .array_library import Placement, input_placement
+from .backward import run_backward
+from .dispatch import select_backend
+from .errors import NotSupportedError
+from .functional import run_forward
+from .validation import bfloat16_dtype, validate_attention_args, validate_backward_args
+
+__all__ = ["scaled_dot_product_attention", "as_module", "VariantModule"]
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                 scale=None, enable_gqa=False, *, score_mod=None, mask_mod=None,
+                                 block_mask=None, mod_args=(), backend="auto"):
+    """``torch.nn.functional.scaled_dot_product_attention`` computed by the engine, differentiable.
+
+    Arguments as torch's: tensors ``(..., Hq, L, E)``, ``(..., H, S, E)``, ``(..., H, S, Ev)``,
+    ``attn_mask`` boolean (True = may attend) or floating (added; it gets a gradient when it
+    requires one), ``dropout_p`` applied whenever > 0 (as torch's functional; pass 0 in
+    evaluation), ``is_causal`` top-left, ``scale``, ``enable_gqa``. The engine's keywords
+    ``score_mod``, ``mask_mod``, ``block_mask``, ``mod_args`` and ``backend`` are those of
+    ``engine.scaled_dot_product_attention``; a score_mod's derivative is its declared one or
+    found automatically (see ``docs/training.md``). ``mod_args`` get no gradient: a tensor among
+    them that requires one is an error.
+
+    The dropout seed is drawn from torch's default generator (``torch.manual_seed`` repeats it)
+    and handed to the backward, which regenerates the same dropped weights.
+
+    :return: a tensor ``(..., Hq, L, Ev)`` of the inputs' dtype, on their device.
+    :raises TypeError, ValueError: as the engine's forward, before anything runs;
+        :class:`~engine.errors.NotSupportedError` when a gradient is needed and no backend with a
+        backward pass can run the inputs (e.g. CUDA tensors: the ``cuda`` backend has no backward).
+    """
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
+        attn_mask = torch.as_tensor(np.asarray(attn_mask))
+    if not isinstance(mod_args, tuple):
+        raise TypeError(f"mod_args must be a tuple, got {type(mod_args).__name__}")
+    for i, a in enumerate(mod_args):
+        if isinstance(a, torch.Tensor) and a.requires_grad:
+            raise ValueError(f"mod_args[{i}] requires grad, but gradients with respect to mod_args are "
+                             "not computed; pass it detached (a learned bias can be a float attn_mask, "
+                             "which gets its gradient)")
+    mod_args = tuple(_host(a) if isinstance(a, torch.Tensor) else a for a in mod_args)
+    inputs = (query, key, value) + (() if attn_mask is None else (attn_mask,))
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    seed = None
+    if dropout_p and dropout_p > 0:
+        seed = int(torch.randint(0, 2 ** 63 - 1, (), dtype=torch.int64).item())
+    options = dict(dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
+                   score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask, mod_args=mod_args,
+                   dropout_seed=seed, backend=backend, needs_grad=needs_grad)
+    return _Attention.apply(query, key, value, attn_mask, options)
+
+
+class _Attention(torch.autograd.Function):
+    """The engine's forward and backward as one autograd node (not twice differentiable)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, attn_mask, options):
+        opts = dict(options)
+        backend, needs_grad = opts.pop("backend"), opts.pop("needs_grad")
+        problem = validate_attention_args(
+            _host(query), _host(key), _host(value), None if attn_mask is None else _host(attn_mask),
+            opts["is_causal"], opts["scale"], opts["enable_gqa"], True, opts["score_mod"],
+            opts["mask_mod"], opts["block_mask"], opts["mod_args"], opts["dropout_p"],
+            opts["dropout_seed"], draw_seed=False)
+        if needs_grad:  # the forward runs where the backward can run too
+            problem = replace(problem, needs_backward=True)
+        chosen = select_backend(backend, problem)
+        out, lse = run_forward(problem, chosen)
+        out_t, lse_t = _as_tensor(out, query), _as_tensor(lse, query)
+        ctx.save_for_backward(query, key, value, attn_mask, out_t, lse_t)
+        ctx.options = opts
+        ctx.backend = chosen.name
+        return out_t
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        query, key, value, attn_mask, out, lse = ctx.saved_tensors
+        o = ctx.options
+        mask_grad = (attn_mask is not None and ctx.needs_input_grad[3]
+                     and attn_mask.dtype.is_floating_point)
+        problem = validate_backward_args(
+            _host(grad_out), _host(query), _host(key), _host(value), _host(out), _host(lse),
+            None if attn_mask is None else _host(attn_mask), o["is_causal"], o["scale"],
+            o["enable_gqa"], o["score_mod"], o["mask_mod"], o["block_mask"], o["mod_args"],
+            o["dropout_p"], o["dropout_seed"], mask_grad)
+        dq, dk, dv, dmask = run_backward(problem, select_backend(ctx.backend, problem))
+        grads = [_as_tensor(g, t) if need else None
+                 for g, t, need in zip((dq, dk, dv), (query, key, value), ctx.needs_input_grad[:3])]
+        return (*grads, None if dmask is None else _as_tensor(dmask, attn_mask), None)
+
+
+def _host(t):
+    """A NumPy view of a CPU tensor (bfloat16 as ml_dtypes' bfloat16, same bits), or the detached
+    tensor itself for CUDA tensors (read through ``__cuda_array_interface__``)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        return t
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.uint16).numpy().view(bfloat16_dtype())
+    return t.numpy()
+
+
+def _as_tensor(arr, like: torch.Tensor) -> torch.Tensor:
+    """An engine result as a tensor on ``like``'s device (no copy for NumPy results)."""
+    if isinstance(arr, torch.Tensor):
+        return arr
+    if isinstance(arr, np.ndarray):
+        if arr.dtype.name == "bfloat16":
+            return torch.from_numpy(arr.view(np.uint16)).view(torch.bfloat16).to(like.device)
+        return torch.from_numpy(arr).to(like.device)
+    return torch.as_tensor(arr, device=like.device)  # a device array (__cuda_array_interface__)
+
+
+# -- variants as modules --------------------------------------------------------------------------
+
+_TORCH_CPU = None
+
+
+def _torch_placement() -> Placement:
+    global _TORCH_CPU
+    if _TORCH_CPU is None:
+        import array_api_compat
+
+        _TORCH_CPU = Placement(array_api_compat.array_namespace(torch.empty(0)), torch.device("cpu"))
+    return _TORCH_CPU
+
+
+class VariantModule(torch.nn.Module):
+    """A variant as a ``torch.nn.Module`` (see :func:`as_module`).
+
+    ``forward(query, key=None, value=None, **kwargs)`` takes what the variant's call takes (torch
+    CPU tensors ``(N, L, E)`` or ``(L, E)``, its masks and keywords) and returns
+    ``(output, weights_or_None)`` as tensors; ``output`` carries gradients to the inputs and the
+    parameters (``weights``, when asked for, are computed without gradients).
+    """
+
+    def __init__(self, variant):
+        super().__init__()
+        if not getattr(variant, "device_arrays", False):
+            raise TypeError(
+                f"variant {variant.name!r} ({type(variant).__name__}) computes in NumPy "
+                "(device_arrays = False), so torch cannot follow its projections; as_module wraps "
+                "variants whose forward uses array-API calls, self.param(key, like=x) and "
+                "self.attention(...), as the built-in ones do")
+        self.variant_name = variant.name
+        for key, value in variant.state_dict().items():
+            owner = self
+            *path, leaf = key.split(".")
+            for part in path:
+                if not hasattr(owner, part):
+                    owner.add_module(part, torch.nn.Module())
+                owner = getattr(owner, part)
+            owner.register_parameter(leaf, torch.nn.Parameter(torch.from_numpy(np.array(value))))
+        self._variant = _bind(copy.copy(variant), self)
+
+    def forward(self, query, key=None, value=None, **kwargs):
+        bound = self._variant
+        bound.dtype = np.dtype(str(next(self.parameters()).dtype).removeprefix("torch."))
+        bound._attention_calls = 0
+        try:
+            result = bound(query, key, value, **kwargs)
+        except TypeError as exc:
+            if bound._attention_calls == 0 and "requires grad" in str(exc):
+                raise TypeError(f"variant {self.variant_name!r} attends without self.attention(...), so "
+                                f"its attention cannot run inside torch autograd: {exc}") from None
+            raise
+        if bound._attention_calls == 0:
+            raise TypeError(f"variant {self.variant_name!r} did not attend through self.attention(...): "
+                            "as_module cannot route its attention through torch autograd")
+        return result
+
+    def extra_repr(self) -> str:
+        return f"variant={self.variant_name!r}"
+
+
+def _bind(variant, module: VariantModule):
+    """Rebind a copy of ``variant``'s hooks: inputs stay torch tensors, parameters are the
+    module's, attention goes through :func:`scaled_dot_product_attention`."""
+    place = _torch_placement()
+
+    def placement(x, name):
+        if isinstance(x, torch.Tensor):
+            if x.device.type != "cpu":
+                raise TypeError(f"{name} is a {x.device.type} tensor; as_module computes on CPU tensors "
+                                "(the cuda backend has no backward pass yet)")
+            return place
+        return input_placement(x, name)
+
+    def param(key, like=None):
+        value = module  # attribute lookups, so torch.func.functional_call's substitutes are seen
+        for part in key.split("."):
+            value = getattr(value, part)
+        return value
+
+    def attention(query, key, value, *, attn_mask=None, is_causal=False, backend="auto", **kwargs):
+        variant._attention_calls += 1
+        if kwargs.pop("return_lse", False):  # add_bias_kv / add_zero_attn merge through the lse
+            raise NotSupportedError(
+                f"variant {variant.name!r} asked for the log-sum-exp (add_bias_kv or add_zero_attn), "
+                "whose gradient engine.torch does not compute yet; train it without those options")
+        return scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, is_causal=is_causal,
+                                            backend=backend, **kwargs)
+
+    variant.input_placement = placement
+    variant.param = param
+    variant.attention = attention
+    variant._attention_calls = 0
+    return variant
+
+
+def as_module(variant) -> VariantModule:
+    """A ``torch.nn.Module`` running ``variant`` with its parameters as ``nn.Parameter``s.
+
+    The parameters start as copies of the variant's and keep its names (``in_proj_weight``,
+    ``out_proj.weight``...), so ``state_dict()``/``load_state_dict()`` round-trip with
+    ``torch.nn.MultiheadAttention`` for the variants that mirror it; ``variant.load_state_dict(
+    module.state_dict())`` copies trained values back. The module computes the projections with
+    torch and the attention with the engine (``backend="auto"``, or the call's ``backend=``).
+
+    :raises TypeError: for a variant whose forward computes in NumPy (``device_arrays = False``),
+        and, at the first call, for one that does not attend through ``Variant.attention``.
+    """
+    return VariantModule(variant)
