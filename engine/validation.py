@@ -122,6 +122,9 @@ class AttentionProblem:
     mask_mod: Any = None
     mod_args: tuple = ()
     block_mask: Any = None
+    #: with ``is_causal``: query i sees keys j <= i + causal_offset (0: top left, as torch's
+    #: ``is_causal``; S - L: bottom right, from ``engine.causal_lower_right``)
+    causal_offset: int = 0
 
     @property
     def has_mods(self) -> bool:
@@ -230,6 +233,7 @@ def validate_attention_args(query, key, value, attn_mask=None, is_causal=False, 
             raise ValueError(f"scale must be finite, got {scale_f}")
 
     mask, mask_kind = None, None
+    attn_mask, is_causal, causal_offset = _causal_bias(attn_mask, is_causal, L, S)
     if attn_mask is not None:
         if is_causal:
             raise ValueError("pass either attn_mask or is_causal=True, not both (as torch)")
@@ -258,7 +262,23 @@ def validate_attention_args(query, key, value, attn_mask=None, is_causal=False, 
         query=q, key=k, value=v, attn_mask=mask, mask_kind=mask_kind,
         batch_shape=tuple(batch_shape), num_q_heads=Hq, num_kv_heads=H, L=L, S=S, E=E, Ev=Ev,
         dtype=np.dtype(dtype), is_causal=bool(is_causal), scale=scale_f,
-        return_lse=bool(return_lse), on_device=on_device[0], **mods)
+        return_lse=bool(return_lse), on_device=on_device[0], causal_offset=causal_offset, **mods)
+
+
+def _causal_bias(attn_mask, is_causal, L: int, S: int):
+    """``(attn_mask, is_causal, causal_offset)``: a ``CausalBias`` mask becomes a causal flag with
+    its diagonal offset (no L x S array); any other mask passes through."""
+    from .causal import as_causal_bias
+
+    bias = as_causal_bias(attn_mask) if attn_mask is not None else None
+    if bias is None:
+        return attn_mask, is_causal, 0
+    if is_causal:
+        raise ValueError("pass either attn_mask or is_causal=True, not both (as torch)")
+    if bias.shape != (L, S):
+        raise ValueError(f"attn_mask {bias!r} is for (L, S) = {bias.shape}, but the inputs have "
+                         f"(L, S) = ({L}, {S})")
+    return None, True, bias.diagonal_offset
 
 
 def _validate_mods(score_mod, mask_mod, block_mask, mod_args, batch, heads, L, S) -> dict:

@@ -26,6 +26,8 @@ class Backend:
     device_arrays: bool = False
     #: whether ``score_mod``/``mask_mod`` are compiled into this backend's kernels
     supports_mods: bool = False
+    #: whether its kernels take a causal diagonal offset (``engine.causal_lower_right``)
+    supports_causal_offset: bool = False
     #: ``auto`` tries backends from the highest priority down
     priority: int = 0
 
@@ -47,6 +49,9 @@ class Backend:
             reasons.append("inputs are host arrays; this backend takes device arrays")
         if problem.has_mods and not self.supports_mods:
             reasons.append("score_mod/mask_mod are not supported by this backend")
+        if getattr(problem, "causal_offset", 0) and not self.supports_causal_offset:
+            reasons.append("a bottom-right causal mask (causal_lower_right with L != S) is not supported "
+                           "by this backend")
         return reasons
 
     def run(self, problem: AttentionProblem) -> tuple[Any, Any]:
@@ -61,7 +66,7 @@ class Backend:
         why = self.unavailable_reason()
         return {"name": self.name, "description": self.description, "dtypes": list(self.dtypes),
                 "host_arrays": self.host_arrays, "device_arrays": self.device_arrays,
-                "mods": self.supports_mods,
+                "mods": self.supports_mods, "causal_lower_right": self.supports_causal_offset,
                 "priority": self.priority, "available": why is None, "unavailable_reason": why}
 
 

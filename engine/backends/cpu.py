@@ -111,6 +111,7 @@ class CpuBackend(Backend):
     description = "Numba njit(parallel=True), tiled online softmax, BLAS tiles; memory linear in L"
     dtypes = ("float32", "float64")
     supports_mods = True
+    supports_causal_offset = True
     priority = 10
 
     def not_supported_reasons(self, problem: AttentionProblem) -> list[str]:
@@ -153,7 +154,7 @@ class CpuBackend(Backend):
         lse = np.empty((B, Hq, L), dtype=problem.dtype)
         kernel = flash_kernel(problem.score_mod, problem.mask_mod)
         with kernel_call_guard(), pin():
-            kernel(q, k, v, fmask, bmask, mask_batch, kind, problem.is_causal, problem.scale, problem.group,
+            kernel(q, k, v, fmask, bmask, mask_batch, kind, problem.is_causal, problem.causal_offset, problem.scale, problem.group,
                    block_q, block_k, sub_tiles, problem.mod_args, problem.score_mod is not None, tile_kinds,
                    out, lse)
         out, lse = out.reshape(problem.out_shape), lse.reshape(problem.lse_shape)

@@ -15,6 +15,7 @@ class ReferenceBackend(Backend):
     # bfloat16 is ml_dtypes' NumPy dtype: computed in float64 like the others, rounded once
     dtypes = ("float16", "float32", "float64", "bfloat16")
     supports_mods = True
+    supports_causal_offset = True
     priority = 0
 
     def run(self, problem):

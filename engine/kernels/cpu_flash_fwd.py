@@ -52,8 +52,8 @@ _MASK_MOD = no_mask_mod
 
 
 @njit(cache=_CACHE, fastmath=_FM, error_model="numpy")
-def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scale, group, block_q,
-                block_k, sub_tiles, mod_args, has_score_mod, tile_kinds, per_tile, out, lse):
+def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, causal_offset, scale, group,
+                block_q, block_k, sub_tiles, mod_args, has_score_mod, tile_kinds, per_tile, out, lse):
     """One parallel task: ``sub_tiles`` query tiles of one (batch, head)."""
     B, Hq, L, E = q.shape
     S = k.shape[2]
@@ -89,7 +89,7 @@ def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scal
         nqs = min(block_q, nt - sub * block_q)  # rows of this sub-tile
         for e in range(E):
             qt[sub, e * nqs + rr] = q[b, h, t0 + r, e] * scale
-    kend = min(S, t1) if causal else S
+    kend = max(0, min(S, t1 + causal_offset)) if causal else S
     for j0 in range(0, kend, block_k):
         j1 = min(j0 + block_k, kend)
         nk = j1 - j0
@@ -98,7 +98,7 @@ def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scal
         for sub in range(sub_tiles):
             i0 = t0 + sub * block_q
             i1 = min(i0 + block_q, t1)
-            if i0 >= i1 or (causal and j0 > i1 - 1):  # no rows, or all above the diagonal
+            if i0 >= i1 or (causal and j0 > i1 - 1 + causal_offset):  # no rows, or all above the diagonal
                 continue
             tile = TILE_FULL
             if per_tile:
@@ -134,9 +134,9 @@ def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scal
                         x = st[c, r] if bmask[mb, h, i0 + r, j0 + c] else neg_inf
                         st[c, r] = x
                         tm[r] = x if x > tm[r] else tm[r]
-            elif causal and j1 - 1 > i0:  # tile crosses the diagonal
+            elif causal and j1 - 1 > i0 + causal_offset:  # tile crosses the diagonal
                 for c in range(nk):
-                    first = j0 + c - i0  # rows r < first cannot see key j0 + c
+                    first = j0 + c - i0 - causal_offset  # rows r < first cannot see key j0 + c
                     for r in range(nq):
                         x = st[c, r] if r >= first else neg_inf
                         st[c, r] = x
@@ -193,16 +193,17 @@ def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scal
 # error_model="numpy": a float division by zero gives inf/NaN instead of raising, so divisions
 # (ours and those of inlined mods) carry no zero check and their loops vectorise (10x for tanh)
 @njit(parallel=True, cache=_CACHE, fastmath=_FM, error_model="numpy")
-def _flash_forward(q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scale, group, block_q,
-                   block_k, sub_tiles, mod_args, has_score_mod, tile_kinds, out, lse):
+def _flash_forward(q, k, v, fmask, bmask, mask_batch, mask_kind, causal, causal_offset, scale, group,
+                   block_q, block_k, sub_tiles, mod_args, has_score_mod, tile_kinds, out, lse):
     """out[b, h] = softmax(scale * q[b, h] @ k[b, h // group].T + mask) @ v[b, h // group].
 
     q (B, Hq, L, E), k (B, H, S, E), v (B, H, S, Ev), out (B, Hq, L, Ev), lse (B, Hq, L): C order.
     ``fmask`` (float, added) and ``bmask`` (bool, True = may attend), each (Bm, Hq, L, S), may be
     zero-stride views; ``mask_batch[b]`` selects their first index. ``mask_kind`` says which one
     applies: MASK_NONE, MASK_BOOL or MASK_FLOAT; the other is a dummy. Both are always passed so
-    that one compiled signature per dtype serves every kind (compile time). ``causal``: top-left, row i sees keys j <= i; key tiles right of the diagonal are
-    skipped and only tiles crossing it are masked. Rows with no visible key get zeros and
+    that one compiled signature per dtype serves every kind (compile time). ``causal``: row i
+    sees keys j <= i + ``causal_offset`` (0: top left; S - L: bottom right); key tiles right of
+    the diagonal are skipped and only tiles crossing it are masked. Rows with no visible key get zeros and
     lse = -inf; NaN scores propagate to their rows (out and lse NaN).
 
     ``score_mod(score, b, h, q_idx, kv_idx, *mod_args)`` rewrites each scaled score (before the
@@ -219,7 +220,7 @@ def _flash_forward(q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scale, 
     per_tile = tile_kinds.shape[2] > 1 or tile_kinds.shape[3] > 1 or tile_kinds[0, 0, 0, 0] != TILE_FULL
     rows = block_q * sub_tiles
     for task in prange(q.shape[0] * q.shape[1] * ((q.shape[2] + rows - 1) // rows)):
-        _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scale, group,
+        _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, causal_offset, scale, group,
                     block_q, block_k, sub_tiles, mod_args, has_score_mod, tile_kinds, per_tile, out, lse)
 
 
