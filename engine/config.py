@@ -27,3 +27,14 @@ CUDA_BLOCK_Q = 128
 CUDA_TILE_SHARED_BYTES = 32 * 1024
 #: ``cuda`` backend: upper bound on E + Ev (beyond it a key tile of 8 rows no longer fits)
 CUDA_MAX_HEAD_SUM = 1024
+
+#: ``cpu`` decoding (``attention_with_kvcache``): keys per tile (a tile never crosses a page;
+#: small pages are gathered into one tile)
+DECODE_BLOCK_K = 256
+#: ``cpu`` decoding: query rows (query heads of a key/value head x new tokens) per task
+DECODE_BLOCK_ROWS = 128
+#: ``cpu`` decoding: split-KV never gives a split fewer keys than this (the merge would cost more
+#: than the parallelism gains)
+DECODE_MIN_SPLIT_KEYS = 512
+#: ``cpu`` decoding: the most splits ``num_splits=None`` picks
+DECODE_MAX_SPLITS = 64

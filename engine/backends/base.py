@@ -28,6 +28,11 @@ class Backend:
     supports_mods: bool = False
     #: whether its kernels take a causal diagonal offset (``engine.causal_lower_right``)
     supports_causal_offset: bool = False
+    #: whether it runs ``engine.attention_with_kvcache`` (``decode``), for which query dtypes and
+    #: which cache dtypes
+    supports_decode: bool = False
+    decode_dtypes: tuple = ()
+    decode_cache_dtypes: tuple = ()
     #: ``auto`` tries backends from the highest priority down
     priority: int = 0
 
@@ -37,6 +42,8 @@ class Backend:
 
     def not_supported_reasons(self, problem: AttentionProblem) -> list[str]:
         """Every reason this backend cannot run ``problem``; empty when it can."""
+        if getattr(problem, "is_decode", False):
+            return self.decode_not_supported_reasons(problem)
         reasons = []
         why = self.unavailable_reason()
         if why:
@@ -61,12 +68,43 @@ class Backend:
         """
         raise NotImplementedError
 
+    def decode_not_supported_reasons(self, problem) -> list[str]:
+        """Every reason this backend cannot run a ``DecodeProblem`` (``attention_with_kvcache``)."""
+        reasons = []
+        why = self.unavailable_reason()
+        if why:
+            reasons.append(why)
+        if not self.supports_decode:
+            reasons.append("KV-cache decoding (attention_with_kvcache) is not supported by this backend")
+            return reasons
+        if problem.dtype.name not in self.decode_dtypes:
+            reasons.append(f"query dtype {problem.dtype.name} not supported for decoding (supports "
+                           f"{', '.join(self.decode_dtypes)})")
+        if problem.cache_dtype.name not in self.decode_cache_dtypes:
+            reasons.append(f"cache dtype {problem.cache_dtype.name} not supported (supports "
+                           f"{', '.join(self.decode_cache_dtypes)})")
+        if problem.on_device and not self.device_arrays:
+            reasons.append("inputs are device arrays; this backend takes host arrays")
+        if problem.has_mods and not self.supports_mods:
+            reasons.append("score_mod/mask_mod are not supported by this backend")
+        return reasons
+
+    def decode(self, problem) -> tuple[Any, Any]:
+        """Write ``problem.key``/``problem.value`` into the caches at ``problem.cache_seqlens``, then
+        attend: ``(out, lse)`` of ``problem.out_shape``/``problem.lse_shape`` in ``problem.dtype``.
+
+        Only called when ``decode_not_supported_reasons`` is empty, after validation checked every
+        index (the write cannot fail half-way).
+        """
+        raise NotImplementedError
+
     def capabilities(self) -> dict:
         """What ``attention-engine list`` prints about this backend."""
         why = self.unavailable_reason()
         return {"name": self.name, "description": self.description, "dtypes": list(self.dtypes),
                 "host_arrays": self.host_arrays, "device_arrays": self.device_arrays,
                 "mods": self.supports_mods, "causal_lower_right": self.supports_causal_offset,
+                "decode": self.supports_decode,
                 "priority": self.priority, "available": why is None, "unavailable_reason": why}
 
 

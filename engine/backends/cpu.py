@@ -112,6 +112,9 @@ class CpuBackend(Backend):
     dtypes = ("float32", "float64")
     supports_mods = True
     supports_causal_offset = True
+    supports_decode = True
+    decode_dtypes = ("float16", "float32", "float64", "bfloat16")
+    decode_cache_dtypes = ("float16", "float32", "float64", "bfloat16")
     priority = 10
 
     def not_supported_reasons(self, problem: AttentionProblem) -> list[str]:
@@ -161,6 +164,11 @@ class CpuBackend(Backend):
         if nonfinite_v:
             out = add_nonfinite_values(problem, out, lse)
         return out, lse
+
+    def decode(self, problem):
+        from .cpu_decoding import run_decode
+
+        return run_decode(problem, _get_blas_pin())
 
     @staticmethod
     def _tile_kinds(problem: AttentionProblem, block_q: int, block_k: int) -> np.ndarray:

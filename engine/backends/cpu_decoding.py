@@ -1,0 +1,82 @@
+"""The ``cpu`` backend's ``decode``: lays out a validated ``DecodeProblem`` for the split-KV kernel."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..config import DECODE_BLOCK_K, DECODE_BLOCK_ROWS, DECODE_MAX_SPLITS, DECODE_MIN_SPLIT_KEYS
+from ..decode_validation import DecodeProblem
+from ..kernels.half_floats import BFLOAT16_BITS, FLOAT16_BITS
+from ..kvcache import write_new_entries
+from ..threads import get_num_threads, kernel_call_guard
+
+__all__ = ["run_decode", "pick_num_splits"]
+
+
+def pick_num_splits(tasks: int, max_keys: int, threads: int) -> int:
+    """How many chunks to split each sequence's keys into, when the caller did not say.
+
+    ``tasks`` = sequences x cache heads x row blocks. Enough tasks already keep every thread busy:
+    1. Otherwise the split balances the waves of tasks over the threads (a wave at 3/4 occupancy
+    wastes a quarter of the machine): the smallest split whose balance is within 85% of the best
+    one, no split holding fewer than ``DECODE_MIN_SPLIT_KEYS`` keys (FlashAttention's heuristic for
+    its ``num_splits=0``, with threads for streaming multiprocessors).
+    """
+    if tasks >= threads or max_keys < 2 * DECODE_MIN_SPLIT_KEYS:
+        return 1
+    most = max(1, min(DECODE_MAX_SPLITS, max_keys // DECODE_MIN_SPLIT_KEYS))
+    balance = []
+    for s in range(1, most + 1):
+        waves = tasks * s / threads
+        balance.append(waves / math.ceil(waves))
+    best = max(balance)
+    return next(s for s, e in enumerate(balance, 1) if e >= 0.85 * best)
+
+
+def _pages(cache: np.ndarray) -> np.ndarray:
+    """The cache as (pages, Hkv, page_size, D) of the compute dtype or uint16 bits (no copy)."""
+    return cache.view(np.uint16) if cache.dtype.itemsize == 2 else cache
+
+
+def run_decode(problem: DecodeProblem, blas_pin):
+    """Write the new entries, then run the kernel; ``(out, lse)`` in the query's dtype."""
+    from ..kernels.cpu_decode import decode_kernel
+
+    write_new_entries(problem)
+    B, Hq, L, Ev = problem.batch, problem.num_q_heads, problem.L, problem.Ev
+    compute = problem.compute_dtype
+    q = np.ascontiguousarray(problem.query, dtype=compute)
+    half_kind = 0
+    if problem.cache_dtype.itemsize == 2:
+        half_kind = FLOAT16_BITS if problem.cache_dtype == np.float16 else BFLOAT16_BITS
+    if problem.page_table is None:
+        table = np.arange(B, dtype=np.int32).reshape(B, 1)
+    else:
+        table = np.ascontiguousarray(problem.page_table, dtype=np.int32)
+    seqlens_k = problem.seqlens_k
+    group = problem.group
+    row_blocks = math.ceil(group * L / DECODE_BLOCK_ROWS)
+    splits = problem.num_splits
+    if splits is None:
+        splits = pick_num_splits(B * problem.num_kv_heads * row_blocks, int(seqlens_k.max()), get_num_threads())
+    N = B * Hq * L
+    out = np.empty((N, Ev), dtype=compute)
+    lse = np.empty(N, dtype=compute)
+    if splits > 1:
+        part_out = np.empty((splits, N, Ev), dtype=compute)
+        part_lse = np.empty((splits, N), dtype=compute)
+    else:
+        part_out, part_lse = out.reshape(1, N, Ev), lse.reshape(1, N)
+    left, right = problem.window
+    kernel = decode_kernel(problem.score_mod, problem.mask_mod)
+    with kernel_call_guard(), blas_pin():
+        kernel(q, _pages(problem.k_cache), _pages(problem.v_cache), table, seqlens_k,
+               problem.is_causal, left, right, problem.scale, group, half_kind, splits, DECODE_BLOCK_K,
+               DECODE_BLOCK_ROWS, problem.mod_args, problem.score_mod is not None, problem.mask_mod is not None,
+               part_out, part_lse, out, lse)
+    out = out.reshape(problem.out_shape)
+    lse = lse.reshape(problem.lse_shape)
+    if problem.dtype != compute:
+        out, lse = out.astype(problem.dtype), lse.astype(problem.dtype)
+    return out, lse
