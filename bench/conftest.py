@@ -27,11 +27,12 @@ if _THREADS:
 import pytest  # noqa: E402
 
 import engine  # noqa: E402
-from engine.benchmark import available_backends  # noqa: E402
+from engine.benchmark import available_backends, predicted_skip  # noqa: E402
 
 #: shapes per size: sequence lengths L (= S), batch N, embed_dim E, heads (sdpa head_dim = E / heads)
 SIZES = {
-    "smoke": {"lengths": [16, 64], "batch": 1, "embed_dim": 32, "heads": 2},
+    # smoke checks that every case runs: no case is ever skipped as too slow (max_call_s inf)
+    "smoke": {"lengths": [16, 64], "batch": 1, "embed_dim": 32, "heads": 2, "max_call_s": float("inf")},
     "quick": {"lengths": [128, 512], "batch": 2, "embed_dim": 256, "heads": 4},
     "default": {"lengths": [128, 256, 512, 1024, 2048, 4096], "batch": 2, "embed_dim": 256, "heads": 4},
     "full": {"lengths": [128, 256, 512, 1024, 2048, 4096, 8192], "batch": 2, "embed_dim": 256, "heads": 4},
@@ -56,7 +57,8 @@ def pytest_addoption(parser):
     group = parser.getgroup("attention-engine benchmarks")
     group.addoption("--bench-max-call-s", type=float, default=None, metavar="SECONDS",
                     help="skip a case at the lengths where one call would take longer, predicted "
-                         "quadratically from its previous length (default: $ATTENTION_BENCH_MAX_CALL_S or 5)")
+                         "quadratically from its previous length (default: $ATTENTION_BENCH_MAX_CALL_S, "
+                         "or 5; never with --bench-size=smoke; 0 or inf: never skip)")
     group.addoption("--bench-size", choices=sorted(SIZES), default=None,
                     help="sizes to benchmark: smoke (CI, seconds), quick, default (L = 128..4096), full "
                          "(L up to 8192); default: $ATTENTION_BENCH_SIZE or 'default'")
@@ -75,8 +77,10 @@ def pytest_configure(config):
         torch.set_num_threads(threads)  # torch defaults to physical cores; match the engine
     except ImportError:
         pass
-    max_call_s = config.getoption("--bench-max-call-s") or float(os.environ.get("ATTENTION_BENCH_MAX_CALL_S", 5))
-    config._attention_bench = {"size": size, "threads": threads, "max_call_s": max_call_s, **SIZES[size]}
+    max_call_s = config.getoption("--bench-max-call-s")
+    if max_call_s is None:
+        max_call_s = float(os.environ.get("ATTENTION_BENCH_MAX_CALL_S", SIZES[size].get("max_call_s", 5)))
+    config._attention_bench = {"size": size, "threads": threads, **SIZES[size], "max_call_s": max_call_s}
     config._attention_bench_plugins = [engine.register_plugin(p) for p in bench_plugins()]
 
 
@@ -125,10 +129,9 @@ class CallBudget:
     def check(self, key, length: int) -> None:
         if key in self.seen:
             prev_length, seconds = self.seen[key]
-            predicted = seconds * (length / prev_length) ** 2
-            if predicted > self.max_call_s:
-                pytest.skip(f"one call took {seconds:.2g} s at L={prev_length}, which predicts {predicted:.2g} s "
-                            f"here (over --bench-max-call-s {self.max_call_s:g})")
+            why = predicted_skip(seconds, prev_length, length, self.max_call_s)
+            if why:
+                pytest.skip(why.replace("--max-call-s", "--bench-max-call-s"))
 
     def record(self, key, length: int, seconds: float) -> None:
         self.seen[key] = (length, seconds)

@@ -12,7 +12,7 @@ import sys
 SUBCOMMANDS = {
     "list": ("engine.listing", "show installed variants (with their plugin and distribution) and backends"),
     "bench": ("engine.benchmark", "compare variants and backends: time, GFLOP/s, memory, ratio to torch"),
-    "demo": ("engine.demo", "run a pretrained transformer through the engine and show its attention"),
+    "demo": ("engine.models.demo", "run a pretrained transformer through the engine and show its attention"),
 }
 
 

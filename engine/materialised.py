@@ -71,7 +71,7 @@ def add_nonfinite_values(problem: AttentionProblem, out: np.ndarray, lse: np.nda
 
 def softmax(s: np.ndarray):
     """Row softmax and log-sum-exp; rows with no finite score give zeros and -inf."""
-    m = np.max(s, axis=-1, keepdims=True)
+    m = np.max(s, axis=-1, keepdims=True, initial=-np.inf)  # S = 0: no key, -inf
     dead = np.isneginf(m)
     m = np.where(dead, 0.0, m)
     with np.errstate(invalid="ignore"):  # NaN scores propagate as NaN, as they should

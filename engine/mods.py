@@ -137,6 +137,9 @@ def create_block_mask(mask_mod: Callable, batch: int | None, heads: int | None, 
             raise ValueError(f"{name} must be a positive int or None, got {val!r}")
     if not isinstance(mod_args, tuple):
         raise TypeError(f"mod_args must be a tuple, got {type(mod_args).__name__}")
+    from .validation import native_mod_args
+
+    mod_args = native_mod_args(mod_args)
     fn = as_jit(mask_mod, "mask_mod")
     kinds = np.empty((batch or 1, heads or 1, math.ceil(L / block_q), math.ceil(S / block_k)), np.int8)
     if kinds.size:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["AttentionProblem", "validate_attention_args", "array_dtype", "is_device_array",
+__all__ = ["AttentionProblem", "validate_attention_args", "array_dtype", "is_device_array", "native",
            "bfloat16_dtype", "is_bfloat16", "is_floating", "is_torch_bfloat16"]
 
 
@@ -76,7 +76,22 @@ def _as_array(x: Any, name: str) -> Any:
         arr = np.asarray(x)
     except Exception as exc:  # e.g. ragged nested lists
         raise TypeError(f"{name} could not be converted to an array: {exc}") from None
-    return arr
+    return native(arr)
+
+
+def native(arr: np.ndarray, writeable: bool = False) -> np.ndarray:
+    """``arr`` itself when its layout suits a kernel; otherwise a copy in native byte order and
+    aligned memory (the values are unchanged). Numba compiles no big-endian array, and compiles a
+    new specialisation (tens of seconds) for an unaligned one, or a read-only one: ``writeable``
+    copies those too (for the small ``mod_args`` arrays; the caller's array is never written)."""
+    if arr.dtype.isnative and arr.flags.aligned and (arr.flags.writeable or not writeable):
+        return arr
+    return np.require(arr, dtype=arr.dtype.newbyteorder("="), requirements="AW" if writeable else "A")
+
+
+def native_mod_args(mod_args: tuple) -> tuple:
+    """``mod_args`` with its NumPy arrays made native, aligned and writeable (see :func:`native`)."""
+    return tuple(native(a, writeable=True) if isinstance(a, np.ndarray) else a for a in mod_args)
 
 
 def _check_float(arr: Any, name: str) -> np.dtype:
@@ -106,6 +121,8 @@ class AttentionProblem:
     attn_mask: Any
     mask_kind: str | None
     batch_shape: tuple
+    #: the output's shape without (L, Ev): ``batch_shape + (num_q_heads,)``, or ``()`` for 2-D inputs
+    lead_shape: tuple
     num_q_heads: int
     num_kv_heads: int
     L: int
@@ -142,13 +159,13 @@ class AttentionProblem:
 
     @property
     def out_shape(self) -> tuple:
-        """Shape of the result: the query's shape with E replaced by Ev."""
-        return tuple(self.query.shape[:-1]) + (self.Ev,)
+        """Shape of the result: the broadcast leading dims, then (L, Ev)."""
+        return self.lead_shape + (self.L, self.Ev)
 
     @property
     def lse_shape(self) -> tuple:
-        """Shape of the log-sum-exp: the query's shape without E."""
-        return tuple(self.query.shape[:-1])
+        """Shape of the log-sum-exp: the broadcast leading dims, then L."""
+        return self.lead_shape + (self.L,)
 
     @property
     def shape4(self) -> tuple:
@@ -181,40 +198,12 @@ def validate_attention_args(query, key, value, attn_mask=None, is_causal=False, 
         raise TypeError(f"query, key and value must share one dtype, got {dtypes[0]}, {dtypes[1]}, {dtypes[2]}")
     dtype = dtypes[0]
 
-    shapes = {n: tuple(a.shape) for n, a in (("query", q), ("key", k), ("value", v))}
-    for n, shp in shapes.items():
-        if len(shp) < 2:
-            raise ValueError(f"{n} must have at least 2 dimensions (..., L, E), got shape {shp}")
-    ranks = {len(s) for s in shapes.values()}
-    if len(ranks) != 1:
-        raise ValueError("query, key and value must have the same number of dimensions, got shapes "
-                         f"query={shapes['query']}, key={shapes['key']}, value={shapes['value']}")
-    qs, ks, vs = shapes["query"], shapes["key"], shapes["value"]
-    if len(qs) == 2:  # (L, E): one head, no batch
-        batch_shape, Hq, H = (), 1, 1
-    else:
-        batch_shape, Hq, H = qs[:-3], qs[-3], ks[-3]
-        if ks[:-3] != batch_shape or vs[:-3] != batch_shape:
-            raise ValueError("query, key and value must have the same batch dimensions, got shapes "
-                             f"query={qs}, key={ks}, value={vs}")
-        if vs[-3] != H:
-            raise ValueError(f"key and value must have the same number of heads, got key={ks}, value={vs}")
-    L, E = qs[-2], qs[-1]
-    S, Ek = ks[-2], ks[-1]
-    Sv, Ev = vs[-2], vs[-1]
-    if Ek != E:
-        raise ValueError(f"query and key must have the same feature size E, got query={qs}, key={ks}")
-    if Sv != S:
-        raise ValueError(f"key and value must have the same sequence length S, got key={ks}, value={vs}")
     if not isinstance(enable_gqa, (bool, np.bool_)):
         raise TypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
-    if Hq != H:
-        if not enable_gqa:
-            raise ValueError(f"query has {Hq} heads but key/value have {H}; pass enable_gqa=True for "
-                             f"grouped-query attention (query={qs}, key={ks})")
-        if H == 0 or Hq % H != 0:
-            raise ValueError(f"enable_gqa=True needs the query head count to be a multiple of the "
-                             f"key/value head count, got {Hq} and {H} (query={qs}, key={ks})")
+    q, k, v, lead_shape, batch_shape, Hq, H = _broadcast_heads(q, k, v, bool(enable_gqa), on_device[0])
+    qs, ks, vs = tuple(q.shape), tuple(k.shape), tuple(v.shape)
+    L, E = qs[-2], qs[-1]
+    S, Ev = ks[-2], vs[-1]
 
     if not isinstance(is_causal, (bool, np.bool_)):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
@@ -248,7 +237,7 @@ def validate_attention_args(query, key, value, attn_mask=None, is_causal=False, 
         else:
             raise TypeError(f"attn_mask must be boolean (True = may attend) or floating (added to the "
                             f"scores), got dtype {mdtype}")
-        target = batch_shape + (Hq, L, S) if len(qs) > 2 else (L, S)
+        target = lead_shape + (L, S)
         mshape = tuple(mask.shape)
         ok = len(mshape) <= len(target) and all(
             m in (1, t) for m, t in zip(mshape[::-1], target[::-1]))
@@ -260,7 +249,8 @@ def validate_attention_args(query, key, value, attn_mask=None, is_causal=False, 
 
     return AttentionProblem(
         query=q, key=k, value=v, attn_mask=mask, mask_kind=mask_kind,
-        batch_shape=tuple(batch_shape), num_q_heads=Hq, num_kv_heads=H, L=L, S=S, E=E, Ev=Ev,
+        batch_shape=tuple(batch_shape), lead_shape=lead_shape, num_q_heads=Hq, num_kv_heads=H, L=L,
+        S=S, E=E, Ev=Ev,
         dtype=np.dtype(dtype), is_causal=bool(is_causal), scale=scale_f,
         return_lse=bool(return_lse), on_device=on_device[0], causal_offset=causal_offset, **mods)
 
@@ -279,6 +269,65 @@ def _causal_bias(attn_mask, is_causal, L: int, S: int):
         raise ValueError(f"attn_mask {bias!r} is for (L, S) = {bias.shape}, but the inputs have "
                          f"(L, S) = ({L}, {S})")
     return None, True, bias.diagonal_offset
+
+
+def _broadcast_heads(q, k, v, enable_gqa: bool, on_device: bool):
+    """Shapes of query, key and value checked, and their leading dims broadcast as torch does.
+
+    Every input has at least 2 dims ``(..., rows, features)``; all 2-D is one head without batch.
+    Otherwise the inputs are padded with leading 1s to one rank, dim -3 is the head axis and the
+    dims before it are batch dims, broadcast as in ``torch.matmul`` (a key/value batch of 1
+    serves every query batch). Heads: key and value heads broadcast to ``H``; the query's ``Hq``
+    equals ``H``, or ``H`` is 1 (one key/value head for all: broadcast, the same as GQA with one
+    group), or ``Hq`` is 1 (the query broadcasts to ``H`` heads), or ``enable_gqa`` and ``H``
+    divides ``Hq``. Host arrays come back as zero-stride views of the broadcast shapes (no copy);
+    device arrays as they are (the cuda backend indexes them through strides).
+
+    Returns ``(q, k, v, lead_shape, batch_shape, Hq, H)``.
+    """
+    shapes = {n: tuple(a.shape) for n, a in (("query", q), ("key", k), ("value", v))}
+    for n, shp in shapes.items():
+        if len(shp) < 2:
+            raise ValueError(f"{n} must have at least 2 dimensions (..., L, E), got shape {shp}")
+    qs, ks, vs = shapes["query"], shapes["key"], shapes["value"]
+    if qs[-1] != ks[-1]:
+        raise ValueError(f"query and key must have the same feature size E, got query={qs}, key={ks}")
+    if ks[-2] != vs[-2]:
+        raise ValueError(f"key and value must have the same sequence length S, got key={ks}, value={vs}")
+    rank = max(len(qs), len(ks), len(vs))
+    if rank == 2:
+        return q, k, v, (), (), 1, 1
+    qp, kp, vp = ((1,) * (rank - len(s)) + s for s in (qs, ks, vs))
+    try:
+        batch_shape = np.broadcast_shapes(qp[:-3], kp[:-3], vp[:-3])
+    except ValueError:
+        raise ValueError("the batch dimensions of query, key and value must broadcast (as torch.matmul), "
+                         f"got shapes query={qs}, key={ks}, value={vs}") from None
+    hq, hk, hv = qp[-3], kp[-3], vp[-3]
+    if hk != hv and 1 not in (hk, hv):
+        raise ValueError(f"key and value must have the same number of heads (or one of them 1), got "
+                         f"key={ks}, value={vs}")
+    H = max(hk, hv)
+    if hq == H or H == 1:
+        Hq = hq
+    elif hq == 1 and not enable_gqa:
+        Hq = H
+    elif not enable_gqa:
+        raise ValueError(f"query has {hq} heads but key/value have {H}; pass enable_gqa=True for "
+                         f"grouped-query attention (query={qs}, key={ks})")
+    elif hq % H:
+        raise ValueError(f"enable_gqa=True needs the query head count to be a multiple of the "
+                         f"key/value head count, got {hq} and {H} (query={qs}, key={ks})")
+    else:
+        Hq = hq
+    batch_shape = tuple(batch_shape)
+    lead = batch_shape + (Hq,)
+    want = {"query": lead + qs[-2:], "key": batch_shape + (H,) + ks[-2:],
+            "value": batch_shape + (H,) + vs[-2:]}
+    if not on_device:  # zero-stride views where an input broadcasts; nothing copied
+        q, k, v = (a if tuple(a.shape) == want[n] else np.broadcast_to(a.reshape(p), want[n])
+                   for a, n, p in ((q, "query", qp), (k, "key", kp), (v, "value", vp)))
+    return q, k, v, lead, batch_shape, Hq, H
 
 
 def _validate_mods(score_mod, mask_mod, block_mask, mod_args, batch, heads, L, S) -> dict:
@@ -300,6 +349,7 @@ def _validate_mods(score_mod, mask_mod, block_mask, mod_args, batch, heads, L, S
         if mod_args and mod_args is not block_mask.mod_args:
             raise ValueError("pass mod_args to create_block_mask, not again with block_mask")
         mask_mod, mod_args = block_mask.mask_mod, block_mask.mod_args
+    mod_args = native_mod_args(mod_args)
     return {"score_mod": None if score_mod is None else as_jit(score_mod, "score_mod"),
             "mask_mod": None if mask_mod is None else as_jit(mask_mod, "mask_mod"),
             "mod_args": mod_args, "block_mask": block_mask}

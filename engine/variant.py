@@ -30,7 +30,8 @@ class Variant:
     parameters in ``__init__`` with :meth:`register_parameter`, and implement :meth:`forward`.
     Calls follow ``torch.nn.MultiheadAttention(batch_first=True)``: inputs ``(N, L, E)`` or
     unbatched ``(L, E)``; boolean masks True = **not allowed**; the result is always
-    ``(output, weights_or_None)``.
+    ``(output, weights_or_None)``. A variant built with ``batch_first=False`` takes and returns
+    ``(L, N, E)`` instead (torch's default layout); masks and weights keep their shapes.
     """
 
     name: ClassVar[str] = ""
@@ -41,11 +42,14 @@ class Variant:
     #: results are copied back to the inputs' device in their library.
     device_arrays: ClassVar[bool] = False
 
-    def __init__(self, *, dtype=np.float32, seed=None):
+    def __init__(self, *, dtype=np.float32, seed=None, batch_first: bool = True):
         dtype = np.dtype(dtype)
         if dtype not in (np.float32, np.float64):
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        if not isinstance(batch_first, (bool, np.bool_)):
+            raise TypeError(f"batch_first must be a bool, got {type(batch_first).__name__}")
         self.dtype = dtype
+        self.batch_first = bool(batch_first)
         self.rng = np.random.default_rng(seed)
         self._params: dict[str, np.ndarray] = {}
         # parameters copied to devices: {placement key: (the _params dict they came from, {key: array})}
@@ -150,6 +154,10 @@ class Variant:
             raise ValueError(f"query, key and value must all be batched or all unbatched, got shapes "
                              f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
         unbatched = q.ndim == 2
+        # (L, N, E) -> (N, L, E): forward always sees batch first (a view; no copy)
+        seq_first = not unbatched and not self.batch_first
+        if seq_first:
+            q, k, v = (run.xp.permute_dims(a, (1, 0, 2)) for a in (q, k, v))
         if unbatched:
             q, k, v = q[None, ...], k[None, ...], v[None, ...]
             if key_padding_mask is not None:
@@ -164,6 +172,8 @@ class Variant:
         if unbatched:
             out = out[0, ...]
             weights = None if weights is None else weights[0, ...]
+        if seq_first:
+            out = run.xp.permute_dims(out, (1, 0, 2))
         if run is not place:  # computed on the host for device inputs: the results go back
             out = place.put(out)
             weights = None if weights is None else place.put(weights)

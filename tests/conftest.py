@@ -1,11 +1,38 @@
 """Shared fixtures. Backends and variants are parametrised from the registries, so a newly
-registered one is tested without editing the tests."""
+registered one is tested without editing the tests.
+
+No test may depend on the machine's speed or load. Two rules serve that here:
+
+* BLAS and OpenMP threads are pinned per test process to the cores divided among the pytest-xdist
+  workers (OpenBLAS's threads spin while they wait: two workers each running a 2-thread BLAS on 2
+  cores ran NumPy at 0.1 GFLOP/s). Child processes inherit the limits through the environment.
+* A child process gets :data:`HANG_TIMEOUT_S`, which only turns a hang into a failure: it is far
+  beyond what any child takes on a machine many times slower than the development machines.
+"""
+import os
 import textwrap
 
 import numpy as np
 import pytest
+import threadpoolctl
 
 import engine
+
+#: seconds a child process or thread may take before a test calls it hung
+HANG_TIMEOUT_S = 1800
+
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+#: BLAS/OpenMP threads for this test process: its share of the cores
+THREADS_PER_WORKER = max(1, (os.cpu_count() or 1) // max(1, _WORKERS))
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = str(THREADS_PER_WORKER)  # for child processes
+threadpoolctl.threadpool_limits(THREADS_PER_WORKER)  # for this one (BLAS is already loaded)
+try:  # torch's intra-op threads spin too; every test module imports it anyway
+    import torch
+
+    torch.set_num_threads(THREADS_PER_WORKER)
+except ImportError:
+    pass
 
 
 def available_backends():

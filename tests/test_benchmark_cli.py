@@ -1,4 +1,9 @@
-"""``attention-engine bench`` in tiny configurations: the table, the JSON, the PNG, real memory."""
+"""``attention-engine bench`` in tiny configurations: the table, the JSON, the PNG, real memory.
+
+Every run here sees the machine as 1000 times slower than it is (``ATTENTION_BENCH_SLOWDOWN``):
+what these tests check must not depend on how fast the machine is or how busy, and this proves it
+(the skip predictor, for one, would drop rows a test needs if a test left it on).
+"""
 import contextlib
 import io
 import json
@@ -7,10 +12,21 @@ import numpy as np
 import pytest
 
 import engine
+from engine.benchmark import predicted_skip
 from engine.cli import main
 from variants.multi_head import MultiHeadAttention
 
-TINY = ["--lengths", "16,32", "--batch", "1", "--embed-dim", "16", "--heads", "2", "--repeat", "2"]
+TINY = ["--lengths", "16,32", "--batch", "1", "--embed-dim", "16", "--heads", "2", "--repeat", "2",
+        "--threads", "1", "--max-call-s", "inf"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def slow_machine():
+    """Every benchmark child of this module measures 1000x the real durations."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ATTENTION_BENCH_SLOWDOWN", "1000")
+    yield
+    mp.undo()
 
 
 class RenamedMultiHead(MultiHeadAttention):
@@ -45,9 +61,12 @@ def tiny_run(tmp_path_factory):
 def test_tiny_run_succeeds_and_prints_the_table(tiny_run):
     rc, report, _, printed = tiny_run
     assert rc == 0
-    header = printed.splitlines()[0].split()
+    summary, table = printed.split("\nAll rows:\n")
+    assert summary.startswith("Summary:")
+    lines = table.strip().splitlines()
+    header = lines[0].split()
     assert header == ["case", "impl", "L", "time", "GFLOP/s", "peak", "mem", "1st", "call", "t/base", "max|diff|"]
-    table_rows = [line.split() for line in printed.splitlines()[2:] if line.startswith(("multi-head", "self", "sdpa"))]
+    table_rows = [line.split() for line in lines[2:] if line.startswith(("multi-head", "self", "sdpa"))]
     assert len(table_rows) == len(report["rows"]) == 20
     assert report["config"]["lengths"] == [16, 32] and report["config"]["backends"] == ["cpu", "reference"]
 
@@ -85,6 +104,23 @@ def test_json_has_one_complete_row_per_case_impl_and_length(tiny_run):
             assert r["max_abs_diff"] < 1e-4  # same weights, same function as the torch layer
 
 
+def test_summary_says_faster_or_slower_per_case_and_length(tiny_run):
+    """The summary comes first: per case and L the engine's fastest backend against the baseline,
+    'N.NNx faster' or 'N.NNx slower' as the JSON's times say, with both peak memories."""
+    _, report, _, printed = tiny_run
+    summary = printed.split("\nAll rows:\n")[0].strip().splitlines()[4:]
+    rows = report["rows"]
+    assert len(summary) == 3 * 2  # multi-head, self, sdpa at L = 16, 32
+    for line in summary:
+        case, L = line.split()[:2]
+        group = [r for r in rows if r["case"] == case and r["L"] == int(L) and r["time_s"]]
+        best = min((r for r in group if r["backend"]), key=lambda r: r["time_s"])
+        base = next(r for r in group if r["baseline"])
+        ratio = base["time_s"] / best["time_s"]
+        expected = f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+        assert f" {best['impl']} " in line and expected in line and " / " in line, (line, expected)
+
+
 def test_png_is_a_two_panel_plot(tiny_run):
     png = tiny_run[2]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -98,7 +134,7 @@ def test_peak_memory_is_measured_linear_for_tiled_quadratic_for_materialised(tmp
     json_path = tmp_path / "mem.json"
     rc = main(["bench", "--variants", "none", "--backends", "cpu,reference", "--lengths", "256,1024",
                "--batch", "1", "--embed-dim", "32", "--heads", "2", "--repeat", "1", "--no-torch",
-               "--json", str(json_path)])
+               "--threads", "1", "--max-call-s", "inf", "--json", str(json_path)])
     assert rc == 0
     peak = {(r["impl"], r["L"]): r["peak_bytes"] for r in json.loads(json_path.read_text())["rows"]}
     scores = 1 * 2 * 1024 * 1024 * 4  # (N, heads, L, L) float32 at L = 1024: 8 MiB
@@ -130,7 +166,7 @@ def test_max_call_s_skips_the_lengths_predicted_too_slow(tmp_path, capsys):
     json_path = tmp_path / "skip.json"
     rc = main(["bench", "--variants", "none", "--backends", "reference", "--lengths", "16,32", "--batch", "1",
                "--embed-dim", "16", "--heads", "2", "--repeat", "1", "--no-torch", "--max-call-s", "1e-9",
-               "--json", str(json_path)])
+               "--threads", "1", "--json", str(json_path)])
     assert rc == 0  # skipping is not a failure
     rows = {(r["impl"], r["L"]): r for r in json.loads(json_path.read_text())["rows"]}
     assert rows["reference", 16]["time_s"] > 0 and rows["numpy", 16]["time_s"] > 0
@@ -138,6 +174,29 @@ def test_max_call_s_skips_the_lengths_predicted_too_slow(tmp_path, capsys):
         assert rows[impl, 32]["skipped"] and rows[impl, 32]["time_s"] is None
         assert "over --max-call-s 1e-09" in rows[impl, 32]["error"]
     assert "predicts" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("time_s, L, next_L, max_call_s, skipped", [
+    (0.072, 256, 1024, 1.0, True),       # the field failure: 72 ms at 256 predicts 1.15 s at 1024
+    (0.05, 256, 1024, 1.0, False),       # 0.8 s predicted: run
+    (0.25, 512, 1024, 1.0, False),       # exactly 1 s predicted: run
+    (100.0, 256, 1024, float("inf"), False),  # inf never skips
+    (100.0, 256, 1024, 0.0, False),      # 0 never skips
+])
+def test_skip_predictor_on_injected_figures(time_s, L, next_L, max_call_s, skipped):
+    why = predicted_skip(time_s, L, next_L, max_call_s)
+    assert (why is not None) == skipped
+    if skipped:
+        assert why.startswith(f"skipped: {time_s:.2g} s per call at L={L} predicts") and "--max-call-s" in why
+
+
+def test_slowdown_must_be_a_positive_number(monkeypatch, capsys):
+    from engine.benchmark.measure import _clock_scale
+
+    for bad in ("0", "-1", "fast", "nan", "inf"):
+        monkeypatch.setenv("ATTENTION_BENCH_SLOWDOWN", bad)
+        with pytest.raises(ValueError, match="ATTENTION_BENCH_SLOWDOWN must be a positive number"):
+            _clock_scale()
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -5,6 +5,8 @@ import sys
 
 from engine.cli import main
 
+from conftest import HANG_TIMEOUT_S
+
 
 def test_list_prints_variants_with_origin_and_backends(capsys):
     assert main(["list"]) == 0
@@ -15,7 +17,7 @@ def test_list_prints_variants_with_origin_and_backends(capsys):
 
 
 def test_list_json_via_console_entry():
-    res = subprocess.run([sys.executable, "-m", "engine.cli", "list", "--json"], capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-m", "engine.cli", "list", "--json"], capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert res.returncode == 0, res.stderr
     info = json.loads(res.stdout)
     assert {v["name"] for v in info["variants"]} >= {"self", "multi-head", "cross", "masked"}

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import engine
-from conftest import available_backends
+from conftest import HANG_TIMEOUT_S, available_backends
 
 THREADS = 8
 ROUNDS = 12
@@ -62,7 +62,7 @@ def _run_threads(work):
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=300)
+        t.join(timeout=HANG_TIMEOUT_S)
     assert not any(t.is_alive() for t in threads), "a thread hung"
     if errors:
         raise errors[0]
@@ -142,7 +142,7 @@ if __name__ == "__main__":
     layer = numba.threading_layer()
     ctx = mp.get_context(method)
     with ctx.Pool(2) as pool:
-        got = pool.map_async(work, range(4)).get(timeout=120)
+        got = pool.map_async(work, range(4)).get(timeout=float(sys.argv[3]))
     same = all(np.array_equal(a, b) for a, b in zip(got, expected))
     print(json.dumps({"layer": layer, "identical": same, "n": len(got)}))
 """
@@ -150,8 +150,8 @@ if __name__ == "__main__":
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_child_process_after_parent_ran_a_kernel(method):
-    proc = subprocess.run([sys.executable, "-c", _CHILD, HERE, method], capture_output=True, text=True,
-                          timeout=240, cwd=HERE)
+    proc = subprocess.run([sys.executable, "-c", _CHILD, HERE, method, str(HANG_TIMEOUT_S)], capture_output=True, text=True,
+                          timeout=HANG_TIMEOUT_S, cwd=HERE)
     assert proc.returncode == 0, f"child exited {proc.returncode}: {proc.stderr[-3000:]}"
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["identical"] and got["n"] == 4, got
@@ -185,6 +185,6 @@ print(json.dumps({"status": status}))
 
 def test_threads_inside_a_forked_child():
     proc = subprocess.run([sys.executable, "-c", _THREADS_IN_FORKED_CHILD, HERE], capture_output=True,
-                          text=True, timeout=300, cwd=HERE)
+                          text=True, timeout=HANG_TIMEOUT_S, cwd=HERE)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"status": 0}, proc.stderr[-3000:]

@@ -29,6 +29,8 @@ from engine.mods import EMPTY, FULL, PARTIAL
 from engine.validation import is_bfloat16, validate_attention_args
 from tolerances import assert_out_close, lse_atol, out_atol
 
+from conftest import HANG_TIMEOUT_S
+
 BF16 = np.dtype(ml_dtypes.bfloat16)
 #: every storage dtype the kernel takes
 DTYPES = [np.float32, np.float16, BF16]
@@ -49,7 +51,7 @@ def test_kernels_under_the_simulator():
         pytest.skip("already under the simulator")
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-                          __file__], env=env, capture_output=True, text=True, timeout=900,
+                          __file__], env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT_S,
                          cwd=os.path.dirname(__file__))
     tail = (res.stdout + res.stderr)[-4000:]
     assert res.returncode == 0, tail

@@ -12,13 +12,13 @@ V = np.zeros((2, 4, 7, 6), np.float32)
 
 @pytest.mark.parametrize("args,kwargs,exc,match", [
     ((np.zeros(8, np.float32), K, V), {}, ValueError, r"query must have at least 2 dimensions .* got shape \(8,\)"),
-    ((Q, K[0], V), {}, ValueError, r"same number of dimensions, got shapes query=\(2, 4, 5, 8\), key=\(4, 7, 8\)"),
-    ((Q, K[:1], V[:1]), {}, ValueError, r"same batch dimensions"),
+    ((Q, np.zeros((3, 4, 7, 8), np.float32), np.zeros((3, 4, 7, 6), np.float32)), {}, ValueError,
+     r"batch dimensions of query, key and value must broadcast .* query=\(2, 4, 5, 8\), key=\(3, 4, 7, 8\)"),
     ((Q, K[:, :3], V[:, :3]), {}, ValueError, r"query has 4 heads but key/value have 3; pass enable_gqa=True"),
     ((Q, K[:, :3], V[:, :3]), {"enable_gqa": True}, ValueError, r"multiple of the key/value head count, got 4 and 3"),
     ((Q, K[..., :4], V), {}, ValueError, r"same feature size E, got query=\(2, 4, 5, 8\), key=\(2, 4, 7, 4\)"),
     ((Q, K, V[:, :, :6]), {}, ValueError, r"same sequence length S, got key=\(2, 4, 7, 8\), value=\(2, 4, 6, 6\)"),
-    ((Q, K, V[:, :2]), {}, ValueError, r"key and value must have the same number of heads"),
+    ((Q, K, V[:, :2]), {}, ValueError, r"key and value must have the same number of heads \(or one of them 1\)"),
     ((Q.astype(np.int32), K, V), {}, TypeError, r"query must have a floating dtype .* got int32"),
     ((Q, K.astype(np.complex64), V), {}, TypeError, r"key must have a floating dtype .* got complex64"),
     ((Q, K, V.astype(np.float64)), {}, TypeError, r"share one dtype, got float32, float32, float64"),

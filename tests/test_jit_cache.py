@@ -19,6 +19,8 @@ import tempfile
 
 import pytest
 
+from conftest import HANG_TIMEOUT_S
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # no CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH, now or after exec: root obeys the permission bits
 DROP_CAPABILITIES = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all"]
@@ -56,7 +58,7 @@ def _run(env, unprivileged=False):
     cmd = [sys.executable, "-c", PROBE]
     if unprivileged:
         cmd = DROP_CAPABILITIES + cmd
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd="/")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=HANG_TIMEOUT_S, cwd="/")
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 

@@ -32,9 +32,9 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import torch  # noqa: E402
 
-from engine import demo  # noqa: E402
+from engine.models import demo  # noqa: E402
 from engine.cli import main  # noqa: E402
-from engine.minilm import MiniLM, model_dir  # noqa: E402
+from engine.models.minilm import MiniLM, model_dir  # noqa: E402
 
 # different lengths (5 to 40 tokens) so that padding and key_padding_mask matter
 SENTENCES = [

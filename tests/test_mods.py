@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import engine
-from conftest import available_backends, randn
+from conftest import HANG_TIMEOUT_S, available_backends, randn
 from engine.mods import EMPTY, FULL, PARTIAL
 from variants.alibi import alibi_slopes
 
@@ -234,7 +234,7 @@ def test_user_mods_from_other_scripts_share_a_cache_folder(tmp_path):
     for name in ("mask_a", "mask_b", "mask_a"):
         script = tmp_path / f"{name}.py"
         script.write_text(USER_SCRIPT.format(name=name))
-        res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+        res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=HANG_TIMEOUT_S)
         assert res.returncode == 0, res.stderr[-2000:]
 
 
@@ -275,7 +275,7 @@ def test_builtin_mods_kernels_are_loaded_from_the_disk_cache(tmp_path):
         script = tmp_path / "builtin_mods.py"
         script.write_text(BUILTIN_MODS_SCRIPT.format(keys=keys))
         res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
-                             timeout=600)
+                             timeout=HANG_TIMEOUT_S)
         assert res.returncode == 0, res.stderr[-2000:]
         runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
     first, second = runs

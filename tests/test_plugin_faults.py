@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import engine
-from conftest import HALVED_PLUGIN, make_distribution
+from conftest import HANG_TIMEOUT_S, HALVED_PLUGIN, make_distribution
 
 GOOD = HALVED_PLUGIN.replace("an installed test plugin", "a good installed plugin")
 
@@ -136,7 +136,7 @@ def probe(tmp_path_factory):
     for dist, module, source, eps in DISTRIBUTIONS:
         make_distribution(root, dist, module, source, eps)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root)] + sys.path))
-    res = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=300)
+    res = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=HANG_TIMEOUT_S)
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 

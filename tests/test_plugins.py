@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import engine
-from conftest import HALVED_PLUGIN, make_distribution
+from conftest import HANG_TIMEOUT_S, HALVED_PLUGIN, make_distribution
 from variants.multi_head import MultiHeadAttention
 
 
@@ -119,7 +119,7 @@ def test_entry_point_discovery_for_real(tmp_path):
     make_distribution(tmp_path, "ae-broken", "ae_broken_plugin", "raise RuntimeError('boom at import')\n",
                       ["broken = ae_broken_plugin"])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path)] + sys.path))
-    res = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=300)
+    res = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=HANG_TIMEOUT_S)
     assert res.returncode == 0, res.stderr
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert "halved" in got["names"] and "multi-head" in got["names"]

@@ -1,4 +1,5 @@
 """Concurrent calls from several Python threads: correct results, no abort; the thread count knob."""
+import os
 import threading
 
 import numpy as np
@@ -52,3 +53,19 @@ def test_threading_layer_is_thread_safe():
     q = np.ones((1, 1, 8, 4), np.float32)
     engine.scaled_dot_product_attention(q, q, q, backend="cpu")
     assert numba.threading_layer() in ("tbb", "omp") or engine.threads._use_lock
+
+
+def test_blas_and_torch_threads_are_this_workers_share_of_the_cores():
+    """pytest-xdist workers must not oversubscribe the cores: OpenBLAS's and OpenMP's threads spin
+    while they wait, so two workers each running a 2-thread BLAS on 2 cores crawl (conftest pins them)."""
+    import threadpoolctl
+    import torch
+
+    from conftest import THREADS_PER_WORKER
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    assert THREADS_PER_WORKER == max(1, (os.cpu_count() or 1) // workers)
+    pools = [p for p in threadpoolctl.threadpool_info() if p["user_api"] in ("blas", "openmp")]
+    assert any(p["user_api"] == "blas" for p in pools), pools
+    assert all(p["num_threads"] <= THREADS_PER_WORKER for p in pools), pools
+    assert torch.get_num_threads() <= THREADS_PER_WORKER

@@ -13,7 +13,6 @@ from conftest import available_backends, randn
 
 TOL = {np.float32: 1e-5, np.float64: 1e-10}
 BACKENDS = available_backends()
-torch.set_num_threads(2)
 
 
 def _t(x):

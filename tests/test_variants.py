@@ -97,3 +97,65 @@ def test_variant_call_errors():
         engine.get_variant("cross", embed_dim=8, num_heads=2)(x)
     with pytest.raises(ValueError, match="'self' variant computes keys and values from query"):
         engine.get_variant("self", embed_dim=8)(x, x)
+
+
+def _accepts_key(name) -> bool:
+    """Whether a variant takes a separate key/value sequence (self-attention variants refuse one)."""
+    variant = engine.get_variant(name, **_params(name, 8, 2), seed=0)
+    inputs = variant.example_inputs(1, 2, key_length=3, rng=0)
+    if "key" in inputs:
+        return True
+    x = inputs["query"]
+    try:
+        variant(**inputs, key=x, value=x, backend="reference")
+    except ValueError as exc:
+        if "pass only query" in str(exc):
+            return False
+        raise
+    return True
+
+
+#: (N, L, S) with a zero somewhere; S != L only for variants that take a key/value sequence
+ZERO_SIZES = [(2, 0, 0), (0, 5, 5), (2, 5, 0), (2, 0, 3)]
+ZERO_CASES = [(name, sizes) for name in variant_names() for sizes in ZERO_SIZES
+              if sizes[1] == sizes[2] or _accepts_key(name)]
+
+
+@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("name,sizes", ZERO_CASES, ids=[f"{n}-{s}" for n, s in ZERO_CASES])
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_zero_size_inputs_give_torchs_empty_or_key_less_results(backend, name, sizes, need_weights):
+    """N = 0 or L = 0 give empty outputs; S = 0 gives zero attention, so the rows of a variant with
+    an output projection equal ``out_proj.bias`` (torch.nn.MultiheadAttention does the same)."""
+    from variants.multi_head import MultiHeadAttention
+
+    N, L, S = sizes
+    variant = engine.get_variant(name, **_params(name, 8, 2), seed=0)
+    inputs = variant.example_inputs(max(N, 1), max(L, 1), key_length=max(S, 1), rng=1)
+    inputs = {k: v[:N, :L] if k in ("query", "document_ids") else v[:N, :S] for k, v in inputs.items()}
+    if S != L and "key" not in inputs:
+        inputs["key"] = inputs["value"] = np.zeros((N, S, variant.embed_dim), variant.dtype)
+    out, w = variant(**inputs, need_weights=need_weights, backend=backend)
+    assert out.shape == (N, L, variant.embed_dim) and out.dtype == variant.dtype
+    if need_weights:
+        assert w.shape == (N, L, S)
+    else:
+        assert w is None
+    if isinstance(variant, MultiHeadAttention) and out.size:  # S = 0: no key, zero attention
+        bias = variant.param("out_proj.bias") if variant.out_projection else np.zeros(variant.embed_dim)
+        np.testing.assert_array_equal(out, np.broadcast_to(bias, out.shape))
+
+
+def test_zero_key_length_matches_torch():
+    import torch
+
+    mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+    with torch.no_grad():
+        mha.out_proj.bias.uniform_(-1, 1)
+    variant = engine.get_variant("multi-head", embed_dim=8, num_heads=2)
+    variant.load_state_dict(mha.state_dict())
+    x, empty = np.ones((2, 5, 8), np.float32), np.zeros((2, 0, 8), np.float32)
+    out, w = variant(x, empty, empty, need_weights=True)
+    t_out, t_w = mha(*(torch.from_numpy(a) for a in (x, empty, empty)))
+    np.testing.assert_allclose(out, t_out.detach().numpy(), atol=1e-6)
+    assert w.shape == tuple(t_w.shape) == (2, 5, 0)

@@ -18,12 +18,14 @@ class GroupedQueryAttention(MultiHeadAttention):
     description = "multi-head attention with fewer key/value heads (GQA, num_kv_heads)"
 
     def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: int = 1, bias: bool = True,
+                 add_bias_kv: bool = False, add_zero_attn: bool = False, batch_first: bool = True,
                  dtype=np.float32, seed=None):
         if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads < 1 \
                 or num_heads % num_kv_heads:
             raise ValueError(f"num_kv_heads must be a positive divisor of num_heads ({num_heads}), got {num_kv_heads!r}")
         self.num_kv_heads = num_kv_heads
-        super().__init__(embed_dim, num_heads, bias=bias, dtype=dtype, seed=seed)
+        super().__init__(embed_dim, num_heads, bias=bias, add_bias_kv=add_bias_kv,
+                         add_zero_attn=add_zero_attn, batch_first=batch_first, dtype=dtype, seed=seed)
 
     def _init_projections(self):
         E, kv = self.embed_dim, self.num_kv_heads * self.head_dim
@@ -32,6 +34,10 @@ class GroupedQueryAttention(MultiHeadAttention):
         self.register_parameter("v_proj_weight", self._xavier(kv, E))
         if self.bias:
             self.register_parameter("in_proj_bias", np.zeros(E + 2 * kv))
+
+    @property
+    def kv_width(self) -> int:
+        return self.num_kv_heads * self.head_dim
 
     def projection_weights(self, like=None):
         ws = tuple(self.param(n, like) for n in ("q_proj_weight", "k_proj_weight", "v_proj_weight"))

@@ -22,6 +22,14 @@ class MultiHeadAttention(Variant):
     ``out_proj.weight`` (E, E) and ``out_proj.bias`` (E,). Initialisation follows torch: Xavier
     uniform projections, zero biases, ``out_proj.weight`` uniform in +-1/sqrt(E).
 
+    ``add_bias_kv=True`` adds the parameters ``bias_k`` and ``bias_v`` (1, 1, E), appended to the
+    projected keys and values as one more key; ``add_zero_attn=True`` appends a key and value of
+    zeros after that (both as torch). ``batch_first=False`` takes and returns torch's default
+    ``(L, N, E)`` layout (this engine's default is ``batch_first=True``). The appended keys are
+    visible to every query whatever the masks (torch pads its masks with a visible column) and
+    are not seen by a variant's ``score_mod``/``mask_mod``, which describe the sequence's own keys;
+    their contribution is merged with the attention over the sequence through its log-sum-exp.
+
     ``forward`` uses array-API calls only, so torch CUDA tensors and CuPy arrays are projected on
     their GPU (weights copied there once) and attend on the ``cuda`` backend in place.
     """
@@ -31,9 +39,10 @@ class MultiHeadAttention(Variant):
     out_projection = True
     device_arrays = True
 
-    def __init__(self, embed_dim: int, num_heads: int, *, bias: bool = True, kdim: int | None = None,
-                 vdim: int | None = None, dtype=np.float32, seed=None):
-        super().__init__(dtype=dtype, seed=seed)
+    def __init__(self, embed_dim: int, num_heads: int, *, bias: bool = True, add_bias_kv: bool = False,
+                 add_zero_attn: bool = False, kdim: int | None = None, vdim: int | None = None,
+                 batch_first: bool = True, dtype=np.float32, seed=None):
+        super().__init__(dtype=dtype, seed=seed, batch_first=batch_first)
         for argname, val in (("embed_dim", embed_dim), ("num_heads", num_heads)):
             if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
                 raise ValueError(f"{argname} must be a positive int, got {val!r}")
@@ -46,9 +55,15 @@ class MultiHeadAttention(Variant):
         if self.kdim < 1 or self.vdim < 1:
             raise ValueError(f"kdim and vdim must be positive, got {kdim!r}, {vdim!r}")
         self.bias = bool(bias)
+        self.add_bias_kv = bool(add_bias_kv)
+        self.add_zero_attn = bool(add_zero_attn)
         self.same_embed_dim = self.kdim == self.embed_dim and self.vdim == self.embed_dim
         E = self.embed_dim
         self._init_projections()
+        if self.add_bias_kv:  # torch: xavier_normal_ on (1, 1, width), so std = sqrt(1 / width)
+            width = self.kv_width
+            for key in ("bias_k", "bias_v"):
+                self.register_parameter(key, self.rng.normal(0.0, math.sqrt(1.0 / width), (1, 1, width)))
         if self.out_projection:
             bound = 1.0 / math.sqrt(E)
             self.register_parameter("out_proj.weight", self.rng.uniform(-bound, bound, (E, E)))
@@ -66,6 +81,11 @@ class MultiHeadAttention(Variant):
             self.register_parameter("v_proj_weight", self._xavier(E, self.vdim))
         if self.bias:
             self.register_parameter("in_proj_bias", np.zeros(3 * E))
+
+    @property
+    def kv_width(self) -> int:
+        """Features of the projected keys and values (``embed_dim``; fewer heads' worth with GQA)."""
+        return self.embed_dim
 
     def _xavier(self, fan_out: int, fan_in: int) -> np.ndarray:
         bound = math.sqrt(6.0 / (fan_in + fan_out))
@@ -93,8 +113,9 @@ class MultiHeadAttention(Variant):
         y = x @ w.T
         if b is not None:
             y += b
-        N, T, _ = y.shape
-        return xp.permute_dims(xp.reshape(y, (N, T, -1, self.head_dim)), (0, 2, 1, 3))
+        N, T, width = y.shape
+        # explicit head count: reshape cannot infer -1 from an empty array (N, L or S = 0)
+        return xp.permute_dims(xp.reshape(y, (N, T, width // self.head_dim, self.head_dim)), (0, 2, 1, 3))
 
     def attention_mods(self, N: int, L: int, S: int, **call_kwargs) -> dict:
         """Extra ``scaled_dot_product_attention`` arguments (``score_mod``, ``mask_mod``,
@@ -119,33 +140,76 @@ class MultiHeadAttention(Variant):
         extra = self.attention_mods(N, L, S, **call_kwargs)
         if place.is_numpy and "mod_args" in extra:  # the cpu kernels take host arrays only
             extra["mod_args"] = tuple(to_host(a) for a in extra["mod_args"])
+        appended = self._appended_keys(N, k.shape[1], query, place)
         weights = None
         if need_weights:  # materialises (N, H, L, S): checked before anything is allocated
             check_fits_in_memory(N * H * L * S * 8 * 3, f"need_weights=True for (N, heads, L, S) = "
                                  f"{(N, H, L, S)}")
-            weights = self._weights(q, k, v, mask, causal, extra, average_attn_weights, place)
-        out = scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, backend=backend,
-                                           **extra)
-        out = xp.reshape(xp.permute_dims(place.put(out), (0, 2, 1, 3)), (N, L, self.embed_dim))
+            weights = self._weights(q, k, v, mask, causal, extra, place)
+        if appended is None:
+            out = place.put(scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                         backend=backend, **extra))
+        else:
+            out, lse = scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                    backend=backend, return_lse=True, **extra)
+            out, weights = _merge_appended(q, place.put(out), place.put(lse), *appended, weights, xp)
+        if weights is not None and average_attn_weights:
+            weights = xp.mean(weights, axis=1)
+        out = xp.reshape(xp.permute_dims(out, (0, 2, 1, 3)), (N, L, self.embed_dim))
         if self.out_projection:
             out = out @ self.param("out_proj.weight", like=query).T
             if self.bias:
                 out += self.param("out_proj.bias", like=query)
         return out, weights
 
+    def _appended_keys(self, N: int, kv_heads: int, like, place: Placement):
+        """``(keys, values)`` appended to every sequence by ``add_bias_kv``/``add_zero_attn``, each
+        ``(N, kv_heads, X, head_dim)`` with X = 1 or 2, in ``place``; None when there are none."""
+        if not (self.add_bias_kv or self.add_zero_attn):
+            return None
+        xp, d = place.xp, self.head_dim
+        parts_k, parts_v = [], []
+        if self.add_bias_kv:
+            for key, parts in (("bias_k", parts_k), ("bias_v", parts_v)):
+                b = xp.reshape(self.param(key, like=like), (1, kv_heads, 1, d))
+                parts.append(xp.broadcast_to(b, (N, kv_heads, 1, d)))
+        if self.add_zero_attn:
+            zeros = place.put(np.zeros((N, kv_heads, 1, d), self.dtype))
+            parts_k.append(zeros)
+            parts_v.append(zeros)
+        return xp.concat(parts_k, axis=2), xp.concat(parts_v, axis=2)
+
     @staticmethod
-    def _weights(q, k, v, mask, causal, extra, average, place: Placement):
-        """The (N, H, L, S) probabilities (or their mean over heads), from the NumPy oracle on host
-        copies of the projected inputs: a mod is Numba code, so only the host can evaluate it here."""
+    def _weights(q, k, v, mask, causal, extra, place: Placement):
+        """The (N, H, L, S) probabilities, from the NumPy oracle on host copies of the projected
+        inputs: a mod is Numba code, so only the host can evaluate it here."""
         host = [to_host(a) for a in (q, k, v)]
         host_extra = dict(extra)
         if "mod_args" in extra:
             host_extra["mod_args"] = tuple(to_host(a) for a in extra["mod_args"])
         problem = validate_attention_args(*host, None if mask is None else to_host(mask), causal, **host_extra)
-        weights = attention_probabilities(problem)
-        if average:
-            weights = weights.mean(axis=1)
-        return place.put(weights)
+        return place.put(attention_probabilities(problem))
+
+
+def _merge_appended(q, out, lse, keys, values, weights, xp):
+    """Attention over the sequence's keys (``out``, ``lse``; ``weights`` (N, H, L, S) or None)
+    merged with attention over the appended ``keys``/``values`` (N, Hkv, X, d), which every query
+    sees with plain scaled scores. The exact log-sum-exp merge of two disjoint key sets; returns
+    ``(out, weights)`` with weights (N, H, L, S + X)."""
+    N, H, L, d = q.shape
+    Hkv, X = keys.shape[1], keys.shape[2]
+    g = H // Hkv  # GQA: query heads per key/value head
+    qg = xp.reshape(q, (N, Hkv, g * L, d))
+    s = xp.reshape(qg @ xp.permute_dims(keys, (0, 1, 3, 2)), (N, H, L, X)) * (1.0 / math.sqrt(d))
+    top = xp.maximum(lse, xp.max(s, axis=-1))               # finite: the appended keys are visible
+    w_seq = xp.exp(lse - top)                                # 0 for rows that saw no key of the sequence
+    w_app = xp.exp(s - top[..., None])
+    total = w_seq + xp.sum(w_app, axis=-1)
+    app_out = xp.reshape(xp.reshape(w_app, (N, Hkv, g * L, X)) @ values, (N, H, L, d))
+    out = (w_seq[..., None] * out + app_out) / total[..., None]
+    if weights is not None:
+        weights = xp.concat([weights * (w_seq / total)[..., None], w_app / total[..., None]], axis=-1)
+    return out, weights
 
 
 @hookimpl

@@ -19,8 +19,9 @@ class SelfAttention(MultiHeadAttention):
     description = "single-head self-attention of the seeds: Q/K/V projections, no output projection"
     out_projection = False
 
-    def __init__(self, embed_dim: int, *, bias: bool = True, dtype=np.float32, seed=None):
-        super().__init__(embed_dim, 1, bias=bias, dtype=dtype, seed=seed)
+    def __init__(self, embed_dim: int, *, bias: bool = True, batch_first: bool = True, dtype=np.float32,
+                 seed=None):
+        super().__init__(embed_dim, 1, bias=bias, batch_first=batch_first, dtype=dtype, seed=seed)
 
     def __call__(self, query, key=None, value=None, **kwargs):
         if key is not None or value is not None:

@@ -1,6 +1,6 @@
 """``attention-engine demo "SENTENCE"``: a pretrained transformer's attention, computed by the engine.
 
-Runs all-MiniLM-L6-v2 (:mod:`engine.minilm`, every attention layer the ``multi-head`` variant) on
+Runs all-MiniLM-L6-v2 (:mod:`engine.models.minilm`, every attention layer the ``multi-head`` variant) on
 one sentence and shows (1) for chosen tokens, the tokens they attend to most in each layer,
 averaged over heads; (2) layer by layer, the cosine similarity of the hidden states of the two
 occurrences of a repeated word (same word, two contexts); (3) PNG heat maps: one layer and head,
@@ -67,9 +67,9 @@ def auto_head(weights, query: int, tokens) -> int:
 
 def run(args) -> int:
     from .minilm import MiniLM
-    from .plotting import plot_attention
+    from ..plotting import plot_attention
 
-    from . import list_backends
+    from .. import list_backends
 
     if args.top < 1:
         raise SystemExit(f"--top must be at least 1, got {args.top}")
@@ -145,7 +145,7 @@ def run(args) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m engine.demo
-    p = argparse.ArgumentParser(prog="python -m engine.demo", description=__doc__.splitlines()[0])
+if __name__ == "__main__":  # python -m engine.models.demo
+    p = argparse.ArgumentParser(prog="python -m engine.models.demo", description=__doc__.splitlines()[0])
     add_arguments(p)
     raise SystemExit(run(p.parse_args()))
