@@ -12,10 +12,15 @@ CPU_BIG_BLOCK_Q = 128
 CPU_BLOCK_K = 256
 #: ``cpu`` backend: query rows per parallel task, split into tiles that share each key/value tile
 CPU_TASK_ROWS = 256
+#: ``cpu`` backend: calls with at most this many multiply-adds (batch x heads x L x S x (E + Ev))
+#: run the kernels' serial build: waking the thread pool costs more than splitting the work gains
+CPU_SERIAL_MAX_WORK = 1 << 17
 #: OpenBLAS runs a GEMM on one thread when m*n*k <= 65536 * GEMM_MULTITHREAD_THRESHOLD (4 by
 #: default); above that it starts its own threads inside our parallel tasks and oversubscribes
 #: the cores (3x slower at L = 4096). Without the BLAS pin, both products of a tile stay below it.
 BLAS_SINGLE_THREAD_MNK = 65536 * 4
+#: and a GEMV on one thread when m*n < 2304 * GEMM_MULTITHREAD_THRESHOLD (OpenBLAS interface/gemv.c)
+BLAS_GEMV_SINGLE_THREAD_MN = 2304 * 4
 
 #: default tile sizes of a ``BlockMask`` (the cpu kernel's usual tiles; other tile sizes are
 #: derived from the mask_mod once and memoised on the block mask)
@@ -33,6 +38,9 @@ CUDA_MAX_HEAD_SUM = 1024
 DECODE_BLOCK_K = 256
 #: ``cpu`` decoding: query rows (query heads of a key/value head x new tokens) per task
 DECODE_BLOCK_ROWS = 128
+#: ``cpu`` decoding: tasks with at most this many rows use one matrix-vector product per row
+#: (OpenBLAS's GEMM with 4 rows took 9x the time of one 1-row product, 4 GEMVs 4x)
+DECODE_GEMV_ROWS = 8
 #: ``cpu`` decoding: split-KV never gives a split fewer keys than this (the merge would cost more
 #: than the parallelism gains)
 DECODE_MIN_SPLIT_KEYS = 512

@@ -17,9 +17,6 @@ from .validation import _as_array, _validate_mods, array_dtype, is_device_array,
 
 __all__ = ["DecodeProblem", "validate_decode_args"]
 
-_SIXTEEN_BIT = ("float16", "bfloat16")
-
-
 @dataclass(frozen=True)
 class DecodeProblem:
     """A validated ``attention_with_kvcache`` call.
@@ -130,7 +127,7 @@ def validate_decode_args(query, k_cache, v_cache, key=None, value=None, *, cache
     if kc.dtype != vc.dtype:
         raise TypeError(f"k_cache and v_cache must share one dtype, got {kc.dtype} and {vc.dtype}")
     cache_dtype = np.dtype(kc.dtype)
-    if cache_dtype != compute and cache_dtype.name not in _SIXTEEN_BIT:
+    if cache_dtype != compute and cache_dtype.itemsize != 2:  # float16 or bfloat16 (floating checked)
         raise TypeError(f"the caches must be float16, bfloat16 or the compute dtype {compute} (float64 for "
                         f"float64 queries, else float32); got caches of {cache_dtype} with a {dtype} query")
     B, Hq, L, E = q.shape
@@ -186,8 +183,8 @@ def validate_decode_args(query, k_cache, v_cache, key=None, value=None, *, cache
                 raise ValueError(f"{name} must have shape (B, Hkv, L_new, {'D' if name == 'key' else 'Dv'}) = "
                                  f"({B}, {Hkv}, L_new, {want[3]}), got {tuple(a.shape)}")
             if not is_floating(array_dtype(a)):  # written converted to the cache dtype (nearest even)
-                raise TypeError(f"{name} must have a floating dtype (it is converted to the cache's {cache_dtype}), "
-                                f"got {array_dtype(a)}")
+                raise TypeError(f"{name} must have a floating dtype (it is converted to the cache's "
+                                f"{cache_dtype}), got {array_dtype(a)}")
         if kn.shape[2] != vn.shape[2]:
             raise ValueError(f"key and value must hold the same number of new tokens, got {tuple(kn.shape)} "
                              f"and {tuple(vn.shape)}")

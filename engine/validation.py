@@ -63,6 +63,8 @@ def array_dtype(x: Any) -> np.dtype:
 def _as_array(x: Any, name: str) -> Any:
     """Host inputs become ``np.ndarray`` (torch CPU tensors included, bfloat16 ones as ml_dtypes'
     bfloat16); device arrays stay as they are."""
+    if type(x) is np.ndarray:  # the common case, first: no device or torch checks to pay for
+        return native(x)
     if x is None:
         raise TypeError(f"{name} must be an array, got None")
     if is_device_array(x):
@@ -188,7 +190,7 @@ def validate_attention_args(query, key, value, attn_mask=None, is_causal=False, 
     q = _as_array(query, "query")
     k = _as_array(key, "key")
     v = _as_array(value, "value")
-    on_device = [is_device_array(a) for a in (q, k, v)]
+    on_device = [type(a) is not np.ndarray and is_device_array(a) for a in (q, k, v)]
     if any(on_device) and not all(on_device):
         raise TypeError("query, key and value must all be host arrays or all be device arrays; "
                         f"device arrays: query={on_device[0]}, key={on_device[1]}, value={on_device[2]}")
@@ -258,9 +260,11 @@ def validate_attention_args(query, key, value, attn_mask=None, is_causal=False, 
 def _causal_bias(attn_mask, is_causal, L: int, S: int):
     """``(attn_mask, is_causal, causal_offset)``: a ``CausalBias`` mask becomes a causal flag with
     its diagonal offset (no L x S array); any other mask passes through."""
+    if attn_mask is None:
+        return None, is_causal, 0
     from .causal import as_causal_bias
 
-    bias = as_causal_bias(attn_mask) if attn_mask is not None else None
+    bias = as_causal_bias(attn_mask)
     if bias is None:
         return attn_mask, is_causal, 0
     if is_causal:
@@ -298,8 +302,8 @@ def _broadcast_heads(q, k, v, enable_gqa: bool, on_device: bool):
     if rank == 2:
         return q, k, v, (), (), 1, 1
     qp, kp, vp = ((1,) * (rank - len(s)) + s for s in (qs, ks, vs))
-    try:
-        batch_shape = np.broadcast_shapes(qp[:-3], kp[:-3], vp[:-3])
+    try:  # (np.broadcast_shapes costs microseconds: only when the batch shapes differ)
+        batch_shape = qp[:-3] if qp[:-3] == kp[:-3] == vp[:-3] else np.broadcast_shapes(qp[:-3], kp[:-3], vp[:-3])
     except ValueError:
         raise ValueError("the batch dimensions of query, key and value must broadcast (as torch.matmul), "
                          f"got shapes query={qs}, key={ks}, value={vs}") from None

@@ -92,9 +92,9 @@ def test_reference_matches_torch_per_sequence(rng):
                 mask &= j <= i + window[1]
             want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
             np.testing.assert_allclose(out[b:b + 1], want.numpy(), atol=1e-6)
-            np.testing.assert_allclose(lse[b], torch.logsumexp(
-                torch.where(mask, q @ k.repeat_interleave(3, 1).transpose(-1, -2) / 4.0, -torch.inf), -1)[0].numpy(),
-                atol=1e-5)
+            scores = q @ k.repeat_interleave(3, 1).transpose(-1, -2) / 4.0
+            want_lse = torch.logsumexp(torch.where(mask, scores, -torch.inf), -1)[0]
+            np.testing.assert_allclose(lse[b], want_lse.numpy(), atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,8 +354,8 @@ ERRORS = [
      r"query must have a floating dtype"),
     ("non-contiguous-cache", lambda rng: _bad(rng, k_cache=np.zeros((2, 2, 16, 32), np.float32)[..., ::2]),
      ValueError, r"k_cache must be C-contiguous \(it is written and read in place"),
-    ("shared-caches", lambda rng: (lambda c: _bad(rng, k_cache=c, v_cache=c))(np.zeros((2, 2, 16, 16), np.float32)),
-     ValueError, r"k_cache and v_cache must not share memory"),
+    ("shared-caches", lambda rng: (lambda c: _bad(rng, k_cache=c, v_cache=c))(
+        np.zeros((2, 2, 16, 16), np.float32)), ValueError, r"k_cache and v_cache must not share memory"),
     ("read-only-cache", lambda rng: (lambda c: (c.setflags(write=False), _bad(rng, k_cache=c))[1])(
         np.zeros((2, 2, 16, 16), np.float32)), ValueError, r"k_cache is read-only"),
     ("contiguous-batch", lambda rng: _bad(rng, k_cache=np.zeros((3, 2, 16, 16), np.float32),

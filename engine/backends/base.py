@@ -7,7 +7,7 @@ import numpy as np
 
 from ..validation import AttentionProblem
 
-__all__ = ["Backend"]
+__all__ = ["Backend", "dtype_name"]
 
 
 class Backend:
@@ -48,7 +48,7 @@ class Backend:
         why = self.unavailable_reason()
         if why:
             reasons.append(why)
-        if problem.dtype.name not in self.dtypes:
+        if dtype_name(problem.dtype) not in self.dtypes:
             reasons.append(f"dtype {problem.dtype.name} not supported (supports {', '.join(self.dtypes)})")
         if problem.on_device and not self.device_arrays:
             reasons.append("inputs are device arrays; this backend takes host arrays")
@@ -77,10 +77,10 @@ class Backend:
         if not self.supports_decode:
             reasons.append("KV-cache decoding (attention_with_kvcache) is not supported by this backend")
             return reasons
-        if problem.dtype.name not in self.decode_dtypes:
+        if dtype_name(problem.dtype) not in self.decode_dtypes:
             reasons.append(f"query dtype {problem.dtype.name} not supported for decoding (supports "
                            f"{', '.join(self.decode_dtypes)})")
-        if problem.cache_dtype.name not in self.decode_cache_dtypes:
+        if dtype_name(problem.cache_dtype) not in self.decode_cache_dtypes:
             reasons.append(f"cache dtype {problem.cache_dtype.name} not supported (supports "
                            f"{', '.join(self.decode_cache_dtypes)})")
         if problem.on_device and not self.device_arrays:
@@ -106,6 +106,18 @@ class Backend:
                 "mods": self.supports_mods, "causal_lower_right": self.supports_causal_offset,
                 "decode": self.supports_decode,
                 "priority": self.priority, "available": why is None, "unavailable_reason": why}
+
+
+_dtype_names: dict = {}
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """``dtype.name``, memoised: NumPy computes it in Python on every access (microseconds, paid on
+    every call's backend check)."""
+    name = _dtype_names.get(dtype)
+    if name is None:
+        name = _dtype_names[dtype] = dtype.name
+    return name
 
 
 def empty_result(problem: AttentionProblem):

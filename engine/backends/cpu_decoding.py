@@ -1,17 +1,21 @@
 """The ``cpu`` backend's ``decode``: lays out a validated ``DecodeProblem`` for the split-KV kernel."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
 
-from ..config import DECODE_BLOCK_K, DECODE_BLOCK_ROWS, DECODE_MAX_SPLITS, DECODE_MIN_SPLIT_KEYS
+from ..config import (BLAS_GEMV_SINGLE_THREAD_MN, CPU_SERIAL_MAX_WORK, DECODE_BLOCK_K, DECODE_BLOCK_ROWS,
+                      DECODE_GEMV_ROWS, DECODE_MAX_SPLITS, DECODE_MIN_SPLIT_KEYS)
 from ..decode_validation import DecodeProblem
 from ..kernels.half_floats import BFLOAT16_BITS, FLOAT16_BITS
 from ..kvcache import write_new_entries
 from ..threads import get_num_threads, kernel_call_guard
 
 __all__ = ["run_decode", "pick_num_splits"]
+
+_NO_PIN = contextlib.nullcontext()
 
 
 def pick_num_splits(tasks: int, max_keys: int, threads: int) -> int:
@@ -69,12 +73,19 @@ def run_decode(problem: DecodeProblem, blas_pin):
     else:
         part_out, part_lse = out.reshape(1, N, Ev), lse.reshape(1, N)
     left, right = problem.window
-    kernel = decode_kernel(problem.score_mod, problem.mask_mod)
-    with kernel_call_guard(), blas_pin():
+    # keys read: tiny calls run serially (the thread pool's wake-up costs more than it gains)
+    work = int(seqlens_k.sum()) * problem.num_q_heads * L * (problem.E + Ev)
+    serial = splits == 1 and work <= CPU_SERIAL_MAX_WORK
+    kernel = decode_kernel(problem.score_mod, problem.mask_mod, serial)
+    # a GEMV over a small key tile never starts OpenBLAS threads: no pin (it costs microseconds)
+    small = (min(DECODE_BLOCK_K, int(seqlens_k.max())) * max(problem.E, Ev) < BLAS_GEMV_SINGLE_THREAD_MN
+             and group * L <= DECODE_GEMV_ROWS)
+    with kernel_call_guard(), (_NO_PIN if small else blas_pin()):
         kernel(q, _pages(problem.k_cache), _pages(problem.v_cache), table, seqlens_k,
-               problem.is_causal, left, right, problem.scale, group, half_kind, splits, DECODE_BLOCK_K,
-               DECODE_BLOCK_ROWS, problem.mod_args, problem.score_mod is not None, problem.mask_mod is not None,
-               part_out, part_lse, out, lse)
+               problem.is_causal, left, right, problem.scale, group, half_kind,
+               bool(half_kind or problem.page_table is not None), splits, DECODE_BLOCK_K,
+               DECODE_BLOCK_ROWS, DECODE_GEMV_ROWS, problem.mod_args, problem.score_mod is not None,
+               problem.mask_mod is not None, part_out, part_lse, out, lse)
     out = out.reshape(problem.out_shape)
     lse = lse.reshape(problem.lse_shape)
     if problem.dtype != compute:

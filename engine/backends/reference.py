@@ -61,6 +61,7 @@ class ReferenceBackend(Backend):
                 visible &= j <= pos + right
             sub = AttentionProblem(
                 query=problem.query[b], key=k, value=v, attn_mask=visible, mask_kind="bool", batch_shape=(),
+                lead_shape=(problem.num_q_heads,),
                 num_q_heads=problem.num_q_heads, num_kv_heads=problem.num_kv_heads, L=problem.L, S=S,
                 E=problem.E, Ev=problem.Ev, dtype=problem.dtype, is_causal=False, scale=problem.scale,
                 return_lse=True, on_device=False, mod_args=problem.mod_args,

@@ -9,20 +9,18 @@ chunks run in parallel, each writes a normalised partial result and its log-sum-
 parallel pass merges them exactly with ``lse_merge._merge_row`` (the code behind
 ``engine.merge_attention``).
 
-Within a task the loop is the forward kernel's online softmax over key tiles with transposed
-scores ``st = k_tile @ (scale * q_rows).T`` (BLAS), see ``cpu_flash_fwd``. Caches are pages
+Within a task the loop is the forward kernel's online softmax over key tiles, with the scores
+``st = (scale * q_rows) @ k_tile.T`` (BLAS) kept row-major: a task has few rows (one per query
+head of the group when decoding), so the max, exp and sum passes run along contiguous keys, where
+they vectorise (the forward kernel's transposed layout suits its 128-row tiles instead). Caches are pages
 ``(num_pages, Hkv, page_size, D)`` read through ``page_table``; a contiguous cache is the same with
 one page per sequence. A tile never crosses a page: it is used in place when it lies in one page
 and has the compute dtype; otherwise (small pages, 16-bit entries given as ``uint16`` bits) it is
 gathered, and widened, into a scratch tile that stays in cache.
 
-Non-finite values: a NaN/inf value must reach only the rows that give its key a weight > 0, but
-BLAS computes 0 * NaN = NaN. Each tile's product is checked (a pass over the small (rows, Dv)
-result, not over V); only a tile whose product is not finite is recomputed exactly, skipping keys of
-weight 0. So no call pays a pass over V.
+Non-finite values in V reach only the rows that weigh them: see ``nonfinite`` (no call pays a pass
+over V).
 """
-import math
-
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
@@ -32,6 +30,7 @@ from .cpu_flash_fwd import _FM, _cache_tag, _named, no_mask_mod, no_score_mod
 from .fastexp import fast_exp
 from .half_floats import BFLOAT16_BITS, bf16_bits_to_f32, f16_bits_to_f32
 from .lse_merge import _merge_row
+from .nonfinite import redo_if_nonfinite
 
 _CACHE = cache_enabled()
 
@@ -93,7 +92,7 @@ def _tile_overload(pages, table, b, h, j0, n, buf, half_kind):
 
 @njit(cache=_CACHE, fastmath=_FM, error_model="numpy")
 def _decode_task(task, q, k_pages, v_pages, page_table, seqlens_k, causal, left, right, scale, group,
-                 half_kind, splits, block_k, block_rows, mod_args, has_score_mod, has_mask_mod,
+                 half_kind, gather, splits, block_k, block_rows, gemv_rows, mod_args, has_score_mod, has_mask_mod,
                  part_out, part_lse):
     """One task: rows ``r0 ... r1 - 1`` of (sequence b, cache head hk), keys of split ``s``."""
     B, Hq, L, E = q.shape
@@ -118,10 +117,11 @@ def _decode_task(task, q, k_pages, v_pages, page_table, seqlens_k, causal, left,
     row0 = (b * Hq + hk * group) * L + r0  # flattened (b, head, token) of this task's row 0
 
     # each row's query head, position and visible key range [lo, hi]
-    hq = np.empty(nr, dtype=np.int64)
-    pos = np.empty(nr, dtype=np.int64)
-    lo = np.empty(nr, dtype=np.int64)
-    hi = np.empty(nr, dtype=np.int64)
+    rows = np.empty(4 * nr, dtype=np.int64)
+    hq = rows[:nr]
+    pos = rows[nr:2 * nr]
+    lo = rows[2 * nr:3 * nr]
+    hi = rows[3 * nr:]
     klo, khi = S, 0
     full_lo, full_hi = 0, S
     for r in range(nr):
@@ -146,92 +146,92 @@ def _decode_task(task, q, k_pages, v_pages, page_table, seqlens_k, causal, left,
     s0 = klo + s * chunk
     s1 = min(khi, s0 + chunk)
 
-    qt = np.empty(E * nr, dtype=dt)  # (scale * q_rows).T, (E, nr)
+    # one scratch allocation per task: scaled query rows, key/value tiles, scores, row state
+    # (tiles are views of a contiguous same-dtype cache: no tile scratch; a fresh allocation past
+    # malloc's mmap threshold would cost page faults on every task)
+    tile_rows = block_k if gather else 0
+    sizes = (nr * E, tile_rows * E, tile_rows * Ev, nr * block_k, nr * Ev, nr * Ev)
+    scratch = np.empty(sum(sizes) + 4 * nr, dtype=dt)
+    o = 0
+    qs = scratch[o:o + nr * E].reshape((nr, E))
+    o += nr * E
+    kbuf = scratch[o:o + tile_rows * E]
+    o += tile_rows * E
+    vbuf = scratch[o:o + tile_rows * Ev]
+    o += tile_rows * Ev
+    st_buf = scratch[o:o + nr * block_k]
+    o += nr * block_k
+    pv = scratch[o:o + nr * Ev].reshape((nr, Ev))
+    o += nr * Ev
+    acc = scratch[o:o + nr * Ev].reshape((nr, Ev))
+    o += nr * Ev
+    m = scratch[o:o + nr]
+    l = scratch[o + nr:o + 2 * nr]
+    tm = scratch[o + 2 * nr:o + 3 * nr]
+    alpha = scratch[o + 3 * nr:o + 4 * nr]
+    acc[:] = zero
+    m[:] = neg_inf
+    l[:] = zero
     for r in range(nr):
         i = (r0 + r) % L
         for e in range(E):
-            qt[e * nr + r] = q[b, hq[r], i, e] * scale
-    qtv = qt.reshape((E, nr))
-    kbuf = np.empty(block_k * E, dtype=dt)
-    vbuf = np.empty(block_k * Ev, dtype=dt)
-    st_buf = np.empty(block_k * nr, dtype=dt)
-    pv = np.empty((nr, Ev), dtype=dt)
-    acc = np.zeros((nr, Ev), dtype=dt)
-    m = np.full(nr, neg_inf, dtype=dt)
-    l = np.zeros(nr, dtype=dt)
-    tm = np.empty(nr, dtype=dt)
-    shift = np.empty(nr, dtype=dt)
-    alpha = np.empty(nr, dtype=dt)
-    ts = np.empty(nr, dtype=dt)
+            qs[r, e] = q[b, hq[r], i, e] * scale
     j0 = s0
     while j0 < s1:
         nk = min(block_k, s1 - j0)
         kt = _tile(k_pages, page_table, b, hk, j0, nk, kbuf, half_kind)
-        st = st_buf[:nk * nr].reshape((nk, nr))
-        np.dot(kt, qtv, st)
-        if has_score_mod:
-            for c in range(nk):
-                for r in range(nr):
-                    st[c, r] = _SCORE_MOD(st[c, r], b, hq[r], pos[r], j0 + c, *mod_args)
-        tm[:] = neg_inf
-        if has_mask_mod or j0 < full_lo or j0 + nk > full_hi:  # some rows cannot see some keys
-            for c in range(nk):
-                j = j0 + c
-                for r in range(nr):
-                    seen = lo[r] <= j and j <= hi[r]
+        # scores row-major (nr, nk): every pass below runs along contiguous keys and vectorises
+        # (decode has few rows, often one)
+        st = st_buf[:nr * nk].reshape((nr, nk))
+        if nr <= gemv_rows:  # OpenBLAS is far slower on a few-row GEMM than on one GEMV per row
+            for r in range(nr):
+                np.dot(kt, qs[r], st[r])
+        else:
+            np.dot(qs, kt.T, st)
+        masked = has_mask_mod or j0 < full_lo or j0 + nk > full_hi  # some rows miss some keys
+        for r in range(nr):
+            row = st[r]
+            if has_score_mod:
+                for c in range(nk):
+                    row[c] = _SCORE_MOD(row[c], b, hq[r], pos[r], j0 + c, *mod_args)
+            if masked:
+                a, z = lo[r] - j0, hi[r] - j0  # visible columns a..z of this tile
+                for c in range(nk):
+                    seen = a <= c and c <= z
                     if has_mask_mod and seen:
-                        seen = _MASK_MOD(b, hq[r], pos[r], j, *mod_args)
-                    x = st[c, r] if seen else neg_inf
-                    st[c, r] = x
-                    tm[r] = x if x > tm[r] else tm[r]
-        else:
+                        seen = _MASK_MOD(b, hq[r], pos[r], j0 + c, *mod_args)
+                    row[c] = row[c] if seen else neg_inf
+            mx = neg_inf
             for c in range(nk):
-                for r in range(nr):
-                    x = st[c, r]
-                    tm[r] = x if x > tm[r] else tm[r]
-        # online softmax: a row with nothing visible yet shifts by 0 (its -inf stays -inf -> 0)
-        rescale = False
-        for r in range(nr):
+                x = row[c]
+                mx = x if x > mx or x != x else mx  # a NaN score wins: the row becomes NaN
+            # online softmax: a row with nothing visible yet shifts by 0 (its -inf stays -inf -> 0)
             mo = m[r]
-            mn = tm[r] if tm[r] > mo else mo
+            mn = mx if mx > mo or mx != mx else mo
             sh = mn if mn > neg_inf else zero
-            a = fast_exp(mo - sh)
-            shift[r] = sh
-            alpha[r] = a
+            alpha[r] = fast_exp(mo - sh)
             m[r] = mn
-            ts[r] = zero
-            rescale |= a != 1.0
-        for c in range(nk):
-            for r in range(nr):
-                p = fast_exp(st[c, r] - shift[r])
-                st[c, r] = p
-                ts[r] += p
-        for r in range(nr):
-            l[r] = l[r] * alpha[r] + ts[r]
+            total = zero
+            for c in range(nk):
+                p = fast_exp(row[c] - sh)
+                row[c] = p
+                total += p
+            l[r] = l[r] * alpha[r] + total
         vt = _tile(v_pages, page_table, b, hk, j0, nk, vbuf, half_kind)
-        np.dot(st.T, vt, pv)
-        finite = True
-        for r in range(nr):
-            for c in range(Ev):
-                finite &= math.isfinite(pv[r, c])
-        if not finite:  # a NaN/inf value: recompute exactly, keys of weight 0 left out
+        if nr <= gemv_rows:
             for r in range(nr):
-                for c in range(Ev):
-                    total = zero
-                    for kk in range(nk):
-                        p = st[kk, r]
-                        if p > zero or p != p:
-                            total += p * vt[kk, c]
-                    pv[r, c] = total
-        if rescale:
-            for r in range(nr):
-                a = alpha[r]
-                for c in range(Ev):
-                    acc[r, c] = acc[r, c] * a + pv[r, c]
+                np.dot(st[r], vt, pv[r])
         else:
-            for r in range(nr):
+            np.dot(st, vt, pv)
+        redo_if_nonfinite(st, vt, pv)  # a NaN/inf value reaches only rows that weigh it
+        for r in range(nr):
+            a = alpha[r]
+            if a == zero:  # the old terms' weights underflowed: drop them (an inf stays out)
                 for c in range(Ev):
-                    acc[r, c] += pv[r, c]
+                    acc[r, c] = pv[r, c]
+                continue
+            for c in range(Ev):
+                acc[r, c] = acc[r, c] * a + pv[r, c]
         j0 += nk
     for r in range(nr):
         total = l[r]
@@ -249,12 +249,16 @@ def _decode_task(task, q, k_pages, v_pages, page_table, seqlens_k, causal, left,
 
 @njit(parallel=True, cache=_CACHE, fastmath=_FM, error_model="numpy")
 def _decode(q, k_pages, v_pages, page_table, seqlens_k, causal, left, right, scale, group, half_kind,
-            splits, block_k, block_rows, mod_args, has_score_mod, has_mask_mod, part_out, part_lse, out, lse):
+            gather, splits, block_k, block_rows, gemv_rows, mod_args, has_score_mod, has_mask_mod, part_out,
+            part_lse, out, lse):
     """Attention of ``q`` (B, Hq, L, E) against the first ``seqlens_k[b]`` keys of each sequence.
 
     ``k_pages``/``v_pages`` (num_pages, Hkv, page_size, E/Ev): the compute dtype (q's: float32 or
     float64) or ``uint16`` bits of float16/bfloat16 (``half_kind``); ``page_table`` (B, max_pages)
-    int32. Row i of sequence b is at position ``seqlens_k[b] - L + i``; ``causal`` (bottom right) and
+    int32; ``gather``: whether a tile may need copying (16-bit entries, or pages a tile can cross;
+    False only for a contiguous cache of the compute dtype). Tasks of at most ``gemv_rows`` rows
+    multiply by matrix-vector products, larger ones by one matrix product. Row i of sequence b is
+    at position ``seqlens_k[b] - L + i``; ``causal`` (bottom right) and
     the window ``left``/``right`` (-1: unbounded) limit the keys it sees; the mods see absolute
     positions. ``part_out`` (splits, B*Hq*L, Ev) and ``part_lse`` (splits, B*Hq*L) receive each
     split's normalised partial result; with ``splits > 1`` they are merged into ``out`` (B*Hq*L, Ev)
@@ -265,30 +269,39 @@ def _decode(q, k_pages, v_pages, page_table, seqlens_k, causal, left, right, sca
     nrb = (group * L + block_rows - 1) // block_rows
     for task in prange(B * Hkv * nrb * splits):
         _decode_task(task, q, k_pages, v_pages, page_table, seqlens_k, causal, left, right, scale, group,
-                     half_kind, splits, block_k, block_rows, mod_args, has_score_mod, has_mask_mod,
-                     part_out, part_lse)
+                     half_kind, gather, splits, block_k, block_rows, gemv_rows, mod_args, has_score_mod,
+                     has_mask_mod, part_out, part_lse)
     if splits > 1:
         for n in prange(out.shape[0]):
             _merge_row(part_out, part_lse, n, out, lse)
 
 
 _with_mods: dict = {}
+_mods_tasks: dict = {}
 
 
-def decode_kernel(score_mod, mask_mod):
+def decode_kernel(score_mod, mask_mod, serial=False):
     """The kernel for these mods (``None`` for none): ``_decode`` itself without mods, else the same
     code with ``_SCORE_MOD``/``_MASK_MOD`` bound to them, built once per process per pair and
-    disk-cached for the engine's and built-in variants' mods (see ``cpu_flash_fwd.flash_kernel``)."""
-    if score_mod is None and mask_mod is None:
-        return _decode
-    key = (score_mod, mask_mod)
+    disk-cached for the engine's and built-in variants' mods (see ``cpu_flash_fwd.flash_kernel``).
+    ``serial=True``: the same code compiled without ``parallel``, for calls too small to wake the
+    thread pool for."""
+    key = (score_mod, mask_mod, serial)
     if key not in _with_mods:
-        tag = _cache_tag(score_mod, mask_mod)
-        cache = {"cache": True} if tag else {}
-        env = dict(globals(), _SCORE_MOD=score_mod or no_score_mod, _MASK_MOD=mask_mod or no_mask_mod)
-        task = njit(fastmath=_FM, error_model="numpy", **cache)(
-            _named(_decode_task.py_func.__code__, env, "_decode_task_mods", tag))
-        env = dict(globals(), _decode_task=task)
-        _with_mods[key] = njit(parallel=True, fastmath=_FM, error_model="numpy", **cache)(
-            _named(_decode.py_func.__code__, env, "_decode_mods", tag))
+        if score_mod is None and mask_mod is None:
+            if not serial:
+                return _decode
+            tag, cache, env = None, {"cache": _CACHE}, globals()
+        else:
+            tag = _cache_tag(score_mod, mask_mod)
+            cache = {"cache": True} if tag else {}
+            if (score_mod, mask_mod) not in _mods_tasks:
+                task_env = dict(globals(), _SCORE_MOD=score_mod or no_score_mod,
+                                _MASK_MOD=mask_mod or no_mask_mod)
+                _mods_tasks[score_mod, mask_mod] = njit(fastmath=_FM, error_model="numpy", **cache)(
+                    _named(_decode_task.py_func.__code__, task_env, "_decode_task_mods", tag))
+            env = dict(globals(), _decode_task=_mods_tasks[score_mod, mask_mod])
+        name = "_decode" + ("_mods" if env is not globals() else "") + ("_serial" if serial else "")
+        _with_mods[key] = njit(parallel=not serial, fastmath=_FM, error_model="numpy", **cache)(
+            _named(_decode.py_func.__code__, env, name, tag))
     return _with_mods[key]

@@ -26,6 +26,7 @@ from numba import njit, prange
 from ..jit_cache import cache_enabled
 from .fastexp import fast_exp
 from .kinds import MASK_BOOL, MASK_FLOAT, TILE_EMPTY, TILE_FULL, TILE_PARTIAL
+from .nonfinite import redo_if_nonfinite
 
 _CACHE = cache_enabled()
 
@@ -168,9 +169,14 @@ def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, caus
                 l[o + r] = l[o + r] * alpha[r] + ts[r]
             pv = pv_buf[:nq * Ev].reshape((nq, Ev))
             np.dot(st.T, vt, pv)
+            redo_if_nonfinite(st.T, vt, pv)  # a NaN/inf value reaches only rows that weigh it
             if rescale:
                 for r in range(nq):
                     a = alpha[r]
+                    if a == zero:  # the old terms' weights underflowed: drop them (an inf stays out)
+                        for c in range(Ev):
+                            acc[o + r, c] = pv[r, c]
+                        continue
                     for c in range(Ev):
                         acc[o + r, c] = acc[o + r, c] * a + pv[r, c]
             else:
@@ -225,12 +231,17 @@ def _flash_forward(q, k, v, fmask, bmask, mask_batch, mask_kind, causal, causal_
 
 
 _with_mods: dict = {}
+_mods_tasks: dict = {}
 
 
-def flash_kernel(score_mod, mask_mod):
+def flash_kernel(score_mod, mask_mod, serial=False):
     """The kernel for these mods (``None`` for none): ``_flash_forward`` itself without mods, else
     the same code with ``_SCORE_MOD``/``_MASK_MOD`` bound to the caller's mods, built once per
     process per pair.
+
+    ``serial=True`` gives the same code compiled without ``parallel`` (``prange`` runs as
+    ``range``), for calls too small to pay for waking the thread pool (whose spinning workers also
+    slow the Python code that runs right after a parallel call on a busy machine).
 
     The mods are globals of the compiled code, not arguments: Numba then calls them directly
     (inlined, vectorised), and the kernel without mods loads from Numba's disk cache (a function
@@ -239,18 +250,24 @@ def flash_kernel(score_mod, mask_mod):
     disk-cached under a name tagged by :func:`_cache_tag`; kernels with other mods are compiled
     once per process.
     """
-    if score_mod is None and mask_mod is None:
-        return _flash_forward
-    key = (score_mod, mask_mod)
+    key = (score_mod, mask_mod, serial)
     if key not in _with_mods:
-        tag = _cache_tag(score_mod, mask_mod)
-        cache = {"cache": True} if tag else {}
-        env = dict(globals(), _SCORE_MOD=score_mod or no_score_mod, _MASK_MOD=mask_mod or no_mask_mod)
-        task = njit(**_task_options, **cache)(
-            _named(_flash_task.py_func.__code__, env, "_flash_task_mods", tag))
-        env = dict(globals(), _flash_task=task)
-        _with_mods[key] = njit(**_kernel_options, **cache)(
-            _named(_flash_forward.py_func.__code__, env, "_flash_forward_mods", tag))
+        if score_mod is None and mask_mod is None:
+            if not serial:
+                return _flash_forward
+            tag, cache, env = None, {"cache": _CACHE}, globals()
+        else:
+            tag = _cache_tag(score_mod, mask_mod)
+            cache = {"cache": True} if tag else {}
+            if (score_mod, mask_mod) not in _mods_tasks:
+                task_env = dict(globals(), _SCORE_MOD=score_mod or no_score_mod,
+                                _MASK_MOD=mask_mod or no_mask_mod)
+                _mods_tasks[score_mod, mask_mod] = njit(**_task_options, **cache)(
+                    _named(_flash_task.py_func.__code__, task_env, "_flash_task_mods", tag))
+            env = dict(globals(), _flash_task=_mods_tasks[score_mod, mask_mod])
+        name = "_flash_forward" + ("_mods" if env is not globals() else "") + ("_serial" if serial else "")
+        _with_mods[key] = njit(**(_task_options if serial else _kernel_options), **cache)(
+            _named(_flash_forward.py_func.__code__, env, name, tag))
     return _with_mods[key]
 
 
