@@ -1,4 +1,4 @@
-"""The ``attention-engine`` command: ``list``, ``bench`` and ``demo``.
+"""The ``attention-engine`` command: ``list``, ``bench``, ``demo`` and ``generate``.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
 this module only wires them, importing each lazily so ``list`` stays fast.
@@ -13,6 +13,8 @@ SUBCOMMANDS = {
     "list": ("engine.listing", "show installed variants (with their plugin and distribution) and backends"),
     "bench": ("engine.benchmark", "compare variants and backends: time, GFLOP/s, memory, ratio to torch"),
     "demo": ("engine.models.demo", "run a pretrained transformer through the engine and show its attention"),
+    "generate": ("engine.models.generate", "greedy GPT-2 generation through attention_with_kvcache vs transformers: "
+                 "tokens/s"),
 }
 
 

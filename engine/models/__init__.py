@@ -3,4 +3,7 @@
 
 - :mod:`engine.models.minilm`: all-MiniLM-L6-v2 with every attention layer on the ``multi-head``
   variant; :mod:`engine.models.demo` is ``attention-engine demo``.
+- :mod:`engine.models.gpt2`: GPT-2 in NumPy with every attention through
+  ``engine.attention_with_kvcache``, generating greedily as transformers does;
+  :mod:`engine.models.generate` is ``attention-engine generate``.
 """
