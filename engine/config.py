@@ -19,8 +19,6 @@ CPU_SERIAL_MAX_WORK = 1 << 17
 #: default); above that it starts its own threads inside our parallel tasks and oversubscribes
 #: the cores (3x slower at L = 4096). Without the BLAS pin, both products of a tile stay below it.
 BLAS_SINGLE_THREAD_MNK = 65536 * 4
-#: and a GEMV on one thread when m*n < 2304 * GEMM_MULTITHREAD_THRESHOLD (OpenBLAS interface/gemv.c)
-BLAS_GEMV_SINGLE_THREAD_MN = 2304 * 4
 
 #: default tile sizes of a ``BlockMask`` (the cpu kernel's usual tiles; other tile sizes are
 #: derived from the mask_mod once and memoised on the block mask)
@@ -38,9 +36,11 @@ CUDA_MAX_HEAD_SUM = 1024
 DECODE_BLOCK_K = 256
 #: ``cpu`` decoding: query rows (query heads of a key/value head x new tokens) per task
 DECODE_BLOCK_ROWS = 128
-#: ``cpu`` decoding: tasks with at most this many rows use one matrix-vector product per row
-#: (OpenBLAS's GEMM with 4 rows took 9x the time of one 1-row product, 4 GEMVs 4x)
-DECODE_GEMV_ROWS = 8
+#: ``cpu`` decoding: tasks with at most this many rows compute their dot products in the kernel,
+#: reading each cache row once in place (16-bit rows widened on the fly); larger ones use GEMM on
+#: tiles. OpenBLAS's GEMM with 4 rows took 9x the time of 1 row; its GEMV per row is no faster
+#: than the kernel's own loops, which also skip the copy of 16-bit and paged tiles
+DECODE_FUSED_ROWS = 8
 #: ``cpu`` decoding: split-KV never gives a split fewer keys than this (the merge would cost more
 #: than the parallelism gains)
 DECODE_MIN_SPLIT_KEYS = 512

@@ -177,11 +177,11 @@ def validate_decode_args(query, k_cache, v_cache, key=None, value=None, *, cache
     if key is not None:
         kn = _host_array(key, "key")
         vn = _host_array(value, "value")
-        want_k, want_v = (B, Hkv, None, E), (B, Hkv, None, Ev)
-        for name, a, want in (("key", kn, want_k), ("value", vn, want_v)):
-            if a.ndim != 4 or any(w is not None and s != w for s, w in zip(a.shape, want)):
+        for name, a, width in (("key", kn, E), ("value", vn, Ev)):
+            shape = a.shape
+            if len(shape) != 4 or shape[0] != B or shape[1] != Hkv or shape[3] != width:
                 raise ValueError(f"{name} must have shape (B, Hkv, L_new, {'D' if name == 'key' else 'Dv'}) = "
-                                 f"({B}, {Hkv}, L_new, {want[3]}), got {tuple(a.shape)}")
+                                 f"({B}, {Hkv}, L_new, {width}), got {tuple(shape)}")
             if not is_floating(array_dtype(a)):  # written converted to the cache dtype (nearest even)
                 raise TypeError(f"{name} must have a floating dtype (it is converted to the cache's "
                                 f"{cache_dtype}), got {array_dtype(a)}")
@@ -234,7 +234,9 @@ def _seqlens(cache_seqlens, B: int) -> np.ndarray:
     if isinstance(cache_seqlens, (bool, np.bool_)):
         raise TypeError("cache_seqlens must be an int or an integer array of shape (B,), got a bool")
     if isinstance(cache_seqlens, (int, np.integer)):
-        s = np.full(B, int(cache_seqlens), dtype=np.int64)
+        if cache_seqlens < 0:
+            raise ValueError(f"cache_seqlens must be >= 0, got {cache_seqlens}")
+        return np.full(B, int(cache_seqlens), dtype=np.int64)
     else:
         arr = _host_array(cache_seqlens, "cache_seqlens")
         if arr.dtype.kind not in "iu":

@@ -10,11 +10,11 @@ __all__ = ["write_new_entries", "gather_sequence", "cache_slots"]
 
 
 def cache_slots(problem: DecodeProblem, b, positions: np.ndarray):
-    """``(pages, offsets)`` of token ``positions`` of sequence(s) ``b`` (arrays broadcast together).
-
-    A contiguous cache is one page per sequence (page ``b``, ``page_size = S_max``)."""
+    """``(pages, offsets)`` of token ``positions`` of sequence(s) ``b``, as index arrays that
+    broadcast together (NumPy broadcasts them when indexing). A contiguous cache is one page per
+    sequence (page ``b``, ``page_size = S_max``)."""
     if problem.page_table is None:
-        return np.broadcast_to(b, np.broadcast(b, positions).shape), positions
+        return b, positions
     return problem.page_table[b, positions // problem.page_size], positions % problem.page_size
 
 

@@ -9,7 +9,6 @@ less parallel across Python threads.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import glob
 import os

@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 
-from ..config import (BLAS_GEMV_SINGLE_THREAD_MN, CPU_SERIAL_MAX_WORK, DECODE_BLOCK_K, DECODE_BLOCK_ROWS,
-                      DECODE_GEMV_ROWS, DECODE_MAX_SPLITS, DECODE_MIN_SPLIT_KEYS)
+from ..config import (CPU_SERIAL_MAX_WORK, DECODE_BLOCK_K, DECODE_BLOCK_ROWS,
+                      DECODE_FUSED_ROWS, DECODE_MAX_SPLITS, DECODE_MIN_SPLIT_KEYS)
 from ..decode_validation import DecodeProblem
 from ..kernels.half_floats import BFLOAT16_BITS, FLOAT16_BITS
 from ..kvcache import write_new_entries
@@ -28,7 +28,7 @@ def pick_num_splits(tasks: int, max_keys: int, threads: int) -> int:
     its ``num_splits=0``, with threads for streaming multiprocessors).
     """
     if tasks >= threads or max_keys < 2 * DECODE_MIN_SPLIT_KEYS:
-        return 1
+        return 1  # (checked first: the common case costs nothing)
     most = max(1, min(DECODE_MAX_SPLITS, max_keys // DECODE_MIN_SPLIT_KEYS))
     balance = []
     for s in range(1, most + 1):
@@ -43,10 +43,21 @@ def _pages(cache: np.ndarray) -> np.ndarray:
     return cache.view(np.uint16) if cache.dtype.itemsize == 2 else cache
 
 
+_kernel_module = None
+
+
+def _kernels():
+    """The kernel module, imported on first use (``import engine`` compiles nothing)."""
+    global _kernel_module
+    if _kernel_module is None:
+        from ..kernels import cpu_decode
+
+        _kernel_module = cpu_decode
+    return _kernel_module
+
+
 def run_decode(problem: DecodeProblem, blas_pin):
     """Write the new entries, then run the kernel; ``(out, lse)`` in the query's dtype."""
-    from ..kernels.cpu_decode import decode_kernel
-
     write_new_entries(problem)
     B, Hq, L, Ev = problem.batch, problem.num_q_heads, problem.L, problem.Ev
     compute = problem.compute_dtype
@@ -61,9 +72,11 @@ def run_decode(problem: DecodeProblem, blas_pin):
     seqlens_k = problem.seqlens_k
     group = problem.group
     row_blocks = math.ceil(group * L / DECODE_BLOCK_ROWS)
+    tasks = B * problem.num_kv_heads * row_blocks
     splits = problem.num_splits
     if splits is None:
-        splits = pick_num_splits(B * problem.num_kv_heads * row_blocks, int(seqlens_k.max()), get_num_threads())
+        threads = get_num_threads()
+        splits = 1 if tasks >= threads else pick_num_splits(tasks, int(seqlens_k.max()), threads)
     N = B * Hq * L
     out = np.empty((N, Ev), dtype=compute)
     lse = np.empty(N, dtype=compute)
@@ -76,15 +89,14 @@ def run_decode(problem: DecodeProblem, blas_pin):
     # keys read: tiny calls run serially (the thread pool's wake-up costs more than it gains)
     work = int(seqlens_k.sum()) * problem.num_q_heads * L * (problem.E + Ev)
     serial = splits == 1 and work <= CPU_SERIAL_MAX_WORK
-    kernel = decode_kernel(problem.score_mod, problem.mask_mod, serial)
-    # a GEMV over a small key tile never starts OpenBLAS threads: no pin (it costs microseconds)
-    small = (min(DECODE_BLOCK_K, int(seqlens_k.max())) * max(problem.E, Ev) < BLAS_GEMV_SINGLE_THREAD_MN
-             and group * L <= DECODE_GEMV_ROWS)
+    kernel = _kernels().decode_kernel(problem.score_mod, problem.mask_mod, serial)
+    # few rows per task: the kernel's own loops, no BLAS call, so nothing to pin (it costs microseconds)
+    small = group * L <= DECODE_FUSED_ROWS
     with kernel_call_guard(), (_NO_PIN if small else blas_pin()):
         kernel(q, _pages(problem.k_cache), _pages(problem.v_cache), table, seqlens_k,
                problem.is_causal, left, right, problem.scale, group, half_kind,
                bool(half_kind or problem.page_table is not None), splits, DECODE_BLOCK_K,
-               DECODE_BLOCK_ROWS, DECODE_GEMV_ROWS, problem.mod_args, problem.score_mod is not None,
+               DECODE_BLOCK_ROWS, DECODE_FUSED_ROWS, problem.mod_args, problem.score_mod is not None,
                problem.mask_mod is not None, part_out, part_lse, out, lse)
     out = out.reshape(problem.out_shape)
     lse = lse.reshape(problem.lse_shape)

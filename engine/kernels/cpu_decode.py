@@ -10,16 +10,19 @@ parallel pass merges them exactly with ``lse_merge._merge_row`` (the code behind
 ``engine.merge_attention``).
 
 Within a task the loop is the forward kernel's online softmax over key tiles, with the scores
-``st = (scale * q_rows) @ k_tile.T`` (BLAS) kept row-major: a task has few rows (one per query
-head of the group when decoding), so the max, exp and sum passes run along contiguous keys, where
-they vectorise (the forward kernel's transposed layout suits its 128-row tiles instead). Caches are pages
+``st = (scale * q_rows) @ k_tile.T`` kept row-major: a task has few rows (one per query head of
+the group when decoding), so the max, exp and sum passes run along contiguous keys, where they
+vectorise (the forward kernel's transposed layout suits its 128-row tiles instead). Caches are pages
 ``(num_pages, Hkv, page_size, D)`` read through ``page_table``; a contiguous cache is the same with
-one page per sequence. A tile never crosses a page: it is used in place when it lies in one page
-and has the compute dtype; otherwise (small pages, 16-bit entries given as ``uint16`` bits) it is
-gathered, and widened, into a scratch tile that stays in cache.
+one page per sequence; 16-bit entries arrive as ``uint16`` bits.
 
-Non-finite values in V reach only the rows that weigh them: see ``nonfinite`` (no call pays a pass
-over V).
+Decoding is a stream through the cache, so the kernel reads each cache row once, in place: a task
+of at most ``fused_rows`` rows computes its dot products and weighted sums itself, row by row of
+the cache, widening 16-bit entries in registers (half the bytes read; no copy of paged or 16-bit
+tiles), and skips keys of weight 0 (so a NaN/inf value reaches only the rows that weigh it).
+Tasks with more rows (chunked prefill, wide GQA groups) gather each tile when needed and use BLAS,
+whose product is checked for non-finite values afterwards (``nonfinite``). No call pays a pass
+over V.
 """
 import numpy as np
 from numba import njit, prange, types
@@ -90,10 +93,110 @@ def _tile_overload(pages, table, b, h, j0, n, buf, half_kind):
     return None
 
 
+def _scores_fused(pages, table, b, h, j0, nk, qs, st, half_kind):
+    """``st[r, c] = qs[r] . key (j0 + c)`` of sequence b, head h: each cache row read once, in
+    place, through the page table (16-bit rows widened in registers)."""
+
+
+def _values_fused(pages, table, b, h, j0, nk, st, pv, half_kind):
+    """``pv[r] = sum_c st[r, c] * value (j0 + c)``, each value row read once in place. Keys of
+    weight 0 are skipped, so a NaN/inf value reaches exactly the rows that weigh it (a NaN weight
+    is not 0: it reaches its row)."""
+
+
+def _fused_impls(widen):
+    """The two loops above for cache rows converted by ``widen`` (identity for float caches).
+    Each page run is one 2-D view; the innermost loops run along the head dimension and vectorise."""
+    def scores(pages, table, b, h, j0, nk, qs, st, half_kind):
+        ps, D = pages.shape[2], pages.shape[3]
+        zero = qs.dtype.type(0)
+        c = 0
+        while c < nk:  # one run of keys per page
+            p = (j0 + c) // ps
+            off = j0 + c - p * ps
+            m = min(nk - c, ps - off)
+            blk = pages[table[b, p], h]
+            for cc in range(m):
+                for r in range(qs.shape[0]):
+                    total = zero
+                    for d in range(D):
+                        total += widen(blk[off + cc, d]) * qs[r, d]
+                    st[r, c + cc] = total
+            c += m
+
+    def values(pages, table, b, h, j0, nk, st, pv, half_kind):
+        ps, D = pages.shape[2], pages.shape[3]
+        pv[:] = 0
+        c = 0
+        while c < nk:
+            p = (j0 + c) // ps
+            off = j0 + c - p * ps
+            m = min(nk - c, ps - off)
+            blk = pages[table[b, p], h]
+            for cc in range(m):
+                for r in range(st.shape[0]):
+                    w = st[r, c + cc]
+                    if w != 0:
+                        for d in range(D):
+                            pv[r, d] += w * widen(blk[off + cc, d])
+            c += m
+
+    return njit(inline="always", fastmath=_FM, error_model="numpy")(scores), \
+        njit(inline="always", fastmath=_FM, error_model="numpy")(values)
+
+
+@njit(inline="always")
+def _same(x):
+    return x
+
+
+_FLOAT, _BF16, _F16 = _fused_impls(_same), _fused_impls(bf16_bits_to_f32), _fused_impls(f16_bits_to_f32)
+
+
+@overload(_scores_fused, jit_options={"fastmath": _FM, "error_model": "numpy"})
+def _scores_fused_overload(pages, table, b, h, j0, nk, qs, st, half_kind):
+    if isinstance(pages.dtype, types.Float):
+        same = _FLOAT[0]
+
+        def floats(pages, table, b, h, j0, nk, qs, st, half_kind):
+            same(pages, table, b, h, j0, nk, qs, st, half_kind)
+        return floats
+    if pages.dtype == types.uint16:
+        bf16, f16 = _BF16[0], _F16[0]
+
+        def bits(pages, table, b, h, j0, nk, qs, st, half_kind):
+            if half_kind == BFLOAT16_BITS:
+                bf16(pages, table, b, h, j0, nk, qs, st, half_kind)
+            else:
+                f16(pages, table, b, h, j0, nk, qs, st, half_kind)
+        return bits
+    return None
+
+
+@overload(_values_fused, jit_options={"fastmath": _FM, "error_model": "numpy"})
+def _values_fused_overload(pages, table, b, h, j0, nk, st, pv, half_kind):
+    if isinstance(pages.dtype, types.Float):
+        same = _FLOAT[1]
+
+        def floats(pages, table, b, h, j0, nk, st, pv, half_kind):
+            same(pages, table, b, h, j0, nk, st, pv, half_kind)
+        return floats
+    if pages.dtype == types.uint16:
+        bf16, f16 = _BF16[1], _F16[1]
+
+        def bits(pages, table, b, h, j0, nk, st, pv, half_kind):
+            if half_kind == BFLOAT16_BITS:
+                bf16(pages, table, b, h, j0, nk, st, pv, half_kind)
+            else:
+                f16(pages, table, b, h, j0, nk, st, pv, half_kind)
+        return bits
+    return None
+
+
 @njit(cache=_CACHE, fastmath=_FM, error_model="numpy")
 def _decode_task(task, q, k_pages, v_pages, page_table, seqlens_k, causal, left, right, scale, group,
-                 half_kind, gather, splits, block_k, block_rows, gemv_rows, mod_args, has_score_mod, has_mask_mod,
-                 part_out, part_lse):
+                 half_kind, gather, splits, block_k, block_rows, fused_rows, mod_args, has_score_mod,
+                 has_mask_mod, part_out, part_lse):
     """One task: rows ``r0 ... r1 - 1`` of (sequence b, cache head hk), keys of split ``s``."""
     B, Hq, L, E = q.shape
     Hkv = k_pages.shape[1]
@@ -149,9 +252,9 @@ def _decode_task(task, q, k_pages, v_pages, page_table, seqlens_k, causal, left,
     # one scratch allocation per task: scaled query rows, key/value tiles, scores, row state
     # (tiles are views of a contiguous same-dtype cache: no tile scratch; a fresh allocation past
     # malloc's mmap threshold would cost page faults on every task)
-    tile_rows = block_k if gather else 0
+    tile_rows = block_k if gather and nr > fused_rows else 0
     sizes = (nr * E, tile_rows * E, tile_rows * Ev, nr * block_k, nr * Ev, nr * Ev)
-    scratch = np.empty(sum(sizes) + 4 * nr, dtype=dt)
+    scratch = np.empty(sum(sizes) + 3 * nr, dtype=dt)
     o = 0
     qs = scratch[o:o + nr * E].reshape((nr, E))
     o += nr * E
@@ -167,8 +270,7 @@ def _decode_task(task, q, k_pages, v_pages, page_table, seqlens_k, causal, left,
     o += nr * Ev
     m = scratch[o:o + nr]
     l = scratch[o + nr:o + 2 * nr]
-    tm = scratch[o + 2 * nr:o + 3 * nr]
-    alpha = scratch[o + 3 * nr:o + 4 * nr]
+    alpha = scratch[o + 2 * nr:o + 3 * nr]
     acc[:] = zero
     m[:] = neg_inf
     l[:] = zero
@@ -179,14 +281,14 @@ def _decode_task(task, q, k_pages, v_pages, page_table, seqlens_k, causal, left,
     j0 = s0
     while j0 < s1:
         nk = min(block_k, s1 - j0)
-        kt = _tile(k_pages, page_table, b, hk, j0, nk, kbuf, half_kind)
         # scores row-major (nr, nk): every pass below runs along contiguous keys and vectorises
         # (decode has few rows, often one)
         st = st_buf[:nr * nk].reshape((nr, nk))
-        if nr <= gemv_rows:  # OpenBLAS is far slower on a few-row GEMM than on one GEMV per row
-            for r in range(nr):
-                np.dot(kt, qs[r], st[r])
+        fused = nr <= fused_rows
+        if fused:  # few rows: dot products straight from the cache pages, 16-bit entries widened
+            _scores_fused(k_pages, page_table, b, hk, j0, nk, qs, st, half_kind)
         else:
+            kt = _tile(k_pages, page_table, b, hk, j0, nk, kbuf, half_kind)
             np.dot(qs, kt.T, st)
         masked = has_mask_mod or j0 < full_lo or j0 + nk > full_hi  # some rows miss some keys
         for r in range(nr):
@@ -217,13 +319,12 @@ def _decode_task(task, q, k_pages, v_pages, page_table, seqlens_k, causal, left,
                 row[c] = p
                 total += p
             l[r] = l[r] * alpha[r] + total
-        vt = _tile(v_pages, page_table, b, hk, j0, nk, vbuf, half_kind)
-        if nr <= gemv_rows:
-            for r in range(nr):
-                np.dot(st[r], vt, pv[r])
+        if fused:  # keys of weight 0 are skipped: a NaN/inf value reaches only rows that weigh it
+            _values_fused(v_pages, page_table, b, hk, j0, nk, st, pv, half_kind)
         else:
+            vt = _tile(v_pages, page_table, b, hk, j0, nk, vbuf, half_kind)
             np.dot(st, vt, pv)
-        redo_if_nonfinite(st, vt, pv)  # a NaN/inf value reaches only rows that weigh it
+            redo_if_nonfinite(st, vt, pv)  # a NaN/inf value reaches only rows that weigh it
         for r in range(nr):
             a = alpha[r]
             if a == zero:  # the old terms' weights underflowed: drop them (an inf stays out)
@@ -249,15 +350,16 @@ def _decode_task(task, q, k_pages, v_pages, page_table, seqlens_k, causal, left,
 
 @njit(parallel=True, cache=_CACHE, fastmath=_FM, error_model="numpy")
 def _decode(q, k_pages, v_pages, page_table, seqlens_k, causal, left, right, scale, group, half_kind,
-            gather, splits, block_k, block_rows, gemv_rows, mod_args, has_score_mod, has_mask_mod, part_out,
+            gather, splits, block_k, block_rows, fused_rows, mod_args, has_score_mod, has_mask_mod, part_out,
             part_lse, out, lse):
     """Attention of ``q`` (B, Hq, L, E) against the first ``seqlens_k[b]`` keys of each sequence.
 
     ``k_pages``/``v_pages`` (num_pages, Hkv, page_size, E/Ev): the compute dtype (q's: float32 or
     float64) or ``uint16`` bits of float16/bfloat16 (``half_kind``); ``page_table`` (B, max_pages)
     int32; ``gather``: whether a tile may need copying (16-bit entries, or pages a tile can cross;
-    False only for a contiguous cache of the compute dtype). Tasks of at most ``gemv_rows`` rows
-    multiply by matrix-vector products, larger ones by one matrix product. Row i of sequence b is
+    False only for a contiguous cache of the compute dtype). Tasks of at most ``fused_rows`` rows
+    compute their products in the kernel from the cache rows in place, larger ones with BLAS on
+    (gathered) tiles. Row i of sequence b is
     at position ``seqlens_k[b] - L + i``; ``causal`` (bottom right) and
     the window ``left``/``right`` (-1: unbounded) limit the keys it sees; the mods see absolute
     positions. ``part_out`` (splits, B*Hq*L, Ev) and ``part_lse`` (splits, B*Hq*L) receive each
@@ -269,7 +371,7 @@ def _decode(q, k_pages, v_pages, page_table, seqlens_k, causal, left, right, sca
     nrb = (group * L + block_rows - 1) // block_rows
     for task in prange(B * Hkv * nrb * splits):
         _decode_task(task, q, k_pages, v_pages, page_table, seqlens_k, causal, left, right, scale, group,
-                     half_kind, gather, splits, block_k, block_rows, gemv_rows, mod_args, has_score_mod,
+                     half_kind, gather, splits, block_k, block_rows, fused_rows, mod_args, has_score_mod,
                      has_mask_mod, part_out, part_lse)
     if splits > 1:
         for n in prange(out.shape[0]):
