@@ -261,15 +261,17 @@ def test_mods_see_absolute_positions(rng):
 
 
 @pytest.mark.parametrize("backend", FAST)
-def test_nonfinite_values_reach_only_rows_that_attend_them(rng, backend):
-    case = make_case(rng, B=2, L=3, L_new=3, S_max=40, seqlens=[20, 30])
+@pytest.mark.parametrize("extra_rows", [0, 3], ids=["few-rows", "many-rows"])  # cpu: in-kernel loops; BLAS tiles
+def test_nonfinite_values_reach_only_rows_that_attend_them(rng, backend, extra_rows):
+    case = make_case(rng, B=2, L=3 + extra_rows, L_new=3, S_max=40, seqlens=[20, 30])
     case["v_cache"][0, 1, 5, 2] = np.nan        # hidden from every row by the window below
     case["value"][1, 0, 1, 0] = np.inf          # written at 31: seen by sequence 1's last two rows only
     got = run(case, backend, window=(10, -1), num_splits=2)
     want = run(case, "reference", window=(10, -1))
     close(got, want, case)
+    e = extra_rows  # (the extra rows come first: bottom-right alignment)
     assert np.isfinite(got[0][0]).all()
-    assert np.isinf(got[0][1, :2, 1:, 0]).all() and np.isfinite(got[0][1, :2, 0]).all()
+    assert np.isinf(got[0][1, :2, e + 1:, 0]).all() and np.isfinite(got[0][1, :2, :e + 1]).all()
     case["k_cache"][1, 1, 3, 0] = np.nan         # a NaN score: the rows that see it are NaN
     got = run(case, backend)
     assert np.isnan(got[0][1, 2:]).all() and not np.isnan(got[0][1, :2]).any()
