@@ -27,5 +27,5 @@ def __getattr__(name):
 
 __all__ = ["scaled_dot_product_attention", "list_variants", "get_variant", "list_backends",
            "get_backend", "plot_attention", "register_plugin", "unregister_plugin", "get_plugin_manager", "hookimpl",
-           "Variant", "PluginError", "NotSupportedError", "create_block_mask", "BlockMask", "set_num_threads", "get_num_threads", "__version__",
-           "merge_attention", "causal_lower_right", "attention_with_kvcache"]
+           "Variant", "PluginError", "NotSupportedError", "create_block_mask", "BlockMask", "set_num_threads", "get_num_threads",
+           "__version__", "merge_attention", "causal_lower_right", "attention_with_kvcache"]

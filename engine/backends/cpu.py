@@ -187,9 +187,9 @@ class CpuBackend(Backend):
         # tiles this small never make OpenBLAS start threads: no pin (it costs microseconds)
         small = min(block_q, L) * min(block_k, S) * max(problem.E, problem.Ev) <= BLAS_SINGLE_THREAD_MNK
         with kernel_call_guard(), (_NO_PIN if small else pin()):
-            kernel(q, k, v, fmask, bmask, mask_batch, kind, problem.is_causal, problem.causal_offset, problem.scale,
-                   problem.group, block_q, block_k, sub_tiles, problem.mod_args, problem.score_mod is not None,
-                   tile_kinds, out, lse)
+            kernel(q, k, v, fmask, bmask, mask_batch, kind, problem.is_causal, problem.causal_offset,
+                   problem.scale, problem.group, block_q, block_k, sub_tiles, problem.mod_args,
+                   problem.score_mod is not None, tile_kinds, out, lse)
         return out.reshape(problem.out_shape), lse.reshape(problem.lse_shape)
 
     def decode(self, problem):
