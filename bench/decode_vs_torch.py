@@ -207,7 +207,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-generate", action="store_true")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--json", help="where to write the results (default: bench/results/"
-                                       "decode-vs-torch-<cpu>-<date>.json)")
+                                       "decode-vs-torch-<cpu>-<threads>threads-<date>.json)")
     args = parser.parse_args(argv)
 
     import numba
@@ -249,7 +249,7 @@ def main(argv=None) -> int:
     path = args.json
     if path is None:
         slug = re.sub(r"[^a-z0-9]+", "-", meta["cpu"].lower()).strip("-")
-        path = os.path.join(HERE, "results", f"decode-vs-torch-{slug}-{meta['date']}.json")
+        path = os.path.join(HERE, "results", f"decode-vs-torch-{slug}-{args.threads}threads-{meta['date']}.json")
     with open(path, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)
     print(f"load average before {load_before[0]:.1f}, after {load_after[0]:.1f} on {os.cpu_count()} cores; "
