@@ -30,7 +30,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
         across calls (empty tiles are skipped).
     :param mod_args: a tuple of extra arguments passed to both mods (arrays, numbers).
     :return: ``out`` in the input dtype, or ``(out, lse)``.
-    :raises TypeError, ValueError: on any bad argument, naming it, before any kernel runs.
+    :raises TypeError: an argument of the wrong kind, naming it, before any kernel runs.
+    :raises ValueError: a wrong shape or value, naming the argument and the shapes.
+    :raises engine.NotSupportedError: the backend (or, with ``auto``, every backend) refuses the inputs.
     """
     problem = validate_attention_args(query, key, value, attn_mask, is_causal, scale, enable_gqa,
                                       return_lse, score_mod, mask_mod, block_mask, mod_args)

@@ -1,10 +1,18 @@
-"""Where Numba caches compiled kernels, with a writable fallback.
+"""Where Numba caches compiled kernels, with a private fallback.
 
 Numba caches next to the source (``__pycache__``) or in the user's cache folder; when neither is
 writable (a read-only install and an unwritable home), ``cache=True`` fails at import. This module
 picks a folder that works before any kernel module is imported: ``NUMBA_CACHE_DIR`` if the user set
 it, else Numba's own choice if writable, else a per-user folder in the temp directory, else no
 cache at all (with a warning).
+
+Numba's cache files are pickles, so whoever can write the cache folder can run code in every
+process that loads from it. The temp-directory fallback has a predictable name, so another user of
+the machine could create it first: it is used only if it is a real folder (not a symbolic link),
+owned by this user, not writable by group or others, in a parent that no one else can rename it
+out of (owned by this user or root, and not writable by others unless sticky, as ``/tmp``).
+Otherwise caching is off, with a warning that says why. A ``NUMBA_CACHE_DIR`` that fails the same
+checks is used anyway (the user chose it), with a warning. See ``docs/security.md``.
 
 A corrupted or truncated cache file is treated as a cache miss: the kernel is recompiled and the
 file rewritten, with a warning. Numba itself raises ``pickle.UnpicklingError`` there, so this module
@@ -14,6 +22,7 @@ process, which only turns that error into a recompilation.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 import warnings
 
@@ -22,13 +31,70 @@ __all__ = ["cache_enabled"]
 _enabled: bool | None = None
 
 
-def _writable(path: str) -> bool:
+def _can_write(path: str) -> bool:
     try:
-        os.makedirs(path, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path):
             return True
     except OSError:
         return False
+
+
+def _writable(path: str) -> bool:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return False
+    return _can_write(path)
+
+
+def _private_folder_problem(path: str) -> str | None:
+    """Why ``path`` is not a folder that only this user can write, or None; never follows a link."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        return f"cannot be inspected ({exc.strerror})"
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a folder"
+    if st.st_uid != os.geteuid():
+        return f"is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def _parent_problem(path: str) -> str | None:
+    """Why someone else could rename ``path`` away and put their own folder there, or None."""
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        st = os.stat(parent)  # followed: /tmp itself may be a link (/private/tmp on macOS)
+    except OSError as exc:
+        return f"is in a folder that cannot be inspected ({parent}: {exc.strerror})"
+    if st.st_uid not in (0, os.geteuid()):
+        return f"is in a folder owned by uid {st.st_uid} ({parent}), who could replace it"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+        return (f"is in a folder writable by group or others without the sticky bit ({parent}, "
+                f"mode {stat.S_IMODE(st.st_mode):04o}), where they could replace it")
+    return None
+
+
+def _claim_private_folder(path: str) -> str | None:
+    """Create ``path`` with mode 0700 unless it exists, then check it; None when it is safe to use.
+
+    Checking after creating (never before) leaves no gap for someone to put their own folder there
+    between the check and the use; the parent check makes sure nobody can swap it afterwards.
+    """
+    problem = _parent_problem(path)
+    if problem:
+        return problem
+    try:
+        os.mkdir(path, 0o700)  # the umask can only remove bits; a link in its place is not followed
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        return f"cannot be created ({exc.strerror})"
+    return _private_folder_problem(path)
 
 
 def _tolerate_corrupt_cache_files() -> None:
@@ -67,19 +133,32 @@ def cache_enabled() -> bool:
     import numba
 
     _tolerate_corrupt_cache_files()
+    why_not = "no writable folder for Numba's cache"
     if numba.config.CACHE_DIR:
-        _enabled = _writable(numba.config.CACHE_DIR)
+        chosen = numba.config.CACHE_DIR
+        _enabled = _writable(chosen)
+        real = os.path.realpath(chosen)  # the user may link to a private folder: check where it goes
+        problem = _enabled and (_private_folder_problem(real) or _parent_problem(real))
+        if problem:
+            warnings.warn(f"attention-engine: NUMBA_CACHE_DIR {chosen!r} {problem}; whoever can write "
+                          "there can run code in this process through Numba's cache files (pickles). "
+                          "It is used because you chose it", RuntimeWarning, stacklevel=2)
     else:
         here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "__pycache__")
         user = os.path.join(os.path.expanduser("~"), ".cache", "numba")
         if _writable(here) or _writable(user):
             _enabled = True
         else:
-            fallback = os.path.join(tempfile.gettempdir(), f"attention-engine-numba-{os.getuid()}")
-            _enabled = _writable(fallback)
+            fallback = os.path.join(tempfile.gettempdir(), f"attention-engine-numba-{os.geteuid()}")
+            problem = _claim_private_folder(fallback)
+            _enabled = problem is None and _can_write(fallback)
             if _enabled:
                 numba.config.CACHE_DIR = fallback
+            elif problem:
+                why_not = (f"the fallback folder for Numba's cache {fallback!r} {problem}, so it is not "
+                           "used: whoever can write there could run code in this process through "
+                           "Numba's cache files (pickles)")
     if not _enabled:
-        warnings.warn("attention-engine: no writable folder for Numba's cache; kernels are compiled "
-                      "in every process (set NUMBA_CACHE_DIR to fix)", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"attention-engine: {why_not}; kernels are compiled in every process (set "
+                      "NUMBA_CACHE_DIR to a private folder to fix)", RuntimeWarning, stacklevel=2)
     return _enabled

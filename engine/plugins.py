@@ -4,10 +4,18 @@ Order: the built-in variant modules and the built-in backends, then every entry 
 ``attention_engine``, then whatever ``register_plugin`` adds. A plugin that fails to import, whose
 hook raises, or that offers a malformed variant is skipped with a warning naming it and its
 distribution; the others keep working.
+
+Loading an entry point imports its module, which runs its code. As pytest's
+``PYTEST_DISABLE_PLUGIN_AUTOLOAD`` and ``-p no:name``, two environment variables, read when the
+plugin manager is built, limit that: ``ATTENTION_ENGINE_DISABLE_PLUGIN_AUTOLOAD`` (any non-empty
+value) loads no entry point at all, and ``ATTENTION_ENGINE_BLOCK_PLUGINS`` (comma-separated plugin
+names, as ``attention-engine list`` shows them) blocks those names: such an entry point is never
+imported, and ``register_plugin`` refuses the name.
 """
 from __future__ import annotations
 
 import importlib
+import os
 import threading
 import warnings
 from dataclasses import dataclass
@@ -25,6 +33,8 @@ BUILTIN_PLUGINS = ("engine.backends", "variants.self_attention", "variants.multi
                    "variants.cross", "variants.masked", "variants.sliding_window", "variants.alibi",
                    "variants.softcap", "variants.grouped_query", "variants.document")
 DISTRIBUTION = "attention-engine"
+DISABLE_AUTOLOAD_ENV = "ATTENTION_ENGINE_DISABLE_PLUGIN_AUTOLOAD"
+BLOCK_ENV = "ATTENTION_ENGINE_BLOCK_PLUGINS"
 
 
 @dataclass(frozen=True)
@@ -68,16 +78,22 @@ def _drop_unknown_hooks(pm: pluggy.PluginManager) -> None:
 def _build() -> pluggy.PluginManager:
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
+    for name in os.environ.get(BLOCK_ENV, "").split(","):
+        if name.strip():
+            pm.set_blocked(name.strip())
     for modname in BUILTIN_PLUGINS:
+        if pm.is_blocked(modname):
+            continue
         try:
             pm.register(importlib.import_module(modname), name=modname)
             _distributions[modname] = DISTRIBUTION
         except Exception as exc:  # a broken install must not take the engine down
             _warn(f"skipping built-in plugin {modname!r}: {type(exc).__name__}: {exc}")
-    for ep in entry_points(group=hookspecs.PROJECT):
+    autoload = () if os.environ.get(DISABLE_AUTOLOAD_ENV) else entry_points(group=hookspecs.PROJECT)
+    for ep in autoload:
         dist = ep.dist.name if ep.dist is not None else "?"
-        if pm.get_plugin(ep.value) is not None:
-            continue  # a built-in plugin, registered above under its module name
+        if pm.get_plugin(ep.value) is not None or pm.is_blocked(ep.name):
+            continue  # a built-in plugin registered above under its module name, or a blocked one
         try:
             plugin = ep.load()
         except Exception as exc:
@@ -196,7 +212,8 @@ def register_plugin(plugin, name: str | None = None) -> str:
     """Register a plugin object or module at run time; returns the name it is registered under.
 
     Raises ``PluginError`` (and registers nothing) if it implements unknown hooks, offers a
-    malformed variant, or offers a variant name that is already taken, naming both plugins.
+    malformed variant, offers a variant name that is already taken (naming both plugins), or if
+    ``name`` is blocked by ``ATTENTION_ENGINE_BLOCK_PLUGINS``.
     """
     with _lock:
         pm = get_plugin_manager()
@@ -205,7 +222,7 @@ def register_plugin(plugin, name: str | None = None) -> str:
         except ValueError as exc:
             raise PluginError(f"cannot register plugin {name or plugin!r}: {exc}") from None
         if plugin_name is None:
-            raise PluginError(f"plugin {name or plugin!r} is blocked")
+            raise PluginError(f"plugin {name or plugin!r} is blocked ({BLOCK_ENV})")
         _distributions[plugin_name] = "(registered at run time)"
         try:
             pm.check_pending()

@@ -7,11 +7,17 @@ tree; when the tests run as root (who can write anywhere), the child runs withou
 (``setpriv``), so the permission bits bind it as they bind any user. It stays root rather than
 becoming ``nobody`` so that it can still read the Python environment, which may sit in a private
 folder (a clone in ``mktemp -d``).
+
+The planted-folder tests play another local user who creates the temp-directory fallback folder
+first (owned by someone else, writable by everyone, or a symbolic link) with a cache index that runs
+code when Numba unpickles it: the engine must refuse the folder, so the code never runs. They use a
+tiny kernel module instead of the engine's kernels, so each child takes a second or two.
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -54,8 +60,8 @@ def _env(**extra):
     return env
 
 
-def _run(env, unprivileged=False):
-    cmd = [sys.executable, "-c", PROBE]
+def _run(env, unprivileged=False, probe=PROBE):
+    cmd = [sys.executable, "-c", probe]
     if unprivileged:
         cmd = DROP_CAPABILITIES + cmd
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=HANG_TIMEOUT_S, cwd="/")
@@ -81,7 +87,7 @@ def sandbox():
         tmp = os.path.join(top, "tmp")
         os.makedirs(home)
         os.makedirs(tmp)
-        os.chmod(tmp, 0o777)
+        os.chmod(tmp, 0o1777)  # as /tmp: everyone may create, only owners may rename or delete
         for dirpath, dirnames, filenames in os.walk(site):  # read-only install
             for name in filenames:
                 os.chmod(os.path.join(dirpath, name), 0o444)
@@ -161,3 +167,254 @@ def test_cache_copied_intact_is_loaded(populated_cache, tmp_path):
     cache, _ = _copy_cache(populated_cache, tmp_path)
     got = _run(_env(NUMBA_CACHE_DIR=str(cache)))
     assert got["correct"] and got["cache_hits"] > 0, got
+
+
+# ---- a fallback folder planted by another local user ------------------------------------------
+
+OTHER_UID = 65534  # nobody: "another local user"
+
+# one tiny cached kernel, cached wherever the engine says; umask 0 in the child, so a folder it
+# creates is private only if the engine asks for mode 0700 explicitly
+TINY_KERNEL = """
+from numba import njit
+from engine.jit_cache import cache_enabled
+
+@njit(cache=cache_enabled())
+def twice(x):
+    return 2.0 * x
+"""
+
+TINY_PROBE = r"""
+import json, os, warnings
+os.umask(0)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import numba
+    import ae_tiny_kernel
+    value = ae_tiny_kernel.twice(21.0)
+from engine.jit_cache import cache_enabled
+print(json.dumps({"value": value, "cache_enabled": cache_enabled(), "cache_dir": numba.config.CACHE_DIR,
+                  "cache_hits": sum(ae_tiny_kernel.twice.stats.cache_hits.values()),
+                  "warnings": [str(w.message) for w in caught if "attention-engine" in str(w.message)]}))
+"""
+
+
+class _RunsCode:
+    """Unpickling this creates a folder: the planted cache index's payload, visible from outside."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+@pytest.fixture(scope="module")
+def tiny_site():
+    """(top, unprivileged, poisoned): a read-only copy of the package with the tiny kernel module, an
+    unwritable home, and a Numba cache of that kernel (built once here, then copied by each test that
+    plants it) whose index files a test overwrites with a payload."""
+    if os.geteuid() == 0 and shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: permissions cannot be made real")
+    top = tempfile.mkdtemp(prefix="ae-plant-")
+    try:
+        os.chmod(top, 0o755)
+        site = os.path.join(top, "site")
+        shutil.copytree(os.path.join(ROOT, "engine"), os.path.join(site, "engine"),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        with open(os.path.join(site, "ae_tiny_kernel.py"), "w") as f:
+            f.write(TINY_KERNEL)
+        home = os.path.join(top, "home")
+        os.makedirs(home)
+        for dirpath, dirnames, filenames in os.walk(site):
+            for name in filenames:
+                os.chmod(os.path.join(dirpath, name), 0o444)
+            os.chmod(dirpath, 0o555)
+        os.chmod(home, 0o555)
+        poisoned = os.path.join(top, "poisoned")
+        env = _env(PYTHONPATH=os.pathsep.join([site] + sys.path), HOME=home, NUMBA_CACHE_DIR=poisoned)
+        assert _run(env, probe=TINY_PROBE)["cache_enabled"]
+        assert [n for _, _, files in os.walk(poisoned) for n in files if n.endswith(".nbi")]
+        yield top, os.geteuid() == 0, poisoned
+    finally:
+        for dirpath, dirnames, filenames in os.walk(top):
+            os.chmod(dirpath, 0o755)
+        shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.fixture
+def victim(tiny_site, tmp_path):
+    """A fresh temp folder (mode 1777, like /tmp) for one test, and how to run the tiny probe with it
+    as the temp directory: returns (tmp, fallback path, plant(folder, owner, mode), run())."""
+    top, unprivileged, poisoned = tiny_site
+    tmp = tempfile.mkdtemp(dir=top)
+    os.chmod(tmp, 0o1777)
+    fallback = os.path.join(tmp, f"attention-engine-numba-{os.geteuid()}")
+    marker = os.path.join(tmp, "planted-code-ran")
+
+    def plant(folder, owner, mode):
+        """The cache built by tiny_site, copied to ``folder``, every index a payload."""
+        give = (lambda path: os.chown(path, owner, owner)) if owner != os.geteuid() else (lambda path: None)
+        shutil.copytree(poisoned, folder)
+        for dirpath, dirnames, filenames in os.walk(folder):
+            for name in filenames:
+                path = os.path.join(dirpath, name)
+                if name.endswith(".nbi"):
+                    with open(path, "wb") as f:
+                        pickle.dump(_RunsCode(marker), f)
+                os.chmod(path, 0o666 if mode & 0o002 else 0o600)
+                give(path)
+            for name in dirnames:
+                os.chmod(os.path.join(dirpath, name), mode)
+                give(os.path.join(dirpath, name))
+        os.chmod(folder, mode)
+        give(folder)
+
+    def run(**extra):
+        env = _env(PYTHONPATH=os.pathsep.join([os.path.join(top, "site")] + sys.path),
+                   HOME=os.path.join(top, "home"), TMPDIR=tmp, **extra)
+        got = _run(env, unprivileged, probe=TINY_PROBE)
+        got["planted_code_ran"] = os.path.exists(marker)
+        assert got["value"] == 42.0, got
+        return got
+
+    yield tmp, fallback, plant, run
+    for dirpath, dirnames, filenames in os.walk(tmp):
+        os.chmod(dirpath, 0o755)
+
+
+def _refused(got, fallback, *why):
+    assert not got["planted_code_ran"], "the planted cache index was unpickled: its code ran"
+    assert not got["cache_enabled"] and got["cache_dir"] != fallback, got
+    assert any(fallback in w and "is not used" in w and all(x in w for x in why)
+               for w in got["warnings"]), got["warnings"]
+
+
+def test_planted_payload_runs_when_the_folder_is_used(victim):
+    """Control for the planted-folder tests: the same planted index, in a folder the user chose
+    (NUMBA_CACHE_DIR), is unpickled, so the payload would run; that is what the refusals prevent."""
+    tmp, _, plant, run = victim
+    chosen = os.path.join(tmp, "chosen")
+    plant(chosen, os.geteuid(), 0o700)
+    assert run(NUMBA_CACHE_DIR=chosen)["planted_code_ran"]
+
+
+def test_fallback_folder_owned_by_another_user_is_refused(victim):
+    if os.geteuid() != 0:
+        pytest.skip("making a folder owned by another user needs root")
+    tmp, fallback, plant, run = victim
+    plant(fallback, OTHER_UID, 0o777)
+    _refused(run(), fallback, f"owned by uid {OTHER_UID}")
+
+
+def test_fallback_folder_writable_by_others_is_refused(victim):
+    tmp, fallback, plant, run = victim
+    plant(fallback, os.geteuid(), 0o777)
+    _refused(run(), fallback, "writable by group or others", "0777")
+
+
+def test_symlink_in_place_of_the_fallback_folder_is_refused(victim):
+    """A link can be pointed elsewhere after any check, by whoever owns it: refused even when it
+    points to a private folder of the user's own."""
+    tmp, fallback, plant, run = victim
+    target = os.path.join(tmp, "private-looking")
+    plant(target, os.geteuid(), 0o700)
+    os.symlink(target, fallback)
+    _refused(run(), fallback, "symbolic link")
+
+
+def test_fallback_in_a_temp_folder_others_can_rename_in_is_refused(victim):
+    """Without the sticky bit, anyone who may write the temp folder may rename the private folder
+    away after the check and put their own in its place."""
+    tmp, fallback, plant, run = victim
+    os.chmod(tmp, 0o777)
+    _refused(run(), fallback, "without the sticky bit")
+    assert not os.path.lexists(fallback), "checked the temp folder only after creating a folder in it"
+
+
+def test_fresh_fallback_folder_is_private_and_cached_across_processes(victim):
+    tmp, fallback, plant, run = victim
+    first = run()
+    assert first["cache_enabled"] and first["cache_dir"] == fallback and not first["warnings"], first
+    st = os.lstat(fallback)
+    assert st.st_uid == os.geteuid() and oct(st.st_mode & 0o7777) == oct(0o700), oct(st.st_mode)  # umask 0
+    again = run()  # a second process loads the kernel from the folder the first one created
+    assert again["cache_dir"] == fallback and again["cache_hits"] > 0 and not again["warnings"], again
+
+
+def test_existing_own_fallback_folder_not_writable_by_others_is_used(victim):
+    tmp, fallback, plant, run = victim
+    os.mkdir(fallback)
+    os.chmod(fallback, 0o755)  # readable by others is harmless: reading a cache runs nothing
+    got = run()
+    assert got["cache_enabled"] and got["cache_dir"] == fallback and not got["warnings"], got
+    assert run()["cache_hits"] > 0
+
+
+def test_cache_dir_writable_by_others_is_used_with_a_warning(victim):
+    tmp, fallback, plant, run = victim
+    chosen = os.path.join(tmp, "shared-cache")
+    os.mkdir(chosen)
+    os.chmod(chosen, 0o777)
+    got = run(NUMBA_CACHE_DIR=chosen)
+    assert got["cache_enabled"] and got["cache_dir"] == chosen, got
+    assert any("NUMBA_CACHE_DIR" in w and chosen in w and "writable by group or others" in w
+               and "because you chose it" in w for w in got["warnings"]), got["warnings"]
+
+
+def test_private_cache_dir_gives_no_warning(victim):
+    """Control for the test above; a link to a private folder is fine when the user chose it."""
+    tmp, fallback, plant, run = victim
+    chosen = os.path.join(tmp, "mine")
+    os.mkdir(chosen, 0o700)
+    os.symlink(chosen, os.path.join(tmp, "link-to-mine"))
+    got = run(NUMBA_CACHE_DIR=os.path.join(tmp, "link-to-mine"))
+    assert got["cache_enabled"] and not got["warnings"], got
+
+
+# ---- the folder check itself, in this process (each rule on its own) ---------------------------
+
+def _problem(path):
+    from engine.jit_cache import _private_folder_problem
+
+    return _private_folder_problem(str(path))
+
+
+def test_private_folder_check_rules(tmp_path):
+    own = tmp_path / "own"
+    own.mkdir(mode=0o700)
+    assert _problem(own) is None
+    for mode, bits in ((0o720, "0720"), (0o702, "0702"), (0o1777, "1777")):
+        os.chmod(own, mode)
+        assert "writable by group or others" in _problem(own) and bits in _problem(own), mode
+    os.chmod(own, 0o755)
+    assert _problem(own) is None
+    link = tmp_path / "link"
+    link.symlink_to(own)
+    assert _problem(link) == "is a symbolic link"
+    (tmp_path / "file").write_text("")
+    assert _problem(tmp_path / "file") == "is not a folder"
+    assert "cannot be inspected" in _problem(tmp_path / "missing")
+    if os.geteuid() == 0:  # only root can give a folder away
+        os.chmod(own, 0o700)
+        os.chown(own, OTHER_UID, OTHER_UID)
+        assert f"owned by uid {OTHER_UID}" in _problem(own)
+
+
+def test_parent_folder_check_rules(tmp_path):
+    from engine.jit_cache import _parent_problem
+
+    parent = tmp_path / "parent"
+    parent.mkdir(mode=0o755)
+    child = str(parent / "attention-engine-numba-0")
+    assert _parent_problem(child) is None
+    os.chmod(parent, 0o1777)  # sticky, as /tmp: others may create but not rename what is not theirs
+    assert _parent_problem(child) is None
+    os.chmod(parent, 0o777)
+    assert "without the sticky bit" in _parent_problem(child) and "0777" in _parent_problem(child)
+    os.chmod(parent, 0o775)
+    assert "without the sticky bit" in _parent_problem(child)
+    if os.geteuid() == 0:  # only root can give a folder away; its owner may rename anything in it
+        os.chmod(parent, 0o755)
+        os.chown(parent, OTHER_UID, OTHER_UID)
+        assert f"owned by uid {OTHER_UID}" in _parent_problem(child)

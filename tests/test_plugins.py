@@ -128,3 +128,70 @@ def test_entry_point_discovery_for_real(tmp_path):
                               "plugin": "halved", "distribution": "ae-halved"}]
     assert any("skipping plugin 'broken' from distribution 'ae-broken'" in w and "boom at import" in w
                for w in got["warnings"]), got["warnings"]
+
+
+# ---- limiting which installed plugins load (ATTENTION_ENGINE_BLOCK_PLUGINS, ..._DISABLE_PLUGIN_AUTOLOAD)
+
+LIMIT_PROBE = """
+import importlib, json, sys, warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import engine
+    from engine.plugins import BUILTIN_PLUGINS
+    imported = sorted(m for m in ("ae_kept", "ae_unwanted") if m in sys.modules)  # before any use
+    plugins = sorted(n for n, _ in engine.get_plugin_manager().list_name_plugin())
+    names = engine.list_variants()
+    imported_after_discovery = sorted(m for m in ("ae_kept", "ae_unwanted") if m in sys.modules)
+    try:  # a plugin the user imports and registers by hand, under its entry-point name
+        engine.register_plugin(importlib.import_module("ae_unwanted"), name="unwanted")
+        by_hand = None
+    except Exception as exc:
+        by_hand = f"{type(exc).__name__}: {exc}"
+print(json.dumps({"imported": imported, "imported_after_discovery": imported_after_discovery,
+                  "plugins": plugins, "names": names, "by_hand": by_hand,
+                  "builtins_registered": all(p in plugins for p in BUILTIN_PLUGINS),
+                  "warnings": [str(w.message) for w in caught]}))
+"""
+
+
+@pytest.fixture(scope="module")
+def limit_site(tmp_path_factory):
+    root = tmp_path_factory.mktemp("limit-site")
+    make_distribution(root, "ae-kept", "ae_kept", HALVED_PLUGIN.replace('"halved"', '"kept"'),
+                      ["kept = ae_kept"])
+    make_distribution(root, "ae-unwanted", "ae_unwanted", HALVED_PLUGIN.replace('"halved"', '"unwanted"'),
+                      ["unwanted = ae_unwanted"])
+
+    def run(**env_extra):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ATTENTION_ENGINE_")}
+        env.update(PYTHONPATH=os.pathsep.join([str(root)] + sys.path), **env_extra)
+        res = subprocess.run([sys.executable, "-c", LIMIT_PROBE], capture_output=True, text=True,
+                             env=env, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+    return run
+
+
+def test_every_installed_plugin_loads_by_default(limit_site):
+    """Control for the two tests below."""
+    got = limit_site()
+    assert got["imported"] == [], "entry points were imported at `import engine`"
+    assert got["imported_after_discovery"] == ["ae_kept", "ae_unwanted"], got
+    assert {"kept", "unwanted"} <= set(got["names"]) and got["builtins_registered"], got
+
+
+def test_blocked_plugin_is_never_imported(limit_site):
+    got = limit_site(ATTENTION_ENGINE_BLOCK_PLUGINS=" unwanted, ,not-installed ")
+    assert got["imported_after_discovery"] == ["ae_kept"], "the blocked plugin's module was imported"
+    assert "kept" in got["names"] and "unwanted" not in got["names"] and got["builtins_registered"], got
+    assert got["by_hand"] is not None and got["by_hand"].startswith("PluginError: ")
+    assert "'unwanted' is blocked" in got["by_hand"] and "ATTENTION_ENGINE_BLOCK_PLUGINS" in got["by_hand"]
+    assert not [w for w in got["warnings"] if "attention-engine" in w], got["warnings"]
+
+
+def test_autoload_disabled_loads_no_entry_point(limit_site):
+    got = limit_site(ATTENTION_ENGINE_DISABLE_PLUGIN_AUTOLOAD="1")
+    assert got["imported_after_discovery"] == [], "an entry point was imported"
+    assert not {"kept", "unwanted"} & set(got["names"]) and got["builtins_registered"], got
+    assert got["by_hand"] is None, got  # registering a plugin yourself is the way to opt in

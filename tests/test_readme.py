@@ -1,21 +1,32 @@
-"""The README's Python examples run as written (in order, in one namespace, in a child process so
-the plugins they register do not leak into other tests)."""
+"""The Python examples of the README and of every documentation page run as written: each file's
+blocks in order, in one namespace, in a child process of its own (so the plugins they register do
+not leak into other tests). The site itself is built by ``mkdocs build --strict`` in ``.ci/run``."""
+import glob
 import os
 import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import HANG_TIMEOUT_S
 
-README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md")
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+PAGES = ["README.md"] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
+WITH_CODE = [p for p in PAGES if "```python\n" in open(os.path.join(ROOT, p)).read()]
 
 
-def test_readme_python_blocks_run(tmp_path):
-    blocks = re.findall(r"```python\n(.*?)```", open(README).read(), re.S)
-    assert len(blocks) >= 5
-    script = tmp_path / "readme_examples.py"
-    script.write_text("\n".join(blocks) + "\nprint('README OK')\n")
+def test_readme_has_the_five_examples():
+    blocks = re.findall(r"```python\n(.*?)```", open(os.path.join(ROOT, "README.md")).read(), re.S)
+    assert len(blocks) >= 4 and len(open(os.path.join(ROOT, "README.md")).read().splitlines()) <= 250
+
+
+@pytest.mark.parametrize("page", WITH_CODE)
+def test_python_blocks_run(page, tmp_path):
+    blocks = re.findall(r"```python\n(.*?)```", open(os.path.join(ROOT, page)).read(), re.S)
+    script = tmp_path / "examples.py"
+    script.write_text("\n".join(blocks) + "\nprint('EXAMPLES OK')\n")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MPLBACKEND="Agg")
     res = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
                          env=env, timeout=HANG_TIMEOUT_S)
-    assert res.returncode == 0 and "README OK" in res.stdout, res.stderr[-3000:]
+    assert res.returncode == 0 and "EXAMPLES OK" in res.stdout, f"{page}: {res.stderr[-3000:]}"
