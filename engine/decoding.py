@@ -50,9 +50,10 @@ def attention_with_kvcache(query, k_cache, v_cache, key=None, value=None, *, cac
     :param return_lse: also return the natural-log log-sum-exp of the scaled, masked scores (B, Hq, L).
     :param backend: ``"auto"`` or a backend name whose capabilities include decoding.
     :return: ``out`` ``(B, Hq, L, Dv)`` in the query's dtype, or ``(out, lse)``.
-    :raises TypeError, ValueError: any bad argument, named, with the shapes and values involved: a
-        write that would overflow a cache, a negative seqlen, a page index out of range, two
-        sequences writing one slot, a read-only cache. Raised before anything is written.
+    :raises ValueError: a bad shape or value, named with the values involved: a write that would
+        overflow a cache, a negative seqlen, a page index out of range, two sequences writing one
+        slot, a read-only cache. Raised before anything is written.
+    :raises TypeError: a wrong kind of argument (a non-float array, a non-integer seqlen array).
     :raises engine.NotSupportedError: the backend cannot run the call (a ValueError).
     """
     problem = validate_decode_args(query, k_cache, v_cache, key, value, cache_seqlens=cache_seqlens,
