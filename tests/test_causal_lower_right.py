@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 import engine
-from conftest import available_backends, randn
 from engine.causal import CausalBias, causal_upper_left
+
+from conftest import available_backends, randn
 from tolerances import assert_out_close, lse_atol, out_atol
 
 f = engine.scaled_dot_product_attention

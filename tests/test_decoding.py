@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 import engine
-from conftest import available_backends, randn
 from engine.backends.cpu_decoding import pick_num_splits
+
+from conftest import available_backends, randn
 from tolerances import assert_out_close, lse_atol, out_atol
 
 kvcache = engine.attention_with_kvcache

@@ -7,8 +7,14 @@ import threading
 
 import numpy as np
 
-from ..config import (BLAS_SINGLE_THREAD_MNK, CPU_BIG_BLOCK_Q, CPU_BLOCK_K, CPU_BLOCK_Q, CPU_SERIAL_MAX_WORK,
-                      CPU_TASK_ROWS)
+from ..config import (
+    BLAS_SINGLE_THREAD_MNK,
+    CPU_BIG_BLOCK_Q,
+    CPU_BLOCK_K,
+    CPU_BLOCK_Q,
+    CPU_SERIAL_MAX_WORK,
+    CPU_TASK_ROWS,
+)
 from ..kernels.kinds import MASK_BOOL, MASK_FLOAT, MASK_NONE, TILE_FULL
 from ..masks import kernel_mask
 from ..threads import kernel_call_guard

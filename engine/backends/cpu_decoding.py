@@ -6,8 +6,14 @@ import math
 
 import numpy as np
 
-from ..config import (CPU_SERIAL_MAX_WORK, DECODE_BLOCK_K, DECODE_BLOCK_ROWS,
-                      DECODE_FUSED_ROWS, DECODE_MAX_SPLITS, DECODE_MIN_SPLIT_KEYS)
+from ..config import (
+    CPU_SERIAL_MAX_WORK,
+    DECODE_BLOCK_K,
+    DECODE_BLOCK_ROWS,
+    DECODE_FUSED_ROWS,
+    DECODE_MAX_SPLITS,
+    DECODE_MIN_SPLIT_KEYS,
+)
 from ..decode_validation import DecodeProblem
 from ..kernels.half_floats import BFLOAT16_BITS, FLOAT16_BITS
 from ..kvcache import write_new_entries

@@ -269,11 +269,11 @@ def _decode_task(task, q, k_pages, v_pages, page_table, seqlens_k, causal, left,
     acc = scratch[o:o + nr * Ev].reshape((nr, Ev))
     o += nr * Ev
     m = scratch[o:o + nr]
-    l = scratch[o + nr:o + 2 * nr]
+    lsum = scratch[o + nr:o + 2 * nr]  # running sum per row
     alpha = scratch[o + 2 * nr:o + 3 * nr]
     acc[:] = zero
     m[:] = neg_inf
-    l[:] = zero
+    lsum[:] = zero
     for r in range(nr):
         i = (r0 + r) % L
         for e in range(E):
@@ -318,7 +318,7 @@ def _decode_task(task, q, k_pages, v_pages, page_table, seqlens_k, causal, left,
                 p = fast_exp(row[c] - sh)
                 row[c] = p
                 total += p
-            l[r] = l[r] * alpha[r] + total
+            lsum[r] = lsum[r] * alpha[r] + total
         if fused:  # keys of weight 0 are skipped: a NaN/inf value reaches only rows that weigh it
             _values_fused(v_pages, page_table, b, hk, j0, nk, st, pv, half_kind)
         else:
@@ -335,7 +335,7 @@ def _decode_task(task, q, k_pages, v_pages, page_table, seqlens_k, causal, left,
                 acc[r, c] = acc[r, c] * a + pv[r, c]
         j0 += nk
     for r in range(nr):
-        total = l[r]
+        total = lsum[r]
         n = row0 + r
         if total > 0.0 or total != total:
             inv = 1.0 / total
