@@ -3,6 +3,8 @@
 Importing this package is cheap: no kernel is compiled and no plugin is loaded until first use.
 """
 from .backward import scaled_dot_product_attention_backward
+from .causal import causal_lower_right
+from .decoding import attention_with_kvcache
 from .dispatch import get_backend, list_backends
 from .errors import NotSupportedError
 from .functional import scaled_dot_product_attention
@@ -26,5 +28,5 @@ def __getattr__(name):
 
 __all__ = ["scaled_dot_product_attention", "scaled_dot_product_attention_backward", "list_variants", "get_variant", "list_backends",
            "get_backend", "plot_attention", "register_plugin", "unregister_plugin", "get_plugin_manager", "hookimpl",
-           "Variant", "PluginError", "NotSupportedError", "create_block_mask", "BlockMask", "set_num_threads", "get_num_threads", "__version__",
-           "merge_attention"]
+           "Variant", "PluginError", "NotSupportedError", "create_block_mask", "BlockMask", "set_num_threads", "get_num_threads",
+           "__version__", "merge_attention", "causal_lower_right", "attention_with_kvcache"]

@@ -1,4 +1,5 @@
-"""The ``attention-engine`` command: ``list``, ``bench``, ``demo``, ``distributed`` and ``train``.
+"""The ``attention-engine`` command: ``list``, ``bench``, ``demo``, ``distributed``, ``train`` and
+``generate``.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
 this module only wires them, importing each lazily so ``list`` stays fast.
@@ -17,6 +18,8 @@ SUBCOMMANDS = {
                     "processes unless --scheduler): time, tasks, bytes moved, vs the cpu backend"),
     "train": ("engine.models.train_demo", "train a character-level LM with torch's and the engine's attention "
               "and compare the loss curves (needs torch)"),
+    "generate": ("engine.models.generate", "greedy GPT-2 generation through attention_with_kvcache vs transformers: "
+                 "tokens/s"),
 }
 
 

@@ -12,6 +12,9 @@ CPU_BIG_BLOCK_Q = 128
 CPU_BLOCK_K = 256
 #: ``cpu`` backend: query rows per parallel task, split into tiles that share each key/value tile
 CPU_TASK_ROWS = 256
+#: ``cpu`` backend: calls with at most this many multiply-adds (batch x heads x L x S x (E + Ev))
+#: run the kernels' serial build: waking the thread pool costs more than splitting the work gains
+CPU_SERIAL_MAX_WORK = 1 << 17
 #: OpenBLAS runs a GEMM on one thread when m*n*k <= 65536 * GEMM_MULTITHREAD_THRESHOLD (4 by
 #: default); above that it starts its own threads inside our parallel tasks and oversubscribes
 #: the cores (3x slower at L = 4096). Without the BLAS pin, both products of a tile stay below it.
@@ -41,3 +44,18 @@ CUDA_MAX_HEAD_SUM = 1024
 #: chunk, key chunk) task is then about 1 GFLOP, so Dask's per-task cost (about a millisecond)
 #: stays small
 DASK_CHUNK_ROWS = 2048
+#: ``cpu`` decoding (``attention_with_kvcache``): keys per tile (a tile never crosses a page;
+#: small pages are gathered into one tile)
+DECODE_BLOCK_K = 256
+#: ``cpu`` decoding: query rows (query heads of a key/value head x new tokens) per task
+DECODE_BLOCK_ROWS = 128
+#: ``cpu`` decoding: tasks with at most this many rows compute their dot products in the kernel,
+#: reading each cache row once in place (16-bit rows widened on the fly); larger ones use GEMM on
+#: tiles. OpenBLAS's GEMM with 4 rows took 9x the time of 1 row; its GEMV per row is no faster
+#: than the kernel's own loops, which also skip the copy of 16-bit and paged tiles
+DECODE_FUSED_ROWS = 8
+#: ``cpu`` decoding: split-KV never gives a split fewer keys than this (the merge would cost more
+#: than the parallelism gains)
+DECODE_MIN_SPLIT_KEYS = 512
+#: ``cpu`` decoding: the most splits ``num_splits=None`` picks
+DECODE_MAX_SPLITS = 64

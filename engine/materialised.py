@@ -40,7 +40,8 @@ def scores(problem: AttentionProblem, cols=None, score_grad=None) -> np.ndarray:
         s = apply_mods_dense(s.reshape(flat), problem.score_mod, None, problem.mod_args,
                              kv_idx).reshape(s.shape)
     if problem.is_causal:
-        s = np.where(kv_idx[None, :] <= np.arange(problem.L)[:, None], s, -np.inf)
+        rows = np.arange(problem.L)[:, None] + problem.causal_offset
+        s = np.where(kv_idx[None, :] <= rows, s, -np.inf)
     if problem.mask_kind is not None:
         m = problem.attn_mask
         if cols is not None:

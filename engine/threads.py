@@ -68,20 +68,63 @@ def configure_threading_layer() -> str:
     return layer
 
 
-@contextlib.contextmanager
-def kernel_call_guard():
+class _KernelCallGuard:
+    """The context manager :func:`kernel_call_guard` returns (a class, not a generator: entering
+    and leaving cost well under a microsecond, which matters for small calls)."""
+
+    __slots__ = ()
+
+    def __enter__(self):
+        if not _configured:
+            configure_threading_layer()
+        if _use_lock:
+            _serialise.acquire()
+        n = getattr(_local, "limit", None) or _num_threads or _numba_total_threads()
+        # setting costs microseconds; reading the calling thread's count through Numba's own C
+        # function does not (Numba's count is per Python thread, so it is checked each time)
+        if _current_threads() != n:
+            import numba
+
+            numba.set_num_threads(n)
+        return self
+
+    def __exit__(self, *exc):
+        if _use_lock:
+            _serialise.release()
+        return False
+
+
+_GUARD = _KernelCallGuard()
+
+
+def kernel_call_guard() -> _KernelCallGuard:
     """Around every parallel kernel call: applies the thread count, serialises where unsafe.
 
-    Numba's thread count is per Python thread, so it is set on the calling thread each time.
+    Numba's thread count is per Python thread, so it is checked (and set if different) on the
+    calling thread each time.
     """
+    return _GUARD
+
+
+def _numba_total_threads() -> int:
     import numba
 
-    configure_threading_layer()
-    n = get_num_threads()
-    lock = _serialise if _use_lock else contextlib.nullcontext()
-    with lock:
-        numba.set_num_threads(n)
-        yield
+    return numba.config.NUMBA_NUM_THREADS
+
+
+def _current_threads() -> int:
+    """The calling thread's Numba thread count. The first call launches Numba's threads through
+    the public reader, after which its C function (no checks) exists and replaces this one."""
+    global _current_threads
+    import numba
+
+    n = numba.get_num_threads()
+    try:
+        from numba.np.ufunc.parallel import _get_num_threads
+    except ImportError:  # another Numba: keep the public reader
+        _get_num_threads = numba.get_num_threads
+    _current_threads = _get_num_threads
+    return n
 
 
 def _check_count(n) -> None:

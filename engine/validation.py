@@ -63,6 +63,8 @@ def array_dtype(x: Any) -> np.dtype:
 def _as_array(x: Any, name: str) -> Any:
     """Host inputs become ``np.ndarray`` (torch CPU tensors included, bfloat16 ones as ml_dtypes'
     bfloat16); device arrays stay as they are."""
+    if type(x) is np.ndarray:  # the common case, first: no device or torch checks to pay for
+        return native(x)
     if x is None:
         raise TypeError(f"{name} must be an array, got None")
     if is_device_array(x):
@@ -156,6 +158,9 @@ class AttentionProblem:
     lse: Any = None
     return_mask_grad: bool = False
     score_grad: Any = None
+    #: with ``is_causal``: query i sees keys j <= i + causal_offset (0: top left, as torch's
+    #: ``is_causal``; S - L: bottom right, from ``engine.causal_lower_right``)
+    causal_offset: int = 0
 
     @property
     def has_mods(self) -> bool:
@@ -205,7 +210,7 @@ def validate_attention_args(query, key, value, attn_mask=None, is_causal=False, 
     q = _as_array(query, "query")
     k = _as_array(key, "key")
     v = _as_array(value, "value")
-    on_device = [is_device_array(a) for a in (q, k, v)]
+    on_device = [type(a) is not np.ndarray and is_device_array(a) for a in (q, k, v)]
     if any(on_device) and not all(on_device):
         raise TypeError("query, key and value must all be host arrays or all be device arrays; "
                         f"device arrays: query={on_device[0]}, key={on_device[1]}, value={on_device[2]}")
@@ -239,6 +244,7 @@ def validate_attention_args(query, key, value, attn_mask=None, is_causal=False, 
             raise ValueError(f"scale must be finite, got {scale_f}")
 
     mask, mask_kind = None, None
+    attn_mask, is_causal, causal_offset = _causal_bias(attn_mask, is_causal, L, S)
     if attn_mask is not None:
         if is_causal:
             raise ValueError("pass either attn_mask or is_causal=True, not both (as torch)")
@@ -269,7 +275,8 @@ def validate_attention_args(query, key, value, attn_mask=None, is_causal=False, 
         batch_shape=tuple(batch_shape), lead_shape=lead_shape, num_q_heads=Hq, num_kv_heads=H, L=L,
         S=S, E=E, Ev=Ev,
         dtype=np.dtype(dtype), is_causal=bool(is_causal), scale=scale_f,
-        return_lse=bool(return_lse), on_device=on_device[0], dropout_p=p, dropout_seed=seed, **mods)
+        return_lse=bool(return_lse), on_device=on_device[0], dropout_p=p, dropout_seed=seed,
+        causal_offset=causal_offset, **mods)
 
 
 def _validate_dropout(dropout_p, dropout_seed, draw_seed: bool):
@@ -335,6 +342,24 @@ def validate_backward_args(grad_out, query, key, value, out, lse, attn_mask=None
                    lse=arrays["lse"], return_mask_grad=bool(return_mask_grad), score_grad=score_grad)
 
 
+def _causal_bias(attn_mask, is_causal, L: int, S: int):
+    """``(attn_mask, is_causal, causal_offset)``: a ``CausalBias`` mask becomes a causal flag with
+    its diagonal offset (no L x S array); any other mask passes through."""
+    if attn_mask is None:
+        return None, is_causal, 0
+    from .causal import as_causal_bias
+
+    bias = as_causal_bias(attn_mask)
+    if bias is None:
+        return attn_mask, is_causal, 0
+    if is_causal:
+        raise ValueError("pass either attn_mask or is_causal=True, not both (as torch)")
+    if bias.shape != (L, S):
+        raise ValueError(f"attn_mask {bias!r} is for (L, S) = {bias.shape}, but the inputs have "
+                         f"(L, S) = ({L}, {S})")
+    return None, True, bias.diagonal_offset
+
+
 def _broadcast_heads(q, k, v, enable_gqa: bool, on_device: bool):
     """Shapes of query, key and value checked, and their leading dims broadcast as torch does.
 
@@ -362,8 +387,8 @@ def _broadcast_heads(q, k, v, enable_gqa: bool, on_device: bool):
     if rank == 2:
         return q, k, v, (), (), 1, 1
     qp, kp, vp = ((1,) * (rank - len(s)) + s for s in (qs, ks, vs))
-    try:
-        batch_shape = np.broadcast_shapes(qp[:-3], kp[:-3], vp[:-3])
+    try:  # (np.broadcast_shapes costs microseconds: only when the batch shapes differ)
+        batch_shape = qp[:-3] if qp[:-3] == kp[:-3] == vp[:-3] else np.broadcast_shapes(qp[:-3], kp[:-3], vp[:-3])
     except ValueError:
         raise ValueError("the batch dimensions of query, key and value must broadcast (as torch.matmul), "
                          f"got shapes query={qs}, key={ks}, value={vs}") from None

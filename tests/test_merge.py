@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import engine
+
 from conftest import randn
 from tolerances import assert_out_close, lse_atol, out_atol
 

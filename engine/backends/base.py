@@ -7,7 +7,7 @@ import numpy as np
 
 from ..validation import AttentionProblem
 
-__all__ = ["Backend", "empty_result", "empty_gradients"]
+__all__ = ["Backend", "empty_result", "empty_gradients", "dtype_name"]
 
 
 class Backend:
@@ -32,6 +32,13 @@ class Backend:
     supports_backward: bool = False
     #: whether ``dropout_p > 0`` is applied (forward, and backward when it has one)
     supports_dropout: bool = False
+    #: whether its kernels take a causal diagonal offset (``engine.causal_lower_right``)
+    supports_causal_offset: bool = False
+    #: whether it runs ``engine.attention_with_kvcache`` (``decode``), for which query dtypes and
+    #: which cache dtypes
+    supports_decode: bool = False
+    decode_dtypes: tuple = ()
+    decode_cache_dtypes: tuple = ()
     #: ``auto`` tries backends from the highest priority down
     priority: int = 0
 
@@ -41,11 +48,13 @@ class Backend:
 
     def not_supported_reasons(self, problem: AttentionProblem) -> list[str]:
         """Every reason this backend cannot run ``problem``; empty when it can."""
+        if getattr(problem, "is_decode", False):
+            return self.decode_not_supported_reasons(problem)
         reasons = []
         why = self.unavailable_reason()
         if why:
             reasons.append(why)
-        if problem.dtype.name not in self.dtypes:
+        if dtype_name(problem.dtype) not in self.dtypes:
             reasons.append(f"dtype {problem.dtype.name} not supported (supports {', '.join(self.dtypes)})")
         if problem.on_device and not self.device_arrays:
             reasons.append("inputs are device arrays; this backend takes host arrays")
@@ -57,6 +66,9 @@ class Backend:
             reasons.append("no backward pass (gradients) in this backend")
         if problem.dropout_p > 0 and not self.supports_dropout:
             reasons.append("dropout_p > 0 is not supported by this backend")
+        if getattr(problem, "causal_offset", 0) and not self.supports_causal_offset:
+            reasons.append("a bottom-right causal mask (causal_lower_right with L != S) is not supported "
+                           "by this backend")
         return reasons
 
     def run(self, problem: AttentionProblem) -> tuple[Any, Any]:
@@ -75,14 +87,57 @@ class Backend:
         """
         raise NotImplementedError
 
+    def decode_not_supported_reasons(self, problem) -> list[str]:
+        """Every reason this backend cannot run a ``DecodeProblem`` (``attention_with_kvcache``)."""
+        reasons = []
+        why = self.unavailable_reason()
+        if why:
+            reasons.append(why)
+        if not self.supports_decode:
+            reasons.append("KV-cache decoding (attention_with_kvcache) is not supported by this backend")
+            return reasons
+        if dtype_name(problem.dtype) not in self.decode_dtypes:
+            reasons.append(f"query dtype {problem.dtype.name} not supported for decoding (supports "
+                           f"{', '.join(self.decode_dtypes)})")
+        if dtype_name(problem.cache_dtype) not in self.decode_cache_dtypes:
+            reasons.append(f"cache dtype {problem.cache_dtype.name} not supported (supports "
+                           f"{', '.join(self.decode_cache_dtypes)})")
+        if problem.on_device and not self.device_arrays:
+            reasons.append("inputs are device arrays; this backend takes host arrays")
+        if problem.has_mods and not self.supports_mods:
+            reasons.append("score_mod/mask_mod are not supported by this backend")
+        return reasons
+
+    def decode(self, problem) -> tuple[Any, Any]:
+        """Write ``problem.key``/``problem.value`` into the caches at ``problem.cache_seqlens``, then
+        attend: ``(out, lse)`` of ``problem.out_shape``/``problem.lse_shape`` in ``problem.dtype``.
+
+        Only called when ``decode_not_supported_reasons`` is empty, after validation checked every
+        index (the write cannot fail half-way).
+        """
+        raise NotImplementedError
+
     def capabilities(self) -> dict:
         """What ``attention-engine list`` prints about this backend."""
         why = self.unavailable_reason()
         return {"name": self.name, "description": self.description, "dtypes": list(self.dtypes),
                 "host_arrays": self.host_arrays, "device_arrays": self.device_arrays,
                 "mods": self.supports_mods, "backward": self.supports_backward,
-                "dropout": self.supports_dropout,
+                "dropout": self.supports_dropout, "causal_lower_right": self.supports_causal_offset,
+                "decode": self.supports_decode,
                 "priority": self.priority, "available": why is None, "unavailable_reason": why}
+
+
+_dtype_names: dict = {}
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """``dtype.name``, memoised: NumPy computes it in Python on every access (microseconds, paid on
+    every call's backend check)."""
+    name = _dtype_names.get(dtype)
+    if name is None:
+        name = _dtype_names[dtype] = dtype.name
+    return name
 
 
 def empty_result(problem: AttentionProblem):

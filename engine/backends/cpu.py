@@ -8,11 +8,10 @@ import threading
 import numpy as np
 
 from ..config import (BLAS_SINGLE_THREAD_MNK, CPU_BIG_BLOCK_Q, CPU_BLOCK_K, CPU_BLOCK_Q, CPU_BWD_BLOCK_Q,
-                      CPU_BWD_MIN_TASKS_PER_THREAD, CPU_TASK_ROWS)
-from ..kernels.philox import dropout_threshold, split_seed
+                      CPU_BWD_MIN_TASKS_PER_THREAD, CPU_SERIAL_MAX_WORK, CPU_TASK_ROWS)
 from ..kernels.kinds import MASK_BOOL, MASK_FLOAT, MASK_NONE, TILE_FULL
+from ..kernels.philox import dropout_threshold, split_seed
 from ..masks import kernel_mask, reduce_to_shape
-from ..materialised import add_nonfinite_values
 from ..threads import get_num_threads, kernel_call_guard
 from ..validation import AttentionProblem
 from .base import Backend
@@ -53,24 +52,27 @@ class _BlasPin:
         except (ImportError, OSError):
             pass
 
-    @contextlib.contextmanager
-    def __call__(self):
-        if not self.available:
-            yield
-            return
-        with self._lock:
-            if self._users == 0:
-                self._saved = self._get()
-                if self._saved != 1:
-                    self._set(1)
-            self._users += 1
-        try:
-            yield
-        finally:
+    def __call__(self) -> "_BlasPin":
+        """The pin as a context manager (a class, not a generator: cheaper to enter and leave)."""
+        return self
+
+    def __enter__(self):
+        if self.available:
+            with self._lock:
+                if self._users == 0:
+                    self._saved = self._get()
+                    if self._saved != 1:
+                        self._set(1)
+                self._users += 1
+        return self
+
+    def __exit__(self, *exc):
+        if self.available:
             with self._lock:
                 self._users -= 1
                 if self._users == 0 and self._saved not in (None, 1):
                     self._set(self._saved)
+        return False
 
 
 _blas_pin: _BlasPin | None = None
@@ -147,13 +149,41 @@ def dropout_args(problem: AttentionProblem) -> tuple:
     return (np.uint64(dropout_threshold(problem.dropout_p)), keep, np.uint64(lo), np.uint64(hi))
 
 
+#: the tile map of a call without mask_mod: every tile full
+_ALL_FULL = np.full((1, 1, 1, 1), TILE_FULL, dtype=np.int8)
+_NO_PIN = contextlib.nullcontext()
+_dummies: dict = {}
+
+
+def _dummy_masks(dtype: np.dtype):
+    """(float mask, bool mask) placeholders for the kernel's unused mask slots, one pair per dtype:
+    read-only and not contiguous, so they have the Numba type of a real broadcast mask (one
+    compiled signature); the kernel never reads them."""
+    pair = _dummies.get(dtype)
+    if pair is None:
+        pair = _dummies[dtype] = (np.broadcast_to(np.zeros((1, 1, 1, 1), dtype=dtype), (1, 1, 1, 2)),
+                                  np.broadcast_to(np.ones((1, 1, 1, 1), dtype=np.bool_), (1, 1, 1, 2)))
+    return pair
+
+
+def _kernels():
+    """The kernel module, imported on first use (``import engine`` compiles nothing)."""
+    global _kernel_module
+    if _kernel_module is None:
+        from ..kernels import cpu_flash_fwd
+
+        _kernel_module = cpu_flash_fwd
+    return _kernel_module
+
+
+_kernel_module = None
+
+
 def _kernel_masks(problem: AttentionProblem):
     """``(fmask, bmask, mask_batch, kind)`` for the kernels. Both mask slots are always filled (a
-    zero-stride dummy for the unused one), so a kernel compiles once per dtype instead of once
-    per mask kind."""
-    Hq, L, S = problem.num_q_heads, problem.L, problem.S
-    fmask = np.broadcast_to(np.zeros((1, 1, 1, 1), dtype=problem.dtype), (1, Hq, L, S))
-    bmask = np.broadcast_to(np.ones((1, 1, 1, 1), dtype=np.bool_), (1, Hq, L, S))
+    dummy the kernel never reads for the unused one), so a kernel compiles once per dtype instead
+    of once per mask kind."""
+    fmask, bmask = _dummy_masks(problem.dtype)
     mask_batch = np.zeros(problem.batch, dtype=np.int64)
     kind = MASK_NONE
     if problem.attn_mask is not None:
@@ -181,43 +211,50 @@ class CpuBackend(Backend):
     supports_mods = True
     supports_backward = True
     supports_dropout = True
+    supports_causal_offset = True
+    supports_decode = True
+    decode_dtypes = ("float16", "float32", "float64", "bfloat16")
+    decode_cache_dtypes = ("float16", "float32", "float64", "bfloat16")
     priority = 10
 
     def not_supported_reasons(self, problem: AttentionProblem) -> list[str]:
         reasons = super().not_supported_reasons(problem)
         if problem.E == 0:
             reasons.append("E = 0 (BLAS cannot take an empty inner dimension)")
+        if problem.needs_backward and problem.causal_offset:
+            reasons.append("no backward pass for a bottom-right causal mask (causal_lower_right with "
+                           "L != S) in this backend")
         return reasons
 
     def run(self, problem: AttentionProblem):
-        from ..kernels.cpu_flash_fwd import flash_kernel
-
-        q, k, v = (_as4(a, problem.batch) for a in (problem.query, problem.key, problem.value))
-        # a NaN/inf value would leak through 0 * NaN into rows that do not attend to it: compute
-        # with it zeroed, then add it back to exactly the rows whose weight is > 0. The sum is a
-        # cheap screen: a non-finite total only costs the slower exact path
-        nonfinite_v = not np.isfinite(np.sum(v))
-        if nonfinite_v:
-            v = np.where(np.isfinite(v), v, 0).astype(problem.dtype)
-        B, Hq, L = problem.batch, problem.num_q_heads, problem.L
+        # a NaN/inf value in V reaches only the rows that weigh it: the kernel checks each tile's
+        # product and recomputes a non-finite one exactly (kernels.nonfinite), so no pass over V here
+        B = problem.batch
+        q, k, v = _as4(problem.query, B), _as4(problem.key, B), _as4(problem.value, B)
+        Hq, L, S = problem.num_q_heads, problem.L, problem.S
         fmask, bmask, mask_batch, kind = _kernel_masks(problem)
         pin = _get_blas_pin()
         block_q, block_k = tile_sizes(L, problem.E, problem.Ev, blas_pinned=pin.available)
         sub_tiles = max(1, CPU_TASK_ROWS // block_q)
-        tile_kinds = np.full((1, 1, 1, 1), TILE_FULL, dtype=np.int8)
+        tile_kinds = _ALL_FULL
         if problem.mask_mod is not None:
             tile_kinds = self._tile_kinds(problem, block_q, block_k)
         out = np.empty((B, Hq, L, problem.Ev), dtype=problem.dtype)
         lse = np.empty((B, Hq, L), dtype=problem.dtype)
-        kernel = flash_kernel(problem.score_mod, problem.mask_mod)
-        with kernel_call_guard(), pin():
-            kernel(q, k, v, fmask, bmask, mask_batch, kind, problem.is_causal, problem.scale, problem.group,
-                   block_q, block_k, sub_tiles, problem.mod_args, problem.score_mod is not None, tile_kinds,
-                   dropout_args(problem), out, lse)
-        out, lse = out.reshape(problem.out_shape), lse.reshape(problem.lse_shape)
-        if nonfinite_v:
-            out = add_nonfinite_values(problem, out, lse)
-        return out, lse
+        serial = B * Hq * L * S * (problem.E + problem.Ev) <= CPU_SERIAL_MAX_WORK
+        kernel = _kernels().flash_kernel(problem.score_mod, problem.mask_mod, serial)
+        # tiles this small never make OpenBLAS start threads: no pin (it costs microseconds)
+        small = min(block_q, L) * min(block_k, S) * max(problem.E, problem.Ev) <= BLAS_SINGLE_THREAD_MNK
+        with kernel_call_guard(), (_NO_PIN if small else pin()):
+            kernel(q, k, v, fmask, bmask, mask_batch, kind, problem.is_causal, problem.causal_offset,
+                   problem.scale, problem.group, block_q, block_k, sub_tiles, problem.mod_args,
+                   problem.score_mod is not None, tile_kinds, dropout_args(problem), out, lse)
+        return out.reshape(problem.out_shape), lse.reshape(problem.lse_shape)
+
+    def decode(self, problem):
+        from .cpu_decoding import run_decode
+
+        return run_decode(problem, _get_blas_pin())
 
     def run_backward(self, problem: AttentionProblem):
         from ..kernels.cpu_flash_bwd import _backward_epilogue, _backward_prologue, backward_kernel

@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..materialised import add_nonfinite_values, dropout_multipliers, gradients, scores, softmax
+from ..mods import python_function
+from ..validation import AttentionProblem
 from .base import Backend
 
 __all__ = ["ReferenceBackend"]
@@ -17,6 +19,10 @@ class ReferenceBackend(Backend):
     supports_mods = True
     supports_backward = True
     supports_dropout = True
+    supports_causal_offset = True
+    supports_decode = True
+    decode_dtypes = dtypes
+    decode_cache_dtypes = ("float16", "float32", "float64", "bfloat16")
     priority = 0
 
     def run(self, problem):
@@ -36,3 +42,50 @@ class ReferenceBackend(Backend):
     def run_backward(self, problem):
         dq, dk, dv, dmask = gradients(problem)
         return dq.astype(problem.dtype), dk.astype(problem.dtype), dv.astype(problem.dtype), dmask
+
+    def decode(self, problem):
+        """Write the new entries, then each sequence is one materialised attention over the keys it
+        sees (gathered through its pages), with its causal/window rows as a boolean mask and the mods
+        shifted to absolute positions: the decoding oracle is the forward oracle."""
+        from ..kvcache import gather_sequence, write_new_entries
+
+        write_new_entries(problem)
+        out = np.zeros(problem.out_shape, dtype=problem.dtype)
+        lse = np.full(problem.lse_shape, -np.inf, dtype=problem.dtype)
+        for b in range(problem.batch):
+            S = int(problem.seqlens_k[b])
+            if S == 0:
+                continue
+            k, v = gather_sequence(problem, b)
+            first = S - problem.L  # position of query row 0
+            pos = first + np.arange(problem.L)[:, None]
+            j = np.arange(S)[None, :]
+            visible = np.ones((problem.L, S), dtype=bool)
+            left, right = problem.window
+            if problem.is_causal:
+                visible &= j <= pos
+            if left >= 0:
+                visible &= j >= pos - left
+            if right >= 0:
+                visible &= j <= pos + right
+            sub = AttentionProblem(
+                query=problem.query[b], key=k, value=v, attn_mask=visible, mask_kind="bool", batch_shape=(),
+                lead_shape=(problem.num_q_heads,),
+                num_q_heads=problem.num_q_heads, num_kv_heads=problem.num_kv_heads, L=problem.L, S=S,
+                E=problem.E, Ev=problem.Ev, dtype=problem.dtype, is_causal=False, scale=problem.scale,
+                return_lse=True, on_device=False, mod_args=problem.mod_args,
+                score_mod=_at_positions(problem.score_mod, b, first, True),
+                mask_mod=_at_positions(problem.mask_mod, b, first, False))
+            out[b], lse[b] = self.run(sub)
+        return out, lse
+
+
+def _at_positions(mod, b: int, first: int, is_score: bool):
+    """A mod of one sequence's sub-problem (batch index 0, rows from 0) calling the caller's mod with
+    the sequence's batch index and absolute query positions."""
+    if mod is None:
+        return None
+    fn = python_function(mod)
+    if is_score:
+        return lambda score, _b, h, i, j, *args: fn(score, b, h, i + first, j, *args)
+    return lambda _b, h, i, j, *args: fn(b, h, i + first, j, *args)

@@ -23,6 +23,7 @@ from ..jit_cache import cache_enabled
 from .fastexp import fast_exp
 from .philox import keep_scale
 from .kinds import MASK_BOOL, MASK_FLOAT, TILE_EMPTY, TILE_FULL, TILE_PARTIAL
+from .nonfinite import redo_if_nonfinite
 from .specialise import cache_tag, named
 
 _CACHE = cache_enabled()
@@ -53,8 +54,8 @@ _MASK_MOD = no_mask_mod
 
 
 @njit(cache=_CACHE, fastmath=_FM, error_model="numpy")
-def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scale, group, block_q,
-                block_k, sub_tiles, mod_args, has_score_mod, tile_kinds, per_tile, dropout, out, lse):
+def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, causal_offset, scale, group,
+                block_q, block_k, sub_tiles, mod_args, has_score_mod, tile_kinds, per_tile, dropout, out, lse):
     """One parallel task: ``sub_tiles`` query tiles of one (batch, head)."""
     B, Hq, L, E = q.shape
     S = k.shape[2]
@@ -95,7 +96,7 @@ def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scal
         nqs = min(block_q, nt - sub * block_q)  # rows of this sub-tile
         for e in range(E):
             qt[sub, e * nqs + rr] = q[b, h, t0 + r, e] * scale
-    kend = min(S, t1) if causal else S
+    kend = max(0, min(S, t1 + causal_offset)) if causal else S
     for j0 in range(0, kend, block_k):
         j1 = min(j0 + block_k, kend)
         nk = j1 - j0
@@ -104,7 +105,7 @@ def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scal
         for sub in range(sub_tiles):
             i0 = t0 + sub * block_q
             i1 = min(i0 + block_q, t1)
-            if i0 >= i1 or (causal and j0 > i1 - 1):  # no rows, or all above the diagonal
+            if i0 >= i1 or (causal and j0 > i1 - 1 + causal_offset):  # no rows, or all above the diagonal
                 continue
             tile = TILE_FULL
             if per_tile:
@@ -140,9 +141,9 @@ def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scal
                         x = st[c, r] if bmask[mb, h, i0 + r, j0 + c] else neg_inf
                         st[c, r] = x
                         tm[r] = x if x > tm[r] else tm[r]
-            elif causal and j1 - 1 > i0:  # tile crosses the diagonal
+            elif causal and j1 - 1 > i0 + causal_offset:  # tile crosses the diagonal
                 for c in range(nk):
-                    first = j0 + c - i0  # rows r < first cannot see key j0 + c
+                    first = j0 + c - i0 - causal_offset  # rows r < first cannot see key j0 + c
                     for r in range(nq):
                         x = st[c, r] if r >= first else neg_inf
                         st[c, r] = x
@@ -186,9 +187,14 @@ def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scal
                         st[c, r] *= zt[c, r]
             pv = pv_buf[:nq * Ev].reshape((nq, Ev))
             np.dot(st.T, vt, pv)
+            redo_if_nonfinite(st.T, vt, pv)  # a NaN/inf value reaches only rows that weigh it
             if rescale:
                 for r in range(nq):
                     a = alpha[r]
+                    if a == zero:  # the old terms' weights underflowed: drop them (an inf stays out)
+                        for c in range(Ev):
+                            acc[o + r, c] = pv[r, c]
+                        continue
                     for c in range(Ev):
                         acc[o + r, c] = acc[o + r, c] * a + pv[r, c]
             else:
@@ -211,16 +217,17 @@ def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scal
 # error_model="numpy": a float division by zero gives inf/NaN instead of raising, so divisions
 # (ours and those of inlined mods) carry no zero check and their loops vectorise (10x for tanh)
 @njit(parallel=True, cache=_CACHE, fastmath=_FM, error_model="numpy")
-def _flash_forward(q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scale, group, block_q,
-                   block_k, sub_tiles, mod_args, has_score_mod, tile_kinds, dropout, out, lse):
+def _flash_forward(q, k, v, fmask, bmask, mask_batch, mask_kind, causal, causal_offset, scale, group,
+                   block_q, block_k, sub_tiles, mod_args, has_score_mod, tile_kinds, dropout, out, lse):
     """out[b, h] = softmax(scale * q[b, h] @ k[b, h // group].T + mask) @ v[b, h // group].
 
     q (B, Hq, L, E), k (B, H, S, E), v (B, H, S, Ev), out (B, Hq, L, Ev), lse (B, Hq, L): C order.
     ``fmask`` (float, added) and ``bmask`` (bool, True = may attend), each (Bm, Hq, L, S), may be
     zero-stride views; ``mask_batch[b]`` selects their first index. ``mask_kind`` says which one
     applies: MASK_NONE, MASK_BOOL or MASK_FLOAT; the other is a dummy. Both are always passed so
-    that one compiled signature per dtype serves every kind (compile time). ``causal``: top-left, row i sees keys j <= i; key tiles right of the diagonal are
-    skipped and only tiles crossing it are masked. Rows with no visible key get zeros and
+    that one compiled signature per dtype serves every kind (compile time). ``causal``: row i
+    sees keys j <= i + ``causal_offset`` (0: top left; S - L: bottom right); key tiles right of
+    the diagonal are skipped and only tiles crossing it are masked. Rows with no visible key get zeros and
     lse = -inf; NaN scores propagate to their rows (out and lse NaN).
 
     ``score_mod(score, b, h, q_idx, kv_idx, *mod_args)`` rewrites each scaled score (before the
@@ -243,18 +250,23 @@ def _flash_forward(q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scale, 
     rows = block_q * sub_tiles
     for task in prange(q.shape[0] * q.shape[1] * ((q.shape[2] + rows - 1) // rows)):
         # the index is int64 when typed, uint64 when lowered: one type, one compilation of the task
-        _flash_task(np.int64(task), q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scale, group,
-                    block_q, block_k, sub_tiles, mod_args, has_score_mod, tile_kinds, per_tile, dropout,
+        _flash_task(np.int64(task), q, k, v, fmask, bmask, mask_batch, mask_kind, causal, causal_offset, scale,
+                    group, block_q, block_k, sub_tiles, mod_args, has_score_mod, tile_kinds, per_tile, dropout,
                     out, lse)
 
 
 _with_mods: dict = {}
+_mods_tasks: dict = {}
 
 
-def flash_kernel(score_mod, mask_mod):
+def flash_kernel(score_mod, mask_mod, serial=False):
     """The kernel for these mods (``None`` for none): ``_flash_forward`` itself without mods, else
     the same code with ``_SCORE_MOD``/``_MASK_MOD`` bound to the caller's mods, built once per
     process per pair.
+
+    ``serial=True`` gives the same code compiled without ``parallel`` (``prange`` runs as
+    ``range``), for calls too small to pay for waking the thread pool (whose spinning workers also
+    slow the Python code that runs right after a parallel call on a busy machine).
 
     The mods are globals of the compiled code, not arguments: Numba then calls them directly
     (inlined, vectorised), and the kernel without mods loads from Numba's disk cache (a function
@@ -263,18 +275,24 @@ def flash_kernel(score_mod, mask_mod):
     disk-cached under a name tagged by :func:`~engine.kernels.specialise.cache_tag`; kernels with
     other mods are compiled once per process.
     """
-    if score_mod is None and mask_mod is None:
-        return _flash_forward
-    key = (score_mod, mask_mod)
+    key = (score_mod, mask_mod, serial)
     if key not in _with_mods:
-        tag = cache_tag(score_mod, mask_mod)
-        cache = {"cache": True} if tag else {}
-        env = dict(globals(), _SCORE_MOD=score_mod or no_score_mod, _MASK_MOD=mask_mod or no_mask_mod)
-        task = njit(**_task_options, **cache)(
-            named(_flash_task.py_func.__code__, env, "_flash_task_mods", tag))
-        env = dict(globals(), _flash_task=task)
-        _with_mods[key] = njit(**_kernel_options, **cache)(
-            named(_flash_forward.py_func.__code__, env, "_flash_forward_mods", tag))
+        if score_mod is None and mask_mod is None:
+            if not serial:
+                return _flash_forward
+            tag, cache, env = None, {"cache": _CACHE}, globals()
+        else:
+            tag = cache_tag(score_mod, mask_mod)
+            cache = {"cache": True} if tag else {}
+            if (score_mod, mask_mod) not in _mods_tasks:
+                task_env = dict(globals(), _SCORE_MOD=score_mod or no_score_mod,
+                                _MASK_MOD=mask_mod or no_mask_mod)
+                _mods_tasks[score_mod, mask_mod] = njit(**_task_options, **cache)(
+                    named(_flash_task.py_func.__code__, task_env, "_flash_task_mods", tag))
+            env = dict(globals(), _flash_task=_mods_tasks[score_mod, mask_mod])
+        name = "_flash_forward" + ("_mods" if env is not globals() else "") + ("_serial" if serial else "")
+        _with_mods[key] = njit(**(_task_options if serial else _kernel_options), **cache)(
+            named(_flash_forward.py_func.__code__, env, name, tag))
     return _with_mods[key]
 
 

@@ -7,4 +7,7 @@
   whose attention is torch's SDPA or the engine (``engine.torch``), with ALiBi as an option.
 - :mod:`engine.models.train_demo`: trains it twice from the same initialisation and batches, once
   per attention, and compares the loss curves (``attention-engine train``).
+- :mod:`engine.models.gpt2`: GPT-2 in NumPy with every attention through
+  ``engine.attention_with_kvcache``, generating greedily as transformers does;
+  :mod:`engine.models.generate` is ``attention-engine generate``.
 """

@@ -1,0 +1,65 @@
+"""``attention_with_kvcache``: attention of new query tokens against a KV cache (decoding).
+
+Validate (everything, before any write) -> pick a backend -> the backend writes the new keys and
+values into the cache in place and attends.
+"""
+from __future__ import annotations
+
+from .decode_validation import validate_decode_args
+from .dispatch import select_backend
+
+__all__ = ["attention_with_kvcache"]
+
+
+def attention_with_kvcache(query, k_cache, v_cache, key=None, value=None, *, cache_seqlens, page_table=None,
+                           is_causal=True, scale=None, window=None, score_mod=None, mask_mod=None, mod_args=(),
+                           return_lse=False, num_splits=None, backend="auto"):
+    """Attention of new query tokens against a KV cache, after writing the new keys and values into it.
+
+    The semantics of FlashAttention's ``flash_attn_with_kvcache`` in the engine's head-major layout:
+
+    * ``query`` ``(B, Hq, L, D)``: L >= 1 new query tokens per sequence (1 when decoding; more for
+      chunked prefill or speculative tokens). float32 or float64; float16/bfloat16 queries are
+      computed in float32.
+    * ``k_cache``/``v_cache``: ``(B, Hkv, S_max, D)``/``(B, Hkv, S_max, Dv)``, or paged
+      ``(num_pages, Hkv, page_size, D/Dv)`` with ``page_table`` int32 ``(B, max_pages)`` (token t
+      of sequence b lives in page ``page_table[b, t // page_size]``, slot ``t % page_size``), as
+      vLLM and FlashAttention lay them out. C-contiguous; of the compute dtype (float32, float64
+      for float64 queries) or float16/bfloat16 (ml_dtypes): 16-bit entries are widened in
+      registers and computed in float32. Hkv divides Hq (GQA/MQA: query head h reads cache head
+      ``h // (Hq // Hkv)``).
+    * ``key``/``value`` ``(B, Hkv, L_new, D/Dv)``, optional: written **in place** into the caches at
+      positions ``cache_seqlens[b] ... cache_seqlens[b] + L_new - 1`` (converted to the cache dtype,
+      rounded to nearest even) before attending.
+    * ``cache_seqlens``: int or integer array ``(B,)`` (int32): the entries already in each
+      sequence's cache (ragged). Sequence b attends its first ``S_b = cache_seqlens[b] + L_new``
+      keys. The caller advances ``cache_seqlens`` (this function never changes it).
+    * ``is_causal`` (default True): aligned at the **bottom right**: query row i of sequence b is the
+      token at position ``S_b - L + i`` (``cache_seqlens[b] + i`` when ``L_new = L``) and sees keys
+      ``j <= S_b - L + i``. ``window=(left, right)``: it also sees only keys with
+      ``S_b - L + i - left <= j <= S_b - L + i + right`` (-1 or None: unbounded on that side), as
+      FlashAttention's ``window_size``. Rows with no visible key give zeros and ``lse = -inf``.
+    * ``score_mod(score, b, h, q_idx, kv_idx, *mod_args)``/``mask_mod(b, h, q_idx, kv_idx,
+      *mod_args)`` as in ``scaled_dot_product_attention``, with ``q_idx = S_b - L + i`` and
+      ``kv_idx`` the key's position in its sequence (absolute positions), ``h`` the query head.
+    * ``num_splits``: None picks how many chunks each sequence's keys are split into (split-KV:
+      parallel partial results merged through ``engine.merge_attention``'s log-sum-exp merge) when
+      batch x heads is small against the core count; an int >= 1 forces it.
+
+    :param scale: defaults to ``1/sqrt(D)``.
+    :param return_lse: also return the natural-log log-sum-exp of the scaled, masked scores (B, Hq, L).
+    :param backend: ``"auto"`` or a backend name whose capabilities include decoding.
+    :return: ``out`` ``(B, Hq, L, Dv)`` in the query's dtype, or ``(out, lse)``.
+    :raises ValueError: a bad shape or value, named with the values involved: a write that would
+        overflow a cache, a negative seqlen, a page index out of range, two sequences writing one
+        slot, a read-only cache. Raised before anything is written.
+    :raises TypeError: a wrong kind of argument (a non-float array, a non-integer seqlen array).
+    :raises engine.NotSupportedError: the backend cannot run the call (a ValueError).
+    """
+    problem = validate_decode_args(query, k_cache, v_cache, key, value, cache_seqlens=cache_seqlens,
+                                   page_table=page_table, is_causal=is_causal, scale=scale, window=window,
+                                   score_mod=score_mod, mask_mod=mask_mod, mod_args=mod_args,
+                                   return_lse=return_lse, num_splits=num_splits)
+    chosen = select_backend(backend, problem)
+    out, lse = chosen.decode(problem)
+    return (out, lse) if return_lse else out

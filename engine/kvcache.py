@@ -1,0 +1,40 @@
+"""Host-side cache operations shared by the backends' ``decode``: writing the new entries in place,
+and gathering one sequence's keys and values through its pages (the oracle's view of a cache)."""
+from __future__ import annotations
+
+import numpy as np
+
+from .decode_validation import DecodeProblem
+
+__all__ = ["write_new_entries", "gather_sequence", "cache_slots"]
+
+
+def cache_slots(problem: DecodeProblem, b, positions: np.ndarray):
+    """``(pages, offsets)`` of token ``positions`` of sequence(s) ``b``, as index arrays that
+    broadcast together (NumPy broadcasts them when indexing). A contiguous cache is one page per
+    sequence (page ``b``, ``page_size = S_max``)."""
+    if problem.page_table is None:
+        return b, positions
+    return problem.page_table[b, positions // problem.page_size], positions % problem.page_size
+
+
+def write_new_entries(problem: DecodeProblem) -> None:
+    """``k_cache``/``v_cache`` slots ``cache_seqlens[b] ... + L_new - 1`` of every sequence b get
+    ``key[b]``/``value[b]`` (converted to the cache dtype, rounded to nearest even). Validation has
+    checked every index, so this cannot fail half-way."""
+    if problem.key is None or problem.L_new == 0:
+        return
+    b = np.arange(problem.batch)[:, None]
+    pos = problem.cache_seqlens[:, None] + np.arange(problem.L_new)[None, :]
+    pages, offsets = cache_slots(problem, b, pos)
+    # advanced indices (B, L_new) around a slice: the target is (B, L_new, Hkv, D)
+    problem.k_cache[pages, :, offsets] = np.swapaxes(problem.key, 1, 2)
+    problem.v_cache[pages, :, offsets] = np.swapaxes(problem.value, 1, 2)
+
+
+def gather_sequence(problem: DecodeProblem, b: int):
+    """Keys and values sequence ``b`` attends, ``(Hkv, S_b, D)`` and ``(Hkv, S_b, Dv)``, copied out
+    of its pages in the cache dtype (call after :func:`write_new_entries`)."""
+    pages, offsets = cache_slots(problem, b, np.arange(int(problem.seqlens_k[b])))
+    return (np.swapaxes(problem.k_cache[pages, :, offsets], 0, 1),
+            np.swapaxes(problem.v_cache[pages, :, offsets], 0, 1))
