@@ -21,7 +21,6 @@ from grad_cases import CASES, MOD_CASES, REFERENCE_ONLY, make_case, torch_attent
 
 BACKWARD_BACKENDS = [n for n in engine.list_backends()
                      if engine.get_backend(n).supports_backward and engine.get_backend(n).unavailable_reason() is None]
-torch.set_num_threads(2)
 
 #: the largest error / allowed error per (backend, dtype, case) seen in this process (for the report)
 WORST: dict = {}

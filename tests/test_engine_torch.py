@@ -20,7 +20,6 @@ from variants.softcap import tanh_softcap
 
 BACKWARD_BACKENDS = [n for n in engine.list_backends()
                      if engine.get_backend(n).supports_backward and engine.get_backend(n).unavailable_reason() is None]
-torch.set_num_threads(2)
 
 
 def _leaf(gen, *shape):

@@ -221,7 +221,7 @@ class CpuBackend(Backend):
         reasons = super().not_supported_reasons(problem)
         if problem.E == 0:
             reasons.append("E = 0 (BLAS cannot take an empty inner dimension)")
-        if problem.needs_backward and problem.causal_offset:
+        if getattr(problem, "needs_backward", False) and problem.causal_offset:
             reasons.append("no backward pass for a bottom-right causal mask (causal_lower_right with "
                            "L != S) in this backend")
         return reasons
