@@ -27,3 +27,7 @@ CUDA_BLOCK_Q = 128
 CUDA_TILE_SHARED_BYTES = 32 * 1024
 #: ``cuda`` backend: upper bound on E + Ev (beyond it a key tile of 8 rows no longer fits)
 CUDA_MAX_HEAD_SUM = 1024
+
+#: ``cpu`` backend: the tile-product providers ``auto`` tries, first available first (see
+#: ``engine.gemm_providers`` and docs/performance.md for the figures behind the order)
+GEMM_AUTO_ORDER = ("mkl", "openblas", "numpy")

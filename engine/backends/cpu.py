@@ -8,6 +8,8 @@ import threading
 import numpy as np
 
 from ..config import BLAS_SINGLE_THREAD_MNK, CPU_BIG_BLOCK_Q, CPU_BLOCK_K, CPU_BLOCK_Q, CPU_TASK_ROWS
+from ..gemm_providers import get_gemm_provider
+from ..kernels.gemm import GEMM_NUMPY
 from ..kernels.kinds import MASK_BOOL, MASK_FLOAT, MASK_NONE, TILE_FULL
 from ..masks import kernel_mask
 from ..materialised import add_nonfinite_values
@@ -143,8 +145,10 @@ class CpuBackend(Backend):
                 bmask, kind = mask, MASK_BOOL
             else:
                 fmask, kind = mask, MASK_FLOAT
-        pin = _get_blas_pin()
-        block_q, block_k = tile_sizes(L, problem.E, problem.Ev, blas_pinned=pin.available)
+        gemm = get_gemm_provider(problem.dtype.name)
+        # only np.dot's OpenBLAS starts threads of its own; the other providers are sequential
+        pin = _get_blas_pin() if gemm.kind == GEMM_NUMPY else None
+        block_q, block_k = tile_sizes(L, problem.E, problem.Ev, blas_pinned=pin is None or pin.available)
         sub_tiles = max(1, CPU_TASK_ROWS // block_q)
         tile_kinds = np.full((1, 1, 1, 1), TILE_FULL, dtype=np.int8)
         if problem.mask_mod is not None:
@@ -152,10 +156,10 @@ class CpuBackend(Backend):
         out = np.empty((B, Hq, L, problem.Ev), dtype=problem.dtype)
         lse = np.empty((B, Hq, L), dtype=problem.dtype)
         kernel = flash_kernel(problem.score_mod, problem.mask_mod)
-        with kernel_call_guard(), pin():
+        with kernel_call_guard(), (pin() if pin is not None else contextlib.nullcontext()):
             kernel(q, k, v, fmask, bmask, mask_batch, kind, problem.is_causal, problem.scale, problem.group,
                    block_q, block_k, sub_tiles, problem.mod_args, problem.score_mod is not None, tile_kinds,
-                   out, lse)
+                   gemm.kind, gemm.pointer(problem.dtype.name), out, lse)
         out, lse = out.reshape(problem.out_shape), lse.reshape(problem.lse_shape)
         if nonfinite_v:
             out = add_nonfinite_values(problem, out, lse)

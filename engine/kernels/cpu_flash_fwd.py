@@ -25,6 +25,7 @@ from numba import njit, prange
 
 from ..jit_cache import cache_enabled
 from .fastexp import fast_exp
+from .gemm import tile_gemm
 from .kinds import MASK_BOOL, MASK_FLOAT, TILE_EMPTY, TILE_FULL, TILE_PARTIAL
 
 _CACHE = cache_enabled()
@@ -53,7 +54,7 @@ _MASK_MOD = no_mask_mod
 
 @njit(cache=_CACHE, fastmath=_FM, error_model="numpy")
 def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scale, group, block_q,
-                block_k, sub_tiles, mod_args, has_score_mod, tile_kinds, per_tile, out, lse):
+                block_k, sub_tiles, mod_args, has_score_mod, tile_kinds, per_tile, gemm_kind, gemm_fn, out, lse):
     """One parallel task: ``sub_tiles`` query tiles of one (batch, head)."""
     B, Hq, L, E = q.shape
     S = k.shape[2]
@@ -109,7 +110,7 @@ def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scal
             nq = i1 - i0
             o = i0 - t0
             st = st_buf[:nk * nq].reshape((nk, nq))
-            np.dot(kt, qt[sub, :E * nq].reshape((E, nq)), st)
+            tile_gemm(gemm_kind, gemm_fn, kt, qt[sub, :E * nq].reshape((E, nq)), st)
             if has_score_mod:
                 for c in range(nk):
                     for r in range(nq):
@@ -119,33 +120,29 @@ def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scal
                     for r in range(nq):
                         if not _MASK_MOD(b, h, i0 + r, j0 + c, *mod_args):
                             st[c, r] = neg_inf
-            tm[:nq] = neg_inf
-            # max pass (and masking), one specialised straight loop per kind
+            # masking: one specialised straight loop per kind, writing -inf where hidden
             if mask_kind == MASK_FLOAT:
                 for c in range(nk):
                     for r in range(nq):
                         mv = fmask[mb, h, i0 + r, j0 + c]
-                        x = neg_inf if mv == neg_inf else st[c, r] + mv  # -inf hides even NaN
-                        st[c, r] = x
-                        tm[r] = x if x > tm[r] else tm[r]
+                        st[c, r] = neg_inf if mv == neg_inf else st[c, r] + mv  # -inf hides even NaN
             elif mask_kind == MASK_BOOL:
                 for c in range(nk):
                     for r in range(nq):
-                        x = st[c, r] if bmask[mb, h, i0 + r, j0 + c] else neg_inf
-                        st[c, r] = x
-                        tm[r] = x if x > tm[r] else tm[r]
+                        if not bmask[mb, h, i0 + r, j0 + c]:
+                            st[c, r] = neg_inf
             elif causal and j1 - 1 > i0:  # tile crosses the diagonal
                 for c in range(nk):
-                    first = j0 + c - i0  # rows r < first cannot see key j0 + c
-                    for r in range(nq):
-                        x = st[c, r] if r >= first else neg_inf
-                        st[c, r] = x
-                        tm[r] = x if x > tm[r] else tm[r]
-            else:
-                for c in range(nk):
-                    for r in range(nq):
-                        x = st[c, r]
-                        tm[r] = x if x > tm[r] else tm[r]
+                    first = min(j0 + c - i0, nq)  # rows r < first cannot see key j0 + c
+                    for r in range(first):
+                        st[c, r] = neg_inf
+            # column maxima: NumPy's ufunc loop over whole rows vectorises (5x a per-element
+            # select into tm here, which LLVM keeps scalar); a NaN makes its column's max NaN,
+            # which leaves the running max as it was and the row NaN through exp, as before
+            tmq = tm[:nq]
+            tmq[:] = neg_inf
+            for c in range(nk):
+                np.maximum(tmq, st[c], tmq)
             # new running max; a row with nothing visible yet shifts by 0 so its -inf -> 0
             # (and all-NaN rows stay NaN); alpha rescales what was accumulated before
             rescale = False
@@ -159,15 +156,29 @@ def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scal
                 m[o + r] = mn
                 ts[r] = zero
                 rescale |= a != 1.0
-            for c in range(nk):
+            # exp and row sums, two key rows per sweep (two independent exp chains: 15% here)
+            c = 0
+            while c + 2 <= nk:
+                s0 = st[c]
+                s1 = st[c + 1]
                 for r in range(nq):
-                    p = fast_exp(st[c, r] - shift[r])
-                    st[c, r] = p
-                    ts[r] += p
+                    sh = shift[r]
+                    p0 = fast_exp(s0[r] - sh)
+                    p1 = fast_exp(s1[r] - sh)
+                    s0[r] = p0
+                    s1[r] = p1
+                    ts[r] += p0 + p1
+                c += 2
+            if c < nk:
+                s0 = st[c]
+                for r in range(nq):
+                    p0 = fast_exp(s0[r] - shift[r])
+                    s0[r] = p0
+                    ts[r] += p0
             for r in range(nq):
                 l[o + r] = l[o + r] * alpha[r] + ts[r]
             pv = pv_buf[:nq * Ev].reshape((nq, Ev))
-            np.dot(st.T, vt, pv)
+            tile_gemm(gemm_kind, gemm_fn, st.T, vt, pv)
             if rescale:
                 for r in range(nq):
                     a = alpha[r]
@@ -194,7 +205,7 @@ def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scal
 # (ours and those of inlined mods) carry no zero check and their loops vectorise (10x for tanh)
 @njit(parallel=True, cache=_CACHE, fastmath=_FM, error_model="numpy")
 def _flash_forward(q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scale, group, block_q,
-                   block_k, sub_tiles, mod_args, has_score_mod, tile_kinds, out, lse):
+                   block_k, sub_tiles, mod_args, has_score_mod, tile_kinds, gemm_kind, gemm_fn, out, lse):
     """out[b, h] = softmax(scale * q[b, h] @ k[b, h // group].T + mask) @ v[b, h // group].
 
     q (B, Hq, L, E), k (B, H, S, E), v (B, H, S, Ev), out (B, Hq, L, Ev), lse (B, Hq, L): C order.
@@ -212,6 +223,9 @@ def _flash_forward(q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scale, 
     element in partial ones only. Without a ``mask_mod`` it is a (1, 1, 1, 1) array of TILE_FULL,
     ``has_score_mod`` False and ``mod_args`` ``()``.
 
+    ``gemm_kind``/``gemm_fn``: the provider of both tile products and its C function address for
+    this dtype (see ``engine.kernels.gemm.tile_gemm``); ``GEMM_NUMPY`` and 0 is ``np.dot``.
+
     A task owns ``sub_tiles`` query tiles of ``block_q`` rows and walks the key tiles once for all
     of them, so each key/value tile is read from memory once and reused from cache by every
     sub-tile (at L = 4096 one head's K and V no longer fit in L2).
@@ -220,7 +234,8 @@ def _flash_forward(q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scale, 
     rows = block_q * sub_tiles
     for task in prange(q.shape[0] * q.shape[1] * ((q.shape[2] + rows - 1) // rows)):
         _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scale, group,
-                    block_q, block_k, sub_tiles, mod_args, has_score_mod, tile_kinds, per_tile, out, lse)
+                    block_q, block_k, sub_tiles, mod_args, has_score_mod, tile_kinds, per_tile, gemm_kind,
+                    gemm_fn, out, lse)
 
 
 _with_mods: dict = {}
