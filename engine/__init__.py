@@ -5,6 +5,7 @@ Importing this package is cheap: no kernel is compiled and no plugin is loaded u
 from .dispatch import get_backend, list_backends
 from .errors import NotSupportedError
 from .functional import scaled_dot_product_attention
+from .gemm_providers import get_gemm_provider, set_gemm_provider
 from .hookspecs import hookimpl
 from .merge import merge_attention
 from .mods import BlockMask, create_block_mask
@@ -26,4 +27,4 @@ def __getattr__(name):
 __all__ = ["scaled_dot_product_attention", "list_variants", "get_variant", "list_backends",
            "get_backend", "plot_attention", "register_plugin", "unregister_plugin", "get_plugin_manager", "hookimpl",
            "Variant", "PluginError", "NotSupportedError", "create_block_mask", "BlockMask", "set_num_threads", "get_num_threads", "__version__",
-           "merge_attention"]
+           "merge_attention", "set_gemm_provider", "get_gemm_provider"]

@@ -28,6 +28,18 @@ CUDA_TILE_SHARED_BYTES = 32 * 1024
 #: ``cuda`` backend: upper bound on E + Ev (beyond it a key tile of 8 rows no longer fits)
 CUDA_MAX_HEAD_SUM = 1024
 
-#: ``cpu`` backend: the tile-product providers ``auto`` tries, first available first (see
-#: ``engine.gemm_providers`` and docs/performance.md for the figures behind the order)
-GEMM_AUTO_ORDER = ("mkl", "openblas", "numpy")
+#: ``cpu`` backend: which tile-product providers ``auto`` takes, first installed first, per CPU
+#: vendor (``vendor_id`` of /proc/cpuinfo). AMD Zen 3 (measured, docs/performance.md): SciPy's
+#: OpenBLAS runs its AVX2 kernels at the machine's rate and MKL is no faster (0.7-0.85x in
+#: float64), so ``numpy``. Intel (issue 17's report: torch, with MKL, 1.35x the engine with
+#: OpenBLAS's SkylakeX kernels): MKL first. Other vendors: ``numpy``
+GEMM_AUTO_ORDER = {"GenuineIntel": ("mkl", "openblas", "numpy"), "AuthenticAMD": ("numpy",)}
+GEMM_AUTO_DEFAULT = ("numpy",)
+#: ``calibrate`` (opt-in): time the installed candidates at the kernel's tile shapes once per
+#: process and dtype (thread CPU time, best of GEMM_CALIBRATION_BLOCKS blocks of
+#: GEMM_CALIBRATION_CALLS calls), keep the fastest; ``numpy`` (no extra library) is kept unless
+#: another is faster by more than GEMM_CALIBRATION_MARGIN
+GEMM_CALIBRATION_CANDIDATES = ("numpy", "openblas", "mkl")
+GEMM_CALIBRATION_BLOCKS = 5
+GEMM_CALIBRATION_CALLS = 8
+GEMM_CALIBRATION_MARGIN = 0.03

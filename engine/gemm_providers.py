@@ -15,10 +15,15 @@ loops      plain Numba loops, no library (slowest; there to show what BLAS buys)
 =========  ======================================================================================
 
 The choice: ``engine.set_gemm_provider(name)``, else the environment variable
-``ATTENTION_ENGINE_GEMM`` (a name, or ``auto``), else ``auto``: the first available provider in
-:data:`engine.config.GEMM_AUTO_ORDER` (the per-machine figures behind that order are in
-``docs/performance.md`` and ``bench/tile_gemm.py``). A provider that is forced but cannot load
-raises ``ValueError`` with the reason when it is set (or, from the environment, at the first call).
+``ATTENTION_ENGINE_GEMM``, else ``auto``. ``auto`` is a rule per CPU vendor
+(:data:`engine.config.GEMM_AUTO_ORDER`: the first installed provider of the vendor's list; the
+figures behind it are in ``docs/performance.md`` and ``bench/tile_gemm.py``); ``calibrate`` times
+the installed candidates at the kernel's tile shapes once per process and dtype and keeps the
+fastest (about a second at first use, and timing noise on a busy machine can pick either of two
+providers within a few percent of each other, so it is opt-in). A provider that is forced but
+cannot load raises ``ValueError`` with the reason when it is set (or, from the environment, at
+the first call). Results differ between providers only by float rounding (each is tested
+against the ``reference`` backend).
 """
 from __future__ import annotations
 
@@ -29,10 +34,12 @@ import sys
 import threading
 from dataclasses import dataclass, field
 
-from .config import GEMM_AUTO_ORDER
+from .config import (GEMM_AUTO_DEFAULT, GEMM_AUTO_ORDER, GEMM_CALIBRATION_BLOCKS, GEMM_CALIBRATION_CALLS,
+                     GEMM_CALIBRATION_CANDIDATES, GEMM_CALIBRATION_MARGIN)
 
 __all__ = ["GemmProvider", "PROVIDERS", "ENV_VAR", "set_gemm_provider", "get_gemm_provider",
-           "available_gemm_providers", "gemm_provider_info", "load_provider", "cpu_flags"]
+           "available_gemm_providers", "gemm_provider_info", "load_provider", "cpu_flags",
+           "choose_fastest", "auto_order"]
 
 #: names of every provider, in the order ``attention-engine list`` shows them
 PROVIDERS = ("mkl", "openblas", "numpy", "blis", "loops")
@@ -197,21 +204,29 @@ def _scipy_openblas_version() -> str:
     return "SciPy's BLAS"
 
 
+_MODES = ("auto", "calibrate")
+
+
 def _check_name(name) -> str:
-    if not isinstance(name, str) or (name != "auto" and name not in _LOADERS):
-        raise ValueError(f"GEMM provider must be 'auto' or one of {', '.join(PROVIDERS)}, got {name!r}")
+    if not isinstance(name, str) or (name not in _MODES and name not in _LOADERS):
+        raise ValueError(f"GEMM provider must be 'auto', 'calibrate' or one of {', '.join(PROVIDERS)}, "
+                         f"got {name!r}")
     return name
 
 
 def set_gemm_provider(name: str | None) -> None:
-    """Force the provider of the ``cpu`` kernels' tile products (``None`` or ``"auto"``: choose
-    automatically; the environment variable ``ATTENTION_ENGINE_GEMM`` sets the same at start-up).
+    """Choose the provider of the ``cpu`` kernels' tile products: a name from
+    :data:`PROVIDERS`, ``"calibrate"`` (time the installed ones, keep the fastest), or ``None`` /
+    ``"auto"`` (the rule per CPU vendor). Overrides ``ATTENTION_ENGINE_GEMM``.
 
     :raises ValueError: for an unknown name, or a provider that cannot load here (with the reason).
     """
     global _forced
     if name is None or _check_name(name) == "auto":
         _forced = None
+        return
+    if name == "calibrate":
+        _forced = name
         return
     got = load_provider(name)
     if isinstance(got, str):
@@ -229,23 +244,102 @@ def _requested() -> str:
         raise ValueError(f"{ENV_VAR}={env!r}: {exc}") from None
 
 
+def choose_fastest(seconds: dict[str, float], margin: float = GEMM_CALIBRATION_MARGIN) -> str:
+    """The provider to use from calibration times (seconds per call, lower is better): the
+    fastest, except that ``numpy`` is kept when it is within ``margin`` of it (no extra library
+    in the kernel's path for a gain below the noise). Ties go to the name first in ``seconds``."""
+    best = min(seconds, key=lambda n: seconds[n])
+    if "numpy" in seconds and seconds["numpy"] <= seconds[best] * (1.0 + margin):
+        return "numpy"
+    return best
+
+
+#: dtype name -> (chosen provider name, {provider: seconds}) for ``auto``, once per process
+_calibrated: dict[str, tuple[str, dict]] = {}
+
+
+def _calibrate(dtype_name: str, candidates: list[GemmProvider]) -> tuple[str, dict]:
+    """Time each candidate on the kernel's two tile products (thread CPU time, which time spent
+    descheduled by other processes does not count; best of several blocks)."""
+    import time
+
+    import numpy as np
+
+    from .config import CPU_BIG_BLOCK_Q, CPU_BLOCK_K
+    from .kernels.gemm import gemm_probe
+
+    rng = np.random.default_rng(0)
+    dt = np.dtype(dtype_name)
+    bq, bk, e = CPU_BIG_BLOCK_Q, CPU_BLOCK_K, 64
+    kt, qt = rng.standard_normal((bk, e)).astype(dt), rng.standard_normal((e, bq)).astype(dt)
+    st, vt = np.empty((bk, bq), dt), rng.standard_normal((bk, e)).astype(dt)
+    pv = np.empty((bq, e), dt)
+    seconds = {}
+    for p in candidates:
+        fn = p.pointer(dtype_name)
+        gemm_probe(p.kind, fn, kt, qt, st, 1)  # compiles (or loads) the probe, warms the library
+        gemm_probe(p.kind, fn, st.T, vt, pv, 1)
+        best = float("inf")
+        for _ in range(GEMM_CALIBRATION_BLOCKS):
+            t = time.thread_time()
+            gemm_probe(p.kind, fn, kt, qt, st, GEMM_CALIBRATION_CALLS)
+            gemm_probe(p.kind, fn, st.T, vt, pv, GEMM_CALIBRATION_CALLS)
+            best = min(best, (time.thread_time() - t) / GEMM_CALIBRATION_CALLS)
+        seconds[p.name] = best
+    return choose_fastest(seconds), seconds
+
+
+def _vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def auto_order(vendor: str | None = None) -> tuple:
+    """The providers ``auto`` tries on this CPU vendor, first installed first."""
+    return GEMM_AUTO_ORDER.get(_vendor() if vendor is None else vendor, GEMM_AUTO_DEFAULT)
+
+
 def get_gemm_provider(dtype_name: str = "float32") -> GemmProvider:
     """The provider the next ``cpu`` kernel call uses for operands of ``dtype_name``.
 
-    A forced provider that lacks this dtype (BLIS has no bfloat16 GEMM) gives ``numpy``.
+    Forced: that one, or ``numpy`` where it lacks this dtype. ``auto``: the first installed
+    provider of :func:`auto_order`. ``calibrate``: the fastest installed candidate (timed once per
+    process and dtype).
+
     :raises ValueError: when ``ATTENTION_ENGINE_GEMM`` names an unknown or unloadable provider.
     """
     name = _requested()
-    if name != "auto":
+    if name not in _MODES:
         got = load_provider(name)
         if isinstance(got, str):
             raise ValueError(f"{ENV_VAR}={name!r} cannot be used on this machine: {got}")
         return got if got.supports(dtype_name) else load_provider("numpy")
-    for candidate in GEMM_AUTO_ORDER:
-        got = load_provider(candidate)
-        if not isinstance(got, str) and got.supports(dtype_name):
-            return got
-    return load_provider("numpy")
+    if dtype_name not in ("float32", "float64"):
+        return load_provider("numpy")
+    if name == "auto":
+        for candidate in auto_order():
+            got = load_provider(candidate)
+            if not isinstance(got, str) and got.supports(dtype_name):
+                return got
+        return load_provider("numpy")
+    with _calibration_lock:
+        if dtype_name not in _calibrated:
+            candidates = [p for p in (load_provider(n) for n in GEMM_CALIBRATION_CANDIDATES)
+                          if not isinstance(p, str) and p.supports(dtype_name)]
+            if len(candidates) <= 1:
+                _calibrated[dtype_name] = ("numpy", {})
+            else:
+                _calibrated[dtype_name] = _calibrate(dtype_name, candidates)
+        return load_provider(_calibrated[dtype_name][0])
+
+
+_calibration_lock = threading.Lock()
 
 
 def available_gemm_providers() -> dict[str, str]:
@@ -258,9 +352,11 @@ def available_gemm_providers() -> dict[str, str]:
 
 
 def gemm_provider_info() -> dict:
-    """What ``attention-engine list`` shows: the provider in use per dtype, how it was chosen, and
-    every provider's status."""
-    requested = _requested()
-    return {"requested": requested, "auto_order": list(GEMM_AUTO_ORDER),
-            "in_use": {dt: get_gemm_provider(dt).name for dt in ("float32", "float64")},
-            "providers": {n: (v if n in v.split(":")[0] else v) for n, v in available_gemm_providers().items()}}
+    """What ``attention-engine list`` shows: how the provider is chosen, the one in use per dtype
+    (running the calibration if it has not run), the calibration's times, and every provider's
+    status (version, or why it cannot load)."""
+    in_use = {dt: get_gemm_provider(dt).name for dt in ("float32", "float64")}
+    return {"requested": _requested(), "auto_order": list(auto_order()), "in_use": in_use,
+            "calibration_us": {dt: {n: round(t * 1e6, 1) for n, t in c[1].items()}
+                               for dt, c in _calibrated.items() if c[1]},
+            "providers": available_gemm_providers()}

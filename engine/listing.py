@@ -39,6 +39,9 @@ def run(args) -> int:
              ", ".join(b["dtypes"]), "host" + (", device" if b["device_arrays"] else ""),
              str(b["priority"]), b["description"]) for b in info["backends"]]
     _table(("name", "available", "dtypes", "arrays", "priority", "description"), rows)
+    for b in info["backends"]:
+        for note in b.get("notes", ()):
+            print(f"  {b['name']}: {note}")
     return 0
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import threading
 
 import numpy as np
@@ -108,10 +109,15 @@ def _as4(a, batch: int) -> np.ndarray:
     return a.reshape((batch,) + a.shape[-3:])
 
 
+#: 16-bit dtypes: computed in float32 (inputs widened once, O(L) next to the O(L^2) kernel), the
+#: output and lse rounded to the input dtype once, as the ``reference`` backend does
+SIXTEEN_BIT = ("float16", "bfloat16")
+
+
 class CpuBackend(Backend):
     name = "cpu"
     description = "Numba njit(parallel=True), tiled online softmax, BLAS tiles; memory linear in L"
-    dtypes = ("float32", "float64")
+    dtypes = ("float32", "float64") + SIXTEEN_BIT
     supports_mods = True
     priority = 10
 
@@ -121,7 +127,37 @@ class CpuBackend(Backend):
             reasons.append("E = 0 (BLAS cannot take an empty inner dimension)")
         return reasons
 
+    def capabilities(self) -> dict:
+        from ..gemm_providers import gemm_provider_info
+
+        caps = super().capabilities()
+        info = gemm_provider_info()
+        providers = info["providers"]
+        caps["gemm"] = info
+        caps["notes"] = [f"tile products ({info['requested']}): " + "; ".join(
+            f"{dt} {name} ({providers[name]})" for dt, name in info["in_use"].items())
+            + "; choose with ATTENTION_ENGINE_GEMM or engine.set_gemm_provider"]
+        return caps
+
     def run(self, problem: AttentionProblem):
+        if problem.dtype.name in SIXTEEN_BIT:
+            return self._run_widened(problem)
+        return self._run(problem)
+
+    def _run_widened(self, problem: AttentionProblem):
+        """A 16-bit problem computed in float32: q, k, v and a float mask widened (exact), the
+        output and lse rounded once to the input dtype."""
+        f32 = np.dtype(np.float32)
+        mask = problem.attn_mask
+        if problem.mask_kind == "float":
+            mask = np.asarray(mask).astype(f32)
+        wide = dataclasses.replace(problem, query=np.asarray(problem.query).astype(f32),
+                                   key=np.asarray(problem.key).astype(f32),
+                                   value=np.asarray(problem.value).astype(f32), attn_mask=mask, dtype=f32)
+        out, lse = self._run(wide)
+        return out.astype(problem.dtype), lse.astype(problem.dtype)
+
+    def _run(self, problem: AttentionProblem):
         from ..kernels.cpu_flash_fwd import flash_kernel
 
         q, k, v = (_as4(a, problem.batch) for a in (problem.query, problem.key, problem.value))

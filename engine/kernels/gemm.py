@@ -30,7 +30,7 @@ from numba.extending import intrinsic
 
 from ..jit_cache import cache_enabled
 
-__all__ = ["GEMM_NUMPY", "GEMM_CBLAS", "GEMM_BLIS", "GEMM_LOOPS", "tile_gemm", "tile_gemm_16", "gemm_loops"]
+__all__ = ["GEMM_NUMPY", "GEMM_CBLAS", "GEMM_BLIS", "GEMM_LOOPS", "tile_gemm", "tile_gemm_16", "gemm_loops", "gemm_probe"]
 
 _CACHE = cache_enabled()
 
@@ -197,3 +197,10 @@ def tile_gemm_16(fn, a, b, c):
     one = np.float32(1.0)
     zero = np.float32(0.0)
     _cblas_call(fn, ta, tb, m, n, kk, one, a, lda, b, ldb, zero, c, c.strides[0] // c.itemsize)
+
+
+@njit(cache=_CACHE)
+def gemm_probe(kind, fn, a, b, c, reps):
+    """``reps`` calls of :func:`tile_gemm` in one compiled loop (the provider calibration times it)."""
+    for _ in range(reps):
+        tile_gemm(kind, fn, a, b, c)
