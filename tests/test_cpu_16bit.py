@@ -19,7 +19,7 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = [np.dtype(np.float16), BF16]
 
 
-def _qkv(rng, dtype, Hq=2, H=2, L=140, S=300, E=32, Ev=24):
+def _qkv(rng, dtype, Hq=2, H=2, L=140, S=301, E=32, Ev=24):
     return (rng.standard_normal((1, Hq, L, E)).astype(dtype), rng.standard_normal((1, H, S, E)).astype(dtype),
             rng.standard_normal((1, H, S, Ev)).astype(dtype))
 
