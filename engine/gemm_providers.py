@@ -10,9 +10,10 @@ numpy      ``np.dot`` inside the kernel: SciPy's bundled OpenBLAS. Always availa
 mkl        Intel oneMKL's CBLAS (``pip install mkl``; sequential layer), plus its bfloat16/float16
            GEMMs, which reach AMX / AVX512-BF16 / AVX512-FP16 where the CPU has them
 openblas   a newer OpenBLAS (``pip install scipy-openblas32``), held at one thread
-blis       BLIS's typed API from the ``blis`` package (BLIS 0.7: no Zen 3+ kernels, see docs)
-loops      plain Numba loops, no library (slowest; there to show what BLAS buys)
 =========  ======================================================================================
+
+BLIS (the ``blis`` package) and a register-blocked Numba loop are measured by
+``bench/tile_gemm.py`` but not offered: they lost on every machine measured.
 
 The choice: ``engine.set_gemm_provider(name)``, else the environment variable
 ``ATTENTION_ENGINE_GEMM``, else ``auto``. ``auto`` is a rule per CPU vendor
@@ -42,7 +43,7 @@ __all__ = ["GemmProvider", "PROVIDERS", "ENV_VAR", "set_gemm_provider", "get_gem
            "choose_fastest", "auto_order"]
 
 #: names of every provider, in the order ``attention-engine list`` shows them
-PROVIDERS = ("mkl", "openblas", "numpy", "blis", "loops")
+PROVIDERS = ("mkl", "openblas", "numpy")
 ENV_VAR = "ATTENTION_ENGINE_GEMM"
 
 
@@ -64,10 +65,9 @@ class GemmProvider:
         return self.functions.get(dtype_name, 0)
 
     def supports(self, dtype_name: str) -> bool:
-        from .kernels.gemm import GEMM_BLIS, GEMM_CBLAS
+        from .kernels.gemm import GEMM_CBLAS
 
-        return dtype_name in self.functions if self.kind in (GEMM_CBLAS, GEMM_BLIS) else \
-            dtype_name in ("float32", "float64")
+        return dtype_name in self.functions if self.kind == GEMM_CBLAS else dtype_name in ("float32", "float64")
 
 
 _lock = threading.Lock()
@@ -100,12 +100,6 @@ def _load_numpy() -> GemmProvider:
     from .kernels.gemm import GEMM_NUMPY
 
     return GemmProvider("numpy", GEMM_NUMPY, version=_scipy_openblas_version())
-
-
-def _load_loops() -> GemmProvider:
-    from .kernels.gemm import GEMM_LOOPS
-
-    return GemmProvider("loops", GEMM_LOOPS, version="Numba loops")
 
 
 #: MKL_Set_Threading_Layer's code for the sequential layer (mkl_service.h)
@@ -152,26 +146,7 @@ def _load_openblas() -> GemmProvider:
                         version, (lib,))
 
 
-def _load_blis() -> GemmProvider:
-    from .kernels.gemm import GEMM_BLIS
-
-    import blis
-    import blis.about
-
-    so = sorted(glob.glob(os.path.join(os.path.dirname(blis.__file__), "cy.*")))
-    if not so:
-        raise OSError("the blis package has no compiled extension")
-    lib = ctypes.CDLL(so[0])
-    lib.bli_arch_query_id.restype = ctypes.c_int
-    lib.bli_arch_string.restype = ctypes.c_char_p
-    arch = lib.bli_arch_string(lib.bli_arch_query_id()).decode()
-    return GemmProvider("blis", GEMM_BLIS, {"float32": _address(lib, "bli_sgemm"),
-                                            "float64": _address(lib, "bli_dgemm")},
-                        f"BLIS (blis {blis.about.__version__}), '{arch}' kernels", (lib,))
-
-
-_LOADERS = {"numpy": _load_numpy, "mkl": _load_mkl, "openblas": _load_openblas, "blis": _load_blis,
-            "loops": _load_loops}
+_LOADERS = {"numpy": _load_numpy, "mkl": _load_mkl, "openblas": _load_openblas}
 
 
 def load_provider(name: str) -> GemmProvider | str:

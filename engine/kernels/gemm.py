@@ -12,10 +12,10 @@ Providers (codes below):
 * ``GEMM_CBLAS``: a CBLAS ``?gemm`` (LP64) by pointer: MKL's ``cblas_sgemm``/``cblas_dgemm``
   (sequential layer), or a newer OpenBLAS (``scipy_cblas_sgemm`` of ``scipy-openblas32``), or the
   same signature's mixed-precision ``cblas_gemm_bf16bf16f32``/``cblas_gemm_f16f16f32`` (MKL) for
-  16-bit ``a``/``b`` bit patterns with float32 ``c``.
-* ``GEMM_BLIS``: BLIS's typed API ``bli_?gemm`` (general strides, 64-bit sizes) by pointer.
-* ``GEMM_LOOPS``: plain Numba loops (LLVM-vectorised, register-blocked over 4 rows of ``c``): no
-  library at all.
+  16-bit ``a``/``b`` bit patterns with float32 ``c`` (:func:`tile_gemm_16`).
+
+BLIS and a register-blocked Numba loop were measured too (``bench/tile_gemm.py``) and lost
+everywhere measured, so they are not compiled into the kernels (each branch costs compile time).
 
 ``a`` and ``b`` may be C-ordered or F-ordered 2-D arrays (an F-ordered one is read as a transposed
 operand, no copy); ``c`` is C-ordered and overwritten. A pointer is called without the GIL from
@@ -25,33 +25,23 @@ guarantees both, or does not offer it).
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..jit_cache import cache_enabled
 
-__all__ = ["GEMM_NUMPY", "GEMM_CBLAS", "GEMM_BLIS", "GEMM_LOOPS", "tile_gemm", "tile_gemm_16", "gemm_loops", "gemm_probe"]
+__all__ = ["GEMM_NUMPY", "GEMM_CBLAS", "tile_gemm", "tile_gemm_16", "gemm_probe"]
 
 _CACHE = cache_enabled()
 
-GEMM_NUMPY, GEMM_CBLAS, GEMM_BLIS, GEMM_LOOPS = 0, 1, 2, 3
+GEMM_NUMPY, GEMM_CBLAS = 0, 1
 
 #: CBLAS enum values (cblas.h)
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
-#: BLIS ``trans_t`` values (blis.h: BLIS_NO_TRANSPOSE, BLIS_TRANSPOSE)
-_BLIS_NO_TRANS, _BLIS_TRANS = 0, 8
 
 
 def _data_ptr(context, builder, ty, val):
     ary = context.make_array(ty)(context, builder, val)
     return builder.bitcast(ary.data, ir.IntType(8).as_pointer())
-
-
-def _scalar_slot(context, builder, ty, val):
-    """A pointer to a stack copy of a scalar (BLIS takes alpha and beta by pointer)."""
-    slot = cgutils.alloca_once(builder, context.get_value_type(ty))
-    builder.store(val, slot)
-    return builder.bitcast(slot, ir.IntType(8).as_pointer())
 
 
 @intrinsic
@@ -79,32 +69,6 @@ def _cblas_call(typingctx, fn, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb,
     return sig, codegen
 
 
-@intrinsic
-def _blis_call(typingctx, fn, trans_a, trans_b, m, n, k, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc):
-    """``fn(trans_a, trans_b, m, n, k, &alpha, a, rsa, csa, b, rsb, csb, &beta, c, rsc, csc)``:
-    BLIS's typed ``bli_?gemm`` (``trans_t`` a C int, sizes and strides 64-bit)."""
-    if not (isinstance(alpha, types.Float) and alpha == beta):
-        return None
-    sig = types.void(fn, trans_a, trans_b, m, n, k, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
-
-    def codegen(context, builder, signature, args):
-        i32, i64 = ir.IntType(32), ir.IntType(64)
-        vp = ir.IntType(8).as_pointer()
-        fnty = ir.FunctionType(ir.VoidType(), [i32, i32, i64, i64, i64, vp, vp, i64, i64, vp, i64, i64,
-                                               vp, vp, i64, i64])
-        f = builder.inttoptr(args[0], fnty.as_pointer())
-        ty = signature.args
-        builder.call(f, [builder.trunc(args[1], i32), builder.trunc(args[2], i32), args[3], args[4], args[5],
-                         _scalar_slot(context, builder, ty[6], args[6]),
-                         _data_ptr(context, builder, ty[7], args[7]), args[8], args[9],
-                         _data_ptr(context, builder, ty[10], args[10]), args[11], args[12],
-                         _scalar_slot(context, builder, ty[13], args[13]),
-                         _data_ptr(context, builder, ty[14], args[14]), args[15], args[16]])
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
 @njit(cache=_CACHE, inline="always")
 def _operand(x):
     """(trans flag, leading dimension) of a 2-D operand in row-major CBLAS terms; (-1, 0) when its
@@ -117,70 +81,22 @@ def _operand(x):
     return -1, 0
 
 
-@njit(cache=_CACHE, fastmath={"contract", "reassoc", "nsz", "arcp"})
-def gemm_loops(a, b, c):
-    """``c = a @ b`` in Numba loops: four rows of ``c`` at a time, each a vectorised sweep over
-    ``b``'s rows (a ``c`` row stays in L1 while the four ``a`` values stream)."""
-    m, kk = a.shape
-    n = b.shape[1]
-    zero = c.dtype.type(0)
-    i = 0
-    while i + 4 <= m:
-        c0, c1, c2, c3 = c[i], c[i + 1], c[i + 2], c[i + 3]
-        for j in range(n):
-            c0[j] = zero
-            c1[j] = zero
-            c2[j] = zero
-            c3[j] = zero
-        for p in range(kk):
-            a0, a1, a2, a3 = a[i, p], a[i + 1, p], a[i + 2, p], a[i + 3, p]
-            bp = b[p]
-            for j in range(n):
-                bj = bp[j]
-                c0[j] += a0 * bj
-                c1[j] += a1 * bj
-                c2[j] += a2 * bj
-                c3[j] += a3 * bj
-        i += 4
-    while i < m:
-        ci = c[i]
-        for j in range(n):
-            ci[j] = zero
-        for p in range(kk):
-            ap = a[i, p]
-            bp = b[p]
-            for j in range(n):
-                ci[j] += ap * bp[j]
-        i += 1
-
-
 @njit(cache=_CACHE)
 def tile_gemm(kind, fn, a, b, c):
     """``c = a @ b`` (``a`` (m, k), ``b`` (k, n), ``c`` (m, n) C-ordered, one float dtype) with
     provider ``kind`` (a ``GEMM_*`` code) and its C function ``fn`` (an address; 0 for
-    ``GEMM_NUMPY``/``GEMM_LOOPS``). An operand in neither row- nor column-major layout, or an empty
-    inner dimension, goes to ``np.dot``.
+    ``GEMM_NUMPY``). An operand in neither row- nor column-major layout, or an empty dimension,
+    goes to ``np.dot``.
     """
     m, kk = a.shape
     n = b.shape[1]
-    if kind == GEMM_CBLAS or kind == GEMM_BLIS:
+    if kind == GEMM_CBLAS:
         ta, lda = _operand(a)
         tb, ldb = _operand(b)
         if ta >= 0 and tb >= 0 and kk > 0 and m > 0 and n > 0:
-            one = c.dtype.type(1)
-            zero = c.dtype.type(0)
-            if kind == GEMM_CBLAS:
-                _cblas_call(fn, ta, tb, m, n, kk, one, a, lda, b, ldb, zero, c, c.strides[0] // c.itemsize)
-            else:
-                isz = a.itemsize
-                _blis_call(fn, _BLIS_NO_TRANS, _BLIS_NO_TRANS, m, n, kk, one,
-                           a, a.strides[0] // isz, a.strides[1] // isz,
-                           b, b.strides[0] // isz, b.strides[1] // isz,
-                           zero, c, c.strides[0] // c.itemsize, 1)
+            _cblas_call(fn, ta, tb, m, n, kk, c.dtype.type(1), a, lda, b, ldb, c.dtype.type(0), c,
+                        c.strides[0] // c.itemsize)
             return
-    if kind == GEMM_LOOPS:
-        gemm_loops(a, b, c)
-        return
     np.dot(a, b, c)
 
 
