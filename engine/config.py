@@ -43,3 +43,8 @@ GEMM_CALIBRATION_CANDIDATES = ("numpy", "openblas", "mkl")
 GEMM_CALIBRATION_BLOCKS = 5
 GEMM_CALIBRATION_CALLS = 8
 GEMM_CALIBRATION_MARGIN = 0.03
+#: 16-bit inputs go through MKL's mixed-precision GEMMs (16-bit operands, float32 accumulation)
+#: where the CPU has one of these flags (AMX or AVX-512 16-bit dot products: ``auto``), or where
+#: the ``mkl`` provider is forced; otherwise they are widened to float32 once and take the
+#: float32 kernel (elsewhere MKL emulates the 16-bit GEMM, slower than float32)
+GEMM_HALF_CPU_FLAGS = {"bfloat16": ("amx_bf16", "avx512_bf16"), "float16": ("amx_fp16", "avx512_fp16")}

@@ -36,11 +36,11 @@ import threading
 from dataclasses import dataclass, field
 
 from .config import (GEMM_AUTO_DEFAULT, GEMM_AUTO_ORDER, GEMM_CALIBRATION_BLOCKS, GEMM_CALIBRATION_CALLS,
-                     GEMM_CALIBRATION_CANDIDATES, GEMM_CALIBRATION_MARGIN)
+                     GEMM_CALIBRATION_CANDIDATES, GEMM_CALIBRATION_MARGIN, GEMM_HALF_CPU_FLAGS)
 
 __all__ = ["GemmProvider", "PROVIDERS", "ENV_VAR", "set_gemm_provider", "get_gemm_provider",
            "available_gemm_providers", "gemm_provider_info", "load_provider", "cpu_flags",
-           "choose_fastest", "auto_order"]
+           "choose_fastest", "auto_order", "sixteen_bit_gemm"]
 
 #: names of every provider, in the order ``attention-engine list`` shows them
 PROVIDERS = ("mkl", "openblas", "numpy")
@@ -317,6 +317,26 @@ def get_gemm_provider(dtype_name: str = "float32") -> GemmProvider:
 _calibration_lock = threading.Lock()
 
 
+def sixteen_bit_gemm(dtype_name: str) -> GemmProvider | None:
+    """The provider whose mixed-precision GEMM (16-bit operands, float32 accumulation) the ``cpu``
+    kernel uses for ``dtype_name`` (``bfloat16``/``float16``), or ``None``: then the inputs are
+    widened to float32 once and the float32 kernel runs.
+
+    MKL's, when the ``mkl`` provider is forced, or under ``auto``/``calibrate`` when MKL is
+    installed and the CPU has a flag of :data:`engine.config.GEMM_HALF_CPU_FLAGS` (AMX,
+    AVX512-BF16, AVX512-FP16).
+    """
+    name = _requested()
+    if name not in ("mkl", "auto", "calibrate"):
+        return None
+    if name != "mkl" and not set(GEMM_HALF_CPU_FLAGS.get(dtype_name, ())) & cpu_flags():
+        return None
+    got = load_provider("mkl")
+    if isinstance(got, str) or dtype_name not in got.functions:
+        return None
+    return got
+
+
 def available_gemm_providers() -> dict[str, str]:
     """Every provider: its version string when it loads here, else why it does not."""
     out = {}
@@ -331,6 +351,9 @@ def gemm_provider_info() -> dict:
     (running the calibration if it has not run), the calibration's times, and every provider's
     status (version, or why it cannot load)."""
     in_use = {dt: get_gemm_provider(dt).name for dt in ("float32", "float64")}
+    for dt in ("bfloat16", "float16"):
+        half = sixteen_bit_gemm(dt)
+        in_use[dt] = f"{half.name} (16-bit GEMM)" if half else f"{in_use['float32']} (widened to float32)"
     return {"requested": _requested(), "auto_order": list(auto_order()), "in_use": in_use,
             "calibration_us": {dt: {n: round(t * 1e6, 1) for n, t in c[1].items()}
                                for dt, c in _calibrated.items() if c[1]},

@@ -9,7 +9,7 @@ import threading
 import numpy as np
 
 from ..config import BLAS_SINGLE_THREAD_MNK, CPU_BIG_BLOCK_Q, CPU_BLOCK_K, CPU_BLOCK_Q, CPU_TASK_ROWS
-from ..gemm_providers import get_gemm_provider
+from ..gemm_providers import get_gemm_provider, sixteen_bit_gemm
 from ..kernels.gemm import GEMM_NUMPY
 from ..kernels.kinds import MASK_BOOL, MASK_FLOAT, MASK_NONE, TILE_FULL
 from ..masks import kernel_mask
@@ -141,30 +141,47 @@ class CpuBackend(Backend):
 
     def run(self, problem: AttentionProblem):
         if problem.dtype.name in SIXTEEN_BIT:
-            return self._run_widened(problem)
+            return self._run_16bit(problem)
         return self._run(problem)
 
-    def _run_widened(self, problem: AttentionProblem):
-        """A 16-bit problem computed in float32: q, k, v and a float mask widened (exact), the
-        output and lse rounded once to the input dtype."""
+    def _run_16bit(self, problem: AttentionProblem):
+        """A 16-bit problem: through a mixed-precision GEMM on the 16-bit bits where one is chosen
+        (``engine.gemm_providers.sixteen_bit_gemm``), else widened to float32 (exact). Either way
+        the kernel computes in float32 and the output and lse are rounded once to the input dtype.
+        A float mask is widened to float32 (exact, as the reference adds it)."""
         f32 = np.dtype(np.float32)
         mask = problem.attn_mask
         if problem.mask_kind == "float":
             mask = np.asarray(mask).astype(f32)
-        wide = dataclasses.replace(problem, query=np.asarray(problem.query).astype(f32),
-                                   key=np.asarray(problem.key).astype(f32),
-                                   value=np.asarray(problem.value).astype(f32), attn_mask=mask, dtype=f32)
-        out, lse = self._run(wide)
+        half = sixteen_bit_gemm(problem.dtype.name)
+        v = _as4(problem.value, problem.batch)
+        if half is not None and np.isfinite(np.sum(v, dtype=np.float32)):
+            from ..kernels.gemm import GEMM_CBLAS_BF16, GEMM_CBLAS_F16
+
+            bits = tuple(_as4(a, problem.batch).view(np.uint16) for a in (problem.query, problem.key))
+            kind = GEMM_CBLAS_BF16 if problem.dtype.name == "bfloat16" else GEMM_CBLAS_F16
+            out, lse = self._run(dataclasses.replace(problem, attn_mask=mask, dtype=f32),
+                                 arrays=bits + (v.view(np.uint16),),
+                                 gemm=(kind, half.pointer(problem.dtype.name)))
+        else:  # widened: O(L) next to the O(L^2) kernel
+            wide = dataclasses.replace(problem, query=np.asarray(problem.query).astype(f32),
+                                       key=np.asarray(problem.key).astype(f32), value=v.astype(f32),
+                                       attn_mask=mask, dtype=f32)
+            out, lse = self._run(wide)
         return out.astype(problem.dtype), lse.astype(problem.dtype)
 
-    def _run(self, problem: AttentionProblem):
+    def _run(self, problem: AttentionProblem, arrays=None, gemm=None):
+        """The kernel call. ``arrays``: ready (batch, heads, rows, features) q, k, v (the 16-bit
+        path's uint16 bits; v already checked finite), with ``gemm`` = (kind, address)."""
         from ..kernels.cpu_flash_fwd import flash_kernel
 
-        q, k, v = (_as4(a, problem.batch) for a in (problem.query, problem.key, problem.value))
+        if arrays is None:
+            arrays = tuple(_as4(a, problem.batch) for a in (problem.query, problem.key, problem.value))
+        q, k, v = arrays
         # a NaN/inf value would leak through 0 * NaN into rows that do not attend to it: compute
         # with it zeroed, then add it back to exactly the rows whose weight is > 0. The sum is a
         # cheap screen: a non-finite total only costs the slower exact path
-        nonfinite_v = not np.isfinite(np.sum(v))
+        nonfinite_v = v.dtype.kind == "f" and not np.isfinite(np.sum(v))
         if nonfinite_v:
             v = np.where(np.isfinite(v), v, 0).astype(problem.dtype)
         B, Hq, L, S = problem.batch, problem.num_q_heads, problem.L, problem.S
@@ -181,9 +198,11 @@ class CpuBackend(Backend):
                 bmask, kind = mask, MASK_BOOL
             else:
                 fmask, kind = mask, MASK_FLOAT
-        gemm = get_gemm_provider(problem.dtype.name)
+        if gemm is None:
+            provider = get_gemm_provider(problem.dtype.name)
+            gemm = (provider.kind, provider.pointer(problem.dtype.name))
         # only np.dot's OpenBLAS starts threads of its own; the other providers are sequential
-        pin = _get_blas_pin() if gemm.kind == GEMM_NUMPY else None
+        pin = _get_blas_pin() if gemm[0] == GEMM_NUMPY else None
         block_q, block_k = tile_sizes(L, problem.E, problem.Ev, blas_pinned=pin is None or pin.available)
         sub_tiles = max(1, CPU_TASK_ROWS // block_q)
         tile_kinds = np.full((1, 1, 1, 1), TILE_FULL, dtype=np.int8)
@@ -195,7 +214,7 @@ class CpuBackend(Backend):
         with kernel_call_guard(), (pin() if pin is not None else contextlib.nullcontext()):
             kernel(q, k, v, fmask, bmask, mask_batch, kind, problem.is_causal, problem.scale, problem.group,
                    block_q, block_k, sub_tiles, problem.mod_args, problem.score_mod is not None, tile_kinds,
-                   gemm.kind, gemm.pointer(problem.dtype.name), out, lse)
+                   gemm[0], gemm[1], out, lse)
         out, lse = out.reshape(problem.out_shape), lse.reshape(problem.lse_shape)
         if nonfinite_v:
             out = add_nonfinite_values(problem, out, lse)

@@ -22,10 +22,13 @@ import types
 
 import numpy as np
 from numba import njit, prange
+from numba import types as nb_types
+from numba.extending import overload
 
 from ..jit_cache import cache_enabled
 from .fastexp import fast_exp
-from .gemm import tile_gemm
+from .gemm import GEMM_CBLAS_F16, tile_gemm, tile_gemm_16
+from .half import f32_to_bf16_bits, f32_to_f16_bits
 from .kinds import MASK_BOOL, MASK_FLOAT, TILE_EMPTY, TILE_FULL, TILE_PARTIAL
 
 _CACHE = cache_enabled()
@@ -47,6 +50,78 @@ def no_mask_mod(b, h, q_idx, kv_idx, *mod_args):
 _FM = {"contract", "reassoc", "nsz", "arcp"}
 
 
+# 16-bit operands (uint16 bit patterns of bfloat16 or float16) take the mixed-precision GEMM path:
+# q is copied unscaled (exact), the scale is applied to the float32 scores, and the probabilities
+# are rounded to the operand format for the second product (as FlashAttention does). These helpers
+# are the only places the two paths differ; each compiles to one branch for the operand type.
+
+def _scaled_q(x, scale):
+    """What the q tile holds: ``scale * x`` for float operands, the raw bits for 16-bit ones."""
+
+
+@overload(_scaled_q, inline="always")
+def _scaled_q_impl(x, scale):
+    if isinstance(x, nb_types.Integer):
+        return lambda x, scale: x
+    return lambda x, scale: x * scale
+
+
+def _score_scale(q, scale):
+    """The factor still to apply to the scores after the first product (1 for float operands)."""
+
+
+@overload(_score_scale, inline="always")
+def _score_scale_impl(q, scale):
+    if isinstance(q.dtype, nb_types.Integer):
+        return lambda q, scale: scale
+    return lambda q, scale: 1.0
+
+
+def _half_buffer(q, n):
+    """Scratch for the 16-bit probabilities (empty for float operands)."""
+
+
+@overload(_half_buffer, inline="always")
+def _half_buffer_impl(q, n):
+    if isinstance(q.dtype, nb_types.Integer):
+        return lambda q, n: np.empty(n, dtype=np.uint16)
+    return lambda q, n: np.empty(0, dtype=q.dtype)
+
+
+def _scores_gemm(kind, fn, kt, qt, st):
+    """st = kt @ qt."""
+
+
+@overload(_scores_gemm, inline="always")
+def _scores_gemm_impl(kind, fn, kt, qt, st):
+    if isinstance(kt.dtype, nb_types.Integer):
+        return lambda kind, fn, kt, qt, st: tile_gemm_16(fn, kt, qt, st)
+    return lambda kind, fn, kt, qt, st: tile_gemm(kind, fn, kt, qt, st)
+
+
+def _values_gemm(kind, fn, st, half, vt, pv):
+    """pv = st.T @ vt (st rounded into ``half`` first for 16-bit operands)."""
+
+
+@overload(_values_gemm, inline="always")
+def _values_gemm_impl(kind, fn, st, half, vt, pv):
+    if isinstance(vt.dtype, nb_types.Integer):
+        def impl(kind, fn, st, half, vt, pv):
+            nk, nq = st.shape
+            p = half[:nk * nq].reshape((nk, nq))
+            if kind == GEMM_CBLAS_F16:
+                for c in range(nk):
+                    for r in range(nq):
+                        p[c, r] = f32_to_f16_bits(st[c, r])
+            else:
+                for c in range(nk):
+                    for r in range(nq):
+                        p[c, r] = f32_to_bf16_bits(st[c, r])
+            tile_gemm_16(fn, p.T, vt, pv)
+        return impl
+    return lambda kind, fn, st, half, vt, pv: tile_gemm(kind, fn, st.T, vt, pv)
+
+
 #: the mods the kernels below call; ``flash_kernel`` re-binds these names for other mods
 _SCORE_MOD = no_score_mod
 _MASK_MOD = no_mask_mod
@@ -62,9 +137,10 @@ def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scal
     dt = out.dtype
     rows = block_q * sub_tiles
     nqb = (L + rows - 1) // rows
-    consts = np.array([-np.inf, 0.0], dtype=dt)  # typed constants: no float64 promotion
+    consts = np.array([-np.inf, 0.0, _score_scale(q, scale)], dtype=dt)  # typed: no float64 promotion
     neg_inf = consts[0]
     zero = consts[1]
+    post_scale = consts[2]
     b = task // (Hq * nqb)
     rest = task - b * (Hq * nqb)
     h = rest // nqb
@@ -74,7 +150,8 @@ def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scal
     hk = h // group
     mb = mask_batch[b]
     # per-task scratch, reused by every key tile; row state indexed by row - t0
-    qt = np.empty((sub_tiles, E * block_q), dtype=dt)  # (scale * q_sub_tile).T, (E, nq) each
+    qt = np.empty((sub_tiles, E * block_q), dtype=q.dtype)  # (scale * q_sub_tile).T, (E, nq) each
+    half = _half_buffer(q, block_k * block_q)  # 16-bit operands: the probabilities, rounded
     st_buf = np.empty(block_k * block_q, dtype=dt)   # transposed scores, then probabilities
     pv_buf = np.empty(block_q * Ev, dtype=dt)
     acc = np.zeros((nt, Ev), dtype=dt)
@@ -89,7 +166,7 @@ def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scal
         rr = r - sub * block_q
         nqs = min(block_q, nt - sub * block_q)  # rows of this sub-tile
         for e in range(E):
-            qt[sub, e * nqs + rr] = q[b, h, t0 + r, e] * scale
+            qt[sub, e * nqs + rr] = _scaled_q(q[b, h, t0 + r, e], scale)
     kend = min(S, t1) if causal else S
     for j0 in range(0, kend, block_k):
         j1 = min(j0 + block_k, kend)
@@ -110,7 +187,11 @@ def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scal
             nq = i1 - i0
             o = i0 - t0
             st = st_buf[:nk * nq].reshape((nk, nq))
-            tile_gemm(gemm_kind, gemm_fn, kt, qt[sub, :E * nq].reshape((E, nq)), st)
+            _scores_gemm(gemm_kind, gemm_fn, kt, qt[sub, :E * nq].reshape((E, nq)), st)
+            if post_scale != 1.0:
+                for c in range(nk):
+                    for r in range(nq):
+                        st[c, r] *= post_scale
             if has_score_mod:
                 for c in range(nk):
                     for r in range(nq):
@@ -178,7 +259,7 @@ def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scal
             for r in range(nq):
                 l[o + r] = l[o + r] * alpha[r] + ts[r]
             pv = pv_buf[:nq * Ev].reshape((nq, Ev))
-            tile_gemm(gemm_kind, gemm_fn, st.T, vt, pv)
+            _values_gemm(gemm_kind, gemm_fn, st, half, vt, pv)
             if rescale:
                 for r in range(nq):
                     a = alpha[r]
@@ -225,6 +306,9 @@ def _flash_forward(q, k, v, fmask, bmask, mask_batch, mask_kind, causal, scale, 
 
     ``gemm_kind``/``gemm_fn``: the provider of both tile products and its C function address for
     this dtype (see ``engine.kernels.gemm.tile_gemm``); ``GEMM_NUMPY`` and 0 is ``np.dot``.
+    16-bit operands: q, k, v are uint16 bit patterns, ``gemm_fn`` a mixed-precision GEMM
+    (``tile_gemm_16``) and ``gemm_kind`` ``GEMM_CBLAS_BF16`` or ``GEMM_CBLAS_F16`` (which format
+    the probabilities are rounded to); ``out``/``lse`` are float32.
 
     A task owns ``sub_tiles`` query tiles of ``block_q`` rows and walks the key tiles once for all
     of them, so each key/value tile is read from memory once and reused from cache by every

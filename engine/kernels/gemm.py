@@ -29,11 +29,13 @@ from numba.extending import intrinsic
 
 from ..jit_cache import cache_enabled
 
-__all__ = ["GEMM_NUMPY", "GEMM_CBLAS", "tile_gemm", "tile_gemm_16", "gemm_probe"]
+__all__ = ["GEMM_NUMPY", "GEMM_CBLAS", "GEMM_CBLAS_BF16", "GEMM_CBLAS_F16", "tile_gemm", "tile_gemm_16", "gemm_probe"]
 
 _CACHE = cache_enabled()
 
 GEMM_NUMPY, GEMM_CBLAS = 0, 1
+#: the kernels' 16-bit path: a mixed-precision CBLAS GEMM, and which format the operands are in
+GEMM_CBLAS_BF16, GEMM_CBLAS_F16 = 2, 3
 
 #: CBLAS enum values (cblas.h)
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
