@@ -82,10 +82,15 @@ def _torch_inputs(arrays, dtype):
     return [torch.from_numpy(a) for a in arrays]
 
 
+#: the clock of the speed cases: wall time, or process CPU time with --cpu-time
+_CLOCK = [time.perf_counter]
+
+
 def _time(fn) -> float:
-    t = time.perf_counter()
+    clock = _CLOCK[0]
+    t = clock()
     fn()
-    return time.perf_counter() - t
+    return clock() - t
 
 
 def speed_case(name, L, E, dtype, causal, target, rounds):
@@ -288,6 +293,10 @@ def main(argv=None):
                     help="where to write the JSON (default bench/results/cpu-vs-torch-<cpu>-<date>.json)")
     ap.add_argument("--no-json", action="store_true", help="print only")
     ap.add_argument("--cases", help="comma-separated case names to run (default all)")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time the speed cases in process CPU time, not wall time: with --threads 1 on a "
+                         "machine others share, time spent descheduled then does not count")
+    ap.add_argument("--no-extras", action="store_true", help="speed cases only (no thread gain, memory, cold start)")
     ap.add_argument("--child-memory", nargs=3, type=int, help=argparse.SUPPRESS)
     ap.add_argument("--child-start", nargs=1, type=int, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -309,12 +318,15 @@ def main(argv=None):
     torch.set_num_threads(threads)
     engine.set_num_threads(threads)
     rounds = a.rounds or (3 if a.quick else 7)
+    if a.cpu_time:
+        _CLOCK[0] = time.process_time
     cpu = cpu_info()
     info = engine.gemm_providers.gemm_provider_info()
     print(f"CPU: {cpu['model_name']} ({cpu['vendor']} family {cpu['family']} model {cpu['model']}"
           f"{', ' + cpu['generation'] if 'generation' in cpu else ''}); ISA: {' '.join(cpu['isa'])}; "
           f"load average {cpu.get('loadavg_1_5_15')}")
-    print(f"engine tile products: " + ", ".join(f"{dt} {n} ({info['providers'][n]})" for dt, n in info["in_use"].items()))
+    print("engine tile products: " + "; ".join(f"{dt} {n} ({info['providers'][n.split()[0]]})"
+                                                for dt, n in info["in_use"].items()))
     print(f"engine cpu backend vs torch {torch.__version__} SDPA; {threads} threads each; "
           f"batch 1, {HEADS} heads; median of {rounds} alternating rounds")
     print(f"{'case':<22}{'engine ms':>11}{'torch ms':>10}{'ratio':>8}{'target':>9}  met   err vs torch"
@@ -332,8 +344,8 @@ def main(argv=None):
               f"{r['per_call_alternation_ratio']:>10.2f}   err vs float64: engine "
               f"{r['engine_max_abs_err_vs_float64']:.1e}, torch {r['torch_max_abs_err_vs_float64']:.1e}",
               flush=True)
-    gains = []
-    if threads >= 2:
+    gains, mem, start = [], None, None
+    if threads >= 2 and not a.no_extras:
         print(f"\n2-thread gain (time at 1 thread / time at {threads}), both libraries in one run:")
         for case in THREAD_CASES if not a.quick else THREAD_CASES[:1]:
             if wanted is not None and case[0] not in wanted:
@@ -343,23 +355,24 @@ def main(argv=None):
             print(f"  {g['case']:<22} engine {g['engine_1_ms']:.1f} -> {g[f'engine_{threads}_ms']:.1f} ms "
                   f"(gain {g['engine_gain']:.2f}); torch {g['torch_1_ms']:.1f} -> {g[f'torch_{threads}_ms']:.1f} ms "
                   f"(gain {g['torch_gain']:.2f}); engine >= torch: {'yes' if g['met'] else 'NO'}", flush=True)
-    mem = memory_case(16384, 1 if a.quick else HEADS, threads)
-    print(f"L=S=16384 memory ({mem['heads']} heads): peak RSS growth "
-          f"{mem['peak_growth_bytes'] / 2**20:.0f} MiB = {mem['growth_over_io']:.2f} x inputs+output "
-          f"({mem['inputs_plus_output_bytes'] / 2**20:.0f} MiB; the score matrix alone would be "
-          f"{mem['score_matrix_bytes'] / 2**20:.0f} MiB); target < 2.0: {'yes' if mem['met'] else 'NO'}; "
-          f"call {mem['seconds']:.1f} s", flush=True)
-    start = cold_start(threads)
-    print(f"cold start: all CPU kernels compile in {start['compile_all_cpu_kernels_s']:.1f} s wall, "
-          f"{start['compile_cpu_time_s']:.1f} s CPU "
-          f"(target < {COMPILE_LIMIT_S:.0f}: {'yes' if start['compile_met'] else 'NO'}); warm cache: "
-          f"import {start['warm_cache_import_s']:.2f} s, first call {start['warm_cache_first_call_s']:.3f} s "
-          f"(target < {WARM_FIRST_CALL_LIMIT_S:.0f}: {'yes' if start['warm_first_call_met'] else 'NO'})")
+    if not a.no_extras:
+        mem = memory_case(16384, 1 if a.quick else HEADS, threads)
+        print(f"L=S=16384 memory ({mem['heads']} heads): peak RSS growth "
+              f"{mem['peak_growth_bytes'] / 2**20:.0f} MiB = {mem['growth_over_io']:.2f} x inputs+output "
+              f"({mem['inputs_plus_output_bytes'] / 2**20:.0f} MiB; the score matrix alone would be "
+              f"{mem['score_matrix_bytes'] / 2**20:.0f} MiB); target < 2.0: {'yes' if mem['met'] else 'NO'}; "
+              f"call {mem['seconds']:.1f} s", flush=True)
+        start = cold_start(threads)
+        print(f"cold start: all CPU kernels compile in {start['compile_all_cpu_kernels_s']:.1f} s wall, "
+              f"{start['compile_cpu_time_s']:.1f} s CPU "
+              f"(target < {COMPILE_LIMIT_S:.0f}: {'yes' if start['compile_met'] else 'NO'}); warm cache: "
+              f"import {start['warm_cache_import_s']:.2f} s, first call {start['warm_cache_first_call_s']:.3f} s "
+              f"(target < {WARM_FIRST_CALL_LIMIT_S:.0f}: {'yes' if start['warm_first_call_met'] else 'NO'})")
     cpu["loadavg_after"] = list(os.getloadavg())
     if not a.no_json:
         path = a.json or result_path("cpu-vs-torch", cpu)
         result = {"command": "python bench/cpu_vs_torch.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                  "threads": threads, "rounds": rounds, "speed": speed, "thread_gain": gains,
+                  "clock": "process CPU time" if a.cpu_time else "wall", "threads": threads, "rounds": rounds, "speed": speed, "thread_gain": gains,
                   "memory": mem, "cold_start": start, "cpu": cpu,
                   "gemm": engine.gemm_providers.gemm_provider_info(),
                   "machine": {"platform": platform.platform(), "processor": platform.processor(),

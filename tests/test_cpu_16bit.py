@@ -173,3 +173,23 @@ def test_kernel_rounding_to_16_bits_matches_numpy(fmt, rng):
     nan = np.isnan(x)
     assert np.array_equal(got[~nan], want[~nan].view(np.uint16))
     assert np.all(np.isnan(got[nan].view(want.dtype).astype(np.float32)))
+
+
+@pytest.mark.parametrize("fmt", ["bfloat16", "float16"])
+def test_wrapper_widen_and_narrow_are_exact(fmt, rng):
+    """The cpu wrapper's array conversions: every 16-bit pattern widens to exactly NumPy's float32
+    (NaN payloads aside), and float32 narrows bit for bit as NumPy / ml_dtypes round."""
+    from engine.backends.cpu import _narrow, _widen
+
+    dt = BF16 if fmt == "bfloat16" else np.dtype(np.float16)
+    every = np.arange(1 << 16, dtype=np.uint16).view(dt)
+    got, want = _widen(every), every.astype(np.float32)
+    nan = np.isnan(want)
+    assert got.dtype == np.float32 and np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+    assert np.all(np.isnan(got[nan]))
+    x = _float32_classes(rng).reshape(-1, 1)
+    with np.errstate(all="ignore"):
+        want = x.astype(dt)
+    got = _narrow(x, dt)
+    nan = np.isnan(x)
+    assert got.dtype == dt and np.array_equal(got.view(np.uint16)[~nan], want.view(np.uint16)[~nan])

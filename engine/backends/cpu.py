@@ -101,6 +101,26 @@ def tile_sizes(L: int, E: int, Ev: int, blas_pinned: bool = False) -> tuple[int,
     return block_q, block_k
 
 
+def _widen(a: np.ndarray) -> np.ndarray:
+    """float32 copy of a C-contiguous float16/bfloat16 array (exact; vectorised, unlike NumPy's
+    float16 cast)."""
+    from ..kernels.half import widen
+
+    out = np.empty(a.shape, dtype=np.float32)
+    widen(a.reshape(-1).view(np.uint16), out.reshape(-1), a.dtype == np.float16)
+    return out
+
+
+def _narrow(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """float32 ``x`` rounded to the 16-bit ``dtype`` (nearest even, as NumPy/ml_dtypes)."""
+    from ..kernels.half import narrow
+
+    x = np.ascontiguousarray(x)
+    bits = np.empty(x.shape, dtype=np.uint16)
+    narrow(x.reshape(-1), bits.reshape(-1), dtype == np.float16)
+    return bits.view(dtype)
+
+
 def _as4(a, batch: int) -> np.ndarray:
     """C-contiguous (batch, heads, rows, features) view, or copy, of a host array."""
     a = np.ascontiguousarray(a)
@@ -135,7 +155,7 @@ class CpuBackend(Backend):
         providers = info["providers"]
         caps["gemm"] = info
         caps["notes"] = [f"tile products ({info['requested']}): " + "; ".join(
-            f"{dt} {name} ({providers[name]})" for dt, name in info["in_use"].items())
+            f"{dt} {name}" + ("" if " " in name else f" ({providers[name]})") for dt, name in info["in_use"].items())
             + "; choose with ATTENTION_ENGINE_GEMM or engine.set_gemm_provider"]
         return caps
 
@@ -164,11 +184,10 @@ class CpuBackend(Backend):
                                  arrays=bits + (v.view(np.uint16),),
                                  gemm=(kind, half.pointer(problem.dtype.name)))
         else:  # widened: O(L) next to the O(L^2) kernel
-            wide = dataclasses.replace(problem, query=np.asarray(problem.query).astype(f32),
-                                       key=np.asarray(problem.key).astype(f32), value=v.astype(f32),
-                                       attn_mask=mask, dtype=f32)
+            q32, k32 = (_widen(_as4(a, problem.batch)) for a in (problem.query, problem.key))
+            wide = dataclasses.replace(problem, query=q32, key=k32, value=_widen(v), attn_mask=mask, dtype=f32)
             out, lse = self._run(wide)
-        return out.astype(problem.dtype), lse.astype(problem.dtype)
+        return _narrow(out, problem.dtype), _narrow(lse, problem.dtype)
 
     def _run(self, problem: AttentionProblem, arrays=None, gemm=None):
         """The kernel call. ``arrays``: ready (batch, heads, rows, features) q, k, v (the 16-bit
