@@ -370,7 +370,8 @@ def main(argv=None):
               f"(target < {WARM_FIRST_CALL_LIMIT_S:.0f}: {'yes' if start['warm_first_call_met'] else 'NO'})")
     cpu["loadavg_after"] = list(os.getloadavg())
     if not a.no_json:
-        path = a.json or result_path("cpu-vs-torch", cpu)
+        what = "cpu-vs-torch" + (f"-{threads}thread" if threads != 2 else "") + ("-cputime" if a.cpu_time else "")
+        path = a.json or result_path(what, cpu)
         result = {"command": "python bench/cpu_vs_torch.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                   "clock": "process CPU time" if a.cpu_time else "wall", "threads": threads, "rounds": rounds, "speed": speed, "thread_gain": gains,
                   "memory": mem, "cold_start": start, "cpu": cpu,

@@ -12,6 +12,10 @@ mkl        Intel oneMKL's CBLAS (``pip install mkl``; sequential layer), plus it
 openblas   a newer OpenBLAS (``pip install scipy-openblas32``), held at one thread
 =========  ======================================================================================
 
+MKL is loaded from ``<prefix>/lib/libmkl_rt.so*`` and set to its sequential threading layer, which
+is process-wide: where MKL was already set up with another layer (a NumPy built on MKL, say), the
+``mkl`` provider refuses with that reason rather than change it.
+
 BLIS (the ``blis`` package) and a register-blocked Numba loop are measured by
 ``bench/tile_gemm.py`` but not offered: they lost on every machine measured.
 
@@ -29,6 +33,7 @@ against the ``reference`` backend).
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
 import os
 import sys
@@ -67,7 +72,7 @@ class GemmProvider:
     def supports(self, dtype_name: str) -> bool:
         from .kernels.gemm import GEMM_CBLAS
 
-        return dtype_name in self.functions if self.kind == GEMM_CBLAS else dtype_name in ("float32", "float64")
+        return dtype_name in ("float32", "float64") and (self.kind != GEMM_CBLAS or dtype_name in self.functions)
 
 
 _lock = threading.Lock()
@@ -75,6 +80,7 @@ _loaded: dict[str, GemmProvider | str] = {}  # name -> provider, or the reason i
 _forced: str | None = None
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_flags() -> frozenset:
     """The CPU's feature flags from ``/proc/cpuinfo`` (empty where there is none)."""
     try:
@@ -264,6 +270,7 @@ def _calibrate(dtype_name: str, candidates: list[GemmProvider]) -> tuple[str, di
     return choose_fastest(seconds), seconds
 
 
+@functools.lru_cache(maxsize=None)
 def _vendor() -> str:
     try:
         with open("/proc/cpuinfo") as f:
