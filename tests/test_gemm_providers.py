@@ -184,4 +184,5 @@ def test_list_says_which_provider_runs():
     res = subprocess.run([sys.executable, "-m", "engine.cli", "list", "--json"], capture_output=True,
                          text=True, check=True)
     cpu = next(b for b in json.loads(res.stdout)["backends"] if b["name"] == "cpu")
-    assert set(cpu["gemm"]["in_use"]) == {"float32", "float64"}
+    assert set(cpu["gemm"]["in_use"]) == {"float32", "float64", "bfloat16", "float16"}
+    assert cpu["gemm"]["in_use"]["bfloat16"].endswith(("(16-bit GEMM)", "(widened to float32)"))
