@@ -1,6 +1,11 @@
-"""The ``cpu`` backend against PyTorch's CPU ``scaled_dot_product_attention`` (issue 4's table).
+"""The ``cpu`` backend against PyTorch's CPU ``scaled_dot_product_attention`` (issues 4 and 17).
 
-    python bench/cpu_vs_torch.py [--quick] [--threads N] [--rounds R] [--json PATH]
+    python bench/cpu_vs_torch.py [--quick] [--threads N] [--rounds R] [--json PATH | --no-json]
+
+Writes ``bench/results/cpu-vs-torch-<cpu model>-f<family>-m<model>-<date>.json`` unless told
+otherwise; the JSON records the CPU (model, vendor, family/model, ISA flags), the GEMM provider
+the engine used for each dtype, library versions, and the load average before and after (a
+figure taken while other work shared the machine is only good as a ratio from this one run).
 
 Every speed figure is a ratio torch_time / engine_time measured in this one run: both libraries
 on the same thread count (``torch.set_num_threads`` and ``engine.set_num_threads``), alternating
@@ -30,14 +35,24 @@ import time
 
 import numpy as np
 
-#: (name, L = S, head size, dtype, causal, target ratio): batch 1, 8 heads
+#: (name, L = S, head size, dtype, causal, target ratio): batch 1, 8 heads (issue 17's table)
 SPEED_CASES = [
+    ("L=S=512", 512, 64, "float32", False, 1.0),
     ("L=S=1024", 1024, 64, "float32", False, 1.0),
     ("L=S=4096", 4096, 64, "float32", False, 1.0),
     ("L=S=4096 causal", 4096, 64, "float32", True, 1.0),
     ("head 128, L=S=2048", 2048, 128, "float32", False, 1.0),
     ("float64, L=S=2048", 2048, 64, "float64", False, 1.0),
+    ("bfloat16, L=S=1024", 1024, 64, "bfloat16", False, 1.0),
+    ("bfloat16, L=S=4096", 4096, 64, "bfloat16", False, 1.0),
+    ("float16, L=S=1024", 1024, 64, "float16", False, 1.0),
+    ("float16, L=S=4096", 4096, 64, "float16", False, 1.0),
 ]
+#: cases whose 2-thread gain (time at 1 thread / time at 2) is compared with torch's
+THREAD_CASES = [("L=S=1024", 1024, 64, "float32", False), ("L=S=4096", 4096, 64, "float32", False),
+                ("head 128, L=S=2048", 2048, 128, "float32", False)]
+#: a timed block lasts about this long (fewer calls per block for slow cases, at least one)
+BLOCK_SECONDS = 0.6
 HEADS = 8
 #: timed calls per block (after one untimed call), see the module docstring
 BLOCK_CALLS = 3
@@ -45,15 +60,37 @@ COMPILE_LIMIT_S = 20.0
 WARM_FIRST_CALL_LIMIT_S = 1.0
 
 
+def _np_dtype(dtype):
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(dtype)
+
+
 def _inputs(L, E, dtype, heads=HEADS, seed=0):
     rng = np.random.default_rng(seed)
-    return [rng.standard_normal((1, heads, L, E)).astype(dtype) for _ in range(3)]
+    return [rng.standard_normal((1, heads, L, E)).astype(_np_dtype(dtype)) for _ in range(3)]
+
+
+def _torch_inputs(arrays, dtype):
+    """torch tensors holding the same values (bfloat16 through float32: NumPy has no bfloat16)."""
+    import torch
+
+    if dtype == "bfloat16":
+        return [torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16) for a in arrays]
+    return [torch.from_numpy(a) for a in arrays]
+
+
+#: the clock of the speed cases: wall time, or process CPU time with --cpu-time
+_CLOCK = [time.perf_counter]
 
 
 def _time(fn) -> float:
-    t = time.perf_counter()
+    clock = _CLOCK[0]
+    t = clock()
     fn()
-    return time.perf_counter() - t
+    return clock() - t
 
 
 def speed_case(name, L, E, dtype, causal, target, rounds):
@@ -63,7 +100,7 @@ def speed_case(name, L, E, dtype, causal, target, rounds):
     import engine
 
     q, k, v = _inputs(L, E, dtype)
-    tq, tk, tv = (torch.from_numpy(a) for a in (q, k, v))
+    tq, tk, tv = _torch_inputs((q, k, v), dtype)
 
     def run_engine():
         engine.scaled_dot_product_attention(q, k, v, is_causal=causal, backend="cpu")
@@ -72,15 +109,18 @@ def speed_case(name, L, E, dtype, causal, target, rounds):
         with torch.no_grad():
             F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
 
-    out = engine.scaled_dot_product_attention(q, k, v, is_causal=causal, backend="cpu")
+    out = engine.scaled_dot_product_attention(q, k, v, is_causal=causal, backend="cpu").astype(np.float64)
     with torch.no_grad():
-        expected = F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal).numpy()
+        expected = F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal).double().numpy()
+    exact = engine.scaled_dot_product_attention(*(a.astype(np.float64) for a in (q, k, v)), is_causal=causal,
+                                                backend="cpu" if L > 2048 else "reference")
     max_err = float(np.abs(out - expected).max())
-    run_engine(), run_torch()  # warm both
+    first = max(_time(run_engine), _time(run_torch))  # warm both; sizes the blocks
+    calls = max(1, min(BLOCK_CALLS, int(BLOCK_SECONDS / max(first, 1e-9))))
 
     def block(fn):  # one untimed call absorbs the switch from the other library, then the mean
         fn()
-        return _time(lambda: [fn() for _ in range(BLOCK_CALLS)]) / BLOCK_CALLS
+        return _time(lambda: [fn() for _ in range(calls)]) / calls
 
     te, tt, ce, ct = [], [], [], []
     for r in range(rounds):
@@ -88,8 +128,8 @@ def speed_case(name, L, E, dtype, causal, target, rounds):
             ((run_torch, tt, ct), (run_engine, te, ce))
         for fn, blocks, _ in (first, second):
             blocks.append(block(fn))
-        for fn, _, calls in (first, second):
-            calls.append(_time(fn))
+        for fn, _, single in (first, second):
+            single.append(_time(fn))
     me, mt = statistics.median(te), statistics.median(tt)
     ratio = mt / me
     call_ratio = statistics.median(ct) / statistics.median(ce)
@@ -98,8 +138,53 @@ def speed_case(name, L, E, dtype, causal, target, rounds):
             "engine_ms": me * 1e3, "torch_ms": mt * 1e3, "ratio": ratio, "target": f">= {target}",
             "met": ratio >= target, "engine_gflops": flops / me / 1e9, "torch_gflops": flops / mt / 1e9,
             "round_ratios": [b / a for a, b in zip(te, tt)], "max_abs_err_vs_torch": max_err,
+            "engine_max_abs_err_vs_float64": float(np.abs(out - exact).max()),
+            "torch_max_abs_err_vs_float64": float(np.abs(expected - exact).max()),
+            "calls_per_block": calls, "gemm_provider": engine.get_gemm_provider(
+                "float64" if dtype == "float64" else "float32").name,
             "per_call_alternation_ratio": call_ratio,
             "per_call_engine_ms": statistics.median(ce) * 1e3, "per_call_torch_ms": statistics.median(ct) * 1e3}
+
+
+def thread_gain_case(name, L, E, dtype, causal, rounds, threads):
+    """Each library at 1 thread and at ``threads``, all four alternating in one run: gain =
+    median time at 1 thread / median time at ``threads``, per library."""
+    import torch
+    import torch.nn.functional as F
+
+    import engine
+
+    q, k, v = _inputs(L, E, dtype)
+    tq, tk, tv = _torch_inputs((q, k, v), dtype)
+
+    def run_engine(n):
+        engine.set_num_threads(n)
+        engine.scaled_dot_product_attention(q, k, v, is_causal=causal, backend="cpu")
+
+    def run_torch(n):
+        torch.set_num_threads(n)
+        with torch.no_grad():
+            F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+
+    runs = [("engine", 1, run_engine), ("engine", threads, run_engine), ("torch", 1, run_torch),
+            ("torch", threads, run_torch)]
+    times = {(lib, n): [] for lib, n, _ in runs}
+    for lib, n, fn in runs:
+        fn(n)
+    for r in range(rounds):
+        for lib, n, fn in runs[r % 4:] + runs[:r % 4]:
+            fn(n)  # untimed: the previous library's threads wind down
+            t = time.perf_counter()
+            fn(n)
+            times[(lib, n)].append(time.perf_counter() - t)
+    engine.set_num_threads(threads)
+    torch.set_num_threads(threads)
+    med = {key: statistics.median(v) for key, v in times.items()}
+    ge, gt = med[("engine", 1)] / med[("engine", threads)], med[("torch", 1)] / med[("torch", threads)]
+    return {"case": name, "L": L, "E": E, "dtype": dtype, "causal": causal, "threads": threads,
+            "engine_1_ms": med[("engine", 1)] * 1e3, f"engine_{threads}_ms": med[("engine", threads)] * 1e3,
+            "torch_1_ms": med[("torch", 1)] * 1e3, f"torch_{threads}_ms": med[("torch", threads)] * 1e3,
+            "engine_gain": ge, "torch_gain": gt, "target": "engine_gain >= torch_gain", "met": ge >= gt}
 
 
 # ---------------------------------------------------------------- child processes
@@ -204,7 +289,14 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="3 rounds, memory case at H=1 (smoke check)")
     ap.add_argument("--threads", type=int, default=2, help="threads for both libraries (default 2)")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds per case (default 7, quick 3)")
-    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    ap.add_argument("--json", metavar="PATH",
+                    help="where to write the JSON (default bench/results/cpu-vs-torch-<cpu>-<date>.json)")
+    ap.add_argument("--no-json", action="store_true", help="print only")
+    ap.add_argument("--cases", help="comma-separated case names to run (default all)")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time the speed cases in process CPU time, not wall time: with --threads 1 on a "
+                         "machine others share, time spent descheduled then does not count")
+    ap.add_argument("--no-extras", action="store_true", help="speed cases only (no thread gain, memory, cold start)")
     ap.add_argument("--child-memory", nargs=3, type=int, help=argparse.SUPPRESS)
     ap.add_argument("--child-start", nargs=1, type=int, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -217,51 +309,85 @@ def main(argv=None):
     import torch
 
     import engine
+    import engine.gemm_providers
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench.machine import cpu_info, result_path
 
     threads = min(a.threads, numba.config.NUMBA_NUM_THREADS)
     torch.set_num_threads(threads)
     engine.set_num_threads(threads)
     rounds = a.rounds or (3 if a.quick else 7)
-
+    if a.cpu_time:
+        _CLOCK[0] = time.process_time
+    cpu = cpu_info()
+    info = engine.gemm_providers.gemm_provider_info()
+    print(f"CPU: {cpu['model_name']} ({cpu['vendor']} family {cpu['family']} model {cpu['model']}"
+          f"{', ' + cpu['generation'] if 'generation' in cpu else ''}); ISA: {' '.join(cpu['isa'])}; "
+          f"load average {cpu.get('loadavg_1_5_15')}")
+    print("engine tile products: " + "; ".join(f"{dt} {n} ({info['providers'][n.split()[0]]})"
+                                                for dt, n in info["in_use"].items()))
     print(f"engine cpu backend vs torch {torch.__version__} SDPA; {threads} threads each; "
           f"batch 1, {HEADS} heads; median of {rounds} alternating rounds")
-    print(f"{'case':<22}{'engine ms':>11}{'torch ms':>10}{'ratio':>8}{'target':>9}  met   err"
+    print(f"{'case':<22}{'engine ms':>11}{'torch ms':>10}{'ratio':>8}{'target':>9}  met   err vs torch"
           "      per-call ratio")
     speed = []
-    for case in SPEED_CASES:
+    wanted = set(a.cases.split(",")) if a.cases else None
+    cases = [c for c in SPEED_CASES if wanted is None or c[0] in wanted]
+    if a.quick:
+        cases = [c for c in cases if c[1] <= 1024]
+    for case in cases:
         r = speed_case(*case, rounds=rounds)
         speed.append(r)
         print(f"{r['case']:<22}{r['engine_ms']:>11.1f}{r['torch_ms']:>10.1f}{r['ratio']:>8.2f}"
               f"{r['target']:>9}  {'yes' if r['met'] else 'NO ':<4}{r['max_abs_err_vs_torch']:.1e}"
-              f"{r['per_call_alternation_ratio']:>10.2f}",
+              f"{r['per_call_alternation_ratio']:>10.2f}   err vs float64: engine "
+              f"{r['engine_max_abs_err_vs_float64']:.1e}, torch {r['torch_max_abs_err_vs_float64']:.1e}",
               flush=True)
-    mem = memory_case(16384, 1 if a.quick else HEADS, threads)
-    print(f"L=S=16384 memory ({mem['heads']} heads): peak RSS growth "
-          f"{mem['peak_growth_bytes'] / 2**20:.0f} MiB = {mem['growth_over_io']:.2f} x inputs+output "
-          f"({mem['inputs_plus_output_bytes'] / 2**20:.0f} MiB; the score matrix alone would be "
-          f"{mem['score_matrix_bytes'] / 2**20:.0f} MiB); target < 2.0: {'yes' if mem['met'] else 'NO'}; "
-          f"call {mem['seconds']:.1f} s", flush=True)
-    start = cold_start(threads)
-    print(f"cold start: all CPU kernels compile in {start['compile_all_cpu_kernels_s']:.1f} s wall, "
-          f"{start['compile_cpu_time_s']:.1f} s CPU "
-          f"(target < {COMPILE_LIMIT_S:.0f}: {'yes' if start['compile_met'] else 'NO'}); warm cache: "
-          f"import {start['warm_cache_import_s']:.2f} s, first call {start['warm_cache_first_call_s']:.3f} s "
-          f"(target < {WARM_FIRST_CALL_LIMIT_S:.0f}: {'yes' if start['warm_first_call_met'] else 'NO'})")
-    if a.json:
-        result = {"command": "python bench/cpu_vs_torch.py" + (" --quick" if a.quick else ""),
-                  "threads": threads, "rounds": rounds, "speed": speed, "memory": mem,
-                  "cold_start": start,
+    gains, mem, start = [], None, None
+    if threads >= 2 and not a.no_extras:
+        print(f"\n2-thread gain (time at 1 thread / time at {threads}), both libraries in one run:")
+        for case in THREAD_CASES if not a.quick else THREAD_CASES[:1]:
+            if wanted is not None and case[0] not in wanted:
+                continue
+            g = thread_gain_case(*case, rounds=rounds, threads=threads)
+            gains.append(g)
+            print(f"  {g['case']:<22} engine {g['engine_1_ms']:.1f} -> {g[f'engine_{threads}_ms']:.1f} ms "
+                  f"(gain {g['engine_gain']:.2f}); torch {g['torch_1_ms']:.1f} -> {g[f'torch_{threads}_ms']:.1f} ms "
+                  f"(gain {g['torch_gain']:.2f}); engine >= torch: {'yes' if g['met'] else 'NO'}", flush=True)
+    if not a.no_extras:
+        mem = memory_case(16384, 1 if a.quick else HEADS, threads)
+        print(f"L=S=16384 memory ({mem['heads']} heads): peak RSS growth "
+              f"{mem['peak_growth_bytes'] / 2**20:.0f} MiB = {mem['growth_over_io']:.2f} x inputs+output "
+              f"({mem['inputs_plus_output_bytes'] / 2**20:.0f} MiB; the score matrix alone would be "
+              f"{mem['score_matrix_bytes'] / 2**20:.0f} MiB); target < 2.0: {'yes' if mem['met'] else 'NO'}; "
+              f"call {mem['seconds']:.1f} s", flush=True)
+        start = cold_start(threads)
+        print(f"cold start: all CPU kernels compile in {start['compile_all_cpu_kernels_s']:.1f} s wall, "
+              f"{start['compile_cpu_time_s']:.1f} s CPU "
+              f"(target < {COMPILE_LIMIT_S:.0f}: {'yes' if start['compile_met'] else 'NO'}); warm cache: "
+              f"import {start['warm_cache_import_s']:.2f} s, first call {start['warm_cache_first_call_s']:.3f} s "
+              f"(target < {WARM_FIRST_CALL_LIMIT_S:.0f}: {'yes' if start['warm_first_call_met'] else 'NO'})")
+    cpu["loadavg_after"] = list(os.getloadavg())
+    if not a.no_json:
+        what = "cpu-vs-torch" + (f"-{threads}thread" if threads != 2 else "") + ("-cputime" if a.cpu_time else "")
+        path = a.json or result_path(what, cpu)
+        result = {"command": "python bench/cpu_vs_torch.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                  "clock": "process CPU time" if a.cpu_time else "wall", "threads": threads, "rounds": rounds, "speed": speed, "thread_gain": gains,
+                  "memory": mem, "cold_start": start, "cpu": cpu,
+                  "gemm": engine.gemm_providers.gemm_provider_info(),
                   "machine": {"platform": platform.platform(), "processor": platform.processor(),
                               "cpu_count": os.cpu_count(),
                               "numba_threading_layer": numba.config.THREADING_LAYER,
-                              "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE")},
+                              "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
+                              "ATTENTION_ENGINE_GEMM": os.environ.get("ATTENTION_ENGINE_GEMM")},
                   "versions": {"numpy": np.__version__, "numba": numba.__version__,
                                "torch": torch.__version__, "python": platform.python_version()},
                   "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        with open(a.json, "w") as f:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
             json.dump(result, f, indent=1)
-        print(f"wrote {a.json}")
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from .decoding import attention_with_kvcache
 from .dispatch import get_backend, list_backends
 from .errors import NotSupportedError
 from .functional import scaled_dot_product_attention
+from .gemm_providers import get_gemm_provider, set_gemm_provider
 from .hookspecs import hookimpl
 from .merge import merge_attention
 from .mods import BlockMask, create_block_mask
@@ -29,4 +30,5 @@ def __getattr__(name):
 __all__ = ["scaled_dot_product_attention", "scaled_dot_product_attention_backward", "list_variants", "get_variant", "list_backends",
            "get_backend", "plot_attention", "register_plugin", "unregister_plugin", "get_plugin_manager", "hookimpl",
            "Variant", "PluginError", "NotSupportedError", "create_block_mask", "BlockMask", "set_num_threads", "get_num_threads",
-           "__version__", "merge_attention", "causal_lower_right", "attention_with_kvcache"]
+           "__version__", "merge_attention", "causal_lower_right", "attention_with_kvcache",
+           "set_gemm_provider", "get_gemm_provider"]

@@ -59,3 +59,23 @@ DECODE_FUSED_ROWS = 8
 DECODE_MIN_SPLIT_KEYS = 512
 #: ``cpu`` decoding: the most splits ``num_splits=None`` picks
 DECODE_MAX_SPLITS = 64
+#: ``cpu`` backend: which tile-product providers ``auto`` takes, first installed first, per CPU
+#: vendor (``vendor_id`` of /proc/cpuinfo). AMD Zen 3 (measured, docs/performance.md): SciPy's
+#: OpenBLAS runs its AVX2 kernels at the machine's rate and MKL is no faster (0.7-0.85x in
+#: float64), so ``numpy``. Intel (issue 17's report: torch, with MKL, 1.35x the engine with
+#: OpenBLAS's SkylakeX kernels): MKL first. Other vendors: ``numpy``
+GEMM_AUTO_ORDER = {"GenuineIntel": ("mkl", "openblas", "numpy"), "AuthenticAMD": ("numpy",)}
+GEMM_AUTO_DEFAULT = ("numpy",)
+#: ``calibrate`` (opt-in): time the installed candidates at the kernel's tile shapes once per
+#: process and dtype (thread CPU time, best of GEMM_CALIBRATION_BLOCKS blocks of
+#: GEMM_CALIBRATION_CALLS calls), keep the fastest; ``numpy`` (no extra library) is kept unless
+#: another is faster by more than GEMM_CALIBRATION_MARGIN
+GEMM_CALIBRATION_CANDIDATES = ("numpy", "openblas", "mkl")
+GEMM_CALIBRATION_BLOCKS = 5
+GEMM_CALIBRATION_CALLS = 8
+GEMM_CALIBRATION_MARGIN = 0.03
+#: 16-bit inputs go through MKL's mixed-precision GEMMs (16-bit operands, float32 accumulation)
+#: where the CPU has one of these flags (AMX or AVX-512 16-bit dot products: ``auto``), or where
+#: the ``mkl`` provider is forced; otherwise they are widened to float32 once and take the
+#: float32 kernel (elsewhere MKL emulates the 16-bit GEMM, slower than float32)
+GEMM_HALF_CPU_FLAGS = {"bfloat16": ("amx_bf16", "avx512_bf16"), "float16": ("amx_fp16", "avx512_fp16")}

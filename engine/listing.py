@@ -40,6 +40,9 @@ def run(args) -> int:
              "yes" if b["backward"] else "no", "yes" if b["dropout"] else "no",
              str(b["priority"]), b["description"]) for b in info["backends"]]
     _table(("name", "available", "dtypes", "arrays", "backward", "dropout", "priority", "description"), rows)
+    for b in info["backends"]:
+        for note in b.get("notes", ()):
+            print(f"  {b['name']}: {note}")
     return 0
 
 

@@ -61,10 +61,15 @@ def test_round_trip_keeps_every_bfloat16_value():
     assert np.array_equal(back, bits[finite])
 
 
-def test_cpu_refuses_bfloat16_by_name(rng):
+def test_cpu_computes_bfloat16_as_the_reference_does(rng):
+    """The cpu backend takes bfloat16 (widened to float32, rounded once): within one bfloat16
+    step of the reference's float64-then-round result, in bfloat16 (lse too)."""
     q = rng.standard_normal((1, 2, 5, 4)).astype(BF16)
-    with pytest.raises(ValueError, match="dtype bfloat16 not supported"):
-        engine.scaled_dot_product_attention(q, q, q, backend="cpu")
+    out, lse = engine.scaled_dot_product_attention(q, q, q, backend="cpu", return_lse=True)
+    ref, ref_lse = engine.scaled_dot_product_attention(q, q, q, backend="reference", return_lse=True)
+    assert out.dtype == BF16 and lse.dtype == BF16
+    np.testing.assert_allclose(out.astype(np.float64), ref.astype(np.float64), rtol=2 ** -7, atol=2 ** -8)
+    np.testing.assert_allclose(lse.astype(np.float64), ref_lse.astype(np.float64), rtol=2 ** -7, atol=2 ** -8)
     assert "bfloat16" in engine.get_backend("cuda").dtypes
 
 

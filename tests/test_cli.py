@@ -22,7 +22,7 @@ def test_list_json_via_console_entry():
     info = json.loads(res.stdout)
     assert {v["name"] for v in info["variants"]} >= {"self", "multi-head", "cross", "masked"}
     cpu = next(b for b in info["backends"] if b["name"] == "cpu")
-    assert cpu["available"] and cpu["dtypes"] == ["float32", "float64"]
+    assert cpu["available"] and cpu["dtypes"] == ["float32", "float64", "float16", "bfloat16"]
     backward = {b["name"]: b["backward"] for b in info["backends"]}
     assert backward == {"cpu": True, "reference": True, "cuda": False}
 

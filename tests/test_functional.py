@@ -113,7 +113,8 @@ def test_empty_sizes():
 def test_auto_picks_a_backend_that_supports_the_inputs(rng):
     q = randn(rng, (1, 1, 4, 8))
     assert engine.scaled_dot_product_attention(q, q, q).dtype == np.float32
-    q16 = q.astype(np.float16)  # only the reference backend computes float16
+    q16 = q.astype(np.float16)
     assert engine.scaled_dot_product_attention(q16, q16, q16).dtype == np.float16
-    with pytest.raises(ValueError, match="backend 'cpu' cannot run these inputs: dtype float16"):
-        engine.scaled_dot_product_attention(q16, q16, q16, backend="cpu")
+    assert engine.scaled_dot_product_attention(q16, q16, q16, backend="cpu").dtype == np.float16
+    with pytest.raises(ValueError, match="backend 'cpu' cannot run these inputs: E = 0"):
+        engine.scaled_dot_product_attention(q16[..., :0], q16[..., :0], q16, scale=1.0, backend="cpu")

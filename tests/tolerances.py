@@ -31,6 +31,18 @@ UNIT = {np.dtype(np.float32): 2.0 ** -24, np.dtype(np.float64): 2.0 ** -53}
 
 OUT_UNITS = {np.dtype(np.float32): 8.0, np.dtype(np.float64): 8.0}
 LSE_UNITS = {np.dtype(np.float32): 8.0, np.dtype(np.float64): 8.0}
+
+# 16-bit inputs: computed in float32 and rounded once (cpu), against float64 rounded once
+# (reference), the two differ by at most one 16-bit step of the value, so the same model holds
+# with the 16-bit unit roundoff (2^-11 float16, 2^-8 bfloat16)
+try:
+    import ml_dtypes
+
+    _BF16 = np.dtype(ml_dtypes.bfloat16)
+    UNIT[_BF16], OUT_UNITS[_BF16], LSE_UNITS[_BF16] = 2.0 ** -8, 8.0, 8.0
+except ImportError:
+    pass
+UNIT[np.dtype(np.float16)], OUT_UNITS[np.dtype(np.float16)], LSE_UNITS[np.dtype(np.float16)] = 2.0 ** -11, 8.0, 8.0
 VARIANT_UNITS = {np.dtype(np.float32): 32.0, np.dtype(np.float64): 32.0}
 
 #: float32 vs float64, L = S up to 16384, unit-normal inputs: |out - ref| / max|v|

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import threading
 
 import numpy as np
 
 from ..config import (BLAS_SINGLE_THREAD_MNK, CPU_BIG_BLOCK_Q, CPU_BLOCK_K, CPU_BLOCK_Q, CPU_BWD_BLOCK_Q,
                       CPU_BWD_MIN_TASKS_PER_THREAD, CPU_SERIAL_MAX_WORK, CPU_TASK_ROWS)
+from ..gemm_providers import get_gemm_provider, sixteen_bit_gemm
+from ..kernels.gemm import GEMM_NUMPY
 from ..kernels.kinds import MASK_BOOL, MASK_FLOAT, MASK_NONE, TILE_FULL
 from ..kernels.philox import dropout_threshold, split_seed
 from ..masks import kernel_mask, reduce_to_shape
@@ -196,6 +199,26 @@ def _kernel_masks(problem: AttentionProblem):
     return fmask, bmask, mask_batch, kind
 
 
+def _widen(a: np.ndarray) -> np.ndarray:
+    """float32 copy of a C-contiguous float16/bfloat16 array (exact; vectorised, unlike NumPy's
+    float16 cast)."""
+    from ..kernels.half import widen
+
+    out = np.empty(a.shape, dtype=np.float32)
+    widen(a.reshape(-1).view(np.uint16), out.reshape(-1), a.dtype == np.float16)
+    return out
+
+
+def _narrow(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """float32 ``x`` rounded to the 16-bit ``dtype`` (nearest even, as NumPy/ml_dtypes)."""
+    from ..kernels.half import narrow
+
+    x = np.ascontiguousarray(x)
+    bits = np.empty(x.shape, dtype=np.uint16)
+    narrow(x.reshape(-1), bits.reshape(-1), dtype == np.float16)
+    return bits.view(dtype)
+
+
 def _as4(a, batch: int) -> np.ndarray:
     """C-contiguous (batch, heads, rows, features) view, or copy, of a host array."""
     a = np.ascontiguousarray(a)
@@ -204,10 +227,15 @@ def _as4(a, batch: int) -> np.ndarray:
     return a.reshape((batch,) + a.shape[-3:])
 
 
+#: 16-bit dtypes: computed in float32 (inputs widened once, O(L) next to the O(L^2) kernel), the
+#: output and lse rounded to the input dtype once, as the ``reference`` backend does
+SIXTEEN_BIT = ("float16", "bfloat16")
+
+
 class CpuBackend(Backend):
     name = "cpu"
     description = "Numba njit(parallel=True), tiled online softmax, BLAS tiles; memory linear in L"
-    dtypes = ("float32", "float64")
+    dtypes = ("float32", "float64") + SIXTEEN_BIT
     supports_mods = True
     supports_backward = True
     supports_dropout = True
@@ -221,20 +249,78 @@ class CpuBackend(Backend):
         reasons = super().not_supported_reasons(problem)
         if problem.E == 0:
             reasons.append("E = 0 (BLAS cannot take an empty inner dimension)")
+        if getattr(problem, "needs_backward", False) and problem.dtype.name in SIXTEEN_BIT:
+            reasons.append(f"no backward pass for {problem.dtype.name} in this backend (float32 and float64 only)")
         if getattr(problem, "needs_backward", False) and problem.causal_offset:
             reasons.append("no backward pass for a bottom-right causal mask (causal_lower_right with "
                            "L != S) in this backend")
         return reasons
 
+    def capabilities(self) -> dict:
+        from ..gemm_providers import gemm_provider_info
+
+        caps = super().capabilities()
+        info = gemm_provider_info()
+        providers = info["providers"]
+        caps["gemm"] = info
+        caps["notes"] = [f"tile products ({info['requested']}): " + "; ".join(
+            f"{dt} {name}" + ("" if " " in name else f" ({providers[name]})") for dt, name in info["in_use"].items())
+            + "; choose with ATTENTION_ENGINE_GEMM or engine.set_gemm_provider"]
+        return caps
+
     def run(self, problem: AttentionProblem):
+        if problem.dtype.name in SIXTEEN_BIT:
+            return self._run_16bit(problem)
+        return self._run(problem)
+
+    def _run_16bit(self, problem: AttentionProblem):
+        """A 16-bit problem: through a mixed-precision GEMM on the 16-bit bits where one is chosen
+        (``engine.gemm_providers.sixteen_bit_gemm``), else widened to float32 (exact). Either way
+        the kernel computes in float32 and the output and lse are rounded once to the input dtype.
+        A float mask is widened to float32 (exact, as the reference adds it)."""
+        f32 = np.dtype(np.float32)
+        mask = problem.attn_mask
+        if problem.mask_kind == "float":
+            mask = np.asarray(mask).astype(f32)
+        half = sixteen_bit_gemm(problem.dtype.name)
+        v = _as4(problem.value, problem.batch)
+        if half is not None and np.isfinite(np.sum(v, dtype=np.float32)):
+            from ..kernels.gemm import GEMM_CBLAS_BF16, GEMM_CBLAS_F16
+
+            bits = tuple(_as4(a, problem.batch).view(np.uint16) for a in (problem.query, problem.key))
+            kind = GEMM_CBLAS_BF16 if problem.dtype.name == "bfloat16" else GEMM_CBLAS_F16
+            out, lse = self._run(dataclasses.replace(problem, attn_mask=mask, dtype=f32),
+                                 arrays=bits + (v.view(np.uint16),),
+                                 gemm=(kind, half.pointer(problem.dtype.name)))
+        else:  # widened: O(L) next to the O(L^2) kernel
+            q32, k32 = (_widen(_as4(a, problem.batch)) for a in (problem.query, problem.key))
+            wide = dataclasses.replace(problem, query=q32, key=k32, value=_widen(v), attn_mask=mask, dtype=f32)
+            out, lse = self._run(wide)
+        return _narrow(out, problem.dtype), _narrow(lse, problem.dtype)
+
+    def _run(self, problem: AttentionProblem, arrays=None, gemm=None):
+        """The kernel call. ``arrays``: ready (batch, heads, rows, features) q, k, v (the 16-bit
+        path's uint16 bits; v already checked finite), with ``gemm`` = (kind, address)."""
         # a NaN/inf value in V reaches only the rows that weigh it: the kernel checks each tile's
         # product and recomputes a non-finite one exactly (kernels.nonfinite), so no pass over V here
         B = problem.batch
-        q, k, v = _as4(problem.query, B), _as4(problem.key, B), _as4(problem.value, B)
+        if arrays is None:
+            arrays = tuple(_as4(a, B) for a in (problem.query, problem.key, problem.value))
+        q, k, v = arrays
         Hq, L, S = problem.num_q_heads, problem.L, problem.S
         fmask, bmask, mask_batch, kind = _kernel_masks(problem)
-        pin = _get_blas_pin()
-        block_q, block_k = tile_sizes(L, problem.E, problem.Ev, blas_pinned=pin.available)
+        if gemm is None:
+            provider = get_gemm_provider(problem.dtype.name)
+            gemm = (provider.kind, provider.pointer(problem.dtype.name))
+        # only np.dot's OpenBLAS starts threads of its own; the other providers are sequential
+        pin = _get_blas_pin() if gemm[0] == GEMM_NUMPY else None
+        block_q, block_k = tile_sizes(L, problem.E, problem.Ev, blas_pinned=pin is None or pin.available)
+        # tiles this small never make OpenBLAS start threads: no pin (it costs microseconds)
+        small = min(block_q, L) * min(block_k, S) * max(problem.E, problem.Ev) <= BLAS_SINGLE_THREAD_MNK
+        if pin is None or small:
+            pin = _NO_PIN
+        else:
+            pin = pin()
         sub_tiles = max(1, CPU_TASK_ROWS // block_q)
         tile_kinds = _ALL_FULL
         if problem.mask_mod is not None:
@@ -243,12 +329,10 @@ class CpuBackend(Backend):
         lse = np.empty((B, Hq, L), dtype=problem.dtype)
         serial = B * Hq * L * S * (problem.E + problem.Ev) <= CPU_SERIAL_MAX_WORK
         kernel = _kernels().flash_kernel(problem.score_mod, problem.mask_mod, serial)
-        # tiles this small never make OpenBLAS start threads: no pin (it costs microseconds)
-        small = min(block_q, L) * min(block_k, S) * max(problem.E, problem.Ev) <= BLAS_SINGLE_THREAD_MNK
-        with kernel_call_guard(), (_NO_PIN if small else pin()):
+        with kernel_call_guard(), pin:
             kernel(q, k, v, fmask, bmask, mask_batch, kind, problem.is_causal, problem.causal_offset,
                    problem.scale, problem.group, block_q, block_k, sub_tiles, problem.mod_args,
-                   problem.score_mod is not None, tile_kinds, dropout_args(problem), out, lse)
+                   problem.score_mod is not None, tile_kinds, dropout_args(problem), gemm[0], gemm[1], out, lse)
         return out.reshape(problem.out_shape), lse.reshape(problem.lse_shape)
 
     def decode(self, problem):
@@ -266,8 +350,11 @@ class CpuBackend(Backend):
                                                problem.grad_out))
         lse = np.ascontiguousarray(problem.lse, dtype=dt).reshape(B, Hq, L)
         fmask, bmask, mask_batch, kind = _kernel_masks(problem)
-        pin = _get_blas_pin()
-        block_q, block_k, fq = backward_tile_sizes(L, S, E, Ev, blas_pinned=pin.available)
+        # the forward's provider and tiles: the scores are recomputed with the very same products
+        provider = get_gemm_provider(dt.name)
+        gemm = (provider.kind, provider.pointer(dt.name))
+        pin = _get_blas_pin() if gemm[0] == GEMM_NUMPY else None
+        block_q, block_k, fq = backward_tile_sizes(L, S, E, Ev, blas_pinned=pin is None or pin.available)
         nqb, nkb = -(-L // block_q), -(-S // block_k)
         splits = backward_splits(B * H, get_num_threads(), nkb)
         # work per key tile: the query tiles it meets (causal: those at or below the diagonal)
@@ -289,11 +376,11 @@ class CpuBackend(Backend):
         dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
         kernel = backward_kernel(problem.score_mod, problem.score_grad, problem.mask_mod)
         _backward_prologue(q, o, do, lse, problem.scale, fq, qs, qst, delta, lrow)
-        with kernel_call_guard(), pin():
+        with kernel_call_guard(), (_NO_PIN if pin is None else pin()):
             kernel(qs, qst, fq, k, v, do, lrow, delta, fmask, bmask, mask_batch, kind, problem.is_causal,
                    problem.group, block_q, block_k, splits, bounds, problem.mod_args,
-                   problem.score_mod is not None, tile_kinds, dropout_args(problem), dm_rows, dm_cols,
-                   want_dm, dq_part, dk, dv, dm)
+                   problem.score_mod is not None, tile_kinds, dropout_args(problem), gemm[0], gemm[1], dm_rows,
+                   dm_cols, want_dm, dq_part, dk, dv, dm)
         _backward_epilogue(dq_part, problem.scale, dq)
         dmask = None
         if want_dm:

@@ -29,6 +29,7 @@ from ..jit_cache import cache_enabled
 from .cpu_flash_fwd import _FM, no_mask_mod, no_score_mod
 from .blas import gemm_acc
 from .fastexp import fast_exp
+from .gemm import tile_gemm
 from .kinds import MASK_BOOL, MASK_FLOAT, MASK_NONE, TILE_EMPTY, TILE_FULL, TILE_PARTIAL
 from .philox import keep_scale
 from .specialise import cache_tag, named
@@ -53,7 +54,7 @@ _MASK_MOD = no_mask_mod
 @njit(cache=_CACHE, fastmath=_FM, error_model="numpy")
 def _bwd_task(task, qs, qst, fq, k, v, do, lrow, delta, fmask, bmask, mask_batch, mask_kind, causal, group,
               block_q, block_k, splits, bounds, mod_args, has_score_mod, tile_kinds, per_tile, dropout,
-              dm_rows, dm_cols, want_dm, dq_part, dk, dv, dm):
+              gemm_kind, gemm_fn, dm_rows, dm_cols, want_dm, dq_part, dk, dv, dm):
     """One parallel task: the key tiles ``bounds[s] ... bounds[s + 1] - 1`` of one (batch, kv head)."""
     B, Hq, L, E = qs.shape
     H = k.shape[1]
@@ -115,7 +116,7 @@ def _bwd_task(task, qs, qst, fq, k, v, do, lrow, delta, fmask, bmask, mask_batch
                 for c0 in range(0, nq, fq):
                     w = min(fq, nq - c0)
                     tsw = ts[:nk * w].reshape((nk, w))
-                    np.dot(kt, qst[b, h, (i0 + c0) // fq, :E * w].reshape((E, w)), tsw)
+                    tile_gemm(gemm_kind, gemm_fn, kt, qst[b, h, (i0 + c0) // fq, :E * w].reshape((E, w)), tsw)
                     lrw = lr[c0:c0 + w]
                     for c in range(nk):  # 1-D row views: indexing with an offset does not vectorise
                         prow = pt[c, c0:c0 + w]
@@ -200,7 +201,7 @@ def _bwd_task(task, qs, qst, fq, k, v, do, lrow, delta, fmask, bmask, mask_batch
 @njit(parallel=True, cache=_CACHE, fastmath=_FM, error_model="numpy")
 def _flash_backward(qs, qst, fq, k, v, do, lrow, delta, fmask, bmask, mask_batch, mask_kind, causal, group,
                     block_q, block_k, splits, bounds, mod_args, has_score_mod, tile_kinds, dropout,
-                    dm_rows, dm_cols, want_dm, dq_part, dk, dv, dm):
+                    gemm_kind, gemm_fn, dm_rows, dm_cols, want_dm, dq_part, dk, dv, dm):
     """Gradients of ``out = softmax(scale * q @ k.T + mask) @ v`` per (batch, head), tiled.
 
     From :func:`_backward_prologue`: ``qs`` = scale * q (B, Hq, L, E) and its copy ``qst`` in the
@@ -211,7 +212,8 @@ def _flash_backward(qs, qst, fq, k, v, do, lrow, delta, fmask, bmask, mask_batch
     (splits, B, Hq, L, E), zeroed by the caller and summed by :func:`_backward_epilogue`.
 
     Masks, ``causal``, mods (``has_score_mod``, ``tile_kinds`` at these tile sizes) and
-    ``dropout`` are the forward kernel's arguments (``engine.kernels.cpu_flash_fwd``). ``splits``
+    ``dropout`` are the forward kernel's arguments (``engine.kernels.cpu_flash_fwd``), as are
+    ``gemm_kind``/``gemm_fn``: the scores are recomputed by the forward's tile-product provider. ``splits``
     and ``bounds`` (int64, splits + 1 entries from 0 to ceil(S / block_k)) cut each head's key
     tiles into the tasks' runs. With ``want_dm``, ``dm`` (float64, B, Hq, L or 1, S or number of
     key tiles, zeroed) receives the float mask's gradient dS: per row when ``dm_rows`` (else
@@ -224,7 +226,7 @@ def _flash_backward(qs, qst, fq, k, v, do, lrow, delta, fmask, bmask, mask_batch
         # the index is int64 when typed, uint64 when lowered: one type, one compilation of the task
         _bwd_task(np.int64(task), qs, qst, fq, k, v, do, lrow, delta, fmask, bmask, mask_batch, mask_kind, causal,
                   group, block_q, block_k, splits, bounds, mod_args, has_score_mod, tile_kinds, per_tile,
-                  dropout, dm_rows, dm_cols, want_dm, dq_part, dk, dv, dm)
+                  dropout, gemm_kind, gemm_fn, dm_rows, dm_cols, want_dm, dq_part, dk, dv, dm)
 
 
 # prologue and epilogue: O(L) work, single-threaded (a parallel loop would cost more compile time

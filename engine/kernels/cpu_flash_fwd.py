@@ -18,9 +18,13 @@ the tiles below OpenBLAS's multithreading threshold.
 """
 import numpy as np
 from numba import njit, prange
+from numba import types as nb_types
+from numba.extending import overload
 
 from ..jit_cache import cache_enabled
 from .fastexp import fast_exp
+from .gemm import GEMM_CBLAS_F16, tile_gemm, tile_gemm_16
+from .half import f32_to_bf16_bits, f32_to_f16_bits
 from .philox import keep_scale
 from .kinds import MASK_BOOL, MASK_FLOAT, TILE_EMPTY, TILE_FULL, TILE_PARTIAL
 from .nonfinite import redo_if_nonfinite
@@ -48,6 +52,83 @@ _FM = {"contract", "reassoc", "nsz", "arcp"}
 #: keys per partial row sum of the weights (see ``_flash_task``)
 _SUM_CHUNK = 32
 
+
+# 16-bit operands (uint16 bit patterns of bfloat16 or float16) take the mixed-precision GEMM path:
+# q is copied unscaled (exact), the scale is applied to the float32 scores, and the probabilities
+# are rounded to the operand format for the second product (as FlashAttention does). These helpers
+# are the only places the two paths differ; each compiles to one branch for the operand type.
+
+def _scaled_q(x, scale):
+    """What the q tile holds: ``scale * x`` for float operands, the raw bits for 16-bit ones."""
+
+
+@overload(_scaled_q, inline="always")
+def _scaled_q_impl(x, scale):
+    if isinstance(x, nb_types.Integer):
+        return lambda x, scale: x
+    return lambda x, scale: x * scale
+
+
+def _score_scale(q, scale):
+    """The factor still to apply to the scores after the first product (1 for float operands)."""
+
+
+@overload(_score_scale, inline="always")
+def _score_scale_impl(q, scale):
+    if isinstance(q.dtype, nb_types.Integer):
+        return lambda q, scale: scale
+    return lambda q, scale: 1.0
+
+
+def _half_buffer(q, n):
+    """Scratch for the 16-bit probabilities (empty for float operands)."""
+
+
+@overload(_half_buffer, inline="always")
+def _half_buffer_impl(q, n):
+    if isinstance(q.dtype, nb_types.Integer):
+        return lambda q, n: np.empty(n, dtype=np.uint16)
+    return lambda q, n: np.empty(0, dtype=q.dtype)
+
+
+def _scores_gemm(kind, fn, kt, qt, st):
+    """st = kt @ qt."""
+
+
+@overload(_scores_gemm, inline="always")
+def _scores_gemm_impl(kind, fn, kt, qt, st):
+    if isinstance(kt.dtype, nb_types.Integer):
+        return lambda kind, fn, kt, qt, st: tile_gemm_16(fn, kt, qt, st)
+    return lambda kind, fn, kt, qt, st: tile_gemm(kind, fn, kt, qt, st)
+
+
+def _values_gemm(kind, fn, st, half, vt, pv):
+    """pv = st.T @ vt (st rounded into ``half`` first for 16-bit operands, whose values the wrapper
+    checked finite; float products with a NaN/inf are redone exactly: ``kernels.nonfinite``)."""
+
+
+@overload(_values_gemm, inline="always")
+def _values_gemm_impl(kind, fn, st, half, vt, pv):
+    if isinstance(vt.dtype, nb_types.Integer):
+        def impl(kind, fn, st, half, vt, pv):
+            nk, nq = st.shape
+            p = half[:nk * nq].reshape((nk, nq))
+            if kind == GEMM_CBLAS_F16:
+                for c in range(nk):
+                    for r in range(nq):
+                        p[c, r] = f32_to_f16_bits(st[c, r])
+            else:
+                for c in range(nk):
+                    for r in range(nq):
+                        p[c, r] = f32_to_bf16_bits(st[c, r])
+            tile_gemm_16(fn, p.T, vt, pv)
+        return impl
+    def impl(kind, fn, st, half, vt, pv):
+        tile_gemm(kind, fn, st.T, vt, pv)
+        redo_if_nonfinite(st.T, vt, pv)  # a NaN/inf value reaches only rows that weigh it
+    return impl
+
+
 #: the mods the kernels below call; ``flash_kernel`` re-binds these names for other mods
 _SCORE_MOD = no_score_mod
 _MASK_MOD = no_mask_mod
@@ -55,7 +136,8 @@ _MASK_MOD = no_mask_mod
 
 @njit(cache=_CACHE, fastmath=_FM, error_model="numpy")
 def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, causal_offset, scale, group,
-                block_q, block_k, sub_tiles, mod_args, has_score_mod, tile_kinds, per_tile, dropout, out, lse):
+                block_q, block_k, sub_tiles, mod_args, has_score_mod, tile_kinds, per_tile, dropout, gemm_kind,
+                gemm_fn, out, lse):
     """One parallel task: ``sub_tiles`` query tiles of one (batch, head)."""
     B, Hq, L, E = q.shape
     S = k.shape[2]
@@ -64,10 +146,12 @@ def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, caus
     rows = block_q * sub_tiles
     nqb = (L + rows - 1) // rows
     drop_threshold, drop_scale, seed_lo, seed_hi = dropout
-    consts = np.array([-np.inf, 0.0, drop_scale], dtype=dt)  # typed constants: no float64 promotion
+    # typed constants: no float64 promotion
+    consts = np.array([-np.inf, 0.0, drop_scale, _score_scale(q, scale)], dtype=dt)
     neg_inf = consts[0]
     zero = consts[1]
     keep = consts[2]
+    post_scale = consts[3]
     dropping = drop_threshold > 0 or keep != 1.0
     b = task // (Hq * nqb)
     rest = task - b * (Hq * nqb)
@@ -78,7 +162,8 @@ def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, caus
     hk = h // group
     mb = mask_batch[b]
     # per-task scratch, reused by every key tile; row state indexed by row - t0
-    qt = np.empty((sub_tiles, E * block_q), dtype=dt)  # (scale * q_sub_tile).T, (E, nq) each
+    qt = np.empty((sub_tiles, E * block_q), dtype=q.dtype)  # (scale * q_sub_tile).T, (E, nq) each
+    half = _half_buffer(q, block_k * block_q)  # 16-bit operands: the probabilities, rounded
     st_buf = np.empty(block_k * block_q, dtype=dt)   # transposed scores, then probabilities
     pv_buf = np.empty(block_q * Ev, dtype=dt)
     acc = np.zeros((nt, Ev), dtype=dt)
@@ -95,7 +180,7 @@ def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, caus
         rr = r - sub * block_q
         nqs = min(block_q, nt - sub * block_q)  # rows of this sub-tile
         for e in range(E):
-            qt[sub, e * nqs + rr] = q[b, h, t0 + r, e] * scale
+            qt[sub, e * nqs + rr] = _scaled_q(q[b, h, t0 + r, e], scale)
     kend = max(0, min(S, t1 + causal_offset)) if causal else S
     for j0 in range(0, kend, block_k):
         j1 = min(j0 + block_k, kend)
@@ -116,7 +201,11 @@ def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, caus
             nq = i1 - i0
             o = i0 - t0
             st = st_buf[:nk * nq].reshape((nk, nq))
-            np.dot(kt, qt[sub, :E * nq].reshape((E, nq)), st)
+            _scores_gemm(gemm_kind, gemm_fn, kt, qt[sub, :E * nq].reshape((E, nq)), st)
+            if post_scale != 1.0:
+                for c in range(nk):
+                    for r in range(nq):
+                        st[c, r] *= post_scale
             if has_score_mod:
                 for c in range(nk):
                     for r in range(nq):
@@ -126,33 +215,29 @@ def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, caus
                     for r in range(nq):
                         if not _MASK_MOD(b, h, i0 + r, j0 + c, *mod_args):
                             st[c, r] = neg_inf
-            tm[:nq] = neg_inf
-            # max pass (and masking), one specialised straight loop per kind
+            # masking: one specialised straight loop per kind, writing -inf where hidden
             if mask_kind == MASK_FLOAT:
                 for c in range(nk):
                     for r in range(nq):
                         mv = fmask[mb, h, i0 + r, j0 + c]
-                        x = neg_inf if mv == neg_inf else st[c, r] + mv  # -inf hides even NaN
-                        st[c, r] = x
-                        tm[r] = x if x > tm[r] else tm[r]
+                        st[c, r] = neg_inf if mv == neg_inf else st[c, r] + mv  # -inf hides even NaN
             elif mask_kind == MASK_BOOL:
                 for c in range(nk):
                     for r in range(nq):
-                        x = st[c, r] if bmask[mb, h, i0 + r, j0 + c] else neg_inf
-                        st[c, r] = x
-                        tm[r] = x if x > tm[r] else tm[r]
+                        if not bmask[mb, h, i0 + r, j0 + c]:
+                            st[c, r] = neg_inf
             elif causal and j1 - 1 > i0 + causal_offset:  # tile crosses the diagonal
                 for c in range(nk):
-                    first = j0 + c - i0 - causal_offset  # rows r < first cannot see key j0 + c
-                    for r in range(nq):
-                        x = st[c, r] if r >= first else neg_inf
-                        st[c, r] = x
-                        tm[r] = x if x > tm[r] else tm[r]
-            else:
-                for c in range(nk):
-                    for r in range(nq):
-                        x = st[c, r]
-                        tm[r] = x if x > tm[r] else tm[r]
+                    first = min(j0 + c - i0 - causal_offset, nq)  # rows r < first cannot see key j0 + c
+                    for r in range(first):
+                        st[c, r] = neg_inf
+            # column maxima: NumPy's ufunc loop over whole rows vectorises (5x a per-element
+            # select into tm here, which LLVM keeps scalar); a NaN makes its column's max NaN,
+            # which leaves the running max as it was and the row NaN through exp, as before
+            tmq = tm[:nq]
+            tmq[:] = neg_inf
+            for c in range(nk):
+                np.maximum(tmq, st[c], tmq)
             # new running max; a row with nothing visible yet shifts by 0 so its -inf -> 0
             # (and all-NaN rows stay NaN); alpha rescales what was accumulated before
             rescale = False
@@ -167,14 +252,29 @@ def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, caus
                 ts[r] = 0.0
                 rescale |= a != 1.0
             # chunks of keys summed in dt, the chunk sums in float64: a float32 sum over a whole
-            # tile would lose about sqrt(block_k) ulps, which lse and the backward's weights inherit
+            # tile would lose about sqrt(block_k) ulps, which lse and the backward's weights inherit.
+            # Two key rows per sweep (two independent exp chains: 15% here); _SUM_CHUNK is even
             for c0 in range(0, nk, _SUM_CHUNK):
+                c1 = min(c0 + _SUM_CHUNK, nk)
                 tc[:nq] = zero
-                for c in range(c0, min(c0 + _SUM_CHUNK, nk)):
+                c = c0
+                while c + 2 <= c1:
+                    s0 = st[c]
+                    s1 = st[c + 1]
                     for r in range(nq):
-                        p = fast_exp(st[c, r] - shift[r])
-                        st[c, r] = p
-                        tc[r] += p
+                        sh = shift[r]
+                        p0 = fast_exp(s0[r] - sh)
+                        p1 = fast_exp(s1[r] - sh)
+                        s0[r] = p0
+                        s1[r] = p1
+                        tc[r] += p0 + p1
+                    c += 2
+                if c < c1:
+                    s0 = st[c]
+                    for r in range(nq):
+                        p0 = fast_exp(s0[r] - shift[r])
+                        s0[r] = p0
+                        tc[r] += p0
                 for r in range(nq):
                     ts[r] += tc[r]
             for r in range(nq):
@@ -186,8 +286,7 @@ def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, caus
                     for r in range(nq):
                         st[c, r] *= zt[c, r]
             pv = pv_buf[:nq * Ev].reshape((nq, Ev))
-            np.dot(st.T, vt, pv)
-            redo_if_nonfinite(st.T, vt, pv)  # a NaN/inf value reaches only rows that weigh it
+            _values_gemm(gemm_kind, gemm_fn, st, half, vt, pv)
             if rescale:
                 for r in range(nq):
                     a = alpha[r]
@@ -218,7 +317,8 @@ def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, caus
 # (ours and those of inlined mods) carry no zero check and their loops vectorise (10x for tanh)
 @njit(parallel=True, cache=_CACHE, fastmath=_FM, error_model="numpy")
 def _flash_forward(q, k, v, fmask, bmask, mask_batch, mask_kind, causal, causal_offset, scale, group,
-                   block_q, block_k, sub_tiles, mod_args, has_score_mod, tile_kinds, dropout, out, lse):
+                   block_q, block_k, sub_tiles, mod_args, has_score_mod, tile_kinds, dropout, gemm_kind, gemm_fn,
+                   out, lse):
     """out[b, h] = softmax(scale * q[b, h] @ k[b, h // group].T + mask) @ v[b, h // group].
 
     q (B, Hq, L, E), k (B, H, S, E), v (B, H, S, Ev), out (B, Hq, L, Ev), lse (B, Hq, L): C order.
@@ -242,6 +342,12 @@ def _flash_forward(q, k, v, fmask, bmask, mask_batch, mask_kind, causal, causal_
     ``engine.kernels.philox.keep_scale`` decides from (b, h, i, j) alone; ``lse`` stays that of
     the weights before dropout. ``(0, 1.0, 0, 0)`` without dropout.
 
+    ``gemm_kind``/``gemm_fn``: the provider of both tile products and its C function address for
+    this dtype (see ``engine.kernels.gemm.tile_gemm``); ``GEMM_NUMPY`` and 0 is ``np.dot``.
+    16-bit operands: q, k, v are uint16 bit patterns, ``gemm_fn`` a mixed-precision GEMM
+    (``tile_gemm_16``) and ``gemm_kind`` ``GEMM_CBLAS_BF16`` or ``GEMM_CBLAS_F16`` (which format
+    the probabilities are rounded to); ``out``/``lse`` are float32.
+
     A task owns ``sub_tiles`` query tiles of ``block_q`` rows and walks the key tiles once for all
     of them, so each key/value tile is read from memory once and reused from cache by every
     sub-tile (at L = 4096 one head's K and V no longer fit in L2).
@@ -252,7 +358,7 @@ def _flash_forward(q, k, v, fmask, bmask, mask_batch, mask_kind, causal, causal_
         # the index is int64 when typed, uint64 when lowered: one type, one compilation of the task
         _flash_task(np.int64(task), q, k, v, fmask, bmask, mask_batch, mask_kind, causal, causal_offset, scale,
                     group, block_q, block_k, sub_tiles, mod_args, has_score_mod, tile_kinds, per_tile, dropout,
-                    out, lse)
+                    gemm_kind, gemm_fn, out, lse)
 
 
 _with_mods: dict = {}
