@@ -12,27 +12,26 @@ from engine.validation import validate_attention_args
 Q = np.zeros((1, 2, 3, 4), np.float32)
 
 
-def _problem(dtype=np.float32):
-    q = Q.astype(dtype)
-    return validate_attention_args(q, q, q)
+def _problem(dtype=np.float32, E=4):
+    q = Q[..., :E].astype(dtype)
+    return validate_attention_args(q, q, q, scale=1.0)
 
 
 def test_auto_takes_the_highest_priority_backend_that_accepts():
     backends = {n: engine.get_backend(n) for n in engine.list_backends()}
-    for dtype in (np.float32, np.float64, np.float16):
-        problem = _problem(dtype)
+    for problem in (_problem(np.float32), _problem(np.float64), _problem(np.float16), _problem(E=0)):
         takers = [b for b in backends.values() if not b.not_supported_reasons(problem)]
         chosen = select_backend("auto", problem)
-        assert chosen is max(takers, key=lambda b: b.priority), dtype
+        assert chosen is max(takers, key=lambda b: b.priority), problem.dtype
     assert select_backend("auto", _problem(np.float32)).name == "cpu"      # cpu before reference
-    assert select_backend("auto", _problem(np.float16)).name == "reference"  # cpu refuses float16 here
+    assert select_backend("auto", _problem(E=0)).name == "reference"  # cpu refuses E = 0
 
 
 def test_explicit_backend_that_refuses_raises_with_its_reasons():
     with pytest.raises(engine.NotSupportedError) as exc:
-        select_backend("cpu", _problem(np.float16))
+        select_backend("cpu", _problem(E=0))
     assert isinstance(exc.value, ValueError)
-    assert exc.value.reasons == {"cpu": engine.get_backend("cpu").not_supported_reasons(_problem(np.float16))}
+    assert exc.value.reasons == {"cpu": engine.get_backend("cpu").not_supported_reasons(_problem(E=0))}
     assert exc.value.reasons["cpu"] and all(r in str(exc.value) for r in exc.value.reasons["cpu"])
 
 
