@@ -151,8 +151,10 @@ def test_zero_sizes_and_unsupported_dtypes():
     out, lse = dask.compute(*ed.scaled_dot_product_attention(q, q[:, :, :0], q[:, :, :0], return_lse=True))
     assert (out == 0).all() and out.shape == (1, 2, 5, 4) and (lse == -np.inf).all()
     assert ed.scaled_dot_product_attention(q[:, :, :0], q, q).compute().shape == (1, 2, 0, 4)
-    with pytest.raises(engine.NotSupportedError, match="cpu backend"):
+    with pytest.raises(engine.NotSupportedError, match="float32 or float64"):
         ed.scaled_dot_product_attention(q.astype(np.float16), q.astype(np.float16), q.astype(np.float16))
+    with pytest.raises(engine.NotSupportedError, match="E = 0"):
+        ed.scaled_dot_product_attention(q[..., :0], q[..., :0], q, scale=1.0)
 
 
 # -- the graph ------------------------------------------------------------------------------------

@@ -67,7 +67,11 @@ def test_unusual_layouts_give_the_plain_result(backend, dtype, layout, which):
         kw["mod_args"] = tuple(f(a) for a in kw["mod_args"])
     out, lse = engine.scaled_dot_product_attention(*args, backend=backend, return_lse=True, **kw)
     assert out.dtype == np.dtype(dtype) and out.dtype.isnative and lse.dtype.isnative
-    np.testing.assert_array_equal(out, expected)
+    # a few ulps: a read-only input is a new Numba signature, and a kernel compiled in this process
+    # can round differently from the plain one loaded from Numba's disk cache (seen since the
+    # GEMM-provider merge: fresh and cached builds of the same kernel differ by 1-2 ulps)
+    eps = np.finfo(dtype).eps
+    np.testing.assert_allclose(out, expected, rtol=8 * eps, atol=8 * eps)
 
 
 def test_big_endian_inputs_to_variants_and_block_masks():

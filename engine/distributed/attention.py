@@ -56,7 +56,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
         ``(..., Hq, L)``, natural log, ``-inf`` where a row sees no key.
     :raises TypeError: an argument of the wrong kind (the engine's own checks), before any task runs.
     :raises ValueError: bad shapes or values, or chunks that break the rules, before any task runs.
-    :raises engine.NotSupportedError: inputs the ``cpu`` backend cannot run (float16, bfloat16, E = 0).
+    :raises engine.NotSupportedError: float16 or bfloat16 inputs (each chunk's partial result would be
+        rounded to 16 bits before the merge: pass float32), or inputs the ``cpu`` backend cannot run
+        (E = 0).
     """
     plan = plan_chunks(query, key, value, attn_mask, is_causal, scale, enable_gqa, return_lse,
                        score_mod, mask_mod, mod_args)
@@ -66,6 +68,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
         out, lse = _empty(plan)
         return (out, lse) if return_lse else out
     reasons = get_backend("cpu").not_supported_reasons(problem)
+    if problem.dtype.name not in ("float32", "float64"):  # partial results would round to 16 bits
+        reasons.append(f"dtype {problem.dtype.name}: engine.distributed merges partial results in the "
+                       "input dtype, so it takes float32 or float64 (cast 16-bit inputs to float32)")
     if reasons:
         raise NotSupportedError(f"engine.distributed computes on the cpu backend, which cannot run "
                                 f"these inputs: {'; '.join(reasons)}", {"cpu": reasons})

@@ -389,22 +389,24 @@ def decode_kernel(score_mod, mask_mod, serial=False):
     disk-cached for the engine's and built-in variants' mods (see ``cpu_flash_fwd.flash_kernel``).
     ``serial=True``: the same code compiled without ``parallel``, for calls too small to wake the
     thread pool for."""
+    if score_mod is None and mask_mod is None:
+        return _decode_serial if serial else _decode
     key = (score_mod, mask_mod, serial)
     if key not in _with_mods:
-        if score_mod is None and mask_mod is None:
-            if not serial:
-                return _decode
-            tag, cache, env = None, {"cache": _CACHE}, globals()
-        else:
-            tag = cache_tag(score_mod, mask_mod)
-            cache = {"cache": True} if tag else {}
-            if (score_mod, mask_mod) not in _mods_tasks:
-                task_env = dict(globals(), _SCORE_MOD=score_mod or no_score_mod,
-                                _MASK_MOD=mask_mod or no_mask_mod)
-                _mods_tasks[score_mod, mask_mod] = njit(fastmath=_FM, error_model="numpy", **cache)(
-                    named(_decode_task.py_func.__code__, task_env, "_decode_task_mods", tag))
-            env = dict(globals(), _decode_task=_mods_tasks[score_mod, mask_mod])
-        name = "_decode" + ("_mods" if env is not globals() else "") + ("_serial" if serial else "")
+        tag = cache_tag(score_mod, mask_mod)
+        cache = {"cache": True} if tag else {}
+        if (score_mod, mask_mod) not in _mods_tasks:
+            task_env = dict(globals(), _SCORE_MOD=score_mod or no_score_mod, _MASK_MOD=mask_mod or no_mask_mod)
+            _mods_tasks[score_mod, mask_mod] = njit(fastmath=_FM, error_model="numpy", **cache)(
+                named(_decode_task.py_func.__code__, task_env, "_decode_task_mods", tag))
+        env = dict(globals(), _decode_task=_mods_tasks[score_mod, mask_mod])
+        name = "_decode_mods" + ("_serial" if serial else "")
         _with_mods[key] = njit(parallel=not serial, fastmath=_FM, error_model="numpy", **cache)(
             named(_decode.py_func.__code__, env, name, tag))
     return _with_mods[key]
+
+
+#: the kernel without mods compiled without ``parallel`` (see ``decode_kernel``): a module global,
+#: so it is disk-cached and loaded like ``_decode``
+_decode_serial = njit(cache=_CACHE, fastmath=_FM, error_model="numpy")(
+    named(_decode.py_func.__code__, globals(), "_decode_serial", None))

@@ -381,22 +381,18 @@ def flash_kernel(score_mod, mask_mod, serial=False):
     disk-cached under a name tagged by :func:`~engine.kernels.specialise.cache_tag`; kernels with
     other mods are compiled once per process.
     """
+    if score_mod is None and mask_mod is None:
+        return _flash_forward_serial if serial else _flash_forward
     key = (score_mod, mask_mod, serial)
     if key not in _with_mods:
-        if score_mod is None and mask_mod is None:
-            if not serial:
-                return _flash_forward
-            tag, cache, env = None, {"cache": _CACHE}, globals()
-        else:
-            tag = cache_tag(score_mod, mask_mod)
-            cache = {"cache": True} if tag else {}
-            if (score_mod, mask_mod) not in _mods_tasks:
-                task_env = dict(globals(), _SCORE_MOD=score_mod or no_score_mod,
-                                _MASK_MOD=mask_mod or no_mask_mod)
-                _mods_tasks[score_mod, mask_mod] = njit(**_task_options, **cache)(
-                    named(_flash_task.py_func.__code__, task_env, "_flash_task_mods", tag))
-            env = dict(globals(), _flash_task=_mods_tasks[score_mod, mask_mod])
-        name = "_flash_forward" + ("_mods" if env is not globals() else "") + ("_serial" if serial else "")
+        tag = cache_tag(score_mod, mask_mod)
+        cache = {"cache": True} if tag else {}
+        if (score_mod, mask_mod) not in _mods_tasks:
+            task_env = dict(globals(), _SCORE_MOD=score_mod or no_score_mod, _MASK_MOD=mask_mod or no_mask_mod)
+            _mods_tasks[score_mod, mask_mod] = njit(**_task_options, **cache)(
+                named(_flash_task.py_func.__code__, task_env, "_flash_task_mods", tag))
+        env = dict(globals(), _flash_task=_mods_tasks[score_mod, mask_mod])
+        name = "_flash_forward_mods" + ("_serial" if serial else "")
         _with_mods[key] = njit(**(_task_options if serial else _kernel_options), **cache)(
             named(_flash_forward.py_func.__code__, env, name, tag))
     return _with_mods[key]
@@ -404,3 +400,9 @@ def flash_kernel(score_mod, mask_mod, serial=False):
 
 _task_options = dict(fastmath=_FM, error_model="numpy")
 _kernel_options = dict(parallel=True, fastmath=_FM, error_model="numpy")
+
+
+#: the kernel without mods compiled without ``parallel`` (see ``flash_kernel``): a module global, so
+#: it is disk-cached and loaded like ``_flash_forward``
+_flash_forward_serial = njit(cache=_CACHE, **_task_options)(
+    named(_flash_forward.py_func.__code__, globals(), "_flash_forward_serial", None))
