@@ -16,7 +16,7 @@ from .plugins import PluginError, get_plugin_manager, get_variant, list_variants
 from .threads import get_num_threads, set_num_threads
 from .variant import Variant
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def __getattr__(name):
