@@ -6,6 +6,7 @@ Reuses the tests' case builders (``tests/grad_cases.py``) with the shipped tile 
 tests' small tiles (many tiles, causal skipping, splits). For float32 it prints the engine's error
 and torch float32's own error against float64, and their ratio (FlashAttention's rule: <= 2).
 """
+
 import os
 import sys
 
@@ -14,10 +15,10 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 import torch  # noqa: E402
+from grad_cases import CASES, REFERENCE_ONLY, make_case, torch_attention  # noqa: E402
 
 import engine  # noqa: E402
 import engine.backends.cpu as cpu_backend  # noqa: E402
-from grad_cases import CASES, REFERENCE_ONLY, make_case, torch_attention  # noqa: E402
 
 
 def _torch_grads(q, k, v, do, kw, dtype):
@@ -39,8 +40,9 @@ def _errors(case, backend, dtype):
     out, lse = engine.scaled_dot_product_attention(q, k, v, backend=backend, return_lse=True, **kw)
     do = rng.standard_normal(out.shape).astype(dtype)
     float_mask = kw.get("attn_mask") is not None and kw["attn_mask"].dtype != bool
-    got = engine.scaled_dot_product_attention_backward(do, q, k, v, out, lse, backend=backend,
-                                                       return_mask_grad=float_mask, **kw)
+    got = engine.scaled_dot_product_attention_backward(
+        do, q, k, v, out, lse, backend=backend, return_mask_grad=float_mask, **kw
+    )
     truth = _torch_grads(q, k, v, do, kw, np.float64)
     own = _torch_grads(q, k, v, do, kw, np.float32)
     errs = [float(np.abs(g.astype(np.float64) - t).max()) for g, t in zip(got, truth)]
@@ -50,8 +52,11 @@ def _errors(case, backend, dtype):
 
 def main() -> None:
     torch.set_num_threads(2)
-    backends = [b for b in engine.list_backends()
-                if engine.get_backend(b).supports_backward and engine.get_backend(b).unavailable_reason() is None]
+    backends = [
+        b
+        for b in engine.list_backends()
+        if engine.get_backend(b).supports_backward and engine.get_backend(b).unavailable_reason() is None
+    ]
     for tiles in ("shipped", "small"):
         if tiles == "small":
             cpu_backend.CPU_BIG_BLOCK_Q, cpu_backend.CPU_BLOCK_K, cpu_backend.CPU_BWD_BLOCK_Q = 8, 24, 16
@@ -66,8 +71,11 @@ def main() -> None:
                 ratios = [e / t if t > 0 else float("inf") for e, t in zip(e32, t32)]
                 worst = int(np.argmax(ratios))
                 name = ("dq", "dk", "dv", "dmask")[worst]
-                print(f"{case:<18}{backend:<11}{max(e64):>10.1e}{e32[worst]:>10.1e}{t32[worst]:>11.1e}"
-                      f"{ratios[worst]:>7.2f}  {name}", flush=True)
+                print(
+                    f"{case:<18}{backend:<11}{max(e64):>10.1e}{e32[worst]:>10.1e}{t32[worst]:>11.1e}"
+                    f"{ratios[worst]:>7.2f}  {name}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ NumPy is first imported, which is why this file sets it before importing NumPy.
 Variants and backends are read from the registry when tests are collected: an installed plugin
 appears without editing anything, and so does one returned by :func:`bench_plugins` below.
 """
+
 import os
 import sys
 
@@ -19,8 +20,11 @@ if _THREADS:
     if "numpy" in sys.modules:
         import warnings
 
-        warnings.warn("ATTENTION_BENCH_THREADS: NumPy was imported before bench/conftest.py, so its BLAS "
-                      "keeps its own thread count", RuntimeWarning)
+        warnings.warn(
+            "ATTENTION_BENCH_THREADS: NumPy was imported before bench/conftest.py, so its BLAS "
+            "keeps its own thread count",
+            RuntimeWarning,
+        )
     for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[_var] = _THREADS
 
@@ -55,13 +59,22 @@ def bench_plugins():
 
 def pytest_addoption(parser):
     group = parser.getgroup("attention-engine benchmarks")
-    group.addoption("--bench-max-call-s", type=float, default=None, metavar="SECONDS",
-                    help="skip a case at the lengths where one call would take longer, predicted "
-                         "quadratically from its previous length (default: $ATTENTION_BENCH_MAX_CALL_S, "
-                         "or 5; never with --bench-size=smoke; 0 or inf: never skip)")
-    group.addoption("--bench-size", choices=sorted(SIZES), default=None,
-                    help="sizes to benchmark: smoke (CI, seconds), quick, default (L = 128..4096), full "
-                         "(L up to 8192); default: $ATTENTION_BENCH_SIZE or 'default'")
+    group.addoption(
+        "--bench-max-call-s",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="skip a case at the lengths where one call would take longer, predicted "
+        "quadratically from its previous length (default: $ATTENTION_BENCH_MAX_CALL_S, "
+        "or 5; never with --bench-size=smoke; 0 or inf: never skip)",
+    )
+    group.addoption(
+        "--bench-size",
+        choices=sorted(SIZES),
+        default=None,
+        help="sizes to benchmark: smoke (CI, seconds), quick, default (L = 128..4096), full "
+        "(L up to 8192); default: $ATTENTION_BENCH_SIZE or 'default'",
+    )
 
 
 def pytest_configure(config):
@@ -92,9 +105,11 @@ def pytest_unconfigure(config):
 def pytest_report_header(config):
     cfg = getattr(config, "_attention_bench", None)
     if cfg:
-        return (f"attention-engine bench: size={cfg['size']} lengths={cfg['lengths']} N={cfg['batch']} "
-                f"E={cfg['embed_dim']} heads={cfg['heads']} threads={cfg['threads']}; variants "
-                f"{engine.list_variants()}; backends {available_backends()}")
+        return (
+            f"attention-engine bench: size={cfg['size']} lengths={cfg['lengths']} N={cfg['batch']} "
+            f"E={cfg['embed_dim']} heads={cfg['heads']} threads={cfg['threads']}; variants "
+            f"{engine.list_variants()}; backends {available_backends()}"
+        )
 
 
 def pytest_generate_tests(metafunc):

@@ -17,6 +17,7 @@ one untimed call, then the mean of a few timed ones), medians over the rounds (s
 - gradient errors against torch float64 autograd: float32 max error against twice torch float32's
   own (FlashAttention's test rule), float64 max error.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,7 +76,7 @@ def _alternate(run_engine, run_torch, rounds):
     te, tt = [], []
     for r in range(rounds):
         order = [(run_engine, te), (run_torch, tt)]
-        for fn, times in (order if r % 2 == 0 else order[::-1]):
+        for fn, times in order if r % 2 == 0 else order[::-1]:
             times.append(block(fn))
     return statistics.median(te), statistics.median(tt), [b / a for a, b in zip(te, tt)]
 
@@ -101,9 +102,21 @@ def backward_case(name, heads, L, causal, target, rounds):
     me, mt, rounds_ratio = _alternate(run_engine, run_torch, rounds)
     ratio = mt / me
     flops = 5 * 2 * heads * L * L * E * (0.5 if causal else 1.0)  # five tile products
-    return {"case": name, "heads": heads, "L": L, "S": L, "E": E, "causal": causal, "engine_ms": me * 1e3,
-            "torch_ms": mt * 1e3, "ratio": ratio, "target": f">= {target}", "met": ratio >= target,
-            "engine_gflops": flops / me / 1e9, "round_ratios": rounds_ratio}
+    return {
+        "case": name,
+        "heads": heads,
+        "L": L,
+        "S": L,
+        "E": E,
+        "causal": causal,
+        "engine_ms": me * 1e3,
+        "torch_ms": mt * 1e3,
+        "ratio": ratio,
+        "target": f">= {target}",
+        "met": ratio >= target,
+        "engine_gflops": flops / me / 1e9,
+        "round_ratios": rounds_ratio,
+    }
 
 
 def step_case(name, heads, L, causal, target, rounds):
@@ -124,9 +137,20 @@ def step_case(name, heads, L, causal, target, rounds):
 
     me, mt, rounds_ratio = _alternate(run_engine, run_torch, rounds)
     ratio = mt / me
-    return {"case": name, "heads": heads, "L": L, "S": L, "E": E, "causal": causal, "engine_ms": me * 1e3,
-            "torch_ms": mt * 1e3, "ratio": ratio, "target": f">= {target}", "met": ratio >= target,
-            "round_ratios": rounds_ratio}
+    return {
+        "case": name,
+        "heads": heads,
+        "L": L,
+        "S": L,
+        "E": E,
+        "causal": causal,
+        "engine_ms": me * 1e3,
+        "torch_ms": mt * 1e3,
+        "ratio": ratio,
+        "target": f">= {target}",
+        "met": ratio >= target,
+        "round_ratios": rounds_ratio,
+    }
 
 
 def gradient_errors(heads, L, causal):
@@ -154,14 +178,19 @@ def gradient_errors(heads, L, causal):
             err = float(np.abs(g.astype(np.float64) - t).max())
             if dtype == "float32":
                 torch_err = float(np.abs(o - t).max())
-                result[f"{name}_float32"] = {"engine_err": err, "torch_float32_err": torch_err,
-                                             "ratio": err / torch_err, "met": err <= 2 * torch_err}
+                result[f"{name}_float32"] = {
+                    "engine_err": err,
+                    "torch_float32_err": torch_err,
+                    "ratio": err / torch_err,
+                    "met": err <= 2 * torch_err,
+                }
             else:
                 result[f"{name}_float64"] = {"engine_err": err, "met": err <= 1e-10}
     return result
 
 
 # ---------------------------------------------------------------- memory (child process)
+
 
 def _rss_bytes(field):
     with open("/proc/self/status") as f:
@@ -191,14 +220,30 @@ def _child_memory(L, heads, threads):
     peak = _rss_bytes("VmHWM")
     inputs = sum(a.nbytes for a in (q, k, v, out, do, lse))
     outputs = dq.nbytes + dk.nbytes + dv.nbytes
-    print(json.dumps({"L": L, "heads": heads, "E": E, "dtype": "float32", "seconds": seconds,
-                      "peak_growth_bytes": peak - before, "inputs_bytes": inputs, "outputs_bytes": outputs,
-                      "score_matrix_bytes": heads * L * L * 4}))
+    print(
+        json.dumps(
+            {
+                "L": L,
+                "heads": heads,
+                "E": E,
+                "dtype": "float32",
+                "seconds": seconds,
+                "peak_growth_bytes": peak - before,
+                "inputs_bytes": inputs,
+                "outputs_bytes": outputs,
+                "score_matrix_bytes": heads * L * L * 4,
+            }
+        )
+    )
 
 
 def memory_case(L, heads, threads):
-    res = subprocess.run([sys.executable, os.path.abspath(__file__), "--child-memory", str(L), str(heads),
-                          str(threads)], capture_output=True, text=True, check=False)
+    res = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--child-memory", str(L), str(heads), str(threads)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if res.returncode != 0:
         raise RuntimeError(f"memory child failed:\n{res.stderr[-3000:]}")
     r = json.loads(res.stdout.strip().splitlines()[-1])
@@ -233,41 +278,71 @@ def main(argv=None):
     engine.set_num_threads(threads)
     rounds = a.rounds or (3 if a.quick else 7)
     keep = (lambda c: c[2] <= 1024) if a.quick else (lambda c: True)
-    print(f"engine cpu backward vs torch {torch.__version__} SDPA backward; {threads} threads each; "
-          f"float32, batch 1, head size {E}; median of {rounds} alternating rounds")
+    print(
+        f"engine cpu backward vs torch {torch.__version__} SDPA backward; {threads} threads each; "
+        f"float32, batch 1, head size {E}; median of {rounds} alternating rounds"
+    )
     print(f"{'case':<38}{'engine ms':>11}{'torch ms':>10}{'ratio':>8}{'target':>9}  met")
     rows = {"backward": [], "step": []}
     for kind, cases, fn in (("backward", BACKWARD_CASES, backward_case), ("step", STEP_CASES, step_case)):
         for case in filter(keep, cases):
             r = fn(*case, rounds=rounds)
             rows[kind].append(r)
-            print(f"{r['case']:<38}{r['engine_ms']:>11.1f}{r['torch_ms']:>10.1f}{r['ratio']:>8.2f}"
-                  f"{r['target']:>9}  {'yes' if r['met'] else 'NO'}", flush=True)
+            print(
+                f"{r['case']:<38}{r['engine_ms']:>11.1f}{r['torch_ms']:>10.1f}{r['ratio']:>8.2f}"
+                f"{r['target']:>9}  {'yes' if r['met'] else 'NO'}",
+                flush=True,
+            )
     errors = [gradient_errors(8, 1024 if not a.quick else 256, causal) for causal in (False, True)]
     for e in errors:
-        f32 = ", ".join(f"{n} {e[n + '_float32']['engine_err']:.2e} (torch {e[n + '_float32']['torch_float32_err']:.2e},"
-                        f" x{e[n + '_float32']['ratio']:.2f})" for n in ("dq", "dk", "dv"))
+        f32 = ", ".join(
+            f"{n} {e[n + '_float32']['engine_err']:.2e} (torch {e[n + '_float32']['torch_float32_err']:.2e},"
+            f" x{e[n + '_float32']['ratio']:.2f})"
+            for n in ("dq", "dk", "dv")
+        )
         f64 = max(e[n + "_float64"]["engine_err"] for n in ("dq", "dk", "dv"))
-        print(f"errors vs torch float64, H={e['heads']} L={e['L']}{' causal' if e['causal'] else ''}: float32 "
-              f"{f32}; float64 max {f64:.2e}", flush=True)
+        print(
+            f"errors vs torch float64, H={e['heads']} L={e['L']}{' causal' if e['causal'] else ''}: float32 "
+            f"{f32}; float64 max {f64:.2e}",
+            flush=True,
+        )
     mem = memory_case(16384 if not a.quick else 4096, 1 if a.quick else 8, threads)
-    print(f"backward memory, L=S={mem['L']}, {mem['heads']} heads: peak RSS growth "
-          f"{mem['peak_growth_bytes'] / 2**20:.0f} MiB = {mem['growth_over_io']:.2f} x (inputs + outputs = "
-          f"{(mem['inputs_bytes'] + mem['outputs_bytes']) / 2**20:.0f} MiB; the score matrix alone would be "
-          f"{mem['score_matrix_bytes'] / 2**20:.0f} MiB); target < {MEMORY_LIMIT}: {'yes' if mem['met'] else 'NO'}; "
-          f"call {mem['seconds']:.1f} s", flush=True)
+    print(
+        f"backward memory, L=S={mem['L']}, {mem['heads']} heads: peak RSS growth "
+        f"{mem['peak_growth_bytes'] / 2**20:.0f} MiB = {mem['growth_over_io']:.2f} x (inputs + outputs = "
+        f"{(mem['inputs_bytes'] + mem['outputs_bytes']) / 2**20:.0f} MiB; the score matrix alone would be "
+        f"{mem['score_matrix_bytes'] / 2**20:.0f} MiB); target < {MEMORY_LIMIT}: {'yes' if mem['met'] else 'NO'}; "
+        f"call {mem['seconds']:.1f} s",
+        flush=True,
+    )
     if a.json:
-        cpu_model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-                         platform.processor())
-        result = {"command": "python bench/cpu_backward_vs_torch.py" + (" --quick" if a.quick else ""),
-                  "threads": threads, "rounds": rounds, **rows, "gradient_errors": errors, "memory": mem,
-                  "machine": {"cpu_model": cpu_model, "platform": platform.platform(), "cpu_count": os.cpu_count(),
-                              "load_average_at_end": os.getloadavg(),
-                              "numba_threading_layer": numba.config.THREADING_LAYER,
-                              "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE")},
-                  "versions": {"numpy": np.__version__, "numba": numba.__version__, "torch": torch.__version__,
-                               "python": platform.python_version()},
-                  "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        cpu_model = next(
+            (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+            platform.processor(),
+        )
+        result = {
+            "command": "python bench/cpu_backward_vs_torch.py" + (" --quick" if a.quick else ""),
+            "threads": threads,
+            "rounds": rounds,
+            **rows,
+            "gradient_errors": errors,
+            "memory": mem,
+            "machine": {
+                "cpu_model": cpu_model,
+                "platform": platform.platform(),
+                "cpu_count": os.cpu_count(),
+                "load_average_at_end": os.getloadavg(),
+                "numba_threading_layer": numba.config.THREADING_LAYER,
+                "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
+            },
+            "versions": {
+                "numpy": np.__version__,
+                "numba": numba.__version__,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        }
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
         with open(a.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -20,6 +20,7 @@ fresh child processes with an empty and then a warm Numba cache (wall time, whic
 on the machine inflates, and the process's CPU time, which it does not). ``--quick`` runs fewer rounds and
 a smaller memory case, for a smoke check; the committed table comes from a full run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,11 @@ SPEED_CASES = [
     ("float16, L=S=4096", 4096, 64, "float16", False, 1.0),
 ]
 #: cases whose 2-thread gain (time at 1 thread / time at 2) is compared with torch's
-THREAD_CASES = [("L=S=1024", 1024, 64, "float32", False), ("L=S=4096", 4096, 64, "float32", False),
-                ("head 128, L=S=2048", 2048, 128, "float32", False)]
+THREAD_CASES = [
+    ("L=S=1024", 1024, 64, "float32", False),
+    ("L=S=4096", 4096, 64, "float32", False),
+    ("head 128, L=S=2048", 2048, 128, "float32", False),
+]
 #: a timed block lasts about this long (fewer calls per block for slow cases, at least one)
 BLOCK_SECONDS = 0.6
 HEADS = 8
@@ -112,8 +116,9 @@ def speed_case(name, L, E, dtype, causal, target, rounds):
     out = engine.scaled_dot_product_attention(q, k, v, is_causal=causal, backend="cpu").astype(np.float64)
     with torch.no_grad():
         expected = F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal).double().numpy()
-    exact = engine.scaled_dot_product_attention(*(a.astype(np.float64) for a in (q, k, v)), is_causal=causal,
-                                                backend="cpu" if L > 2048 else "reference")
+    exact = engine.scaled_dot_product_attention(
+        *(a.astype(np.float64) for a in (q, k, v)), is_causal=causal, backend="cpu" if L > 2048 else "reference"
+    )
     max_err = float(np.abs(out - expected).max())
     first = max(_time(run_engine), _time(run_torch))  # warm both; sizes the blocks
     calls = max(1, min(BLOCK_CALLS, int(BLOCK_SECONDS / max(first, 1e-9))))
@@ -124,8 +129,9 @@ def speed_case(name, L, E, dtype, causal, target, rounds):
 
     te, tt, ce, ct = [], [], [], []
     for r in range(rounds):
-        first, second = ((run_engine, te, ce), (run_torch, tt, ct)) if r % 2 == 0 else \
-            ((run_torch, tt, ct), (run_engine, te, ce))
+        first, second = (
+            ((run_engine, te, ce), (run_torch, tt, ct)) if r % 2 == 0 else ((run_torch, tt, ct), (run_engine, te, ce))
+        )
         for fn, blocks, _ in (first, second):
             blocks.append(block(fn))
         for fn, _, single in (first, second):
@@ -134,16 +140,31 @@ def speed_case(name, L, E, dtype, causal, target, rounds):
     ratio = mt / me
     call_ratio = statistics.median(ct) / statistics.median(ce)
     flops = 2 * HEADS * L * L * 2 * E * (0.5 if causal else 1.0)
-    return {"case": name, "L": L, "S": L, "E": E, "dtype": dtype, "causal": causal, "heads": HEADS,
-            "engine_ms": me * 1e3, "torch_ms": mt * 1e3, "ratio": ratio, "target": f">= {target}",
-            "met": ratio >= target, "engine_gflops": flops / me / 1e9, "torch_gflops": flops / mt / 1e9,
-            "round_ratios": [b / a for a, b in zip(te, tt)], "max_abs_err_vs_torch": max_err,
-            "engine_max_abs_err_vs_float64": float(np.abs(out - exact).max()),
-            "torch_max_abs_err_vs_float64": float(np.abs(expected - exact).max()),
-            "calls_per_block": calls, "gemm_provider": engine.get_gemm_provider(
-                "float64" if dtype == "float64" else "float32").name,
-            "per_call_alternation_ratio": call_ratio,
-            "per_call_engine_ms": statistics.median(ce) * 1e3, "per_call_torch_ms": statistics.median(ct) * 1e3}
+    return {
+        "case": name,
+        "L": L,
+        "S": L,
+        "E": E,
+        "dtype": dtype,
+        "causal": causal,
+        "heads": HEADS,
+        "engine_ms": me * 1e3,
+        "torch_ms": mt * 1e3,
+        "ratio": ratio,
+        "target": f">= {target}",
+        "met": ratio >= target,
+        "engine_gflops": flops / me / 1e9,
+        "torch_gflops": flops / mt / 1e9,
+        "round_ratios": [b / a for a, b in zip(te, tt)],
+        "max_abs_err_vs_torch": max_err,
+        "engine_max_abs_err_vs_float64": float(np.abs(out - exact).max()),
+        "torch_max_abs_err_vs_float64": float(np.abs(expected - exact).max()),
+        "calls_per_block": calls,
+        "gemm_provider": engine.get_gemm_provider("float64" if dtype == "float64" else "float32").name,
+        "per_call_alternation_ratio": call_ratio,
+        "per_call_engine_ms": statistics.median(ce) * 1e3,
+        "per_call_torch_ms": statistics.median(ct) * 1e3,
+    }
 
 
 def thread_gain_case(name, L, E, dtype, causal, rounds, threads):
@@ -166,13 +187,17 @@ def thread_gain_case(name, L, E, dtype, causal, rounds, threads):
         with torch.no_grad():
             F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
 
-    runs = [("engine", 1, run_engine), ("engine", threads, run_engine), ("torch", 1, run_torch),
-            ("torch", threads, run_torch)]
+    runs = [
+        ("engine", 1, run_engine),
+        ("engine", threads, run_engine),
+        ("torch", 1, run_torch),
+        ("torch", threads, run_torch),
+    ]
     times = {(lib, n): [] for lib, n, _ in runs}
     for lib, n, fn in runs:
         fn(n)
     for r in range(rounds):
-        for lib, n, fn in runs[r % 4:] + runs[:r % 4]:
+        for lib, n, fn in runs[r % 4 :] + runs[: r % 4]:
             fn(n)  # untimed: the previous library's threads wind down
             t = time.perf_counter()
             fn(n)
@@ -181,13 +206,26 @@ def thread_gain_case(name, L, E, dtype, causal, rounds, threads):
     torch.set_num_threads(threads)
     med = {key: statistics.median(v) for key, v in times.items()}
     ge, gt = med[("engine", 1)] / med[("engine", threads)], med[("torch", 1)] / med[("torch", threads)]
-    return {"case": name, "L": L, "E": E, "dtype": dtype, "causal": causal, "threads": threads,
-            "engine_1_ms": med[("engine", 1)] * 1e3, f"engine_{threads}_ms": med[("engine", threads)] * 1e3,
-            "torch_1_ms": med[("torch", 1)] * 1e3, f"torch_{threads}_ms": med[("torch", threads)] * 1e3,
-            "engine_gain": ge, "torch_gain": gt, "target": "engine_gain >= torch_gain", "met": ge >= gt}
+    return {
+        "case": name,
+        "L": L,
+        "E": E,
+        "dtype": dtype,
+        "causal": causal,
+        "threads": threads,
+        "engine_1_ms": med[("engine", 1)] * 1e3,
+        f"engine_{threads}_ms": med[("engine", threads)] * 1e3,
+        "torch_1_ms": med[("torch", 1)] * 1e3,
+        f"torch_{threads}_ms": med[("torch", threads)] * 1e3,
+        "engine_gain": ge,
+        "torch_gain": gt,
+        "target": "engine_gain >= torch_gain",
+        "met": ge >= gt,
+    }
 
 
 # ---------------------------------------------------------------- child processes
+
 
 def _rss_bytes(field):
     with open("/proc/self/status") as f:
@@ -223,9 +261,21 @@ def _child_memory(L, heads, threads):
     seconds = time.perf_counter() - t
     peak = peak_of()
     io_bytes = q.nbytes + k.nbytes + v.nbytes + out.nbytes
-    print(json.dumps({"L": L, "heads": heads, "E": 64, "dtype": "float32", "seconds": seconds,
-                      "peak_growth_bytes": peak - before, "inputs_plus_output_bytes": io_bytes,
-                      "score_matrix_bytes": heads * L * L * 4, "method": method}))
+    print(
+        json.dumps(
+            {
+                "L": L,
+                "heads": heads,
+                "E": 64,
+                "dtype": "float32",
+                "seconds": seconds,
+                "peak_growth_bytes": peak - before,
+                "inputs_plus_output_bytes": io_bytes,
+                "score_matrix_bytes": heads * L * L * 4,
+                "method": method,
+            }
+        )
+    )
 
 
 def _child_start(threads):
@@ -239,20 +289,23 @@ def _child_start(threads):
     calls, cpu = {}, {}
     for dtype in ("float32", "float64"):
         q, k, v = _inputs(32, 16, dtype, heads=2)
-        for kind, kw in (("none", {}), ("bool", {"attn_mask": rng.random((32, 32)) > 0.5}),
-                         ("float", {"attn_mask": rng.standard_normal((32, 32)).astype(dtype)}),
-                         ("causal", {"is_causal": True})):
+        for kind, kw in (
+            ("none", {}),
+            ("bool", {"attn_mask": rng.random((32, 32)) > 0.5}),
+            ("float", {"attn_mask": rng.standard_normal((32, 32)).astype(dtype)}),
+            ("causal", {"is_causal": True}),
+        ):
             c0 = time.process_time()
-            calls[f"{dtype}/{kind}"] = _time(
-                lambda: engine.scaled_dot_product_attention(q, k, v, backend="cpu", **kw))
+            calls[f"{dtype}/{kind}"] = _time(lambda: engine.scaled_dot_product_attention(q, k, v, backend="cpu", **kw))
             cpu[f"{dtype}/{kind}"] = time.process_time() - c0
     print(json.dumps({"import_s": t_import, "first_calls_s": calls, "first_calls_cpu_s": cpu}))
 
 
 def _run_child(args, env_extra=None):
     env = dict(os.environ, **(env_extra or {}))
-    res = subprocess.run([sys.executable, os.path.abspath(__file__)] + args, env=env,
-                         capture_output=True, text=True, check=False)
+    res = subprocess.run(
+        [sys.executable, os.path.abspath(__file__)] + args, env=env, capture_output=True, text=True, check=False
+    )
     if res.returncode != 0:
         raise RuntimeError(f"child {args} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -274,28 +327,39 @@ def cold_start(threads):
     compile_s = sum(cold["first_calls_s"].values()) - sum(warm["first_calls_s"].values())
     compile_cpu_s = sum(cold["first_calls_cpu_s"].values()) - sum(warm["first_calls_cpu_s"].values())
     warm_first = next(iter(warm["first_calls_s"].values()))
-    return {"compile_all_cpu_kernels_s": compile_s, "compile_target": f"< {COMPILE_LIMIT_S} s",
-            "compile_met": compile_s < COMPILE_LIMIT_S, "compile_cpu_time_s": compile_cpu_s,
-            "warm_cache_import_s": warm["import_s"], "warm_cache_first_call_s": warm_first,
-            "warm_first_call_target": f"< {WARM_FIRST_CALL_LIMIT_S} s",
-            "warm_first_call_met": warm_first < WARM_FIRST_CALL_LIMIT_S,
-            "cold": cold, "warm": warm}
+    return {
+        "compile_all_cpu_kernels_s": compile_s,
+        "compile_target": f"< {COMPILE_LIMIT_S} s",
+        "compile_met": compile_s < COMPILE_LIMIT_S,
+        "compile_cpu_time_s": compile_cpu_s,
+        "warm_cache_import_s": warm["import_s"],
+        "warm_cache_first_call_s": warm_first,
+        "warm_first_call_target": f"< {WARM_FIRST_CALL_LIMIT_S} s",
+        "warm_first_call_met": warm_first < WARM_FIRST_CALL_LIMIT_S,
+        "cold": cold,
+        "warm": warm,
+    }
 
 
 # ---------------------------------------------------------------- main
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="3 rounds, memory case at H=1 (smoke check)")
     ap.add_argument("--threads", type=int, default=2, help="threads for both libraries (default 2)")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds per case (default 7, quick 3)")
-    ap.add_argument("--json", metavar="PATH",
-                    help="where to write the JSON (default bench/results/cpu-vs-torch-<cpu>-<date>.json)")
+    ap.add_argument(
+        "--json", metavar="PATH", help="where to write the JSON (default bench/results/cpu-vs-torch-<cpu>-<date>.json)"
+    )
     ap.add_argument("--no-json", action="store_true", help="print only")
     ap.add_argument("--cases", help="comma-separated case names to run (default all)")
-    ap.add_argument("--cpu-time", action="store_true",
-                    help="time the speed cases in process CPU time, not wall time: with --threads 1 on a "
-                         "machine others share, time spent descheduled then does not count")
+    ap.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time the speed cases in process CPU time, not wall time: with --threads 1 on a "
+        "machine others share, time spent descheduled then does not count",
+    )
     ap.add_argument("--no-extras", action="store_true", help="speed cases only (no thread gain, memory, cold start)")
     ap.add_argument("--child-memory", nargs=3, type=int, help=argparse.SUPPRESS)
     ap.add_argument("--child-start", nargs=1, type=int, help=argparse.SUPPRESS)
@@ -322,15 +386,23 @@ def main(argv=None):
         _CLOCK[0] = time.process_time
     cpu = cpu_info()
     info = engine.gemm_providers.gemm_provider_info()
-    print(f"CPU: {cpu['model_name']} ({cpu['vendor']} family {cpu['family']} model {cpu['model']}"
-          f"{', ' + cpu['generation'] if 'generation' in cpu else ''}); ISA: {' '.join(cpu['isa'])}; "
-          f"load average {cpu.get('loadavg_1_5_15')}")
-    print("engine tile products: " + "; ".join(f"{dt} {n} ({info['providers'][n.split()[0]]})"
-                                                for dt, n in info["in_use"].items()))
-    print(f"engine cpu backend vs torch {torch.__version__} SDPA; {threads} threads each; "
-          f"batch 1, {HEADS} heads; median of {rounds} alternating rounds")
-    print(f"{'case':<22}{'engine ms':>11}{'torch ms':>10}{'ratio':>8}{'target':>9}  met   err vs torch"
-          "      per-call ratio")
+    print(
+        f"CPU: {cpu['model_name']} ({cpu['vendor']} family {cpu['family']} model {cpu['model']}"
+        f"{', ' + cpu['generation'] if 'generation' in cpu else ''}); ISA: {' '.join(cpu['isa'])}; "
+        f"load average {cpu.get('loadavg_1_5_15')}"
+    )
+    print(
+        "engine tile products: "
+        + "; ".join(f"{dt} {n} ({info['providers'][n.split()[0]]})" for dt, n in info["in_use"].items())
+    )
+    print(
+        f"engine cpu backend vs torch {torch.__version__} SDPA; {threads} threads each; "
+        f"batch 1, {HEADS} heads; median of {rounds} alternating rounds"
+    )
+    print(
+        f"{'case':<22}{'engine ms':>11}{'torch ms':>10}{'ratio':>8}{'target':>9}  met   err vs torch"
+        "      per-call ratio"
+    )
     speed = []
     wanted = set(a.cases.split(",")) if a.cases else None
     cases = [c for c in SPEED_CASES if wanted is None or c[0] in wanted]
@@ -339,11 +411,13 @@ def main(argv=None):
     for case in cases:
         r = speed_case(*case, rounds=rounds)
         speed.append(r)
-        print(f"{r['case']:<22}{r['engine_ms']:>11.1f}{r['torch_ms']:>10.1f}{r['ratio']:>8.2f}"
-              f"{r['target']:>9}  {'yes' if r['met'] else 'NO ':<4}{r['max_abs_err_vs_torch']:.1e}"
-              f"{r['per_call_alternation_ratio']:>10.2f}   err vs float64: engine "
-              f"{r['engine_max_abs_err_vs_float64']:.1e}, torch {r['torch_max_abs_err_vs_float64']:.1e}",
-              flush=True)
+        print(
+            f"{r['case']:<22}{r['engine_ms']:>11.1f}{r['torch_ms']:>10.1f}{r['ratio']:>8.2f}"
+            f"{r['target']:>9}  {'yes' if r['met'] else 'NO ':<4}{r['max_abs_err_vs_torch']:.1e}"
+            f"{r['per_call_alternation_ratio']:>10.2f}   err vs float64: engine "
+            f"{r['engine_max_abs_err_vs_float64']:.1e}, torch {r['torch_max_abs_err_vs_float64']:.1e}",
+            flush=True,
+        )
     gains, mem, start = [], None, None
     if threads >= 2 and not a.no_extras:
         print(f"\n2-thread gain (time at 1 thread / time at {threads}), both libraries in one run:")
@@ -352,38 +426,61 @@ def main(argv=None):
                 continue
             g = thread_gain_case(*case, rounds=rounds, threads=threads)
             gains.append(g)
-            print(f"  {g['case']:<22} engine {g['engine_1_ms']:.1f} -> {g[f'engine_{threads}_ms']:.1f} ms "
-                  f"(gain {g['engine_gain']:.2f}); torch {g['torch_1_ms']:.1f} -> {g[f'torch_{threads}_ms']:.1f} ms "
-                  f"(gain {g['torch_gain']:.2f}); engine >= torch: {'yes' if g['met'] else 'NO'}", flush=True)
+            print(
+                f"  {g['case']:<22} engine {g['engine_1_ms']:.1f} -> {g[f'engine_{threads}_ms']:.1f} ms "
+                f"(gain {g['engine_gain']:.2f}); torch {g['torch_1_ms']:.1f} -> {g[f'torch_{threads}_ms']:.1f} ms "
+                f"(gain {g['torch_gain']:.2f}); engine >= torch: {'yes' if g['met'] else 'NO'}",
+                flush=True,
+            )
     if not a.no_extras:
         mem = memory_case(16384, 1 if a.quick else HEADS, threads)
-        print(f"L=S=16384 memory ({mem['heads']} heads): peak RSS growth "
-              f"{mem['peak_growth_bytes'] / 2**20:.0f} MiB = {mem['growth_over_io']:.2f} x inputs+output "
-              f"({mem['inputs_plus_output_bytes'] / 2**20:.0f} MiB; the score matrix alone would be "
-              f"{mem['score_matrix_bytes'] / 2**20:.0f} MiB); target < 2.0: {'yes' if mem['met'] else 'NO'}; "
-              f"call {mem['seconds']:.1f} s", flush=True)
+        print(
+            f"L=S=16384 memory ({mem['heads']} heads): peak RSS growth "
+            f"{mem['peak_growth_bytes'] / 2**20:.0f} MiB = {mem['growth_over_io']:.2f} x inputs+output "
+            f"({mem['inputs_plus_output_bytes'] / 2**20:.0f} MiB; the score matrix alone would be "
+            f"{mem['score_matrix_bytes'] / 2**20:.0f} MiB); target < 2.0: {'yes' if mem['met'] else 'NO'}; "
+            f"call {mem['seconds']:.1f} s",
+            flush=True,
+        )
         start = cold_start(threads)
-        print(f"cold start: all CPU kernels compile in {start['compile_all_cpu_kernels_s']:.1f} s wall, "
-              f"{start['compile_cpu_time_s']:.1f} s CPU "
-              f"(target < {COMPILE_LIMIT_S:.0f}: {'yes' if start['compile_met'] else 'NO'}); warm cache: "
-              f"import {start['warm_cache_import_s']:.2f} s, first call {start['warm_cache_first_call_s']:.3f} s "
-              f"(target < {WARM_FIRST_CALL_LIMIT_S:.0f}: {'yes' if start['warm_first_call_met'] else 'NO'})")
+        print(
+            f"cold start: all CPU kernels compile in {start['compile_all_cpu_kernels_s']:.1f} s wall, "
+            f"{start['compile_cpu_time_s']:.1f} s CPU "
+            f"(target < {COMPILE_LIMIT_S:.0f}: {'yes' if start['compile_met'] else 'NO'}); warm cache: "
+            f"import {start['warm_cache_import_s']:.2f} s, first call {start['warm_cache_first_call_s']:.3f} s "
+            f"(target < {WARM_FIRST_CALL_LIMIT_S:.0f}: {'yes' if start['warm_first_call_met'] else 'NO'})"
+        )
     cpu["loadavg_after"] = list(os.getloadavg())
     if not a.no_json:
         what = "cpu-vs-torch" + (f"-{threads}thread" if threads != 2 else "") + ("-cputime" if a.cpu_time else "")
         path = a.json or result_path(what, cpu)
-        result = {"command": "python bench/cpu_vs_torch.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                  "clock": "process CPU time" if a.cpu_time else "wall", "threads": threads, "rounds": rounds, "speed": speed, "thread_gain": gains,
-                  "memory": mem, "cold_start": start, "cpu": cpu,
-                  "gemm": engine.gemm_providers.gemm_provider_info(),
-                  "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                              "cpu_count": os.cpu_count(),
-                              "numba_threading_layer": numba.config.THREADING_LAYER,
-                              "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
-                              "ATTENTION_ENGINE_GEMM": os.environ.get("ATTENTION_ENGINE_GEMM")},
-                  "versions": {"numpy": np.__version__, "numba": numba.__version__,
-                               "torch": torch.__version__, "python": platform.python_version()},
-                  "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        result = {
+            "command": "python bench/cpu_vs_torch.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "clock": "process CPU time" if a.cpu_time else "wall",
+            "threads": threads,
+            "rounds": rounds,
+            "speed": speed,
+            "thread_gain": gains,
+            "memory": mem,
+            "cold_start": start,
+            "cpu": cpu,
+            "gemm": engine.gemm_providers.gemm_provider_info(),
+            "machine": {
+                "platform": platform.platform(),
+                "processor": platform.processor(),
+                "cpu_count": os.cpu_count(),
+                "numba_threading_layer": numba.config.THREADING_LAYER,
+                "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
+                "ATTENTION_ENGINE_GEMM": os.environ.get("ATTENTION_ENGINE_GEMM"),
+            },
+            "versions": {
+                "numpy": np.__version__,
+                "numba": numba.__version__,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        }
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
             json.dump(result, f, indent=1)

@@ -21,6 +21,7 @@ Timing alternates the libraries: each round runs an untimed call then a block of
 load average before and after is recorded: on a shared machine the ratios still compare the two
 libraries under the same load, but absolute times (and the bandwidth baseline) are noisy.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,7 +52,7 @@ def alternate(fns: dict, rounds: int, calls: int) -> dict:
     times = {k: [] for k in fns}
     names = list(fns)
     for r in range(rounds):
-        for name in (names if r % 2 == 0 else names[::-1]):
+        for name in names if r % 2 == 0 else names[::-1]:
             times[name].append(_block(fns[name], calls))
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -82,9 +83,16 @@ def decode_case(name, B, Hq, Hkv, S, D, rounds, target, cache_dtype="float32"):
     err = float(np.abs(run_engine() - run_torch().numpy()).max())
     calls = _calls_for(_block(run_engine, 1))
     t = alternate({"engine": run_engine, "torch": run_torch}, rounds, calls)
-    return {"case": name, "shape": {"B": B, "Hq": Hq, "Hkv": Hkv, "S": S, "D": D},
-            "engine_s": t["engine"], "torch_s": t["torch"], "ratio_torch_over_engine": t["torch"] / t["engine"],
-            "target": target, "met": t["torch"] / t["engine"] >= target, "max_abs_diff": err}
+    return {
+        "case": name,
+        "shape": {"B": B, "Hq": Hq, "Hkv": Hkv, "S": S, "D": D},
+        "engine_s": t["engine"],
+        "torch_s": t["torch"],
+        "ratio_torch_over_engine": t["torch"] / t["engine"],
+        "target": target,
+        "met": t["torch"] / t["engine"] >= target,
+        "max_abs_diff": err,
+    }
 
 
 def bandwidth_and_bfloat16(rounds, S=32768, H=8, D=64):
@@ -97,20 +105,32 @@ def bandwidth_and_bfloat16(rounds, S=32768, H=8, D=64):
     kc = rng.standard_normal((1, H, S, D)).astype(np.float32)
     vc = rng.standard_normal((1, H, S, D)).astype(np.float32)
     kb, vb = kc.astype(ml_dtypes.bfloat16), vc.astype(ml_dtypes.bfloat16)
-    fns = {"engine_f32": lambda: engine.attention_with_kvcache(q, kc, vc, cache_seqlens=S, backend="cpu"),
-           "engine_bf16": lambda: engine.attention_with_kvcache(q, kb, vb, cache_seqlens=S, backend="cpu"),
-           "numpy_sum": lambda: (np.sum(kc), np.sum(vc))}
+    fns = {
+        "engine_f32": lambda: engine.attention_with_kvcache(q, kc, vc, cache_seqlens=S, backend="cpu"),
+        "engine_bf16": lambda: engine.attention_with_kvcache(q, kb, vb, cache_seqlens=S, backend="cpu"),
+        "numpy_sum": lambda: (np.sum(kc), np.sum(vc)),
+    }
     calls = _calls_for(_block(fns["engine_f32"], 1))
     t = alternate(fns, rounds, calls)
     nbytes = kc.nbytes + vc.nbytes
     bw_engine, bw_numpy = nbytes / t["engine_f32"], nbytes / t["numpy_sum"]
     return [
-        {"case": f"decode S={S}: K and V bytes read per second vs a NumPy sum over the same bytes",
-         "engine_GBps": bw_engine / 1e9, "numpy_sum_GBps": bw_numpy / 1e9,
-         "ratio_engine_over_numpy": bw_engine / bw_numpy, "target": 0.7, "met": bw_engine / bw_numpy >= 0.7},
-        {"case": f"decode S={S}: bfloat16 cache vs float32 cache", "float32_s": t["engine_f32"],
-         "bfloat16_s": t["engine_bf16"], "speedup": t["engine_f32"] / t["engine_bf16"], "target": 1.6,
-         "met": t["engine_f32"] / t["engine_bf16"] >= 1.6},
+        {
+            "case": f"decode S={S}: K and V bytes read per second vs a NumPy sum over the same bytes",
+            "engine_GBps": bw_engine / 1e9,
+            "numpy_sum_GBps": bw_numpy / 1e9,
+            "ratio_engine_over_numpy": bw_engine / bw_numpy,
+            "target": 0.7,
+            "met": bw_engine / bw_numpy >= 0.7,
+        },
+        {
+            "case": f"decode S={S}: bfloat16 cache vs float32 cache",
+            "float32_s": t["engine_f32"],
+            "bfloat16_s": t["engine_bf16"],
+            "speedup": t["engine_f32"] / t["engine_bf16"],
+            "target": 1.6,
+            "met": t["engine_f32"] / t["engine_bf16"] >= 1.6,
+        },
     ]
 
 
@@ -129,7 +149,7 @@ def ragged_paged_case(rounds, B=16, H=8, D=64, page_size=64):
     table = np.zeros((B, int(pages_per.max())), np.int32)
     start = 0
     for b, n in enumerate(pages_per):
-        table[b, :n] = order[start:start + n]
+        table[b, :n] = order[start : start + n]
         start += n
     kp = rng.standard_normal((total, H, page_size, D)).astype(np.float32)
     vp = rng.standard_normal((total, H, page_size, D)).astype(np.float32)
@@ -153,10 +173,16 @@ def ragged_paged_case(rounds, B=16, H=8, D=64, page_size=64):
     err = float(np.abs(run_engine() - run_torch().numpy()).max())
     calls = _calls_for(_block(run_engine, 1))
     t = alternate({"engine": run_engine, "torch": run_torch}, rounds, calls)
-    return {"case": f"ragged batch of {B} (seqlens 100..8000), paged (page size {page_size}) vs torch on the "
-                    "padded batch with a mask",
-            "engine_s": t["engine"], "torch_s": t["torch"], "ratio_torch_over_engine": t["torch"] / t["engine"],
-            "target": 1.0, "met": t["torch"] / t["engine"] >= 1.0, "max_abs_diff": err}
+    return {
+        "case": f"ragged batch of {B} (seqlens 100..8000), paged (page size {page_size}) vs torch on the "
+        "padded batch with a mask",
+        "engine_s": t["engine"],
+        "torch_s": t["torch"],
+        "ratio_torch_over_engine": t["torch"] / t["engine"],
+        "target": 1.0,
+        "met": t["torch"] / t["engine"] >= 1.0,
+        "max_abs_diff": err,
+    }
 
 
 def tiny_call_case(rounds):
@@ -167,12 +193,19 @@ def tiny_call_case(rounds):
 
     q = np.random.default_rng(3).standard_normal((1, 1, 8, 16)).astype(np.float32)
     tq = torch.from_numpy(q)
-    fns = {"engine": lambda: engine.scaled_dot_product_attention(q, q, q),
-           "torch": lambda: F.scaled_dot_product_attention(tq, tq, tq)}
+    fns = {
+        "engine": lambda: engine.scaled_dot_product_attention(q, q, q),
+        "torch": lambda: F.scaled_dot_product_attention(tq, tq, tq),
+    }
     t = alternate(fns, rounds, 2000)
-    return {"case": "tiny call B=1, H=1, L=S=8, head 16: scaled_dot_product_attention (backend auto)",
-            "engine_s": t["engine"], "torch_s": t["torch"], "ratio_torch_over_engine": t["torch"] / t["engine"],
-            "target": 0.5, "met": t["torch"] / t["engine"] >= 0.5}
+    return {
+        "case": "tiny call B=1, H=1, L=S=8, head 16: scaled_dot_product_attention (backend auto)",
+        "engine_s": t["engine"],
+        "torch_s": t["torch"],
+        "ratio_torch_over_engine": t["torch"] / t["engine"],
+        "target": 0.5,
+        "met": t["torch"] / t["engine"] >= 0.5,
+    }
 
 
 def generation_case(threads, rounds, new_tokens):
@@ -181,8 +214,16 @@ def generation_case(threads, rounds, new_tokens):
     from engine.models import generate
 
     path = os.path.join(os.path.dirname(HERE), ".generate-bench.json")
-    args = SimpleNamespace(model="small", new_tokens=new_tokens, rounds=rounds, threads=threads, backend="cpu",
-                           cache_dtype="float32", seed=0, json=path)
+    args = SimpleNamespace(
+        model="small",
+        new_tokens=new_tokens,
+        rounds=rounds,
+        threads=threads,
+        backend="cpu",
+        cache_dtype="float32",
+        seed=0,
+        json=path,
+    )
     generate.run(args)
     with open(path) as f:
         rows = json.load(f)["results"]
@@ -206,8 +247,10 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer rounds, no generation: a smoke run")
     parser.add_argument("--skip-generate", action="store_true")
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--json", help="where to write the results (default: bench/results/"
-                                       "decode-vs-torch-<cpu>-<threads>threads-<date>.json)")
+    parser.add_argument(
+        "--json",
+        help="where to write the results (default: bench/results/decode-vs-torch-<cpu>-<threads>threads-<date>.json)",
+    )
     args = parser.parse_args(argv)
 
     import numba
@@ -222,11 +265,10 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     results = []
     with threadpool_limits(limits=args.threads):
-        for S in ((128, 4096) if args.quick else (128, 1024, 4096, 32768)):
+        for S in (128, 4096) if args.quick else (128, 1024, 4096, 32768):
             results.append(decode_case(f"decode B=1, H=8, D=64, S={S}", 1, 8, 8, S, 64, rounds, 1.0))
             print(_line(results[-1]), flush=True)
-        results.append(decode_case("decode B=1, Hq=32, Hkv=8, D=128, S=4096 (GQA)", 1, 32, 8, 4096, 128, rounds,
-                                   1.0))
+        results.append(decode_case("decode B=1, Hq=32, Hkv=8, D=128, S=4096 (GQA)", 1, 32, 8, 4096, 128, rounds, 1.0))
         print(_line(results[-1]), flush=True)
         if not args.quick:
             for row in bandwidth_and_bfloat16(rounds):
@@ -241,19 +283,29 @@ def main(argv=None) -> int:
             results.append(row)
             print(_line(row), flush=True)
     load_after = os.getloadavg()
-    meta = {"command": "python bench/decode_vs_torch.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads, "rounds": rounds,
-            "load_average_before": load_before, "load_average_after": load_after,
-            "python": platform.python_version(), "numpy": np.__version__, "numba": numba.__version__,
-            "torch": torch.__version__, "date": datetime.date.today().isoformat()}
+    meta = {
+        "command": "python bench/decode_vs_torch.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "threads": args.threads,
+        "rounds": rounds,
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "numba": numba.__version__,
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+    }
     path = args.json
     if path is None:
         slug = re.sub(r"[^a-z0-9]+", "-", meta["cpu"].lower()).strip("-")
         path = os.path.join(HERE, "results", f"decode-vs-torch-{slug}-{args.threads}threads-{meta['date']}.json")
     with open(path, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)
-    print(f"load average before {load_before[0]:.1f}, after {load_after[0]:.1f} on {os.cpu_count()} cores; "
-          f"written {path}")
+    print(
+        f"load average before {load_before[0]:.1f}, after {load_after[0]:.1f} on {os.cpu_count()} cores; written {path}"
+    )
     return 0
 
 

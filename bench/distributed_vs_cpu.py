@@ -17,6 +17,7 @@
 
 The machine is shared with other work: the ratios alternate within one run for that reason.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,14 @@ def cpu_model() -> str:
 def _cluster(workers, threads=1, memory_limit="auto"):
     from dask.distributed import Client, LocalCluster
 
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
-                           memory_limit=memory_limit, dashboard_address=":0", silence_logs=logging.ERROR)
+    cluster = LocalCluster(
+        n_workers=workers,
+        threads_per_worker=threads,
+        processes=True,
+        memory_limit=memory_limit,
+        dashboard_address=":0",
+        silence_logs=logging.ERROR,
+    )
     return Client(cluster)
 
 
@@ -76,6 +83,7 @@ def exactness(client):
     rng = np.random.default_rng(0)
     rows = []
     for dtype in ("float32", "float64"):
+
         def r(*shape):
             return rng.standard_normal(shape).astype(dtype)
 
@@ -91,9 +99,12 @@ def exactness(client):
             ("bool mask (dask, chunked like the scores)", (q, k, v), {"attn_mask": bool_mask}, None),
             ("float mask", (q, k, v), {"attn_mask": float_mask}, None),
             ("GQA, 4 query heads per key head", (qg, kg, vg), {"enable_gqa": True}, None),
-            ("score_mod + mask_mod (global indices), causal", (q, k, v),
-             {"score_mod": _alibi, "mask_mod": _window, "mod_args": (np.linspace(0.1, 0.4, 4),), "is_causal": True},
-             (uneven_q, uneven_k)),
+            (
+                "score_mod + mask_mod (global indices), causal",
+                (q, k, v),
+                {"score_mod": _alibi, "mask_mod": _window, "mod_args": (np.linspace(0.1, 0.4, 4),), "is_causal": True},
+                (uneven_q, uneven_k),
+            ),
         ]
         for name, (a, b, c), kw, chunks in cases:
             gqa = kw.get("enable_gqa", False)
@@ -105,17 +116,28 @@ def exactness(client):
             if "attn_mask" in kw:
                 m = kw["attn_mask"]
                 kw_d["attn_mask"] = da.from_array(m, chunks=(qc[0], 1 if m.shape[1] == 1 else qc[1], qc[2], kc[2]))
-            out, lse = client.compute(list(ed.scaled_dot_product_attention(qd, kd, vd, return_lse=True, **kw_d)),
-                                      sync=True)
+            out, lse = client.compute(
+                list(ed.scaled_dot_product_attention(qd, kd, vd, return_lse=True, **kw_d)), sync=True
+            )
             ref_out, ref_lse = engine.scaled_dot_product_attention(a, b, c, backend="cpu", return_lse=True, **kw)
             d_out = float(np.nanmax(np.abs(out - ref_out)))
             finite = np.isfinite(ref_lse)
             d_lse = float(np.max(np.abs(lse[finite] - ref_lse[finite]))) if finite.any() else 0.0
             same_inf = bool(np.array_equal(np.isfinite(lse), finite))
-            rows.append({"case": name, "dtype": dtype, "max_abs_out": d_out, "max_abs_lse": d_lse,
-                         "target": ATOL[dtype], "met": d_out <= ATOL[dtype] and d_lse <= ATOL[dtype] and same_inf})
-            print(f"  {dtype} {name:48s} out {d_out:.1e}  lse {d_lse:.1e}  {'met' if rows[-1]['met'] else 'MISSED'}",
-                  flush=True)
+            rows.append(
+                {
+                    "case": name,
+                    "dtype": dtype,
+                    "max_abs_out": d_out,
+                    "max_abs_lse": d_lse,
+                    "target": ATOL[dtype],
+                    "met": d_out <= ATOL[dtype] and d_lse <= ATOL[dtype] and same_inf,
+                }
+            )
+            print(
+                f"  {dtype} {name:48s} out {d_out:.1e}  lse {d_lse:.1e}  {'met' if rows[-1]['met'] else 'MISSED'}",
+                flush=True,
+            )
     return rows
 
 
@@ -139,18 +161,31 @@ def throughput(client, L, chunk, rounds, causal=True):
                 seconds, expected = time_cpu(qn, kn, vn, causal, threads)
                 cpu_s.append(seconds)
         ratios.append(cpu_s[-1] / dist_s[-1])
-        print(f"    round {r}: distributed {dist_s[-1]:.2f} s, cpu {cpu_s[-1]:.2f} s, ratio {ratios[-1]:.3f}",
-              flush=True)
+        print(
+            f"    round {r}: distributed {dist_s[-1]:.2f} s, cpu {cpu_s[-1]:.2f} s, ratio {ratios[-1]:.3f}", flush=True
+        )
     import engine.distributed as ed
 
     out = client.compute(ed.scaled_dot_product_attention(q, k, v, is_causal=causal), sync=True)
     diff = float(np.max(np.abs(out - expected)))
     flops = 2 * 8 * L * L * 128 / (2 if causal else 1)
-    return {"L": L, "S": L, "heads": 8, "E": 64, "causal": causal, "chunk": chunk, "workers_threads": threads,
-            "distributed_s": dist_s, "cpu_s": cpu_s, "round_ratios": ratios,
-            "ratio_median": statistics.median(ratios), "max_abs_diff": diff,
-            "distributed_gflops": flops / statistics.median(dist_s) / 1e9,
-            "tasks": record["tasks"], "bytes_moved": record["bytes_moved"]}
+    return {
+        "L": L,
+        "S": L,
+        "heads": 8,
+        "E": 64,
+        "causal": causal,
+        "chunk": chunk,
+        "workers_threads": threads,
+        "distributed_s": dist_s,
+        "cpu_s": cpu_s,
+        "round_ratios": ratios,
+        "ratio_median": statistics.median(ratios),
+        "max_abs_diff": diff,
+        "distributed_gflops": flops / statistics.median(dist_s) / 1e9,
+        "tasks": record["tasks"],
+        "bytes_moved": record["bytes_moved"],
+    }
 
 
 def _release(client, arr):
@@ -179,8 +214,9 @@ def model(P, L, chunk, heads, t_pair_full, t_merge, per_task_s, split_every=4, c
     pairs_per_head = n * (n + 1) // 2 if causal else n * n
     pairs = heads * pairs_per_head
     # merges per query row with m parts: m - 1 two-or-more-way merges at most, ceil((m-1)/(s-1))
-    merges = heads * sum(math.ceil(max(m - 1, 0) / (split_every - 1)) for m in
-                         ((i + 1) if causal else n for i in range(n)))
+    merges = heads * sum(
+        math.ceil(max(m - 1, 0) / (split_every - 1)) for m in ((i + 1) if causal else n for i in range(n))
+    )
     diag = heads * n if causal else 0
     work = (pairs - diag) * t_pair_full + diag * t_pair_full / 2 + merges * t_merge
     tasks = pairs + merges
@@ -194,8 +230,16 @@ def model(P, L, chunk, heads, t_pair_full, t_merge, per_task_s, split_every=4, c
     compute = work / P + tasks * per_task_s / P + t_pair_full  # the last pair waits for no one
     critical = t_pair_full + depth * t_merge
     seconds = max(compute, critical, tasks * SCHEDULER_S_PER_TASK) + moved / (NETWORK_BYTES_S * P)
-    return {"workers": P, "tasks": tasks, "pairs": pairs, "merges": merges, "merge_depth": depth,
-            "bytes_moved": moved, "seconds": seconds, "efficiency": work / (P * seconds)}
+    return {
+        "workers": P,
+        "tasks": tasks,
+        "pairs": pairs,
+        "merges": merges,
+        "merge_depth": depth,
+        "bytes_moved": moved,
+        "seconds": seconds,
+        "efficiency": work / (P * seconds),
+    }
 
 
 # -- memory ---------------------------------------------------------------------------------------
@@ -226,15 +270,31 @@ def larger_than_memory(limit_mib=320):
             total = sum(x.nbytes for x in (q, k, v, out))
             written = da.from_zarr(f"{tmp}/out.zarr")
             b = B // 2
-            diff = float(np.max(np.abs(np.asarray(written[b]) - engine.scaled_dot_product_attention(
-                *(np.asarray(x[b]) for x in (q, k, v)), is_causal=True, backend="cpu"))))
+            diff = float(
+                np.max(
+                    np.abs(
+                        np.asarray(written[b])
+                        - engine.scaled_dot_product_attention(
+                            *(np.asarray(x[b]) for x in (q, k, v)), is_causal=True, backend="cpu"
+                        )
+                    )
+                )
+            )
     finally:
         _close(client)
-    return {"memory_limit_bytes": limit, "data_bytes": total, "data_over_limit": total / limit,
-            "shape": list(shape), "chunks": list(chunks), "seconds": seconds,
-            "peak_rss_bytes": sorted(peaks.values()), "peak_over_limit": max(peaks.values()) / limit,
-            "met": max(peaks.values()) <= limit and not restarted, "workers_restarted": restarted,
-            "max_abs_diff_one_batch_entry": diff}
+    return {
+        "memory_limit_bytes": limit,
+        "data_bytes": total,
+        "data_over_limit": total / limit,
+        "shape": list(shape),
+        "chunks": list(chunks),
+        "seconds": seconds,
+        "peak_rss_bytes": sorted(peaks.values()),
+        "peak_over_limit": max(peaks.values()) / limit,
+        "met": max(peaks.values()) <= limit and not restarted,
+        "workers_restarted": restarted,
+        "max_abs_diff_one_batch_entry": diff,
+    }
 
 
 # -- fault ----------------------------------------------------------------------------------------
@@ -246,8 +306,10 @@ def _gate(block, path, last, block_info=None):
 
 
 def _held(prefix, dask_scheduler=None):
-    return {ws.address: len([ts for ts in ws.has_what if str(ts.key[0]).startswith(prefix)])
-            for ws in dask_scheduler.workers.values()}
+    return {
+        ws.address: len([ts for ts in ws.has_what if str(ts.key[0]).startswith(prefix)])
+        for ws in dask_scheduler.workers.values()
+    }
 
 
 def killed_worker(client):
@@ -262,8 +324,7 @@ def killed_worker(client):
     with tempfile.TemporaryDirectory() as tmp:
         gate = os.path.join(tmp, "gate")
         last = tuple(len(c) - 1 for c in qd.chunks)
-        out = ed.scaled_dot_product_attention(qd.map_blocks(_gate, gate, last, dtype=qd.dtype), kd, vd,
-                                              is_causal=True)
+        out = ed.scaled_dot_product_attention(qd.map_blocks(_gate, gate, last, dtype=qd.dtype), kd, vd, is_causal=True)
         pids = client.run(os.getpid)
         future = client.compute(out)
         while True:
@@ -278,8 +339,10 @@ def killed_worker(client):
         open(gate, "w").close()
         got = future.result()
     client.wait_for_workers(2)
-    return {"blocks_held_by_killed_worker": held[victim], "identical_bits": bool(np.array_equal(
-        got.view(np.uint32), want.view(np.uint32)))}
+    return {
+        "blocks_held_by_killed_worker": held[victim],
+        "identical_bits": bool(np.array_equal(got.view(np.uint32), want.view(np.uint32))),
+    }
 
 
 def refit(result, L, chunk):
@@ -292,17 +355,27 @@ def refit(result, L, chunk):
     pairs, merges = one["tasks"]["pairs"], one["tasks"]["merges"]
     diagonal = 8 * math.ceil(L / chunk)
     work = statistics.median(one["cpu_s"])
-    fit = {"t_pair_full": work / (pairs - diagonal / 2), "t_merge": 0.0,
-           "per_task_s": max(0.0, (statistics.median(one["distributed_s"]) - work) / (pairs + merges))}
+    fit = {
+        "t_pair_full": work / (pairs - diagonal / 2),
+        "t_merge": 0.0,
+        "per_task_s": max(0.0, (statistics.median(one["distributed_s"]) - work) / (pairs + merges)),
+    }
     check = model(2, L, chunk, 8, **fit)
-    result["scaling"].update({
-        "fitted": fit,
-        "check_two_workers": {"predicted_s": check["seconds"], "measured_s": statistics.median(two["distributed_s"]),
-                              "measured_cpu_2_threads_s": statistics.median(two["cpu_s"]),
-                              "predicted_bytes": check["bytes_moved"], "measured_bytes": two["bytes_moved"]["total"]},
-        "model_this_L": [model(P, L, chunk, 8, **fit) for P in (1, 2, 8, 64, 512)],
-        "model_L65536": [model(P, 65536, chunk, 8, **fit) for P in (1, 2, 8, 64, 512)],
-        "assumptions": {"scheduler_s_per_task": SCHEDULER_S_PER_TASK, "network_bytes_s": NETWORK_BYTES_S}})
+    result["scaling"].update(
+        {
+            "fitted": fit,
+            "check_two_workers": {
+                "predicted_s": check["seconds"],
+                "measured_s": statistics.median(two["distributed_s"]),
+                "measured_cpu_2_threads_s": statistics.median(two["cpu_s"]),
+                "predicted_bytes": check["bytes_moved"],
+                "measured_bytes": two["bytes_moved"]["total"],
+            },
+            "model_this_L": [model(P, L, chunk, 8, **fit) for P in (1, 2, 8, 64, 512)],
+            "model_L65536": [model(P, 65536, chunk, 8, **fit) for P in (1, 2, 8, 64, 512)],
+            "assumptions": {"scheduler_s_per_task": SCHEDULER_S_PER_TASK, "network_bytes_s": NETWORK_BYTES_S},
+        }
+    )
 
 
 def main(argv=None) -> int:
@@ -325,9 +398,13 @@ def main(argv=None) -> int:
         return 0
     skip = set(filter(None, args.skip.split(",")))
     chunks = [int(c) for c in args.chunks.split(",")]
-    result = {"command": "python bench/distributed_vs_cpu.py " + " ".join(argv or sys.argv[1:]),
-              "cpu_model": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
-              "note": "machine shared with other work while measuring"}
+    result = {
+        "command": "python bench/distributed_vs_cpu.py " + " ".join(argv or sys.argv[1:]),
+        "cpu_model": cpu_model(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "note": "machine shared with other work while measuring",
+    }
     import dask
     import distributed
 
@@ -341,8 +418,9 @@ def main(argv=None) -> int:
         if "speed" not in skip:
             result["throughput"] = []
             for chunk in chunks:
-                print(f"throughput L=S={args.length}, chunk {chunk}: 2 workers x 1 thread vs cpu on 2 threads",
-                      flush=True)
+                print(
+                    f"throughput L=S={args.length}, chunk {chunk}: 2 workers x 1 thread vs cpu on 2 threads", flush=True
+                )
                 result["throughput"].append(throughput(client, args.length, chunk, args.rounds))
         if "fault" not in skip:
             print("killed worker", flush=True)

@@ -14,6 +14,7 @@ It prints one row per case: times, the ratio engine/torch (< 1: engine faster), 
 achieved FP32 TFLOP/s (causal cases count half the products) and its fraction of ``--peak-tflops``
 (the GPU's FP32 peak, default 67 for an H100 SXM), and the max abs difference from torch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,11 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--peak-tflops", type=float, default=67.0, help="the GPU's FP32 peak")
     ap.add_argument("--json", help="write the results here")
-    ap.add_argument("--dtypes", default="float32,float16,bfloat16",
-                    help="comma-separated storage dtypes to measure (default: all three)")
+    ap.add_argument(
+        "--dtypes",
+        default="float32,float16,bfloat16",
+        help="comma-separated storage dtypes to measure (default: all three)",
+    )
     args = ap.parse_args(argv)
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     bad = sorted(set(dtypes) - {"float32", "float16", "bfloat16"})
@@ -66,8 +70,7 @@ def main(argv=None) -> int:
     if args.quick:
         grid = list(itertools.product([1], [8], [64], [1024, 2048], [False, True], dtypes))
     else:  # the issue's grid: batch 1-4, 8-32 heads, head size 64/128, L = 1k..16k
-        grid = list(itertools.product([1, 4], [8, 32], [64, 128], [1024, 4096, 16384],
-                                      [False, True], dtypes))
+        grid = list(itertools.product([1, 4], [8, 32], [64, 128], [1024, 4096, 16384], [False, True], dtypes))
     device = torch.cuda.get_device_name()
     rows = []
     for batch, heads, hd, L, causal, dtype in grid:
@@ -92,21 +95,39 @@ def main(argv=None) -> int:
             t_ours += _time(ours, torch, 1, inner)
             t_theirs += _time(theirs, torch, 1, inner)
         mo, mt = statistics.median(t_ours), statistics.median(t_theirs)
-        row = {"batch": batch, "heads": heads, "head_dim": hd, "L": L, "causal": causal,
-               "dtype": dtype, "engine_s": mo, "torch_s": mt, "ratio": mo / mt,
-               "engine_tflops": flops / mo / 1e12, "fp32_peak_fraction": flops / mo / 1e12 / args.peak_tflops,
-               "max_abs_diff": diff}
+        row = {
+            "batch": batch,
+            "heads": heads,
+            "head_dim": hd,
+            "L": L,
+            "causal": causal,
+            "dtype": dtype,
+            "engine_s": mo,
+            "torch_s": mt,
+            "ratio": mo / mt,
+            "engine_tflops": flops / mo / 1e12,
+            "fp32_peak_fraction": flops / mo / 1e12 / args.peak_tflops,
+            "max_abs_diff": diff,
+        }
         rows.append(row)
-        print(f"B={batch} H={heads:2d} D={hd:3d} L={L:5d} causal={causal!s:5} {dtype:7s} "
-              f"engine {mo * 1e3:9.3f} ms  torch {mt * 1e3:9.3f} ms  ratio {mo / mt:6.2f}  "
-              f"{row['engine_tflops']:6.2f} TFLOP/s ({100 * row['fp32_peak_fraction']:4.1f}% of FP32 peak)  "
-              f"max|diff| {diff:.2e}", flush=True)
+        print(
+            f"B={batch} H={heads:2d} D={hd:3d} L={L:5d} causal={causal!s:5} {dtype:7s} "
+            f"engine {mo * 1e3:9.3f} ms  torch {mt * 1e3:9.3f} ms  ratio {mo / mt:6.2f}  "
+            f"{row['engine_tflops']:6.2f} TFLOP/s ({100 * row['fp32_peak_fraction']:4.1f}% of FP32 peak)  "
+            f"max|diff| {diff:.2e}",
+            flush=True,
+        )
         q = k = v = None  # free the GPU memory before the next case
         torch.cuda.empty_cache()
     if args.json:
-        meta = {"device": device, "date": datetime.date.today().isoformat(),
-                "torch": torch.__version__, "command": " ".join(["python", "bench/gpu_vs_torch.py"] + (argv or sys.argv[1:])),
-                "peak_tflops": args.peak_tflops, "rounds": args.rounds}
+        meta = {
+            "device": device,
+            "date": datetime.date.today().isoformat(),
+            "torch": torch.__version__,
+            "command": " ".join(["python", "bench/gpu_vs_torch.py"] + (argv or sys.argv[1:])),
+            "peak_tflops": args.peak_tflops,
+            "rounds": args.rounds,
+        }
         with open(args.json, "w") as fh:
             json.dump({"meta": meta, "results": rows}, fh, indent=1)
     return 0

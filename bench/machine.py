@@ -1,6 +1,7 @@
 """What machine a benchmark ran on: CPU model, vendor, family/model numbers, the ISA flags that
 decide GEMM speed, and a file-name slug for committed results (``bench/results/<what>-<cpu>-<date>``).
 """
+
 from __future__ import annotations
 
 import os
@@ -9,8 +10,22 @@ import re
 import time
 
 #: flags that decide which GEMM kernels a library can run
-ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
-             "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16", "avx_vnni")
+ISA_FLAGS = (
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+    "amx_fp16",
+    "avx_vnni",
+)
 
 
 def _cpuinfo() -> dict:
@@ -47,10 +62,16 @@ def cpu_info() -> dict:
     flags = set(c.get("flags", "").split())
     vendor = c.get("vendor_id", platform.processor() or "unknown")
     family, model = int(c.get("cpu family", -1)), int(c.get("model", -1))
-    out = {"model_name": c.get("model name", platform.processor() or "unknown"), "vendor": vendor,
-           "family": family, "model": model, "stepping": c.get("stepping"),
-           "cpus": os.cpu_count(), "isa": [f for f in ISA_FLAGS if f in flags],
-           "hypervisor": "hypervisor" in flags}
+    out = {
+        "model_name": c.get("model name", platform.processor() or "unknown"),
+        "vendor": vendor,
+        "family": family,
+        "model": model,
+        "stepping": c.get("stepping"),
+        "cpus": os.cpu_count(),
+        "isa": [f for f in ISA_FLAGS if f in flags],
+        "hypervisor": "hypervisor" in flags,
+    }
     if vendor == "AuthenticAMD":
         out["generation"] = amd_generation(family, model)
     try:

@@ -4,6 +4,7 @@
 
 Reuses the tests' case builders, so the figures are of exactly the cases CI checks.
 """
+
 import os
 import sys
 
@@ -13,9 +14,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from test_torch_parity import CASES, MHA_VARIANTS, _sdpa_case, _t, _torch_mha  # noqa: E402
 
 import engine  # noqa: E402
-from test_torch_parity import CASES, MHA_VARIANTS, _sdpa_case, _t, _torch_mha  # noqa: E402
 
 
 def main() -> None:
@@ -40,15 +41,31 @@ def main() -> None:
                 q = rng.standard_normal((3, 29, 32)).astype(dtype)
                 k = v = q
                 if name == "cross":
-                    k, v = rng.standard_normal((3, 41, 12)).astype(dtype), rng.standard_normal((3, 41, 20)).astype(dtype)
+                    k, v = (
+                        rng.standard_normal((3, 41, 12)).astype(dtype),
+                        rng.standard_normal((3, 41, 20)).astype(dtype),
+                    )
                 kpm = np.zeros((3, k.shape[1]), bool)
                 kpm[0, -5:] = True
                 tkw = {"attn_mask": torch.triu(torch.ones(29, 29, dtype=torch.bool), 1)} if name == "masked" else {}
-                out, w = variant(q, *((k, v) if name == "cross" else ()), key_padding_mask=kpm,
-                                 need_weights=True, average_attn_weights=False, backend=backend)
+                out, w = variant(
+                    q,
+                    *((k, v) if name == "cross" else ()),
+                    key_padding_mask=kpm,
+                    need_weights=True,
+                    average_attn_weights=False,
+                    backend=backend,
+                )
                 with torch.no_grad():
-                    t_out, t_w = mha(_t(q), _t(k), _t(v), key_padding_mask=_t(kpm), need_weights=True,
-                                     average_attn_weights=False, **tkw)
+                    t_out, t_w = mha(
+                        _t(q),
+                        _t(k),
+                        _t(v),
+                        key_padding_mask=_t(kpm),
+                        need_weights=True,
+                        average_attn_weights=False,
+                        **tkw,
+                    )
                 row.append(max(np.abs(out - t_out.numpy()).max(), np.abs(w - t_w.numpy()).max()))
             print(f"mha/{name:<24}{np.dtype(dtype).name:<9}" + "".join(f"{e:>12.2e}" for e in row))
 

@@ -10,14 +10,22 @@ with the shape, the operation count and ``gflops`` (from the median).
     pytest bench/ --benchmark-only                       # L = 128 .. 4096
     pytest bench/ --bench-size=smoke --benchmark-disable  # CI: every case once, outputs checked
 """
+
 import time
 
 import numpy as np
 import pytest
 
 import engine
-from engine.benchmark import (as_torch_inputs, device_synchronizer, numpy_sdpa, sdpa_flop, torch_mha_forward,
-                              torch_mha_like, variant_flop)
+from engine.benchmark import (
+    as_torch_inputs,
+    device_synchronizer,
+    numpy_sdpa,
+    sdpa_flop,
+    torch_mha_forward,
+    torch_mha_like,
+    variant_flop,
+)
 from engine.plugins import variant_info
 from engine.validation import validate_attention_args
 from engine.variant import check_fits_in_memory
@@ -99,10 +107,20 @@ def test_variant(benchmark, bench_config, call_budget, variant_name, backend, le
 
     call_budget.check(("variant", variant_name, backend), length)
     _call_or_skip(call)  # unsupported: skip before the benchmark fixture is used
-    out = _bench(benchmark, call, group=_group_variants(cfg, length), flop=variant_flop(variant, inputs),
-                 budget=(call_budget, ("variant", variant_name, backend)),
-                 variant=variant_name, backend=backend, batch=cfg["batch"], L=length, S=length,
-                 embed_dim=cfg["embed_dim"], heads=getattr(variant, "num_heads", None))
+    out = _bench(
+        benchmark,
+        call,
+        group=_group_variants(cfg, length),
+        flop=variant_flop(variant, inputs),
+        budget=(call_budget, ("variant", variant_name, backend)),
+        variant=variant_name,
+        backend=backend,
+        batch=cfg["batch"],
+        L=length,
+        S=length,
+        embed_dim=cfg["embed_dim"],
+        heads=getattr(variant, "num_heads", None),
+    )
     out = np.asarray(out)
     assert out.shape[:2] == (cfg["batch"], length) and np.isfinite(out).all()
     if backend != "reference" and length <= CHECK_MAX_LENGTH:
@@ -125,15 +143,32 @@ def test_variant_torch_mha(benchmark, bench_config, call_budget, variant_name, l
     check_length = min(length, CHECK_MAX_LENGTH)
     checked = inputs if length == check_length else variant.example_inputs(cfg["batch"], check_length, rng=length)
     expected = variant(**checked, backend="reference")[0]
-    causal = next((c for c in (False, True) if np.allclose(
-        torch_mha_forward(mha, as_torch_inputs(checked), c).numpy(), expected, rtol=1e-3, atol=1e-4)), None)
+    causal = next(
+        (
+            c
+            for c in (False, True)
+            if np.allclose(torch_mha_forward(mha, as_torch_inputs(checked), c).numpy(), expected, rtol=1e-3, atol=1e-4)
+        ),
+        None,
+    )
     same = causal is not None
-    out = _bench(benchmark, lambda: torch_mha_forward(mha, tin, bool(causal)).numpy(),
-                 group=_group_variants(cfg, length), flop=variant_flop(variant, inputs), variant=variant_name,
-                 budget=(call_budget, ("torch-mha", variant_name)), backend="torch-mha", batch=cfg["batch"],
-                 L=length, S=length, embed_dim=cfg["embed_dim"],
-                 heads=getattr(variant, "num_heads", None), same_function=same,
-                 same_function_checked_at_L=check_length, causal=bool(causal))
+    out = _bench(
+        benchmark,
+        lambda: torch_mha_forward(mha, tin, bool(causal)).numpy(),
+        group=_group_variants(cfg, length),
+        flop=variant_flop(variant, inputs),
+        variant=variant_name,
+        budget=(call_budget, ("torch-mha", variant_name)),
+        backend="torch-mha",
+        batch=cfg["batch"],
+        L=length,
+        S=length,
+        embed_dim=cfg["embed_dim"],
+        heads=getattr(variant, "num_heads", None),
+        same_function=same,
+        same_function_checked_at_L=check_length,
+        causal=bool(causal),
+    )
     assert np.isfinite(out).all()
     if same and length == check_length:  # the layer benchmarked is the one that reproduced the variant
         np.testing.assert_allclose(out, expected, rtol=1e-3, atol=1e-4)
@@ -150,8 +185,16 @@ def _qkv(cfg, length):
 
 def _sdpa_info(cfg, length, impl):
     head_dim = cfg["embed_dim"] // cfg["heads"]
-    return dict(group=_group_sdpa(cfg, length), flop=sdpa_flop(cfg["batch"], cfg["heads"], length, length, head_dim),
-                impl=impl, batch=cfg["batch"], heads=cfg["heads"], L=length, S=length, head_dim=head_dim)
+    return dict(
+        group=_group_sdpa(cfg, length),
+        flop=sdpa_flop(cfg["batch"], cfg["heads"], length, length, head_dim),
+        impl=impl,
+        batch=cfg["batch"],
+        heads=cfg["heads"],
+        L=length,
+        S=length,
+        head_dim=head_dim,
+    )
 
 
 def test_sdpa(benchmark, bench_config, call_budget, backend, length):
@@ -168,12 +211,14 @@ def test_sdpa(benchmark, bench_config, call_budget, backend, length):
 
     call_budget.check(("sdpa", backend), length)
     _call_or_skip(call)
-    out = np.asarray(_bench(benchmark, call, budget=(call_budget, ("sdpa", backend)),
-                            **_sdpa_info(cfg, length, backend)))
+    out = np.asarray(
+        _bench(benchmark, call, budget=(call_budget, ("sdpa", backend)), **_sdpa_info(cfg, length, backend))
+    )
     assert out.shape == q.shape and np.isfinite(out).all()
     if length <= CHECK_MAX_LENGTH:
-        np.testing.assert_allclose(out, numpy_sdpa(q.astype(np.float64), k.astype(np.float64),
-                                                   v.astype(np.float64)), rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(
+            out, numpy_sdpa(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64)), rtol=1e-3, atol=1e-4
+        )
 
 
 def test_sdpa_numpy(benchmark, bench_config, call_budget, length):
@@ -181,8 +226,9 @@ def test_sdpa_numpy(benchmark, bench_config, call_budget, length):
     cfg = bench_config
     q, k, v = _qkv(cfg, length)
     _materialised_fits(cfg, length, 4, 2, f"plain NumPy at L={length}")
-    out = _bench(benchmark, lambda: numpy_sdpa(q, k, v), budget=(call_budget, ("numpy",)),
-                 **_sdpa_info(cfg, length, "numpy"))
+    out = _bench(
+        benchmark, lambda: numpy_sdpa(q, k, v), budget=(call_budget, ("numpy",)), **_sdpa_info(cfg, length, "numpy")
+    )
     assert out.shape == q.shape and np.isfinite(out).all()
 
 
@@ -206,5 +252,7 @@ def test_sdpa_torch(benchmark, bench_config, length):
 def test_sdpa_flop_matches_engine_problem(bench_config):
     """GFLOP/s in extra_info counts what the engine counts (AttentionProblem.flops)."""
     q, k, v = _qkv(bench_config, 16)
-    assert sdpa_flop(bench_config["batch"], bench_config["heads"], 16, 16, q.shape[-1]) == \
-        validate_attention_args(q, k, v).flops
+    assert (
+        sdpa_flop(bench_config["batch"], bench_config["heads"], 16, 16, q.shape[-1])
+        == validate_attention_args(q, k, v).flops
+    )

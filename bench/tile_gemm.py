@@ -4,7 +4,8 @@
 
 Each engine provider computes the kernel's two products through ``engine.kernels.gemm.tile_gemm``,
 the call the kernel makes (so what is measured is what runs); BLIS (the ``blis`` package's typed
-API) and a register-blocked Numba loop are measured beside them (not offered by the engine): the scores ``(256 x E) @ (E x 128)`` and
+API) and a register-blocked Numba loop are measured beside them (not offered by the engine): the scores
+``(256 x E) @ (E x 128)`` and
 the weighted values ``P.T (128 x 256, a transposed view) @ (256 x Ev)``, for head sizes 64 and 128,
 float32 and float64. Rounds alternate the providers (the order rotates every round); each figure
 is the median over the rounds of a block of ``--reps`` calls inside one compiled loop (no Python
@@ -19,6 +20,7 @@ show whether a provider's per-core rate holds when both cores work (the kernel's
 Writes ``bench/results/tile-gemm-<cpu>-<date>.json`` by default (CPU model and family/model in the
 name). Figures taken while other work shares the machine are only good for ratios in one run.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,13 +30,12 @@ for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_v, "1")
 
 import argparse  # noqa: E402
+import ctypes  # noqa: E402
+import glob  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-
-import ctypes  # noqa: E402
-import glob  # noqa: E402
 
 import numpy as np  # noqa: E402
 from llvmlite import ir  # noqa: E402
@@ -71,21 +72,35 @@ def _blis_call(typingctx, fn, trans_a, trans_b, m, n, k, alpha, a, rsa, csa, b, 
     def codegen(context, builder, signature, args):
         i32, i64 = ir.IntType(32), ir.IntType(64)
         vp = ir.IntType(8).as_pointer()
-        fnty = ir.FunctionType(ir.VoidType(), [i32, i32, i64, i64, i64, vp, vp, i64, i64, vp, i64, i64,
-                                               vp, vp, i64, i64])
+        fnty = ir.FunctionType(
+            ir.VoidType(), [i32, i32, i64, i64, i64, vp, vp, i64, i64, vp, i64, i64, vp, vp, i64, i64]
+        )
         f = builder.inttoptr(args[0], fnty.as_pointer())
         ty = signature.args
-        builder.call(f, [builder.trunc(args[1], i32), builder.trunc(args[2], i32), args[3], args[4], args[5],
-                         _scalar_slot(context, builder, ty[6], args[6]),
-                         _data_ptr(context, builder, ty[7], args[7]), args[8], args[9],
-                         _data_ptr(context, builder, ty[10], args[10]), args[11], args[12],
-                         _scalar_slot(context, builder, ty[13], args[13]),
-                         _data_ptr(context, builder, ty[14], args[14]), args[15], args[16]])
+        builder.call(
+            f,
+            [
+                builder.trunc(args[1], i32),
+                builder.trunc(args[2], i32),
+                args[3],
+                args[4],
+                args[5],
+                _scalar_slot(context, builder, ty[6], args[6]),
+                _data_ptr(context, builder, ty[7], args[7]),
+                args[8],
+                args[9],
+                _data_ptr(context, builder, ty[10], args[10]),
+                args[11],
+                args[12],
+                _scalar_slot(context, builder, ty[13], args[13]),
+                _data_ptr(context, builder, ty[14], args[14]),
+                args[15],
+                args[16],
+            ],
+        )
         return context.get_dummy_value()
 
     return sig, codegen
-
-
 
 
 @njit(fastmath={"contract", "reassoc", "nsz", "arcp"})
@@ -125,8 +140,6 @@ def gemm_loops(a, b, c):
         i += 1
 
 
-
-
 class BenchCandidate:
     """A measured candidate that is not an engine provider (same attributes the loop uses)."""
 
@@ -148,8 +161,12 @@ def load_blis():
     lib.bli_arch_string.restype = ctypes.c_char_p
     arch = lib.bli_arch_string(lib.bli_arch_query_id()).decode()
     addr = lambda n: ctypes.cast(getattr(lib, n), ctypes.c_void_p).value  # noqa: E731
-    cand = BenchCandidate("blis", BENCH_BLIS, {"float32": addr("bli_sgemm"), "float64": addr("bli_dgemm")},
-                          f"BLIS (blis {blis.about.__version__}), '{arch}' kernels")
+    cand = BenchCandidate(
+        "blis",
+        BENCH_BLIS,
+        {"float32": addr("bli_sgemm"), "float64": addr("bli_dgemm")},
+        f"BLIS (blis {blis.about.__version__}), '{arch}' kernels",
+    )
     cand.library = lib
     return cand
 
@@ -158,21 +175,40 @@ def load_blis():
 def _gemm(kind, fn, a, b, c):
     if kind == BENCH_BLIS:
         isz = a.itemsize
-        _blis_call(fn, _BLIS_NO_TRANS, _BLIS_NO_TRANS, a.shape[0], b.shape[1], a.shape[1], c.dtype.type(1),
-                   a, a.strides[0] // isz, a.strides[1] // isz, b, b.strides[0] // isz, b.strides[1] // isz,
-                   c.dtype.type(0), c, c.strides[0] // c.itemsize, 1)
+        _blis_call(
+            fn,
+            _BLIS_NO_TRANS,
+            _BLIS_NO_TRANS,
+            a.shape[0],
+            b.shape[1],
+            a.shape[1],
+            c.dtype.type(1),
+            a,
+            a.strides[0] // isz,
+            a.strides[1] // isz,
+            b,
+            b.strides[0] // isz,
+            b.strides[1] // isz,
+            c.dtype.type(0),
+            c,
+            c.strides[0] // c.itemsize,
+            1,
+        )
     elif kind == BENCH_LOOPS:
         gemm_loops(a, b, c)
     else:
         tile_gemm(kind, fn, a, b, c)
+
 
 BLOCK_Q, BLOCK_K = 128, 256
 
 
 def shapes(head):
     """(name, a, b, c) factories: the kernel's two products at this head size."""
-    return [(f"scores E={head}: (256x{head}) @ ({head}x128)", (BLOCK_K, head), "C", (head, BLOCK_Q)),
-            (f"P.T @ V E={head}: (128x256)^T-view @ (256x{head})", (BLOCK_Q, BLOCK_K), "F", (BLOCK_K, head))]
+    return [
+        (f"scores E={head}: (256x{head}) @ ({head}x128)", (BLOCK_K, head), "C", (head, BLOCK_Q)),
+        (f"P.T @ V E={head}: (128x256)^T-view @ (256x{head})", (BLOCK_Q, BLOCK_K), "F", (BLOCK_K, head)),
+    ]
 
 
 def operands(a_shape, a_order, b_shape, dtype, rng):
@@ -222,9 +258,11 @@ def main(argv=None):
         status["blis (bench only)"] = f"not measured: {exc}"
     providers.append(BenchCandidate("loops", BENCH_LOOPS, {}, "Numba loops, 4 rows of C per sweep"))
     status["loops (bench only)"] = providers[-1].version
-    print(f"CPU: {info['model_name']} ({info['vendor']} family {info['family']} model {info['model']}"
-          f"{', ' + info['generation'] if 'generation' in info else ''}); ISA: {' '.join(info['isa'])}; "
-          f"load {info.get('loadavg_1_5_15')}")
+    print(
+        f"CPU: {info['model_name']} ({info['vendor']} family {info['family']} model {info['model']}"
+        f"{', ' + info['generation'] if 'generation' in info else ''}); ISA: {' '.join(info['isa'])}; "
+        f"load {info.get('loadavg_1_5_15')}"
+    )
     for n, s in status.items():
         print(f"  {n:18s} {s}")
     rng = np.random.default_rng(0)
@@ -245,7 +283,7 @@ def main(argv=None):
                         raise AssertionError(f"{p.name} {dtype} {name}: error {err} > {tol}")
                     times[p.name], walls[p.name] = [], []
                 for r in range(a.rounds):
-                    order_r = providers[r % len(providers):] + providers[:r % len(providers)]
+                    order_r = providers[r % len(providers) :] + providers[: r % len(providers)]
                     for p in order_r:
                         w, t = time.perf_counter(), time.thread_time()
                         _repeat(p.kind, p.pointer(dtype), A, B, C, a.reps)
@@ -255,14 +293,27 @@ def main(argv=None):
                 for p in providers:
                     med = statistics.median(times[p.name])
                     ratio = statistics.median(b / t for b, t in zip(base, times[p.name]))
-                    rows.append({"threads": 1, "dtype": dtype, "product": name, "provider": p.name,
-                                 "gflops": flops / med / 1e9, "us_per_call": med * 1e6,
-                                 "best_gflops": flops / min(times[p.name]) / 1e9,
-                                 "wall_gflops": flops / statistics.median(walls[p.name]) / 1e9,
-                                 "ratio_to_numpy": ratio})
-                print(f"\n{dtype} {name} (1 thread): " + ", ".join(
-                    f"{r['provider']} {r['gflops']:.1f} GF/s ({r['ratio_to_numpy']:.2f}x)"
-                    for r in rows[-len(providers):]), flush=True)
+                    rows.append(
+                        {
+                            "threads": 1,
+                            "dtype": dtype,
+                            "product": name,
+                            "provider": p.name,
+                            "gflops": flops / med / 1e9,
+                            "us_per_call": med * 1e6,
+                            "best_gflops": flops / min(times[p.name]) / 1e9,
+                            "wall_gflops": flops / statistics.median(walls[p.name]) / 1e9,
+                            "ratio_to_numpy": ratio,
+                        }
+                    )
+                print(
+                    f"\n{dtype} {name} (1 thread): "
+                    + ", ".join(
+                        f"{r['provider']} {r['gflops']:.1f} GF/s ({r['ratio_to_numpy']:.2f}x)"
+                        for r in rows[-len(providers) :]
+                    ),
+                    flush=True,
+                )
     if not a.no_parallel and numba.config.NUMBA_NUM_THREADS >= 2:
         numba.set_num_threads(2)
         for dtype in ("float32",):
@@ -276,28 +327,51 @@ def main(argv=None):
                 for p in providers:
                     _repeat_parallel(p.kind, p.pointer(dtype), A, B, C, 1, tr)
                 for r in range(a.rounds):
-                    for p in providers[r % len(providers):] + providers[:r % len(providers)]:
+                    for p in providers[r % len(providers) :] + providers[: r % len(providers)]:
                         t = time.perf_counter()
                         _repeat_parallel(p.kind, p.pointer(dtype), A, B, C, a.reps, tr)
                         times[p.name].append((time.perf_counter() - t) / a.reps)
                 for p in providers:
                     med = statistics.median(times[p.name])
-                    rows.append({"threads": 2, "dtype": dtype, "product": name, "provider": p.name,
-                                 "gflops": flops / med / 1e9, "us_per_call": med * 1e6,
-                                 "ratio_to_numpy": statistics.median(
-                                     b / t for b, t in zip(times["numpy"], times[p.name]))})
-                print(f"\n{dtype} {name} (2 threads, both cores): " + ", ".join(
-                    f"{r['provider']} {r['gflops']:.1f} GF/s ({r['ratio_to_numpy']:.2f}x)"
-                    for r in rows[-len(providers):]), flush=True)
+                    rows.append(
+                        {
+                            "threads": 2,
+                            "dtype": dtype,
+                            "product": name,
+                            "provider": p.name,
+                            "gflops": flops / med / 1e9,
+                            "us_per_call": med * 1e6,
+                            "ratio_to_numpy": statistics.median(b / t for b, t in zip(times["numpy"], times[p.name])),
+                        }
+                    )
+                print(
+                    f"\n{dtype} {name} (2 threads, both cores): "
+                    + ", ".join(
+                        f"{r['provider']} {r['gflops']:.1f} GF/s ({r['ratio_to_numpy']:.2f}x)"
+                        for r in rows[-len(providers) :]
+                    ),
+                    flush=True,
+                )
     info["loadavg_after"] = list(os.getloadavg())
     if not a.no_json:
         path = a.json or result_path("tile-gemm", info)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
-            json.dump({"command": "python bench/tile_gemm.py " + " ".join(argv or sys.argv[1:]),
-                       "cpu": info, "providers": status, "rounds": a.rounds, "reps": a.reps,
-                       "numpy": np.__version__, "numba": numba.__version__,
-                       "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "rows": rows}, f, indent=1)
+            json.dump(
+                {
+                    "command": "python bench/tile_gemm.py " + " ".join(argv or sys.argv[1:]),
+                    "cpu": info,
+                    "providers": status,
+                    "rounds": a.rounds,
+                    "reps": a.reps,
+                    "numpy": np.__version__,
+                    "numba": numba.__version__,
+                    "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                    "rows": rows,
+                },
+                f,
+                indent=1,
+            )
         print(f"wrote {path}")
 
 

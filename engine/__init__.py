@@ -2,6 +2,7 @@
 
 Importing this package is cheap: no kernel is compiled and no plugin is loaded until first use.
 """
+
 from .backward import scaled_dot_product_attention_backward
 from .causal import causal_lower_right
 from .decoding import attention_with_kvcache
@@ -27,8 +28,30 @@ def __getattr__(name):
         return plot_attention
     raise AttributeError(f"module 'engine' has no attribute {name!r}")
 
-__all__ = ["scaled_dot_product_attention", "scaled_dot_product_attention_backward", "list_variants", "get_variant", "list_backends",
-           "get_backend", "plot_attention", "register_plugin", "unregister_plugin", "get_plugin_manager", "hookimpl",
-           "Variant", "PluginError", "NotSupportedError", "create_block_mask", "BlockMask", "set_num_threads", "get_num_threads",
-           "__version__", "merge_attention", "causal_lower_right", "attention_with_kvcache",
-           "set_gemm_provider", "get_gemm_provider"]
+
+__all__ = [
+    "scaled_dot_product_attention",
+    "scaled_dot_product_attention_backward",
+    "list_variants",
+    "get_variant",
+    "list_backends",
+    "get_backend",
+    "plot_attention",
+    "register_plugin",
+    "unregister_plugin",
+    "get_plugin_manager",
+    "hookimpl",
+    "Variant",
+    "PluginError",
+    "NotSupportedError",
+    "create_block_mask",
+    "BlockMask",
+    "set_num_threads",
+    "get_num_threads",
+    "__version__",
+    "merge_attention",
+    "causal_lower_right",
+    "attention_with_kvcache",
+    "set_gemm_provider",
+    "get_gemm_provider",
+]

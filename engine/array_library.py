@@ -5,6 +5,7 @@ and NumPy one namespace), so a torch CUDA tensor or a CuPy array is projected on
 weights copied there once, and the attention between the projections runs on the ``cuda``
 backend in place.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -45,13 +46,13 @@ class Placement(NamedTuple):
             arr = self.xp.astype(arr, getattr(self.xp, np.dtype(dtype).name), copy=False)
         return arr
 
-
     def holds(self, value: Any) -> bool:
         """True when ``value`` is already an array of this namespace on this device."""
         if isinstance(value, np.ndarray) or not array_api_compat.is_array_api_obj(value):
             return self.is_numpy and isinstance(value, np.ndarray)
-        return (array_api_compat.array_namespace(value) is self.xp
-                and str(array_api_compat.device(value)) == str(self.device))
+        return array_api_compat.array_namespace(value) is self.xp and str(array_api_compat.device(value)) == str(
+            self.device
+        )
 
 
 #: NumPy on the host: where every non-device input is computed
@@ -73,9 +74,11 @@ def input_placement(x: Any, name: str) -> Placement:
     if not is_device_array(x):
         return HOST
     if not (array_api_compat.is_torch_array(x) or array_api_compat.is_cupy_array(x)):
-        raise TypeError(f"{name} is a device array of type {type(x).__module__}.{type(x).__name__}; "
-                        f"variants compute on torch CUDA tensors or CuPy arrays (or host arrays). "
-                        f"engine.scaled_dot_product_attention takes any __cuda_array_interface__ array")
+        raise TypeError(
+            f"{name} is a device array of type {type(x).__module__}.{type(x).__name__}; "
+            f"variants compute on torch CUDA tensors or CuPy arrays (or host arrays). "
+            f"engine.scaled_dot_product_attention takes any __cuda_array_interface__ array"
+        )
     return placement_of(x)
 
 
@@ -100,7 +103,8 @@ def to_numpy(value: Any, what: str) -> np.ndarray:
 def to_host(value: Any) -> Any:
     """NumPy copies of arrays of other libraries or devices; NumPy arrays, scalars and anything
     that is not an array are returned as they are."""
-    if isinstance(value, (np.ndarray, np.generic)) or not (array_api_compat.is_array_api_obj(value)
-                                             or is_device_array(value)):
+    if isinstance(value, (np.ndarray, np.generic)) or not (
+        array_api_compat.is_array_api_obj(value) or is_device_array(value)
+    ):
         return value
     return to_numpy(value, "argument")

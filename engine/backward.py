@@ -3,6 +3,7 @@
 Layered as the forward: validation (``engine.validation``), dispatch (``engine.dispatch``), the
 backend's ``run_backward`` and its kernel (``engine.kernels.cpu_flash_bwd`` for ``cpu``).
 """
+
 from __future__ import annotations
 
 from .backends.base import empty_gradients
@@ -12,11 +13,27 @@ from .validation import AttentionProblem, validate_backward_args
 __all__ = ["scaled_dot_product_attention_backward", "run_backward"]
 
 
-def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse, attn_mask=None,
-                                          is_causal=False, scale=None, enable_gqa=False, *,
-                                          backend="auto", score_mod=None, mask_mod=None,
-                                          block_mask=None, mod_args=(), dropout_p=0.0,
-                                          dropout_seed=None, return_mask_grad=False):
+def scaled_dot_product_attention_backward(
+    grad_out,
+    query,
+    key,
+    value,
+    out,
+    lse,
+    attn_mask=None,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+    *,
+    backend="auto",
+    score_mod=None,
+    mask_mod=None,
+    block_mask=None,
+    mod_args=(),
+    dropout_p=0.0,
+    dropout_seed=None,
+    return_mask_grad=False,
+):
     """Gradients of :func:`engine.scaled_dot_product_attention` with respect to its inputs.
 
     Pass the forward's arguments unchanged, with ``out`` and ``lse`` from the forward
@@ -43,9 +60,25 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
         score_mod with no usable derivative); :class:`~engine.errors.NotSupportedError` when the
         backend has no backward (``cuda``) or cannot run the inputs.
     """
-    problem = validate_backward_args(grad_out, query, key, value, out, lse, attn_mask, is_causal,
-                                     scale, enable_gqa, score_mod, mask_mod, block_mask, mod_args,
-                                     dropout_p, dropout_seed, return_mask_grad)
+    problem = validate_backward_args(
+        grad_out,
+        query,
+        key,
+        value,
+        out,
+        lse,
+        attn_mask,
+        is_causal,
+        scale,
+        enable_gqa,
+        score_mod,
+        mask_mod,
+        block_mask,
+        mod_args,
+        dropout_p,
+        dropout_seed,
+        return_mask_grad,
+    )
     dq, dk, dv, dmask = run_backward(problem, select_backend(backend, problem))
     return (dq, dk, dv, dmask) if problem.return_mask_grad else (dq, dk, dv)
 

@@ -6,6 +6,7 @@ every key, so query ``i`` sees keys ``j <= i + (S - L)``. It is passed as ``attn
 offset, which the kernels apply tile by tile (no L x S mask is built). Rows with no visible key
 (``i < L - S``) give zeros and ``lse = -inf``, as torch does.
 """
+
 from __future__ import annotations
 
 import numpy as np

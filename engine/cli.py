@@ -4,6 +4,7 @@
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
 this module only wires them, importing each lazily so ``list`` stays fast.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,12 +15,19 @@ SUBCOMMANDS = {
     "list": ("engine.listing", "show installed variants (with their plugin and distribution) and backends"),
     "bench": ("engine.benchmark", "compare variants and backends: time, GFLOP/s, memory, ratio to torch"),
     "demo": ("engine.models.demo", "run a pretrained transformer through the engine and show its attention"),
-    "distributed": ("engine.distributed.cli", "one problem on a Dask cluster (a LocalCluster of worker "
-                    "processes unless --scheduler): time, tasks, bytes moved, vs the cpu backend"),
-    "train": ("engine.models.train_demo", "train a character-level LM with torch's and the engine's attention "
-              "and compare the loss curves (needs torch)"),
-    "generate": ("engine.models.generate", "greedy GPT-2 generation through attention_with_kvcache vs transformers: "
-                 "tokens/s"),
+    "distributed": (
+        "engine.distributed.cli",
+        "one problem on a Dask cluster (a LocalCluster of worker "
+        "processes unless --scheduler): time, tasks, bytes moved, vs the cpu backend",
+    ),
+    "train": (
+        "engine.models.train_demo",
+        "train a character-level LM with torch's and the engine's attention and compare the loss curves (needs torch)",
+    ),
+    "generate": (
+        "engine.models.generate",
+        "greedy GPT-2 generation through attention_with_kvcache vs transformers: tokens/s",
+    ),
 }
 
 

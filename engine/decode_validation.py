@@ -5,6 +5,7 @@ The result is a :class:`DecodeProblem`, the normalised description the backends'
 consumes. Errors are ``TypeError`` (wrong kind of thing) or ``ValueError`` (wrong shape or value)
 and name the argument, the sequence and the values involved.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,6 +17,7 @@ import numpy as np
 from .validation import _as_array, _validate_mods, array_dtype, is_device_array, is_floating
 
 __all__ = ["DecodeProblem", "validate_decode_args"]
+
 
 @dataclass(frozen=True)
 class DecodeProblem:
@@ -95,8 +97,9 @@ class DecodeProblem:
 def _host_array(x, name: str):
     arr = _as_array(x, name)
     if is_device_array(arr):
-        raise TypeError(f"attention_with_kvcache takes host arrays (NumPy, torch CPU tensors); {name} is a "
-                        "device array")
+        raise TypeError(
+            f"attention_with_kvcache takes host arrays (NumPy, torch CPU tensors); {name} is a device array"
+        )
     return arr
 
 
@@ -108,57 +111,88 @@ def _int_arg(x, name: str, minimum: int) -> int:
     return int(x)
 
 
-def validate_decode_args(query, k_cache, v_cache, key=None, value=None, *, cache_seqlens, page_table=None,
-                         is_causal=True, scale=None, window=None, score_mod=None, mask_mod=None,
-                         mod_args=(), return_lse=False, num_splits=None) -> DecodeProblem:
+def validate_decode_args(
+    query,
+    k_cache,
+    v_cache,
+    key=None,
+    value=None,
+    *,
+    cache_seqlens,
+    page_table=None,
+    is_causal=True,
+    scale=None,
+    window=None,
+    score_mod=None,
+    mask_mod=None,
+    mod_args=(),
+    return_lse=False,
+    num_splits=None,
+) -> DecodeProblem:
     """Check every argument of ``attention_with_kvcache`` and describe the call; writes nothing."""
     q = _host_array(query, "query")
     kc = _host_array(k_cache, "k_cache")
     vc = _host_array(v_cache, "v_cache")
     for name, a in (("query", q), ("k_cache", kc), ("v_cache", vc)):
         if not is_floating(array_dtype(a)):
-            raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, float64), got "
-                            f"{array_dtype(a)} with shape {tuple(a.shape)}")
+            raise TypeError(
+                f"{name} must have a floating dtype (float16, bfloat16, float32, float64), got "
+                f"{array_dtype(a)} with shape {tuple(a.shape)}"
+            )
         if a.ndim != 4:
-            raise ValueError(f"{name} must have 4 dimensions, got shape {tuple(a.shape)} (query (B, Hq, L, D); "
-                             "caches (B, Hkv, S_max, D), or (num_pages, Hkv, page_size, D) with page_table)")
+            raise ValueError(
+                f"{name} must have 4 dimensions, got shape {tuple(a.shape)} (query (B, Hq, L, D); "
+                "caches (B, Hkv, S_max, D), or (num_pages, Hkv, page_size, D) with page_table)"
+            )
     dtype = np.dtype(q.dtype)
     compute = np.dtype(np.float64 if dtype == np.float64 else np.float32)
     if kc.dtype != vc.dtype:
         raise TypeError(f"k_cache and v_cache must share one dtype, got {kc.dtype} and {vc.dtype}")
     cache_dtype = np.dtype(kc.dtype)
     if cache_dtype != compute and cache_dtype.itemsize != 2:  # float16 or bfloat16 (floating checked)
-        raise TypeError(f"the caches must be float16, bfloat16 or the compute dtype {compute} (float64 for "
-                        f"float64 queries, else float32); got caches of {cache_dtype} with a {dtype} query")
+        raise TypeError(
+            f"the caches must be float16, bfloat16 or the compute dtype {compute} (float64 for "
+            f"float64 queries, else float32); got caches of {cache_dtype} with a {dtype} query"
+        )
     B, Hq, L, E = q.shape
     for name, n in (("batch", B), ("query heads", Hq), ("L (new query rows)", L), ("head size D", E)):
         if n < 1:
             raise ValueError(f"query must have {name} >= 1, got shape {tuple(q.shape)}")
     for name, a in (("k_cache", kc), ("v_cache", vc)):
         if not a.flags.c_contiguous:
-            raise ValueError(f"{name} must be C-contiguous (it is written and read in place; a copy would not "
-                             f"do), got strides {a.strides} for shape {tuple(a.shape)}")
+            raise ValueError(
+                f"{name} must be C-contiguous (it is written and read in place; a copy would not "
+                f"do), got strides {a.strides} for shape {tuple(a.shape)}"
+            )
     if np.may_share_memory(kc, vc):
         raise ValueError("k_cache and v_cache must not share memory (value writes would overwrite keys)")
     n0, Hkv, rows, Ek = kc.shape
     Ev = vc.shape[3]
     if vc.shape[:3] != kc.shape[:3]:
-        raise ValueError(f"v_cache must match k_cache in all but its last dimension, got k_cache "
-                         f"{tuple(kc.shape)} and v_cache {tuple(vc.shape)}")
+        raise ValueError(
+            f"v_cache must match k_cache in all but its last dimension, got k_cache "
+            f"{tuple(kc.shape)} and v_cache {tuple(vc.shape)}"
+        )
     if Ek != E:
-        raise ValueError(f"query and k_cache must have the same head size D, got query {tuple(q.shape)} and "
-                         f"k_cache {tuple(kc.shape)}")
+        raise ValueError(
+            f"query and k_cache must have the same head size D, got query {tuple(q.shape)} and "
+            f"k_cache {tuple(kc.shape)}"
+        )
     if Hkv < 1 or Hq % Hkv:
-        raise ValueError(f"the cache's head count must divide the query's (grouped-query attention), got "
-                         f"{Hq} query heads and {Hkv} cache heads")
+        raise ValueError(
+            f"the cache's head count must divide the query's (grouped-query attention), got "
+            f"{Hq} query heads and {Hkv} cache heads"
+        )
     if Ev < 1:
         raise ValueError(f"v_cache must have a value head size >= 1, got shape {tuple(vc.shape)}")
 
     if page_table is None:
         pt, page_size, num_pages, capacity = None, rows, n0, rows
         if n0 != B:
-            raise ValueError(f"a contiguous k_cache must have the query's batch size {B} first, got shape "
-                             f"{tuple(kc.shape)} (pass page_table for a paged cache)")
+            raise ValueError(
+                f"a contiguous k_cache must have the query's batch size {B} first, got shape "
+                f"{tuple(kc.shape)} (pass page_table for a paged cache)"
+            )
     else:
         pt = _host_array(page_table, "page_table")
         if pt.dtype.kind not in "iu":
@@ -180,14 +214,19 @@ def validate_decode_args(query, k_cache, v_cache, key=None, value=None, *, cache
         for name, a, width in (("key", kn, E), ("value", vn, Ev)):
             shape = a.shape
             if len(shape) != 4 or shape[0] != B or shape[1] != Hkv or shape[3] != width:
-                raise ValueError(f"{name} must have shape (B, Hkv, L_new, {'D' if name == 'key' else 'Dv'}) = "
-                                 f"({B}, {Hkv}, L_new, {width}), got {tuple(shape)}")
+                raise ValueError(
+                    f"{name} must have shape (B, Hkv, L_new, {'D' if name == 'key' else 'Dv'}) = "
+                    f"({B}, {Hkv}, L_new, {width}), got {tuple(shape)}"
+                )
             if not is_floating(array_dtype(a)):  # written converted to the cache dtype (nearest even)
-                raise TypeError(f"{name} must have a floating dtype (it is converted to the cache's "
-                                f"{cache_dtype}), got {array_dtype(a)}")
+                raise TypeError(
+                    f"{name} must have a floating dtype (it is converted to the cache's "
+                    f"{cache_dtype}), got {array_dtype(a)}"
+                )
         if kn.shape[2] != vn.shape[2]:
-            raise ValueError(f"key and value must hold the same number of new tokens, got {tuple(kn.shape)} "
-                             f"and {tuple(vn.shape)}")
+            raise ValueError(
+                f"key and value must hold the same number of new tokens, got {tuple(kn.shape)} and {tuple(vn.shape)}"
+            )
         L_new = kn.shape[2]
         for name, a in (("k_cache", kc), ("v_cache", vc)):
             if not a.flags.writeable:
@@ -198,11 +237,19 @@ def validate_decode_args(query, k_cache, v_cache, key=None, value=None, *, cache
     over = np.nonzero(need > capacity)[0]
     if over.size:
         b = int(over[0])
-        what = f"writing {L_new} new keys at cache_seqlens[{b}] = {seqlens[b]} needs {need[b]} slots" if L_new \
+        what = (
+            f"writing {L_new} new keys at cache_seqlens[{b}] = {seqlens[b]} needs {need[b]} slots"
+            if L_new
             else f"cache_seqlens[{b}] = {seqlens[b]}"
-        raise ValueError(f"{what}, but the cache holds {capacity} per sequence"
-                         + (f" (max_pages {pt.shape[1]} x page_size {page_size})" if pt is not None else
-                            f" (k_cache {tuple(kc.shape)})"))
+        )
+        raise ValueError(
+            f"{what}, but the cache holds {capacity} per sequence"
+            + (
+                f" (max_pages {pt.shape[1]} x page_size {page_size})"
+                if pt is not None
+                else f" (k_cache {tuple(kc.shape)})"
+            )
+        )
     if pt is not None:
         _check_pages(pt, need, seqlens, L_new, page_size, num_pages)
 
@@ -223,11 +270,32 @@ def validate_decode_args(query, k_cache, v_cache, key=None, value=None, *, cache
     mods = _validate_mods(score_mod, mask_mod, None, mod_args, B, Hq, L, 0)
     mods.pop("block_mask", None)
     return DecodeProblem(
-        query=q, k_cache=kc, v_cache=vc, key=kn, value=vn, cache_seqlens=seqlens, page_table=pt,
-        batch=B, num_q_heads=Hq, num_kv_heads=Hkv, L=L, L_new=L_new, E=E, Ev=Ev, page_size=page_size,
-        num_pages=num_pages, capacity=capacity, dtype=dtype, cache_dtype=cache_dtype,
-        is_causal=bool(is_causal), scale=scale_f, window=win, return_lse=bool(return_lse),
-        num_splits=splits, **mods)
+        query=q,
+        k_cache=kc,
+        v_cache=vc,
+        key=kn,
+        value=vn,
+        cache_seqlens=seqlens,
+        page_table=pt,
+        batch=B,
+        num_q_heads=Hq,
+        num_kv_heads=Hkv,
+        L=L,
+        L_new=L_new,
+        E=E,
+        Ev=Ev,
+        page_size=page_size,
+        num_pages=num_pages,
+        capacity=capacity,
+        dtype=dtype,
+        cache_dtype=cache_dtype,
+        is_causal=bool(is_causal),
+        scale=scale_f,
+        window=win,
+        return_lse=bool(return_lse),
+        num_splits=splits,
+        **mods,
+    )
 
 
 def _seqlens(cache_seqlens, B: int) -> np.ndarray:
@@ -250,8 +318,9 @@ def _seqlens(cache_seqlens, B: int) -> np.ndarray:
     return s
 
 
-def _check_pages(pt: np.ndarray, need: np.ndarray, seqlens: np.ndarray, L_new: int, page_size: int,
-                 num_pages: int) -> None:
+def _check_pages(
+    pt: np.ndarray, need: np.ndarray, seqlens: np.ndarray, L_new: int, page_size: int, num_pages: int
+) -> None:
     """Every page a sequence reads or writes is a valid page index, and no two sequences write one
     slot. Entries past a sequence's last page are never read (vLLM pads them with anything)."""
     used = (need + page_size - 1) // page_size
@@ -260,8 +329,10 @@ def _check_pages(pt: np.ndarray, need: np.ndarray, seqlens: np.ndarray, L_new: i
     bad = live & ((pt < 0) | (pt >= num_pages))
     if bad.any():
         b, j = (int(x[0]) for x in np.nonzero(bad))
-        raise ValueError(f"page_table[{b}, {j}] = {pt[b, j]} is not a page of the cache (0..{num_pages - 1}); "
-                         f"sequence {b} uses its first {used[b]} pages")
+        raise ValueError(
+            f"page_table[{b}, {j}] = {pt[b, j]} is not a page of the cache (0..{num_pages - 1}); "
+            f"sequence {b} uses its first {used[b]} pages"
+        )
     if L_new and pt.shape[0] > 1:
         pos = seqlens[:, None] + np.arange(L_new)[None, :]
         slot = pt[np.arange(pt.shape[0])[:, None], pos // page_size].astype(np.int64) * page_size + pos % page_size
@@ -270,8 +341,10 @@ def _check_pages(pt: np.ndarray, need: np.ndarray, seqlens: np.ndarray, L_new: i
         if (counts > 1).any():
             s = uniq[counts > 1][0]
             who = sorted({int(i) // L_new for i in np.nonzero(flat == s)[0]})
-            raise ValueError(f"sequences {who} would write the same cache slot (page {s // page_size}, offset "
-                             f"{s % page_size}): their page_table rows share a page where new keys go")
+            raise ValueError(
+                f"sequences {who} would write the same cache slot (page {s // page_size}, offset "
+                f"{s % page_size}): their page_table rows share a page where new keys go"
+            )
 
 
 def _window(window) -> tuple:

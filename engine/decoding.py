@@ -3,6 +3,7 @@
 Validate (everything, before any write) -> pick a backend -> the backend writes the new keys and
 values into the cache in place and attends.
 """
+
 from __future__ import annotations
 
 from .decode_validation import validate_decode_args
@@ -11,9 +12,25 @@ from .dispatch import select_backend
 __all__ = ["attention_with_kvcache"]
 
 
-def attention_with_kvcache(query, k_cache, v_cache, key=None, value=None, *, cache_seqlens, page_table=None,
-                           is_causal=True, scale=None, window=None, score_mod=None, mask_mod=None, mod_args=(),
-                           return_lse=False, num_splits=None, backend="auto"):
+def attention_with_kvcache(
+    query,
+    k_cache,
+    v_cache,
+    key=None,
+    value=None,
+    *,
+    cache_seqlens,
+    page_table=None,
+    is_causal=True,
+    scale=None,
+    window=None,
+    score_mod=None,
+    mask_mod=None,
+    mod_args=(),
+    return_lse=False,
+    num_splits=None,
+    backend="auto",
+):
     """Attention of new query tokens against a KV cache, after writing the new keys and values into it.
 
     The semantics of FlashAttention's ``flash_attn_with_kvcache`` in the engine's head-major layout:
@@ -56,10 +73,23 @@ def attention_with_kvcache(query, k_cache, v_cache, key=None, value=None, *, cac
     :raises TypeError: a wrong kind of argument (a non-float array, a non-integer seqlen array).
     :raises engine.NotSupportedError: the backend cannot run the call (a ValueError).
     """
-    problem = validate_decode_args(query, k_cache, v_cache, key, value, cache_seqlens=cache_seqlens,
-                                   page_table=page_table, is_causal=is_causal, scale=scale, window=window,
-                                   score_mod=score_mod, mask_mod=mask_mod, mod_args=mod_args,
-                                   return_lse=return_lse, num_splits=num_splits)
+    problem = validate_decode_args(
+        query,
+        k_cache,
+        v_cache,
+        key,
+        value,
+        cache_seqlens=cache_seqlens,
+        page_table=page_table,
+        is_causal=is_causal,
+        scale=scale,
+        window=window,
+        score_mod=score_mod,
+        mask_mod=mask_mod,
+        mod_args=mod_args,
+        return_lse=return_lse,
+        num_splits=num_splits,
+    )
     chosen = select_backend(backend, problem)
     out, lse = chosen.decode(problem)
     return (out, lse) if return_lse else out

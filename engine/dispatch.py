@@ -1,4 +1,5 @@
 """Choosing a backend for a problem, and explaining every refusal."""
+
 from __future__ import annotations
 
 from .backends.base import Backend
@@ -44,6 +45,5 @@ def select_backend(name: str, problem: AttentionProblem) -> Backend:
     backend = get_backend(name)
     reasons = backend.not_supported_reasons(problem)
     if reasons:
-        raise NotSupportedError(f"backend {name!r} cannot run these inputs: {'; '.join(reasons)}",
-                                {name: reasons})
+        raise NotSupportedError(f"backend {name!r} cannot run these inputs: {'; '.join(reasons)}", {name: reasons})
     return backend

@@ -1,4 +1,5 @@
 """``scaled_dot_product_attention``: validate, pick a backend, run it."""
+
 from __future__ import annotations
 
 from .backends.base import empty_result
@@ -8,10 +9,24 @@ from .validation import AttentionProblem, validate_attention_args
 __all__ = ["scaled_dot_product_attention", "run_forward"]
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
-                                 enable_gqa=False, *, backend="auto", return_lse=False,
-                                 score_mod=None, mask_mod=None, block_mask=None, mod_args=(),
-                                 dropout_p=0.0, dropout_seed=None):
+def scaled_dot_product_attention(
+    query,
+    key,
+    value,
+    attn_mask=None,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+    *,
+    backend="auto",
+    return_lse=False,
+    score_mod=None,
+    mask_mod=None,
+    block_mask=None,
+    mod_args=(),
+    dropout_p=0.0,
+    dropout_seed=None,
+):
     """Attention with the semantics of ``torch.nn.functional.scaled_dot_product_attention``.
 
     Shapes ``(..., Hq, L, E)``, ``(..., H, S, E)``, ``(..., H, S, Ev)`` -> ``(..., Hq, L, Ev)``
@@ -42,9 +57,22 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     :raises ValueError: a wrong shape or value, naming the argument and the shapes.
     :raises engine.NotSupportedError: the backend (or, with ``auto``, every backend) refuses the inputs.
     """
-    problem = validate_attention_args(query, key, value, attn_mask, is_causal, scale, enable_gqa,
-                                      return_lse, score_mod, mask_mod, block_mask, mod_args,
-                                      dropout_p, dropout_seed)
+    problem = validate_attention_args(
+        query,
+        key,
+        value,
+        attn_mask,
+        is_causal,
+        scale,
+        enable_gqa,
+        return_lse,
+        score_mod,
+        mask_mod,
+        block_mask,
+        mod_args,
+        dropout_p,
+        dropout_seed,
+    )
     out, lse = run_forward(problem, select_backend(backend, problem))
     return (out, lse) if return_lse else out
 

@@ -30,6 +30,7 @@ cannot load raises ``ValueError`` with the reason when it is set (or, from the e
 the first call). Results differ between providers only by float rounding (each is tested
 against the ``reference`` backend).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -40,12 +41,30 @@ import sys
 import threading
 from dataclasses import dataclass, field
 
-from .config import (GEMM_AUTO_DEFAULT, GEMM_AUTO_ORDER, GEMM_CALIBRATION_BLOCKS, GEMM_CALIBRATION_CALLS,
-                     GEMM_CALIBRATION_CANDIDATES, GEMM_CALIBRATION_MARGIN, GEMM_HALF_CPU_FLAGS)
+from .config import (
+    GEMM_AUTO_DEFAULT,
+    GEMM_AUTO_ORDER,
+    GEMM_CALIBRATION_BLOCKS,
+    GEMM_CALIBRATION_CALLS,
+    GEMM_CALIBRATION_CANDIDATES,
+    GEMM_CALIBRATION_MARGIN,
+    GEMM_HALF_CPU_FLAGS,
+)
 
-__all__ = ["GemmProvider", "PROVIDERS", "ENV_VAR", "set_gemm_provider", "get_gemm_provider",
-           "available_gemm_providers", "gemm_provider_info", "load_provider", "cpu_flags",
-           "choose_fastest", "auto_order", "sixteen_bit_gemm"]
+__all__ = [
+    "GemmProvider",
+    "PROVIDERS",
+    "ENV_VAR",
+    "set_gemm_provider",
+    "get_gemm_provider",
+    "available_gemm_providers",
+    "gemm_provider_info",
+    "load_provider",
+    "cpu_flags",
+    "choose_fastest",
+    "auto_order",
+    "sixteen_bit_gemm",
+]
 
 #: names of every provider, in the order ``attention-engine list`` shows them
 PROVIDERS = ("mkl", "openblas", "numpy")
@@ -135,9 +154,9 @@ def _load_mkl() -> GemmProvider:
 
 
 def _load_openblas() -> GemmProvider:
-    from .kernels.gemm import GEMM_CBLAS
-
     import scipy_openblas32
+
+    from .kernels.gemm import GEMM_CBLAS
 
     so = sorted(glob.glob(os.path.join(scipy_openblas32.get_lib_dir(), f"lib{scipy_openblas32.get_library()}.so*")))
     if not so:
@@ -147,9 +166,13 @@ def _load_openblas() -> GemmProvider:
     lib.scipy_openblas_get_config.restype = ctypes.c_char_p
     lib.scipy_openblas_get_corename.restype = ctypes.c_char_p
     version = f"{lib.scipy_openblas_get_config().decode()} ({lib.scipy_openblas_get_corename().decode()} kernels)"
-    return GemmProvider("openblas", GEMM_CBLAS, {"float32": _address(lib, "scipy_cblas_sgemm"),
-                                                 "float64": _address(lib, "scipy_cblas_dgemm")},
-                        version, (lib,))
+    return GemmProvider(
+        "openblas",
+        GEMM_CBLAS,
+        {"float32": _address(lib, "scipy_cblas_sgemm"), "float64": _address(lib, "scipy_cblas_dgemm")},
+        version,
+        (lib,),
+    )
 
 
 _LOADERS = {"numpy": _load_numpy, "mkl": _load_mkl, "openblas": _load_openblas}
@@ -190,8 +213,7 @@ _MODES = ("auto", "calibrate")
 
 def _check_name(name) -> str:
     if not isinstance(name, str) or (name not in _MODES and name not in _LOADERS):
-        raise ValueError(f"GEMM provider must be 'auto', 'calibrate' or one of {', '.join(PROVIDERS)}, "
-                         f"got {name!r}")
+        raise ValueError(f"GEMM provider must be 'auto', 'calibrate' or one of {', '.join(PROVIDERS)}, got {name!r}")
     return name
 
 
@@ -312,8 +334,11 @@ def get_gemm_provider(dtype_name: str = "float32") -> GemmProvider:
         return load_provider("numpy")
     with _calibration_lock:
         if dtype_name not in _calibrated:
-            candidates = [p for p in (load_provider(n) for n in GEMM_CALIBRATION_CANDIDATES)
-                          if not isinstance(p, str) and p.supports(dtype_name)]
+            candidates = [
+                p
+                for p in (load_provider(n) for n in GEMM_CALIBRATION_CANDIDATES)
+                if not isinstance(p, str) and p.supports(dtype_name)
+            ]
             if len(candidates) <= 1:
                 _calibrated[dtype_name] = ("numpy", {})
             else:
@@ -361,7 +386,12 @@ def gemm_provider_info() -> dict:
     for dt in ("bfloat16", "float16"):
         half = sixteen_bit_gemm(dt)
         in_use[dt] = f"{half.name} (16-bit GEMM)" if half else f"{in_use['float32']} (widened to float32)"
-    return {"requested": _requested(), "auto_order": list(auto_order()), "in_use": in_use,
-            "calibration_us": {dt: {n: round(t * 1e6, 1) for n, t in c[1].items()}
-                               for dt, c in _calibrated.items() if c[1]},
-            "providers": available_gemm_providers()}
+    return {
+        "requested": _requested(),
+        "auto_order": list(auto_order()),
+        "in_use": in_use,
+        "calibration_us": {
+            dt: {n: round(t * 1e6, 1) for n, t in c[1].items()} for dt, c in _calibrated.items() if c[1]
+        },
+        "providers": available_gemm_providers(),
+    }

@@ -4,6 +4,7 @@ A plugin is any module or object with functions marked ``@engine.hookimpl`` and 
 specs below. The engine registers its built-in variant modules first, then every entry point in
 the group ``attention_engine``, then any plugin passed to ``engine.register_plugin``.
 """
+
 import pluggy
 
 PROJECT = "attention_engine"

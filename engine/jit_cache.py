@@ -19,6 +19,7 @@ file rewritten, with a warning. Numba itself raises ``pickle.UnpicklingError`` t
 guards its two loader methods (``IndexDataCacheFile._load_index`` and ``load``); for the whole
 process, which only turns that error into a recompilation.
 """
+
 from __future__ import annotations
 
 import os
@@ -74,8 +75,10 @@ def _parent_problem(path: str) -> str | None:
     if st.st_uid not in (0, os.geteuid()):
         return f"is in a folder owned by uid {st.st_uid} ({parent}), who could replace it"
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
-        return (f"is in a folder writable by group or others without the sticky bit ({parent}, "
-                f"mode {stat.S_IMODE(st.st_mode):04o}), where they could replace it")
+        return (
+            f"is in a folder writable by group or others without the sticky bit ({parent}, "
+            f"mode {stat.S_IMODE(st.st_mode):04o}), where they could replace it"
+        )
     return None
 
 
@@ -109,16 +112,24 @@ def _tolerate_corrupt_cache_files() -> None:
         try:
             return load_index(self)
         except Exception as exc:  # unpickling garbage can raise almost anything
-            warnings.warn(f"attention-engine: unreadable Numba cache index {self._index_path} "
-                          f"({type(exc).__name__}); recompiling", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"attention-engine: unreadable Numba cache index {self._index_path} "
+                f"({type(exc).__name__}); recompiling",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             return {}
 
     def _load(self, key):
         try:
             return load(self, key)
         except Exception as exc:
-            warnings.warn(f"attention-engine: unreadable Numba cache file in {self._cache_path} "
-                          f"({type(exc).__name__}); recompiling", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"attention-engine: unreadable Numba cache file in {self._cache_path} "
+                f"({type(exc).__name__}); recompiling",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             return None
 
     cls._load_index, cls.load = _load_index, _load
@@ -140,9 +151,13 @@ def cache_enabled() -> bool:
         real = os.path.realpath(chosen)  # the user may link to a private folder: check where it goes
         problem = _enabled and (_private_folder_problem(real) or _parent_problem(real))
         if problem:
-            warnings.warn(f"attention-engine: NUMBA_CACHE_DIR {chosen!r} {problem}; whoever can write "
-                          "there can run code in this process through Numba's cache files (pickles). "
-                          "It is used because you chose it", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"attention-engine: NUMBA_CACHE_DIR {chosen!r} {problem}; whoever can write "
+                "there can run code in this process through Numba's cache files (pickles). "
+                "It is used because you chose it",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     else:
         here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "__pycache__")
         user = os.path.join(os.path.expanduser("~"), ".cache", "numba")
@@ -155,10 +170,16 @@ def cache_enabled() -> bool:
             if _enabled:
                 numba.config.CACHE_DIR = fallback
             elif problem:
-                why_not = (f"the fallback folder for Numba's cache {fallback!r} {problem}, so it is not "
-                           "used: whoever can write there could run code in this process through "
-                           "Numba's cache files (pickles)")
+                why_not = (
+                    f"the fallback folder for Numba's cache {fallback!r} {problem}, so it is not "
+                    "used: whoever can write there could run code in this process through "
+                    "Numba's cache files (pickles)"
+                )
     if not _enabled:
-        warnings.warn(f"attention-engine: {why_not}; kernels are compiled in every process (set "
-                      "NUMBA_CACHE_DIR to a private folder to fix)", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"attention-engine: {why_not}; kernels are compiled in every process (set "
+            "NUMBA_CACHE_DIR to a private folder to fix)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return _enabled

@@ -1,5 +1,6 @@
 """Host-side cache operations shared by the backends' ``decode``: writing the new entries in place,
 and gathering one sequence's keys and values through its pages (the oracle's view of a cache)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -36,5 +37,7 @@ def gather_sequence(problem: DecodeProblem, b: int):
     """Keys and values sequence ``b`` attends, ``(Hkv, S_b, D)`` and ``(Hkv, S_b, Dv)``, copied out
     of its pages in the cache dtype (call after :func:`write_new_entries`)."""
     pages, offsets = cache_slots(problem, b, np.arange(int(problem.seqlens_k[b])))
-    return (np.swapaxes(problem.k_cache[pages, :, offsets], 0, 1),
-            np.swapaxes(problem.v_cache[pages, :, offsets], 0, 1))
+    return (
+        np.swapaxes(problem.k_cache[pages, :, offsets], 0, 1),
+        np.swapaxes(problem.v_cache[pages, :, offsets], 0, 1),
+    )

@@ -1,9 +1,10 @@
 """``attention-engine list``: what is installed, in the spirit of ``datasette plugins``."""
+
 from __future__ import annotations
 
 import json
 
-from .dispatch import list_backends, get_backend
+from .dispatch import get_backend, list_backends
 from .plugins import variant_info
 
 
@@ -11,10 +12,14 @@ def collect() -> dict:
     """Variants (name, description, plugin, distribution), conflicts, and backend capabilities."""
     variants, conflicts = variant_info()
     return {
-        "variants": [{"name": v.name, "description": v.description, "plugin": v.plugin,
-                      "distribution": v.distribution} for v in sorted(variants.values(), key=lambda v: v.name)],
-        "conflicts": {name: [{"plugin": i.plugin, "distribution": i.distribution} for i in infos]
-                      for name, infos in conflicts.items()},
+        "variants": [
+            {"name": v.name, "description": v.description, "plugin": v.plugin, "distribution": v.distribution}
+            for v in sorted(variants.values(), key=lambda v: v.name)
+        ],
+        "conflicts": {
+            name: [{"plugin": i.plugin, "distribution": i.distribution} for i in infos]
+            for name, infos in conflicts.items()
+        },
         "backends": [get_backend(n).capabilities() for n in list_backends()],
     }
 
@@ -35,10 +40,19 @@ def run(args) -> int:
         who = ", ".join(f"{i['plugin']} ({i['distribution']})" for i in infos)
         print(f"  CONFLICT: {name!r} offered by {who}; not selectable")
     print("\nBackends")
-    rows = [(b["name"], "yes" if b["available"] else f"no: {b['unavailable_reason']}",
-             ", ".join(b["dtypes"]), "host" + (", device" if b["device_arrays"] else ""),
-             "yes" if b["backward"] else "no", "yes" if b["dropout"] else "no",
-             str(b["priority"]), b["description"]) for b in info["backends"]]
+    rows = [
+        (
+            b["name"],
+            "yes" if b["available"] else f"no: {b['unavailable_reason']}",
+            ", ".join(b["dtypes"]),
+            "host" + (", device" if b["device_arrays"] else ""),
+            "yes" if b["backward"] else "no",
+            "yes" if b["dropout"] else "no",
+            str(b["priority"]),
+            b["description"],
+        )
+        for b in info["backends"]
+    ]
     _table(("name", "available", "dtypes", "arrays", "backward", "dropout", "priority", "description"), rows)
     for b in info["backends"]:
         for note in b.get("notes", ()):

@@ -1,4 +1,5 @@
 """Lay out an ``attn_mask`` for the tiled kernels without materialising the broadcast."""
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,7 @@ def kernel_mask(problem: AttentionProblem, xp=np):
     m = m.reshape((1,) * (len(full) - m.ndim) + tuple(m.shape))
     lead = tuple(m.shape[:nb])
     m3 = m.reshape((math.prod(lead),) + tuple(m.shape[nb:]))
-    index = np.broadcast_to(np.arange(math.prod(lead), dtype=np.int64).reshape(lead),
-                            problem.batch_shape).reshape(-1)
+    index = np.broadcast_to(np.arange(math.prod(lead), dtype=np.int64).reshape(lead), problem.batch_shape).reshape(-1)
     mask4 = xp.broadcast_to(m3, (m3.shape[0], problem.num_q_heads, problem.L, problem.S))
     return mask4, np.ascontiguousarray(index)
 
@@ -49,8 +49,9 @@ def reduce_to_shape(grad: np.ndarray, shape: tuple) -> np.ndarray:
     return grad.reshape(shape)
 
 
-def mha_masks_to_sdpa(attn_mask, key_padding_mask, is_causal: bool, N: int, H: int, L: int, S: int,
-                      dtype, place: Placement = HOST):
+def mha_masks_to_sdpa(
+    attn_mask, key_padding_mask, is_causal: bool, N: int, H: int, L: int, S: int, dtype, place: Placement = HOST
+):
     """Turn ``nn.MultiheadAttention`` masks into one ``scaled_dot_product_attention`` mask.
 
     MHA polarity: boolean True = **not allowed**, float = added. ``attn_mask`` is (L, S) or
@@ -69,13 +70,14 @@ def mha_masks_to_sdpa(attn_mask, key_padding_mask, is_causal: bool, N: int, H: i
         elif tuple(attn_mask.shape) == (N * H, L, S):
             parts.append(xp.reshape(attn_mask, (N, H, L, S)))
         else:
-            raise ValueError(f"attn_mask must have shape (L, S) = {(L, S)} or (N * num_heads, L, S) = "
-                             f"{(N * H, L, S)}, got {tuple(attn_mask.shape)}")
+            raise ValueError(
+                f"attn_mask must have shape (L, S) = {(L, S)} or (N * num_heads, L, S) = "
+                f"{(N * H, L, S)}, got {tuple(attn_mask.shape)}"
+            )
     if key_padding_mask is not None:
         key_padding_mask = _mha_mask_array(key_padding_mask, "key_padding_mask", place)
         if tuple(key_padding_mask.shape) != (N, S):
-            raise ValueError(f"key_padding_mask must have shape (N, S) = {(N, S)}, got "
-                             f"{tuple(key_padding_mask.shape)}")
+            raise ValueError(f"key_padding_mask must have shape (N, S) = {(N, S)}, got {tuple(key_padding_mask.shape)}")
         parts.append(xp.reshape(key_padding_mask, (N, 1, 1, S)))
     if not parts:
         return None, bool(is_causal)
@@ -97,6 +99,8 @@ def mha_masks_to_sdpa(attn_mask, key_padding_mask, is_causal: bool, N: int, H: i
 def _mha_mask_array(mask, name: str, place: Placement):
     mask = place.put(mask, what=name)
     if not (place.xp.isdtype(mask.dtype, "bool") or place.xp.isdtype(mask.dtype, "real floating")):
-        raise TypeError(f"{name} must be boolean (True = not allowed) or floating (added), got dtype "
-                        f"{mask.dtype} with shape {tuple(mask.shape)}")
+        raise TypeError(
+            f"{name} must be boolean (True = not allowed) or floating (added), got dtype "
+            f"{mask.dtype} with shape {tuple(mask.shape)}"
+        )
     return mask

@@ -4,6 +4,7 @@ Shared by the ``reference`` backend (the test oracle, forward and backward), the
 ``need_weights=True`` and the cpu backend's exact path for non-finite values. Memory is O(L x S)
 per head.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,8 +14,7 @@ from .masks import reduce_to_shape
 from .mods import apply_mods_dense, score_grad_dense
 from .validation import AttentionProblem
 
-__all__ = ["scores", "softmax", "attention_probabilities", "add_nonfinite_values", "dropout_multipliers",
-           "gradients"]
+__all__ = ["scores", "softmax", "attention_probabilities", "add_nonfinite_values", "dropout_multipliers", "gradients"]
 
 
 def scores(problem: AttentionProblem, cols=None, score_grad=None) -> np.ndarray:
@@ -34,11 +34,15 @@ def scores(problem: AttentionProblem, cols=None, score_grad=None) -> np.ndarray:
     s = np.matmul(q, np.swapaxes(k, -1, -2)) * problem.scale
     flat = (problem.batch, problem.num_q_heads, problem.L, len(kv_idx))
     if score_grad is not None:
-        score_grad.append(None if problem.score_mod is None else score_grad_dense(
-            s.reshape(flat), problem.score_mod, problem.score_grad, problem.mod_args, kv_idx).reshape(s.shape))
+        score_grad.append(
+            None
+            if problem.score_mod is None
+            else score_grad_dense(
+                s.reshape(flat), problem.score_mod, problem.score_grad, problem.mod_args, kv_idx
+            ).reshape(s.shape)
+        )
     if problem.score_mod is not None:
-        s = apply_mods_dense(s.reshape(flat), problem.score_mod, None, problem.mod_args,
-                             kv_idx).reshape(s.shape)
+        s = apply_mods_dense(s.reshape(flat), problem.score_mod, None, problem.mod_args, kv_idx).reshape(s.shape)
     if problem.is_causal:
         rows = np.arange(problem.L)[:, None] + problem.causal_offset
         s = np.where(kv_idx[None, :] <= rows, s, -np.inf)
@@ -52,8 +56,7 @@ def scores(problem: AttentionProblem, cols=None, score_grad=None) -> np.ndarray:
             m = np.asarray(m, dtype=np.float64)
             s = np.where(np.isneginf(m), -np.inf, s + m)  # -inf hides the key, even a NaN score
     if problem.mask_mod is not None:
-        s = apply_mods_dense(s.reshape(flat), None, problem.mask_mod, problem.mod_args,
-                             kv_idx).reshape(s.shape)
+        s = apply_mods_dense(s.reshape(flat), None, problem.mask_mod, problem.mod_args, kv_idx).reshape(s.shape)
     return s
 
 
@@ -72,7 +75,7 @@ def add_nonfinite_values(problem: AttentionProblem, out: np.ndarray, lse: np.nda
     bad = np.where(finite, 0.0, v)[..., cols, :]
     if problem.group > 1:
         bad = np.repeat(bad, problem.group, axis=-3)
-    attends = (p > 0) | np.isnan(p)                                   # (..., Hq, L, cols)
+    attends = (p > 0) | np.isnan(p)  # (..., Hq, L, cols)
     contrib = np.where(attends[..., None], bad[..., None, :, :], 0.0).sum(axis=-2)
     return (out + contrib).astype(out.dtype)
 
@@ -105,8 +108,9 @@ def dropout_multipliers(problem: AttentionProblem):
     dropped, or None without dropout."""
     if problem.dropout_p == 0:
         return None
-    keep = keep_mask_numpy(problem.dropout_seed, problem.dropout_p, problem.batch, problem.num_q_heads,
-                           problem.L, problem.S)
+    keep = keep_mask_numpy(
+        problem.dropout_seed, problem.dropout_p, problem.batch, problem.num_q_heads, problem.L, problem.S
+    )
     scale = 0.0 if problem.dropout_p == 1 else 1.0 / (1.0 - problem.dropout_p)
     return (keep * scale).reshape(problem.lse_shape + (problem.S,))
 

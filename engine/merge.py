@@ -1,4 +1,5 @@
 """``merge_attention``: combine attention results computed over disjoint key sets, exactly."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -39,8 +40,7 @@ def merge_attention(outs, lses):
     out_parts = _parts(outs, "outs")
     lse_parts = _parts(lses, "lses")
     if len(out_parts) != len(lse_parts):
-        raise ValueError(f"outs and lses must hold the same number of parts, got {len(out_parts)} "
-                         f"and {len(lse_parts)}")
+        raise ValueError(f"outs and lses must hold the same number of parts, got {len(out_parts)} and {len(lse_parts)}")
     out_dtype = _one_dtype(out_parts, "outs")
     lse_dtype = _one_dtype(lse_parts, "lses")
     shape = tuple(out_parts[0].shape)
@@ -49,8 +49,10 @@ def merge_attention(outs, lses):
     for name, parts, want in (("outs", out_parts, shape), ("lses", lse_parts, shape[:-1])):
         for p, a in enumerate(parts):
             if tuple(a.shape) != want:
-                raise ValueError(f"{name}[{p}] has shape {tuple(a.shape)}, expected {want} (outs[0] has "
-                                 f"shape {shape}; lses[p] must have shape outs[p].shape[:-1])")
+                raise ValueError(
+                    f"{name}[{p}] has shape {tuple(a.shape)}, expected {want} (outs[0] has "
+                    f"shape {shape}; lses[p] must have shape outs[p].shape[:-1])"
+                )
     compute = np.float64 if np.float64 in (out_dtype, lse_dtype) else np.float32
     P, Ev = len(out_parts), shape[-1]
     N = int(np.prod(shape[:-1], dtype=np.int64))
@@ -82,20 +84,22 @@ def _parts(x, name: str) -> list:
     if isinstance(x, (list, tuple)):
         parts = [_as_array(a, f"{name}[{p}]") for p, a in enumerate(x)]
     elif x is None or isinstance(x, (str, bytes, dict, set)):
-        raise TypeError(f"{name} must be a list or tuple of arrays, or one array with the parts on "
-                        f"its first axis, got {type(x).__name__}")
+        raise TypeError(
+            f"{name} must be a list or tuple of arrays, or one array with the parts on "
+            f"its first axis, got {type(x).__name__}"
+        )
     else:
         arr = _as_array(x, name)
         if arr.ndim < 1:
-            raise ValueError(f"{name} as one array must have the parts on its first axis, got shape "
-                             f"{tuple(arr.shape)}")
+            raise ValueError(f"{name} as one array must have the parts on its first axis, got shape {tuple(arr.shape)}")
         parts = list(arr)
     if not parts:
         raise ValueError(f"{name} must hold at least one part, got none")
     for p, a in enumerate(parts):
         if is_device_array(a):
-            raise TypeError(f"merge_attention takes host arrays (NumPy, torch CPU tensors); {name}[{p}] "
-                            "is a device array")
+            raise TypeError(
+                f"merge_attention takes host arrays (NumPy, torch CPU tensors); {name}[{p}] is a device array"
+            )
     return parts
 
 
@@ -103,8 +107,10 @@ def _one_dtype(parts: list, name: str) -> np.dtype:
     dtypes = {np.dtype(array_dtype(a)) for a in parts}
     for p, a in enumerate(parts):
         if not is_floating(array_dtype(a)):
-            raise TypeError(f"{name}[{p}] must have a floating dtype (float16, float32, float64, "
-                            f"bfloat16), got {array_dtype(a)} with shape {tuple(a.shape)}")
+            raise TypeError(
+                f"{name}[{p}] must have a floating dtype (float16, float32, float64, "
+                f"bfloat16), got {array_dtype(a)} with shape {tuple(a.shape)}"
+            )
     if len(dtypes) != 1:
         raise TypeError(f"every part of {name} must have one dtype, got {sorted(str(d) for d in dtypes)}")
     return dtypes.pop()

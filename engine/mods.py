@@ -14,6 +14,7 @@ A :class:`BlockMask` records, once, which (query tile, key tile) blocks of a ``m
 full or partial. Kernels skip empty blocks and evaluate the mask per element only in partial ones.
 Build it with :func:`create_block_mask` and pass it again and again as ``block_mask=``.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,11 +27,22 @@ from numba import types
 from numba.extending import overload
 from numba.np.numpy_support import as_dtype
 
-__all__ = ["BlockMask", "create_block_mask", "as_jit", "cast_like", "with_score_grad", "score_mod_grad",
-           "EMPTY", "PARTIAL", "FULL"]
+__all__ = [
+    "BlockMask",
+    "create_block_mask",
+    "as_jit",
+    "cast_like",
+    "with_score_grad",
+    "score_mod_grad",
+    "EMPTY",
+    "PARTIAL",
+    "FULL",
+]
 
 from .config import BLOCK_MASK_K, BLOCK_MASK_Q
-from .kernels.kinds import TILE_EMPTY as EMPTY, TILE_FULL as FULL, TILE_PARTIAL as PARTIAL
+from .kernels.kinds import TILE_EMPTY as EMPTY
+from .kernels.kinds import TILE_FULL as FULL
+from .kernels.kinds import TILE_PARTIAL as PARTIAL
 
 _jitted: "weakref.WeakKeyDictionary[Callable, Callable]" = weakref.WeakKeyDictionary()
 
@@ -147,11 +159,9 @@ def _check_against_finite_differences(mod, grad, how, name, problem) -> None:
     """Compile ``grad`` for the problem's dtype and compare it in float64 with central finite
     differences of ``mod`` at a few points; ``TypeError`` naming the mod otherwise."""
     dtype = problem.dtype.type
-    last = (max(problem.batch, 1) - 1, max(problem.num_q_heads, 1) - 1, max(problem.L, 1) - 1,
-            max(problem.S, 1) - 1)
+    last = (max(problem.batch, 1) - 1, max(problem.num_q_heads, 1) - 1, max(problem.L, 1) - 1, max(problem.S, 1) - 1)
     points = [(0, 0, 0, 0), last, (0, last[1], last[2], 0), (last[0], 0, 0, last[3])]
-    hint = ("declare its derivative with engine.mods.with_score_grad (or set the attribute "
-            "score_grad on it)")
+    hint = "declare its derivative with engine.mods.with_score_grad (or set the attribute score_grad on it)"
     try:
         grad(dtype(0.5), *points[0], *problem.mod_args)  # the specialisation the kernel inlines
         for x in (-1.7, -0.2, 0.45, 1.3):
@@ -164,20 +174,28 @@ def _check_against_finite_differences(mod, grad, how, name, problem) -> None:
                 if not (math.isfinite(hi) and math.isfinite(lo)):
                     continue  # e.g. a mod that masks this element with -inf: its weight is 0
                 if not abs(g - fd) <= 1e-5 * (1.0 + abs(fd)):
-                    raise _Mismatch(f"at score={x}, (b, h, q_idx, kv_idx)={idx} the {how} derivative is "
-                                    f"{g:.6g} but finite differences give {fd:.6g}")
+                    raise _Mismatch(
+                        f"at score={x}, (b, h, q_idx, kv_idx)={idx} the {how} derivative is "
+                        f"{g:.6g} but finite differences give {fd:.6g}"
+                    )
     except _Mismatch as exc:
-        extra = " (complex-step differentiation needs a mod analytic in the score: no comparison "\
-                "or abs of it)" if how == "complex-step" else ""
+        extra = (
+            " (complex-step differentiation needs a mod analytic in the score: no comparison or abs of it)"
+            if how == "complex-step"
+            else ""
+        )
         raise TypeError(f"score_mod {name}: wrong derivative {exc}{extra}; {hint}") from None
     except Exception as exc:
         first = _first_cause(exc)
         if how == "complex-step":
-            raise TypeError(f"score_mod {name} has no derivative for the backward pass: it cannot be "
-                            f"evaluated on a complex score (complex-step differentiation): "
-                            f"{type(exc).__name__}: {first}; {hint}") from None
-        raise TypeError(f"score_grad of score_mod {name} failed to compile or run: "
-                        f"{type(exc).__name__}: {first}") from None
+            raise TypeError(
+                f"score_mod {name} has no derivative for the backward pass: it cannot be "
+                f"evaluated on a complex score (complex-step differentiation): "
+                f"{type(exc).__name__}: {first}; {hint}"
+            ) from None
+        raise TypeError(
+            f"score_grad of score_mod {name} failed to compile or run: {type(exc).__name__}: {first}"
+        ) from None
 
 
 class _Mismatch(Exception):
@@ -227,9 +245,16 @@ class BlockMask:
             return self.kinds
         if want not in self._by_tiles:
             Bm, Hm = self.kinds.shape[:2]
-            other = create_block_mask(self.mask_mod, Bm if Bm > 1 else None, Hm if Hm > 1 else None,
-                                      self.L, self.S, mod_args=self.mod_args, block_q=block_q,
-                                      block_k=block_k)
+            other = create_block_mask(
+                self.mask_mod,
+                Bm if Bm > 1 else None,
+                Hm if Hm > 1 else None,
+                self.L,
+                self.S,
+                mod_args=self.mod_args,
+                block_q=block_q,
+                block_k=block_k,
+            )
             self._by_tiles[want] = other.kinds
         return self._by_tiles[want]
 
@@ -242,12 +267,23 @@ class BlockMask:
         """``ValueError`` naming the shapes if this block mask was built for another problem."""
         Bm, Hm = self.kinds.shape[:2]
         if (self.L, self.S) != (L, S) or Bm not in (1, batch) or Hm not in (1, heads):
-            raise ValueError(f"block_mask was built for (batch, heads, L, S) = ({Bm}, {Hm}, {self.L}, "
-                             f"{self.S}) but the inputs have ({batch}, {heads}, {L}, {S})")
+            raise ValueError(
+                f"block_mask was built for (batch, heads, L, S) = ({Bm}, {Hm}, {self.L}, "
+                f"{self.S}) but the inputs have ({batch}, {heads}, {L}, {S})"
+            )
 
 
-def create_block_mask(mask_mod: Callable, batch: int | None, heads: int | None, L: int, S: int, *,
-                      mod_args: tuple = (), block_q: int = BLOCK_MASK_Q, block_k: int = BLOCK_MASK_K) -> BlockMask:
+def create_block_mask(
+    mask_mod: Callable,
+    batch: int | None,
+    heads: int | None,
+    L: int,
+    S: int,
+    *,
+    mod_args: tuple = (),
+    block_q: int = BLOCK_MASK_Q,
+    block_k: int = BLOCK_MASK_K,
+) -> BlockMask:
     """Evaluate ``mask_mod`` once over every (b, h, q_idx, kv_idx) and classify the tiles.
 
     Pass ``batch=None``/``heads=None`` when the mask does not depend on ``b``/``h`` (it is then
@@ -281,12 +317,10 @@ def apply_mods_dense(scores: np.ndarray, score_mod, mask_mod, mod_args: tuple, k
     whose last axis holds the keys ``kv_idx`` (default: all of them, 0 ... S-1)."""
     B, H, L, S = scores.shape
     kv_idx = np.arange(S) if kv_idx is None else np.asarray(kv_idx)
-    b, h, i, j = np.meshgrid(np.arange(B), np.arange(H), np.arange(L), kv_idx, indexing="ij",
-                             sparse=True)
+    b, h, i, j = np.meshgrid(np.arange(B), np.arange(H), np.arange(L), kv_idx, indexing="ij", sparse=True)
     n = len(mod_args)
     if score_mod is not None:
-        f = np.vectorize(python_function(score_mod), otypes=[np.float64],
-                         excluded=set(range(5, 5 + n)))
+        f = np.vectorize(python_function(score_mod), otypes=[np.float64], excluded=set(range(5, 5 + n)))
         scores = f(scores, b, h, i, j, *mod_args) if scores.size else scores
     if mask_mod is not None:
         g = np.vectorize(python_function(mask_mod), otypes=[bool], excluded=set(range(4, 4 + n)))

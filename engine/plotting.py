@@ -4,6 +4,7 @@ matplotlib is imported on first use only (it is not a dependency of the engine c
 display (no ``DISPLAY``/``WAYLAND_DISPLAY`` on Linux, and no ``MPLBACKEND`` chosen) the
 non-interactive Agg backend is selected, so figures can be saved on servers and in CI.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,13 +20,14 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise ImportError("plot_attention needs matplotlib: pip install matplotlib "
-                          "(or the bench or models extra of attention-engine)") from None
-    headless = sys.platform.startswith("linux") and not (os.environ.get("DISPLAY")
-                                                         or os.environ.get("WAYLAND_DISPLAY"))
+        raise ImportError(
+            "plot_attention needs matplotlib: pip install matplotlib (or the bench or models extra of attention-engine)"
+        ) from None
+    headless = sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
     if headless and "MPLBACKEND" not in os.environ and "matplotlib.pyplot" not in sys.modules:
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -39,8 +41,7 @@ def _as_weights(weights) -> np.ndarray:
     if w.dtype.kind not in "fiu":
         raise TypeError(f"weights must be numeric, got dtype {w.dtype} with shape {w.shape}")
     if w.ndim not in (2, 3, 4):
-        raise ValueError(f"weights must be (L, S), (heads, L, S), (N, L, S) or (N, heads, L, S), "
-                         f"got shape {w.shape}")
+        raise ValueError(f"weights must be (L, S), (heads, L, S), (N, L, S) or (N, heads, L, S), got shape {w.shape}")
     return w.astype(np.float64, copy=False)
 
 
@@ -55,14 +56,30 @@ def _tokens(tokens, size: int, name: str, shape) -> list:
         raise TypeError(f"{name} must be a sequence of token strings, not one string")
     tokens = [str(t) for t in tokens]
     if len(tokens) != size:
-        raise ValueError(f"{name} has {len(tokens)} tokens but the weights of shape {shape} have {size} "
-                         f"{'rows' if name == 'query_tokens' else 'columns'}")
+        raise ValueError(
+            f"{name} has {len(tokens)} tokens but the weights of shape {shape} have {size} "
+            f"{'rows' if name == 'query_tokens' else 'columns'}"
+        )
     return tokens
 
 
-def plot_attention(weights, query_tokens, key_tokens=None, *, batch=None, head=None, ax=None,
-                   title=None, cmap="viridis", colorbar=True, ncols=4, vmin=0.0, vmax=None,
-                   annotate=False, panel_title=None):
+def plot_attention(
+    weights,
+    query_tokens,
+    key_tokens=None,
+    *,
+    batch=None,
+    head=None,
+    ax=None,
+    title=None,
+    cmap="viridis",
+    colorbar=True,
+    ncols=4,
+    vmin=0.0,
+    vmax=None,
+    annotate=False,
+    panel_title=None,
+):
     """Draw attention weights as a heat map: queries down the rows, keys along the columns.
 
     Takes any weights the engine returns with ``need_weights=True`` (NumPy arrays or torch
@@ -97,15 +114,16 @@ def plot_attention(weights, query_tokens, key_tokens=None, *, batch=None, head=N
         label = "head {}"
     elif w.ndim == 3:
         if batch is not None and head is not None:
-            raise ValueError(f"weights of shape {shape} have one leading axis: pass batch= (for "
-                             f"(N, L, S)) or head= (for (heads, L, S)), not both")
+            raise ValueError(
+                f"weights of shape {shape} have one leading axis: pass batch= (for "
+                f"(N, L, S)) or head= (for (heads, L, S)), not both"
+            )
         if batch is not None:
             w = w[_index(batch, shape[0], "batch", shape)]
         elif head is not None:
             label = "head {}"
     elif batch is not None or head is not None:
-        raise ValueError(f"weights of shape {shape} have no batch or head axis; got batch={batch!r}, "
-                         f"head={head!r}")
+        raise ValueError(f"weights of shape {shape} have no batch or head axis; got batch={batch!r}, head={head!r}")
     if w.ndim == 3 and head is not None:
         index = _index(head, w.shape[0], "head", shape)
         w = w[index]
@@ -130,16 +148,23 @@ def plot_attention(weights, query_tokens, key_tokens=None, *, batch=None, head=N
         return fig
 
     if ax is not None:
-        raise ValueError(f"ax= draws one heat map; weights of shape {shape} give a grid of "
-                         f"{w.shape[0]} panels (pass head= or batch= to pick one)")
+        raise ValueError(
+            f"ax= draws one heat map; weights of shape {shape} give a grid of "
+            f"{w.shape[0]} panels (pass head= or batch= to pick one)"
+        )
     if isinstance(ncols, bool) or not isinstance(ncols, (int, np.integer)) or ncols < 1:
         raise ValueError(f"ncols must be a positive int, got {ncols!r}")
     panels = w.shape[0]
     ncols = min(int(ncols), panels)
     nrows = math.ceil(panels / ncols)
     side = min(max(2.5, 0.22 * max(L, S) + 1.5), 9.0)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(side * ncols + (1.0 if colorbar else 0.0), side * nrows),
-                             squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        nrows,
+        ncols,
+        figsize=(side * ncols + (1.0 if colorbar else 0.0), side * nrows),
+        squeeze=False,
+        layout="constrained",
+    )
     for i, panel_ax in enumerate(axes.flat):
         if i >= panels:
             panel_ax.set_axis_off()
@@ -164,6 +189,13 @@ def _heat_map(ax, w, q_labels, k_labels, cmap, vmin, vmax, annotate, small=False
     if annotate:
         threshold = vmin + 0.6 * (vmax - vmin)
         for (r, c), value in np.ndenumerate(w):
-            ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=size - 2,
-                    color="black" if value > threshold else "white")
+            ax.text(
+                c,
+                r,
+                f"{value:.2f}",
+                ha="center",
+                va="center",
+                fontsize=size - 2,
+                color="black" if value > threshold else "white",
+            )
     return image

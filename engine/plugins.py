@@ -12,6 +12,7 @@ value) loads no entry point at all, and ``ATTENTION_ENGINE_BLOCK_PLUGINS`` (comm
 names, as ``attention-engine list`` shows them) blocks those names: such an entry point is never
 imported, and ``register_plugin`` refuses the name.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -26,12 +27,29 @@ import pluggy
 from . import hookspecs
 from .errors import PluginError
 
-__all__ = ["get_plugin_manager", "register_plugin", "unregister_plugin", "list_variants",
-           "get_variant", "variant_info", "backend_registry", "PluginError"]
+__all__ = [
+    "get_plugin_manager",
+    "register_plugin",
+    "unregister_plugin",
+    "list_variants",
+    "get_variant",
+    "variant_info",
+    "backend_registry",
+    "PluginError",
+]
 
-BUILTIN_PLUGINS = ("engine.backends", "variants.self_attention", "variants.multi_head",
-                   "variants.cross", "variants.masked", "variants.sliding_window", "variants.alibi",
-                   "variants.softcap", "variants.grouped_query", "variants.document")
+BUILTIN_PLUGINS = (
+    "engine.backends",
+    "variants.self_attention",
+    "variants.multi_head",
+    "variants.cross",
+    "variants.masked",
+    "variants.sliding_window",
+    "variants.alibi",
+    "variants.softcap",
+    "variants.grouped_query",
+    "variants.document",
+)
 DISTRIBUTION = "attention-engine"
 DISABLE_AUTOLOAD_ENV = "ATTENTION_ENGINE_DISABLE_PLUGIN_AUTOLOAD"
 BLOCK_ENV = "ATTENTION_ENGINE_BLOCK_PLUGINS"
@@ -53,7 +71,7 @@ class VariantInfo:
 
 _lock = threading.RLock()
 _pm: pluggy.PluginManager | None = None
-_distributions: dict[str, str] = {}   # plugin name -> distribution name
+_distributions: dict[str, str] = {}  # plugin name -> distribution name
 _variants: dict[str, VariantInfo] | None = None
 _conflicts: dict[str, list[VariantInfo]] = {}
 _backends: dict | None = None
@@ -97,14 +115,18 @@ def _build() -> pluggy.PluginManager:
         try:
             plugin = ep.load()
         except Exception as exc:
-            _warn(f"skipping plugin {ep.name!r} from distribution {dist!r}: it failed to import "
-                  f"({type(exc).__name__}: {exc})")
+            _warn(
+                f"skipping plugin {ep.name!r} from distribution {dist!r}: it failed to import "
+                f"({type(exc).__name__}: {exc})"
+            )
             continue
         if pm.is_registered(plugin):
             continue
         if pm.has_plugin(ep.name):
-            _warn(f"skipping plugin {ep.name!r} from distribution {dist!r}: the name is already taken "
-                  f"by distribution {_distributions.get(ep.name, '?')!r}")
+            _warn(
+                f"skipping plugin {ep.name!r} from distribution {dist!r}: the name is already taken "
+                f"by distribution {_distributions.get(ep.name, '?')!r}"
+            )
             continue
         try:
             pm.register(plugin, name=ep.name)
@@ -138,8 +160,10 @@ def _hook_results(hook_name: str):
         try:
             result = impl.function()
         except Exception as exc:
-            _warn(f"plugin {impl.plugin_name!r} (distribution {dist!r}): hook {hook_name} raised "
-                  f"{type(exc).__name__}: {exc}; its contributions are skipped")
+            _warn(
+                f"plugin {impl.plugin_name!r} (distribution {dist!r}): hook {hook_name} raised "
+                f"{type(exc).__name__}: {exc}; its contributions are skipped"
+            )
             continue
         yield impl.plugin_name, dist, list(result or ())
 
@@ -249,8 +273,9 @@ def _check_own_variants(pm: pluggy.PluginManager, plugin_name: str) -> None:
         try:
             classes = list(impl.function() or ())
         except Exception as exc:
-            raise PluginError(f"plugin {plugin_name!r}: hook attention_variants raised "
-                              f"{type(exc).__name__}: {exc}") from exc
+            raise PluginError(
+                f"plugin {plugin_name!r}: hook attention_variants raised {type(exc).__name__}: {exc}"
+            ) from exc
         for cls in classes:
             problem = _variant_problem(cls)
             if problem:
@@ -262,8 +287,10 @@ def unregister_plugin(name: str) -> None:
     with _lock:
         pm = get_plugin_manager()
         if not pm.has_plugin(name):
-            raise ValueError(f"no plugin registered under {name!r}; registered: "
-                             f"{', '.join(sorted(n for n, _ in pm.list_name_plugin()))}")
+            raise ValueError(
+                f"no plugin registered under {name!r}; registered: "
+                f"{', '.join(sorted(n for n, _ in pm.list_name_plugin()))}"
+            )
         pm.unregister(name=name)
         _distributions.pop(name, None)
         _invalidate()
@@ -280,11 +307,15 @@ def backend_registry() -> dict:
             for plugin, dist, classes in _hook_results("attention_backends"):
                 for cls in classes:
                     if not (isinstance(cls, type) and issubclass(cls, Backend) and cls.name):
-                        _warn(f"plugin {plugin!r} (distribution {dist!r}): {cls!r} is not a named "
-                              "engine.backends.Backend subclass; skipped")
+                        _warn(
+                            f"plugin {plugin!r} (distribution {dist!r}): {cls!r} is not a named "
+                            "engine.backends.Backend subclass; skipped"
+                        )
                     elif cls.name in found:
-                        _warn(f"plugin {plugin!r} (distribution {dist!r}): backend name "
-                              f"{cls.name!r} is already taken; skipped")
+                        _warn(
+                            f"plugin {plugin!r} (distribution {dist!r}): backend name "
+                            f"{cls.name!r} is already taken; skipped"
+                        )
                     else:
                         found[cls.name] = cls()
             _backends = found

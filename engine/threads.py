@@ -7,6 +7,7 @@ after the parent ran a kernel (GNU OpenMP hangs there). pip installs ``libtbb.so
 engine falls back to ``workqueue`` and serialises kernel calls with a lock, so it stays safe, only
 less parallel across Python threads.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,8 +18,7 @@ import sys
 import threading
 import warnings
 
-__all__ = ["configure_threading_layer", "kernel_call_guard", "set_num_threads", "get_num_threads",
-           "thread_limit"]
+__all__ = ["configure_threading_layer", "kernel_call_guard", "set_num_threads", "get_num_threads", "thread_limit"]
 
 _configured = False
 _serialise = threading.Lock()
@@ -57,11 +57,15 @@ def configure_threading_layer() -> str:
         _preload_tbb()
         try:
             import numba.np.ufunc.tbbpool  # noqa: F401  (raises if libtbb cannot be loaded)
+
             layer = "tbb"
         except ImportError as exc:
-            warnings.warn(f"attention-engine: TBB threading layer unavailable ({exc}); using "
-                          "'workqueue' with calls serialised across Python threads", RuntimeWarning,
-                          stacklevel=2)
+            warnings.warn(
+                f"attention-engine: TBB threading layer unavailable ({exc}); using "
+                "'workqueue' with calls serialised across Python threads",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             layer = "workqueue"
         numba.config.THREADING_LAYER = layer
     _use_lock = layer in ("workqueue", "default")
@@ -131,8 +135,9 @@ def _check_count(n) -> None:
     import numba
 
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
-        raise ValueError(f"num_threads must be an int in 1..{numba.config.NUMBA_NUM_THREADS} "
-                         f"(NUMBA_NUM_THREADS), got {n!r}")
+        raise ValueError(
+            f"num_threads must be an int in 1..{numba.config.NUMBA_NUM_THREADS} (NUMBA_NUM_THREADS), got {n!r}"
+        )
 
 
 def set_num_threads(n: int | None) -> None:

@@ -12,6 +12,7 @@
   projections computed by torch and the attention by the engine, so gradients reach every
   parameter.
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,9 +31,22 @@ from .validation import bfloat16_dtype, validate_attention_args, validate_backwa
 __all__ = ["scaled_dot_product_attention", "as_module", "VariantModule"]
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                                 scale=None, enable_gqa=False, *, score_mod=None, mask_mod=None,
-                                 block_mask=None, mod_args=(), backend="auto"):
+def scaled_dot_product_attention(
+    query,
+    key,
+    value,
+    attn_mask=None,
+    dropout_p=0.0,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+    *,
+    score_mod=None,
+    mask_mod=None,
+    block_mask=None,
+    mod_args=(),
+    backend="auto",
+):
     """``torch.nn.functional.scaled_dot_product_attention`` computed by the engine, differentiable.
 
     Arguments as torch's: tensors ``(..., Hq, L, E)``, ``(..., H, S, E)``, ``(..., H, S, Ev)``,
@@ -61,18 +75,30 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         raise TypeError(f"mod_args must be a tuple, got {type(mod_args).__name__}")
     for i, a in enumerate(mod_args):
         if isinstance(a, torch.Tensor) and a.requires_grad:
-            raise ValueError(f"mod_args[{i}] requires grad, but gradients with respect to mod_args are "
-                             "not computed; pass it detached (a learned bias can be a float attn_mask, "
-                             "which gets its gradient)")
+            raise ValueError(
+                f"mod_args[{i}] requires grad, but gradients with respect to mod_args are "
+                "not computed; pass it detached (a learned bias can be a float attn_mask, "
+                "which gets its gradient)"
+            )
     mod_args = tuple(_host(a) if isinstance(a, torch.Tensor) else a for a in mod_args)
     inputs = (query, key, value) + (() if attn_mask is None else (attn_mask,))
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
     seed = None
     if dropout_p and dropout_p > 0:
-        seed = int(torch.randint(0, 2 ** 63 - 1, (), dtype=torch.int64).item())
-    options = dict(dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
-                   score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask, mod_args=mod_args,
-                   dropout_seed=seed, backend=backend, needs_grad=needs_grad)
+        seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64).item())
+    options = dict(
+        dropout_p=dropout_p,
+        is_causal=is_causal,
+        scale=scale,
+        enable_gqa=enable_gqa,
+        score_mod=score_mod,
+        mask_mod=mask_mod,
+        block_mask=block_mask,
+        mod_args=mod_args,
+        dropout_seed=seed,
+        backend=backend,
+        needs_grad=needs_grad,
+    )
     return _Attention.apply(query, key, value, attn_mask, options)
 
 
@@ -84,10 +110,22 @@ class _Attention(torch.autograd.Function):
         opts = dict(options)
         backend, needs_grad = opts.pop("backend"), opts.pop("needs_grad")
         problem = validate_attention_args(
-            _host(query), _host(key), _host(value), None if attn_mask is None else _host(attn_mask),
-            opts["is_causal"], opts["scale"], opts["enable_gqa"], True, opts["score_mod"],
-            opts["mask_mod"], opts["block_mask"], opts["mod_args"], opts["dropout_p"],
-            opts["dropout_seed"], draw_seed=False)
+            _host(query),
+            _host(key),
+            _host(value),
+            None if attn_mask is None else _host(attn_mask),
+            opts["is_causal"],
+            opts["scale"],
+            opts["enable_gqa"],
+            True,
+            opts["score_mod"],
+            opts["mask_mod"],
+            opts["block_mask"],
+            opts["mod_args"],
+            opts["dropout_p"],
+            opts["dropout_seed"],
+            draw_seed=False,
+        )
         if needs_grad:  # the forward runs where the backward can run too
             problem = replace(problem, needs_backward=True)
         chosen = select_backend(backend, problem)
@@ -103,16 +141,31 @@ class _Attention(torch.autograd.Function):
     def backward(ctx, grad_out):
         query, key, value, attn_mask, out, lse = ctx.saved_tensors
         o = ctx.options
-        mask_grad = (attn_mask is not None and ctx.needs_input_grad[3]
-                     and attn_mask.dtype.is_floating_point)
+        mask_grad = attn_mask is not None and ctx.needs_input_grad[3] and attn_mask.dtype.is_floating_point
         problem = validate_backward_args(
-            _host(grad_out), _host(query), _host(key), _host(value), _host(out), _host(lse),
-            None if attn_mask is None else _host(attn_mask), o["is_causal"], o["scale"],
-            o["enable_gqa"], o["score_mod"], o["mask_mod"], o["block_mask"], o["mod_args"],
-            o["dropout_p"], o["dropout_seed"], mask_grad)
+            _host(grad_out),
+            _host(query),
+            _host(key),
+            _host(value),
+            _host(out),
+            _host(lse),
+            None if attn_mask is None else _host(attn_mask),
+            o["is_causal"],
+            o["scale"],
+            o["enable_gqa"],
+            o["score_mod"],
+            o["mask_mod"],
+            o["block_mask"],
+            o["mod_args"],
+            o["dropout_p"],
+            o["dropout_seed"],
+            mask_grad,
+        )
         dq, dk, dv, dmask = run_backward(problem, select_backend(ctx.backend, problem))
-        grads = [_as_tensor(g, t) if need else None
-                 for g, t, need in zip((dq, dk, dv), (query, key, value), ctx.needs_input_grad[:3])]
+        grads = [
+            _as_tensor(g, t) if need else None
+            for g, t, need in zip((dq, dk, dv), (query, key, value), ctx.needs_input_grad[:3])
+        ]
         return (*grads, None if dmask is None else _as_tensor(dmask, attn_mask), None)
 
 
@@ -168,7 +221,8 @@ class VariantModule(torch.nn.Module):
                 f"variant {variant.name!r} ({type(variant).__name__}) computes in NumPy "
                 "(device_arrays = False), so torch cannot follow its projections; as_module wraps "
                 "variants whose forward uses array-API calls, self.param(key, like=x) and "
-                "self.attention(...), as the built-in ones do")
+                "self.attention(...), as the built-in ones do"
+            )
         self.variant_name = variant.name
         for key, value in variant.state_dict().items():
             owner = self
@@ -188,12 +242,16 @@ class VariantModule(torch.nn.Module):
             result = bound(query, key, value, **kwargs)
         except TypeError as exc:
             if bound._attention_calls == 0 and "requires grad" in str(exc):
-                raise TypeError(f"variant {self.variant_name!r} attends without self.attention(...), so "
-                                f"its attention cannot run inside torch autograd: {exc}") from None
+                raise TypeError(
+                    f"variant {self.variant_name!r} attends without self.attention(...), so "
+                    f"its attention cannot run inside torch autograd: {exc}"
+                ) from None
             raise
         if bound._attention_calls == 0:
-            raise TypeError(f"variant {self.variant_name!r} did not attend through self.attention(...): "
-                            "as_module cannot route its attention through torch autograd")
+            raise TypeError(
+                f"variant {self.variant_name!r} did not attend through self.attention(...): "
+                "as_module cannot route its attention through torch autograd"
+            )
         return result
 
     def extra_repr(self) -> str:
@@ -208,8 +266,10 @@ def _bind(variant, module: VariantModule):
     def placement(x, name):
         if isinstance(x, torch.Tensor):
             if x.device.type != "cpu":
-                raise TypeError(f"{name} is a {x.device.type} tensor; as_module computes on CPU tensors "
-                                "(the cuda backend has no backward pass yet)")
+                raise TypeError(
+                    f"{name} is a {x.device.type} tensor; as_module computes on CPU tensors "
+                    "(the cuda backend has no backward pass yet)"
+                )
             return place
         return input_placement(x, name)
 
@@ -224,9 +284,11 @@ def _bind(variant, module: VariantModule):
         if kwargs.pop("return_lse", False):  # add_bias_kv / add_zero_attn merge through the lse
             raise NotSupportedError(
                 f"variant {variant.name!r} asked for the log-sum-exp (add_bias_kv or add_zero_attn), "
-                "whose gradient engine.torch does not compute yet; train it without those options")
-        return scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, is_causal=is_causal,
-                                            backend=backend, **kwargs)
+                "whose gradient engine.torch does not compute yet; train it without those options"
+            )
+        return scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, is_causal=is_causal, backend=backend, **kwargs
+        )
 
     variant.input_placement = placement
     variant.param = param

@@ -4,6 +4,7 @@ Every check raises ``TypeError`` (wrong kind of thing) or ``ValueError`` (wrong 
 with a message naming the argument and the shapes involved. The result is an
 :class:`AttentionProblem`: the normalised description every backend consumes.
 """
+
 from __future__ import annotations
 
 import math
@@ -12,8 +13,18 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["AttentionProblem", "validate_attention_args", "validate_backward_args", "array_dtype",
-           "is_device_array", "native", "bfloat16_dtype", "is_bfloat16", "is_floating", "is_torch_bfloat16"]
+__all__ = [
+    "AttentionProblem",
+    "validate_attention_args",
+    "validate_backward_args",
+    "array_dtype",
+    "is_device_array",
+    "native",
+    "bfloat16_dtype",
+    "is_bfloat16",
+    "is_floating",
+    "is_torch_bfloat16",
+]
 
 
 def is_device_array(x: Any) -> bool:
@@ -29,8 +40,9 @@ def bfloat16_dtype() -> np.dtype:
     try:
         import ml_dtypes
     except ImportError:
-        raise TypeError("bfloat16 arrays need the ml_dtypes package (pip install ml_dtypes, or the "
-                        "'cuda' extra)") from None
+        raise TypeError(
+            "bfloat16 arrays need the ml_dtypes package (pip install ml_dtypes, or the 'cuda' extra)"
+        ) from None
     return np.dtype(ml_dtypes.bfloat16)
 
 
@@ -197,10 +209,23 @@ class AttentionProblem:
         return 2 * self.batch * self.num_q_heads * self.L * self.S * (self.E + self.Ev)
 
 
-def validate_attention_args(query, key, value, attn_mask=None, is_causal=False, scale=None,
-                            enable_gqa=False, return_lse=False, score_mod=None, mask_mod=None,
-                            block_mask=None, mod_args=(), dropout_p=0.0, dropout_seed=None,
-                            draw_seed=True) -> AttentionProblem:
+def validate_attention_args(
+    query,
+    key,
+    value,
+    attn_mask=None,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+    return_lse=False,
+    score_mod=None,
+    mask_mod=None,
+    block_mask=None,
+    mod_args=(),
+    dropout_p=0.0,
+    dropout_seed=None,
+    draw_seed=True,
+) -> AttentionProblem:
     """Check every argument of ``scaled_dot_product_attention`` and describe the problem.
 
     ``draw_seed``: with ``dropout_p > 0`` and no ``dropout_seed``, draw one from NumPy's global
@@ -212,8 +237,10 @@ def validate_attention_args(query, key, value, attn_mask=None, is_causal=False, 
     v = _as_array(value, "value")
     on_device = [type(a) is not np.ndarray and is_device_array(a) for a in (q, k, v)]
     if any(on_device) and not all(on_device):
-        raise TypeError("query, key and value must all be host arrays or all be device arrays; "
-                        f"device arrays: query={on_device[0]}, key={on_device[1]}, value={on_device[2]}")
+        raise TypeError(
+            "query, key and value must all be host arrays or all be device arrays; "
+            f"device arrays: query={on_device[0]}, key={on_device[1]}, value={on_device[2]}"
+        )
 
     dtypes = [_check_float(a, n) for a, n in ((q, "query"), (k, "key"), (v, "value"))]
     if len(set(dtypes)) != 1:
@@ -257,26 +284,44 @@ def validate_attention_args(query, key, value, attn_mask=None, is_causal=False, 
         elif is_floating(mdtype):
             mask_kind = "float"
         else:
-            raise TypeError(f"attn_mask must be boolean (True = may attend) or floating (added to the "
-                            f"scores), got dtype {mdtype}")
+            raise TypeError(
+                f"attn_mask must be boolean (True = may attend) or floating (added to the scores), got dtype {mdtype}"
+            )
         target = lead_shape + (L, S)
         mshape = tuple(mask.shape)
-        ok = len(mshape) <= len(target) and all(
-            m in (1, t) for m, t in zip(mshape[::-1], target[::-1]))
+        ok = len(mshape) <= len(target) and all(m in (1, t) for m, t in zip(mshape[::-1], target[::-1]))
         if not ok:
-            raise ValueError(f"attn_mask of shape {mshape} is not broadcastable to the score shape "
-                             f"{target} (batch..., heads, L, S)")
+            raise ValueError(
+                f"attn_mask of shape {mshape} is not broadcastable to the score shape {target} (batch..., heads, L, S)"
+            )
 
     mods = _validate_mods(score_mod, mask_mod, block_mask, mod_args, math.prod(batch_shape), Hq, L, S)
     p, seed = _validate_dropout(dropout_p, dropout_seed, draw_seed)
 
     return AttentionProblem(
-        query=q, key=k, value=v, attn_mask=mask, mask_kind=mask_kind,
-        batch_shape=tuple(batch_shape), lead_shape=lead_shape, num_q_heads=Hq, num_kv_heads=H, L=L,
-        S=S, E=E, Ev=Ev,
-        dtype=np.dtype(dtype), is_causal=bool(is_causal), scale=scale_f,
-        return_lse=bool(return_lse), on_device=on_device[0], dropout_p=p, dropout_seed=seed,
-        causal_offset=causal_offset, **mods)
+        query=q,
+        key=k,
+        value=v,
+        attn_mask=mask,
+        mask_kind=mask_kind,
+        batch_shape=tuple(batch_shape),
+        lead_shape=lead_shape,
+        num_q_heads=Hq,
+        num_kv_heads=H,
+        L=L,
+        S=S,
+        E=E,
+        Ev=Ev,
+        dtype=np.dtype(dtype),
+        is_causal=bool(is_causal),
+        scale=scale_f,
+        return_lse=bool(return_lse),
+        on_device=on_device[0],
+        dropout_p=p,
+        dropout_seed=seed,
+        causal_offset=causal_offset,
+        **mods,
+    )
 
 
 def _validate_dropout(dropout_p, dropout_seed, draw_seed: bool):
@@ -289,57 +334,102 @@ def _validate_dropout(dropout_p, dropout_seed, draw_seed: bool):
     if dropout_seed is not None:
         if isinstance(dropout_seed, (bool, np.bool_)) or not isinstance(dropout_seed, (int, np.integer)):
             raise TypeError(f"dropout_seed must be an int or None, got {type(dropout_seed).__name__}")
-        if not 0 <= int(dropout_seed) < 2 ** 64:
+        if not 0 <= int(dropout_seed) < 2**64:
             raise ValueError(f"dropout_seed must be in 0 ... 2**64 - 1, got {int(dropout_seed)}")
     if p == 0.0:
         return 0.0, None
     if dropout_seed is None:
         if not draw_seed:
-            raise ValueError("dropout_p > 0 needs dropout_seed: pass the seed the forward used, so "
-                             "the backward regenerates the same dropout mask")
+            raise ValueError(
+                "dropout_p > 0 needs dropout_seed: pass the seed the forward used, so "
+                "the backward regenerates the same dropout mask"
+            )
         # NumPy's global generator, as torch's dropout draws from torch's: np.random.seed() repeats it
-        dropout_seed = int(np.random.randint(0, 2 ** 63 - 1, dtype=np.int64))
+        dropout_seed = int(np.random.randint(0, 2**63 - 1, dtype=np.int64))
     return p, int(dropout_seed)
 
 
-def validate_backward_args(grad_out, query, key, value, out, lse, attn_mask=None, is_causal=False,
-                           scale=None, enable_gqa=False, score_mod=None, mask_mod=None,
-                           block_mask=None, mod_args=(), dropout_p=0.0, dropout_seed=None,
-                           return_mask_grad=False) -> AttentionProblem:
+def validate_backward_args(
+    grad_out,
+    query,
+    key,
+    value,
+    out,
+    lse,
+    attn_mask=None,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+    score_mod=None,
+    mask_mod=None,
+    block_mask=None,
+    mod_args=(),
+    dropout_p=0.0,
+    dropout_seed=None,
+    return_mask_grad=False,
+) -> AttentionProblem:
     """Check every argument of ``scaled_dot_product_attention_backward``: the forward's
     arguments (same checks, same messages), then ``grad_out``/``out`` (the forward's output
     shape and dtype), ``lse`` (the output shape without its last axis) and the mods' derivative.
 
     Raises ``TypeError``/``ValueError`` naming the argument and shapes; never touches a kernel.
     """
-    problem = validate_attention_args(query, key, value, attn_mask, is_causal, scale, enable_gqa,
-                                      False, score_mod, mask_mod, block_mask, mod_args, dropout_p,
-                                      dropout_seed, draw_seed=False)
+    problem = validate_attention_args(
+        query,
+        key,
+        value,
+        attn_mask,
+        is_causal,
+        scale,
+        enable_gqa,
+        False,
+        score_mod,
+        mask_mod,
+        block_mask,
+        mod_args,
+        dropout_p,
+        dropout_seed,
+        draw_seed=False,
+    )
     arrays = {}
-    for name, x, shape in (("grad_out", grad_out, problem.out_shape), ("out", out, problem.out_shape),
-                           ("lse", lse, problem.lse_shape)):
+    for name, x, shape in (
+        ("grad_out", grad_out, problem.out_shape),
+        ("out", out, problem.out_shape),
+        ("lse", lse, problem.lse_shape),
+    ):
         arr = _as_array(x, name)
         if is_device_array(arr) != problem.on_device:
             raise TypeError(f"{name} must live where query does (host or device)")
         dtype = _check_float(arr, name)
         if tuple(arr.shape) != tuple(shape):
-            raise ValueError(f"{name} must have shape {tuple(shape)} (from query {tuple(problem.query.shape)} "
-                             f"and value {tuple(problem.value.shape)}), got {tuple(arr.shape)}")
+            raise ValueError(
+                f"{name} must have shape {tuple(shape)} (from query {tuple(problem.query.shape)} "
+                f"and value {tuple(problem.value.shape)}), got {tuple(arr.shape)}"
+            )
         if name != "lse" and dtype != problem.dtype:
             raise TypeError(f"{name} must have the dtype of query ({problem.dtype}), got {dtype}")
         arrays[name] = arr
     if not isinstance(return_mask_grad, (bool, np.bool_)):
         raise TypeError(f"return_mask_grad must be a bool, got {type(return_mask_grad).__name__}")
     if return_mask_grad and problem.mask_kind != "float":
-        raise ValueError("return_mask_grad=True needs a floating attn_mask (a boolean mask or no mask "
-                         f"has no gradient), got {'no mask' if attn_mask is None else 'a boolean mask'}")
+        raise ValueError(
+            "return_mask_grad=True needs a floating attn_mask (a boolean mask or no mask "
+            f"has no gradient), got {'no mask' if attn_mask is None else 'a boolean mask'}"
+        )
     score_grad = None
     if problem.score_mod is not None:
         from .mods import score_mod_grad
 
         score_grad = score_mod_grad(score_mod, problem)
-    return replace(problem, needs_backward=True, grad_out=arrays["grad_out"], out=arrays["out"],
-                   lse=arrays["lse"], return_mask_grad=bool(return_mask_grad), score_grad=score_grad)
+    return replace(
+        problem,
+        needs_backward=True,
+        grad_out=arrays["grad_out"],
+        out=arrays["out"],
+        lse=arrays["lse"],
+        return_mask_grad=bool(return_mask_grad),
+        score_grad=score_grad,
+    )
 
 
 def _causal_bias(attn_mask, is_causal, L: int, S: int):
@@ -355,8 +445,7 @@ def _causal_bias(attn_mask, is_causal, L: int, S: int):
     if is_causal:
         raise ValueError("pass either attn_mask or is_causal=True, not both (as torch)")
     if bias.shape != (L, S):
-        raise ValueError(f"attn_mask {bias!r} is for (L, S) = {bias.shape}, but the inputs have "
-                         f"(L, S) = ({L}, {S})")
+        raise ValueError(f"attn_mask {bias!r} is for (L, S) = {bias.shape}, but the inputs have (L, S) = ({L}, {S})")
     return None, True, bias.diagonal_offset
 
 
@@ -390,32 +479,40 @@ def _broadcast_heads(q, k, v, enable_gqa: bool, on_device: bool):
     try:  # (np.broadcast_shapes costs microseconds: only when the batch shapes differ)
         batch_shape = qp[:-3] if qp[:-3] == kp[:-3] == vp[:-3] else np.broadcast_shapes(qp[:-3], kp[:-3], vp[:-3])
     except ValueError:
-        raise ValueError("the batch dimensions of query, key and value must broadcast (as torch.matmul), "
-                         f"got shapes query={qs}, key={ks}, value={vs}") from None
+        raise ValueError(
+            "the batch dimensions of query, key and value must broadcast (as torch.matmul), "
+            f"got shapes query={qs}, key={ks}, value={vs}"
+        ) from None
     hq, hk, hv = qp[-3], kp[-3], vp[-3]
     if hk != hv and 1 not in (hk, hv):
-        raise ValueError(f"key and value must have the same number of heads (or one of them 1), got "
-                         f"key={ks}, value={vs}")
+        raise ValueError(
+            f"key and value must have the same number of heads (or one of them 1), got key={ks}, value={vs}"
+        )
     H = max(hk, hv)
     if hq == H or H == 1:
         Hq = hq
     elif hq == 1 and not enable_gqa:
         Hq = H
     elif not enable_gqa:
-        raise ValueError(f"query has {hq} heads but key/value have {H}; pass enable_gqa=True for "
-                         f"grouped-query attention (query={qs}, key={ks})")
+        raise ValueError(
+            f"query has {hq} heads but key/value have {H}; pass enable_gqa=True for "
+            f"grouped-query attention (query={qs}, key={ks})"
+        )
     elif hq % H:
-        raise ValueError(f"enable_gqa=True needs the query head count to be a multiple of the "
-                         f"key/value head count, got {hq} and {H} (query={qs}, key={ks})")
+        raise ValueError(
+            f"enable_gqa=True needs the query head count to be a multiple of the "
+            f"key/value head count, got {hq} and {H} (query={qs}, key={ks})"
+        )
     else:
         Hq = hq
     batch_shape = tuple(batch_shape)
     lead = batch_shape + (Hq,)
-    want = {"query": lead + qs[-2:], "key": batch_shape + (H,) + ks[-2:],
-            "value": batch_shape + (H,) + vs[-2:]}
+    want = {"query": lead + qs[-2:], "key": batch_shape + (H,) + ks[-2:], "value": batch_shape + (H,) + vs[-2:]}
     if not on_device:  # zero-stride views where an input broadcasts; nothing copied
-        q, k, v = (a if tuple(a.shape) == want[n] else np.broadcast_to(a.reshape(p), want[n])
-                   for a, n, p in ((q, "query", qp), (k, "key", kp), (v, "value", vp)))
+        q, k, v = (
+            a if tuple(a.shape) == want[n] else np.broadcast_to(a.reshape(p), want[n])
+            for a, n, p in ((q, "query", qp), (k, "key", kp), (v, "value", vp))
+        )
     return q, k, v, lead, batch_shape, Hq, H
 
 
@@ -439,6 +536,9 @@ def _validate_mods(score_mod, mask_mod, block_mask, mod_args, batch, heads, L, S
             raise ValueError("pass mod_args to create_block_mask, not again with block_mask")
         mask_mod, mod_args = block_mask.mask_mod, block_mask.mod_args
     mod_args = native_mod_args(mod_args)
-    return {"score_mod": None if score_mod is None else as_jit(score_mod, "score_mod"),
-            "mask_mod": None if mask_mod is None else as_jit(mask_mod, "mask_mod"),
-            "mod_args": mod_args, "block_mask": block_mask}
+    return {
+        "score_mod": None if score_mod is None else as_jit(score_mod, "score_mod"),
+        "mask_mod": None if mask_mod is None else as_jit(mask_mod, "mask_mod"),
+        "mod_args": mod_args,
+        "block_mask": block_mask,
+    }

@@ -1,4 +1,5 @@
 """``engine.Variant``: the base class of every attention variant, built-in or third-party."""
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,9 @@ def check_fits_in_memory(nbytes: int, what: str) -> None:
     except (ValueError, OSError, AttributeError):
         return
     if nbytes > available:
-        raise MemoryError(f"{what} would need {nbytes / 2**30:.1f} GiB but only "
-                          f"{available / 2**30:.1f} GiB of memory is available")
+        raise MemoryError(
+            f"{what} would need {nbytes / 2**30:.1f} GiB but only {available / 2**30:.1f} GiB of memory is available"
+        )
 
 
 class Variant:
@@ -94,8 +96,9 @@ class Variant:
         missing = sorted(set(self._params) - set(state))
         unexpected = sorted(set(state) - set(self._params))
         if missing or unexpected:
-            raise ValueError(f"state_dict for {self.name!r} has missing keys {missing} and "
-                             f"unexpected keys {unexpected}")
+            raise ValueError(
+                f"state_dict for {self.name!r} has missing keys {missing} and unexpected keys {unexpected}"
+            )
         loaded = {}
         for key, expected in self._params.items():
             arr = to_numpy(state[key], f"state_dict[{key!r}]")
@@ -119,17 +122,28 @@ class Variant:
         if not place.xp.isdtype(x.dtype, "real floating"):
             raise TypeError(f"{name} must be floating, got dtype {x.dtype} with shape {tuple(x.shape)}")
         if x.ndim not in (2, 3):
-            raise ValueError(f"{name} must be (N, L, features) or unbatched (L, features), got shape "
-                             f"{tuple(x.shape)}")
+            raise ValueError(f"{name} must be (N, L, features) or unbatched (L, features), got shape {tuple(x.shape)}")
         return place.put(x, self.dtype, name)
 
-    def __call__(self, query, key=None, value=None, *, attn_mask=None, key_padding_mask=None,
-                 need_weights=False, average_attn_weights=True, is_causal=False, backend="auto",
-                 **variant_kwargs):
+    def __call__(
+        self,
+        query,
+        key=None,
+        value=None,
+        *,
+        attn_mask=None,
+        key_padding_mask=None,
+        need_weights=False,
+        average_attn_weights=True,
+        is_causal=False,
+        backend="auto",
+        **variant_kwargs,
+    ):
         """Attend; returns ``(output, weights)`` with ``weights`` None unless ``need_weights``.
 
         ``key`` defaults to ``query`` and ``value`` to ``key``. ``variant_kwargs`` are keywords
-        of a particular variant (e.g. ``document_ids`` of ``document``), passed to ``forward``. Output is ``(N, L, E)`` (or
+        of a particular variant (e.g. ``document_ids`` of ``document``), passed to ``forward``. Output is
+        ``(N, L, E)`` (or
         ``(L, E)``); weights ``(N, L, S)`` averaged over heads, or ``(N, heads, L, S)``.
 
         Host inputs (NumPy, torch CPU tensors) give NumPy results. torch CUDA tensors and CuPy
@@ -141,8 +155,10 @@ class Variant:
         for name, x in (("key", key), ("value", value)):
             if x is not None and self.input_placement(x, name) != place:
                 where = self.input_placement(x, name)
-                raise TypeError(f"{name} is on {_describe(where)} but query is on {_describe(place)}; "
-                                f"pass query, key and value from one library and device")
+                raise TypeError(
+                    f"{name} is on {_describe(where)} but query is on {_describe(place)}; "
+                    f"pass query, key and value from one library and device"
+                )
         run = place if self.device_arrays else HOST
         if run is not place:  # a variant that computes in NumPy: device values become host copies
             attn_mask, key_padding_mask = to_host(attn_mask), to_host(key_padding_mask)
@@ -151,8 +167,10 @@ class Variant:
         k = q if key is None else self._input(key, "key", run)
         v = k if value is None else self._input(value, "value", run)
         if not q.ndim == k.ndim == v.ndim:
-            raise ValueError(f"query, key and value must all be batched or all unbatched, got shapes "
-                             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+            raise ValueError(
+                f"query, key and value must all be batched or all unbatched, got shapes "
+                f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+            )
         unbatched = q.ndim == 2
         # (L, N, E) -> (N, L, E): forward always sees batch first (a view; no copy)
         seq_first = not unbatched and not self.batch_first
@@ -163,12 +181,22 @@ class Variant:
             if key_padding_mask is not None:
                 key_padding_mask = run.put(key_padding_mask, what="key_padding_mask")[None, ...]
         if k.shape[:2] != v.shape[:2] or k.shape[0] != q.shape[0]:
-            raise ValueError(f"query (N, L, E), key (N, S, kdim) and value (N, S, vdim) disagree on N "
-                             f"or S: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-        out, weights = self.forward(q, k, v, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
-                                    need_weights=bool(need_weights),
-                                    average_attn_weights=bool(average_attn_weights),
-                                    is_causal=bool(is_causal), backend=backend, **variant_kwargs)
+            raise ValueError(
+                f"query (N, L, E), key (N, S, kdim) and value (N, S, vdim) disagree on N "
+                f"or S: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+            )
+        out, weights = self.forward(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            key_padding_mask=key_padding_mask,
+            need_weights=bool(need_weights),
+            average_attn_weights=bool(average_attn_weights),
+            is_causal=bool(is_causal),
+            backend=backend,
+            **variant_kwargs,
+        )
         if unbatched:
             out = out[0, ...]
             weights = None if weights is None else weights[0, ...]
@@ -193,8 +221,9 @@ class Variant:
 
         return scaled_dot_product_attention(query, key, value, **kwargs)
 
-    def forward(self, query, key, value, *, attn_mask, key_padding_mask, need_weights,
-                average_attn_weights, is_causal, backend):
+    def forward(
+        self, query, key, value, *, attn_mask, key_padding_mask, need_weights, average_attn_weights, is_causal, backend
+    ):
         """Batched inputs ``(N, L, E)``, ``(N, S, kdim)``, ``(N, S, vdim)`` in ``self.dtype``;
         returns ``(output, weights_or_None)``. Subclasses implement this.
 

@@ -9,6 +9,7 @@ No test may depend on the machine's speed or load. Two rules serve that here:
 * A child process gets :data:`HANG_TIMEOUT_S`, which only turns a hang into a failure: it is far
   beyond what any child takes on a machine many times slower than the development machines.
 """
+
 import os
 import textwrap
 
@@ -95,6 +96,10 @@ def dask_client():
 
     from dask.distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.ERROR
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         yield client

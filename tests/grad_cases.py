@@ -5,6 +5,7 @@ path written out in torch ops (scores, mods, masks, softmax, weighted sum), so t
 masks of every kind have a torch equivalent; rows with no visible key give zeros (torch >= 2.5
 semantics) with zero gradients.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,22 @@ def cubic_mod(score, b, h, q_idx, kv_idx, c):
     return score + c * score * score * score - 0.01 * (q_idx - kv_idx)
 
 
-CASES = ["plain", "bool_mask", "float_mask", "float_mask_rows", "float_mask_cols", "causal_l_lt_s",
-         "causal_l_gt_s", "gqa", "e_ne_ev", "unbatched", "alibi", "softcap", "cubic_mod", "mask_mod"]
+CASES = [
+    "plain",
+    "bool_mask",
+    "float_mask",
+    "float_mask_rows",
+    "float_mask_cols",
+    "causal_l_lt_s",
+    "causal_l_gt_s",
+    "gqa",
+    "e_ne_ev",
+    "unbatched",
+    "alibi",
+    "softcap",
+    "cubic_mod",
+    "mask_mod",
+]
 #: cases that compile kernels of their own (mods): kept to float64 in the suite (compile time).
 #: The built-in variants' mods (alibi: complex-step derivative; softcap: declared; the sliding
 #: window's mask_mod) get disk-cached kernels; ``cubic_mod`` (a test's own) runs on the reference
@@ -74,8 +89,9 @@ def make_case(rng, case: str, dtype):
     return q, k, v, kw
 
 
-def torch_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, score_mod=None,
-                    mask_mod=None, mod_args=()):
+def torch_attention(
+    q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, score_mod=None, mask_mod=None, mod_args=()
+):
     """Attention in torch ops (q, k, v and a float mask are torch tensors): the autograd oracle."""
     L, S, E = q.shape[-2], k.shape[-2], q.shape[-1]
     if enable_gqa:
@@ -91,7 +107,7 @@ def torch_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable
         cap = float(mod_args[0])
         s = cap * torch.tanh(s / cap)
     elif score_mod is cubic_mod:
-        s = s + float(mod_args[0]) * s ** 3 - 0.01 * (i - j).to(s.dtype)
+        s = s + float(mod_args[0]) * s**3 - 0.01 * (i - j).to(s.dtype)
     allowed = torch.ones(L, S, dtype=torch.bool)
     if is_causal:
         allowed = allowed & (j <= i)

@@ -8,19 +8,24 @@ nearly exact). For a broadcast mask the size is that of the sum of absolute valu
 gradient sums: a bias shared by all keys of a row has gradient exactly 0 (the softmax ignores it),
 computed as a sum of terms that cancel.
 """
+
 import numpy as np
 import pytest
 import torch
+from grad_cases import CASES, MOD_CASES, REFERENCE_ONLY, make_case, torch_attention
 
 import engine
 import engine.backends.cpu as cpu_backend
-from conftest import randn
 from engine.backends.cpu import backward_splits, split_bounds
 from engine.masks import reduce_to_shape
-from grad_cases import CASES, MOD_CASES, REFERENCE_ONLY, make_case, torch_attention
 
-BACKWARD_BACKENDS = [n for n in engine.list_backends()
-                     if engine.get_backend(n).supports_backward and engine.get_backend(n).unavailable_reason() is None]
+from conftest import randn
+
+BACKWARD_BACKENDS = [
+    n
+    for n in engine.list_backends()
+    if engine.get_backend(n).supports_backward and engine.get_backend(n).unavailable_reason() is None
+]
 
 #: the largest error / allowed error per (backend, dtype, case) seen in this process (for the report)
 WORST: dict = {}
@@ -30,8 +35,8 @@ WORST: dict = {}
 def small_tiles(monkeypatch):
     """cpu tiles far smaller than the inputs, so that tiling, causal skipping, block maps and
     splits all run on small shapes."""
-    monkeypatch.setattr(cpu_backend, "CPU_BIG_BLOCK_Q", 8)   # the forward's query tiles
-    monkeypatch.setattr(cpu_backend, "CPU_BLOCK_K", 24)      # key tiles, both passes
+    monkeypatch.setattr(cpu_backend, "CPU_BIG_BLOCK_Q", 8)  # the forward's query tiles
+    monkeypatch.setattr(cpu_backend, "CPU_BLOCK_K", 24)  # key tiles, both passes
     monkeypatch.setattr(cpu_backend, "CPU_BWD_BLOCK_Q", 16)  # the backward's query tiles
 
 
@@ -59,8 +64,9 @@ def _check(case, backend, dtype, rng):
     out, lse = engine.scaled_dot_product_attention(q, k, v, backend=backend, return_lse=True, **kw)
     do = randn(rng, out.shape, dtype)
     float_mask = kw.get("attn_mask") is not None and kw["attn_mask"].dtype != bool
-    got = engine.scaled_dot_product_attention_backward(do, q, k, v, out, lse, backend=backend,
-                                                       return_mask_grad=float_mask, **kw)
+    got = engine.scaled_dot_product_attention_backward(
+        do, q, k, v, out, lse, backend=backend, return_mask_grad=float_mask, **kw
+    )
     assert len(got) == (4 if float_mask else 3)
     for g, x in zip(got, (q, k, v, kw.get("attn_mask"))):
         assert g.shape == x.shape and g.dtype == x.dtype
@@ -79,13 +85,14 @@ def _check(case, backend, dtype, rng):
             allowed = 1e-10
         else:
             torch_err = float(np.max(np.abs(own[i] - ref), initial=0.0))
-            allowed = 2 * torch_err + 2 * 2.0 ** -24 * float(np.max(sizes[i], initial=0.0))
+            allowed = 2 * torch_err + 2 * 2.0**-24 * float(np.max(sizes[i], initial=0.0))
         WORST[(backend, np.dtype(dtype).name, case, name)] = (err, allowed)
         assert err <= allowed, f"{case} {name}: max error {err:.3g} > allowed {allowed:.3g}"
 
 
-@pytest.mark.parametrize("backend, case", [(b, c) for c in CASES for b in BACKWARD_BACKENDS
-                                            if c not in REFERENCE_ONLY or b == "reference"])
+@pytest.mark.parametrize(
+    "backend, case", [(b, c) for c in CASES for b in BACKWARD_BACKENDS if c not in REFERENCE_ONLY or b == "reference"]
+)
 def test_gradients_float64_match_torch_autograd(backend, case, rng, small_tiles):
     _check(case, backend, np.float64, rng)
 
@@ -142,15 +149,15 @@ def test_cpu_splits_of_the_key_tiles_agree(rng, small_tiles, monkeypatch):
 def test_backward_splits_fill_every_thread_and_bounds_balance_work():
     assert backward_splits(8, 2, 100) == 1
     assert backward_splits(1, 2, 100) == 2
-    assert backward_splits(3, 2, 100) == 2        # 6 tasks on 2 threads
+    assert backward_splits(3, 2, 100) == 2  # 6 tasks on 2 threads
     assert backward_splits(1, 16, 100) == 16
-    assert backward_splits(5, 16, 100) == 13      # 65 tasks >= 4 per thread
-    assert backward_splits(1, 16, 3) == 3         # never more runs than key tiles
+    assert backward_splits(5, 16, 100) == 13  # 65 tasks >= 4 per thread
+    assert backward_splits(1, 16, 3) == 3  # never more runs than key tiles
     b = split_bounds(np.full(10, 4), 2)
     assert list(b) == [0, 5, 10]
-    causal = 10 - np.arange(10)                   # work of key tile t: the query tiles below it
+    causal = 10 - np.arange(10)  # work of key tile t: the query tiles below it
     b = split_bounds(causal, 2)
-    left, right = causal[:b[1]].sum(), causal[b[1]:].sum()
+    left, right = causal[: b[1]].sum(), causal[b[1] :].sum()
     assert b[0] == 0 and b[-1] == 10 and abs(left - right) <= causal.max()
     assert list(split_bounds(np.ones(3), 3)) == [0, 1, 2, 3]
 
@@ -168,6 +175,7 @@ def test_empty_problems_give_zero_gradients(rng):
 
 # -- validation and refusals ----------------------------------------------------------------------
 
+
 @pytest.fixture
 def fwd(rng):
     q, k, v = randn(rng, (2, 3, 5, 4)), randn(rng, (2, 3, 7, 4)), randn(rng, (2, 3, 7, 6))
@@ -177,8 +185,13 @@ def fwd(rng):
 
 def test_forward_errors_are_the_same_in_the_backward(fwd):
     q, k, v, out, lse = fwd
-    for kwargs in ({"is_causal": 1}, {"scale": "x"}, {"attn_mask": np.ones((9, 9), bool)},
-                   {"enable_gqa": "yes"}, {"mod_args": [1]}):
+    for kwargs in (
+        {"is_causal": 1},
+        {"scale": "x"},
+        {"attn_mask": np.ones((9, 9), bool)},
+        {"enable_gqa": "yes"},
+        {"mod_args": [1]},
+    ):
         with pytest.raises((TypeError, ValueError)) as fwd_err:
             engine.scaled_dot_product_attention(q, k, v, **kwargs)
         with pytest.raises(type(fwd_err.value)) as bwd_err:
@@ -221,9 +234,11 @@ def test_a_score_mod_without_a_usable_derivative_is_named(fwd):
         return 3.0 * score
 
     declared.score_grad = wrong_grad
-    for mod, match in ((kinked, r"score_mod .*kinked: wrong derivative"),
-                       (branchy, r"score_mod .*branchy has no derivative .* complex"),
-                       (declared, r"score_mod .*declared: wrong derivative .* declared derivative is 2")):
+    for mod, match in (
+        (kinked, r"score_mod .*kinked: wrong derivative"),
+        (branchy, r"score_mod .*branchy has no derivative .* complex"),
+        (declared, r"score_mod .*declared: wrong derivative .* declared derivative is 2"),
+    ):
         o, l_ = engine.scaled_dot_product_attention(q, k, v, score_mod=mod, return_lse=True, backend="reference")
         for backend in BACKWARD_BACKENDS:  # refused in validation, before any kernel
             with pytest.raises(TypeError, match=match):

@@ -6,6 +6,7 @@ sizes, ``need_weights`` on a huge size) runs in a child process, so a segfault, 
 out-of-memory kill fails the tests concerned instead of killing the run. The README's
 Reliability table is this file's ``CATALOGUE`` and ``CHILD_CASES``.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 
 import engine
+
 from conftest import HANG_TIMEOUT_S, available_backends, variant_names
 
 f = engine.scaled_dot_product_attention
@@ -33,102 +35,289 @@ def _call(*args, **kwargs):
 
 # (id, what goes in, call, exception type, regex the message must match)
 CATALOGUE = [
-    ("rank-1-query", "query of rank 1", _call(np.zeros(8, np.float32), K, V), ValueError,
-     r"query must have at least 2 dimensions .* got shape \(8,\)"),
-    ("rank-0-query", "query a 0-d array", _call(np.float32(1.0), K, V), ValueError,
-     r"query must have at least 2 dimensions .* got shape \(\)"),
-    ("batch-mismatch", "a batch size that does not broadcast in key/value",
-     _call(Q, np.zeros((3, 4, 7, 8), np.float32), np.zeros((3, 4, 7, 6), np.float32)), ValueError,
-     r"batch dimensions of query, key and value must broadcast \(as torch.matmul\), got shapes "
-     r"query=\(2, 4, 5, 8\), key=\(3, 4, 7, 8\)"),
-    ("rank-mismatch-no-broadcast", "key of another rank whose batch does not broadcast",
-     _call(np.zeros((2, 3, 4, 5, 8), np.float32), K, V), ValueError,
-     r"batch dimensions of query, key and value must broadcast"),
-    ("heads-mismatch", "other head count, no enable_gqa", _call(Q, K[:, :2], V[:, :2]), ValueError,
-     r"query has 4 heads but key/value have 2; pass enable_gqa=True"),
-    ("kv-heads-mismatch", "key and value head counts differ", _call(Q, K, V[:, :2]), ValueError,
-     r"key and value must have the same number of heads \(or one of them 1\), got key=\(2, 4, 7, 8\), "
-     r"value=\(2, 2, 7, 6\)"),
-    ("gqa-not-dividing", "enable_gqa with 4 query heads, 3 kv heads",
-     _call(Q, K[:, :3], V[:, :3], enable_gqa=True), ValueError,
-     r"multiple of the key/value head count, got 4 and 3"),
-    ("E-mismatch", "key feature size differs from query's", _call(Q, K[..., :4], V), ValueError,
-     r"same feature size E, got query=\(2, 4, 5, 8\), key=\(2, 4, 7, 4\)"),
-    ("S-mismatch", "value length differs from key's", _call(Q, K, V[:, :, :6]), ValueError,
-     r"same sequence length S, got key=\(2, 4, 7, 8\), value=\(2, 4, 6, 6\)"),
-    ("int-array", "int32 query", _call(Q.astype(np.int32), K, V), TypeError,
-     r"query must have a floating dtype .* got int32 with shape \(2, 4, 5, 8\)"),
-    ("bool-array", "boolean value", _call(Q, K, V.astype(bool)), TypeError,
-     r"value must have a floating dtype .* got bool"),
-    ("complex-array", "complex64 key", _call(Q, K.astype(np.complex64), V), TypeError,
-     r"key must have a floating dtype .* got complex64"),
-    ("object-array", "object array of floats", _call(Q.astype(object), K, V), TypeError,
-     r"query must have a floating dtype .* got object"),
-    ("string-array", "array of strings", _call(np.full((5, 8), "x"), K[0, 0], V[0, 0]), TypeError,
-     r"query must have a floating dtype .* got <U1"),
-    ("ragged-list", "ragged nested list", _call([[1.0, 2.0], [3.0]], K, V), TypeError,
-     r"query could not be converted to an array"),
+    (
+        "rank-1-query",
+        "query of rank 1",
+        _call(np.zeros(8, np.float32), K, V),
+        ValueError,
+        r"query must have at least 2 dimensions .* got shape \(8,\)",
+    ),
+    (
+        "rank-0-query",
+        "query a 0-d array",
+        _call(np.float32(1.0), K, V),
+        ValueError,
+        r"query must have at least 2 dimensions .* got shape \(\)",
+    ),
+    (
+        "batch-mismatch",
+        "a batch size that does not broadcast in key/value",
+        _call(Q, np.zeros((3, 4, 7, 8), np.float32), np.zeros((3, 4, 7, 6), np.float32)),
+        ValueError,
+        r"batch dimensions of query, key and value must broadcast \(as torch.matmul\), got shapes "
+        r"query=\(2, 4, 5, 8\), key=\(3, 4, 7, 8\)",
+    ),
+    (
+        "rank-mismatch-no-broadcast",
+        "key of another rank whose batch does not broadcast",
+        _call(np.zeros((2, 3, 4, 5, 8), np.float32), K, V),
+        ValueError,
+        r"batch dimensions of query, key and value must broadcast",
+    ),
+    (
+        "heads-mismatch",
+        "other head count, no enable_gqa",
+        _call(Q, K[:, :2], V[:, :2]),
+        ValueError,
+        r"query has 4 heads but key/value have 2; pass enable_gqa=True",
+    ),
+    (
+        "kv-heads-mismatch",
+        "key and value head counts differ",
+        _call(Q, K, V[:, :2]),
+        ValueError,
+        r"key and value must have the same number of heads \(or one of them 1\), got key=\(2, 4, 7, 8\), "
+        r"value=\(2, 2, 7, 6\)",
+    ),
+    (
+        "gqa-not-dividing",
+        "enable_gqa with 4 query heads, 3 kv heads",
+        _call(Q, K[:, :3], V[:, :3], enable_gqa=True),
+        ValueError,
+        r"multiple of the key/value head count, got 4 and 3",
+    ),
+    (
+        "E-mismatch",
+        "key feature size differs from query's",
+        _call(Q, K[..., :4], V),
+        ValueError,
+        r"same feature size E, got query=\(2, 4, 5, 8\), key=\(2, 4, 7, 4\)",
+    ),
+    (
+        "S-mismatch",
+        "value length differs from key's",
+        _call(Q, K, V[:, :, :6]),
+        ValueError,
+        r"same sequence length S, got key=\(2, 4, 7, 8\), value=\(2, 4, 6, 6\)",
+    ),
+    (
+        "int-array",
+        "int32 query",
+        _call(Q.astype(np.int32), K, V),
+        TypeError,
+        r"query must have a floating dtype .* got int32 with shape \(2, 4, 5, 8\)",
+    ),
+    (
+        "bool-array",
+        "boolean value",
+        _call(Q, K, V.astype(bool)),
+        TypeError,
+        r"value must have a floating dtype .* got bool",
+    ),
+    (
+        "complex-array",
+        "complex64 key",
+        _call(Q, K.astype(np.complex64), V),
+        TypeError,
+        r"key must have a floating dtype .* got complex64",
+    ),
+    (
+        "object-array",
+        "object array of floats",
+        _call(Q.astype(object), K, V),
+        TypeError,
+        r"query must have a floating dtype .* got object",
+    ),
+    (
+        "string-array",
+        "array of strings",
+        _call(np.full((5, 8), "x"), K[0, 0], V[0, 0]),
+        TypeError,
+        r"query must have a floating dtype .* got <U1",
+    ),
+    (
+        "ragged-list",
+        "ragged nested list",
+        _call([[1.0, 2.0], [3.0]], K, V),
+        TypeError,
+        r"query could not be converted to an array",
+    ),
     ("none-array", "key=None", _call(Q, None, V), TypeError, r"key must be an array, got None"),
-    ("mixed-dtypes", "float32 query, float64 value", _call(Q, K, V.astype(np.float64)), TypeError,
-     r"share one dtype, got float32, float32, float64"),
-    ("mask-not-broadcastable", "attn_mask (3, 5, 7) for scores (2, 4, 5, 7)",
-     _call(Q, K, V, attn_mask=np.zeros((3, 5, 7), bool)), ValueError,
-     r"attn_mask of shape \(3, 5, 7\) is not broadcastable to the score shape \(2, 4, 5, 7\)"),
-    ("mask-too-many-dims", "attn_mask of rank 5 for rank-4 inputs",
-     _call(Q, K, V, attn_mask=np.zeros((1, 2, 4, 5, 7), bool)), ValueError,
-     r"attn_mask of shape \(1, 2, 4, 5, 7\) is not broadcastable"),
-    ("mask-int", "int64 attn_mask", _call(Q, K, V, attn_mask=np.zeros((5, 7), np.int64)), TypeError,
-     r"attn_mask must be boolean .* got dtype int64"),
-    ("mask-complex", "complex attn_mask", _call(Q, K, V, attn_mask=np.zeros((5, 7), complex)), TypeError,
-     r"attn_mask must be boolean .* got dtype complex128"),
-    ("mask-string", "attn_mask of strings", _call(Q, K, V, attn_mask=np.full((5, 7), "y")), TypeError,
-     r"attn_mask must be boolean .* got dtype <U1"),
-    ("mask-object", "object attn_mask", _call(Q, K, V, attn_mask=np.ones((5, 7), object)), TypeError,
-     r"attn_mask must be boolean .* got dtype object"),
-    ("causal-and-mask", "is_causal=True with attn_mask",
-     _call(Q, K, V, attn_mask=np.ones((5, 7), bool), is_causal=True), ValueError,
-     r"either attn_mask or is_causal"),
-    ("is_causal-not-bool", "is_causal='yes'", _call(Q, K, V, is_causal="yes"), TypeError,
-     r"is_causal must be a bool, got str"),
+    (
+        "mixed-dtypes",
+        "float32 query, float64 value",
+        _call(Q, K, V.astype(np.float64)),
+        TypeError,
+        r"share one dtype, got float32, float32, float64",
+    ),
+    (
+        "mask-not-broadcastable",
+        "attn_mask (3, 5, 7) for scores (2, 4, 5, 7)",
+        _call(Q, K, V, attn_mask=np.zeros((3, 5, 7), bool)),
+        ValueError,
+        r"attn_mask of shape \(3, 5, 7\) is not broadcastable to the score shape \(2, 4, 5, 7\)",
+    ),
+    (
+        "mask-too-many-dims",
+        "attn_mask of rank 5 for rank-4 inputs",
+        _call(Q, K, V, attn_mask=np.zeros((1, 2, 4, 5, 7), bool)),
+        ValueError,
+        r"attn_mask of shape \(1, 2, 4, 5, 7\) is not broadcastable",
+    ),
+    (
+        "mask-int",
+        "int64 attn_mask",
+        _call(Q, K, V, attn_mask=np.zeros((5, 7), np.int64)),
+        TypeError,
+        r"attn_mask must be boolean .* got dtype int64",
+    ),
+    (
+        "mask-complex",
+        "complex attn_mask",
+        _call(Q, K, V, attn_mask=np.zeros((5, 7), complex)),
+        TypeError,
+        r"attn_mask must be boolean .* got dtype complex128",
+    ),
+    (
+        "mask-string",
+        "attn_mask of strings",
+        _call(Q, K, V, attn_mask=np.full((5, 7), "y")),
+        TypeError,
+        r"attn_mask must be boolean .* got dtype <U1",
+    ),
+    (
+        "mask-object",
+        "object attn_mask",
+        _call(Q, K, V, attn_mask=np.ones((5, 7), object)),
+        TypeError,
+        r"attn_mask must be boolean .* got dtype object",
+    ),
+    (
+        "causal-and-mask",
+        "is_causal=True with attn_mask",
+        _call(Q, K, V, attn_mask=np.ones((5, 7), bool), is_causal=True),
+        ValueError,
+        r"either attn_mask or is_causal",
+    ),
+    (
+        "is_causal-not-bool",
+        "is_causal='yes'",
+        _call(Q, K, V, is_causal="yes"),
+        TypeError,
+        r"is_causal must be a bool, got str",
+    ),
     ("scale-nan", "scale=nan", _call(Q, K, V, scale=float("nan")), ValueError, r"scale must be finite, got nan"),
     ("scale-inf", "scale=inf", _call(Q, K, V, scale=float("inf")), ValueError, r"scale must be finite, got inf"),
-    ("scale-minus-inf", "scale=-inf (numpy float32)", _call(Q, K, V, scale=np.float32("-inf")), ValueError,
-     r"scale must be finite, got -inf"),
-    ("scale-string", "scale='big'", _call(Q, K, V, scale="big"), TypeError,
-     r"scale must be a real number or None, got str"),
-    ("scale-bool", "scale=True", _call(Q, K, V, scale=True), TypeError,
-     r"scale must be a real number or None, got bool"),
-    ("return_lse-not-bool", "return_lse=1", _call(Q, K, V, return_lse=1), TypeError,
-     r"return_lse must be a bool, got int"),
-    ("unknown-backend", "backend='tpu'", _call(Q, K, V, backend="tpu"), ValueError,
-     r"unknown backend 'tpu'; available: auto, .*cpu.*reference"),
+    (
+        "scale-minus-inf",
+        "scale=-inf (numpy float32)",
+        _call(Q, K, V, scale=np.float32("-inf")),
+        ValueError,
+        r"scale must be finite, got -inf",
+    ),
+    (
+        "scale-string",
+        "scale='big'",
+        _call(Q, K, V, scale="big"),
+        TypeError,
+        r"scale must be a real number or None, got str",
+    ),
+    (
+        "scale-bool",
+        "scale=True",
+        _call(Q, K, V, scale=True),
+        TypeError,
+        r"scale must be a real number or None, got bool",
+    ),
+    (
+        "return_lse-not-bool",
+        "return_lse=1",
+        _call(Q, K, V, return_lse=1),
+        TypeError,
+        r"return_lse must be a bool, got int",
+    ),
+    (
+        "unknown-backend",
+        "backend='tpu'",
+        _call(Q, K, V, backend="tpu"),
+        ValueError,
+        r"unknown backend 'tpu'; available: auto, .*cpu.*reference",
+    ),
     ("backend-not-a-string", "backend=3", _call(Q, K, V, backend=3), ValueError, r"unknown backend 3"),
-    ("backend-cannot-run", "E = 0 on backend='cpu'",
-     _call(Q[..., :0], K[..., :0], V, scale=1.0, backend="cpu"), ValueError,
-     r"backend 'cpu' cannot run these inputs: E = 0"),
-    ("E-zero-default-scale", "E = 0 without scale", _call(Q[..., :0], K[..., :0], V), ValueError,
-     r"default scale 1/sqrt\(E\) needs E >= 1"),
-    ("unknown-variant", "get_variant('nope')", lambda: engine.get_variant("nope"), ValueError,
-     r"unknown variant 'nope'; available: .*multi-head"),
-    ("unknown-backend-variant", "variant called with backend='tpu'",
-     lambda: engine.get_variant("multi-head", embed_dim=8, num_heads=2)(np.zeros((1, 3, 8), np.float32), backend="tpu"),
-     ValueError, r"unknown backend 'tpu'"),
-    ("variant-int-input", "int64 input to a variant",
-     lambda: engine.get_variant("multi-head", embed_dim=8, num_heads=2)(np.zeros((1, 3, 8), np.int64)),
-     TypeError, r"query must be floating, got dtype int64"),
-    ("variant-rank-4-input", "rank-4 input to a variant",
-     lambda: engine.get_variant("multi-head", embed_dim=8, num_heads=2)(np.zeros((1, 1, 3, 8), np.float32)),
-     ValueError, r"query must be \(N, L, features\) or unbatched \(L, features\), got shape \(1, 1, 3, 8\)"),
-    ("variant-bad-embed-dim", "embed_dim=0", lambda: engine.get_variant("multi-head", embed_dim=0, num_heads=1),
-     ValueError, r"embed_dim must be a positive int, got 0"),
-    ("variant-bad-dtype", "dtype=int32", lambda: engine.get_variant("multi-head", embed_dim=8, num_heads=2, dtype=np.int32),
-     TypeError, r"dtype must be float32 or float64, got int32"),
-    ("variant-mask-int", "int key_padding_mask",
-     lambda: engine.get_variant("multi-head", embed_dim=8, num_heads=2)(
-         np.zeros((1, 3, 8), np.float32), key_padding_mask=np.zeros((1, 3), np.int64)),
-     TypeError, r"key_padding_mask must be boolean .* got dtype int64"),
-    ("set-num-threads-0", "engine.set_num_threads(0)", lambda: engine.set_num_threads(0), ValueError,
-     r"num_threads must be an int in 1\.\."),
+    (
+        "backend-cannot-run",
+        "E = 0 on backend='cpu'",
+        _call(Q[..., :0], K[..., :0], V, scale=1.0, backend="cpu"),
+        ValueError,
+        r"backend 'cpu' cannot run these inputs: E = 0",
+    ),
+    (
+        "E-zero-default-scale",
+        "E = 0 without scale",
+        _call(Q[..., :0], K[..., :0], V),
+        ValueError,
+        r"default scale 1/sqrt\(E\) needs E >= 1",
+    ),
+    (
+        "unknown-variant",
+        "get_variant('nope')",
+        lambda: engine.get_variant("nope"),
+        ValueError,
+        r"unknown variant 'nope'; available: .*multi-head",
+    ),
+    (
+        "unknown-backend-variant",
+        "variant called with backend='tpu'",
+        lambda: engine.get_variant("multi-head", embed_dim=8, num_heads=2)(
+            np.zeros((1, 3, 8), np.float32), backend="tpu"
+        ),
+        ValueError,
+        r"unknown backend 'tpu'",
+    ),
+    (
+        "variant-int-input",
+        "int64 input to a variant",
+        lambda: engine.get_variant("multi-head", embed_dim=8, num_heads=2)(np.zeros((1, 3, 8), np.int64)),
+        TypeError,
+        r"query must be floating, got dtype int64",
+    ),
+    (
+        "variant-rank-4-input",
+        "rank-4 input to a variant",
+        lambda: engine.get_variant("multi-head", embed_dim=8, num_heads=2)(np.zeros((1, 1, 3, 8), np.float32)),
+        ValueError,
+        r"query must be \(N, L, features\) or unbatched \(L, features\), got shape \(1, 1, 3, 8\)",
+    ),
+    (
+        "variant-bad-embed-dim",
+        "embed_dim=0",
+        lambda: engine.get_variant("multi-head", embed_dim=0, num_heads=1),
+        ValueError,
+        r"embed_dim must be a positive int, got 0",
+    ),
+    (
+        "variant-bad-dtype",
+        "dtype=int32",
+        lambda: engine.get_variant("multi-head", embed_dim=8, num_heads=2, dtype=np.int32),
+        TypeError,
+        r"dtype must be float32 or float64, got int32",
+    ),
+    (
+        "variant-mask-int",
+        "int key_padding_mask",
+        lambda: engine.get_variant("multi-head", embed_dim=8, num_heads=2)(
+            np.zeros((1, 3, 8), np.float32), key_padding_mask=np.zeros((1, 3), np.int64)
+        ),
+        TypeError,
+        r"key_padding_mask must be boolean .* got dtype int64",
+    ),
+    (
+        "set-num-threads-0",
+        "engine.set_num_threads(0)",
+        lambda: engine.set_num_threads(0),
+        ValueError,
+        r"num_threads must be an int in 1\.\.",
+    ),
 ]
 
 
@@ -145,6 +334,7 @@ def test_enable_gqa_not_bool():
 
 
 # -- state_dict, for every registered variant ----------------------------------------------------
+
 
 def _variant(name):
     from engine.plugins import variant_info
@@ -173,7 +363,10 @@ def test_state_dict_wrong_shape(name):
     good = v.state_dict()
     key = sorted(good)[-1]
     bad = np.zeros(good[key].shape + (2,), np.float32)
-    with pytest.raises(ValueError, match=rf"state_dict\['{key}'\] has shape {bad.shape}, expected".replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(
+        ValueError,
+        match=rf"state_dict\['{key}'\] has shape {bad.shape}, expected".replace("(", r"\(").replace(")", r"\)"),
+    ):
         v.load_state_dict({**good, key: bad})
     assert _unchanged(v, good)
 
@@ -198,14 +391,19 @@ def test_state_dict_not_a_mapping(name):
 
 # -- the command line ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("argv,message", [
-    ([], "the following arguments are required"),
-    (["frobnicate"], "invalid choice: 'frobnicate'"),
-    (["list", "--bogus"], "unrecognized arguments: --bogus"),
-    (["bench", "--batch", "0"], "argument --batch: expected a positive integer, got 0"),
-    (["bench", "--lengths", "a,b"], "argument --lengths: lengths must be comma-separated integers"),
-    (["bench", "--heads", "-3"], "argument --heads: expected a positive integer, got -3"),
-], ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        ([], "the following arguments are required"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["list", "--bogus"], "unrecognized arguments: --bogus"),
+        (["bench", "--batch", "0"], "argument --batch: expected a positive integer, got 0"),
+        (["bench", "--lengths", "a,b"], "argument --lengths: lengths must be comma-separated integers"),
+        (["bench", "--heads", "-3"], "argument --heads: expected a positive integer, got -3"),
+    ],
+    ids=lambda x: " ".join(x) if isinstance(x, list) else None,
+)
 def test_bad_cli_arguments_exit_2_with_usage(argv, message, capsys):
     from engine.cli import main
 
@@ -215,11 +413,17 @@ def test_bad_cli_arguments_exit_2_with_usage(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["bench", "--variants", "nope", "--lengths", "8"], "unknown variant(s) nope; available:"),
-    (["bench", "--backends", "tpu", "--lengths", "8"], "unknown backend 'tpu'; available:"),
-    (["bench", "--embed-dim", "10", "--heads", "3", "--lengths", "8"], "--embed-dim (10) must be divisible by --heads (3)"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["bench", "--variants", "nope", "--lengths", "8"], "unknown variant(s) nope; available:"),
+        (["bench", "--backends", "tpu", "--lengths", "8"], "unknown backend 'tpu'; available:"),
+        (
+            ["bench", "--embed-dim", "10", "--heads", "3", "--lengths", "8"],
+            "--embed-dim (10) must be divisible by --heads (3)",
+        ),
+    ],
+)
 def test_bad_cli_values_return_2(argv, message, capsys):
     from engine.cli import main
 
@@ -229,11 +433,15 @@ def test_bad_cli_values_return_2(argv, message, capsys):
 
 # -- cases that reach a kernel: run in a child process -------------------------------------------
 
+
 def _data(seed=0, shape=(2, 2, 70, 16), S=300, Ev=5, dtype=np.float32):
     rng = np.random.default_rng(seed)
     B, H, L, E = shape
-    return (rng.standard_normal(shape).astype(dtype), rng.standard_normal((B, H, S, E)).astype(dtype),
-            rng.standard_normal((B, H, S, Ev)).astype(dtype))
+    return (
+        rng.standard_normal(shape).astype(dtype),
+        rng.standard_normal((B, H, S, E)).astype(dtype),
+        rng.standard_normal((B, H, S, Ev)).astype(dtype),
+    )
 
 
 def _rows_report(out, base, expected_rows, *, all_nan=True):
@@ -242,10 +450,13 @@ def _rows_report(out, base, expected_rows, *, all_nan=True):
     expected = np.zeros(bad.shape, bool)
     expected[expected_rows] = True
     rows_nan_everywhere = bool(np.isnan(out[expected]).all()) if all_nan else bool((~np.isfinite(out[expected])).all())
-    return {"nonfinite_rows_are_expected": bool(np.array_equal(bad, expected)),
-            "n_nonfinite": int(bad.sum()), "n_expected": int(expected.sum()),
-            "expected_rows_entirely_nonfinite": rows_nan_everywhere,
-            "other_rows_bitwise_unchanged": bool(np.array_equal(out[~expected], base[~expected]))}
+    return {
+        "nonfinite_rows_are_expected": bool(np.array_equal(bad, expected)),
+        "n_nonfinite": int(bad.sum()),
+        "n_expected": int(expected.sum()),
+        "expected_rows_entirely_nonfinite": rows_nan_everywhere,
+        "other_rows_bitwise_unchanged": bool(np.array_equal(out[~expected], base[~expected])),
+    }
 
 
 def _case_nan_query_row(backend):
@@ -327,8 +538,11 @@ def _case_inf_key_row_bool_mask(backend):
     k[0, 0, 42, :] = np.inf
     out = f(q, k, v, attn_mask=allowed, backend=backend)
     blind = ~allowed[:, 42]  # rows that do not see key 42 must not change; the others may
-    unchanged = np.array_equal(np.delete(out, 0, axis=1), np.delete(base, 0, axis=1)) and \
-        np.array_equal(out[:, 0][:, blind], base[:, 0][:, blind]) and np.array_equal(out[1], base[1])
+    unchanged = (
+        np.array_equal(np.delete(out, 0, axis=1), np.delete(base, 0, axis=1))
+        and np.array_equal(out[:, 0][:, blind], base[:, 0][:, blind])
+        and np.array_equal(out[1], base[1])
+    )
     return {"other_rows_bitwise_unchanged": bool(unchanged)}
 
 
@@ -359,8 +573,12 @@ def _case_empty_L(backend):
 def _case_empty_S(backend):
     q, k, v = _data(S=0)
     out, lse = f(q, k, v, backend=backend, return_lse=True)
-    return {"out_shape": list(out.shape), "all_zero": bool(np.all(out == 0)),
-            "lse_all_minus_inf": bool(np.all(np.isneginf(lse))), "dtype": str(out.dtype)}
+    return {
+        "out_shape": list(out.shape),
+        "all_zero": bool(np.all(out == 0)),
+        "lse_all_minus_inf": bool(np.all(np.isneginf(lse))),
+        "dtype": str(out.dtype),
+    }
 
 
 def _case_empty_S_with_mask(backend):
@@ -402,7 +620,7 @@ def _case_need_weights_too_large(backend):
     return result
 
 
-CHILD_CASES = {name[len("_case_"):]: fn for name, fn in sorted(globals().items()) if name.startswith("_case_")}
+CHILD_CASES = {name[len("_case_") :]: fn for name, fn in sorted(globals().items()) if name.startswith("_case_")}
 
 _CHILD = """
 import json, sys
@@ -426,8 +644,13 @@ def child_results():
     todo = [f"{name}@{b}" for name in CHILD_CASES for b in BACKENDS]
     results = {}
     while todo:
-        proc = subprocess.run([sys.executable, "-c", _CHILD, HERE, *todo], capture_output=True, text=True,
-                              timeout=HANG_TIMEOUT_S, env=dict(os.environ, PYTHONFAULTHANDLER="1"))
+        proc = subprocess.run(
+            [sys.executable, "-c", _CHILD, HERE, *todo],
+            capture_output=True,
+            text=True,
+            timeout=HANG_TIMEOUT_S,
+            env=dict(os.environ, PYTHONFAULTHANDLER="1"),
+        )
         started = None
         for line in proc.stdout.splitlines():
             if not line.startswith("{"):
@@ -442,7 +665,7 @@ def child_results():
             break
         crashed = started or todo[len(results)]
         results[crashed] = {"crashed": f"child exited with {proc.returncode}; stderr tail: {proc.stderr[-2000:]}"}
-        todo = todo[todo.index(crashed) + 1:]
+        todo = todo[todo.index(crashed) + 1 :]
     return results
 
 

@@ -4,6 +4,7 @@ Every run here sees the machine as 1000 times slower than it is (``ATTENTION_BEN
 what these tests check must not depend on how fast the machine is or how busy, and this proves it
 (the skip predictor, for one, would drop rows a test needs if a test left it on).
 """
+
 import contextlib
 import io
 import json
@@ -16,8 +17,22 @@ from engine.benchmark import predicted_skip
 from engine.cli import main
 from variants.multi_head import MultiHeadAttention
 
-TINY = ["--lengths", "16,32", "--batch", "1", "--embed-dim", "16", "--heads", "2", "--repeat", "2",
-        "--threads", "1", "--max-call-s", "inf"]
+TINY = [
+    "--lengths",
+    "16,32",
+    "--batch",
+    "1",
+    "--embed-dim",
+    "16",
+    "--heads",
+    "2",
+    "--repeat",
+    "2",
+    "--threads",
+    "1",
+    "--max-call-s",
+    "inf",
+]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -51,10 +66,24 @@ def tiny_run(tmp_path_factory):
     json_path, png_path = out / "bench.json", out / "bench.png"
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        rc = main(["bench", "--variants", "multi-head,self", "--backends", "cpu,reference", *TINY,
-                   "--json", str(json_path), "--plot", str(png_path)])
+        rc = main(
+            [
+                "bench",
+                "--variants",
+                "multi-head,self",
+                "--backends",
+                "cpu,reference",
+                *TINY,
+                "--json",
+                str(json_path),
+                "--plot",
+                str(png_path),
+            ]
+        )
+
     def no_nan(name):  # the file must be standard JSON (no NaN or Infinity)
         raise ValueError(f"non-standard JSON constant {name}")
+
     return rc, json.loads(json_path.read_text(), parse_constant=no_nan), png_path, stdout.getvalue()
 
 
@@ -76,6 +105,7 @@ def test_json_has_machine_info(tiny_run):
     assert machine["cpu"] and machine["cores"] >= 1 and machine["date"][:2] == "20"
     assert machine["versions"]["numpy"] == np.__version__
     import numba
+
     assert machine["versions"]["numba"] == numba.__version__
 
 
@@ -83,11 +113,16 @@ def test_json_has_one_complete_row_per_case_impl_and_length(tiny_run):
     rows = tiny_run[1]["rows"]
     torch = pytest.importorskip("torch")
     assert torch  # the baselines below are torch's
-    expected = {(case, impl, L) for L in (16, 32)
-                for case, impls in (("multi-head", ("cpu", "reference", "torch-mha")),
-                                    ("self", ("cpu", "reference", "torch-mha")),
-                                    ("sdpa", ("cpu", "reference", "numpy", "torch-sdpa")))
-                for impl in impls}
+    expected = {
+        (case, impl, L)
+        for L in (16, 32)
+        for case, impls in (
+            ("multi-head", ("cpu", "reference", "torch-mha")),
+            ("self", ("cpu", "reference", "torch-mha")),
+            ("sdpa", ("cpu", "reference", "numpy", "torch-sdpa")),
+        )
+        for impl in impls
+    }
     assert {(r["case"], r["impl"], r["L"]) for r in rows} == expected
     assert len(rows) == len(expected)
     for r in rows:
@@ -132,9 +167,32 @@ def test_png_is_a_two_panel_plot(tiny_run):
 
 def test_peak_memory_is_measured_linear_for_tiled_quadratic_for_materialised(tmp_path):
     json_path = tmp_path / "mem.json"
-    rc = main(["bench", "--variants", "none", "--backends", "cpu,reference", "--lengths", "256,1024",
-               "--batch", "1", "--embed-dim", "32", "--heads", "2", "--repeat", "1", "--no-torch",
-               "--threads", "1", "--max-call-s", "inf", "--json", str(json_path)])
+    rc = main(
+        [
+            "bench",
+            "--variants",
+            "none",
+            "--backends",
+            "cpu,reference",
+            "--lengths",
+            "256,1024",
+            "--batch",
+            "1",
+            "--embed-dim",
+            "32",
+            "--heads",
+            "2",
+            "--repeat",
+            "1",
+            "--no-torch",
+            "--threads",
+            "1",
+            "--max-call-s",
+            "inf",
+            "--json",
+            str(json_path),
+        ]
+    )
     assert rc == 0
     peak = {(r["impl"], r["L"]): r["peak_bytes"] for r in json.loads(json_path.read_text())["rows"]}
     scores = 1 * 2 * 1024 * 1024 * 4  # (N, heads, L, L) float32 at L = 1024: 8 MiB
@@ -149,8 +207,19 @@ def test_plugin_registered_at_run_time_is_benchmarked_against_torch(tmp_path):
     engine.register_plugin(PLUGIN, name="bench-test-plugin")
     try:
         json_path = tmp_path / "plugin.json"
-        rc = main(["bench", "--variants", "bench-test-renamed", "--backends", "reference", "--no-functional",
-                   *TINY, "--json", str(json_path)])
+        rc = main(
+            [
+                "bench",
+                "--variants",
+                "bench-test-renamed",
+                "--backends",
+                "reference",
+                "--no-functional",
+                *TINY,
+                "--json",
+                str(json_path),
+            ]
+        )
     finally:
         engine.unregister_plugin("bench-test-plugin")
     assert rc == 0
@@ -164,9 +233,32 @@ def test_plugin_registered_at_run_time_is_benchmarked_against_torch(tmp_path):
 
 def test_max_call_s_skips_the_lengths_predicted_too_slow(tmp_path, capsys):
     json_path = tmp_path / "skip.json"
-    rc = main(["bench", "--variants", "none", "--backends", "reference", "--lengths", "16,32", "--batch", "1",
-               "--embed-dim", "16", "--heads", "2", "--repeat", "1", "--no-torch", "--max-call-s", "1e-9",
-               "--threads", "1", "--json", str(json_path)])
+    rc = main(
+        [
+            "bench",
+            "--variants",
+            "none",
+            "--backends",
+            "reference",
+            "--lengths",
+            "16,32",
+            "--batch",
+            "1",
+            "--embed-dim",
+            "16",
+            "--heads",
+            "2",
+            "--repeat",
+            "1",
+            "--no-torch",
+            "--max-call-s",
+            "1e-9",
+            "--threads",
+            "1",
+            "--json",
+            str(json_path),
+        ]
+    )
     assert rc == 0  # skipping is not a failure
     rows = {(r["impl"], r["L"]): r for r in json.loads(json_path.read_text())["rows"]}
     assert rows["reference", 16]["time_s"] > 0 and rows["numpy", 16]["time_s"] > 0
@@ -176,13 +268,16 @@ def test_max_call_s_skips_the_lengths_predicted_too_slow(tmp_path, capsys):
     assert "predicts" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("time_s, L, next_L, max_call_s, skipped", [
-    (0.072, 256, 1024, 1.0, True),       # the field failure: 72 ms at 256 predicts 1.15 s at 1024
-    (0.05, 256, 1024, 1.0, False),       # 0.8 s predicted: run
-    (0.25, 512, 1024, 1.0, False),       # exactly 1 s predicted: run
-    (100.0, 256, 1024, float("inf"), False),  # inf never skips
-    (100.0, 256, 1024, 0.0, False),      # 0 never skips
-])
+@pytest.mark.parametrize(
+    "time_s, L, next_L, max_call_s, skipped",
+    [
+        (0.072, 256, 1024, 1.0, True),  # the field failure: 72 ms at 256 predicts 1.15 s at 1024
+        (0.05, 256, 1024, 1.0, False),  # 0.8 s predicted: run
+        (0.25, 512, 1024, 1.0, False),  # exactly 1 s predicted: run
+        (100.0, 256, 1024, float("inf"), False),  # inf never skips
+        (100.0, 256, 1024, 0.0, False),  # 0 never skips
+    ],
+)
 def test_skip_predictor_on_injected_figures(time_s, L, next_L, max_call_s, skipped):
     why = predicted_skip(time_s, L, next_L, max_call_s)
     assert (why is not None) == skipped
@@ -199,12 +294,15 @@ def test_slowdown_must_be_a_positive_number(monkeypatch, capsys):
             _clock_scale()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--variants", "no-such-variant"], "unknown variant(s) no-such-variant; available:"),
-    (["--backends", "no-such-backend"], "unknown backend 'no-such-backend'"),
-    (["--embed-dim", "10", "--heads", "3"], "--embed-dim (10) must be divisible by --heads (3)"),
-    (["--variants", "none", "--no-functional"], "nothing to run"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--variants", "no-such-variant"], "unknown variant(s) no-such-variant; available:"),
+        (["--backends", "no-such-backend"], "unknown backend 'no-such-backend'"),
+        (["--embed-dim", "10", "--heads", "3"], "--embed-dim (10) must be divisible by --heads (3)"),
+        (["--variants", "none", "--no-functional"], "nothing to run"),
+    ],
+)
 def test_bad_options_exit_2_naming_the_problem(argv, message, capsys):
     assert main(["bench", *argv]) == 2
     assert message in capsys.readouterr().err

@@ -3,6 +3,7 @@
 The conversions in ``engine.kernels.bfloat16`` are the Python code the CUDA simulator runs; on a
 GPU the same code compiles with libdevice bit casts (checked for PTX in ``test_cuda_ptx.py``).
 """
+
 from __future__ import annotations
 
 import ml_dtypes
@@ -28,16 +29,28 @@ def test_every_bfloat16_pattern_converts_exactly_to_float32():
 def _float32_cases(rng):
     """Random bit patterns over every exponent, plus the cases rounding gets wrong most easily."""
     random = rng.integers(0, 1 << 32, size=40_000, dtype=np.uint64).astype(np.uint32)
-    special = np.array([
-        0x00000000, 0x80000000,              # +-0
-        0x7F800000, 0xFF800000,              # +-inf
-        0x7FC00000, 0xFFC00000, 0x7F800001,  # quiet NaNs, a signalling NaN
-        0x00000001, 0x807FFFFF,              # subnormals
-        0x3F808000, 0x3F818000,              # exact ties: to even (down, then up)
-        0x3F808001, 0x3F807FFF,              # just above / below a tie
-        0x7F7FFFFF, 0x7F7F7FFF, 0x7F7F8000,  # past the largest bfloat16: inf; below; tie to inf
-        0xFF7FFFFF,                          # -> -inf
-    ], dtype=np.uint32)
+    special = np.array(
+        [
+            0x00000000,
+            0x80000000,  # +-0
+            0x7F800000,
+            0xFF800000,  # +-inf
+            0x7FC00000,
+            0xFFC00000,
+            0x7F800001,  # quiet NaNs, a signalling NaN
+            0x00000001,
+            0x807FFFFF,  # subnormals
+            0x3F808000,
+            0x3F818000,  # exact ties: to even (down, then up)
+            0x3F808001,
+            0x3F807FFF,  # just above / below a tie
+            0x7F7FFFFF,
+            0x7F7F7FFF,
+            0x7F7F8000,  # past the largest bfloat16: inf; below; tie to inf
+            0xFF7FFFFF,  # -> -inf
+        ],
+        dtype=np.uint32,
+    )
     return np.concatenate([special, random]).view(np.float32)
 
 
@@ -68,8 +81,8 @@ def test_cpu_computes_bfloat16_as_the_reference_does(rng):
     out, lse = engine.scaled_dot_product_attention(q, q, q, backend="cpu", return_lse=True)
     ref, ref_lse = engine.scaled_dot_product_attention(q, q, q, backend="reference", return_lse=True)
     assert out.dtype == BF16 and lse.dtype == BF16
-    np.testing.assert_allclose(out.astype(np.float64), ref.astype(np.float64), rtol=2 ** -7, atol=2 ** -8)
-    np.testing.assert_allclose(lse.astype(np.float64), ref_lse.astype(np.float64), rtol=2 ** -7, atol=2 ** -8)
+    np.testing.assert_allclose(out.astype(np.float64), ref.astype(np.float64), rtol=2**-7, atol=2**-8)
+    np.testing.assert_allclose(lse.astype(np.float64), ref_lse.astype(np.float64), rtol=2**-7, atol=2**-8)
     assert "bfloat16" in engine.get_backend("cuda").dtypes
 
 
@@ -79,14 +92,12 @@ def test_reference_computes_bfloat16_from_its_exact_values(rng):
     q, k, v = (rng.standard_normal(s).astype(BF16) for s in ((2, 3, 7, 8), (2, 3, 9, 8), (2, 3, 9, 5)))
     mask = rng.standard_normal((7, 9)).astype(BF16)
     mask[3] = -np.inf
-    out, lse = engine.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend="reference",
-                                                   return_lse=True)
+    out, lse = engine.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend="reference", return_lse=True)
     assert out.dtype == BF16 and lse.dtype == BF16
     up = [a.astype(np.float32) for a in (q, k, v, mask)]
-    want, want_lse = engine.scaled_dot_product_attention(*up[:3], attn_mask=up[3], backend="reference",
-                                                         return_lse=True)
-    np.testing.assert_allclose(out.astype(np.float32), want, rtol=2.0 ** -8, atol=1e-6)
-    np.testing.assert_allclose(lse.astype(np.float32), want_lse, rtol=2.0 ** -8, atol=1e-6)
+    want, want_lse = engine.scaled_dot_product_attention(*up[:3], attn_mask=up[3], backend="reference", return_lse=True)
+    np.testing.assert_allclose(out.astype(np.float32), want, rtol=2.0**-8, atol=1e-6)
+    np.testing.assert_allclose(lse.astype(np.float32), want_lse, rtol=2.0**-8, atol=1e-6)
     assert np.all(out[:, :, 3].astype(np.float32) == 0) and np.all(np.isneginf(lse[:, :, 3].astype(np.float32)))
 
 
@@ -111,7 +122,7 @@ def test_torch_bfloat16_cpu_tensors_are_read_as_ml_dtypes_bfloat16(rng):
     want = engine.scaled_dot_product_attention(host[0], host[1], host[1], is_causal=True, backend="reference")
     assert out.dtype == BF16 and np.array_equal(out.view(np.uint16), want.view(np.uint16))
     ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), k.float(), is_causal=True)
-    np.testing.assert_allclose(out.astype(np.float32), ref.numpy(), rtol=2.0 ** -8, atol=1e-6)
+    np.testing.assert_allclose(out.astype(np.float32), ref.numpy(), rtol=2.0**-8, atol=1e-6)
 
 
 def test_variants_take_bfloat16_inputs_and_weights_cast_to_their_dtype(rng):
@@ -137,8 +148,13 @@ class _DeviceRecord:
 
     def __init__(self, shape):
         self.shape = shape
-        self.__cuda_array_interface__ = {"shape": shape, "typestr": "<V2", "data": (0, False),
-                                         "strides": None, "version": 3}
+        self.__cuda_array_interface__ = {
+            "shape": shape,
+            "typestr": "<V2",
+            "data": (0, False),
+            "strides": None,
+            "version": 3,
+        }
 
 
 def test_only_torch_bfloat16_device_arrays_are_read_as_bfloat16():

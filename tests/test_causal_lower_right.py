@@ -1,5 +1,6 @@
 """``engine.causal_lower_right(L, S)`` as ``attn_mask``: torch's bottom-right causal semantics, run by
 the kernels as a causal flag with a diagonal offset (no L x S mask)."""
+
 import numpy as np
 import pytest
 
@@ -26,12 +27,11 @@ def test_equals_the_materialised_mask(rng, backend, L, S):
     q, k, v = randn(rng, (B, Hq, L, E)), randn(rng, (B, H, S, E)), randn(rng, (B, H, S, 8))
     dense = np.tril(np.ones((L, S), bool), k=S - L)
     want, want_lse = f(q, k, v, attn_mask=dense, enable_gqa=True, backend="reference", return_lse=True)
-    out, lse = f(q, k, v, attn_mask=engine.causal_lower_right(L, S), enable_gqa=True, backend=backend,
-                 return_lse=True)
+    out, lse = f(q, k, v, attn_mask=engine.causal_lower_right(L, S), enable_gqa=True, backend=backend, return_lse=True)
     assert_out_close(out, want, out_atol(np.float32, q, k, v, None))
     assert_out_close(lse, want_lse, lse_atol(np.float32, q, k, None), what="lse")
     if L > S:  # rows that see no key: zeros and -inf, as torch
-        assert np.all(out[:, :, :L - S] == 0) and np.all(np.isneginf(lse[:, :, :L - S]))
+        assert np.all(out[:, :, : L - S] == 0) and np.all(np.isneginf(lse[:, :, : L - S]))
 
 
 @pytest.mark.parametrize("backend", OFFSET_BACKENDS)
@@ -41,7 +41,8 @@ def test_against_torch(rng, backend):
 
     q, k, v = randn(rng, (1, 2, 5, 8)), randn(rng, (1, 2, 12, 8)), randn(rng, (1, 2, 12, 8))
     want = torch.nn.functional.scaled_dot_product_attention(
-        *(torch.from_numpy(a) for a in (q, k, v)), attn_mask=torch_lower_right(5, 12)).numpy()
+        *(torch.from_numpy(a) for a in (q, k, v)), attn_mask=torch_lower_right(5, 12)
+    ).numpy()
     for mask in (engine.causal_lower_right(5, 12), torch_lower_right(5, 12)):  # torch's object too
         np.testing.assert_allclose(f(q, k, v, attn_mask=mask, backend=backend), want, atol=2e-6)
 
@@ -58,8 +59,7 @@ def test_with_score_mod_and_mask_mod(rng, backend):
     q, k, v = randn(rng, (2, 2, L, 8)), randn(rng, (2, 2, S, 8)), randn(rng, (2, 2, S, 8))
     dense = np.tril(np.ones((L, S), bool), k=S - L) & (np.arange(S) % 3 != 1)
     want = f(q, k, v, attn_mask=dense, backend="reference", score_mod=score_mod)
-    out = f(q, k, v, attn_mask=engine.causal_lower_right(L, S), backend=backend, score_mod=score_mod,
-            mask_mod=mask_mod)
+    out = f(q, k, v, attn_mask=engine.causal_lower_right(L, S), backend=backend, score_mod=score_mod, mask_mod=mask_mod)
     assert_out_close(out, want, out_atol(np.float32, q, k, v, None) * 4)
 
 
@@ -79,8 +79,10 @@ def test_no_dense_mask_is_built(rng, monkeypatch):
 
 def test_upper_left_is_is_causal(rng):
     q, k = randn(rng, (1, 2, 6, 4)), randn(rng, (1, 2, 9, 4))
-    np.testing.assert_array_equal(f(q, k, k, attn_mask=causal_upper_left(6, 9), backend="reference"),
-                                  f(q, k, k, is_causal=True, backend="reference"))
+    np.testing.assert_array_equal(
+        f(q, k, k, attn_mask=causal_upper_left(6, 9), backend="reference"),
+        f(q, k, k, is_causal=True, backend="reference"),
+    )
 
 
 def test_backends_without_offsets_refuse_clearly(rng):
@@ -96,14 +98,23 @@ def test_backends_without_offsets_refuse_clearly(rng):
         assert "bottom-right causal" not in " ".join(backend.not_supported_reasons(square))
 
 
-@pytest.mark.parametrize("call, exc, words", [
-    (lambda q, k: f(q, k, k, attn_mask=engine.causal_lower_right(3, 8)), ValueError,
-     r"is for \(L, S\) = \(3, 8\), but the inputs have \(L, S\) = \(3, 9\)"),
-    (lambda q, k: f(q, k, k, attn_mask=engine.causal_lower_right(3, 9), is_causal=True), ValueError,
-     r"either attn_mask or is_causal=True"),
-    (lambda q, k: engine.causal_lower_right(-1, 4), ValueError, r"seq_len_q must be a non-negative int"),
-    (lambda q, k: engine.causal_lower_right(2, 4.0), ValueError, r"seq_len_kv must be a non-negative int"),
-])
+@pytest.mark.parametrize(
+    "call, exc, words",
+    [
+        (
+            lambda q, k: f(q, k, k, attn_mask=engine.causal_lower_right(3, 8)),
+            ValueError,
+            r"is for \(L, S\) = \(3, 8\), but the inputs have \(L, S\) = \(3, 9\)",
+        ),
+        (
+            lambda q, k: f(q, k, k, attn_mask=engine.causal_lower_right(3, 9), is_causal=True),
+            ValueError,
+            r"either attn_mask or is_causal=True",
+        ),
+        (lambda q, k: engine.causal_lower_right(-1, 4), ValueError, r"seq_len_q must be a non-negative int"),
+        (lambda q, k: engine.causal_lower_right(2, 4.0), ValueError, r"seq_len_kv must be a non-negative int"),
+    ],
+)
 def test_bad_arguments(rng, call, exc, words):
     q, k = randn(rng, (1, 1, 3, 4)), randn(rng, (1, 1, 9, 4))
     with pytest.raises(exc, match=words):
@@ -111,8 +122,7 @@ def test_bad_arguments(rng, call, exc, words):
 
 
 def test_materialize_and_immutability():
-    np.testing.assert_array_equal(engine.causal_lower_right(2, 4).materialize(),
-                                  [[1, 1, 1, 0], [1, 1, 1, 1]])
+    np.testing.assert_array_equal(engine.causal_lower_right(2, 4).materialize(), [[1, 1, 1, 0], [1, 1, 1, 1]])
     with pytest.raises(AttributeError):
         engine.causal_lower_right(2, 4).seq_len_q = 3
 

@@ -1,4 +1,5 @@
 """The console script: ``attention-engine list``."""
+
 import json
 import subprocess
 import sys
@@ -17,7 +18,9 @@ def test_list_prints_variants_with_origin_and_backends(capsys):
 
 
 def test_list_json_via_console_entry():
-    res = subprocess.run([sys.executable, "-m", "engine.cli", "list", "--json"], capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
+    res = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "list", "--json"], capture_output=True, text=True, timeout=HANG_TIMEOUT_S
+    )
     assert res.returncode == 0, res.stderr
     info = json.loads(res.stdout)
     assert {v["name"] for v in info["variants"]} >= {"self", "multi-head", "cross", "masked"}
@@ -32,12 +35,13 @@ def test_list_table_shows_which_backends_train(capsys):
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
     header = next(line for line in rows.values() if "backward" in line)
     col = header.index("backward")
-    assert rows["cpu"][col:col + 3] == "yes" and rows["reference"][col:col + 3] == "yes"
-    assert rows["cuda"][col:col + 2] == "no"
+    assert rows["cpu"][col : col + 3] == "yes" and rows["reference"][col : col + 3] == "yes"
+    assert rows["cuda"][col : col + 2] == "no"
 
 
 def test_bad_subcommand_exits_with_usage(capsys):
     import pytest
+
     with pytest.raises(SystemExit) as exc:
         main(["frobnicate"])
     assert exc.value.code == 2

@@ -5,6 +5,7 @@ query tile) to one task, so the thread count and the interleaving of calls must 
 The fork and spawn checks run inside a child interpreter with a timeout, so a hang or an abort
 (the failure modes of unsafe threading layers) fails the test instead of freezing the run.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 
 import engine
+
 from conftest import HANG_TIMEOUT_S, available_backends
 
 THREADS = 8
@@ -71,8 +73,9 @@ def _run_threads(work):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_eight_threads_functional_identical_to_serial(backend):
     cases = _cases()
-    serial = [engine.scaled_dot_product_attention(q, k, v, backend=backend, return_lse=True, **kw)
-              for q, k, v, kw in cases]
+    serial = [
+        engine.scaled_dot_product_attention(q, k, v, backend=backend, return_lse=True, **kw) for q, k, v, kw in cases
+    ]
     calls = [0] * THREADS
 
     def work(i):
@@ -150,8 +153,13 @@ if __name__ == "__main__":
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_child_process_after_parent_ran_a_kernel(method):
-    proc = subprocess.run([sys.executable, "-c", _CHILD, HERE, method, str(HANG_TIMEOUT_S)], capture_output=True, text=True,
-                          timeout=HANG_TIMEOUT_S, cwd=HERE)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, HERE, method, str(HANG_TIMEOUT_S)],
+        capture_output=True,
+        text=True,
+        timeout=HANG_TIMEOUT_S,
+        cwd=HERE,
+    )
     assert proc.returncode == 0, f"child exited {proc.returncode}: {proc.stderr[-3000:]}"
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["identical"] and got["n"] == 4, got
@@ -184,7 +192,12 @@ print(json.dumps({"status": status}))
 
 
 def test_threads_inside_a_forked_child():
-    proc = subprocess.run([sys.executable, "-c", _THREADS_IN_FORKED_CHILD, HERE], capture_output=True,
-                          text=True, timeout=HANG_TIMEOUT_S, cwd=HERE)
+    proc = subprocess.run(
+        [sys.executable, "-c", _THREADS_IN_FORKED_CHILD, HERE],
+        capture_output=True,
+        text=True,
+        timeout=HANG_TIMEOUT_S,
+        cwd=HERE,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"status": 0}, proc.stderr[-3000:]

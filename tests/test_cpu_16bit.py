@@ -4,12 +4,14 @@ Both paths run: ``widened`` (inputs widened to float32, the float32 kernel; what
 MKL or without AMX/AVX512 16-bit instructions) and ``16-bit GEMM`` (MKL's
 ``cblas_gemm_bf16bf16f32``/``cblas_gemm_f16f16f32`` on the 16-bit bits, probabilities rounded to
 16 bits for the second product; forced here by the ``mkl`` provider, which MKL emulates on CPUs
-without those instructions). Checked against the ``reference`` backend at the suite's tolerance model (16-bit unit roundoff),
+without those instructions). Checked against the ``reference`` backend at the suite's tolerance model (16-bit unit
+roundoff),
 with NumPy float16 and ml_dtypes bfloat16 arrays and torch tensors, masks (boolean, and float
 masks in 16-bit or float32), causal, GQA and a mod; and against FlashAttention's accuracy rule:
 the error against a float64 computation from the same 16-bit values at most twice torch's own
 CPU error in that dtype.
 """
+
 from __future__ import annotations
 
 import ml_dtypes
@@ -41,8 +43,11 @@ def path(request):
 
 
 def _qkv(rng, dtype, Hq=2, H=2, L=140, S=301, E=32, Ev=24):
-    return (rng.standard_normal((1, Hq, L, E)).astype(dtype), rng.standard_normal((1, H, S, E)).astype(dtype),
-            rng.standard_normal((1, H, S, Ev)).astype(dtype))
+    return (
+        rng.standard_normal((1, Hq, L, E)).astype(dtype),
+        rng.standard_normal((1, H, S, E)).astype(dtype),
+        rng.standard_normal((1, H, S, Ev)).astype(dtype),
+    )
 
 
 def _cases(rng, dtype):
@@ -53,12 +58,15 @@ def _cases(rng, dtype):
     qg, kg, vg = _qkv(rng, dtype, Hq=4, H=2)
     from variants.softcap import tanh_softcap
 
-    return [("plain", q, k, v, {}), ("causal", q, k, v, {"is_causal": True}),
-            ("bool mask", q, k, v, {"attn_mask": rng.random((L, S)) > 0.4}),
-            ("16-bit float mask", q, k, v, {"attn_mask": fmask.astype(dtype)}),
-            ("float32 mask", q, k, v, {"attn_mask": fmask}),
-            ("gqa", qg, kg, vg, {"enable_gqa": True}),
-            ("score_mod", q, k, v, {"score_mod": tanh_softcap, "mod_args": (np.float32(2.0),)})]
+    return [
+        ("plain", q, k, v, {}),
+        ("causal", q, k, v, {"is_causal": True}),
+        ("bool mask", q, k, v, {"attn_mask": rng.random((L, S)) > 0.4}),
+        ("16-bit float mask", q, k, v, {"attn_mask": fmask.astype(dtype)}),
+        ("float32 mask", q, k, v, {"attn_mask": fmask}),
+        ("gqa", qg, kg, vg, {"enable_gqa": True}),
+        ("score_mod", q, k, v, {"score_mod": tanh_softcap, "mod_args": (np.float32(2.0),)}),
+    ]
 
 
 @pytest.mark.parametrize("path", PATHS, indirect=True)
@@ -91,9 +99,12 @@ def _flash_rule_cases(rng, dtype):
     q, k, v = _qkv(rng, np.float32, L=L, S=S, E=64, Ev=64)
     q, k, v = (x.astype(dtype) for x in (q, k, v))
     fmask = rng.standard_normal((L, S)).astype(dtype)
-    return [("plain", q, k, v, {}), ("causal", q, k, v, {"is_causal": True}),
-            ("bool mask", q, k, v, {"attn_mask": rng.random((L, S)) > 0.5}),
-            ("float mask", q, k, v, {"attn_mask": fmask})]
+    return [
+        ("plain", q, k, v, {}),
+        ("causal", q, k, v, {"is_causal": True}),
+        ("bool mask", q, k, v, {"attn_mask": rng.random((L, S)) > 0.5}),
+        ("float mask", q, k, v, {"attn_mask": fmask}),
+    ]
 
 
 @pytest.mark.parametrize("path", PATHS, indirect=True)
@@ -105,16 +116,24 @@ def test_flash_attention_accuracy_rule_against_torch(dtype, path, rng):
 
     np_dt = BF16 if dtype == "bfloat16" else np.dtype(np.float16)
     for name, q, k, v, kw in _flash_rule_cases(rng, np_dt):
-        exact = engine.scaled_dot_product_attention(*(x.astype(np.float64) for x in (q, k, v)), backend="reference",
-                                                    **{key: (val.astype(np.float64) if key == "attn_mask" and val.dtype != bool else val)
-                                                       for key, val in kw.items()})
+        exact = engine.scaled_dot_product_attention(
+            *(x.astype(np.float64) for x in (q, k, v)),
+            backend="reference",
+            **{
+                key: (val.astype(np.float64) if key == "attn_mask" and val.dtype != bool else val)
+                for key, val in kw.items()
+            },
+        )
         ours = engine.scaled_dot_product_attention(q, k, v, backend="cpu", **kw).astype(np.float64)
         tq, tk, tv = (torch.from_numpy(x.astype(np.float32)).to(getattr(torch, dtype)) for x in (q, k, v))
         tkw = dict(kw)
         if "attn_mask" in kw:
             m = kw["attn_mask"]
-            tkw["attn_mask"] = torch.from_numpy(m) if m.dtype == bool else \
-                torch.from_numpy(m.astype(np.float32)).to(getattr(torch, dtype))
+            tkw["attn_mask"] = (
+                torch.from_numpy(m)
+                if m.dtype == bool
+                else torch.from_numpy(m.astype(np.float32)).to(getattr(torch, dtype))
+            )
         with torch.no_grad():
             theirs = F.scaled_dot_product_attention(tq, tk, tv, **tkw).float().numpy().astype(np.float64)
         err, torch_err = np.abs(ours - exact).max(), np.abs(theirs - exact).max()
@@ -155,9 +174,30 @@ def test_16bit_gemm_path_follows_cpu_flags(monkeypatch):
 def _float32_classes(rng):
     """Random bit patterns over every exponent, and the values rounding gets wrong most easily."""
     random = rng.integers(0, 1 << 32, size=100_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
-    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan, 1e-40, -1e-45, 6.1e-5, 5.96e-8,
-                        2.98e-8, 65504.0, 65519.99, 65520.0, 3.4e38, 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8,
-                        1.0 + 2 ** -11, 1.0 + 3 * 2 ** -11], dtype=np.float32)
+    special = np.array(
+        [
+            0.0,
+            -0.0,
+            np.inf,
+            -np.inf,
+            np.nan,
+            -np.nan,
+            1e-40,
+            -1e-45,
+            6.1e-5,
+            5.96e-8,
+            2.98e-8,
+            65504.0,
+            65519.99,
+            65520.0,
+            3.4e38,
+            1.0 + 2**-8,
+            1.0 + 3 * 2**-8,
+            1.0 + 2**-11,
+            1.0 + 3 * 2**-11,
+        ],
+        dtype=np.float32,
+    )
     return np.concatenate([special, random])
 
 

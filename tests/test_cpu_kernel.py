@@ -2,12 +2,14 @@
 specialisations create: no mask, boolean and float masks (broadcast), causal tiles on and off the
 diagonal with L < S, L > S and sizes around the tile edges, GQA, E != Ev, fully masked rows, NaN
 rows, return_lse and non-contiguous inputs."""
+
 import numpy as np
 import pytest
 
 import engine
 from engine.backends.cpu import _get_blas_pin, tile_sizes
-from engine.config import CPU_BLOCK_Q as BLOCK_Q, CPU_TASK_ROWS as TASK_ROWS
+from engine.config import CPU_BLOCK_Q as BLOCK_Q
+from engine.config import CPU_TASK_ROWS as TASK_ROWS
 
 from tolerances import assert_out_close, lse_atol, out_atol
 
@@ -194,6 +196,6 @@ def test_running_max_that_rises_slightly_in_a_later_key_tile_is_rescaled(dtype, 
     k[..., bk:, 0] = m - 6.0
     k[..., bk, 0] = m + rise
     v = np.random.default_rng(9).standard_normal((1, 1, S, 16)).astype(dtype)
-    v[..., :bk, :] += 1.0          # the early tile's values differ from the late key's
+    v[..., :bk, :] += 1.0  # the early tile's values differ from the late key's
     out, _ = _check(q, k, v, dtype, scale=1.0)
     assert np.isfinite(out).all()

@@ -6,6 +6,7 @@ needs NVVM and NVRTC: the ``nvidia-nvvm`` and ``nvidia-cuda-nvrtc`` wheels that
 ``numba-cuda[cu13]`` installs (or a CUDA toolkit). Without them these tests fail with Numba's
 "libnvrtc"/"libNVVM" not-found error: that is a broken test install, not a skip.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,14 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
 from numba import cuda  # noqa: E402
 
 from engine.backends.cuda import tile_sizes  # noqa: E402
-from engine.kernels.cuda_flash_fwd import (MASK_BOOL, MASK_FLOAT, MASK_NONE,  # noqa: E402
-                                       flash_kernel_source, kernel_signature, shared_bytes)
+from engine.kernels.cuda_flash_fwd import (
+    MASK_BOOL,
+    MASK_FLOAT,
+    MASK_NONE,  # noqa: E402
+    flash_kernel_source,
+    kernel_signature,
+    shared_bytes,
+)
 
 # (mask kind, causal): the combinations the backend launches (is_causal excludes attn_mask)
 KINDS = [(MASK_NONE, False), (MASK_NONE, True), (MASK_BOOL, False), (MASK_FLOAT, False)]
@@ -41,8 +48,7 @@ def test_kernel_compiles_to_ptx_for_sm90(dtype, kind, heads):
     block_q, block_k = tile_sizes(E, Ev)
     mask_kind, causal = kind
     fn = flash_kernel_source(E, Ev, block_q, block_k, mask_kind, causal)
-    ptx, restype = cuda.compile_ptx(fn, kernel_signature(dtype, _mask_dtype(mask_kind, dtype)),
-                                    cc=(9, 0))
+    ptx, restype = cuda.compile_ptx(fn, kernel_signature(dtype, _mask_dtype(mask_kind, dtype)), cc=(9, 0))
     assert str(restype) == "none"
     assert re.search(r"^\.target sm_90\b", ptx, re.M)
     assert re.search(r"^\.visible \.entry \S*_flash_forward", ptx, re.M)
@@ -62,6 +68,7 @@ def test_kernel_compiles_to_ptx_for_sm90(dtype, kind, heads):
 
 # -- kernels with mods ---------------------------------------------------------------------------
 
+
 @pytest.fixture
 def current_device_cc90(monkeypatch):
     """Numba compiles a kernel's device functions (the mods, overloads such as ``cast_like``) for
@@ -72,8 +79,7 @@ def current_device_cc90(monkeypatch):
     from numba.cuda import dispatcher
 
     if not cuda.is_available():
-        monkeypatch.setattr(dispatcher, "get_current_device",
-                            lambda: types.SimpleNamespace(compute_capability=(9, 0)))
+        monkeypatch.setattr(dispatcher, "get_current_device", lambda: types.SimpleNamespace(compute_capability=(9, 0)))
 
 
 def _window(b, h, q_idx, kv_idx, left, right):
@@ -118,6 +124,7 @@ def test_kernels_with_mods_compile_to_ptx_for_sm90(current_device_cc90, dtype, n
 
 
 # -- bfloat16 storage (uint16 bit patterns, converted in registers) ------------------------------
+
 
 @pytest.mark.parametrize("heads", HEADS[:2], ids=lambda h: f"E{h[0]}-Ev{h[1]}")
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: ["none", "bool", "float"][k[0]] + ("-causal" if k[1] else ""))

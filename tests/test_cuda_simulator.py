@@ -11,6 +11,7 @@ real GPU because the simulator's arrays do not expose ``__cuda_array_interface__
 Shapes are tiny and tiles small (4 query rows, 8 keys) so that several tiles, partial tiles and
 the causal tile skipping are all exercised: the simulator runs every GPU thread as a Python thread.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,9 +28,9 @@ from engine.backends.cuda import CudaBackend, flat_layout
 from engine.backends.reference import ReferenceBackend
 from engine.mods import EMPTY, FULL, PARTIAL
 from engine.validation import is_bfloat16, validate_attention_args
-from tolerances import assert_out_close, lse_atol, out_atol
 
 from conftest import HANG_TIMEOUT_S
+from tolerances import assert_out_close, lse_atol, out_atol
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 #: every storage dtype the kernel takes
@@ -38,8 +39,9 @@ DTYPES = [np.float32, np.float16, BF16]
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 GPU = not SIM and engine.get_backend("cuda").unavailable_reason() is None
 HERE = SIM or GPU
-needs_cuda = pytest.mark.skipif(not HERE, reason="no CUDA target here; run by "
-                                "test_kernels_under_the_simulator in a subprocess")
+needs_cuda = pytest.mark.skipif(
+    not HERE, reason="no CUDA target here; run by test_kernels_under_the_simulator in a subprocess"
+)
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a real CUDA GPU (device arrays)")
 
 SMALL = CudaBackend(block_q=4, block_k=8)
@@ -50,17 +52,21 @@ def test_kernels_under_the_simulator():
     if SIM:
         pytest.skip("already under the simulator")
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-                          __file__], env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT_S,
-                         cwd=os.path.dirname(__file__))
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", __file__],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=HANG_TIMEOUT_S,
+        cwd=os.path.dirname(__file__),
+    )
     tail = (res.stdout + res.stderr)[-4000:]
     assert res.returncode == 0, tail
     # only the device-array tests (they need a GPU) and this launcher may skip in there
     summary = res.stdout.strip().splitlines()[-1]
     assert " passed" in summary and "failed" not in summary, tail
     skipped = [ln for ln in res.stdout.splitlines() if ln.startswith("SKIPPED")]
-    assert all("needs a real CUDA GPU" in ln or "already under the simulator" in ln
-               for ln in skipped), tail
+    assert all("needs a real CUDA GPU" in ln or "already under the simulator" in ln for ln in skipped), tail
 
 
 def _check(problem, out, lse):
@@ -75,10 +81,10 @@ def _check(problem, out, lse):
     if problem.dtype == np.float16:
         # float32 arithmetic, then one rounding to float16 (unit roundoff 2^-11) of out and lse
         f32 = out_atol(np.float32, q, k, v, scale, mask)
-        atol = 2.0 ** -10 * max(1.0, float(np.max(np.abs(v.astype(np.float64)), initial=0))) + f32
+        atol = 2.0**-10 * max(1.0, float(np.max(np.abs(v.astype(np.float64)), initial=0))) + f32
         fin = np.isfinite(ref_lse)
         big = float(np.max(np.abs(ref_lse[fin].astype(np.float64)), initial=0))
-        latol = 2.0 ** -10 * max(1.0, big) + lse_atol(np.float32, q, k, scale, mask)
+        latol = 2.0**-10 * max(1.0, big) + lse_atol(np.float32, q, k, scale, mask)
     else:
         atol = out_atol(problem.dtype, q, k, v, scale, mask)
         latol = lse_atol(problem.dtype, q, k, scale, mask)
@@ -98,15 +104,20 @@ def _check_bf16(problem, out, lse):
     mask = problem.attn_mask
     if mask is not None and problem.mask_kind == "float":
         mask = f32(mask)
-    p32 = dataclasses.replace(problem, query=f32(problem.query), key=f32(problem.key),
-                              value=f32(problem.value), attn_mask=mask, dtype=np.dtype(np.float32))
+    p32 = dataclasses.replace(
+        problem,
+        query=f32(problem.query),
+        key=f32(problem.key),
+        value=f32(problem.value),
+        attn_mask=mask,
+        dtype=np.dtype(np.float32),
+    )
     ref_out, ref_lse = ReferenceBackend().run(p32)
     q, k, v = (np.nan_to_num(a) for a in (p32.query, p32.key, p32.value))
-    atol = 2.0 ** -7 * max(1.0, float(np.max(np.abs(v), initial=0))) + out_atol(
-        np.float32, q, k, v, problem.scale, mask)
+    atol = 2.0**-7 * max(1.0, float(np.max(np.abs(v), initial=0))) + out_atol(np.float32, q, k, v, problem.scale, mask)
     fin = np.isfinite(ref_lse)
     big = float(np.max(np.abs(ref_lse[fin]), initial=0))
-    latol = 2.0 ** -7 * max(1.0, big) + lse_atol(np.float32, q, k, problem.scale, mask)
+    latol = 2.0**-7 * max(1.0, big) + lse_atol(np.float32, q, k, problem.scale, mask)
     assert_out_close(np.asarray(out).astype(np.float32), ref_out, atol, "cuda out (bfloat16)")
     assert_out_close(np.asarray(lse).astype(np.float32), ref_lse, latol, "cuda lse (bfloat16)")
 
@@ -130,9 +141,9 @@ def _qkv(rng, qshape, kshape, Ev, dtype=np.float32):
 # (query shape, key shape, Ev): L and S are not multiples of the 4 x 8 tiles, E != Ev
 SHAPES = [
     ((2, 3, 13, 8), (2, 3, 21, 8), 5),
-    ((6, 4), (9, 4), 3),                   # 2-D: one head, no batch
+    ((6, 4), (9, 4), 3),  # 2-D: one head, no batch
     ((2, 2, 2, 5, 7), (2, 2, 2, 11, 7), 7),  # two batch dims
-    ((1, 2, 17, 4), (1, 2, 6, 4), 4),        # L > S
+    ((1, 2, 17, 4), (1, 2, 6, 4), 4),  # L > S
 ]
 
 
@@ -159,14 +170,14 @@ def test_gqa_and_custom_scale(rng, dtype):
 def test_boolean_masks_broadcast_and_fully_masked_rows(rng, dtype):
     q, k, v = _qkv(rng, (2, 3, 7, 8), (2, 3, 11, 8), 5, dtype)
     ls = rng.random((7, 11)) > 0.4
-    ls[2] = False                                     # row 2 sees nothing in every head
+    ls[2] = False  # row 2 sees nothing in every head
     out, lse = _run(q, k, v, attn_mask=ls)
     assert np.all(out[:, :, 2] == 0) and np.all(np.isneginf(lse[:, :, 2]))
     pad = np.ones((2, 1, 1, 11), dtype=bool)
-    pad[1, ..., 6:] = False                           # key padding of batch entry 1
+    pad[1, ..., 6:] = False  # key padding of batch entry 1
     _run(q, k, v, attn_mask=pad)
-    per_head = rng.random((3, 1, 11)) > 0.5           # (Hq, 1, S)
-    per_head[1] = False                               # head 1 sees nothing at all
+    per_head = rng.random((3, 1, 11)) > 0.5  # (Hq, 1, S)
+    per_head[1] = False  # head 1 sees nothing at all
     out, lse = _run(q, k, v, attn_mask=per_head)
     assert np.all(out[:, 1] == 0) and np.all(np.isneginf(lse[:, 1]))
 
@@ -176,8 +187,8 @@ def test_boolean_masks_broadcast_and_fully_masked_rows(rng, dtype):
 def test_float_masks(rng, dtype):
     q, k, v = _qkv(rng, (2, 2, 6, 4), (2, 2, 13, 4), 4, dtype)
     full = rng.standard_normal((2, 2, 6, 13)).astype(dtype)
-    full[0, 1, 3] = -np.inf                            # a fully masked row
-    full[1, 0, :, 5] = -np.inf                         # one key hidden from every row
+    full[0, 1, 3] = -np.inf  # a fully masked row
+    full[1, 0, :, 5] = -np.inf  # one key hidden from every row
     out, lse = _run(q, k, v, attn_mask=full)
     assert np.all(out[0, 1, 3] == 0) and np.isneginf(lse[0, 1, 3])
     _run(q, k, v, attn_mask=rng.standard_normal((13,)).astype(np.float64))  # (S,), cast to dtype
@@ -199,8 +210,8 @@ def test_nonfinite_values_reach_only_rows_that_attend_to_them(rng):
     v[0, 0, 9, 1] = np.nan
     v[0, 1, 3, 0] = np.inf
     mask = np.ones((6, 11), dtype=bool)
-    mask[:4, 9] = False      # rows 0-3 of head 0 never see the NaN
-    mask[2:, 3] = False      # rows 2-5 of head 1 never see the inf
+    mask[:4, 9] = False  # rows 0-3 of head 0 never see the NaN
+    mask[2:, 3] = False  # rows 2-5 of head 1 never see the inf
     out, _ = _run(q, k, v, attn_mask=mask)
     assert np.isfinite(out[0, 0, :4]).all() and np.isnan(out[0, 0, 4:, 1]).all()
     assert np.isfinite(out[0, 1, 2:]).all() and np.isinf(out[0, 1, :2, 0]).all()
@@ -210,7 +221,7 @@ def test_nonfinite_values_reach_only_rows_that_attend_to_them(rng):
 
 @needs_cuda
 def test_non_contiguous_host_inputs(rng):
-    base = rng.standard_normal((2, 9, 3, 8)).astype(np.float32)   # (B, L, H, E), as torch often has
+    base = rng.standard_normal((2, 9, 3, 8)).astype(np.float32)  # (B, L, H, E), as torch often has
     q = base.transpose(0, 2, 1, 3)
     k = base[:, ::-1].transpose(0, 2, 1, 3)
     _run(q, k, q[..., :5], is_causal=True)
@@ -223,7 +234,7 @@ def test_empty_sizes_give_zeros_and_neg_inf(rng):
     assert out.shape == (1, 2, 5, 3) and lse.shape == (1, 2, 5)
     assert np.all(out == 0) and np.all(np.isneginf(lse))
     q, k, v = _qkv(rng, (1, 2, 5, 0), (1, 2, 7, 0), 3)
-    _run(q, k, v, scale=1.0)                            # E = 0: every score is 0
+    _run(q, k, v, scale=1.0)  # E = 0: every score is 0
 
 
 @needs_cuda
@@ -239,13 +250,15 @@ def test_public_api_with_default_tiles(rng):
 def test_flat_layout_reaches_every_element_of_strided_and_broadcast_arrays():
     """The offsets/strides the kernel indexes with, checked on host arrays (no CUDA needed)."""
     base = np.arange(2 * 5 * 3 * 4, dtype=np.float32).reshape(2, 5, 3, 4)
-    cases = [base.transpose(0, 2, 1, 3),                       # permuted
-             base[:, ::-2].transpose(0, 2, 1, 3),               # negative stride
-             np.broadcast_to(base[:1, :1, :1], (2, 1, 1, 4))]   # zero strides
+    cases = [
+        base.transpose(0, 2, 1, 3),  # permuted
+        base[:, ::-2].transpose(0, 2, 1, 3),  # negative stride
+        np.broadcast_to(base[:1, :1, :1], (2, 1, 1, 4)),
+    ]  # zero strides
     for a in cases:
         lo, span, offs, st = flat_layout(a.shape, a.strides, a.itemsize, a.shape[:1], 4)
-        start = _first_index(a, base) + lo            # the flat view the device path builds
-        flat = np.frombuffer(base.data, dtype=base.dtype)[start:start + span]
+        start = _first_index(a, base) + lo  # the flat view the device path builds
+        flat = np.frombuffer(base.data, dtype=base.dtype)[start : start + span]
         assert flat.size == span
         for b in range(a.shape[0]):
             for h in range(a.shape[1]):
@@ -265,6 +278,7 @@ def _first_index(a, base):
 
 
 # ---- score_mod / mask_mod compiled into the kernel ----------------------------------------------
+
 
 def _window(b, h, q_idx, kv_idx, left, right):
     return q_idx - left <= kv_idx and kv_idx <= q_idx + right
@@ -335,8 +349,8 @@ def test_kernel_obeys_the_block_map(rng):
 
     bm = engine.create_block_mask(lower, None, None, 8, 16, block_q=4, block_k=8)
     assert bm.kinds[0, 0].tolist() == [[PARTIAL, EMPTY], [PARTIAL, EMPTY]]
-    bm.kinds[0, 0, 1, 0] = FULL      # rows 4-7 see keys 0-7 whole
-    bm.kinds[0, 0, 0, 0] = EMPTY     # rows 0-3 see nothing
+    bm.kinds[0, 0, 1, 0] = FULL  # rows 4-7 see keys 0-7 whole
+    bm.kinds[0, 0, 0, 0] = EMPTY  # rows 0-3 see nothing
     out, lse = SMALL.run(validate_attention_args(q, k, v, block_mask=bm, return_lse=True))
     dense = np.zeros((8, 16), dtype=bool)
     dense[4:, :8] = True
@@ -358,6 +372,7 @@ def test_mods_through_the_public_api_and_a_variant(rng):
 
 # ---- real GPU only: device arrays in place, results in the caller's kind, streams ---------------
 
+
 @needs_gpu
 def test_numba_device_arrays_in_and_out(rng):
     from numba import cuda
@@ -366,30 +381,32 @@ def test_numba_device_arrays_in_and_out(rng):
     dq, dk, dv = (cuda.to_device(a) for a in (q, k, v))
     out, lse = engine.scaled_dot_product_attention(dq, dk, dv, is_causal=True, return_lse=True)
     assert cuda.is_cuda_array(out)
-    _check(validate_attention_args(q, k, v, is_causal=True, return_lse=True),
-           out.copy_to_host(), lse.copy_to_host())
+    _check(validate_attention_args(q, k, v, is_causal=True, return_lse=True), out.copy_to_host(), lse.copy_to_host())
 
 
 @needs_gpu
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_torch_cuda_tensors_strided_and_masked(rng, dtype):
     torch = pytest.importorskip("torch")
-    x = torch.randn(2, 150, 4, 64, device="cuda", dtype=getattr(torch, dtype))   # (B, L, H, E)
-    q = x.transpose(1, 2)                                                         # strided view
+    x = torch.randn(2, 150, 4, 64, device="cuda", dtype=getattr(torch, dtype))  # (B, L, H, E)
+    q = x.transpose(1, 2)  # strided view
     mask = torch.rand(2, 1, 1, 150, device="cuda") > 0.3
     out, lse = engine.scaled_dot_product_attention(q, q, q, attn_mask=mask, return_lse=True)
     assert isinstance(out, torch.Tensor) and out.is_cuda and out.dtype == q.dtype
     assert isinstance(lse, torch.Tensor) and lse.shape == (2, 4, 150)
     host = [t.cpu().numpy() for t in (q, q, q)]
-    _check(validate_attention_args(*host, attn_mask=mask.cpu().numpy(), return_lse=True),
-           out.cpu().numpy(), lse.cpu().numpy())
+    _check(
+        validate_attention_args(*host, attn_mask=mask.cpu().numpy(), return_lse=True),
+        out.cpu().numpy(),
+        lse.cpu().numpy(),
+    )
 
 
 @needs_gpu
 def test_torch_bfloat16_cuda_tensors_strided_and_masked(rng):
     torch = pytest.importorskip("torch")
-    x = torch.randn(2, 150, 4, 64, device="cuda", dtype=torch.bfloat16)   # (B, L, H, E)
-    q = x.transpose(1, 2)                                                 # strided view
+    x = torch.randn(2, 150, 4, 64, device="cuda", dtype=torch.bfloat16)  # (B, L, H, E)
+    q = x.transpose(1, 2)  # strided view
     mask = torch.randn(2, 1, 1, 150, device="cuda", dtype=torch.bfloat16)
     mask[1, ..., 100:] = -float("inf")
     out, lse = engine.scaled_dot_product_attention(q, q, q, attn_mask=mask, return_lse=True)
@@ -399,10 +416,11 @@ def test_torch_bfloat16_cuda_tensors_strided_and_masked(rng):
     def host(t):  # the same bits as ml_dtypes' bfloat16
         return t.contiguous().cpu().view(torch.uint16).numpy().view(BF16)
 
-    _check(validate_attention_args(host(q), host(q), host(q), attn_mask=host(mask), return_lse=True),
-           host(out), host(lse))
+    _check(
+        validate_attention_args(host(q), host(q), host(q), attn_mask=host(mask), return_lse=True), host(out), host(lse)
+    )
     ref = torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask)
-    assert (out.float() - ref.float()).abs().max().item() <= 2.0 ** -6 * q.float().abs().max().item()
+    assert (out.float() - ref.float()).abs().max().item() <= 2.0**-6 * q.float().abs().max().item()
 
 
 @needs_gpu
@@ -432,6 +450,7 @@ def test_concurrent_torch_streams(rng):
 
 def _variant_params(name):
     from engine.plugins import variant_info
+
     return variant_info()[0][name].cls.example_params(32, 4)
 
 
@@ -445,7 +464,7 @@ def test_every_variant_on_torch_cuda_tensors_stays_on_the_gpu(name):
     inputs = variant.example_inputs(2, 150, key_length=97, rng=3)
     S = inputs.get("key", inputs["query"]).shape[1]
     kpm = np.zeros((2, S), dtype=bool)
-    kpm[1, S - 20:] = True
+    kpm[1, S - 20 :] = True
     ref, ref_w = variant(**inputs, key_padding_mask=kpm, need_weights=True, backend="cpu")
     dev = {k: torch.asarray(v, device="cuda") for k, v in inputs.items()}  # document_ids too
     out, w = variant(**dev, key_padding_mask=torch.asarray(kpm, device="cuda"), need_weights=True)
@@ -463,5 +482,4 @@ def test_variant_on_cupy_arrays_with_host_mask():
     mask = np.triu(np.ones((70, 70), dtype=bool), 1)
     out, _ = mh(cp.asarray(x), attn_mask=mask)
     assert isinstance(out, cp.ndarray)
-    np.testing.assert_allclose(cp.asnumpy(out), mh(x, attn_mask=mask, backend="cpu")[0],
-                               atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(cp.asnumpy(out), mh(x, attn_mask=mask, backend="cpu")[0], atol=2e-5, rtol=1e-4)

@@ -2,6 +2,7 @@
 (contiguous and paged caches, ragged lengths, GQA, windows, mods, 16-bit caches, split-KV), the
 oracle itself against torch, the in-place writes, and the errors (raised before anything is
 written)."""
+
 import numpy as np
 import pytest
 
@@ -16,18 +17,21 @@ DECODERS = [n for n in available_backends() if engine.get_backend(n).supports_de
 FAST = [n for n in DECODERS if n != "reference"]
 
 
-def make_case(rng, B=3, Hq=4, Hkv=2, L=1, L_new=1, D=16, Dv=8, S_max=48, cache_dtype=np.float32,
-              q_dtype=np.float32, seqlens=None):
+def make_case(
+    rng, B=3, Hq=4, Hkv=2, L=1, L_new=1, D=16, Dv=8, S_max=48, cache_dtype=np.float32, q_dtype=np.float32, seqlens=None
+):
     """Query, caches filled with random entries (also past each sequence's length: never read),
     new key/value, and ragged seqlens that leave room for the new entries."""
     if seqlens is None:
         seqlens = rng.integers(0, S_max - L_new + 1, B)
-    return dict(query=randn(rng, (B, Hq, L, D), q_dtype),
-                k_cache=randn(rng, (B, Hkv, S_max, D)).astype(cache_dtype),
-                v_cache=randn(rng, (B, Hkv, S_max, Dv)).astype(cache_dtype),
-                key=randn(rng, (B, Hkv, L_new, D)) if L_new else None,
-                value=randn(rng, (B, Hkv, L_new, Dv)) if L_new else None,
-                cache_seqlens=np.asarray(seqlens, np.int32))
+    return dict(
+        query=randn(rng, (B, Hq, L, D), q_dtype),
+        k_cache=randn(rng, (B, Hkv, S_max, D)).astype(cache_dtype),
+        v_cache=randn(rng, (B, Hkv, S_max, Dv)).astype(cache_dtype),
+        key=randn(rng, (B, Hkv, L_new, D)) if L_new else None,
+        value=randn(rng, (B, Hkv, L_new, Dv)) if L_new else None,
+        cache_seqlens=np.asarray(seqlens, np.int32),
+    )
 
 
 def paged(case, page_size, rng):
@@ -37,7 +41,7 @@ def paged(case, page_size, rng):
     B, Hkv, S_max, _ = kc.shape
     per_seq = -(-S_max // page_size)
     total = B * per_seq + 3  # a few spare pages nobody uses
-    order = rng.permutation(total)[:B * per_seq].reshape(B, per_seq).astype(np.int32)
+    order = rng.permutation(total)[: B * per_seq].reshape(B, per_seq).astype(np.int32)
     kp = np.full((total, Hkv, page_size, kc.shape[3]), np.nan, kc.dtype)
     vp = np.full((total, Hkv, page_size, vc.shape[3]), np.nan, vc.dtype)
     for b in range(B):
@@ -60,8 +64,10 @@ def run(case, backend, **kwargs):
 def close(got, want, case, what=""):
     """Within the forward tests' float32 bounds (4x: tiles and splits sum in other orders); the
     bounds come from the finite entries (unused pages and planted NaNs left out)."""
-    q, k, v = (np.nan_to_num(np.asarray(case[n], np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-               for n in ("query", "k_cache", "v_cache"))
+    q, k, v = (
+        np.nan_to_num(np.asarray(case[n], np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        for n in ("query", "k_cache", "v_cache")
+    )
     atol = 4 * out_atol(np.float32, q, k, v, None)
     assert_out_close(np.asarray(got[0], np.float64), np.asarray(want[0], np.float64), atol, what="out" + what)
     latol = 4 * lse_atol(np.float32, q, k, None)
@@ -79,10 +85,10 @@ def test_reference_matches_torch_per_sequence(rng):
         out, lse, kc, vc = run(case, "reference", window=window, is_causal=causal)
         for b, past in enumerate(case["cache_seqlens"]):
             S = past + 3
-            k = torch.from_numpy(kc[b:b + 1, :, :S]).double()
-            v = torch.from_numpy(vc[b:b + 1, :, :S]).double()
-            q = torch.from_numpy(case["query"][b:b + 1]).double()
-            i = torch.arange(3)[:, None] + S - 3          # FlashAttention's window, written out
+            k = torch.from_numpy(kc[b : b + 1, :, :S]).double()
+            v = torch.from_numpy(vc[b : b + 1, :, :S]).double()
+            q = torch.from_numpy(case["query"][b : b + 1]).double()
+            i = torch.arange(3)[:, None] + S - 3  # FlashAttention's window, written out
             j = torch.arange(S)[None, :]
             mask = torch.ones(3, S, dtype=torch.bool)
             if causal:
@@ -92,7 +98,7 @@ def test_reference_matches_torch_per_sequence(rng):
             if window[1] >= 0:
                 mask &= j <= i + window[1]
             want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-            np.testing.assert_allclose(out[b:b + 1], want.numpy(), atol=1e-6)
+            np.testing.assert_allclose(out[b : b + 1], want.numpy(), atol=1e-6)
             scores = q @ k.repeat_interleave(3, 1).transpose(-1, -2) / 4.0
             want_lse = torch.logsumexp(torch.where(mask, scores, -torch.inf), -1)[0]
             np.testing.assert_allclose(lse[b], want_lse.numpy(), atol=1e-5)
@@ -126,8 +132,9 @@ def test_backend_matches_reference(rng, backend, page_size, name):
 
 
 @pytest.mark.parametrize("backend", FAST)
-@pytest.mark.parametrize("window, causal", [((6, -1), True), ((0, -1), True), ((3, 1), False), ((-1, 2), False),
-                                            ((-1, -1), False)])
+@pytest.mark.parametrize(
+    "window, causal", [((6, -1), True), ((0, -1), True), ((3, 1), False), ((-1, 2), False), ((-1, -1), False)]
+)
 def test_windows(rng, backend, window, causal):
     # 6 query rows: the first ones lie more than `right` keys before the end (right bound matters)
     case = make_case(rng, L=6, L_new=2, S_max=40)
@@ -159,8 +166,8 @@ def test_in_place_writes(rng, page_size):
     case = make_case(rng, B=3, L=2, L_new=2, S_max=16, seqlens=[0, 5, 14])
     want_k, want_v = case["k_cache"].copy(), case["v_cache"].copy()
     for b, s in enumerate(case["cache_seqlens"]):
-        want_k[b, :, s:s + 2] = case["key"][b]
-        want_v[b, :, s:s + 2] = case["value"][b]
+        want_k[b, :, s : s + 2] = case["key"][b]
+        want_v[b, :, s : s + 2] = case["value"][b]
     if page_size:
         case = paged(case, page_size, rng)
     seqlens = case["cache_seqlens"].copy()
@@ -207,8 +214,9 @@ def test_sixteen_bit_caches(rng, backend, cache, page_size):
         B = case["query"].shape[0]
         for b in range(B):
             s = case["cache_seqlens"][b]
-            np.testing.assert_array_equal(got[2][b, :, s:s + 2].view(np.uint16),
-                                          case["key"][b].astype(dtype).view(np.uint16))
+            np.testing.assert_array_equal(
+                got[2][b, :, s : s + 2].view(np.uint16), case["key"][b].astype(dtype).view(np.uint16)
+            )
 
 
 @pytest.mark.parametrize("backend", FAST)
@@ -265,15 +273,15 @@ def test_mods_see_absolute_positions(rng):
 @pytest.mark.parametrize("extra_rows", [0, 3], ids=["few-rows", "many-rows"])  # cpu: in-kernel loops; BLAS tiles
 def test_nonfinite_values_reach_only_rows_that_attend_them(rng, backend, extra_rows):
     case = make_case(rng, B=2, L=3 + extra_rows, L_new=3, S_max=40, seqlens=[20, 30])
-    case["v_cache"][0, 1, 5, 2] = np.nan        # hidden from every row by the window below
-    case["value"][1, 0, 1, 0] = np.inf          # written at 31: seen by sequence 1's last two rows only
+    case["v_cache"][0, 1, 5, 2] = np.nan  # hidden from every row by the window below
+    case["value"][1, 0, 1, 0] = np.inf  # written at 31: seen by sequence 1's last two rows only
     got = run(case, backend, window=(10, -1), num_splits=2)
     want = run(case, "reference", window=(10, -1))
     close(got, want, case)
     e = extra_rows  # (the extra rows come first: bottom-right alignment)
     assert np.isfinite(got[0][0]).all()
-    assert np.isinf(got[0][1, :2, e + 1:, 0]).all() and np.isfinite(got[0][1, :2, :e + 1]).all()
-    case["k_cache"][1, 1, 3, 0] = np.nan         # a NaN score: the rows that see it are NaN
+    assert np.isinf(got[0][1, :2, e + 1 :, 0]).all() and np.isfinite(got[0][1, :2, : e + 1]).all()
+    case["k_cache"][1, 1, 3, 0] = np.nan  # a NaN score: the rows that see it are NaN
     got = run(case, backend)
     assert np.isnan(got[0][1, 2:]).all() and not np.isnan(got[0][1, :2]).any()
 
@@ -283,11 +291,11 @@ def test_nonfinite_values_reach_only_rows_that_attend_them(rng, backend, extra_r
 
 
 def test_pick_num_splits():
-    assert pick_num_splits(tasks=8, max_keys=32768, threads=2) == 1       # every thread busy
-    assert pick_num_splits(tasks=1, max_keys=100, threads=16) == 1        # too few keys to split
-    assert pick_num_splits(tasks=2, max_keys=32768, threads=16) == 7      # 14 of 16 threads: >= 85%
-    assert pick_num_splits(tasks=1, max_keys=1100, threads=16) == 2       # >= 512 keys a split
-    assert pick_num_splits(tasks=3, max_keys=32768, threads=4) == 4       # 12 tasks on 4 threads
+    assert pick_num_splits(tasks=8, max_keys=32768, threads=2) == 1  # every thread busy
+    assert pick_num_splits(tasks=1, max_keys=100, threads=16) == 1  # too few keys to split
+    assert pick_num_splits(tasks=2, max_keys=32768, threads=16) == 7  # 14 of 16 threads: >= 85%
+    assert pick_num_splits(tasks=1, max_keys=1100, threads=16) == 2  # >= 512 keys a split
+    assert pick_num_splits(tasks=3, max_keys=32768, threads=4) == 4  # 12 tasks on 4 threads
 
 
 def test_backends_without_decoding_refuse_clearly(rng):
@@ -324,51 +332,134 @@ def _paged_bad(rng, table, seqlens=(3, 9)):
 
 
 ERRORS = [
-    ("overflow", lambda rng: _bad(rng, cache_seqlens=np.array([3, 15], np.int32)), ValueError,
-     r"writing 2 new keys at cache_seqlens\[1\] = 15 needs 17 slots, but the cache holds 16 per sequence"),
-    ("overflow-no-write", lambda rng: _bad(rng, cache_seqlens=np.array([3, 17], np.int32), key=None, value=None),
-     ValueError, r"cache_seqlens\[1\] = 17, but the cache holds 16 per sequence"),
-    ("negative-seqlen", lambda rng: _bad(rng, cache_seqlens=np.array([-1, 2], np.int32)), ValueError,
-     r"cache_seqlens must be >= 0, got cache_seqlens\[0\] = -1"),
-    ("seqlens-shape", lambda rng: _bad(rng, cache_seqlens=np.array([1, 2, 3], np.int32)), ValueError,
-     r"cache_seqlens must have shape \(B,\) = \(2,\), got \(3,\)"),
-    ("seqlens-float", lambda rng: _bad(rng, cache_seqlens=np.array([1.0, 2.0])), TypeError,
-     r"cache_seqlens must hold integers"),
-    ("page-out-of-range", lambda rng: _paged_bad(rng, [[0, 1, 2, 3, -1, -1], [4, 5, 99, 7, -1, -1]]), ValueError,
-     r"page_table\[1, 2\] = 99 is not a page of the cache \(0\.\.10\); sequence 1 uses its first 3 pages"),
-    ("page-negative", lambda rng: _paged_bad(rng, [[-1, 1, 2, 3, 0, 0], [4, 5, 6, 7, 0, 0]]), ValueError,
-     r"page_table\[0, 0\] = -1 is not a page"),
-    ("shared-write-slot", lambda rng: _paged_bad(rng, [[0, 1, 2, 3, 0, 0], [4, 5, 0, 7, 0, 0]], (1, 9)),
-     ValueError, r"sequences \[0, 1\] would write the same cache slot \(page 0, offset 1\)"),
-    ("page-table-shape", lambda rng: _paged_bad(rng, [[0, 1, 2, 3]]), ValueError,
-     r"page_table must have shape \(B, max_pages\) = \(2, \.\.\.\), got \(1, 4\)"),
+    (
+        "overflow",
+        lambda rng: _bad(rng, cache_seqlens=np.array([3, 15], np.int32)),
+        ValueError,
+        r"writing 2 new keys at cache_seqlens\[1\] = 15 needs 17 slots, but the cache holds 16 per sequence",
+    ),
+    (
+        "overflow-no-write",
+        lambda rng: _bad(rng, cache_seqlens=np.array([3, 17], np.int32), key=None, value=None),
+        ValueError,
+        r"cache_seqlens\[1\] = 17, but the cache holds 16 per sequence",
+    ),
+    (
+        "negative-seqlen",
+        lambda rng: _bad(rng, cache_seqlens=np.array([-1, 2], np.int32)),
+        ValueError,
+        r"cache_seqlens must be >= 0, got cache_seqlens\[0\] = -1",
+    ),
+    (
+        "seqlens-shape",
+        lambda rng: _bad(rng, cache_seqlens=np.array([1, 2, 3], np.int32)),
+        ValueError,
+        r"cache_seqlens must have shape \(B,\) = \(2,\), got \(3,\)",
+    ),
+    (
+        "seqlens-float",
+        lambda rng: _bad(rng, cache_seqlens=np.array([1.0, 2.0])),
+        TypeError,
+        r"cache_seqlens must hold integers",
+    ),
+    (
+        "page-out-of-range",
+        lambda rng: _paged_bad(rng, [[0, 1, 2, 3, -1, -1], [4, 5, 99, 7, -1, -1]]),
+        ValueError,
+        r"page_table\[1, 2\] = 99 is not a page of the cache \(0\.\.10\); sequence 1 uses its first 3 pages",
+    ),
+    (
+        "page-negative",
+        lambda rng: _paged_bad(rng, [[-1, 1, 2, 3, 0, 0], [4, 5, 6, 7, 0, 0]]),
+        ValueError,
+        r"page_table\[0, 0\] = -1 is not a page",
+    ),
+    (
+        "shared-write-slot",
+        lambda rng: _paged_bad(rng, [[0, 1, 2, 3, 0, 0], [4, 5, 0, 7, 0, 0]], (1, 9)),
+        ValueError,
+        r"sequences \[0, 1\] would write the same cache slot \(page 0, offset 1\)",
+    ),
+    (
+        "page-table-shape",
+        lambda rng: _paged_bad(rng, [[0, 1, 2, 3]]),
+        ValueError,
+        r"page_table must have shape \(B, max_pages\) = \(2, \.\.\.\), got \(1, 4\)",
+    ),
     ("key-without-value", lambda rng: _bad(rng, value=None), ValueError, r"pass key and value together"),
-    ("key-shape", lambda rng: _bad(rng, key=np.zeros((2, 4, 2, 16), np.float32)), ValueError,
-     r"key must have shape \(B, Hkv, L_new, D\) = \(2, 2, L_new, 16\), got \(2, 4, 2, 16\)"),
-    ("key-dtype", lambda rng: _bad(rng, key=np.zeros((2, 2, 2, 16), np.int64)), TypeError,
-     r"key must have a floating dtype \(it is converted to the cache's float32\), got int64"),
-    ("heads-not-dividing", lambda rng: _bad(rng, query=np.zeros((2, 3, 2, 16), np.float32)), ValueError,
-     r"must divide the query's .* got 3 query heads and 2 cache heads"),
-    ("head-size", lambda rng: _bad(rng, query=np.zeros((2, 4, 2, 8), np.float32)), ValueError,
-     r"query and k_cache must have the same head size D"),
-    ("cache-dtype", lambda rng: _bad(rng, k_cache=np.zeros((2, 2, 16, 16)), v_cache=np.zeros((2, 2, 16, 8))),
-     TypeError, r"the caches must be float16, bfloat16 or the compute dtype float32"),
-    ("int-query", lambda rng: _bad(rng, query=np.zeros((2, 4, 2, 16), np.int32)), TypeError,
-     r"query must have a floating dtype"),
-    ("non-contiguous-cache", lambda rng: _bad(rng, k_cache=np.zeros((2, 2, 16, 32), np.float32)[..., ::2]),
-     ValueError, r"k_cache must be C-contiguous \(it is written and read in place"),
-    ("shared-caches", lambda rng: (lambda c: _bad(rng, k_cache=c, v_cache=c))(
-        np.zeros((2, 2, 16, 16), np.float32)), ValueError, r"k_cache and v_cache must not share memory"),
-    ("read-only-cache", lambda rng: (lambda c: (c.setflags(write=False), _bad(rng, k_cache=c))[1])(
-        np.zeros((2, 2, 16, 16), np.float32)), ValueError, r"k_cache is read-only"),
-    ("contiguous-batch", lambda rng: _bad(rng, k_cache=np.zeros((3, 2, 16, 16), np.float32),
-                                          v_cache=np.zeros((3, 2, 16, 8), np.float32)), ValueError,
-     r"a contiguous k_cache must have the query's batch size 2 first"),
+    (
+        "key-shape",
+        lambda rng: _bad(rng, key=np.zeros((2, 4, 2, 16), np.float32)),
+        ValueError,
+        r"key must have shape \(B, Hkv, L_new, D\) = \(2, 2, L_new, 16\), got \(2, 4, 2, 16\)",
+    ),
+    (
+        "key-dtype",
+        lambda rng: _bad(rng, key=np.zeros((2, 2, 2, 16), np.int64)),
+        TypeError,
+        r"key must have a floating dtype \(it is converted to the cache's float32\), got int64",
+    ),
+    (
+        "heads-not-dividing",
+        lambda rng: _bad(rng, query=np.zeros((2, 3, 2, 16), np.float32)),
+        ValueError,
+        r"must divide the query's .* got 3 query heads and 2 cache heads",
+    ),
+    (
+        "head-size",
+        lambda rng: _bad(rng, query=np.zeros((2, 4, 2, 8), np.float32)),
+        ValueError,
+        r"query and k_cache must have the same head size D",
+    ),
+    (
+        "cache-dtype",
+        lambda rng: _bad(rng, k_cache=np.zeros((2, 2, 16, 16)), v_cache=np.zeros((2, 2, 16, 8))),
+        TypeError,
+        r"the caches must be float16, bfloat16 or the compute dtype float32",
+    ),
+    (
+        "int-query",
+        lambda rng: _bad(rng, query=np.zeros((2, 4, 2, 16), np.int32)),
+        TypeError,
+        r"query must have a floating dtype",
+    ),
+    (
+        "non-contiguous-cache",
+        lambda rng: _bad(rng, k_cache=np.zeros((2, 2, 16, 32), np.float32)[..., ::2]),
+        ValueError,
+        r"k_cache must be C-contiguous \(it is written and read in place",
+    ),
+    (
+        "shared-caches",
+        lambda rng: (lambda c: _bad(rng, k_cache=c, v_cache=c))(np.zeros((2, 2, 16, 16), np.float32)),
+        ValueError,
+        r"k_cache and v_cache must not share memory",
+    ),
+    (
+        "read-only-cache",
+        lambda rng: (lambda c: (c.setflags(write=False), _bad(rng, k_cache=c))[1])(
+            np.zeros((2, 2, 16, 16), np.float32)
+        ),
+        ValueError,
+        r"k_cache is read-only",
+    ),
+    (
+        "contiguous-batch",
+        lambda rng: _bad(
+            rng, k_cache=np.zeros((3, 2, 16, 16), np.float32), v_cache=np.zeros((3, 2, 16, 8), np.float32)
+        ),
+        ValueError,
+        r"a contiguous k_cache must have the query's batch size 2 first",
+    ),
     ("window", lambda rng: _bad(rng, window=(3,)), TypeError, r"window must be None or a pair"),
     ("window-value", lambda rng: _bad(rng, window=(-2, 0)), ValueError, r"window left must be an int >= 0"),
     ("num-splits", lambda rng: _bad(rng, num_splits=0), ValueError, r"num_splits must be >= 1, got 0"),
-    ("rank", lambda rng: _bad(rng, query=np.zeros((4, 2, 16), np.float32)), ValueError,
-     r"query must have 4 dimensions, got shape \(4, 2, 16\)"),
+    (
+        "rank",
+        lambda rng: _bad(rng, query=np.zeros((4, 2, 16), np.float32)),
+        ValueError,
+        r"query must have 4 dimensions, got shape \(4, 2, 16\)",
+    ),
 ]
 
 

@@ -1,6 +1,7 @@
 """Choosing a backend: ``auto`` takes the highest-priority backend that accepts the inputs, an
 explicit backend that refuses raises ``NotSupportedError`` with its reasons, and ``auto`` with no
 taker raises it with every backend's reasons."""
+
 import numpy as np
 import pytest
 
@@ -23,7 +24,7 @@ def test_auto_takes_the_highest_priority_backend_that_accepts():
         takers = [b for b in backends.values() if not b.not_supported_reasons(problem)]
         chosen = select_backend("auto", problem)
         assert chosen is max(takers, key=lambda b: b.priority), problem.dtype
-    assert select_backend("auto", _problem(np.float32)).name == "cpu"      # cpu before reference
+    assert select_backend("auto", _problem(np.float32)).name == "cpu"  # cpu before reference
     assert select_backend("auto", _problem(E=0)).name == "reference"  # cpu refuses E = 0
 
 
@@ -55,8 +56,11 @@ def test_auto_with_no_taker_lists_every_backends_reasons(monkeypatch):
     try:
         for name in engine.list_backends():
             if name != "nobody":
-                monkeypatch.setattr(type(engine.get_backend(name)), "not_supported_reasons",
-                                    lambda self, problem, n=name: [f"{n} says no"])
+                monkeypatch.setattr(
+                    type(engine.get_backend(name)),
+                    "not_supported_reasons",
+                    lambda self, problem, n=name: [f"{n} says no"],
+                )
         problem = _problem()
         with pytest.raises(engine.NotSupportedError) as exc:
             select_backend("auto", problem)

@@ -1,6 +1,7 @@
 """engine.distributed.scaled_dot_product_attention on a real LocalCluster of worker processes:
 every case against one single-process call, the graph's structure (skipped pairs, boundary-only
 masks, a merge tree fixed at build time), and bad chunking refused before any task runs."""
+
 import os
 import subprocess
 import sys
@@ -55,23 +56,76 @@ def _pair_info(task):
 # -- results --------------------------------------------------------------------------------------
 CASES = {
     # name: (shapes q, k, v; chunks q, k, v; dtype; kwargs)
-    "uneven chunks everywhere": ((2, 3, 50, 8), (2, 3, 40, 8), (2, 3, 40, 6),
-                                 ((1, 1), (2, 1), (17, 20, 13), 8), ((1, 1), (2, 1), (10, 7, 23), 8),
-                                 ((1, 1), (2, 1), (10, 7, 23), 6), np.float32, {}),
-    "causal, uneven, L > S": ((1, 2, 45, 16), (1, 2, 30, 16), (1, 2, 30, 16),
-                              (1, 1, (9, 14, 22), 16), (1, 1, (11, 19), 16), (1, 1, (11, 19), 16),
-                              np.float64, {"is_causal": True}),
-    "causal, equal chunks": ((1, 2, 64, 8), (1, 2, 64, 8), (1, 2, 64, 8),
-                             (1, 2, 16, 8), (1, 2, 16, 8), (1, 2, 16, 8), np.float32, {"is_causal": True}),
-    "GQA, heads chunked": ((2, 6, 24, 8), (2, 3, 30, 8), (2, 3, 30, 8),
-                           (1, (4, 2), 12, 8), (1, (2, 1), 10, 8), (1, (2, 1), 10, 8), np.float64,
-                           {"enable_gqa": True}),
-    "batch broadcast (key batch 1)": ((3, 2, 20, 8), (1, 2, 25, 8), (1, 2, 25, 8),
-                                      (2, 1, 7, 8), (1, 1, 9, 8), (1, 1, 9, 8), np.float32, {}),
-    "query heads broadcast (Hq = 1)": ((2, 1, 20, 8), (2, 4, 25, 8), (2, 4, 25, 8),
-                                       (1, 1, 7, 8), (1, 3, 9, 8), (1, 3, 9, 8), np.float64, {}),
-    "scale given": ((1, 2, 20, 8), (1, 2, 20, 8), (1, 2, 20, 8),
-                    (1, 1, 6, 8), (1, 1, 6, 8), (1, 1, 6, 8), np.float32, {"scale": 0.3}),
+    "uneven chunks everywhere": (
+        (2, 3, 50, 8),
+        (2, 3, 40, 8),
+        (2, 3, 40, 6),
+        ((1, 1), (2, 1), (17, 20, 13), 8),
+        ((1, 1), (2, 1), (10, 7, 23), 8),
+        ((1, 1), (2, 1), (10, 7, 23), 6),
+        np.float32,
+        {},
+    ),
+    "causal, uneven, L > S": (
+        (1, 2, 45, 16),
+        (1, 2, 30, 16),
+        (1, 2, 30, 16),
+        (1, 1, (9, 14, 22), 16),
+        (1, 1, (11, 19), 16),
+        (1, 1, (11, 19), 16),
+        np.float64,
+        {"is_causal": True},
+    ),
+    "causal, equal chunks": (
+        (1, 2, 64, 8),
+        (1, 2, 64, 8),
+        (1, 2, 64, 8),
+        (1, 2, 16, 8),
+        (1, 2, 16, 8),
+        (1, 2, 16, 8),
+        np.float32,
+        {"is_causal": True},
+    ),
+    "GQA, heads chunked": (
+        (2, 6, 24, 8),
+        (2, 3, 30, 8),
+        (2, 3, 30, 8),
+        (1, (4, 2), 12, 8),
+        (1, (2, 1), 10, 8),
+        (1, (2, 1), 10, 8),
+        np.float64,
+        {"enable_gqa": True},
+    ),
+    "batch broadcast (key batch 1)": (
+        (3, 2, 20, 8),
+        (1, 2, 25, 8),
+        (1, 2, 25, 8),
+        (2, 1, 7, 8),
+        (1, 1, 9, 8),
+        (1, 1, 9, 8),
+        np.float32,
+        {},
+    ),
+    "query heads broadcast (Hq = 1)": (
+        (2, 1, 20, 8),
+        (2, 4, 25, 8),
+        (2, 4, 25, 8),
+        (1, 1, 7, 8),
+        (1, 3, 9, 8),
+        (1, 3, 9, 8),
+        np.float64,
+        {},
+    ),
+    "scale given": (
+        (1, 2, 20, 8),
+        (1, 2, 20, 8),
+        (1, 2, 20, 8),
+        (1, 1, 6, 8),
+        (1, 1, 6, 8),
+        (1, 1, 6, 8),
+        np.float32,
+        {"scale": 0.3},
+    ),
 }
 
 
@@ -80,8 +134,9 @@ def test_matches_one_cpu_call(dask_client, case):
     qs, ks, vs, qc, kc, vc, dtype, kw = CASES[case]
     rng = np.random.default_rng(sorted(CASES).index(case))
     q, k, v = _randn(rng, qs, dtype), _randn(rng, ks, dtype), _randn(rng, vs, dtype)
-    got = ed.scaled_dot_product_attention(da.from_array(q, chunks=qc), da.from_array(k, chunks=kc),
-                                          da.from_array(v, chunks=vc), return_lse=True, **kw)
+    got = ed.scaled_dot_product_attention(
+        da.from_array(q, chunks=qc), da.from_array(k, chunks=kc), da.from_array(v, chunks=vc), return_lse=True, **kw
+    )
     assert all(isinstance(x, da.Array) for x in got)
     expected = engine.scaled_dot_product_attention(q, k, v, backend="cpu", return_lse=True, **kw)
     _check(dask_client, got, expected, dtype)
@@ -101,10 +156,10 @@ def test_masks_dask_chunked_like_the_scores_or_numpy(dask_client, kind):
     qd, kd, vd = (da.from_array(x, chunks=(1, 1, 8, 8)) for x in (q, k, v))
     # a dask mask chunked like the scores, the same as NumPy (chunked here), and an (L, S) one
     for m in (da.from_array(mask, chunks=(1, 1, 8, 8)), mask, mask[0, 0]):
-        expected = engine.scaled_dot_product_attention(q, k, v, attn_mask=np.asarray(m), backend="cpu",
-                                                       return_lse=True)
-        _check(dask_client, ed.scaled_dot_product_attention(qd, kd, vd, attn_mask=m, return_lse=True),
-               expected, np.float32)
+        expected = engine.scaled_dot_product_attention(q, k, v, attn_mask=np.asarray(m), backend="cpu", return_lse=True)
+        _check(
+            dask_client, ed.scaled_dot_product_attention(qd, kd, vd, attn_mask=m, return_lse=True), expected, np.float32
+        )
 
 
 def test_mods_see_global_indices(dask_client):
@@ -130,14 +185,20 @@ def test_numpy_inputs_chunked_by_default_and_two_d(dask_client):
     out = ed.scaled_dot_product_attention(q, k, v, is_causal=True)
     # rows in chunks of 2048; a chunk already holds 2048 rows, so one head per chunk
     assert out.chunks == ((1,), (1, 1), (2048, 2048, 4), (8,)) == ed.default_chunks((1,), 2, 4100) + ((8,),)
-    np.testing.assert_allclose(out.compute(), engine.scaled_dot_product_attention(
-        q, k, v, is_causal=True, backend="cpu"), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        out.compute(), engine.scaled_dot_product_attention(q, k, v, is_causal=True, backend="cpu"), rtol=0, atol=1e-5
+    )
     q2, k2, v2 = q[0, 0, :300], k[0, 0, :200], v[0, 0, :200]
-    got = ed.scaled_dot_product_attention(da.from_array(q2, chunks=(64, 8)), da.from_array(k2, chunks=(50, 8)),
-                                          da.from_array(v2, chunks=(50, 8)), return_lse=True)
+    got = ed.scaled_dot_product_attention(
+        da.from_array(q2, chunks=(64, 8)),
+        da.from_array(k2, chunks=(50, 8)),
+        da.from_array(v2, chunks=(50, 8)),
+        return_lse=True,
+    )
     assert got[0].shape == (300, 8) and got[1].shape == (300,)
-    _check(dask_client, got, engine.scaled_dot_product_attention(q2, k2, v2, backend="cpu", return_lse=True),
-           np.float32)
+    _check(
+        dask_client, got, engine.scaled_dot_product_attention(q2, k2, v2, backend="cpu", return_lse=True), np.float32
+    )
 
 
 def test_default_chunks_group_heads_and_batch():
@@ -180,6 +241,7 @@ def test_uneven_causal_boundary_pairs_get_an_offset_mask():
 
 def test_mask_mod_block_map_leaves_out_empty_pairs():
     """A window |i - j| <= 3 over 8 chunks of 8 keys: only pairs within one chunk of the diagonal."""
+
     def band(b, h, q_idx, kv_idx):
         return abs(q_idx - kv_idx) <= 3
 
@@ -194,8 +256,9 @@ def test_block_map_folds_uneven_chunks_per_batch_and_head():
     def only_head_one_first_rows(b, h, q_idx, kv_idx):
         return h == 1 and q_idx < 5 and b == 1
 
-    kinds = visibility.mask_mod_kinds(engine.mods.as_jit(only_head_one_first_rows, "m"), (), (2,), 4, 12, 9,
-                                      ((1, 1),), (2, 2), (3, 4, 5), (6, 3))
+    kinds = visibility.mask_mod_kinds(
+        engine.mods.as_jit(only_head_one_first_rows, "m"), (), (2,), 4, 12, 9, ((1, 1),), (2, 2), (3, 4, 5), (6, 3)
+    )
     expected = np.zeros((2, 2, 3, 2), np.int8)
     expected[1, 0, 0, :] = visibility.PARTIAL  # heads 0-1: head 1 rows 0-2 all visible, head 0 none
     expected[1, 0, 1, :] = visibility.PARTIAL  # rows 3-6: rows 3, 4 visible
@@ -222,8 +285,9 @@ def test_merge_tree_is_fixed_at_build_time():
 
 def test_parameters_go_to_the_graph_once():
     q = da.zeros((1, 2, 32, 4), chunks=(1, 1, 8, 4))
-    graph = dict(ed.scaled_dot_product_attention(q, q, q, score_mod=_alibi_like,
-                                                 mod_args=(np.ones(2),)).__dask_graph__())
+    graph = dict(
+        ed.scaled_dot_product_attention(q, q, q, score_mod=_alibi_like, mod_args=(np.ones(2),)).__dask_graph__()
+    )
     specs = [k for k, t in graph.items() if isinstance(t, tasks.AttentionSpec)]
     assert len(specs) == 1
     pairs = [t for k, t in graph.items() if str(k[0]).startswith("attention-pair-")]
@@ -242,26 +306,54 @@ def _lazy(shape, chunks):
 
 BAD = {
     "key and value chunked differently along S": (
-        ((1, 2, 16, 8), (1, 2, 8, 8)), ((1, 2, 16, 8), (1, 2, 8, 8)), ((1, 2, 16, 8), (1, 2, 4, 8)), {},
-        "key and value must be chunked alike along S"),
+        ((1, 2, 16, 8), (1, 2, 8, 8)),
+        ((1, 2, 16, 8), (1, 2, 8, 8)),
+        ((1, 2, 16, 8), (1, 2, 4, 8)),
+        {},
+        "key and value must be chunked alike along S",
+    ),
     "query's head dim split": (
-        ((1, 2, 16, 8), (1, 2, 8, 4)), ((1, 2, 16, 8), (1, 2, 8, 8)), ((1, 2, 16, 8), (1, 2, 8, 8)), {},
-        r"query's feature axis \(E = 8\) is split"),
+        ((1, 2, 16, 8), (1, 2, 8, 4)),
+        ((1, 2, 16, 8), (1, 2, 8, 8)),
+        ((1, 2, 16, 8), (1, 2, 8, 8)),
+        {},
+        r"query's feature axis \(E = 8\) is split",
+    ),
     "value's head dim split": (
-        ((1, 2, 16, 8), (1, 2, 8, 8)), ((1, 2, 16, 8), (1, 2, 8, 8)), ((1, 2, 16, 6), (1, 2, 8, 3)), {},
-        r"value's feature axis \(Ev = 6\) is split"),
+        ((1, 2, 16, 8), (1, 2, 8, 8)),
+        ((1, 2, 16, 8), (1, 2, 8, 8)),
+        ((1, 2, 16, 6), (1, 2, 8, 3)),
+        {},
+        r"value's feature axis \(Ev = 6\) is split",
+    ),
     "GQA heads split differently": (
-        ((1, 4, 16, 8), (1, (2, 2), 8, 8)), ((1, 2, 16, 8), (1, 2, 8, 8)), ((1, 2, 16, 8), (1, 2, 8, 8)),
-        {"enable_gqa": True}, r"query's head chunks must be 2 times the key's"),
+        ((1, 4, 16, 8), (1, (2, 2), 8, 8)),
+        ((1, 2, 16, 8), (1, 2, 8, 8)),
+        ((1, 2, 16, 8), (1, 2, 8, 8)),
+        {"enable_gqa": True},
+        r"query's head chunks must be 2 times the key's",
+    ),
     "GQA query heads splitting a group": (
-        ((1, 4, 16, 8), (1, (1, 3), 8, 8)), ((1, 2, 16, 8), (1, 2, 8, 8)), ((1, 2, 16, 8), (1, 2, 8, 8)),
-        {"enable_gqa": True}, "must be multiples of 2"),
+        ((1, 4, 16, 8), (1, (1, 3), 8, 8)),
+        ((1, 2, 16, 8), (1, 2, 8, 8)),
+        ((1, 2, 16, 8), (1, 2, 8, 8)),
+        {"enable_gqa": True},
+        "must be multiples of 2",
+    ),
     "query and key chunked differently along heads": (
-        ((1, 2, 16, 8), (1, 1, 8, 8)), ((1, 2, 16, 8), (1, 2, 8, 8)), ((1, 2, 16, 8), (1, 2, 8, 8)), {},
-        "chunked differently along the head axis"),
+        ((1, 2, 16, 8), (1, 1, 8, 8)),
+        ((1, 2, 16, 8), (1, 2, 8, 8)),
+        ((1, 2, 16, 8), (1, 2, 8, 8)),
+        {},
+        "chunked differently along the head axis",
+    ),
     "batch chunked differently": (
-        ((2, 2, 16, 8), (1, 2, 8, 8)), ((2, 2, 16, 8), (2, 2, 8, 8)), ((2, 2, 16, 8), (2, 2, 8, 8)), {},
-        "chunked differently along batch axis 0"),
+        ((2, 2, 16, 8), (1, 2, 8, 8)),
+        ((2, 2, 16, 8), (2, 2, 8, 8)),
+        ((2, 2, 16, 8), (2, 2, 8, 8)),
+        {},
+        "chunked differently along batch axis 0",
+    ),
 }
 
 
@@ -321,8 +413,9 @@ def _threads_in_a_task():
 
     with task_threads():
         numba_threads = engine.get_num_threads()
-    blas = {lib["internal_api"]: lib["num_threads"] for lib in threadpoolctl.threadpool_info()
-            if lib["user_api"] == "blas"}
+    blas = {
+        lib["internal_api"]: lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"
+    }
     return numba_threads, blas
 
 
@@ -330,14 +423,17 @@ def test_worker_processes_run_one_numba_and_one_blas_thread_per_task(dask_client
     workers = list(dask_client.scheduler_info()["workers"])
     assert len(workers) == 2
     for numba_threads, blas in dask_client.gather(
-            [dask_client.submit(_threads_in_a_task, pure=False, workers=[w]) for w in workers]):
+        [dask_client.submit(_threads_in_a_task, pure=False, workers=[w]) for w in workers]
+    ):
         assert numba_threads == 1
         assert blas and set(blas.values()) == {1}
 
 
 def test_import_engine_does_not_import_dask():
-    code = ("import sys, engine, numpy as np; q = np.ones((1, 1, 4, 4), np.float32); "
-            "engine.scaled_dot_product_attention(q, q, q, backend='reference'); "
-            "print(sorted(m for m in ('dask', 'distributed', 'zarr') if m in sys.modules))")
+    code = (
+        "import sys, engine, numpy as np; q = np.ones((1, 1, 4, 4), np.float32); "
+        "engine.scaled_dot_product_attention(q, q, q, backend='reference'); "
+        "print(sorted(m for m in ('dask', 'distributed', 'zarr') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True)
     assert out.stdout.strip() == "[]"

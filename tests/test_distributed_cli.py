@@ -1,5 +1,6 @@
 """``attention-engine distributed`` with no cluster given: starts a LocalCluster of worker
 processes, runs the problem, prints time, tasks, bytes moved, dashboard and the cpu comparison."""
+
 import json
 import subprocess
 import sys
@@ -13,11 +14,37 @@ pytestmark = pytest.mark.xdist_group("dask")
 
 def test_cli_starts_a_local_cluster_and_compares_with_cpu(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "distributed", "--length", "96", "--heads", "2", "--head-dim", "8",
-         "--chunk", "32", "--causal", "--json", str(tmp_path / "r.json")],
-        capture_output=True, text=True, timeout=1800, check=True).stdout
-    for label in ("cluster", "LocalCluster (worker processes): 2 workers, 2 threads; dashboard http",
-                  "distributed ", "bytes moved", "cpu backend", "ratio", "max |difference|"):
+        [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "distributed",
+            "--length",
+            "96",
+            "--heads",
+            "2",
+            "--head-dim",
+            "8",
+            "--chunk",
+            "32",
+            "--causal",
+            "--json",
+            str(tmp_path / "r.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=True,
+    ).stdout
+    for label in (
+        "cluster",
+        "LocalCluster (worker processes): 2 workers, 2 threads; dashboard http",
+        "distributed ",
+        "bytes moved",
+        "cpu backend",
+        "ratio",
+        "max |difference|",
+    ):
         assert label in out, out
     record = json.loads((tmp_path / "r.json").read_text())
     assert record["workers"] == 2 and record["tasks"]["pairs"] == 2 * (1 + 2 + 3)  # causal: 3 chunks

@@ -1,5 +1,6 @@
 """A worker process killed in the middle of a distributed attention costs a recomputation only:
 the result is the same, bit for bit (deterministic tasks, a merge tree fixed at build time)."""
+
 import os
 import signal
 import time
@@ -32,8 +33,10 @@ def _gate(block, path, last, block_info=None):
 
 def _held(prefix, dask_scheduler=None):
     """Per worker: the keys whose name starts with ``prefix`` that it holds in memory."""
-    return {ws.address: [ts.key for ts in ws.has_what if str(ts.key[0]).startswith(prefix)]
-            for ws in dask_scheduler.workers.values()}
+    return {
+        ws.address: [ts.key for ts in ws.has_what if str(ts.key[0]).startswith(prefix)]
+        for ws in dask_scheduler.workers.values()
+    }
 
 
 def _times_in_memory(keys, dask_scheduler=None):
@@ -55,8 +58,9 @@ def test_killed_worker_gives_the_same_bits(dask_client, tmp_path):
 
     # the result without a fault, on the same cluster
     want_out, want_lse = client.compute(list(ed.scaled_dot_product_attention(qd, kd, vd, **kw)), sync=True)
-    np.testing.assert_allclose(want_out, engine.scaled_dot_product_attention(
-        q, k, v, is_causal=True, backend="cpu"), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        want_out, engine.scaled_dot_product_attention(q, k, v, is_causal=True, backend="cpu"), rtol=0, atol=1e-5
+    )
 
     # the same problem again (new keys: the query passes through a gate), and a worker killed
     gate = tmp_path / "gate"

@@ -1,6 +1,8 @@
 """Data larger than a worker's memory: Q, K, V and the output in Zarr, together twice each
-worker's ``memory_limit`` (4x in ``bench/distributed_vs_cpu.py``), from Zarr to Zarr, with no worker above its limit. The peak is each
+worker's ``memory_limit`` (4x in ``bench/distributed_vs_cpu.py``), from Zarr to Zarr, with no worker above its limit.
+The peak is each
 worker's own: the kernel's resident-set high-water mark (VmHWM), reset just before the run."""
+
 import logging
 import os
 
@@ -41,8 +43,17 @@ def _peak_bytes():
 def small_memory_client():
     from dask.distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit=MEMORY_LIMIT,
-                      dashboard_address=":0", silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            memory_limit=MEMORY_LIMIT,
+            dashboard_address=":0",
+            silence_logs=logging.ERROR,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         yield client
 
 
@@ -72,5 +83,9 @@ def test_zarr_to_zarr_larger_than_a_workers_memory(small_memory_client, tmp_path
     written = da.from_zarr(paths["out"])
     for b in (0, 517, SHAPE[0] - 1):
         qb, kb, vb = (np.asarray(x[b]) for x in (q, k, v))
-        np.testing.assert_allclose(np.asarray(written[b]), engine.scaled_dot_product_attention(
-            qb, kb, vb, is_causal=True, backend="cpu"), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(written[b]),
+            engine.scaled_dot_product_attention(qb, kb, vb, is_causal=True, backend="cpu"),
+            rtol=0,
+            atol=1e-5,
+        )

@@ -1,5 +1,6 @@
 """engine.distributed.apply_variant: every registered variant over a dask array of sequences,
 on worker processes, equal to one call; parameters shipped to each worker once."""
+
 import numpy as np
 import pytest
 
@@ -24,8 +25,12 @@ def test_every_variant_over_chunks_of_sequences(dask_client, name):
     inputs = dict(variant.example_inputs(7, 12, key_length=10, rng=3), backend="reference")
     query = inputs.pop("query")
     expected, _ = variant(query, **inputs)
-    lazy = {n: da.from_array(x, chunks=(3,) + x.shape[1:]) if isinstance(x, np.ndarray) and x.ndim >= 2
-            and x.shape[0] == 7 and n != "attn_mask" else x for n, x in inputs.items()}
+    lazy = {
+        n: da.from_array(x, chunks=(3,) + x.shape[1:])
+        if isinstance(x, np.ndarray) and x.ndim >= 2 and x.shape[0] == 7 and n != "attn_mask"
+        else x
+        for n, x in inputs.items()
+    }
     out = ed.apply_variant(variant, da.from_array(query, chunks=(3, 12, query.shape[2])), **lazy)
     assert isinstance(out, da.Array) and out.chunks[0] == (3, 3, 1)
     got = dask_client.compute(out, sync=True)
@@ -37,8 +42,7 @@ def test_numpy_input_chunked_along_n_and_batch_first_false(dask_client):
     x = np.random.default_rng(0).standard_normal((300, 20, 8)).astype(np.float32)  # (L, N, E)
     out = ed.apply_variant(variant, x, is_causal=True)
     assert out.chunks == ((300,), (6, 6, 6, 2), (8,))  # 2048 // 300 = 6 sequences per chunk
-    np.testing.assert_allclose(dask_client.compute(out, sync=True), variant(x, is_causal=True)[0],
-                               rtol=0, atol=1e-5)
+    np.testing.assert_allclose(dask_client.compute(out, sync=True), variant(x, is_causal=True)[0], rtol=0, atol=1e-5)
 
 
 from variants.multi_head import MultiHeadAttention  # noqa: E402

@@ -1,5 +1,6 @@
 """docs/training.md's Python examples run as written (in order, in one namespace, in a child
 process), as the README's do."""
+
 import os
 import re
 import subprocess

@@ -1,6 +1,7 @@
 """Attention dropout: the Philox stream against its published known answers, the same dropped
 weights on every backend, tile size and thread count, its statistics, and the backward using the
 forward's mask (regenerated from the seed)."""
+
 import math
 
 import numpy as np
@@ -9,19 +10,32 @@ import torch
 
 import engine
 import engine.backends.cpu as cpu_backend
-from conftest import randn
-from engine.kernels.philox import (dropout_threshold, keep_mask_numpy, keep_scale, philox4x32,
-                                   philox4x32_numpy, split_seed)
+from engine.kernels.philox import (
+    dropout_threshold,
+    keep_mask_numpy,
+    keep_scale,
+    philox4x32,
+    philox4x32_numpy,
+    split_seed,
+)
 
-DROPOUT_BACKENDS = [n for n in engine.list_backends()
-                    if engine.get_backend(n).supports_dropout and engine.get_backend(n).unavailable_reason() is None]
+from conftest import randn
+
+DROPOUT_BACKENDS = [
+    n
+    for n in engine.list_backends()
+    if engine.get_backend(n).supports_dropout and engine.get_backend(n).unavailable_reason() is None
+]
 
 # Random123's kat_vectors for philox4x32 (10 rounds): counter, key, result
 KAT = [
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
     ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
 ]
 
 
@@ -35,13 +49,13 @@ def test_philox_known_answers(counter, key, expected):
 
 def test_keep_scale_tiles_agree_with_the_dense_mask_whatever_the_tile():
     """Any tile (unaligned to the generator's groups of 4 keys) reads the same decisions."""
-    seed, p, B, H, L, S = 2 ** 40 + 12345, 0.3, 2, 3, 9, 23
+    seed, p, B, H, L, S = 2**40 + 12345, 0.3, 2, 3, 9, 23
     dense = keep_mask_numpy(seed, p, B, H, L, S)
     lo, hi = split_seed(seed)
     for b, h, i0, nq, j0, nk in [(1, 2, 0, 9, 0, 23), (0, 1, 3, 4, 5, 7), (1, 0, 8, 1, 22, 1), (0, 0, 2, 5, 1, 3)]:
         zt = np.full((nk + 2, nq + 1), 7.0)
         keep_scale(lo, hi, b, h, i0, nq, j0, nk, np.uint64(dropout_threshold(p)), 2.0, zt)
-        np.testing.assert_array_equal(zt[:nk, :nq].T, np.where(dense[b, h, i0:i0 + nq, j0:j0 + nk], 2.0, 0.0))
+        np.testing.assert_array_equal(zt[:nk, :nq].T, np.where(dense[b, h, i0 : i0 + nq, j0 : j0 + nk], 2.0, 0.0))
         assert (zt[nk:] == 7.0).all() and (zt[:, nq:] == 7.0).all()  # nothing outside the tile
 
 
@@ -80,18 +94,21 @@ def _explicit_dropout(q, k, v, seed, p, **kw):
 def test_dropout_forward_and_backward_against_the_explicit_mask(backend, causal, rng):
     q, k, v = _qkv(rng)
     p, seed = 0.25, 31337
-    out, lse = engine.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=p, dropout_seed=seed,
-                                                   backend=backend, return_lse=True)
+    out, lse = engine.scaled_dot_product_attention(
+        q, k, v, is_causal=causal, dropout_p=p, dropout_seed=seed, backend=backend, return_lse=True
+    )
     ref, leaves = _explicit_dropout(q, k, v, seed, p, is_causal=causal)
     np.testing.assert_allclose(out, ref.detach().numpy(), atol=1e-12, rtol=0)
     # lse is that of the weights before dropout
-    plain_out, plain_lse = engine.scaled_dot_product_attention(q, k, v, is_causal=causal, backend="reference",
-                                                               return_lse=True)
+    plain_out, plain_lse = engine.scaled_dot_product_attention(
+        q, k, v, is_causal=causal, backend="reference", return_lse=True
+    )
     np.testing.assert_allclose(lse, plain_lse, atol=1e-12, rtol=0)
     do = randn(rng, out.shape, np.float64)
     ref.backward(torch.from_numpy(do))
-    grads = engine.scaled_dot_product_attention_backward(do, q, k, v, out, lse, is_causal=causal, dropout_p=p,
-                                                        dropout_seed=seed, backend=backend)
+    grads = engine.scaled_dot_product_attention_backward(
+        do, q, k, v, out, lse, is_causal=causal, dropout_p=p, dropout_seed=seed, backend=backend
+    )
     for g, t in zip(grads, leaves):
         np.testing.assert_allclose(g, t.grad.numpy(), atol=1e-10, rtol=0)
 
@@ -102,10 +119,11 @@ def test_cpu_dropout_is_the_same_for_every_tile_size_and_thread_count(rng, monke
     out, lse = engine.scaled_dot_product_attention(q, k, v, return_lse=True, **kw)
     do = randn(rng, out.shape, np.float32)
     ref = engine.scaled_dot_product_attention(q, k, v, dropout_p=0.4, dropout_seed=5, backend="reference")
-    ref_grads = engine.scaled_dot_product_attention_backward(do, q, k, v, out, lse, dropout_p=0.4, dropout_seed=5,
-                                                             backend="reference")
-    monkeypatch.setattr(cpu_backend, "CPU_BIG_BLOCK_Q", 8)   # the forward's query tiles
-    monkeypatch.setattr(cpu_backend, "CPU_BLOCK_K", 24)      # key tiles, both passes
+    ref_grads = engine.scaled_dot_product_attention_backward(
+        do, q, k, v, out, lse, dropout_p=0.4, dropout_seed=5, backend="reference"
+    )
+    monkeypatch.setattr(cpu_backend, "CPU_BIG_BLOCK_Q", 8)  # the forward's query tiles
+    monkeypatch.setattr(cpu_backend, "CPU_BLOCK_K", 24)  # key tiles, both passes
     monkeypatch.setattr(cpu_backend, "CPU_BWD_BLOCK_Q", 16)  # the backward's query tiles
     for threads in (1, 2):
         engine.set_num_threads(min(threads, engine.get_num_threads()))
@@ -125,8 +143,9 @@ def test_dropout_is_unbiased(rng):
     """The mean of the dropped-out output over many seeds is the output without dropout."""
     q, k, v = _qkv(rng, B=1, H=1, L=4, S=16, E=4, Ev=4)
     plain = engine.scaled_dot_product_attention(q, k, v, backend="cpu")
-    outs = np.stack([engine.scaled_dot_product_attention(q, k, v, dropout_p=0.3, dropout_seed=s, backend="cpu")
-                     for s in range(400)])
+    outs = np.stack(
+        [engine.scaled_dot_product_attention(q, k, v, dropout_p=0.3, dropout_seed=s, backend="cpu") for s in range(400)]
+    )
     sem = outs.std(axis=0) / math.sqrt(len(outs))
     assert (np.abs(outs.mean(axis=0) - plain) <= 5 * sem + 1e-12).all()
 
@@ -142,11 +161,16 @@ def test_dropout_seed_defaults_and_validation(rng):
     out, lse = engine.scaled_dot_product_attention(q, k, v, dropout_p=0.5, dropout_seed=1, return_lse=True)
     with pytest.raises(ValueError, match="dropout_seed"):
         engine.scaled_dot_product_attention_backward(q, q, k, v, out, lse, dropout_p=0.5)
-    for bad, err in ((-0.1, ValueError), (1.5, ValueError), (float("nan"), ValueError), ("0.1", TypeError),
-                     (True, TypeError)):
+    for bad, err in (
+        (-0.1, ValueError),
+        (1.5, ValueError),
+        (float("nan"), ValueError),
+        ("0.1", TypeError),
+        (True, TypeError),
+    ):
         with pytest.raises(err, match="dropout_p"):
             engine.scaled_dot_product_attention(q, k, v, dropout_p=bad)
-    for bad, err in ((-1, ValueError), (2 ** 64, ValueError), (1.5, TypeError)):
+    for bad, err in ((-1, ValueError), (2**64, ValueError), (1.5, TypeError)):
         with pytest.raises(err, match="dropout_seed"):
             engine.scaled_dot_product_attention(q, k, v, dropout_p=0.1, dropout_seed=bad)
 
@@ -154,11 +178,13 @@ def test_dropout_seed_defaults_and_validation(rng):
 def test_dropout_p_one_drops_everything(rng):
     q, k, v = _qkv(rng, B=1, H=1, L=5, S=6)
     for backend in DROPOUT_BACKENDS:
-        out, lse = engine.scaled_dot_product_attention(q, k, v, dropout_p=1.0, dropout_seed=0, backend=backend,
-                                                       return_lse=True)
+        out, lse = engine.scaled_dot_product_attention(
+            q, k, v, dropout_p=1.0, dropout_seed=0, backend=backend, return_lse=True
+        )
         assert (out == 0).all() and np.isfinite(lse).all()
-        grads = engine.scaled_dot_product_attention_backward(np.ones_like(out), q, k, v, out, lse, dropout_p=1.0,
-                                                             dropout_seed=0, backend=backend)
+        grads = engine.scaled_dot_product_attention_backward(
+            np.ones_like(out), q, k, v, out, lse, dropout_p=1.0, dropout_seed=0, backend=backend
+        )
         assert all((g == 0).all() for g in grads)
 
 

@@ -1,5 +1,6 @@
 """``engine.torch``: the autograd Function (gradcheck in float64 for every mask kind, causal, GQA,
 E != Ev, L != S, fully masked rows, mods, dropout) and ``as_module`` for every registered variant."""
+
 import math
 import subprocess
 import sys
@@ -18,8 +19,11 @@ from variants.multi_head import MultiHeadAttention
 from variants.sliding_window import window_mask
 from variants.softcap import tanh_softcap
 
-BACKWARD_BACKENDS = [n for n in engine.list_backends()
-                     if engine.get_backend(n).supports_backward and engine.get_backend(n).unavailable_reason() is None]
+BACKWARD_BACKENDS = [
+    n
+    for n in engine.list_backends()
+    if engine.get_backend(n).supports_backward and engine.get_backend(n).unavailable_reason() is None
+]
 
 
 def _leaf(gen, *shape):
@@ -61,8 +65,19 @@ def _gradcheck_case(case):
     return inputs, kw
 
 
-GRADCHECK_CASES = ["plain", "bool_mask_dead_row", "float_mask_grad", "float_mask_dead_row", "causal",
-                   "causal_l_gt_s", "gqa", "e_ne_ev", "alibi", "softcap", "mask_mod"]
+GRADCHECK_CASES = [
+    "plain",
+    "bool_mask_dead_row",
+    "float_mask_grad",
+    "float_mask_dead_row",
+    "causal",
+    "causal_l_gt_s",
+    "gqa",
+    "e_ne_ev",
+    "alibi",
+    "softcap",
+    "mask_mod",
+]
 
 
 @pytest.mark.parametrize("backend", BACKWARD_BACKENDS)
@@ -71,8 +86,9 @@ def test_gradcheck_float64(case, backend):
     inputs, kw = _gradcheck_case(case)
 
     def f(q, k, v, m=None):
-        return et.scaled_dot_product_attention(q, k, v, **({"attn_mask": m} if m is not None else {}), **kw,
-                                               backend=backend)
+        return et.scaled_dot_product_attention(
+            q, k, v, **({"attn_mask": m} if m is not None else {}), **kw, backend=backend
+        )
 
     assert gradcheck(f, tuple(inputs), eps=1e-6, atol=1e-7, rtol=1e-5)
 
@@ -97,7 +113,7 @@ def test_dropout_seed_comes_from_torch_and_reaches_the_backward():
     again = et.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
     assert torch.equal(out, again)
     torch.manual_seed(5)
-    seed = int(torch.randint(0, 2 ** 63 - 1, (), dtype=torch.int64).item())  # what the call drew
+    seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64).item())  # what the call drew
     keep = torch.from_numpy(keep_mask_numpy(seed, 0.5, 2, 2, 6, 6))
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
     ref = (torch.softmax(leaves[0] @ leaves[1].transpose(-1, -2) / 2, -1) * keep * 2) @ leaves[2]
@@ -136,27 +152,33 @@ def test_refusals():
     with pytest.raises(ValueError, match="either attn_mask or is_causal"):
         et.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(3, 3, dtype=torch.bool), is_causal=True)
     # a detached tensor among mod_args is fine
-    out = et.scaled_dot_product_attention(q, q, q, score_mod=alibi_bias, mod_args=(slopes.detach(),),
-                                          backend="reference")
+    out = et.scaled_dot_product_attention(
+        q, q, q, score_mod=alibi_bias, mod_args=(slopes.detach(),), backend="reference"
+    )
     out.sum().backward()
     assert q.grad is not None
 
 
 def test_import_engine_does_not_import_torch():
-    code = ("import sys, numpy as np, engine\n"
-            "q = np.ones((1, 1, 2, 2), np.float32)\n"
-            "o, l = engine.scaled_dot_product_attention(q, q, q, return_lse=True, backend='reference')\n"
-            "engine.scaled_dot_product_attention_backward(o, q, q, q, o, l, backend='reference')\n"
-            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    code = (
+        "import sys, numpy as np, engine\n"
+        "q = np.ones((1, 1, 2, 2), np.float32)\n"
+        "o, l = engine.scaled_dot_product_attention(q, q, q, return_lse=True, backend='reference')\n"
+        "engine.scaled_dot_product_attention_backward(o, q, q, q, o, l, backend='reference')\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # -- as_module ------------------------------------------------------------------------------------
 
+
 def _torch_inputs(variant, rng):
     inputs = variant.example_inputs(2, 5, rng=rng)
-    return {k: (torch.from_numpy(np.ascontiguousarray(v)).requires_grad_() if v.dtype.kind == "f" else v)
-            for k, v in inputs.items()}
+    return {
+        k: (torch.from_numpy(np.ascontiguousarray(v)).requires_grad_() if v.dtype.kind == "f" else v)
+        for k, v in inputs.items()
+    }
 
 
 @pytest.mark.parametrize("name", engine.list_variants())
@@ -168,8 +190,10 @@ def test_as_module_every_variant_matches_and_gradchecks(name):
     module = et.as_module(variant)
     assert sorted(module.state_dict()) == sorted(variant.state_dict())
     inputs = _torch_inputs(variant, np.random.default_rng(0))
-    expected, _ = variant(**{k: (v.detach().numpy() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()},
-                          backend="reference")
+    expected, _ = variant(
+        **{k: (v.detach().numpy() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()},
+        backend="reference",
+    )
     out, weights = module(**inputs, backend="reference")
     assert weights is None and isinstance(out, torch.Tensor)
     np.testing.assert_allclose(out.detach().numpy(), expected, atol=1e-12, rtol=0)
@@ -179,8 +203,8 @@ def test_as_module_every_variant_matches_and_gradchecks(name):
     others = {k: v for k, v in inputs.items() if not isinstance(v, torch.Tensor)}
 
     def f(*args):
-        params = dict(zip(names, args[:len(names)]))
-        call = dict(zip(tensors, args[len(names):]), **others)
+        params = dict(zip(names, args[: len(names)]))
+        call = dict(zip(tensors, args[len(names) :]), **others)
         return functional_call(module, params, (), dict(call, backend="reference"))[0]
 
     args = tuple(p.detach().clone().requires_grad_() for p in module.parameters()) + tuple(inputs[k] for k in tensors)
@@ -211,8 +235,9 @@ def test_as_module_round_trips_with_multihead_attention_and_trains_alike(name, p
     # trained values go back into a variant
     variant = engine.get_variant(name, embed_dim=16, num_heads=4, **params)
     variant.load_state_dict(module.state_dict())
-    np.testing.assert_allclose(variant(x.detach().numpy(), *(t.numpy() for t in kv))[0], out.detach().numpy(),
-                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        variant(x.detach().numpy(), *(t.numpy() for t in kv))[0], out.detach().numpy(), atol=1e-5, rtol=0
+    )
 
 
 def test_as_module_alibi_on_the_cpu_backend_sends_gradients_to_every_parameter():
@@ -237,8 +262,9 @@ class Bypass(MultiHeadAttention):
     name = "bypass-test"
 
     def attention(self, query, key, value, **kwargs):  # attends without the hook's route
-        return engine.scaled_dot_product_attention(query.detach().numpy(), key.detach().numpy(),
-                                                   value.detach().numpy(), **kwargs)
+        return engine.scaled_dot_product_attention(
+            query.detach().numpy(), key.detach().numpy(), value.detach().numpy(), **kwargs
+        )
 
     def forward(self, *args, **kwargs):
         out, w = super().forward(*args, **kwargs)

@@ -1,4 +1,5 @@
 """The error contract of ``engine.kernels.fastexp`` over its whole input range (x <= 0)."""
+
 import numpy as np
 import pytest
 
@@ -21,11 +22,13 @@ def _exp(x):
 def test_relative_error_bound_over_full_range(dtype):
     bound, tiny, _ = CONTRACT[dtype]
     # dense over the whole representable non-positive range, plus every reduction boundary
-    x = np.concatenate([
-        -np.logspace(-30, np.log10(-np.log(tiny) * 1.2), 400_000),
-        -np.arange(0, 800) * np.log(2) / 2,  # multiples of ln2/2: where n jumps
-        np.array([0.0, -0.0, -1e-45 if dtype == np.float32 else -5e-324]),
-    ]).astype(dtype)
+    x = np.concatenate(
+        [
+            -np.logspace(-30, np.log10(-np.log(tiny) * 1.2), 400_000),
+            -np.arange(0, 800) * np.log(2) / 2,  # multiples of ln2/2: where n jumps
+            np.array([0.0, -0.0, -1e-45 if dtype == np.float32 else -5e-324]),
+        ]
+    ).astype(dtype)
     got = _exp(x).astype(np.float64)
     exact = np.exp(x.astype(np.float64))  # float64 reference of the same float inputs
     if dtype == np.float64:  # compare float64 against a long-double reference
@@ -75,8 +78,13 @@ def test_fast_tanh_error_bound_in_kernels():
         for i in range(x.shape[0]):
             out[i] = fast_tanh(x[i])
 
-    grid = np.concatenate([np.linspace(-0.3, 0.3, 20001), np.linspace(-30, 30, 200001),
-                           [0.0, -0.0, 1e-30, -1e-30, 1e30, -1e30, np.inf, -np.inf]])
+    grid = np.concatenate(
+        [
+            np.linspace(-0.3, 0.3, 20001),
+            np.linspace(-30, 30, 200001),
+            [0.0, -0.0, 1e-30, -1e-30, 1e30, -1e30, np.inf, -np.inf],
+        ]
+    )
     for dtype, bound in ((np.float32, 1e-6), (np.float64, 1e-14)):
         x = grid.astype(dtype)
         out = np.empty_like(x)

@@ -1,8 +1,10 @@
 """Every available backend against the reference backend, over the whole functional semantics."""
+
 import numpy as np
 import pytest
 
 import engine
+
 from conftest import available_backends, randn
 
 TOL = {np.float32: dict(atol=2e-5, rtol=1e-4), np.float64: dict(atol=1e-10, rtol=1e-9)}
@@ -15,15 +17,18 @@ SHAPES = [
     ((3,), 2, 2, 300, 7, 5, 11),
     ((2, 2), 4, 2, 33, 129, 32, 32),
     ((1,), 8, 2, 130, 300, 64, 64),
-    ((), 1, 1, 17, 40, 12, 6),         # 2-D inputs (L, E)
+    ((), 1, 1, 17, 40, 12, 6),  # 2-D inputs (L, E)
 ]
 
 
 def _inputs(rng, batch, Hq, H, L, S, E, Ev, dtype):
     if batch == ():
         return randn(rng, (L, E), dtype), randn(rng, (S, E), dtype), randn(rng, (S, Ev), dtype)
-    return (randn(rng, batch + (Hq, L, E), dtype), randn(rng, batch + (H, S, E), dtype),
-            randn(rng, batch + (H, S, Ev), dtype))
+    return (
+        randn(rng, batch + (Hq, L, E), dtype),
+        randn(rng, batch + (H, S, E), dtype),
+        randn(rng, batch + (H, S, Ev), dtype),
+    )
 
 
 def _compare(backend, rng, shape, dtype, **kw):
@@ -54,7 +59,9 @@ def test_backend_matches_reference(backend, dtype, shape, mode, rng):
         # a mask broadcast over heads (and batch, when there is one): (1, L, S) or (L, S)
         mshape = (L, S) if batch == () else (1,) * (len(batch) - 1) + (batch[-1], 1, L, S)
         allowed = rng.random(mshape) > 0.3
-        kw["attn_mask"] = allowed if mode == "bool" else np.where(allowed, rng.standard_normal(mshape), -np.inf).astype(dtype)
+        kw["attn_mask"] = (
+            allowed if mode == "bool" else np.where(allowed, rng.standard_normal(mshape), -np.inf).astype(dtype)
+        )
     _compare(backend, rng, shape, dtype, **kw)
 
 
@@ -92,9 +99,9 @@ def test_causal_top_left(backend, L, S, rng):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs(backend, rng):
     base = randn(rng, (2, 40, 3, 16))
-    q = base.transpose(0, 2, 1, 3)                    # (2, 3, 40, 16) with odd strides
-    k = randn(rng, (2, 3, 80, 32))[..., ::2]           # strided last axis
-    v = randn(rng, (2, 3, 80, 8))[:, :, ::-1]          # negative stride
+    q = base.transpose(0, 2, 1, 3)  # (2, 3, 40, 16) with odd strides
+    k = randn(rng, (2, 3, 80, 32))[..., ::2]  # strided last axis
+    v = randn(rng, (2, 3, 80, 8))[:, :, ::-1]  # negative stride
     out = engine.scaled_dot_product_attention(q, k, v, backend=backend)
     ref = engine.scaled_dot_product_attention(q, k, v, backend="reference")
     np.testing.assert_allclose(out, ref, atol=2e-5)

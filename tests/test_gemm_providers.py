@@ -7,6 +7,7 @@ environment variable, ``set_gemm_provider``, the calibration's decision on injec
 A provider not installed here is skipped with its reason (the ``test`` extra installs them all).
 No test times anything.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,11 @@ def forced(request):
 
 
 def _qkv(rng, dtype, B=1, Hq=2, H=2, L=150, S=291, E=24, Ev=20):  # odd last key tile
-    return (rng.standard_normal((B, Hq, L, E)).astype(dtype), rng.standard_normal((B, H, S, E)).astype(dtype),
-            rng.standard_normal((B, H, S, Ev)).astype(dtype))
+    return (
+        rng.standard_normal((B, Hq, L, E)).astype(dtype),
+        rng.standard_normal((B, H, S, E)).astype(dtype),
+        rng.standard_normal((B, H, S, Ev)).astype(dtype),
+    )
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -49,9 +53,12 @@ def test_forced_provider_matches_reference(provider, dtype, forced, rng):
     assert gp.get_gemm_provider(np.dtype(dtype).name) is p
     q, k, v = _qkv(rng, dtype)
     L, S = q.shape[2], k.shape[2]
-    cases = [("plain", q, k, v, {}), ("causal", q, k, v, {"is_causal": True}),
-             ("bool mask", q, k, v, {"attn_mask": rng.random((L, S)) > 0.3}),
-             ("float mask", q, k, v, {"attn_mask": rng.standard_normal((1, 2, L, S)).astype(dtype)})]
+    cases = [
+        ("plain", q, k, v, {}),
+        ("causal", q, k, v, {"is_causal": True}),
+        ("bool mask", q, k, v, {"attn_mask": rng.random((L, S)) > 0.3}),
+        ("float mask", q, k, v, {"attn_mask": rng.standard_normal((1, 2, L, S)).astype(dtype)}),
+    ]
     qg, kg, vg = _qkv(rng, dtype, Hq=4, H=2)
     cases.append(("gqa", qg, kg, vg, {"enable_gqa": True}))
     for name, q_, k_, v_, kw in cases:
@@ -70,8 +77,10 @@ def test_forced_provider_with_mods_matches_reference(provider, forced, rng):
 
     forced(provider)
     q, k, v = _qkv(rng, np.float32)
-    for kw in ({"score_mod": tanh_softcap, "mod_args": (np.float32(3.0),)},
-               {"mask_mod": window_mask, "mod_args": (40, 100)}):
+    for kw in (
+        {"score_mod": tanh_softcap, "mod_args": (np.float32(3.0),)},
+        {"mask_mod": window_mask, "mod_args": (40, 100)},
+    ):
         out = engine.scaled_dot_product_attention(q, k, v, backend="cpu", **kw)
         ref = engine.scaled_dot_product_attention(q, k, v, backend="reference", **kw)
         assert_out_close(out, ref, out_atol(np.float32, q, k, v, None), f"{provider} {sorted(kw)}")
@@ -97,8 +106,7 @@ def test_tile_gemm_every_layout_and_edge_size(provider, dtype, rng):
                 tile_gemm(p.kind, fn, a, b, c)
                 want = a.astype(np.float64) @ b.astype(np.float64)
                 tol = (1e-5 if dtype == np.float32 else 1e-13) * max(1.0, k)
-                np.testing.assert_allclose(c, want, rtol=0, atol=tol,
-                                           err_msg=f"{provider} {m}x{k}x{n} a {oa} b {ob}")
+                np.testing.assert_allclose(c, want, rtol=0, atol=tol, err_msg=f"{provider} {m}x{k}x{n} a {oa} b {ob}")
     # a view whose rows are not contiguous either way goes to np.dot, still right
     big = rng.standard_normal((12, 10)).astype(dtype)
     a, b = big[::2, ::2], rng.standard_normal((5, 3)).astype(dtype)
@@ -178,11 +186,17 @@ def test_list_says_which_provider_runs():
     caps = engine.get_backend("cpu").capabilities()
     info = caps["gemm"]
     assert info["in_use"]["float32"] in gp.PROVIDERS and info["providers"]["numpy"]
-    res = subprocess.run([sys.executable, "-m", "engine.cli", "list"], capture_output=True, text=True,
-                         check=True, env=dict(__import__("os").environ, ATTENTION_ENGINE_GEMM="numpy"))
+    res = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "list"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=dict(__import__("os").environ, ATTENTION_ENGINE_GEMM="numpy"),
+    )
     assert "cpu: tile products (numpy): float32 numpy (SciPy's" in res.stdout
-    res = subprocess.run([sys.executable, "-m", "engine.cli", "list", "--json"], capture_output=True,
-                         text=True, check=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "list", "--json"], capture_output=True, text=True, check=True
+    )
     cpu = next(b for b in json.loads(res.stdout)["backends"] if b["name"] == "cpu")
     assert set(cpu["gemm"]["in_use"]) == {"float32", "float64", "bfloat16", "float16"}
     assert cpu["gemm"]["in_use"]["bfloat16"].endswith(("(16-bit GEMM)", "(widened to float32)"))

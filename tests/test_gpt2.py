@@ -1,6 +1,7 @@
 """The NumPy GPT-2 decoder generates what transformers generates: the same greedy tokens for 128
 new tokens and logits within 1e-4 at every step, for one prompt and for a ragged batch of four
 (a tiny configuration; random weights from a fixed seed, nothing downloaded)."""
+
 import numpy as np
 import pytest
 
@@ -54,11 +55,14 @@ def test_every_backend_and_a_bfloat16_cache(models):
     np.testing.assert_array_equal(half.tokens[:, :2], want.tokens[:, :2])
 
 
-@pytest.mark.parametrize("prompts, new, words", [
-    ([[]], 4, "every prompt needs at least one token"),
-    ([[1, 2]], 0, "max_new_tokens must be >= 1"),
-    ([[1] * 200], 100, r"exceeds the model's 256 positions"),
-])
+@pytest.mark.parametrize(
+    "prompts, new, words",
+    [
+        ([[]], 4, "every prompt needs at least one token"),
+        ([[1, 2]], 0, "max_new_tokens must be >= 1"),
+        ([[1] * 200], 100, r"exceeds the model's 256 positions"),
+    ],
+)
 def test_bad_arguments(models, prompts, new, words):
     with pytest.raises(ValueError, match=words):
         models[1].generate(prompts, new)

@@ -1,4 +1,5 @@
 """The CPU kernels' float16/bfloat16 -> float32 conversions, on every 16-bit pattern."""
+
 import numpy as np
 import pytest
 

@@ -1,10 +1,12 @@
 """Arrays whose values are fine but whose memory layout is unusual: non-native byte order,
 unaligned buffers, read-only arrays, for query/key/value, masks and ``mod_args``, on every backend.
 Each gives the same result as a plain copy (converted in validation, never a Numba typing error)."""
+
 import numpy as np
 import pytest
 
 import engine
+
 from conftest import available_backends
 
 
@@ -56,8 +58,11 @@ def test_unusual_layouts_give_the_plain_result(backend, dtype, layout, which):
     elif which == "mod_args":
         if backend not in ("cpu", "reference"):
             pytest.skip("mods run on the cpu and reference backends only")  # cuda is GPU-only here
-        kw = {"score_mod": alibi, "mask_mod": same_doc,
-              "mod_args": (np.linspace(0.1, 0.4, 3).astype(dtype), np.arange(17) // 5)}
+        kw = {
+            "score_mod": alibi,
+            "mask_mod": same_doc,
+            "mod_args": (np.linspace(0.1, 0.4, 3).astype(dtype), np.arange(17) // 5),
+        }
     expected = engine.scaled_dot_product_attention(q, k, v, backend=backend, **kw)
     f = LAYOUTS[layout]
     args = [f(a) if which in (name, "all") else a for a, name in ((q, "query"), (k, "key"), (v, "value"))]
@@ -83,6 +88,7 @@ def test_big_endian_inputs_to_variants_and_block_masks():
     bm = engine.create_block_mask(doc_only, None, None, 9, 9, mod_args=(doc,), block_q=4, block_k=4)
     q = rng.standard_normal((1, 2, 9, 8)).astype(np.float32)
     out = engine.scaled_dot_product_attention(q, q, q, block_mask=bm, backend="cpu")
-    ref = engine.scaled_dot_product_attention(q, q, q, mask_mod=doc_only, mod_args=(np.arange(9) // 4,),
-                                              backend="reference")
+    ref = engine.scaled_dot_product_attention(
+        q, q, q, mask_mod=doc_only, mod_args=(np.arange(9) // 4,), backend="reference"
+    )
     np.testing.assert_allclose(out, ref, atol=1e-6)

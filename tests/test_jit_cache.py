@@ -13,6 +13,7 @@ first (owned by someone else, writable by everyone, or a symbolic link) with a c
 code when Numba unpickles it: the engine must refuse the folder, so the code never runs. They use a
 tiny kernel module instead of the engine's kernels, so each child takes a second or two.
 """
+
 from __future__ import annotations
 
 import json
@@ -81,8 +82,9 @@ def sandbox():
         os.chmod(top, 0o755)
         site = os.path.join(top, "site")
         for pkg in ("engine", "variants"):
-            shutil.copytree(os.path.join(ROOT, pkg), os.path.join(site, pkg),
-                            ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(
+                os.path.join(ROOT, pkg), os.path.join(site, pkg), ignore=shutil.ignore_patterns("__pycache__")
+            )
         home = os.path.join(top, "home")
         tmp = os.path.join(top, "tmp")
         os.makedirs(home)
@@ -102,8 +104,11 @@ def sandbox():
 
 def test_read_only_install_and_unwritable_home_use_a_writable_fallback(sandbox):
     top, unprivileged = sandbox
-    env = _env(PYTHONPATH=os.pathsep.join([os.path.join(top, "site")] + sys.path),
-               HOME=os.path.join(top, "home"), TMPDIR=os.path.join(top, "tmp"))
+    env = _env(
+        PYTHONPATH=os.pathsep.join([os.path.join(top, "site")] + sys.path),
+        HOME=os.path.join(top, "home"),
+        TMPDIR=os.path.join(top, "tmp"),
+    )
     got = _run(env, unprivileged)
     assert got["file"].startswith(os.path.join(top, "site")), got  # the read-only copy was imported
     assert got["correct"] and got["cache_enabled"], got
@@ -116,13 +121,15 @@ def test_read_only_install_and_unwritable_home_use_a_writable_fallback(sandbox):
 
 def test_unwritable_cache_dir_runs_without_cache_and_warns(sandbox):
     top, unprivileged = sandbox
-    env = _env(PYTHONPATH=os.pathsep.join([os.path.join(top, "site")] + sys.path),
-               HOME=os.path.join(top, "home"), TMPDIR=os.path.join(top, "tmp"),
-               NUMBA_CACHE_DIR=os.path.join(top, "home", "cache"))
+    env = _env(
+        PYTHONPATH=os.pathsep.join([os.path.join(top, "site")] + sys.path),
+        HOME=os.path.join(top, "home"),
+        TMPDIR=os.path.join(top, "tmp"),
+        NUMBA_CACHE_DIR=os.path.join(top, "home", "cache"),
+    )
     got = _run(env, unprivileged)
     assert got["correct"] and not got["cache_enabled"], got
-    assert any("no writable folder for Numba's cache" in w and "NUMBA_CACHE_DIR" in w
-               for w in got["warnings"]), got
+    assert any("no writable folder for Numba's cache" in w and "NUMBA_CACHE_DIR" in w for w in got["warnings"]), got
 
 
 @pytest.fixture(scope="module")
@@ -220,8 +227,9 @@ def tiny_site():
     try:
         os.chmod(top, 0o755)
         site = os.path.join(top, "site")
-        shutil.copytree(os.path.join(ROOT, "engine"), os.path.join(site, "engine"),
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            os.path.join(ROOT, "engine"), os.path.join(site, "engine"), ignore=shutil.ignore_patterns("__pycache__")
+        )
         with open(os.path.join(site, "ae_tiny_kernel.py"), "w") as f:
             f.write(TINY_KERNEL)
         home = os.path.join(top, "home")
@@ -271,8 +279,12 @@ def victim(tiny_site, tmp_path):
         give(folder)
 
     def run(**extra):
-        env = _env(PYTHONPATH=os.pathsep.join([os.path.join(top, "site")] + sys.path),
-                   HOME=os.path.join(top, "home"), TMPDIR=tmp, **extra)
+        env = _env(
+            PYTHONPATH=os.pathsep.join([os.path.join(top, "site")] + sys.path),
+            HOME=os.path.join(top, "home"),
+            TMPDIR=tmp,
+            **extra,
+        )
         got = _run(env, unprivileged, probe=TINY_PROBE)
         got["planted_code_ran"] = os.path.exists(marker)
         assert got["value"] == 42.0, got
@@ -286,8 +298,9 @@ def victim(tiny_site, tmp_path):
 def _refused(got, fallback, *why):
     assert not got["planted_code_ran"], "the planted cache index was unpickled: its code ran"
     assert not got["cache_enabled"] and got["cache_dir"] != fallback, got
-    assert any(fallback in w and "is not used" in w and all(x in w for x in why)
-               for w in got["warnings"]), got["warnings"]
+    assert any(fallback in w and "is not used" in w and all(x in w for x in why) for w in got["warnings"]), got[
+        "warnings"
+    ]
 
 
 def test_planted_payload_runs_when_the_folder_is_used(victim):
@@ -358,8 +371,10 @@ def test_cache_dir_writable_by_others_is_used_with_a_warning(victim):
     os.chmod(chosen, 0o777)
     got = run(NUMBA_CACHE_DIR=chosen)
     assert got["cache_enabled"] and got["cache_dir"] == chosen, got
-    assert any("NUMBA_CACHE_DIR" in w and chosen in w and "writable by group or others" in w
-               and "because you chose it" in w for w in got["warnings"]), got["warnings"]
+    assert any(
+        "NUMBA_CACHE_DIR" in w and chosen in w and "writable by group or others" in w and "because you chose it" in w
+        for w in got["warnings"]
+    ), got["warnings"]
 
 
 def test_private_cache_dir_gives_no_warning(victim):
@@ -373,6 +388,7 @@ def test_private_cache_dir_gives_no_warning(victim):
 
 
 # ---- the folder check itself, in this process (each rule on its own) ---------------------------
+
 
 def _problem(path):
     from engine.jit_cache import _private_folder_problem

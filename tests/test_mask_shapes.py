@@ -1,12 +1,13 @@
 """A mask one too long or one too short on any axis is refused by validation, naming
 ``attn_mask`` (or ``key_padding_mask``) and the shapes, before any backend runs: on every
 registered backend, for the functional API and for the variants."""
+
 import numpy as np
 import pytest
 
 import engine
 
-SCORES = (3, 4, 5, 7)          # (batch, heads, L, S): no axis of 1 or 2, so a size - 1 never broadcasts
+SCORES = (3, 4, 5, 7)  # (batch, heads, L, S): no axis of 1 or 2, so a size - 1 never broadcasts
 
 
 def _off_by_one():
@@ -26,6 +27,7 @@ def _off_by_one():
 @pytest.fixture
 def no_backend_runs(monkeypatch):
     """Any backend's run() fails the test: validation must refuse first."""
+
     def refuse(self, problem):
         raise AssertionError(f"backend {self.name!r} ran on an invalid problem")
 
@@ -43,18 +45,29 @@ def test_functional_mask_off_by_one_is_refused_by_validation(backend, mshape, dt
     mask = np.ones(mshape, dtype)
     with pytest.raises(ValueError) as exc:
         engine.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, backend=backend)
-    assert str(exc.value) == (f"attn_mask of shape {mshape} is not broadcastable to the score shape "
-                              f"{SCORES} (batch..., heads, L, S)")
+    assert str(exc.value) == (
+        f"attn_mask of shape {mshape} is not broadcastable to the score shape {SCORES} (batch..., heads, L, S)"
+    )
 
 
 @pytest.mark.parametrize("backend", ["auto", *engine.list_backends()])
-@pytest.mark.parametrize("which,shape", [
-    ("attn_mask", (5 + 1, 7)), ("attn_mask", (5 - 1, 7)), ("attn_mask", (5, 7 + 1)), ("attn_mask", (5, 7 - 1)),
-    ("attn_mask", (3 * 2 + 1, 5, 7)), ("attn_mask", (3 * 2 - 1, 5, 7)), ("attn_mask", (6, 5 + 1, 7)),
-    ("attn_mask", (6, 5, 7 - 1)),
-    ("key_padding_mask", (3 + 1, 7)), ("key_padding_mask", (3 - 1, 7)), ("key_padding_mask", (3, 7 + 1)),
-    ("key_padding_mask", (3, 7 - 1)),
-])
+@pytest.mark.parametrize(
+    "which,shape",
+    [
+        ("attn_mask", (5 + 1, 7)),
+        ("attn_mask", (5 - 1, 7)),
+        ("attn_mask", (5, 7 + 1)),
+        ("attn_mask", (5, 7 - 1)),
+        ("attn_mask", (3 * 2 + 1, 5, 7)),
+        ("attn_mask", (3 * 2 - 1, 5, 7)),
+        ("attn_mask", (6, 5 + 1, 7)),
+        ("attn_mask", (6, 5, 7 - 1)),
+        ("key_padding_mask", (3 + 1, 7)),
+        ("key_padding_mask", (3 - 1, 7)),
+        ("key_padding_mask", (3, 7 + 1)),
+        ("key_padding_mask", (3, 7 - 1)),
+    ],
+)
 def test_variant_mask_off_by_one_is_refused_by_validation(backend, which, shape, no_backend_runs):
     mh = engine.get_variant("multi-head", embed_dim=8, num_heads=2, seed=0)
     x = np.zeros((3, 5, 8), np.float32)

@@ -1,5 +1,6 @@
 """``engine.merge_attention``: partial results over disjoint key sets merge into the result over
 their union, checked against one ``reference`` call over all the keys."""
+
 import numpy as np
 import pytest
 
@@ -12,8 +13,7 @@ ref = engine.get_backend("reference")
 
 
 def _attend(q, k, v, mask):
-    return engine.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend="reference",
-                                               return_lse=True)
+    return engine.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend="reference", return_lse=True)
 
 
 def _split_columns(S, parts, rng, contiguous):
@@ -71,18 +71,16 @@ def test_empty_parts_give_zeros_and_minus_inf_never_nan():
 
 
 def test_nan_propagation():
-    outs = np.array([[[1.0, 2.0], [1.0, 2.0], [1.0, 2.0]],
-                     [[3.0, np.nan], [3.0, 4.0], [3.0, np.nan]]])
-    lses = np.array([[0.0, 0.0, 0.0],
-                     [0.0, np.nan, -800.0]])  # row 2: part 1's weight underflows to exactly 0
+    outs = np.array([[[1.0, 2.0], [1.0, 2.0], [1.0, 2.0]], [[3.0, np.nan], [3.0, 4.0], [3.0, np.nan]]])
+    lses = np.array([[0.0, 0.0, 0.0], [0.0, np.nan, -800.0]])  # row 2: part 1's weight underflows to exactly 0
     out, lse = engine.merge_attention(outs, lses)
     assert out[0, 0] == 2.0 and np.isnan(out[0, 1]) and lse[0] == pytest.approx(np.log(2.0))
-    assert np.isnan(out[1]).all() and np.isnan(lse[1])     # a NaN score somewhere: the row is NaN
-    np.testing.assert_array_equal(out[2], [1.0, 2.0])       # zero weight: the NaN does not leak
+    assert np.isnan(out[1]).all() and np.isnan(lse[1])  # a NaN score somewhere: the row is NaN
+    np.testing.assert_array_equal(out[2], [1.0, 2.0])  # zero weight: the NaN does not leak
     out, lse = engine.merge_attention(outs[:, :1], np.array([[np.inf], [0.0]]))
-    assert np.isnan(out).all() and np.isnan(lse).all()     # exp(inf - inf), as in a single call
+    assert np.isnan(out).all() and np.isnan(lse).all()  # exp(inf - inf), as in a single call
     out, lse = engine.merge_attention(outs[:, :1], np.array([[-np.inf], [np.nan]]))
-    assert np.isnan(out).all() and np.isnan(lse).all()     # NaN, not "every part empty"
+    assert np.isnan(out).all() and np.isnan(lse).all()  # NaN, not "every part empty"
 
 
 def test_sixteen_bit_parts_and_mixed_out_lse_dtypes(rng):
@@ -98,18 +96,29 @@ def test_sixteen_bit_parts_and_mixed_out_lse_dtypes(rng):
     assert out.dtype == np.float32 and lse.dtype == np.float64
 
 
-@pytest.mark.parametrize("outs, lses, exc, words", [
-    ([], [], ValueError, r"outs must hold at least one part"),
-    ([np.zeros((2, 3))], [np.zeros(2), np.zeros(2)], ValueError, r"same number of parts, got 1 and 2"),
-    ([np.zeros((2, 3)), np.zeros((2, 4))], [np.zeros(2)] * 2, ValueError,
-     r"outs\[1\] has shape \(2, 4\), expected \(2, 3\)"),
-    ([np.zeros((2, 3))], [np.zeros(3)], ValueError, r"lses\[0\] has shape \(3,\), expected \(2,\)"),
-    ([np.zeros((2, 3), np.int32)], [np.zeros(2)], TypeError, r"outs\[0\] must have a floating dtype"),
-    ([np.zeros((2, 3), np.float32), np.zeros((2, 3))], [np.zeros(2)] * 2, TypeError,
-     r"every part of outs must have one dtype"),
-    ("abc", [np.zeros(2)], TypeError, r"outs must be a list or tuple of arrays"),
-    (np.float32(1.0), [np.zeros(2)], ValueError, r"parts on its first axis, got shape \(\)"),
-])
+@pytest.mark.parametrize(
+    "outs, lses, exc, words",
+    [
+        ([], [], ValueError, r"outs must hold at least one part"),
+        ([np.zeros((2, 3))], [np.zeros(2), np.zeros(2)], ValueError, r"same number of parts, got 1 and 2"),
+        (
+            [np.zeros((2, 3)), np.zeros((2, 4))],
+            [np.zeros(2)] * 2,
+            ValueError,
+            r"outs\[1\] has shape \(2, 4\), expected \(2, 3\)",
+        ),
+        ([np.zeros((2, 3))], [np.zeros(3)], ValueError, r"lses\[0\] has shape \(3,\), expected \(2,\)"),
+        ([np.zeros((2, 3), np.int32)], [np.zeros(2)], TypeError, r"outs\[0\] must have a floating dtype"),
+        (
+            [np.zeros((2, 3), np.float32), np.zeros((2, 3))],
+            [np.zeros(2)] * 2,
+            TypeError,
+            r"every part of outs must have one dtype",
+        ),
+        ("abc", [np.zeros(2)], TypeError, r"outs must be a list or tuple of arrays"),
+        (np.float32(1.0), [np.zeros(2)], ValueError, r"parts on its first axis, got shape \(\)"),
+    ],
+)
 def test_bad_arguments(outs, lses, exc, words):
     with pytest.raises(exc, match=words):
         engine.merge_attention(outs, lses)

@@ -1,6 +1,7 @@
 """The rest of ``torch.nn.MultiheadAttention``: ``add_bias_kv``, ``add_zero_attn`` and
 ``batch_first=False``, against torch with the same weights (float32 atol 1e-5, float64 1e-10), on
 every backend, with every mask kind and with and without the attention weights."""
+
 import itertools
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 import engine
+
 from conftest import available_backends
 
 TOL = {np.float32: 1e-5, np.float64: 1e-10}
@@ -75,15 +77,15 @@ def _compare(out, weights, t_out, t_w, dtype, need_weights, bias):
 def test_appended_keys_match_torch(backend, dtype, add_bias_kv, add_zero_attn, mask):
     rng = np.random.default_rng(5)
     variant, mha = _pair(dtype, add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn, batch_first=True)
-    assert {k: tuple(v.shape) for k, v in variant.state_dict().items()} == \
-        {k: tuple(v.shape) for k, v in mha.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in variant.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in mha.state_dict().items()
+    }
     N, L, S = 3, 7, 9
     q = rng.standard_normal((N, L, 16)).astype(dtype)
     kv = rng.standard_normal((N, S, 16)).astype(dtype)
     kw, tkw = _masks(rng, mask, N, L, S, dtype)
     for need_weights, average in ((False, True), (True, True), (True, False)):
-        out, w = variant(q, kv, kv, need_weights=need_weights, average_attn_weights=average,
-                         backend=backend, **kw)
+        out, w = variant(q, kv, kv, need_weights=need_weights, average_attn_weights=average, backend=backend, **kw)
         t_out, t_w = mha(_t(q), _t(kv), _t(kv), need_weights=need_weights, average_attn_weights=average, **tkw)
         _compare(out, w, t_out, t_w, dtype, need_weights, variant.param("out_proj.bias"))
     X = int(add_bias_kv) + int(add_zero_attn)
@@ -97,9 +99,9 @@ def test_batch_first_false_takes_and_returns_sequence_first(backend, dtype, opti
     rng = np.random.default_rng(6)
     variant, mha = _pair(dtype, batch_first=False, **options)
     L, S, N = 5, 8, 3
-    q = rng.standard_normal((L, N, 16)).astype(dtype)          # (L, N, E): torch's default layout
+    q = rng.standard_normal((L, N, 16)).astype(dtype)  # (L, N, E): torch's default layout
     kv = rng.standard_normal((S, N, 16)).astype(dtype)
-    kpm = rng.random((N, S)) < 0.3                               # masks keep their (N, S) shape
+    kpm = rng.random((N, S)) < 0.3  # masks keep their (N, S) shape
     out, w = variant(q, kv, kv, key_padding_mask=kpm, need_weights=True, backend=backend)
     t_out, t_w = mha(_t(q), _t(kv), _t(kv), key_padding_mask=_t(kpm))
     assert out.shape == (L, N, 16) and w.shape == (N, L, S + 2 * bool(options))
@@ -124,16 +126,16 @@ def test_appended_keys_on_other_variants_match_reference_and_stay_visible(name):
     ref, ref_w = variant(**inputs, need_weights=True, average_attn_weights=False, backend="reference")
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
     np.testing.assert_allclose(w, ref_w, atol=1e-5, rtol=0)
-    assert (w[..., -2:] > 0).all()                 # bias_k and the zero key: visible from every row
+    assert (w[..., -2:] > 0).all()  # bias_k and the zero key: visible from every row
     np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-5)
 
 
 def test_bias_kv_initialised_as_torch_and_round_trips():
     v = engine.get_variant("multi-head", embed_dim=64, num_heads=4, add_bias_kv=True, seed=0)
     bk = v.state_dict()["bias_k"]
-    assert bk.shape == (1, 1, 64) and 0.05 < bk.std() < 0.25      # xavier_normal_: std sqrt(1/64)
+    assert bk.shape == (1, 1, 64) and 0.05 < bk.std() < 0.25  # xavier_normal_: std sqrt(1/64)
     g = engine.get_variant("grouped-query", embed_dim=64, num_heads=4, num_kv_heads=2, add_bias_kv=True)
-    assert g.state_dict()["bias_k"].shape == (1, 1, 32)            # one per key/value head's width
+    assert g.state_dict()["bias_k"].shape == (1, 1, 32)  # one per key/value head's width
     mha = torch.nn.MultiheadAttention(64, 4, add_bias_kv=True)
     mha.load_state_dict({k: torch.from_numpy(a) for k, a in v.state_dict().items()})
     for key, a in mha.state_dict().items():

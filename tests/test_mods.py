@@ -1,4 +1,5 @@
 """score_mod / mask_mod / block masks, and the variants built on them, against dense equivalents."""
+
 import math
 import os
 
@@ -8,9 +9,10 @@ import pytest
 import torch
 
 import engine
-from conftest import HANG_TIMEOUT_S, available_backends, randn
 from engine.mods import EMPTY, FULL, PARTIAL
 from variants.alibi import alibi_slopes
+
+from conftest import HANG_TIMEOUT_S, available_backends, randn
 
 MOD_BACKENDS = [b for b in available_backends() if engine.get_backend(b).supports_mods]
 
@@ -95,8 +97,10 @@ def test_block_mask_classification():
     per_head = engine.create_block_mask(lambda b, h, i, j: h == 1, 2, 3, 10, 10)
     assert per_head.kinds.shape == (2, 3, 1, 1)
     assert (per_head.kinds[:, 1] == FULL).all() and (per_head.kinds[:, [0, 2]] == EMPTY).all()
-    np.testing.assert_array_equal(bm.kinds_at(128, 256), engine.create_block_mask(
-        causal_mod, None, None, 200, 600, block_q=128, block_k=256).kinds)
+    np.testing.assert_array_equal(
+        bm.kinds_at(128, 256),
+        engine.create_block_mask(causal_mod, None, None, 200, 600, block_q=128, block_k=256).kinds,
+    )
     assert bm.kinds_at(128, 256) is bm.kinds_at(128, 256)  # derived once, memoised
 
 
@@ -107,12 +111,16 @@ def test_mod_errors(rng):
     with pytest.raises(TypeError, match="mod_args must be a tuple, got list"):
         engine.scaled_dot_product_attention(q, k, v, mask_mod=causal_mod, mod_args=[1])
     bm = engine.create_block_mask(causal_mod, None, None, 20, 20)
-    with pytest.raises(ValueError, match=r"block_mask was built for \(batch, heads, L, S\) = \(1, 1, 20, 20\) but the "
-                       r"inputs have \(2, 3, 10, 10\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"block_mask was built for \(batch, heads, L, S\) = \(1, 1, 20, 20\) but the "
+        r"inputs have \(2, 3, 10, 10\)",
+    ):
         engine.scaled_dot_product_attention(q, k, v, block_mask=bm)
 
 
 # --- the variants built on mods ---------------------------------------------------------------
+
 
 def _mha_twin(variant, rng):
     """A plain multi-head variant with the same weights, to compute the dense equivalent."""
@@ -131,7 +139,7 @@ def test_sliding_window_variant_equals_dense_mask(backend, rng):
     sw = _randomise(engine.get_variant("sliding-window", embed_dim=32, num_heads=4, left=7, right=2), rng)
     x = randn(rng, (2, 90, 32))
     i, j = np.arange(90)[:, None], np.arange(90)[None]
-    blocked = ~((i - 7 <= j) & (j <= i + 2))                          # MHA polarity: True = not allowed
+    blocked = ~((i - 7 <= j) & (j <= i + 2))  # MHA polarity: True = not allowed
     out, w = sw(x, need_weights=True, backend=backend)
     ref, ref_w = _mha_twin(sw, rng)(x, attn_mask=blocked, need_weights=True, backend="reference")
     _close(out, ref)
@@ -145,7 +153,7 @@ def test_alibi_variant_equals_dense_bias(backend, heads, rng):
     x = randn(rng, (2, 50, 48))
     i, j = np.arange(50)[:, None], np.arange(50)[None]
     bias = -alibi_slopes(heads)[:, None, None] * np.abs(i - j)
-    bias = np.where(j <= i, bias, -np.inf)                           # causal, as the paper's LMs
+    bias = np.where(j <= i, bias, -np.inf)  # causal, as the paper's LMs
     out, _ = al(x, backend=backend)
     ref, _ = _mha_twin(al, rng)(x, attn_mask=np.tile(bias, (2, 1, 1)).astype(np.float32), backend="reference")
     _close(out, ref)
@@ -154,7 +162,7 @@ def test_alibi_variant_equals_dense_bias(backend, heads, rng):
 def test_alibi_slopes_follow_the_paper():
     np.testing.assert_allclose(alibi_slopes(8), [2 ** -(k + 1) for k in range(8)])
     s6 = alibi_slopes(6)  # 4 slopes of 4 heads, then every other slope of 8 heads
-    np.testing.assert_allclose(s6, [2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3])
+    np.testing.assert_allclose(s6, [2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3])
 
 
 @pytest.mark.parametrize("backend", MOD_BACKENDS)
@@ -234,7 +242,9 @@ def test_user_mods_from_other_scripts_share_a_cache_folder(tmp_path):
     for name in ("mask_a", "mask_b", "mask_a"):
         script = tmp_path / f"{name}.py"
         script.write_text(USER_SCRIPT.format(name=name))
-        res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=HANG_TIMEOUT_S)
+        res = subprocess.run(
+            [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=HANG_TIMEOUT_S
+        )
         assert res.returncode == 0, res.stderr[-2000:]
 
 
@@ -274,8 +284,9 @@ def test_builtin_mods_kernels_are_loaded_from_the_disk_cache(tmp_path):
     for keys in (KEYS, KEYS[::-1]):
         script = tmp_path / "builtin_mods.py"
         script.write_text(BUILTIN_MODS_SCRIPT.format(keys=keys))
-        res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
-                             timeout=HANG_TIMEOUT_S)
+        res = subprocess.run(
+            [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=HANG_TIMEOUT_S
+        )
         assert res.returncode == 0, res.stderr[-2000:]
         runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
     first, second = runs
@@ -311,6 +322,7 @@ def test_cache_tag_changes_with_the_mods_code_and_skips_what_it_cannot_vouch_for
     def closure(c):
         def f(score, b, h, q_idx, kv_idx):
             return score * c
+
         return f
 
     inner = closure(2.0)

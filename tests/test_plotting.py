@@ -1,8 +1,8 @@
 """engine.plotting.plot_attention on weights returned by the engine's variants."""
-import numpy as np
-import pytest
 
 import matplotlib
+import numpy as np
+import pytest
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -49,7 +49,7 @@ def test_cross_attention_uses_key_tokens_on_the_x_axis(rng):
     assert w.shape == (2, 3, 6)
     queries, keys = ["a", "b", "c"], [f"k{i}" for i in range(6)]
     fig = plot_attention(w, queries, keys, batch=1, colorbar=False)
-    ax, = fig.axes
+    (ax,) = fig.axes
     assert _labels(ax.get_xticklabels()) == keys and _labels(ax.get_yticklabels()) == queries
     np.testing.assert_allclose(ax.images[0].get_array(), w[1], rtol=1e-6)
 
@@ -72,6 +72,7 @@ def test_per_head_weights_draw_a_grid_with_a_shared_colour_scale(rng, tmp_path):
 
 def test_head_picks_one_panel_and_torch_tensors_are_accepted(rng):
     import torch  # a test dependency (the test extra)
+
     w = _mha_weights(rng, (1, 4, 16), average_attn_weights=False)  # (1, H, L, S): batch may be omitted
     fig = plot_attention(torch.from_numpy(w), list("wxyz"), head=2)
     ax = fig.axes[0]

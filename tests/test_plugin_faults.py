@@ -5,6 +5,7 @@ Each fault must give a warning or error naming the plugin and its distribution, 
 plugin (the built-ins and a good third-party one) must keep working. A child process gets a fresh
 ``importlib.metadata`` view and a fresh plugin manager, so nothing leaks into this process.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,8 @@ import numpy as np
 import pytest
 
 import engine
-from conftest import HANG_TIMEOUT_S, HALVED_PLUGIN, make_distribution
+
+from conftest import HALVED_PLUGIN, HANG_TIMEOUT_S, make_distribution
 
 GOOD = HALVED_PLUGIN.replace("an installed test plugin", "a good installed plugin")
 
@@ -74,7 +76,12 @@ TYPO_HOOK = """
 # (distribution, module, source, entry-point lines)
 DISTRIBUTIONS = [
     ("ae-good", "ae_good", GOOD, ["halved = ae_good"]),
-    ("ae-import-fails", "ae_import_fails", "raise RuntimeError('boom at import')\n", ["import-fails = ae_import_fails"]),
+    (
+        "ae-import-fails",
+        "ae_import_fails",
+        "raise RuntimeError('boom at import')\n",
+        ["import-fails = ae_import_fails"],
+    ),
     ("ae-missing-module", "ae_unused", "", ["missing-module = ae_no_such_module"]),
     ("ae-hook-raises", "ae_hook_raises", HOOK_RAISES, ["hook-raises = ae_hook_raises"]),
     ("ae-no-interface", "ae_no_interface", NO_INTERFACE, ["no-interface = ae_no_interface"]),
@@ -102,7 +109,9 @@ x = np.ones((1, 3, 8), np.float32)
 ref = engine.get_variant("multi-head", embed_dim=8, num_heads=2, seed=0)(x)[0]
 result["halved_ratio"] = float((ref / engine.get_variant("halved", embed_dim=8, num_heads=2, seed=0)(x)[0]).mean())
 for name in ("cross", "masked", "self"):
-    v = engine.get_variant(name, **type(engine.get_variant(name, embed_dim=8, num_heads=2) if name != "self" else engine.get_variant(name, embed_dim=8)).example_params(8, 2), seed=0)
+    sized = {"embed_dim": 8} if name == "self" else {"embed_dim": 8, "num_heads": 2}
+    cls = type(engine.get_variant(name, **sized))
+    v = engine.get_variant(name, **cls.example_params(8, 2), seed=0)
     out = v(**v.example_inputs(1, 4, rng=0))[0]
     result[f"{name}_finite"] = bool(np.isfinite(out).all())
 try:
@@ -149,30 +158,53 @@ def test_other_plugins_keep_working(probe):
     assert probe["halved_ratio"] == pytest.approx(2.0, rel=1e-5)
     assert {"halved", "multi-head", "cross", "masked", "self"} <= set(probe["names"])
     assert probe["cross_finite"] and probe["masked_finite"] and probe["self_finite"]
-    assert probe["listed_halved"] == [{"name": "halved", "description": "multi-head attention, output halved "
-                                       "(a good installed plugin)", "plugin": "halved", "distribution": "ae-good"}]
+    assert probe["listed_halved"] == [
+        {
+            "name": "halved",
+            "description": "multi-head attention, output halved (a good installed plugin)",
+            "plugin": "halved",
+            "distribution": "ae-good",
+        }
+    ]
     assert probe["cli_rc"] == 0 and "halved" in probe["cli_out"]
 
 
 def test_entry_point_whose_module_raises_on_import(probe):
-    assert _warned(probe, "skipping plugin 'import-fails' from distribution 'ae-import-fails'",
-                   "failed to import", "RuntimeError: boom at import"), probe["warnings"]
+    assert _warned(
+        probe,
+        "skipping plugin 'import-fails' from distribution 'ae-import-fails'",
+        "failed to import",
+        "RuntimeError: boom at import",
+    ), probe["warnings"]
     assert "import-fails" not in probe["plugins"]
 
 
 def test_entry_point_whose_module_does_not_exist(probe):
-    assert _warned(probe, "skipping plugin 'missing-module' from distribution 'ae-missing-module'",
-                   "ModuleNotFoundError", "ae_no_such_module"), probe["warnings"]
+    assert _warned(
+        probe,
+        "skipping plugin 'missing-module' from distribution 'ae-missing-module'",
+        "ModuleNotFoundError",
+        "ae_no_such_module",
+    ), probe["warnings"]
 
 
 def test_plugin_whose_hook_raises(probe):
-    assert _warned(probe, "plugin 'hook-raises' (distribution 'ae-hook-raises')",
-                   "hook attention_variants raised KeyError", "hook exploded"), probe["warnings"]
+    assert _warned(
+        probe,
+        "plugin 'hook-raises' (distribution 'ae-hook-raises')",
+        "hook attention_variants raised KeyError",
+        "hook exploded",
+    ), probe["warnings"]
 
 
-@pytest.mark.parametrize("what", ["does not implement forward()",
-                                  "does not declare its own non-empty class attribute 'name'",
-                                  "is not a subclass of engine.Variant"])
+@pytest.mark.parametrize(
+    "what",
+    [
+        "does not implement forward()",
+        "does not declare its own non-empty class attribute 'name'",
+        "is not a subclass of engine.Variant",
+    ],
+)
 def test_variant_class_missing_the_interface(probe, what):
     assert _warned(probe, "plugin 'no-interface' (distribution 'ae-no-interface')", what), probe["warnings"]
     assert not {"no-forward", "not-a-variant"} & set(probe["names"])
@@ -189,8 +221,9 @@ def test_two_plugins_with_the_same_variant_name(probe):
 
 
 def test_plugin_with_an_unknown_hook(probe):
-    assert _warned(probe, "skipping plugin 'typo-hook' (distribution 'ae-typo-hook')",
-                   "attention_variantz"), probe["warnings"]
+    assert _warned(probe, "skipping plugin 'typo-hook' (distribution 'ae-typo-hook')", "attention_variantz"), probe[
+        "warnings"
+    ]
     assert "typo-hook" not in probe["plugins"]
 
 

@@ -1,4 +1,5 @@
 """Plugins: run-time registration, real entry-point discovery, failures named clearly."""
+
 import json
 import os
 import subprocess
@@ -8,8 +9,9 @@ import numpy as np
 import pytest
 
 import engine
-from conftest import HANG_TIMEOUT_S, HALVED_PLUGIN, make_distribution
 from variants.multi_head import MultiHeadAttention
+
+from conftest import HALVED_PLUGIN, HANG_TIMEOUT_S, make_distribution
 
 
 class _Scaled(MultiHeadAttention):
@@ -62,8 +64,11 @@ def test_duplicate_variant_name_is_an_error_naming_both_plugins():
         def attention_variants(self):
             return [Dup]
 
-    with pytest.raises(engine.PluginError, match=r"'multi-head' is offered by both plugin 'variants.multi_head' "
-                       r"\(distribution 'attention-engine'\) and plugin 'dup'"):
+    with pytest.raises(
+        engine.PluginError,
+        match=r"'multi-head' is offered by both plugin 'variants.multi_head' "
+        r"\(distribution 'attention-engine'\) and plugin 'dup'",
+    ):
         engine.register_plugin(DupPlugin(), name="dup")
     assert not engine.get_plugin_manager().has_plugin("dup")
     assert type(engine.get_variant("multi-head", embed_dim=8, num_heads=2)) is MultiHeadAttention
@@ -116,18 +121,30 @@ print(json.dumps({"names": names, "warnings": [str(w.message) for w in caught],
 
 def test_entry_point_discovery_for_real(tmp_path):
     make_distribution(tmp_path, "ae-halved", "ae_halved_plugin", HALVED_PLUGIN, ["halved = ae_halved_plugin"])
-    make_distribution(tmp_path, "ae-broken", "ae_broken_plugin", "raise RuntimeError('boom at import')\n",
-                      ["broken = ae_broken_plugin"])
+    make_distribution(
+        tmp_path,
+        "ae-broken",
+        "ae_broken_plugin",
+        "raise RuntimeError('boom at import')\n",
+        ["broken = ae_broken_plugin"],
+    )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path)] + sys.path))
     res = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=HANG_TIMEOUT_S)
     assert res.returncode == 0, res.stderr
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert "halved" in got["names"] and "multi-head" in got["names"]
     assert got["ratio"] == pytest.approx(2.0, rel=1e-5)
-    assert got["listed"] == [{"name": "halved", "description": "multi-head attention, output halved (an installed test plugin)",
-                              "plugin": "halved", "distribution": "ae-halved"}]
-    assert any("skipping plugin 'broken' from distribution 'ae-broken'" in w and "boom at import" in w
-               for w in got["warnings"]), got["warnings"]
+    assert got["listed"] == [
+        {
+            "name": "halved",
+            "description": "multi-head attention, output halved (an installed test plugin)",
+            "plugin": "halved",
+            "distribution": "ae-halved",
+        }
+    ]
+    assert any(
+        "skipping plugin 'broken' from distribution 'ae-broken'" in w and "boom at import" in w for w in got["warnings"]
+    ), got["warnings"]
 
 
 # ---- limiting which installed plugins load (ATTENTION_ENGINE_BLOCK_PLUGINS, ..._DISABLE_PLUGIN_AUTOLOAD)
@@ -157,16 +174,15 @@ print(json.dumps({"imported": imported, "imported_after_discovery": imported_aft
 @pytest.fixture(scope="module")
 def limit_site(tmp_path_factory):
     root = tmp_path_factory.mktemp("limit-site")
-    make_distribution(root, "ae-kept", "ae_kept", HALVED_PLUGIN.replace('"halved"', '"kept"'),
-                      ["kept = ae_kept"])
-    make_distribution(root, "ae-unwanted", "ae_unwanted", HALVED_PLUGIN.replace('"halved"', '"unwanted"'),
-                      ["unwanted = ae_unwanted"])
+    make_distribution(root, "ae-kept", "ae_kept", HALVED_PLUGIN.replace('"halved"', '"kept"'), ["kept = ae_kept"])
+    make_distribution(
+        root, "ae-unwanted", "ae_unwanted", HALVED_PLUGIN.replace('"halved"', '"unwanted"'), ["unwanted = ae_unwanted"]
+    )
 
     def run(**env_extra):
         env = {k: v for k, v in os.environ.items() if not k.startswith("ATTENTION_ENGINE_")}
         env.update(PYTHONPATH=os.pathsep.join([str(root)] + sys.path), **env_extra)
-        res = subprocess.run([sys.executable, "-c", LIMIT_PROBE], capture_output=True, text=True,
-                             env=env, timeout=300)
+        res = subprocess.run([sys.executable, "-c", LIMIT_PROBE], capture_output=True, text=True, env=env, timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
         return json.loads(res.stdout.strip().splitlines()[-1])
 

@@ -11,6 +11,7 @@ Profiles: ``ci`` (default: derandomized, fixed examples, bounded time) and ``dev
 random examples): ``HYPOTHESIS_PROFILE=dev pytest tests/test_properties.py``. Tolerances live in
 ``tests/tolerances.py``.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,18 +23,25 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import engine
-from conftest import available_backends, variant_names
-from tolerances import (LONG_F32_BOUND, assert_out_close, lse_atol, out_atol, variant_atol)
 
-settings.register_profile("ci", derandomize=True, max_examples=100, deadline=None, database=None,
-                          print_blob=True, suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("dev", max_examples=600, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
+from conftest import available_backends, variant_names
+from tolerances import LONG_F32_BOUND, assert_out_close, lse_atol, out_atol, variant_atol
+
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    max_examples=100,
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("dev", max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 PROFILE = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # variants cost more per example (projections, weights); the ci profile runs fewer of them
 VARIANT_PROFILE = settings(PROFILE, max_examples=max(10, PROFILE.max_examples // 3))
 
-BACKENDS = available_backends()          # reference included: views vs contiguous copies
+BACKENDS = available_backends()  # reference included: views vs contiguous copies
 VARIANTS = variant_names()
 LAYOUTS = ("c", "transposed", "strided", "fortran", "negative")
 #: score entries (batch * heads * L * S) per drawn case: keeps the ci profile within its budget
@@ -119,10 +127,10 @@ def _check_against_reference(backend, case):
     lq, lk, lv, lm = case["layouts"]
     views = [as_layout(x, lay) for x, lay in ((q, lq), (k, lk), (v, lv))]
     mview = None if mask is None else as_layout(mask, lm)
-    out, lse = engine.scaled_dot_product_attention(*views, attn_mask=mview, backend=backend,
-                                                   return_lse=True, **kw)
-    ref, ref_lse = engine.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend="reference",
-                                                       return_lse=True, **kw)
+    out, lse = engine.scaled_dot_product_attention(*views, attn_mask=mview, backend=backend, return_lse=True, **kw)
+    ref, ref_lse = engine.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, backend="reference", return_lse=True, **kw
+    )
     assert out.shape == q.shape[:-1] + (v.shape[-1],) and out.dtype == dtype
     assert lse.shape == q.shape[:-1] and lse.dtype == dtype
     dead = np.isneginf(ref_lse)
@@ -143,6 +151,7 @@ def test_backend_matches_reference(backend, case):
 
 # -- variants -------------------------------------------------------------------------------------
 
+
 @st.composite
 def variant_cases(draw, name):
     from engine.plugins import variant_info
@@ -160,8 +169,11 @@ def variant_cases(draw, name):
     rng = np.random.default_rng(seed)
     S_eff = inputs.get("key", inputs["query"]).shape[1]
     nh = getattr(variant, "num_heads", 1)
-    kw = {"need_weights": draw(st.booleans()), "average_attn_weights": draw(st.booleans()),
-          "is_causal": draw(st.booleans())}
+    kw = {
+        "need_weights": draw(st.booleans()),
+        "average_attn_weights": draw(st.booleans()),
+        "is_causal": draw(st.booleans()),
+    }
     kpm = draw(st.sampled_from(["none", "some", "all-of-one"]))
     if kpm != "none":
         pad = rng.random((N, S_eff)) < 0.3
@@ -172,8 +184,9 @@ def variant_cases(draw, name):
     if am != "none":
         shape = (L, S_eff) if am.endswith("LS") else (N * nh, L, S_eff)
         blocked = rng.random(shape) < 0.3  # MHA polarity: True = not allowed
-        kw["attn_mask"] = blocked if am.startswith("bool") else np.where(
-            blocked, -np.inf, rng.standard_normal(shape)).astype(dtype)
+        kw["attn_mask"] = (
+            blocked if am.startswith("bool") else np.where(blocked, -np.inf, rng.standard_normal(shape)).astype(dtype)
+        )
     unbatched = N == 1 and draw(st.booleans())
     if unbatched:
         inputs = {key: val[0] for key, val in inputs.items()}
@@ -231,6 +244,7 @@ def test_variant_matches_reference(name, backend, data):
 
 
 # -- numerical stability --------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

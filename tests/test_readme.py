@@ -1,6 +1,7 @@
 """The Python examples of the README and of every documentation page run as written: each file's
 blocks in order, in one namespace, in a child process of its own (so the plugins they register do
 not leak into other tests). The site itself is built by ``mkdocs build --strict`` in ``.ci/run``."""
+
 import glob
 import os
 import re
@@ -27,6 +28,7 @@ def test_python_blocks_run(page, tmp_path):
     script = tmp_path / "examples.py"
     script.write_text("\n".join(blocks) + "\nprint('EXAMPLES OK')\n")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MPLBACKEND="Agg")
-    res = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
-                         env=env, timeout=HANG_TIMEOUT_S)
+    res = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=HANG_TIMEOUT_S
+    )
     assert res.returncode == 0 and "EXAMPLES OK" in res.stdout, f"{page}: {res.stderr[-3000:]}"

@@ -1,4 +1,5 @@
 """Concurrent calls from several Python threads: correct results, no abort; the thread count knob."""
+
 import os
 import threading
 

@@ -2,15 +2,17 @@
 on the masks that tell a correct classification from an off-by-one one: all allowed, none, all but
 one element, exactly one element, at every position of a tile, checked against a brute-force
 classification; and the cpu kernel on a mask that hides one element at a tile's last position."""
+
 import numpy as np
 import pytest
 
 import engine
 from engine.backends.cpu import _get_blas_pin, tile_sizes
 from engine.mods import EMPTY, FULL, PARTIAL
+
 from tolerances import assert_out_close, out_atol
 
-L, S, BQ, BK = 10, 11, 4, 4   # partial edge tiles on both axes
+L, S, BQ, BK = 10, 11, 4, 4  # partial edge tiles on both axes
 
 
 def table_mod(b, h, q_idx, kv_idx, table):
@@ -22,7 +24,7 @@ def _brute_force(table, bq, bk):
     kinds = np.empty((nq, nk), np.int8)
     for i in range(nq):
         for j in range(nk):
-            block = table[i * bq:(i + 1) * bq, j * bk:(j + 1) * bk]
+            block = table[i * bq : (i + 1) * bq, j * bk : (j + 1) * bk]
             kinds[i, j] = EMPTY if not block.any() else (FULL if block.all() else PARTIAL)
     return kinds
 
@@ -69,13 +71,13 @@ def test_cpu_kernel_with_one_element_at_a_tiles_last_position(dtype, pattern):
     """At the cpu kernel's own tile sizes, one element at the last row and column of the first
     tile decides whether the tile is partial: calling it full (or empty) changes that row."""
     bq, bk = tile_sizes(1 << 20, 16, 16, blas_pinned=_get_blas_pin().available)
-    Lk, Sk = bq + 7, bk + 5                   # a second, partial tile on both axes
+    Lk, Sk = bq + 7, bk + 5  # a second, partial tile on both axes
     table = np.ones((Lk, Sk), bool) if pattern.startswith("hide") else np.zeros((Lk, Sk), bool)
     table[bq - 1, bk - 1] = not table[bq - 1, bk - 1]
     table[:, -1] |= pattern.startswith("show")  # every row sees something outside the first tile
     rng = np.random.default_rng(8)
     q, k, v = (rng.standard_normal(s).astype(dtype) for s in ((1, 2, Lk, 16), (1, 2, Sk, 16), (1, 2, Sk, 16)))
-    k[..., bk - 1, :] = 3 * q[..., bq - 1, :].mean(axis=0)   # a large weight for the decisive element
+    k[..., bk - 1, :] = 3 * q[..., bq - 1, :].mean(axis=0)  # a large weight for the decisive element
     out = engine.scaled_dot_product_attention(q, k, v, mask_mod=table_mod, mod_args=(table,), backend="cpu")
     ref = engine.scaled_dot_product_attention(q, k, v, mask_mod=table_mod, mod_args=(table,), backend="reference")
     assert_out_close(out, ref, out_atol(dtype, q, k, v, None), what="one-element tile")

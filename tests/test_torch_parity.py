@@ -3,12 +3,14 @@ variants against nn.MultiheadAttention(batch_first=True) with the same weights.
 
 torch is a test requirement (``.ci/run`` installs it); these tests fail, never skip, without it.
 """
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import engine
+
 from conftest import available_backends, randn
 
 TOL = {np.float32: 1e-5, np.float64: 1e-10}
@@ -45,8 +47,17 @@ def _sdpa_case(rng, dtype, case):
     return q, k, v, kw
 
 
-CASES = ["plain", "bool_mask", "float_mask", "float_mask_inf", "causal_l_lt_s", "causal_l_gt_s",
-         "gqa", "e_ne_ev", "scale"]
+CASES = [
+    "plain",
+    "bool_mask",
+    "float_mask",
+    "float_mask_inf",
+    "causal_l_lt_s",
+    "causal_l_gt_s",
+    "gqa",
+    "e_ne_ev",
+    "scale",
+]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -66,8 +77,14 @@ def _torch_mha(variant, dtype, seed):
     torch.manual_seed(seed)
     kdim = getattr(variant, "kdim", None)
     vdim = getattr(variant, "vdim", None)
-    mha = torch.nn.MultiheadAttention(variant.embed_dim, variant.num_heads, batch_first=True,
-                                      kdim=kdim, vdim=vdim, dtype=torch.float64 if dtype == np.float64 else torch.float32)
+    mha = torch.nn.MultiheadAttention(
+        variant.embed_dim,
+        variant.num_heads,
+        batch_first=True,
+        kdim=kdim,
+        vdim=vdim,
+        dtype=torch.float64 if dtype == np.float64 else torch.float32,
+    )
     with torch.no_grad():
         for p in mha.parameters():
             p.uniform_(-0.5, 0.5)
@@ -75,9 +92,11 @@ def _torch_mha(variant, dtype, seed):
     return mha.eval()
 
 
-MHA_VARIANTS = [("multi-head", {"embed_dim": 32, "num_heads": 4}),
-                ("cross", {"embed_dim": 32, "num_heads": 4, "kdim": 12, "vdim": 20}),
-                ("masked", {"embed_dim": 32, "num_heads": 2})]
+MHA_VARIANTS = [
+    ("multi-head", {"embed_dim": 32, "num_heads": 4}),
+    ("cross", {"embed_dim": 32, "num_heads": 4, "kdim": 12, "vdim": 20}),
+    ("masked", {"embed_dim": 32, "num_heads": 2}),
+]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -95,11 +114,11 @@ def test_variants_match_torch_mha(backend, dtype, name, params, need_weights, av
     else:
         k = v = q
     kpm = np.zeros((N, S), dtype=bool)
-    kpm[0, -5:] = True   # padding at the end of the first sequence
+    kpm[0, -5:] = True  # padding at the end of the first sequence
     if name == "masked":
-        kpm[2, -2:] = True   # front padding + causal would fully mask row 0: torch MHA gives NaN there
+        kpm[2, -2:] = True  # front padding + causal would fully mask row 0: torch MHA gives NaN there
     else:
-        kpm[2, :3] = True    # padding at the start of the third sequence
+        kpm[2, :3] = True  # padding at the start of the third sequence
     call = dict(key_padding_mask=kpm, need_weights=need_weights, average_attn_weights=average)
     if name == "cross":
         out, w = variant(q, k, v, backend=backend, **call)
@@ -127,7 +146,7 @@ def test_multi_head_attn_mask_kinds_match_torch(backend, mask_kind, rng):
     x = randn(rng, (N, L, 16))
     kw = {}
     if mask_kind == "bool2d":
-        kw["attn_mask"] = rng.random((L, L)) > 0.7      # True = not allowed
+        kw["attn_mask"] = rng.random((L, L)) > 0.7  # True = not allowed
         np.fill_diagonal(kw["attn_mask"], False)
     elif mask_kind == "float3d":
         kw["attn_mask"] = randn(rng, (N * 2, L, L))

@@ -1,5 +1,6 @@
 """The training demo, short: a character-level LM trained with torch's attention and with the
 engine's, from the same initialisation and batches, agrees step by step (float64), and trains."""
+
 import json
 
 import numpy as np
@@ -9,13 +10,36 @@ from engine.cli import main
 
 def test_short_training_agrees_with_torch_step_by_step_and_trains(tmp_path):
     out_json, out_png = tmp_path / "losses.json", tmp_path / "losses.png"
-    rc = main(["train", "--steps", "25", "--dtype", "float64", "--d-model", "16", "--heads", "2", "--layers", "1",
-               "--context", "16", "--batch", "8", "--lr", "1e-2", "--threads", "1", "--json", str(out_json),
-               "--plot", str(out_png)])
+    rc = main(
+        [
+            "train",
+            "--steps",
+            "25",
+            "--dtype",
+            "float64",
+            "--d-model",
+            "16",
+            "--heads",
+            "2",
+            "--layers",
+            "1",
+            "--context",
+            "16",
+            "--batch",
+            "8",
+            "--lr",
+            "1e-2",
+            "--threads",
+            "1",
+            "--json",
+            str(out_json),
+            "--plot",
+            str(out_png),
+        ]
+    )
     assert rc == 0
     result = json.loads(out_json.read_text())
-    assert set(result["runs"]) == {"torch SDPA", "engine", "torch math + ALiBi bias tensor",
-                                   "engine ALiBi score_mod"}
+    assert set(result["runs"]) == {"torch SDPA", "engine", "torch math + ALiBi bias tensor", "engine ALiBi score_mod"}
     for name, diff in result["relative_difference"].items():
         assert len(diff) == 25
         assert max(diff) <= 1e-8, (name, max(diff))

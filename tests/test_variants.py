@@ -1,8 +1,10 @@
 """Every registered variant on every available backend against the reference backend."""
+
 import numpy as np
 import pytest
 
 import engine
+
 from conftest import available_backends, variant_names
 
 BACKENDS = [b for b in available_backends() if b != "reference"]
@@ -10,6 +12,7 @@ BACKENDS = [b for b in available_backends() if b != "reference"]
 
 def _params(name, embed_dim, num_heads):
     from engine.plugins import variant_info
+
     return variant_info()[0][name].cls.example_params(embed_dim, num_heads)
 
 
@@ -22,7 +25,7 @@ def test_variant_backend_matches_reference(backend, name, dtype, N, L, S):
     inputs = variant.example_inputs(N, L, key_length=S, rng=7)
     S_eff = inputs.get("key", inputs["query"]).shape[1]
     kpm = np.zeros((N, S_eff), dtype=bool)
-    kpm[:, S_eff - S_eff // 3:] = True if S_eff > 2 else False
+    kpm[:, S_eff - S_eff // 3 :] = True if S_eff > 2 else False
     out, w = variant(**inputs, key_padding_mask=kpm, need_weights=True, backend=backend)
     ref, ref_w = variant(**inputs, key_padding_mask=kpm, need_weights=True, backend="reference")
     assert out.dtype == dtype and out.shape == ref.shape == (N, L, variant.embed_dim)
@@ -49,11 +52,20 @@ def test_seed_reproducible_and_state_dict_round_trip(name):
 def test_state_dict_uses_torch_names():
     mh = engine.get_variant("multi-head", embed_dim=8, num_heads=2)
     assert {k: v.shape for k, v in mh.state_dict().items()} == {
-        "in_proj_weight": (24, 8), "in_proj_bias": (24,), "out_proj.weight": (8, 8), "out_proj.bias": (8,)}
+        "in_proj_weight": (24, 8),
+        "in_proj_bias": (24,),
+        "out_proj.weight": (8, 8),
+        "out_proj.bias": (8,),
+    }
     cross = engine.get_variant("cross", embed_dim=8, num_heads=2, kdim=3, vdim=5)
     assert {k: v.shape for k, v in cross.state_dict().items()} == {
-        "q_proj_weight": (8, 8), "k_proj_weight": (8, 3), "v_proj_weight": (8, 5), "in_proj_bias": (24,),
-        "out_proj.weight": (8, 8), "out_proj.bias": (8,)}
+        "q_proj_weight": (8, 8),
+        "k_proj_weight": (8, 3),
+        "v_proj_weight": (8, 5),
+        "in_proj_bias": (24,),
+        "out_proj.weight": (8, 8),
+        "out_proj.bias": (8,),
+    }
     assert set(engine.get_variant("self", embed_dim=8).state_dict()) == {"in_proj_weight", "in_proj_bias"}
 
 
@@ -117,8 +129,9 @@ def _accepts_key(name) -> bool:
 
 #: (N, L, S) with a zero somewhere; S != L only for variants that take a key/value sequence
 ZERO_SIZES = [(2, 0, 0), (0, 5, 5), (2, 5, 0), (2, 0, 3)]
-ZERO_CASES = [(name, sizes) for name in variant_names() for sizes in ZERO_SIZES
-              if sizes[1] == sizes[2] or _accepts_key(name)]
+ZERO_CASES = [
+    (name, sizes) for name in variant_names() for sizes in ZERO_SIZES if sizes[1] == sizes[2] or _accepts_key(name)
+]
 
 
 @pytest.mark.parametrize("backend", available_backends())

@@ -9,6 +9,7 @@ attention kernel then runs as on a GPU: projections, weight copies, masks, head 
 projection, weights, results in the caller's library. The same tests on torch CUDA tensors and
 CuPy arrays are in ``tests/test_cuda_simulator.py`` and run on a real GPU.
 """
+
 import array_api_strict as strict
 import numpy as np
 import pytest
@@ -16,8 +17,9 @@ import torch
 
 import engine
 import engine.variant
-from conftest import variant_names
 from engine.array_library import HOST, input_placement, placement_of
+
+from conftest import variant_names
 
 LIBRARIES = {"torch": torch.asarray, "array_api_strict": strict.asarray}
 
@@ -41,6 +43,7 @@ def _numpy(x):
 
 def _params(name, embed_dim, num_heads):
     from engine.plugins import variant_info
+
     return variant_info()[0][name].cls.example_params(embed_dim, num_heads)
 
 
@@ -57,10 +60,9 @@ def test_every_variant_computes_in_the_inputs_library(library, name, dtype):
     inputs = variant.example_inputs(2, 37, key_length=29, rng=5)
     S = inputs.get("key", inputs["query"]).shape[1]
     kpm = np.zeros((2, S), dtype=bool)
-    kpm[1, S - 7:] = True
+    kpm[1, S - 7 :] = True
     ref, ref_w = variant(**inputs, key_padding_mask=kpm, need_weights=True, backend="cpu")
-    out, w = variant(**_inputs_in(inputs, to_library), key_padding_mask=kpm, need_weights=True,
-                     backend="cpu")
+    out, w = variant(**_inputs_in(inputs, to_library), key_padding_mask=kpm, need_weights=True, backend="cpu")
     assert type(out) is type(to_library(np.zeros(1))) and type(w) is type(out)
     tol = 1e-5 if dtype == np.float32 else 1e-12
     assert _numpy(out).dtype == dtype
@@ -98,8 +100,9 @@ def test_weights_are_copied_once_and_refreshed_by_load_state_dict(library):
     assert w2 is not w1
     np.testing.assert_array_equal(_numpy(w2), state["in_proj_weight"])
     x = np.random.default_rng(2).standard_normal((2, 5, 8)).astype(np.float32)
-    np.testing.assert_allclose(_numpy(mh(to_library(x), backend="cpu")[0]), mh(x, backend="cpu")[0],
-                               atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+        _numpy(mh(to_library(x), backend="cpu")[0]), mh(x, backend="cpu")[0], atol=1e-5, rtol=1e-5
+    )
 
 
 def test_variant_that_computes_in_numpy_gets_host_copies_and_returns_to_the_library(library):
@@ -139,6 +142,7 @@ def test_inputs_from_different_places_are_refused(library):
 def test_device_arrays_of_other_producers_are_refused_with_a_clear_error():
     """Numba device arrays (here any __cuda_array_interface__ object that is not torch or CuPy)
     have no matrix product: a variant says so instead of failing inside NumPy."""
+
     class FakeDeviceArray:
         __cuda_array_interface__ = {"shape": (1, 3, 8), "typestr": "<f4", "data": (0, False), "version": 3}
 

@@ -20,6 +20,7 @@ result: ``|out - ref| <= VARIANT_UNITS[dtype] * u * max(1, max|ref|)`` (the same
 up to L = S = 16384 for unit-normal q, k, v and the default scale: max abs error of the output
 divided by max|v|.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,7 +28,7 @@ import math
 import numpy as np
 
 #: unit roundoff per dtype
-UNIT = {np.dtype(np.float32): 2.0 ** -24, np.dtype(np.float64): 2.0 ** -53}
+UNIT = {np.dtype(np.float32): 2.0**-24, np.dtype(np.float64): 2.0**-53}
 
 OUT_UNITS = {np.dtype(np.float32): 8.0, np.dtype(np.float64): 8.0}
 LSE_UNITS = {np.dtype(np.float32): 8.0, np.dtype(np.float64): 8.0}
@@ -39,10 +40,10 @@ try:
     import ml_dtypes
 
     _BF16 = np.dtype(ml_dtypes.bfloat16)
-    UNIT[_BF16], OUT_UNITS[_BF16], LSE_UNITS[_BF16] = 2.0 ** -8, 8.0, 8.0
+    UNIT[_BF16], OUT_UNITS[_BF16], LSE_UNITS[_BF16] = 2.0**-8, 8.0, 8.0
 except ImportError:
     pass
-UNIT[np.dtype(np.float16)], OUT_UNITS[np.dtype(np.float16)], LSE_UNITS[np.dtype(np.float16)] = 2.0 ** -11, 8.0, 8.0
+UNIT[np.dtype(np.float16)], OUT_UNITS[np.dtype(np.float16)], LSE_UNITS[np.dtype(np.float16)] = 2.0**-11, 8.0, 8.0
 VARIANT_UNITS = {np.dtype(np.float32): 32.0, np.dtype(np.float64): 32.0}
 
 #: float32 vs float64, L = S up to 16384, unit-normal inputs: |out - ref| / max|v|

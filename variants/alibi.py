@@ -1,4 +1,5 @@
 """``alibi``: attention with linear biases (Press et al., 2022), a ``score_mod`` with per-head slopes."""
+
 from __future__ import annotations
 
 import math
@@ -14,6 +15,7 @@ from .multi_head import MultiHeadAttention
 def alibi_slopes(num_heads: int) -> np.ndarray:
     """The paper's slopes: the geometric sequence 2^(-8/n), 2^(-16/n), ... for n heads; for n not a
     power of two, the slopes of the closest smaller power of two, then every other slope of 2n."""
+
     def power_of_two(n):
         start = 2.0 ** (-8.0 / n)
         return [start ** (i + 1) for i in range(n)]

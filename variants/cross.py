@@ -1,4 +1,5 @@
 """``cross``: queries from one sequence, keys and values from another (``kdim``/``vdim``)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,21 +21,26 @@ class CrossAttention(MultiHeadAttention):
 
     def __call__(self, query, key=None, value=None, **kwargs):
         if key is None:
-            raise ValueError("the 'cross' variant needs key (and optionally value): the sequence to "
-                             "attend to")
+            raise ValueError("the 'cross' variant needs key (and optionally value): the sequence to attend to")
         return super().__call__(query, key, value, **kwargs)
 
     @classmethod
     def example_params(cls, embed_dim: int = 64, num_heads: int = 8) -> dict:
-        return {"embed_dim": embed_dim, "num_heads": num_heads, "kdim": max(1, embed_dim // 2),
-                "vdim": max(1, (3 * embed_dim) // 4)}
+        return {
+            "embed_dim": embed_dim,
+            "num_heads": num_heads,
+            "kdim": max(1, embed_dim // 2),
+            "vdim": max(1, (3 * embed_dim) // 4),
+        }
 
     def example_inputs(self, batch, length, key_length=None, rng=None) -> dict:
         rng = np.random.default_rng(rng)
         S = key_length or length
-        return {"query": rng.standard_normal((batch, length, self.embed_dim)).astype(self.dtype),
-                "key": rng.standard_normal((batch, S, self.kdim)).astype(self.dtype),
-                "value": rng.standard_normal((batch, S, self.vdim)).astype(self.dtype)}
+        return {
+            "query": rng.standard_normal((batch, length, self.embed_dim)).astype(self.dtype),
+            "key": rng.standard_normal((batch, S, self.kdim)).astype(self.dtype),
+            "value": rng.standard_normal((batch, S, self.vdim)).astype(self.dtype),
+        }
 
 
 @hookimpl

@@ -1,4 +1,5 @@
 """``document``: block-diagonal attention over several sequences packed into one."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -45,8 +46,9 @@ class DocumentAttention(MultiHeadAttention):
         if ids.ndim == 1:
             ids = ids[None, ...]
         if not place.xp.isdtype(ids.dtype, "integral") or tuple(ids.shape) != (N, L):
-            raise ValueError(f"document_ids must be integers of shape (N, L) = {(N, L)}, got {ids.dtype} "
-                             f"{tuple(ids.shape)}")
+            raise ValueError(
+                f"document_ids must be integers of shape (N, L) = {(N, L)}, got {ids.dtype} {tuple(ids.shape)}"
+            )
         ids = place.put(ids, np.int64)
         if place.is_numpy:
             ids = np.ascontiguousarray(ids)
@@ -57,7 +59,8 @@ class DocumentAttention(MultiHeadAttention):
         inputs = super().example_inputs(batch, length, rng=rng)
         # three documents of unequal length packed in every row
         inputs["document_ids"] = np.broadcast_to(
-            np.searchsorted([length // 5, length // 2], np.arange(length), side="right"), (batch, length)).copy()
+            np.searchsorted([length // 5, length // 2], np.arange(length), side="right"), (batch, length)
+        ).copy()
         return inputs
 
 

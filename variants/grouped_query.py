@@ -1,4 +1,5 @@
 """``grouped-query``: multi-head attention with fewer key/value heads (GQA, Ainslie et al., 2023)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,15 +18,39 @@ class GroupedQueryAttention(MultiHeadAttention):
     name = "grouped-query"
     description = "multi-head attention with fewer key/value heads (GQA, num_kv_heads)"
 
-    def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: int = 1, bias: bool = True,
-                 add_bias_kv: bool = False, add_zero_attn: bool = False, batch_first: bool = True,
-                 dtype=np.float32, seed=None):
-        if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads < 1 \
-                or num_heads % num_kv_heads:
-            raise ValueError(f"num_kv_heads must be a positive divisor of num_heads ({num_heads}), got {num_kv_heads!r}")
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        num_kv_heads: int = 1,
+        bias: bool = True,
+        add_bias_kv: bool = False,
+        add_zero_attn: bool = False,
+        batch_first: bool = True,
+        dtype=np.float32,
+        seed=None,
+    ):
+        if (
+            isinstance(num_kv_heads, bool)
+            or not isinstance(num_kv_heads, int)
+            or num_kv_heads < 1
+            or num_heads % num_kv_heads
+        ):
+            raise ValueError(
+                f"num_kv_heads must be a positive divisor of num_heads ({num_heads}), got {num_kv_heads!r}"
+            )
         self.num_kv_heads = num_kv_heads
-        super().__init__(embed_dim, num_heads, bias=bias, add_bias_kv=add_bias_kv,
-                         add_zero_attn=add_zero_attn, batch_first=batch_first, dtype=dtype, seed=seed)
+        super().__init__(
+            embed_dim,
+            num_heads,
+            bias=bias,
+            add_bias_kv=add_bias_kv,
+            add_zero_attn=add_zero_attn,
+            batch_first=batch_first,
+            dtype=dtype,
+            seed=seed,
+        )
 
     def _init_projections(self):
         E, kv = self.embed_dim, self.num_kv_heads * self.head_dim
@@ -45,7 +70,7 @@ class GroupedQueryAttention(MultiHeadAttention):
             return ws + (None, None, None)
         E, kv = self.embed_dim, self.num_kv_heads * self.head_dim
         b = self.param("in_proj_bias", like)
-        return ws + (b[:E], b[E:E + kv], b[E + kv:])
+        return ws + (b[:E], b[E : E + kv], b[E + kv :])
 
     def attention_mods(self, N, L, S, **call_kwargs):
         super().attention_mods(N, L, S, **call_kwargs)

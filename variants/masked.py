@@ -1,4 +1,5 @@
 """``masked``: causal self-attention of a decoder, with key padding."""
+
 from __future__ import annotations
 
 from engine import hookimpl

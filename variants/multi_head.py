@@ -1,4 +1,5 @@
 """``multi-head``: ``torch.nn.MultiheadAttention(batch_first=True)`` on the engine's backends."""
+
 from __future__ import annotations
 
 import math
@@ -7,8 +8,8 @@ import numpy as np
 
 from engine import Variant, hookimpl
 from engine.array_library import Placement, placement_of, to_host
-from engine.materialised import attention_probabilities
 from engine.masks import mha_masks_to_sdpa
+from engine.materialised import attention_probabilities
 from engine.validation import validate_attention_args
 from engine.variant import check_fits_in_memory
 
@@ -39,9 +40,20 @@ class MultiHeadAttention(Variant):
     out_projection = True
     device_arrays = True
 
-    def __init__(self, embed_dim: int, num_heads: int, *, bias: bool = True, add_bias_kv: bool = False,
-                 add_zero_attn: bool = False, kdim: int | None = None, vdim: int | None = None,
-                 batch_first: bool = True, dtype=np.float32, seed=None):
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        bias: bool = True,
+        add_bias_kv: bool = False,
+        add_zero_attn: bool = False,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        batch_first: bool = True,
+        dtype=np.float32,
+        seed=None,
+    ):
         super().__init__(dtype=dtype, seed=seed, batch_first=batch_first)
         for argname, val in (("embed_dim", embed_dim), ("num_heads", num_heads)):
             if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
@@ -97,19 +109,18 @@ class MultiHeadAttention(Variant):
         E = self.embed_dim
         if self.same_embed_dim:
             w = self.param("in_proj_weight", like)
-            ws = (w[:E, ...], w[E:2 * E, ...], w[2 * E:, ...])
+            ws = (w[:E, ...], w[E : 2 * E, ...], w[2 * E :, ...])
         else:
             ws = tuple(self.param(n, like) for n in ("q_proj_weight", "k_proj_weight", "v_proj_weight"))
         if self.bias:
             b = self.param("in_proj_bias", like)
-            return ws + (b[:E], b[E:2 * E], b[2 * E:])
+            return ws + (b[:E], b[E : 2 * E], b[2 * E :])
         return ws + (None, None, None)
 
     def _heads(self, x, w, b, name, xp):
         """(N, T, d_in) @ W.T + b -> (N, W.shape[0] // head_dim, T, head_dim)."""
         if x.shape[-1] != w.shape[1]:
-            raise ValueError(f"{name} has {x.shape[-1]} features, expected {w.shape[1]} "
-                             f"(shape {tuple(x.shape)})")
+            raise ValueError(f"{name} has {x.shape[-1]} features, expected {w.shape[1]} (shape {tuple(x.shape)})")
         y = x @ w.T
         if b is not None:
             y += b
@@ -125,8 +136,20 @@ class MultiHeadAttention(Variant):
             raise TypeError(f"{self.name!r} got unexpected keyword arguments {sorted(call_kwargs)}")
         return {}
 
-    def forward(self, query, key, value, *, attn_mask, key_padding_mask, need_weights,
-                average_attn_weights, is_causal, backend, **call_kwargs):
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        *,
+        attn_mask,
+        key_padding_mask,
+        need_weights,
+        average_attn_weights,
+        is_causal,
+        backend,
+        **call_kwargs,
+    ):
         place = placement_of(query)  # NumPy, or the caller's GPU library: everything stays there
         xp = place.xp
         wq, wk, wv, bq, bk, bv = self.projection_weights(like=query)
@@ -135,22 +158,21 @@ class MultiHeadAttention(Variant):
         v = self._heads(value, wv, bv, "value", xp)
         N, H, L, _ = q.shape
         S = k.shape[2]
-        mask, causal = mha_masks_to_sdpa(attn_mask, key_padding_mask, is_causal, N, H, L, S, self.dtype,
-                                         place)
+        mask, causal = mha_masks_to_sdpa(attn_mask, key_padding_mask, is_causal, N, H, L, S, self.dtype, place)
         extra = self.attention_mods(N, L, S, **call_kwargs)
         if place.is_numpy and "mod_args" in extra:  # the cpu kernels take host arrays only
             extra["mod_args"] = tuple(to_host(a) for a in extra["mod_args"])
         appended = self._appended_keys(N, k.shape[1], query, place)
         weights = None
         if need_weights:  # materialises (N, H, L, S): checked before anything is allocated
-            check_fits_in_memory(N * H * L * S * 8 * 3, f"need_weights=True for (N, heads, L, S) = "
-                                 f"{(N, H, L, S)}")
+            check_fits_in_memory(N * H * L * S * 8 * 3, f"need_weights=True for (N, heads, L, S) = {(N, H, L, S)}")
             weights = self._weights(q, k, v, mask, causal, extra, place)
         if appended is None:
             out = place.put(self.attention(q, k, v, attn_mask=mask, is_causal=causal, backend=backend, **extra))
         else:
-            out, lse = self.attention(q, k, v, attn_mask=mask, is_causal=causal, backend=backend,
-                                      return_lse=True, **extra)
+            out, lse = self.attention(
+                q, k, v, attn_mask=mask, is_causal=causal, backend=backend, return_lse=True, **extra
+            )
             out, weights = _merge_appended(q, place.put(out), place.put(lse), *appended, weights, xp)
         if weights is not None and average_attn_weights:
             weights = xp.mean(weights, axis=1)
@@ -200,8 +222,8 @@ def _merge_appended(q, out, lse, keys, values, weights, xp):
     g = H // Hkv  # GQA: query heads per key/value head
     qg = xp.reshape(q, (N, Hkv, g * L, d))
     s = xp.reshape(qg @ xp.permute_dims(keys, (0, 1, 3, 2)), (N, H, L, X)) * (1.0 / math.sqrt(d))
-    top = xp.maximum(lse, xp.max(s, axis=-1))               # finite: the appended keys are visible
-    w_seq = xp.exp(lse - top)                                # 0 for rows that saw no key of the sequence
+    top = xp.maximum(lse, xp.max(s, axis=-1))  # finite: the appended keys are visible
+    w_seq = xp.exp(lse - top)  # 0 for rows that saw no key of the sequence
     w_app = xp.exp(s - top[..., None])
     total = w_seq + xp.sum(w_app, axis=-1)
     app_out = xp.reshape(xp.reshape(w_app, (N, Hkv, g * L, X)) @ values, (N, H, L, d))
@@ -214,4 +236,3 @@ def _merge_appended(q, out, lse, keys, values, weights, xp):
 @hookimpl
 def attention_variants():
     return [MultiHeadAttention]
-

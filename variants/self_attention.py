@@ -1,4 +1,5 @@
 """``self``: the seeds' single-head self-attention: Q, K, V projections, no output projection."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,14 +20,15 @@ class SelfAttention(MultiHeadAttention):
     description = "single-head self-attention of the seeds: Q/K/V projections, no output projection"
     out_projection = False
 
-    def __init__(self, embed_dim: int, *, bias: bool = True, batch_first: bool = True, dtype=np.float32,
-                 seed=None):
+    def __init__(self, embed_dim: int, *, bias: bool = True, batch_first: bool = True, dtype=np.float32, seed=None):
         super().__init__(embed_dim, 1, bias=bias, batch_first=batch_first, dtype=dtype, seed=seed)
 
     def __call__(self, query, key=None, value=None, **kwargs):
         if key is not None or value is not None:
-            raise ValueError("the 'self' variant computes keys and values from query; pass only "
-                             "query (use 'cross' or 'multi-head' for separate key/value)")
+            raise ValueError(
+                "the 'self' variant computes keys and values from query; pass only "
+                "query (use 'cross' or 'multi-head' for separate key/value)"
+            )
         return super().__call__(query, **kwargs)
 
     @classmethod

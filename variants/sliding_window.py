@@ -1,4 +1,5 @@
 """``sliding-window``: each query sees the keys within a window around its own position."""
+
 from __future__ import annotations
 
 from engine import hookimpl

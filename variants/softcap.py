@@ -1,4 +1,5 @@
 """``softcap``: tanh soft-capping of the attention scores, as in Gemma 2 (a ``score_mod``)."""
+
 from __future__ import annotations
 
 import math

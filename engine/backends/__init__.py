@@ -1,4 +1,5 @@
 """Compute backends. This module is also the plugin that contributes the built-in ones."""
+
 from ..hookspecs import hookimpl
 from .base import Backend
 from .cpu import CpuBackend

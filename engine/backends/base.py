@@ -1,4 +1,5 @@
 """The interface every backend implements (capabilities as class attributes, as xFormers ops)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -67,8 +68,9 @@ class Backend:
         if problem.dropout_p > 0 and not self.supports_dropout:
             reasons.append("dropout_p > 0 is not supported by this backend")
         if getattr(problem, "causal_offset", 0) and not self.supports_causal_offset:
-            reasons.append("a bottom-right causal mask (causal_lower_right with L != S) is not supported "
-                           "by this backend")
+            reasons.append(
+                "a bottom-right causal mask (causal_lower_right with L != S) is not supported by this backend"
+            )
         return reasons
 
     def run(self, problem: AttentionProblem) -> tuple[Any, Any]:
@@ -97,11 +99,14 @@ class Backend:
             reasons.append("KV-cache decoding (attention_with_kvcache) is not supported by this backend")
             return reasons
         if dtype_name(problem.dtype) not in self.decode_dtypes:
-            reasons.append(f"query dtype {problem.dtype.name} not supported for decoding (supports "
-                           f"{', '.join(self.decode_dtypes)})")
+            reasons.append(
+                f"query dtype {problem.dtype.name} not supported for decoding (supports "
+                f"{', '.join(self.decode_dtypes)})"
+            )
         if dtype_name(problem.cache_dtype) not in self.decode_cache_dtypes:
-            reasons.append(f"cache dtype {problem.cache_dtype.name} not supported (supports "
-                           f"{', '.join(self.decode_cache_dtypes)})")
+            reasons.append(
+                f"cache dtype {problem.cache_dtype.name} not supported (supports {', '.join(self.decode_cache_dtypes)})"
+            )
         if problem.on_device and not self.device_arrays:
             reasons.append("inputs are device arrays; this backend takes host arrays")
         if problem.has_mods and not self.supports_mods:
@@ -120,12 +125,21 @@ class Backend:
     def capabilities(self) -> dict:
         """What ``attention-engine list`` prints about this backend."""
         why = self.unavailable_reason()
-        return {"name": self.name, "description": self.description, "dtypes": list(self.dtypes),
-                "host_arrays": self.host_arrays, "device_arrays": self.device_arrays,
-                "mods": self.supports_mods, "backward": self.supports_backward,
-                "dropout": self.supports_dropout, "causal_lower_right": self.supports_causal_offset,
-                "decode": self.supports_decode,
-                "priority": self.priority, "available": why is None, "unavailable_reason": why}
+        return {
+            "name": self.name,
+            "description": self.description,
+            "dtypes": list(self.dtypes),
+            "host_arrays": self.host_arrays,
+            "device_arrays": self.device_arrays,
+            "mods": self.supports_mods,
+            "backward": self.supports_backward,
+            "dropout": self.supports_dropout,
+            "causal_lower_right": self.supports_causal_offset,
+            "decode": self.supports_decode,
+            "priority": self.priority,
+            "available": why is None,
+            "unavailable_reason": why,
+        }
 
 
 _dtype_names: dict = {}

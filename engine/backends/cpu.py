@@ -1,4 +1,5 @@
 """The ``cpu`` backend: validation done, this wrapper lays out arrays and calls the Numba kernel."""
+
 from __future__ import annotations
 
 import contextlib
@@ -8,8 +9,16 @@ import threading
 
 import numpy as np
 
-from ..config import (BLAS_SINGLE_THREAD_MNK, CPU_BIG_BLOCK_Q, CPU_BLOCK_K, CPU_BLOCK_Q, CPU_BWD_BLOCK_Q,
-                      CPU_BWD_MIN_TASKS_PER_THREAD, CPU_SERIAL_MAX_WORK, CPU_TASK_ROWS)
+from ..config import (
+    BLAS_SINGLE_THREAD_MNK,
+    CPU_BIG_BLOCK_Q,
+    CPU_BLOCK_K,
+    CPU_BLOCK_Q,
+    CPU_BWD_BLOCK_Q,
+    CPU_BWD_MIN_TASKS_PER_THREAD,
+    CPU_SERIAL_MAX_WORK,
+    CPU_TASK_ROWS,
+)
 from ..gemm_providers import get_gemm_provider, sixteen_bit_gemm
 from ..kernels.gemm import GEMM_NUMPY
 from ..kernels.kinds import MASK_BOOL, MASK_FLOAT, MASK_NONE, TILE_FULL
@@ -19,8 +28,7 @@ from ..threads import get_num_threads, kernel_call_guard
 from ..validation import AttentionProblem
 from .base import Backend
 
-__all__ = ["CpuBackend", "tile_sizes", "backward_tile_sizes", "backward_splits", "split_bounds",
-           "dropout_args"]
+__all__ = ["CpuBackend", "tile_sizes", "backward_tile_sizes", "backward_splits", "split_bounds", "dropout_args"]
 
 
 class _BlasPin:
@@ -164,8 +172,10 @@ def _dummy_masks(dtype: np.dtype):
     compiled signature); the kernel never reads them."""
     pair = _dummies.get(dtype)
     if pair is None:
-        pair = _dummies[dtype] = (np.broadcast_to(np.zeros((1, 1, 1, 1), dtype=dtype), (1, 1, 1, 2)),
-                                  np.broadcast_to(np.ones((1, 1, 1, 1), dtype=np.bool_), (1, 1, 1, 2)))
+        pair = _dummies[dtype] = (
+            np.broadcast_to(np.zeros((1, 1, 1, 1), dtype=dtype), (1, 1, 1, 2)),
+            np.broadcast_to(np.ones((1, 1, 1, 1), dtype=np.bool_), (1, 1, 1, 2)),
+        )
     return pair
 
 
@@ -252,8 +262,9 @@ class CpuBackend(Backend):
         if getattr(problem, "needs_backward", False) and problem.dtype.name in SIXTEEN_BIT:
             reasons.append(f"no backward pass for {problem.dtype.name} in this backend (float32 and float64 only)")
         if getattr(problem, "needs_backward", False) and problem.causal_offset:
-            reasons.append("no backward pass for a bottom-right causal mask (causal_lower_right with "
-                           "L != S) in this backend")
+            reasons.append(
+                "no backward pass for a bottom-right causal mask (causal_lower_right with L != S) in this backend"
+            )
         return reasons
 
     def capabilities(self) -> dict:
@@ -263,9 +274,13 @@ class CpuBackend(Backend):
         info = gemm_provider_info()
         providers = info["providers"]
         caps["gemm"] = info
-        caps["notes"] = [f"tile products ({info['requested']}): " + "; ".join(
-            f"{dt} {name}" + ("" if " " in name else f" ({providers[name]})") for dt, name in info["in_use"].items())
-            + "; choose with ATTENTION_ENGINE_GEMM or engine.set_gemm_provider"]
+        caps["notes"] = [
+            f"tile products ({info['requested']}): "
+            + "; ".join(
+                f"{dt} {name}" + ("" if " " in name else f" ({providers[name]})") for dt, name in info["in_use"].items()
+            )
+            + "; choose with ATTENTION_ENGINE_GEMM or engine.set_gemm_provider"
+        ]
         return caps
 
     def run(self, problem: AttentionProblem):
@@ -289,9 +304,11 @@ class CpuBackend(Backend):
 
             bits = tuple(_as4(a, problem.batch).view(np.uint16) for a in (problem.query, problem.key))
             kind = GEMM_CBLAS_BF16 if problem.dtype.name == "bfloat16" else GEMM_CBLAS_F16
-            out, lse = self._run(dataclasses.replace(problem, attn_mask=mask, dtype=f32),
-                                 arrays=bits + (v.view(np.uint16),),
-                                 gemm=(kind, half.pointer(problem.dtype.name)))
+            out, lse = self._run(
+                dataclasses.replace(problem, attn_mask=mask, dtype=f32),
+                arrays=bits + (v.view(np.uint16),),
+                gemm=(kind, half.pointer(problem.dtype.name)),
+            )
         else:  # widened: O(L) next to the O(L^2) kernel
             q32, k32 = (_widen(_as4(a, problem.batch)) for a in (problem.query, problem.key))
             wide = dataclasses.replace(problem, query=q32, key=k32, value=_widen(v), attn_mask=mask, dtype=f32)
@@ -330,9 +347,30 @@ class CpuBackend(Backend):
         serial = B * Hq * L * S * (problem.E + problem.Ev) <= CPU_SERIAL_MAX_WORK
         kernel = _kernels().flash_kernel(problem.score_mod, problem.mask_mod, serial)
         with kernel_call_guard(), pin:
-            kernel(q, k, v, fmask, bmask, mask_batch, kind, problem.is_causal, problem.causal_offset,
-                   problem.scale, problem.group, block_q, block_k, sub_tiles, problem.mod_args,
-                   problem.score_mod is not None, tile_kinds, dropout_args(problem), gemm[0], gemm[1], out, lse)
+            kernel(
+                q,
+                k,
+                v,
+                fmask,
+                bmask,
+                mask_batch,
+                kind,
+                problem.is_causal,
+                problem.causal_offset,
+                problem.scale,
+                problem.group,
+                block_q,
+                block_k,
+                sub_tiles,
+                problem.mod_args,
+                problem.score_mod is not None,
+                tile_kinds,
+                dropout_args(problem),
+                gemm[0],
+                gemm[1],
+                out,
+                lse,
+            )
         return out.reshape(problem.out_shape), lse.reshape(problem.lse_shape)
 
     def decode(self, problem):
@@ -343,11 +381,19 @@ class CpuBackend(Backend):
     def run_backward(self, problem: AttentionProblem):
         from ..kernels.cpu_flash_bwd import _backward_epilogue, _backward_prologue, backward_kernel
 
-        B, Hq, H, L, S, E, Ev = (problem.batch, problem.num_q_heads, problem.num_kv_heads, problem.L,
-                                 problem.S, problem.E, problem.Ev)
+        B, Hq, H, L, S, E, Ev = (
+            problem.batch,
+            problem.num_q_heads,
+            problem.num_kv_heads,
+            problem.L,
+            problem.S,
+            problem.E,
+            problem.Ev,
+        )
         dt = problem.dtype
-        q, k, v, o, do = (_as4(a, B) for a in (problem.query, problem.key, problem.value, problem.out,
-                                               problem.grad_out))
+        q, k, v, o, do = (
+            _as4(a, B) for a in (problem.query, problem.key, problem.value, problem.out, problem.grad_out)
+        )
         lse = np.ascontiguousarray(problem.lse, dtype=dt).reshape(B, Hq, L)
         fmask, bmask, mask_batch, kind = _kernel_masks(problem)
         # the forward's provider and tiles: the scores are recomputed with the very same products
@@ -376,11 +422,40 @@ class CpuBackend(Backend):
         dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
         kernel = backward_kernel(problem.score_mod, problem.score_grad, problem.mask_mod)
         _backward_prologue(q, o, do, lse, problem.scale, fq, qs, qst, delta, lrow)
-        with kernel_call_guard(), (_NO_PIN if pin is None else pin()):
-            kernel(qs, qst, fq, k, v, do, lrow, delta, fmask, bmask, mask_batch, kind, problem.is_causal,
-                   problem.group, block_q, block_k, splits, bounds, problem.mod_args,
-                   problem.score_mod is not None, tile_kinds, dropout_args(problem), gemm[0], gemm[1], dm_rows,
-                   dm_cols, want_dm, dq_part, dk, dv, dm)
+        with kernel_call_guard(), _NO_PIN if pin is None else pin():
+            kernel(
+                qs,
+                qst,
+                fq,
+                k,
+                v,
+                do,
+                lrow,
+                delta,
+                fmask,
+                bmask,
+                mask_batch,
+                kind,
+                problem.is_causal,
+                problem.group,
+                block_q,
+                block_k,
+                splits,
+                bounds,
+                problem.mod_args,
+                problem.score_mod is not None,
+                tile_kinds,
+                dropout_args(problem),
+                gemm[0],
+                gemm[1],
+                dm_rows,
+                dm_cols,
+                want_dm,
+                dq_part,
+                dk,
+                dv,
+                dm,
+            )
         _backward_epilogue(dq_part, problem.scale, dq)
         dmask = None
         if want_dm:
@@ -388,8 +463,7 @@ class CpuBackend(Backend):
                 dm = dm.sum(axis=-1, keepdims=True)
             dm = dm.reshape(problem.batch_shape + (Hq,) + dm.shape[-2:]) if problem.query.ndim > 2 else dm[0, 0]
             dmask = reduce_to_shape(dm, mshape).astype(problem.attn_mask.dtype)
-        return (dq.reshape(problem.query.shape), dk.reshape(problem.key.shape),
-                dv.reshape(problem.value.shape), dmask)
+        return (dq.reshape(problem.query.shape), dk.reshape(problem.key.shape), dv.reshape(problem.value.shape), dmask)
 
     @staticmethod
     def _tile_kinds(problem: AttentionProblem, block_q: int, block_k: int) -> np.ndarray:
@@ -399,6 +473,14 @@ class CpuBackend(Backend):
 
         bm = problem.block_mask
         if bm is None:
-            bm = create_block_mask(problem.mask_mod, problem.batch, problem.num_q_heads, problem.L,
-                                   problem.S, mod_args=problem.mod_args, block_q=block_q, block_k=block_k)
+            bm = create_block_mask(
+                problem.mask_mod,
+                problem.batch,
+                problem.num_q_heads,
+                problem.L,
+                problem.S,
+                mod_args=problem.mod_args,
+                block_q=block_q,
+                block_k=block_k,
+            )
         return bm.kinds_at(block_q, block_k)

@@ -1,4 +1,5 @@
 """The ``cpu`` backend's ``decode``: lays out a validated ``DecodeProblem`` for the split-KV kernel."""
+
 from __future__ import annotations
 
 import contextlib
@@ -98,12 +99,32 @@ def run_decode(problem: DecodeProblem, blas_pin):
     kernel = _kernels().decode_kernel(problem.score_mod, problem.mask_mod, serial)
     # few rows per task: the kernel's own loops, no BLAS call, so nothing to pin (it costs microseconds)
     small = group * L <= DECODE_FUSED_ROWS
-    with kernel_call_guard(), (_NO_PIN if small else blas_pin()):
-        kernel(q, _pages(problem.k_cache), _pages(problem.v_cache), table, seqlens_k,
-               problem.is_causal, left, right, problem.scale, group, half_kind,
-               bool(half_kind or problem.page_table is not None), splits, DECODE_BLOCK_K,
-               DECODE_BLOCK_ROWS, DECODE_FUSED_ROWS, problem.mod_args, problem.score_mod is not None,
-               problem.mask_mod is not None, part_out, part_lse, out, lse)
+    with kernel_call_guard(), _NO_PIN if small else blas_pin():
+        kernel(
+            q,
+            _pages(problem.k_cache),
+            _pages(problem.v_cache),
+            table,
+            seqlens_k,
+            problem.is_causal,
+            left,
+            right,
+            problem.scale,
+            group,
+            half_kind,
+            bool(half_kind or problem.page_table is not None),
+            splits,
+            DECODE_BLOCK_K,
+            DECODE_BLOCK_ROWS,
+            DECODE_FUSED_ROWS,
+            problem.mod_args,
+            problem.score_mod is not None,
+            problem.mask_mod is not None,
+            part_out,
+            part_lse,
+            out,
+            lse,
+        )
     out = out.reshape(problem.out_shape)
     lse = lse.reshape(problem.lse_shape)
     if problem.dtype != compute:

@@ -17,6 +17,7 @@ Arrays:
   stream). The call does not synchronise for device inputs, so the result is ordered after
   earlier work on that stream and before later work, exactly as the library's own operations.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,7 +33,6 @@ from ..validation import AttentionProblem, is_bfloat16
 from .base import Backend
 
 __all__ = ["CudaBackend", "tile_sizes", "flat_layout"]
-
 
 
 def tile_sizes(E: int, Ev: int) -> tuple[int, int]:
@@ -63,8 +63,9 @@ def flat_layout(shape, strides, itemsize: int, batch_shape: tuple, rank: int):
     el = []
     for n, st in zip(shape, strides):
         if st % itemsize:
-            raise ValueError(f"array of shape {shape} has stride {st} bytes, not a multiple of its "
-                             f"item size {itemsize}")
+            raise ValueError(
+                f"array of shape {shape} has stride {st} bytes, not a multiple of its item size {itemsize}"
+            )
         el.append(0 if n == 1 else st // itemsize)
     pad = rank - len(shape)
     shape = (1,) * pad + shape
@@ -176,10 +177,14 @@ class _DeviceArrays:
         dtype = np.dtype(typestr)
         if math.prod(cai["shape"]) == 0:
             return _dummy(self.cuda, dtype, problem, self.stream)
-        lo, span, offs, st = flat_layout(cai["shape"], cai.get("strides"), dtype.itemsize,
-                                         problem.batch_shape, rank)
-        desc = {"shape": (span,), "strides": None, "typestr": typestr,
-                "data": (cai["data"][0] + lo * dtype.itemsize, False), "version": 3}
+        lo, span, offs, st = flat_layout(cai["shape"], cai.get("strides"), dtype.itemsize, problem.batch_shape, rank)
+        desc = {
+            "shape": (span,),
+            "strides": None,
+            "typestr": typestr,
+            "data": (cai["data"][0] + lo * dtype.itemsize, False),
+            "version": 3,
+        }
         # no stream sync: the kernel runs on the stream that produced the array
         return self.cuda.from_cuda_array_interface(desc, owner=arr, sync=False), offs, st
 
@@ -230,8 +235,16 @@ def _tile_kinds(problem: AttentionProblem, block_q: int, block_k: int) -> np.nda
     bm = problem.block_mask
     if bm is None:
         args = tuple(_host_copy(a) for a in problem.mod_args)
-        bm = create_block_mask(problem.mask_mod, problem.batch, problem.num_q_heads, problem.L,
-                               problem.S, mod_args=args, block_q=block_q, block_k=block_k)
+        bm = create_block_mask(
+            problem.mask_mod,
+            problem.batch,
+            problem.num_q_heads,
+            problem.L,
+            problem.S,
+            mod_args=args,
+            block_q=block_q,
+            block_k=block_k,
+        )
     return bm.kinds_at(block_q, block_k)
 
 
@@ -245,8 +258,7 @@ def _host_copy(value):
 
 def _dummy(cuda, dtype, problem, stream):
     """A one-element stand-in for an operand the kernel never reads (no mask, or size 0)."""
-    return (cuda.to_device(np.zeros(1, dtype=dtype), stream=stream),
-            np.zeros(problem.batch, dtype=np.int64), (0, 0, 0))
+    return (cuda.to_device(np.zeros(1, dtype=dtype), stream=stream), np.zeros(problem.batch, dtype=np.int64), (0, 0, 0))
 
 
 def _torch_dtype(torch, dtype):
@@ -303,8 +315,10 @@ class CudaBackend(Backend):
     def not_supported_reasons(self, problem: AttentionProblem) -> list[str]:
         reasons = super().not_supported_reasons(problem)
         if max(problem.E, 1) + max(problem.Ev, 1) > CUDA_MAX_HEAD_SUM:
-            reasons.append(f"E + Ev = {problem.E + problem.Ev} > {CUDA_MAX_HEAD_SUM} (the key/value "
-                           "tiles would not fit in shared memory)")
+            reasons.append(
+                f"E + Ev = {problem.E + problem.Ev} > {CUDA_MAX_HEAD_SUM} (the key/value "
+                "tiles would not fit in shared memory)"
+            )
         return reasons
 
     def run(self, problem: AttentionProblem):
@@ -317,8 +331,7 @@ class CudaBackend(Backend):
     def _run(self, problem, cuda, arrays):
         from ..kernels.cuda_flash_fwd import flash_kernel
 
-        B, Hq, L, S, E, Ev = (problem.batch, problem.num_q_heads, problem.L, problem.S,
-                              problem.E, problem.Ev)
+        B, Hq, L, S, E, Ev = (problem.batch, problem.num_q_heads, problem.L, problem.S, problem.E, problem.Ev)
         if 0 in (B, Hq, L, Ev):
             return arrays.empty_result(problem)
         bq, bk = tile_sizes(E, Ev)
@@ -347,10 +360,32 @@ class CudaBackend(Backend):
             kinds = np.ascontiguousarray(_tile_kinds(problem, bq, bk))
         d_kinds = cuda.to_device(kinds, stream=arrays.stream)
         mask_bf16 = kind == MASK_FLOAT and ops[3][0].dtype == np.uint16
-        kern = flash_kernel(E, Ev, bq, bk, kind, problem.is_causal, problem.score_mod, problem.mask_mod,
-                            bf16=is_bfloat16(problem.dtype), mask_bf16=mask_bf16)
+        kern = flash_kernel(
+            E,
+            Ev,
+            bq,
+            bk,
+            kind,
+            problem.is_causal,
+            problem.score_mod,
+            problem.mask_mod,
+            bf16=is_bfloat16(problem.dtype),
+            mask_bf16=mask_bf16,
+        )
         grid = (math.ceil(L / bq), Hq, B)
-        kern[grid, bq, arrays.stream](ops[0][0], ops[1][0], ops[2][0], ops[3][0], d_meta, L, S,
-                                      problem.group, problem.scale, mod_args, d_kinds,
-                                      arrays.as_numba(out), arrays.as_numba(lse))
+        kern[grid, bq, arrays.stream](
+            ops[0][0],
+            ops[1][0],
+            ops[2][0],
+            ops[3][0],
+            d_meta,
+            L,
+            S,
+            problem.group,
+            problem.scale,
+            mod_args,
+            d_kinds,
+            arrays.as_numba(out),
+            arrays.as_numba(lse),
+        )
         return arrays.finish(out, lse, problem)

@@ -1,4 +1,5 @@
 """The ``reference`` backend: plain NumPy, materialises the score matrix. The test oracle."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -69,13 +70,28 @@ class ReferenceBackend(Backend):
             if right >= 0:
                 visible &= j <= pos + right
             sub = AttentionProblem(
-                query=problem.query[b], key=k, value=v, attn_mask=visible, mask_kind="bool", batch_shape=(),
+                query=problem.query[b],
+                key=k,
+                value=v,
+                attn_mask=visible,
+                mask_kind="bool",
+                batch_shape=(),
                 lead_shape=(problem.num_q_heads,),
-                num_q_heads=problem.num_q_heads, num_kv_heads=problem.num_kv_heads, L=problem.L, S=S,
-                E=problem.E, Ev=problem.Ev, dtype=problem.dtype, is_causal=False, scale=problem.scale,
-                return_lse=True, on_device=False, mod_args=problem.mod_args,
+                num_q_heads=problem.num_q_heads,
+                num_kv_heads=problem.num_kv_heads,
+                L=problem.L,
+                S=S,
+                E=problem.E,
+                Ev=problem.Ev,
+                dtype=problem.dtype,
+                is_causal=False,
+                scale=problem.scale,
+                return_lse=True,
+                on_device=False,
+                mod_args=problem.mod_args,
                 score_mod=_at_positions(problem.score_mod, b, first, True),
-                mask_mod=_at_positions(problem.mask_mod, b, first, False))
+                mask_mod=_at_positions(problem.mask_mod, b, first, False),
+            )
             out[b], lse[b] = self.run(sub)
         return out, lse
 

@@ -35,15 +35,39 @@ protocol), :mod:`.measure` (one case at one length), :mod:`.baselines` (torch la
 attention, operation counts; reused by ``bench/``), :mod:`.machine`, :mod:`.report` (summary, table,
 JSON), :mod:`.plot`.
 """
-from .baselines import (as_torch_inputs, available_backends, device_synchronizer, numpy_sdpa, sdpa_flop,
-                        torch_mha_forward, torch_mha_like, variant_flop)
+
+from .baselines import (
+    as_torch_inputs,
+    available_backends,
+    device_synchronizer,
+    numpy_sdpa,
+    sdpa_flop,
+    torch_mha_forward,
+    torch_mha_like,
+    variant_flop,
+)
 from .cli import DEFAULT_LENGTHS, FULL_LENGTHS, add_arguments, run
 from .machine import machine_info
 from .measure import predicted_skip
 from .plot import write_plot
 from .report import format_summary, format_table
 
-__all__ = ["add_arguments", "run", "numpy_sdpa", "torch_mha_like", "torch_mha_forward",
-           "variant_flop", "sdpa_flop", "available_backends", "machine_info", "device_synchronizer",
-           "as_torch_inputs", "format_table", "format_summary", "write_plot", "predicted_skip",
-           "DEFAULT_LENGTHS", "FULL_LENGTHS"]
+__all__ = [
+    "add_arguments",
+    "run",
+    "numpy_sdpa",
+    "torch_mha_like",
+    "torch_mha_forward",
+    "variant_flop",
+    "sdpa_flop",
+    "available_backends",
+    "machine_info",
+    "device_synchronizer",
+    "as_torch_inputs",
+    "format_table",
+    "format_summary",
+    "write_plot",
+    "predicted_skip",
+    "DEFAULT_LENGTHS",
+    "FULL_LENGTHS",
+]

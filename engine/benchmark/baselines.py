@@ -1,5 +1,6 @@
 """The baselines and building blocks of the benchmark: torch's layers loaded with a variant's
 weights, plain NumPy attention, operation counts (also used by ``bench/``)."""
+
 from __future__ import annotations
 
 import math
@@ -7,8 +8,16 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["available_backends", "numpy_sdpa", "sdpa_flop", "variant_flop", "torch_mha_like",
-           "torch_mha_forward", "as_torch_inputs", "device_synchronizer"]
+__all__ = [
+    "available_backends",
+    "numpy_sdpa",
+    "sdpa_flop",
+    "variant_flop",
+    "torch_mha_like",
+    "torch_mha_forward",
+    "as_torch_inputs",
+    "device_synchronizer",
+]
 
 
 def available_backends() -> list[str]:
@@ -69,9 +78,15 @@ def torch_mha_like(variant):
     H = getattr(variant, "num_heads", 1)
     state = variant.state_dict()
     try:
-        mha = torch.nn.MultiheadAttention(E, H, bias="in_proj_bias" in state, batch_first=True,
-                                          kdim=getattr(variant, "kdim", E), vdim=getattr(variant, "vdim", E),
-                                          dtype=torch.float64 if variant.dtype == np.float64 else torch.float32)
+        mha = torch.nn.MultiheadAttention(
+            E,
+            H,
+            bias="in_proj_bias" in state,
+            batch_first=True,
+            kdim=getattr(variant, "kdim", E),
+            vdim=getattr(variant, "vdim", E),
+            dtype=torch.float64 if variant.dtype == np.float64 else torch.float32,
+        )
     except Exception as exc:
         return None, f"torch.nn.MultiheadAttention cannot take the sizes of {variant.name!r}: {exc}"
     target = mha.state_dict()
@@ -119,8 +134,7 @@ def as_torch_inputs(inputs: dict) -> dict:
     """The same inputs as torch tensors sharing memory with the NumPy arrays."""
     import torch
 
-    return {n: torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
-            for n, x in inputs.items()}
+    return {n: torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x for n, x in inputs.items()}
 
 
 def device_synchronizer(backend: str | None) -> Callable[[], None]:

@@ -1,4 +1,5 @@
 """``attention-engine bench``: its options, and the run that ties measurement, report and plot."""
+
 from __future__ import annotations
 
 import argparse
@@ -46,33 +47,64 @@ def _positive(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--variants", default=None, metavar="NAMES",
-                        help="comma-separated variant names (default: every registered variant; 'none' for none)")
-    parser.add_argument("--backends", default=None, metavar="NAMES",
-                        help="comma-separated backend names (default: every backend available here)")
-    parser.add_argument("--lengths", type=_lengths, default=None, metavar="L1,L2,...",
-                        help=f"sequence lengths (default {','.join(map(str, DEFAULT_LENGTHS))}; "
-                             f"with --full {','.join(map(str, FULL_LENGTHS))})")
+    parser.add_argument(
+        "--variants",
+        default=None,
+        metavar="NAMES",
+        help="comma-separated variant names (default: every registered variant; 'none' for none)",
+    )
+    parser.add_argument(
+        "--backends",
+        default=None,
+        metavar="NAMES",
+        help="comma-separated backend names (default: every backend available here)",
+    )
+    parser.add_argument(
+        "--lengths",
+        type=_lengths,
+        default=None,
+        metavar="L1,L2,...",
+        help=f"sequence lengths (default {','.join(map(str, DEFAULT_LENGTHS))}; "
+        f"with --full {','.join(map(str, FULL_LENGTHS))})",
+    )
     parser.add_argument("--full", action="store_true", help="the whole grid of lengths (minutes)")
     parser.add_argument("--batch", type=_positive, default=2, help="batch size N (default 2)")
     parser.add_argument("--embed-dim", type=_positive, default=256, help="embed_dim E (default 256)")
     parser.add_argument("--heads", type=_positive, default=4, help="attention heads (default 4: head_dim 64)")
-    parser.add_argument("--threads", type=_positive, default=None,
-                        help="threads for the engine, NumPy's BLAS and torch alike (default: all cores)")
+    parser.add_argument(
+        "--threads",
+        type=_positive,
+        default=None,
+        help="threads for the engine, NumPy's BLAS and torch alike (default: all cores)",
+    )
     parser.add_argument("--repeat", type=_positive, default=5, help="timing rounds; the median is kept (default 5)")
-    parser.add_argument("--no-functional", action="store_true",
-                        help="leave out the functional rows (scaled_dot_product_attention, NumPy, torch SDPA)")
-    parser.add_argument("--no-torch", action="store_true",
-                        help="do not use torch even if installed (baselines become NumPy)")
+    parser.add_argument(
+        "--no-functional",
+        action="store_true",
+        help="leave out the functional rows (scaled_dot_product_attention, NumPy, torch SDPA)",
+    )
+    parser.add_argument(
+        "--no-torch", action="store_true", help="do not use torch even if installed (baselines become NumPy)"
+    )
     parser.add_argument("--json", metavar="PATH", help="write every row and the machine's description as JSON")
-    parser.add_argument("--plot", metavar="PATH",
-                        help="write a PNG: the engine's speed and memory against the baseline, per case and L")
-    parser.add_argument("--max-call-s", type=float, default=None, metavar="SECONDS",
-                        help="skip an implementation at the lengths where one call would take longer, "
-                             "predicted quadratically from the previous length (default 1; 5 with --full; "
-                             "0 or inf: never skip)")
-    parser.add_argument("--timeout", type=_positive, default=1800,
-                        help="seconds one case (all its lengths) may take before it is stopped (default 1800)")
+    parser.add_argument(
+        "--plot", metavar="PATH", help="write a PNG: the engine's speed and memory against the baseline, per case and L"
+    )
+    parser.add_argument(
+        "--max-call-s",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="skip an implementation at the lengths where one call would take longer, "
+        "predicted quadratically from the previous length (default 1; 5 with --full; "
+        "0 or inf: never skip)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_positive,
+        default=1800,
+        help="seconds one case (all its lengths) may take before it is stopped (default 1800)",
+    )
 
 
 def _runtime_plugins() -> tuple[list[tuple[str, str]], list[str]]:
@@ -96,8 +128,10 @@ def _runtime_plugins() -> tuple[list[tuple[str, str]], list[str]]:
                 module, attr = sys.modules.get(plugin.__module__), plugin.__qualname__
             target = f"{module.__name__}:{attr}" if module is not None and attr else None
         if target is None or target.split(":")[0] == "__main__":
-            problems.append(f"plugin {name!r} was registered at run time from an object the benchmark's "
-                            "child processes cannot import; its variants are skipped")
+            problems.append(
+                f"plugin {name!r} was registered at run time from an object the benchmark's "
+                "child processes cannot import; its variants are skipped"
+            )
             continue
         targets.append((name, target))
     return targets, problems
@@ -110,9 +144,12 @@ class _Progress:
         try:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, file=sys.stderr, dynamic_ncols=True,
-                             bar_format="{desc:<44.44} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
-                                        "[{elapsed}<{remaining}]")
+            self._bar = tqdm(
+                total=total,
+                file=sys.stderr,
+                dynamic_ncols=True,
+                bar_format="{desc:<44.44} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]",
+            )
         except ImportError:
             self._bar = None
         self.total, self.n, self.desc = total, 0, ""
@@ -129,8 +166,9 @@ class _Progress:
         else:
             width = 30
             done = int(width * self.n / max(1, self.total))
-            print(f"[{'#' * done}{'.' * (width - done)}] {self.n}/{self.total} {self.desc}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[{'#' * done}{'.' * (width - done)}] {self.n}/{self.total} {self.desc}", file=sys.stderr, flush=True
+            )
 
     def write(self, text: str) -> None:
         if self._bar is not None:
@@ -157,8 +195,11 @@ def run(args) -> int:
         variants = _csv(args.variants)
         unknown = [v for v in variants if v not in registered]
         if unknown:
-            print(f"attention-engine bench: error: unknown variant(s) {', '.join(unknown)}; "
-                  f"available: {', '.join(registered)}", file=sys.stderr)
+            print(
+                f"attention-engine bench: error: unknown variant(s) {', '.join(unknown)}; "
+                f"available: {', '.join(registered)}",
+                file=sys.stderr,
+            )
             return 2
     skipped = []
     if args.backends is None:
@@ -167,8 +208,11 @@ def run(args) -> int:
         backends = []
         for name in _csv(args.backends):
             if name not in engine.list_backends():
-                print(f"attention-engine bench: error: unknown backend {name!r}; available: "
-                      f"{', '.join(engine.list_backends())}", file=sys.stderr)
+                print(
+                    f"attention-engine bench: error: unknown backend {name!r}; available: "
+                    f"{', '.join(engine.list_backends())}",
+                    file=sys.stderr,
+                )
                 return 2
             why = engine.get_backend(name).unavailable_reason()
             if why:
@@ -176,8 +220,11 @@ def run(args) -> int:
             else:
                 backends.append(name)
     if args.embed_dim % args.heads:
-        print(f"attention-engine bench: error: --embed-dim ({args.embed_dim}) must be divisible by "
-              f"--heads ({args.heads})", file=sys.stderr)
+        print(
+            f"attention-engine bench: error: --embed-dim ({args.embed_dim}) must be divisible by "
+            f"--heads ({args.heads})",
+            file=sys.stderr,
+        )
         return 2
     lengths = args.lengths or list(FULL_LENGTHS if args.full else DEFAULT_LENGTHS)
     import numba
@@ -189,10 +236,18 @@ def run(args) -> int:
     if not cases:
         print("attention-engine bench: error: nothing to run (no variants and --no-functional)", file=sys.stderr)
         return 2
-    base = {"lengths": lengths, "batch": args.batch, "embed_dim": args.embed_dim, "heads": args.heads,
-            "threads": threads, "repeat": args.repeat, "backends": backends, "plugins": plugins,
-            "max_call_s": args.max_call_s if args.max_call_s is not None else (5.0 if args.full else 1.0),
-            "no_torch": args.no_torch}
+    base = {
+        "lengths": lengths,
+        "batch": args.batch,
+        "embed_dim": args.embed_dim,
+        "heads": args.heads,
+        "threads": threads,
+        "repeat": args.repeat,
+        "backends": backends,
+        "plugins": plugins,
+        "max_call_s": args.max_call_s if args.max_call_s is not None else (5.0 if args.full else 1.0),
+        "no_torch": args.no_torch,
+    }
     progress = _Progress(len(cases) * len(lengths))
     rows, notes, info = [], [], {}
     worker = _Worker(threads)
@@ -210,30 +265,50 @@ def run(args) -> int:
     order = {c: i for i, c in enumerate(cases)}
     rows.sort(key=lambda r: (order[r["case"]], r["L"], not r.get("backend"), r.get("baseline", False)))
     elapsed = time.perf_counter() - started
-    config = {**{k: v for k, v in base.items() if k != "plugins"}, "variants": variants,
-              "functional": not args.no_functional, **info}
+    config = {
+        **{k: v for k, v in base.items() if k != "plugins"},
+        "variants": variants,
+        "functional": not args.no_functional,
+        **info,
+    }
     machine = {**machine_before, "load_average_after": machine_info()["load_average"]}
     print("Summary: the engine's fastest backend against the baseline (torch on the same threads)\n")
     print(format_summary(rows))
     print("\nAll rows:\n")
     print(format_table(rows))
-    print(f"\nN={args.batch}, E={args.embed_dim}, heads={args.heads} (sdpa: head_dim {args.embed_dim // args.heads}), "
-          f"float32, {threads} thread(s) for engine, BLAS and torch; median of {args.repeat} rounds.")
-    print("t/base: median time / the baseline's in the same case and L (torch-mha for variants, torch-sdpa "
-          "for sdpa; NumPy without torch); below 1 is faster. max|diff|: largest difference from the "
-          "baseline's output. 1st call: the first call at this L; the first use of a kernel includes its JIT "
-          "compilation (or loading Numba's cache).")
+    print(
+        f"\nN={args.batch}, E={args.embed_dim}, heads={args.heads} (sdpa: head_dim {args.embed_dim // args.heads}), "
+        f"float32, {threads} thread(s) for engine, BLAS and torch; median of {args.repeat} rounds."
+    )
+    print(
+        "t/base: median time / the baseline's in the same case and L (torch-mha for variants, torch-sdpa "
+        "for sdpa; NumPy without torch); below 1 is faster. max|diff|: largest difference from the "
+        "baseline's output. 1st call: the first call at this L; the first use of a kernel includes its JIT "
+        "compilation (or loading Numba's cache)."
+    )
     for line in skipped + notes:
         print("note: " + line)
-    print(f"{machine['cpu']}, {machine['usable_cores']} cores, load average {machine['load_average']} before and "
-          f"{machine['load_average_after']} after; ran in {elapsed:.0f} s")
+    print(
+        f"{machine['cpu']}, {machine['usable_cores']} cores, load average {machine['load_average']} before and "
+        f"{machine['load_average_after']} after; ran in {elapsed:.0f} s"
+    )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(_strict_json({"machine": machine, "config": config, "elapsed_s": elapsed,
-                                    "notes": skipped + notes, "rows": rows}), f, indent=1, allow_nan=False)
+            json.dump(
+                _strict_json(
+                    {"machine": machine, "config": config, "elapsed_s": elapsed, "notes": skipped + notes, "rows": rows}
+                ),
+                f,
+                indent=1,
+                allow_nan=False,
+            )
         print(f"wrote {args.json}")
     if args.plot:
-        write_plot(rows, args.plot, f"attention-engine bench: N={args.batch}, E={args.embed_dim}, "
-                   f"heads={args.heads}, {threads} threads; {machine['cpu']}; {machine['date'][:10]}")
+        write_plot(
+            rows,
+            args.plot,
+            f"attention-engine bench: N={args.batch}, E={args.embed_dim}, "
+            f"heads={args.heads}, {threads} threads; {machine['cpu']}; {machine['date'][:10]}",
+        )
         print(f"wrote {args.plot}")
     return 1 if any(r.get("error") and not (r.get("unsupported") or r.get("skipped")) for r in rows) else 0

@@ -1,4 +1,5 @@
 """What machine a benchmark ran on: CPU model, cores, load, versions, date."""
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -38,7 +39,13 @@ def machine_info() -> dict:
         load = [round(x, 2) for x in os.getloadavg()]
     except (AttributeError, OSError):
         load = None
-    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "usable_cores": usable, "load_average": load,
-            "platform": platform.platform(), "python": platform.python_version(),
-            "versions": {d: _version(d) for d in ("attention-engine", "numpy", "numba", "torch", "scipy")},
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "usable_cores": usable,
+        "load_average": load,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {d: _version(d) for d in ("attention-engine", "numpy", "numba", "torch", "scipy")},
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }

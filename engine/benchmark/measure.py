@@ -1,5 +1,6 @@
 """Measuring one case at one length, in the benchmark's child process: first call, agreement
 with the baseline, peak memory, alternating timed rounds; and the skip predictor."""
+
 from __future__ import annotations
 
 import ctypes
@@ -14,8 +15,15 @@ from typing import Callable
 import numpy as np
 
 from ..errors import NotSupportedError
-from .baselines import (as_torch_inputs, device_synchronizer, numpy_sdpa, sdpa_flop, torch_mha_forward,
-                        torch_mha_like, variant_flop)
+from .baselines import (
+    as_torch_inputs,
+    device_synchronizer,
+    numpy_sdpa,
+    sdpa_flop,
+    torch_mha_forward,
+    torch_mha_like,
+    variant_flop,
+)
 
 __all__ = ["predicted_skip", "SDPA_CASE", "MIN_ROUND_S", "ROUNDS_BUDGET_S"]
 
@@ -57,8 +65,9 @@ def predicted_skip(time_s: float, L: int, next_L: int, max_call_s: float) -> str
     predicted = time_s * (next_L / L) ** 2
     if predicted <= max_call_s:
         return None
-    return (f"skipped: {time_s:.2g} s per call at L={L} predicts {predicted:.2g} s here "
-            f"(over --max-call-s {max_call_s:g})")
+    return (
+        f"skipped: {time_s:.2g} s per call at L={L} predicts {predicted:.2g} s here (over --max-call-s {max_call_s:g})"
+    )
 
 
 def _status_kib() -> dict:
@@ -142,6 +151,7 @@ def _timed_fn(call: Callable, backend: str | None) -> Callable:
         out = call()
         sync()
         return out
+
     return fn
 
 
@@ -172,14 +182,26 @@ class _VariantCase:
             impls.append(_Impl(b, b, _timed_fn(lambda b=b: variant(**inputs, backend=b)[0], b)))
         if self.torch_mha is not None:
             tin = as_torch_inputs(inputs)
-            impls.append(_Impl("torch-mha", None, lambda: torch_mha_forward(
-                self.torch_mha, tin, bool(self.causal)).numpy(), baseline=True))
+            impls.append(
+                _Impl(
+                    "torch-mha",
+                    None,
+                    lambda: torch_mha_forward(self.torch_mha, tin, bool(self.causal)).numpy(),
+                    baseline=True,
+                )
+            )
         elif "reference" in spec["backends"]:
             next(i for i in impls if i.impl == "reference").baseline = True
         elif impls:
             impls[0].baseline = True
-        shape = {"batch": spec["batch"], "L": L, "S": L, "embed_dim": getattr(variant, "embed_dim", None),
-                 "heads": getattr(variant, "num_heads", None), "dtype": np.dtype(variant.dtype).name}
+        shape = {
+            "batch": spec["batch"],
+            "L": L,
+            "S": L,
+            "embed_dim": getattr(variant, "embed_dim", None),
+            "heads": getattr(variant, "num_heads", None),
+            "dtype": np.dtype(variant.dtype).name,
+        }
         return impls, variant_flop(variant, inputs), shape
 
     def check_baseline(self, impls: list[_Impl]) -> str | None:
@@ -201,9 +223,11 @@ class _VariantCase:
             base.out = base.fn()
         self.mismatch_noted = True
         L = ref.out.shape[-2]
-        return (f"from L={L}, torch.nn.MultiheadAttention loaded with the same weights does not reproduce "
-                "its output (with or without a causal mask), so it is timed only as a layer of the same "
-                "size; max|diff| shows by how much they differ")
+        return (
+            f"from L={L}, torch.nn.MultiheadAttention loaded with the same weights does not reproduce "
+            "its output (with or without a causal mask), so it is timed only as a layer of the same "
+            "size; max|diff| shows by how much they differ"
+        )
 
 
 class _SdpaCase:
@@ -224,8 +248,7 @@ class _SdpaCase:
         q, k, v = (rng.standard_normal(shape4).astype(np.float32) for _ in range(3))
         impls = []
         for b in spec["backends"]:
-            impls.append(_Impl(b, b, _timed_fn(
-                lambda b=b: engine.scaled_dot_product_attention(q, k, v, backend=b), b)))
+            impls.append(_Impl(b, b, _timed_fn(lambda b=b: engine.scaled_dot_product_attention(q, k, v, backend=b), b)))
         impls.append(_Impl("numpy", None, lambda: numpy_sdpa(q, k, v), baseline=not self.torch_ok))
         if self.torch_ok:
             import torch
@@ -236,9 +259,17 @@ class _SdpaCase:
             def torch_sdpa():
                 with torch.inference_mode():
                     return F.scaled_dot_product_attention(tq, tk, tv).numpy()
+
             impls.append(_Impl("torch-sdpa", None, torch_sdpa, baseline=True))
-        shape = {"batch": spec["batch"], "L": L, "S": L, "embed_dim": spec["embed_dim"],
-                 "heads": spec["heads"], "head_dim": self.head_dim, "dtype": "float32"}
+        shape = {
+            "batch": spec["batch"],
+            "L": L,
+            "S": L,
+            "embed_dim": spec["embed_dim"],
+            "heads": spec["heads"],
+            "head_dim": self.head_dim,
+            "dtype": "float32",
+        }
         return impls, sdpa_flop(spec["batch"], spec["heads"], L, L, self.head_dim), shape
 
     def check_baseline(self, impls):
@@ -254,8 +285,9 @@ def _describe(exc: BaseException) -> str:
     return text if len(text) < 300 else text[:297] + "..."
 
 
-def _measure_length(case, L: int, spec: dict, peak_method: str, status,
-                    too_slow: dict) -> tuple[list[dict], str | None]:
+def _measure_length(
+    case, L: int, spec: dict, peak_method: str, status, too_slow: dict
+) -> tuple[list[dict], str | None]:
     """Measure every implementation of ``case`` at length ``L`` except those in ``too_slow``
     (name -> why), which get a row saying why."""
     impls, flop, shape = case.build(L)
@@ -278,8 +310,11 @@ def _measure_length(case, L: int, spec: dict, peak_method: str, status,
     base = next((i for i in impls if i.baseline), None)
     for impl in impls:  # 2. agreement with the baseline, then drop the outputs before measuring memory
         if base is not None and base.out is not None and impl.out is not None:
-            impl.max_abs_diff = float(np.max(np.abs(impl.out.astype(np.float64) - base.out))) \
-                if impl.out.shape == base.out.shape else math.inf
+            impl.max_abs_diff = (
+                float(np.max(np.abs(impl.out.astype(np.float64) - base.out)))
+                if impl.out.shape == base.out.shape
+                else math.inf
+            )
     for impl in impls:
         impl.out = None
     ok = [i for i in impls if i.error is None]
@@ -291,8 +326,9 @@ def _measure_length(case, L: int, spec: dict, peak_method: str, status,
             warm = (time.perf_counter() - t0) * scale
             impl.loops = max(1, math.ceil(MIN_ROUND_S / max(warm, 1e-7)))
             # slow calls get fewer rounds (never fewer than 3 when --repeat allows): see ROUNDS_BUDGET_S
-            impl.rounds = max(min(3, spec["repeat"]),
-                              min(spec["repeat"], int(ROUNDS_BUDGET_S / (impl.loops * max(warm, 1e-7)))))
+            impl.rounds = max(
+                min(3, spec["repeat"]), min(spec["repeat"], int(ROUNDS_BUDGET_S / (impl.loops * max(warm, 1e-7))))
+            )
         except Exception as exc:
             impl.error = _describe(exc)
     ok = [i for i in ok if i.error is None]
@@ -301,7 +337,7 @@ def _measure_length(case, L: int, spec: dict, peak_method: str, status,
     gc.disable()
     try:  # 4. alternating rounds, the order rotating, so drift hits every implementation alike
         for r in range(spec["repeat"] if ok else 0):
-            for impl in ok[r % len(ok):] + ok[:r % len(ok)]:
+            for impl in ok[r % len(ok) :] + ok[: r % len(ok)]:
                 if r >= impl.rounds:
                     continue
                 t0 = time.perf_counter()
@@ -314,12 +350,27 @@ def _measure_length(case, L: int, spec: dict, peak_method: str, status,
     rows = []
     for impl in impls:
         t = float(np.median(impl.times)) if impl.times else None
-        rows.append({"case": spec["case"], "kind": "functional" if spec["case"] == SDPA_CASE else "variant",
-                     "impl": impl.impl, "backend": impl.backend, "baseline": impl.baseline, **shape,
-                     "flop": flop, "time_s": t, "times_s": impl.times, "loops": impl.loops,
-                     "gflops": flop / t / 1e9 if t else None, "peak_bytes": impl.peak_bytes,
-                     "peak_method": peak_method, "first_call_s": impl.first_call_s,
-                     "max_abs_diff": impl.max_abs_diff, "error": impl.error,
-                     "unsupported": impl.unsupported, "skipped": impl.skipped,
-                     **({"torch_causal": case.causal} if impl.impl == "torch-mha" else {})})
+        rows.append(
+            {
+                "case": spec["case"],
+                "kind": "functional" if spec["case"] == SDPA_CASE else "variant",
+                "impl": impl.impl,
+                "backend": impl.backend,
+                "baseline": impl.baseline,
+                **shape,
+                "flop": flop,
+                "time_s": t,
+                "times_s": impl.times,
+                "loops": impl.loops,
+                "gflops": flop / t / 1e9 if t else None,
+                "peak_bytes": impl.peak_bytes,
+                "peak_method": peak_method,
+                "first_call_s": impl.first_call_s,
+                "max_abs_diff": impl.max_abs_diff,
+                "error": impl.error,
+                "unsupported": impl.unsupported,
+                "skipped": impl.skipped,
+                **({"torch_causal": case.causal} if impl.impl == "torch-mha" else {}),
+            }
+        )
     return rows, note

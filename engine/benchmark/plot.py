@@ -1,6 +1,6 @@
 """The benchmark's picture: does the engine beat torch, per case and length, in time and memory."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 from .report import best_engine_rows
 
@@ -24,9 +24,14 @@ def write_plot(rows: list[dict], path: str, title: str) -> None:
     colours = {L: plt.get_cmap("viridis")(i / max(1, len(lengths) - 1) * 0.85) for i, L in enumerate(lengths)}
     width = 0.8 / max(1, len(lengths))
     fig, axes = plt.subplots(1, 2, figsize=(max(10, 1.6 * len(cases) * 2), 5.5))
-    panels = ((axes[0], "speed: baseline time / engine time", lambda e, b: b["time_s"] / e["time_s"]),
-              (axes[1], "memory: baseline peak / engine peak",
-               lambda e, b: b["peak_bytes"] / e["peak_bytes"] if e.get("peak_bytes") and b.get("peak_bytes") else None))
+    panels = (
+        (axes[0], "speed: baseline time / engine time", lambda e, b: b["time_s"] / e["time_s"]),
+        (
+            axes[1],
+            "memory: baseline peak / engine peak",
+            lambda e, b: b["peak_bytes"] / e["peak_bytes"] if e.get("peak_bytes") and b.get("peak_bytes") else None,
+        ),
+    )
     for ax, label, metric in panels:
         values = []
         for j, L in enumerate(lengths):
@@ -40,9 +45,15 @@ def write_plot(rows: list[dict], path: str, title: str) -> None:
             values += ys
             bars = ax.bar(xs, [y - 1 for y in ys], width * 0.95, bottom=1, color=colours[L], label=f"L = {L}")
             for bar, y in zip(bars, ys):
-                ax.annotate(f"{y:.2g}x", (bar.get_x() + bar.get_width() / 2, y), ha="center",
-                            va="bottom" if y >= 1 else "top", fontsize=7, xytext=(0, 2 if y >= 1 else -2),
-                            textcoords="offset points")
+                ax.annotate(
+                    f"{y:.2g}x",
+                    (bar.get_x() + bar.get_width() / 2, y),
+                    ha="center",
+                    va="bottom" if y >= 1 else "top",
+                    fontsize=7,
+                    xytext=(0, 2 if y >= 1 else -2),
+                    textcoords="offset points",
+                )
         ax.axhline(1.0, color="black", lw=1)
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}x"))

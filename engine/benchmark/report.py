@@ -1,4 +1,5 @@
 """The benchmark's results as text: the summary against torch, the full table, strict JSON."""
+
 from __future__ import annotations
 
 import math
@@ -36,17 +37,31 @@ def format_table(rows: list[dict]) -> str:
         if r.get("baseline"):
             ratio += " (base)"
         diff = "-" if r.get("max_abs_diff") is None or r.get("baseline") else f"{r['max_abs_diff']:.0e}"
-        lines.append((r["case"], r["impl"], str(r["L"]), _fmt_time(r["time_s"]),
-                      "-" if r["gflops"] is None else f"{r['gflops']:.1f}", _fmt_bytes(r["peak_bytes"]),
-                      _fmt_time(r["first_call_s"]), ratio, diff))
+        lines.append(
+            (
+                r["case"],
+                r["impl"],
+                str(r["L"]),
+                _fmt_time(r["time_s"]),
+                "-" if r["gflops"] is None else f"{r['gflops']:.1f}",
+                _fmt_bytes(r["peak_bytes"]),
+                _fmt_time(r["first_call_s"]),
+                ratio,
+                diff,
+            )
+        )
     full = [x for x in (header, *lines) if len(x) == len(header)]
-    widths = [max(len(x[i]) for x in full + [x[:3] for x in lines if len(x) < len(header)] if i < len(x))
-              for i in range(len(header))]
+    widths = [
+        max(len(x[i]) for x in full + [x[:3] for x in lines if len(x) < len(header)] if i < len(x))
+        for i in range(len(header))
+    ]
     right = {2, 3, 4, 5, 6}
     out = []
     for n, line in enumerate((header, *lines)):
-        cells = [c.rjust(w) if i in right and len(line) == len(header) else c.ljust(w)
-                 for i, (c, w) in enumerate(zip(line, widths))]
+        cells = [
+            c.rjust(w) if i in right and len(line) == len(header) else c.ljust(w)
+            for i, (c, w) in enumerate(zip(line, widths))
+        ]
         if len(line) < len(header):  # an error: its message runs on past the columns
             cells = [c.rjust(w) if i == 2 else c.ljust(w) for i, (c, w) in enumerate(zip(line[:3], widths))]
             cells.append(line[3])
@@ -83,12 +98,21 @@ def format_summary(rows: list[dict]) -> str:
             continue
         ratio = base["time_s"] / eng["time_s"]
         speed = f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
-        lines.append((case, str(L), f"{eng['impl']} {_fmt_time(eng['time_s'])}",
-                      f"{base['impl']} {_fmt_time(base['time_s'])}", speed,
-                      f"{_fmt_bytes(eng.get('peak_bytes'))} / {_fmt_bytes(base.get('peak_bytes'))}"))
+        lines.append(
+            (
+                case,
+                str(L),
+                f"{eng['impl']} {_fmt_time(eng['time_s'])}",
+                f"{base['impl']} {_fmt_time(base['time_s'])}",
+                speed,
+                f"{_fmt_bytes(eng.get('peak_bytes'))} / {_fmt_bytes(base.get('peak_bytes'))}",
+            )
+        )
     widths = [max(len(x[i]) for x in (header, *lines)) for i in range(len(header))]
-    out = ["  ".join(c.rjust(w) if i == 1 else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip()
-           for line in (header, *lines)]
+    out = [
+        "  ".join(c.rjust(w) if i == 1 else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip()
+        for line in (header, *lines)
+    ]
     out.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(out)
 

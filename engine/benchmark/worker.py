@@ -1,6 +1,7 @@
 """The benchmark's child process and its protocol: the parent sends one case spec (JSON) per line
 on stdin; the child measures it and reports status, rows and notes as marked JSON lines on stdout.
 A child that dies (out of memory, ``--timeout``) is replaced for the next case."""
+
 from __future__ import annotations
 
 import json
@@ -69,8 +70,9 @@ def _run_spec(spec: dict, out, state: dict) -> None:
     too_slow: dict = {}
     lengths = spec["lengths"]
     for n, L in enumerate(lengths):
-        rows, note = _measure_length(case, L, spec, state["peak_method"],
-                                     lambda m: _emit(out, type="status", message=m), too_slow)
+        rows, note = _measure_length(
+            case, L, spec, state["peak_method"], lambda m: _emit(out, type="status", message=m), too_slow
+        )
         if note:
             _emit(out, type="note", message=f"{spec['case']}: {note}")
         _emit(out, type="rows", L=L, rows=rows)
@@ -116,15 +118,23 @@ class _Worker:
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
             self.env[var] = str(threads)
         # the child imports what this process can (plugins registered at run time, from their modules)
-        self.env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(
-            p for p in sys.path + self.env.get("PYTHONPATH", "").split(os.pathsep) if p and os.path.isdir(p)))
+        self.env["PYTHONPATH"] = os.pathsep.join(
+            dict.fromkeys(
+                p for p in sys.path + self.env.get("PYTHONPATH", "").split(os.pathsep) if p and os.path.isdir(p)
+            )
+        )
         self.err = tempfile.TemporaryFile(mode="w+")
         self.proc = None
 
     def _start(self) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from engine.benchmark.worker import _worker_main; _worker_main()"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, env=self.env, text=True)
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.err,
+            env=self.env,
+            text=True,
+        )
 
     def close(self) -> None:
         if self.proc is not None:
@@ -146,6 +156,7 @@ class _Worker:
         def stop():
             timed_out.set()
             proc.kill()
+
         timer = threading.Timer(timeout, stop)
         timer.start()
         finished = False
@@ -155,7 +166,7 @@ class _Worker:
             for line in proc.stdout:
                 if not line.startswith(_MARK):
                     continue
-                msg = json.loads(line[len(_MARK):])
+                msg = json.loads(line[len(_MARK) :])
                 if msg["type"] == "status":
                     progress.describe(spec["case"], msg["message"])
                 elif msg["type"] == "rows":

@@ -11,11 +11,13 @@
 
 The user guide is ``docs/distributed.md`` ("Scaling out").
 """
+
 try:
     import dask.array  # noqa: F401  (fails here, with the message below, without the extra)
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError("engine.distributed needs Dask: pip install 'attention-engine[dask]' "
-                      f"(dask[array], distributed, zarr); {exc}") from None
+    raise ImportError(
+        f"engine.distributed needs Dask: pip install 'attention-engine[dask]' (dask[array], distributed, zarr); {exc}"
+    ) from None
 
 from .attention import scaled_dot_product_attention
 from .chunking import default_chunks

@@ -12,6 +12,7 @@ The graph, for each output block (batch chunk, head chunk, query chunk):
 
 A block that sees no key at all is zeros with ``lse = -inf``, as in one call.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,9 +31,21 @@ from .chunking import ChunkPlan, plan_chunks
 __all__ = ["scaled_dot_product_attention"]
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
-                                 enable_gqa=False, *, score_mod=None, mask_mod=None, mod_args=(),
-                                 return_lse=False, split_every=None):
+def scaled_dot_product_attention(
+    query,
+    key,
+    value,
+    attn_mask=None,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+    *,
+    score_mod=None,
+    mask_mod=None,
+    mod_args=(),
+    return_lse=False,
+    split_every=None,
+):
     """Attention with ``torch.nn.functional.scaled_dot_product_attention``'s semantics, over
     dask arrays, as a lazy dask array.
 
@@ -60,8 +73,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
         rounded to 16 bits before the merge: pass float32), or inputs the ``cpu`` backend cannot run
         (E = 0).
     """
-    plan = plan_chunks(query, key, value, attn_mask, is_causal, scale, enable_gqa, return_lse,
-                       score_mod, mask_mod, mod_args)
+    plan = plan_chunks(
+        query, key, value, attn_mask, is_causal, scale, enable_gqa, return_lse, score_mod, mask_mod, mod_args
+    )
     problem = plan.problem
     split_every = _split_every(split_every)
     if 0 in (problem.L, problem.S, problem.batch, problem.num_q_heads, problem.Ev):
@@ -69,11 +83,15 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
         return (out, lse) if return_lse else out
     reasons = get_backend("cpu").not_supported_reasons(problem)
     if problem.dtype.name not in ("float32", "float64"):  # partial results would round to 16 bits
-        reasons.append(f"dtype {problem.dtype.name}: engine.distributed merges partial results in the "
-                       "input dtype, so it takes float32 or float64 (cast 16-bit inputs to float32)")
+        reasons.append(
+            f"dtype {problem.dtype.name}: engine.distributed merges partial results in the "
+            "input dtype, so it takes float32 or float64 (cast 16-bit inputs to float32)"
+        )
     if reasons:
-        raise NotSupportedError(f"engine.distributed computes on the cpu backend, which cannot run "
-                                f"these inputs: {'; '.join(reasons)}", {"cpu": reasons})
+        raise NotSupportedError(
+            f"engine.distributed computes on the cpu backend, which cannot run these inputs: {'; '.join(reasons)}",
+            {"cpu": reasons},
+        )
     kinds = _pair_kinds(plan, score_mod, mask_mod)
     out, lse = _build_graph(plan, kinds, split_every, score_mod, mask_mod)
     return (out, lse) if return_lse else out
@@ -90,16 +108,26 @@ def _split_every(split_every) -> int:
 def _pair_kinds(plan: ChunkPlan, score_mod, mask_mod) -> np.ndarray:
     """``(n_batch_blocks..., n_head_blocks, nq, nk)``: EMPTY, PARTIAL or FULL for every pair."""
     p = plan.problem
-    shape = tuple(len(c) for c in plan.batch_chunks) + (len(plan.head_chunks), len(plan.q_chunks),
-                                                        len(plan.k_chunks))
+    shape = tuple(len(c) for c in plan.batch_chunks) + (len(plan.head_chunks), len(plan.q_chunks), len(plan.k_chunks))
     kinds = np.full(shape, visibility.FULL, np.int8)
     if p.is_causal:
-        kinds = visibility.combine(kinds, np.broadcast_to(
-            visibility.causal_kinds(plan.q_chunks, plan.k_chunks), shape))
+        kinds = visibility.combine(kinds, np.broadcast_to(visibility.causal_kinds(plan.q_chunks, plan.k_chunks), shape))
     if p.mask_mod is not None:
-        kinds = visibility.combine(kinds, visibility.mask_mod_kinds(
-            p.mask_mod, p.mod_args, plan.batch_shape, p.num_q_heads, p.L, p.S, plan.batch_chunks,
-            plan.head_chunks, plan.q_chunks, plan.k_chunks))
+        kinds = visibility.combine(
+            kinds,
+            visibility.mask_mod_kinds(
+                p.mask_mod,
+                p.mod_args,
+                plan.batch_shape,
+                p.num_q_heads,
+                p.L,
+                p.S,
+                plan.batch_chunks,
+                plan.head_chunks,
+                plan.q_chunks,
+                plan.k_chunks,
+            ),
+        )
     return kinds
 
 
@@ -127,15 +155,31 @@ def _build_graph(plan: ChunkPlan, kinds: np.ndarray, split_every: int, user_scor
     p = plan.problem
     q, k, v, mask = plan.query, plan.key, plan.value, plan.mask
     mods_token = _mods_token(user_score_mod, user_mask_mod)
-    token = dask.base.tokenize(q.name, k.name, v.name, None if mask is None else mask.name, p.scale,
-                               p.is_causal, p.group, p.num_q_heads, mods_token, p.mod_args,
-                               split_every, kinds)
+    token = dask.base.tokenize(
+        q.name,
+        k.name,
+        v.name,
+        None if mask is None else mask.name,
+        p.scale,
+        p.is_causal,
+        p.group,
+        p.num_q_heads,
+        mods_token,
+        p.mod_args,
+        split_every,
+        kinds,
+    )
     spec_key = ("attention-spec-" + token,)
     pair_name, merge_name = "attention-pair-" + token, "attention-merge-" + token
     out_name, lse_name = "attention-out-" + token, "attention-lse-" + token
-    spec = tasks.AttentionSpec(scale=p.scale, enable_gqa=p.group > 1, score_mod=user_score_mod,
-                               mask_mod=user_mask_mod, mod_args=tuple(p.mod_args),
-                               mods_token=mods_token)
+    spec = tasks.AttentionSpec(
+        scale=p.scale,
+        enable_gqa=p.group > 1,
+        score_mod=user_score_mod,
+        mask_mod=user_mask_mod,
+        mod_args=tuple(p.mod_args),
+        mods_token=mods_token,
+    )
     attn = {spec_key: spec}
     outs, lses = {}, {}
     nb = len(plan.batch_shape)
@@ -159,18 +203,26 @@ def _build_graph(plan: ChunkPlan, kinds: np.ndarray, split_every: int, user_scor
                     if p.is_causal and not (kind == visibility.FULL):
                         causal = tasks.CAUSAL_TOP_LEFT if a0 == c0 else tasks.CAUSAL_OFFSET
                     info = tasks.PairInfo(
-                        causal=causal, offset=a0 - c0,
+                        causal=causal,
+                        offset=a0 - c0,
                         # a pair the mask_mod fully allows needs no mask_mod, unless a score_mod
                         # is there anyway (one compiled kernel instead of two)
                         use_mask_mod=p.mask_mod is not None and (kind != visibility.FULL or p.score_mod is not None),
-                        bmap=bmap, h0=int(h_starts[hi]), q0=a0, k0=c0)
+                        bmap=bmap,
+                        h0=int(h_starts[hi]),
+                        q0=a0,
+                        k0=c0,
+                    )
                     key = (pair_name,) + bidx + (hi, qi, kj)
-                    attn[key] = (tasks.attend_pair, spec_key,
-                                 plan.block_index(q, bidx, hi, qi, kj, "query"),
-                                 plan.block_index(k, bidx, hi, qi, kj, "key"),
-                                 plan.block_index(v, bidx, hi, qi, kj, "value"),
-                                 None if mask is None else plan.block_index(mask, bidx, hi, qi, kj, "mask"),
-                                 info)
+                    attn[key] = (
+                        tasks.attend_pair,
+                        spec_key,
+                        plan.block_index(q, bidx, hi, qi, kj, "query"),
+                        plan.block_index(k, bidx, hi, qi, kj, "key"),
+                        plan.block_index(v, bidx, hi, qi, kj, "value"),
+                        None if mask is None else plan.block_index(mask, bidx, hi, qi, kj, "mask"),
+                        info,
+                    )
                     parts.append(key)
                 root = _merge_tree(attn, merge_name, bidx + (hi, qi), parts, split_every)
                 if root is None:  # this block sees no key
@@ -193,8 +245,9 @@ def _build_graph(plan: ChunkPlan, kinds: np.ndarray, split_every: int, user_scor
         layers[name] = layer
         dependencies = dict(graph.dependencies)
         dependencies[name] = {attn_name}
-        arrays.append(da.Array(HighLevelGraph(layers, dependencies), name, chunks,
-                               meta=np.empty((0,) * len(chunks), dtype)))
+        arrays.append(
+            da.Array(HighLevelGraph(layers, dependencies), name, chunks, meta=np.empty((0,) * len(chunks), dtype))
+        )
     return tuple(arrays)
 
 
@@ -205,7 +258,7 @@ def _merge_tree(graph: dict, name: str, block: tuple, parts: list, split_every: 
     while len(parts) > 1:
         merged = []
         for g in range(0, len(parts), split_every):
-            group = parts[g:g + split_every]
+            group = parts[g : g + split_every]
             if len(group) == 1:
                 merged.append(group[0])
                 continue
@@ -220,8 +273,7 @@ def _batch_map(plan: ChunkPlan, bidx: tuple, b_starts: list) -> np.ndarray:
     """Global flattened batch index of each entry of batch block ``bidx`` (C order)."""
     if not plan.batch_shape:
         return np.zeros(1, np.int64)
-    ranges = [np.arange(b_starts[d][i], b_starts[d][i] + plan.batch_chunks[d][i])
-              for d, i in enumerate(bidx)]
+    ranges = [np.arange(b_starts[d][i], b_starts[d][i] + plan.batch_chunks[d][i]) for d, i in enumerate(bidx)]
     grid = np.meshgrid(*ranges, indexing="ij")
     return np.ravel_multi_index(tuple(grid), plan.batch_shape).reshape(-1).astype(np.int64)
 

@@ -17,6 +17,7 @@ module never moves data behind the caller's back):
 Inputs that are not dask arrays (NumPy arrays, torch CPU tensors) are chunked for the caller:
 along an axis that a dask input fixes, as that input; otherwise by :func:`default_chunks`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,8 +31,9 @@ from ..validation import AttentionProblem, _as_array, validate_attention_args
 __all__ = ["ChunkPlan", "plan_chunks", "default_chunks"]
 
 
-def default_chunks(batch_shape: tuple, heads: int, rows: int, group: int = 1,
-                   target_rows: int = DASK_CHUNK_ROWS) -> tuple:
+def default_chunks(
+    batch_shape: tuple, heads: int, rows: int, group: int = 1, target_rows: int = DASK_CHUNK_ROWS
+) -> tuple:
     """Chunks ``(batch chunks..., head chunks, row chunks)`` that the engine gives NumPy inputs.
 
     Rows (L or S) are cut into chunks of ``min(rows, target_rows)`` (the last one shorter); then
@@ -86,8 +88,7 @@ class ChunkPlan:
     def rank(self) -> int:
         return len(self.batch_shape) + 3
 
-    def block_index(self, arr: da.Array, bidx: tuple, hi: int, qi: int | None, kj: int | None,
-                    kind: str) -> tuple:
+    def block_index(self, arr: da.Array, bidx: tuple, hi: int, qi: int | None, kj: int | None, kind: str) -> tuple:
         """The block of ``arr`` (query, key, value or mask) that output block (bidx, hi) at
         query chunk qi and key chunk kj reads: index 0 along axes where ``arr`` broadcasts."""
         nb = len(self.batch_shape)
@@ -107,8 +108,9 @@ def _stand_in(x):
     return np.broadcast_to(np.zeros((), dtype=x.dtype), x.shape)
 
 
-def plan_chunks(query, key, value, attn_mask, is_causal, scale, enable_gqa, return_lse, score_mod,
-                mask_mod, mod_args) -> ChunkPlan:
+def plan_chunks(
+    query, key, value, attn_mask, is_causal, scale, enable_gqa, return_lse, score_mod, mask_mod, mod_args
+) -> ChunkPlan:
     """Validate a distributed call (the engine's own checks, then the chunk rules) and make
     every input a dask array with agreed chunks. Raises ``TypeError``/``ValueError``."""
     arrays = {}
@@ -117,9 +119,19 @@ def plan_chunks(query, key, value, attn_mask, is_causal, scale, enable_gqa, retu
             continue
         arrays[name] = x if isinstance(x, da.Array) else _as_array(x, name)
     problem = validate_attention_args(
-        _stand_in(arrays["query"]), _stand_in(arrays["key"]), _stand_in(arrays["value"]),
-        _stand_in(arrays["attn_mask"]) if "attn_mask" in arrays else None, is_causal, scale,
-        enable_gqa, return_lse, score_mod, mask_mod, None, mod_args)
+        _stand_in(arrays["query"]),
+        _stand_in(arrays["key"]),
+        _stand_in(arrays["value"]),
+        _stand_in(arrays["attn_mask"]) if "attn_mask" in arrays else None,
+        is_causal,
+        scale,
+        enable_gqa,
+        return_lse,
+        score_mod,
+        mask_mod,
+        None,
+        mod_args,
+    )
     two_d = problem.lead_shape == ()
     batch_shape = problem.batch_shape
     rank = len(batch_shape) + 3
@@ -132,9 +144,11 @@ def plan_chunks(query, key, value, attn_mask, is_causal, scale, enable_gqa, retu
         x = padded[name]
         if isinstance(x, da.Array) and len(x.chunks[-1]) > 1:
             what = "Ev" if name == "value" else "E"
-            raise ValueError(f"{name}'s feature axis ({what} = {x.shape[-1]}) is split into chunks "
-                             f"{x.chunks[-1]}; attention needs whole rows: rechunk it with "
-                             f"{name}.rechunk({{-1: -1}})")
+            raise ValueError(
+                f"{name}'s feature axis ({what} = {x.shape[-1]}) is split into chunks "
+                f"{x.chunks[-1]}; attention needs whole rows: rechunk it with "
+                f"{name}.rechunk({{-1: -1}})"
+            )
 
     # -- chunks each dask input asks for, axis by axis
     defaults = default_chunks(batch_shape, Hq, problem.L, g)
@@ -154,8 +168,10 @@ def plan_chunks(query, key, value, attn_mask, is_causal, scale, enable_gqa, retu
     q_chunks = _agree(q_asks, f"L (axis -2 of query, -2 of attn_mask; L = {problem.L})", defaults[-1])
     k_default = default_chunks(batch_shape, Hq, problem.S, g)[-1]
     if set(k_asks) == {"key", "value"} and k_asks["key"] != k_asks["value"]:
-        raise ValueError(f"key and value must be chunked alike along S (axis -2), got key chunks "
-                         f"{k_asks['key']} and value chunks {k_asks['value']}; rechunk one like the other")
+        raise ValueError(
+            f"key and value must be chunked alike along S (axis -2), got key chunks "
+            f"{k_asks['key']} and value chunks {k_asks['value']}; rechunk one like the other"
+        )
     k_chunks = _agree(k_asks, f"S (axis -2 of key and value, -1 of attn_mask; S = {problem.S})", k_default)
 
     # -- every input as a dask array with those chunks
@@ -173,8 +189,10 @@ def plan_chunks(query, key, value, attn_mask, is_causal, scale, enable_gqa, retu
         elif name in ("key", "value"):
             want += [k_chunks, (x.shape[-1],)]
         else:
-            want += [q_chunks if x.shape[nb + 1] > 1 else (x.shape[nb + 1],),
-                     k_chunks if x.shape[nb + 2] > 1 else (x.shape[nb + 2],)]
+            want += [
+                q_chunks if x.shape[nb + 1] > 1 else (x.shape[nb + 1],),
+                k_chunks if x.shape[nb + 2] > 1 else (x.shape[nb + 2],),
+            ]
         want = tuple(tuple(c) for c in want)
         if isinstance(x, da.Array):
             if tuple(x.chunks) != want:  # every rule above holds, so this is a broadcast axis
@@ -182,10 +200,19 @@ def plan_chunks(query, key, value, attn_mask, is_causal, scale, enable_gqa, retu
             out[name] = x
         else:
             out[name] = da.from_array(x, chunks=want)
-    return ChunkPlan(problem=problem, query=out["query"], key=out["key"], value=out["value"],
-                     mask=out.get("attn_mask"), batch_shape=batch_shape,
-                     batch_chunks=tuple(batch_chunks), head_chunks=tuple(head_chunks),
-                     q_chunks=tuple(q_chunks), k_chunks=tuple(k_chunks), two_d=two_d)
+    return ChunkPlan(
+        problem=problem,
+        query=out["query"],
+        key=out["key"],
+        value=out["value"],
+        mask=out.get("attn_mask"),
+        batch_shape=batch_shape,
+        batch_chunks=tuple(batch_chunks),
+        head_chunks=tuple(head_chunks),
+        q_chunks=tuple(q_chunks),
+        k_chunks=tuple(k_chunks),
+        two_d=two_d,
+    )
 
 
 def _pad(x, rank: int):
@@ -201,8 +228,10 @@ def _agree(asks: dict, axis: str, default: tuple) -> tuple:
     distinct = {tuple(c) for c in asks.values()}
     if len(distinct) > 1:
         detail = ", ".join(f"{n} {tuple(c)}" for n, c in asks.items())
-        raise ValueError(f"the inputs are chunked differently along {axis}: {detail}; rechunk them "
-                         "alike (the engine never rechunks for you)")
+        raise ValueError(
+            f"the inputs are chunked differently along {axis}: {detail}; rechunk them "
+            "alike (the engine never rechunks for you)"
+        )
     return distinct.pop() if distinct else tuple(default)
 
 
@@ -219,18 +248,23 @@ def _head_chunks(padded: dict, Hq: int, H: int, g: int, gqa: bool, nb: int, defa
         if isinstance(x, da.Array) and x.shape[nb] == H > 1:
             kv[name] = tuple(x.chunks[nb])
     if set(kv) == {"key", "value"} and kv["key"] != kv["value"]:
-        raise ValueError(f"key and value must be chunked alike along the head axis (-3), got key "
-                         f"{kv['key']} and value {kv['value']}")
+        raise ValueError(
+            f"key and value must be chunked alike along the head axis (-3), got key {kv['key']} and value {kv['value']}"
+        )
     if g > 1 and "query" in asks and any(c % g for c in asks["query"]):
-        raise ValueError(f"with enable_gqa=True each key/value head serves {g} query heads, so the "
-                         f"query's head chunks must be multiples of {g}; got {asks['query']}")
+        raise ValueError(
+            f"with enable_gqa=True each key/value head serves {g} query heads, so the "
+            f"query's head chunks must be multiples of {g}; got {asks['query']}"
+        )
     if g > 1 and kv:
         name, chunks = next(iter(kv.items()))
         scaled = tuple(c * g for c in chunks)
         if "query" in asks and asks["query"] != scaled:
-            raise ValueError(f"with enable_gqa=True each key/value head serves {g} query heads, so "
-                             f"the query's head chunks must be {g} times the {name}'s: got query "
-                             f"{asks['query']} and {name} {chunks} (query chunks {scaled} would match)")
+            raise ValueError(
+                f"with enable_gqa=True each key/value head serves {g} query heads, so "
+                f"the query's head chunks must be {g} times the {name}'s: got query "
+                f"{asks['query']} and {name} {chunks} (query chunks {scaled} would match)"
+            )
         asks[name] = scaled
     elif kv and H == Hq:
         asks.update(kv)

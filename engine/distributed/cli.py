@@ -8,6 +8,7 @@ their transfer logs), the dashboard address, and, unless ``--no-compare``, the s
 ``cpu`` backend on the same inputs and thread count: its time, the throughput ratio and the
 largest difference.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,11 @@ __all__ = ["add_arguments", "run", "start_client", "make_inputs", "time_distribu
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scheduler", default=None, help="address of a running Dask scheduler "
-                   "(default: start a LocalCluster of worker processes here)")
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        help="address of a running Dask scheduler (default: start a LocalCluster of worker processes here)",
+    )
     p.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes (default 2)")
     p.add_argument("--threads-per-worker", type=int, default=1, help="LocalCluster threads per worker (default 1)")
     p.add_argument("--memory-limit", default="auto", help="LocalCluster memory limit per worker (default auto)")
@@ -32,12 +36,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--causal", action="store_true")
-    p.add_argument("--chunk", type=int, default=None, help="rows per chunk along L and S (default "
-                   "engine.config.DASK_CHUNK_ROWS)")
+    p.add_argument(
+        "--chunk", type=int, default=None, help="rows per chunk along L and S (default engine.config.DASK_CHUNK_ROWS)"
+    )
     p.add_argument("--split-every", type=int, default=None, help="fan-in of the merge tree (default 4)")
     p.add_argument("--no-compare", action="store_true", help="skip the single-process cpu run")
-    p.add_argument("--cpu-threads", type=int, default=None, help="threads of the single-process "
-                   "run (default: the cluster's total threads)")
+    p.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=None,
+        help="threads of the single-process run (default: the cluster's total threads)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the figures to this file")
 
@@ -50,8 +59,13 @@ def start_client(scheduler=None, workers=2, threads_per_worker=1, memory_limit="
 
     if scheduler:
         return Client(scheduler)
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
-                           memory_limit=memory_limit, silence_logs=logging.ERROR)
+    cluster = LocalCluster(
+        n_workers=workers,
+        threads_per_worker=threads_per_worker,
+        processes=True,
+        memory_limit=memory_limit,
+        silence_logs=logging.ERROR,
+    )
     return Client(cluster)
 
 
@@ -82,8 +96,8 @@ def _warm():
     for dt in (np.float32, np.float64):
         x = np.ones((1, 1, 4, 4), dt)
         with task_threads():
-            o, l = engine.scaled_dot_product_attention(x, x, x, backend="cpu", return_lse=True)
-            engine.merge_attention([o, o], [l, l])
+            o, lse = engine.scaled_dot_product_attention(x, x, x, backend="cpu", return_lse=True)
+            engine.merge_attention([o, o], [lse, lse])
     return True
 
 
@@ -134,23 +148,43 @@ def run(args) -> int:
         threads = _cluster_threads(client)
         kind = "scheduler " + args.scheduler if args.scheduler else "LocalCluster (worker processes)"
         print(f"cluster      {kind}: {len(info)} workers, {threads} threads; dashboard {client.dashboard_link}")
-        print(f"problem      B={args.batch} H={args.heads} L={args.length} S={S} E={args.head_dim} "
-              f"{args.dtype}{' causal' if args.causal else ''}")
-        q, k, v = make_inputs(client, args.batch, args.heads, args.length, S, args.head_dim, args.dtype,
-                              args.chunk, args.seed)
+        print(
+            f"problem      B={args.batch} H={args.heads} L={args.length} S={S} E={args.head_dim} "
+            f"{args.dtype}{' causal' if args.causal else ''}"
+        )
+        q, k, v = make_inputs(
+            client, args.batch, args.heads, args.length, S, args.head_dim, args.dtype, args.chunk, args.seed
+        )
         print(f"chunks       query {q.chunks[1:3]}, key {k.chunks[2]} rows")
         d = time_distributed(client, q, k, v, args.causal, args.split_every)
         t = d["tasks"]
         moved = d["bytes_moved"]
-        print(f"distributed  {d['seconds']:.3f} s; tasks: {t['attention']} attention ({t['pairs']} pairs, "
-              f"{t['merges']} merges), {t['graph']} in the graph with the inputs")
-        print(f"bytes moved  {moved['total'] / 1e6:.1f} MB between workers in {moved['transfers']} "
-              f"transfers (inputs {moved['inputs'] / 1e6:.1f} MB, pair results {moved['pairs'] / 1e6:.1f} MB, "
-              f"merge levels {[round(b / 1e6, 1) for b in moved['merge_levels']]} MB)")
-        record = {"cluster": kind, "workers": len(info), "threads": threads, "dashboard": client.dashboard_link,
-                  "batch": args.batch, "heads": args.heads, "L": args.length, "S": S, "E": args.head_dim,
-                  "dtype": args.dtype, "causal": args.causal, "chunks_L": list(q.chunks[2]),
-                  "distributed_s": d["seconds"], "tasks": t, "bytes_moved": moved}
+        print(
+            f"distributed  {d['seconds']:.3f} s; tasks: {t['attention']} attention ({t['pairs']} pairs, "
+            f"{t['merges']} merges), {t['graph']} in the graph with the inputs"
+        )
+        print(
+            f"bytes moved  {moved['total'] / 1e6:.1f} MB between workers in {moved['transfers']} "
+            f"transfers (inputs {moved['inputs'] / 1e6:.1f} MB, pair results {moved['pairs'] / 1e6:.1f} MB, "
+            f"merge levels {[round(b / 1e6, 1) for b in moved['merge_levels']]} MB)"
+        )
+        record = {
+            "cluster": kind,
+            "workers": len(info),
+            "threads": threads,
+            "dashboard": client.dashboard_link,
+            "batch": args.batch,
+            "heads": args.heads,
+            "L": args.length,
+            "S": S,
+            "E": args.head_dim,
+            "dtype": args.dtype,
+            "causal": args.causal,
+            "chunks_L": list(q.chunks[2]),
+            "distributed_s": d["seconds"],
+            "tasks": t,
+            "bytes_moved": moved,
+        }
         if not args.no_compare:
             cpu_threads = args.cpu_threads or threads
             qn, kn, vn, out = client.compute([q, k, v, d["out"]], sync=True)
@@ -158,8 +192,7 @@ def run(args) -> int:
             diff = float(np.max(np.abs(out - expected))) if out.size else 0.0
             ratio = seconds / d["seconds"]
             print(f"cpu backend  {seconds:.3f} s in this process on {cpu_threads} threads")
-            print(f"ratio        distributed throughput = {ratio:.2f}x the cpu backend's; "
-                  f"max |difference| {diff:.2e}")
+            print(f"ratio        distributed throughput = {ratio:.2f}x the cpu backend's; max |difference| {diff:.2e}")
             record.update(cpu_s=seconds, cpu_threads=cpu_threads, throughput_ratio=ratio, max_abs_diff=diff)
         if args.json:
             with open(args.json, "w") as f:

@@ -5,6 +5,7 @@ entry per fetch of keys from another worker, with each key's size), so they coun
 data that crossed between workers, grouped by what it was: input blocks, pair results, or the
 partial results of each merge level.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -26,16 +27,26 @@ def task_counts(*arrays) -> dict:
     pairs = sum(1 for k in graph if _name(k).startswith("attention-pair-"))
     levels = Counter(k[1] for k in graph if _name(k).startswith("attention-merge-") and k[1] != "empty")
     attention = sum(1 for k in graph if _name(k).startswith("attention-"))
-    return {"pairs": pairs, "merges": sum(levels.values()),
-            "merges_per_level": [levels[i] for i in sorted(levels)], "attention": attention,
-            "graph": len(graph)}
+    return {
+        "pairs": pairs,
+        "merges": sum(levels.values()),
+        "merges_per_level": [levels[i] for i in sorted(levels)],
+        "attention": attention,
+        "graph": len(graph),
+    }
 
 
 def _incoming_log(dask_worker=None):
-    return [{"stop": e["stop"], "keys": {repr(k): int(n) for k, n in e["keys"].items()},
-             "kinds": [(_name(k), k[1] if isinstance(k, tuple) and len(k) > 1 else None, int(n))
-                       for k, n in e["keys"].items()]}
-            for e in list(dask_worker.transfer_incoming_log)]
+    return [
+        {
+            "stop": e["stop"],
+            "keys": {repr(k): int(n) for k, n in e["keys"].items()},
+            "kinds": [
+                (_name(k), k[1] if isinstance(k, tuple) and len(k) > 1 else None, int(n)) for k, n in e["keys"].items()
+            ],
+        }
+        for e in list(dask_worker.transfer_incoming_log)
+    ]
 
 
 def transfer_bytes(client, since: float) -> dict:
@@ -57,9 +68,13 @@ def transfer_bytes(client, since: float) -> dict:
                     levels[level] += n
                 else:
                     inputs += n
-    return {"total": total, "inputs": inputs, "pairs": pairs,
-            "merge_levels": [levels[i] for i in sorted(k for k in levels if isinstance(k, int))],
-            "transfers": transfers}
+    return {
+        "total": total,
+        "inputs": inputs,
+        "pairs": pairs,
+        "merge_levels": [levels[i] for i in sorted(k for k in levels if isinstance(k, int))],
+        "transfers": transfers,
+    }
 
 
 def reset_peak_memory():

@@ -5,6 +5,7 @@ worker runs it and however often (the ``cpu`` kernel reduces each query row over
 fixed order; the merge is per row). That, and a merge tree fixed when the graph is built, is
 why a result recomputed after a lost worker is identical, bit for bit.
 """
+
 from __future__ import annotations
 
 import threading
@@ -17,8 +18,16 @@ from .. import scaled_dot_product_attention as _sdpa
 from ..merge import merge_attention
 from .threads import task_threads
 
-__all__ = ["AttentionSpec", "PairInfo", "attend_pair", "merge_parts", "empty_block", "CAUSAL_NONE",
-           "CAUSAL_TOP_LEFT", "CAUSAL_OFFSET"]
+__all__ = [
+    "AttentionSpec",
+    "PairInfo",
+    "attend_pair",
+    "merge_parts",
+    "empty_block",
+    "CAUSAL_NONE",
+    "CAUSAL_TOP_LEFT",
+    "CAUSAL_OFFSET",
+]
 
 #: how a (query chunk, key chunk) pair is causal: not at all (every key visible, or no causal
 #: mask), top-left on the pair itself (its first query and first key share a global index), or
@@ -69,10 +78,23 @@ def attend_pair(spec: AttentionSpec, q, k, v, mask, info: PairInfo):
         mods = {}
         if spec.score_mod is not None or (spec.mask_mod is not None and info.use_mask_mod):
             score_mod, mask_mod = shifted_mods(spec)
-            mods = dict(score_mod=score_mod, mask_mod=mask_mod if info.use_mask_mod else None,
-                        mod_args=(info.bmap, info.h0, info.q0, info.k0) + tuple(spec.mod_args))
-        return _sdpa(q, k, v, attn_mask=mask, is_causal=is_causal, scale=spec.scale,
-                     enable_gqa=spec.enable_gqa, backend="cpu", return_lse=True, **mods)
+            mods = dict(
+                score_mod=score_mod,
+                mask_mod=mask_mod if info.use_mask_mod else None,
+                mod_args=(info.bmap, info.h0, info.q0, info.k0) + tuple(spec.mod_args),
+            )
+        return _sdpa(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=is_causal,
+            scale=spec.scale,
+            enable_gqa=spec.enable_gqa,
+            backend="cpu",
+            return_lse=True,
+            **mods,
+        )
 
 
 def merge_parts(parts: list):
@@ -139,4 +161,3 @@ def _shift_mask(mask_mod):
         return inner(bmap[b], h + h0, q_idx + q0, kv_idx + k0, *args)
 
     return shifted_mask_mod
-

@@ -9,6 +9,7 @@ nanny, which are Dask's own (their environment already asks for it: the nanny st
 inside the caller's process (``LocalCluster(processes=False)``, the threaded scheduler) leave the
 caller's BLAS as it is.
 """
+
 from __future__ import annotations
 
 import contextlib

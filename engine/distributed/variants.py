@@ -4,6 +4,7 @@ One task per chunk of sequences calls the variant on its chunk. The variant (its
 the call's other keywords are one key of the graph: Dask sends them to each worker once, and
 every task on that worker reads the same object (never a copy per task).
 """
+
 from __future__ import annotations
 
 import dask
@@ -57,11 +58,14 @@ def apply_variant(variant, query, key=None, value=None, *, key_padding_mask=None
         (and the variant's own value errors), before any task runs.
     """
     if not isinstance(variant, Variant):
-        raise TypeError(f"variant must be an engine.Variant instance (engine.get_variant(name, ...)), "
-                        f"got {type(variant).__name__}")
+        raise TypeError(
+            f"variant must be an engine.Variant instance (engine.get_variant(name, ...)), got {type(variant).__name__}"
+        )
     if kwargs.get("need_weights"):
-        raise ValueError("apply_variant returns the output only; need_weights=True is not supported "
-                         "(call the variant on a slice of the sequences for their weights)")
+        raise ValueError(
+            "apply_variant returns the output only; need_weights=True is not supported "
+            "(call the variant on a slice of the sequences for their weights)"
+        )
     axis = 0 if variant.batch_first else 1
     q = _as_dask(query, "query", axis, None)
     n_chunks = q.chunks[axis]
@@ -83,13 +87,20 @@ def apply_variant(variant, query, key=None, value=None, *, key_padding_mask=None
         for name, x in list(arrays.items()) + list(per_seq.items()):
             n_axis = axis if name in seqs else 0
             if x.shape[n_axis] != q.shape[axis]:
-                raise ValueError(f"{name} has {x.shape[n_axis]} sequences (axis {n_axis} of shape "
-                                 f"{x.shape}) but query has {q.shape[axis]} (axis {axis} of {q.shape})")
+                raise ValueError(
+                    f"{name} has {x.shape[n_axis]} sequences (axis {n_axis} of shape "
+                    f"{x.shape}) but query has {q.shape[axis]} (axis {axis} of {q.shape})"
+                )
 
     meta = _probe(variant, q, arrays, per_seq, static, axis)
     call = VariantCall(variant, static)
-    token = dask.base.tokenize(q.name, *(x.name for x in arrays.values()),
-                               *(x.name for x in per_seq.values()), sorted(per_seq), _content_token(call))
+    token = dask.base.tokenize(
+        q.name,
+        *(x.name for x in arrays.values()),
+        *(x.name for x in per_seq.values()),
+        sorted(per_seq),
+        _content_token(call),
+    )
     call_key = ("variant-call-" + token,)
     name = "variant-" + token
     dsk = {call_key: call}
@@ -97,10 +108,14 @@ def apply_variant(variant, query, key=None, value=None, *, key_padding_mask=None
     for i in range(len(n_chunks)):
         idx = lambda x, a: (x.name,) + tuple(i if d == a else 0 for d in range(x.ndim))  # noqa: E731
         dsk[(name,) + tuple(i if d == axis else 0 for d in range(3))] = (
-            _run, call_key, idx(q, axis),
+            _run,
+            call_key,
+            idx(q, axis),
             idx(arrays["key"], axis) if "key" in arrays else None,
             idx(arrays["value"], axis) if "value" in arrays else None,
-            names, *(idx(x, 0) for x in per_seq.values()))
+            names,
+            *(idx(x, 0) for x in per_seq.values()),
+        )
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=[q, *arrays.values(), *per_seq.values()])
     out_chunks = tuple(n_chunks if d == axis else (meta.shape[d],) for d in range(3))
     return da.Array(graph, name, out_chunks, meta=np.empty((0, 0, 0), meta.dtype))
@@ -123,8 +138,9 @@ def _as_dask(x, name: str, axis: int, n_chunks, ndim: int | None = 3) -> da.Arra
     if not isinstance(x, da.Array):
         arr = _as_array(x, name)
         if ndim is not None and arr.ndim != ndim:
-            raise ValueError(f"{name} must have {ndim} dimensions (apply_variant takes batched "
-                             f"sequences), got shape {arr.shape}")
+            raise ValueError(
+                f"{name} must have {ndim} dimensions (apply_variant takes batched sequences), got shape {arr.shape}"
+            )
         if n_chunks is None:
             length = arr.shape[1 - axis] if arr.ndim > 1 else 1
             per = max(1, DASK_CHUNK_ROWS // max(length, 1))
@@ -133,23 +149,29 @@ def _as_dask(x, name: str, axis: int, n_chunks, ndim: int | None = 3) -> da.Arra
             chunks = tuple(n_chunks if d == axis else -1 for d in range(arr.ndim))
         return da.from_array(arr, chunks=chunks)
     if ndim is not None and x.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions (apply_variant takes batched sequences), "
-                         f"got shape {x.shape}")
+        raise ValueError(
+            f"{name} must have {ndim} dimensions (apply_variant takes batched sequences), got shape {x.shape}"
+        )
     if x.ndim <= axis:
         raise ValueError(f"{name} of shape {x.shape} has no sequence axis {axis}")
     for d, c in enumerate(x.chunks):
         if d != axis and len(c) > 1:
-            raise ValueError(f"{name} may be chunked along its sequence axis ({axis}) only, got chunks "
-                             f"{x.chunks}: rechunk with {name}.rechunk({{{d}: -1}})")
+            raise ValueError(
+                f"{name} may be chunked along its sequence axis ({axis}) only, got chunks "
+                f"{x.chunks}: rechunk with {name}.rechunk({{{d}: -1}})"
+            )
     if n_chunks is not None and tuple(x.chunks[axis]) != tuple(n_chunks) and x.shape[axis] == sum(n_chunks):
-        raise ValueError(f"{name} must be chunked like query along the sequences (axis {axis}): "
-                         f"query {tuple(n_chunks)}, {name} {x.chunks[axis]}")
+        raise ValueError(
+            f"{name} must be chunked like query along the sequences (axis {axis}): "
+            f"query {tuple(n_chunks)}, {name} {x.chunks[axis]}"
+        )
     return x
 
 
 def _probe(variant: Variant, q: da.Array, arrays: dict, per_seq: dict, static: dict, axis: int):
     """The variant on zero sequences, here: its output's feature size and dtype, and its
     argument checks, before any task runs."""
+
     def none(x, a):
         shape = list(x.shape)
         shape[a] = 0

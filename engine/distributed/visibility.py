@@ -8,6 +8,7 @@ when chunks are regular, else the greatest common divisor of the chunk sizes), a
 is folded into a chunk map. That evaluates the mask at every (b, h, q_idx, kv_idx): the same
 work as one pass of the mask over the scores, done once per graph.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,8 +49,18 @@ def _tile(chunks: tuple) -> int:
     return math.gcd(*sizes)
 
 
-def mask_mod_kinds(mask_mod, mod_args: tuple, batch_shape: tuple, Hq: int, L: int, S: int,
-                   batch_chunks: tuple, head_chunks: tuple, q_chunks: tuple, k_chunks: tuple) -> np.ndarray:
+def mask_mod_kinds(
+    mask_mod,
+    mod_args: tuple,
+    batch_shape: tuple,
+    Hq: int,
+    L: int,
+    S: int,
+    batch_chunks: tuple,
+    head_chunks: tuple,
+    q_chunks: tuple,
+    k_chunks: tuple,
+) -> np.ndarray:
     """``(n_batch_blocks..., n_head_blocks, nq, nk)`` int8: the mask_mod's kind per block pair, over
     every batch entry and head of the block (EMPTY only if empty for all of them)."""
     from ..mods import create_block_mask
@@ -60,8 +71,7 @@ def mask_mod_kinds(mask_mod, mod_args: tuple, batch_shape: tuple, Hq: int, L: in
     fine = fine.reshape(tuple(batch_shape) + fine.shape[1:])
     visible, full = fine != EMPTY, fine == FULL
     # where each block begins along each axis of the tile map (chunk starts are multiples of tiles)
-    begins = [starts(c) for c in batch_chunks] + [starts(head_chunks), starts(q_chunks) // tq,
-                                                  starts(k_chunks) // tk]
+    begins = [starts(c) for c in batch_chunks] + [starts(head_chunks), starts(q_chunks) // tq, starts(k_chunks) // tk]
     for axis, idx in enumerate(begins):
         visible = np.logical_or.reduceat(visible, idx, axis=axis)
         full = np.logical_and.reduceat(full, idx, axis=axis)
@@ -71,5 +81,6 @@ def mask_mod_kinds(mask_mod, mod_args: tuple, batch_shape: tuple, Hq: int, L: in
 
 def combine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Both masks at once: EMPTY if either is, FULL if both are, else PARTIAL."""
-    return np.where((a == EMPTY) | (b == EMPTY), EMPTY,
-                    np.where((a == FULL) & (b == FULL), FULL, PARTIAL)).astype(np.int8)
+    return np.where((a == EMPTY) | (b == EMPTY), EMPTY, np.where((a == FULL) & (b == FULL), FULL, PARTIAL)).astype(
+        np.int8
+    )

@@ -13,6 +13,7 @@ against ml_dtypes on every bfloat16 pattern); in a compiled kernel the two bit c
 libdevice's ``__nv_int_as_float``/``__nv_float_as_int``, so the conversions are a few integer
 instructions that NVVM inlines.
 """
+
 from __future__ import annotations
 
 import struct

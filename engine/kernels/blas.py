@@ -5,6 +5,7 @@ an extra pass over it. This calls the GEMM that ``np.dot`` itself calls (Numba's
 helper over SciPy's BLAS, an external symbol, so kernels using it stay disk-cacheable) with
 beta = 1. Arrays are 2-D with unit stride along the last axis (any row stride).
 """
+
 import numpy as np
 from numba import njit, types
 from numba.extending import overload
@@ -38,9 +39,22 @@ def _gemm_acc_overload(a, b, c, trans_a):
             return
         item = c.itemsize
         ones = np.ones(2, dtype=dt)  # alpha = beta = 1
-        xxgemm(kind, _NO, _YES if trans_a else _NO, n, m, k, ones[0:].ctypes, b.ctypes,
-               b.strides[0] // item, a.ctypes, a.strides[0] // item, ones[1:].ctypes, c.ctypes,
-               c.strides[0] // item)
+        xxgemm(
+            kind,
+            _NO,
+            _YES if trans_a else _NO,
+            n,
+            m,
+            k,
+            ones[0:].ctypes,
+            b.ctypes,
+            b.strides[0] // item,
+            a.ctypes,
+            a.strides[0] // item,
+            ones[1:].ctypes,
+            c.ctypes,
+            c.strides[0] // item,
+        )
 
     return impl
 

@@ -1,4 +1,5 @@
 """Classifying (query tile, key tile) blocks of a ``mask_mod`` as empty, partial or full."""
+
 from numba import njit, prange
 
 from .kinds import TILE_EMPTY, TILE_FULL, TILE_PARTIAL
@@ -28,5 +29,6 @@ def _classify_blocks(mask_mod, mod_args, L, S, block_q, block_k, kinds):
                 for j in range(j0, j1):
                     if mask_mod(b, h, i, j, *mod_args):
                         allowed += 1
-            kinds[b, h, qb, kb] = (TILE_EMPTY if allowed == 0 else
-                                  TILE_FULL if allowed == (i1 - i0) * (j1 - j0) else TILE_PARTIAL)
+            kinds[b, h, qb, kb] = (
+                TILE_EMPTY if allowed == 0 else TILE_FULL if allowed == (i1 - i0) * (j1 - j0) else TILE_PARTIAL
+            )

@@ -24,17 +24,18 @@ Tasks with more rows (chunked prefill, wide GQA groups) gather each tile when ne
 whose product is checked for non-finite values afterwards (``nonfinite``). No call pays a pass
 over V.
 """
+
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
 from ..jit_cache import cache_enabled
 from .cpu_flash_fwd import _FM, no_mask_mod, no_score_mod
-from .specialise import cache_tag, named
 from .fastexp import fast_exp
 from .half_floats import BFLOAT16_BITS, bf16_bits_to_f32, f16_bits_to_f32
 from .lse_merge import _merge_row
 from .nonfinite import redo_if_nonfinite
+from .specialise import cache_tag, named
 
 _CACHE = cache_enabled()
 
@@ -51,37 +52,40 @@ def _tile(pages, table, b, h, j0, n, buf, half_kind):
 @overload(_tile, jit_options={"fastmath": _FM})
 def _tile_overload(pages, table, b, h, j0, n, buf, half_kind):
     if isinstance(pages.dtype, types.Float):
+
         def same_dtype(pages, table, b, h, j0, n, buf, half_kind):
             ps = pages.shape[2]
             D = pages.shape[3]
             p = j0 // ps
             off = j0 - p * ps
             if off + n <= ps:
-                return pages[table[b, p], h, off:off + n]
-            out = buf[:n * D].reshape((n, D))
+                return pages[table[b, p], h, off : off + n]
+            out = buf[: n * D].reshape((n, D))
             t = 0
             while t < n:
                 p = (j0 + t) // ps
                 off = j0 + t - p * ps
                 m = min(n - t, ps - off)
-                out[t:t + m] = pages[table[b, p], h, off:off + m]
+                out[t : t + m] = pages[table[b, p], h, off : off + m]
                 t += m
             return out
+
         return same_dtype
 
     if pages.dtype == types.uint16:
+
         def widened(pages, table, b, h, j0, n, buf, half_kind):
             ps = pages.shape[2]
             D = pages.shape[3]
-            out = buf[:n * D].reshape((n, D))
-            flat = buf[:n * D]
+            out = buf[: n * D].reshape((n, D))
+            flat = buf[: n * D]
             t = 0
             while t < n:
                 p = (j0 + t) // ps
                 off = j0 + t - p * ps
                 m = min(n - t, ps - off)
-                src = pages[table[b, p], h, off:off + m].reshape(m * D)
-                dst = flat[t * D:(t + m) * D]
+                src = pages[table[b, p], h, off : off + m].reshape(m * D)
+                dst = flat[t * D : (t + m) * D]
                 if half_kind == BFLOAT16_BITS:
                     for x in range(m * D):
                         dst[x] = bf16_bits_to_f32(src[x])
@@ -90,6 +94,7 @@ def _tile_overload(pages, table, b, h, j0, n, buf, half_kind):
                         dst[x] = f16_bits_to_f32(src[x])
                 t += m
             return out
+
         return widened
     return None
 
@@ -108,6 +113,7 @@ def _values_fused(pages, table, b, h, j0, nk, st, pv, half_kind):
 def _fused_impls(widen):
     """The two loops above for cache rows converted by ``widen`` (identity for float caches).
     Each page run is one 2-D view; the innermost loops run along the head dimension and vectorise."""
+
     def scores(pages, table, b, h, j0, nk, qs, st, half_kind):
         ps, D = pages.shape[2], pages.shape[3]
         zero = qs.dtype.type(0)
@@ -142,8 +148,9 @@ def _fused_impls(widen):
                             pv[r, d] += w * widen(blk[off + cc, d])
             c += m
 
-    return njit(inline="always", fastmath=_FM, error_model="numpy")(scores), \
-        njit(inline="always", fastmath=_FM, error_model="numpy")(values)
+    return njit(inline="always", fastmath=_FM, error_model="numpy")(scores), njit(
+        inline="always", fastmath=_FM, error_model="numpy"
+    )(values)
 
 
 @njit(inline="always")
@@ -161,6 +168,7 @@ def _scores_fused_overload(pages, table, b, h, j0, nk, qs, st, half_kind):
 
         def floats(pages, table, b, h, j0, nk, qs, st, half_kind):
             same(pages, table, b, h, j0, nk, qs, st, half_kind)
+
         return floats
     if pages.dtype == types.uint16:
         bf16, f16 = _BF16[0], _F16[0]
@@ -170,6 +178,7 @@ def _scores_fused_overload(pages, table, b, h, j0, nk, qs, st, half_kind):
                 bf16(pages, table, b, h, j0, nk, qs, st, half_kind)
             else:
                 f16(pages, table, b, h, j0, nk, qs, st, half_kind)
+
         return bits
     return None
 
@@ -181,6 +190,7 @@ def _values_fused_overload(pages, table, b, h, j0, nk, st, pv, half_kind):
 
         def floats(pages, table, b, h, j0, nk, st, pv, half_kind):
             same(pages, table, b, h, j0, nk, st, pv, half_kind)
+
         return floats
     if pages.dtype == types.uint16:
         bf16, f16 = _BF16[1], _F16[1]
@@ -190,14 +200,36 @@ def _values_fused_overload(pages, table, b, h, j0, nk, st, pv, half_kind):
                 bf16(pages, table, b, h, j0, nk, st, pv, half_kind)
             else:
                 f16(pages, table, b, h, j0, nk, st, pv, half_kind)
+
         return bits
     return None
 
 
 @njit(cache=_CACHE, fastmath=_FM, error_model="numpy")
-def _decode_task(task, q, k_pages, v_pages, page_table, seqlens_k, causal, left, right, scale, group,
-                 half_kind, gather, splits, block_k, block_rows, fused_rows, mod_args, has_score_mod,
-                 has_mask_mod, part_out, part_lse):
+def _decode_task(
+    task,
+    q,
+    k_pages,
+    v_pages,
+    page_table,
+    seqlens_k,
+    causal,
+    left,
+    right,
+    scale,
+    group,
+    half_kind,
+    gather,
+    splits,
+    block_k,
+    block_rows,
+    fused_rows,
+    mod_args,
+    has_score_mod,
+    has_mask_mod,
+    part_out,
+    part_lse,
+):
     """One task: rows ``r0 ... r1 - 1`` of (sequence b, cache head hk), keys of split ``s``."""
     B, Hq, L, E = q.shape
     Hkv = k_pages.shape[1]
@@ -223,9 +255,9 @@ def _decode_task(task, q, k_pages, v_pages, page_table, seqlens_k, causal, left,
     # each row's query head, position and visible key range [lo, hi]
     rows = np.empty(4 * nr, dtype=np.int64)
     hq = rows[:nr]
-    pos = rows[nr:2 * nr]
-    lo = rows[2 * nr:3 * nr]
-    hi = rows[3 * nr:]
+    pos = rows[nr : 2 * nr]
+    lo = rows[2 * nr : 3 * nr]
+    hi = rows[3 * nr :]
     klo, khi = S, 0
     full_lo, full_hi = 0, S
     for r in range(nr):
@@ -257,21 +289,21 @@ def _decode_task(task, q, k_pages, v_pages, page_table, seqlens_k, causal, left,
     sizes = (nr * E, tile_rows * E, tile_rows * Ev, nr * block_k, nr * Ev, nr * Ev)
     scratch = np.empty(sum(sizes) + 3 * nr, dtype=dt)
     o = 0
-    qs = scratch[o:o + nr * E].reshape((nr, E))
+    qs = scratch[o : o + nr * E].reshape((nr, E))
     o += nr * E
-    kbuf = scratch[o:o + tile_rows * E]
+    kbuf = scratch[o : o + tile_rows * E]
     o += tile_rows * E
-    vbuf = scratch[o:o + tile_rows * Ev]
+    vbuf = scratch[o : o + tile_rows * Ev]
     o += tile_rows * Ev
-    st_buf = scratch[o:o + nr * block_k]
+    st_buf = scratch[o : o + nr * block_k]
     o += nr * block_k
-    pv = scratch[o:o + nr * Ev].reshape((nr, Ev))
+    pv = scratch[o : o + nr * Ev].reshape((nr, Ev))
     o += nr * Ev
-    acc = scratch[o:o + nr * Ev].reshape((nr, Ev))
+    acc = scratch[o : o + nr * Ev].reshape((nr, Ev))
     o += nr * Ev
-    m = scratch[o:o + nr]
-    lsum = scratch[o + nr:o + 2 * nr]  # running sum per row
-    alpha = scratch[o + 2 * nr:o + 3 * nr]
+    m = scratch[o : o + nr]
+    lsum = scratch[o + nr : o + 2 * nr]  # running sum per row
+    alpha = scratch[o + 2 * nr : o + 3 * nr]
     acc[:] = zero
     m[:] = neg_inf
     lsum[:] = zero
@@ -284,7 +316,7 @@ def _decode_task(task, q, k_pages, v_pages, page_table, seqlens_k, causal, left,
         nk = min(block_k, s1 - j0)
         # scores row-major (nr, nk): every pass below runs along contiguous keys and vectorises
         # (decode has few rows, often one)
-        st = st_buf[:nr * nk].reshape((nr, nk))
+        st = st_buf[: nr * nk].reshape((nr, nk))
         fused = nr <= fused_rows
         if fused:  # few rows: dot products straight from the cache pages, 16-bit entries widened
             _scores_fused(k_pages, page_table, b, hk, j0, nk, qs, st, half_kind)
@@ -350,9 +382,31 @@ def _decode_task(task, q, k_pages, v_pages, page_table, seqlens_k, causal, left,
 
 
 @njit(parallel=True, cache=_CACHE, fastmath=_FM, error_model="numpy")
-def _decode(q, k_pages, v_pages, page_table, seqlens_k, causal, left, right, scale, group, half_kind,
-            gather, splits, block_k, block_rows, fused_rows, mod_args, has_score_mod, has_mask_mod, part_out,
-            part_lse, out, lse):
+def _decode(
+    q,
+    k_pages,
+    v_pages,
+    page_table,
+    seqlens_k,
+    causal,
+    left,
+    right,
+    scale,
+    group,
+    half_kind,
+    gather,
+    splits,
+    block_k,
+    block_rows,
+    fused_rows,
+    mod_args,
+    has_score_mod,
+    has_mask_mod,
+    part_out,
+    part_lse,
+    out,
+    lse,
+):
     """Attention of ``q`` (B, Hq, L, E) against the first ``seqlens_k[b]`` keys of each sequence.
 
     ``k_pages``/``v_pages`` (num_pages, Hkv, page_size, E/Ev): the compute dtype (q's: float32 or
@@ -371,9 +425,30 @@ def _decode(q, k_pages, v_pages, page_table, seqlens_k, causal, left, right, sca
     Hkv = k_pages.shape[1]
     nrb = (group * L + block_rows - 1) // block_rows
     for task in prange(B * Hkv * nrb * splits):
-        _decode_task(task, q, k_pages, v_pages, page_table, seqlens_k, causal, left, right, scale, group,
-                     half_kind, gather, splits, block_k, block_rows, fused_rows, mod_args, has_score_mod,
-                     has_mask_mod, part_out, part_lse)
+        _decode_task(
+            task,
+            q,
+            k_pages,
+            v_pages,
+            page_table,
+            seqlens_k,
+            causal,
+            left,
+            right,
+            scale,
+            group,
+            half_kind,
+            gather,
+            splits,
+            block_k,
+            block_rows,
+            fused_rows,
+            mod_args,
+            has_score_mod,
+            has_mask_mod,
+            part_out,
+            part_lse,
+        )
     if splits > 1:
         for n in prange(out.shape[0]):
             _merge_row(part_out, part_lse, n, out, lse)
@@ -398,15 +473,18 @@ def decode_kernel(score_mod, mask_mod, serial=False):
         if (score_mod, mask_mod) not in _mods_tasks:
             task_env = dict(globals(), _SCORE_MOD=score_mod or no_score_mod, _MASK_MOD=mask_mod or no_mask_mod)
             _mods_tasks[score_mod, mask_mod] = njit(fastmath=_FM, error_model="numpy", **cache)(
-                named(_decode_task.py_func.__code__, task_env, "_decode_task_mods", tag))
+                named(_decode_task.py_func.__code__, task_env, "_decode_task_mods", tag)
+            )
         env = dict(globals(), _decode_task=_mods_tasks[score_mod, mask_mod])
         name = "_decode_mods" + ("_serial" if serial else "")
         _with_mods[key] = njit(parallel=not serial, fastmath=_FM, error_model="numpy", **cache)(
-            named(_decode.py_func.__code__, env, name, tag))
+            named(_decode.py_func.__code__, env, name, tag)
+        )
     return _with_mods[key]
 
 
 #: the kernel without mods compiled without ``parallel`` (see ``decode_kernel``): a module global,
 #: so it is disk-cached and loaded like ``_decode``
 _decode_serial = njit(cache=_CACHE, fastmath=_FM, error_model="numpy")(
-    named(_decode.py_func.__code__, globals(), "_decode_serial", None))
+    named(_decode.py_func.__code__, globals(), "_decode_serial", None)
+)

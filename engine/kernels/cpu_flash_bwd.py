@@ -22,12 +22,13 @@ accumulators in split order. The split count depends on the thread count only (s
 thread count. Memory beyond inputs and outputs: ``splits`` dQ-sized accumulators (one when
 batch x heads is a multiple of the thread count), one scaled copy of Q and O(tile) per task.
 """
+
 import numpy as np
 from numba import njit, prange
 
 from ..jit_cache import cache_enabled
-from .cpu_flash_fwd import _FM, no_mask_mod, no_score_mod
 from .blas import gemm_acc
+from .cpu_flash_fwd import _FM, no_mask_mod, no_score_mod
 from .fastexp import fast_exp
 from .gemm import tile_gemm
 from .kinds import MASK_BOOL, MASK_FLOAT, MASK_NONE, TILE_EMPTY, TILE_FULL, TILE_PARTIAL
@@ -52,9 +53,41 @@ _MASK_MOD = no_mask_mod
 
 
 @njit(cache=_CACHE, fastmath=_FM, error_model="numpy")
-def _bwd_task(task, qs, qst, fq, k, v, do, lrow, delta, fmask, bmask, mask_batch, mask_kind, causal, group,
-              block_q, block_k, splits, bounds, mod_args, has_score_mod, tile_kinds, per_tile, dropout,
-              gemm_kind, gemm_fn, dm_rows, dm_cols, want_dm, dq_part, dk, dv, dm):
+def _bwd_task(
+    task,
+    qs,
+    qst,
+    fq,
+    k,
+    v,
+    do,
+    lrow,
+    delta,
+    fmask,
+    bmask,
+    mask_batch,
+    mask_kind,
+    causal,
+    group,
+    block_q,
+    block_k,
+    splits,
+    bounds,
+    mod_args,
+    has_score_mod,
+    tile_kinds,
+    per_tile,
+    dropout,
+    gemm_kind,
+    gemm_fn,
+    dm_rows,
+    dm_cols,
+    want_dm,
+    dq_part,
+    dk,
+    dv,
+    dm,
+):
     """One parallel task: the key tiles ``bounds[s] ... bounds[s + 1] - 1`` of one (batch, kv head)."""
     B, Hq, L, E = qs.shape
     H = k.shape[1]
@@ -74,7 +107,7 @@ def _bwd_task(task, qs, qst, fq, k, v, do, lrow, delta, fmask, bmask, mask_batch
     mb = mask_batch[b]
     tile_b = b if tile_kinds.shape[0] > 1 else 0
     # per-task scratch, reused by every tile pair
-    pt_buf = np.empty(block_k * block_q, dtype=dt)   # transposed scores, then weights P^T
+    pt_buf = np.empty(block_k * block_q, dtype=dt)  # transposed scores, then weights P^T
     dpt_buf = np.empty(block_k * block_q, dtype=dt)  # dP^T, then dS^T
     zt_buf = np.empty(block_k * block_q if dropping else 1, dtype=dt)  # dropout multipliers
     gt_buf = np.empty(block_k * block_q if has_score_mod else 1, dtype=dt)  # score_mod derivative
@@ -105,21 +138,25 @@ def _bwd_task(task, qs, qst, fq, k, v, do, lrow, delta, fmask, bmask, mask_batch
                 doi = do[b, h, i0:i1]
                 lr = lrow[b, h, i0:i1]
                 dr = delta[b, h, i0:i1]
-                pt = pt_buf[:nk * nq].reshape((nk, nq))
-                dpt = dpt_buf[:nk * nq].reshape((nk, nq))
+                pt = pt_buf[: nk * nq].reshape((nk, nq))
+                dpt = dpt_buf[: nk * nq].reshape((nk, nq))
                 # scaled scores, as the forward computed them: one product per forward query tile
                 # of fq rows, with its operand layout (BLAS rounds differently for other shapes, and
                 # weights recomputed from other roundings of the scores disagree with lse and out)
                 # no mod and no mask on this tile: the weights straight from the products
-                plain = (not has_score_mod and tile != TILE_PARTIAL and mask_kind == MASK_NONE
-                         and not (causal and j1 - 1 > i0))
+                plain = (
+                    not has_score_mod
+                    and tile != TILE_PARTIAL
+                    and mask_kind == MASK_NONE
+                    and not (causal and j1 - 1 > i0)
+                )
                 for c0 in range(0, nq, fq):
                     w = min(fq, nq - c0)
-                    tsw = ts[:nk * w].reshape((nk, w))
-                    tile_gemm(gemm_kind, gemm_fn, kt, qst[b, h, (i0 + c0) // fq, :E * w].reshape((E, w)), tsw)
-                    lrw = lr[c0:c0 + w]
+                    tsw = ts[: nk * w].reshape((nk, w))
+                    tile_gemm(gemm_kind, gemm_fn, kt, qst[b, h, (i0 + c0) // fq, : E * w].reshape((E, w)), tsw)
+                    lrw = lr[c0 : c0 + w]
                     for c in range(nk):  # 1-D row views: indexing with an offset does not vectorise
-                        prow = pt[c, c0:c0 + w]
+                        prow = pt[c, c0 : c0 + w]
                         trow = tsw[c]
                         if plain:
                             for r in range(w):
@@ -128,7 +165,7 @@ def _bwd_task(task, qs, qst, fq, k, v, do, lrow, delta, fmask, bmask, mask_batch
                             for r in range(w):
                                 prow[r] = trow[r]
                 if has_score_mod:
-                    gt = gt_buf[:nk * nq].reshape((nk, nq))
+                    gt = gt_buf[: nk * nq].reshape((nk, nq))
                     for c in range(nk):
                         for r in range(nq):
                             x = pt[c, r]
@@ -164,9 +201,9 @@ def _bwd_task(task, qs, qst, fq, k, v, do, lrow, delta, fmask, bmask, mask_batch
                             pt[c, r] = fast_exp(pt[c, r] - lr[r])
                 pz = pt
                 if dropping:
-                    zt = zt_buf[:nk * nq].reshape((nk, nq))
+                    zt = zt_buf[: nk * nq].reshape((nk, nq))
                     keep_scale(seed_lo, seed_hi, b, h, i0, nq, j0, nk, drop_threshold, keep, zt)
-                    pz = pzt_buf[:nk * nq].reshape((nk, nq))
+                    pz = pzt_buf[: nk * nq].reshape((nk, nq))
                     for c in range(nk):
                         for r in range(nq):
                             pz[c, r] = pt[c, r] * zt[c, r]
@@ -199,9 +236,39 @@ def _bwd_task(task, qs, qst, fq, k, v, do, lrow, delta, fmask, bmask, mask_batch
 
 
 @njit(parallel=True, cache=_CACHE, fastmath=_FM, error_model="numpy")
-def _flash_backward(qs, qst, fq, k, v, do, lrow, delta, fmask, bmask, mask_batch, mask_kind, causal, group,
-                    block_q, block_k, splits, bounds, mod_args, has_score_mod, tile_kinds, dropout,
-                    gemm_kind, gemm_fn, dm_rows, dm_cols, want_dm, dq_part, dk, dv, dm):
+def _flash_backward(
+    qs,
+    qst,
+    fq,
+    k,
+    v,
+    do,
+    lrow,
+    delta,
+    fmask,
+    bmask,
+    mask_batch,
+    mask_kind,
+    causal,
+    group,
+    block_q,
+    block_k,
+    splits,
+    bounds,
+    mod_args,
+    has_score_mod,
+    tile_kinds,
+    dropout,
+    gemm_kind,
+    gemm_fn,
+    dm_rows,
+    dm_cols,
+    want_dm,
+    dq_part,
+    dk,
+    dv,
+    dm,
+):
     """Gradients of ``out = softmax(scale * q @ k.T + mask) @ v`` per (batch, head), tiled.
 
     From :func:`_backward_prologue`: ``qs`` = scale * q (B, Hq, L, E) and its copy ``qst`` in the
@@ -224,9 +291,41 @@ def _flash_backward(qs, qst, fq, k, v, do, lrow, delta, fmask, bmask, mask_batch
     per_tile = tile_kinds.shape[2] > 1 or tile_kinds.shape[3] > 1 or tile_kinds[0, 0, 0, 0] != TILE_FULL
     for task in prange(B * H * splits):
         # the index is int64 when typed, uint64 when lowered: one type, one compilation of the task
-        _bwd_task(np.int64(task), qs, qst, fq, k, v, do, lrow, delta, fmask, bmask, mask_batch, mask_kind, causal,
-                  group, block_q, block_k, splits, bounds, mod_args, has_score_mod, tile_kinds, per_tile,
-                  dropout, gemm_kind, gemm_fn, dm_rows, dm_cols, want_dm, dq_part, dk, dv, dm)
+        _bwd_task(
+            np.int64(task),
+            qs,
+            qst,
+            fq,
+            k,
+            v,
+            do,
+            lrow,
+            delta,
+            fmask,
+            bmask,
+            mask_batch,
+            mask_kind,
+            causal,
+            group,
+            block_q,
+            block_k,
+            splits,
+            bounds,
+            mod_args,
+            has_score_mod,
+            tile_kinds,
+            per_tile,
+            dropout,
+            gemm_kind,
+            gemm_fn,
+            dm_rows,
+            dm_cols,
+            want_dm,
+            dq_part,
+            dk,
+            dv,
+            dm,
+        )
 
 
 # prologue and epilogue: O(L) work, single-threaded (a parallel loop would cost more compile time
@@ -287,11 +386,17 @@ def backward_kernel(score_mod, score_grad, mask_mod):
     if key not in _with_mods:
         tag = cache_tag(score_mod, score_grad, mask_mod)
         cache = {"cache": True} if tag else {}
-        env = dict(globals(), _SCORE_MOD=score_mod or no_score_mod,
-                   _SCORE_GRAD=score_grad or no_score_grad, _MASK_MOD=mask_mod or no_mask_mod)
+        env = dict(
+            globals(),
+            _SCORE_MOD=score_mod or no_score_mod,
+            _SCORE_GRAD=score_grad or no_score_grad,
+            _MASK_MOD=mask_mod or no_mask_mod,
+        )
         task = njit(fastmath=_FM, error_model="numpy", **cache)(
-            named(_bwd_task.py_func.__code__, env, "_bwd_task_mods", tag))
+            named(_bwd_task.py_func.__code__, env, "_bwd_task_mods", tag)
+        )
         env = dict(globals(), _bwd_task=task)
         _with_mods[key] = njit(parallel=True, fastmath=_FM, error_model="numpy", **cache)(
-            named(_flash_backward.py_func.__code__, env, "_flash_backward_mods", tag))
+            named(_flash_backward.py_func.__code__, env, "_flash_backward_mods", tag)
+        )
     return _with_mods[key]

@@ -16,6 +16,7 @@ BLAS must not start its own threads inside our parallel tasks (oversubscription 
 L = 4096): the wrapper holds OpenBLAS at one thread during the call, or, where it cannot, sizes
 the tiles below OpenBLAS's multithreading threshold.
 """
+
 import numpy as np
 from numba import njit, prange
 from numba import types as nb_types
@@ -25,13 +26,12 @@ from ..jit_cache import cache_enabled
 from .fastexp import fast_exp
 from .gemm import GEMM_CBLAS_F16, tile_gemm, tile_gemm_16
 from .half import f32_to_bf16_bits, f32_to_f16_bits
-from .philox import keep_scale
 from .kinds import MASK_BOOL, MASK_FLOAT, TILE_EMPTY, TILE_FULL, TILE_PARTIAL
 from .nonfinite import redo_if_nonfinite
+from .philox import keep_scale
 from .specialise import cache_tag, named
 
 _CACHE = cache_enabled()
-
 
 
 @njit(cache=_CACHE)
@@ -45,6 +45,7 @@ def no_mask_mod(b, h, q_idx, kv_idx, *mod_args):
     """The allow-all ``mask_mod`` passed when the caller gave none."""
     return True
 
+
 # reassoc/contract only: no nnan/ninf, NaN and -inf carry meaning here (NaN rows, masked keys)
 _FM = {"contract", "reassoc", "nsz", "arcp"}
 
@@ -57,6 +58,7 @@ _SUM_CHUNK = 32
 # q is copied unscaled (exact), the scale is applied to the float32 scores, and the probabilities
 # are rounded to the operand format for the second product (as FlashAttention does). These helpers
 # are the only places the two paths differ; each compiles to one branch for the operand type.
+
 
 def _scaled_q(x, scale):
     """What the q tile holds: ``scale * x`` for float operands, the raw bits for 16-bit ones."""
@@ -110,9 +112,10 @@ def _values_gemm(kind, fn, st, half, vt, pv):
 @overload(_values_gemm, inline="always")
 def _values_gemm_impl(kind, fn, st, half, vt, pv):
     if isinstance(vt.dtype, nb_types.Integer):
+
         def impl(kind, fn, st, half, vt, pv):
             nk, nq = st.shape
-            p = half[:nk * nq].reshape((nk, nq))
+            p = half[: nk * nq].reshape((nk, nq))
             if kind == GEMM_CBLAS_F16:
                 for c in range(nk):
                     for r in range(nq):
@@ -122,10 +125,13 @@ def _values_gemm_impl(kind, fn, st, half, vt, pv):
                     for r in range(nq):
                         p[c, r] = f32_to_bf16_bits(st[c, r])
             tile_gemm_16(fn, p.T, vt, pv)
+
         return impl
+
     def impl(kind, fn, st, half, vt, pv):
         tile_gemm(kind, fn, st.T, vt, pv)
         redo_if_nonfinite(st.T, vt, pv)  # a NaN/inf value reaches only rows that weigh it
+
     return impl
 
 
@@ -135,9 +141,32 @@ _MASK_MOD = no_mask_mod
 
 
 @njit(cache=_CACHE, fastmath=_FM, error_model="numpy")
-def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, causal_offset, scale, group,
-                block_q, block_k, sub_tiles, mod_args, has_score_mod, tile_kinds, per_tile, dropout, gemm_kind,
-                gemm_fn, out, lse):
+def _flash_task(
+    task,
+    q,
+    k,
+    v,
+    fmask,
+    bmask,
+    mask_batch,
+    mask_kind,
+    causal,
+    causal_offset,
+    scale,
+    group,
+    block_q,
+    block_k,
+    sub_tiles,
+    mod_args,
+    has_score_mod,
+    tile_kinds,
+    per_tile,
+    dropout,
+    gemm_kind,
+    gemm_fn,
+    out,
+    lse,
+):
     """One parallel task: ``sub_tiles`` query tiles of one (batch, head)."""
     B, Hq, L, E = q.shape
     S = k.shape[2]
@@ -164,11 +193,11 @@ def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, caus
     # per-task scratch, reused by every key tile; row state indexed by row - t0
     qt = np.empty((sub_tiles, E * block_q), dtype=q.dtype)  # (scale * q_sub_tile).T, (E, nq) each
     half = _half_buffer(q, block_k * block_q)  # 16-bit operands: the probabilities, rounded
-    st_buf = np.empty(block_k * block_q, dtype=dt)   # transposed scores, then probabilities
+    st_buf = np.empty(block_k * block_q, dtype=dt)  # transposed scores, then probabilities
     pv_buf = np.empty(block_q * Ev, dtype=dt)
     acc = np.zeros((nt, Ev), dtype=dt)
-    m = np.full(nt, neg_inf, dtype=dt)         # running max per query row
-    l = np.zeros(nt, dtype=np.float64)         # running sum per query row (float64: see below)
+    m = np.full(nt, neg_inf, dtype=dt)  # running max per query row
+    l = np.zeros(nt, dtype=np.float64)  # running sum per query row (float64: see below)
     tm = np.empty(block_q, dtype=dt)
     shift = np.empty(block_q, dtype=dt)
     alpha = np.empty(block_q, dtype=dt)
@@ -194,14 +223,18 @@ def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, caus
                 continue
             tile = TILE_FULL
             if per_tile:
-                tile = tile_kinds[b if tile_kinds.shape[0] > 1 else 0, h if tile_kinds.shape[1] > 1 else 0,
-                                  i0 // block_q, j0 // block_k]
+                tile = tile_kinds[
+                    b if tile_kinds.shape[0] > 1 else 0,
+                    h if tile_kinds.shape[1] > 1 else 0,
+                    i0 // block_q,
+                    j0 // block_k,
+                ]
                 if tile == TILE_EMPTY:  # the mask_mod hides every element: skip the tile
                     continue
             nq = i1 - i0
             o = i0 - t0
-            st = st_buf[:nk * nq].reshape((nk, nq))
-            _scores_gemm(gemm_kind, gemm_fn, kt, qt[sub, :E * nq].reshape((E, nq)), st)
+            st = st_buf[: nk * nq].reshape((nk, nq))
+            _scores_gemm(gemm_kind, gemm_fn, kt, qt[sub, : E * nq].reshape((E, nq)), st)
             if post_scale != 1.0:
                 for c in range(nk):
                     for r in range(nq):
@@ -280,12 +313,12 @@ def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, caus
             for r in range(nq):
                 l[o + r] = l[o + r] * alpha[r] + ts[r]
             if dropping:  # the sum above (so lse) is of the kept and dropped weights, as torch
-                zt = zt_buf[:nk * nq].reshape((nk, nq))
+                zt = zt_buf[: nk * nq].reshape((nk, nq))
                 keep_scale(seed_lo, seed_hi, b, h, i0, nq, j0, nk, drop_threshold, keep, zt)
                 for c in range(nk):
                     for r in range(nq):
                         st[c, r] *= zt[c, r]
-            pv = pv_buf[:nq * Ev].reshape((nq, Ev))
+            pv = pv_buf[: nq * Ev].reshape((nq, Ev))
             _values_gemm(gemm_kind, gemm_fn, st, half, vt, pv)
             if rescale:
                 for r in range(nq):
@@ -316,9 +349,30 @@ def _flash_task(task, q, k, v, fmask, bmask, mask_batch, mask_kind, causal, caus
 # error_model="numpy": a float division by zero gives inf/NaN instead of raising, so divisions
 # (ours and those of inlined mods) carry no zero check and their loops vectorise (10x for tanh)
 @njit(parallel=True, cache=_CACHE, fastmath=_FM, error_model="numpy")
-def _flash_forward(q, k, v, fmask, bmask, mask_batch, mask_kind, causal, causal_offset, scale, group,
-                   block_q, block_k, sub_tiles, mod_args, has_score_mod, tile_kinds, dropout, gemm_kind, gemm_fn,
-                   out, lse):
+def _flash_forward(
+    q,
+    k,
+    v,
+    fmask,
+    bmask,
+    mask_batch,
+    mask_kind,
+    causal,
+    causal_offset,
+    scale,
+    group,
+    block_q,
+    block_k,
+    sub_tiles,
+    mod_args,
+    has_score_mod,
+    tile_kinds,
+    dropout,
+    gemm_kind,
+    gemm_fn,
+    out,
+    lse,
+):
     """out[b, h] = softmax(scale * q[b, h] @ k[b, h // group].T + mask) @ v[b, h // group].
 
     q (B, Hq, L, E), k (B, H, S, E), v (B, H, S, Ev), out (B, Hq, L, Ev), lse (B, Hq, L): C order.
@@ -356,9 +410,32 @@ def _flash_forward(q, k, v, fmask, bmask, mask_batch, mask_kind, causal, causal_
     rows = block_q * sub_tiles
     for task in prange(q.shape[0] * q.shape[1] * ((q.shape[2] + rows - 1) // rows)):
         # the index is int64 when typed, uint64 when lowered: one type, one compilation of the task
-        _flash_task(np.int64(task), q, k, v, fmask, bmask, mask_batch, mask_kind, causal, causal_offset, scale,
-                    group, block_q, block_k, sub_tiles, mod_args, has_score_mod, tile_kinds, per_tile, dropout,
-                    gemm_kind, gemm_fn, out, lse)
+        _flash_task(
+            np.int64(task),
+            q,
+            k,
+            v,
+            fmask,
+            bmask,
+            mask_batch,
+            mask_kind,
+            causal,
+            causal_offset,
+            scale,
+            group,
+            block_q,
+            block_k,
+            sub_tiles,
+            mod_args,
+            has_score_mod,
+            tile_kinds,
+            per_tile,
+            dropout,
+            gemm_kind,
+            gemm_fn,
+            out,
+            lse,
+        )
 
 
 _with_mods: dict = {}
@@ -390,11 +467,13 @@ def flash_kernel(score_mod, mask_mod, serial=False):
         if (score_mod, mask_mod) not in _mods_tasks:
             task_env = dict(globals(), _SCORE_MOD=score_mod or no_score_mod, _MASK_MOD=mask_mod or no_mask_mod)
             _mods_tasks[score_mod, mask_mod] = njit(**_task_options, **cache)(
-                named(_flash_task.py_func.__code__, task_env, "_flash_task_mods", tag))
+                named(_flash_task.py_func.__code__, task_env, "_flash_task_mods", tag)
+            )
         env = dict(globals(), _flash_task=_mods_tasks[score_mod, mask_mod])
         name = "_flash_forward_mods" + ("_serial" if serial else "")
         _with_mods[key] = njit(**(_task_options if serial else _kernel_options), **cache)(
-            named(_flash_forward.py_func.__code__, env, name, tag))
+            named(_flash_forward.py_func.__code__, env, name, tag)
+        )
     return _with_mods[key]
 
 
@@ -405,4 +484,5 @@ _kernel_options = dict(parallel=True, fastmath=_FM, error_model="numpy")
 #: the kernel without mods compiled without ``parallel`` (see ``flash_kernel``): a module global, so
 #: it is disk-cached and loaded like ``_flash_forward``
 _flash_forward_serial = njit(cache=_CACHE, **_task_options)(
-    named(_flash_forward.py_func.__code__, globals(), "_flash_forward_serial", None))
+    named(_flash_forward.py_func.__code__, globals(), "_flash_forward_serial", None)
+)

@@ -28,14 +28,14 @@ for the whole query tile is skipped by the whole block (the map is per block, so
 uniform and the block's barriers stay matched); the mask is evaluated per element only in partial
 tiles.
 """
+
 from __future__ import annotations
 
 import math
 import threading
-
-import numpy as np
 import weakref
 
+import numpy as np
 from numba import cuda, float32  # this module is imported only when the cuda backend runs
 from numba.cuda.extending import overload
 
@@ -43,9 +43,16 @@ from .bfloat16 import bf16_to_float32, float32_to_bf16
 from .fastexp import fast_exp, fast_tanh
 from .kinds import MASK_BOOL, MASK_FLOAT, MASK_NONE, TILE_EMPTY, TILE_PARTIAL
 
-__all__ = ["MASK_NONE", "MASK_BOOL", "MASK_FLOAT", "flash_kernel", "flash_kernel_source", "kernel_signature",
-           "shared_bytes", "device_function"]
-
+__all__ = [
+    "MASK_NONE",
+    "MASK_BOOL",
+    "MASK_FLOAT",
+    "flash_kernel",
+    "flash_kernel_source",
+    "kernel_signature",
+    "shared_bytes",
+    "device_function",
+]
 
 
 # mods written for the cpu kernels may call these; on the GPU libdevice's expf/tanhf are already
@@ -87,6 +94,7 @@ def _no_score_mod(score, b, h, q_idx, kv_idx):
 def _no_mask_mod(b, h, q_idx, kv_idx):
     return True
 
+
 #: static shared memory per block is limited to 48 KiB; tiles stay below this
 SHARED_LIMIT = 48 * 1024
 
@@ -96,8 +104,18 @@ def shared_bytes(E: int, Ev: int, block_k: int) -> int:
     return 4 * block_k * (max(E, 1) + max(Ev, 1))
 
 
-def flash_kernel_source(E: int, Ev: int, block_q: int, block_k: int, mask_kind: int, causal: bool,
-                        score_mod=None, mask_mod=None, bf16: bool = False, mask_bf16: bool = False):
+def flash_kernel_source(
+    E: int,
+    Ev: int,
+    block_q: int,
+    block_k: int,
+    mask_kind: int,
+    causal: bool,
+    score_mod=None,
+    mask_mod=None,
+    bf16: bool = False,
+    mask_bf16: bool = False,
+):
     """The plain Python function of one kernel specialisation (before ``cuda.jit``).
 
     ``_flash_forward(q, k, v, mask, meta, L, S, group, scale, mod_args, tile_kinds, out, lse)``:
@@ -121,7 +139,7 @@ def flash_kernel_source(E: int, Ev: int, block_q: int, block_k: int, mask_kind: 
     ``bf16``: q, k, v, out and lse hold bfloat16 bit patterns (``uint16``), converted to float32
     on load and rounded to nearest even on store; ``mask_bf16``: so does a float mask.
     """
-    EK = max(E, 1)   # local/shared arrays need a size >= 1; the loops still run E times
+    EK = max(E, 1)  # local/shared arrays need a size >= 1; the loops still run E times
     EV = max(Ev, 1)
     BQ = block_q
     BK = block_k
@@ -173,8 +191,8 @@ def flash_kernel_source(E: int, Ev: int, block_q: int, block_k: int, mask_kind: 
                 qr[e] = LOAD(q[q_base + e * q_col]) * scale32
         for d in range(Ev):
             acc[d] = ZERO
-        m = NEG_INF   # running maximum of this row
-        l = ZERO      # running sum of exp(score - shift)
+        m = NEG_INF  # running maximum of this row
+        l = ZERO  # running sum of exp(score - shift)
 
         kend = S
         if CAUSAL:  # the block's last row sees keys up to itself: later tiles are never loaded
@@ -183,8 +201,9 @@ def flash_kernel_source(E: int, Ev: int, block_q: int, block_k: int, mask_kind: 
         for j0 in range(0, kend, BK):
             if HAS_MASK_MOD:
                 # one kind for the whole block: every thread skips together or none does
-                kind = tile_kinds[b if tile_kinds.shape[0] > 1 else 0,
-                                  h if tile_kinds.shape[1] > 1 else 0, cuda.blockIdx.x, j0 // BK]
+                kind = tile_kinds[
+                    b if tile_kinds.shape[0] > 1 else 0, h if tile_kinds.shape[1] > 1 else 0, cuda.blockIdx.x, j0 // BK
+                ]
                 if kind == EMPTY_TILE:
                     continue
                 partial = kind == PARTIAL_TILE
@@ -260,16 +279,35 @@ _kernels: dict = {}
 _kernels_lock = threading.Lock()
 
 
-def flash_kernel(E: int, Ev: int, block_q: int, block_k: int, mask_kind: int, causal: bool,
-                 score_mod=None, mask_mod=None, bf16: bool = False, mask_bf16: bool = False):
+def flash_kernel(
+    E: int,
+    Ev: int,
+    block_q: int,
+    block_k: int,
+    mask_kind: int,
+    causal: bool,
+    score_mod=None,
+    mask_mod=None,
+    bf16: bool = False,
+    mask_bf16: bool = False,
+):
     """The ``cuda.jit`` dispatcher for one specialisation (built once per process, then reused).
 
     It compiles lazily, once per argument types (float16, float32 or bfloat16-as-uint16 storage,
     mask dtype, the types of ``mod_args``).
     """
-    key = (int(E), int(Ev), int(block_q), int(block_k), int(mask_kind), bool(causal),
-           None if score_mod is None else python_function(score_mod),
-           None if mask_mod is None else python_function(mask_mod), bool(bf16), bool(mask_bf16))
+    key = (
+        int(E),
+        int(Ev),
+        int(block_q),
+        int(block_k),
+        int(mask_kind),
+        bool(causal),
+        None if score_mod is None else python_function(score_mod),
+        None if mask_mod is None else python_function(mask_mod),
+        bool(bf16),
+        bool(mask_bf16),
+    )
     with _kernels_lock:
         kern = _kernels.get(key)
         if kern is None:
@@ -291,5 +329,18 @@ def kernel_signature(storage, mask=None, mod_args=()):
     st = from_dtype(np.dtype(storage))
     mt = from_dtype(np.dtype(np.bool_ if mask is None else mask))
     args = types.Tuple(tuple(typeof(a) for a in mod_args))
-    return (st[::1], st[::1], st[::1], mt[::1], types.int64[:, ::1], types.int64, types.int64,
-            types.int64, types.float64, args, types.int8[:, :, :, ::1], st[:, :, :, ::1], st[:, :, ::1])
+    return (
+        st[::1],
+        st[::1],
+        st[::1],
+        mt[::1],
+        types.int64[:, ::1],
+        types.int64,
+        types.int64,
+        types.int64,
+        types.float64,
+        args,
+        types.int8[:, :, :, ::1],
+        st[:, :, :, ::1],
+        st[:, :, ::1],
+    )

@@ -11,6 +11,7 @@ x = -inf and for x below ``_CUT_F32``/``_CUT_F64``, where e^x is below the small
 true value there is < 1.2e-38 or 2.3e-308: negligible next to the row maximum's own term, 1); NaN
 stays NaN. Positive x is outside the contract.
 """
+
 import math
 
 import numpy as np
@@ -20,7 +21,7 @@ from numba.extending import intrinsic, overload
 __all__ = ["fast_exp", "fast_tanh", "exp_array"]
 
 _LOG2E = 1.4426950408889634
-_LN2_HI = 0.693145751953125          # ln2 split so n*_LN2_HI is exact
+_LN2_HI = 0.693145751953125  # ln2 split so n*_LN2_HI is exact
 _LN2_LO = 1.42860682030941723212e-6
 # largest floats whose exp is below the smallest normal (exp(t) for t < these underflows to 0)
 _CUT_F32 = -87.3365478515625

@@ -22,6 +22,7 @@ operand, no copy); ``c`` is C-ordered and overwritten. A pointer is called witho
 inside parallel tasks, so a provider must be re-entrant and single-threaded (the Python side
 guarantees both, or does not offer it).
 """
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
@@ -61,11 +62,25 @@ def _cblas_call(typingctx, fn, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb,
         fnty = ir.FunctionType(ir.VoidType(), [i32, i32, i32, i32, i32, i32, fp, vp, i32, vp, i32, fp, vp, i32])
         f = builder.inttoptr(args[0], fnty.as_pointer())
         as_i32 = lambda x: builder.trunc(x, i32)  # noqa: E731  (Numba ints are 64-bit)
-        builder.call(f, [ir.Constant(i32, _ROW_MAJOR), as_i32(args[1]), as_i32(args[2]), as_i32(args[3]),
-                         as_i32(args[4]), as_i32(args[5]), args[6],
-                         _data_ptr(context, builder, signature.args[7], args[7]), as_i32(args[8]),
-                         _data_ptr(context, builder, signature.args[9], args[9]), as_i32(args[10]), args[11],
-                         _data_ptr(context, builder, signature.args[12], args[12]), as_i32(args[13])])
+        builder.call(
+            f,
+            [
+                ir.Constant(i32, _ROW_MAJOR),
+                as_i32(args[1]),
+                as_i32(args[2]),
+                as_i32(args[3]),
+                as_i32(args[4]),
+                as_i32(args[5]),
+                args[6],
+                _data_ptr(context, builder, signature.args[7], args[7]),
+                as_i32(args[8]),
+                _data_ptr(context, builder, signature.args[9], args[9]),
+                as_i32(args[10]),
+                args[11],
+                _data_ptr(context, builder, signature.args[12], args[12]),
+                as_i32(args[13]),
+            ],
+        )
         return context.get_dummy_value()
 
     return sig, codegen
@@ -96,8 +111,9 @@ def tile_gemm(kind, fn, a, b, c):
         ta, lda = _operand(a)
         tb, ldb = _operand(b)
         if ta >= 0 and tb >= 0 and kk > 0 and m > 0 and n > 0:
-            _cblas_call(fn, ta, tb, m, n, kk, c.dtype.type(1), a, lda, b, ldb, c.dtype.type(0), c,
-                        c.strides[0] // c.itemsize)
+            _cblas_call(
+                fn, ta, tb, m, n, kk, c.dtype.type(1), a, lda, b, ldb, c.dtype.type(0), c, c.strides[0] // c.itemsize
+            )
             return
     np.dot(a, b, c)
 

@@ -10,14 +10,14 @@
 
 Both are tested against ml_dtypes / NumPy on every class of input in ``tests/test_cpu_16bit.py``.
 """
+
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
 from ..jit_cache import cache_enabled
 
-__all__ = ["f32_to_bf16_bits", "f32_to_f16_bits", "f32_to_bf16_array", "f32_to_f16_array", "widen",
-           "narrow"]
+__all__ = ["f32_to_bf16_bits", "f32_to_f16_bits", "f32_to_bf16_array", "f32_to_f16_array", "widen", "narrow"]
 
 _CACHE = cache_enabled()
 

@@ -12,6 +12,7 @@ and branch-free (selects, no jumps), so a loop over a tile vectorises:
   renormalised by one float subtraction (the "magic number" method of F. Giesen's
   ``half_to_float_fast``). Both are checked against NumPy on all 65536 patterns in the tests.
 """
+
 import numpy as np
 from llvmlite import binding, ir
 from numba import njit, types
@@ -19,15 +20,14 @@ from numba.extending import intrinsic
 
 from .fastexp import _bits_as_float
 
-__all__ = ["f16_bits_to_f32", "bf16_bits_to_f32", "widen_bits", "widen_bits_integer", "FLOAT16_BITS",
-           "BFLOAT16_BITS"]
+__all__ = ["f16_bits_to_f32", "bf16_bits_to_f32", "widen_bits", "widen_bits_integer", "FLOAT16_BITS", "BFLOAT16_BITS"]
 
 #: what a ``uint16`` cache holds, as the kernels' ``half_kind`` argument
 FLOAT16_BITS, BFLOAT16_BITS = 1, 2
 
-_EXP_MASK = 0x7C00 << 13          # float16's exponent field, moved into float32 position
-_BIAS_ADJUST = (127 - 15) << 23   # added once for every number, twice for inf/NaN
-_SUBNORMAL_MAGIC = 113 << 23      # float32 2^-14: subtracted to renormalise a subnormal
+_EXP_MASK = 0x7C00 << 13  # float16's exponent field, moved into float32 position
+_BIAS_ADJUST = (127 - 15) << 23  # added once for every number, twice for inf/NaN
+_SUBNORMAL_MAGIC = 113 << 23  # float32 2^-14: subtracted to renormalise a subnormal
 
 
 @intrinsic

@@ -12,6 +12,7 @@ inference", 2023) and of the online softmax itself (Milakov & Gimelshein, 2018).
 ``_merge_row`` is the one implementation: the public ``engine.merge_attention`` runs it over every
 row through ``_merge_rows``, and the split-KV decode kernel calls it inline on its partials.
 """
+
 import numpy as np
 from numba import njit, prange
 

@@ -6,6 +6,7 @@ Rather than screen V before every call (a full pass over V), each tile's product
 checked after BLAS computed it: a pass over the small (rows, Ev) result. Only a product that is not
 finite is recomputed exactly, leaving out the keys of weight 0. Finite inputs pay only the check.
 """
+
 import math
 
 from numba import njit

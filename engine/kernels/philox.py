@@ -16,13 +16,13 @@ counter = ``(j // 4, i, h, b)``, and word ``j % 4`` of the result decides elemen
 Two implementations of the same function: ``philox4x32`` compiled by Numba for the kernels, and
 ``philox4x32_numpy`` over NumPy arrays for the ``reference`` backend and the tests.
 """
+
 import numpy as np
 from numba import njit
 
 from ..jit_cache import cache_enabled
 
-__all__ = ["philox4x32", "philox4x32_numpy", "keep_scale", "keep_mask_numpy", "dropout_threshold",
-           "split_seed"]
+__all__ = ["philox4x32", "philox4x32_numpy", "keep_scale", "keep_mask_numpy", "dropout_threshold", "split_seed"]
 
 _CACHE = cache_enabled()
 
@@ -75,7 +75,7 @@ def philox4x32_numpy(c0, c1, c2, c3, k0, k1):
 
 def dropout_threshold(p: float) -> int:
     """The 32-bit threshold below which an element is dropped: round(p * 2**32), in 0 ... 2**32."""
-    return int(round(float(p) * 2.0 ** 32))
+    return int(round(float(p) * 2.0**32))
 
 
 def split_seed(seed: int) -> tuple[int, int]:
@@ -120,10 +120,15 @@ def keep_mask_numpy(seed: int, p: float, B: int, H: int, L: int, S: int) -> np.n
     Memory is O(B H L S): for tests and the ``reference`` backend.
     """
     k0, k1 = split_seed(seed)
-    threshold = np.uint64(min(dropout_threshold(p), 2 ** 32))
-    b, h, i, g = np.meshgrid(np.arange(B, dtype=np.uint64), np.arange(H, dtype=np.uint64),
-                             np.arange(L, dtype=np.uint64), np.arange((S + 3) // 4, dtype=np.uint64),
-                             indexing="ij", sparse=True)
+    threshold = np.uint64(min(dropout_threshold(p), 2**32))
+    b, h, i, g = np.meshgrid(
+        np.arange(B, dtype=np.uint64),
+        np.arange(H, dtype=np.uint64),
+        np.arange(L, dtype=np.uint64),
+        np.arange((S + 3) // 4, dtype=np.uint64),
+        indexing="ij",
+        sparse=True,
+    )
     words = philox4x32_numpy(g, i, h, b, k0, k1)
     stacked = np.stack(words, axis=-1).reshape(B, H, L, -1)[..., :S]  # word j % 4 of group j // 4
     return stacked >= threshold

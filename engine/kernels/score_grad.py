@@ -8,6 +8,7 @@ so the user's mod runs unchanged on a complex score. Mods that compare or take `
 score are not analytic: they fail to compile on complex numbers or give a wrong derivative, which
 ``engine.mods.score_mod_grad`` detects (finite differences) before any kernel runs.
 """
+
 import numpy as np
 
 from .cpu_flash_fwd import no_score_mod
@@ -15,8 +16,8 @@ from .cpu_flash_fwd import no_score_mod
 __all__ = ["complex_step_grad", "complex_step_grad_python", "STEP"]
 
 #: the imaginary step: a power of two, so dividing by it is exact; tiny, so O(h^2) terms vanish
-STEP = 2.0 ** -100
-_INV_STEP = 2.0 ** 100
+STEP = 2.0**-100
+_INV_STEP = 2.0**100
 
 #: the mod differentiated; ``engine.mods.score_mod_grad`` compiles a copy with it re-bound
 _SCORE_MOD = no_score_mod

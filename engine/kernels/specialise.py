@@ -5,6 +5,7 @@ vectorised), and a kernel without mods loads from Numba's disk cache (a function
 put a function type in the signature, which never matches after unpickling). Shared by the
 forward and backward kernels and the score_mod derivative.
 """
+
 import hashlib
 import marshal
 import types

@@ -13,6 +13,7 @@ Each block is ``x + attn(ln(x))`` then ``x + mlp(ln(x))``; the attention layer h
 
 Without ALiBi, positions are learned embeddings; with it, there are none (Press et al., 2022).
 """
+
 from __future__ import annotations
 
 import math
@@ -68,16 +69,20 @@ def _engine_attention(d_model: int, n_heads: int, alibi: bool) -> nn.Module:
     import engine.torch as et
 
     # parameters are replaced by the shared initial state_dict; dtype follows the module's
-    return et.as_module(engine.get_variant("alibi" if alibi else "masked", embed_dim=d_model,
-                                           num_heads=n_heads, seed=0))
+    return et.as_module(
+        engine.get_variant("alibi" if alibi else "masked", embed_dim=d_model, num_heads=n_heads, seed=0)
+    )
 
 
 class _Block(nn.Module):
     def __init__(self, d_model, n_heads, attention, alibi):
         super().__init__()
         self.ln1 = nn.LayerNorm(d_model)
-        self.attn = (TorchCausalSelfAttention(d_model, n_heads, alibi) if attention == "torch"
-                     else _engine_attention(d_model, n_heads, alibi))
+        self.attn = (
+            TorchCausalSelfAttention(d_model, n_heads, alibi)
+            if attention == "torch"
+            else _engine_attention(d_model, n_heads, alibi)
+        )
         self.ln2 = nn.LayerNorm(d_model)
         self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
 
@@ -94,8 +99,16 @@ class CharLM(nn.Module):
     :param alibi: ALiBi biases instead of learned position embeddings.
     """
 
-    def __init__(self, vocab_size: int, d_model: int = 64, n_heads: int = 4, n_layers: int = 2,
-                 context: int = 64, attention: str = "torch", alibi: bool = False):
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int = 64,
+        n_heads: int = 4,
+        n_layers: int = 2,
+        context: int = 64,
+        attention: str = "torch",
+        alibi: bool = False,
+    ):
         super().__init__()
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")

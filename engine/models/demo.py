@@ -6,6 +6,7 @@ averaged over heads; (2) layer by layer, the cosine similarity of the hidden sta
 occurrences of a repeated word (same word, two contexts); (3) PNG heat maps: one layer and head,
 and the grid of all heads of that layer. Needs the ``models`` extra.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,22 +19,37 @@ EXAMPLE = "I sat on the river bank, then went to the bank to withdraw money"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("sentence", nargs="?", default=EXAMPLE,
-                        help=f"the text to encode (default: {EXAMPLE!r})")
-    parser.add_argument("--word", help="the repeated word whose two occurrences are compared "
-                        "(default: the longest word that occurs more than once)")
-    parser.add_argument("--tokens", nargs="+", metavar="TOKEN",
-                        help="tokens whose strongest attention is printed (default: the repeated word)")
+    parser.add_argument("sentence", nargs="?", default=EXAMPLE, help=f"the text to encode (default: {EXAMPLE!r})")
+    parser.add_argument(
+        "--word",
+        help="the repeated word whose two occurrences are compared "
+        "(default: the longest word that occurs more than once)",
+    )
+    parser.add_argument(
+        "--tokens",
+        nargs="+",
+        metavar="TOKEN",
+        help="tokens whose strongest attention is printed (default: the repeated word)",
+    )
     parser.add_argument("--top", type=int, default=3, help="how many attended tokens to print (default 3)")
     parser.add_argument("--layer", type=int, default=0, help="layer of the heat maps, 0-5 (default 0)")
-    parser.add_argument("--head", default="auto",
-                        help="head of the single heat map, 0-11, or 'auto' (default): the head in which "
-                             "the first chosen token puts most weight on another word")
-    parser.add_argument("--output", default="attention", metavar="PREFIX",
-                        help="write PREFIX-layer{L}-head{H}.png and PREFIX-layer{L}-heads.png "
-                             "(default: attention)")
-    parser.add_argument("--backend", default="auto", help="engine backend for every attention layer "
-                        "(auto or a name from `attention-engine list`)")
+    parser.add_argument(
+        "--head",
+        default="auto",
+        help="head of the single heat map, 0-11, or 'auto' (default): the head in which "
+        "the first chosen token puts most weight on another word",
+    )
+    parser.add_argument(
+        "--output",
+        default="attention",
+        metavar="PREFIX",
+        help="write PREFIX-layer{L}-head{H}.png and PREFIX-layer{L}-heads.png (default: attention)",
+    )
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        help="engine backend for every attention layer (auto or a name from `attention-engine list`)",
+    )
 
 
 def _cosine(a, b) -> float:
@@ -66,10 +82,9 @@ def auto_head(weights, query: int, tokens) -> int:
 
 
 def run(args) -> int:
-    from .minilm import MiniLM
-    from ..plotting import plot_attention
-
     from .. import list_backends
+    from ..plotting import plot_attention
+    from .minilm import MiniLM
 
     if args.top < 1:
         raise SystemExit(f"--top must be at least 1, got {args.top}")
@@ -82,8 +97,10 @@ def run(args) -> int:
     tokens = out.tokens[0]
     attentions = [a[0] for a in out.attentions]  # per layer (H, L, L)
     hidden = [h[0] for h in out.hidden_states]
-    print(f"all-MiniLM-L6-v2, {model.num_layers} layers x {model.num_heads} heads; every attention layer is the "
-          f"engine variant {model.variant_name!r}, backend {args.backend!r}")
+    print(
+        f"all-MiniLM-L6-v2, {model.num_layers} layers x {model.num_heads} heads; every attention layer is the "
+        f"engine variant {model.variant_name!r}, backend {args.backend!r}"
+    )
     print("tokens: " + " ".join(f"{i}:{t}" for i, t in enumerate(tokens)))
 
     word = args.word.lower() if args.word else repeated_word(tokens)
@@ -96,8 +113,10 @@ def run(args) -> int:
     if not queries:
         print("\nno word occurs twice: pass --tokens to choose tokens, --word to compare two occurrences")
     for i in queries:
-        print(f"\n{tokens[i]!r} (token {i}) attends most to, averaged over the {model.num_heads} heads "
-              f"(in brackets: weight on [CLS]/[SEP]):")
+        print(
+            f"\n{tokens[i]!r} (token {i}) attends most to, averaged over the {model.num_heads} heads "
+            f"(in brackets: weight on [CLS]/[SEP]):"
+        )
         for layer, a in enumerate(attentions):
             best, special = top_attended(a.mean(axis=0), i, tokens, args.top)
             cells = "  ".join(f"{tokens[j]}({j}) {w:.2f}" for j, w in best)
@@ -110,16 +129,19 @@ def run(args) -> int:
         else:
             a, b = where[:2]
             words = [i for i, t in enumerate(tokens) if t not in SPECIAL and t != word]
-            print(f"\ncosine similarity of the hidden states of {word!r} at tokens {a} and {b}, and for "
-                  f"reference the mean over all pairs of other (different) tokens:")
+            print(
+                f"\ncosine similarity of the hidden states of {word!r} at tokens {a} and {b}, and for "
+                f"reference the mean over all pairs of other (different) tokens:"
+            )
             for layer, h in enumerate(hidden):
-                pairs = [_cosine(h[p], h[q]) for n, p in enumerate(words) for q in words[n + 1:]
-                         if tokens[p] != tokens[q]]
+                pairs = [
+                    _cosine(h[p], h[q]) for n, p in enumerate(words) for q in words[n + 1 :] if tokens[p] != tokens[q]
+                ]
                 name = "embeddings" if layer == 0 else f"layer {layer - 1}"
-                print(f"  {name:>10}: {word} vs {word} {_cosine(h[a], h[b]):.3f}   other pairs "
-                      f"{np.mean(pairs):.3f}")
+                print(f"  {name:>10}: {word} vs {word} {_cosine(h[a], h[b]):.3f}   other pairs {np.mean(pairs):.3f}")
 
     import matplotlib.pyplot as plt
+
     layer_w = attentions[args.layer]
     if args.head == "auto":
         head = auto_head(layer_w, queries[0], tokens) if queries else 0
@@ -137,8 +159,12 @@ def run(args) -> int:
     fig = plot_attention(layer_w, tokens, head=head, title=f"all-MiniLM-L6-v2, layer {args.layer}, head {head}")
     fig.savefig(single, dpi=120)
     plt.close(fig)
-    fig = plot_attention(layer_w, tokens, panel_title="head {}", title=f"all-MiniLM-L6-v2, layer {args.layer}: all "
-                         f"{model.num_heads} heads (rows: queries, columns: keys)")
+    fig = plot_attention(
+        layer_w,
+        tokens,
+        panel_title="head {}",
+        title=f"all-MiniLM-L6-v2, layer {args.layer}: all {model.num_heads} heads (rows: queries, columns: keys)",
+    )
     fig.savefig(grid, dpi=100)
     plt.close(fig)
     print(f"\nwrote {single} and {grid}")

@@ -7,6 +7,7 @@ tokens per second for each (alternating the two libraries, medians over ``--roun
 and whether the tokens are the same and how far the logits are apart. Both run on ``--threads``
 threads (torch's, NumPy's BLAS through threadpoolctl, and the engine's).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,16 +23,27 @@ CASES = [("batch 1", (16,)), ("ragged batch 4", (8, 16, 24, 32))]
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", choices=("small", "tiny"), default="small",
-                        help="GPT-2 small's configuration (124M parameters, default) or a tiny one for a quick "
-                             "check")
+    parser.add_argument(
+        "--model",
+        choices=("small", "tiny"),
+        default="small",
+        help="GPT-2 small's configuration (124M parameters, default) or a tiny one for a quick check",
+    )
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per prompt (default 128)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per library and case (default 3)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(),
-                        help="threads for torch, NumPy's BLAS and the engine (default: all cores)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count(),
+        help="threads for torch, NumPy's BLAS and the engine (default: all cores)",
+    )
     parser.add_argument("--backend", default="cpu", help="engine backend for attention (default cpu)")
-    parser.add_argument("--cache-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                        help="the engine's KV cache dtype (default float32, the same numbers as transformers)")
+    parser.add_argument(
+        "--cache-dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="the engine's KV cache dtype (default float32, the same numbers as transformers)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the prompts")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
 
@@ -49,8 +61,10 @@ def run(args) -> int:
         import torch
         from threadpoolctl import threadpool_limits
     except ImportError as exc:
-        raise SystemExit(f"generate needs torch, transformers and threadpoolctl ({exc}); install the models "
-                         "extra: pip install 'attention-engine[models]' torch") from None
+        raise SystemExit(
+            f"generate needs torch, transformers and threadpoolctl ({exc}); install the models "
+            "extra: pip install 'attention-engine[models]' torch"
+        ) from None
     import engine
 
     from .gpt2 import random_gpt2, tiny_config, transformers_generate
@@ -78,30 +92,45 @@ def run(args) -> int:
                 for lib in order:
                     t = time.perf_counter()
                     if lib == "engine":
-                        mine = ours.generate(prompts, args.new_tokens, backend=args.backend,
-                                             cache_dtype=cache_dtype)
+                        mine = ours.generate(prompts, args.new_tokens, backend=args.backend, cache_dtype=cache_dtype)
                     else:
                         theirs = transformers_generate(model, prompts, args.new_tokens)
                     times[lib].append(time.perf_counter() - t)
             te, tt = statistics.median(times["engine"]), statistics.median(times["transformers"])
-            row = {"case": name, "prompt_lengths": list(lengths), "new_tokens": args.new_tokens,
-                   "engine_tokens_per_s": tokens / te, "transformers_tokens_per_s": tokens / tt,
-                   "ratio_engine_over_transformers": tt / te,
-                   "same_tokens": bool((mine.tokens == theirs.tokens).all()),
-                   "max_logit_diff": float(np.abs(mine.logits - theirs.logits).max()),
-                   "times_s": times}
+            row = {
+                "case": name,
+                "prompt_lengths": list(lengths),
+                "new_tokens": args.new_tokens,
+                "engine_tokens_per_s": tokens / te,
+                "transformers_tokens_per_s": tokens / tt,
+                "ratio_engine_over_transformers": tt / te,
+                "same_tokens": bool((mine.tokens == theirs.tokens).all()),
+                "max_logit_diff": float(np.abs(mine.logits - theirs.logits).max()),
+                "times_s": times,
+            }
             results.append(row)
-            print(f"{name:15s} engine {row['engine_tokens_per_s']:8.1f} tokens/s   transformers "
-                  f"{row['transformers_tokens_per_s']:8.1f} tokens/s   engine/transformers "
-                  f"{row['ratio_engine_over_transformers']:.2f}x   same tokens: {row['same_tokens']}   "
-                  f"max logit diff {row['max_logit_diff']:.2g}")
+            print(
+                f"{name:15s} engine {row['engine_tokens_per_s']:8.1f} tokens/s   transformers "
+                f"{row['transformers_tokens_per_s']:8.1f} tokens/s   engine/transformers "
+                f"{row['ratio_engine_over_transformers']:.2f}x   same tokens: {row['same_tokens']}   "
+                f"max logit diff {row['max_logit_diff']:.2g}"
+            )
     if args.json:
-        meta = {"command": "attention-engine generate " + " ".join(
-                    f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("json", "command")
-                    and not k.startswith("_")),
-                "model": args.model, "threads": args.threads, "backend": args.backend,
-                "cache_dtype": args.cache_dtype, "cpu": _cpu_model(), "python": platform.python_version(),
-                "torch": torch.__version__}
+        meta = {
+            "command": "attention-engine generate "
+            + " ".join(
+                f"--{k.replace('_', '-')} {v}"
+                for k, v in vars(args).items()
+                if k not in ("json", "command") and not k.startswith("_")
+            ),
+            "model": args.model,
+            "threads": args.threads,
+            "backend": args.backend,
+            "cache_dtype": args.cache_dtype,
+            "cpu": _cpu_model(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        }
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=2)
     return 0 if all(r["same_tokens"] for r in results) or args.cache_dtype != "float32" else 1

@@ -14,6 +14,7 @@ token per sequence at its own length. transformers instead needs the batch **lef
 attention mask (decoder-only models predict from the last position), and derives each token's
 position from that mask, so both compute the same positions and logits.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,7 +46,7 @@ def _layer_norm(x, weight, bias, eps):
 
 def _gelu_new(x):
     """GPT-2's tanh approximation of GELU (transformers' ``gelu_new``)."""
-    return 0.5 * x * (1.0 + np.tanh(np.float32(math.sqrt(2.0 / math.pi)) * (x + np.float32(0.044715) * x ** 3)))
+    return 0.5 * x * (1.0 + np.tanh(np.float32(math.sqrt(2.0 / math.pi)) * (x + np.float32(0.044715) * x**3)))
 
 
 class GPT2:
@@ -68,8 +69,11 @@ class GPT2:
     @classmethod
     def from_transformers(cls, model) -> "GPT2":
         """The weights of a ``transformers`` ``GPT2LMHeadModel`` (copied to NumPy)."""
-        params = {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()
-                  if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        params = {
+            k: v.detach().cpu().float().numpy()
+            for k, v in model.state_dict().items()
+            if not k.endswith((".attn.bias", ".attn.masked_bias"))
+        }
         return cls(params, model.config)
 
     def _block(self, i, x, k_cache, v_cache, seqlens, backend):
@@ -84,8 +88,7 @@ class GPT2:
         q, k, v = (np.ascontiguousarray(a) for a in qkv)
         from ..decoding import attention_with_kvcache
 
-        a = attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens, is_causal=True,
-                                   backend=backend)
+        a = attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens, is_causal=True, backend=backend)
         a = a.transpose(0, 2, 1, 3).reshape(B, L, self.n_embd)
         x = x + (a @ p[pre + "attn.c_proj.weight"] + p[pre + "attn.c_proj.bias"])
         h = _layer_norm(x, p[pre + "ln_2.weight"], p[pre + "ln_2.bias"], self.eps)
@@ -100,8 +103,7 @@ class GPT2:
         x = _layer_norm(x, self.p["transformer.ln_f.weight"], self.p["transformer.ln_f.bias"], self.eps)
         return x @ self.wte_t
 
-    def generate(self, prompts, max_new_tokens: int, *, backend: str = "auto",
-                 cache_dtype=np.float32) -> Generation:
+    def generate(self, prompts, max_new_tokens: int, *, backend: str = "auto", cache_dtype=np.float32) -> Generation:
         """Greedy decoding of ``max_new_tokens`` tokens after each prompt.
 
         :param prompts: a list of B token-id sequences, of any lengths >= 1 (a ragged batch).
@@ -118,8 +120,10 @@ class GPT2:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         total = int(lengths.max()) + max_new_tokens
         if total > self.config.n_positions:
-            raise ValueError(f"the longest prompt ({lengths.max()}) plus {max_new_tokens} new tokens exceeds the "
-                             f"model's {self.config.n_positions} positions")
+            raise ValueError(
+                f"the longest prompt ({lengths.max()}) plus {max_new_tokens} new tokens exceeds the "
+                f"model's {self.config.n_positions} positions"
+            )
         B = len(prompts)
         # one cache pair per layer, every sequence its own row: (B, heads, total, head_dim)
         shape = (B, self.n_head, total, self.head_dim)
@@ -127,7 +131,7 @@ class GPT2:
         width = int(lengths.max())
         padded = np.zeros((B, width), dtype=np.int64)  # right padding: causal keeps it unseen
         for b, p in enumerate(prompts):
-            padded[b, :len(p)] = p
+            padded[b, : len(p)] = p
         positions = np.broadcast_to(np.arange(width), (B, width))
         seqlens = np.zeros(B, dtype=np.int32)
         logits = self._forward(padded, positions, caches, seqlens, backend)
@@ -150,8 +154,17 @@ def tiny_config(**overrides):
     initialised wider than GPT-2's default so that greedy choices vary from step to step."""
     from transformers import GPT2Config
 
-    kw = dict(vocab_size=256, n_positions=256, n_embd=64, n_layer=2, n_head=4, initializer_range=0.2,
-              bos_token_id=0, eos_token_id=None, pad_token_id=0)
+    kw = dict(
+        vocab_size=256,
+        n_positions=256,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        initializer_range=0.2,
+        bos_token_id=0,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     kw.update(overrides)
     return GPT2Config(**kw)
 
@@ -179,12 +192,20 @@ def transformers_generate(model, prompts, max_new_tokens: int) -> Generation:
     ids = torch.zeros((B, width), dtype=torch.long)
     mask = torch.zeros((B, width), dtype=torch.long)
     for b, p in enumerate(prompts):
-        ids[b, width - len(p):] = torch.as_tensor(np.asarray(p, dtype=np.int64))
-        mask[b, width - len(p):] = 1
+        ids[b, width - len(p) :] = torch.as_tensor(np.asarray(p, dtype=np.int64))
+        mask[b, width - len(p) :] = 1
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                             min_new_tokens=max_new_tokens, output_logits=True, return_dict_in_generate=True,
-                             pad_token_id=0, eos_token_id=None)
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
     tokens = out.sequences[:, width:].numpy()
     logits = torch.stack(out.logits).float().numpy()
     return Generation(tokens, logits)

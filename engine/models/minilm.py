@@ -11,6 +11,7 @@ num_heads=12)`` with BERT's query/key/value/output weights loaded through ``load
 torch's names, and the tokenizer's attention mask passed as ``key_padding_mask``, so the encoder runs
 on whichever backend the caller names.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,11 +28,13 @@ INSTALL_HINT = "pip install 'attention-engine[models]'"
 
 def _require(module: str, what: str):
     import importlib
+
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise ImportError(f"{what} needs the package {module!r} ({exc}); install the models extra: "
-                          f"{INSTALL_HINT}") from None
+        raise ImportError(
+            f"{what} needs the package {module!r} ({exc}); install the models extra: {INSTALL_HINT}"
+        ) from None
 
 
 def model_dir() -> Path:
@@ -76,6 +79,7 @@ class MiniLM:
 
     def __init__(self, path=None, *, variant: str = "multi-head", dtype=np.float32, max_length: int = 256):
         import engine
+
         safetensors_numpy = _require("safetensors.numpy", "loading model.safetensors")
         tokenizers = _require("tokenizers", "tokenizing text")
         self.path = Path(path) if path is not None else model_dir()
@@ -85,10 +89,14 @@ class MiniLM:
         self.config = json.loads((self.path / "config.json").read_text())
         if self.config.get("hidden_act") != "gelu" or self.config.get("model_type") != "bert":
             raise ValueError(f"{self.path} is not a BERT model with exact GELU: {self.config}")
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or not \
-                2 <= max_length <= self.config["max_position_embeddings"]:
-            raise ValueError(f"max_length must be an int in [2, {self.config['max_position_embeddings']}], "
-                             f"got {max_length!r}")
+        if (
+            isinstance(max_length, bool)
+            or not isinstance(max_length, int)
+            or not 2 <= max_length <= self.config["max_position_embeddings"]
+        ):
+            raise ValueError(
+                f"max_length must be an int in [2, {self.config['max_position_embeddings']}], got {max_length!r}"
+            )
         self.max_length = max_length
         self.hidden_size = int(self.config["hidden_size"])
         self.num_heads = int(self.config["num_attention_heads"])
@@ -106,27 +114,33 @@ class MiniLM:
 
         self.variant_name = variant
         self.attention_layers = []  # one engine variant per layer
-        self.layers = []            # the rest of each layer: NumPy weights
+        self.layers = []  # the rest of each layer: NumPy weights
         for i in range(self.num_layers):
             p = f"encoder.layer.{i}."
-            attn = engine.get_variant(variant, embed_dim=self.hidden_size, num_heads=self.num_heads,
-                                      dtype=self.dtype)
+            attn = engine.get_variant(variant, embed_dim=self.hidden_size, num_heads=self.num_heads, dtype=self.dtype)
             s = p + "attention.self."
-            attn.load_state_dict({
-                "in_proj_weight": np.concatenate([t[s + "query.weight"], t[s + "key.weight"],
-                                                  t[s + "value.weight"]]),
-                "in_proj_bias": np.concatenate([t[s + "query.bias"], t[s + "key.bias"], t[s + "value.bias"]]),
-                "out_proj.weight": t[p + "attention.output.dense.weight"],
-                "out_proj.bias": t[p + "attention.output.dense.bias"],
-            })
+            attn.load_state_dict(
+                {
+                    "in_proj_weight": np.concatenate(
+                        [t[s + "query.weight"], t[s + "key.weight"], t[s + "value.weight"]]
+                    ),
+                    "in_proj_bias": np.concatenate([t[s + "query.bias"], t[s + "key.bias"], t[s + "value.bias"]]),
+                    "out_proj.weight": t[p + "attention.output.dense.weight"],
+                    "out_proj.bias": t[p + "attention.output.dense.bias"],
+                }
+            )
             self.attention_layers.append(attn)
-            self.layers.append({
-                "attention_norm": (w(p + "attention.output.LayerNorm.weight"),
-                                   w(p + "attention.output.LayerNorm.bias")),
-                "intermediate": (w(p + "intermediate.dense.weight"), w(p + "intermediate.dense.bias")),
-                "output": (w(p + "output.dense.weight"), w(p + "output.dense.bias")),
-                "output_norm": (w(p + "output.LayerNorm.weight"), w(p + "output.LayerNorm.bias")),
-            })
+            self.layers.append(
+                {
+                    "attention_norm": (
+                        w(p + "attention.output.LayerNorm.weight"),
+                        w(p + "attention.output.LayerNorm.bias"),
+                    ),
+                    "intermediate": (w(p + "intermediate.dense.weight"), w(p + "intermediate.dense.bias")),
+                    "output": (w(p + "output.dense.weight"), w(p + "output.dense.bias")),
+                    "output_norm": (w(p + "output.LayerNorm.weight"), w(p + "output.LayerNorm.bias")),
+                }
+            )
 
         self.tokenizer = tokenizers.Tokenizer.from_file(str(self.path / "tokenizer.json"))
         # tokenizer.json pads every input to 128; pad to the longest in the batch instead, as
@@ -163,14 +177,18 @@ class MiniLM:
 
         ids, types, mask, tokens = self.tokenize(sentences)
         N, L = ids.shape
-        x = (self.word_embeddings[ids] + self.position_embeddings[np.arange(L)][None]
-             + self.token_type_embeddings[types])
+        x = self.word_embeddings[ids] + self.position_embeddings[np.arange(L)][None] + self.token_type_embeddings[types]
         x = self._layer_norm(x, self.embeddings_norm)
         hidden, attentions = [x], [] if need_weights else None
         key_padding_mask = mask == 0  # nn.MultiheadAttention polarity: True = ignore this key
         for attn, p in zip(self.attention_layers, self.layers):
-            a, weights = attn(x, key_padding_mask=key_padding_mask, need_weights=need_weights,
-                              average_attn_weights=False, backend=backend)
+            a, weights = attn(
+                x,
+                key_padding_mask=key_padding_mask,
+                need_weights=need_weights,
+                average_attn_weights=False,
+                backend=backend,
+            )
             if need_weights:
                 attentions.append(weights)
             x = self._layer_norm(a + x, p["attention_norm"])
@@ -183,8 +201,14 @@ class MiniLM:
         pooled = (x * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1e-9)
         norms = np.linalg.norm(pooled, axis=1, keepdims=True)
         embeddings = pooled / np.maximum(norms, 1e-12)
-        return EncoderOutput(embeddings=embeddings, hidden_states=hidden, attentions=attentions,
-                             input_ids=ids, attention_mask=mask, tokens=tokens)
+        return EncoderOutput(
+            embeddings=embeddings,
+            hidden_states=hidden,
+            attentions=attentions,
+            input_ids=ids,
+            attention_mask=mask,
+            tokens=tokens,
+        )
 
     def encode(self, sentences, *, backend="auto") -> np.ndarray:
         """L2-normalised sentence embeddings, (N, 384) for a list of N strings, (384,) for one string."""
@@ -198,12 +222,13 @@ def _as_sentences(sentences) -> list:
     try:
         sentences = list(sentences)
     except TypeError:
-        raise TypeError(f"sentences must be a string or a list of strings, got "
-                        f"{type(sentences).__name__}") from None
+        raise TypeError(f"sentences must be a string or a list of strings, got {type(sentences).__name__}") from None
     bad = [type(s).__name__ for s in sentences if not isinstance(s, str)]
     if bad or not sentences:
-        raise TypeError(f"sentences must be a non-empty string or list of strings, got "
-                        f"{len(sentences)} items with types {sorted(set(bad))}")
+        raise TypeError(
+            f"sentences must be a non-empty string or list of strings, got "
+            f"{len(sentences)} items with types {sorted(set(bad))}"
+        )
     return sentences
 
 

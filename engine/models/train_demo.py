@@ -10,6 +10,7 @@ attention is the same torch code, so the curves differ only by the attention's r
 The text is the project's own documentation: the docstrings of the ``engine`` and ``variants``
 packages (they ship with every install), or any file given with ``--text``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,12 @@ import numpy as np
 __all__ = ["project_text", "train", "compare", "add_arguments", "run", "main"]
 
 #: (name, attention, alibi) of the four runs; pairs share their alibi flag
-RUNS = (("torch SDPA", "torch", False), ("engine", "engine", False),
-        ("torch math + ALiBi bias tensor", "torch", True), ("engine ALiBi score_mod", "engine", True))
+RUNS = (
+    ("torch SDPA", "torch", False),
+    ("engine", "engine", False),
+    ("torch math + ALiBi bias tensor", "torch", True),
+    ("engine ALiBi score_mod", "engine", True),
+)
 
 
 def project_text() -> str:
@@ -54,13 +59,26 @@ def _batches(data: np.ndarray, steps: int, batch: int, context: int, seed: int):
     gen = np.random.default_rng(seed)
     for _ in range(steps):
         starts = gen.integers(0, len(data) - context - 1, size=batch)
-        windows = np.stack([data[s:s + context + 1] for s in starts])
+        windows = np.stack([data[s : s + context + 1] for s in starts])
         yield torch.from_numpy(windows[:, :-1]), torch.from_numpy(windows[:, 1:])
 
 
-def train(data: np.ndarray, vocab_size: int, *, attention: str, alibi: bool, steps: int, dtype: str = "float32",
-          d_model: int = 64, n_heads: int = 4, n_layers: int = 2, context: int = 64, batch: int = 16,
-          lr: float = 3e-3, seed: int = 0) -> list[float]:
+def train(
+    data: np.ndarray,
+    vocab_size: int,
+    *,
+    attention: str,
+    alibi: bool,
+    steps: int,
+    dtype: str = "float32",
+    d_model: int = 64,
+    n_heads: int = 4,
+    n_layers: int = 2,
+    context: int = 64,
+    batch: int = 16,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> list[float]:
     """Train a :class:`~engine.models.char_lm.CharLM` and return the loss of every step.
 
     The initial parameters are those of the ``attention="torch"`` model built after
@@ -72,8 +90,9 @@ def train(data: np.ndarray, vocab_size: int, *, attention: str, alibi: bool, ste
     from .char_lm import CharLM
 
     torch_dtype = getattr(torch, dtype)
-    shape = dict(vocab_size=vocab_size, d_model=d_model, n_heads=n_heads, n_layers=n_layers, context=context,
-                 alibi=alibi)
+    shape = dict(
+        vocab_size=vocab_size, d_model=d_model, n_heads=n_heads, n_layers=n_layers, context=context, alibi=alibi
+    )
     torch.manual_seed(seed)
     init = CharLM(attention="torch", **shape).to(torch_dtype).state_dict()
     model = CharLM(attention=attention, **shape).to(torch_dtype)
@@ -90,8 +109,9 @@ def train(data: np.ndarray, vocab_size: int, *, attention: str, alibi: bool, ste
     return losses
 
 
-def compare(steps: int, dtype: str = "float32", text: str | None = None, threads: int | None = None,
-            progress=None, **model) -> dict:
+def compare(
+    steps: int, dtype: str = "float32", text: str | None = None, threads: int | None = None, progress=None, **model
+) -> dict:
     """Run the four trainings of :data:`RUNS`; losses, per-step relative differences within each
     pair, and seconds per run."""
     import torch
@@ -104,12 +124,21 @@ def compare(steps: int, dtype: str = "float32", text: str | None = None, threads
     from .char_lm import encode
 
     data, vocab = encode(text if text is not None else project_text())
-    result = {"steps": steps, "dtype": dtype, "characters": int(len(data)), "vocab_size": len(vocab),
-              "threads": torch.get_num_threads(), "model": model, "runs": {}, "seconds": {}}
+    result = {
+        "steps": steps,
+        "dtype": dtype,
+        "characters": int(len(data)),
+        "vocab_size": len(vocab),
+        "threads": torch.get_num_threads(),
+        "model": model,
+        "runs": {},
+        "seconds": {},
+    }
     for name, attention, alibi in RUNS:
         t0 = time.perf_counter()
-        result["runs"][name] = train(data, len(vocab), attention=attention, alibi=alibi, steps=steps, dtype=dtype,
-                                     **model)
+        result["runs"][name] = train(
+            data, len(vocab), attention=attention, alibi=alibi, steps=steps, dtype=dtype, **model
+        )
         result["seconds"][name] = time.perf_counter() - t0
         if progress:
             progress(f"{name}: {result['seconds'][name]:.1f} s, final loss {result['runs'][name][-1]:.4f}")
@@ -129,8 +158,12 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
-    styles = {"torch SDPA": ("C0", "-"), "engine": ("C1", "--"), "torch math + ALiBi bias tensor": ("C2", "-"),
-              "engine ALiBi score_mod": ("C3", "--")}
+    styles = {
+        "torch SDPA": ("C0", "-"),
+        "engine": ("C1", "--"),
+        "torch math + ALiBi bias tensor": ("C2", "-"),
+        "engine ALiBi score_mod": ("C3", "--"),
+    }
     for name, losses in result["runs"].items():
         color, ls = styles[name]
         ax.plot(np.arange(1, len(losses) + 1), losses, color=color, linestyle=ls, label=name)
@@ -164,8 +197,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch and engine threads (default 1: the model is small)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch and engine threads (default 1: the model is small)"
+    )
     parser.add_argument("--text", default=None, help="train on this UTF-8 file instead of the project's docstrings")
     parser.add_argument("--plot", default=None, metavar="PNG", help="write the loss curves here (needs matplotlib)")
     parser.add_argument("--json", default=None, metavar="FILE", help="write losses and differences here")
@@ -175,11 +209,20 @@ def run(args) -> int:
     if args.steps < 1:
         raise SystemExit("--steps must be at least 1")
     text = pathlib.Path(args.text).read_text(encoding="utf-8") if args.text else None
-    model = dict(d_model=args.d_model, n_heads=args.heads, n_layers=args.layers, context=args.context,
-                 batch=args.batch, lr=args.lr, seed=args.seed)
+    model = dict(
+        d_model=args.d_model,
+        n_heads=args.heads,
+        n_layers=args.layers,
+        context=args.context,
+        batch=args.batch,
+        lr=args.lr,
+        seed=args.seed,
+    )
     result = compare(args.steps, args.dtype, text, args.threads, progress=lambda s: print(s, flush=True), **model)
-    print(f"\n{result['characters']} characters, vocabulary {result['vocab_size']}, {args.dtype}, "
-          f"{result['threads']} threads")
+    print(
+        f"\n{result['characters']} characters, vocabulary {result['vocab_size']}, {args.dtype}, "
+        f"{result['threads']} threads"
+    )
     names = list(result["runs"])
     print(f"{'step':>6}" + "".join(f"{n:>32}" for n in names))
     shown = sorted({1, *range(0, args.steps + 1, max(1, args.steps // 10))} - {0})

@@ -12,6 +12,7 @@ tree is never touched.
 Exit status 0 when every mutant is killed, 1 when one survives, 2 when a mutant no longer applies
 (its original text is not found exactly once: update the list with the code).
 """
+
 from __future__ import annotations
 
 import os
@@ -25,41 +26,74 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 # (id, file, original, mutated, pytest arguments that must fail)
 MUTANTS = [
-    ("rescale-skipped-for-small-moves", "engine/kernels/cpu_flash_fwd.py",
-     "rescale |= a != 1.0", "rescale |= a < 0.999",
-     ["tests/test_cpu_kernel.py", "-k", "running_max"]),
-    ("exp-degree-4-polynomial", "engine/kernels/fastexp.py",
-     "    p = np.float32(1.0 / 720)\n    p = p * r + np.float32(1.0 / 120)\n    p = p * r + np.float32(1.0 / 24)",
-     "    p = np.float32(1.0 / 24)",
-     ["tests/test_cpu_kernel.py"]),
-    ("tile-full-when-all-but-one", "engine/kernels/block_sparsity.py",
-     "TILE_FULL if allowed == (i1 - i0) * (j1 - j0) else TILE_PARTIAL",
-     "TILE_FULL if allowed >= (i1 - i0) * (j1 - j0) - 1 else TILE_PARTIAL",
-     ["tests/test_tile_maps.py"]),
-    ("tile-empty-when-exactly-one", "engine/kernels/block_sparsity.py",
-     "(TILE_EMPTY if allowed == 0 else", "(TILE_EMPTY if allowed <= 1 else",
-     ["tests/test_tile_maps.py"]),
-    ("causal-diagonal-off-by-one", "engine/kernels/cpu_flash_fwd.py",
-     "first = j0 + c - i0  # rows r < first cannot see key j0 + c",
-     "first = j0 + c - i0 + 1  # rows r < first cannot see key j0 + c",
-     ["tests/test_cpu_kernel.py", "-k", "causal"]),
-    ("float-mask-ignores-its-batch", "engine/kernels/cpu_flash_fwd.py",
-     "mv = fmask[mb, h, i0 + r, j0 + c]", "mv = fmask[0, h, i0 + r, j0 + c]",
-     ["tests/test_cpu_kernel.py", "-k", "mask"]),
-    ("lse-without-log-sum", "engine/kernels/cpu_flash_fwd.py",
-     "lse[b, h, t0 + r] = m[r] + np.log(total)", "lse[b, h, t0 + r] = m[r]",
-     ["tests/test_cpu_kernel.py"]),
-    ("gqa-heads-interleaved", "engine/kernels/cpu_flash_fwd.py",
-     "hk = h // group", "hk = h % k.shape[1]",
-     ["tests/test_cpu_kernel.py", "-k", "gqa"]),
-    ("mask-validation-loosened", "engine/validation.py",
-     "m in (1, t) for m, t in zip(mshape[::-1], target[::-1]))",
-     "m in (1, t, t + 1) for m, t in zip(mshape[::-1], target[::-1]))",
-     ["tests/test_mask_shapes.py"]),
+    (
+        "rescale-skipped-for-small-moves",
+        "engine/kernels/cpu_flash_fwd.py",
+        "rescale |= a != 1.0",
+        "rescale |= a < 0.999",
+        ["tests/test_cpu_kernel.py", "-k", "running_max"],
+    ),
+    (
+        "exp-degree-4-polynomial",
+        "engine/kernels/fastexp.py",
+        "    p = np.float32(1.0 / 720)\n    p = p * r + np.float32(1.0 / 120)\n    p = p * r + np.float32(1.0 / 24)",
+        "    p = np.float32(1.0 / 24)",
+        ["tests/test_cpu_kernel.py"],
+    ),
+    (
+        "tile-full-when-all-but-one",
+        "engine/kernels/block_sparsity.py",
+        "TILE_FULL if allowed == (i1 - i0) * (j1 - j0) else TILE_PARTIAL",
+        "TILE_FULL if allowed >= (i1 - i0) * (j1 - j0) - 1 else TILE_PARTIAL",
+        ["tests/test_tile_maps.py"],
+    ),
+    (
+        "tile-empty-when-exactly-one",
+        "engine/kernels/block_sparsity.py",
+        "(TILE_EMPTY if allowed == 0 else",
+        "(TILE_EMPTY if allowed <= 1 else",
+        ["tests/test_tile_maps.py"],
+    ),
+    (
+        "causal-diagonal-off-by-one",
+        "engine/kernels/cpu_flash_fwd.py",
+        "first = j0 + c - i0  # rows r < first cannot see key j0 + c",
+        "first = j0 + c - i0 + 1  # rows r < first cannot see key j0 + c",
+        ["tests/test_cpu_kernel.py", "-k", "causal"],
+    ),
+    (
+        "float-mask-ignores-its-batch",
+        "engine/kernels/cpu_flash_fwd.py",
+        "mv = fmask[mb, h, i0 + r, j0 + c]",
+        "mv = fmask[0, h, i0 + r, j0 + c]",
+        ["tests/test_cpu_kernel.py", "-k", "mask"],
+    ),
+    (
+        "lse-without-log-sum",
+        "engine/kernels/cpu_flash_fwd.py",
+        "lse[b, h, t0 + r] = m[r] + np.log(total)",
+        "lse[b, h, t0 + r] = m[r]",
+        ["tests/test_cpu_kernel.py"],
+    ),
+    (
+        "gqa-heads-interleaved",
+        "engine/kernels/cpu_flash_fwd.py",
+        "hk = h // group",
+        "hk = h % k.shape[1]",
+        ["tests/test_cpu_kernel.py", "-k", "gqa"],
+    ),
+    (
+        "mask-validation-loosened",
+        "engine/validation.py",
+        "m in (1, t) for m, t in zip(mshape[::-1], target[::-1]))",
+        "m in (1, t, t + 1) for m, t in zip(mshape[::-1], target[::-1]))",
+        ["tests/test_mask_shapes.py"],
+    ),
 ]
 
-_SKIP = shutil.ignore_patterns(".git", ".venv", "__pycache__", "mutants", "site", ".hypothesis",
-                               ".benchmarks", "*.egg-info")
+_SKIP = shutil.ignore_patterns(
+    ".git", ".venv", "__pycache__", "mutants", "site", ".hypothesis", ".benchmarks", "*.egg-info"
+)
 
 
 def run_mutant(mutant) -> str:
@@ -75,10 +109,16 @@ def run_mutant(mutant) -> str:
             return "stale"
         with open(target, "w") as f:
             f.write(text.replace(original, mutated))
-        env = dict(os.environ, PYTHONPATH=copy, NUMBA_CACHE_DIR=os.path.join(tmp, "numba-cache"),
-                   PYTHONDONTWRITEBYTECODE="1")
-        res = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
-                             cwd=copy, env=env, capture_output=True, text=True)
+        env = dict(
+            os.environ, PYTHONPATH=copy, NUMBA_CACHE_DIR=os.path.join(tmp, "numba-cache"), PYTHONDONTWRITEBYTECODE="1"
+        )
+        res = subprocess.run(
+            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+            cwd=copy,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         return "killed" if res.returncode != 0 else "survived"
 
 
