@@ -55,10 +55,12 @@ def scaled_dot_product_attention_backward(
         gradient when ``return_mask_grad=True``. With GQA, ``dk``/``dv`` sum their query heads.
         The ``cpu`` backend's gradients are the same bit for bit on every run with the same
         thread count (``engine.set_num_threads``).
-    :raises TypeError, ValueError: on any bad argument, naming it, before any kernel runs (the
-        forward's checks and messages, then ``grad_out``/``out``/``lse`` shapes and dtypes, and a
-        score_mod with no usable derivative); :class:`~engine.errors.NotSupportedError` when the
-        backend has no backward (``cuda``) or cannot run the inputs.
+    :raises TypeError: an argument of the wrong kind, naming it, before any kernel runs (the
+        forward's checks and messages, then ``grad_out``/``out``/``lse`` dtypes).
+    :raises ValueError: bad shapes or values (``grad_out``/``out``/``lse`` shapes), or a score_mod
+        with no usable derivative, before any kernel runs.
+    :raises engine.NotSupportedError: the backend has no backward (``cuda``) or cannot run the
+        inputs.
     """
     problem = validate_backward_args(
         grad_out,

@@ -62,9 +62,10 @@ def scaled_dot_product_attention(
     and handed to the backward, which regenerates the same dropped weights.
 
     :return: a tensor ``(..., Hq, L, Ev)`` of the inputs' dtype, on their device.
-    :raises TypeError, ValueError: as the engine's forward, before anything runs;
-        :class:`~engine.errors.NotSupportedError` when a gradient is needed and no backend with a
-        backward pass can run the inputs (e.g. CUDA tensors: the ``cuda`` backend has no backward).
+    :raises TypeError: an argument of the wrong kind, as the engine's forward, before anything runs.
+    :raises ValueError: bad shapes or values, as the engine's forward, before anything runs.
+    :raises engine.NotSupportedError: a gradient is needed and no backend with a backward pass can
+        run the inputs (e.g. CUDA tensors: the ``cuda`` backend has no backward).
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
