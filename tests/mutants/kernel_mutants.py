@@ -50,15 +50,15 @@ MUTANTS = [
     (
         "tile-empty-when-exactly-one",
         "engine/kernels/block_sparsity.py",
-        "(TILE_EMPTY if allowed == 0 else",
-        "(TILE_EMPTY if allowed <= 1 else",
+        "TILE_EMPTY if allowed == 0 else",
+        "TILE_EMPTY if allowed <= 1 else",
         ["tests/test_tile_maps.py"],
     ),
     (
         "causal-diagonal-off-by-one",
         "engine/kernels/cpu_flash_fwd.py",
-        "first = j0 + c - i0  # rows r < first cannot see key j0 + c",
-        "first = j0 + c - i0 + 1  # rows r < first cannot see key j0 + c",
+        "first = min(j0 + c - i0 - causal_offset, nq)  # rows r < first cannot see key j0 + c",
+        "first = min(j0 + c - i0 - causal_offset + 1, nq)  # rows r < first cannot see key j0 + c",
         ["tests/test_cpu_kernel.py", "-k", "causal"],
     ),
     (
