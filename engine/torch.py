@@ -138,8 +138,19 @@ class _Attention(torch.autograd.Function):
         return out_t
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
+        # create_graph=True runs the backward with grad mode on: a second derivative is asked for,
+        # which this node cannot give (torch's once_differentiable only notices when grad_out
+        # itself requires grad, so a gradient penalty would silently lose its term)
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "engine.torch.scaled_dot_product_attention is not twice differentiable: its backward "
+                "cannot build a graph (create_graph=True, e.g. a gradient penalty)"
+            )
+        return _Attention._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         query, key, value, attn_mask, out, lse = ctx.saved_tensors
         o = ctx.options
         mask_grad = attn_mask is not None and ctx.needs_input_grad[3] and attn_mask.dtype.is_floating_point

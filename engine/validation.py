@@ -408,6 +408,8 @@ def validate_backward_args(
             )
         if name != "lse" and dtype != problem.dtype:
             raise TypeError(f"{name} must have the dtype of query ({problem.dtype}), got {dtype}")
+        if name == "lse" and np.dtype(dtype).itemsize < problem.dtype.itemsize:  # the weights would lose digits
+            raise TypeError(f"lse must be at least as precise as query ({problem.dtype}), got {dtype}")
         arrays[name] = arr
     if not isinstance(return_mask_grad, (bool, np.bool_)):
         raise TypeError(f"return_mask_grad must be a bool, got {type(return_mask_grad).__name__}")
@@ -536,9 +538,36 @@ def _validate_mods(score_mod, mask_mod, block_mask, mod_args, batch, heads, L, S
             raise ValueError("pass mod_args to create_block_mask, not again with block_mask")
         mask_mod, mod_args = block_mask.mask_mod, block_mask.mod_args
     mod_args = native_mod_args(mod_args)
+    for name, mod, fixed in (
+        ("score_mod", score_mod, "score, b, h, q_idx, kv_idx"),
+        ("mask_mod", mask_mod, "b, h, q_idx, kv_idx"),
+    ):
+        if mod is not None:
+            _check_mod_arity(mod, name, fixed, len(mod_args))
     return {
         "score_mod": None if score_mod is None else as_jit(score_mod, "score_mod"),
         "mask_mod": None if mask_mod is None else as_jit(mask_mod, "mask_mod"),
         "mod_args": mod_args,
         "block_mask": block_mask,
     }
+
+
+def _check_mod_arity(mod, name: str, fixed: str, n_args: int) -> None:
+    """A mod must take its fixed arguments and then one per ``mod_args`` entry: checked here, so a
+    wrong signature is a TypeError naming the mod instead of a Numba typing error from the kernel."""
+    import inspect
+
+    from .mods import python_function
+
+    try:
+        sig = inspect.signature(python_function(mod))
+    except (TypeError, ValueError):  # a builtin or a compiled function without a signature
+        return
+    count = fixed.count(",") + 1 + n_args
+    try:
+        sig.bind(*range(count))
+    except TypeError:
+        raise TypeError(
+            f"{name} {getattr(mod, '__name__', mod)!r} must take {count} positional arguments ({fixed}, then "
+            f"one per mod_args entry: {n_args}), but its signature is {sig}"
+        ) from None

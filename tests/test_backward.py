@@ -296,3 +296,14 @@ def test_gemm_acc_accumulates_in_place_with_any_row_stride(rng):
         outside = np.ones(big.shape, bool)
         outside[3:33, 2:7] = False
         np.testing.assert_array_equal(big[outside], before[outside])  # nothing else written
+
+
+def test_lse_less_precise_than_query_is_refused():
+    q = np.random.default_rng(0).standard_normal((1, 2, 8, 16)).astype(np.float32)
+    out, lse = engine.scaled_dot_product_attention(q, q, q, return_lse=True)
+    with pytest.raises(TypeError, match="lse must be at least as precise as query"):
+        engine.scaled_dot_product_attention_backward(np.ones_like(out), q, q, q, out, lse.astype(np.float16))
+    got = engine.scaled_dot_product_attention_backward(np.ones_like(out), q, q, q, out, lse.astype(np.float64))
+    want = engine.scaled_dot_product_attention_backward(np.ones_like(out), q, q, q, out, lse)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)

@@ -287,3 +287,12 @@ def test_as_module_refuses_add_bias_kv_clearly():
     x = torch.randn(2, 5, 16, requires_grad=True)
     with pytest.raises(engine.NotSupportedError, match="add_bias_kv"):
         layer(x)
+
+
+def test_create_graph_is_refused_not_silently_first_order():
+    """A gradient penalty needs a second derivative; the node has none, so create_graph=True must
+    raise instead of returning a gradient with no history (whose term the loss would drop)."""
+    q = torch.rand(1, 2, 6, 8, dtype=torch.float64, requires_grad=True)
+    out = et.scaled_dot_product_attention(q, q.detach(), q.detach())
+    with pytest.raises(RuntimeError, match="not twice differentiable"):
+        torch.autograd.grad(out.sum(), [q], create_graph=True)

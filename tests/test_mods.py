@@ -328,3 +328,20 @@ def test_cache_tag_changes_with_the_mods_code_and_skips_what_it_cannot_vouch_for
     inner = closure(2.0)
     inner.__module__ = "variants.example"
     assert _cache_tag(inner, None) is None
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"score_mod": lambda s, b: s}, "score_mod .* must take 5 positional arguments"),
+        ({"score_mod": lambda s, b, h, i, j, a: s}, r"must take 5 positional arguments .*mod_args entry: 0"),
+        ({"mask_mod": lambda b, h, i: True}, "mask_mod .* must take 4 positional arguments"),
+        ({"score_mod": lambda s, b, h, i, j: s, "mod_args": (np.ones(2),)}, "must take 6 positional arguments"),
+    ],
+)
+def test_mod_with_the_wrong_arity_is_a_type_error_naming_it(kw, match):
+    """Checked in validation: before, Numba's typing error pointed into the kernel's source."""
+    q = np.ones((1, 2, 4, 8), np.float32)
+    for backend in ("reference", "cpu"):
+        with pytest.raises(TypeError, match=match):
+            engine.scaled_dot_product_attention(q, q, q, backend=backend, **kw)
