@@ -1,4 +1,5 @@
-"""Every specialisation of the CUDA kernel compiles to PTX for compute capability 9.0.
+"""Every specialisation of the CUDA kernel compiles to PTX for compute capability 9.0 (H100), and
+a sample of them for 8.0 (A100).
 
 ``numba.cuda.compile_ptx`` types and lowers the kernel exactly as a GPU launch would, so it catches
 typing errors the simulator (which runs the kernel as Python) cannot see. It needs no GPU, but it
@@ -147,3 +148,28 @@ def test_bfloat16_kernels_compile_to_ptx_for_sm90(current_device_cc90, kind, hea
     assert re.search(r"st\.global\.(u16|b16)", ptx)
     smem = sum(int(n) for n in re.findall(r"\.shared \.align \d+ \.b8 \S+\[(\d+)\]", ptx))
     assert smem == shared_bytes(E, Ev, block_k) <= 48 * 1024
+
+
+# -- compute capability 8.0 (A100): the same kernels, a smaller sample ---------------------------
+
+
+@pytest.mark.parametrize("kind", [(MASK_NONE, True), (MASK_FLOAT, False)], ids=["none-causal", "float"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint16], ids=["float32", "float16", "bfloat16"])
+def test_kernels_compile_to_ptx_for_sm80(dtype, kind, monkeypatch):
+    import types
+
+    from numba.cuda import dispatcher
+
+    if not cuda.is_available():  # device functions are compiled for the "current" device
+        monkeypatch.setattr(dispatcher, "get_current_device", lambda: types.SimpleNamespace(compute_capability=(8, 0)))
+    bf16 = dtype == np.uint16
+    mask_kind, causal = kind
+    block_q, block_k = tile_sizes(64, 64)
+    fn = flash_kernel_source(64, 64, block_q, block_k, mask_kind, causal, bf16=bf16, mask_bf16=bf16)
+    ptx, restype = cuda.compile_ptx(fn, kernel_signature(dtype, _mask_dtype(mask_kind, dtype)), cc=(8, 0))
+    assert str(restype) == "none"
+    assert re.search(r"^\.target sm_80\b", ptx, re.M)
+    assert not re.search(r"^\s*call(\.uni)?\b", ptx, re.M)
+    assert not re.search(r"\b(add|sub|mul|fma\.rn)\.f64\b", ptx)
+    smem = sum(int(n) for n in re.findall(r"\.shared \.align \d+ \.b8 \S+\[(\d+)\]", ptx))
+    assert smem == shared_bytes(64, 64, block_k) <= 48 * 1024
