@@ -97,6 +97,14 @@ def mha_masks_to_sdpa(
 
 
 def _mha_mask_array(mask, name: str, place: Placement):
+    from .causal import as_causal_bias
+
+    if as_causal_bias(mask) is not None:  # as nn.MultiheadAttention, which takes tensors only
+        raise TypeError(
+            f"{name} is a causal mask object ({type(mask).__name__}); variants take boolean or "
+            "floating arrays (as nn.MultiheadAttention). Pass is_causal=True for top-left causal, "
+            "or the mask as an array; engine.scaled_dot_product_attention takes the object itself"
+        )
     mask = place.put(mask, what=name)
     if not (place.xp.isdtype(mask.dtype, "bool") or place.xp.isdtype(mask.dtype, "real floating")):
         raise TypeError(

@@ -142,3 +142,15 @@ def test_backward_equals_the_materialised_mask_and_cpu_refuses_by_name(rng):
         np.testing.assert_allclose(x, w, rtol=1e-5, atol=1e-6)
     with pytest.raises(engine.NotSupportedError, match="bottom-right causal"):
         engine.scaled_dot_product_attention_backward(g, q, k, v, out, lse, attn_mask=bias, backend="cpu")
+
+
+def test_variants_refuse_the_mask_object_by_name():
+    """Variants take masks as arrays (as nn.MultiheadAttention); the object gets a TypeError that
+    names the argument and says what to pass, not a dtype error about an object array."""
+    mha = engine.get_variant("multi-head", embed_dim=8, num_heads=2)
+    x = np.zeros((1, 4, 8), np.float32)
+    with pytest.raises(TypeError, match=r"attn_mask is a causal mask object \(CausalBias\).*is_causal=True"):
+        mha(x, x, x, attn_mask=engine.causal_lower_right(4, 4))
+    torch_bias = pytest.importorskip("torch.nn.attention.bias")
+    with pytest.raises(TypeError, match="attn_mask is a causal mask object"):
+        mha(x, x, x, attn_mask=torch_bias.causal_lower_right(4, 4))
