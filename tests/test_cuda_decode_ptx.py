@@ -133,3 +133,24 @@ def test_write_kernel_compiles(current_device, cache, new):
     check_common(ptx, current_device, "_write_entries")
     if ck != kd.CACHE_FLOAT32:
         assert re.search(r"st\.global\.(u16|b16)", ptx)
+
+
+@pytest.mark.parametrize("current_device", CCS, indirect=True, ids=["sm80", "sm90"])
+@pytest.mark.parametrize("query", list(KINDS))
+def test_decode_kernel_for_device_queries_compiles(current_device, query):
+    """Device calls read the caller's query in place: any strides, float32/float16/bfloat16."""
+    qk = KINDS[query]
+    kind = kd.CACHE_BFLOAT16
+    rb, bk = decode_tiles(128, 128, 4)
+    fn = kd.decode_kernel_source(128, 128, rb, bk, CUDA_DECODE_THREADS, kind, q_kind=qk)
+    ptx, _ = cuda.compile_ptx(fn, kd.decode_signature(kind, q_kind=qk, q_strided=True), cc=current_device)
+    check_common(ptx, current_device, "_decode_split")
+    assert shared(ptx) == decode_shared_bytes(128, 128, rb, bk)
+    assert ("cvt.f32.f16" in ptx) == (qk == kd.CACHE_FLOAT16)
+
+
+@pytest.mark.parametrize("current_device", CCS, indirect=True, ids=["sm80", "sm90"])
+def test_write_kernel_for_strided_device_entries_compiles(current_device):
+    ck, nk = kd.CACHE_BFLOAT16, kd.CACHE_FLOAT32
+    ptx, _ = cuda.compile_ptx(kd.write_kernel_source(ck, nk), kd.write_signature(ck, nk, True), cc=current_device)
+    check_common(ptx, current_device, "_write_entries")

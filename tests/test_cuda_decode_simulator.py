@@ -319,16 +319,148 @@ def test_refusals_name_the_reason(rng):
     np.testing.assert_array_equal(case["k_cache"], before)
 
 
-# -- device arrays: a real GPU only ------------------------------------------------------------
+# -- device arrays: validation without a GPU, the kernels on a real GPU only ---------------------
+
+
+class FakeDeviceArray:
+    """Host memory behind a ``__cuda_array_interface__``: what validation sees of a device array
+    (it reads the interface only; nothing here reaches a kernel)."""
+
+    def __init__(self, arr: np.ndarray):
+        self.arr = arr
+        ai = arr.__array_interface__
+        self.__cuda_array_interface__ = {
+            "shape": ai["shape"],
+            "typestr": ai["typestr"],
+            "strides": ai["strides"],
+            "data": ai["data"],
+            "version": 3,
+        }
+
+
+def device_case(case):
+    return {
+        k: FakeDeviceArray(v) if k in ("query", "k_cache", "v_cache", "key", "value") else v for k, v in case.items()
+    }
+
+
+def test_device_caches_are_validated_without_reading_them(rng):
+    case = paged(make_case(rng, B=2, L=1, L_new=1, S_max=16, seqlens=[3, 15]), 4, rng)
+    problem = validate_decode_args(**device_case(case))
+    assert problem.on_device and problem.paged and problem.k_cache is not case["k_cache"]
+    for name in ("cpu", "reference"):  # host-only backends refuse, naming why
+        reasons = engine.get_backend(name).not_supported_reasons(problem)
+        assert any("device arrays" in r for r in reasons), reasons
+    # every index check runs for device caches too, before anything is written
+    bad = device_case(dict(case, cache_seqlens=np.array([3, 17], np.int32)))
+    with pytest.raises(ValueError, match=r"page_table\[1, 4\] = -1 is not a page of the cache"):
+        validate_decode_args(**bad)
+    f64 = dict(device_case(case), key=FakeDeviceArray(case["key"].astype(np.float64)))
+    reasons = engine.get_backend("cuda").decode_not_supported_reasons(validate_decode_args(**f64))
+    assert any("key of dtype float64 on the device" in r for r in reasons), reasons
+
+
+DEVICE_ERRORS = [
+    ("mixed", lambda c: dict(c, k_cache=c["k_cache"].arr), TypeError, "must all be host arrays or all device"),
+    ("mixed-key", lambda c: dict(c, key=c["key"].arr), TypeError, "key must be a device array, as the caches"),
+    (
+        "device-seqlens",
+        lambda c: dict(c, cache_seqlens=FakeDeviceArray(np.array([1, 2], np.int32))),
+        TypeError,
+        "cache_seqlens must be a host array",
+    ),
+    (
+        "strided-cache",
+        lambda c: dict(c, k_cache=FakeDeviceArray(np.zeros((2, 2, 16, 32), np.float32)[..., ::2])),
+        ValueError,
+        "k_cache must be C-contiguous",
+    ),
+    (
+        "shared-caches",
+        # v_cache: a C-contiguous window into k_cache's memory
+        lambda c: (
+            lambda k: dict(
+                c, k_cache=FakeDeviceArray(k), v_cache=FakeDeviceArray(k.reshape(-1)[8:520].reshape(2, 2, 16, 8))
+            )
+        )(np.zeros((2, 2, 16, 16), np.float32)),
+        ValueError,
+        "must not share memory",
+    ),
+    (
+        "read-only",
+        lambda c: dict(
+            c, k_cache=FakeDeviceArray((lambda a: (a.setflags(write=False), a)[1])(c["k_cache"].arr.copy()))
+        ),
+        ValueError,
+        "k_cache is read-only",
+    ),
+]
+
+
+@pytest.mark.parametrize("name, change, exc, words", DEVICE_ERRORS, ids=[e[0] for e in DEVICE_ERRORS])
+def test_device_argument_errors(rng, name, change, exc, words):
+    case = device_case(make_case(rng, B=2, Hq=4, Hkv=2, L=1, L_new=1, D=16, Dv=8, S_max=16, seqlens=[1, 2]))
+    with pytest.raises(exc, match=words):
+        validate_decode_args(**change(case))
+
+
+def torch_cuda(case, torch, bf16=False):
+    def conv(a):
+        if not isinstance(a, np.ndarray) or a.dtype.kind != "f" and a.dtype != BF16:
+            return a
+        if a.dtype == BF16:
+            return torch.from_numpy(a.view(np.uint16)).view(torch.bfloat16).cuda()
+        return torch.from_numpy(a).cuda()
+
+    return {k: conv(v) if k in ("query", "k_cache", "v_cache", "key", "value") else v for k, v in case.items()}
+
+
+def to_numpy(t):
+    import torch
+
+    if t.dtype == torch.bfloat16:
+        return t.cpu().view(torch.uint16).numpy().view(BF16)
+    return t.cpu().numpy()
 
 
 @needs_gpu
-def test_torch_cuda_caches_are_refused_before_anything_is_written(rng):
-    """Device caches are not supported yet: refused by validation with a TypeError, untouched."""
+@pytest.mark.parametrize("page_size", [None, 4], ids=["contiguous", "pages4"])
+@pytest.mark.parametrize("cache", [np.float32, BF16], ids=["float32", "bfloat16"])
+def test_torch_cuda_caches_written_in_place_on_the_device(rng, cache, page_size):
+    """Device caches: written in place on the GPU (bit for bit as the host writes), attended there,
+    the result a torch CUDA tensor of the query's dtype; the same numbers as the oracle."""
     torch = pytest.importorskip("torch")
-    case = make_case(rng)
-    dev = {k: torch.from_numpy(v).cuda() if isinstance(v, np.ndarray) else v for k, v in case.items()}
-    before = dev["k_cache"].clone()
-    with pytest.raises(TypeError, match="device array"):
-        engine.attention_with_kvcache(**dev, backend="cuda")
-    assert torch.equal(dev["k_cache"], before)
+    case = make_case(
+        rng, B=3, Hq=8, Hkv=2, L=2, L_new=2, D=64, Dv=64, S_max=300, cache_dtype=cache, seqlens=[0, 77, 298]
+    )
+    if page_size:
+        case = paged(case, page_size, rng)
+    want = oracle(case)
+    dev = torch_cuda(case, torch)
+    for splits in (1, 5, None):
+        d = dict(dev, k_cache=dev["k_cache"].clone(), v_cache=dev["v_cache"].clone())
+        out, lse = engine.attention_with_kvcache(**d, return_lse=True, num_splits=splits)  # auto: cuda
+        assert out.is_cuda and out.dtype == torch.float32
+        got = (to_numpy(out), to_numpy(lse), to_numpy(d["k_cache"]), to_numpy(d["v_cache"]))
+        close(got, want, case, f"[splits={splits}]")
+        same_caches(got, want)
+
+
+@needs_gpu
+def test_torch_bfloat16_query_and_strided_query_on_the_device(rng):
+    torch = pytest.importorskip("torch")
+    case = make_case(rng, B=2, Hq=4, Hkv=2, L=1, L_new=1, D=32, Dv=32, S_max=100, cache_dtype=BF16, seqlens=[5, 90])
+    want = oracle(case)
+    dev = torch_cuda(case, torch)
+    q = dev["query"].to(torch.bfloat16)
+    out = engine.attention_with_kvcache(
+        **dict(dev, query=q, k_cache=dev["k_cache"].clone(), v_cache=dev["v_cache"].clone())
+    )
+    assert out.dtype == torch.bfloat16
+    np.testing.assert_allclose(to_numpy(out).astype(np.float32), want[0], atol=2e-2)
+    # a transposed (non-contiguous) query is read in place
+    qt = dev["query"].transpose(1, 2).contiguous().transpose(1, 2)
+    out = engine.attention_with_kvcache(
+        **dict(dev, query=qt, k_cache=dev["k_cache"].clone(), v_cache=dev["v_cache"].clone())
+    )
+    close((to_numpy(out), want[1]), want, case)

@@ -10,10 +10,13 @@ caches costs ``2 x num_pages x Hkv x page_size x D x itemsize`` bytes over PCIe 
 (a 4 GiB cache is about 0.1 s at 50 GB/s, against about 1 ms to read it on the GPU): host caches
 are for testing and small caches; a decoding loop keeps its caches on the GPU.
 
-Device caches (torch CUDA tensors, CuPy, Numba device arrays) are not taken yet: the decode
-validation (``engine.decode_validation``) accepts host arrays only and refuses device arrays
-with a ``TypeError`` before any backend is chosen. The kernel that writes new entries in place on
-the device (``_write_entries``) is written and compiled to PTX, but nothing calls it yet.
+Device caches (torch CUDA tensors, CuPy arrays, Numba device arrays): the new entries are
+written **in place on the device** by ``_write_entries`` on the caller's stream (torch's current
+stream, CuPy's, the Numba array's), then the split-KV and merge kernels run on that stream, and
+``out``/``lse`` are allocated by the caller's library; nothing synchronises. ``cache_seqlens`` and
+``page_table`` are host arrays (validation reads them) and are copied to the device
+asynchronously. The query is read in place (any strides). This path has never run: no GPU was
+available; it is compiled to PTX only.
 
 Importing this module needs neither CUDA nor numba-cuda; ``run_decode`` imports the kernels.
 """
@@ -32,7 +35,7 @@ from ..config import (
 )
 from ..decode_validation import DecodeProblem
 from ..kvcache import write_new_entries
-from ..validation import is_bfloat16
+from ..validation import array_dtype, is_bfloat16
 from .cpu_decoding import pick_num_splits
 
 __all__ = ["run_decode", "decode_tiles", "decode_shared_bytes", "sm_count", "choose_num_splits", "cuda_decode_reasons"]
@@ -68,15 +71,22 @@ def decode_tiles(E: int, Ev: int, rows: int, block_rows: int | None = None, bloc
 
 def cuda_decode_reasons(problem: DecodeProblem) -> list[str]:
     """What the ``cuda`` decode cannot run beyond dtypes and availability: head sizes whose tiles
-    do not fit in shared memory even at the smallest key tile."""
+    do not fit in shared memory even at the smallest key tile; new entries of a dtype the device
+    write does not convert (float64 would be rounded twice on its way to a 16-bit cache)."""
+    reasons = []
     rb, bk = decode_tiles(problem.E, problem.Ev, problem.group * problem.L)
     need = decode_shared_bytes(problem.E, problem.Ev, rb, bk)
     if need > _SHARED_LIMIT:
-        return [
+        reasons.append(
             f"head sizes D = {problem.E}, Dv = {problem.Ev} need {need} bytes of shared memory per "
             f"block for decoding (at most {_SHARED_LIMIT})"
-        ]
-    return []
+        )
+    if problem.on_device and problem.key is not None:
+        for name in ("key", "value"):
+            dt = array_dtype(getattr(problem, name))
+            if dt.itemsize not in (2, 4):
+                reasons.append(f"{name} of dtype {dt} on the device (written from float32, float16 or bfloat16)")
+    return reasons
 
 
 def sm_count() -> int:
@@ -115,17 +125,15 @@ def run_decode(
     block_k: int | None = None,
     sms: int | None = None,
 ):
-    """Write the new entries (host), then attend on the GPU; ``(out, lse)`` NumPy arrays in the
-    query's dtype. ``threads``/``block_rows``/``block_k`` override the tile sizes (the simulator
-    tests use tiny ones), ``sms`` the multiprocessor count ``num_splits=None`` plans for."""
+    """Write the new entries, then attend on the GPU; ``(out, lse)`` in the query's dtype: NumPy
+    arrays for host caches, arrays of the caller's library on its device for device caches.
+    ``threads``/``block_rows``/``block_k`` override the tile sizes (the simulator tests use tiny
+    ones), ``sms`` the multiprocessor count ``num_splits=None`` plans for."""
     from numba import cuda
 
     from ..kernels import cuda_decode as kd
-    from .cuda import _HostArrays
+    from .cuda import _DeviceArrays, _HostArrays
 
-    if problem.on_device:  # validation refuses device arrays today; never reached
-        raise NotImplementedError("device caches are not supported by the cuda decode yet")
-    write_new_entries(problem)
     B, Hq, L, E, Ev = problem.batch, problem.num_q_heads, problem.L, problem.E, problem.Ev
     Hkv, group = problem.num_kv_heads, problem.group
     rows = group * L
@@ -138,51 +146,77 @@ def run_decode(
         splits = choose_num_splits(B * Hkv * nrb, int(seqlens_k.max()), sms or sm_count())
     kind = _cache_kind(problem.cache_dtype)
     N = B * Hq * L
-
-    arrays = _HostArrays(cuda)
-    stream = arrays.stream
-    k_pages, v_pages = problem.k_cache, problem.v_cache
-    if kind == kd.CACHE_BFLOAT16:
-        k_pages, v_pages = k_pages.view(np.uint16), v_pages.view(np.uint16)
     if problem.page_table is None:  # a contiguous cache: one page per sequence
         table = np.arange(B, dtype=np.int32).reshape(B, 1)
     else:
         table = np.ascontiguousarray(problem.page_table, dtype=np.int32)
-    q = np.ascontiguousarray(np.asarray(problem.query).astype(np.float32, copy=False))
-    d_q = cuda.to_device(q, stream=stream)
-    d_k = cuda.to_device(k_pages, stream=stream)
-    d_v = cuda.to_device(v_pages, stream=stream)
-    d_table = cuda.to_device(table, stream=stream)
-    d_seqlens = cuda.to_device(seqlens_k, stream=stream)
-    part_out = cuda.device_array((splits, N, Ev), dtype=np.float32, stream=stream)
-    part_lse = cuda.device_array((splits, N), dtype=np.float32, stream=stream)
-    out = cuda.device_array((N, Ev), dtype=np.float32, stream=stream)
-    lse = cuda.device_array(N, dtype=np.float32, stream=stream)
-    mod_args = tuple(arrays.mod_arg(a) for a in problem.mod_args)
-    left, right = problem.window
 
-    kern = kd.decode_kernel(E, Ev, rb, bk, nt, kind, problem.score_mod, problem.mask_mod)
-    kern[(nrb * splits, Hkv, B), nt, stream](
-        d_q,
-        d_k,
-        d_v,
-        d_table,
-        d_seqlens,
-        group,
-        splits,
-        problem.is_causal,
-        left,
-        right,
-        problem.scale,
-        mod_args,
-        part_out,
-        part_lse,
-    )
-    merge = kd.merge_kernel(kd.CACHE_FLOAT32)
-    merge[(math.ceil(N * Ev / _MERGE_THREADS),), _MERGE_THREADS, stream](part_out, part_lse, out, lse)
-    o = out.copy_to_host(stream=stream)
-    s = lse.copy_to_host(stream=stream)
-    stream.synchronize()
+    if problem.on_device:
+        arrays = _DeviceArrays(cuda, problem.query)
+    else:
+        write_new_entries(problem)
+        arrays = _HostArrays(cuda)
+    with arrays.context():
+        stream = arrays.stream
+        d_table = cuda.to_device(table, stream=stream)
+        if problem.on_device:
+            d_k, d_v = arrays.as_numba(problem.k_cache), arrays.as_numba(problem.v_cache)
+            d_q = arrays.as_numba(problem.query)
+            q_kind = _cache_kind(problem.dtype)
+            if problem.key is not None and problem.L_new:
+                d_old = cuda.to_device(np.ascontiguousarray(problem.cache_seqlens, dtype=np.int64), stream=stream)
+                for new, pages in ((problem.key, d_k), (problem.value, d_v)):
+                    d_new = arrays.as_numba(new)
+                    write = kd.write_kernel(kind, _cache_kind(array_dtype(new)))
+                    n = int(d_new.size)
+                    write[(math.ceil(n / _MERGE_THREADS),), _MERGE_THREADS, stream](d_new, pages, d_table, d_old)
+        else:
+            k_pages, v_pages = problem.k_cache, problem.v_cache
+            if kind == kd.CACHE_BFLOAT16:
+                k_pages, v_pages = k_pages.view(np.uint16), v_pages.view(np.uint16)
+            d_k = cuda.to_device(k_pages, stream=stream)
+            d_v = cuda.to_device(v_pages, stream=stream)
+            q = np.ascontiguousarray(np.asarray(problem.query).astype(np.float32, copy=False))
+            d_q = cuda.to_device(q, stream=stream)
+            q_kind = kd.CACHE_FLOAT32
+        d_seqlens = cuda.to_device(seqlens_k, stream=stream)
+        part_out = cuda.device_array((splits, N, Ev), dtype=np.float32, stream=stream)
+        part_lse = cuda.device_array((splits, N), dtype=np.float32, stream=stream)
+        mod_args = tuple(arrays.mod_arg(a) for a in problem.mod_args)
+        left, right = problem.window
+
+        kern = kd.decode_kernel(E, Ev, rb, bk, nt, kind, problem.score_mod, problem.mask_mod, q_kind)
+        kern[(nrb * splits, Hkv, B), nt, stream](
+            d_q,
+            d_k,
+            d_v,
+            d_table,
+            d_seqlens,
+            group,
+            splits,
+            problem.is_causal,
+            left,
+            right,
+            problem.scale,
+            mod_args,
+            part_out,
+            part_lse,
+        )
+        merge = kd.merge_kernel(q_kind if problem.on_device else kd.CACHE_FLOAT32)
+        grid = (math.ceil(N * Ev / _MERGE_THREADS),)
+        if problem.on_device:  # the result in the caller's library and dtype, on its stream
+            out = arrays.empty(problem.out_shape, problem.dtype)
+            lse = arrays.empty(problem.lse_shape, problem.dtype)
+            d_out = arrays.as_numba(out).reshape(N, Ev)
+            d_lse = arrays.as_numba(lse).reshape(N)
+            merge[grid, _MERGE_THREADS, stream](part_out, part_lse, d_out, d_lse)
+            return out, lse
+        d_out = cuda.device_array((N, Ev), dtype=np.float32, stream=stream)
+        d_lse = cuda.device_array(N, dtype=np.float32, stream=stream)
+        merge[grid, _MERGE_THREADS, stream](part_out, part_lse, d_out, d_lse)
+        o = d_out.copy_to_host(stream=stream)
+        s = d_lse.copy_to_host(stream=stream)
+        stream.synchronize()
     o = o.reshape(problem.out_shape)
     s = s.reshape(problem.lse_shape)
     if problem.dtype != np.float32:  # float16/bfloat16 queries: one rounding (nearest even)

@@ -27,8 +27,8 @@ a contiguous cache ``(B, Hkv, S_max, D)`` is the same with one page per sequence
 (``page_table[b, 0] = b``). Row i of sequence b is at position ``seqlens_k[b] - L + i``
 (bottom-right alignment); ``causal`` and the window ``left``/``right`` (-1: unbounded) limit the
 keys it sees; the mods see absolute positions, as in the ``cpu`` kernel. The new keys and values
-are written before this kernel runs (on the host for NumPy caches, by ``_write_entries`` for
-device caches).
+are written before this kernel runs: on the host for NumPy caches, by ``_write_entries`` (one
+thread per new entry) on the caller's stream for device caches.
 """
 
 from __future__ import annotations
@@ -91,13 +91,15 @@ def decode_kernel_source(
     cache_kind: int,
     score_mod=None,
     mask_mod=None,
+    q_kind: int = CACHE_FLOAT32,
 ):
     """The plain Python function of one specialisation of the split-KV kernel (before ``cuda.jit``).
 
     ``_decode_split(q, k_pages, v_pages, page_table, seqlens_k, group, splits, causal, left, right,
     scale, mod_args, part_out, part_lse)``:
 
-    * ``q`` float32 ``(B, Hq, L, E)``, C order (scaled in the kernel by ``scale``);
+    * ``q`` ``(B, Hq, L, E)`` of float32, float16 or ``uint16`` bfloat16 bits (``q_kind``), any
+      strides (a device query is read in place), widened and scaled in the kernel;
     * ``k_pages``/``v_pages`` ``(num_pages, Hkv, page_size, E/Ev)`` of float32, float16 or
       ``uint16`` bfloat16 bits (``cache_kind``), C order;
     * ``page_table`` int32 ``(B, max_pages)``; ``seqlens_k`` int64 ``(B,)``, keys per sequence
@@ -119,6 +121,7 @@ def decode_kernel_source(
     SCORE_MOD = device_function(score_mod) if HAS_SCORE_MOD else _no_score_mod
     MASK_MOD = device_function(mask_mod) if HAS_MASK_MOD else _no_mask_mod
     LOAD = _loader(cache_kind)
+    QLOAD = _loader(q_kind)
 
     def _decode_split(
         q,
@@ -190,7 +193,7 @@ def decode_kernel_source(
             r = idx // EK
             e = idx - r * EK
             hq = hk * group + (r0 + r) // L
-            qs[r, e] = q[b, hq, (r0 + r) % L, e] * scale32
+            qs[r, e] = QLOAD(q[b, hq, (r0 + r) % L, e]) * scale32
         for idx in range(tid, nr * EV, NT):
             r = idx // EV
             acc[r, idx - r * EV] = ZERO
@@ -378,7 +381,7 @@ def _cached(key, build):
         return kern
 
 
-def decode_kernel(E, Ev, block_rows, block_k, threads, cache_kind, score_mod=None, mask_mod=None):
+def decode_kernel(E, Ev, block_rows, block_k, threads, cache_kind, score_mod=None, mask_mod=None, q_kind=CACHE_FLOAT32):
     """The ``cuda.jit`` dispatcher of one ``_decode_split`` specialisation (built once per process)."""
     key = (
         "decode",
@@ -390,8 +393,9 @@ def decode_kernel(E, Ev, block_rows, block_k, threads, cache_kind, score_mod=Non
         int(cache_kind),
         None if score_mod is None else python_function(score_mod),
         None if mask_mod is None else python_function(mask_mod),
+        int(q_kind),
     )
-    args = (E, Ev, block_rows, block_k, threads, cache_kind, score_mod, mask_mod)
+    args = (E, Ev, block_rows, block_k, threads, cache_kind, score_mod, mask_mod, q_kind)
     return _cached(key, lambda: decode_kernel_source(*args))
 
 
@@ -411,13 +415,15 @@ def _storage_type(kind: int):
     return {CACHE_FLOAT32: types.float32, CACHE_FLOAT16: types.float16, CACHE_BFLOAT16: types.uint16}[kind]
 
 
-def decode_signature(cache_kind: int, mod_args=()):
-    """The argument types the backend launches ``_decode_split`` with, for ``compile_ptx``."""
+def decode_signature(cache_kind: int, mod_args=(), q_kind: int = CACHE_FLOAT32, q_strided: bool = False):
+    """The argument types the backend launches ``_decode_split`` with, for ``compile_ptx``:
+    host calls pass a C-order float32 query, device calls the caller's query (any strides)."""
     from numba import typeof, types
 
     st = _storage_type(cache_kind)
+    qt = _storage_type(q_kind)
     return (
-        types.float32[:, :, :, ::1],
+        qt[:, :, :, :] if q_strided else qt[:, :, :, ::1],
         st[:, :, :, ::1],
         st[:, :, :, ::1],
         types.int32[:, ::1],
@@ -442,12 +448,14 @@ def merge_signature(out_kind: int):
     return (types.float32[:, :, ::1], types.float32[:, ::1], st[:, ::1], st[::1])
 
 
-def write_signature(cache_kind: int, new_kind: int):
-    """The argument types of ``_write_entries``, for ``compile_ptx``."""
+def write_signature(cache_kind: int, new_kind: int, new_strided: bool = False):
+    """The argument types of ``_write_entries``, for ``compile_ptx`` (the new entries may be any
+    strided device array)."""
     from numba import types
 
+    nt = _storage_type(new_kind)
     return (
-        _storage_type(new_kind)[:, :, :, ::1],
+        nt[:, :, :, :] if new_strided else nt[:, :, :, ::1],
         _storage_type(cache_kind)[:, :, :, ::1],
         types.int32[:, ::1],
         types.int64[::1],
