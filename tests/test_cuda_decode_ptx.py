@@ -128,7 +128,9 @@ def test_merge_kernel_compiles(current_device, out):
 @pytest.mark.parametrize("cache", list(KINDS))
 def test_write_kernel_compiles(current_device, cache, new):
     ck, nk = KINDS[cache], KINDS[new]
-    ptx, restype = cuda.compile_ptx(kd.write_kernel_source(ck, nk), kd.write_signature(ck, nk), cc=current_device)
+    ptx, restype = cuda.compile_ptx(
+        kd.write_kernel_source(ck, nk, nk), kd.write_signature(ck, nk, nk), cc=current_device
+    )
     assert str(restype) == "none"
     check_common(ptx, current_device, "_write_entries")
     if ck != kd.CACHE_FLOAT32:
@@ -151,6 +153,8 @@ def test_decode_kernel_for_device_queries_compiles(current_device, query):
 
 @pytest.mark.parametrize("current_device", CCS, indirect=True, ids=["sm80", "sm90"])
 def test_write_kernel_for_strided_device_entries_compiles(current_device):
-    ck, nk = kd.CACHE_BFLOAT16, kd.CACHE_FLOAT32
-    ptx, _ = cuda.compile_ptx(kd.write_kernel_source(ck, nk), kd.write_signature(ck, nk, True), cc=current_device)
+    """Keys and values of different dtypes, strided, into a bfloat16 cache."""
+    ck, kk, vk = kd.CACHE_BFLOAT16, kd.CACHE_FLOAT32, kd.CACHE_FLOAT16
+    sig = kd.write_signature(ck, kk, vk, strided=True)
+    ptx, _ = cuda.compile_ptx(kd.write_kernel_source(ck, kk, vk), sig, cc=current_device)
     check_common(ptx, current_device, "_write_entries")

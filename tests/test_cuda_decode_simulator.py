@@ -255,8 +255,9 @@ def test_merge_kernel_matches_merge_attention():
 @needs_cuda
 @pytest.mark.parametrize("cache", [np.float32, np.float16, BF16], ids=["float32", "float16", "bfloat16"])
 def test_device_write_kernel_writes_what_the_host_writes(rng, cache):
-    """``_write_entries`` (for device caches) rounds float32 entries to the cache dtype as NumPy and
-    ml_dtypes do on the host, through a page table, and touches no other slot."""
+    """``_write_entries`` (for device caches) rounds float32 and float16 entries to the cache dtype
+    as NumPy and ml_dtypes do on the host, through a page table (D != Dv), and touches no other
+    slot: the caches' bytes equal the host write's."""
     from numba import cuda
 
     from engine.kernels import cuda_decode as kd
@@ -265,27 +266,27 @@ def test_device_write_kernel_writes_what_the_host_writes(rng, cache):
     case = paged(make_case(rng, B=3, Hq=2, Hkv=2, L=3, L_new=3, S_max=12, cache_dtype=cache, seqlens=[0, 4, 9]), 4, rng)
     # values that round differently at ties and across the exponent range
     case["key"][0, 0, 0, :4] = (1 + 2.0**-8, 1 + 3 * 2.0**-9, 70000.0, np.nan)
-    problem = validate_decode_args(**copies(case))
-    write_new_entries(problem)
     bits = np.uint16 if cache == BF16 else cache
     kind = {np.dtype(np.float32): kd.CACHE_FLOAT32, np.dtype(np.float16): kd.CACHE_FLOAT16, BF16: kd.CACHE_BFLOAT16}[
         np.dtype(cache)
     ]
     seqlens = case["cache_seqlens"].astype(np.int64)
-    table = case["page_table"]
-    for new, pages, want in (
-        (case["key"], case["k_cache"], problem.k_cache),
-        (case["value"], case["v_cache"], problem.v_cache),
-    ):
-        d_pages = cuda.to_device(pages.view(bits) if cache == BF16 else pages)
-        n = new.size
-        kd.write_kernel(kind, kd.CACHE_FLOAT32)[(-(-n // 64),), 64](
-            cuda.to_device(np.ascontiguousarray(new, np.float32)),
-            d_pages,
-            cuda.to_device(table),
-            cuda.to_device(seqlens),
-        )
-        np.testing.assert_array_equal(d_pages.copy_to_host().view(np.uint8), want.view(np.uint8))
+    d_k, d_v = (cuda.to_device(case[n].view(bits) if cache == BF16 else case[n]) for n in ("k_cache", "v_cache"))
+    # keys float32, values float16: each converted on its own
+    key, value = case["key"], case["value"].astype(np.float16)
+    n = max(key.size, value.size)
+    kd.write_kernel(kind, kd.CACHE_FLOAT32, kd.CACHE_FLOAT16)[(-(-n // 64),), 64](
+        cuda.to_device(key),
+        cuda.to_device(value),
+        d_k,
+        d_v,
+        cuda.to_device(case["page_table"]),
+        cuda.to_device(seqlens),
+    )
+    host = validate_decode_args(**dict(copies(case), value=value))
+    write_new_entries(host)
+    np.testing.assert_array_equal(d_k.copy_to_host().view(np.uint8), host.k_cache.view(np.uint8))
+    np.testing.assert_array_equal(d_v.copy_to_host().view(np.uint8), host.v_cache.view(np.uint8))
 
 
 # -- no CUDA target needed ---------------------------------------------------------------------

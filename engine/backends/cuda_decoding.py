@@ -165,11 +165,12 @@ def run_decode(
             q_kind = _cache_kind(problem.dtype)
             if problem.key is not None and problem.L_new:
                 d_old = cuda.to_device(np.ascontiguousarray(problem.cache_seqlens, dtype=np.int64), stream=stream)
-                for new, pages in ((problem.key, d_k), (problem.value, d_v)):
-                    d_new = arrays.as_numba(new)
-                    write = kd.write_kernel(kind, _cache_kind(array_dtype(new)))
-                    n = int(d_new.size)
-                    write[(math.ceil(n / _MERGE_THREADS),), _MERGE_THREADS, stream](d_new, pages, d_table, d_old)
+                d_key, d_value = arrays.as_numba(problem.key), arrays.as_numba(problem.value)
+                write = kd.write_kernel(kind, *(_cache_kind(array_dtype(a)) for a in (problem.key, problem.value)))
+                n = max(int(d_key.size), int(d_value.size))
+                write[(math.ceil(n / _MERGE_THREADS),), _MERGE_THREADS, stream](
+                    d_key, d_value, d_k, d_v, d_table, d_old
+                )
         else:
             k_pages, v_pages = problem.k_cache, problem.v_cache
             if kind == kd.CACHE_BFLOAT16:

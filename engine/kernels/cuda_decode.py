@@ -331,40 +331,57 @@ def merge_kernel_source(out_kind: int):
     return _merge_splits
 
 
-def write_kernel_source(cache_kind: int, new_kind: int):
-    """The plain Python function of the in-place write of new entries into a device cache.
+def write_kernel_source(cache_kind: int, key_kind: int, value_kind: int):
+    """The plain Python function of the in-place write of new entries into device caches.
 
-    ``_write_entries(new, pages, page_table, cache_seqlens)``: ``new`` ``(B, Hkv, L_new, D)`` of
-    float32, float16 or bfloat16 bits (``new_kind``) is written to slots ``cache_seqlens[b] ...
-    + L_new - 1`` of ``pages`` ``(num_pages, Hkv, page_size, D)`` (``cache_kind``), rounded to
-    nearest even (as NumPy/ml_dtypes round on the host). One thread per element of ``new``.
-    Validation has checked every index and that no two sequences share a slot.
+    ``_write_entries(key, value, k_pages, v_pages, page_table, cache_seqlens)``: ``key``
+    ``(B, Hkv, L_new, D)`` and ``value`` ``(B, Hkv, L_new, Dv)`` of float32, float16 or bfloat16
+    bits (``key_kind``/``value_kind``, any strides) are written to slots ``cache_seqlens[b] ...
+    + L_new - 1`` of ``k_pages``/``v_pages`` ``(num_pages, Hkv, page_size, D/Dv)``
+    (``cache_kind``), rounded to nearest even (as NumPy/ml_dtypes round on the host). One launch
+    writes both caches (one thread per entry of the larger), so a launch that fails writes
+    neither. Validation has checked every index and that no two sequences share a slot.
     """
-    LOAD = _loader(new_kind)
+    KLOAD = _loader(key_kind)
+    VLOAD = _loader(value_kind)
     STORE = _storer(cache_kind)
-    SAME = cache_kind == new_kind
+    K_SAME = cache_kind == key_kind
+    V_SAME = cache_kind == value_kind
 
-    def _write_entries(new, pages, page_table, cache_seqlens):
-        B = new.shape[0]
-        Hkv = new.shape[1]
-        Ln = new.shape[2]
-        D = new.shape[3]
-        ps = pages.shape[2]
+    def _write_entries(key, value, k_pages, v_pages, page_table, cache_seqlens):
+        B = key.shape[0]
+        Hkv = key.shape[1]
+        Ln = key.shape[2]
+        D = key.shape[3]
+        Dv = value.shape[3]
+        ps = k_pages.shape[2]
         t = cuda.grid(1)
-        if t >= B * Hkv * Ln * D:
-            return
-        e = t % D
-        rest = t // D
-        i = rest % Ln
-        rest //= Ln
-        h = rest % Hkv
-        b = rest // Hkv
-        j = cache_seqlens[b] + i
-        p = j // ps
-        if SAME:  # bits copied as they are (no NaN payload touched)
-            pages[page_table[b, p], h, j - p * ps, e] = new[b, h, i, e]
-        else:
-            pages[page_table[b, p], h, j - p * ps, e] = STORE(LOAD(new[b, h, i, e]))
+        if t < B * Hkv * Ln * D:
+            e = t % D
+            rest = t // D
+            i = rest % Ln
+            rest //= Ln
+            h = rest % Hkv
+            b = rest // Hkv
+            j = cache_seqlens[b] + i
+            p = j // ps
+            if K_SAME:  # bits copied as they are (no NaN payload touched)
+                k_pages[page_table[b, p], h, j - p * ps, e] = key[b, h, i, e]
+            else:
+                k_pages[page_table[b, p], h, j - p * ps, e] = STORE(KLOAD(key[b, h, i, e]))
+        if t < B * Hkv * Ln * Dv:
+            e = t % Dv
+            rest = t // Dv
+            i = rest % Ln
+            rest //= Ln
+            h = rest % Hkv
+            b = rest // Hkv
+            j = cache_seqlens[b] + i
+            p = j // ps
+            if V_SAME:
+                v_pages[page_table[b, p], h, j - p * ps, e] = value[b, h, i, e]
+            else:
+                v_pages[page_table[b, p], h, j - p * ps, e] = STORE(VLOAD(value[b, h, i, e]))
 
     return _write_entries
 
@@ -404,9 +421,10 @@ def merge_kernel(out_kind: int):
     return _cached(("merge", int(out_kind)), lambda: merge_kernel_source(out_kind))
 
 
-def write_kernel(cache_kind: int, new_kind: int):
+def write_kernel(cache_kind: int, key_kind: int, value_kind: int):
     """The ``cuda.jit`` dispatcher of ``_write_entries`` for these storage kinds."""
-    return _cached(("write", int(cache_kind), int(new_kind)), lambda: write_kernel_source(cache_kind, new_kind))
+    key = ("write", int(cache_kind), int(key_kind), int(value_kind))
+    return _cached(key, lambda: write_kernel_source(cache_kind, key_kind, value_kind))
 
 
 def _storage_type(kind: int):
@@ -448,15 +466,17 @@ def merge_signature(out_kind: int):
     return (types.float32[:, :, ::1], types.float32[:, ::1], st[:, ::1], st[::1])
 
 
-def write_signature(cache_kind: int, new_kind: int, new_strided: bool = False):
+def write_signature(cache_kind: int, key_kind: int, value_kind: int, strided: bool = False):
     """The argument types of ``_write_entries``, for ``compile_ptx`` (the new entries may be any
-    strided device array)."""
+    strided device arrays)."""
     from numba import types
 
-    nt = _storage_type(new_kind)
+    kt, vt, ct = _storage_type(key_kind), _storage_type(value_kind), _storage_type(cache_kind)
     return (
-        nt[:, :, :, :] if new_strided else nt[:, :, :, ::1],
-        _storage_type(cache_kind)[:, :, :, ::1],
+        kt[:, :, :, :] if strided else kt[:, :, :, ::1],
+        vt[:, :, :, :] if strided else vt[:, :, :, ::1],
+        ct[:, :, :, ::1],
+        ct[:, :, :, ::1],
         types.int32[:, ::1],
         types.int64[::1],
     )
