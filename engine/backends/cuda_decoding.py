@@ -49,10 +49,10 @@ _MERGE_THREADS = 128
 def decode_shared_bytes(E: int, Ev: int, block_rows: int, block_k: int) -> int:
     """Bytes of static shared memory one block of the split-KV kernel uses: the scaled query rows,
     a key tile (rows padded by one float against bank conflicts), a value tile, the scores and
-    the accumulators (float32), and each row's max, sum, rescale factor (float32) and visible key
-    range (int64)."""
+    the accumulators (float32), each row's max, sum, rescale factor (float32) and visible key
+    range (int64), and each tile row's page and slot (int64)."""
     floats = block_rows * E + block_k * (E + 1) + block_k * Ev + block_rows * block_k + block_rows * Ev
-    return 4 * (floats + 3 * block_rows) + 8 * 2 * block_rows
+    return 4 * (floats + 3 * block_rows) + 8 * 2 * (block_rows + block_k)
 
 
 def decode_tiles(E: int, Ev: int, rows: int, block_rows: int | None = None, block_k: int | None = None):

@@ -164,6 +164,8 @@ def decode_kernel_source(
         arow = cuda.shared.array(RB, dtype=float32)
         lo = cuda.shared.array(RB, dtype=int64)
         hi = cuda.shared.array(RB, dtype=int64)
+        tpage = cuda.shared.array(BK, dtype=int64)  # each tile row's page and slot: one division a key
+        tslot = cuda.shared.array(BK, dtype=int64)
 
         # the keys the block's rows see, [klo, khi): every thread works it out (a few rows)
         klo = S
@@ -204,18 +206,18 @@ def decode_kernel_source(
         for j0 in range(s0, s1, BK):
             nk = min(BK, s1 - j0)
             cuda.syncthreads()  # the previous tile is used up (and the row state is set)
+            for c in range(tid, nk, NT):
+                j = j0 + c
+                p = j // ps
+                tpage[c] = page_table[b, p]
+                tslot[c] = j - p * ps
+            cuda.syncthreads()
             for idx in range(tid, nk * EK, NT):  # consecutive threads, consecutive entries
                 c = idx // EK
-                e = idx - c * EK
-                j = j0 + c
-                p = j // ps
-                ks[c, e] = LOAD(k_pages[page_table[b, p], hk, j - p * ps, e])
+                ks[c, idx - c * EK] = LOAD(k_pages[tpage[c], hk, tslot[c], idx - c * EK])
             for idx in range(tid, nk * EV, NT):
                 c = idx // EV
-                e = idx - c * EV
-                j = j0 + c
-                p = j // ps
-                vs[c, e] = LOAD(v_pages[page_table[b, p], hk, j - p * ps, e])
+                vs[c, idx - c * EV] = LOAD(v_pages[tpage[c], hk, tslot[c], idx - c * EV])
             cuda.syncthreads()
             for idx in range(tid, nr * nk, NT):
                 r = idx // nk
