@@ -124,7 +124,8 @@ def test_matches_reference_with_forced_splits(rng, name, page_size):
 def test_windows_and_non_causal(rng):
     # 6 rows of 2 heads: the first rows lie more than `right` keys before the end
     case = make_case(rng, B=2, Hq=2, Hkv=1, L=6, L_new=2, S_max=30, seqlens=[3, 27])
-    for window, causal, splits in (((6, -1), True, 2), ((3, 1), False, 3), ((-1, 2), False, 1), ((0, 0), True, 2)):
+    windows = (((6, -1), True, 2), ((3, 1), False, 3), ((-1, 2), False, 1), ((0, 0), True, 2), ((2, 0), False, 2))
+    for window, causal, splits in windows:
         got = cuda_run(case, window=window, is_causal=causal, num_splits=splits)
         close(got, oracle(case, window=window, is_causal=causal), case, f"[{window}, causal={causal}]")
 
