@@ -406,7 +406,7 @@ def test_device_argument_errors(rng, name, change, exc, words):
         validate_decode_args(**change(case))
 
 
-def torch_cuda(case, torch, bf16=False):
+def torch_cuda(case, torch):
     def conv(a):
         if not isinstance(a, np.ndarray) or a.dtype.kind != "f" and a.dtype != BF16:
             return a
