@@ -79,3 +79,14 @@ GEMM_CALIBRATION_MARGIN = 0.03
 #: the ``mkl`` provider is forced; otherwise they are widened to float32 once and take the
 #: float32 kernel (elsewhere MKL emulates the 16-bit GEMM, slower than float32)
 GEMM_HALF_CPU_FLAGS = {"bfloat16": ("amx_bf16", "avx512_bf16"), "float16": ("amx_fp16", "avx512_fp16")}
+#: ``cuda`` decoding (``attention_with_kvcache``): threads per thread block of the split-KV kernel
+CUDA_DECODE_THREADS = 128
+#: ``cuda`` decoding: query rows (query heads of a cache head x new tokens) per thread block; a
+#: decode step of a GQA group up to 8 wide is one block, so each cache tile is read once per group
+CUDA_DECODE_BLOCK_ROWS = 8
+#: ``cuda`` decoding: shared memory one block may use (query rows, one key and one value tile,
+#: scores, accumulators), in bytes; key tiles are as long as fit, a multiple of 8, at most 64 keys
+CUDA_DECODE_SHARED_BYTES = 44 * 1024
+#: ``cuda`` decoding: streaming multiprocessors assumed by ``num_splits=None`` when no GPU can be
+#: asked (the simulator, or choosing before a GPU is present): an H100/H200 SXM has 132
+CUDA_DECODE_DEFAULT_SMS = 132

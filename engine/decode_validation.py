@@ -23,12 +23,13 @@ __all__ = ["DecodeProblem", "validate_decode_args"]
 class DecodeProblem:
     """A validated ``attention_with_kvcache`` call.
 
-    Arrays are NumPy arrays; ``k_cache``/``v_cache`` share memory with the caller's caches (they are
-    written in place). Contiguous caches are ``(B, Hkv, S_max, D)``; paged ones are
-    ``(num_pages, Hkv, page_size, D)`` with ``page_table`` ``(B, max_pages)``. ``cache_seqlens``
-    (int64 copy, (B,)) is where ``key``/``value`` (``(B, Hkv, L_new, D/Dv)`` or None) are written;
-    ``seqlens_k = cache_seqlens + L_new`` keys are then attended by each sequence. ``window`` is
-    ``(left, right)`` with -1 for unbounded.
+    Arrays are NumPy arrays, or the caller's device arrays when ``on_device`` (query, caches,
+    key/value; ``cache_seqlens`` and ``page_table`` are always host arrays). ``k_cache``/``v_cache``
+    are the caller's caches (they are written in place). Contiguous caches are
+    ``(B, Hkv, S_max, D)``; paged ones are ``(num_pages, Hkv, page_size, D)`` with ``page_table``
+    ``(B, max_pages)``. ``cache_seqlens`` (int64 copy, (B,)) is where ``key``/``value``
+    (``(B, Hkv, L_new, D/Dv)`` or None) are written; ``seqlens_k = cache_seqlens + L_new`` keys
+    are then attended by each sequence. ``window`` is ``(left, right)`` with -1 for unbounded.
     """
 
     query: Any
@@ -98,9 +99,58 @@ def _host_array(x, name: str):
     arr = _as_array(x, name)
     if is_device_array(arr):
         raise TypeError(
-            f"attention_with_kvcache takes host arrays (NumPy, torch CPU tensors); {name} is a device array"
+            f"{name} must be a host array (an int, NumPy, a torch CPU tensor), got a device array: "
+            "validation reads its values before anything is written (copying it from the GPU would "
+            "synchronise)"
         )
     return arr
+
+
+class _DeviceArray:
+    """What validation needs of a device array, read from its ``__cuda_array_interface__`` (no
+    copy, no synchronisation): ``shape``, ``ndim``, ``dtype``, ``strides`` (bytes),
+    ``flags.c_contiguous``/``flags.writeable`` and the byte range ``[ptr, ptr + nbytes)``.
+    ``obj`` is the caller's array."""
+
+    def __init__(self, obj):
+        cai = obj.__cuda_array_interface__
+        self.obj = obj
+        self.shape = tuple(int(n) for n in cai["shape"])
+        self.ndim = len(self.shape)
+        self.dtype = np.dtype(array_dtype(obj))
+        c_strides, acc = [], self.dtype.itemsize
+        for n in reversed(self.shape):
+            c_strides.insert(0, acc)
+            acc *= max(n, 1)
+        given = cai.get("strides")
+        self.strides = tuple(c_strides) if given is None else tuple(int(x) for x in given)
+        contiguous = all(n == 1 or st == c for n, st, c in zip(self.shape, self.strides, c_strides))
+        self.ptr = int(cai["data"][0])
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        self.flags = _Flags(contiguous, not cai["data"][1])
+
+
+@dataclass(frozen=True)
+class _Flags:
+    c_contiguous: bool
+    writeable: bool
+
+
+def _any_array(x, name: str):
+    """A host array as ``np.ndarray``, a device array as :class:`_DeviceArray`."""
+    arr = _as_array(x, name)
+    return _DeviceArray(arr) if is_device_array(arr) else arr
+
+
+def _caller(a):
+    """The caller's array behind a validated one (device arrays are passed on as given)."""
+    return a.obj if isinstance(a, _DeviceArray) else a
+
+
+def _share_memory(a, b) -> bool:
+    if isinstance(a, _DeviceArray):
+        return a.ptr < b.ptr + b.nbytes and b.ptr < a.ptr + a.nbytes
+    return np.may_share_memory(a, b)
 
 
 def _int_arg(x, name: str, minimum: int) -> int:
@@ -129,15 +179,25 @@ def validate_decode_args(
     return_lse=False,
     num_splits=None,
 ) -> DecodeProblem:
-    """Check every argument of ``attention_with_kvcache`` and describe the call; writes nothing."""
-    q = _host_array(query, "query")
-    kc = _host_array(k_cache, "k_cache")
-    vc = _host_array(v_cache, "v_cache")
+    """Check every argument of ``attention_with_kvcache`` and describe the call; writes nothing.
+
+    ``query``, the caches and ``key``/``value`` are all host arrays or all device arrays
+    (``__cuda_array_interface__``: torch CUDA, CuPy, Numba); ``cache_seqlens`` and ``page_table``
+    are host arrays either way (their values are checked here)."""
+    q = _any_array(query, "query")
+    kc = _any_array(k_cache, "k_cache")
+    vc = _any_array(v_cache, "v_cache")
+    on_device = isinstance(q, _DeviceArray)
     for name, a in (("query", q), ("k_cache", kc), ("v_cache", vc)):
-        if not is_floating(array_dtype(a)):
+        if isinstance(a, _DeviceArray) != on_device:
+            raise TypeError(
+                f"query, k_cache and v_cache must all be host arrays or all device arrays; query is a "
+                f"{'device' if on_device else 'host'} array and {name} is not"
+            )
+        if not is_floating(a.dtype):
             raise TypeError(
                 f"{name} must have a floating dtype (float16, bfloat16, float32, float64), got "
-                f"{array_dtype(a)} with shape {tuple(a.shape)}"
+                f"{a.dtype} with shape {tuple(a.shape)}"
             )
         if a.ndim != 4:
             raise ValueError(
@@ -164,7 +224,7 @@ def validate_decode_args(
                 f"{name} must be C-contiguous (it is written and read in place; a copy would not "
                 f"do), got strides {a.strides} for shape {tuple(a.shape)}"
             )
-    if np.may_share_memory(kc, vc):
+    if _share_memory(kc, vc):
         raise ValueError("k_cache and v_cache must not share memory (value writes would overwrite keys)")
     n0, Hkv, rows, Ek = kc.shape
     Ev = vc.shape[3]
@@ -209,19 +269,20 @@ def validate_decode_args(
     kn = vn = None
     L_new = 0
     if key is not None:
-        kn = _host_array(key, "key")
-        vn = _host_array(value, "value")
+        kn = _any_array(key, "key")
+        vn = _any_array(value, "value")
         for name, a, width in (("key", kn, E), ("value", vn, Ev)):
+            if isinstance(a, _DeviceArray) != on_device:
+                raise TypeError(f"{name} must be a {'device' if on_device else 'host'} array, as the caches are")
             shape = a.shape
             if len(shape) != 4 or shape[0] != B or shape[1] != Hkv or shape[3] != width:
                 raise ValueError(
                     f"{name} must have shape (B, Hkv, L_new, {'D' if name == 'key' else 'Dv'}) = "
                     f"({B}, {Hkv}, L_new, {width}), got {tuple(shape)}"
                 )
-            if not is_floating(array_dtype(a)):  # written converted to the cache dtype (nearest even)
+            if not is_floating(a.dtype):  # written converted to the cache dtype (nearest even)
                 raise TypeError(
-                    f"{name} must have a floating dtype (it is converted to the cache's "
-                    f"{cache_dtype}), got {array_dtype(a)}"
+                    f"{name} must have a floating dtype (it is converted to the cache's {cache_dtype}), got {a.dtype}"
                 )
         if kn.shape[2] != vn.shape[2]:
             raise ValueError(
@@ -270,11 +331,11 @@ def validate_decode_args(
     mods = _validate_mods(score_mod, mask_mod, None, mod_args, B, Hq, L, 0)
     mods.pop("block_mask", None)
     return DecodeProblem(
-        query=q,
-        k_cache=kc,
-        v_cache=vc,
-        key=kn,
-        value=vn,
+        query=_caller(q),
+        k_cache=_caller(kc),
+        v_cache=_caller(vc),
+        key=None if kn is None else _caller(kn),
+        value=None if vn is None else _caller(vn),
         cache_seqlens=seqlens,
         page_table=pt,
         batch=B,
@@ -294,6 +355,7 @@ def validate_decode_args(
         window=win,
         return_lse=bool(return_lse),
         num_splits=splits,
+        on_device=on_device,
         **mods,
     )
 

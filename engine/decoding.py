@@ -48,7 +48,10 @@ def attention_with_kvcache(
     * ``key``/``value`` ``(B, Hkv, L_new, D/Dv)``, optional: written **in place** into the caches at
       positions ``cache_seqlens[b] ... cache_seqlens[b] + L_new - 1`` (converted to the cache dtype,
       rounded to nearest even) before attending.
-    * ``cache_seqlens``: int or integer array ``(B,)`` (int32): the entries already in each
+    * Host arrays (NumPy, torch CPU tensors), or device arrays (torch CUDA, CuPy, Numba: the
+      ``cuda`` backend) for ``query``, the caches and ``key``/``value``, all of one kind; device
+      caches are written in place on the GPU and the result stays there.
+    * ``cache_seqlens``: int or integer host array ``(B,)`` (int32): the entries already in each
       sequence's cache (ragged). Sequence b attends its first ``S_b = cache_seqlens[b] + L_new``
       keys. The caller advances ``cache_seqlens`` (this function never changes it).
     * ``is_causal`` (default True): aligned at the **bottom right**: query row i of sequence b is the
@@ -70,7 +73,8 @@ def attention_with_kvcache(
     :raises ValueError: a bad shape or value, named with the values involved: a write that would
         overflow a cache, a negative seqlen, a page index out of range, two sequences writing one
         slot, a read-only cache. Raised before anything is written.
-    :raises TypeError: a wrong kind of argument (a non-float array, a non-integer seqlen array).
+    :raises TypeError: a wrong kind of argument (a non-float array, a non-integer seqlen array,
+        host and device arrays mixed, ``cache_seqlens``/``page_table`` on the device).
     :raises engine.NotSupportedError: the backend cannot run the call (a ValueError).
     """
     problem = validate_decode_args(

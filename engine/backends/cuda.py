@@ -287,6 +287,11 @@ class CudaBackend(Backend):
     # below ``cpu``: for host arrays ``auto`` keeps to the CPU (no transfers, no GPU timings yet);
     # device arrays, which ``cpu`` refuses, go to ``cuda``
     priority = 5
+    #: ``attention_with_kvcache`` (``engine.backends.cuda_decoding``): float32 arithmetic; float64
+    #: is refused (consumer GPUs run it at 1/32 to 1/64 of float32)
+    supports_decode = True
+    decode_dtypes = ("float16", "float32", "bfloat16")
+    decode_cache_dtypes = ("float16", "float32", "bfloat16")
 
     def __init__(self, block_q: int | None = None, block_k: int | None = None):
         self.block_q = block_q
@@ -320,6 +325,16 @@ class CudaBackend(Backend):
                 "tiles would not fit in shared memory)"
             )
         return reasons
+
+    def decode_not_supported_reasons(self, problem) -> list[str]:
+        from .cuda_decoding import cuda_decode_reasons
+
+        return super().decode_not_supported_reasons(problem) + cuda_decode_reasons(problem)
+
+    def decode(self, problem):
+        from .cuda_decoding import run_decode
+
+        return run_decode(problem)
 
     def run(self, problem: AttentionProblem):
         from numba import cuda
