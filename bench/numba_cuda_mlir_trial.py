@@ -102,7 +102,32 @@ def forward_mod_kernels():
         yield f"forward float32 {mname}", fwd, build
 
 
-KERNELS = [forward_kernels, forward_mod_kernels]
+def decode_kernels():
+    """The decode kernels (split-KV attention, split merge, device cache write) per cache dtype,
+    at the backend's tiles for head size 128 and a GQA group of 8 rows."""
+    from engine.backends.cuda_decoding import decode_tiles
+    from engine.config import CUDA_DECODE_THREADS
+    from engine.kernels import cuda_decode as kd
+
+    kinds = {"float32": kd.CACHE_FLOAT32, "float16": kd.CACHE_FLOAT16, "bfloat16": kd.CACHE_BFLOAT16}
+    rb, bk = decode_tiles(128, 128, 8)
+    for dname, kind in kinds.items():
+
+        def split(kind=kind):
+            return kd.decode_kernel_source(128, 128, rb, bk, CUDA_DECODE_THREADS, kind), kd.decode_signature(kind)
+
+        def merge(kind=kind):
+            return kd.merge_kernel_source(kind), kd.merge_signature(kind)
+
+        def write(kind=kind):
+            return kd.write_kernel_source(kind, kind, kind), kd.write_signature(kind, kind, kind)
+
+        yield f"decode split {dname}", kd, split
+        yield f"decode merge {dname}", kd, merge
+        yield f"decode write {dname}", kd, write
+
+
+KERNELS = [forward_kernels, forward_mod_kernels, decode_kernels]
 
 
 def _reregister(mcuda):
@@ -177,6 +202,7 @@ def main(argv=None) -> int:
     from numba_cuda_mlir import cuda as mcuda
 
     from engine.kernels import bfloat16 as bf16_module
+    from engine.kernels import cuda_flash_fwd as fwd_module
 
     # no GPU here: both compile device functions for the "current device", said to be 9.0
     numba_cuda_mlir.tools._cached_cc = (9, 0)
@@ -191,7 +217,7 @@ def main(argv=None) -> int:
             row = {"kernel": name, "numba_cuda": _compile(ncuda.compile_ptx, fn, sig)}
             # the same source with the modules' cuda namespace and Numba types rebound to
             # numba-cuda-mlir's (the kernel's device functions are rebuilt with them)
-            with _rebound([module, bf16_module], mcuda):
+            with _rebound({module, fwd_module, bf16_module}, mcuda):
                 fn, sig = build()
                 row["numba_cuda_mlir"] = _compile(mcuda.compile_ptx, fn, tuple(convert(t, mcuda.types) for t in sig))
             rows.append(row)
