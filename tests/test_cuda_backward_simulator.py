@@ -270,6 +270,34 @@ def test_public_api_default_tiles_and_mask_gradient(rng):
     _check(pb, got)
 
 
+@needs_cuda
+def test_engine_torch_autograd_on_the_cuda_backend_with_cpu_tensors(rng):
+    """engine.torch's autograd Function with ``backend="cuda"`` on CPU tensors (the host-array
+    path: copied to the device and back), against the same Function on ``reference``."""
+    torch = pytest.importorskip("torch")
+    import engine.torch as et
+
+    def grads(backend):
+        g = np.random.default_rng(3)
+        leaves = [
+            torch.tensor(g.standard_normal(s).astype(np.float32), requires_grad=True)
+            for s in ((1, 2, 6, 4), (1, 1, 7, 4), (1, 1, 7, 3), (2, 1, 7))
+        ]
+        torch.manual_seed(4)  # the dropout seed is drawn from torch's generator
+        out = et.scaled_dot_product_attention(
+            *leaves[:3], attn_mask=leaves[3], enable_gqa=True, dropout_p=0.2, backend=backend
+        )
+        out.backward(torch.from_numpy(g.standard_normal(out.shape).astype(np.float32)))
+        return out.detach().numpy(), [t.grad.numpy() for t in leaves]
+
+    out, got = grads("cuda")
+    ref_out, ref = grads("reference")
+    np.testing.assert_allclose(out, ref_out, atol=2e-6, rtol=0)
+    for g, r in zip(got, ref):
+        assert g.dtype == np.float32
+        np.testing.assert_allclose(g, r, atol=2e-5 * max(1.0, np.abs(r).max()), rtol=0)
+
+
 def test_cuda_declares_backward_and_dropout_and_refuses_e_zero():
     cuda_backend = engine.get_backend("cuda")
     caps = cuda_backend.capabilities()
