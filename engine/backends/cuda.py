@@ -329,7 +329,13 @@ class CudaBackend(Backend):
         return reasons
 
     def run_backward(self, problem: AttentionProblem):
-        """Gradients on the GPU: ``engine.backends.cuda_backward.run_cuda_backward``."""
+        """``(dq, dk, dv, dmask)`` on the GPU (FlashAttention-2's backward, Dao 2023, Algorithm 2,
+        as three deterministic kernels: ``engine.kernels.cuda_flash_bwd``; host side in
+        ``engine.backends.cuda_backward``): dq/dk/dv in the shapes and dtype of query/key/value,
+        dmask in the float mask's shape and dtype or None; arrays of the inputs' kind.
+
+        :raises engine.NotSupportedError: a score_mod without a declared derivative whose
+            complex-step form numba-cuda cannot compile."""
         from .cuda_backward import run_cuda_backward
 
         return run_cuda_backward(self, problem)

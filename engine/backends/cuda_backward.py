@@ -62,7 +62,17 @@ def _grad_device_function(problem):
 
 def run_cuda_backward(backend, problem: AttentionProblem):
     """``(dq, dk, dv, dmask)`` of a validated backward problem on the GPU (see
-    ``Backend.run_backward``); ``backend`` gives the tile sizes (``block_q``/``block_k``)."""
+    ``Backend.run_backward``); ``backend`` gives the tile sizes (``block_q``/``block_k``).
+
+    dq, dk, dv: the shapes and dtype (float32, float16 or bfloat16) of query, key and value;
+    dmask: the float mask's shape and dtype when ``problem.return_mask_grad``, else None. NumPy
+    arrays for host inputs; for device inputs, arrays of the inputs' library on their device,
+    ordered on the caller's stream (no synchronisation), except the mask gradient of Numba device
+    arrays, reduced on the host (synchronises).
+
+    :raises engine.NotSupportedError: the score_mod declares no derivative and its complex-step
+        form does not compile on the GPU (a typing error of numba-cuda).
+    """
     from numba import cuda
 
     from .cuda import _DeviceArrays, _HostArrays
