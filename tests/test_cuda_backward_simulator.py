@@ -314,6 +314,17 @@ def test_cuda_declares_backward_and_dropout_and_refuses_e_zero():
     x = np.ones((1, 1, 3, 2))
     f64 = validate_backward_args(x, x, x, x, x, np.zeros((1, 1, 3)))
     assert any("float64" in r for r in cuda_backend.not_supported_reasons(f64))
+    # device inputs are read as they are: one that broadcasts over the batch would need its gradient
+    # reduced, which is refused by name (host inputs arrive as full-shape views; one key/value head
+    # for all query heads is GQA with one group, whose gradient the kernel sums)
+    from engine.backends.cuda_backward import backward_not_supported_reasons
+
+    x = np.ones((2, 2, 3, 4), dtype=np.float32)
+    pb = validate_backward_args(x, x, x[:1], x[:1], x, np.zeros((2, 2, 3), np.float32))
+    assert pb.key.shape == (2, 2, 3, 4) and not backward_not_supported_reasons(pb)
+    on_dev = dataclasses.replace(pb, on_device=True, key=x[:1])
+    assert any("device key of shape (1, 2, 3, 4) broadcasts" in r for r in backward_not_supported_reasons(on_dev))
+    assert not backward_not_supported_reasons(dataclasses.replace(pb, on_device=True))
 
 
 def test_report_worst_ratios():

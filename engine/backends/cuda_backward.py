@@ -48,6 +48,16 @@ def backward_not_supported_reasons(problem: AttentionProblem) -> list[str]:
     reasons = []
     if problem.E == 0:
         reasons.append("E = 0 has no backward pass in this backend")
+    if problem.on_device:
+        B, Hq, H, L, S = problem.batch, problem.num_q_heads, problem.num_kv_heads, problem.L, problem.S
+        full = {"query": B * Hq * L * problem.E, "key": B * H * S * problem.E, "value": B * H * S * problem.Ev}
+        for name, arr in (("query", problem.query), ("key", problem.key), ("value", problem.value)):
+            if math.prod(arr.shape) != full[name]:
+                reasons.append(
+                    f"device {name} of shape {tuple(arr.shape)} broadcasts over batch or heads, and its "
+                    "gradient would need a reduction this backend does not do: pass it expanded "
+                    "(e.g. torch's .expand(), read in place)"
+                )
     return reasons
 
 
