@@ -323,9 +323,13 @@ class CudaBackend(Backend):
                 "tiles would not fit in shared memory)"
             )
         if problem.needs_backward:
+            from numba import config
+
             from .cuda_backward import backward_not_supported_reasons
 
-            reasons += backward_not_supported_reasons(problem)
+            # probing what compiles needs the real target: not when refused already, nor simulated
+            gpu = not reasons and not config.ENABLE_CUDASIM
+            reasons += backward_not_supported_reasons(problem, gpu=gpu)
         return reasons
 
     def run_backward(self, problem: AttentionProblem):

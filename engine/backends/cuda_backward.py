@@ -42,10 +42,19 @@ def backward_tile_sizes(E: int, Ev: int) -> tuple[int, int]:
     return t, t
 
 
-def backward_not_supported_reasons(problem: AttentionProblem) -> list[str]:
+def backward_not_supported_reasons(problem: AttentionProblem, gpu: bool = False) -> list[str]:
     """What the ``cuda`` backward refuses beyond the forward's refusals (the base class already
-    refuses float64 and the bottom-right causal offset)."""
+    refuses float64 and the bottom-right causal offset). ``gpu``: a GPU is there, so a score_mod's
+    complex-step derivative is compiled once (memoised) to see whether numba-cuda can type it."""
     reasons = []
+    if gpu and problem.score_mod is not None and _declared_grad(problem) is None:
+        from numba import cuda
+
+        why = complex_step_compile_error(
+            problem.score_mod, problem.mod_args, cuda.get_current_device().compute_capability
+        )
+        if why:
+            reasons.append(why)
     if problem.E == 0:
         reasons.append("E = 0 has no backward pass in this backend")
     if problem.on_device:
@@ -61,7 +70,50 @@ def backward_not_supported_reasons(problem: AttentionProblem) -> list[str]:
     return reasons
 
 
-def _grad_device_function(problem):
+_probe_results: dict = {}
+
+
+def complex_step_compile_error(score_mod, mod_args, cc) -> str | None:
+    """Why the complex-step derivative of ``score_mod`` (in complex64, see
+    ``engine.kernels.cuda_flash_bwd.complex_step_device_grad``) does not compile for the GPU of
+    compute capability ``cc`` with these ``mod_args``, or None when it does. One ``compile_ptx`` of a
+    probe kernel per mod and argument types, memoised (the CPU's check cannot tell: NumPy ufuncs on
+    complex numbers, for one, compile on the CPU and not on the GPU)."""
+    from numba import cuda, float32, typeof, types
+
+    from ..kernels.cuda_flash_bwd import complex_step_device_grad
+    from ..kernels.cuda_flash_fwd import python_function
+
+    def arg_type(a):
+        if hasattr(a, "__cuda_array_interface__"):
+            return typeof(cuda.as_cuda_array(a, sync=False))
+        return typeof(a)
+
+    argtypes = types.Tuple(tuple(arg_type(a) for a in mod_args))
+    key = (python_function(score_mod), argtypes, tuple(cc))
+    if key not in _probe_results:
+        grad = complex_step_device_grad(score_mod)
+
+        def _probe(out, b, h, i, j, mod_args):
+            out[0] = float32(grad(out[0], b, h, i, j, *mod_args))
+
+        sig = (types.float32[::1], types.int64, types.int64, types.int64, types.int64, argtypes)
+        why = None
+        try:
+            cuda.compile_ptx(_probe, sig, cc=tuple(cc))
+        except Exception as exc:  # a typing or lowering error of numba-cuda: say which
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            name = getattr(python_function(score_mod), "__qualname__", repr(score_mod))
+            why = (
+                f"score_mod {name} declares no derivative and its complex-step derivative does not "
+                f"compile on the GPU ({type(exc).__name__}: {first[:200]}); declare it with "
+                "engine.mods.with_score_grad"
+            )
+        _probe_results[key] = why
+    return _probe_results[key]
+
+
+def _declared_grad(problem):
     """The score_mod's declared derivative (its Python function) or None for complex step."""
     from ..kernels.cuda_flash_fwd import python_function
 
@@ -179,7 +231,7 @@ def _run(backend, problem, cuda, arrays):
         kind,
         problem.is_causal,
         problem.score_mod,
-        _grad_device_function(problem) if problem.score_mod is not None else None,
+        _declared_grad(problem) if problem.score_mod is not None else None,
         problem.mask_mod,
         bf16=is_bfloat16(problem.dtype),
         mask_bf16=mask_bf16,
