@@ -57,6 +57,14 @@ GRAD_UNITS = 4.0
 WORST: dict = {}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _print_worst_ratios():
+    """After the module: the largest error / tolerance ratio per gradient and dtype (``-s``)."""
+    yield
+    for key, ratio in sorted(WORST.items()):
+        print(f"worst {key}: {ratio:.3f}")
+
+
 def test_backward_under_the_simulator():
     """CI entry point: this file, in a subprocess, under the CUDA simulator."""
     if SIM:
@@ -325,13 +333,6 @@ def test_cuda_declares_backward_and_dropout_and_refuses_e_zero():
     on_dev = dataclasses.replace(pb, on_device=True, key=x[:1])
     assert any("device key of shape (1, 2, 3, 4) broadcasts" in r for r in backward_not_supported_reasons(on_dev))
     assert not backward_not_supported_reasons(dataclasses.replace(pb, on_device=True))
-
-
-def test_report_worst_ratios():
-    """Prints the largest error / tolerance ratios (meaningful in the run that computed them)."""
-    for key, ratio in sorted(WORST.items()):
-        print(f"worst {key}: {ratio:.3f}")
-    assert all(r <= 1.0 for r in WORST.values())
 
 
 # ---- real GPU only: engine.torch on torch CUDA tensors ---------------------------------------------
