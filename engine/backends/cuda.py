@@ -323,13 +323,9 @@ class CudaBackend(Backend):
                 "tiles would not fit in shared memory)"
             )
         if problem.needs_backward:
-            from numba import config
-
             from .cuda_backward import backward_not_supported_reasons
 
-            # probing what compiles needs the real target: not when refused already, nor simulated
-            gpu = not reasons and not config.ENABLE_CUDASIM
-            reasons += backward_not_supported_reasons(problem, gpu=gpu)
+            reasons += backward_not_supported_reasons(problem, gpu=not reasons)
         return reasons
 
     def run_backward(self, problem: AttentionProblem):

@@ -44,10 +44,13 @@ def backward_tile_sizes(E: int, Ev: int) -> tuple[int, int]:
 
 def backward_not_supported_reasons(problem: AttentionProblem, gpu: bool = False) -> list[str]:
     """What the ``cuda`` backward refuses beyond the forward's refusals (the base class already
-    refuses float64 and the bottom-right causal offset). ``gpu``: a GPU is there, so a score_mod's
-    complex-step derivative is compiled once (memoised) to see whether numba-cuda can type it."""
+    refuses float64 and the bottom-right causal offset). ``gpu``: a GPU is there (the caller found
+    no other reason), so a score_mod's complex-step derivative is compiled once (memoised) to see
+    whether numba-cuda can type it; never under the simulator, which has no compiler."""
+    from numba import config
+
     reasons = []
-    if gpu and problem.score_mod is not None and _declared_grad(problem) is None:
+    if gpu and not config.ENABLE_CUDASIM and problem.score_mod is not None and _declared_grad(problem) is None:
         from numba import cuda
 
         why = complex_step_compile_error(
