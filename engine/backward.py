@@ -38,9 +38,10 @@ def scaled_dot_product_attention_backward(
 
     Pass the forward's arguments unchanged, with ``out`` and ``lse`` from the forward
     (``return_lse=True``) and ``grad_out``, the gradient of the loss with respect to ``out``
-    (shape ``(..., Hq, L, Ev)``, the dtype of ``query``). The ``cpu`` backend recomputes the
-    attention weights tile by tile from ``lse`` (FlashAttention-2's backward, Dao 2023), so its
-    memory stays linear in L; ``reference`` recomputes everything densely in float64.
+    (shape ``(..., Hq, L, Ev)``, the dtype of ``query``). The ``cpu`` and ``cuda`` backends
+    recompute the attention weights tile by tile from ``lse`` (FlashAttention-2's backward, Dao
+    2023), so their memory stays linear in L; ``reference`` recomputes everything densely in
+    float64.
 
     :param dropout_p: the forward's; with ``dropout_p > 0``, ``dropout_seed`` must be the seed the
         forward used (the dropped weights are regenerated from it, never stored).
@@ -54,13 +55,13 @@ def scaled_dot_product_attention_backward(
     :return: ``(dq, dk, dv)`` in the shapes and dtype of query, key and value, plus the mask's
         gradient when ``return_mask_grad=True``. With GQA, ``dk``/``dv`` sum their query heads.
         The ``cpu`` backend's gradients are the same bit for bit on every run with the same
-        thread count (``engine.set_num_threads``).
+        thread count (``engine.set_num_threads``); the ``cuda`` backend's on every run (no atomics).
     :raises TypeError: an argument of the wrong kind, naming it, before any kernel runs (the
         forward's checks and messages, then ``grad_out``/``out``/``lse`` dtypes).
     :raises ValueError: bad shapes or values (``grad_out``/``out``/``lse`` shapes), or a score_mod
         with no usable derivative, before any kernel runs.
-    :raises engine.NotSupportedError: the backend has no backward (``cuda``) or cannot run the
-        inputs.
+    :raises engine.NotSupportedError: the backend has no backward or cannot run the inputs (e.g.
+        ``cuda`` with float64 or E = 0, ``cpu`` with 16-bit inputs).
     """
     problem = validate_backward_args(
         grad_out,

@@ -6,7 +6,10 @@
   ``torch.nn.functional.scaled_dot_product_attention`` plus the engine's keywords, and is a
   ``torch.autograd.Function``: its forward is the engine's forward, its backward the engine's
   backward (``engine.scaled_dot_product_attention_backward``). CPU tensors are read and results
-  returned without copies (NumPy views of the same memory).
+  returned without copies (NumPy views of the same memory). CUDA tensors are read in place by the
+  ``cuda`` backend (forward and backward), on ``torch.cuda.current_stream()`` (in the backward,
+  the stream autograd runs it on: the forward's), and the results and gradients are torch CUDA
+  tensors on the inputs' device.
 - :func:`as_module` turns a variant into a ``torch.nn.Module`` whose parameters are the variant's
   (torch's names, so ``state_dict()`` round-trips with ``nn.MultiheadAttention``), with the
   projections computed by torch and the attention by the engine, so gradients reach every
@@ -65,7 +68,7 @@ def scaled_dot_product_attention(
     :raises TypeError: an argument of the wrong kind, as the engine's forward, before anything runs.
     :raises ValueError: bad shapes or values, as the engine's forward, before anything runs.
     :raises engine.NotSupportedError: a gradient is needed and no backend with a backward pass can
-        run the inputs (e.g. CUDA tensors: the ``cuda`` backend has no backward).
+        run the inputs (e.g. float64 CUDA tensors, which the ``cuda`` backend does not take).
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
@@ -280,7 +283,8 @@ def _bind(variant, module: VariantModule):
             if x.device.type != "cpu":
                 raise TypeError(
                     f"{name} is a {x.device.type} tensor; as_module computes on CPU tensors "
-                    "(the cuda backend has no backward pass yet)"
+                    "(its parameters live on the CPU); engine.torch.scaled_dot_product_attention "
+                    "takes CUDA tensors"
                 )
             return place
         return input_placement(x, name)

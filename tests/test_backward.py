@@ -276,9 +276,26 @@ def test_backends_without_a_backward_refuse_it_and_say_so(fwd):
         reasons = backend.not_supported_reasons(problem)
         assert ("no backward pass (gradients) in this backend" in reasons) == (not backend.supports_backward)
         assert backend.capabilities()["backward"] == backend.supports_backward
-    assert engine.get_backend("cuda").supports_backward is False
-    with pytest.raises(engine.NotSupportedError, match="no backward pass"):
-        engine.scaled_dot_product_attention_backward(out, q, k, v, out, lse, backend="cuda")
+    # every built-in backend now has a backward (cuda since issue 20): a forward-only plugin
+    # backend stands in for one without
+    from engine.backends.base import Backend
+
+    class ForwardOnly(Backend):
+        name = "forward-only"
+
+    class Plugin:
+        @engine.hookimpl
+        def attention_backends(self):
+            return [ForwardOnly]
+
+    engine.register_plugin(Plugin(), name="forward-only-backend")
+    try:
+        assert engine.get_backend("forward-only").capabilities()["backward"] is False
+        with pytest.raises(engine.NotSupportedError, match="no backward pass"):
+            engine.scaled_dot_product_attention_backward(out, q, k, v, out, lse, backend="forward-only")
+    finally:
+        engine.unregister_plugin("forward-only-backend")
+    assert "forward-only" not in engine.list_backends()
 
 
 def test_gemm_acc_accumulates_in_place_with_any_row_stride(rng):

@@ -27,7 +27,7 @@ def test_list_json_via_console_entry():
     cpu = next(b for b in info["backends"] if b["name"] == "cpu")
     assert cpu["available"] and cpu["dtypes"] == ["float32", "float64", "float16", "bfloat16"]
     backward = {b["name"]: b["backward"] for b in info["backends"]}
-    assert backward == {"cpu": True, "reference": True, "cuda": False}
+    assert backward == {"cpu": True, "reference": True, "cuda": True}
 
 
 def test_list_table_shows_which_backends_train(capsys):
@@ -36,7 +36,7 @@ def test_list_table_shows_which_backends_train(capsys):
     header = next(line for line in rows.values() if "backward" in line)
     col = header.index("backward")
     assert rows["cpu"][col : col + 3] == "yes" and rows["reference"][col : col + 3] == "yes"
-    assert rows["cuda"][col : col + 2] == "no"
+    assert rows["cuda"][col : col + 3] == "yes"
 
 
 def test_bad_subcommand_exits_with_usage(capsys):

@@ -284,6 +284,9 @@ class CudaBackend(Backend):
     host_arrays = True
     device_arrays = True
     supports_mods = True
+    #: the backward is ``engine.kernels.cuda_flash_bwd`` (host side in ``cuda_backward``)
+    supports_backward = True
+    supports_dropout = True
     # below ``cpu``: for host arrays ``auto`` keeps to the CPU (no transfers, no GPU timings yet);
     # device arrays, which ``cpu`` refuses, go to ``cuda``
     priority = 5
@@ -324,6 +327,10 @@ class CudaBackend(Backend):
                 f"E + Ev = {problem.E + problem.Ev} > {CUDA_MAX_HEAD_SUM} (the key/value "
                 "tiles would not fit in shared memory)"
             )
+        if problem.needs_backward:
+            from .cuda_backward import backward_not_supported_reasons
+
+            reasons += backward_not_supported_reasons(problem, gpu=not reasons)
         return reasons
 
     def decode_not_supported_reasons(self, problem) -> list[str]:
@@ -336,6 +343,18 @@ class CudaBackend(Backend):
 
         return run_decode(problem)
 
+    def run_backward(self, problem: AttentionProblem):
+        """``(dq, dk, dv, dmask)`` on the GPU (FlashAttention-2's backward, Dao 2023, Algorithm 2,
+        as three deterministic kernels: ``engine.kernels.cuda_flash_bwd``; host side in
+        ``engine.backends.cuda_backward``): dq/dk/dv in the shapes and dtype of query/key/value,
+        dmask in the float mask's shape and dtype or None; arrays of the inputs' kind.
+
+        :raises engine.NotSupportedError: a score_mod without a declared derivative whose
+            complex-step form numba-cuda cannot compile."""
+        from .cuda_backward import run_cuda_backward
+
+        return run_cuda_backward(self, problem)
+
     def run(self, problem: AttentionProblem):
         from numba import cuda
 
@@ -345,6 +364,7 @@ class CudaBackend(Backend):
 
     def _run(self, problem, cuda, arrays):
         from ..kernels.cuda_flash_fwd import flash_kernel
+        from .cuda_backward import cuda_dropout_args
 
         B, Hq, L, S, E, Ev = (problem.batch, problem.num_q_heads, problem.L, problem.S, problem.E, problem.Ev)
         if 0 in (B, Hq, L, Ev):
@@ -386,6 +406,7 @@ class CudaBackend(Backend):
             problem.mask_mod,
             bf16=is_bfloat16(problem.dtype),
             mask_bf16=mask_bf16,
+            dropout=problem.dropout_p > 0,
         )
         grid = (math.ceil(L / bq), Hq, B)
         kern[grid, bq, arrays.stream](
@@ -402,5 +423,6 @@ class CudaBackend(Backend):
             d_kinds,
             arrays.as_numba(out),
             arrays.as_numba(lse),
+            *cuda_dropout_args(problem),
         )
         return arrays.finish(out, lse, problem)

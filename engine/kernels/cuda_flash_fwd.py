@@ -42,6 +42,7 @@ from numba.cuda.extending import overload
 from .bfloat16 import bf16_to_float32, float32_to_bf16
 from .fastexp import fast_exp, fast_tanh
 from .kinds import MASK_BOOL, MASK_FLOAT, MASK_NONE, TILE_EMPTY, TILE_PARTIAL
+from .philox import philox4x32
 
 __all__ = [
     "MASK_NONE",
@@ -52,6 +53,7 @@ __all__ = [
     "kernel_signature",
     "shared_bytes",
     "device_function",
+    "philox_device",
 ]
 
 
@@ -87,6 +89,19 @@ def device_function(mod):
         return dev
 
 
+_philox_device = None
+
+
+def philox_device():
+    """``engine.kernels.philox.philox4x32`` (its Python code) as a CUDA device function: the same
+    Philox4x32-10 words as the CPU kernels and the oracle, in uint64 integer arithmetic only."""
+    global _philox_device
+    with _device_lock:
+        if _philox_device is None:
+            _philox_device = cuda.jit(device=True)(philox4x32.py_func)
+        return _philox_device
+
+
 def _no_score_mod(score, b, h, q_idx, kv_idx):
     return score
 
@@ -115,10 +130,12 @@ def flash_kernel_source(
     mask_mod=None,
     bf16: bool = False,
     mask_bf16: bool = False,
+    dropout: bool = False,
 ):
     """The plain Python function of one kernel specialisation (before ``cuda.jit``).
 
-    ``_flash_forward(q, k, v, mask, meta, L, S, group, scale, mod_args, tile_kinds, out, lse)``:
+    ``_flash_forward(q, k, v, mask, meta, L, S, group, scale, mod_args, tile_kinds, out, lse,
+    drop_threshold, drop_lo, drop_hi, drop_keep)``:
     ``q``, ``k``, ``v``,
     ``mask`` are 1-D flat layouts (see the module docstring; ``mask`` is a one-element dummy with
     ``MASK_NONE``), ``meta`` the int64 strides and batch offsets, ``out`` a C-order
@@ -138,6 +155,13 @@ def flash_kernel_source(
 
     ``bf16``: q, k, v, out and lse hold bfloat16 bit patterns (``uint16``), converted to float32
     on load and rounded to nearest even on store; ``mask_bf16``: so does a float mask.
+
+    ``dropout``: each weight ``(b, h, i, j)`` is kept (and multiplied by ``drop_keep`` =
+    1 / (1 - p), float32) when word ``j % 4`` of Philox4x32-10 at counter ``(j // 4, i, h, b)``
+    under the key ``(drop_lo, drop_hi)`` is ``>= drop_threshold`` (uint64), else dropped: the
+    stream and layout of ``engine.kernels.philox.keep_scale``, so the same seed drops the same
+    elements as on the CPU. ``lse`` stays that of the weights before dropout. Without
+    ``dropout`` the four arguments are never read (pass ``0, 0, 0, 1.0``).
     """
     EK = max(E, 1)  # local/shared arrays need a size >= 1; the loops still run E times
     EV = max(Ev, 1)
@@ -158,8 +182,28 @@ def flash_kernel_source(
     LOAD = device_function(bf16_to_float32) if bf16 else float32
     STORE = device_function(float32_to_bf16) if bf16 else float32
     MASK_LOAD = device_function(bf16_to_float32) if mask_bf16 else float32
+    DROPOUT = bool(dropout)
+    PHILOX = philox_device() if DROPOUT else None
 
-    def _flash_forward(q, k, v, mask, meta, L, S, group, scale, mod_args, tile_kinds, out, lse):
+    def _flash_forward(
+        q,
+        k,
+        v,
+        mask,
+        meta,
+        L,
+        S,
+        group,
+        scale,
+        mod_args,
+        tile_kinds,
+        out,
+        lse,
+        drop_threshold,
+        drop_lo,
+        drop_hi,
+        drop_keep,
+    ):
         tid = cuda.threadIdx.x
         t0 = cuda.blockIdx.x * BQ
         h = cuda.blockIdx.y
@@ -253,6 +297,18 @@ def flash_kernel_source(
                     tsum += p
                 l = l * alpha + tsum
                 m = mn
+                if DROPOUT:  # after the sum: lse is that of the weights before dropout, as on the CPU
+                    keep32 = float32(drop_keep)
+                    ci = np.uint64(i)
+                    ch = np.uint64(h)
+                    cb = np.uint64(b)
+                    for g in range(j0 // 4, (j0 + ncol + 3) // 4):
+                        w0, w1, w2, w3 = PHILOX(np.uint64(g), ci, ch, cb, drop_lo, drop_hi)
+                        for u in range(4):
+                            c = 4 * g + u - j0
+                            if c >= 0 and c < ncol:
+                                w = w0 if u == 0 else (w1 if u == 1 else (w2 if u == 2 else w3))
+                                sc[c] = sc[c] * keep32 if w >= drop_threshold else ZERO
                 for d in range(Ev):
                     a = acc[d] * alpha
                     for c in range(ncol):
@@ -290,6 +346,7 @@ def flash_kernel(
     mask_mod=None,
     bf16: bool = False,
     mask_bf16: bool = False,
+    dropout: bool = False,
 ):
     """The ``cuda.jit`` dispatcher for one specialisation (built once per process, then reused).
 
@@ -307,6 +364,7 @@ def flash_kernel(
         None if mask_mod is None else python_function(mask_mod),
         bool(bf16),
         bool(mask_bf16),
+        bool(dropout),
     )
     with _kernels_lock:
         kern = _kernels.get(key)
@@ -343,4 +401,8 @@ def kernel_signature(storage, mask=None, mod_args=()):
         types.int8[:, :, :, ::1],
         st[:, :, :, ::1],
         st[:, :, ::1],
+        types.uint64,
+        types.uint64,
+        types.uint64,
+        types.float32,
     )
