@@ -322,6 +322,8 @@ class CudaBackend(Backend):
 
     def not_supported_reasons(self, problem: AttentionProblem) -> list[str]:
         reasons = super().not_supported_reasons(problem)
+        if getattr(problem, "is_decode", False):  # decode_not_supported_reasons answered
+            return reasons
         if max(problem.E, 1) + max(problem.Ev, 1) > CUDA_MAX_HEAD_SUM:
             reasons.append(
                 f"E + Ev = {problem.E + problem.Ev} > {CUDA_MAX_HEAD_SUM} (the key/value "
