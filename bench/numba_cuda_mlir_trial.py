@@ -127,7 +127,36 @@ def decode_kernels():
         yield f"decode write {dname}", kd, write
 
 
-KERNELS = [forward_kernels, forward_mod_kernels, decode_kernels]
+def backward_kernels():
+    """The three backward kernels per storage dtype (head size 64, the backend's tiles), plus
+    dropout with the mask gradient (float32)."""
+    from engine.backends.cuda_backward import backward_tile_sizes
+    from engine.kernels import cuda_flash_bwd as kb
+    from engine.kernels.kinds import MASK_FLOAT, MASK_NONE
+
+    bq, bk = backward_tile_sizes(64, 64)
+    cases = [
+        ("float32 causal", np.float32, None, dict(mask_kind=MASK_NONE, causal=True)),
+        ("float16 causal", np.float16, None, dict(mask_kind=MASK_NONE, causal=True)),
+        ("bfloat16 causal", np.uint16, None, dict(mask_kind=MASK_NONE, causal=True, bf16=True)),
+        (
+            "float32 dropout+dmask",
+            np.float32,
+            np.float32,
+            dict(mask_kind=MASK_FLOAT, causal=False, dropout=True, want_dm=True),
+        ),
+    ]
+    for cname, storage, mask, kw in cases:
+        for i, kname in enumerate(("preprocess", "dkdv", "dq")):
+
+            def build(storage=storage, mask=mask, kw=kw, i=i):
+                fns = kb.backward_kernel_sources(64, 64, bq, bk, **kw)
+                return fns[i], kb.backward_signatures(storage, mask)[i]
+
+            yield f"backward {kname} {cname}", kb, build
+
+
+KERNELS = [forward_kernels, forward_mod_kernels, decode_kernels, backward_kernels]
 
 
 def _reregister(mcuda):
@@ -168,6 +197,9 @@ def _rebound(modules, mcuda):
                 saved.append((mod, name, value))
                 setattr(mod, name, getattr(mcuda, name) if name != "cuda" else mcuda)
         getattr(mod, "_device_functions", {}).clear()
+        if hasattr(mod, "_philox_device"):  # built once, with whichever cuda was bound
+            saved.append((mod, "_philox_device", mod._philox_device))
+            mod._philox_device = None
     try:
         yield
     finally:
@@ -203,6 +235,7 @@ def main(argv=None) -> int:
 
     from engine.kernels import bfloat16 as bf16_module
     from engine.kernels import cuda_flash_fwd as fwd_module
+    from engine.kernels import philox as philox_module
 
     # no GPU here: both compile device functions for the "current device", said to be 9.0
     numba_cuda_mlir.tools._cached_cc = (9, 0)
@@ -217,7 +250,7 @@ def main(argv=None) -> int:
             row = {"kernel": name, "numba_cuda": _compile(ncuda.compile_ptx, fn, sig)}
             # the same source with the modules' cuda namespace and Numba types rebound to
             # numba-cuda-mlir's (the kernel's device functions are rebuilt with them)
-            with _rebound({module, fwd_module, bf16_module}, mcuda):
+            with _rebound({module, fwd_module, bf16_module, philox_module}, mcuda):
                 fn, sig = build()
                 row["numba_cuda_mlir"] = _compile(mcuda.compile_ptx, fn, tuple(convert(t, mcuda.types) for t in sig))
             rows.append(row)
