@@ -189,9 +189,28 @@ def test_dropout_p_one_drops_everything(rng):
 
 
 def test_a_backend_without_dropout_refuses_it(rng):
+    """Every built-in backend has dropout (cuda since issue 20): a plugin backend without it
+    stands in, and must be refused by name, also by ``auto``'s reasons."""
+    from engine.backends.base import Backend
+
+    class NoDropout(Backend):
+        name = "no-dropout"
+
+    class Plugin:
+        @engine.hookimpl
+        def attention_backends(self):
+            return [NoDropout]
+
     q, k, v = _qkv(rng, B=1, H=1, L=5, S=6)
-    for name in engine.list_backends():
-        b = engine.get_backend(name)
-        if not b.supports_dropout:
-            problem = engine.validation.validate_attention_args(q, k, v, dropout_p=0.1, dropout_seed=1)
-            assert "dropout_p > 0 is not supported by this backend" in b.not_supported_reasons(problem)
+    problem = engine.validation.validate_attention_args(q, k, v, dropout_p=0.1, dropout_seed=1)
+    engine.register_plugin(Plugin(), name="no-dropout-backend")
+    try:
+        for name in engine.list_backends():
+            b = engine.get_backend(name)
+            assert ("dropout_p > 0 is not supported by this backend" in b.not_supported_reasons(problem)) == (
+                not b.supports_dropout
+            ), name
+        with pytest.raises(engine.NotSupportedError, match="dropout_p > 0 is not supported"):
+            engine.scaled_dot_product_attention(q, k, v, dropout_p=0.1, dropout_seed=1, backend="no-dropout")
+    finally:
+        engine.unregister_plugin("no-dropout-backend")
