@@ -153,6 +153,11 @@ def _share_memory(a, b) -> bool:
     return np.may_share_memory(a, b)
 
 
+#: the most splits ``num_splits`` may force (FlashAttention's ``flash_attn_with_kvcache`` allows 128);
+#: the backends also use no more splits than the longest sequence has keys
+MAX_NUM_SPLITS = 128
+
+
 def _int_arg(x, name: str, minimum: int) -> int:
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(x).__name__}")
@@ -328,6 +333,8 @@ def validate_decode_args(
             raise ValueError(f"scale must be finite, got {scale_f}")
     win = _window(window)
     splits = None if num_splits is None else _int_arg(num_splits, "num_splits", 1)
+    if splits is not None and splits > MAX_NUM_SPLITS:  # each split is a (B*Hq*L, Dv) buffer
+        raise ValueError(f"num_splits must be <= {MAX_NUM_SPLITS} (FlashAttention's limit), got {splits}")
     mods = _validate_mods(score_mod, mask_mod, None, mod_args, B, Hq, L, 0)
     mods.pop("block_mask", None)
     return DecodeProblem(

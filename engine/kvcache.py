@@ -3,11 +3,13 @@ and gathering one sequence's keys and values through its pages (the oracle's vie
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from .decode_validation import DecodeProblem
 
-__all__ = ["write_new_entries", "gather_sequence", "cache_slots"]
+__all__ = ["write_new_entries", "new_entries_written", "gather_sequence", "cache_slots"]
 
 
 def cache_slots(problem: DecodeProblem, b, positions: np.ndarray):
@@ -31,6 +33,29 @@ def write_new_entries(problem: DecodeProblem) -> None:
     # advanced indices (B, L_new) around a slice: the target is (B, L_new, Hkv, D)
     problem.k_cache[pages, :, offsets] = np.swapaxes(problem.key, 1, 2)
     problem.v_cache[pages, :, offsets] = np.swapaxes(problem.value, 1, 2)
+
+
+@contextlib.contextmanager
+def new_entries_written(problem: DecodeProblem):
+    """Write the new entries (:func:`write_new_entries`, host caches) for the duration of the
+    block; if the block raises (a mod that does not compile, an allocation that fails), the slots
+    get their old contents back before the error propagates, so a failed call leaves the caches as
+    they were."""
+    if problem.key is None or problem.L_new == 0:
+        yield
+        return
+    b = np.arange(problem.batch)[:, None]
+    pos = problem.cache_seqlens[:, None] + np.arange(problem.L_new)[None, :]
+    pages, offsets = cache_slots(problem, b, pos)
+    old_k = problem.k_cache[pages, :, offsets]  # advanced indexing: copies
+    old_v = problem.v_cache[pages, :, offsets]
+    write_new_entries(problem)
+    try:
+        yield
+    except BaseException:
+        problem.k_cache[pages, :, offsets] = old_k
+        problem.v_cache[pages, :, offsets] = old_v
+        raise
 
 
 def gather_sequence(problem: DecodeProblem, b: int):

@@ -471,3 +471,47 @@ def test_errors_write_nothing(rng, name, make, exc, words):
         kvcache(**case)
     for n, a in before.items():
         np.testing.assert_array_equal(case[n], a, err_msg=f"{n} was written by a failing call")
+
+
+def test_num_splits_above_flash_attentions_limit_is_refused_by_name(rng):
+    case = make_case(rng)
+    with pytest.raises(ValueError, match=r"num_splits must be <= 128 \(FlashAttention's limit\), got 129"):
+        kvcache(**case, num_splits=129)
+    with pytest.raises(ValueError, match=r"num_splits must be <= 128"):
+        kvcache(**case, num_splits=10**12)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_more_splits_than_keys_gives_the_one_split_result(rng, backend):
+    """128 splits of caches of at most 6 keys: no empty split is allocated or merged."""
+    case = make_case(rng, B=2, S_max=8, seqlens=[0, 5])
+    want = kvcache(**{k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in case.items()}, num_splits=1)
+    got = kvcache(**case, num_splits=128, backend=backend)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def _untypable(score, b, h, q_idx, kv_idx):
+    return score + {}.get(q_idx, 0.0)  # Numba cannot type an empty dict literal
+
+
+def _raising(score, b, h, q_idx, kv_idx):
+    raise RuntimeError("a mod that fails while running")
+
+
+@pytest.mark.parametrize("backend", DECODERS)
+def test_a_call_that_fails_after_the_write_leaves_the_caches_as_they_were(rng, backend):
+    """The new entries are written before attending; when attending fails (here a score_mod the
+    cpu kernel cannot compile, or one the oracle's Python call raises in), the written slots get
+    their old contents back (contiguous and paged caches)."""
+    from numba.core.errors import TypingError
+
+    mod, error = (_raising, RuntimeError) if backend == "reference" else (_untypable, TypingError)
+    for case in (make_case(rng), paged(make_case(rng), 8, rng)):
+        before = case["k_cache"].copy(), case["v_cache"].copy()
+        with pytest.raises(error):
+            kvcache(**case, score_mod=mod, backend=backend)
+        np.testing.assert_array_equal(case["k_cache"], before[0])
+        np.testing.assert_array_equal(case["v_cache"], before[1])
+        # and the same call without the failing mod writes them
+        kvcache(**case, backend=backend)
+        assert not np.array_equal(case["k_cache"], before[0])

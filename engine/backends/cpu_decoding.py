@@ -17,7 +17,7 @@ from ..config import (
 )
 from ..decode_validation import DecodeProblem
 from ..kernels.half_floats import BFLOAT16_BITS, FLOAT16_BITS
-from ..kvcache import write_new_entries
+from ..kvcache import new_entries_written
 from ..threads import get_num_threads, kernel_call_guard
 
 __all__ = ["run_decode", "pick_num_splits"]
@@ -64,8 +64,14 @@ def _kernels():
 
 
 def run_decode(problem: DecodeProblem, blas_pin):
-    """Write the new entries, then run the kernel; ``(out, lse)`` in the query's dtype."""
-    write_new_entries(problem)
+    """Write the new entries, then run the kernel; ``(out, lse)`` in the query's dtype. If anything
+    after the write raises (a mod Numba cannot compile, an allocation), the written slots get their
+    old contents back first."""
+    with new_entries_written(problem):
+        return _attend(problem, blas_pin)
+
+
+def _attend(problem: DecodeProblem, blas_pin):
     B, Hq, L, Ev = problem.batch, problem.num_q_heads, problem.L, problem.Ev
     compute = problem.compute_dtype
     q = np.ascontiguousarray(problem.query, dtype=compute)
@@ -84,6 +90,7 @@ def run_decode(problem: DecodeProblem, blas_pin):
     if splits is None:
         threads = get_num_threads()
         splits = 1 if tasks >= threads else pick_num_splits(tasks, int(seqlens_k.max()), threads)
+    splits = min(splits, max(1, int(seqlens_k.max())))  # a split with no key does nothing
     N = B * Hq * L
     out = np.empty((N, Ev), dtype=compute)
     lse = np.empty(N, dtype=compute)

@@ -23,6 +23,7 @@ Importing this module needs neither CUDA nor numba-cuda; ``run_decode`` imports 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -34,7 +35,7 @@ from ..config import (
     CUDA_DECODE_THREADS,
 )
 from ..decode_validation import DecodeProblem
-from ..kvcache import write_new_entries
+from ..kvcache import new_entries_written
 from ..validation import array_dtype, is_bfloat16
 from .cpu_decoding import pick_num_splits
 
@@ -144,6 +145,7 @@ def run_decode(
     splits = problem.num_splits
     if splits is None:
         splits = choose_num_splits(B * Hkv * nrb, int(seqlens_k.max()), sms or sm_count())
+    splits = min(splits, max(1, int(seqlens_k.max())))  # a split with no key does nothing
     kind = _cache_kind(problem.cache_dtype)
     N = B * Hq * L
     if problem.page_table is None:  # a contiguous cache: one page per sequence
@@ -153,10 +155,11 @@ def run_decode(
 
     if problem.on_device:
         arrays = _DeviceArrays(cuda, problem.query)
+        written = contextlib.nullcontext()  # device caches: written below, by the write kernel
     else:
-        write_new_entries(problem)
         arrays = _HostArrays(cuda)
-    with arrays.context():
+        written = new_entries_written(problem)  # undone if anything below raises
+    with written, arrays.context():
         stream = arrays.stream
         d_table = cuda.to_device(table, stream=stream)
         if problem.on_device:

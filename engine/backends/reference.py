@@ -48,9 +48,14 @@ class ReferenceBackend(Backend):
         """Write the new entries, then each sequence is one materialised attention over the keys it
         sees (gathered through its pages), with its causal/window rows as a boolean mask and the mods
         shifted to absolute positions: the decoding oracle is the forward oracle."""
-        from ..kvcache import gather_sequence, write_new_entries
+        from ..kvcache import new_entries_written
 
-        write_new_entries(problem)
+        with new_entries_written(problem):  # undone if the attention below raises
+            return self._decode(problem)
+
+    def _decode(self, problem):
+        from ..kvcache import gather_sequence
+
         out = np.zeros(problem.out_shape, dtype=problem.dtype)
         lse = np.full(problem.lse_shape, -np.inf, dtype=problem.dtype)
         for b in range(problem.batch):
