@@ -267,8 +267,10 @@ def main(argv=None) -> int:
             row.update(fn(engine, torch, *shape, tdt, args))
         except engine.NotSupportedError as exc:
             row["refused"] = str(exc).splitlines()[0]
+            failures += args.check  # a target case that is not measured fails the check
         except torch.cuda.OutOfMemoryError:
             row["refused"] = "out of GPU memory"
+            failures += args.check
         except Exception as exc:  # recorded, and the run goes on to the next case
             failures += 1
             row["error"] = f"{type(exc).__name__}: {exc}"
@@ -296,27 +298,36 @@ def main(argv=None) -> int:
         else:
             status = "refused: " + row["refused"] if "refused" in row else "ERROR: " + row["error"]
         label = " ".join(
-            f"{k}={v}" for k, v in row.items() if k in ("batch", "heads", "q_heads", "head_dim", "L", "S", "causal")
+            f"{k}={v}"
+            for k, v in row.items()
+            if k in ("batch", "heads", "q_heads", "kv_heads", "head_dim", "L", "S", "causal")
         )
         print(f"{kind:8s} {dtype:8s} {label:45s} {status}", flush=True)
         rows.append(row)
-        torch.cuda.empty_cache()
-    if args.json:
-        meta = {
-            "device": device,
-            "date": datetime.date.today().isoformat(),
-            "torch": torch.__version__,
-            "command": " ".join(["python", "bench/gpu_vs_torch.py"] + list(argv if argv is not None else sys.argv[1:])),
-            "peak_tflops_fp32": peak_tflops,
-            "peak_gbps": peak_gbps,
-            "copy_gbps": copy_gbps,
-            "rounds": args.rounds,
-            "tolerance": TOLERANCE,
-            "ratio": "torch_s / engine_s (> 1: the engine is faster)",
-        }
-        with open(args.json, "w") as fh:
-            json.dump({"meta": meta, "results": rows}, fh, indent=1)
+        if args.json:  # after every case: a run stopped by a time limit keeps what it measured
+            _write_json(args, argv, rows, device, peak_tflops, peak_gbps, copy_gbps)
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
     return 1 if failures else 0
+
+
+def _write_json(args, argv, rows, device, peak_tflops, peak_gbps, copy_gbps):
+    import torch
+
+    meta = {
+        "device": device,
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "command": " ".join(["python", "bench/gpu_vs_torch.py"] + list(argv if argv is not None else sys.argv[1:])),
+        "peak_tflops_fp32": peak_tflops,
+        "peak_gbps": peak_gbps,
+        "copy_gbps": copy_gbps,
+        "rounds": args.rounds,
+        "tolerance": TOLERANCE,
+        "ratio": "torch_s / engine_s (> 1: the engine is faster)",
+    }
+    with open(args.json, "w") as fh:
+        json.dump({"meta": meta, "results": rows}, fh, indent=1)
 
 
 if __name__ == "__main__":
