@@ -103,3 +103,28 @@ def dask_client():
         Client(cluster) as client,
     ):
         yield client
+
+
+def run_under_the_cuda_simulator(path: str) -> None:
+    """Run the test file ``path`` in a subprocess under Numba's CUDA simulator
+    (``NUMBA_ENABLE_CUDASIM=1`` must be set before Numba is imported, hence the subprocess); fail if
+    anything there fails, or is skipped for any reason but needing a real GPU. The CUDA test files'
+    CI entry points call this."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", path],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=HANG_TIMEOUT_S,
+        cwd=os.path.dirname(path),
+    )
+    tail = (res.stdout + res.stderr)[-4000:]
+    assert res.returncode == 0, tail
+    summary = res.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "failed" not in summary, tail
+    skipped = [ln for ln in res.stdout.splitlines() if ln.startswith("SKIPPED")]
+    assert all("needs a real CUDA GPU" in ln or "already under the simulator" in ln for ln in skipped), tail

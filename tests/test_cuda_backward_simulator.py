@@ -25,8 +25,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import subprocess
-import sys
 
 import ml_dtypes
 import numpy as np
@@ -39,7 +37,7 @@ from engine.masks import reduce_to_shape
 from engine.materialised import gradients
 from engine.validation import validate_attention_args, validate_backward_args
 
-from conftest import HANG_TIMEOUT_S
+from conftest import run_under_the_cuda_simulator
 from tolerances import assert_out_close, score_bound
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -69,21 +67,7 @@ def test_backward_under_the_simulator():
     """CI entry point: this file, in a subprocess, under the CUDA simulator."""
     if SIM:
         pytest.skip("already under the simulator")
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    res = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", __file__],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=HANG_TIMEOUT_S,
-        cwd=os.path.dirname(__file__),
-    )
-    tail = (res.stdout + res.stderr)[-4000:]
-    assert res.returncode == 0, tail
-    summary = res.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "failed" not in summary, tail
-    skipped = [ln for ln in res.stdout.splitlines() if ln.startswith("SKIPPED")]
-    assert all("needs a real CUDA GPU" in ln or "already under the simulator" in ln for ln in skipped), tail
+    run_under_the_cuda_simulator(__file__)
 
 
 def _f64(a):

@@ -15,8 +15,6 @@ chunks end inside a tile or hold no key at all, pages that a tile crosses.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import ml_dtypes
 import numpy as np
@@ -28,7 +26,7 @@ from engine.backends.cuda_decoding import choose_num_splits, decode_shared_bytes
 from engine.config import CUDA_DECODE_DEFAULT_SMS
 from engine.decode_validation import validate_decode_args
 
-from conftest import HANG_TIMEOUT_S
+from conftest import run_under_the_cuda_simulator
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
@@ -47,21 +45,7 @@ def test_decode_kernels_under_the_simulator():
     """CI entry point: this file, in a subprocess, under the CUDA simulator."""
     if SIM:
         pytest.skip("already under the simulator")
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    res = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", __file__],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=HANG_TIMEOUT_S,
-        cwd=os.path.dirname(__file__),
-    )
-    tail = (res.stdout + res.stderr)[-4000:]
-    assert res.returncode == 0, tail
-    summary = res.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "failed" not in summary, tail
-    skipped = [ln for ln in res.stdout.splitlines() if ln.startswith("SKIPPED")]
-    assert all("needs a real CUDA GPU" in ln or "already under the simulator" in ln for ln in skipped), tail
+    run_under_the_cuda_simulator(__file__)
 
 
 def copies(case):
