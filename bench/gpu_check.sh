@@ -5,8 +5,9 @@
 #     bash bench/gpu_check.sh                 # results under bench/results/
 #     RESULTS_DIR=/some/dir bash bench/gpu_check.sh
 #
-# 1. environment: a virtual environment over the system's site-packages (a GPU image's CUDA build
-#    of torch and its numba-cuda are used as they are), the engine put on its path, and only what
+# 1. environment: the virtual environment python3 runs in, if it runs in one (as on GPU images
+#    whose python3 holds their CUDA torch), else a new one over the system's site-packages (a CUDA
+#    build of torch and numba-cuda there are used as they are); the engine put on its path; only what
 #    is still missing installed from PyPI, or from the wheels in $WHEELS when the machine is offline
 #    (WHEELS=/path/to/wheels: pip --no-index --find-links);
 # 2. every GPU-only test: the cuda backend's test files run on the GPU (not the simulator), and no
@@ -44,7 +45,13 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, time, and count a failure
 
 echo "gpu_check: $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "nvidia-smi: not found"
-VENV=${VENV:-.venv-gpu}  # an existing environment is reused (created only when missing)
+# the environment: $VENV if set; else the virtual environment python3 itself runs in (a GPU image's
+# python3 is often one, holding its CUDA torch: a new venv "over the system's site-packages" would
+# see the base interpreter's packages, not that one's); else a new .venv-gpu
+if [ -z "${VENV:-}" ]; then
+    VENV=$("$PY" -c 'import sys; print(sys.prefix if sys.prefix != sys.base_prefix else "")')
+    if [ -n "$VENV" ]; then echo "using the virtual environment $PY runs in: $VENV"; else VENV=.venv-gpu; fi
+fi
 export PY stem VENV
 
 # 1. environment
