@@ -226,6 +226,22 @@ class _DeviceArrays:
         return self.cuda.to_device(o, stream=self.stream), self.cuda.to_device(s, stream=self.stream)
 
 
+def qkv_mask_operands(problem: AttentionProblem, cuda, arrays):
+    """The flat layouts of query, key, value and the mask (a dummy without one), as the forward
+    and backward kernels take them, and the mask kind. A host float mask is cast to the storage
+    dtype; a device one is read as it is."""
+    rank = len(problem.batch_shape) + 3
+    ops = [arrays.flat(a, problem, rank) for a in (problem.query, problem.key, problem.value)]
+    kind = MASK_NONE
+    if problem.attn_mask is not None:
+        kind = MASK_BOOL if problem.mask_kind == "bool" else MASK_FLOAT
+        cast = problem.dtype if kind == MASK_FLOAT and not problem.on_device else None
+        ops.append(arrays.flat(problem.attn_mask, problem, rank, cast=cast))
+    else:
+        ops.append(_dummy(cuda, np.bool_, problem, arrays.stream))
+    return ops, kind
+
+
 def _tile_kinds(problem: AttentionProblem, block_q: int, block_k: int) -> np.ndarray:
     """The mask_mod's block map at the kernel's tiles, computed on the host (by the cpu
     classifier; device arrays among ``mod_args`` are copied to the host for it): from the
@@ -374,16 +390,7 @@ class CudaBackend(Backend):
         bq, bk = tile_sizes(E, Ev)
         bq = self.block_q or bq
         bk = self.block_k or bk
-        nb = len(problem.batch_shape)
-        rank = nb + 3
-        ops = [arrays.flat(a, problem, rank) for a in (problem.query, problem.key, problem.value)]
-        kind = MASK_NONE
-        if problem.attn_mask is not None:
-            kind = MASK_BOOL if problem.mask_kind == "bool" else MASK_FLOAT
-            cast = problem.dtype if kind == MASK_FLOAT and not problem.on_device else None
-            ops.append(arrays.flat(problem.attn_mask, problem, rank, cast=cast))
-        else:
-            ops.append(_dummy(cuda, np.bool_, problem, arrays.stream))
+        ops, kind = qkv_mask_operands(problem, cuda, arrays)
         meta = np.empty((3 + B, 4), dtype=np.int64)
         for col, (_, offs, st) in enumerate(ops):
             meta[:3, col] = st

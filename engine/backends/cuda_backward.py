@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from ..config import CUDA_TILE_SHARED_BYTES
-from ..kernels.kinds import MASK_BOOL, MASK_FLOAT, MASK_NONE, TILE_FULL
+from ..kernels.kinds import MASK_FLOAT, TILE_FULL
 from ..kernels.philox import dropout_threshold, split_seed
 from ..masks import reduce_to_shape
 from ..validation import AttentionProblem, is_bfloat16
@@ -183,7 +183,7 @@ def _mask_dtype(mask):
 
 def _run(backend, problem, cuda, arrays):
     from ..kernels.cuda_flash_bwd import backward_kernels
-    from .cuda import _dummy, _tile_kinds
+    from .cuda import _tile_kinds, qkv_mask_operands
 
     B, Hq, H, L, S, E, Ev = (
         problem.batch,
@@ -199,16 +199,8 @@ def _run(backend, problem, cuda, arrays):
     bq, bk = backward_tile_sizes(E, Ev)
     bq = backend.block_q or bq
     bk = backend.block_k or bk
-    nb = len(problem.batch_shape)
-    rank = nb + 3
-    ops = [arrays.flat(a, problem, rank) for a in (problem.query, problem.key, problem.value)]
-    kind = MASK_NONE
-    if problem.attn_mask is not None:
-        kind = MASK_BOOL if problem.mask_kind == "bool" else MASK_FLOAT
-        cast = problem.dtype if kind == MASK_FLOAT and not problem.on_device else None
-        ops.append(arrays.flat(problem.attn_mask, problem, rank, cast=cast))
-    else:
-        ops.append(_dummy(cuda, np.bool_, problem, arrays.stream))
+    rank = len(problem.batch_shape) + 3
+    ops, kind = qkv_mask_operands(problem, cuda, arrays)
     ops.append(arrays.flat(problem.out, problem, rank))
     ops.append(arrays.flat(problem.grad_out, problem, rank))
     # host lse: float32 (exact from 16-bit, the kernels' precision from float64); device: in place
