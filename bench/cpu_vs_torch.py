@@ -373,7 +373,7 @@ def main(argv=None):
     import torch
 
     import engine
-    import engine.gemm_providers
+    import engine.runtime.gemm_providers
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from bench.machine import cpu_info, result_path
@@ -385,7 +385,7 @@ def main(argv=None):
     if a.cpu_time:
         _CLOCK[0] = time.process_time
     cpu = cpu_info()
-    info = engine.gemm_providers.gemm_provider_info()
+    info = engine.runtime.gemm_providers.gemm_provider_info()
     print(
         f"CPU: {cpu['model_name']} ({cpu['vendor']} family {cpu['family']} model {cpu['model']}"
         f"{', ' + cpu['generation'] if 'generation' in cpu else ''}); ISA: {' '.join(cpu['isa'])}; "
@@ -464,7 +464,7 @@ def main(argv=None):
             "memory": mem,
             "cold_start": start,
             "cpu": cpu,
-            "gemm": engine.gemm_providers.gemm_provider_info(),
+            "gemm": engine.runtime.gemm_providers.gemm_provider_info(),
             "machine": {
                 "platform": platform.platform(),
                 "processor": platform.processor(),

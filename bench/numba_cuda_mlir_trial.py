@@ -53,8 +53,8 @@ def convert(t, mt):
 def forward_kernels():
     """(name, kernel module, build) of every forward specialisation the backend launches at the
     default tiles for head size 64: ``build()`` returns (python function, numba-cuda signature)."""
-    from engine.backends.cuda import tile_sizes
-    from engine.kernels import cuda_flash_fwd as fwd
+    from engine.backends.cuda.forward import tile_sizes
+    from engine.kernels.cuda import flash_fwd as fwd
     from engine.kernels.kinds import MASK_BOOL, MASK_FLOAT, MASK_NONE
 
     bq, bk = tile_sizes(64, 64)
@@ -80,8 +80,8 @@ def forward_kernels():
 
 def forward_mod_kernels():
     """The forward with the built-in variants' mods compiled in (float32, head size 64)."""
-    from engine.backends.cuda import tile_sizes
-    from engine.kernels import cuda_flash_fwd as fwd
+    from engine.backends.cuda.forward import tile_sizes
+    from engine.kernels.cuda import flash_fwd as fwd
     from engine.kernels.kinds import MASK_NONE
     from variants.alibi import alibi_bias, alibi_slopes
     from variants.document import same_document
@@ -105,9 +105,9 @@ def forward_mod_kernels():
 def decode_kernels():
     """The decode kernels (split-KV attention, split merge, device cache write) per cache dtype,
     at the backend's tiles for head size 128 and a GQA group of 8 rows."""
-    from engine.backends.cuda_decoding import decode_tiles
-    from engine.config import CUDA_DECODE_THREADS
-    from engine.kernels import cuda_decode as kd
+    from engine.backends.cuda.decode import decode_tiles
+    from engine.kernels.cuda import decode as kd
+    from engine.runtime.config import CUDA_DECODE_THREADS
 
     kinds = {"float32": kd.CACHE_FLOAT32, "float16": kd.CACHE_FLOAT16, "bfloat16": kd.CACHE_BFLOAT16}
     rb, bk = decode_tiles(128, 128, 8)
@@ -130,8 +130,8 @@ def decode_kernels():
 def backward_kernels():
     """The three backward kernels per storage dtype (head size 64, the backend's tiles), plus
     dropout with the mask gradient (float32)."""
-    from engine.backends.cuda_backward import backward_tile_sizes
-    from engine.kernels import cuda_flash_bwd as kb
+    from engine.backends.cuda.backward import backward_tile_sizes
+    from engine.kernels.cuda import flash_bwd as kb
     from engine.kernels.kinds import MASK_FLOAT, MASK_NONE
 
     bq, bk = backward_tile_sizes(64, 64)
@@ -163,7 +163,7 @@ def _reregister(mcuda):
     """The engine's numba-cuda overloads, registered again in numba-cuda-mlir's registry."""
     overload = mcuda.extending.overload
 
-    from engine.kernels import bfloat16 as bf
+    from engine.kernels.cuda import bfloat16 as bf
     from engine.kernels.fastexp import fast_exp, fast_tanh
 
     libdevice, int32, uint32, float32 = mcuda.libdevice, mcuda.int32, mcuda.uint32, mcuda.float32
@@ -233,9 +233,9 @@ def main(argv=None) -> int:
     from numba.cuda import dispatcher
     from numba_cuda_mlir import cuda as mcuda
 
-    from engine.kernels import bfloat16 as bf16_module
-    from engine.kernels import cuda_flash_fwd as fwd_module
     from engine.kernels import philox as philox_module
+    from engine.kernels.cuda import bfloat16 as bf16_module
+    from engine.kernels.cuda import flash_fwd as fwd_module
 
     # no GPU here: both compile device functions for the "current device", said to be 9.0
     numba_cuda_mlir.tools._cached_cc = (9, 0)

@@ -26,8 +26,8 @@ from engine.benchmark import (
     torch_mha_like,
     variant_flop,
 )
-from engine.plugins import variant_info
-from engine.validation import validate_attention_args
+from engine.plugins.registry import variant_info
+from engine.problems.attention import validate_attention_args
 from engine.variant import check_fits_in_memory
 
 #: outputs are checked against the reference up to this length (the check costs another call)

@@ -2,7 +2,7 @@
 
     python bench/tile_gemm.py [--rounds R] [--reps N] [--json PATH | --no-json]
 
-Each engine provider computes the kernel's two products through ``engine.kernels.gemm.tile_gemm``,
+Each engine provider computes the kernel's two products through ``engine.kernels.cpu.gemm.tile_gemm``,
 the call the kernel makes (so what is measured is what runs); BLIS (the ``blis`` package's typed
 API) and a register-blocked Numba loop are measured beside them (not offered by the engine): the scores
 ``(256 x E) @ (E x 128)`` and
@@ -45,8 +45,8 @@ from numba.extending import intrinsic  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.machine import cpu_info, result_path  # noqa: E402
-from engine import gemm_providers  # noqa: E402
-from engine.kernels.gemm import _data_ptr, tile_gemm  # noqa: E402
+from engine.kernels.cpu.gemm import _data_ptr, tile_gemm  # noqa: E402
+from engine.runtime import gemm_providers  # noqa: E402
 
 #: candidates measured here but not offered by the engine (they lost): bench-local kind codes
 BENCH_BLIS, BENCH_LOOPS = 100, 101

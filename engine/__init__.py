@@ -1,21 +1,26 @@
 """attention-engine: a Numba-accelerated attention engine with pluggable variants.
 
 Importing this package is cheap: no kernel is compiled and no plugin is loaded until first use.
+Everything a variant plugin needs is a name of this package (the built-in variants import nothing
+else); the layers below it are described in ``docs/architecture.md``.
 """
 
 from .backward import scaled_dot_product_attention_backward
-from .causal import causal_lower_right
 from .decoding import attention_with_kvcache
 from .dispatch import get_backend, list_backends
-from .errors import NotSupportedError
 from .functional import scaled_dot_product_attention
-from .gemm_providers import get_gemm_provider, set_gemm_provider
-from .hookspecs import hookimpl
 from .merge import merge_attention
-from .mods import BlockMask, create_block_mask
-from .plugins import PluginError, get_plugin_manager, get_variant, list_variants, register_plugin, unregister_plugin
-from .threads import get_num_threads, set_num_threads
+from .plugins.hookspecs import hookimpl
+from .plugins.manager import get_plugin_manager
+from .plugins.registry import get_variant, list_variants, register_plugin, unregister_plugin
+from .problems.causal import causal_lower_right
+from .problems.masks import mha_masks_to_sdpa
+from .problems.mods import BlockMask, cast_like, create_block_mask, with_score_grad
+from .runtime.errors import NotSupportedError, PluginError
+from .runtime.gemm_providers import get_gemm_provider, set_gemm_provider
+from .runtime.threads import get_num_threads, set_num_threads
 from .variant import Variant
+from .weights import attention_weights
 
 __version__ = "0.2.0"
 
@@ -26,6 +31,11 @@ def __getattr__(name):
         from .plotting import plot_attention
 
         return plot_attention
+    # the vectorisable exp and tanh for mods (Numba overloads): loaded when a mod asks for them
+    if name in ("fast_exp", "fast_tanh"):
+        from .kernels import fastexp
+
+        return getattr(fastexp, name)
     raise AttributeError(f"module 'engine' has no attribute {name!r}")
 
 
@@ -54,4 +64,10 @@ __all__ = [
     "attention_with_kvcache",
     "set_gemm_provider",
     "get_gemm_provider",
+    "attention_weights",
+    "mha_masks_to_sdpa",
+    "cast_like",
+    "with_score_grad",
+    "fast_exp",
+    "fast_tanh",
 ]

@@ -1,14 +1,15 @@
 """``scaled_dot_product_attention_backward``: the gradients of the attention function.
 
-Layered as the forward: validation (``engine.validation``), dispatch (``engine.dispatch``), the
-backend's ``run_backward`` and its kernel (``engine.kernels.cpu_flash_bwd`` for ``cpu``).
+Layered as the forward: validation (``engine.problems.attention``), dispatch (``engine.dispatch``), the
+backend's backward op and its kernel (``engine.kernels.cpu.flash_bwd`` for ``cpu``).
 """
 
 from __future__ import annotations
 
 from .backends.base import empty_gradients
 from .dispatch import select_backend
-from .validation import AttentionProblem, validate_backward_args
+from .problems.attention import BackwardProblem
+from .problems.backward import validate_backward_args
 
 __all__ = ["scaled_dot_product_attention_backward", "run_backward"]
 
@@ -46,7 +47,7 @@ def scaled_dot_product_attention_backward(
     :param dropout_p: the forward's; with ``dropout_p > 0``, ``dropout_seed`` must be the seed the
         forward used (the dropped weights are regenerated from it, never stored).
     :param score_mod: the forward's; its derivative with respect to the score is the one it
-        declares (``engine.mods.with_score_grad``) or else found by complex-step
+        declares (``engine.problems.mods.with_score_grad``) or else found by complex-step
         differentiation, checked against finite differences. ``mask_mod`` needs none.
         ``mod_args`` get no gradient.
     :param return_mask_grad: also return the gradient of the floating ``attn_mask``, in its
@@ -86,9 +87,8 @@ def scaled_dot_product_attention_backward(
     return (dq, dk, dv, dmask) if problem.return_mask_grad else (dq, dk, dv)
 
 
-def run_backward(problem: AttentionProblem, chosen):
+def run_backward(problem: BackwardProblem, chosen):
     """``(dq, dk, dv, dmask)`` of a validated backward problem on the chosen backend."""
-    empty = 0 in (problem.L, problem.S, problem.batch, problem.num_q_heads, problem.Ev)
-    if empty and not problem.on_device:
+    if problem.is_empty and not problem.on_device:
         return empty_gradients(problem)
-    return chosen.run_backward(problem)
+    return chosen.op(BackwardProblem).run(problem)

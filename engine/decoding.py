@@ -6,8 +6,8 @@ values into the cache in place and attends.
 
 from __future__ import annotations
 
-from .decode_validation import validate_decode_args
-from .dispatch import select_backend
+from .dispatch import select
+from .problems.decode import validate_decode_args
 
 __all__ = ["attention_with_kvcache"]
 
@@ -94,6 +94,6 @@ def attention_with_kvcache(
         return_lse=return_lse,
         num_splits=num_splits,
     )
-    chosen = select_backend(backend, problem)
-    out, lse = chosen.decode(problem)
+    _, op = select(backend, problem)
+    out, lse = op.run(problem)
     return (out, lse) if return_lse else out

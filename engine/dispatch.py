@@ -1,13 +1,14 @@
-"""Choosing a backend for a problem, and explaining every refusal."""
+"""Choosing a backend for a problem, and explaining every refusal: ``select(name, problem)`` gives
+the backend and its op for the problem's type; the public functions then call ``op.run(problem)``."""
 
 from __future__ import annotations
 
-from .backends.base import Backend
-from .errors import NotSupportedError
-from .plugins import backend_registry
-from .validation import AttentionProblem
+from .backends.base import Backend, Op
+from .backends.registry import backend_registry
+from .problems.base import Problem
+from .runtime.errors import NotSupportedError
 
-__all__ = ["list_backends", "get_backend", "select_backend", "not_supported_reasons"]
+__all__ = ["list_backends", "get_backend", "select", "select_backend", "not_supported_reasons"]
 
 
 def list_backends() -> list[str]:
@@ -23,16 +24,16 @@ def get_backend(name: str) -> Backend:
     return backends[name]
 
 
-def not_supported_reasons(problem: AttentionProblem) -> dict[str, list[str]]:
+def not_supported_reasons(problem: Problem) -> dict[str, list[str]]:
     """For every backend, why it cannot run ``problem`` (an empty list when it can)."""
     return {name: b.not_supported_reasons(problem) for name, b in sorted(backend_registry().items())}
 
 
-def select_backend(name: str, problem: AttentionProblem) -> Backend:
+def select_backend(name: str, problem: Problem) -> Backend:
     """The backend to run ``problem`` on.
 
     ``"auto"`` takes the highest-priority backend with no reasons; an explicit name that cannot run
-    the problem raises :class:`~engine.errors.NotSupportedError` (a ``ValueError``) listing its
+    the problem raises :class:`~engine.runtime.errors.NotSupportedError` (a ``ValueError``) listing its
     reasons, as does ``"auto"`` when no backend can.
     """
     if name == "auto":
@@ -47,3 +48,9 @@ def select_backend(name: str, problem: AttentionProblem) -> Backend:
     if reasons:
         raise NotSupportedError(f"backend {name!r} cannot run these inputs: {'; '.join(reasons)}", {name: reasons})
     return backend
+
+
+def select(name: str, problem: Problem) -> tuple[Backend, Op]:
+    """``(backend, op)``: :func:`select_backend`'s choice and its op for the problem's type."""
+    backend = select_backend(name, problem)
+    return backend, backend.op(type(problem))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .backends.base import empty_result
 from .dispatch import select_backend
-from .validation import AttentionProblem, validate_attention_args
+from .problems.attention import AttentionProblem, validate_attention_args
 
 __all__ = ["scaled_dot_product_attention", "run_forward"]
 
@@ -79,7 +79,6 @@ def scaled_dot_product_attention(
 
 def run_forward(problem: AttentionProblem, chosen):
     """``(out, lse)`` of a validated problem on the chosen backend (empty problems need none)."""
-    empty = 0 in (problem.L, problem.S, problem.batch, problem.num_q_heads, problem.Ev)
-    if empty and not problem.on_device:
+    if problem.is_empty and not problem.on_device:
         return empty_result(problem)
-    return chosen.run(problem)
+    return chosen.op(type(problem)).run(problem)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .validation import _as_array, array_dtype, is_device_array, is_floating
+from .problems.arrays import array_dtype, is_device_array, is_floating
+from .problems.arrays import as_array as _as_array
 
 __all__ = ["merge_attention"]
 
@@ -74,7 +75,7 @@ def merge_rows(part_out: np.ndarray, part_lse: np.ndarray, out: np.ndarray, lse:
     """Run the merge kernel on laid-out arrays: ``part_out`` (P, N, Ev), ``part_lse`` (P, N) into
     ``out`` (N, Ev), ``lse`` (N,); one dtype, float32 or float64, C order (no validation)."""
     from .kernels.lse_merge import _merge_rows
-    from .threads import kernel_call_guard
+    from .runtime.threads import kernel_call_guard
 
     with kernel_call_guard():
         _merge_rows(part_out, part_lse, out, lse)

@@ -24,12 +24,13 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from .array_library import Placement, input_placement
 from .backward import run_backward
 from .dispatch import select_backend
-from .errors import NotSupportedError
 from .functional import run_forward
-from .validation import bfloat16_dtype, validate_attention_args, validate_backward_args
+from .problems.arrays import Placement, bfloat16_dtype, input_placement
+from .problems.attention import validate_attention_args
+from .problems.backward import validate_backward_args
+from .runtime.errors import NotSupportedError
 
 __all__ = ["scaled_dot_product_attention", "as_module", "VariantModule"]
 

@@ -7,8 +7,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from .array_library import HOST, Placement, input_placement, placement_of, to_host, to_numpy
-from .validation import is_floating
+from .problems.arrays import HOST, Placement, input_placement, is_floating, placement_of, to_host, to_numpy
 
 __all__ = ["Variant", "check_fits_in_memory"]
 
@@ -209,9 +208,28 @@ class Variant:
 
     # -- hooks that engine.torch.as_module rebinds to train through torch autograd ------------------
     def input_placement(self, x, name: str) -> Placement:
-        """Where this variant computes on input ``x`` (``engine.array_library.input_placement``:
+        """Where this variant computes on input ``x`` (``engine.problems.arrays.input_placement``:
         NumPy for host inputs, the library and device of GPU arrays)."""
         return input_placement(x, name)
+
+    # -- array helpers for forward() (the array-API namespace and device of the inputs) ---------------
+    @staticmethod
+    def placement_of(x) -> Placement:
+        """The array namespace and device of ``x`` (``x.xp`` is NumPy's array-API namespace for
+        host arrays, torch's or CuPy's for theirs): where ``forward`` computes."""
+        return placement_of(x)
+
+    @staticmethod
+    def to_host(value):
+        """A NumPy copy of an array of another library or device; NumPy arrays, scalars and
+        anything that is not an array come back as they are."""
+        return to_host(value)
+
+    @staticmethod
+    def check_fits_in_memory(nbytes: int, what: str) -> None:
+        """``MemoryError`` naming ``what`` if ``nbytes`` exceeds the memory available now (check
+        before materialising something quadratic, such as ``need_weights=True``)."""
+        check_fits_in_memory(nbytes, what)
 
     def attention(self, query, key, value, **kwargs):
         """The attention between the projections: ``engine.scaled_dot_product_attention`` with

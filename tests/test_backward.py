@@ -15,9 +15,10 @@ import torch
 from grad_cases import CASES, MOD_CASES, REFERENCE_ONLY, make_case, torch_attention
 
 import engine
-import engine.backends.cpu as cpu_backend
-from engine.backends.cpu import backward_splits, split_bounds
-from engine.masks import reduce_to_shape
+import engine.backends.cpu.backward as cpu_backward
+import engine.backends.cpu.tiles as cpu_tiles
+from engine.backends.cpu.tiles import backward_splits, split_bounds
+from engine.problems.masks import reduce_to_shape
 
 from conftest import randn
 
@@ -35,9 +36,9 @@ WORST: dict = {}
 def small_tiles(monkeypatch):
     """cpu tiles far smaller than the inputs, so that tiling, causal skipping, block maps and
     splits all run on small shapes."""
-    monkeypatch.setattr(cpu_backend, "CPU_BIG_BLOCK_Q", 8)  # the forward's query tiles
-    monkeypatch.setattr(cpu_backend, "CPU_BLOCK_K", 24)  # key tiles, both passes
-    monkeypatch.setattr(cpu_backend, "CPU_BWD_BLOCK_Q", 16)  # the backward's query tiles
+    monkeypatch.setattr(cpu_tiles, "CPU_BIG_BLOCK_Q", 8)  # the forward's query tiles
+    monkeypatch.setattr(cpu_tiles, "CPU_BLOCK_K", 24)  # key tiles, both passes
+    monkeypatch.setattr(cpu_tiles, "CPU_BWD_BLOCK_Q", 16)  # the backward's query tiles
 
 
 def _torch_grads(q, k, v, do, kw, dtype, full_mask=False):
@@ -138,7 +139,7 @@ def test_cpu_splits_of_the_key_tiles_agree(rng, small_tiles, monkeypatch):
     ref = engine.scaled_dot_product_attention_backward(do, q, k, v, out, lse, backend="reference", **kw)
     seen = []
     for splits in (1, 2, 3):
-        monkeypatch.setattr(cpu_backend, "backward_splits", lambda tasks, threads, tiles, s=splits: s)
+        monkeypatch.setattr(cpu_backward, "backward_splits", lambda tasks, threads, tiles, s=splits: s)
         got = _cpu_grads(q, k, v, do, out, lse, kw)
         for g, r in zip(got, ref):
             np.testing.assert_allclose(g, r, atol=1e-12, rtol=0)
@@ -251,7 +252,7 @@ def test_with_score_grad_declares_a_derivative(fwd, rng):
     def leaky_grad(score, b, h, q_idx, kv_idx):
         return 1.0 if score > 0 else 0.5
 
-    @engine.mods.with_score_grad(leaky_grad)
+    @engine.problems.mods.with_score_grad(leaky_grad)
     def leaky(score, b, h, q_idx, kv_idx):
         return score if score > 0 else 0.5 * score
 
@@ -265,12 +266,12 @@ def test_with_score_grad_declares_a_derivative(fwd, rng):
     for g, t in zip(got, (tq, tk, tv)):
         np.testing.assert_allclose(g, t.grad.numpy(), atol=2e-6, rtol=0)
     with pytest.raises(TypeError, match="score_grad must be a function"):
-        engine.mods.with_score_grad(3)
+        engine.problems.mods.with_score_grad(3)
 
 
 def test_backends_without_a_backward_refuse_it_and_say_so(fwd):
     q, k, v, out, lse = fwd
-    problem = engine.validation.validate_backward_args(out, q, k, v, out, lse)
+    problem = engine.problems.backward.validate_backward_args(out, q, k, v, out, lse)
     for name in engine.list_backends():
         backend = engine.get_backend(name)
         reasons = backend.not_supported_reasons(problem)
@@ -278,10 +279,19 @@ def test_backends_without_a_backward_refuse_it_and_say_so(fwd):
         assert backend.capabilities()["backward"] == backend.supports_backward
     # every built-in backend now has a backward (cuda since issue 20): a forward-only plugin
     # backend stands in for one without
-    from engine.backends.base import Backend
+    from engine.backends.base import Backend, Op
+    from engine.backends.reference.forward import attend
+    from engine.problems.attention import AttentionProblem
+
+    class Forward(Op):
+        problem_type = AttentionProblem
+
+        def run(self, problem):
+            return attend(problem)
 
     class ForwardOnly(Backend):
         name = "forward-only"
+        ops = (Forward,)
 
     class Plugin:
         @engine.hookimpl
@@ -299,7 +309,7 @@ def test_backends_without_a_backward_refuse_it_and_say_so(fwd):
 
 
 def test_gemm_acc_accumulates_in_place_with_any_row_stride(rng):
-    from engine.kernels.blas import gemm_acc_kernel
+    from engine.kernels.cpu.blas import gemm_acc_kernel
 
     for dtype in (np.float32, np.float64):
         a, b = randn(rng, (30, 7), dtype), randn(rng, (7, 5), dtype)

@@ -337,7 +337,7 @@ def test_enable_gqa_not_bool():
 
 
 def _variant(name):
-    from engine.plugins import variant_info
+    from engine.plugins.registry import variant_info
 
     return engine.get_variant(name, **variant_info()[0][name].cls.example_params(8, 2), seed=0)
 

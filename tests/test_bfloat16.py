@@ -1,6 +1,6 @@
 """bfloat16 support: the kernel's bit conversions against ml_dtypes, and what other backends say.
 
-The conversions in ``engine.kernels.bfloat16`` are the Python code the CUDA simulator runs; on a
+The conversions in ``engine.kernels.cuda.bfloat16`` are the Python code the CUDA simulator runs; on a
 GPU the same code compiles with libdevice bit casts (checked for PTX in ``test_cuda_ptx.py``).
 """
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import engine
-from engine.kernels.bfloat16 import bf16_to_float32, float32_to_bf16
+from engine.kernels.cuda.bfloat16 import bf16_to_float32, float32_to_bf16
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 

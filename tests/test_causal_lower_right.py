@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import engine
-from engine.causal import CausalBias, causal_upper_left
+from engine.problems.causal import CausalBias, causal_upper_left
 
 from conftest import available_backends, randn
 from tolerances import assert_out_close, lse_atol, out_atol
@@ -68,7 +68,7 @@ def test_no_dense_mask_is_built(rng, monkeypatch):
         raise AssertionError("materialize() called")
 
     monkeypatch.setattr(CausalBias, "materialize", refuse)
-    from engine.validation import validate_attention_args
+    from engine.problems.attention import validate_attention_args
 
     q, k = randn(rng, (1, 1, 3, 4)), randn(rng, (1, 1, 9, 4))
     problem = validate_attention_args(q, k, k, attn_mask=engine.causal_lower_right(3, 9))
@@ -86,7 +86,7 @@ def test_upper_left_is_is_causal(rng):
 
 
 def test_backends_without_offsets_refuse_clearly(rng):
-    from engine.validation import validate_attention_args
+    from engine.problems.attention import validate_attention_args
 
     q, k = randn(rng, (1, 1, 3, 4)), randn(rng, (1, 1, 9, 4))
     problem = validate_attention_args(q, k, k, attn_mask=engine.causal_lower_right(3, 9))

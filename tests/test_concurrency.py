@@ -163,7 +163,7 @@ def test_child_process_after_parent_ran_a_kernel(method):
     assert proc.returncode == 0, f"child exited {proc.returncode}: {proc.stderr[-3000:]}"
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["identical"] and got["n"] == 4, got
-    if engine.threads._use_lock:  # workqueue fallback: safe only because calls are serialised
+    if engine.runtime.threads._use_lock:  # workqueue fallback: safe only because calls are serialised
         assert got["layer"] == "workqueue"
     else:
         assert got["layer"] in ("tbb", "omp"), got

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 import engine
-from engine import gemm_providers as gp
-from engine.kernels.half import f32_to_bf16_array, f32_to_f16_array
+from engine.kernels.cpu.half import f32_to_bf16_array, f32_to_f16_array
+from engine.runtime import gemm_providers as gp
 from tests.tolerances import assert_out_close, lse_atol, out_atol
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -219,7 +219,8 @@ def test_kernel_rounding_to_16_bits_matches_numpy(fmt, rng):
 def test_wrapper_widen_and_narrow_are_exact(fmt, rng):
     """The cpu wrapper's array conversions: every 16-bit pattern widens to exactly NumPy's float32
     (NaN payloads aside), and float32 narrows bit for bit as NumPy / ml_dtypes round."""
-    from engine.backends.cpu import _narrow, _widen
+    from engine.backends.cpu.operands import narrow as _narrow
+    from engine.backends.cpu.operands import widen as _widen
 
     dt = BF16 if fmt == "bfloat16" else np.dtype(np.float16)
     every = np.arange(1 << 16, dtype=np.uint16).view(dt)

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 import engine
-from engine.backends.cpu import _get_blas_pin, tile_sizes
-from engine.config import CPU_BLOCK_Q as BLOCK_Q
-from engine.config import CPU_TASK_ROWS as TASK_ROWS
+from engine.backends.cpu.blas_pin import get_blas_pin
+from engine.backends.cpu.tiles import tile_sizes
+from engine.runtime.config import CPU_BLOCK_Q as BLOCK_Q
+from engine.runtime.config import CPU_TASK_ROWS as TASK_ROWS
 
 from tolerances import assert_out_close, lse_atol, out_atol
 
@@ -41,7 +42,7 @@ def _qkv(rng, dtype, B=1, Hq=2, H=None, L=37, S=53, E=16, Ev=None):
 
 def _edge_sizes(E):
     """Lengths around one query tile, one task (TASK_ROWS rows) and one key tile, as run here."""
-    bq, bk = tile_sizes(1 << 20, E, E, blas_pinned=_get_blas_pin().available)
+    bq, bk = tile_sizes(1 << 20, E, E, blas_pinned=get_blas_pin().available)
     return sorted({1, bq - 1, bq, bq + 1, TASK_ROWS - 1, TASK_ROWS + 1, bk - 1, bk + 1, 2 * bk + 3})
 
 
@@ -154,7 +155,7 @@ def test_unbatched_and_extra_leading_dims(rng, dtype):
 
 
 def test_blas_pin_restores_thread_count(rng):
-    pin = _get_blas_pin()
+    pin = get_blas_pin()
     if not pin.available:
         pytest.skip("OpenBLAS thread setter not found: tiles stay under the threshold instead")
     before = pin._get()
@@ -189,7 +190,7 @@ def test_running_max_that_rises_slightly_in_a_later_key_tile_is_rescaled(dtype, 
     accumulator of the first tile must be rescaled by exp(-rise): skipping that rescale for small
     moves (an optimisation that looks harmless) is off by about rise * |v|, which the tolerance
     model (a few units of float32 roundoff) catches for rise = 1e-4."""
-    bq, bk = tile_sizes(1 << 20, 16, 16, blas_pinned=_get_blas_pin().available)
+    bq, bk = tile_sizes(1 << 20, 16, 16, blas_pinned=get_blas_pin().available)
     L, S, m = 3, 2 * bk, 4.0
     q = np.zeros((1, 1, L, 16), dtype)
     q[..., 0] = 1.0

@@ -23,14 +23,10 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
 
 from numba import cuda  # noqa: E402
 
-from engine.backends.cuda import tile_sizes  # noqa: E402
-from engine.backends.cuda_backward import backward_tile_sizes  # noqa: E402
-from engine.kernels.cuda_flash_bwd import (  # noqa: E402
-    backward_kernel_sources,
-    backward_shared_bytes,
-    backward_signatures,
-)
-from engine.kernels.cuda_flash_fwd import flash_kernel_source, kernel_signature  # noqa: E402
+from engine.backends.cuda.backward import backward_tile_sizes
+from engine.backends.cuda.forward import tile_sizes  # noqa: E402
+from engine.kernels.cuda.flash_bwd import backward_kernel_sources, backward_shared_bytes, backward_signatures
+from engine.kernels.cuda.flash_fwd import flash_kernel_source, kernel_signature
 from engine.kernels.kinds import MASK_BOOL, MASK_FLOAT, MASK_NONE  # noqa: E402
 
 CCS = [(8, 0), (9, 0)]
@@ -203,7 +199,7 @@ def test_complex_step_that_numba_cuda_cannot_compile_is_refused_by_name(current_
     """A score_mod without a declared derivative whose complex-step form has no GPU version (a NumPy
     ufunc on a complex number compiles on the CPU, not on the GPU): the backend's refusal reason
     (so ``auto`` falls back), found by compiling a probe; alibi's compiles."""
-    from engine.backends.cuda_backward import complex_step_compile_error
+    from engine.backends.cuda.backward import complex_step_compile_error
     from variants.alibi import alibi_bias, alibi_slopes
 
     current_device((9, 0))

@@ -33,9 +33,10 @@ import pytest
 import engine
 from engine.backends.cuda import CudaBackend
 from engine.backends.reference import ReferenceBackend
-from engine.masks import reduce_to_shape
-from engine.materialised import gradients
-from engine.validation import validate_attention_args, validate_backward_args
+from engine.backends.reference.dense import gradients
+from engine.problems.attention import validate_attention_args
+from engine.problems.backward import validate_backward_args
+from engine.problems.masks import reduce_to_shape
 
 from conftest import run_under_the_cuda_simulator
 from tolerances import assert_out_close, score_bound
@@ -85,7 +86,7 @@ def _backward(q, k, v, backend=SMALL, seed=0, **kw):
     do = rng.standard_normal(np.shape(out)).astype(np.asarray(q).dtype)
     pb = validate_backward_args(do, q, k, v, out, lse, return_mask_grad=want_dm, **kw)
     assert not backend.not_supported_reasons(pb), backend.not_supported_reasons(pb)
-    got = backend.run_backward(pb)
+    got = backend.run(pb)
     _check(pb, got)
     return pb, got
 
@@ -172,7 +173,7 @@ def test_score_mod_complex_step_mask_mod_block_map_and_dropout(rng):
 
     q, k, v = _qkv(rng, (1, 2, 13, 4), (1, 2, 17, 4), 3)
     kinds = engine.create_block_mask(_window, None, None, 13, 17, mod_args=(3, 0), block_q=4, block_k=8).kinds
-    assert (kinds == engine.mods.EMPTY).any() and (kinds == engine.mods.PARTIAL).any()
+    assert (kinds == engine.problems.mods.EMPTY).any() and (kinds == engine.problems.mods.PARTIAL).any()
     # alibi declares no derivative: complex step (complex64) on the device
     _backward(
         q, k, v, score_mod=alibi_bias, mod_args=(alibi_slopes(2).astype(np.float32),), dropout_p=0.3, dropout_seed=11
@@ -243,7 +244,7 @@ def test_gradients_are_bit_identical_run_to_run(rng):
     mask = rng.standard_normal((1, 1, 9, 10)).astype(np.float32)
     kw = dict(attn_mask=mask, enable_gqa=True, dropout_p=0.3, dropout_seed=9, return_mask_grad=True)
     pb, first = _backward(q, k, v, **kw)
-    again = SMALL.run_backward(pb)
+    again = SMALL.run(pb)
     for a, b in zip(first, again):
         assert a.tobytes() == b.tobytes()
 
@@ -309,7 +310,7 @@ def test_cuda_declares_backward_and_dropout_and_refuses_e_zero():
     # device inputs are read as they are: one that broadcasts over the batch would need its gradient
     # reduced, which is refused by name (host inputs arrive as full-shape views; one key/value head
     # for all query heads is GQA with one group, whose gradient the kernel sums)
-    from engine.backends.cuda_backward import backward_not_supported_reasons
+    from engine.backends.cuda.backward import backward_not_supported_reasons
 
     x = np.ones((2, 2, 3, 4), dtype=np.float32)
     pb = validate_backward_args(x, x, x[:1], x[:1], x, np.zeros((2, 2, 3), np.float32))

@@ -24,9 +24,9 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
 
 from numba import cuda  # noqa: E402
 
-from engine.backends.cuda_decoding import decode_shared_bytes, decode_tiles  # noqa: E402
-from engine.config import CUDA_DECODE_THREADS  # noqa: E402
-from engine.kernels import cuda_decode as kd  # noqa: E402
+from engine.backends.cuda.decode import decode_shared_bytes, decode_tiles
+from engine.kernels.cuda import decode as kd
+from engine.runtime.config import CUDA_DECODE_THREADS
 
 KINDS = {"float32": kd.CACHE_FLOAT32, "float16": kd.CACHE_FLOAT16, "bfloat16": kd.CACHE_BFLOAT16}
 CCS = [(8, 0), (9, 0)]

@@ -22,9 +22,9 @@ import pytest
 from test_decoding import close, make_case, mask_mod, paged, score_mod
 
 import engine
-from engine.backends.cuda_decoding import choose_num_splits, decode_shared_bytes, decode_tiles, run_decode, sm_count
-from engine.config import CUDA_DECODE_DEFAULT_SMS
-from engine.decode_validation import validate_decode_args
+from engine.backends.cuda.decode import choose_num_splits, decode_shared_bytes, decode_tiles, run_decode, sm_count
+from engine.problems.decode import validate_decode_args
+from engine.runtime.config import CUDA_DECODE_DEFAULT_SMS
 
 from conftest import run_under_the_cuda_simulator
 
@@ -56,7 +56,7 @@ def cuda_run(case, tiles=TINY, **kwargs):
     """The cuda decode with small tiles on copies of the caches: (out, lse, k_cache, v_cache)."""
     c = copies(case)
     problem = validate_decode_args(**c, return_lse=True, **kwargs)
-    assert not engine.get_backend("cuda").decode_not_supported_reasons(problem)
+    assert not engine.get_backend("cuda").not_supported_reasons(problem)
     out, lse = run_decode(problem, **tiles)
     assert out.shape == problem.out_shape and lse.shape == problem.lse_shape
     assert out.dtype == problem.dtype and lse.dtype == problem.dtype
@@ -200,7 +200,7 @@ def test_merge_kernel_matches_merge_attention():
     NaN and +inf lse, an underflowed part with a non-finite output, and ordinary rows."""
     from numba import cuda
 
-    from engine.kernels import cuda_decode as kd
+    from engine.kernels.cuda import decode as kd
     from engine.kernels.lse_merge import _merge_rows
 
     rng = np.random.default_rng(7)
@@ -245,8 +245,8 @@ def test_device_write_kernel_writes_what_the_host_writes(rng, cache):
     slot: the caches' bytes equal the host write's."""
     from numba import cuda
 
-    from engine.kernels import cuda_decode as kd
-    from engine.kvcache import write_new_entries
+    from engine.backends.kvcache import write_new_entries
+    from engine.kernels.cuda import decode as kd
 
     case = paged(make_case(rng, B=3, Hq=2, Hkv=2, L=3, L_new=3, S_max=12, cache_dtype=cache, seqlens=[0, 4, 9]), 4, rng)
     # values that round differently at ties and across the exponent range
@@ -293,11 +293,11 @@ def test_split_choice_and_tiles():
 def test_refusals_name_the_reason(rng):
     backend = engine.get_backend("cuda")
     p = validate_decode_args(**make_case(rng, q_dtype=np.float64, cache_dtype=np.float64))
-    reasons = backend.decode_not_supported_reasons(p)
+    reasons = backend.not_supported_reasons(p)
     assert any("query dtype float64 not supported for decoding" in r for r in reasons)
     assert any("cache dtype float64 not supported" in r for r in reasons)
     p = validate_decode_args(**make_case(rng, D=1024, Dv=1024, S_max=4))
-    assert any("shared memory" in r for r in backend.decode_not_supported_reasons(p))
+    assert any("shared memory" in r for r in backend.not_supported_reasons(p))
     case = make_case(rng, q_dtype=np.float64, cache_dtype=np.float64)
     before = case["k_cache"].copy()
     with pytest.raises(engine.NotSupportedError, match="float64"):
@@ -342,7 +342,7 @@ def test_device_caches_are_validated_without_reading_them(rng):
     with pytest.raises(ValueError, match=r"page_table\[1, 4\] = -1 is not a page of the cache"):
         validate_decode_args(**bad)
     f64 = dict(device_case(case), key=FakeDeviceArray(case["key"].astype(np.float64)))
-    reasons = engine.get_backend("cuda").decode_not_supported_reasons(validate_decode_args(**f64))
+    reasons = engine.get_backend("cuda").not_supported_reasons(validate_decode_args(**f64))
     assert any("key of dtype float64 on the device" in r for r in reasons), reasons
 
 

@@ -21,11 +21,11 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
 
 from numba import cuda  # noqa: E402
 
-from engine.backends.cuda import tile_sizes  # noqa: E402
-from engine.kernels.cuda_flash_fwd import (
+from engine.backends.cuda.forward import tile_sizes  # noqa: E402
+from engine.kernels.cuda.flash_fwd import (
     MASK_BOOL,
     MASK_FLOAT,
-    MASK_NONE,  # noqa: E402
+    MASK_NONE,
     flash_kernel_source,
     kernel_signature,
     shared_bytes,

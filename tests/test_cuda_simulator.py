@@ -22,10 +22,12 @@ import numpy as np
 import pytest
 
 import engine
-from engine.backends.cuda import CudaBackend, flat_layout
+from engine.backends.cuda import CudaBackend
+from engine.backends.cuda.operands import flat_layout
 from engine.backends.reference import ReferenceBackend
-from engine.mods import EMPTY, FULL, PARTIAL
-from engine.validation import is_bfloat16, validate_attention_args
+from engine.problems.arrays import is_bfloat16
+from engine.problems.attention import validate_attention_args
+from engine.problems.mods import EMPTY, FULL, PARTIAL
 
 from conftest import run_under_the_cuda_simulator
 from tolerances import assert_out_close, lse_atol, out_atol
@@ -432,7 +434,7 @@ def test_concurrent_torch_streams(rng):
 
 
 def _variant_params(name):
-    from engine.plugins import variant_info
+    from engine.plugins.registry import variant_info
 
     return variant_info()[0][name].cls.example_params(32, 4)
 

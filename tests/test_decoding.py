@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import engine
-from engine.backends.cpu_decoding import pick_num_splits
+from engine.backends.kvcache import pick_num_splits
 
 from conftest import available_backends, randn
 from tolerances import assert_out_close, lse_atol, out_atol
@@ -299,7 +299,7 @@ def test_pick_num_splits():
 
 
 def test_backends_without_decoding_refuse_clearly(rng):
-    from engine.decode_validation import validate_decode_args
+    from engine.problems.decode import validate_decode_args
 
     problem = validate_decode_args(**make_case(rng))
     for name in engine.list_backends():

@@ -8,7 +8,7 @@ import pytest
 import engine
 from engine.backends.base import Backend
 from engine.dispatch import not_supported_reasons, select_backend
-from engine.validation import validate_attention_args
+from engine.problems.attention import validate_attention_args
 
 Q = np.zeros((1, 2, 3, 4), np.float32)
 

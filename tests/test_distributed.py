@@ -257,7 +257,16 @@ def test_block_map_folds_uneven_chunks_per_batch_and_head():
         return h == 1 and q_idx < 5 and b == 1
 
     kinds = visibility.mask_mod_kinds(
-        engine.mods.as_jit(only_head_one_first_rows, "m"), (), (2,), 4, 12, 9, ((1, 1),), (2, 2), (3, 4, 5), (6, 3)
+        engine.problems.mods.as_jit(only_head_one_first_rows, "m"),
+        (),
+        (2,),
+        4,
+        12,
+        9,
+        ((1, 1),),
+        (2, 2),
+        (3, 4, 5),
+        (6, 3),
     )
     expected = np.zeros((2, 2, 3, 2), np.int8)
     expected[1, 0, 0, :] = visibility.PARTIAL  # heads 0-1: head 1 rows 0-2 all visible, head 0 none

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.xdist_group("dask")
 
 @pytest.mark.parametrize("name", engine.list_variants())
 def test_every_variant_over_chunks_of_sequences(dask_client, name):
-    from engine.plugins import variant_info
+    from engine.plugins.registry import variant_info
 
     params = variant_info()[0][name].cls.example_params(embed_dim=16, num_heads=2)
     variant = engine.get_variant(name, **params, seed=0)

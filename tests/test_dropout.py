@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import engine
-import engine.backends.cpu as cpu_backend
+import engine.backends.cpu.tiles as cpu_tiles
 from engine.kernels.philox import (
     dropout_threshold,
     keep_mask_numpy,
@@ -122,9 +122,9 @@ def test_cpu_dropout_is_the_same_for_every_tile_size_and_thread_count(rng, monke
     ref_grads = engine.scaled_dot_product_attention_backward(
         do, q, k, v, out, lse, dropout_p=0.4, dropout_seed=5, backend="reference"
     )
-    monkeypatch.setattr(cpu_backend, "CPU_BIG_BLOCK_Q", 8)  # the forward's query tiles
-    monkeypatch.setattr(cpu_backend, "CPU_BLOCK_K", 24)  # key tiles, both passes
-    monkeypatch.setattr(cpu_backend, "CPU_BWD_BLOCK_Q", 16)  # the backward's query tiles
+    monkeypatch.setattr(cpu_tiles, "CPU_BIG_BLOCK_Q", 8)  # the forward's query tiles
+    monkeypatch.setattr(cpu_tiles, "CPU_BLOCK_K", 24)  # key tiles, both passes
+    monkeypatch.setattr(cpu_tiles, "CPU_BWD_BLOCK_Q", 16)  # the backward's query tiles
     for threads in (1, 2):
         engine.set_num_threads(min(threads, engine.get_num_threads()))
         try:
@@ -191,10 +191,19 @@ def test_dropout_p_one_drops_everything(rng):
 def test_a_backend_without_dropout_refuses_it(rng):
     """Every built-in backend has dropout (cuda since issue 20): a plugin backend without it
     stands in, and must be refused by name, also by ``auto``'s reasons."""
-    from engine.backends.base import Backend
+    from engine.backends.base import Backend, Op
+    from engine.backends.reference.forward import attend
+    from engine.problems.attention import AttentionProblem
+
+    class ForwardWithoutDropout(Op):
+        problem_type = AttentionProblem
+
+        def run(self, problem):
+            return attend(problem)
 
     class NoDropout(Backend):
         name = "no-dropout"
+        ops = (ForwardWithoutDropout,)
 
     class Plugin:
         @engine.hookimpl
@@ -202,7 +211,7 @@ def test_a_backend_without_dropout_refuses_it(rng):
             return [NoDropout]
 
     q, k, v = _qkv(rng, B=1, H=1, L=5, S=6)
-    problem = engine.validation.validate_attention_args(q, k, v, dropout_p=0.1, dropout_seed=1)
+    problem = engine.problems.attention.validate_attention_args(q, k, v, dropout_p=0.1, dropout_seed=1)
     engine.register_plugin(Plugin(), name="no-dropout-backend")
     try:
         for name in engine.list_backends():

@@ -185,7 +185,7 @@ def _torch_inputs(variant, rng):
 def test_as_module_every_variant_matches_and_gradchecks(name):
     """Output equal to the variant's own, and torch's gradcheck through the inputs and every
     parameter (the reference backend: no kernel to compile per variant)."""
-    cls = engine.plugins.variant_info()[0][name].cls
+    cls = engine.plugins.registry.variant_info()[0][name].cls
     variant = engine.get_variant(name, **cls.example_params(embed_dim=4, num_heads=2), dtype=np.float64, seed=0)
     module = et.as_module(variant)
     assert sorted(module.state_dict()) == sorted(variant.state_dict())

@@ -1,4 +1,4 @@
-"""The ``cpu`` kernel's tile-product providers (``engine.gemm_providers``, ``engine.kernels.gemm``).
+"""The ``cpu`` kernel's tile-product providers (``engine.runtime.gemm_providers``, ``engine.kernels.cpu.gemm``).
 
 Every provider that loads here is forced in turn and checked against the ``reference`` backend at
 the suite's tolerance model, over masks, causal, GQA and mods; the provider's own product against
@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 import engine
-from engine import gemm_providers as gp
-from engine.kernels.gemm import tile_gemm
+from engine.kernels.cpu.gemm import tile_gemm
+from engine.runtime import gemm_providers as gp
 from tests.tolerances import assert_out_close, lse_atol, out_atol
 
 

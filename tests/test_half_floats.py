@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from engine.kernels.half_floats import BFLOAT16_BITS, FLOAT16_BITS, widen_bits, widen_bits_integer
+from engine.kernels.cpu.half_floats import BFLOAT16_BITS, FLOAT16_BITS, widen_bits, widen_bits_integer
 
 
 @pytest.mark.parametrize("kind", ["float16", "float16-integer-path", "bfloat16"])

@@ -1,4 +1,4 @@
-"""Numba's on-disk cache in hostile places (``engine/jit_cache.py``), each in a child interpreter.
+"""Numba's on-disk cache in hostile places (``engine/runtime/jit_cache.py``), each in a child interpreter.
 
 A read-only install folder with an unwritable home must still import and run (cache in a writable
 fallback); an unwritable ``NUMBA_CACHE_DIR`` must run with a warning and no cache; a corrupted
@@ -46,11 +46,13 @@ import importlib, pkgutil
 import engine.kernels
 from numba.core.dispatcher import Dispatcher
 hits = 0
-for m in pkgutil.iter_modules(engine.kernels.__path__):
-    mod = importlib.import_module("engine.kernels." + m.name)
+for m in pkgutil.walk_packages(engine.kernels.__path__, "engine.kernels."):
+    if ".cuda" in m.name:  # numba-cuda kernels: not compiled by this probe
+        continue
+    mod = importlib.import_module(m.name)
     hits += sum(sum(d.stats.cache_hits.values()) for d in vars(mod).values() if isinstance(d, Dispatcher))
 print(json.dumps({"file": engine.__file__, "cache_hits": hits, "correct": bool(np.allclose(out, ref, atol=2e-5)),
-                  "cache_enabled": engine.jit_cache.cache_enabled(), "cache_dir": numba.config.CACHE_DIR,
+                  "cache_enabled": engine.runtime.jit_cache.cache_enabled(), "cache_dir": numba.config.CACHE_DIR,
                   "warnings": [str(w.message) for w in caught if "attention-engine" in str(w.message)]}))
 """
 
@@ -184,7 +186,7 @@ OTHER_UID = 65534  # nobody: "another local user"
 # creates is private only if the engine asks for mode 0700 explicitly
 TINY_KERNEL = """
 from numba import njit
-from engine.jit_cache import cache_enabled
+from engine.runtime.jit_cache import cache_enabled
 
 @njit(cache=cache_enabled())
 def twice(x):
@@ -199,7 +201,7 @@ with warnings.catch_warnings(record=True) as caught:
     import numba
     import ae_tiny_kernel
     value = ae_tiny_kernel.twice(21.0)
-from engine.jit_cache import cache_enabled
+from engine.runtime.jit_cache import cache_enabled
 print(json.dumps({"value": value, "cache_enabled": cache_enabled(), "cache_dir": numba.config.CACHE_DIR,
                   "cache_hits": sum(ae_tiny_kernel.twice.stats.cache_hits.values()),
                   "warnings": [str(w.message) for w in caught if "attention-engine" in str(w.message)]}))
@@ -391,7 +393,7 @@ def test_private_cache_dir_gives_no_warning(victim):
 
 
 def _problem(path):
-    from engine.jit_cache import _private_folder_problem
+    from engine.runtime.jit_cache import _private_folder_problem
 
     return _private_folder_problem(str(path))
 
@@ -418,7 +420,7 @@ def test_private_folder_check_rules(tmp_path):
 
 
 def test_parent_folder_check_rules(tmp_path):
-    from engine.jit_cache import _parent_problem
+    from engine.runtime.jit_cache import _parent_problem
 
     parent = tmp_path / "parent"
     parent.mkdir(mode=0o755)

@@ -26,13 +26,14 @@ def _off_by_one():
 
 @pytest.fixture
 def no_backend_runs(monkeypatch):
-    """Any backend's run() fails the test: validation must refuse first."""
+    """Any backend op's run() fails the test: validation must refuse first."""
 
     def refuse(self, problem):
-        raise AssertionError(f"backend {self.name!r} ran on an invalid problem")
+        raise AssertionError(f"backend {self.backend.name!r} ran on an invalid problem")
 
-    for backend in engine.plugins.backend_registry().values():
-        monkeypatch.setattr(type(backend), "run", refuse)
+    for backend in engine.backends.registry.backend_registry().values():
+        for op in backend.ops:
+            monkeypatch.setattr(op, "run", refuse)
 
 
 @pytest.mark.parametrize("backend", ["auto", *engine.list_backends()])

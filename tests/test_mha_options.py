@@ -116,7 +116,7 @@ def test_batch_first_false_takes_and_returns_sequence_first(backend, dtype, opti
 def test_appended_keys_on_other_variants_match_reference_and_stay_visible(name):
     """Variants built on mods or GQA: appended keys are seen by every query (mods describe the
     sequence's own keys), and the cpu kernel agrees with the reference."""
-    from engine.plugins import variant_info
+    from engine.plugins.registry import variant_info
 
     cls = variant_info()[0][name].cls
     params = cls.example_params(16, 4)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import engine
-from engine.mods import EMPTY, FULL, PARTIAL
+from engine.problems.mods import EMPTY, FULL, PARTIAL
 from variants.alibi import alibi_slopes
 
 from conftest import HANG_TIMEOUT_S, available_backends, randn
@@ -252,7 +252,7 @@ BUILTIN_MODS_SCRIPT = """
 import json, warnings
 import numpy as np
 import engine
-from engine.kernels import cpu_flash_fwd as cpu_flash
+from engine.kernels.cpu import flash_fwd as cpu_flash
 warnings.simplefilter("error")   # an unreadable cache index would warn (and recompile)
 
 x = np.random.default_rng(0).standard_normal((2, 40, 16)).astype(np.float32)
@@ -305,7 +305,7 @@ def _module_function(source, module):
 
 
 def test_cache_tag_changes_with_the_mods_code_and_skips_what_it_cannot_vouch_for():
-    from engine.kernels.cpu_flash_fwd import _CACHE
+    from engine.kernels.cpu.flash_fwd import _CACHE
     from engine.kernels.specialise import cache_tag as _cache_tag
 
     if not _CACHE:

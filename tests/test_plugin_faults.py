@@ -124,7 +124,7 @@ try:
     result["register_twice_error"] = None
 except Exception as exc:
     result["register_twice_error"] = f"{type(exc).__name__}: {exc}"
-from engine.listing import collect
+from engine.cli.listing import collect
 info = collect()
 result["listed_halved"] = [v for v in info["variants"] if v["name"] == "halved"]
 result["listed_conflicts"] = info["conflicts"]

@@ -109,7 +109,7 @@ with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     import engine
     names = engine.list_variants()
-from engine.listing import collect
+from engine.cli.listing import collect
 x = np.ones((1, 2, 8), np.float32)
 out = engine.get_variant("halved", embed_dim=8, num_heads=2, seed=0)(x)[0]
 ref = engine.get_variant("multi-head", embed_dim=8, num_heads=2, seed=0)(x)[0]
@@ -154,7 +154,7 @@ import importlib, json, sys, warnings
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     import engine
-    from engine.plugins import BUILTIN_PLUGINS
+    from engine.plugins.manager import BUILTIN_PLUGINS
     imported = sorted(m for m in ("ae_kept", "ae_unwanted") if m in sys.modules)  # before any use
     plugins = sorted(n for n, _ in engine.get_plugin_manager().list_name_plugin())
     names = engine.list_variants()

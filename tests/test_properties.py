@@ -155,7 +155,7 @@ def test_backend_matches_reference(backend, case):
 
 @st.composite
 def variant_cases(draw, name):
-    from engine.plugins import variant_info
+    from engine.plugins.registry import variant_info
 
     cls = variant_info()[0][name].cls
     dtype = np.dtype(draw(st.sampled_from([np.float32, np.float64])))

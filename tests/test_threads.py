@@ -53,7 +53,7 @@ def test_threading_layer_is_thread_safe():
 
     q = np.ones((1, 1, 8, 4), np.float32)
     engine.scaled_dot_product_attention(q, q, q, backend="cpu")
-    assert numba.threading_layer() in ("tbb", "omp") or engine.threads._use_lock
+    assert numba.threading_layer() in ("tbb", "omp") or engine.runtime.threads._use_lock
 
 
 def test_blas_and_torch_threads_are_this_workers_share_of_the_cores():

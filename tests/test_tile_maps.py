@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 import engine
-from engine.backends.cpu import _get_blas_pin, tile_sizes
-from engine.mods import EMPTY, FULL, PARTIAL
+from engine.backends.cpu.blas_pin import get_blas_pin
+from engine.backends.cpu.tiles import tile_sizes
+from engine.problems.mods import EMPTY, FULL, PARTIAL
 
 from tolerances import assert_out_close, out_atol
 
@@ -70,7 +71,7 @@ def test_tile_map_derived_for_other_tile_sizes_matches_brute_force():
 def test_cpu_kernel_with_one_element_at_a_tiles_last_position(dtype, pattern):
     """At the cpu kernel's own tile sizes, one element at the last row and column of the first
     tile decides whether the tile is partial: calling it full (or empty) changes that row."""
-    bq, bk = tile_sizes(1 << 20, 16, 16, blas_pinned=_get_blas_pin().available)
+    bq, bk = tile_sizes(1 << 20, 16, 16, blas_pinned=get_blas_pin().available)
     Lk, Sk = bq + 7, bk + 5  # a second, partial tile on both axes
     table = np.ones((Lk, Sk), bool) if pattern.startswith("hide") else np.zeros((Lk, Sk), bool)
     table[bq - 1, bk - 1] = not table[bq - 1, bk - 1]

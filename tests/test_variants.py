@@ -11,7 +11,7 @@ BACKENDS = [b for b in available_backends() if b != "reference"]
 
 
 def _params(name, embed_dim, num_heads):
-    from engine.plugins import variant_info
+    from engine.plugins.registry import variant_info
 
     return variant_info()[0][name].cls.example_params(embed_dim, num_heads)
 

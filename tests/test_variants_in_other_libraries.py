@@ -17,7 +17,7 @@ import torch
 
 import engine
 import engine.variant
-from engine.array_library import HOST, input_placement, placement_of
+from engine.problems.arrays import HOST, input_placement, placement_of
 
 from conftest import variant_names
 
@@ -42,7 +42,7 @@ def _numpy(x):
 
 
 def _params(name, embed_dim, num_heads):
-    from engine.plugins import variant_info
+    from engine.plugins.registry import variant_info
 
     return variant_info()[0][name].cls.example_params(embed_dim, num_heads)
 

@@ -6,8 +6,7 @@ import math
 
 import numpy as np
 
-from engine import hookimpl
-from engine.mods import cast_like
+from engine import cast_like, hookimpl
 
 from .multi_head import MultiHeadAttention
 

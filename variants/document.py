@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 
 from engine import hookimpl
-from engine.array_library import input_placement
 
 from .multi_head import MultiHeadAttention
 
@@ -41,7 +40,7 @@ class DocumentAttention(MultiHeadAttention):
     def attention_mods(self, N, L, S, document_ids=None, **call_kwargs):
         super().attention_mods(N, L, S, **call_kwargs)
         # device ids (torch CUDA, CuPy) stay where they are: the cuda kernel reads them in place
-        place = input_placement(document_ids, "document_ids")
+        place = self.input_placement(document_ids, "document_ids")
         ids = place.put(document_ids, what="document_ids")
         if ids.ndim == 1:
             ids = ids[None, ...]

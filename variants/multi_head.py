@@ -6,12 +6,7 @@ import math
 
 import numpy as np
 
-from engine import Variant, hookimpl
-from engine.array_library import Placement, placement_of, to_host
-from engine.masks import mha_masks_to_sdpa
-from engine.materialised import attention_probabilities
-from engine.validation import validate_attention_args
-from engine.variant import check_fits_in_memory
+from engine import Variant, attention_weights, hookimpl, mha_masks_to_sdpa
 
 
 class MultiHeadAttention(Variant):
@@ -150,7 +145,7 @@ class MultiHeadAttention(Variant):
         backend,
         **call_kwargs,
     ):
-        place = placement_of(query)  # NumPy, or the caller's GPU library: everything stays there
+        place = self.placement_of(query)  # NumPy, or the caller's GPU library: everything stays there
         xp = place.xp
         wq, wk, wv, bq, bk, bv = self.projection_weights(like=query)
         q = self._heads(query, wq, bq, "query", xp)
@@ -161,11 +156,11 @@ class MultiHeadAttention(Variant):
         mask, causal = mha_masks_to_sdpa(attn_mask, key_padding_mask, is_causal, N, H, L, S, self.dtype, place)
         extra = self.attention_mods(N, L, S, **call_kwargs)
         if place.is_numpy and "mod_args" in extra:  # the cpu kernels take host arrays only
-            extra["mod_args"] = tuple(to_host(a) for a in extra["mod_args"])
+            extra["mod_args"] = tuple(self.to_host(a) for a in extra["mod_args"])
         appended = self._appended_keys(N, k.shape[1], query, place)
         weights = None
         if need_weights:  # materialises (N, H, L, S): checked before anything is allocated
-            check_fits_in_memory(N * H * L * S * 8 * 3, f"need_weights=True for (N, heads, L, S) = {(N, H, L, S)}")
+            self.check_fits_in_memory(N * H * L * S * 8 * 3, f"need_weights=True for (N, heads, L, S) = {(N, H, L, S)}")
             weights = self._weights(q, k, v, mask, causal, extra, place)
         if appended is None:
             out = place.put(self.attention(q, k, v, attn_mask=mask, is_causal=causal, backend=backend, **extra))
@@ -183,7 +178,7 @@ class MultiHeadAttention(Variant):
                 out += self.param("out_proj.bias", like=query)
         return out, weights
 
-    def _appended_keys(self, N: int, kv_heads: int, like, place: Placement):
+    def _appended_keys(self, N: int, kv_heads: int, like, place):
         """``(keys, values)`` appended to every sequence by ``add_bias_kv``/``add_zero_attn``, each
         ``(N, kv_heads, X, head_dim)`` with X = 1 or 2, in ``place``; None when there are none."""
         if not (self.add_bias_kv or self.add_zero_attn):
@@ -200,16 +195,14 @@ class MultiHeadAttention(Variant):
             parts_v.append(zeros)
         return xp.concat(parts_k, axis=2), xp.concat(parts_v, axis=2)
 
-    @staticmethod
-    def _weights(q, k, v, mask, causal, extra, place: Placement):
-        """The (N, H, L, S) probabilities, from the NumPy oracle on host copies of the projected
-        inputs: a mod is Numba code, so only the host can evaluate it here."""
-        host = [to_host(a) for a in (q, k, v)]
+    def _weights(self, q, k, v, mask, causal, extra, place):
+        """The (N, H, L, S) probabilities (``engine.attention_weights``, the NumPy oracle) on host
+        copies of the projected inputs: a mod is Numba code, so only the host can evaluate it here."""
         host_extra = dict(extra)
         if "mod_args" in extra:
-            host_extra["mod_args"] = tuple(to_host(a) for a in extra["mod_args"])
-        problem = validate_attention_args(*host, None if mask is None else to_host(mask), causal, **host_extra)
-        return place.put(attention_probabilities(problem))
+            host_extra["mod_args"] = tuple(self.to_host(a) for a in extra["mod_args"])
+        mask = None if mask is None else self.to_host(mask)
+        return place.put(attention_weights(self.to_host(q), self.to_host(k), mask, causal, **host_extra))
 
 
 def _merge_appended(q, out, lse, keys, values, weights, xp):

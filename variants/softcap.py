@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import math
 
-from engine import hookimpl
-from engine.kernels.fastexp import fast_tanh
-from engine.mods import with_score_grad
+from engine import fast_tanh, hookimpl, with_score_grad
 
 from .multi_head import MultiHeadAttention
 

@@ -1,12 +1,14 @@
-"""Compute backends. This module is also the plugin that contributes the built-in ones."""
+"""Compute backends: ``base`` (``Backend`` and ``Op``), ``registry``, and one package per backend
+with one module per capability. This module is also the plugin that contributes the built-in
+ones."""
 
-from ..hookspecs import hookimpl
-from .base import Backend
+from ..plugins.hookspecs import hookimpl
+from .base import Backend, Op
 from .cpu import CpuBackend
 from .cuda import CudaBackend
 from .reference import ReferenceBackend
 
-__all__ = ["Backend", "CpuBackend", "CudaBackend", "ReferenceBackend"]
+__all__ = ["Backend", "Op", "CpuBackend", "CudaBackend", "ReferenceBackend"]
 
 
 @hookimpl

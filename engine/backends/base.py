@@ -1,160 +1,203 @@
-"""The interface every backend implements (capabilities as class attributes, as xFormers ops)."""
+"""The interface every backend implements: a :class:`Backend` is a name, a priority and its ops; an
+:class:`Op` is one capability (forward, backward, decoding, ...) with what it supports declared as
+class attributes and a ``run`` method, as xFormers' ``FwOp``/``BwOp``.
+
+A problem type states what it needs (``engine.problems.base.Problem.requirements``); an op offers
+it through class attributes of the same names (``dtypes``, ``device_arrays``, ``supports_mods``,
+``supports_dropout``, ...). :meth:`Op.not_supported_reasons` compares the two, so a new capability
+(a problem type, a public function, one op module per backend) never touches this module.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from ..validation import AttentionProblem
+from ..problems.base import Problem
 
-__all__ = ["Backend", "empty_result", "empty_gradients", "dtype_name"]
+__all__ = ["Backend", "Op", "empty_result", "empty_gradients"]
+
+
+class Op:
+    """One capability of a backend: the problems of type ``problem_type`` it can run.
+
+    Subclasses set ``problem_type``, the class attributes below that differ from the defaults, and
+    implement :meth:`run`; they may extend :meth:`not_supported_reasons` with checks of their own
+    (call ``super()`` first). ``run`` is only called on problems for which
+    ``not_supported_reasons`` returned ``[]``, and (for attention problems) only non-empty ones:
+    the public functions answer empty problems themselves. ``self.backend`` is the backend
+    instance the op belongs to.
+    """
+
+    #: the problem type this op runs (``engine.problems``' ``AttentionProblem``, ``BackwardProblem``,
+    #: ``DecodeProblem``, ...)
+    problem_type: ClassVar[type]
+    #: dtype names it computes in (the query's, for decoding)
+    dtypes: ClassVar[tuple] = ("float32", "float64")
+    #: whether it accepts host (NumPy) arrays and device (``__cuda_array_interface__``) arrays
+    host_arrays: ClassVar[bool] = True
+    device_arrays: ClassVar[bool] = False
+    #: whether ``score_mod``/``mask_mod`` are compiled into its kernels
+    supports_mods: ClassVar[bool] = False
+    #: whether ``dropout_p > 0`` is applied
+    supports_dropout: ClassVar[bool] = False
+    #: whether its kernels take a causal diagonal offset (``engine.causal_lower_right``)
+    supports_causal_offset: ClassVar[bool] = False
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+
+    def not_supported_reasons(self, problem: Problem) -> list[str]:
+        """Every reason this op cannot run ``problem`` (``problem.requirements()`` that this op's
+        class attributes do not meet); empty when it can."""
+        reasons = []
+        for req in problem.requirements():
+            offered = getattr(self, req.attribute, ())
+            ok = bool(offered) if req.value is True else req.value in offered
+            if not ok:
+                supported = ", ".join(offered) if isinstance(offered, tuple) else str(offered)
+                reasons.append(req.reason.replace("{supported}", supported))
+        return reasons
+
+    def run(self, problem: Problem) -> Any:
+        """Compute the problem's result (``(out, lse)`` for forward and decoding, the gradients
+        ``(dq, dk, dv, dmask)`` for the backward)."""
+        raise NotImplementedError
+
+    @classmethod
+    def capabilities(cls) -> dict:
+        """What ``attention-engine list`` prints about this op: every public class attribute that
+        is a flag or a tuple of names (a capability's own ones, such as a decode op's
+        ``cache_dtypes``, included), ``supports_x`` as ``x``."""
+        caps = {}
+        for name in sorted(n for n in dir(cls) if not n.startswith("_")):
+            value = getattr(cls, name)
+            if isinstance(value, bool) or (isinstance(value, tuple) and all(isinstance(v, str) for v in value)):
+                caps[name.removeprefix("supports_")] = list(value) if isinstance(value, tuple) else value
+        caps["causal_lower_right"] = caps.pop("causal_offset", False)
+        return caps
 
 
 class Backend:
-    """One way to compute attention. Subclasses set the class attributes and implement ``run``
-    (and ``run_backward`` when ``supports_backward``).
+    """One way to compute attention: a name, a priority for ``backend="auto"``, whether it can run
+    on this machine at all, and one :class:`Op` per capability (``ops``, a tuple of Op subclasses,
+    each for its own problem type).
 
-    ``run``/``run_backward`` are only called on problems for which ``not_supported_reasons``
-    returned ``[]``, and only for non-empty problems (L, S, batch and heads all >= 1); the
-    dispatcher handles empty ones.
+    Backends are plugins (the ``attention_backends`` hook). The dispatcher
+    (``engine.dispatch.select``) asks :meth:`not_supported_reasons`, then runs
+    ``backend.op(type(problem)).run(problem)``.
     """
 
-    name: str = ""
-    description: str = ""
-    #: dtype names this backend computes in
-    dtypes: tuple = ("float32", "float64")
-    #: whether it accepts host (NumPy) arrays and device (``__cuda_array_interface__``) arrays
-    host_arrays: bool = True
-    device_arrays: bool = False
-    #: whether ``score_mod``/``mask_mod`` are compiled into this backend's kernels
-    supports_mods: bool = False
-    #: whether ``run_backward`` computes gradients (training)
-    supports_backward: bool = False
-    #: whether ``dropout_p > 0`` is applied (forward, and backward when it has one)
-    supports_dropout: bool = False
-    #: whether its kernels take a causal diagonal offset (``engine.causal_lower_right``)
-    supports_causal_offset: bool = False
-    #: whether it runs ``engine.attention_with_kvcache`` (``decode``), for which query dtypes and
-    #: which cache dtypes
-    supports_decode: bool = False
-    decode_dtypes: tuple = ()
-    decode_cache_dtypes: tuple = ()
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
     #: ``auto`` tries backends from the highest priority down
-    priority: int = 0
+    priority: ClassVar[int] = 0
+    #: the capabilities: Op subclasses, one per problem type
+    ops: ClassVar[tuple] = ()
+
+    def __init__(self):
+        self._ops = {cls.problem_type: cls(self) for cls in self.ops}
 
     def unavailable_reason(self) -> str | None:
         """Why this backend cannot run on this machine at all (``None`` when it can)."""
         return None
 
-    def not_supported_reasons(self, problem: AttentionProblem) -> list[str]:
-        """Every reason this backend cannot run ``problem``; empty when it can."""
-        if getattr(problem, "is_decode", False):
-            return self.decode_not_supported_reasons(problem)
+    def op(self, problem_type: type) -> Op | None:
+        """The op that runs problems of ``problem_type``, or None when this backend has none."""
+        return self._ops.get(problem_type)
+
+    def run(self, problem: Problem) -> Any:
+        """``problem`` on the op of its type, without the support check (the dispatcher checks
+        first; tests and benchmarks that picked the backend themselves call this)."""
+        op = self.op(type(problem))
+        if op is None:
+            raise TypeError(f"backend {self.name!r} has no op for {type(problem).__name__}")
+        return op.run(problem)
+
+    def not_supported_reasons(self, problem: Problem) -> list[str]:
+        """Every reason this backend cannot run ``problem``; empty when it can. A problem may need
+        ops for other problem types too (``problem.also_runs()``: a forward whose gradient will be
+        asked for needs the backward op)."""
         reasons = []
         why = self.unavailable_reason()
         if why:
             reasons.append(why)
-        if dtype_name(problem.dtype) not in self.dtypes:
-            reasons.append(f"dtype {problem.dtype.name} not supported (supports {', '.join(self.dtypes)})")
-        if problem.on_device and not self.device_arrays:
-            reasons.append("inputs are device arrays; this backend takes host arrays")
-        if not problem.on_device and not self.host_arrays:
-            reasons.append("inputs are host arrays; this backend takes device arrays")
-        if problem.has_mods and not self.supports_mods:
-            reasons.append("score_mod/mask_mod are not supported by this backend")
-        if problem.needs_backward and not self.supports_backward:
-            reasons.append("no backward pass (gradients) in this backend")
-        if problem.dropout_p > 0 and not self.supports_dropout:
-            reasons.append("dropout_p > 0 is not supported by this backend")
-        if getattr(problem, "causal_offset", 0) and not self.supports_causal_offset:
-            reasons.append(
-                "a bottom-right causal mask (causal_lower_right with L != S) is not supported by this backend"
-            )
+        for problem_type in (type(problem),) + tuple(problem.also_runs()):
+            op = self.op(problem_type)
+            if op is None:
+                reasons.append(problem_type.missing_op_reason)
+            else:
+                reasons += [r for r in op.not_supported_reasons(problem) if r not in reasons]
         return reasons
 
-    def run(self, problem: AttentionProblem) -> tuple[Any, Any]:
-        """Compute ``(out, lse)``: out of ``problem.out_shape``, lse of ``problem.lse_shape``.
+    # -- what a backend offers, read from its ops (``attention-engine list``, tests) -----------
+    def _forward(self) -> Op | None:
+        from ..problems.attention import AttentionProblem
 
-        Fully masked rows give zeros in ``out`` and ``-inf`` in ``lse``.
-        """
-        raise NotImplementedError
+        return self.op(AttentionProblem)
 
-    def run_backward(self, problem: AttentionProblem) -> tuple[Any, Any, Any, Any]:
-        """Gradients ``(dq, dk, dv, dmask)`` of a backward problem (``problem.needs_backward``).
+    def _flag(self, attribute: str):
+        op = self._forward()
+        return getattr(op, attribute) if op is not None else type(getattr(Op, attribute))()
 
-        ``dq``/``dk``/``dv`` have the shapes and dtype of query/key/value; ``dmask`` is the gradient
-        of the floating ``attn_mask``, in its shape and dtype (summed over the dimensions it
-        broadcasts along), when ``problem.return_mask_grad``, else None.
-        """
-        raise NotImplementedError
+    @property
+    def dtypes(self) -> tuple:
+        """The forward op's dtypes."""
+        return self._flag("dtypes")
 
-    def decode_not_supported_reasons(self, problem) -> list[str]:
-        """Every reason this backend cannot run a ``DecodeProblem`` (``attention_with_kvcache``)."""
-        reasons = []
-        why = self.unavailable_reason()
-        if why:
-            reasons.append(why)
-        if not self.supports_decode:
-            reasons.append("KV-cache decoding (attention_with_kvcache) is not supported by this backend")
-            return reasons
-        if dtype_name(problem.dtype) not in self.decode_dtypes:
-            reasons.append(
-                f"query dtype {problem.dtype.name} not supported for decoding (supports "
-                f"{', '.join(self.decode_dtypes)})"
-            )
-        if dtype_name(problem.cache_dtype) not in self.decode_cache_dtypes:
-            reasons.append(
-                f"cache dtype {problem.cache_dtype.name} not supported (supports {', '.join(self.decode_cache_dtypes)})"
-            )
-        if problem.on_device and not self.device_arrays:
-            reasons.append("inputs are device arrays; this backend takes host arrays")
-        if problem.has_mods and not self.supports_mods:
-            reasons.append("score_mod/mask_mod are not supported by this backend")
-        return reasons
+    @property
+    def host_arrays(self) -> bool:
+        return self._flag("host_arrays")
 
-    def decode(self, problem) -> tuple[Any, Any]:
-        """Write ``problem.key``/``problem.value`` into the caches at ``problem.cache_seqlens``, then
-        attend: ``(out, lse)`` of ``problem.out_shape``/``problem.lse_shape`` in ``problem.dtype``.
+    @property
+    def device_arrays(self) -> bool:
+        return self._flag("device_arrays")
 
-        Only called when ``decode_not_supported_reasons`` is empty, after validation checked every
-        index (the write cannot fail half-way).
-        """
-        raise NotImplementedError
+    @property
+    def supports_mods(self) -> bool:
+        return self._flag("supports_mods")
+
+    @property
+    def supports_dropout(self) -> bool:
+        return self._flag("supports_dropout")
+
+    @property
+    def supports_causal_offset(self) -> bool:
+        return self._flag("supports_causal_offset")
+
+    @property
+    def supports_backward(self) -> bool:
+        from ..problems.attention import BackwardProblem
+
+        return self.op(BackwardProblem) is not None
+
+    @property
+    def supports_decode(self) -> bool:
+        from ..problems.decode import DecodeProblem
+
+        return self.op(DecodeProblem) is not None
 
     def capabilities(self) -> dict:
-        """What ``attention-engine list`` prints about this backend."""
+        """What ``attention-engine list`` prints about this backend: the forward's flags at the
+        top level (as before ops existed), and every op's under ``ops`` by capability."""
         why = self.unavailable_reason()
-        return {
+        forward = self._forward()
+        caps = {
             "name": self.name,
             "description": self.description,
-            "dtypes": list(self.dtypes),
-            "host_arrays": self.host_arrays,
-            "device_arrays": self.device_arrays,
-            "mods": self.supports_mods,
+            **(forward.capabilities() if forward is not None else Op.capabilities()),
             "backward": self.supports_backward,
-            "dropout": self.supports_dropout,
-            "causal_lower_right": self.supports_causal_offset,
             "decode": self.supports_decode,
             "priority": self.priority,
             "available": why is None,
             "unavailable_reason": why,
+            "ops": {cls.problem_type.__name__: cls.capabilities() for cls in self.ops},
         }
+        return caps
 
 
-_dtype_names: dict = {}
-
-
-def dtype_name(dtype: np.dtype) -> str:
-    """``dtype.name``, memoised: NumPy computes it in Python on every access (microseconds, paid on
-    every call's backend check)."""
-    name = _dtype_names.get(dtype)
-    if name is None:
-        name = _dtype_names[dtype] = dtype.name
-    return name
-
-
-def empty_result(problem: AttentionProblem):
+def empty_result(problem):
     """The result of a problem with L, S, batch or heads equal to 0 (host arrays).
 
     S = 0 gives zeros and lse = -inf, as torch; any other zero size gives empty arrays.
@@ -164,7 +207,7 @@ def empty_result(problem: AttentionProblem):
     return out, lse
 
 
-def empty_gradients(problem: AttentionProblem):
+def empty_gradients(problem):
     """Gradients of a problem with L, S, batch or heads equal to 0 (host arrays): zeros (no score
     exists, so nothing depends on the inputs), the mask's gradient too when it is asked for."""
     grads = tuple(np.zeros(a.shape, dtype=problem.dtype) for a in (problem.query, problem.key, problem.value))

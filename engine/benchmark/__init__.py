@@ -36,6 +36,7 @@ attention, operation counts; reused by ``bench/``), :mod:`.machine`, :mod:`.repo
 JSON), :mod:`.plot`.
 """
 
+from ..runtime.machine import machine_info
 from .baselines import (
     as_torch_inputs,
     available_backends,
@@ -47,7 +48,6 @@ from .baselines import (
     variant_flop,
 )
 from .cli import DEFAULT_LENGTHS, FULL_LENGTHS, add_arguments, run
-from .machine import machine_info
 from .measure import predicted_skip
 from .plot import write_plot
 from .report import format_summary, format_table

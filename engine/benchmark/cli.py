@@ -7,8 +7,8 @@ import json
 import sys
 import time
 
+from ..runtime.machine import machine_info
 from .baselines import available_backends
-from .machine import machine_info
 from .measure import SDPA_CASE
 from .plot import write_plot
 from .report import _add_ratios, _strict_json, format_summary, format_table
@@ -111,8 +111,8 @@ def _runtime_plugins() -> tuple[list[tuple[str, str]], list[str]]:
     """Plugins registered with ``engine.register_plugin`` in this process, as importable targets."""
     from importlib.metadata import entry_points
 
-    from .. import hookspecs
-    from ..plugins import BUILTIN_PLUGINS, get_plugin_manager
+    from ..plugins import hookspecs
+    from ..plugins.manager import BUILTIN_PLUGINS, get_plugin_manager
 
     installed = {ep.name for ep in entry_points(group=hookspecs.PROJECT)} | set(BUILTIN_PLUGINS)
     targets, problems = [], []

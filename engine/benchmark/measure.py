@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import NotSupportedError
+from ..runtime.errors import NotSupportedError
 from .baselines import (
     as_torch_inputs,
     device_synchronizer,
@@ -159,7 +159,7 @@ class _VariantCase:
     """The implementations of one variant at each length: one per backend, plus the torch layer."""
 
     def __init__(self, name: str, spec: dict, torch_ok: bool):
-        from ..plugins import get_variant, variant_info
+        from ..plugins.registry import get_variant, variant_info
 
         cls = variant_info()[0][name].cls
         params = cls.example_params(spec["embed_dim"], spec["heads"])

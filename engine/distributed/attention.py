@@ -24,7 +24,7 @@ import numpy as np
 from dask.highlevelgraph import HighLevelGraph
 
 from ..dispatch import get_backend
-from ..errors import NotSupportedError
+from ..runtime.errors import NotSupportedError
 from . import tasks, visibility
 from .chunking import ChunkPlan, plan_chunks
 
@@ -138,7 +138,7 @@ def _mods_token(score_mod, mask_mod) -> str:
         return ""
     import cloudpickle
 
-    from ..mods import python_function
+    from ..problems.mods import python_function
 
     blobs = []
     for what, fn in (("score_mod", score_mod), ("mask_mod", mask_mod)):

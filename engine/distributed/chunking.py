@@ -25,8 +25,9 @@ from dataclasses import dataclass
 import dask.array as da
 import numpy as np
 
-from ..config import DASK_CHUNK_ROWS
-from ..validation import AttentionProblem, _as_array, validate_attention_args
+from ..problems.arrays import as_array as _as_array
+from ..problems.attention import AttentionProblem, validate_attention_args
+from ..runtime.config import DASK_CHUNK_ROWS
 
 __all__ = ["ChunkPlan", "plan_chunks", "default_chunks"]
 
@@ -39,7 +40,7 @@ def default_chunks(
     Rows (L or S) are cut into chunks of ``min(rows, target_rows)`` (the last one shorter); then
     heads, in whole groups of ``group`` (GQA), are grouped until a chunk holds about
     ``target_rows`` rows; then entries of the last batch axis likewise; other batch axes are one
-    entry per chunk. ``target_rows`` is ``engine.config.DASK_CHUNK_ROWS`` (2048) by default.
+    entry per chunk. ``target_rows`` is ``engine.runtime.config.DASK_CHUNK_ROWS`` (2048) by default.
     """
     per_row = max(1, min(rows, target_rows))
     row_chunks = _split(rows, per_row)

@@ -37,7 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--causal", action="store_true")
     p.add_argument(
-        "--chunk", type=int, default=None, help="rows per chunk along L and S (default engine.config.DASK_CHUNK_ROWS)"
+        "--chunk",
+        type=int,
+        default=None,
+        help="rows per chunk along L and S (default engine.runtime.config.DASK_CHUNK_ROWS)",
     )
     p.add_argument("--split-every", type=int, default=None, help="fan-in of the merge tree (default 4)")
     p.add_argument("--no-compare", action="store_true", help="skip the single-process cpu run")
@@ -74,7 +77,7 @@ def make_inputs(client, batch, heads, L, S, E, dtype, chunk, seed):
     import dask.array as da
     from dask.distributed import wait
 
-    from ..config import DASK_CHUNK_ROWS
+    from ..runtime.config import DASK_CHUNK_ROWS
     from .chunking import default_chunks
 
     rows = chunk or DASK_CHUNK_ROWS

@@ -136,7 +136,7 @@ def _shift_score(score_mod):
         return None
     import numba
 
-    from ..mods import as_jit
+    from ..problems.mods import as_jit
 
     inner = as_jit(score_mod, "score_mod")
 
@@ -152,7 +152,7 @@ def _shift_mask(mask_mod):
         return None
     import numba
 
-    from ..mods import as_jit
+    from ..problems.mods import as_jit
 
     inner = as_jit(mask_mod, "mask_mod")
 

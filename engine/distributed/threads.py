@@ -1,7 +1,7 @@
 """Threads inside Dask tasks: a worker with T threads keeps T cores busy, never more.
 
 Dask runs one task per worker thread, so the parallelism is Dask's: each task's kernels run on
-one Numba thread (:func:`engine.threads.thread_limit`, per Python thread, so the caller's own
+one Numba thread (:func:`engine.runtime.threads.thread_limit`, per Python thread, so the caller's own
 ``engine.set_num_threads`` is untouched) and BLAS on one thread. The BLAS limit is process-wide,
 so it is set (with threadpoolctl, once per process) only in worker processes started by a Dask
 nanny, which are Dask's own (their environment already asks for it: the nanny starts them with
@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import threading
 
-from ..threads import thread_limit
+from ..runtime.threads import thread_limit
 
 __all__ = ["task_threads", "TASK_THREADS"]
 

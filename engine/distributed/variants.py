@@ -12,8 +12,8 @@ import dask.array as da
 import numpy as np
 from dask.highlevelgraph import HighLevelGraph
 
-from ..config import DASK_CHUNK_ROWS
-from ..validation import _as_array
+from ..problems.arrays import as_array as _as_array
+from ..runtime.config import DASK_CHUNK_ROWS
 from ..variant import Variant
 from .threads import task_threads
 
@@ -43,7 +43,7 @@ def apply_variant(variant, query, key=None, value=None, *, key_padding_mask=None
     :param variant: an ``engine.Variant`` instance (``engine.get_variant(name, **params)``).
     :param query: ``(N, L, E)`` (``(L, N, E)`` for a variant built with ``batch_first=False``),
         a dask array chunked along N only (L and E whole), or a NumPy array, which is chunked
-        along N into chunks of about ``engine.config.DASK_CHUNK_ROWS`` (2048) query rows.
+        along N into chunks of about ``engine.runtime.config.DASK_CHUNK_ROWS`` (2048) query rows.
     :param key, value: optional, as the variant takes them, chunked along N like ``query``.
     :param key_padding_mask: ``(N, S)``, chunked along N like ``query`` (NumPy: chunked for you).
     :param kwargs: other keywords of the variant's call. A dask array here is per sequence: its

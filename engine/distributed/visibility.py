@@ -63,7 +63,7 @@ def mask_mod_kinds(
 ) -> np.ndarray:
     """``(n_batch_blocks..., n_head_blocks, nq, nk)`` int8: the mask_mod's kind per block pair, over
     every batch entry and head of the block (EMPTY only if empty for all of them)."""
-    from ..mods import create_block_mask
+    from ..problems.mods import create_block_mask
 
     tq, tk = _tile(q_chunks), _tile(k_chunks)
     B = math.prod(batch_shape)

@@ -1,7 +1,7 @@
 """Codes the kernels and their wrappers share: which mask applies, and what a tile of a mask holds.
 
 Plain ints, so Numba compiles them as constants; defined once here and imported everywhere else
-(``engine.mods`` re-exports the tile codes as ``EMPTY``/``PARTIAL``/``FULL``).
+(``engine.problems.mods`` re-exports the tile codes as ``EMPTY``/``PARTIAL``/``FULL``).
 """
 
 #: which of the kernel's two mask slots applies: none, boolean (True = may attend), float (added)

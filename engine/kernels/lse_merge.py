@@ -16,7 +16,7 @@ row through ``_merge_rows``, and the split-KV decode kernel calls it inline on i
 import numpy as np
 from numba import njit, prange
 
-from ..jit_cache import cache_enabled
+from ..runtime.jit_cache import cache_enabled
 from .fastexp import fast_exp
 
 _CACHE = cache_enabled()

@@ -20,7 +20,7 @@ Two implementations of the same function: ``philox4x32`` compiled by Numba for t
 import numpy as np
 from numba import njit
 
-from ..jit_cache import cache_enabled
+from ..runtime.jit_cache import cache_enabled
 
 __all__ = ["philox4x32", "philox4x32_numpy", "keep_scale", "keep_mask_numpy", "dropout_threshold", "split_seed"]
 

@@ -6,12 +6,12 @@ precision with no cancellation, whatever ``h`` (Squire and Trapp, "Using complex
 estimate derivatives of real functions", SIAM Review 40, 1998). Numba compiles complex arithmetic,
 so the user's mod runs unchanged on a complex score. Mods that compare or take ``abs`` of the
 score are not analytic: they fail to compile on complex numbers or give a wrong derivative, which
-``engine.mods.score_mod_grad`` detects (finite differences) before any kernel runs.
+``engine.problems.mods.score_mod_grad`` detects (finite differences) before any kernel runs.
 """
 
 import numpy as np
 
-from .cpu_flash_fwd import no_score_mod
+from .identity_mods import no_score_mod
 
 __all__ = ["complex_step_grad", "complex_step_grad_python", "STEP"]
 
@@ -19,7 +19,7 @@ __all__ = ["complex_step_grad", "complex_step_grad_python", "STEP"]
 STEP = 2.0**-100
 _INV_STEP = 2.0**100
 
-#: the mod differentiated; ``engine.mods.score_mod_grad`` compiles a copy with it re-bound
+#: the mod differentiated; ``engine.problems.mods.score_mod_grad`` compiles a copy with it re-bound
 _SCORE_MOD = no_score_mod
 
 

@@ -10,7 +10,7 @@ import hashlib
 import marshal
 import types
 
-from ..jit_cache import cache_enabled
+from ..runtime.jit_cache import cache_enabled
 
 __all__ = ["named", "cache_tag"]
 

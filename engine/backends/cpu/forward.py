@@ -1,0 +1,140 @@
+"""The ``cpu`` backend's forward op: lays out a validated ``AttentionProblem`` and calls the tiled
+flash kernel (``engine.kernels.cpu.flash_fwd``)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ...kernels.cpu.gemm import GEMM_CBLAS_BF16, GEMM_CBLAS_F16, GEMM_NUMPY
+from ...problems.attention import AttentionProblem
+from ...problems.base import dtype_name
+from ...runtime.config import BLAS_SINGLE_THREAD_MNK, CPU_SERIAL_MAX_WORK, CPU_TASK_ROWS
+from ...runtime.gemm_providers import get_gemm_provider, sixteen_bit_gemm
+from ...runtime.threads import kernel_call_guard
+from ..base import Op
+from .blas_pin import get_blas_pin
+from .operands import ALL_FULL, NO_PIN, SIXTEEN_BIT, as4, dropout_args, kernel_masks, narrow, tile_kinds, widen
+from .tiles import tile_sizes
+
+__all__ = ["CpuForward"]
+
+_kernel_module = None
+
+
+def kernels():
+    """The kernel module, imported on first use (``import engine`` compiles nothing)."""
+    global _kernel_module
+    if _kernel_module is None:
+        from ...kernels.cpu import flash_fwd
+
+        _kernel_module = flash_fwd
+    return _kernel_module
+
+
+class CpuForward(Op):
+    problem_type = AttentionProblem
+    dtypes = ("float32", "float64") + SIXTEEN_BIT
+    supports_mods = True
+    supports_dropout = True
+    supports_causal_offset = True
+
+    def not_supported_reasons(self, problem: AttentionProblem) -> list[str]:
+        reasons = super().not_supported_reasons(problem)
+        if problem.E == 0:
+            reasons.append("E = 0 (BLAS cannot take an empty inner dimension)")
+        return reasons
+
+    def run(self, problem: AttentionProblem):
+        if dtype_name(problem.dtype) in SIXTEEN_BIT:  # memoised: dtype.name costs microseconds
+            return self._run_16bit(problem)
+        return self._run(problem)
+
+    def _run_16bit(self, problem: AttentionProblem):
+        """A 16-bit problem: through a mixed-precision GEMM on the 16-bit bits where one is chosen
+        (``engine.runtime.gemm_providers.sixteen_bit_gemm``), else widened to float32 (exact). Either way
+        the kernel computes in float32 and the output and lse are rounded once to the input dtype.
+        A float mask is widened to float32 (exact, as the reference adds it)."""
+        f32 = np.dtype(np.float32)
+        mask = problem.attn_mask
+        if problem.mask_kind == "float":
+            mask = np.asarray(mask).astype(f32)
+        half = sixteen_bit_gemm(problem.dtype.name)
+        v = as4(problem.value, problem.batch)
+        if half is not None and np.isfinite(np.sum(v, dtype=np.float32)):
+            bits = tuple(as4(a, problem.batch).view(np.uint16) for a in (problem.query, problem.key))
+            kind = GEMM_CBLAS_BF16 if problem.dtype.name == "bfloat16" else GEMM_CBLAS_F16
+            out, lse = self._run(
+                dataclasses.replace(problem, attn_mask=mask, dtype=f32),
+                arrays=bits + (v.view(np.uint16),),
+                gemm=(kind, half.pointer(problem.dtype.name)),
+            )
+        else:  # widened: O(L) next to the O(L^2) kernel
+            q32, k32 = (widen(as4(a, problem.batch)) for a in (problem.query, problem.key))
+            wide = dataclasses.replace(problem, query=q32, key=k32, value=widen(v), attn_mask=mask, dtype=f32)
+            out, lse = self._run(wide)
+        return narrow(out, problem.dtype), narrow(lse, problem.dtype)
+
+    def _run(self, problem: AttentionProblem, arrays=None, gemm=None):
+        """The kernel call. ``arrays``: ready (batch, heads, rows, features) q, k, v (the 16-bit
+        path's uint16 bits; v already checked finite), with ``gemm`` = (kind, address)."""
+        # a NaN/inf value in V reaches only the rows that weigh it: the kernel checks each tile's
+        # product and recomputes a non-finite one exactly (kernels.nonfinite), so no pass over V here
+        B = problem.batch
+        if arrays is None:
+            arrays = tuple(as4(a, B) for a in (problem.query, problem.key, problem.value))
+        q, k, v = arrays
+        Hq, L, S = problem.num_q_heads, problem.L, problem.S
+        fmask, bmask, mask_batch, kind = kernel_masks(problem)
+        if gemm is None:
+            name = dtype_name(problem.dtype)
+            provider = get_gemm_provider(name)
+            gemm = (provider.kind, provider.pointer(name))
+        # only np.dot's OpenBLAS starts threads of its own; the other providers are sequential
+        pin = get_blas_pin() if gemm[0] == GEMM_NUMPY else None
+        block_q, block_k = tile_sizes(L, problem.E, problem.Ev, blas_pinned=pin is None or pin.available)
+        # tiles this small never make OpenBLAS start threads: no pin (it costs microseconds)
+        small = min(block_q, L) * min(block_k, S) * max(problem.E, problem.Ev) <= BLAS_SINGLE_THREAD_MNK
+        if pin is None or small:
+            pin = NO_PIN
+        else:
+            pin = pin()
+        sub_tiles = max(1, CPU_TASK_ROWS // block_q)
+        tiles = ALL_FULL
+        if problem.mask_mod is not None:
+            tiles = tile_kinds(problem, block_q, block_k)
+        out = np.empty((B, Hq, L, problem.Ev), dtype=problem.dtype)
+        lse = np.empty((B, Hq, L), dtype=problem.dtype)
+        serial = B * Hq * L * S * (problem.E + problem.Ev) <= CPU_SERIAL_MAX_WORK
+        kernel = kernels().flash_kernel(problem.score_mod, problem.mask_mod, serial)
+        threshold, keep, seed_lo, seed_hi = dropout_args(problem)
+        args = kernels().FlashArgs(
+            q=q,
+            k=k,
+            v=v,
+            fmask=fmask,
+            bmask=bmask,
+            mask_batch=mask_batch,
+            mask_kind=kind,
+            causal=problem.is_causal,
+            causal_offset=problem.causal_offset,
+            scale=problem.scale,
+            group=problem.group,
+            block_q=block_q,
+            block_k=block_k,
+            sub_tiles=sub_tiles,
+            has_score_mod=problem.score_mod is not None,
+            tile_kinds=tiles,
+            drop_threshold=threshold,
+            drop_keep=keep,
+            seed_lo=seed_lo,
+            seed_hi=seed_hi,
+            gemm_kind=gemm[0],
+            gemm_fn=gemm[1],
+            out=out,
+            lse=lse,
+        )
+        with kernel_call_guard(), pin:
+            kernel(args, problem.mod_args)
+        return out.reshape(problem.out_shape), lse.reshape(problem.lse_shape)

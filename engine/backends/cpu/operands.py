@@ -1,0 +1,128 @@
+"""How the ``cpu`` backend's ops hand arrays to the kernels: (batch, heads, rows, features) layouts,
+mask slots, 16-bit widening and rounding, the dropout argument and the mask_mod's tile map."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+from ...kernels.kinds import MASK_BOOL, MASK_FLOAT, MASK_NONE, TILE_FULL
+from ...kernels.philox import dropout_threshold, split_seed
+from ...problems.attention import AttentionProblem
+from ...problems.masks import kernel_mask
+
+__all__ = [
+    "ALL_FULL",
+    "NO_PIN",
+    "SIXTEEN_BIT",
+    "as4",
+    "dropout_args",
+    "kernel_masks",
+    "narrow",
+    "tile_kinds",
+    "widen",
+]
+
+
+def dropout_args(problem: AttentionProblem) -> tuple:
+    """The kernels' ``dropout`` argument: (threshold, 1 / (1 - p), seed_lo, seed_hi), typed so
+    that one compiled signature serves every call (``(0, 1.0, 0, 0)`` without dropout)."""
+    if problem.dropout_p == 0:
+        return (np.uint64(0), 1.0, np.uint64(0), np.uint64(0))
+    lo, hi = split_seed(problem.dropout_seed)
+    keep = 0.0 if problem.dropout_p == 1 else 1.0 / (1.0 - problem.dropout_p)
+    return (np.uint64(dropout_threshold(problem.dropout_p)), keep, np.uint64(lo), np.uint64(hi))
+
+
+#: the tile map of a call without mask_mod: every tile full
+ALL_FULL = np.full((1, 1, 1, 1), TILE_FULL, dtype=np.int8)
+
+
+NO_PIN = contextlib.nullcontext()
+
+
+_dummies: dict = {}
+
+
+def _dummy_masks(dtype: np.dtype):
+    """(float mask, bool mask) placeholders for the kernel's unused mask slots, one pair per dtype:
+    read-only and not contiguous, so they have the Numba type of a real broadcast mask (one
+    compiled signature); the kernel never reads them."""
+    pair = _dummies.get(dtype)
+    if pair is None:
+        pair = _dummies[dtype] = (
+            np.broadcast_to(np.zeros((1, 1, 1, 1), dtype=dtype), (1, 1, 1, 2)),
+            np.broadcast_to(np.ones((1, 1, 1, 1), dtype=np.bool_), (1, 1, 1, 2)),
+        )
+    return pair
+
+
+def kernel_masks(problem: AttentionProblem):
+    """``(fmask, bmask, mask_batch, kind)`` for the kernels. Both mask slots are always filled (a
+    dummy the kernel never reads for the unused one), so a kernel compiles once per dtype instead
+    of once per mask kind."""
+    fmask, bmask = _dummy_masks(problem.dtype)
+    mask_batch = np.zeros(problem.batch, dtype=np.int64)
+    kind = MASK_NONE
+    if problem.attn_mask is not None:
+        mask, mask_batch = kernel_mask(problem)
+        mask_batch = np.array(mask_batch, dtype=np.int64)  # writable: same signature as above
+        if problem.mask_kind == "bool":
+            bmask, kind = mask, MASK_BOOL
+        else:
+            fmask, kind = mask, MASK_FLOAT
+    return fmask, bmask, mask_batch, kind
+
+
+def widen(a: np.ndarray) -> np.ndarray:
+    """float32 copy of a C-contiguous float16/bfloat16 array (exact; vectorised, unlike NumPy's
+    float16 cast)."""
+    from ...kernels.cpu.half import widen
+
+    out = np.empty(a.shape, dtype=np.float32)
+    widen(a.reshape(-1).view(np.uint16), out.reshape(-1), a.dtype == np.float16)
+    return out
+
+
+def narrow(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """float32 ``x`` rounded to the 16-bit ``dtype`` (nearest even, as NumPy/ml_dtypes)."""
+    from ...kernels.cpu.half import narrow
+
+    x = np.ascontiguousarray(x)
+    bits = np.empty(x.shape, dtype=np.uint16)
+    narrow(x.reshape(-1), bits.reshape(-1), dtype == np.float16)
+    return bits.view(dtype)
+
+
+def as4(a, batch: int) -> np.ndarray:
+    """C-contiguous (batch, heads, rows, features) view, or copy, of a host array."""
+    a = np.ascontiguousarray(a)
+    if a.ndim == 2:  # (L, E): one head, no batch
+        return a.reshape((1, 1) + a.shape)
+    return a.reshape((batch,) + a.shape[-3:])
+
+
+#: 16-bit dtypes: computed in float32 (inputs widened once, O(L) next to the O(L^2) kernel), the
+#: output and lse rounded to the input dtype once, as the ``reference`` backend does
+SIXTEEN_BIT = ("float16", "bfloat16")
+
+
+def tile_kinds(problem: AttentionProblem, block_q: int, block_k: int) -> np.ndarray:
+    """The mask_mod's tile map at the kernel's tile sizes (from the caller's block mask when
+    it has them, memoised there; otherwise built for this call)."""
+    from ...problems.mods import create_block_mask
+
+    bm = problem.block_mask
+    if bm is None:
+        bm = create_block_mask(
+            problem.mask_mod,
+            problem.batch,
+            problem.num_q_heads,
+            problem.L,
+            problem.S,
+            mod_args=problem.mod_args,
+            block_q=block_q,
+            block_k=block_k,
+        )
+    return bm.kinds_at(block_q, block_k)

@@ -1,0 +1,353 @@
+"""The tiled flash-attention backward kernel of the ``cpu`` backend (FlashAttention-2's backward,
+Dao 2023, Algorithm 2, on CPU threads).
+
+Nothing of size L x S is stored. For every (key tile, query tile) pair the kernel recomputes the
+scores with BLAS, the weights from the forward's log-sum-exp, ``P = exp(S - lse)``, and then
+
+    dV_j += P^T dO_i          dP = dO_i V_j^T          dS = P * (dP - D_i)
+    dK_j += dS^T (scale Q_i)  dQ_i += dS K_j           with D = rowsum(dO * O)
+
+(five tile products; the three that accumulate call BLAS with beta = 1, ``engine.kernels.cpu.blas``).
+Tiles are transposed as in the forward (keys along the rows: per-query
+quantities lse and D are contiguous vectors and the element-wise passes vectorise).
+
+Parallel tasks own disjoint outputs, so no two threads ever add into the same number and the
+result does not depend on scheduling: a task is (batch, key/value head, split), and owns the dK
+and dV rows of its split's key tiles (summed over the query heads of a GQA group in a fixed order)
+and one private dQ accumulator per query head. The splits cut each head's key tiles into
+contiguous runs of equal work (causal tiles counted as they are skipped), so that batch x heads
+smaller than the thread count still fills every core; the epilogue sums the splits' dQ
+accumulators in split order. The split count depends on the thread count only (see
+``engine.backends.cpu``), so gradients are bit for bit the same on every run with the same
+thread count. Memory beyond inputs and outputs: ``splits`` dQ-sized accumulators (one when
+batch x heads is a multiple of the thread count), one scaled copy of Q and O(tile) per task.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit, prange
+
+from ...runtime.jit_cache import cache_enabled
+from ..fastexp import fast_exp
+from ..identity_mods import no_mask_mod, no_score_mod
+from ..kinds import MASK_BOOL, MASK_FLOAT, MASK_NONE, TILE_EMPTY, TILE_FULL, TILE_PARTIAL
+from ..philox import keep_scale
+from ..specialise import cache_tag, named
+from .blas import gemm_acc
+from .gemm import tile_gemm
+from .tile_ops import _FM
+
+__all__ = ["backward_kernel", "no_score_grad"]
+
+_CACHE = cache_enabled()
+
+
+@njit(cache=_CACHE)
+def no_score_grad(score, b, h, q_idx, kv_idx, *mod_args):
+    """The derivative of the identity ``score_mod``: 1."""
+    return 1.0
+
+
+class BackwardArgs(NamedTuple):
+    """Everything the backward kernel reads but the mods' arguments, built in one place (the
+    ``cpu`` backend's backward op); see :func:`_flash_backward` for what each field holds."""
+
+    qs: np.ndarray
+    qst: np.ndarray
+    fq: int
+    k: np.ndarray
+    v: np.ndarray
+    do: np.ndarray
+    lrow: np.ndarray
+    delta: np.ndarray
+    fmask: np.ndarray
+    bmask: np.ndarray
+    mask_batch: np.ndarray
+    mask_kind: int
+    causal: bool
+    group: int
+    block_q: int
+    block_k: int
+    splits: int
+    bounds: np.ndarray
+    has_score_mod: bool
+    tile_kinds: np.ndarray
+    drop_threshold: np.uint64
+    drop_keep: float
+    seed_lo: np.uint64
+    seed_hi: np.uint64
+    gemm_kind: int
+    gemm_fn: int
+    dm_rows: bool
+    dm_cols: bool
+    want_dm: bool
+    dq_part: np.ndarray
+    dk: np.ndarray
+    dv: np.ndarray
+    dm: np.ndarray
+
+
+#: the mods and the score_mod's derivative the kernels below call; ``backward_kernel`` re-binds them
+_SCORE_MOD = no_score_mod
+_SCORE_GRAD = no_score_grad
+_MASK_MOD = no_mask_mod
+
+
+@njit(cache=_CACHE, fastmath=_FM, error_model="numpy")
+def _bwd_task(task, args, mod_args, per_tile):
+    """One parallel task: the key tiles ``bounds[s] ... bounds[s + 1] - 1`` of one (batch, kv head)."""
+    B, Hq, L, E = args.qs.shape
+    H = args.k.shape[1]
+    S = args.k.shape[2]
+    Ev = args.v.shape[3]
+    dt = args.dk.dtype
+    drop_threshold, drop_scale, seed_lo, seed_hi = args.drop_threshold, args.drop_keep, args.seed_lo, args.seed_hi
+    consts = np.array([-np.inf, 0.0, drop_scale], dtype=dt)  # typed constants: no float64 promotion
+    neg_inf = consts[0]
+    zero = consts[1]
+    keep = consts[2]
+    dropping = drop_threshold > 0 or keep != 1.0
+    b = task // (H * args.splits)
+    rest = task - b * (H * args.splits)
+    hk = rest // args.splits
+    s = rest - hk * args.splits
+    mb = args.mask_batch[b]
+    tile_b = b if args.tile_kinds.shape[0] > 1 else 0
+    # per-task scratch, reused by every tile pair
+    pt_buf = np.empty(args.block_k * args.block_q, dtype=dt)  # transposed scores, then weights P^T
+    dpt_buf = np.empty(args.block_k * args.block_q, dtype=dt)  # dP^T, then dS^T
+    zt_buf = np.empty(args.block_k * args.block_q if dropping else 1, dtype=dt)  # dropout multipliers
+    gt_buf = np.empty(args.block_k * args.block_q if args.has_score_mod else 1, dtype=dt)  # score_mod derivative
+    pzt_buf = np.empty(args.block_k * args.block_q if dropping else 1, dtype=dt)  # P^T * Z
+    dk_acc = np.empty((args.block_k, E), dtype=dt)
+    dv_acc = np.empty((args.block_k, Ev), dtype=dt)
+    ts = np.empty(args.block_k * args.fq, dtype=dt)  # one forward-shaped block of scores
+    for kb in range(args.bounds[s], args.bounds[s + 1]):
+        j0 = kb * args.block_k
+        j1 = min(j0 + args.block_k, S)
+        nk = j1 - j0
+        kt = args.k[b, hk, j0:j1]
+        vt = args.v[b, hk, j0:j1]
+        dk_acc[:nk] = zero
+        dv_acc[:nk] = zero
+        q_first = (
+            (j0 // args.block_q) * args.block_q if args.causal else 0
+        )  # earlier query tiles see none of these keys
+        for h in range(hk * args.group, (hk + 1) * args.group):
+            tile_h = h if args.tile_kinds.shape[1] > 1 else 0
+            for i0 in range(q_first, L, args.block_q):
+                i1 = min(i0 + args.block_q, L)
+                nq = i1 - i0
+                tile = TILE_FULL
+                if per_tile:
+                    tile = args.tile_kinds[tile_b, tile_h, i0 // args.block_q, kb]
+                    if tile == TILE_EMPTY:  # the mask_mod hides every element: nothing flows
+                        continue
+                qi = args.qs[b, h, i0:i1]
+                doi = args.do[b, h, i0:i1]
+                lr = args.lrow[b, h, i0:i1]
+                dr = args.delta[b, h, i0:i1]
+                pt = pt_buf[: nk * nq].reshape((nk, nq))
+                dpt = dpt_buf[: nk * nq].reshape((nk, nq))
+                # scaled scores, as the forward computed them: one product per forward query tile
+                # of args.fq rows, with its operand layout (BLAS rounds differently for other shapes, and
+                # weights recomputed from other roundings of the scores disagree with lse and out)
+                # no mod and no mask on this tile: the weights straight from the products
+                plain = (
+                    not args.has_score_mod
+                    and tile != TILE_PARTIAL
+                    and args.mask_kind == MASK_NONE
+                    and not (args.causal and j1 - 1 > i0)
+                )
+                for c0 in range(0, nq, args.fq):
+                    w = min(args.fq, nq - c0)
+                    tsw = ts[: nk * w].reshape((nk, w))
+                    tile_gemm(
+                        args.gemm_kind,
+                        args.gemm_fn,
+                        kt,
+                        args.qst[b, h, (i0 + c0) // args.fq, : E * w].reshape((E, w)),
+                        tsw,
+                    )
+                    lrw = lr[c0 : c0 + w]
+                    for c in range(nk):  # 1-D row views: indexing with an offset does not vectorise
+                        prow = pt[c, c0 : c0 + w]
+                        trow = tsw[c]
+                        if plain:
+                            for r in range(w):
+                                prow[r] = fast_exp(trow[r] - lrw[r])
+                        else:
+                            for r in range(w):
+                                prow[r] = trow[r]
+                if args.has_score_mod:
+                    gt = gt_buf[: nk * nq].reshape((nk, nq))
+                    for c in range(nk):
+                        for r in range(nq):
+                            x = pt[c, r]
+                            gt[c, r] = _SCORE_GRAD(x, b, h, i0 + r, j0 + c, *mod_args)
+                            pt[c, r] = _SCORE_MOD(x, b, h, i0 + r, j0 + c, *mod_args)
+                if tile == TILE_PARTIAL:
+                    for c in range(nk):
+                        for r in range(nq):
+                            if not _MASK_MOD(b, h, i0 + r, j0 + c, *mod_args):
+                                pt[c, r] = neg_inf
+                # weights, one specialised straight loop per mask kind; args.lrow is lse with -inf (a
+                # row with no visible key) replaced by +inf, so its weights come out 0
+                if args.mask_kind == MASK_FLOAT:
+                    for c in range(nk):
+                        for r in range(nq):
+                            mv = args.fmask[mb, h, i0 + r, j0 + c]
+                            x = neg_inf if mv == neg_inf else pt[c, r] + mv  # -inf hides even NaN
+                            pt[c, r] = fast_exp(x - lr[r])
+                elif args.mask_kind == MASK_BOOL:
+                    for c in range(nk):
+                        for r in range(nq):
+                            x = pt[c, r] if args.bmask[mb, h, i0 + r, j0 + c] else neg_inf
+                            pt[c, r] = fast_exp(x - lr[r])
+                elif args.causal and j1 - 1 > i0:  # tile crosses the diagonal
+                    for c in range(nk):
+                        first = j0 + c - i0  # rows r < first cannot see key j0 + c
+                        for r in range(nq):
+                            x = pt[c, r] if r >= first else neg_inf
+                            pt[c, r] = fast_exp(x - lr[r])
+                elif not plain:  # a score_mod or a partial block without another mask
+                    for c in range(nk):
+                        for r in range(nq):
+                            pt[c, r] = fast_exp(pt[c, r] - lr[r])
+                pz = pt
+                if dropping:
+                    zt = zt_buf[: nk * nq].reshape((nk, nq))
+                    keep_scale(seed_lo, seed_hi, b, h, i0, nq, j0, nk, drop_threshold, keep, zt)
+                    pz = pzt_buf[: nk * nq].reshape((nk, nq))
+                    for c in range(nk):
+                        for r in range(nq):
+                            pz[c, r] = pt[c, r] * zt[c, r]
+                gemm_acc(pz, doi, dv_acc[:nk], False)  # dV_j += (P Z)^T dO_i (the tile is transposed)
+                np.dot(vt, doi.T, dpt)  # dP^T
+                if dropping:
+                    for c in range(nk):
+                        for r in range(nq):
+                            dpt[c, r] = pt[c, r] * (dpt[c, r] * zt[c, r] - dr[r])
+                else:
+                    for c in range(nk):
+                        for r in range(nq):
+                            dpt[c, r] = pt[c, r] * (dpt[c, r] - dr[r])
+                if args.want_dm:  # the float mask's gradient is dS (after the score_mod)
+                    for c in range(nk):
+                        col = j0 + c if args.dm_cols else kb
+                        for r in range(nq):
+                            args.dm[b, h, i0 + r if args.dm_rows else 0, col] += dpt[c, r]
+                if args.has_score_mod:  # chain rule through the score_mod; 0 where the weight is 0
+                    for c in range(nk):
+                        for r in range(nq):
+                            dpt[c, r] = dpt[c, r] * gt[c, r] if pt[c, r] != zero else zero
+                gemm_acc(dpt, qi, dk_acc[:nk], False)  # dK_j += dS^T (scale Q_i)
+                gemm_acc(dpt, kt, args.dq_part[s, b, h, i0:i1], True)  # dQ_i += dS K_j (scaled at the end)
+        for c in range(nk):
+            for e in range(E):
+                args.dk[b, hk, j0 + c, e] = dk_acc[c, e]
+            for e in range(Ev):
+                args.dv[b, hk, j0 + c, e] = dv_acc[c, e]
+
+
+@njit(parallel=True, cache=_CACHE, fastmath=_FM, error_model="numpy")
+def _flash_backward(args, mod_args):
+    """Gradients of ``out = softmax(scale * q @ k.T + mask) @ v`` per (batch, head), tiled, with
+    ``args`` a :class:`BackwardArgs` (the fields below) and ``mod_args`` the mods' arguments.
+
+    From :func:`_backward_prologue`: ``qs`` = scale * q (B, Hq, L, E) and its copy ``qst`` in the
+    forward's operand layout (blocks of ``fq`` rows, each transposed), ``delta`` = rowsum(dO * O)
+    and ``lrow`` = the forward's lse with -inf replaced by +inf (B, Hq, L). k (B, H, S, E),
+    v (B, H, S, Ev), do (B, Hq, L, Ev), all C order. Writes dk (B, H, S, E), dv (B, H, S, Ev)
+    (summed over each GQA group) and the splits' unscaled dQ accumulators ``dq_part``
+    (splits, B, Hq, L, E), zeroed by the caller and summed by :func:`_backward_epilogue`.
+
+    Masks, ``causal``, mods (``has_score_mod``, ``tile_kinds`` at these tile sizes) and
+    the dropout fields are the forward kernel's (``engine.kernels.cpu.flash_fwd.FlashArgs``), as are
+    ``gemm_kind``/``gemm_fn``: the scores are recomputed by the forward's tile-product provider. ``splits``
+    and ``bounds`` (int64, splits + 1 entries from 0 to ceil(S / block_k)) cut each head's key
+    tiles into the tasks' runs. With ``want_dm``, ``dm`` (float64, B, Hq, L or 1, S or number of
+    key tiles, zeroed) receives the float mask's gradient dS: per row when ``dm_rows`` (else
+    summed over rows), per key when ``dm_cols`` (else summed per key tile).
+    """
+    B = args.qs.shape[0]
+    H = args.k.shape[1]
+    per_tile = args.tile_kinds.shape[2] > 1 or args.tile_kinds.shape[3] > 1 or args.tile_kinds[0, 0, 0, 0] != TILE_FULL
+    for task in prange(B * H * args.splits):
+        # the index is int64 when typed, uint64 when lowered: one type, one compilation of the task
+        _bwd_task(np.int64(task), args, mod_args, per_tile)
+
+
+# prologue and epilogue: O(L) work, single-threaded (a parallel loop would cost more compile time
+# than it saves: they are under 1% of a call)
+@njit(cache=_CACHE, error_model="numpy")
+def _backward_prologue(q, o, do, lse, scale, fq, qs, qst, delta, lrow):
+    """``qs = scale * q`` (scores and dK then carry the scale), rounded as the forward rounds it;
+    ``qst[b, h, t]``: rows ``t*fq ...`` of ``qs`` transposed, ``(E, rows)`` in C order, as the
+    forward's score products read them; ``delta = rowsum(dO * O)``; ``lrow`` = lse with -inf (a
+    row with no visible key) replaced by +inf, so that exp(score - lrow) is 0 on such rows.
+    Ev >= 1."""
+    B, Hq, L, E = q.shape
+    Ev = o.shape[3]
+    for b in range(B):
+        for h in range(Hq):
+            for i in range(L):
+                t = i // fq
+                w = min(fq, L - t * fq)
+                r = i - t * fq
+                for e in range(E):
+                    x = q[b, h, i, e] * scale
+                    qs[b, h, i, e] = x
+                    qst[b, h, t, e * w + r] = x
+                acc = do[b, h, i, 0] * o[b, h, i, 0]
+                for e in range(1, Ev):
+                    acc += do[b, h, i, e] * o[b, h, i, e]
+                delta[b, h, i] = acc
+                x = lse[b, h, i]
+                lrow[b, h, i] = -x if x == -np.inf else x
+
+
+@njit(cache=_CACHE, error_model="numpy")
+def _backward_epilogue(dq_part, scale, dq):
+    """dQ = scale * (the splits' accumulators summed in split order)."""
+    S, B, Hq, L, E = dq_part.shape
+    for b in range(B):
+        for h in range(Hq):
+            for i in range(L):
+                for e in range(E):
+                    acc = dq_part[0, b, h, i, e]
+                    for s in range(1, S):
+                        acc += dq_part[s, b, h, i, e]
+                    dq[b, h, i, e] = acc * scale
+
+
+_with_mods: dict = {}
+
+
+def backward_kernel(score_mod, score_grad, mask_mod):
+    """The backward kernel for these mods (``None`` for none) and the score_mod's compiled
+    derivative: ``_flash_backward`` itself without mods, else the same code with ``_SCORE_MOD``,
+    ``_SCORE_GRAD`` and ``_MASK_MOD`` bound to them, built once per process per triple and
+    disk-cached for the built-in variants' mods as the forward's
+    (``engine.kernels.cpu.flash_fwd.flash_kernel``)."""
+    if score_mod is None and mask_mod is None:
+        return _flash_backward
+    key = (score_mod, score_grad, mask_mod)
+    if key not in _with_mods:
+        tag = cache_tag(score_mod, score_grad, mask_mod)
+        cache = {"cache": True} if tag else {}
+        env = dict(
+            globals(),
+            _SCORE_MOD=score_mod or no_score_mod,
+            _SCORE_GRAD=score_grad or no_score_grad,
+            _MASK_MOD=mask_mod or no_mask_mod,
+        )
+        task = njit(fastmath=_FM, error_model="numpy", **cache)(
+            named(_bwd_task.py_func.__code__, env, "_bwd_task_mods", tag)
+        )
+        env = dict(globals(), _bwd_task=task)
+        _with_mods[key] = njit(parallel=True, fastmath=_FM, error_model="numpy", **cache)(
+            named(_flash_backward.py_func.__code__, env, "_flash_backward_mods", tag)
+        )
+    return _with_mods[key]

@@ -1,0 +1,350 @@
+"""The tiled flash-attention forward kernel of the ``cpu`` backend.
+
+One parallel task per (batch, query head, query tile). Each task walks the key tiles, computes the
+*transposed* tile of scores ``st = k_tile @ (scale * q_tile).T`` with BLAS (``np.dot`` on
+contiguous blocks), and folds it into a running row maximum, running sum and output accumulator
+(online softmax), so no L x S matrix ever exists: working memory is O(tile) per task and the
+output is the only O(L) allocation.
+
+Why transposed: with keys along the rows of ``st`` and queries along its columns, every per-query
+quantity (running max, shift, sum) is a contiguous vector, and the max, exp and sum passes are
+element-wise loops over query columns, which LLVM vectorises; per-row horizontal reductions do not
+vectorise in Numba. The second product takes ``st.T`` (an F-ordered view), which BLAS reads as a
+transposed operand at no cost.
+
+BLAS must not start its own threads inside our parallel tasks (oversubscription cost 3x at
+L = 4096): the wrapper holds OpenBLAS at one thread during the call, or, where it cannot, sizes
+the tiles below OpenBLAS's multithreading threshold.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit, prange
+
+from ...runtime.jit_cache import cache_enabled
+from ..fastexp import fast_exp
+from ..identity_mods import no_mask_mod, no_score_mod
+from ..kinds import MASK_BOOL, MASK_FLOAT, TILE_EMPTY, TILE_FULL, TILE_PARTIAL
+from ..philox import keep_scale
+from ..specialise import cache_tag, named
+from .tile_ops import _FM, _half_buffer, _scaled_q, _score_scale, _scores_gemm, _values_gemm
+
+_CACHE = cache_enabled()
+
+
+#: keys per partial row sum of the weights (see ``_flash_task``)
+_SUM_CHUNK = 32
+
+
+class FlashArgs(NamedTuple):
+    """Everything the forward kernel reads but the mods' arguments, built in one place (the
+    ``cpu`` backend's forward op) and passed as one value through the parallel driver to each task
+    (see :func:`_flash_forward` for what each field holds)."""
+
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    fmask: np.ndarray
+    bmask: np.ndarray
+    mask_batch: np.ndarray
+    mask_kind: int
+    causal: bool
+    causal_offset: int
+    scale: float
+    group: int
+    block_q: int
+    block_k: int
+    sub_tiles: int
+    has_score_mod: bool
+    tile_kinds: np.ndarray
+    drop_threshold: np.uint64
+    drop_keep: float
+    seed_lo: np.uint64
+    seed_hi: np.uint64
+    gemm_kind: int
+    gemm_fn: int
+    out: np.ndarray
+    lse: np.ndarray
+
+
+#: the mods the kernels below call; ``flash_kernel`` re-binds these names for other mods
+_SCORE_MOD = no_score_mod
+_MASK_MOD = no_mask_mod
+
+
+@njit(cache=_CACHE, fastmath=_FM, error_model="numpy")
+def _flash_task(task, args, mod_args, per_tile):
+    """One parallel task: ``sub_tiles`` query tiles of one (batch, head)."""
+    B, Hq, L, E = args.q.shape
+    S = args.k.shape[2]
+    Ev = args.v.shape[3]
+    dt = args.out.dtype
+    rows = args.block_q * args.sub_tiles
+    nqb = (L + rows - 1) // rows
+    drop_threshold, drop_scale, seed_lo, seed_hi = args.drop_threshold, args.drop_keep, args.seed_lo, args.seed_hi
+    # typed constants: no float64 promotion
+    consts = np.array([-np.inf, 0.0, drop_scale, _score_scale(args.q, args.scale)], dtype=dt)
+    neg_inf = consts[0]
+    zero = consts[1]
+    keep = consts[2]
+    post_scale = consts[3]
+    dropping = drop_threshold > 0 or keep != 1.0
+    b = task // (Hq * nqb)
+    rest = task - b * (Hq * nqb)
+    h = rest // nqb
+    t0 = (rest - h * nqb) * rows
+    t1 = min(t0 + rows, L)
+    nt = t1 - t0
+    hk = h // args.group
+    mb = args.mask_batch[b]
+    # per-task scratch, reused by every key tile; row state indexed by row - t0
+    qt = np.empty((args.sub_tiles, E * args.block_q), dtype=args.q.dtype)  # (scale * q_sub_tile).T, (E, nq) each
+    half = _half_buffer(args.q, args.block_k * args.block_q)  # 16-bit operands: the probabilities, rounded
+    st_buf = np.empty(args.block_k * args.block_q, dtype=dt)  # transposed scores, then probabilities
+    pv_buf = np.empty(args.block_q * Ev, dtype=dt)
+    acc = np.zeros((nt, Ev), dtype=dt)
+    m = np.full(nt, neg_inf, dtype=dt)  # running max per query row
+    l = np.zeros(nt, dtype=np.float64)  # running sum per query row (float64: see below)
+    tm = np.empty(args.block_q, dtype=dt)
+    shift = np.empty(args.block_q, dtype=dt)
+    alpha = np.empty(args.block_q, dtype=dt)
+    ts = np.empty(args.block_q, dtype=np.float64)
+    tc = np.empty(args.block_q, dtype=dt)
+    zt_buf = np.empty(args.block_k * args.block_q if dropping else 1, dtype=dt)  # dropout multipliers
+    for r in range(nt):
+        sub = r // args.block_q
+        rr = r - sub * args.block_q
+        nqs = min(args.block_q, nt - sub * args.block_q)  # rows of this sub-tile
+        for e in range(E):
+            qt[sub, e * nqs + rr] = _scaled_q(args.q[b, h, t0 + r, e], args.scale)
+    kend = max(0, min(S, t1 + args.causal_offset)) if args.causal else S
+    for j0 in range(0, kend, args.block_k):
+        j1 = min(j0 + args.block_k, kend)
+        nk = j1 - j0
+        kt = args.k[b, hk, j0:j1]
+        vt = args.v[b, hk, j0:j1]
+        for sub in range(args.sub_tiles):
+            i0 = t0 + sub * args.block_q
+            i1 = min(i0 + args.block_q, t1)
+            if i0 >= i1 or (args.causal and j0 > i1 - 1 + args.causal_offset):  # no rows, or all above the diagonal
+                continue
+            tile = TILE_FULL
+            if per_tile:
+                tile = args.tile_kinds[
+                    b if args.tile_kinds.shape[0] > 1 else 0,
+                    h if args.tile_kinds.shape[1] > 1 else 0,
+                    i0 // args.block_q,
+                    j0 // args.block_k,
+                ]
+                if tile == TILE_EMPTY:  # the mask_mod hides every element: skip the tile
+                    continue
+            nq = i1 - i0
+            o = i0 - t0
+            st = st_buf[: nk * nq].reshape((nk, nq))
+            _scores_gemm(args.gemm_kind, args.gemm_fn, kt, qt[sub, : E * nq].reshape((E, nq)), st)
+            if post_scale != 1.0:
+                for c in range(nk):
+                    for r in range(nq):
+                        st[c, r] *= post_scale
+            if args.has_score_mod:
+                for c in range(nk):
+                    for r in range(nq):
+                        st[c, r] = _SCORE_MOD(st[c, r], b, h, i0 + r, j0 + c, *mod_args)
+            if tile == TILE_PARTIAL:
+                for c in range(nk):
+                    for r in range(nq):
+                        if not _MASK_MOD(b, h, i0 + r, j0 + c, *mod_args):
+                            st[c, r] = neg_inf
+            # masking: one specialised straight loop per kind, writing -inf where hidden
+            if args.mask_kind == MASK_FLOAT:
+                for c in range(nk):
+                    for r in range(nq):
+                        mv = args.fmask[mb, h, i0 + r, j0 + c]
+                        st[c, r] = neg_inf if mv == neg_inf else st[c, r] + mv  # -inf hides even NaN
+            elif args.mask_kind == MASK_BOOL:
+                for c in range(nk):
+                    for r in range(nq):
+                        if not args.bmask[mb, h, i0 + r, j0 + c]:
+                            st[c, r] = neg_inf
+            elif args.causal and j1 - 1 > i0 + args.causal_offset:  # tile crosses the diagonal
+                for c in range(nk):
+                    first = min(j0 + c - i0 - args.causal_offset, nq)  # rows r < first cannot see key j0 + c
+                    for r in range(first):
+                        st[c, r] = neg_inf
+            # column maxima: NumPy's ufunc loop over whole rows vectorises (5x a per-element
+            # select into tm here, which LLVM keeps scalar); a NaN makes its column's max NaN,
+            # which leaves the running max as it was and the row NaN through exp, as before
+            tmq = tm[:nq]
+            tmq[:] = neg_inf
+            for c in range(nk):
+                np.maximum(tmq, st[c], tmq)
+            # new running max; a row with nothing visible yet shifts by 0 so its -inf -> 0
+            # (and all-NaN rows stay NaN); alpha rescales what was accumulated before
+            rescale = False
+            for r in range(nq):
+                mo = m[o + r]
+                mn = tm[r] if tm[r] > mo else mo
+                sh = mn if mn > neg_inf else zero
+                a = fast_exp(mo - sh)
+                shift[r] = sh
+                alpha[r] = a
+                m[o + r] = mn
+                ts[r] = 0.0
+                rescale |= a != 1.0
+            # chunks of keys summed in dt, the chunk sums in float64: a float32 sum over a whole
+            # tile would lose about sqrt(args.block_k) ulps, which args.lse and the backward's weights inherit.
+            # Two key rows per sweep (two independent exp chains: 15% here); _SUM_CHUNK is even
+            for c0 in range(0, nk, _SUM_CHUNK):
+                c1 = min(c0 + _SUM_CHUNK, nk)
+                tc[:nq] = zero
+                c = c0
+                while c + 2 <= c1:
+                    s0 = st[c]
+                    s1 = st[c + 1]
+                    for r in range(nq):
+                        sh = shift[r]
+                        p0 = fast_exp(s0[r] - sh)
+                        p1 = fast_exp(s1[r] - sh)
+                        s0[r] = p0
+                        s1[r] = p1
+                        tc[r] += p0 + p1
+                    c += 2
+                if c < c1:
+                    s0 = st[c]
+                    for r in range(nq):
+                        p0 = fast_exp(s0[r] - shift[r])
+                        s0[r] = p0
+                        tc[r] += p0
+                for r in range(nq):
+                    ts[r] += tc[r]
+            for r in range(nq):
+                l[o + r] = l[o + r] * alpha[r] + ts[r]
+            if dropping:  # the sum above (so args.lse) is of the kept and dropped weights, as torch
+                zt = zt_buf[: nk * nq].reshape((nk, nq))
+                keep_scale(seed_lo, seed_hi, b, h, i0, nq, j0, nk, drop_threshold, keep, zt)
+                for c in range(nk):
+                    for r in range(nq):
+                        st[c, r] *= zt[c, r]
+            pv = pv_buf[: nq * Ev].reshape((nq, Ev))
+            _values_gemm(args.gemm_kind, args.gemm_fn, st, half, vt, pv)
+            if rescale:
+                for r in range(nq):
+                    a = alpha[r]
+                    if a == zero:  # the old terms' weights underflowed: drop them (an inf stays args.out)
+                        for c in range(Ev):
+                            acc[o + r, c] = pv[r, c]
+                        continue
+                    for c in range(Ev):
+                        acc[o + r, c] = acc[o + r, c] * a + pv[r, c]
+            else:
+                for r in range(nq):
+                    for c in range(Ev):
+                        acc[o + r, c] += pv[r, c]
+    for r in range(nt):
+        total = l[r]
+        if total > 0.0 or total != total:
+            inv = 1.0 / total
+            for c in range(Ev):
+                args.out[b, h, t0 + r, c] = acc[r, c] * inv
+            args.lse[b, h, t0 + r] = m[r] + np.log(total)
+        else:
+            for c in range(Ev):
+                args.out[b, h, t0 + r, c] = zero
+            args.lse[b, h, t0 + r] = neg_inf
+
+
+# error_model="numpy": a float division by zero gives inf/NaN instead of raising, so divisions
+# (ours and those of inlined mods) carry no zero check and their loops vectorise (10x for tanh)
+@njit(parallel=True, cache=_CACHE, fastmath=_FM, error_model="numpy")
+def _flash_forward(args, mod_args):
+    """out[b, h] = softmax(scale * q[b, h] @ k[b, h // group].T + mask) @ v[b, h // group], with
+    ``args`` a :class:`FlashArgs` (the fields below) and ``mod_args`` the mods' argument tuple (a
+    separate argument: a parallel loop cannot take a tuple inside a tuple).
+
+    q (B, Hq, L, E), k (B, H, S, E), v (B, H, S, Ev), out (B, Hq, L, Ev), lse (B, Hq, L): C order.
+    ``fmask`` (float, added) and ``bmask`` (bool, True = may attend), each (Bm, Hq, L, S), may be
+    zero-stride views; ``mask_batch[b]`` selects their first index. ``mask_kind`` says which one
+    applies: MASK_NONE, MASK_BOOL or MASK_FLOAT; the other is a dummy. Both are always passed so
+    that one compiled signature per dtype serves every kind (compile time). ``causal``: row i
+    sees keys j <= i + ``causal_offset`` (0: top left; S - L: bottom right); key tiles right of
+    the diagonal are skipped and only tiles crossing it are masked. Rows with no visible key get zeros and
+    lse = -inf; NaN scores propagate to their rows (out and lse NaN).
+
+    ``score_mod(score, b, h, q_idx, kv_idx, *mod_args)`` rewrites each scaled score (before the
+    masks) when ``has_score_mod``. ``tile_kinds`` (Bt, Ht, ceil(L / block_q), ceil(S / block_k))
+    int8 is the ``mask_mod``'s tile map at these tile sizes (Bt/Ht 1 when it does not depend on
+    b/h): empty tiles are skipped, ``mask_mod(b, h, q_idx, kv_idx, *mod_args)`` is evaluated per
+    element in partial ones only. Without a ``mask_mod`` it is a (1, 1, 1, 1) array of TILE_FULL,
+    ``has_score_mod`` False and ``mod_args`` ``()``.
+
+    ``drop_threshold``, ``drop_keep`` (1 / (1 - p)), ``seed_lo``, ``seed_hi`` (uint64, float,
+    uint64, uint64) are the dropout: with a threshold > 0, each weight is kept and scaled by 1 / (1 - p), or dropped, as
+    ``engine.kernels.philox.keep_scale`` decides from (b, h, i, j) alone; ``lse`` stays that of
+    the weights before dropout. ``0, 1.0, 0, 0`` without dropout.
+
+    ``gemm_kind``/``gemm_fn``: the provider of both tile products and its C function address for
+    this dtype (see ``engine.kernels.cpu.gemm.tile_gemm``); ``GEMM_NUMPY`` and 0 is ``np.dot``.
+    16-bit operands: q, k, v are uint16 bit patterns, ``gemm_fn`` a mixed-precision GEMM
+    (``tile_gemm_16``) and ``gemm_kind`` ``GEMM_CBLAS_BF16`` or ``GEMM_CBLAS_F16`` (which format
+    the probabilities are rounded to); ``out``/``lse`` are float32.
+
+    A task owns ``sub_tiles`` query tiles of ``block_q`` rows and walks the key tiles once for all
+    of them, so each key/value tile is read from memory once and reused from cache by every
+    sub-tile (at L = 4096 one head's K and V no longer fit in L2).
+    """
+    per_tile = args.tile_kinds.shape[2] > 1 or args.tile_kinds.shape[3] > 1 or args.tile_kinds[0, 0, 0, 0] != TILE_FULL
+    rows = args.block_q * args.sub_tiles
+    for task in prange(args.q.shape[0] * args.q.shape[1] * ((args.q.shape[2] + rows - 1) // rows)):
+        # the index is int64 when typed, uint64 when lowered: one type, one compilation of the task
+        _flash_task(np.int64(task), args, mod_args, per_tile)
+
+
+_with_mods: dict = {}
+_mods_tasks: dict = {}
+
+
+def flash_kernel(score_mod, mask_mod, serial=False):
+    """The kernel for these mods (``None`` for none): ``_flash_forward`` itself without mods, else
+    the same code with ``_SCORE_MOD``/``_MASK_MOD`` bound to the caller's mods, built once per
+    process per pair.
+
+    ``serial=True`` gives the same code compiled without ``parallel`` (``prange`` runs as
+    ``range``), for calls too small to pay for waking the thread pool (whose spinning workers also
+    slow the Python code that runs right after a parallel call on a busy machine).
+
+    The mods are globals of the compiled code, not arguments: Numba then calls them directly
+    (inlined, vectorised), and the kernel without mods loads from Numba's disk cache (a function
+    argument would put a function type in the signature, which never matches after unpickling).
+    Kernels with the built-in variants' mods (modules under ``variants`` or ``engine``) are
+    disk-cached under a name tagged by :func:`~engine.kernels.specialise.cache_tag`; kernels with
+    other mods are compiled once per process.
+    """
+    if score_mod is None and mask_mod is None:
+        return _flash_forward_serial if serial else _flash_forward
+    key = (score_mod, mask_mod, serial)
+    if key not in _with_mods:
+        tag = cache_tag(score_mod, mask_mod)
+        cache = {"cache": True} if tag else {}
+        if (score_mod, mask_mod) not in _mods_tasks:
+            task_env = dict(globals(), _SCORE_MOD=score_mod or no_score_mod, _MASK_MOD=mask_mod or no_mask_mod)
+            _mods_tasks[score_mod, mask_mod] = njit(**_task_options, **cache)(
+                named(_flash_task.py_func.__code__, task_env, "_flash_task_mods", tag)
+            )
+        env = dict(globals(), _flash_task=_mods_tasks[score_mod, mask_mod])
+        name = "_flash_forward_mods" + ("_serial" if serial else "")
+        _with_mods[key] = njit(**(_task_options if serial else _kernel_options), **cache)(
+            named(_flash_forward.py_func.__code__, env, name, tag)
+        )
+    return _with_mods[key]
+
+
+_task_options = dict(fastmath=_FM, error_model="numpy")
+_kernel_options = dict(parallel=True, fastmath=_FM, error_model="numpy")
+
+
+#: the kernel without mods compiled without ``parallel`` (see ``flash_kernel``): a module global, so
+#: it is disk-cached and loaded like ``_flash_forward``
+_flash_forward_serial = njit(cache=_CACHE, **_task_options)(
+    named(_flash_forward.py_func.__code__, globals(), "_flash_forward_serial", None)
+)

@@ -1,0 +1,397 @@
+"""Which library computes the ``cpu`` kernels' tile products, chosen per machine at run time.
+
+The kernels call :func:`engine.kernels.cpu.gemm.tile_gemm` with a provider code and a C function
+pointer; this module finds the libraries, loads them once per process, and decides which one runs:
+
+=========  ======================================================================================
+name       what it is
+=========  ======================================================================================
+numpy      ``np.dot`` inside the kernel: SciPy's bundled OpenBLAS. Always available (the fallback)
+mkl        Intel oneMKL's CBLAS (``pip install mkl``; sequential layer), plus its bfloat16/float16
+           GEMMs, which reach AMX / AVX512-BF16 / AVX512-FP16 where the CPU has them
+openblas   a newer OpenBLAS (``pip install scipy-openblas32``), held at one thread
+=========  ======================================================================================
+
+MKL is loaded from ``<prefix>/lib/libmkl_rt.so*`` and set to its sequential threading layer, which
+is process-wide: where MKL was already set up with another layer (a NumPy built on MKL, say), the
+``mkl`` provider refuses with that reason rather than change it.
+
+BLIS (the ``blis`` package) and a register-blocked Numba loop are measured by
+``bench/tile_gemm.py`` but not offered: they lost on every machine measured.
+
+The choice: ``engine.set_gemm_provider(name)``, else the environment variable
+``ATTENTION_ENGINE_GEMM``, else ``auto``. ``auto`` is a rule per CPU vendor
+(:data:`engine.runtime.config.GEMM_AUTO_ORDER`: the first installed provider of the vendor's list; the
+figures behind it are in ``docs/performance.md`` and ``bench/tile_gemm.py``); ``calibrate`` times
+the installed candidates at the kernel's tile shapes once per process and dtype and keeps the
+fastest (about a second at first use, and timing noise on a busy machine can pick either of two
+providers within a few percent of each other, so it is opt-in). A provider that is forced but
+cannot load raises ``ValueError`` with the reason when it is set (or, from the environment, at
+the first call). Results differ between providers only by float rounding (each is tested
+against the ``reference`` backend).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import glob
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+
+from .config import (
+    GEMM_AUTO_DEFAULT,
+    GEMM_AUTO_ORDER,
+    GEMM_CALIBRATION_BLOCKS,
+    GEMM_CALIBRATION_CALLS,
+    GEMM_CALIBRATION_CANDIDATES,
+    GEMM_CALIBRATION_MARGIN,
+    GEMM_HALF_CPU_FLAGS,
+)
+
+__all__ = [
+    "GemmProvider",
+    "PROVIDERS",
+    "ENV_VAR",
+    "set_gemm_provider",
+    "get_gemm_provider",
+    "available_gemm_providers",
+    "gemm_provider_info",
+    "load_provider",
+    "cpu_flags",
+    "choose_fastest",
+    "auto_order",
+    "sixteen_bit_gemm",
+]
+
+#: names of every provider, in the order ``attention-engine list`` shows them
+PROVIDERS = ("mkl", "openblas", "numpy")
+ENV_VAR = "ATTENTION_ENGINE_GEMM"
+
+
+@dataclass
+class GemmProvider:
+    """A loaded provider: its kernel code, C function addresses per operand dtype name
+    (``float32``, ``float64``, and for mixed-precision GEMMs ``bfloat16``/``float16``), and what
+    it is (library and version) for listings."""
+
+    name: str
+    kind: int
+    functions: dict = field(default_factory=dict)
+    version: str = ""
+    #: keeps the loaded libraries alive for as long as their addresses are used
+    libraries: tuple = ()
+
+    def pointer(self, dtype_name: str) -> int:
+        """The address for operands of ``dtype_name`` (0 where the kind takes none)."""
+        return self.functions.get(dtype_name, 0)
+
+    def supports(self, dtype_name: str) -> bool:
+        from ..kernels.cpu.gemm import GEMM_CBLAS
+
+        return dtype_name in ("float32", "float64") and (self.kind != GEMM_CBLAS or dtype_name in self.functions)
+
+
+_lock = threading.Lock()
+_loaded: dict[str, GemmProvider | str] = {}  # name -> provider, or the reason it cannot load
+_forced: str | None = None
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def _lib_dirs() -> list[str]:
+    """Where pip puts shared libraries of packages like ``mkl`` and ``tbb``: ``<prefix>/lib``."""
+    return list(dict.fromkeys(os.path.join(p, "lib") for p in (sys.prefix, sys.base_prefix)))
+
+
+def _address(lib, name: str) -> int:
+    return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+
+
+def _load_numpy() -> GemmProvider:
+    from ..kernels.cpu.gemm import GEMM_NUMPY
+
+    return GemmProvider("numpy", GEMM_NUMPY, version=_scipy_openblas_version())
+
+
+#: MKL_Set_Threading_Layer's code for the sequential layer (mkl_service.h)
+_MKL_THREADING_SEQUENTIAL = 1
+
+
+def _load_mkl() -> GemmProvider:
+    from ..kernels.cpu.gemm import GEMM_CBLAS
+
+    paths = [p for d in _lib_dirs() for p in sorted(glob.glob(os.path.join(d, "libmkl_rt.so*")))]
+    if not paths:
+        raise OSError("libmkl_rt not found in " + ", ".join(_lib_dirs()) + " (pip install mkl)")
+    lib = ctypes.CDLL(paths[0])
+    # sequential: each parallel task's GEMM on its own core; MKL starting threads inside our
+    # threads would oversubscribe them. Returns the layer in force (another user may have fixed it)
+    lib.MKL_Set_Threading_Layer.restype = ctypes.c_int
+    layer = lib.MKL_Set_Threading_Layer(ctypes.c_int(_MKL_THREADING_SEQUENTIAL))
+    if layer != _MKL_THREADING_SEQUENTIAL:
+        raise OSError(f"MKL is already set up with threading layer {layer}, not sequential")
+    buf = ctypes.create_string_buffer(256)
+    lib.MKL_Get_Version_String(buf, 256)
+    functions = {"float32": _address(lib, "cblas_sgemm"), "float64": _address(lib, "cblas_dgemm")}
+    for dt, sym in (("bfloat16", "cblas_gemm_bf16bf16f32"), ("float16", "cblas_gemm_f16f16f32")):
+        if hasattr(lib, sym):
+            functions[dt] = _address(lib, sym)
+    return GemmProvider("mkl", GEMM_CBLAS, functions, buf.value.decode(errors="replace").strip(), (lib,))
+
+
+def _load_openblas() -> GemmProvider:
+    import scipy_openblas32
+
+    from ..kernels.cpu.gemm import GEMM_CBLAS
+
+    so = sorted(glob.glob(os.path.join(scipy_openblas32.get_lib_dir(), f"lib{scipy_openblas32.get_library()}.so*")))
+    if not so:
+        raise OSError(f"no lib{scipy_openblas32.get_library()}.so in {scipy_openblas32.get_lib_dir()}")
+    lib = ctypes.CDLL(so[0])
+    lib.scipy_openblas_set_num_threads(1)  # this copy serves only us; see the module docstring
+    lib.scipy_openblas_get_config.restype = ctypes.c_char_p
+    lib.scipy_openblas_get_corename.restype = ctypes.c_char_p
+    version = f"{lib.scipy_openblas_get_config().decode()} ({lib.scipy_openblas_get_corename().decode()} kernels)"
+    return GemmProvider(
+        "openblas",
+        GEMM_CBLAS,
+        {"float32": _address(lib, "scipy_cblas_sgemm"), "float64": _address(lib, "scipy_cblas_dgemm")},
+        version,
+        (lib,),
+    )
+
+
+_LOADERS = {"numpy": _load_numpy, "mkl": _load_mkl, "openblas": _load_openblas}
+
+
+def load_provider(name: str) -> GemmProvider | str:
+    """The provider ``name`` loaded (once per process), or a string saying why it cannot load."""
+    if name not in _LOADERS:
+        raise ValueError(f"unknown GEMM provider {name!r}; known: {', '.join(PROVIDERS)}")
+    with _lock:
+        if name not in _loaded:
+            try:
+                _loaded[name] = _LOADERS[name]()
+            except (ImportError, OSError, AttributeError) as exc:
+                _loaded[name] = f"{name}: {type(exc).__name__}: {exc}"
+        return _loaded[name]
+
+
+def _scipy_openblas_version() -> str:
+    try:
+        import scipy.linalg.cython_blas as cython_blas
+
+        lib = ctypes.CDLL(cython_blas.__file__)
+        for prefix in ("scipy_", ""):
+            if hasattr(lib, prefix + "openblas_get_config"):
+                get = getattr(lib, prefix + "openblas_get_config")
+                get.restype = ctypes.c_char_p
+                core = getattr(lib, prefix + "openblas_get_corename")
+                core.restype = ctypes.c_char_p
+                return f"SciPy's {get().decode()} ({core().decode()} kernels)"
+    except (ImportError, OSError, AttributeError):
+        pass
+    return "SciPy's BLAS"
+
+
+_MODES = ("auto", "calibrate")
+
+
+def _check_name(name) -> str:
+    if not isinstance(name, str) or (name not in _MODES and name not in _LOADERS):
+        raise ValueError(f"GEMM provider must be 'auto', 'calibrate' or one of {', '.join(PROVIDERS)}, got {name!r}")
+    return name
+
+
+def set_gemm_provider(name: str | None) -> None:
+    """Choose the provider of the ``cpu`` kernels' tile products: a name from
+    :data:`PROVIDERS`, ``"calibrate"`` (time the installed ones, keep the fastest), or ``None`` /
+    ``"auto"`` (the rule per CPU vendor). Overrides ``ATTENTION_ENGINE_GEMM``.
+
+    :raises ValueError: for an unknown name, or a provider that cannot load here (with the reason).
+    """
+    global _forced
+    if name is None or _check_name(name) == "auto":
+        _forced = None
+        return
+    if name == "calibrate":
+        _forced = name
+        return
+    got = load_provider(name)
+    if isinstance(got, str):
+        raise ValueError(f"GEMM provider {name!r} cannot be used on this machine: {got}")
+    _forced = name
+
+
+def _requested() -> str:
+    if _forced is not None:
+        return _forced
+    env = os.environ.get(ENV_VAR, "").strip() or "auto"
+    try:
+        return _check_name(env)
+    except ValueError as exc:
+        raise ValueError(f"{ENV_VAR}={env!r}: {exc}") from None
+
+
+def choose_fastest(seconds: dict[str, float], margin: float = GEMM_CALIBRATION_MARGIN) -> str:
+    """The provider to use from calibration times (seconds per call, lower is better): the
+    fastest, except that ``numpy`` is kept when it is within ``margin`` of it (no extra library
+    in the kernel's path for a gain below the noise). Ties go to the name first in ``seconds``."""
+    best = min(seconds, key=lambda n: seconds[n])
+    if "numpy" in seconds and seconds["numpy"] <= seconds[best] * (1.0 + margin):
+        return "numpy"
+    return best
+
+
+#: dtype name -> (chosen provider name, {provider: seconds}) for ``auto``, once per process
+_calibrated: dict[str, tuple[str, dict]] = {}
+
+
+def _calibrate(dtype_name: str, candidates: list[GemmProvider]) -> tuple[str, dict]:
+    """Time each candidate on the kernel's two tile products (thread CPU time, which time spent
+    descheduled by other processes does not count; best of several blocks)."""
+    import time
+
+    import numpy as np
+
+    from ..kernels.cpu.gemm import gemm_probe
+    from .config import CPU_BIG_BLOCK_Q, CPU_BLOCK_K
+
+    rng = np.random.default_rng(0)
+    dt = np.dtype(dtype_name)
+    bq, bk, e = CPU_BIG_BLOCK_Q, CPU_BLOCK_K, 64
+    kt, qt = rng.standard_normal((bk, e)).astype(dt), rng.standard_normal((e, bq)).astype(dt)
+    st, vt = np.empty((bk, bq), dt), rng.standard_normal((bk, e)).astype(dt)
+    pv = np.empty((bq, e), dt)
+    seconds = {}
+    for p in candidates:
+        fn = p.pointer(dtype_name)
+        gemm_probe(p.kind, fn, kt, qt, st, 1)  # compiles (or loads) the probe, warms the library
+        gemm_probe(p.kind, fn, st.T, vt, pv, 1)
+        best = float("inf")
+        for _ in range(GEMM_CALIBRATION_BLOCKS):
+            t = time.thread_time()
+            gemm_probe(p.kind, fn, kt, qt, st, GEMM_CALIBRATION_CALLS)
+            gemm_probe(p.kind, fn, st.T, vt, pv, GEMM_CALIBRATION_CALLS)
+            best = min(best, (time.thread_time() - t) / GEMM_CALIBRATION_CALLS)
+        seconds[p.name] = best
+    return choose_fastest(seconds), seconds
+
+
+@functools.lru_cache(maxsize=None)
+def _vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def auto_order(vendor: str | None = None) -> tuple:
+    """The providers ``auto`` tries on this CPU vendor, first installed first."""
+    return GEMM_AUTO_ORDER.get(_vendor() if vendor is None else vendor, GEMM_AUTO_DEFAULT)
+
+
+def get_gemm_provider(dtype_name: str = "float32") -> GemmProvider:
+    """The provider the next ``cpu`` kernel call uses for operands of ``dtype_name``.
+
+    Forced: that one, or ``numpy`` where it lacks this dtype. ``auto``: the first installed
+    provider of :func:`auto_order`. ``calibrate``: the fastest installed candidate (timed once per
+    process and dtype).
+
+    :raises ValueError: when ``ATTENTION_ENGINE_GEMM`` names an unknown or unloadable provider.
+    """
+    name = _requested()
+    if name not in _MODES:
+        got = load_provider(name)
+        if isinstance(got, str):
+            raise ValueError(f"{ENV_VAR}={name!r} cannot be used on this machine: {got}")
+        return got if got.supports(dtype_name) else load_provider("numpy")
+    if dtype_name not in ("float32", "float64"):
+        return load_provider("numpy")
+    if name == "auto":
+        for candidate in auto_order():
+            got = load_provider(candidate)
+            if not isinstance(got, str) and got.supports(dtype_name):
+                return got
+        return load_provider("numpy")
+    with _calibration_lock:
+        if dtype_name not in _calibrated:
+            candidates = [
+                p
+                for p in (load_provider(n) for n in GEMM_CALIBRATION_CANDIDATES)
+                if not isinstance(p, str) and p.supports(dtype_name)
+            ]
+            if len(candidates) <= 1:
+                _calibrated[dtype_name] = ("numpy", {})
+            else:
+                _calibrated[dtype_name] = _calibrate(dtype_name, candidates)
+        return load_provider(_calibrated[dtype_name][0])
+
+
+_calibration_lock = threading.Lock()
+
+
+def sixteen_bit_gemm(dtype_name: str) -> GemmProvider | None:
+    """The provider whose mixed-precision GEMM (16-bit operands, float32 accumulation) the ``cpu``
+    kernel uses for ``dtype_name`` (``bfloat16``/``float16``), or ``None``: then the inputs are
+    widened to float32 once and the float32 kernel runs.
+
+    MKL's, when the ``mkl`` provider is forced, or under ``auto``/``calibrate`` when MKL is
+    installed and the CPU has a flag of :data:`engine.runtime.config.GEMM_HALF_CPU_FLAGS` (AMX,
+    AVX512-BF16, AVX512-FP16).
+    """
+    name = _requested()
+    if name not in ("mkl", "auto", "calibrate"):
+        return None
+    if name != "mkl" and not set(GEMM_HALF_CPU_FLAGS.get(dtype_name, ())) & cpu_flags():
+        return None
+    got = load_provider("mkl")
+    if isinstance(got, str) or dtype_name not in got.functions:
+        return None
+    return got
+
+
+def available_gemm_providers() -> dict[str, str]:
+    """Every provider: its version string when it loads here, else why it does not."""
+    out = {}
+    for name in PROVIDERS:
+        got = load_provider(name)
+        out[name] = got if isinstance(got, str) else got.version
+    return out
+
+
+def gemm_provider_info() -> dict:
+    """What ``attention-engine list`` shows: how the provider is chosen, the one in use per dtype
+    (running the calibration if it has not run), the calibration's times, and every provider's
+    status (version, or why it cannot load)."""
+    in_use = {dt: get_gemm_provider(dt).name for dt in ("float32", "float64")}
+    for dt in ("bfloat16", "float16"):
+        half = sixteen_bit_gemm(dt)
+        in_use[dt] = f"{half.name} (16-bit GEMM)" if half else f"{in_use['float32']} (widened to float32)"
+    return {
+        "requested": _requested(),
+        "auto_order": list(auto_order()),
+        "in_use": in_use,
+        "calibration_us": {
+            dt: {n: round(t * 1e6, 1) for n, t in c[1].items()} for dt, c in _calibrated.items() if c[1]
+        },
+        "providers": available_gemm_providers(),
+    }
