@@ -35,7 +35,7 @@ from ...runtime.jit_cache import cache_enabled
 from ..fastexp import fast_exp
 from ..identity_mods import no_mask_mod, no_score_mod
 from ..lse_merge import _merge_row
-from ..specialise import cache_tag, named
+from ..mod_kernels import ModKernels, serial_version
 from .half_floats import BFLOAT16_BITS, bf16_bits_to_f32, f16_bits_to_f32
 from .nonfinite import redo_if_nonfinite
 from .tile_ops import _FM
@@ -417,37 +417,18 @@ def _decode(args, mod_args):
             _merge_row(args.part_out, args.part_lse, n, args.out, args.lse)
 
 
-_with_mods: dict = {}
-_mods_tasks: dict = {}
+_OPTIONS = dict(fastmath=_FM, error_model="numpy")
+#: the kernel without mods compiled without ``parallel``: disk-cached and loaded like ``_decode``
+_decode_serial = serial_version(_decode, _OPTIONS, _CACHE)
+_kernels = ModKernels(
+    _decode, _decode_task, {"_SCORE_MOD": no_score_mod, "_MASK_MOD": no_mask_mod}, _OPTIONS, _decode_serial
+)
+_with_mods = _kernels.built
 
 
 def decode_kernel(score_mod, mask_mod, serial=False):
     """The kernel for these mods (``None`` for none): ``_decode`` itself without mods, else the same
-    code with ``_SCORE_MOD``/``_MASK_MOD`` bound to them, built once per process per pair and
-    disk-cached for the engine's and built-in variants' mods (see ``cpu_flash_fwd.flash_kernel``).
+    code with ``_SCORE_MOD``/``_MASK_MOD`` bound to them (``engine.kernels.mod_kernels``).
     ``serial=True``: the same code compiled without ``parallel``, for calls too small to wake the
     thread pool for."""
-    if score_mod is None and mask_mod is None:
-        return _decode_serial if serial else _decode
-    key = (score_mod, mask_mod, serial)
-    if key not in _with_mods:
-        tag = cache_tag(score_mod, mask_mod)
-        cache = {"cache": True} if tag else {}
-        if (score_mod, mask_mod) not in _mods_tasks:
-            task_env = dict(globals(), _SCORE_MOD=score_mod or no_score_mod, _MASK_MOD=mask_mod or no_mask_mod)
-            _mods_tasks[score_mod, mask_mod] = njit(fastmath=_FM, error_model="numpy", **cache)(
-                named(_decode_task.py_func.__code__, task_env, "_decode_task_mods", tag)
-            )
-        env = dict(globals(), _decode_task=_mods_tasks[score_mod, mask_mod])
-        name = "_decode_mods" + ("_serial" if serial else "")
-        _with_mods[key] = njit(parallel=not serial, fastmath=_FM, error_model="numpy", **cache)(
-            named(_decode.py_func.__code__, env, name, tag)
-        )
-    return _with_mods[key]
-
-
-#: the kernel without mods compiled without ``parallel`` (see ``decode_kernel``): a module global,
-#: so it is disk-cached and loaded like ``_decode``
-_decode_serial = njit(cache=_CACHE, fastmath=_FM, error_model="numpy")(
-    named(_decode.py_func.__code__, globals(), "_decode_serial", None)
-)
+    return _kernels(score_mod, mask_mod, serial=serial)

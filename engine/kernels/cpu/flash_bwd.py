@@ -32,8 +32,8 @@ from ...runtime.jit_cache import cache_enabled
 from ..fastexp import fast_exp
 from ..identity_mods import no_mask_mod, no_score_mod
 from ..kinds import MASK_BOOL, MASK_FLOAT, MASK_NONE, TILE_EMPTY, TILE_FULL, TILE_PARTIAL
+from ..mod_kernels import ModKernels
 from ..philox import keep_scale
-from ..specialise import cache_tag, named
 from .blas import gemm_acc
 from .gemm import tile_gemm
 from .tile_ops import _FM
@@ -322,32 +322,19 @@ def _backward_epilogue(dq_part, scale, dq):
                     dq[b, h, i, e] = acc * scale
 
 
-_with_mods: dict = {}
+_kernels = ModKernels(
+    _flash_backward,
+    _bwd_task,
+    {"_SCORE_MOD": no_score_mod, "_SCORE_GRAD": no_score_grad, "_MASK_MOD": no_mask_mod},
+    dict(fastmath=_FM, error_model="numpy"),
+)
+_with_mods = _kernels.built
 
 
 def backward_kernel(score_mod, score_grad, mask_mod):
     """The backward kernel for these mods (``None`` for none) and the score_mod's compiled
     derivative: ``_flash_backward`` itself without mods, else the same code with ``_SCORE_MOD``,
-    ``_SCORE_GRAD`` and ``_MASK_MOD`` bound to them, built once per process per triple and
-    disk-cached for the built-in variants' mods as the forward's
-    (``engine.kernels.cpu.flash_fwd.flash_kernel``)."""
-    if score_mod is None and mask_mod is None:
+    ``_SCORE_GRAD`` and ``_MASK_MOD`` bound to them (``engine.kernels.mod_kernels``)."""
+    if score_mod is None and mask_mod is None:  # a derivative alone is the identity's: no mods
         return _flash_backward
-    key = (score_mod, score_grad, mask_mod)
-    if key not in _with_mods:
-        tag = cache_tag(score_mod, score_grad, mask_mod)
-        cache = {"cache": True} if tag else {}
-        env = dict(
-            globals(),
-            _SCORE_MOD=score_mod or no_score_mod,
-            _SCORE_GRAD=score_grad or no_score_grad,
-            _MASK_MOD=mask_mod or no_mask_mod,
-        )
-        task = njit(fastmath=_FM, error_model="numpy", **cache)(
-            named(_bwd_task.py_func.__code__, env, "_bwd_task_mods", tag)
-        )
-        env = dict(globals(), _bwd_task=task)
-        _with_mods[key] = njit(parallel=True, fastmath=_FM, error_model="numpy", **cache)(
-            named(_flash_backward.py_func.__code__, env, "_flash_backward_mods", tag)
-        )
-    return _with_mods[key]
+    return _kernels(score_mod, score_grad, mask_mod)

@@ -26,8 +26,8 @@ from ...runtime.jit_cache import cache_enabled
 from ..fastexp import fast_exp
 from ..identity_mods import no_mask_mod, no_score_mod
 from ..kinds import MASK_BOOL, MASK_FLOAT, TILE_EMPTY, TILE_FULL, TILE_PARTIAL
+from ..mod_kernels import ModKernels, serial_version
 from ..philox import keep_scale
-from ..specialise import cache_tag, named
 from .tile_ops import _FM, _half_buffer, _scaled_q, _score_scale, _scores_gemm, _values_gemm
 
 _CACHE = cache_enabled()
@@ -300,51 +300,20 @@ def _flash_forward(args, mod_args):
         _flash_task(np.int64(task), args, mod_args, per_tile)
 
 
-_with_mods: dict = {}
-_mods_tasks: dict = {}
+_OPTIONS = dict(fastmath=_FM, error_model="numpy")
+#: the kernel without mods compiled without ``parallel`` (see ``mod_kernels.serial_version``): a
+#: module global, so it is disk-cached and loaded like ``_flash_forward``
+_flash_forward_serial = serial_version(_flash_forward, _OPTIONS, _CACHE)
+_kernels = ModKernels(
+    _flash_forward, _flash_task, {"_SCORE_MOD": no_score_mod, "_MASK_MOD": no_mask_mod}, _OPTIONS, _flash_forward_serial
+)
+#: the kernels built for mods in this process, by (score_mod, mask_mod, serial)
+_with_mods = _kernels.built
 
 
 def flash_kernel(score_mod, mask_mod, serial=False):
     """The kernel for these mods (``None`` for none): ``_flash_forward`` itself without mods, else
     the same code with ``_SCORE_MOD``/``_MASK_MOD`` bound to the caller's mods, built once per
-    process per pair.
-
-    ``serial=True`` gives the same code compiled without ``parallel`` (``prange`` runs as
-    ``range``), for calls too small to pay for waking the thread pool (whose spinning workers also
-    slow the Python code that runs right after a parallel call on a busy machine).
-
-    The mods are globals of the compiled code, not arguments: Numba then calls them directly
-    (inlined, vectorised), and the kernel without mods loads from Numba's disk cache (a function
-    argument would put a function type in the signature, which never matches after unpickling).
-    Kernels with the built-in variants' mods (modules under ``variants`` or ``engine``) are
-    disk-cached under a name tagged by :func:`~engine.kernels.specialise.cache_tag`; kernels with
-    other mods are compiled once per process.
-    """
-    if score_mod is None and mask_mod is None:
-        return _flash_forward_serial if serial else _flash_forward
-    key = (score_mod, mask_mod, serial)
-    if key not in _with_mods:
-        tag = cache_tag(score_mod, mask_mod)
-        cache = {"cache": True} if tag else {}
-        if (score_mod, mask_mod) not in _mods_tasks:
-            task_env = dict(globals(), _SCORE_MOD=score_mod or no_score_mod, _MASK_MOD=mask_mod or no_mask_mod)
-            _mods_tasks[score_mod, mask_mod] = njit(**_task_options, **cache)(
-                named(_flash_task.py_func.__code__, task_env, "_flash_task_mods", tag)
-            )
-        env = dict(globals(), _flash_task=_mods_tasks[score_mod, mask_mod])
-        name = "_flash_forward_mods" + ("_serial" if serial else "")
-        _with_mods[key] = njit(**(_task_options if serial else _kernel_options), **cache)(
-            named(_flash_forward.py_func.__code__, env, name, tag)
-        )
-    return _with_mods[key]
-
-
-_task_options = dict(fastmath=_FM, error_model="numpy")
-_kernel_options = dict(parallel=True, fastmath=_FM, error_model="numpy")
-
-
-#: the kernel without mods compiled without ``parallel`` (see ``flash_kernel``): a module global, so
-#: it is disk-cached and loaded like ``_flash_forward``
-_flash_forward_serial = njit(cache=_CACHE, **_task_options)(
-    named(_flash_forward.py_func.__code__, globals(), "_flash_forward_serial", None)
-)
+    process per pair (``engine.kernels.mod_kernels``). ``serial=True``: the same code without
+    ``parallel``, for calls too small to pay for waking the thread pool."""
+    return _kernels(score_mod, mask_mod, serial=serial)

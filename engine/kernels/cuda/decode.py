@@ -41,6 +41,8 @@ from numba import cuda, float32, int64  # this module is imported only when the 
 
 from .bfloat16 import bf16_to_float32, float32_to_bf16
 from .flash_fwd import SHARED_LIMIT, _no_mask_mod, _no_score_mod, device_function, python_function
+from .signatures import decode_signature, merge_signature, write_signature
+from .storage import CACHE_BFLOAT16, CACHE_FLOAT16, CACHE_FLOAT32
 
 __all__ = [
     "CACHE_FLOAT32",
@@ -60,7 +62,6 @@ __all__ = [
 ]
 
 #: how a cache (or an output, or new entries) is stored: float32, float16, bfloat16 bits (uint16)
-CACHE_FLOAT32, CACHE_FLOAT16, CACHE_BFLOAT16 = 0, 1, 2
 
 _NEG_INF = np.float32(-np.inf)
 _ZERO = np.float32(0.0)
@@ -427,58 +428,3 @@ def write_kernel(cache_kind: int, key_kind: int, value_kind: int):
     """The ``cuda.jit`` dispatcher of ``_write_entries`` for these storage kinds."""
     key = ("write", int(cache_kind), int(key_kind), int(value_kind))
     return _cached(key, lambda: write_kernel_source(cache_kind, key_kind, value_kind))
-
-
-def _storage_type(kind: int):
-    from numba import types
-
-    return {CACHE_FLOAT32: types.float32, CACHE_FLOAT16: types.float16, CACHE_BFLOAT16: types.uint16}[kind]
-
-
-def decode_signature(cache_kind: int, mod_args=(), q_kind: int = CACHE_FLOAT32, q_strided: bool = False):
-    """The argument types the backend launches ``_decode_split`` with, for ``compile_ptx``:
-    host calls pass a C-order float32 query, device calls the caller's query (any strides)."""
-    from numba import typeof, types
-
-    st = _storage_type(cache_kind)
-    qt = _storage_type(q_kind)
-    return (
-        qt[:, :, :, :] if q_strided else qt[:, :, :, ::1],
-        st[:, :, :, ::1],
-        st[:, :, :, ::1],
-        types.int32[:, ::1],
-        types.int64[::1],
-        types.int64,
-        types.int64,
-        types.boolean,
-        types.int64,
-        types.int64,
-        types.float64,
-        types.Tuple(tuple(typeof(a) for a in mod_args)),
-        types.float32[:, :, ::1],
-        types.float32[:, ::1],
-    )
-
-
-def merge_signature(out_kind: int):
-    """The argument types of ``_merge_splits``, for ``compile_ptx``."""
-    from numba import types
-
-    st = _storage_type(out_kind)
-    return (types.float32[:, :, ::1], types.float32[:, ::1], st[:, ::1], st[::1])
-
-
-def write_signature(cache_kind: int, key_kind: int, value_kind: int, strided: bool = False):
-    """The argument types of ``_write_entries``, for ``compile_ptx`` (the new entries may be any
-    strided device arrays)."""
-    from numba import types
-
-    kt, vt, ct = _storage_type(key_kind), _storage_type(value_kind), _storage_type(cache_kind)
-    return (
-        kt[:, :, :, :] if strided else kt[:, :, :, ::1],
-        vt[:, :, :, :] if strided else vt[:, :, :, ::1],
-        ct[:, :, :, ::1],
-        ct[:, :, :, ::1],
-        types.int32[:, ::1],
-        types.int64[::1],
-    )

@@ -59,6 +59,8 @@ from numba import cuda, float32  # this module is imported only when the cuda ba
 from ..kinds import MASK_BOOL, MASK_FLOAT, TILE_EMPTY, TILE_PARTIAL
 from .bfloat16 import bf16_to_float32, float32_to_bf16
 from .flash_fwd import _no_mask_mod, _no_score_mod, device_function, philox_device, python_function
+from .score_grad import _no_score_grad, complex_step_device_grad
+from .signatures import backward_signatures
 
 __all__ = [
     "backward_kernel_sources",
@@ -67,36 +69,6 @@ __all__ = [
     "backward_shared_bytes",
     "complex_step_device_grad",
 ]
-
-#: the imaginary step of the device complex-step derivative (complex64, so float32 arithmetic):
-#: 2**-100 is a normal float32, and dividing by it (multiplying by 2**100) is exact
-_STEP_J = np.complex64(2.0**-100 * 1j)
-_INV_STEP32 = np.float32(2.0**100)
-
-
-def _no_score_grad(score, b, h, q_idx, kv_idx):
-    return float32(1.0)
-
-
-_grad_lock = threading.Lock()
-_complex_grads: dict = {}
-
-
-def complex_step_device_grad(score_mod):
-    """The complex-step derivative of ``score_mod`` (``engine.kernels.score_grad``) as a CUDA
-    device function, in complex64: ``Im score_mod(score + 2**-100 i, ...) * 2**100`` in float32
-    (the CPU's template is complex128, which would be float64 arithmetic on the GPU)."""
-    fn = python_function(score_mod)
-    with _grad_lock:
-        dev = _complex_grads.get(fn)
-        if dev is None:
-            mod = device_function(fn)
-
-            def _complex_step_grad(score, b, h, q_idx, kv_idx, *mod_args):
-                return mod(score + _STEP_J, b, h, q_idx, kv_idx, *mod_args).imag * _INV_STEP32
-
-            dev = _complex_grads[fn] = cuda.jit(device=True)(_complex_step_grad)
-        return dev
 
 
 def backward_shared_bytes(E: int, Ev: int, block_q: int, block_k: int) -> int:
@@ -182,6 +154,29 @@ def backward_kernel_sources(
         return keep32 if w >= drop_threshold else ZERO
 
     KEEP = cuda.jit(device=True)(_keep) if DROPOUT else None
+
+    def _score(s, b, h, i, j, mod_args, partial, mask, m_index):
+        """``(score, d score_mod / d score)`` of element (b, h, i, j) from its scaled dot product
+        ``s``: the score_mod, then every mask (-inf where hidden; ``m_index``: the element in the
+        flat mask), as the forward applies them."""
+        g = ZERO
+        if HAS_SCORE_MOD:
+            g = float32(SCORE_GRAD(s, b, h, i, j, *mod_args))
+            s = float32(SCORE_MOD(s, b, h, i, j, *mod_args))
+        if HAS_MASK_MOD and partial:
+            if not MASK_MOD(b, h, i, j, *mod_args):
+                s = NEG_INF
+        if CAUSAL and j > i:
+            s = NEG_INF
+        if MASK == MASK_BOOL:
+            if not mask[m_index]:
+                s = NEG_INF
+        elif MASK == MASK_FLOAT:
+            mv = MASK_LOAD(mask[m_index])
+            s = NEG_INF if mv == NEG_INF else s + mv
+        return s, g
+
+    SCORE = cuda.jit(device=True, inline=True)(_score)
 
     def _bwd_preprocess(o, do, lse, meta, L, delta, lrow):
         i = cuda.blockIdx.x * BQ + cuda.threadIdx.x
@@ -291,21 +286,7 @@ def backward_kernel_sources(
                         s = ZERO
                         for e in range(E):
                             s += qs[r, e] * kr[e]
-                        g = ZERO
-                        if HAS_SCORE_MOD:
-                            g = float32(SCORE_GRAD(s, b, h, i, j, *mod_args))
-                            s = float32(SCORE_MOD(s, b, h, i, j, *mod_args))
-                        if HAS_MASK_MOD and partial:
-                            if not MASK_MOD(b, h, i, j, *mod_args):
-                                s = NEG_INF
-                        if CAUSAL and j > i:
-                            s = NEG_INF
-                        if MASK == MASK_BOOL:
-                            if not mask[m_base + i * meta[1, 3] + j * m_col]:
-                                s = NEG_INF
-                        elif MASK == MASK_FLOAT:
-                            mv = MASK_LOAD(mask[m_base + i * meta[1, 3] + j * m_col])
-                            s = NEG_INF if mv == NEG_INF else s + mv
+                        s, g = SCORE(s, b, h, i, j, mod_args, partial, mask, m_base + i * meta[1, 3] + j * m_col)
                         p = math.exp(s - ls[r])
                         z = float32(1.0)
                         if DROPOUT:
@@ -417,21 +398,7 @@ def backward_kernel_sources(
                     s = ZERO
                     for e in range(E):
                         s += qr[e] * ks[c, e]
-                    g = ZERO
-                    if HAS_SCORE_MOD:
-                        g = float32(SCORE_GRAD(s, b, h, i, j, *mod_args))
-                        s = float32(SCORE_MOD(s, b, h, i, j, *mod_args))
-                    if HAS_MASK_MOD and partial:
-                        if not MASK_MOD(b, h, i, j, *mod_args):
-                            s = NEG_INF
-                    if CAUSAL and j > i:
-                        s = NEG_INF
-                    if MASK == MASK_BOOL:
-                        if not mask[m_base + j * m_col]:
-                            s = NEG_INF
-                    elif MASK == MASK_FLOAT:
-                        mv = MASK_LOAD(mask[m_base + j * m_col])
-                        s = NEG_INF if mv == NEG_INF else s + mv
+                    s, g = SCORE(s, b, h, i, j, mod_args, partial, mask, m_base + j * m_col)
                     p = math.exp(s - li)
                     z = float32(1.0)
                     if DROPOUT:
@@ -457,67 +424,25 @@ _kernels: dict = {}
 _kernels_lock = threading.Lock()
 
 
+#: the boolean options of ``backward_kernel_sources``, in its order after the mods
+_FLAGS = ("bf16", "mask_bf16", "lse_bf16", "dropout", "want_dm")
+
+
 def backward_kernels(
-    E,
-    Ev,
-    block_q,
-    block_k,
-    mask_kind,
-    causal,
-    score_mod=None,
-    score_grad=None,
-    mask_mod=None,
-    bf16=False,
-    mask_bf16=False,
-    lse_bf16=False,
-    dropout=False,
-    want_dm=False,
+    E, Ev, block_q, block_k, mask_kind, causal, score_mod=None, score_grad=None, mask_mod=None, **flags
 ):
-    """The three ``cuda.jit`` dispatchers ``(preprocess, dkdv, dq)`` of one specialisation (built
-    once per process; each compiles lazily once per argument types)."""
-    key = (
-        int(E),
-        int(Ev),
-        int(block_q),
-        int(block_k),
-        int(mask_kind),
-        bool(causal),
-        None if score_mod is None else python_function(score_mod),
-        None if score_grad is None else python_function(score_grad),
-        None if mask_mod is None else python_function(mask_mod),
-        bool(bf16),
-        bool(mask_bf16),
-        bool(lse_bf16),
-        bool(dropout),
-        bool(want_dm),
-    )
+    """The three ``cuda.jit`` dispatchers ``(preprocess, dkdv, dq)`` of one specialisation (the
+    arguments of :func:`backward_kernel_sources`; built once per process, each compiles lazily once
+    per argument types)."""
+    unknown = sorted(set(flags) - set(_FLAGS))
+    if unknown:
+        raise TypeError(f"backward_kernels got unexpected options {unknown}")
+    mods = tuple(None if m is None else python_function(m) for m in (score_mod, score_grad, mask_mod))
+    key = (int(E), int(Ev), int(block_q), int(block_k), int(mask_kind), bool(causal))
+    key += mods + tuple(bool(flags.get(f, False)) for f in _FLAGS)
     with _kernels_lock:
         kerns = _kernels.get(key)
         if kerns is None:
             kerns = tuple(cuda.jit(fn) for fn in backward_kernel_sources(*key))
             _kernels[key] = kerns
         return kerns
-
-
-def backward_signatures(storage, mask=None, mod_args=(), lse=np.float32):
-    """The argument types ``(preprocess, dkdv, dq)`` are launched with, for ``compile_ptx``.
-
-    ``storage``: ``np.float16``, ``np.float32`` or ``np.uint16`` (bfloat16 bits); ``mask``: the
-    mask dtype (``np.bool_`` for a boolean mask and the no-mask dummy); ``lse``: its dtype as
-    launched (host lse is float32); ``mod_args``: example values of the mods' arguments.
-    """
-    from numba import from_dtype, typeof, types
-
-    st = from_dtype(np.dtype(storage))
-    mt = from_dtype(np.dtype(np.bool_ if mask is None else mask))
-    lt = from_dtype(np.dtype(lse))
-    args = types.Tuple(tuple(typeof(a) for a in mod_args))
-    f3 = types.float32[:, :, ::1]
-    meta = types.int64[:, ::1]
-    drop = (types.uint64, types.uint64, types.uint64, types.float32)
-    pre = (st[::1], st[::1], lt[::1], meta, types.int64, f3, f3)
-    common = (st[::1], st[::1], st[::1], mt[::1], st[::1], meta, f3, f3, types.int64, types.int64, types.int64)
-    common += (types.float64, args, types.int8[:, :, :, ::1])
-    dkdv = common + (st[:, :, :, ::1], st[:, :, :, ::1]) + drop
-    dq = common + (st[:, :, :, ::1], types.float32[:, :, :, ::1]) + drop
-    return pre, dkdv, dq

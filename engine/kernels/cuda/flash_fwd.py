@@ -43,6 +43,7 @@ from ..fastexp import fast_exp, fast_tanh
 from ..kinds import MASK_BOOL, MASK_FLOAT, MASK_NONE, TILE_EMPTY, TILE_PARTIAL
 from ..philox import philox4x32
 from .bfloat16 import bf16_to_float32, float32_to_bf16
+from .signatures import kernel_signature
 
 __all__ = [
     "MASK_NONE",
@@ -372,37 +373,3 @@ def flash_kernel(
             kern = cuda.jit(flash_kernel_source(*key))
             _kernels[key] = kern
         return kern
-
-
-def kernel_signature(storage, mask=None, mod_args=()):
-    """The argument types the ``cuda`` backend launches the kernel with, for ``compile_ptx``.
-
-    ``storage``: ``np.float16``, ``np.float32``, or ``np.uint16`` for bfloat16 bit patterns;
-    ``mask``: the mask dtype (``np.bool_`` for a boolean mask and for the no-mask dummy; for float
-    masks the storage dtype, to which host masks are cast: ``np.uint16`` bits for bfloat16, with
-    ``mask_bf16``); ``mod_args``: example values of the mods' arguments (their types count).
-    """
-    from numba import from_dtype, typeof, types
-
-    st = from_dtype(np.dtype(storage))
-    mt = from_dtype(np.dtype(np.bool_ if mask is None else mask))
-    args = types.Tuple(tuple(typeof(a) for a in mod_args))
-    return (
-        st[::1],
-        st[::1],
-        st[::1],
-        mt[::1],
-        types.int64[:, ::1],
-        types.int64,
-        types.int64,
-        types.int64,
-        types.float64,
-        args,
-        types.int8[:, :, :, ::1],
-        st[:, :, :, ::1],
-        st[:, :, ::1],
-        types.uint64,
-        types.uint64,
-        types.uint64,
-        types.float32,
-    )

@@ -1,0 +1,72 @@
+"""A kernel re-built with the caller's mods bound as globals, memoised per process (the forward,
+backward and decoding kernels of the ``cpu`` backend share this).
+
+The mods are globals of the compiled code, not arguments: Numba then calls them directly (inlined,
+vectorised), and the kernel without mods loads from Numba's disk cache (a function argument would
+put a function type in the signature, which never matches after unpickling). Kernels with mods
+whose module :func:`~engine.kernels.specialise.cache_tag` accepts (the built-in variants' and the
+engine's) are disk-cached under a name tagged by it; kernels with other mods are compiled once per
+process.
+"""
+
+from numba import njit
+
+from .specialise import cache_tag, named
+
+__all__ = ["ModKernels", "serial_version"]
+
+
+def serial_version(driver, options: dict, cache: bool):
+    """``driver``'s code compiled without ``parallel`` (``prange`` runs as ``range``), under the
+    name ``<driver>_serial``: for calls too small to pay for waking the thread pool (whose spinning
+    workers also slow the Python code that runs right after a parallel call on a busy machine)."""
+    fn = driver.py_func
+    return njit(cache=cache, **options)(named(fn.__code__, fn.__globals__, fn.__name__ + "_serial", None))
+
+
+class ModKernels:
+    """The variants of one parallel kernel for each tuple of mods.
+
+    ``driver`` is the kernel without mods (an ``njit(parallel=True)`` dispatcher) and ``task`` the
+    per-task function it calls through a global of the same name; ``defaults`` maps the task's
+    globals that hold the mods (``_SCORE_MOD``...) to what they hold without one. ``serial_driver``
+    is :func:`serial_version` of ``driver`` (None when the kernel has no serial build);
+    ``options`` are the njit options of both (without ``parallel``/``cache``).
+
+    ``kernels(*mods, serial=False)`` gives the driver for these mods (in the order of
+    ``defaults``; ``None`` for "none"): the plain one when every mod is None, else the same code with
+    the task re-built over the mods, built once per process per tuple. ``built`` holds them.
+    """
+
+    def __init__(self, driver, task, defaults: dict, options: dict, serial_driver=None):
+        self.driver = driver
+        self.task = task
+        self.defaults = defaults
+        self.options = options
+        self.serial_driver = serial_driver
+        self.built: dict = {}
+        self._tasks: dict = {}
+
+    def __call__(self, *mods, serial: bool = False):
+        if all(m is None for m in mods):
+            return self.serial_driver if serial else self.driver
+        key = mods + (serial,)
+        kernel = self.built.get(key)
+        if kernel is None:
+            tag = cache_tag(*mods)
+            cache = {"cache": True} if tag else {}
+            task = self._tasks.get(mods)
+            if task is None:
+                fn = self.task.py_func
+                bound = {name: mod or default for (name, default), mod in zip(self.defaults.items(), mods)}
+                env = dict(fn.__globals__, **bound)
+                task = self._tasks[mods] = njit(**self.options, **cache)(
+                    named(fn.__code__, env, fn.__name__ + "_mods", tag)
+                )
+            fn = self.driver.py_func
+            env = dict(fn.__globals__, **{self.task.py_func.__name__: task})
+            name = fn.__name__ + "_mods" + ("_serial" if serial else "")
+            kernel = self.built[key] = njit(parallel=not serial, **self.options, **cache)(
+                named(fn.__code__, env, name, tag)
+            )
+        return kernel
