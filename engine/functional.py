@@ -59,10 +59,23 @@ def scaled_dot_product_attention(
     :raises engine.NotSupportedError: the backend (or, with ``auto``, every backend) refuses the inputs.
     """
     plan_key = forward_key(
-        query, key, value, attn_mask, is_causal, enable_gqa, backend, return_lse, score_mod, mask_mod, block_mask, mod_args
+        query,
+        key,
+        value,
+        attn_mask,
+        is_causal,
+        enable_gqa,
+        backend,
+        return_lse,
+        score_mod,
+        mask_mod,
+        block_mask,
+        mod_args,
     )
     if plan_key is not None:  # a call with this signature has run before: the checks values need
-        result = run_cached(plan_key, query, key, value, attn_mask, scale, mod_args, block_mask, dropout_p, dropout_seed)
+        result = run_cached(
+            plan_key, query, key, value, attn_mask, scale, mod_args, block_mask, dropout_p, dropout_seed
+        )
         if result is not None:
             return result if return_lse else result[0]
     problem = validate_attention_args(
