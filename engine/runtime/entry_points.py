@@ -13,7 +13,7 @@ it: shapes, dtypes and flags of every array, the types of every scalar).
 
 from __future__ import annotations
 
-__all__ = ["resolve_entry_point"]
+__all__ = ["resolve_entry_point", "Bound"]
 
 
 def resolve_entry_point(dispatcher, args: tuple):
@@ -30,3 +30,25 @@ def resolve_entry_point(dispatcher, args: tuple):
         return None
     cres = overloads.get(sig)
     return getattr(cres, "entry_point", None)
+
+
+class Bound:
+    """A dispatcher called with arguments whose Numba types never change (a call plan fixes
+    them): the first call goes through the dispatcher (which compiles or loads the overload), the
+    later ones straight to that overload's entry point. One per plan and kernel: never share one
+    between callers whose argument types may differ."""
+
+    __slots__ = ("dispatcher", "entry")
+
+    def __init__(self, dispatcher):
+        self.dispatcher = dispatcher
+        self.entry = None
+
+    def __call__(self, *args):
+        entry = self.entry
+        if entry:
+            return entry(*args)
+        result = self.dispatcher(*args)
+        if entry is None:  # once: False when no exact overload is found (then the dispatcher)
+            self.entry = resolve_entry_point(self.dispatcher, args) or False
+        return result
