@@ -293,7 +293,7 @@ def create_block_mask(
     evaluated for b = h = 0 only). Cost: one mask evaluation per element, in parallel, and memory of
     one byte per tile.
     """
-    from ..kernels.block_sparsity import _classify_blocks
+    from ..kernels.block_sparsity import classify_blocks
     from ..runtime.threads import kernel_call_guard
 
     for name, val in (("L", L), ("S", S)):
@@ -309,7 +309,7 @@ def create_block_mask(
     kinds = np.empty((batch or 1, heads or 1, math.ceil(L / block_q), math.ceil(S / block_k)), np.int8)
     if kinds.size:
         with kernel_call_guard():
-            _classify_blocks(fn, mod_args, L, S, block_q, block_k, kinds)
+            classify_blocks(fn, mod_args, L, S, block_q, block_k, kinds)
     return BlockMask(fn, mod_args, kinds, int(L), int(S), int(block_q), int(block_k))
 
 
