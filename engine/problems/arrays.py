@@ -245,7 +245,7 @@ def input_placement(x: Any, name: str) -> Placement:
     tensors, lists), the library and device of a torch CUDA tensor or a CuPy array. ``TypeError``
     naming ``name`` for other device arrays (Numba device arrays have no matrix product; the
     functional API takes them)."""
-    if not is_device_array(x):
+    if type(x) is np.ndarray or not is_device_array(x):
         return HOST
     if not (array_api_compat.is_torch_array(x) or array_api_compat.is_cupy_array(x)):
         raise TypeError(
@@ -260,6 +260,8 @@ def to_numpy(value: Any, what: str) -> np.ndarray:
     """A NumPy array holding ``value``: torch tensors (CPU or CUDA; bfloat16 ones as float32), CuPy
     and Numba device arrays are copied to the host; anything else goes through ``np.asarray``.
     ``TypeError`` naming ``what`` when it cannot be converted."""
+    if type(value) is np.ndarray:  # the common case: no library checks to pay for
+        return value
     if array_api_compat.is_torch_array(value):
         value = value.detach().cpu()
         # NumPy has no bfloat16: widen it (exact) rather than fail; callers cast to their dtype
