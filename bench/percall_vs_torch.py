@@ -274,6 +274,80 @@ def generate_row(threads, rounds, new_tokens):
     return row
 
 
+def _thread_us(fn, n=2000, rounds=7):
+    """Best over rounds of the mean thread CPU time of ``fn`` (time spent descheduled by other
+    processes does not count: the breakdown stays readable on a shared machine)."""
+    fn()
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.thread_time()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.thread_time() - t) / n)
+    return best * 1e6
+
+
+def breakdown():
+    """Where the microseconds of the tiny call (1, 1, 8, 16) go: the full path (what every call
+    paid before call plans: validation, dispatch, the op's run through Numba's dispatcher) and the
+    cached path, stage by stage, in thread CPU time on one thread."""
+    import engine
+    from engine.dispatch import select_backend
+    from engine.plan import fast_problem, lookup
+    from engine.plan.forward import forward_key, run_cached
+    from engine.problems.attention import validate_attention_args
+
+    q = np.random.default_rng(0).standard_normal((1, 1, 8, 16), dtype=np.float32)
+    for _ in range(3):  # the plan, then its runner's entry point
+        engine.scaled_dot_product_attention(q, q, q)
+    args = (q, q, q, None, False, False, "auto", False, None, None, None, ())
+    key = forward_key(*args)
+    plan = lookup(key)
+    problem = validate_attention_args(q, q, q)
+    op = select_backend("auto", problem).op(type(problem))
+    fields = {"query": q, "key": q, "value": q, "attn_mask": None, "scale": 0.25, "mod_args": ()}
+    fields.update(dropout_p=0.0, dropout_seed=None)
+    cached = fast_problem(plan, fields)
+    setup = plan.runner.setup
+    captured = {}
+    entry = setup.entry
+
+    def spy(a, m):
+        captured["args"] = (a, m)
+        return entry(a, m)
+
+    setup.entry = spy
+    plan.run(cached)
+    setup.entry = entry
+    kernel_args = captured["args"]
+    stages = {
+        "whole call (cached path)": lambda: engine.scaled_dot_product_attention(q, q, q),
+        "before: validate_attention_args": lambda: validate_attention_args(q, q, q),
+        "before: select_backend (support checks of every backend)": lambda: select_backend("auto", problem),
+        "before: op.run (argument building, provider, tiles, dispatcher, kernel)": lambda: op.run(problem),
+        "after: signature key (forward_key)": lambda: forward_key(*args),
+        "after: plan lookup": lambda: lookup(key),
+        "after: per-call checks and problem (run_cached minus the run)": None,
+        "after: fast_problem alone": lambda: fast_problem(plan, fields),
+        "after: prepared runner (arguments, guard, entry point, kernel)": lambda: plan.run(cached),
+        "after: kernel through its entry point alone": lambda: entry(*kernel_args),
+        "after: kernel through Numba's dispatcher alone": lambda: setup.kernel(*kernel_args),
+    }
+    out = {}
+    for name, fn in stages.items():
+        if fn is None:
+            continue
+        out[name] = _thread_us(fn)
+    whole_cached = _thread_us(lambda: run_cached(key, q, q, q, None, None, (), None, 0.0, None))
+    out["after: per-call checks and problem (run_cached minus the run)"] = max(
+        0.0, whole_cached - out["after: prepared runner (arguments, guard, entry point, kernel)"]
+    )
+    out["before: whole call (sum of the three)"] = sum(v for k, v in out.items() if k.startswith("before:"))
+    for name, us in out.items():
+        print(f"  {name:75s} {us:7.2f} us", flush=True)
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -282,6 +356,7 @@ def main(argv=None):
     parser.add_argument("--skip-generate", action="store_true")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens per GPT-2 generation (default 64)")
     parser.add_argument("--json", help="where to write the results (default bench/results/...)")
+    parser.add_argument("--breakdown-only", action="store_true", help="only the tiny call's breakdown")
     args = parser.parse_args(argv)
     sys.path.insert(0, os.path.dirname(HERE))
     import numba
@@ -296,6 +371,13 @@ def main(argv=None):
     rounds = 3 if args.quick else args.rounds
     load_before = os.getloadavg()
     rows = []
+    print("breakdown of the tiny call, thread CPU time, one thread:", flush=True)
+    engine.set_num_threads(1)
+    with threadpool_limits(limits=1):
+        parts = breakdown()
+    if args.breakdown_only:
+        return 0
+    engine.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     with threadpool_limits(limits=args.threads):
         rows += sdpa_rows(rounds)
         rows += decode_rows(rounds, args.quick)
@@ -311,6 +393,7 @@ def main(argv=None):
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "method": "each library in blocks of its own after a pause; medians over rounds of block means",
+        "breakdown_tiny_call_thread_us": parts,
         "results": rows,
     }
     path = args.json or os.path.join(
