@@ -72,8 +72,21 @@ class CpuDecode(Op):
         return functools.partial(_launch, setup)
 
 
-#: the kernel arguments each call sets (the others are the signature's, set once in ``_setup``)
+#: the kernel arguments each call sets (the others are the signature's, set once in ``_setup``),
+#: under the general kernel's names and the GEMV kernel's (which has no page table)
 _PER_CALL = ("q", "k_pages", "v_pages", "page_table", "seqlens_k", "splits", "part_out", "part_lse", "out", "lse")
+_GEMV_PER_CALL = ("q", "k_cache", "v_cache", "page_table", "seqlens_k", "splits", "part_out", "part_lse", "out", "lse")
+
+
+def uses_gemv(problem: DecodeProblem) -> bool:
+    """Whether the GEMV kernel (``engine.kernels.cpu.decode_gemv``) runs this problem: a contiguous
+    cache of the compute dtype, no mods, at most ``DECODE_FUSED_ROWS`` rows per cache head."""
+    return (
+        problem.page_table is None
+        and problem.cache_dtype == problem.compute_dtype
+        and not problem.has_mods
+        and problem.group * problem.L <= DECODE_FUSED_ROWS
+    )
 
 
 class _Setup:
@@ -89,6 +102,7 @@ class _Setup:
         "shapes",
         "template",
         "pick",
+        "args_type",
         "kernels",
         "write",
         "restore",
@@ -130,12 +144,21 @@ def _setup(problem: DecodeProblem) -> _Setup:
         has_score_mod=problem.score_mod is not None,
         has_mask_mod=problem.mask_mod is not None,
     )
-    fields = _kernels().DecodeArgs._fields
-    setup.template = tuple(fixed[name] for name in fields if name not in _PER_CALL)
-    order = [n for n in fields if n not in _PER_CALL] + list(_PER_CALL)
+    per_call = _PER_CALL
+    if uses_gemv(problem):
+        from ...kernels.cpu import decode_gemv
+
+        per_call, args_type = _GEMV_PER_CALL, decode_gemv.GemvArgs
+        fixed = {k: fixed[k] for k in ("causal", "left", "right", "scale", "group", "block_k")}
+        setup.kernels = tuple(decode_gemv.gemv_kernel(serial) for serial in (0, 1))
+    else:  # the parallel and the serial build; a prepared runner calls their entry points once known
+        args_type = _kernels().DecodeArgs
+        setup.kernels = tuple(_kernels().decode_kernel(problem.score_mod, problem.mask_mod, s) for s in (0, 1))
+    setup.args_type = args_type
+    fields = args_type._fields
+    setup.template = tuple(fixed[name] for name in fields if name not in per_call)
+    order = [n for n in fields if n not in per_call] + list(per_call)
     setup.pick = operator.itemgetter(*(order.index(name) for name in fields))
-    # the parallel and the serial build; a prepared runner calls their entry points once known
-    setup.kernels = tuple(_kernels().decode_kernel(problem.score_mod, problem.mask_mod, serial) for serial in (0, 1))
     # few rows per task: the kernel's own loops, no BLAS call, so nothing to pin (it costs microseconds)
     setup.small = group * L <= DECODE_FUSED_ROWS
     setup.work_per_key = problem.num_q_heads * L * (problem.E + Ev)
@@ -173,7 +196,7 @@ def _launch(setup: _Setup, problem: DecodeProblem):
     serial = int(splits == 1 and total * setup.work_per_key <= CPU_SERIAL_MAX_WORK)
     k_pages, v_pages = _pages(problem.k_cache), _pages(problem.v_cache)
     per_call = (q, k_pages, v_pages, table, seqlens_k, splits, part_out, part_lse, out, lse)
-    args = tuple.__new__(_kernels().DecodeArgs, setup.pick(setup.template + per_call))
+    args = tuple.__new__(setup.args_type, setup.pick(setup.template + per_call))
     kernel = setup.kernels[serial]
     pin = _NO_PIN if setup.small else get_blas_pin()()
     if setup.fast_write:  # a compiled copy; the old contents back if the kernel fails
