@@ -2,6 +2,7 @@
 variant and GPT-2 generation, on the same threads, with the engine's call plans warm.
 
     python bench/percall_vs_torch.py [--threads N] [--rounds R] [--quick] [--skip-generate] [--json PATH]
+    python bench/percall_vs_torch.py --threads 1 --cpu-time     # on a shared machine
 
 Timing. Right after a torch call, torch's OpenMP workers keep spinning for a while and slow the
 engine's threads (about 1.5x on 2 cores), so each library is timed in blocks of its own: a pause,
@@ -42,14 +43,18 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAUSE_S = 0.05
+#: what the blocks are timed with: wall time, or (``--cpu-time``, one thread) this process's CPU
+#: time, which time spent descheduled by other processes does not count
+CLOCK = {"now": time.perf_counter}
 
 
 def _block(fn, calls):
     fn()  # untimed: warms caches (and, back to back, the other library's pool)
-    t = time.perf_counter()
+    now = CLOCK["now"]
+    t = now()
     for _ in range(calls):
         fn()
-    return (time.perf_counter() - t) / calls
+    return (now() - t) / calls
 
 
 def own_blocks(fns: dict, rounds: int, calls: int) -> dict:
@@ -66,12 +71,13 @@ def own_blocks(fns: dict, rounds: int, calls: int) -> dict:
 def back_to_back(fns: dict, rounds: int, calls: int) -> dict:
     """Median per call of each function when the calls alternate one by one."""
     times = {k: [] for k in fns}
+    now = CLOCK["now"]
     for _ in range(rounds):
         for _ in range(calls):
             for name, fn in fns.items():
-                t = time.perf_counter()
+                t = now()
                 fn()
-                times[name].append(time.perf_counter() - t)
+                times[name].append(now() - t)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -357,6 +363,11 @@ def main(argv=None):
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens per GPT-2 generation (default 64)")
     parser.add_argument("--json", help="where to write the results (default bench/results/...)")
     parser.add_argument("--breakdown-only", action="store_true", help="only the tiny call's breakdown")
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="with --threads 1: time with this process's CPU time (for a shared machine); no generate row",
+    )
     args = parser.parse_args(argv)
     sys.path.insert(0, os.path.dirname(HERE))
     import numba
@@ -366,6 +377,11 @@ def main(argv=None):
     import engine
     from engine.runtime.machine import cpu_info, machine_info, result_file_name
 
+    if args.cpu_time:
+        if args.threads != 1:
+            parser.error("--cpu-time needs --threads 1 (other threads' CPU time would count)")
+        CLOCK["now"] = time.process_time
+        args.skip_generate = True
     torch.set_num_threads(args.threads)
     engine.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     rounds = 3 if args.quick else args.rounds
@@ -393,12 +409,12 @@ def main(argv=None):
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "method": "each library in blocks of its own after a pause; medians over rounds of block means",
+        "clock": "process CPU time" if args.cpu_time else "wall time",
         "breakdown_tiny_call_thread_us": parts,
         "results": rows,
     }
-    path = args.json or os.path.join(
-        HERE, "results", result_file_name(f"percall-vs-torch-{args.threads}threads", cpu_info())
-    )
+    what = f"percall-vs-torch-{args.threads}threads" + ("-cputime" if args.cpu_time else "")
+    path = args.json or os.path.join(HERE, "results", result_file_name(what, cpu_info()))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(out, f, indent=2, default=str)

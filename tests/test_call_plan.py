@@ -312,3 +312,19 @@ def test_cached_calls_from_many_threads():
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+def test_decode_read_only_cache_after_a_writable_one():
+    """Writeability is part of the signature: the same shapes with a read-only cache get the full
+    validation's refusal, and nothing is written."""
+    kc, vc, q, kn, vn = _cache()
+    awk = engine.attention_with_kvcache
+    awk(q, kc, vc, kn, vn, cache_seqlens=3, backend="cpu")
+    awk(q, kc, vc, kn, vn, cache_seqlens=4, backend="cpu")
+    ro = kc.copy()
+    ro.flags.writeable = False
+    before = ro.copy(), vc.copy()
+    with pytest.raises(ValueError, match="k_cache is read-only"):
+        awk(q, ro, vc, kn, vn, cache_seqlens=5, backend="cpu")
+    np.testing.assert_array_equal(ro, before[0])
+    np.testing.assert_array_equal(vc, before[1])

@@ -17,7 +17,7 @@ from .arrays import DeviceArray, any_array, caller_array, host_array, is_floatin
 from .base import Problem, Requirement, check_bool, check_scale, dtype_name  # new-import
 from .mods import validate_mods  # new-import
 
-__all__ = ["DecodeProblem", "validate_decode_args", "check_capacity", "check_num_splits", "MAX_NUM_SPLITS"]
+__all__ = ["DecodeProblem", "validate_decode_args"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -228,7 +228,23 @@ def validate_decode_args(
                 raise ValueError(f"{name} is read-only, but key/value are to be written into it")
 
     seqlens = _seqlens(cache_seqlens, B)
-    need = check_capacity(seqlens, L_new, capacity, pt, page_size, kc.shape)
+    need = seqlens + L_new
+    over = np.nonzero(need > capacity)[0]
+    if over.size:
+        b = int(over[0])
+        what = (
+            f"writing {L_new} new keys at cache_seqlens[{b}] = {seqlens[b]} needs {need[b]} slots"
+            if L_new
+            else f"cache_seqlens[{b}] = {seqlens[b]}"
+        )
+        raise ValueError(
+            f"{what}, but the cache holds {capacity} per sequence"
+            + (
+                f" (max_pages {pt.shape[1]} x page_size {page_size})"
+                if pt is not None
+                else f" (k_cache {tuple(kc.shape)})"
+            )
+        )
     if pt is not None:
         _check_pages(pt, need, seqlens, L_new, page_size, num_pages)
 
@@ -236,7 +252,9 @@ def validate_decode_args(
     return_lse = check_bool(return_lse, "return_lse")
     scale_f = check_scale(scale, E, f"query={tuple(q.shape)}")
     win = _window(window)
-    splits = check_num_splits(num_splits)
+    splits = None if num_splits is None else _int_arg(num_splits, "num_splits", 1)
+    if splits is not None and splits > MAX_NUM_SPLITS:  # each split is a (B*Hq*L, Dv) buffer
+        raise ValueError(f"num_splits must be <= {MAX_NUM_SPLITS} (FlashAttention's limit), got {splits}")
     mods = validate_mods(score_mod, mask_mod, None, mod_args, B, Hq, L, 0)
     mods.pop("block_mask", None)
     return DecodeProblem(
@@ -267,37 +285,6 @@ def validate_decode_args(
         on_device=on_device,
         **mods,
     )
-
-
-def check_num_splits(num_splits) -> int | None:
-    """``num_splits`` as an int in 1 ... MAX_NUM_SPLITS, or None."""
-    splits = None if num_splits is None else _int_arg(num_splits, "num_splits", 1)
-    if splits is not None and splits > MAX_NUM_SPLITS:  # each split is a (B*Hq*L, Dv) buffer
-        raise ValueError(f"num_splits must be <= {MAX_NUM_SPLITS} (FlashAttention's limit), got {splits}")
-    return splits
-
-
-def check_capacity(seqlens: np.ndarray, L_new: int, capacity: int, pt, page_size: int, cache_shape) -> np.ndarray:
-    """``seqlens + L_new`` (the keys each sequence attends); ``ValueError`` naming the first
-    sequence whose write (or whose cache_seqlens alone) overflows its capacity."""
-    need = seqlens + L_new
-    over = np.nonzero(need > capacity)[0]
-    if over.size:
-        b = int(over[0])
-        what = (
-            f"writing {L_new} new keys at cache_seqlens[{b}] = {seqlens[b]} needs {need[b]} slots"
-            if L_new
-            else f"cache_seqlens[{b}] = {seqlens[b]}"
-        )
-        raise ValueError(
-            f"{what}, but the cache holds {capacity} per sequence"
-            + (
-                f" (max_pages {pt.shape[1]} x page_size {page_size})"
-                if pt is not None
-                else f" (k_cache {tuple(cache_shape)})"
-            )
-        )
-    return need
 
 
 def _seqlens(cache_seqlens, B: int) -> np.ndarray:

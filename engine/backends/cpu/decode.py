@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import operator
@@ -26,8 +25,6 @@ from ..kvcache import new_entries_written, pick_num_splits
 from .blas_pin import get_blas_pin
 
 __all__ = ["CpuDecode"]
-
-_NO_PIN = contextlib.nullcontext()
 
 
 def _pages(cache: np.ndarray) -> np.ndarray:
@@ -110,6 +107,8 @@ class _Setup:
         "small",
         "work_per_key",
         "fast_write",
+        "bits",
+        "cast",
     )
 
 
@@ -162,6 +161,8 @@ def _setup(problem: DecodeProblem) -> _Setup:
     # few rows per task: the kernel's own loops, no BLAS call, so nothing to pin (it costs microseconds)
     setup.small = group * L <= DECODE_FUSED_ROWS
     setup.work_per_key = problem.num_q_heads * L * (problem.E + Ev)
+    setup.bits = problem.cache_dtype.itemsize == 2  # 16-bit caches reach the kernels as uint16 bits
+    setup.cast = problem.dtype != compute
     # the new entries copied by a compiled loop when no conversion is needed (bits for bits)
     setup.fast_write = problem.key is not None and problem.L_new > 0 and problem.key.dtype == problem.cache_dtype
     from ...kernels.cpu.cache_write import _restore, _save_and_write
@@ -194,29 +195,42 @@ def _launch(setup: _Setup, problem: DecodeProblem):
         part_out, part_lse = out.reshape(1, N, Ev), lse.reshape(1, N)
     # keys read: tiny calls run serially (the thread pool's wake-up costs more than it gains)
     serial = int(splits == 1 and total * setup.work_per_key <= CPU_SERIAL_MAX_WORK)
-    k_pages, v_pages = _pages(problem.k_cache), _pages(problem.v_cache)
+    k_pages, v_pages = problem.k_cache, problem.v_cache
+    if setup.bits:
+        k_pages, v_pages = _pages(k_pages), _pages(v_pages)
     per_call = (q, k_pages, v_pages, table, seqlens_k, splits, part_out, part_lse, out, lse)
     args = tuple.__new__(setup.args_type, setup.pick(setup.template + per_call))
     kernel = setup.kernels[serial]
-    pin = _NO_PIN if setup.small else get_blas_pin()()
     if setup.fast_write:  # a compiled copy; the old contents back if the kernel fails
         key, value = _bits(problem.key), _bits(problem.value)
         old_k, old_v = np.empty(key.shape, key.dtype), np.empty(value.shape, value.dtype)
         setup.write(k_pages, v_pages, table, problem.cache_seqlens, key, value, old_k, old_v)
         try:
-            with kernel_call_guard(), pin:
-                kernel(args, problem.mod_args)
+            _run_kernel(setup.small, kernel, args, problem.mod_args)
         except BaseException:
             setup.restore(k_pages, v_pages, table, problem.cache_seqlens, old_k, old_v)
             raise
+    elif problem.key is not None:
+        with new_entries_written(problem):  # NumPy's conversion to the cache dtype
+            _run_kernel(setup.small, kernel, args, problem.mod_args)
     else:
-        with new_entries_written(problem), kernel_call_guard(), pin:  # NumPy's conversion
-            kernel(args, problem.mod_args)
+        _run_kernel(setup.small, kernel, args, problem.mod_args)
     out = out.reshape(out_shape)
     lse = lse.reshape(lse_shape)
-    if problem.dtype != compute:
+    if setup.cast:
         out, lse = out.astype(problem.dtype), lse.astype(problem.dtype)
     return out, lse
+
+
+def _run_kernel(small: bool, kernel, args, mod_args) -> None:
+    """The kernel call under the thread guard; BLAS held at one thread unless the tasks are
+    small enough to need no BLAS call (the pin costs microseconds)."""
+    if small:
+        with kernel_call_guard():
+            kernel(args, mod_args)
+    else:
+        with kernel_call_guard(), get_blas_pin()():
+            kernel(args, mod_args)
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
