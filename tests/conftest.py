@@ -18,9 +18,19 @@ import pytest
 import threadpoolctl
 
 import engine
+from engine.kernels.specialise import CACHED_MODS_ENV
+
+#: the tests folder (shared helpers: this file, tolerances.py, grad_cases.py) and the repository root
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
 
 #: seconds a child process or thread may take before a test calls it hung
 HANG_TIMEOUT_S = 1800
+
+# kernels specialised on the tests' mods (tests/testmods.py) are disk-cached as the built-in
+# variants' are, so that every pytest-xdist worker, child process and later run loads them instead
+# of compiling them again; child processes inherit the setting
+os.environ[CACHED_MODS_ENV] = ",".join(filter(None, [os.environ.get(CACHED_MODS_ENV), "testmods"]))
 
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 #: BLAS/OpenMP threads for this test process: its share of the cores

@@ -8,6 +8,7 @@ import engine
 from engine.problems.causal import CausalBias, causal_upper_left
 
 from conftest import available_backends, randn
+from testmods import linear_bias, skip_every_third_key
 from tolerances import assert_out_close, lse_atol, out_atol
 
 f = engine.scaled_dot_product_attention
@@ -49,12 +50,7 @@ def test_against_torch(rng, backend):
 
 @pytest.mark.parametrize("backend", OFFSET_BACKENDS)
 def test_with_score_mod_and_mask_mod(rng, backend):
-    def score_mod(score, b, h, q_idx, kv_idx):
-        return score - 0.1 * (q_idx - kv_idx)
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return kv_idx % 3 != 1
-
+    score_mod, mask_mod = linear_bias, skip_every_third_key
     L, S = 5, 13
     q, k, v = randn(rng, (2, 2, L, 8)), randn(rng, (2, 2, S, 8)), randn(rng, (2, 2, S, 8))
     dense = np.tril(np.ones((L, S), bool), k=S - L) & (np.arange(S) % 3 != 1)

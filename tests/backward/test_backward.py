@@ -12,7 +12,6 @@ computed as a sum of terms that cancel.
 import numpy as np
 import pytest
 import torch
-from grad_cases import CASES, MOD_CASES, REFERENCE_ONLY, make_case, torch_attention
 
 import engine
 import engine.backends.cpu.backward as cpu_backward
@@ -21,6 +20,7 @@ from engine.backends.cpu.tiles import backward_splits, split_bounds
 from engine.problems.masks import reduce_to_shape
 
 from conftest import randn
+from grad_cases import CASES, MOD_CASES, REFERENCE_ONLY, make_case, torch_attention
 
 BACKWARD_BACKENDS = [
     n

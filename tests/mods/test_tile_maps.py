@@ -11,13 +11,10 @@ from engine.backends.cpu.blas_pin import get_blas_pin
 from engine.backends.cpu.tiles import tile_sizes
 from engine.problems.mods import EMPTY, FULL, PARTIAL
 
+from testmods import table_mod
 from tolerances import assert_out_close, out_atol
 
 L, S, BQ, BK = 10, 11, 4, 4  # partial edge tiles on both axes
-
-
-def table_mod(b, h, q_idx, kv_idx, table):
-    return table[q_idx, kv_idx]
 
 
 def _brute_force(table, bq, bk):

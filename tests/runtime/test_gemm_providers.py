@@ -20,7 +20,8 @@ import pytest
 import engine
 from engine.kernels.cpu.gemm import tile_gemm
 from engine.runtime import gemm_providers as gp
-from tests.tolerances import assert_out_close, lse_atol, out_atol
+
+from tolerances import assert_out_close, lse_atol, out_atol
 
 
 def _provider_or_skip(name):

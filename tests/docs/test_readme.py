@@ -10,9 +10,8 @@ import sys
 
 import pytest
 
-from conftest import HANG_TIMEOUT_S
+from conftest import HANG_TIMEOUT_S, ROOT
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 PAGES = ["README.md"] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
 WITH_CODE = [p for p in PAGES if "```python\n" in open(os.path.join(ROOT, p)).read()]
 

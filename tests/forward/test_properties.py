@@ -8,7 +8,7 @@ and negative included), float32 and float64, and C-contiguous, transposed, strid
 negative-stride views. The oracle always gets C-contiguous copies, so views are tested too.
 
 Profiles: ``ci`` (default: derandomized, fixed examples, bounded time) and ``dev`` (many more
-random examples): ``HYPOTHESIS_PROFILE=dev pytest tests/test_properties.py``. Tolerances live in
+random examples): ``HYPOTHESIS_PROFILE=dev pytest tests/forward/test_properties.py``. Tolerances live in
 ``tests/tolerances.py``.
 """
 

@@ -6,7 +6,7 @@ import re
 import subprocess
 import sys
 
-DOC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "training.md")
+DOC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "docs", "training.md")
 
 
 def test_training_doc_python_blocks_run(tmp_path):

@@ -21,7 +21,8 @@ import pytest
 import engine
 from engine.kernels.cpu.half import f32_to_bf16_array, f32_to_f16_array
 from engine.runtime import gemm_providers as gp
-from tests.tolerances import assert_out_close, lse_atol, out_atol
+
+from tolerances import assert_out_close, lse_atol, out_atol
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = [np.dtype(np.float16), BF16]

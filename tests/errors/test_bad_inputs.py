@@ -19,14 +19,15 @@ import pytest
 
 import engine
 
-from conftest import HANG_TIMEOUT_S, available_backends, variant_names
+from conftest import HANG_TIMEOUT_S, TESTS, available_backends, variant_names
 
 f = engine.scaled_dot_product_attention
 Q = np.zeros((2, 4, 5, 8), np.float32)
 K = np.zeros((2, 4, 7, 8), np.float32)
 V = np.zeros((2, 4, 7, 6), np.float32)
 BACKENDS = available_backends()
-HERE = os.path.dirname(os.path.abspath(__file__))
+#: the child's import path: this test module and the shared helpers it imports
+HERE = os.pathsep.join([os.path.dirname(os.path.abspath(__file__)), TESTS])
 
 
 def _call(*args, **kwargs):
@@ -623,8 +624,8 @@ def _case_need_weights_too_large(backend):
 CHILD_CASES = {name[len("_case_") :]: fn for name, fn in sorted(globals().items()) if name.startswith("_case_")}
 
 _CHILD = """
-import json, sys
-sys.path.insert(0, sys.argv[1])
+import json, os, sys
+sys.path[:0] = sys.argv[1].split(os.pathsep)
 import test_bad_inputs as m
 for spec in sys.argv[2:]:
     name, backend = spec.split("@")

@@ -19,11 +19,12 @@ import pytest
 
 import engine
 
-from conftest import HANG_TIMEOUT_S, available_backends
+from conftest import HANG_TIMEOUT_S, TESTS, available_backends
 
 THREADS = 8
 ROUNDS = 12
-HERE = os.path.dirname(os.path.abspath(__file__))
+#: the children's import path: this test module and the shared helpers it imports
+HERE = os.pathsep.join([os.path.dirname(os.path.abspath(__file__)), TESTS])
 CPU_BACKENDS = [b for b in available_backends() if b != "cuda"]
 
 
@@ -133,9 +134,9 @@ def child_work(i):
 
 
 _CHILD = r"""
-import json, multiprocessing as mp, sys
+import json, multiprocessing as mp, os, sys
 import numpy as np
-sys.path.insert(0, sys.argv[1])
+sys.path[:0] = sys.argv[1].split(os.pathsep)
 import engine, numba
 from test_concurrency import child_work as work  # importable: spawn children pickle it by name
 
@@ -158,7 +159,7 @@ def test_child_process_after_parent_ran_a_kernel(method):
         capture_output=True,
         text=True,
         timeout=HANG_TIMEOUT_S,
-        cwd=HERE,
+        cwd=os.path.dirname(os.path.abspath(__file__)),
     )
     assert proc.returncode == 0, f"child exited {proc.returncode}: {proc.stderr[-3000:]}"
     got = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -172,7 +173,7 @@ def test_child_process_after_parent_ran_a_kernel(method):
 _THREADS_IN_FORKED_CHILD = r"""
 import json, os, sys, threading
 import numpy as np
-sys.path.insert(0, sys.argv[1])
+sys.path[:0] = sys.argv[1].split(os.pathsep)
 import engine
 from test_concurrency import _cases
 
@@ -197,7 +198,7 @@ def test_threads_inside_a_forked_child():
         capture_output=True,
         text=True,
         timeout=HANG_TIMEOUT_S,
-        cwd=HERE,
+        cwd=os.path.dirname(os.path.abspath(__file__)),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"status": 0}, proc.stderr[-3000:]

@@ -19,7 +19,6 @@ import os
 import ml_dtypes
 import numpy as np
 import pytest
-from test_decoding import close, make_case, mask_mod, paged, score_mod
 
 import engine
 from engine.backends.cuda.decode import choose_num_splits, decode_shared_bytes, decode_tiles, run_decode, sm_count
@@ -27,6 +26,10 @@ from engine.problems.decode import validate_decode_args
 from engine.runtime.config import CUDA_DECODE_DEFAULT_SMS
 
 from conftest import run_under_the_cuda_simulator
+from decode_cases import close, make_case, paged
+from testmods import position_bias as score_mod
+from testmods import stride_mask as mask_mod
+from testmods import table_bias
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
@@ -155,16 +158,12 @@ def test_mods_see_absolute_positions(rng):
     close(got, oracle(case, **kw), case)
 
 
-def bias_mod(score, b, h, q_idx, kv_idx, table):
-    return score + table[h, kv_idx % 4]
-
-
 @needs_cuda
 def test_mod_with_an_array_argument(rng):
     case = make_case(rng, B=2, Hq=2, Hkv=2, L=1, L_new=1, S_max=14, seqlens=[3, 13])
     table = rng.standard_normal((2, 4)).astype(np.float32)
-    got = cuda_run(case, num_splits=3, score_mod=bias_mod, mod_args=(table,))
-    close(got, oracle(case, score_mod=bias_mod, mod_args=(table,)), case)
+    got = cuda_run(case, num_splits=3, score_mod=table_bias, mod_args=(table,))
+    close(got, oracle(case, score_mod=table_bias, mod_args=(table,)), case)
 
 
 @needs_cuda

@@ -17,6 +17,8 @@ import dask  # noqa: E402
 import engine.distributed as ed  # noqa: E402
 from engine.distributed import tasks, visibility  # noqa: E402
 
+from testmods import alibi_with_batch, window_by_batch_and_head  # noqa: E402
+
 pytestmark = pytest.mark.xdist_group("dask")
 
 #: the issue's targets: out and lse against the single-process cpu backend
@@ -33,14 +35,6 @@ def _check(client, got, expected, dtype, workers=None):
     np.testing.assert_allclose(lse, expected[1], rtol=0, atol=ATOL[dtype])
     assert out.dtype == dtype and lse.dtype == dtype
     assert out.shape == expected[0].shape and lse.shape == expected[1].shape
-
-
-def _alibi_like(score, b, h, q_idx, kv_idx, slopes):
-    return score - slopes[h] * (q_idx - kv_idx) + 0.25 * b
-
-
-def _window(b, h, q_idx, kv_idx, slopes):
-    return abs(q_idx - kv_idx) <= 9 + b + h
 
 
 def _pair_keys(arr):
@@ -170,7 +164,7 @@ def test_mods_see_global_indices(dask_client):
     slopes = np.array([0.1, 0.2, 0.3])
     chunks = (1, (2, 1), (10, 15, 12), 8)
     qd, kd, vd = (da.from_array(x, chunks=chunks) for x in (q, k, v))
-    kw = dict(score_mod=_alibi_like, mask_mod=_window, mod_args=(slopes,), is_causal=True)
+    kw = dict(score_mod=alibi_with_batch, mask_mod=window_by_batch_and_head, mod_args=(slopes,), is_causal=True)
     got = ed.scaled_dot_product_attention(qd, kd, vd, return_lse=True, **kw)
     # the reference backend evaluates the mods in Python: no kernel compiled here. One worker
     # runs it all: each process compiles a kernel for these mods (tens of seconds), and which
@@ -295,7 +289,7 @@ def test_merge_tree_is_fixed_at_build_time():
 def test_parameters_go_to_the_graph_once():
     q = da.zeros((1, 2, 32, 4), chunks=(1, 1, 8, 4))
     graph = dict(
-        ed.scaled_dot_product_attention(q, q, q, score_mod=_alibi_like, mod_args=(np.ones(2),)).__dask_graph__()
+        ed.scaled_dot_product_attention(q, q, q, score_mod=alibi_with_batch, mod_args=(np.ones(2),)).__dask_graph__()
     )
     specs = [k for k, t in graph.items() if isinstance(t, tasks.AttentionSpec)]
     assert len(specs) == 1

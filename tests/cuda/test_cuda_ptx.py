@@ -31,6 +31,8 @@ from engine.kernels.cuda.flash_fwd import (
     shared_bytes,
 )
 
+from testmods import window_mod  # noqa: E402
+
 # (mask kind, causal): the combinations the backend launches (is_causal excludes attn_mask)
 KINDS = [(MASK_NONE, False), (MASK_NONE, True), (MASK_BOOL, False), (MASK_FLOAT, False)]
 # head sizes (E, Ev) with the backend's own tiles, plus the tiny tiles of the simulator tests
@@ -83,10 +85,6 @@ def current_device_cc90(monkeypatch):
         monkeypatch.setattr(dispatcher, "get_current_device", lambda: types.SimpleNamespace(compute_capability=(9, 0)))
 
 
-def _window(b, h, q_idx, kv_idx, left, right):
-    return q_idx - left <= kv_idx and kv_idx <= q_idx + right
-
-
 def _mods():
     import numba
 
@@ -99,7 +97,7 @@ def _mods():
     return {
         "alibi": (alibi_bias, None, (slopes,)),
         "softcap": (tanh_softcap, None, (np.float32(50.0),)),
-        "window": (None, _window, (128, 0)),
+        "window": (None, window_mod, (128, 0)),
         "document": (None, same_document, (ids,)),
         "alibi-window-njit": (numba.njit(alibi_bias), numba.njit(lambda b, h, i, j, s: j <= i), (slopes,)),
     }

@@ -8,6 +8,7 @@ import pytest
 import engine
 
 from conftest import available_backends
+from testmods import doc_alibi, doc_only, same_doc
 
 
 def _big_endian(a):
@@ -29,18 +30,6 @@ def _read_only(a):
 
 
 LAYOUTS = {"big-endian": _big_endian, "unaligned": _unaligned, "read-only": _read_only}
-
-
-def alibi(score, b, h, q_idx, kv_idx, slopes, doc):
-    return score - slopes[h] * abs(q_idx - kv_idx)
-
-
-def same_doc(b, h, q_idx, kv_idx, slopes, doc):
-    return doc[q_idx] == doc[kv_idx]
-
-
-def doc_only(b, h, q_idx, kv_idx, doc):
-    return doc[q_idx] == doc[kv_idx]
 
 
 # every operand, layout and dtype; except that a read-only operand is a new Numba signature (a
@@ -69,7 +58,7 @@ def test_unusual_layouts_give_the_plain_result(backend, dtype, layout, which):
         if backend not in ("cpu", "reference"):
             pytest.skip("mods run on the cpu and reference backends only")  # cuda is GPU-only here
         kw = {
-            "score_mod": alibi,
+            "score_mod": doc_alibi,
             "mask_mod": same_doc,
             "mod_args": (np.linspace(0.1, 0.4, 3).astype(dtype), np.arange(17) // 5),
         }

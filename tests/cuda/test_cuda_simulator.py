@@ -30,6 +30,7 @@ from engine.problems.attention import validate_attention_args
 from engine.problems.mods import EMPTY, FULL, PARTIAL
 
 from conftest import run_under_the_cuda_simulator
+from testmods import batch_doc_alibi, batch_same_doc, causal_mod, window_mod
 from tolerances import assert_out_close, lse_atol, out_atol
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -265,10 +266,6 @@ def _first_index(a, base):
 # ---- score_mod / mask_mod compiled into the kernel ----------------------------------------------
 
 
-def _window(b, h, q_idx, kv_idx, left, right):
-    return q_idx - left <= kv_idx and kv_idx <= q_idx + right
-
-
 def _run_mods(q, k, v, backend=SMALL, **kw):
     """The cuda kernel with mods against the reference backend, which applies the same mods to
     the materialised score matrix."""
@@ -303,23 +300,16 @@ def test_mask_mods_with_tile_skipping_and_partial_tiles(rng):
 
     q, k, v = _qkv(rng, (2, 3, 21, 8), (2, 3, 21, 8), 5)
     # width 3 with 4 x 8 tiles: every query tile has empty, partial and (left/right) no full tiles
-    out, _ = _run_mods(q, k, v, mask_mod=_window, mod_args=(3, 0))
-    kinds = engine.create_block_mask(_window, None, None, 21, 21, mod_args=(3, 0), block_q=4, block_k=8).kinds
+    out, _ = _run_mods(q, k, v, mask_mod=window_mod, mod_args=(3, 0))
+    kinds = engine.create_block_mask(window_mod, None, None, 21, 21, mod_args=(3, 0), block_q=4, block_k=8).kinds
     assert (kinds == EMPTY).any() and (kinds == PARTIAL).any()
     # a document mask from a 2-D argument, combined with a score_mod sharing the same tuple
     ids = np.stack([np.repeat([0, 1, 2], 7), np.sort(rng.integers(0, 4, 21))])
 
-    # (mods call no plain Python helpers: the cpu classifier and the GPU compile them)
-    def doc_alibi(score, b, h, q_idx, kv_idx, doc_ids, slopes):
-        return score - slopes[h] * abs(q_idx - kv_idx)
-
-    def doc(b, h, q_idx, kv_idx, doc_ids, slopes):
-        return doc_ids[b, q_idx] == doc_ids[b, kv_idx]
-
     _run_mods(q, k, v, mask_mod=same_document, mod_args=(ids,))
-    _run_mods(q, k, v, score_mod=doc_alibi, mask_mod=doc, mod_args=(ids, alibi_slopes(3)))
+    _run_mods(q, k, v, score_mod=batch_doc_alibi, mask_mod=batch_same_doc, mod_args=(ids, alibi_slopes(3)))
     # a block mask built once (at the cpu's tiles) serves the cuda kernel, whose map it derives
-    bm = engine.create_block_mask(_window, None, None, 21, 21, mod_args=(3, 0))
+    bm = engine.create_block_mask(window_mod, None, None, 21, 21, mod_args=(3, 0))
     np.testing.assert_array_equal(_run_mods(q, k, v, block_mask=bm)[0], out)
 
 
@@ -328,11 +318,7 @@ def test_kernel_obeys_the_block_map(rng):
     """Tiles marked empty are skipped, tiles marked full never evaluate the mask: with a map that
     says so on purpose, the result equals the dense mask that the map (not the mask_mod) implies."""
     q, k, v = _qkv(rng, (1, 1, 8, 4), (1, 1, 16, 4), 4)
-
-    def lower(b, h, q_idx, kv_idx):
-        return kv_idx <= q_idx
-
-    bm = engine.create_block_mask(lower, None, None, 8, 16, block_q=4, block_k=8)
+    bm = engine.create_block_mask(causal_mod, None, None, 8, 16, block_q=4, block_k=8)
     assert bm.kinds[0, 0].tolist() == [[PARTIAL, EMPTY], [PARTIAL, EMPTY]]
     bm.kinds[0, 0, 1, 0] = FULL  # rows 4-7 see keys 0-7 whole
     bm.kinds[0, 0, 0, 0] = EMPTY  # rows 0-3 see nothing
@@ -347,8 +333,8 @@ def test_kernel_obeys_the_block_map(rng):
 @needs_cuda
 def test_mods_through_the_public_api_and_a_variant(rng):
     q, k, v = _qkv(rng, (1, 2, 9, 4), (1, 2, 9, 4), 4)
-    out = engine.scaled_dot_product_attention(q, k, v, mask_mod=_window, mod_args=(2, 1), backend="cuda")
-    ref = engine.scaled_dot_product_attention(q, k, v, mask_mod=_window, mod_args=(2, 1), backend="reference")
+    out = engine.scaled_dot_product_attention(q, k, v, mask_mod=window_mod, mod_args=(2, 1), backend="cuda")
+    ref = engine.scaled_dot_product_attention(q, k, v, mask_mod=window_mod, mod_args=(2, 1), backend="reference")
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=0)
     attn = engine.get_variant("alibi", embed_dim=16, num_heads=2, seed=0)
     x = rng.standard_normal((1, 7, 16)).astype(np.float32)

@@ -7,7 +7,7 @@ arrays (a minimal, strict array-API library: any NumPy-only call in that code fa
 declared "device" libraries by patching ``engine.variant.input_placement``. Everything except the
 attention kernel then runs as on a GPU: projections, weight copies, masks, head split, output
 projection, weights, results in the caller's library. The same tests on torch CUDA tensors and
-CuPy arrays are in ``tests/test_cuda_simulator.py`` and run on a real GPU.
+CuPy arrays are in ``tests/cuda/test_cuda_simulator.py`` and run on a real GPU.
 """
 
 import array_api_strict as strict

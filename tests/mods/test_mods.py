@@ -13,24 +13,9 @@ from engine.problems.mods import EMPTY, FULL, PARTIAL
 from variants.alibi import alibi_slopes
 
 from conftest import HANG_TIMEOUT_S, available_backends, randn
+from testmods import causal_mod, head_bias, softcap_mod, window_mod
 
 MOD_BACKENDS = [b for b in available_backends() if engine.get_backend(b).supports_mods]
-
-
-def causal_mod(b, h, q_idx, kv_idx):
-    return kv_idx <= q_idx
-
-
-def window_mod(b, h, q_idx, kv_idx, left, right):
-    return q_idx - left <= kv_idx and kv_idx <= q_idx + right
-
-
-def head_bias(score, b, h, q_idx, kv_idx, slopes):
-    return score - slopes[h] * abs(q_idx - kv_idx)
-
-
-def softcap_mod(score, b, h, q_idx, kv_idx, cap):
-    return cap * math.tanh(score / cap)
 
 
 def _qkv(rng, B=2, H=3, L=70, S=300, E=16, dtype=np.float32):
@@ -328,6 +313,44 @@ def test_cache_tag_changes_with_the_mods_code_and_skips_what_it_cannot_vouch_for
     inner = closure(2.0)
     inner.__module__ = "variants.example"
     assert _cache_tag(inner, None) is None
+
+
+def test_cached_mods_setting_adds_the_modules_it_names_and_nothing_else(monkeypatch):
+    """``ATTENTION_ENGINE_CACHED_MODS`` (comma-separated top-level names) makes those modules' mods
+    cacheable as the built-ins' are; other modules, ``__main__`` and closures stay uncached."""
+    from engine.kernels.cpu.flash_fwd import _CACHE
+    from engine.kernels.specialise import CACHED_MODS_ENV
+    from engine.kernels.specialise import cache_tag as _cache_tag
+
+    if not _CACHE:
+        pytest.skip("Numba's disk cache is off in this environment")
+    src = "def f(score, b, h, q_idx, kv_idx):\n    return score * 2.0\n"
+    mine, other = _module_function(src, "my_mods.attention"), _module_function(src, "my_modsx")
+    script = _module_function(src, "__main__")
+    monkeypatch.delenv(CACHED_MODS_ENV, raising=False)
+    assert _cache_tag(mine, None) is None
+    monkeypatch.setenv(CACHED_MODS_ENV, " other_pkg , my_mods,,__main__")
+    tag = _cache_tag(mine, None)
+    assert tag and tag == _cache_tag(numba.njit(mine), None)
+    assert tag != _cache_tag(_module_function(src, "other_pkg"), None)  # the module is in the tag
+    assert _cache_tag(other, None) is None  # a prefix of a name is not that name
+    assert _cache_tag(mine, other) is None  # every mod of the tuple must qualify
+    assert _cache_tag(script, None) is None  # never a script's module
+
+    def closure(c):
+        def f(score, b, h, q_idx, kv_idx):
+            return score * c
+
+        return f
+
+    inner = closure(2.0)
+    inner.__module__ = "my_mods"
+    assert _cache_tag(inner, None) is None
+    # the tests' own mods are cached through this setting (conftest.py)
+    from testmods import causal_mod
+
+    monkeypatch.setenv(CACHED_MODS_ENV, "testmods")
+    assert _cache_tag(causal_mod, None)
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """The ``cuda`` backend's backward pass and dropout against the ``reference`` oracle.
 
-As ``tests/test_cuda_simulator.py``: these tests run where a CUDA target exists, under Numba's CUDA
+As ``tests/cuda/test_cuda_simulator.py``: these tests run where a CUDA target exists, under Numba's CUDA
 simulator or on a real GPU. Without a GPU, ``test_backward_under_the_simulator`` runs this file
 again in a subprocess with ``NUMBA_ENABLE_CUDASIM=1`` and fails if anything there fails or is
 skipped (only the GPU-only tests may skip there). Shapes are tiny and tiles small (4 query rows,
@@ -39,6 +39,7 @@ from engine.problems.backward import validate_backward_args
 from engine.problems.masks import reduce_to_shape
 
 from conftest import run_under_the_cuda_simulator
+from testmods import window_mod
 from tolerances import assert_out_close, score_bound
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -126,10 +127,6 @@ def _qkv(rng, qshape, kshape, Ev, dtype=np.float32):
     return q, k, v
 
 
-def _window(b, h, q_idx, kv_idx, left, right):
-    return q_idx - left <= kv_idx and kv_idx <= q_idx + right
-
-
 # ---- float32: every feature, several per case -----------------------------------------------------
 
 
@@ -172,13 +169,13 @@ def test_score_mod_complex_step_mask_mod_block_map_and_dropout(rng):
     from variants.alibi import alibi_bias, alibi_slopes
 
     q, k, v = _qkv(rng, (1, 2, 13, 4), (1, 2, 17, 4), 3)
-    kinds = engine.create_block_mask(_window, None, None, 13, 17, mod_args=(3, 0), block_q=4, block_k=8).kinds
+    kinds = engine.create_block_mask(window_mod, None, None, 13, 17, mod_args=(3, 0), block_q=4, block_k=8).kinds
     assert (kinds == engine.problems.mods.EMPTY).any() and (kinds == engine.problems.mods.PARTIAL).any()
     # alibi declares no derivative: complex step (complex64) on the device
     _backward(
         q, k, v, score_mod=alibi_bias, mod_args=(alibi_slopes(2).astype(np.float32),), dropout_p=0.3, dropout_seed=11
     )
-    _backward(q, k, v, mask_mod=_window, mod_args=(3, 0), dropout_p=0.25, dropout_seed=5)
+    _backward(q, k, v, mask_mod=window_mod, mod_args=(3, 0), dropout_p=0.25, dropout_seed=5)
 
 
 @needs_cuda
@@ -218,7 +215,7 @@ def test_sixteen_bit(rng, dtype):
 @pytest.mark.parametrize("causal", [False, True])
 def test_dropout_forward_drops_what_reference_drops(rng, causal):
     """The reference backend draws the keep mask from ``philox.keep_mask_numpy``, which
-    ``tests/test_dropout.py`` checks against the cpu kernels' stream."""
+    ``tests/backward/test_dropout.py`` checks against the cpu kernels' stream."""
     q, k, v = _qkv(rng, (2, 2, 7, 4), (2, 2, 13, 4), 5)
     kw = dict(is_causal=causal, dropout_p=0.4, dropout_seed=2**40 + 123, return_lse=True)
     out, lse = SMALL.run(validate_attention_args(q, k, v, **kw))

@@ -2,7 +2,7 @@
 compiles to PTX for compute capabilities 8.0 and 9.0.
 
 ``numba.cuda.compile_ptx`` types and lowers a kernel as a launch would, so it catches typing errors
-the simulator cannot see (see ``tests/test_cuda_ptx.py``; it needs the NVVM and NVRTC wheels of
+the simulator cannot see (see ``tests/cuda/test_cuda_ptx.py``; it needs the NVVM and NVRTC wheels of
 ``numba-cuda[cu13]``, and their absence is a failure, not a skip). Checked in the PTX: everything is
 inlined (no ``call``: the mods, their derivatives, Philox, the bfloat16 conversions), no float64
 arithmetic for 32-bit and 16-bit inputs (float32 throughout; Philox is integer arithmetic), and the
@@ -28,6 +28,8 @@ from engine.backends.cuda.forward import tile_sizes  # noqa: E402
 from engine.kernels.cuda.flash_bwd import backward_kernel_sources, backward_shared_bytes, backward_signatures
 from engine.kernels.cuda.flash_fwd import flash_kernel_source, kernel_signature
 from engine.kernels.kinds import MASK_BOOL, MASK_FLOAT, MASK_NONE  # noqa: E402
+
+from testmods import window_mod  # noqa: E402
 
 CCS = [(8, 0), (9, 0)]
 KINDS = [(MASK_NONE, False), (MASK_NONE, True), (MASK_BOOL, False), (MASK_FLOAT, False)]
@@ -142,10 +144,6 @@ def test_forward_with_dropout_compiles(current_device, dtype, cc):
     assert re.search(r"mul\.(lo|wide)\.[us](64|32)", ptx)
 
 
-def _window(b, h, q_idx, kv_idx, left, right):
-    return q_idx - left <= kv_idx and kv_idx <= q_idx + right
-
-
 def _mods():
     import numba
 
@@ -159,7 +157,7 @@ def _mods():
     return {
         "alibi": (alibi_bias, None, None, (slopes,)),  # complex step on the device (complex64)
         "softcap": (tanh_softcap, tanh_softcap.score_grad, None, (np.float32(50.0),)),
-        "window": (None, None, _window, (128, 0)),
+        "window": (None, None, window_mod, (128, 0)),
         "document": (None, None, same_document, (ids,)),
         "alibi-window-njit": (numba.njit(alibi_bias), None, numba.njit(lambda b, h, i, j, s: j <= i), (slopes,)),
     }

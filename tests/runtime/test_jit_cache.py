@@ -26,9 +26,8 @@ import tempfile
 
 import pytest
 
-from conftest import HANG_TIMEOUT_S
+from conftest import HANG_TIMEOUT_S, ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # no CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH, now or after exec: root obeys the permission bits
 DROP_CAPABILITIES = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all"]
 
