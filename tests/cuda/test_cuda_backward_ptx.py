@@ -1,5 +1,5 @@
 """Every specialisation of the ``cuda`` backend's backward kernels (and the forward with dropout)
-compiles to PTX for compute capabilities 8.0 and 9.0.
+compiles to PTX for compute capability 9.0 (and the others ``ATTENTION_ENGINE_PTX_CCS`` names, as 8.0).
 
 ``numba.cuda.compile_ptx`` types and lowers a kernel as a launch would, so it catches typing errors
 the simulator cannot see (see ``tests/cuda/test_cuda_ptx.py``; it needs the NVVM and NVRTC wheels of
@@ -29,9 +29,9 @@ from engine.kernels.cuda.flash_bwd import backward_kernel_sources, backward_shar
 from engine.kernels.cuda.flash_fwd import flash_kernel_source, kernel_signature
 from engine.kernels.kinds import MASK_BOOL, MASK_FLOAT, MASK_NONE  # noqa: E402
 
+from conftest import PTX_CCS, cc_id  # noqa: E402
 from testmods import window_mod  # noqa: E402
 
-CCS = [(8, 0), (9, 0)]
 KINDS = [(MASK_NONE, False), (MASK_NONE, True), (MASK_BOOL, False), (MASK_FLOAT, False)]
 KIND_IDS = ["none", "causal", "bool", "float"]
 F64 = re.compile(r"\b(add|sub|mul|div\.rn|fma\.rn)\.f64\b")
@@ -73,9 +73,8 @@ def _compile_all(cc, E, Ev, bq, bk, mask_kind, causal, storage, mask=None, mod_a
     return [p for p, _ in ptxs]
 
 
-# every head size for sm_90, head size 64 for sm_80: typing does not depend on the target, and each
-# compile takes seconds (CI time)
-CC_HEADS = [((9, 0), (64, 64)), ((9, 0), (128, 128)), ((9, 0), (8, 5)), ((8, 0), (64, 64))]
+# the backend's tiles for common heads, and the simulator tests' tiny ones
+CC_HEADS = [(cc, heads) for cc in PTX_CCS for heads in ((64, 64), (128, 128), (8, 5))]
 
 
 @pytest.mark.parametrize(("cc", "heads"), CC_HEADS, ids=[f"sm{c[0]}{c[1]}-E{h[0]}-Ev{h[1]}" for c, h in CC_HEADS])
@@ -95,7 +94,7 @@ def test_backward_kernels_compile(current_device, dtype, kind, heads, cc):
         assert re.search(r"ld\.global\.(u8|s8)", dq)
 
 
-@pytest.mark.parametrize("cc", CCS, ids=lambda c: f"sm{c[0]}{c[1]}")
+@pytest.mark.parametrize("cc", PTX_CCS, ids=cc_id)
 @pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
 def test_bfloat16_backward_kernels_compile(current_device, kind, cc):
     current_device(cc)
@@ -110,8 +109,8 @@ def test_bfloat16_backward_kernels_compile(current_device, kind, cc):
         assert re.search(r"st\.global\.(u16|b16)", ptx)
 
 
-# every storage dtype for sm_90, float32 for sm_80 (each case compiles six kernels)
-DROPOUT_CASES = [((9, 0), np.float32), ((9, 0), np.float16), ((9, 0), np.uint16), ((8, 0), np.float32)]
+# every storage dtype (each case compiles six kernels)
+DROPOUT_CASES = [(cc, dtype) for cc in PTX_CCS for dtype in (np.float32, np.float16, np.uint16)]
 
 
 @pytest.mark.parametrize(
@@ -132,7 +131,7 @@ def test_dropout_and_mask_gradient_kernels_compile(current_device, dtype, cc):
     _compile_all(cc, 64, 64, 64, 64, MASK_NONE, True, dtype, None, lse=dtype, bf16=bf16, lse_bf16=bf16)
 
 
-@pytest.mark.parametrize("cc", CCS, ids=lambda c: f"sm{c[0]}{c[1]}")
+@pytest.mark.parametrize("cc", PTX_CCS, ids=cc_id)
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint16], ids=["float32", "float16", "bfloat16"])
 def test_forward_with_dropout_compiles(current_device, dtype, cc):
     current_device(cc)
@@ -163,7 +162,7 @@ def _mods():
     }
 
 
-@pytest.mark.parametrize("cc", CCS, ids=lambda c: f"sm{c[0]}{c[1]}")
+@pytest.mark.parametrize("cc", PTX_CCS, ids=cc_id)
 @pytest.mark.parametrize("name", list(_mods()))
 def test_backward_kernels_with_mods_compile(current_device, name, cc):
     current_device(cc)

@@ -1,5 +1,5 @@
-"""Every specialisation of the ``cuda`` decoding kernels compiles to PTX for compute capability 8.0
-(A100) and 9.0 (H100/H200).
+"""Every specialisation of the ``cuda`` decoding kernels compiles to PTX for compute capability 9.0
+(H100/H200), and for the others ``ATTENTION_ENGINE_PTX_CCS`` names (as 8.0, the A100).
 
 As ``test_cuda_ptx.py``: ``numba.cuda.compile_ptx`` types and lowers the kernels as a launch would,
 without a GPU, and catches typing errors the simulator cannot see. It needs NVVM and NVRTC (the
@@ -28,8 +28,9 @@ from engine.backends.cuda.decode import decode_shared_bytes, decode_tiles
 from engine.kernels.cuda import decode as kd
 from engine.runtime.config import CUDA_DECODE_THREADS
 
+from conftest import PTX_CCS, cc_id  # noqa: E402
+
 KINDS = {"float32": kd.CACHE_FLOAT32, "float16": kd.CACHE_FLOAT16, "bfloat16": kd.CACHE_BFLOAT16}
-CCS = [(8, 0), (9, 0)]
 F64_ARITHMETIC = re.compile(r"\b(add|sub|mul|div\.rn|fma\.rn|neg|abs|min|max|ex2\.approx)\.f64\b")
 CALL = re.compile(r"^\s*call(\.uni)?\b", re.M)
 
@@ -65,7 +66,7 @@ def check_common(ptx: str, cc, entry: str):
 HEADS = [(64, 64, 1), (128, 128, 8), (8, 5, 2)]
 
 
-@pytest.mark.parametrize("current_device", CCS, indirect=True, ids=["sm80", "sm90"])
+@pytest.mark.parametrize("current_device", PTX_CCS, indirect=True, ids=cc_id)
 @pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"E{h[0]}-Ev{h[1]}-rows{h[2]}")
 @pytest.mark.parametrize("cache", list(KINDS))
 def test_decode_kernel_compiles(current_device, cache, heads):
@@ -91,7 +92,7 @@ def local_window(b, h, q_idx, kv_idx, slopes):
     return q_idx - kv_idx < 128
 
 
-@pytest.mark.parametrize("current_device", CCS, indirect=True, ids=["sm80", "sm90"])
+@pytest.mark.parametrize("current_device", PTX_CCS, indirect=True, ids=cc_id)
 @pytest.mark.parametrize("cache", ["float32", "bfloat16"])
 def test_decode_kernel_with_mods_compiles(current_device, cache):
     import numba
@@ -110,7 +111,7 @@ def test_decode_kernel_with_mods_compiles(current_device, cache):
     assert shared(ptx) == decode_shared_bytes(128, 128, 8, 32)
 
 
-@pytest.mark.parametrize("current_device", CCS, indirect=True, ids=["sm80", "sm90"])
+@pytest.mark.parametrize("current_device", PTX_CCS, indirect=True, ids=cc_id)
 @pytest.mark.parametrize("out", list(KINDS))
 def test_merge_kernel_compiles(current_device, out):
     kind = KINDS[out]
@@ -123,7 +124,7 @@ def test_merge_kernel_compiles(current_device, out):
         assert re.search(r"st\.global\.(u16|b16)", ptx)
 
 
-@pytest.mark.parametrize("current_device", CCS, indirect=True, ids=["sm80", "sm90"])
+@pytest.mark.parametrize("current_device", PTX_CCS, indirect=True, ids=cc_id)
 @pytest.mark.parametrize("new", list(KINDS))
 @pytest.mark.parametrize("cache", list(KINDS))
 def test_write_kernel_compiles(current_device, cache, new):
@@ -137,7 +138,7 @@ def test_write_kernel_compiles(current_device, cache, new):
         assert re.search(r"st\.global\.(u16|b16)", ptx)
 
 
-@pytest.mark.parametrize("current_device", CCS, indirect=True, ids=["sm80", "sm90"])
+@pytest.mark.parametrize("current_device", PTX_CCS, indirect=True, ids=cc_id)
 @pytest.mark.parametrize("query", list(KINDS))
 def test_decode_kernel_for_device_queries_compiles(current_device, query):
     """Device calls read the caller's query in place: any strides, float32/float16/bfloat16."""
@@ -151,7 +152,7 @@ def test_decode_kernel_for_device_queries_compiles(current_device, query):
     assert ("cvt.f32.f16" in ptx) == (qk == kd.CACHE_FLOAT16)
 
 
-@pytest.mark.parametrize("current_device", CCS, indirect=True, ids=["sm80", "sm90"])
+@pytest.mark.parametrize("current_device", PTX_CCS, indirect=True, ids=cc_id)
 def test_write_kernel_for_strided_device_entries_compiles(current_device):
     """Keys and values of different dtypes, strided, into a bfloat16 cache."""
     ck, kk, vk = kd.CACHE_BFLOAT16, kd.CACHE_FLOAT32, kd.CACHE_FLOAT16

@@ -1,5 +1,5 @@
 """Every specialisation of the CUDA kernel compiles to PTX for compute capability 9.0 (H100), and
-a sample of them for 8.0 (A100).
+for the others ``ATTENTION_ENGINE_PTX_CCS`` names (as ``8.0,9.0`` for the A100 too).
 
 ``numba.cuda.compile_ptx`` types and lowers the kernel exactly as a GPU launch would, so it catches
 typing errors the simulator (which runs the kernel as Python) cannot see. It needs no GPU, but it
@@ -19,6 +19,8 @@ import pytest
 if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
     pytest.skip("compile_ptx needs the real CUDA target, not the simulator", allow_module_level=True)
 
+import types  # noqa: E402
+
 from numba import cuda  # noqa: E402
 
 from engine.backends.cuda.forward import tile_sizes  # noqa: E402
@@ -31,6 +33,7 @@ from engine.kernels.cuda.flash_fwd import (
     shared_bytes,
 )
 
+from conftest import PTX_CCS, cc_id  # noqa: E402
 from testmods import window_mod  # noqa: E402
 
 # (mask kind, causal): the combinations the backend launches (is_causal excludes attn_mask)
@@ -43,18 +46,35 @@ def _mask_dtype(kind, dtype):
     return dtype if kind == MASK_FLOAT else np.bool_
 
 
+@pytest.fixture
+def current_device(monkeypatch):
+    """Numba compiles a kernel's device functions (the mods, overloads such as ``cast_like``) for
+    the *current* device's compute capability, even inside ``compile_ptx``; with no GPU here, the
+    test says which one that is (the one it compiles the kernel for)."""
+    from numba.cuda import dispatcher
+
+    def at(cc):
+        if not cuda.is_available():
+            monkeypatch.setattr(dispatcher, "get_current_device", lambda: types.SimpleNamespace(compute_capability=cc))
+
+    return at
+
+
+@pytest.mark.parametrize("cc", PTX_CCS, ids=cc_id)
 @pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"E{h[0]}-Ev{h[1]}")
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: ["none", "bool", "float"][k[0]] + ("-causal" if k[1] else ""))
 @pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["float32", "float16"])
-def test_kernel_compiles_to_ptx_for_sm90(dtype, kind, heads):
+def test_kernel_compiles_to_ptx(current_device, dtype, kind, heads, cc):
+    current_device(cc)
     E, Ev = heads
     block_q, block_k = tile_sizes(E, Ev)
     mask_kind, causal = kind
     fn = flash_kernel_source(E, Ev, block_q, block_k, mask_kind, causal)
-    ptx, restype = cuda.compile_ptx(fn, kernel_signature(dtype, _mask_dtype(mask_kind, dtype)), cc=(9, 0))
+    ptx, restype = cuda.compile_ptx(fn, kernel_signature(dtype, _mask_dtype(mask_kind, dtype)), cc=cc)
     assert str(restype) == "none"
-    assert re.search(r"^\.target sm_90\b", ptx, re.M)
+    assert re.search(rf"^\.target sm_{cc[0]}{cc[1]}\b", ptx, re.M)
     assert re.search(r"^\.visible \.entry \S*_flash_forward", ptx, re.M)
+    assert not re.search(r"^\s*call(\.uni)?\b", ptx, re.M)  # everything inlined
     # the two staged tiles are the kernel's only shared memory, and they fit the static limit
     smem = sum(int(n) for n in re.findall(r"\.shared \.align \d+ \.b8 \S+\[(\d+)\]", ptx))
     assert smem == shared_bytes(E, Ev, block_k) <= 48 * 1024
@@ -70,19 +90,6 @@ def test_kernel_compiles_to_ptx_for_sm90(dtype, kind, heads):
 
 
 # -- kernels with mods ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def current_device_cc90(monkeypatch):
-    """Numba compiles a kernel's device functions (the mods, overloads such as ``cast_like``) for
-    the *current* device's compute capability, even inside ``compile_ptx``; with no GPU here, that
-    device is said to be 9.0, as the kernel itself."""
-    import types
-
-    from numba.cuda import dispatcher
-
-    if not cuda.is_available():
-        monkeypatch.setattr(dispatcher, "get_current_device", lambda: types.SimpleNamespace(compute_capability=(9, 0)))
 
 
 def _mods():
@@ -103,13 +110,15 @@ def _mods():
     }
 
 
+@pytest.mark.parametrize("cc", PTX_CCS, ids=cc_id)
 @pytest.mark.parametrize("name", list(_mods()))
 @pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["float32", "float16"])
-def test_kernels_with_mods_compile_to_ptx_for_sm90(current_device_cc90, dtype, name):
+def test_kernels_with_mods_compile_to_ptx(current_device, dtype, name, cc):
+    current_device(cc)
     score_mod, mask_mod, mod_args = _mods()[name]
     block_q, block_k = tile_sizes(64, 64)
     fn = flash_kernel_source(64, 64, block_q, block_k, MASK_NONE, False, score_mod, mask_mod)
-    ptx, restype = cuda.compile_ptx(fn, kernel_signature(dtype, None, mod_args), cc=(9, 0))
+    ptx, restype = cuda.compile_ptx(fn, kernel_signature(dtype, None, mod_args), cc=cc)
     assert str(restype) == "none"
     assert re.search(r"^\.visible \.entry \S*_flash_forward", ptx, re.M)
     # the mods are inlined into the kernel, not called
@@ -125,16 +134,18 @@ def test_kernels_with_mods_compile_to_ptx_for_sm90(current_device_cc90, dtype, n
 # -- bfloat16 storage (uint16 bit patterns, converted in registers) ------------------------------
 
 
+@pytest.mark.parametrize("cc", PTX_CCS, ids=cc_id)
 @pytest.mark.parametrize("heads", HEADS[:2], ids=lambda h: f"E{h[0]}-Ev{h[1]}")
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: ["none", "bool", "float"][k[0]] + ("-causal" if k[1] else ""))
-def test_bfloat16_kernels_compile_to_ptx_for_sm90(current_device_cc90, kind, heads):
+def test_bfloat16_kernels_compile_to_ptx(current_device, kind, heads, cc):
+    current_device(cc)
     E, Ev = heads
     block_q, block_k = tile_sizes(E, Ev)
     mask_kind, causal = kind
     bf16_mask = mask_kind == MASK_FLOAT
     fn = flash_kernel_source(E, Ev, block_q, block_k, mask_kind, causal, bf16=True, mask_bf16=bf16_mask)
     mask = np.uint16 if bf16_mask else np.bool_
-    ptx, restype = cuda.compile_ptx(fn, kernel_signature(np.uint16, mask), cc=(9, 0))
+    ptx, restype = cuda.compile_ptx(fn, kernel_signature(np.uint16, mask), cc=cc)
     assert str(restype) == "none"
     assert re.search(r"^\.visible \.entry \S*_flash_forward", ptx, re.M)
     # the conversions are inlined bit operations: no call, no float16 or float64 arithmetic
@@ -146,28 +157,3 @@ def test_bfloat16_kernels_compile_to_ptx_for_sm90(current_device_cc90, kind, hea
     assert re.search(r"st\.global\.(u16|b16)", ptx)
     smem = sum(int(n) for n in re.findall(r"\.shared \.align \d+ \.b8 \S+\[(\d+)\]", ptx))
     assert smem == shared_bytes(E, Ev, block_k) <= 48 * 1024
-
-
-# -- compute capability 8.0 (A100): the same kernels, a smaller sample ---------------------------
-
-
-@pytest.mark.parametrize("kind", [(MASK_NONE, True), (MASK_FLOAT, False)], ids=["none-causal", "float"])
-@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint16], ids=["float32", "float16", "bfloat16"])
-def test_kernels_compile_to_ptx_for_sm80(dtype, kind, monkeypatch):
-    import types
-
-    from numba.cuda import dispatcher
-
-    if not cuda.is_available():  # device functions are compiled for the "current" device
-        monkeypatch.setattr(dispatcher, "get_current_device", lambda: types.SimpleNamespace(compute_capability=(8, 0)))
-    bf16 = dtype == np.uint16
-    mask_kind, causal = kind
-    block_q, block_k = tile_sizes(64, 64)
-    fn = flash_kernel_source(64, 64, block_q, block_k, mask_kind, causal, bf16=bf16, mask_bf16=bf16)
-    ptx, restype = cuda.compile_ptx(fn, kernel_signature(dtype, _mask_dtype(mask_kind, dtype)), cc=(8, 0))
-    assert str(restype) == "none"
-    assert re.search(r"^\.target sm_80\b", ptx, re.M)
-    assert not re.search(r"^\s*call(\.uni)?\b", ptx, re.M)
-    assert not re.search(r"\b(add|sub|mul|fma\.rn)\.f64\b", ptx)
-    smem = sum(int(n) for n in re.findall(r"\.shared \.align \d+ \.b8 \S+\[(\d+)\]", ptx))
-    assert smem == shared_bytes(64, 64, block_k) <= 48 * 1024
