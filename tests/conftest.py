@@ -114,13 +114,7 @@ def make_distribution(root, dist, module, source, entry_points):
         (root / f"{module}.py").write_text(textwrap.dedent(source))
 
 
-@pytest.fixture(scope="session")
-def dask_client():
-    """One ``distributed.LocalCluster`` of 2 worker processes x 1 thread for the whole session.
-
-    Only the modules marked ``pytest.mark.xdist_group("dask")`` use it, and ``--dist loadgroup``
-    (the README's test command) sends them all to one pytest-xdist worker, so one cluster serves
-    them all; a test that kills a worker waits for its nanny to bring it back."""
+def _local_cluster_client(processes: bool):
     pytest.importorskip("distributed", reason="the dask extra is not installed")
     import logging
 
@@ -128,11 +122,31 @@ def dask_client():
 
     with (
         LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.ERROR
+            n_workers=2, threads_per_worker=1, processes=processes, dashboard_address=":0", silence_logs=logging.ERROR
         ) as cluster,
         Client(cluster) as client,
     ):
         yield client
+
+
+@pytest.fixture(scope="session")
+def dask_client():
+    """A ``distributed.LocalCluster`` of 2 workers x 1 thread, inside this process, for the whole
+    session: what a task computes does not depend on the process it runs in, and worker processes
+    would each import the engine and compile or load its kernels again. Tests where processes are
+    the point (a killed worker, pickling to another process, per-process thread limits) take
+    ``dask_process_client``."""
+    yield from _local_cluster_client(processes=False)
+
+
+@pytest.fixture(scope="session")
+def dask_process_client():
+    """A ``distributed.LocalCluster`` of 2 worker *processes* x 1 thread for the whole session.
+
+    Only the modules marked ``pytest.mark.xdist_group("dask")`` use the clusters, and ``--dist
+    loadgroup`` (the README's test command) sends them all to one pytest-xdist worker, so one
+    cluster serves them all; a test that kills a worker waits for its nanny to bring it back."""
+    yield from _local_cluster_client(processes=True)
 
 
 def run_under_the_cuda_simulator(path: str) -> None:

@@ -1,4 +1,5 @@
-"""engine.distributed.scaled_dot_product_attention on a real LocalCluster of worker processes:
+"""engine.distributed.scaled_dot_product_attention on a real LocalCluster (in-process workers, and
+worker processes for what crosses a process: mods pickled by reference, each process's threads):
 every case against one single-process call, the graph's structure (skipped pairs, boundary-only
 masks, a merge tree fixed at build time), and bad chunking refused before any task runs."""
 
@@ -156,7 +157,7 @@ def test_masks_dask_chunked_like_the_scores_or_numpy(dask_client, kind):
         )
 
 
-def test_mods_see_global_indices(dask_client):
+def test_mods_see_global_indices(dask_process_client):
     """score_mod and mask_mod get (b, h, q_idx, kv_idx) of the whole problem, whatever the chunk:
     batch, heads, queries and keys all chunked, unevenly; with causal too."""
     rng = np.random.default_rng(5)
@@ -167,10 +168,16 @@ def test_mods_see_global_indices(dask_client):
     kw = dict(score_mod=alibi_with_batch, mask_mod=window_by_batch_and_head, mod_args=(slopes,), is_causal=True)
     got = ed.scaled_dot_product_attention(qd, kd, vd, return_lse=True, **kw)
     # the reference backend evaluates the mods in Python: no kernel compiled here. One worker
-    # runs it all: each process compiles a kernel for these mods (tens of seconds), and which
+    # process runs it all: each process compiles (or loads) a kernel for these mods, and which
     # worker runs a pair does not change what it computes
     expected = engine.scaled_dot_product_attention(q, k, v, backend="reference", return_lse=True, **kw)
-    _check(dask_client, got, expected, np.float64, workers=list(dask_client.scheduler_info()["workers"])[:1])
+    _check(
+        dask_process_client,
+        got,
+        expected,
+        np.float64,
+        workers=list(dask_process_client.scheduler_info()["workers"])[:1],
+    )
 
 
 def test_numpy_inputs_chunked_by_default_and_two_d(dask_client):
@@ -422,11 +429,11 @@ def _threads_in_a_task():
     return numba_threads, blas
 
 
-def test_worker_processes_run_one_numba_and_one_blas_thread_per_task(dask_client):
-    workers = list(dask_client.scheduler_info()["workers"])
+def test_worker_processes_run_one_numba_and_one_blas_thread_per_task(dask_process_client):
+    workers = list(dask_process_client.scheduler_info()["workers"])
     assert len(workers) == 2
-    for numba_threads, blas in dask_client.gather(
-        [dask_client.submit(_threads_in_a_task, pure=False, workers=[w]) for w in workers]
+    for numba_threads, blas in dask_process_client.gather(
+        [dask_process_client.submit(_threads_in_a_task, pure=False, workers=[w]) for w in workers]
     ):
         assert numba_threads == 1
         assert blas and set(blas.values()) == {1}

@@ -48,8 +48,8 @@ def _bits(x):
     return x.view(np.uint32 if x.dtype == np.float32 else np.uint64)
 
 
-def test_killed_worker_gives_the_same_bits(dask_client, tmp_path):
-    client = dask_client
+def test_killed_worker_gives_the_same_bits(dask_process_client, tmp_path):
+    client = dask_process_client
     rng = np.random.default_rng(11)
     q, k, v = (rng.standard_normal((1, 2, 96, 16)).astype(np.float32) for _ in range(3))
     chunks = (1, 1, 12, 16)

@@ -1,5 +1,5 @@
 """engine.distributed.apply_variant: every registered variant over a dask array of sequences,
-on worker processes, equal to one call; parameters shipped to each worker once."""
+equal to one call; parameters shipped to each worker process once."""
 
 import numpy as np
 import pytest
@@ -66,13 +66,13 @@ def _unpickled():
     return getattr(mod, "_test_unpickled", 0)
 
 
-def test_parameters_reach_each_worker_once(dask_client):
+def test_parameters_reach_each_worker_once(dask_process_client):
     variant = CountingMultiHead(embed_dim=8, num_heads=2, seed=0)
     x = np.random.default_rng(1).standard_normal((24, 5, 8)).astype(np.float32)
     out = ed.apply_variant(variant, da.from_array(x, chunks=(2, 5, 8)))  # 12 tasks
-    before = dask_client.run(_unpickled)
-    np.testing.assert_allclose(dask_client.compute(out, sync=True), variant(x)[0], rtol=0, atol=1e-5)
-    received = {w: n - before[w] for w, n in dask_client.run(_unpickled).items()}
+    before = dask_process_client.run(_unpickled)
+    np.testing.assert_allclose(dask_process_client.compute(out, sync=True), variant(x)[0], rtol=0, atol=1e-5)
+    received = {w: n - before[w] for w, n in dask_process_client.run(_unpickled).items()}
     assert sum(received.values()) >= 1 and all(n <= 1 for n in received.values()), received
     graph = dict(out.__dask_graph__())
     assert sum(isinstance(t, dv.VariantCall) for t in graph.values()) == 1
