@@ -14,6 +14,12 @@ from conftest import HANG_TIMEOUT_S, ROOT
 
 PAGES = ["README.md"] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
 WITH_CODE = [p for p in PAGES if "```python\n" in open(os.path.join(ROOT, p)).read()]
+#: pages whose examples must not dwindle (the README's are checked below)
+MIN_BLOCKS = {"docs/training.md": 2}
+
+
+def test_pages_with_a_minimum_of_examples_are_run():
+    assert set(MIN_BLOCKS) <= set(WITH_CODE)
 
 
 def test_readme_has_the_five_examples():
@@ -24,6 +30,7 @@ def test_readme_has_the_five_examples():
 @pytest.mark.parametrize("page", WITH_CODE)
 def test_python_blocks_run(page, tmp_path):
     blocks = re.findall(r"```python\n(.*?)```", open(os.path.join(ROOT, page)).read(), re.S)
+    assert len(blocks) >= MIN_BLOCKS.get(page, 1), f"{page} has {len(blocks)} Python examples"
     script = tmp_path / "examples.py"
     script.write_text("\n".join(blocks) + "\nprint('EXAMPLES OK')\n")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MPLBACKEND="Agg")
