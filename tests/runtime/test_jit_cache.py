@@ -31,16 +31,27 @@ from conftest import HANG_TIMEOUT_S, ROOT
 # no CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH, now or after exec: root obeys the permission bits
 DROP_CAPABILITIES = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all"]
 
+# what the probe computes: the cpu attention kernel (a user's first call), or the small kernel of
+# ``merge_attention`` where the point is the cache files, not what is in them (a fraction of the
+# compile time)
+FORWARD = """
+    q, k, v = (rng.standard_normal((1, 2, 40, 8)).astype(np.float32) for _ in range(3))
+    out = engine.scaled_dot_product_attention(q, k, v, backend="cpu")
+    ref = engine.scaled_dot_product_attention(q, k, v, backend="reference")"""
+MERGE = """
+    q, k, v = (rng.standard_normal((1, 2, 40, 8)).astype(np.float32) for _ in range(3))
+    parts = [engine.scaled_dot_product_attention(q, k[:, :, s], v[:, :, s], backend="reference", return_lse=True)
+             for s in (slice(0, 15), slice(15, 40))]
+    out, _ = engine.merge_attention([o for o, _ in parts], [lse for _, lse in parts])
+    ref = engine.scaled_dot_product_attention(q, k, v, backend="reference")"""
+
 PROBE = r"""
 import json, sys, warnings
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     import numpy as np
     import engine, numba
-    rng = np.random.default_rng(0)
-    q, k, v = (rng.standard_normal((1, 2, 40, 8)).astype(np.float32) for _ in range(3))
-    out = engine.scaled_dot_product_attention(q, k, v, backend="cpu")
-    ref = engine.scaled_dot_product_attention(q, k, v, backend="reference")
+    rng = np.random.default_rng(0){compute}
 import importlib, pkgutil
 import engine.kernels
 from numba.core.dispatcher import Dispatcher
@@ -54,6 +65,8 @@ print(json.dumps({"file": engine.__file__, "cache_hits": hits, "correct": bool(n
                   "cache_enabled": engine.runtime.jit_cache.cache_enabled(), "cache_dir": numba.config.CACHE_DIR,
                   "warnings": [str(w.message) for w in caught if "attention-engine" in str(w.message)]}))
 """
+FORWARD_PROBE = PROBE.replace("{compute}", FORWARD)
+MERGE_PROBE = PROBE.replace("{compute}", MERGE)
 
 
 def _env(**extra):
@@ -62,7 +75,7 @@ def _env(**extra):
     return env
 
 
-def _run(env, unprivileged=False, probe=PROBE):
+def _run(env, unprivileged=False, probe=MERGE_PROBE):
     cmd = [sys.executable, "-c", probe]
     if unprivileged:
         cmd = DROP_CAPABILITIES + cmd
@@ -110,13 +123,13 @@ def test_read_only_install_and_unwritable_home_use_a_writable_fallback(sandbox):
         HOME=os.path.join(top, "home"),
         TMPDIR=os.path.join(top, "tmp"),
     )
-    got = _run(env, unprivileged)
+    got = _run(env, unprivileged, probe=FORWARD_PROBE)
     assert got["file"].startswith(os.path.join(top, "site")), got  # the read-only copy was imported
     assert got["correct"] and got["cache_enabled"], got
     assert got["cache_dir"].startswith(os.path.join(top, "tmp", "attention-engine-numba-")), got
     cached = [n for _, _, files in os.walk(got["cache_dir"]) for n in files if n.endswith(".nbi")]
     assert cached, "the fallback folder holds no cache index"
-    again = _run(env, unprivileged)  # the second process loads from the fallback cache
+    again = _run(env, unprivileged, probe=FORWARD_PROBE)  # the second process loads from the fallback cache
     assert again["correct"] and again["cache_dir"] == got["cache_dir"] and again["cache_hits"] > 0, again
 
 
