@@ -20,6 +20,8 @@ import threadpoolctl
 import engine
 from engine.kernels.specialise import CACHED_MODS_ENV
 
+from simulator import SIMULATOR, use_simulator_tiles
+
 #: the tests folder (shared helpers: this file, tolerances.py, grad_cases.py) and the repository root
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
@@ -46,29 +48,28 @@ except ImportError:
     pass
 
 
-def _compute_capabilities(text: str) -> list[tuple[int, int]]:
-    try:
-        ccs = [tuple(int(x) for x in cc.strip().split(".")) for cc in text.split(",") if cc.strip()]
-    except ValueError:
-        ccs = []
-    if not ccs or any(len(cc) != 2 for cc in ccs):
-        raise ValueError(f"ATTENTION_ENGINE_PTX_CCS must list compute capabilities such as 8.0,9.0; got {text!r}")
-    return sorted(set(ccs))
-
-
-#: the compute capabilities the PTX tests (tests/cuda/test_*ptx.py) compile every kernel for: 9.0
-#: (H100/H200) unless ``ATTENTION_ENGINE_PTX_CCS`` names others, as "8.0,9.0" (A100 too; each one
-#: costs minutes of compiling, and typing does not depend on the target)
-PTX_CCS = _compute_capabilities(os.environ.get("ATTENTION_ENGINE_PTX_CCS") or "9.0")
-
-
-def cc_id(cc) -> str:
-    return f"sm{cc[0]}{cc[1]}"
-
-
 def available_backends():
-    """Names of registered backends that can run on this machine (cuda is absent without a GPU)."""
-    return [n for n in engine.list_backends() if engine.get_backend(n).unavailable_reason() is None]
+    """Names of registered backends that can run on this machine (cuda is absent without a GPU),
+    narrowed to those ``ATTENTION_ENGINE_TEST_BACKENDS`` lists when it is set (comma-separated):
+    the simulator run (``tests/simulator.py``) and ``bench/gpu_check.sh`` specify ``cuda`` against
+    the ``reference`` oracle, the other backends ran in the ordinary run."""
+    names = [n for n in engine.list_backends() if engine.get_backend(n).unavailable_reason() is None]
+    wanted = os.environ.get("ATTENTION_ENGINE_TEST_BACKENDS")
+    return [n for n in names if n in wanted.split(",")] if wanted else names
+
+
+if SIMULATOR:
+    # compile_ptx needs the real CUDA target; the ordinary run compiles the PTX
+    collect_ignore_glob = ["cuda/test_*ptx.py"]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _simulator_tiles():
+    """Under the simulator, the registered cuda backend runs with the simulator's tiny tiles."""
+    undo = use_simulator_tiles() if SIMULATOR else None
+    yield
+    if undo:
+        undo()
 
 
 def variant_names():
@@ -147,28 +148,3 @@ def dask_process_client():
     loadgroup`` (the README's test command) sends them all to one pytest-xdist worker, so one
     cluster serves them all; a test that kills a worker waits for its nanny to bring it back."""
     yield from _local_cluster_client(processes=True)
-
-
-def run_under_the_cuda_simulator(path: str) -> None:
-    """Run the test file ``path`` in a subprocess under Numba's CUDA simulator
-    (``NUMBA_ENABLE_CUDASIM=1`` must be set before Numba is imported, hence the subprocess); fail if
-    anything there fails, or is skipped for any reason but needing a real GPU. The CUDA test files'
-    CI entry points call this."""
-    import subprocess
-    import sys
-
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    res = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", path],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=HANG_TIMEOUT_S,
-        cwd=os.path.dirname(path),
-    )
-    tail = (res.stdout + res.stderr)[-4000:]
-    assert res.returncode == 0, tail
-    summary = res.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "failed" not in summary, tail
-    skipped = [ln for ln in res.stdout.splitlines() if ln.startswith("SKIPPED")]
-    assert all("needs a real CUDA GPU" in ln or "already under the simulator" in ln for ln in skipped), tail

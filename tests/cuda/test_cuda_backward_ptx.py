@@ -29,7 +29,7 @@ from engine.kernels.cuda.flash_bwd import backward_kernel_sources, backward_shar
 from engine.kernels.cuda.flash_fwd import flash_kernel_source, kernel_signature
 from engine.kernels.kinds import MASK_BOOL, MASK_FLOAT, MASK_NONE  # noqa: E402
 
-from conftest import PTX_CCS, cc_id  # noqa: E402
+from ptx_targets import PTX_CCS, cc_id  # noqa: E402
 from testmods import window_mod  # noqa: E402
 
 KINDS = [(MASK_NONE, False), (MASK_NONE, True), (MASK_BOOL, False), (MASK_FLOAT, False)]

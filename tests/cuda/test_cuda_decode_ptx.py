@@ -28,7 +28,7 @@ from engine.backends.cuda.decode import decode_shared_bytes, decode_tiles
 from engine.kernels.cuda import decode as kd
 from engine.runtime.config import CUDA_DECODE_THREADS
 
-from conftest import PTX_CCS, cc_id  # noqa: E402
+from ptx_targets import PTX_CCS, cc_id  # noqa: E402
 
 KINDS = {"float32": kd.CACHE_FLOAT32, "float16": kd.CACHE_FLOAT16, "bfloat16": kd.CACHE_BFLOAT16}
 F64_ARITHMETIC = re.compile(r"\b(add|sub|mul|div\.rn|fma\.rn|neg|abs|min|max|ex2\.approx)\.f64\b")

@@ -33,7 +33,7 @@ from engine.kernels.cuda.flash_fwd import (
     shared_bytes,
 )
 
-from conftest import PTX_CCS, cc_id  # noqa: E402
+from ptx_targets import PTX_CCS, cc_id  # noqa: E402
 from testmods import window_mod  # noqa: E402
 
 # (mask kind, causal): the combinations the backend launches (is_causal excludes attn_mask)

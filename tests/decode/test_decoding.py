@@ -1,7 +1,11 @@
 """``engine.attention_with_kvcache``: every backend that decodes against the ``reference`` oracle
 (contiguous and paged caches, ragged lengths, GQA, windows, mods, 16-bit caches, split-KV), the
 oracle itself against torch, the in-place writes, and the errors (raised before anything is
-written)."""
+written).
+
+The specification of decoding for every backend: under the CUDA simulator (``tests/simulator.py``)
+the tests marked ``simulator`` run for ``cuda``, with caches of about 20 slots instead of 48 (its
+tiles there: 4 query rows, 8 keys)."""
 
 import numpy as np
 import pytest
@@ -11,6 +15,7 @@ from engine.backends.kvcache import pick_num_splits
 
 from conftest import available_backends
 from decode_cases import close, make_case, paged
+from simulator import SIMULATOR, simulated
 from testmods import position_bias as score_mod
 from testmods import stride_mask as mask_mod
 
@@ -60,6 +65,8 @@ def test_reference_matches_torch_per_sequence(rng):
 # every decoding backend against the oracle
 
 LAYOUTS = [None, 4, 16]  # contiguous; pages smaller than a tile (gathered); pages holding whole tiles
+# under the simulator: pages of 3 (a key tile of 8 crosses them unaligned) or 16 (whole tiles)
+SIM_LAYOUTS = [None, 3, 16]
 CASES = {
     "decode": dict(L=1, L_new=1),
     "prefill-chunk": dict(L=5, L_new=5),
@@ -68,11 +75,19 @@ CASES = {
 }
 
 
+def sim_sized(backend, L_new, S_max=22):
+    """The simulator's smaller caches for ``backend``: three sequences, fresh, half full and full
+    after the write (empty for other backends: their sizes and random lengths stay)."""
+    return dict(S_max=S_max, seqlens=[0, 9, S_max - L_new]) if simulated(backend) else {}
+
+
+@pytest.mark.simulator
 @pytest.mark.parametrize("backend", FAST)
-@pytest.mark.parametrize("page_size", LAYOUTS, ids=["contiguous", "pages4", "pages16"])
+@pytest.mark.parametrize("layout", range(3), ids=["contiguous", "small-pages", "pages16"])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_backend_matches_reference(rng, backend, page_size, name):
-    case = make_case(rng, **CASES[name])
+def test_backend_matches_reference(rng, backend, layout, name):
+    case = make_case(rng, **CASES[name], **sim_sized(backend, CASES[name]["L_new"]))
+    page_size = (SIM_LAYOUTS if simulated(backend) else LAYOUTS)[layout]
     if page_size:
         case = paged(case, page_size, rng)
     want = run(case, "reference")
@@ -83,22 +98,27 @@ def test_backend_matches_reference(rng, backend, page_size, name):
             np.testing.assert_array_equal(got[c], want[c])
 
 
+@pytest.mark.simulator
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize(
-    "window, causal", [((6, -1), True), ((0, -1), True), ((3, 1), False), ((-1, 2), False), ((-1, -1), False)]
+    "window, causal",
+    [((6, -1), True), ((0, -1), True), ((0, 0), True), ((3, 1), False), ((-1, 2), False), ((2, 0), False)]
+    + [((-1, -1), False)],
 )
 def test_windows(rng, backend, window, causal):
     # 6 query rows: the first ones lie more than `right` keys before the end (right bound matters)
-    case = make_case(rng, L=6, L_new=2, S_max=40)
+    case = make_case(rng, L=6, L_new=2, **(dict(S_max=40) | sim_sized(backend, 2, S_max=30)))
     want = run(case, "reference", window=window, is_causal=causal)
     close(run(case, backend, window=window, is_causal=causal, num_splits=2), want, case)
 
 
+@pytest.mark.simulator
 def test_paged_equals_contiguous(rng):
-    case = make_case(rng, B=4, L=2, L_new=2, S_max=64)
+    n = 24 if SIMULATOR else 64
+    case = make_case(rng, B=4, L=2, L_new=2, S_max=n)
     for backend in DECODERS:
         flat = run(case, backend)
-        for page_size in (1, 8, 64):
+        for page_size in (1, 8, n):
             close(run(paged(case, page_size, rng), backend), flat, case, f"[{backend}, pages {page_size}]")
 
 
@@ -111,6 +131,7 @@ def test_long_ragged_batch_with_splits(rng, backend):
         close(run(case, backend, num_splits=splits), want, case, f"[splits={splits}]")
 
 
+@pytest.mark.simulator
 @pytest.mark.parametrize("page_size", [None, 4])
 def test_in_place_writes(rng, page_size):
     """key/value land at cache_seqlens[b] ... + L_new - 1 of each sequence, nothing else changes,
@@ -135,8 +156,9 @@ def test_in_place_writes(rng, page_size):
         np.testing.assert_array_equal(case["cache_seqlens"], seqlens)
 
 
+@pytest.mark.simulator
 def test_rows_that_see_nothing_give_zeros(rng):
-    case = make_case(rng, B=2, L=4, L_new=1, seqlens=[0, 1])  # sequence 0: 1 key, rows 0..2 see none
+    case = make_case(rng, B=2, L=4, L_new=1, S_max=22 if SIMULATOR else 48, seqlens=[0, 1])  # sequence 0: 1 key
     for backend in DECODERS:
         out, lse, _, _ = run(case, backend)
         assert np.all(out[0, :, :3] == 0) and np.all(np.isneginf(lse[0, :, :3]))
@@ -147,13 +169,14 @@ def test_rows_that_see_nothing_give_zeros(rng):
 # 16-bit caches and other dtypes
 
 
+@pytest.mark.simulator
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("cache", ["float16", "bfloat16"])
 @pytest.mark.parametrize("page_size", [None, 4])
 def test_sixteen_bit_caches(rng, backend, cache, page_size):
     ml_dtypes = pytest.importorskip("ml_dtypes")
     dtype = np.float16 if cache == "float16" else ml_dtypes.bfloat16
-    case = make_case(rng, L=2, L_new=2, cache_dtype=dtype)
+    case = make_case(rng, L=2, L_new=2, cache_dtype=dtype, **sim_sized(backend, 2))
     if page_size:
         case = paged(case, page_size, rng)
     want = run(case, "reference")
@@ -171,14 +194,18 @@ def test_sixteen_bit_caches(rng, backend, cache, page_size):
             )
 
 
+@pytest.mark.simulator
 @pytest.mark.parametrize("backend", FAST)
 def test_sixteen_bit_queries_and_float64(rng, backend):
     ml_dtypes = pytest.importorskip("ml_dtypes")
-    case = make_case(rng, L=2, L_new=2, q_dtype=ml_dtypes.bfloat16, cache_dtype=ml_dtypes.bfloat16)
+    sized = sim_sized(backend, 2)
+    case = make_case(rng, L=2, L_new=2, q_dtype=ml_dtypes.bfloat16, cache_dtype=ml_dtypes.bfloat16, **sized)
     got = run(case, backend)
     assert got[0].dtype == ml_dtypes.bfloat16 and got[1].dtype == ml_dtypes.bfloat16
     want = run(case, "reference")
     np.testing.assert_allclose(got[0].astype(np.float32), want[0].astype(np.float32), atol=1e-2)
+    if "float64" not in engine.get_backend(backend).capabilities()["ops"]["DecodeProblem"]["dtypes"]:
+        return  # (cuda refuses float64 by name: tests/cuda/test_cuda_decode.py)
     case = make_case(rng, L=2, L_new=2, q_dtype=np.float64, cache_dtype=np.float64)
     got, want = run(case, backend), run(case, "reference")
     assert got[0].dtype == np.float64
@@ -190,6 +217,7 @@ def test_sixteen_bit_queries_and_float64(rng, backend):
 # mods, non-finite values
 
 
+@pytest.mark.simulator
 def test_mods_see_absolute_positions(rng):
     case = make_case(rng, L=3, L_new=3, S_max=40)
     # the oracle: mask_mod as the equivalent dense rule, score_mod's bias written out
@@ -213,6 +241,7 @@ def test_mods_see_absolute_positions(rng):
     np.testing.assert_allclose(out[b], (p / p.sum(-1, keepdims=True)) @ v, atol=1e-6)
 
 
+@pytest.mark.simulator
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("extra_rows", [0, 3], ids=["few-rows", "many-rows"])  # cpu: in-kernel loops; BLAS tiles
 def test_nonfinite_values_reach_only_rows_that_attend_them(rng, backend, extra_rows):
@@ -425,6 +454,7 @@ def test_num_splits_above_flash_attentions_limit_is_refused_by_name(rng):
         kvcache(**case, num_splits=10**12)
 
 
+@pytest.mark.simulator
 @pytest.mark.parametrize("backend", FAST)
 def test_more_splits_than_keys_gives_the_one_split_result(rng, backend):
     """128 splits of caches of at most 6 keys: no empty split is allocated or merged."""

@@ -1,20 +1,19 @@
-"""``attention_with_kvcache`` on the ``cuda`` backend against the ``reference`` oracle.
+"""What only the ``cuda`` backend's decoding has, against the ``reference`` oracle.
 
-As ``test_cuda_simulator.py``: the kernel tests run where a CUDA target exists, under Numba's CUDA
-simulator (``NUMBA_ENABLE_CUDASIM=1``) or on a real GPU. In an ordinary run on a machine without a
-GPU, ``test_decode_kernels_under_the_simulator`` runs this file again in a subprocess with the
-simulator on and fails if any test there fails or is skipped (other than the GPU-only ones); the
-kernel tests are skipped in the outer run (they ran in the subprocess).
+Decoding's behaviour (contiguous and paged caches, ragged lengths from empty to full, forced
+splits, windows, mods, 16-bit caches, non-finite values, in-place writes) is specified once, for
+every backend, in ``tests/decode/test_decoding.py``; the simulator run (``tests/simulator.py``)
+runs it for cuda, with 16 threads, 4 query rows and 8 keys per block and pages of 3 slots that a
+tile crosses. Here: 16-bit queries (float32 arithmetic, one rounding), a mod's array argument
+copied to the device, the default tiles, the merge and write kernels line for line against their
+host versions, the split and tile choice, the refusals, the validation of device caches, and, on
+a real GPU only, torch CUDA caches written in place.
 
-The simulator runs every GPU thread as a Python thread, so shapes are tiny and the tiles small
-(16 threads, 4 query rows and 8 keys per block, pages of 3 and 4 slots) and each test combines
-several features: ragged lengths from 0 to a full cache, several row blocks, forced splits whose
-chunks end inside a tile or hold no key at all, pages that a tile crosses.
+As ``test_cuda_forward.py``: these tests run under the simulator (the simulator run of
+``test_simulator.py``) or on a real GPU, and skip in the ordinary run without one.
 """
 
 from __future__ import annotations
-
-import os
 
 import ml_dtypes
 import numpy as np
@@ -25,30 +24,18 @@ from engine.backends.cuda.decode import choose_num_splits, decode_shared_bytes, 
 from engine.problems.decode import validate_decode_args
 from engine.runtime.config import CUDA_DECODE_DEFAULT_SMS
 
-from conftest import run_under_the_cuda_simulator
 from decode_cases import close, make_case, paged
-from testmods import position_bias as score_mod
-from testmods import stride_mask as mask_mod
+from simulator import SIM_DECODE_TILES as TINY
+from simulator import SIMULATOR as SIM
+from simulator import default_tiles
 from testmods import table_bias
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
-SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+pytestmark = pytest.mark.simulator
 GPU = not SIM and engine.get_backend("cuda").unavailable_reason() is None
 HERE = SIM or GPU
-needs_cuda = pytest.mark.skipif(
-    not HERE, reason="no CUDA target here; run by test_decode_kernels_under_the_simulator in a subprocess"
-)
+needs_cuda = pytest.mark.skipif(not HERE, reason="no CUDA target here; run under the simulator by test_simulator.py")
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a real CUDA GPU (device arrays)")
-
-#: the simulator's tiles: 16 threads, 4 rows and 8 keys per block
-TINY = dict(threads=16, block_rows=4, block_k=8)
-
-
-def test_decode_kernels_under_the_simulator():
-    """CI entry point: this file, in a subprocess, under the CUDA simulator."""
-    if SIM:
-        pytest.skip("already under the simulator")
-    run_under_the_cuda_simulator(__file__)
 
 
 def copies(case):
@@ -78,64 +65,6 @@ def same_caches(got, want):
         np.testing.assert_array_equal(got[c].view(np.uint8), want[c].view(np.uint8))
 
 
-# seqlens from 0 (a fresh sequence) to full (the write fills the cache's last slot)
-CASES = {
-    # decode, GQA group 2: 2 rows a block
-    "decode-gqa": dict(B=3, Hq=4, Hkv=2, L=1, L_new=1, S_max=21, seqlens=[0, 9, 20]),
-    # chunked prefill: 2 x 5 = 10 rows of a cache head in 3 row blocks of 4
-    "prefill": dict(B=2, Hq=4, Hkv=2, L=5, L_new=5, S_max=23, seqlens=[0, 18]),
-    # MQA, more queries than new keys, no rows visible for sequence 0's first rows (zeros, -inf)
-    "mqa-empty-rows": dict(B=2, Hq=3, Hkv=1, L=4, L_new=1, S_max=19, seqlens=[0, 18]),
-}
-
-
-@needs_cuda
-@pytest.mark.parametrize("page_size", [None, 3], ids=["contiguous", "pages3"])
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_matches_reference_with_forced_splits(rng, name, page_size):
-    case = make_case(rng, **CASES[name])
-    if page_size:
-        case = paged(case, page_size, rng)
-    want = oracle(case)
-    for splits in (1, 3):  # (2 splits: the tests below)
-        got = cuda_run(case, num_splits=splits)
-        close(got, want, case, f"[splits={splits}]")
-        same_caches(got, want)
-    if name == "mqa-empty-rows":  # sequence 0 has 1 key: its first 3 rows see nothing
-        out, lse = got[0], got[1]
-        assert np.all(out[0, :, :3] == 0) and np.all(np.isneginf(lse[0, :, :3]))
-        assert np.all(np.isfinite(lse[0, :, 3])) and np.all(np.isfinite(lse[1]))
-
-
-@needs_cuda
-def test_windows_and_non_causal(rng):
-    # 6 rows of 2 heads: the first rows lie more than `right` keys before the end
-    case = make_case(rng, B=2, Hq=2, Hkv=1, L=6, L_new=2, S_max=30, seqlens=[3, 27])
-    windows = (((6, -1), True, 2), ((3, 1), False, 3), ((-1, 2), False, 1), ((0, 0), True, 2), ((2, 0), False, 2))
-    for window, causal, splits in windows:
-        got = cuda_run(case, window=window, is_causal=causal, num_splits=splits)
-        close(got, oracle(case, window=window, is_causal=causal), case, f"[{window}, causal={causal}]")
-
-
-@needs_cuda
-@pytest.mark.parametrize("cache", [np.float16, BF16], ids=["float16", "bfloat16"])
-def test_sixteen_bit_caches_written_as_cpu_writes_them(rng, cache):
-    case = paged(make_case(rng, B=2, Hq=4, Hkv=2, L=2, L_new=2, S_max=20, cache_dtype=cache, seqlens=[5, 18]), 4, rng)
-    want = oracle(case)
-    cpu = run_cpu(case)
-    got = cuda_run(case, num_splits=2)
-    assert got[0].dtype == np.float32 and got[2].dtype == cache
-    close(got, want, case)
-    same_caches(got, want)
-    same_caches(got, cpu)
-
-
-def run_cpu(case, **kwargs):
-    c = copies(case)
-    out, lse = engine.attention_with_kvcache(**c, backend="cpu", return_lse=True, **kwargs)
-    return out, lse, c["k_cache"], c["v_cache"]
-
-
 @needs_cuda
 @pytest.mark.parametrize("q_dtype", [np.float16, BF16], ids=["float16", "bfloat16"])
 def test_sixteen_bit_queries(rng, q_dtype):
@@ -151,14 +80,6 @@ def test_sixteen_bit_queries(rng, q_dtype):
 
 
 @needs_cuda
-def test_mods_see_absolute_positions(rng):
-    case = make_case(rng, B=2, Hq=4, Hkv=2, L=3, L_new=3, S_max=22, seqlens=[0, 19])
-    kw = dict(score_mod=score_mod, mask_mod=mask_mod, mod_args=(4,))
-    got = cuda_run(case, num_splits=2, **kw)
-    close(got, oracle(case, **kw), case)
-
-
-@needs_cuda
 def test_mod_with_an_array_argument(rng):
     case = make_case(rng, B=2, Hq=2, Hkv=2, L=1, L_new=1, S_max=14, seqlens=[3, 13])
     table = rng.standard_normal((2, 4)).astype(np.float32)
@@ -167,29 +88,16 @@ def test_mod_with_an_array_argument(rng):
 
 
 @needs_cuda
-def test_nonfinite_values_reach_only_rows_that_attend_them(rng):
-    case = make_case(rng, B=2, Hq=2, Hkv=1, L=3, L_new=3, S_max=24, seqlens=[10, 20])
-    case["v_cache"][0, 0, 2, 1] = np.nan  # hidden from every row by the window
-    case["value"][1, 0, 1, 0] = np.inf  # written at 21: seen by sequence 1's last two rows only
-    got = cuda_run(case, window=(6, -1), num_splits=2)
-    close(got, oracle(case, window=(6, -1)), case)
-    assert np.isfinite(got[0][0]).all()
-    assert np.isinf(got[0][1, :, 1:, 0]).all() and np.isfinite(got[0][1, :, 0]).all()
-    case["k_cache"][1, 0, 18, 0] = np.nan  # a NaN score: every row of sequence 1 sees key 18
-    got = cuda_run(case, window=(6, -1), num_splits=3)
-    assert np.isnan(got[0][1]).all() and np.isnan(got[1][1]).all() and not np.isnan(got[0][0]).any()
-
-
-@needs_cuda
 def test_public_api_with_default_tiles(rng):
     """Through ``engine.attention_with_kvcache``: 128 threads, tiles as on a GPU, split chosen."""
     case = make_case(rng, B=2, Hq=2, Hkv=1, L=1, L_new=1, D=8, Dv=8, S_max=70, seqlens=[0, 69])
     c = copies(case)
-    out, lse = engine.attention_with_kvcache(**c, backend="cuda", return_lse=True)
+    with default_tiles():
+        out, lse = engine.attention_with_kvcache(**c, backend="cuda", return_lse=True)
+        got = engine.attention_with_kvcache(**copies(case), backend="cuda", num_splits=2, return_lse=True)
     want = oracle(case)
     close((out, lse), want, case)
     same_caches((out, lse, c["k_cache"], c["v_cache"]), want)
-    got = engine.attention_with_kvcache(**copies(case), backend="cuda", num_splits=2, return_lse=True)
     close(got, want, case)
 
 

@@ -1,21 +1,21 @@
-"""The ``cuda`` backend against the ``reference`` oracle.
+"""What only the ``cuda`` backend's forward has, against the ``reference`` oracle.
 
-These tests run where a CUDA target exists: under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``,
-which must be set before Numba is imported) or on a real GPU. In an ordinary run on a machine
-without a GPU, ``test_kernels_under_the_simulator`` runs this file again in a subprocess with the
-simulator switched on and fails if any test there fails or is skipped; the tests themselves are
-then skipped in the outer run (they ran in the subprocess). On a machine with a GPU they run on the
-GPU, and the device-array tests (torch, CuPy, Numba device arrays, streams) run too; those need a
-real GPU because the simulator's arrays do not expose ``__cuda_array_interface__``.
+The forward's behaviour in float32 is specified once, for every backend, in
+``tests/forward/test_functional.py``; the simulator run (``tests/simulator.py``) runs it for cuda.
+Here: the kernel's 16-bit contract (float32 arithmetic on the exact 16-bit values, one rounding of
+out and lse), non-finite values and mods on its own tiles (4 query rows, 8 keys: several tiles,
+partial tiles, skipped tiles), the block map it derives and obeys, its tile-size override, the
+flat strided layout device arrays are read through, and, on a real GPU only, device arrays in and
+out (torch, CuPy, Numba), streams, and every variant on torch CUDA tensors (the simulator's arrays
+do not expose ``__cuda_array_interface__``).
 
-Shapes are tiny and tiles small (4 query rows, 8 keys) so that several tiles, partial tiles and
-the causal tile skipping are all exercised: the simulator runs every GPU thread as a Python thread.
+Without a GPU these tests run in the simulator run of ``tests/cuda/test_simulator.py`` and skip in
+the ordinary run; on a GPU they run on it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import ml_dtypes  # bfloat16 for NumPy (test extra)
 import numpy as np
@@ -29,30 +29,24 @@ from engine.problems.arrays import is_bfloat16
 from engine.problems.attention import validate_attention_args
 from engine.problems.mods import EMPTY, FULL, PARTIAL
 
-from conftest import run_under_the_cuda_simulator
+from simulator import SIMULATOR as SIM
+from simulator import default_tiles
 from testmods import batch_doc_alibi, batch_same_doc, causal_mod, window_mod
 from tolerances import assert_out_close, lse_atol, out_atol
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 #: every storage dtype the kernel takes
 DTYPES = [np.float32, np.float16, BF16]
+#: the 16-bit ones (float32: tests/forward/test_functional.py, for every backend)
+SIXTEEN = [np.float16, BF16]
 
-SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+pytestmark = pytest.mark.simulator
 GPU = not SIM and engine.get_backend("cuda").unavailable_reason() is None
 HERE = SIM or GPU
-needs_cuda = pytest.mark.skipif(
-    not HERE, reason="no CUDA target here; run by test_kernels_under_the_simulator in a subprocess"
-)
+needs_cuda = pytest.mark.skipif(not HERE, reason="no CUDA target here; run under the simulator by test_simulator.py")
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a real CUDA GPU (device arrays)")
 
 SMALL = CudaBackend(block_q=4, block_k=8)
-
-
-def test_kernels_under_the_simulator():
-    """CI entry point: this file, in a subprocess, under the CUDA simulator."""
-    if SIM:
-        pytest.skip("already under the simulator")
-    run_under_the_cuda_simulator(__file__)
 
 
 def _check(problem, out, lse):
@@ -134,7 +128,7 @@ SHAPES = [
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("dtype", SIXTEEN, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("shapes", SHAPES, ids=lambda s: "x".join(map(str, s[0])))
 def test_no_mask_and_causal(rng, shapes, dtype):
     qs, ks, ev = shapes
@@ -144,7 +138,7 @@ def test_no_mask_and_causal(rng, shapes, dtype):
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("dtype", SIXTEEN, ids=lambda d: np.dtype(d).name)
 def test_gqa_and_custom_scale(rng, dtype):
     q, k, v = _qkv(rng, (2, 6, 9, 8), (2, 2, 10, 8), 6, dtype)
     _run(q, k, v, enable_gqa=True, scale=0.3)
@@ -152,7 +146,7 @@ def test_gqa_and_custom_scale(rng, dtype):
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("dtype", SIXTEEN, ids=lambda d: np.dtype(d).name)
 def test_boolean_masks_broadcast_and_fully_masked_rows(rng, dtype):
     q, k, v = _qkv(rng, (2, 3, 7, 8), (2, 3, 11, 8), 5, dtype)
     ls = rng.random((7, 11)) > 0.4
@@ -169,7 +163,7 @@ def test_boolean_masks_broadcast_and_fully_masked_rows(rng, dtype):
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("dtype", SIXTEEN, ids=lambda d: np.dtype(d).name)
 def test_float_masks(rng, dtype):
     q, k, v = _qkv(rng, (2, 2, 6, 4), (2, 2, 13, 4), 4, dtype)
     full = rng.standard_normal((2, 2, 6, 13)).astype(dtype)
@@ -206,28 +200,11 @@ def test_nonfinite_values_reach_only_rows_that_attend_to_them(rng):
 
 
 @needs_cuda
-def test_non_contiguous_host_inputs(rng):
-    base = rng.standard_normal((2, 9, 3, 8)).astype(np.float32)  # (B, L, H, E), as torch often has
-    q = base.transpose(0, 2, 1, 3)
-    k = base[:, ::-1].transpose(0, 2, 1, 3)
-    _run(q, k, q[..., :5], is_causal=True)
-
-
-@needs_cuda
-def test_empty_sizes_give_zeros_and_neg_inf(rng):
-    q, k, v = _qkv(rng, (1, 2, 5, 4), (1, 2, 0, 4), 3)
-    out, lse = SMALL.run(validate_attention_args(q, k, v))  # S = 0: no key (the oracle cannot)
-    assert out.shape == (1, 2, 5, 3) and lse.shape == (1, 2, 5)
-    assert np.all(out == 0) and np.all(np.isneginf(lse))
-    q, k, v = _qkv(rng, (1, 2, 5, 0), (1, 2, 7, 0), 3)
-    _run(q, k, v, scale=1.0)  # E = 0: every score is 0
-
-
-@needs_cuda
 def test_public_api_with_default_tiles(rng):
     """Through ``scaled_dot_product_attention`` and the registered backend (128-row tiles)."""
     q, k, v = _qkv(rng, (1, 1, 5, 4), (1, 1, 7, 4), 3)
-    out, lse = engine.scaled_dot_product_attention(q, k, v, backend="cuda", return_lse=True)
+    with default_tiles():
+        out, lse = engine.scaled_dot_product_attention(q, k, v, backend="cuda", return_lse=True)
     problem = validate_attention_args(q, k, v, return_lse=True)
     _check(problem, out, lse)
     assert isinstance(out, np.ndarray)
