@@ -22,6 +22,14 @@ def test_pages_with_a_minimum_of_examples_are_run():
     assert set(MIN_BLOCKS) <= set(WITH_CODE)
 
 
+def test_ci_runs_the_readme_test_command():
+    """``.ci/run`` runs the README's test command as written, which prints the slowest tests."""
+    readme = open(os.path.join(ROOT, "README.md")).read().splitlines()
+    commands = [ln for ln in readme if ln.startswith("python3 -m venv") and " pytest " in ln]
+    assert len(commands) == 1 and "--durations=25" in commands[0], commands
+    assert commands[0] in open(os.path.join(ROOT, ".ci", "run")).read().splitlines()
+
+
 def test_readme_has_the_five_examples():
     blocks = re.findall(r"```python\n(.*?)```", open(os.path.join(ROOT, "README.md")).read(), re.S)
     assert len(blocks) >= 4 and len(open(os.path.join(ROOT, "README.md")).read().splitlines()) <= 250
