@@ -309,6 +309,11 @@ def _broadcast_heads(q, k, v, enable_gqa: bool, on_device: bool):
             f"key and value must have the same number of heads (or one of them 1), got key={ks}, value={vs}"
         )
     H = max(hk, hv)
+    if H == 0 and hq != 0:  # checked first: no head count divides by 0 (nor serves a query head)
+        raise ValueError(
+            f"key/value have 0 heads but query has {hq}: every query head needs a key/value head "
+            f"(query={qs}, key={ks}, value={vs})"
+        )
     if hq == H or H == 1:
         Hq = hq
     elif hq == 1 and not enable_gqa:
