@@ -10,6 +10,7 @@ from .backends.base import empty_gradients
 from .dispatch import select_backend
 from .problems.attention import BackwardProblem
 from .problems.backward import validate_backward_args
+from .problems.masks import reduce_to_shape
 
 __all__ = ["scaled_dot_product_attention_backward", "run_backward"]
 
@@ -54,7 +55,10 @@ def scaled_dot_product_attention_backward(
         shape and dtype (summed over the dimensions it broadcasts along), e.g. to train a
         learned bias.
     :return: ``(dq, dk, dv)`` in the shapes and dtype of query, key and value, plus the mask's
-        gradient when ``return_mask_grad=True``. With GQA, ``dk``/``dv`` sum their query heads.
+        gradient when ``return_mask_grad=True``. With GQA, ``dk``/``dv`` sum their query heads;
+        an input broadcast along batch or head axes (a key of batch 1 serving a query of batch 3,
+        a 2-D key) gets its gradient summed over them, in its own shape, as torch's autograd
+        gives it.
         The ``cpu`` backend's gradients are the same bit for bit on every run with the same
         thread count (``engine.set_num_threads``); the ``cuda`` backend's on every run (no atomics).
     :raises TypeError: an argument of the wrong kind, naming it, before any kernel runs (the
@@ -88,7 +92,23 @@ def scaled_dot_product_attention_backward(
 
 
 def run_backward(problem: BackwardProblem, chosen):
-    """``(dq, dk, dv, dmask)`` of a validated backward problem on the chosen backend."""
+    """``(dq, dk, dv, dmask)`` of a validated backward problem on the chosen backend, each
+    gradient in the shape of its input."""
     if problem.is_empty and not problem.on_device:
-        return empty_gradients(problem)
-    return chosen.op(BackwardProblem).run(problem)
+        grads = empty_gradients(problem)
+    else:
+        grads = chosen.op(BackwardProblem).run(problem)
+    return _summed_to_input_shapes(problem, grads[:3]) + (grads[3],)
+
+
+def _summed_to_input_shapes(problem: BackwardProblem, grads: tuple) -> tuple:
+    """Backends compute the gradients of the broadcast views (``problem.query.shape``...); an input
+    broadcast along batch or head axes gets the sum over them, in its own shape (as torch's
+    autograd sums), deterministically. Device inputs are never broadcast views (the ``cuda``
+    backward refuses broadcast device inputs), so they need nothing."""
+    if problem.on_device or not problem.input_shapes:
+        return tuple(grads)
+    return tuple(
+        g if tuple(g.shape) == shape else reduce_to_shape(g, shape).astype(problem.dtype)
+        for g, shape in zip(grads, problem.input_shapes)
+    )
