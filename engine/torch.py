@@ -30,6 +30,8 @@ from .functional import run_forward
 from .problems.arrays import Placement, bfloat16_dtype, input_placement
 from .problems.attention import validate_attention_args
 from .problems.backward import validate_backward_args
+from .problems.base import check_bool
+from .problems.causal import CausalBias, as_causal_bias
 from .runtime.errors import NotSupportedError
 
 __all__ = ["scaled_dot_product_attention", "as_module", "VariantModule"]
@@ -74,8 +76,8 @@ def scaled_dot_product_attention(
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
-        attn_mask = torch.as_tensor(np.asarray(attn_mask))
+        _check_real_data(t, name)
+    attn_mask, is_causal = _mask_argument(attn_mask, is_causal)
     if not isinstance(mod_args, tuple):
         raise TypeError(f"mod_args must be a tuple, got {type(mod_args).__name__}")
     for i, a in enumerate(mod_args):
@@ -118,8 +120,7 @@ class _Attention(torch.autograd.Function):
             _host(query),
             _host(key),
             _host(value),
-            None if attn_mask is None else _host(attn_mask),
-            opts["is_causal"],
+            *_engine_mask(attn_mask, opts["is_causal"]),
             opts["scale"],
             opts["enable_gqa"],
             True,
@@ -165,8 +166,7 @@ class _Attention(torch.autograd.Function):
             _host(value),
             _host(out),
             _host(lse),
-            None if attn_mask is None else _host(attn_mask),
-            o["is_causal"],
+            *_engine_mask(attn_mask, o["is_causal"]),
             o["scale"],
             o["enable_gqa"],
             o["score_mod"],
@@ -183,6 +183,53 @@ class _Attention(torch.autograd.Function):
             for g, t, need in zip((dq, dk, dv), (query, key, value), ctx.needs_input_grad[:3])
         ]
         return (*grads, None if dmask is None else _as_tensor(dmask, attn_mask), None)
+
+
+def _mask_argument(attn_mask, is_causal):
+    """``(attn_mask, is_causal)`` for the autograd Function: a causal mask object (torch's
+    ``causal_lower_right``/``causal_upper_left``, a tensor subclass whose storage is a placeholder,
+    or ``engine.causal_lower_right``) becomes ``(None, engine CausalBias)``, never read as data;
+    arrays become tensors; a tensor subclass without real data is refused by name."""
+    bias = as_causal_bias(attn_mask)
+    if bias is not None:
+        if check_bool(is_causal, "is_causal"):
+            raise ValueError("pass either attn_mask or is_causal=True, not both (as torch)")
+        return None, bias
+    if attn_mask is None:
+        return None, is_causal
+    if not isinstance(attn_mask, torch.Tensor):
+        return torch.as_tensor(np.asarray(attn_mask)), is_causal
+    _check_real_data(attn_mask, "attn_mask")
+    return attn_mask, is_causal
+
+
+def _engine_mask(attn_mask, is_causal) -> tuple:
+    """``(attn_mask, is_causal)`` as the engine's validation takes them: the causal mask object
+    itself (the engine maps it to its causal kinds), or the tensor's host view and the flag."""
+    if isinstance(is_causal, CausalBias):
+        return is_causal, False
+    return (None if attn_mask is None else _host(attn_mask)), is_causal
+
+
+def _check_real_data(t: torch.Tensor, name: str) -> None:
+    """``TypeError`` naming ``name`` for a tensor subclass whose data is not in its own storage (a
+    wrapper subclass, e.g. DTensor or a fake tensor): its bytes are not its values."""
+    if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:
+        return
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    wrapper = is_traceable_wrapper_subclass(t)
+    if not wrapper:
+        try:
+            t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):
+            wrapper = True
+    if wrapper:
+        raise TypeError(
+            f"{name} is a {type(t).__module__}.{type(t).__name__}, a tensor subclass whose data is not in "
+            "its own storage; engine.torch reads tensors' memory: pass a plain tensor (e.g. its "
+            "materialised values), or torch's causal_lower_right/causal_upper_left as attn_mask"
+        )
 
 
 def _host(t):
