@@ -334,6 +334,43 @@ def _check_pages(
                 f"sequences {who} would write the same cache slot (page {s // page_size}, offset "
                 f"{s % page_size}): their page_table rows share a page where new keys go"
             )
+    if L_new:
+        _check_no_write_into_history(pt, seqlens, L_new, page_size, num_pages)
+
+
+def _check_no_write_into_history(pt: np.ndarray, seqlens: np.ndarray, L_new: int, page_size: int, num_pages: int):
+    """No new key goes into a slot that a sequence reads as its history (its first
+    ``cache_seqlens`` keys): with a shared prefix page, a sequence whose length ends inside that
+    page would append over another's cached key (the torn-block hazard of paged serving; the caller
+    copies the page first, copy on write). Checked per page: the deepest history slot any sequence
+    keeps in each page, against the slots written there."""
+    B, width = pt.shape
+    hist_pages = (seqlens + page_size - 1) // page_size  # pages holding history, validated above
+    cols = np.arange(width)
+    live = cols[None, :] < hist_pages[:, None]
+    if not live.any():
+        return
+    # history slots of page pt[b, j] that sequence b reads: offsets 0 ... fill - 1
+    fill = np.clip(seqlens[:, None] - cols[None, :] * page_size, 0, page_size)
+    depth = np.zeros(num_pages, np.int64)
+    np.maximum.at(depth, pt[live].astype(np.int64), fill[live])
+    pos = seqlens[:, None] + np.arange(L_new)[None, :]  # (B, L_new) positions written
+    page = pt[np.arange(B)[:, None], pos // page_size].astype(np.int64)
+    offset = pos % page_size
+    hit = offset < depth[page]
+    if not hit.any():
+        return
+    b, t = (int(x[0]) for x in np.nonzero(hit))
+    p, o = int(page[b, t]), int(offset[b, t])
+    readers = np.nonzero(live & (pt == p) & (fill > o))
+    other, j = int(readers[0][0]), int(readers[1][0])
+    whose = "its own" if other == b else f"sequence {other}'s"
+    raise ValueError(
+        f"sequence {b} would write its new key {t} (position {int(pos[b, t])}) into page {p}, slot {o}, "
+        f"which holds {whose} cached key at position {j * page_size + o} (cache_seqlens[{other}] = "
+        f"{int(seqlens[other])}): page_table[{b}, {int(pos[b, t]) // page_size}] and page_table[{other}, {j}] "
+        f"name the same page; copy the shared page before appending to it (copy on write)"
+    )
 
 
 def _window(window) -> tuple:
