@@ -94,6 +94,9 @@ def scaled_dot_product_attention(
         )
     kinds = _pair_kinds(plan, score_mod, mask_mod)
     out, lse = _build_graph(plan, kinds, split_every, score_mod, mask_mod)
+    if plan.out_head_chunks != plan.head_chunks:  # a query head chunk split at a GQA group boundary
+        nb = len(plan.batch_shape)
+        out, lse = out.rechunk({nb: plan.out_head_chunks}), lse.rechunk({nb: plan.out_head_chunks})
     return (out, lse) if return_lse else out
 
 
