@@ -7,7 +7,17 @@ from typing import ClassVar
 
 import numpy as np
 
-from .problems.arrays import HOST, Placement, input_placement, is_floating, placement_of, to_host, to_numpy
+from .problems.arrays import (
+    HOST,
+    Placement,
+    bfloat16_dtype,
+    input_placement,
+    is_bfloat16,
+    is_floating,
+    placement_of,
+    to_host,
+    to_numpy,
+)
 
 __all__ = ["Variant", "check_fits_in_memory"]
 
@@ -44,9 +54,7 @@ class Variant:
     device_arrays: ClassVar[bool] = False
 
     def __init__(self, *, dtype=np.float32, seed=None, batch_first: bool = True):
-        dtype = np.dtype(dtype)
-        if dtype not in (np.float32, np.float64):
-            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        dtype = _variant_dtype(dtype)
         if not isinstance(batch_first, (bool, np.bool_)):
             raise TypeError(f"batch_first must be a bool, got {type(batch_first).__name__}")
         self.dtype = dtype
@@ -55,6 +63,13 @@ class Variant:
         self._params: dict[str, np.ndarray] = {}
         # parameters copied to devices: {placement key: (the _params dict they came from, {key: array})}
         self._placed: dict[tuple, tuple] = {}
+
+    @property
+    def compute_dtype(self) -> np.dtype:
+        """The dtype host arithmetic runs in: ``dtype``, or float32 for a float16/bfloat16 layer
+        (whose projections accumulate in float32 and round once, as torch's CPU kernels do; use it
+        for ``mod_args`` values, which Numba cannot take in bfloat16)."""
+        return np.dtype(np.float32) if self.dtype.itemsize == 2 else self.dtype
 
     # -- parameters ---------------------------------------------------------------------------
     def register_parameter(self, key: str, value: np.ndarray) -> None:
@@ -263,6 +278,21 @@ class Variant:
         """Keyword arguments for one call on random inputs of this size (self-attention here)."""
         rng = np.random.default_rng(rng)
         return {"query": rng.standard_normal((batch, length, self.embed_dim)).astype(self.dtype)}
+
+
+def _variant_dtype(dtype) -> np.dtype:
+    """The layer dtype: float32, float64, float16 or bfloat16 (ml_dtypes'), given as a NumPy
+    dtype, its name, or a torch dtype (``torch.float16``, as ``nn.MultiheadAttention(dtype=...)``)."""
+    name = str(dtype).removeprefix("torch.") if type(dtype).__module__.startswith("torch") else dtype
+    if isinstance(name, str) and name == "bfloat16" or getattr(name, "__name__", None) == "bfloat16":
+        return bfloat16_dtype()
+    try:
+        dt = np.dtype(name)
+    except TypeError:
+        raise TypeError(f"dtype must be float16, bfloat16, float32 or float64, got {dtype!r}") from None
+    if not (dt in (np.float16, np.float32, np.float64) or is_bfloat16(dt)):
+        raise TypeError(f"dtype must be float16, bfloat16, float32 or float64, got {dt}")
+    return dt
 
 
 def _describe(place: Placement) -> str:
