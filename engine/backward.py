@@ -45,15 +45,54 @@ def scaled_dot_product_attention_backward(
     2023), so their memory stays linear in L; ``reference`` recomputes everything densely in
     float64.
 
-    :param dropout_p: the forward's; with ``dropout_p > 0``, ``dropout_seed`` must be the seed the
-        forward used (the dropped weights are regenerated from it, never stored).
+    :param grad_out: the gradient of the loss with respect to ``out``, ``(..., Hq, L, Ev)``, the
+        query's dtype.
+    :type grad_out: array
+    :param query: ``(..., Hq, L, E)``: float16, bfloat16, float32 or float64 (the output's dtype).
+    :type query: array
+    :param key: ``(..., H, S, E)``, the query's dtype; its leading dims broadcast with the query's.
+    :type key: array
+    :param value: ``(..., H, S, Ev)``, the query's dtype.
+    :type value: array
+    :param out: the forward's output, ``(..., Hq, L, Ev)``.
+    :type out: array
+    :param lse: the forward's log-sum-exp (``return_lse=True``), ``(..., Hq, L)``, at least as
+        precise as the query.
+    :type lse: array
+    :param attn_mask: boolean (True = may attend) or floating (added to the scores), broadcastable
+        to ``(..., Hq, L, S)``; or a causal mask object (``engine.causal_lower_right``, torch's
+        ``CausalBias``).
+    :type attn_mask: array | CausalBias | None
+    :param is_causal: top-left causal mask (``tril(ones(L, S))``); not together with ``attn_mask``.
+    :type is_causal: bool
+    :param scale: score scale; None is ``1/sqrt(E)``.
+    :type scale: float | None
+    :param enable_gqa: grouped-query attention: H divides Hq, key/value head j serves query heads
+        ``j*Hq/H ... (j+1)*Hq/H - 1``.
+    :type enable_gqa: bool
+    :param backend: ``"auto"`` or a name from ``engine.list_backends()`` whose capabilities include
+        the backward.
+    :type backend: str
     :param score_mod: the forward's; its derivative with respect to the score is the one it
         declares (``engine.problems.mods.with_score_grad``) or else found by complex-step
         differentiation, checked against finite differences. ``mask_mod`` needs none.
         ``mod_args`` get no gradient.
+    :type score_mod: Callable | None
+    :param mask_mod: the forward's.
+    :type mask_mod: Callable | None
+    :param block_mask: the forward's.
+    :type block_mask: BlockMask | None
+    :param mod_args: the forward's (they get no gradient).
+    :type mod_args: tuple
+    :param dropout_p: the forward's; with ``dropout_p > 0``, ``dropout_seed`` must be the seed the
+        forward used (the dropped weights are regenerated from it, never stored).
+    :type dropout_p: float
+    :param dropout_seed: the seed the forward used (required with ``dropout_p > 0``).
+    :type dropout_seed: int | None
     :param return_mask_grad: also return the gradient of the floating ``attn_mask``, in its
         shape and dtype (summed over the dimensions it broadcasts along), e.g. to train a
         learned bias.
+    :type return_mask_grad: bool
     :return: ``(dq, dk, dv)`` in the shapes and dtype of query, key and value, plus the mask's
         gradient when ``return_mask_grad=True``. With GQA, ``dk``/``dv`` sum their query heads;
         an input broadcast along batch or head axes (a key of batch 1 serving a query of batch 3,

@@ -67,6 +67,36 @@ def scaled_dot_product_attention(
     The dropout seed is drawn from torch's default generator (``torch.manual_seed`` repeats it)
     and handed to the backward, which regenerates the same dropped weights.
 
+    :param query: ``(..., Hq, L, E)``, CPU or CUDA, float16, bfloat16, float32 or float64.
+    :type query: torch.Tensor
+    :param key: ``(..., H, S, E)``, the query's dtype and device.
+    :type key: torch.Tensor
+    :param value: ``(..., H, S, Ev)``, the query's dtype and device.
+    :type value: torch.Tensor
+    :param attn_mask: boolean (True = may attend) or floating (added; it gets a gradient when it
+        requires one), broadcastable to ``(..., Hq, L, S)``; or a causal mask object (torch's
+        ``causal_lower_right``/``causal_upper_left``, ``engine.causal_lower_right``), mapped to the
+        engine's causal kinds.
+    :type attn_mask: torch.Tensor | CausalBias | None
+    :param dropout_p: applied whenever > 0, as torch's functional (pass 0 in evaluation).
+    :type dropout_p: float
+    :param is_causal: top-left causal, as torch.
+    :type is_causal: bool
+    :param scale: None is ``1/sqrt(E)``.
+    :type scale: float | None
+    :param enable_gqa: grouped-query attention, as torch.
+    :type enable_gqa: bool
+    :param score_mod: as ``engine.scaled_dot_product_attention``'s; its derivative is declared or
+        found automatically.
+    :type score_mod: Callable | None
+    :param mask_mod: as ``engine.scaled_dot_product_attention``'s.
+    :type mask_mod: Callable | None
+    :param block_mask: as ``engine.scaled_dot_product_attention``'s.
+    :type block_mask: BlockMask | None
+    :param mod_args: the mods' extra arguments; a tensor among them must not require grad.
+    :type mod_args: tuple
+    :param backend: ``"auto"`` or a backend name.
+    :type backend: str
     :return: a tensor ``(..., Hq, L, Ev)`` of the inputs' dtype, on their device.
     :raises TypeError: an argument of the wrong kind, as the engine's forward, before anything runs.
     :raises ValueError: bad shapes or values, as the engine's forward, before anything runs.
@@ -275,6 +305,9 @@ class VariantModule(torch.nn.Module):
     CPU tensors ``(N, L, E)`` or ``(L, E)``, its masks and keywords) and returns
     ``(output, weights_or_None)`` as tensors; ``output`` carries gradients to the inputs and the
     parameters (``weights``, when asked for, are computed without gradients).
+
+    :param variant: the variant to wrap (see :func:`as_module`).
+    :type variant: Variant
     """
 
     def __init__(self, variant):
@@ -370,6 +403,9 @@ def as_module(variant) -> VariantModule:
     module.state_dict())`` copies trained values back. The module computes the projections with
     torch and the attention with the engine (``backend="auto"``, or the call's ``backend=``).
 
+    :param variant: a variant whose forward uses array-API calls (``device_arrays = True``), as the
+        built-in ones.
+    :type variant: Variant
     :raises TypeError: for a variant whose forward computes in NumPy (``device_arrays = False``),
         and, at the first call, for one that does not attend through ``Variant.attention``.
     """

@@ -44,6 +44,12 @@ def default_chunks(
     heads, in whole groups of ``group`` (GQA), are grouped until a chunk holds about
     ``target_rows`` rows; then entries of the last batch axis likewise; other batch axes are one
     entry per chunk. ``target_rows`` is ``engine.runtime.config.DASK_CHUNK_ROWS`` (2048) by default.
+
+    :param batch_shape: the batch dims.
+    :param heads: query heads.
+    :param rows: L or S.
+    :param group: query heads per key/value head (GQA), kept in one chunk.
+    :param target_rows: rows per chunk aimed at.
     """
     per_row = max(1, min(rows, target_rows))
     row_chunks = _split(rows, per_row)

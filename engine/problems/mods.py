@@ -73,7 +73,13 @@ def as_jit(fn: Callable, what: str) -> Callable:
 def cast_like(value, like):
     """``value`` converted to the float type of ``like`` (usually the score), in Python and in
     kernels. Mods use it to keep float32 scores in float32: NumPy's rules make int64 * float32 a
-    float64, which halves the SIMD width and costs about 20% at L = 4096 for ALiBi."""
+    float64, which halves the SIMD width and costs about 20% at L = 4096 for ALiBi.
+
+    :param value: a number (an index, a constant).
+    :type value: int | float
+    :param like: a float scalar or array whose type to take.
+    :type like: float | ndarray
+    """
     return np.result_type(like).type(value)
 
 
@@ -243,7 +249,11 @@ class BlockMask:
     _by_tiles: dict = field(default_factory=dict, repr=False)
 
     def kinds_at(self, block_q: int, block_k: int) -> np.ndarray:
-        """The tile map for other tile sizes, derived once and memoised."""
+        """The tile map for other tile sizes, derived once and memoised.
+
+        :param block_q: tile rows.
+        :param block_k: tile columns.
+        """
         want = (min(block_q, max(self.L, 1)), min(block_k, max(self.S, 1)))
         if want == (min(self.block_q, max(self.L, 1)), min(self.block_k, max(self.S, 1))):
             return self.kinds
@@ -268,7 +278,13 @@ class BlockMask:
         return float(np.mean(self.kinds != EMPTY)) if self.kinds.size else 0.0
 
     def check_compatible(self, batch: int, heads: int, L: int, S: int) -> None:
-        """``ValueError`` naming the shapes if this block mask was built for another problem."""
+        """``ValueError`` naming the shapes if this block mask was built for another problem.
+
+        :param batch: the problem's flattened batch.
+        :param heads: its query heads.
+        :param L: its query rows.
+        :param S: its keys.
+        """
         Bm, Hm = self.kinds.shape[:2]
         if (self.L, self.S) != (L, S) or Bm not in (1, batch) or Hm not in (1, heads):
             raise ValueError(
@@ -293,6 +309,15 @@ def create_block_mask(
     Pass ``batch=None``/``heads=None`` when the mask does not depend on ``b``/``h`` (it is then
     evaluated for b = h = 0 only). Cost: one mask evaluation per element, in parallel, and memory of
     one byte per tile.
+
+    :param mask_mod: ``mask_mod(b, h, q_idx, kv_idx, *mod_args) -> bool``, True = may attend.
+    :param batch: flattened batch size, or None when the mask does not depend on ``b``.
+    :param heads: query heads, or None when the mask does not depend on ``h``.
+    :param L: query rows.
+    :param S: keys.
+    :param mod_args: the mask's extra arguments (passed again with the block mask, not separately).
+    :param block_q: tile rows.
+    :param block_k: tile columns.
     """
     from ..kernels.block_sparsity import _classify_blocks
     from ..runtime.threads import kernel_call_guard
