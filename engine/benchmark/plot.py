@@ -6,7 +6,7 @@ better and red where it is worse, each bar labelled with its ratio and the engin
 achieved it (and the baseline when it is not torch). Bars start at the left edge, so a ratio of
 exactly 1 is a visible bar that ends on the line; x ticks are at most one per factor of 2, so
 their labels never overlap. 1300 pixels wide, 21 pixels per row plus a 130-pixel header (the
-default run's 33 rows: 1300 x 823).
+default run's 30 rows: 1300 x 760).
 """
 
 from __future__ import annotations
