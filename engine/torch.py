@@ -33,6 +33,7 @@ from .problems.backward import validate_backward_args
 from .problems.base import check_bool
 from .problems.causal import CausalBias, as_causal_bias
 from .runtime.errors import NotSupportedError
+from .variant import variant_dtype
 
 __all__ = ["scaled_dot_product_attention", "as_module", "VariantModule"]
 
@@ -327,12 +328,13 @@ class VariantModule(torch.nn.Module):
                 if not hasattr(owner, part):
                     owner.add_module(part, torch.nn.Module())
                 owner = getattr(owner, part)
-            owner.register_parameter(leaf, torch.nn.Parameter(torch.from_numpy(np.array(value))))
+            # _as_tensor: a bfloat16 variant's ml_dtypes array becomes a torch bfloat16 tensor
+            owner.register_parameter(leaf, torch.nn.Parameter(_as_tensor(np.array(value), torch.empty(0))))
         self._variant = _bind(copy.copy(variant), self)
 
     def forward(self, query, key=None, value=None, **kwargs):
         bound = self._variant
-        bound.dtype = np.dtype(str(next(self.parameters()).dtype).removeprefix("torch."))
+        bound.dtype = variant_dtype(next(self.parameters()).dtype)
         bound._attention_calls = 0
         try:
             result = bound(query, key, value, **kwargs)

@@ -19,7 +19,7 @@ from .problems.arrays import (
     to_numpy,
 )
 
-__all__ = ["Variant", "check_fits_in_memory"]
+__all__ = ["Variant", "check_fits_in_memory", "variant_dtype"]
 
 
 def check_fits_in_memory(nbytes: int, what: str) -> None:
@@ -62,7 +62,7 @@ class Variant:
     device_arrays: ClassVar[bool] = False
 
     def __init__(self, *, dtype=np.float32, seed=None, batch_first: bool = True):
-        dtype = _variant_dtype(dtype)
+        dtype = variant_dtype(dtype)
         if not isinstance(batch_first, (bool, np.bool_)):
             raise TypeError(f"batch_first must be a bool, got {type(batch_first).__name__}")
         self.dtype = dtype
@@ -380,7 +380,7 @@ class Variant:
         return {"query": rng.standard_normal((batch, length, self.embed_dim)).astype(self.dtype)}
 
 
-def _variant_dtype(dtype) -> np.dtype:
+def variant_dtype(dtype) -> np.dtype:
     """The layer dtype: float32, float64, float16 or bfloat16 (ml_dtypes'), given as a NumPy
     dtype, its name, or a torch dtype (``torch.float16``, as ``nn.MultiheadAttention(dtype=...)``)."""
     name = str(dtype).removeprefix("torch.") if type(dtype).__module__.startswith("torch") else dtype

@@ -125,3 +125,24 @@ def test_every_variant_in_16_bits(name, dtype, backend):
 def test_other_dtypes_are_refused(bad):
     with pytest.raises(TypeError, match=r"dtype must be float16, bfloat16, float32 or float64"):
         engine.get_variant("multi-head", embed_dim=E, num_heads=H, dtype=bad)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_as_module_trains_a_16_bit_variant(dtype):
+    """engine.torch.as_module keeps the variant's dtype: parameters, output and gradients in it
+    (a bfloat16 variant's ml_dtypes parameters become torch bfloat16 ones)."""
+    import engine.torch as et
+
+    tdt, _, unit = DTYPES[dtype]
+    variant = engine.get_variant("multi-head", embed_dim=E, num_heads=H, dtype=dtype, seed=0)
+    module = et.as_module(variant)
+    assert all(p.dtype == tdt for p in module.parameters())
+    x = torch.randn(2, 6, E, generator=torch.Generator().manual_seed(4)).to(tdt).requires_grad_(True)
+    out, _ = module(x)
+    out.float().square().sum().backward()
+    assert out.dtype == tdt and x.grad.dtype == tdt
+    assert all(p.grad is not None and p.grad.dtype == tdt and torch.isfinite(p.grad).all() for p in module.parameters())
+    expected, _ = variant(x.detach())  # the variant itself, on the host
+    np.testing.assert_allclose(
+        _f64(out), np.asarray(expected, np.float64), rtol=0, atol=16 * unit * max(1.0, float(np.abs(_f64(out)).max()))
+    )
