@@ -301,7 +301,7 @@ CATALOGUE = [
         "dtype=int32",
         lambda: engine.get_variant("multi-head", embed_dim=8, num_heads=2, dtype=np.int32),
         TypeError,
-        r"dtype must be float32 or float64, got int32",
+        r"dtype must be float16, bfloat16, float32 or float64, got int32",
     ),
     (
         "variant-mask-int",
