@@ -12,6 +12,7 @@ import numpy as np
 from ...kernels.cpu.half_floats import BFLOAT16_BITS, FLOAT16_BITS
 from ...kernels.seqlens import _seqlens_k
 from ...problems.decode import DecodeProblem
+from ...problems.mods import compile_mods_alone
 from ...runtime.config import (
     CPU_SERIAL_MAX_WORK,
     DECODE_BLOCK_K,
@@ -152,6 +153,7 @@ def _setup(problem: DecodeProblem) -> _Setup:
         setup.kernels = tuple(decode_gemv.gemv_kernel(serial) for serial in (0, 1))
     else:  # the parallel and the serial build; a prepared runner calls their entry points once known
         args_type = _kernels().DecodeArgs
+        compile_mods_alone(problem.score_mod, problem.mask_mod, problem.mod_args, compute)
         setup.kernels = tuple(_kernels().decode_kernel(problem.score_mod, problem.mask_mod, s) for s in (0, 1))
     setup.args_type = args_type
     fields = args_type._fields

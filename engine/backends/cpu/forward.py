@@ -11,6 +11,7 @@ import numpy as np
 from ...kernels.cpu.gemm import GEMM_CBLAS_BF16, GEMM_CBLAS_F16, GEMM_NUMPY
 from ...problems.attention import AttentionProblem
 from ...problems.base import dtype_name
+from ...problems.mods import compile_mods_alone
 from ...runtime.config import BLAS_SINGLE_THREAD_MNK, CPU_SERIAL_MAX_WORK, CPU_TASK_ROWS
 from ...runtime.gemm_providers import get_gemm_provider, sixteen_bit_gemm
 from ...runtime.threads import kernel_call_guard
@@ -136,6 +137,7 @@ def _setup(problem: AttentionProblem, gemm=None) -> _Setup:
     setup.pin = NO_PIN if pin is None or small else pin()
     setup.block_q, setup.block_k = block_q, block_k
     serial = B * problem.num_q_heads * L * S * (problem.E + problem.Ev) <= CPU_SERIAL_MAX_WORK
+    compile_mods_alone(problem.score_mod, problem.mask_mod, problem.mod_args, problem.dtype)
     setup.kernel = kernels().flash_kernel(problem.score_mod, problem.mask_mod, serial)
     setup.entry = None
     fixed = dict(
