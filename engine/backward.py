@@ -10,8 +10,10 @@ from .backends.base import empty_gradients
 from .dispatch import select_backend
 from .problems.attention import BackwardProblem
 from .problems.backward import validate_backward_args
+from .problems.base import check_bool
+from .problems.sinks import sinks_grad
 
-__all__ = ["scaled_dot_product_attention_backward", "run_backward"]
+__all__ = ["scaled_dot_product_attention_backward", "run_backward", "backward_sinks_grad"]
 
 
 def scaled_dot_product_attention_backward(
@@ -34,6 +36,8 @@ def scaled_dot_product_attention_backward(
     dropout_p=0.0,
     dropout_seed=None,
     return_mask_grad=False,
+    sinks=None,
+    return_sinks_grad=False,
 ):
     """Gradients of :func:`engine.scaled_dot_product_attention` with respect to its inputs.
 
@@ -53,8 +57,15 @@ def scaled_dot_product_attention_backward(
     :param return_mask_grad: also return the gradient of the floating ``attn_mask``, in its
         shape and dtype (summed over the dimensions it broadcasts along), e.g. to train a
         learned bias.
+    :param sinks: the forward's sinks ``(Hq,)``; ``out`` and ``lse`` must be the forward's with
+        them. The backends' kernels need no change: FlashAttention-2's backward given the
+        forward's ``lse`` (which holds the sink) recomputes the weights with the sink.
+    :param return_sinks_grad: also return the sinks' gradient ``(Hq,)`` in their dtype,
+        ``-sum_i exp(sink_h - lse_i) * rowsum(grad_out * out)_i`` over the rows of head h
+        (``engine.problems.sinks``); it comes after the mask's gradient.
     :return: ``(dq, dk, dv)`` in the shapes and dtype of query, key and value, plus the mask's
-        gradient when ``return_mask_grad=True``. With GQA, ``dk``/``dv`` sum their query heads.
+        gradient when ``return_mask_grad=True``, then the sinks' when ``return_sinks_grad=True``.
+        With GQA, ``dk``/``dv`` sum their query heads.
         The ``cpu`` backend's gradients are the same bit for bit on every run with the same
         thread count (``engine.set_num_threads``); the ``cuda`` backend's on every run (no atomics).
     :raises TypeError: an argument of the wrong kind, naming it, before any kernel runs (the
@@ -82,9 +93,19 @@ def scaled_dot_product_attention_backward(
         dropout_p,
         dropout_seed,
         return_mask_grad,
+        sinks=sinks,
     )
+    want_dsinks = check_bool(return_sinks_grad, "return_sinks_grad")
+    if want_dsinks and problem.sinks is None:
+        raise ValueError("return_sinks_grad=True needs sinks= (the forward's attention sinks)")
     dq, dk, dv, dmask = run_backward(problem, select_backend(backend, problem))
-    return (dq, dk, dv, dmask) if problem.return_mask_grad else (dq, dk, dv)
+    grads = (dq, dk, dv) + ((dmask,) if problem.return_mask_grad else ())
+    return grads + ((backward_sinks_grad(problem),) if want_dsinks else ())
+
+
+def backward_sinks_grad(problem: BackwardProblem):
+    """The sinks' gradient ``(Hq,)`` of a validated backward problem with sinks (host arrays)."""
+    return sinks_grad(problem.grad_out, problem.out, problem.lse, problem.sinks, -2 if problem.lead_shape else None)
 
 
 def run_backward(problem: BackwardProblem, chosen):

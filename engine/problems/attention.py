@@ -19,6 +19,7 @@ from .arrays import array_dtype, as_array, check_float, is_device_array, is_floa
 from .base import Problem, Requirement, check_bool, check_scale
 from .causal import as_causal_bias
 from .mods import validate_mods
+from .sinks import validate_sinks
 
 __all__ = ["AttentionProblem", "BackwardProblem", "validate_attention_args", "validate_dropout"]
 
@@ -126,6 +127,12 @@ class BackwardProblem(AttentionProblem):
     def also_runs(self) -> tuple:
         return ()
 
+    def requirements(self) -> list[Requirement]:
+        reqs = super().requirements()
+        if self.sinks is not None:  # its weights must come from the given lse' (engine.problems.sinks)
+            reqs.append(Requirement("supports_sinks", True, "sinks are not supported by this backend's backward"))
+        return reqs
+
 
 def validate_attention_args(
     query,
@@ -143,11 +150,13 @@ def validate_attention_args(
     dropout_p=0.0,
     dropout_seed=None,
     draw_seed=True,
+    sinks=None,
 ) -> AttentionProblem:
     """Check every argument of ``scaled_dot_product_attention`` and describe the problem.
 
     ``draw_seed``: with ``dropout_p > 0`` and no ``dropout_seed``, draw one from NumPy's global
-    generator (as torch draws from its own); when False the seed is required.
+    generator (as torch draws from its own); when False the seed is required. ``sinks``: (Hq,)
+    floats or None (``engine.problems.sinks``).
     Raises ``TypeError``/``ValueError`` naming the argument and shapes; never touches a kernel.
     """
     q = as_array(query, "query")
@@ -202,6 +211,7 @@ def validate_attention_args(
 
     mods = validate_mods(score_mod, mask_mod, block_mask, mod_args, math.prod(batch_shape), Hq, L, S)
     p, seed = validate_dropout(dropout_p, dropout_seed, draw_seed)
+    sinks = validate_sinks(sinks, Hq)
 
     return AttentionProblem(
         query=q,
@@ -225,6 +235,7 @@ def validate_attention_args(
         dropout_p=p,
         dropout_seed=seed,
         causal_offset=causal_offset,
+        sinks=sinks,
         **mods,
     )
 

@@ -33,6 +33,7 @@ def validate_backward_args(
     dropout_p=0.0,
     dropout_seed=None,
     return_mask_grad=False,
+    sinks=None,
 ) -> BackwardProblem:
     """Check every argument of ``scaled_dot_product_attention_backward``: the forward's
     arguments (same checks, same messages), then ``grad_out``/``out`` (the forward's output
@@ -56,6 +57,7 @@ def validate_backward_args(
         dropout_p,
         dropout_seed,
         draw_seed=False,
+        sinks=sinks,
     )
     arrays = {}
     for name, x, shape in (

@@ -27,6 +27,8 @@ class CpuBackward(Op):
     dtypes = ("float32", "float64")
     supports_mods = True
     supports_dropout = True
+    #: its weights are exp(score - lse) from the given lse, which holds the sinks (engine.problems.sinks)
+    supports_sinks = True
 
     def not_supported_reasons(self, problem) -> list[str]:
         reasons = super().not_supported_reasons(problem)

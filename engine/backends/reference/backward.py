@@ -16,6 +16,8 @@ class ReferenceBackward(Op):
     supports_mods = True
     supports_dropout = True
     supports_causal_offset = True
+    #: the dense softmax takes the sink's column (dense.sink_column)
+    supports_sinks = True
 
     def run(self, problem: BackwardProblem):
         dq, dk, dv, dmask = gradients(problem)

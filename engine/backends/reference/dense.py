@@ -23,6 +23,7 @@ __all__ = [
     "gradients",
     "apply_mods_dense",
     "score_grad_dense",
+    "sink_column",
 ]
 
 
@@ -89,14 +90,22 @@ def add_nonfinite_values(problem: AttentionProblem, out: np.ndarray, lse: np.nda
     return (out + contrib).astype(out.dtype)
 
 
-def softmax(s: np.ndarray):
-    """Row softmax and log-sum-exp; rows with no finite score give zeros and -inf."""
+def softmax(s: np.ndarray, sink=None):
+    """Row softmax and log-sum-exp; rows with no finite score give zeros and -inf.
+
+    ``sink`` (float64, broadcastable to ``s.shape[:-1] + (1,)``): a logit that joins every row's
+    softmax without a column of its own (attention sinks, ``engine.problems.sinks``): the weights
+    of the scores then sum to less than 1, and a row with no visible key has lse = sink."""
     m = np.max(s, axis=-1, keepdims=True, initial=-np.inf)  # S = 0: no key, -inf
+    if sink is not None:
+        m = np.maximum(m, sink)
     dead = np.isneginf(m)
     m = np.where(dead, 0.0, m)
     with np.errstate(invalid="ignore"):  # NaN scores propagate as NaN, as they should
         e = np.exp(s - m)
     total = e.sum(axis=-1, keepdims=True)
+    if sink is not None:
+        total = total + np.exp(sink - m)
     with np.errstate(invalid="ignore", divide="ignore"):
         p = np.where(dead, 0.0, e / np.where(dead, 1.0, total))
         lse = np.where(dead, -np.inf, m + np.log(np.where(dead, 1.0, total)))[..., 0]
@@ -132,12 +141,13 @@ def gradients(problem: AttentionProblem):
     score_mod's derivative, ``dV = (P Z)^T dO``, ``dP = (dO V^T) Z``, ``dS = P (dP - rowsum(P dP))``,
     ``dQ = scale (dS g) K``, ``dK = scale (dS g)^T Q`` (summed over a GQA group), and the float
     mask's gradient is ``dS`` summed over the dimensions it broadcasts along. Rows with no visible
-    key have P = 0, so zero gradients.
+    key have P = 0, so zero gradients. With sinks, P is the softmax with the sink's column
+    (``engine.problems.sinks``), so every formula above holds as written.
     """
     grads = []
     s = scores(problem, score_grad=grads)
     g = grads[0]
-    p, _ = softmax(s)
+    p, _ = softmax(s, sink_column(problem))
     do = np.asarray(problem.grad_out, dtype=np.float64)
     q = np.asarray(problem.query, dtype=np.float64)
     k = np.asarray(problem.key, dtype=np.float64)
@@ -164,6 +174,15 @@ def gradients(problem: AttentionProblem):
         dk = dk.reshape(dk.shape[:-3] + (problem.num_kv_heads, group) + dk.shape[-2:]).sum(axis=-3)
         dv = dv.reshape(dv.shape[:-3] + (problem.num_kv_heads, group) + dv.shape[-2:]).sum(axis=-3)
     return dq, dk, dv, dmask
+
+
+def sink_column(problem):
+    """The problem's sinks as a float64 column that broadcasts against its (..., Hq, L, S) scores
+    (one per query head), or None without sinks."""
+    if problem.sinks is None:
+        return None
+    sinks = np.asarray(problem.sinks, dtype=np.float64)
+    return sinks.reshape(()) if not problem.lead_shape else sinks.reshape((-1, 1, 1))
 
 
 def apply_mods_dense(scores: np.ndarray, score_mod, mask_mod, mod_args: tuple, kv_idx=None) -> np.ndarray:
