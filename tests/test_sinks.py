@@ -128,18 +128,22 @@ def test_errors_are_raised_by_name(rng):
         engine.scaled_dot_product_attention_backward(out, q, k, v, out, lse, enable_gqa=True, return_sinks_grad=True)
 
 
-def test_a_backend_whose_backward_cannot_take_sinks_is_refused():
-    """The requirement is stated by the backward problem: an op without ``supports_sinks`` (the
-    cuda backward, not yet run with them) refuses them by name."""
-    rng = np.random.default_rng(0)
-    q, k, v = _case(rng)
+def test_a_backward_op_that_does_not_declare_sinks_refuses_them():
+    """The requirement is stated by the backward problem: an op without ``supports_sinks`` (a
+    backward that recomputes the weights without the given lse, say) refuses them by name."""
+    from engine.backends.base import Op
     from engine.problems.backward import validate_backward_args
 
+    class Plain(Op):
+        problem_type = BackwardProblem
+
+    rng = np.random.default_rng(0)
+    q, k, v = _case(rng)
     out, lse = engine.scaled_dot_product_attention(q, k, v, enable_gqa=True, sinks=np.zeros(4), return_lse=True)
     problem = validate_backward_args(out, q, k, v, out, lse, enable_gqa=True, sinks=np.zeros(4))
-    assert "sinks are not supported by this backend's backward" in engine.get_backend("cuda").not_supported_reasons(
-        problem
-    )
+    assert Plain(None).not_supported_reasons(problem) == ["sinks are not supported by this backend's backward"]
+    without = validate_backward_args(out, q, k, v, out, lse, enable_gqa=True)
+    assert Plain(None).not_supported_reasons(without) == []
 
 
 # ---------------------------------------------------------------------------------------------
