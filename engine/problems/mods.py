@@ -383,7 +383,9 @@ def compile_mods_alone(score_mod, mask_mod, mod_args: tuple, score_dtype) -> Non
     what Numba warns while typing it (e.g. a ``NumbaTypeSafetyWarning`` for a dict of undefined
     types) points at the mod's source line, not at the kernel line that calls it. The kernel then
     reuses these compiled versions (same signature). Memoised per mods, dtype and argument kinds,
-    so a call with compiled mods pays a dictionary lookup."""
+    so a call with compiled mods pays a dictionary lookup. A mod taking ``*args`` (a wrapper, as
+    ``engine.distributed``'s shifted mods) is left to the kernel: Numba compiles a star-args
+    function for an explicit signature only through its caller."""
     if score_mod is None and mask_mod is None:
         return
     key = (score_mod, mask_mod, np.dtype(score_dtype), tuple(_arg_kind(a) for a in mod_args))
@@ -393,13 +395,20 @@ def compile_mods_alone(score_mod, mask_mod, mod_args: tuple, score_dtype) -> Non
 
     args = tuple(typeof(a) for a in mod_args)
     index = (types.int64,) * 4
-    if score_mod is not None:
+    if score_mod is not None and not _takes_star_args(score_mod):
         score_mod.compile((from_dtype(np.dtype(score_dtype)),) + index + args)
-    if mask_mod is not None:
+    if mask_mod is not None and not _takes_star_args(mask_mod):
         mask_mod.compile(index + args)
     if len(_compiled_alone) > 4096:  # mods made in a loop: forget, rather than hold them all
         _compiled_alone.clear()
     _compiled_alone[key] = True
+
+
+def _takes_star_args(mod) -> bool:
+    import inspect
+
+    params = inspect.signature(getattr(mod, "py_func", mod)).parameters.values()
+    return any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
 
 
 def _arg_kind(a):
