@@ -300,9 +300,10 @@ def _backward_prologue(q, o, do, lse, scale, fq, qs, qst, delta, lrow):
                     x = q[b, h, i, e] * scale
                     qs[b, h, i, e] = x
                     qst[b, h, t, e * w + r] = x
-                acc = do[b, h, i, 0] * o[b, h, i, 0]
+                # in float64, rounded once: an error in D reaches every dS of the row
+                acc = np.float64(do[b, h, i, 0]) * np.float64(o[b, h, i, 0])
                 for e in range(1, Ev):
-                    acc += do[b, h, i, e] * o[b, h, i, e]
+                    acc += np.float64(do[b, h, i, e]) * np.float64(o[b, h, i, e])
                 delta[b, h, i] = acc
                 x = lse[b, h, i]
                 lrow[b, h, i] = -x if x == -np.inf else x
@@ -310,15 +311,15 @@ def _backward_prologue(q, o, do, lse, scale, fq, qs, qst, delta, lrow):
 
 @njit(cache=_CACHE, error_model="numpy")
 def _backward_epilogue(dq_part, scale, dq):
-    """dQ = scale * (the splits' accumulators summed in split order)."""
+    """dQ = scale * (the splits' accumulators summed in split order), in float64 and rounded once."""
     S, B, Hq, L, E = dq_part.shape
     for b in range(B):
         for h in range(Hq):
             for i in range(L):
                 for e in range(E):
-                    acc = dq_part[0, b, h, i, e]
+                    acc = np.float64(dq_part[0, b, h, i, e])
                     for s in range(1, S):
-                        acc += dq_part[s, b, h, i, e]
+                        acc += np.float64(dq_part[s, b, h, i, e])
                     dq[b, h, i, e] = acc * scale
 
 
