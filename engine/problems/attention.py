@@ -112,7 +112,13 @@ class BackwardProblem(AttentionProblem):
     """A validated ``scaled_dot_product_attention_backward`` call: the forward's problem plus
     ``grad_out`` and ``out`` (of ``out_shape``), ``lse`` (of ``lse_shape``), whether the float
     mask's gradient is wanted, and ``score_grad``, the compiled derivative of ``score_mod`` with
-    respect to the score."""
+    respect to the score.
+
+    ``grad_lse`` (of ``lse_shape``, or None for zero) is the gradient of the loss with respect
+    to ``lse``. ``mod_args_grad`` has one bool per ``mod_args`` entry, True for the float arrays
+    whose gradient is wanted (``()`` for none), and ``arg_grad`` is the compiled per-score step
+    that computes it (``engine.problems.mod_args_grad``; None without a score_mod: then those
+    gradients are zero)."""
 
     missing_op_reason: ClassVar[str] = "no backward pass (gradients) in this backend"
 
@@ -122,6 +128,21 @@ class BackwardProblem(AttentionProblem):
     lse: Any = None
     return_mask_grad: bool = False
     score_grad: Any = None
+    grad_lse: Any = None
+    mod_args_grad: tuple = ()
+    arg_grad: Any = None
+
+    def requirements(self) -> list[Requirement]:
+        reqs = super().requirements()
+        if self.grad_lse is not None:
+            reqs.append(
+                Requirement("supports_lse_grad", True, "a gradient through lse is not computed by this backend")
+            )
+        if self.mod_args_grad:
+            reqs.append(
+                Requirement("supports_mod_args_grad", True, "gradients of mod_args are not computed by this backend")
+            )
+        return reqs
 
     def also_runs(self) -> tuple:
         return ()
