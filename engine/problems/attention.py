@@ -57,6 +57,10 @@ class AttentionProblem(Problem):
     #: with ``is_causal``: query i sees keys j <= i + causal_offset (0: top left, as torch's
     #: ``is_causal``; S - L: bottom right, from ``engine.causal_lower_right``)
     causal_offset: int = 0
+    #: for 16-bit inputs, return lse in float32 instead of the input dtype (``engine.torch`` keeps
+    #: it for the backward, as FlashAttention does: a bfloat16 lse puts the recomputed weights off
+    #: by up to 3%); honoured by ``cpu`` and ``reference``
+    lse_float32: bool = False
 
     @property
     def batch(self) -> int:

@@ -1,0 +1,37 @@
+"""Tensors to the engine's arrays and back, without copies on the CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..problems.arrays import bfloat16_dtype
+
+__all__ = ["host", "as_tensor", "empty"]
+
+
+def host(t: torch.Tensor):
+    """A NumPy view of a CPU tensor (bfloat16 as ml_dtypes' bfloat16, same bits), or the detached
+    tensor itself for CUDA tensors (read through ``__cuda_array_interface__``)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        return t
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.uint16).numpy().view(bfloat16_dtype())
+    return t.numpy()
+
+
+def as_tensor(arr, like: torch.Tensor) -> torch.Tensor:
+    """An engine result as a tensor on ``like``'s device (no copy for NumPy results)."""
+    if isinstance(arr, torch.Tensor):
+        return arr
+    if isinstance(arr, np.ndarray):
+        if arr.dtype.name == "bfloat16":
+            return torch.from_numpy(np.ascontiguousarray(arr).view(np.uint16)).view(torch.bfloat16).to(like.device)
+        return torch.from_numpy(arr).to(like.device)
+    return torch.as_tensor(arr, device=like.device)  # a device array (__cuda_array_interface__)
+
+
+def empty(like: torch.Tensor) -> torch.Tensor:
+    """The placeholder a custom op returns for a gradient nobody asked for (ops cannot return None)."""
+    return like.new_empty((0,))
