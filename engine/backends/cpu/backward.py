@@ -17,7 +17,7 @@ from ...runtime.gemm_providers import get_gemm_provider
 from ...runtime.threads import get_num_threads, kernel_call_guard
 from ..base import Op
 from .blas_pin import get_blas_pin
-from .operands import ALL_FULL, NO_PIN, SIXTEEN_BIT, as4, dropout_args, kernel_masks, narrow, tile_kinds, widen
+from .operands import ALL_FULL, SIXTEEN_BIT, as4, dropout_args, kernel_masks, narrow, tile_kinds, widen
 from .tiles import backward_splits, backward_tile_sizes, split_bounds
 
 __all__ = ["CpuBackward"]
@@ -95,8 +95,12 @@ class CpuBackward(Op):
         # the forward's provider and tiles: the scores are recomputed with the very same products
         provider = get_gemm_provider(dt.name)
         gemm = (provider.kind, provider.pointer(dt.name))
-        pin = get_blas_pin() if gemm[0] == GEMM_NUMPY else None
-        block_q, block_k, fq = backward_tile_sizes(L, S, E, Ev, blas_pinned=pin is None or pin.available)
+        # the forward's tiles: large ones when its score products cannot start threads (a sequential
+        # provider, or np.dot's OpenBLAS held at one thread)
+        pin = get_blas_pin()
+        block_q, block_k, fq = backward_tile_sizes(
+            L, S, E, Ev, blas_pinned=gemm[0] != GEMM_NUMPY or pin.available
+        )  # fmt: skip
         nqb, nkb = -(-L // block_q), -(-S // block_k)
         threads = get_num_threads()
         splits = backward_splits(B * H, threads, nkb)
@@ -171,7 +175,10 @@ class CpuBackward(Op):
             arg_acc=arg_acc,
             arg_reads=arg_reads,
         )
-        with kernel_call_guard(), NO_PIN if pin is None else pin():
+        # the other four products are np.dot's (SciPy's OpenBLAS) whatever the provider: held at one
+        # thread always (unpinned, each task's large tile products started OpenBLAS threads of their
+        # own: 8-15x slower on a loaded machine)
+        with kernel_call_guard(), pin():
             kernel(args, problem.mod_args)
         _backward_epilogue(dq_part, problem.scale, dq)
         dmask = None
