@@ -199,11 +199,11 @@ def plot(result: dict, path: str) -> None:
         bx.semilogy(np.arange(1, len(d) + 1), d, ".", color=styles[name][0], label=f"{name} vs torch")
     target = 1e-3 if result["dtype"] == "float32" else 1e-8
     bx.axhline(target, color="k", linestyle=":", label=f"target {target:g}")
-    bx.set_ylim(floor / 3, 1e-1)
+    bx.set_ylim(floor / 3, 10.0)
     bx.set_xlabel("step")
     bx.set_ylabel("|loss - torch loss| / torch loss  (equal: 1e-17)")
     bx.set_title("per-step agreement")
-    bx.legend(loc="center right")
+    bx.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -210,9 +210,10 @@ def _sum_to(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 @attention_backward.register_fake
 def _backward_fake(grad_out, grad_lse, query, key, value, attn_mask, out, lse, mod_tensors, *rest):
     mask_grad, mod_grads = rest[-2], rest[-1]
-    dmask = torch.empty_like(attn_mask) if mask_grad else query.new_empty((0,))
-    dmods = [torch.empty_like(t) if want else t.new_empty((0,)) for t, want in zip(mod_tensors, mod_grads)]
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), dmask, dmods
+    # contiguous, as the real gradients (empty_like would keep a permuted input's strides)
+    dmask = attn_mask.new_empty(attn_mask.shape) if mask_grad else query.new_empty((0,))
+    dmods = [t.new_empty(t.shape if want else (0,)) for t, want in zip(mod_tensors, mod_grads)]
+    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape), dmask, dmods
 
 
 # -- autograd -------------------------------------------------------------------------------------
