@@ -7,7 +7,7 @@ import torch
 
 from ..problems.arrays import bfloat16_dtype
 
-__all__ = ["host", "as_tensor", "empty"]
+__all__ = ["host", "as_tensor", "empty", "from_numpy"]
 
 
 def host(t: torch.Tensor):
@@ -35,3 +35,10 @@ def as_tensor(arr, like: torch.Tensor) -> torch.Tensor:
 def empty(like: torch.Tensor) -> torch.Tensor:
     """The placeholder a custom op returns for a gradient nobody asked for (ops cannot return None)."""
     return like.new_empty((0,))
+
+
+def from_numpy(a: np.ndarray) -> torch.Tensor:
+    """A NumPy array as a tensor: a view where torch can make one (writeable, no negative strides),
+    else a copy (``torch.from_numpy`` warns on read-only arrays and refuses negative strides)."""
+    viewable = a.flags.writeable and all(st >= 0 for st in a.strides)
+    return torch.from_numpy(a if viewable else np.array(a))

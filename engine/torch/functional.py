@@ -10,6 +10,7 @@ from ..problems.attention import validate_dropout
 from ..problems.base import check_bool
 from ..problems.causal import as_causal_bias
 from .calls import config_key
+from .convert import from_numpy
 from .ops import attention_forward
 
 __all__ = ["scaled_dot_product_attention"]
@@ -94,8 +95,8 @@ def scaled_dot_product_attention(
         raise TypeError(f"mod_args must be a tuple, got {type(mod_args).__name__}")
     tensors, positions, statics = [], [], []
     for i, a in enumerate(mod_args):
-        if isinstance(a, np.ndarray):
-            a = torch.from_numpy(a)
+        if isinstance(a, np.ndarray):  # an operator input like any tensor
+            a = torch.from_numpy(a) if torch.compiler.is_compiling() else from_numpy(a)
         if isinstance(a, torch.Tensor):
             if a.requires_grad and a.ndim == 0:
                 raise ValueError(

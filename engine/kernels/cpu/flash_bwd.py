@@ -297,7 +297,15 @@ def _flash_backward(args, mod_args):
     and ``bounds`` (int64, splits + 1 entries from 0 to ceil(S / block_k)) cut each head's key
     tiles into the tasks' runs. With ``want_dm``, ``dm`` (float64, B, Hq, L or 1, S or number of
     key tiles, zeroed) receives the float mask's gradient dS: per row when ``dm_rows`` (else
-    summed over rows), per key when ``dm_cols`` (else summed per key tile).
+    summed over rows), per key when ``dm_cols`` (else summed per key tile). ``causal_offset``:
+    query i sees keys j <= i + offset (bottom-right causal: S - L).
+
+    Tasks run in ``slots`` parallel slots, slot ``s`` running tasks ``s, s + slots, ...`` in that
+    order (``slots`` = the task count unless ``mod_args`` take a gradient). With
+    ``want_arg_grad``, each score with dS != 0 goes through ``_ARG_GRAD``
+    (``engine.kernels.mod_arg_grad``), adding dS times the score_mod's partials with respect to
+    the marked ``mod_args`` elements it reads into ``arg_acc[slot]`` (float64, the marked arrays
+    end to end from ``arg_offsets``); ``arg_reads[task]`` gets the most elements one score read.
     """
     B = args.qs.shape[0]
     H = args.k.shape[1]
