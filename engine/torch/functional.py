@@ -11,7 +11,7 @@ from ..problems.base import check_bool
 from ..problems.causal import as_causal_bias
 from .calls import config_key
 from .convert import from_numpy
-from .ops import attention_forward
+from .ops import attention
 
 __all__ = ["scaled_dot_product_attention"]
 
@@ -111,7 +111,7 @@ def scaled_dot_product_attention(
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
     seed = torch.randint(0, 2**63 - 1, (), dtype=torch.int64) if p > 0 else None
     config = config_key(score_mod, mask_mod, block_mask, tuple(positions), tuple(statics), backend)
-    out, lse = attention_forward(
+    out, lse = attention(
         query,
         key,
         value,

@@ -16,12 +16,19 @@ is the :class:`~engine.torch.calls.CallConfig` under the int ``config``. The cau
 weights from it), else the inputs' dtype. A gradient nobody asked for comes back as an empty
 tensor (operators cannot return None).
 
-**Adding an input with a gradient** (e.g. ``sinks``): a ``Tensor?`` argument in both operators'
-signatures and fake functions, passed on in :func:`_problem_args` and saved in
-:func:`_setup_context`; the backward operator returns its gradient as one more output (an
-empty tensor when not wanted) and :func:`_backward` returns it in the argument's place. **A second
-operator** (e.g. varlen) is a pair of ``custom_op`` definitions like these two, with its own
-``register_fake`` and ``register_autograd``.
+Eager calls on plain tensors run the same two implementations through :class:`_EagerAttention`
+(an ``autograd.Function``) instead of the operators' dispatch, which costs about a millisecond of
+Python per call; traced calls (``torch.compile``, ``torch.export``, fake or functional tensors)
+go through the operators. :func:`attention` chooses.
+
+**Adding an input with a gradient** (e.g. ``sinks``): a ``Tensor?`` argument in both
+implementations' signatures (``forward_impl``, ``backward_impl``) and fake functions, passed on to
+the engine there and saved in :func:`_setup_context`; ``backward_impl`` returns its gradient as one
+more output (an empty tensor when not wanted), :func:`_gradients` passes it on, and
+:func:`_backward` and ``_EagerAttention.backward`` return it in the argument's place (one more
+positional input of ``_EagerAttention``). **A second operator** (e.g. varlen) is a pair of
+implementations registered with ``custom_op`` like these two, with its own ``register_fake``,
+``register_autograd`` and eager Function.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from ..problems.causal import LOWER_RIGHT, CausalBias
 from .calls import TENSOR, call_config
 from .convert import as_tensor, empty, host
 
-__all__ = ["attention_forward", "attention_backward", "output_shapes", "lse_dtype"]
+__all__ = ["attention", "attention_forward", "attention_backward", "output_shapes", "lse_dtype"]
 
 _LIB = "attention_engine"
 
@@ -83,8 +90,7 @@ def _problem_args(query, key, value, attn_mask, mod_tensors, dropout_seed, dropo
     return cfg, mask, is_causal, mod_args, seed if dropout_p > 0 else None
 
 
-@torch.library.custom_op(f"{_LIB}::attention_forward", mutates_args=())
-def attention_forward(
+def forward_impl(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -127,14 +133,16 @@ def attention_forward(
     return out_t.contiguous(), lse_t.contiguous()
 
 
+attention_forward = torch.library.custom_op(f"{_LIB}::attention_forward", mutates_args=())(forward_impl)
+
+
 @attention_forward.register_fake
 def _forward_fake(query, key, value, attn_mask, mod_tensors, dropout_seed, dropout_p, is_causal, causal_offset, *rest):
     out_shape, lse_shape = output_shapes(query.shape, key.shape, value.shape, rest[1])
     return query.new_empty(out_shape), query.new_empty(lse_shape, dtype=lse_dtype(query.dtype))
 
 
-@torch.library.custom_op(f"{_LIB}::attention_backward", mutates_args=())
-def attention_backward(
+def backward_impl(
     grad_out: torch.Tensor,
     grad_lse: torch.Tensor | None,
     query: torch.Tensor,
@@ -194,6 +202,9 @@ def attention_backward(
     return dq, dk, dv, dmask, dmods
 
 
+attention_backward = torch.library.custom_op(f"{_LIB}::attention_backward", mutates_args=())(backward_impl)
+
+
 def _marks(cfg, mod_grads) -> tuple:
     """One bool per ``mod_args`` entry: True for the tensor entries whose gradient is wanted."""
     it = iter(mod_grads)
@@ -238,7 +249,9 @@ def _setup_context(ctx, inputs, output):
     )
 
 
-def _backward(ctx, grad_out, grad_lse):
+def _gradients(ctx, grad_out, grad_lse, run):
+    """``(dq, dk, dv)`` (None where not needed), dmask (or None) and the mod tensors' gradients
+    (None where not wanted), computed by ``run``: the backward operator, or its implementation."""
     # create_graph=True runs the backward with grad mode on: a second derivative is asked for,
     # which this op cannot give (a gradient penalty would otherwise lose its term silently)
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
@@ -255,7 +268,7 @@ def _backward(ctx, grad_out, grad_lse):
     o = ctx.options
     if grad_out is None:  # only lse reached the loss
         grad_out = torch.zeros_like(out)
-    dq, dk, dv, dmask, dmods = attention_backward(
+    dq, dk, dv, dmask, dmods = run(
         grad_out.contiguous(),
         None if grad_lse is None else grad_lse.contiguous(),
         query,
@@ -278,7 +291,43 @@ def _backward(ctx, grad_out, grad_lse):
     needs = ctx.needs_input_grad
     grads = [g if n else None for g, n in zip((dq, dk, dv), needs[:3])]
     mods = [g if want else None for g, want in zip(dmods, ctx.mod_grads)]
-    return (*grads, dmask if ctx.mask_grad else None, mods, None, None, None, None, None, None, None, None)
+    return grads, dmask if ctx.mask_grad else None, mods
+
+
+def _backward(ctx, grad_out, grad_lse):
+    grads, dmask, mods = _gradients(ctx, grad_out, grad_lse, attention_backward)
+    return (*grads, dmask, mods) + (None,) * 8  # dropout_seed ... needs_grad take none
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The same implementations without the operators' dispatch, for eager calls on plain tensors
+    (the custom operators' Python dispatch costs about a millisecond per call): the mod tensors
+    are positional here, since autograd.Function sees no tensor inside a list."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, attn_mask, dropout_seed, options, *mod_tensors):
+        inputs = (query, key, value, attn_mask, list(mod_tensors), dropout_seed, *options)
+        output = forward_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        grads, dmask, mods = _gradients(ctx, grad_out, grad_lse, backward_impl)
+        return (*grads, dmask, None, None, *mods)
+
+
+def attention(query, key, value, attn_mask, mod_tensors, dropout_seed, *options):
+    """``(out, lse)`` with autograd: through the custom operator when traced (``torch.compile``,
+    ``torch.export``, fake or functional tensors), else through :class:`_EagerAttention`, which
+    runs the same code. ``options`` are the operator's arguments after ``dropout_seed``."""
+    tensors = (query, key, value, *mod_tensors) + (() if attn_mask is None else (attn_mask,))
+    if torch.compiler.is_compiling() or any(type(t) not in _PLAIN for t in tensors):
+        return attention_forward(query, key, value, attn_mask, mod_tensors, dropout_seed, *options)
+    return _EagerAttention.apply(query, key, value, attn_mask, dropout_seed, options, *mod_tensors)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
