@@ -111,7 +111,8 @@ def mod_args_grad_step(problem, marks: tuple):
         "cast_like); no slices, comparisons, abs, int() or math.* functions of them"
     )
     try:
-        step(1.0, problem.dtype.type(0.5), *points[0], problem.mod_args, acc, buf, offsets)
+        compute = np.float32 if problem.dtype.itemsize == 2 else problem.dtype.type  # 16-bit: float32 kernels
+        step(1.0, compute(0.5), *points[0], problem.mod_args, acc, buf, offsets)
     except Exception as exc:
         raise TypeError(
             f"score_mod {name} cannot be differentiated with respect to {which}: "
