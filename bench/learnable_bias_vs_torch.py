@@ -194,9 +194,7 @@ def main(argv=None):
     import torch
 
     import engine
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from bench.machine import cpu_info, result_path
+    from engine.runtime.machine import cpu_info, result_file_name
 
     threads = min(a.threads, numba.config.NUMBA_NUM_THREADS)
     torch.set_num_threads(threads)
@@ -230,7 +228,10 @@ def main(argv=None):
     if a.json:
         info = cpu_info()
         info["loadavg_before"] = list(load_before)
-        path = result_path(f"learnable-bias-vs-torch-{threads}threads", info) if a.json == "auto" else a.json
+        results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+        path = a.json
+        if a.json == "auto":
+            path = os.path.join(results, result_file_name(f"learnable-bias-vs-torch-{threads}threads", info))
         result = {
             "command": "python bench/learnable_bias_vs_torch.py" + (" --quick" if a.quick else ""),
             "threads": threads,
