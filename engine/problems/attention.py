@@ -61,6 +61,9 @@ class AttentionProblem(Problem):
     #: it for the backward, as FlashAttention does: a bfloat16 lse puts the recomputed weights off
     #: by up to 3%); honoured by ``cpu`` and ``reference``
     lse_float32: bool = False
+    #: the shapes of query, key and value as the caller passed them (``query``/``key``/``value``
+    #: hold their broadcast views): the gradients are summed back to these
+    input_shapes: tuple = ()
 
     @property
     def batch(self) -> int:
@@ -185,6 +188,7 @@ def validate_attention_args(
             f"device arrays: query={on_device[0]}, key={on_device[1]}, value={on_device[2]}"
         )
 
+    input_shapes = (tuple(q.shape), tuple(k.shape), tuple(v.shape))
     dtypes = [check_float(a, n) for a, n in ((q, "query"), (k, "key"), (v, "value"))]
     if len(set(dtypes)) != 1:
         raise TypeError(f"query, key and value must share one dtype, got {dtypes[0]}, {dtypes[1]}, {dtypes[2]}")
@@ -250,6 +254,7 @@ def validate_attention_args(
         dropout_p=p,
         dropout_seed=seed,
         causal_offset=causal_offset,
+        input_shapes=input_shapes,
         **mods,
     )
 
@@ -334,6 +339,11 @@ def _broadcast_heads(q, k, v, enable_gqa: bool, on_device: bool):
             f"key and value must have the same number of heads (or one of them 1), got key={ks}, value={vs}"
         )
     H = max(hk, hv)
+    if H == 0 and hq != 0:  # checked first: no head count divides by 0 (nor serves a query head)
+        raise ValueError(
+            f"key/value have 0 heads but query has {hq}: every query head needs a key/value head "
+            f"(query={qs}, key={ks}, value={vs})"
+        )
     if hq == H or H == 1:
         Hq = hq
     elif hq == 1 and not enable_gqa:

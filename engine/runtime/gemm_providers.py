@@ -209,6 +209,7 @@ def set_gemm_provider(name: str | None) -> None:
     :data:`PROVIDERS`, ``"calibrate"`` (time the installed ones, keep the fastest), or ``None`` /
     ``"auto"`` (the rule per CPU vendor). Overrides ``ATTENTION_ENGINE_GEMM``.
 
+    :param name: a provider name, ``"calibrate"``, ``"auto"`` or None.
     :raises ValueError: for an unknown name, or a provider that cannot load here (with the reason).
     """
     global _forced
@@ -296,6 +297,7 @@ def get_gemm_provider(dtype_name: str = "float32") -> GemmProvider:
     provider of :func:`auto_order`. ``calibrate``: the fastest installed candidate (timed once per
     process and dtype).
 
+    :param dtype_name: ``"float32"`` or ``"float64"`` (the operands' dtype).
     :raises ValueError: when ``ATTENTION_ENGINE_GEMM`` names an unknown or unloadable provider.
     """
     name = _requested()

@@ -7,7 +7,7 @@ import torch
 
 from ..problems.arrays import bfloat16_dtype
 
-__all__ = ["host", "as_tensor", "empty", "from_numpy"]
+__all__ = ["host", "as_tensor", "empty", "from_numpy", "check_real_data"]
 
 
 def host(t: torch.Tensor):
@@ -42,3 +42,25 @@ def from_numpy(a: np.ndarray) -> torch.Tensor:
     else a copy (``torch.from_numpy`` warns on read-only arrays and refuses negative strides)."""
     viewable = a.flags.writeable and all(st >= 0 for st in a.strides)
     return torch.from_numpy(a if viewable else np.array(a))
+
+
+def check_real_data(t: torch.Tensor, name: str) -> None:
+    """``TypeError`` naming ``name`` for a tensor subclass whose data is not in its own storage (a
+    wrapper subclass, e.g. DTensor or a fake tensor): its bytes are not its values. Plain tensors,
+    parameters and tensors seen while tracing (``torch.compile``) pass."""
+    if type(t) is torch.Tensor or type(t) is torch.nn.Parameter or torch.compiler.is_compiling():
+        return
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    wrapper = is_traceable_wrapper_subclass(t)
+    if not wrapper:
+        try:
+            t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):
+            wrapper = True
+    if wrapper:
+        raise TypeError(
+            f"{name} is a {type(t).__module__}.{type(t).__name__}, a tensor subclass whose data is not in "
+            "its own storage; engine.torch reads tensors' memory: pass a plain tensor (e.g. its "
+            "materialised values), or torch's causal_lower_right/causal_upper_left as attn_mask"
+        )

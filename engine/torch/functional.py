@@ -10,7 +10,7 @@ from ..problems.attention import validate_dropout
 from ..problems.base import check_bool
 from ..problems.causal import as_causal_bias
 from .calls import config_key
-from .convert import from_numpy
+from .convert import check_real_data, from_numpy
 from .ops import attention
 
 __all__ = ["scaled_dot_product_attention"]
@@ -57,11 +57,44 @@ def scaled_dot_product_attention(
     and ``attention_backward``), so ``torch.compile(fullgraph=True)`` and ``torch.export`` see one
     opaque op. Not twice differentiable.
 
+    :param query: ``(..., Hq, L, E)``, CPU or CUDA, float16, bfloat16, float32 or float64.
+    :type query: torch.Tensor
+    :param key: ``(..., H, S, E)``, the query's dtype and device.
+    :type key: torch.Tensor
+    :param value: ``(..., H, S, Ev)``, the query's dtype and device.
+    :type value: torch.Tensor
+    :param attn_mask: boolean (True = may attend) or floating (added; it gets a gradient when it
+        requires one), broadcastable to ``(..., Hq, L, S)``; or a causal mask object (torch's
+        ``causal_lower_right``/``causal_upper_left``, ``engine.causal_lower_right``), mapped to the
+        engine's causal kinds.
+    :type attn_mask: torch.Tensor | CausalBias | None
+    :param dropout_p: applied whenever > 0, as torch's functional (pass 0 in evaluation).
+    :type dropout_p: float
+    :param is_causal: top-left causal, as torch.
+    :type is_causal: bool
+    :param scale: None is ``1/sqrt(E)``.
+    :type scale: float | None
+    :param enable_gqa: grouped-query attention, as torch.
+    :type enable_gqa: bool
+    :param score_mod: as ``engine.scaled_dot_product_attention``'s; its derivative is declared or
+        found automatically.
+    :type score_mod: Callable | None
+    :param mask_mod: as ``engine.scaled_dot_product_attention``'s.
+    :type mask_mod: Callable | None
+    :param block_mask: as ``engine.scaled_dot_product_attention``'s.
+    :type block_mask: BlockMask | None
+    :param mod_args: the mods' extra arguments: tensors, NumPy arrays and numbers; float tensors
+        that require grad get their gradient.
+    :type mod_args: tuple
+    :param backend: ``"auto"`` or a backend name.
+    :type backend: str
     :param return_lse: also return the log-sum-exp of the scaled, masked scores ``(..., Hq, L)``
         (float32 for 16-bit inputs, else the inputs' dtype), through which a loss may
         differentiate too (merges of partial attention, z-losses).
+    :type return_lse: bool
     :return: a tensor ``(..., Hq, L, Ev)`` of the inputs' dtype on their device, or ``(out, lse)``.
-    :raises TypeError: an argument of the wrong kind, as the engine's forward.
+    :raises TypeError: an argument of the wrong kind, as the engine's forward; a tensor subclass
+        whose data is not in its own storage (DTensor, a fake tensor), naming it.
     :raises ValueError: bad shapes or values, as the engine's forward; a tensor that requires grad
         among ``mod_args`` that cannot have one (0-d: pass a 1-element tensor and read ``t[0]``).
     :raises engine.NotSupportedError: a gradient is needed and no backend with a backward pass can
@@ -70,6 +103,7 @@ def scaled_dot_product_attention(
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_real_data(t, name)
     is_causal = check_bool(is_causal, "is_causal")
     enable_gqa = check_bool(enable_gqa, "enable_gqa")
     return_lse = check_bool(return_lse, "return_lse")
@@ -91,6 +125,8 @@ def scaled_dot_product_attention(
         attn_mask, is_causal, causal_offset = None, True, bias.diagonal_offset
     elif attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
         attn_mask = torch.as_tensor(np.asarray(attn_mask))
+    elif attn_mask is not None:
+        check_real_data(attn_mask, "attn_mask")
     if not isinstance(mod_args, tuple):
         raise TypeError(f"mod_args must be a tuple, got {type(mod_args).__name__}")
     tensors, positions, statics = [], [], []

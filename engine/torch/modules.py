@@ -11,6 +11,8 @@ import numpy as np
 import torch
 
 from ..problems.arrays import Placement, input_placement
+from ..variant import variant_dtype
+from .convert import as_tensor
 from .functional import scaled_dot_product_attention
 
 __all__ = ["as_module", "VariantModule"]
@@ -36,6 +38,9 @@ class VariantModule(torch.nn.Module):
     CPU tensors ``(N, L, E)`` or ``(L, E)``, its masks and keywords) and returns
     ``(output, weights_or_None)`` as tensors; ``output`` carries gradients to the inputs and the
     parameters (``weights``, when asked for, are computed without gradients).
+
+    :param variant: the variant to wrap (see :func:`as_module`).
+    :type variant: Variant
     """
 
     def __init__(self, variant):
@@ -55,7 +60,8 @@ class VariantModule(torch.nn.Module):
                 if not hasattr(owner, part):
                     owner.add_module(part, torch.nn.Module())
                 owner = getattr(owner, part)
-            owner.register_parameter(leaf, torch.nn.Parameter(torch.from_numpy(np.array(value))))
+            # as_tensor: a bfloat16 variant's ml_dtypes array becomes a torch bfloat16 tensor
+            owner.register_parameter(leaf, torch.nn.Parameter(as_tensor(np.array(value), torch.empty(0))))
         self._variant = _bind(copy.copy(variant), self)
         self._follow_dtype()
 
@@ -69,7 +75,7 @@ class VariantModule(torch.nn.Module):
         compiled forward has no NumPy object to write)."""
         first = next(self.parameters(), None)
         if first is not None and hasattr(self, "_variant"):
-            self._variant.dtype = np.dtype(str(first.dtype).removeprefix("torch."))
+            self._variant.dtype = variant_dtype(first.dtype)
 
     def forward(self, query, key=None, value=None, **kwargs):
         bound = self._variant
@@ -138,6 +144,9 @@ def as_module(variant) -> VariantModule:
     module.state_dict())`` copies trained values back. The module computes the projections with
     torch and the attention with the engine (``backend="auto"``, or the call's ``backend=``).
 
+    :param variant: a variant whose forward uses array-API calls (``device_arrays = True``), as the
+        built-in ones.
+    :type variant: Variant
     :raises TypeError: for a variant whose forward computes in NumPy (``device_arrays = False``),
         and, at the first call, for one that does not attend through ``Variant.attention``.
     """

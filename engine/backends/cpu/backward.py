@@ -13,6 +13,7 @@ from ...problems.backward import Gradients
 from ...problems.base import dtype_name
 from ...problems.masks import reduce_to_shape
 from ...problems.mod_args_grad import mod_args_offsets
+from ...problems.mods import compile_mods_alone
 from ...runtime.gemm_providers import get_gemm_provider
 from ...runtime.threads import get_num_threads, kernel_call_guard
 from ..base import Op
@@ -117,6 +118,7 @@ class CpuBackward(Op):
         slots = min(tasks, threads) if want_arg else tasks
         arg_acc = np.zeros((slots, int(offsets[-1])) if want_arg else (1, 1))
         arg_reads = np.zeros(tasks if want_arg else 1, dtype=np.int64)
+        compile_mods_alone(problem.score_mod, problem.mask_mod, problem.mod_args, dt)
         tiles = ALL_FULL
         if problem.mask_mod is not None:
             tiles = tile_kinds(problem, block_q, block_k)

@@ -10,6 +10,7 @@ import numpy as np
 from ...kernels.cpu.gemm import GEMM_CBLAS_BF16, GEMM_CBLAS_F16, GEMM_NUMPY
 from ...problems.attention import AttentionProblem
 from ...problems.base import dtype_name
+from ...problems.mods import compile_mods_alone
 from ...runtime.config import BLAS_SINGLE_THREAD_MNK, CPU_SERIAL_MAX_WORK, CPU_TASK_ROWS
 from ...runtime.gemm_providers import get_gemm_provider, sixteen_bit_gemm
 from ...runtime.threads import kernel_call_guard
@@ -101,6 +102,7 @@ class CpuForward(Op):
         else:
             pin = pin()
         sub_tiles = max(1, CPU_TASK_ROWS // block_q)
+        compile_mods_alone(problem.score_mod, problem.mask_mod, problem.mod_args, problem.dtype)
         tiles = ALL_FULL
         if problem.mask_mod is not None:
             tiles = tile_kinds(problem, block_q, block_k)
