@@ -168,7 +168,9 @@ def score_mod_grad(score_mod: Callable, problem) -> Callable:
 def _check_against_finite_differences(mod, grad, how, name, problem) -> None:
     """Compile ``grad`` for the problem's dtype and compare it in float64 with central finite
     differences of ``mod`` at a few points; ``TypeError`` naming the mod otherwise."""
-    dtype = problem.dtype.type
+    # the kernels' arithmetic type: 16-bit problems compute in float32 (and NumPy's float16 or
+    # ml_dtypes' bfloat16 scalars are not Numba types)
+    dtype = np.float32 if problem.dtype.itemsize == 2 else problem.dtype.type
     last = (max(problem.batch, 1) - 1, max(problem.num_q_heads, 1) - 1, max(problem.L, 1) - 1, max(problem.S, 1) - 1)
     points = [(0, 0, 0, 0), last, (0, last[1], last[2], 0), (last[0], 0, 0, last[3])]
     hint = "declare its derivative with engine.problems.mods.with_score_grad (or set the attribute score_grad on it)"

@@ -75,7 +75,7 @@ class CpuForward(Op):
             q32, k32 = (widen(as4(a, problem.batch)) for a in (problem.query, problem.key))
             wide = dataclasses.replace(problem, query=q32, key=k32, value=widen(v), attn_mask=mask, dtype=f32)
             out, lse = self._run(wide)
-        return narrow(out, problem.dtype), narrow(lse, problem.dtype)
+        return narrow(out, problem.dtype), lse if problem.lse_float32 else narrow(lse, problem.dtype)
 
     def _run(self, problem: AttentionProblem, arrays=None, gemm=None):
         """The kernel call. ``arrays``: ready (batch, heads, rows, features) q, k, v (the 16-bit
