@@ -58,6 +58,13 @@ class AttentionProblem(Problem):
     #: with ``is_causal``: query i sees keys j <= i + causal_offset (0: top left, as torch's
     #: ``is_causal``; S - L: bottom right, from ``engine.causal_lower_right``)
     causal_offset: int = 0
+    #: for 16-bit inputs, return lse in float32 instead of the input dtype (``engine.torch`` keeps
+    #: it for the backward, as FlashAttention does: a bfloat16 lse puts the recomputed weights off
+    #: by up to 3%); honoured by ``cpu`` and ``reference``
+    lse_float32: bool = False
+    #: the shapes of query, key and value as the caller passed them (``query``/``key``/``value``
+    #: hold their broadcast views): the gradients are summed back to these
+    input_shapes: tuple = ()
 
     @property
     def batch(self) -> int:
@@ -113,7 +120,13 @@ class BackwardProblem(AttentionProblem):
     """A validated ``scaled_dot_product_attention_backward`` call: the forward's problem plus
     ``grad_out`` and ``out`` (of ``out_shape``), ``lse`` (of ``lse_shape``), whether the float
     mask's gradient is wanted, and ``score_grad``, the compiled derivative of ``score_mod`` with
-    respect to the score."""
+    respect to the score.
+
+    ``grad_lse`` (of ``lse_shape``, or None for zero) is the gradient of the loss with respect
+    to ``lse``. ``mod_args_grad`` has one bool per ``mod_args`` entry, True for the float arrays
+    whose gradient is wanted (``()`` for none), and ``arg_grad`` is the compiled per-score step
+    that computes it (``engine.problems.mod_args_grad``; None without a score_mod: then those
+    gradients are zero)."""
 
     missing_op_reason: ClassVar[str] = "no backward pass (gradients) in this backend"
 
@@ -123,15 +136,26 @@ class BackwardProblem(AttentionProblem):
     lse: Any = None
     return_mask_grad: bool = False
     score_grad: Any = None
-
-    def also_runs(self) -> tuple:
-        return ()
+    grad_lse: Any = None
+    mod_args_grad: tuple = ()
+    arg_grad: Any = None
 
     def requirements(self) -> list[Requirement]:
         reqs = super().requirements()
+        if self.grad_lse is not None:
+            reqs.append(
+                Requirement("supports_lse_grad", True, "a gradient through lse is not computed by this backend")
+            )
+        if self.mod_args_grad:
+            reqs.append(
+                Requirement("supports_mod_args_grad", True, "gradients of mod_args are not computed by this backend")
+            )
         if self.sinks is not None:  # its weights must come from the given lse' (engine.problems.sinks)
             reqs.append(Requirement("supports_sinks", True, "sinks are not supported by this backend's backward"))
         return reqs
+
+    def also_runs(self) -> tuple:
+        return ()
 
 
 def validate_attention_args(
@@ -169,6 +193,7 @@ def validate_attention_args(
             f"device arrays: query={on_device[0]}, key={on_device[1]}, value={on_device[2]}"
         )
 
+    input_shapes = (tuple(q.shape), tuple(k.shape), tuple(v.shape))
     dtypes = [check_float(a, n) for a, n in ((q, "query"), (k, "key"), (v, "value"))]
     if len(set(dtypes)) != 1:
         raise TypeError(f"query, key and value must share one dtype, got {dtypes[0]}, {dtypes[1]}, {dtypes[2]}")
@@ -236,6 +261,7 @@ def validate_attention_args(
         dropout_seed=seed,
         causal_offset=causal_offset,
         sinks=sinks,
+        input_shapes=input_shapes,
         **mods,
     )
 
@@ -320,6 +346,11 @@ def _broadcast_heads(q, k, v, enable_gqa: bool, on_device: bool):
             f"key and value must have the same number of heads (or one of them 1), got key={ks}, value={vs}"
         )
     H = max(hk, hv)
+    if H == 0 and hq != 0:  # checked first: no head count divides by 0 (nor serves a query head)
+        raise ValueError(
+            f"key/value have 0 heads but query has {hq}: every query head needs a key/value head "
+            f"(query={qs}, key={ks}, value={vs})"
+        )
     if hq == H or H == 1:
         Hq = hq
     elif hq == 1 and not enable_gqa:

@@ -17,6 +17,7 @@ from .arrays import DeviceArray, any_array, caller_array, host_array, is_floatin
 from .base import Problem, Requirement, check_bool, check_scale, dtype_name  # new-import
 from .mods import validate_mods  # new-import
 from .packed import check_cu_seqlens, check_distinct_writes, sequence_of_rows
+from .pages import check_pages as _check_pages
 from .sinks import validate_sinks
 
 __all__ = ["DecodeProblem", "validate_decode_args"]
@@ -370,35 +371,6 @@ def _seqlens(cache_seqlens, B: int) -> np.ndarray:
     if bad.size:
         raise ValueError(f"cache_seqlens must be >= 0, got cache_seqlens[{int(bad[0])}] = {s[bad[0]]}")
     return s
-
-
-def _check_pages(
-    pt: np.ndarray, need: np.ndarray, seqlens: np.ndarray, L_new: int, page_size: int, num_pages: int
-) -> None:
-    """Every page a sequence reads or writes is a valid page index, and no two sequences write one
-    slot. Entries past a sequence's last page are never read (vLLM pads them with anything)."""
-    used = (need + page_size - 1) // page_size
-    cols = np.arange(pt.shape[1])
-    live = cols[None, :] < used[:, None]
-    bad = live & ((pt < 0) | (pt >= num_pages))
-    if bad.any():
-        b, j = (int(x[0]) for x in np.nonzero(bad))
-        raise ValueError(
-            f"page_table[{b}, {j}] = {pt[b, j]} is not a page of the cache (0..{num_pages - 1}); "
-            f"sequence {b} uses its first {used[b]} pages"
-        )
-    if L_new and pt.shape[0] > 1:
-        pos = seqlens[:, None] + np.arange(L_new)[None, :]
-        slot = pt[np.arange(pt.shape[0])[:, None], pos // page_size].astype(np.int64) * page_size + pos % page_size
-        flat = slot.reshape(-1)
-        uniq, first, counts = np.unique(flat, return_index=True, return_counts=True)
-        if (counts > 1).any():
-            s = uniq[counts > 1][0]
-            who = sorted({int(i) // L_new for i in np.nonzero(flat == s)[0]})
-            raise ValueError(
-                f"sequences {who} would write the same cache slot (page {s // page_size}, offset "
-                f"{s % page_size}): their page_table rows share a page where new keys go"
-            )
 
 
 def _window(window) -> tuple:

@@ -92,15 +92,19 @@ def add_sinks(out: np.ndarray, lse: np.ndarray, sinks: np.ndarray, head_axis: in
     return out, new.astype(lse.dtype)
 
 
-def sinks_grad(grad_out, out, lse, sinks: np.ndarray, head_axis: int | None) -> np.ndarray:
+def sinks_grad(grad_out, out, lse, sinks: np.ndarray, head_axis: int | None, grad_lse=None) -> np.ndarray:
     """``dsinks`` (Hq,) in the sinks' dtype, from the forward's ``out'``/``lse'`` (with the sinks)
-    and ``grad_out``: ``-sum_i exp(s_h - lse'_i) * rowsum(dO * out')_i`` over the rows of head h.
-    A row whose ``lse'`` is -inf (no key and a -inf sink) contributes nothing."""
+    and ``grad_out``: ``sum_i exp(s_h - lse'_i) * (grad_lse_i - rowsum(dO * out')_i)`` over the
+    rows of head h (``grad_lse``: the loss's gradient with respect to ``lse'``, None for zero; d
+    lse'_i / d s_h is the sink's weight). A row whose ``lse'`` is -inf (no key and a -inf sink)
+    contributes nothing."""
     lse64 = np.asarray(lse, dtype=np.float64)
     d = np.einsum("...e,...e->...", np.asarray(grad_out, dtype=np.float64), np.asarray(out, dtype=np.float64))
     s = _per_head(sinks, lse64.shape, head_axis)
     with np.errstate(invalid="ignore", over="ignore"):
         p_sink = np.where(np.isneginf(lse64), 0.0, np.exp(s - lse64))
+    if grad_lse is not None:
+        d = d - np.asarray(grad_lse, dtype=np.float64)
     contrib = p_sink * d
     if head_axis is None:
         total = contrib.sum().reshape(1)

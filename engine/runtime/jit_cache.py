@@ -159,7 +159,9 @@ def cache_enabled() -> bool:
                 stacklevel=2,
             )
     else:
-        here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "__pycache__")
+        # Numba's own choice: __pycache__ beside each kernel module (engine/kernels/...)
+        engine_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        here = os.path.join(engine_dir, "kernels", "__pycache__")
         user = os.path.join(os.path.expanduser("~"), ".cache", "numba")
         if _writable(here) or _writable(user):
             _enabled = True

@@ -10,6 +10,7 @@ import numpy as np
 from ...kernels.cpu.gemm import GEMM_CBLAS_BF16, GEMM_CBLAS_F16, GEMM_NUMPY
 from ...problems.attention import AttentionProblem
 from ...problems.base import dtype_name
+from ...problems.mods import compile_mods_alone
 from ...runtime.config import BLAS_SINGLE_THREAD_MNK, CPU_SERIAL_MAX_WORK, CPU_TASK_ROWS
 from ...runtime.gemm_providers import get_gemm_provider, sixteen_bit_gemm
 from ...runtime.threads import kernel_call_guard
@@ -74,7 +75,7 @@ class CpuForward(Op):
             q32, k32 = (widen(as4(a, problem.batch)) for a in (problem.query, problem.key))
             wide = dataclasses.replace(problem, query=q32, key=k32, value=widen(v), attn_mask=mask, dtype=f32)
             out, lse = self._run(wide)
-        return narrow(out, problem.dtype), narrow(lse, problem.dtype)
+        return narrow(out, problem.dtype), lse if problem.lse_float32 else narrow(lse, problem.dtype)
 
     def _run(self, problem: AttentionProblem, arrays=None, gemm=None):
         """The kernel call. ``arrays``: ready (batch, heads, rows, features) q, k, v (the 16-bit
@@ -101,6 +102,7 @@ class CpuForward(Op):
         else:
             pin = pin()
         sub_tiles = max(1, CPU_TASK_ROWS // block_q)
+        compile_mods_alone(problem.score_mod, problem.mask_mod, problem.mod_args, problem.dtype)
         tiles = ALL_FULL
         if problem.mask_mod is not None:
             tiles = tile_kinds(problem, block_q, block_k)

@@ -67,7 +67,7 @@ class ReferenceVarlenBackward(Op):
                 score_grad=problem.score_grad,
                 sinks=problem.sinks,
             )
-            dq, dk, dv, _ = gradients(sub)
+            dq, dk, dv = gradients(sub)[:3]
             for g, s, d in zip(grads, (rows, keys, keys), (dq, dk, dv)):
                 g[s] = np.swapaxes(d, 0, 1)
         return tuple(g.astype(problem.dtype) for g in grads)
