@@ -50,6 +50,28 @@ def test_forward_and_backward_match_the_eager_formula(rng, backend):
         np.testing.assert_allclose(a, b.grad.numpy(), atol=2e-5 * max(1.0, float(b.grad.abs().max())), err_msg=name)
 
 
+@pytest.mark.parametrize(
+    "backend", [b for b in BACKENDS if engine.get_backend(b).op(BackwardProblem).supports_lse_grad]
+)
+def test_a_loss_through_lse_reaches_the_sinks(rng, backend):
+    """With ``grad_lse``, d lse'/d sink (the sink's weight) adds to dsinks: float64 against autograd
+    of a loss that uses both outputs."""
+    q, k, v = _case(rng, dtype=np.float64)
+    sinks = np.array([0.3, -2.0, 1.5, 4.0])
+    out, lse = engine.scaled_dot_product_attention(
+        q, k, v, enable_gqa=True, sinks=sinks, return_lse=True, backend=backend
+    )
+    tq, tk, tv, ts = (leaf(x) for x in (q, k, v, sinks))
+    want, want_lse = eager(tq, tk, tv, np.ones((5, 7), bool), 0.25, ts)
+    g, gl = randn(rng, out.shape, np.float64), randn(rng, lse.shape, np.float64)
+    ((want * torch.tensor(g)).sum() + (want_lse * torch.tensor(gl)).sum()).backward()
+    got = engine.scaled_dot_product_attention_backward(
+        g, q, k, v, out, lse, enable_gqa=True, sinks=sinks, grad_lse=gl, return_sinks_grad=True, backend=backend
+    )
+    for name, a, b in zip(("dq", "dk", "dv", "dsinks"), got, (tq, tk, tv, ts)):
+        np.testing.assert_allclose(a, b.grad.numpy(), rtol=1e-9, atol=1e-11, err_msg=name)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_causal_float_mask_and_the_order_of_returned_gradients(rng, backend):
     """float64, causal; with a floating mask the gradients come as dq, dk, dv, dmask, dsinks."""
