@@ -6,6 +6,7 @@ from .backends.base import empty_result
 from .dispatch import select_backend
 from .plan.forward import forward_key, remember, run_cached
 from .problems.attention import AttentionProblem, validate_attention_args
+from .problems.sinks import run_with_sinks
 
 __all__ = ["scaled_dot_product_attention", "run_forward"]
 
@@ -27,6 +28,7 @@ def scaled_dot_product_attention(
     mod_args=(),
     dropout_p=0.0,
     dropout_seed=None,
+    sinks=None,
 ):
     """Attention with the semantics of ``torch.nn.functional.scaled_dot_product_attention``.
 
@@ -78,24 +80,36 @@ def scaled_dot_product_attention(
         ``dropout_p > 0``: drawn from NumPy's global generator (``np.random.seed`` repeats it);
         pass one explicitly to compute the backward (see ``docs/training.md``).
     :type dropout_seed: int | None
+    :param sinks: attention sinks (gpt-oss, StreamingLLM): float ``(Hq,)``, one logit per query head
+        in the units of the scaled scores, that joins each row's softmax and carries no value:
+        ``softmax([scores, sink_h])`` without its last column weighs the values. ``lse`` then
+        includes the sink; a row with no visible key gives zeros and ``lse = sink_h``. Host
+        arrays only (device inputs with sinks are refused). The formula and its derivation:
+        ``engine.problems.sinks``; see ``docs/serving.md``.
+    :type sinks: array | None
     :return: ``out`` in the input dtype, or ``(out, lse)``.
     :raises TypeError: an argument of the wrong kind, naming it, before any kernel runs.
     :raises ValueError: a wrong shape or value, naming the argument and the shapes.
     :raises engine.NotSupportedError: the backend (or, with ``auto``, every backend) refuses the inputs.
     """
-    plan_key = forward_key(
-        query,
-        key,
-        value,
-        attn_mask,
-        is_causal,
-        enable_gqa,
-        backend,
-        return_lse,
-        score_mod,
-        mask_mod,
-        block_mask,
-        mod_args,
+    # sinks take the full path every call (the plan's runner has no sink step)
+    plan_key = (
+        None
+        if sinks is not None
+        else forward_key(
+            query,
+            key,
+            value,
+            attn_mask,
+            is_causal,
+            enable_gqa,
+            backend,
+            return_lse,
+            score_mod,
+            mask_mod,
+            block_mask,
+            mod_args,
+        )
     )
     if plan_key is not None:  # a call with this signature has run before: the checks values need
         result = run_cached(
@@ -118,6 +132,7 @@ def scaled_dot_product_attention(
         mod_args,
         dropout_p,
         dropout_seed,
+        sinks=sinks,
     )
     chosen = select_backend(backend, problem)
     out, lse = run_forward(problem, chosen)
@@ -126,7 +141,12 @@ def scaled_dot_product_attention(
 
 
 def run_forward(problem: AttentionProblem, chosen):
-    """``(out, lse)`` of a validated problem on the chosen backend (empty problems need none)."""
+    """``(out, lse)`` of a validated problem on the chosen backend (empty problems need none), its
+    sinks applied (``engine.problems.sinks``)."""
+    return run_with_sinks(problem, lambda p: _run(p, chosen), -2 if problem.lead_shape else None)
+
+
+def _run(problem: AttentionProblem, chosen):
     if problem.is_empty and not problem.on_device:
         return empty_result(problem)
     return chosen.op(type(problem)).run(problem)

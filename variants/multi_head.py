@@ -230,13 +230,18 @@ class MultiHeadAttention(Variant):
         xp = place.xp
         # NumPy weights in the compute dtype: kept transposed copies, one GEMM for self-attention
         numpy_weights = place.is_numpy and self.compute_dtype == self.dtype and self._numpy_weights()
-        if numpy_weights and self.same_embed_dim and query is key and key is value and static_k is None and static_v is None:
+        packed_self = self.same_embed_dim and query is key and key is value and static_k is None and static_v is None
+        if numpy_weights and packed_self:
             q, k, v = self._self_projections(query)
         else:
             wq, wk, wv, bq, bk, bv = self.projection_weights(like=query)
             q = self._heads(query, wq, bq, "query", place)
             N = q.shape[0]
-            k = self._heads(key, wk, bk, "key", place) if static_k is None else self._static(static_k, "static_k", N, place)
+            k = (
+                self._heads(key, wk, bk, "key", place)
+                if static_k is None
+                else self._static(static_k, "static_k", N, place)
+            )
             v = (
                 self._heads(value, wv, bv, "value", place)
                 if static_v is None

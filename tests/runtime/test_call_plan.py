@@ -328,3 +328,37 @@ def test_decode_read_only_cache_after_a_writable_one():
         awk(q, ro, vc, kn, vn, cache_seqlens=5, backend="cpu")
     np.testing.assert_array_equal(ro, before[0])
     np.testing.assert_array_equal(vc, before[1])
+
+
+def test_sinks_and_packed_queries_never_share_a_plan_with_plain_calls():
+    """A plan has no sink step: calls with sinks (or packed queries) take the full path, so a
+    signature's plan never answers them, and their calls never store one for plain calls. The
+    oracle is the sink formula on a plain call's (out, lse), computed with return_lse=True (another
+    signature)."""
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((1, 4, 5, 16)).astype(np.float32)
+    k = rng.standard_normal((1, 4, 7, 16)).astype(np.float32)
+    v = rng.standard_normal((1, 4, 7, 16)).astype(np.float32)
+    sinks = np.array([0.3, -2.0, 1.5, 4.0], np.float32)
+
+    def with_sinks(out, lse):
+        return out * np.exp(lse - np.logaddexp(lse, sinks[:, None]))[..., None]
+
+    out, lse = engine.scaled_dot_product_attention(q, k, v, return_lse=True)
+    want = {False: out, True: with_sinks(out, lse)}
+    assert np.abs(want[True] - want[False]).max() > 0.1
+    for first in (False, True):  # each order: a plan exists after the first call
+        for s in (first, not first, first):
+            got = engine.scaled_dot_product_attention(q, k, v, sinks=sinks if s else None)
+            np.testing.assert_allclose(got, want[s], atol=1e-5, err_msg=f"sinks={s}")
+        plans.invalidate()
+    kc, vc = rng.standard_normal((2, 2, 2, 32, 16)).astype(np.float32)
+    qd = rng.standard_normal((2, 4, 1, 16)).astype(np.float32)
+    seqlens = np.array([3, 5], np.int32)
+    out, lse = engine.attention_with_kvcache(qd, kc, vc, cache_seqlens=seqlens, return_lse=True)
+    want = {False: out, True: with_sinks(out, lse)}
+    for first in (False, True):
+        for s in (first, not first, first):
+            got = engine.attention_with_kvcache(qd, kc, vc, cache_seqlens=seqlens, sinks=sinks if s else None)
+            np.testing.assert_allclose(got, want[s], atol=1e-5, err_msg=f"decode, sinks={s}")
+        plans.invalidate()

@@ -24,6 +24,7 @@ from ...runtime.threads import get_num_threads, kernel_call_guard
 from ..base import Op
 from ..kvcache import new_entries_written, pick_num_splits
 from .blas_pin import get_blas_pin
+from .varlen import attend_packed
 
 __all__ = ["CpuDecode"]
 
@@ -51,18 +52,23 @@ class CpuDecode(Op):
     dtypes = ("float16", "float32", "float64", "bfloat16")
     cache_dtypes = ("float16", "float32", "float64", "bfloat16")
     supports_mods = True
+    supports_cu_seqlens_q = True
 
     def run(self, problem: DecodeProblem):
         """Write the new entries, then run the kernel; ``(out, lse)`` in the query's dtype. If
         anything after the write raises (a mod Numba cannot compile, an allocation), the written
-        slots get their old contents back first."""
+        slots get their old contents back first. Packed queries (``cu_seqlens_q``) run on the
+        ragged kernel (``varlen.attend_packed``)."""
+        if problem.packed:
+            with new_entries_written(problem):
+                return attend_packed(problem)
         return _launch(_setup(problem), problem)
 
     def prepare(self, problem: DecodeProblem):
         """A runner for later problems with this one's signature (``engine.plan``): the layout,
         the kernel arguments that the signature fixes and (after the first call) the kernel's
-        entry points, worked out once."""
-        if problem.on_device:
+        entry points, worked out once. None for device arrays and packed queries."""
+        if problem.on_device or problem.packed:
             return None
         setup = _setup(problem)
         setup.kernels = tuple(Bound(k) for k in setup.kernels)

@@ -76,7 +76,7 @@ class CpuForward(Op):
             q32, k32 = (widen(as4(a, problem.batch)) for a in (problem.query, problem.key))
             wide = dataclasses.replace(problem, query=q32, key=k32, value=widen(v), attn_mask=mask, dtype=f32)
             out, lse = self._run(wide)
-        return narrow(out, problem.dtype), narrow(lse, problem.dtype)
+        return narrow(out, problem.dtype), lse if problem.lse_float32 else narrow(lse, problem.dtype)
 
     def prepare(self, problem: AttentionProblem):
         """A runner for later problems with this one's signature (``engine.plan``): the work that
