@@ -60,6 +60,22 @@ def mha_masks_to_sdpa(
     materialising more than the inputs' own broadcast. ``is_causal`` stays a flag (the fast path)
     when no other mask is given, and is folded into the mask otherwise. The mask is an array of
     ``place`` (NumPy by default; masks given elsewhere are copied there).
+
+    :param attn_mask: MHA's ``attn_mask``: ``(L, S)`` or ``(N * H, L, S)``, boolean (True = not
+        allowed) or float (added); or None.
+    :type attn_mask: array | None
+    :param key_padding_mask: ``(N, S)``, boolean (True = padding, not allowed) or float; or None.
+    :type key_padding_mask: array | None
+    :param is_causal: MHA's causal flag (a hint in torch; applied here).
+    :param N: batch size.
+    :param H: number of heads.
+    :param L: query length.
+    :param S: key length.
+    :param dtype: the dtype of a float mask returned.
+    :type dtype: numpy.dtype
+    :param place: where the mask lives (``Variant.placement_of``); NumPy by default.
+    :return: ``(mask, is_causal)`` for ``scaled_dot_product_attention``.
+    :raises ValueError: a mask of the wrong shape, naming it and the shapes expected.
     """
     xp = place.xp
     parts = []

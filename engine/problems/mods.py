@@ -110,6 +110,11 @@ def with_score_grad(score_grad: Callable):
             return cap * fast_tanh(score / cap)
 
     It sets the attribute ``score_grad`` on the mod (setting it by hand is the same).
+
+    :param score_grad: ``score_grad(score, b, h, q_idx, kv_idx, *mod_args)``, a function Numba can
+        compile, with the score_mod's signature.
+    :return: a decorator that returns the score_mod with ``score_grad`` set.
+    :raises TypeError: ``score_grad`` is not callable.
     """
     if not callable(score_grad):
         raise TypeError(f"score_grad must be a function, got {type(score_grad).__name__}")
