@@ -40,7 +40,7 @@ __all__ = ["NAME", "register", "attention_forward"]
 NAME = "attention_engine"
 
 
-def register(name: str = NAME) -> str:
+def register(name=NAME):
     """Add the engine to transformers' ``AttentionInterface`` and ``AttentionMaskInterface`` under
     ``name`` (for every model, as ``AttentionInterface.register`` does), so that
     ``from_pretrained(..., attn_implementation=name)``, ``from_config(...)`` and
@@ -83,17 +83,7 @@ def _window_mask(L: int, S: int, window: int, causal: bool, device) -> torch.Ten
     return keep & (j <= pos) if causal else keep
 
 
-def attention_forward(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    is_causal: bool | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
+def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """One attention layer's call from transformers (the ``AttentionInterface`` signature).
 
     :param module: the calling attention layer; read for ``is_causal`` (default True),
