@@ -106,7 +106,8 @@ def scaled_dot_product_attention(
     :raises TypeError: an argument of the wrong kind, as the engine's forward; a tensor subclass
         whose data is not in its own storage (DTensor, a fake tensor), naming it.
     :raises ValueError: bad shapes or values, as the engine's forward; a tensor that requires grad
-        among ``mod_args`` that cannot have one (0-d: pass a 1-element tensor and read ``t[0]``).
+        among ``mod_args`` that cannot have one (0-d: pass a 1-element tensor and read ``t[0]``);
+        ``sinks`` on another device than the query.
     :raises engine.NotSupportedError: a gradient is needed and no backend with a backward pass can
         run the inputs (e.g. float64 CUDA tensors, which the ``cuda`` backend does not take).
     """
@@ -141,6 +142,8 @@ def scaled_dot_product_attention(
         sinks = torch.as_tensor(np.asarray(sinks))
     elif sinks is not None:
         check_real_data(sinks, "sinks")
+        if sinks.device != query.device:
+            raise ValueError(f"sinks must be on the query's device ({query.device}), got {sinks.device}")
     tensors, positions, statics = split_mod_args(mod_args)
     inputs = (query, key, value, *(t for t in (attn_mask, sinks) if t is not None), *tensors)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)

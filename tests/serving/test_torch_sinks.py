@@ -152,6 +152,8 @@ def test_errors_name_the_sinks():
         et.scaled_dot_product_attention(q, k, v, enable_gqa=True, sinks=torch.zeros(4, dtype=torch.int64))
     with pytest.raises(ValueError, match="sinks"):
         et.scaled_dot_product_attention(q, k, v, enable_gqa=True, sinks=torch.tensor([0.0, float("nan"), 0, 0]))
+    with pytest.raises(ValueError, match=r"sinks must be on the query's device \(cpu\), got meta"):
+        et.scaled_dot_product_attention(q, k, v, enable_gqa=True, sinks=torch.zeros(4, device="meta"))
     # a list is taken as a tensor
     got = et.scaled_dot_product_attention(q, k, v, enable_gqa=True, sinks=[0.1, 0.2, 0.3, 0.4])
     want = et.scaled_dot_product_attention(
