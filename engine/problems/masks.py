@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from .arrays import HOST, Placement
+from .arrays import HOST, Placement, is_floating
 from .attention import AttentionProblem
 
 __all__ = ["kernel_mask", "reduce_to_shape", "mha_masks_to_sdpa"]
@@ -99,7 +99,7 @@ def mha_masks_to_sdpa(
         return None, bool(is_causal)
     if is_causal:  # MHA polarity: True = blocked
         parts.append(place.put(np.triu(np.ones((L, S), dtype=bool), k=1)))
-    if all(xp.isdtype(p.dtype, "bool") for p in parts):
+    if all(_is_bool(p, xp) for p in parts):
         blocked = parts[0]
         for p in parts[1:]:
             blocked = blocked | p
@@ -107,9 +107,14 @@ def mha_masks_to_sdpa(
     blocked_score, zero = place.put(np.asarray(-np.inf, dtype)), place.put(np.asarray(0, dtype))
     total = None
     for p in parts:
-        term = xp.where(p, blocked_score, zero) if xp.isdtype(p.dtype, "bool") else place.put(p, dtype)
+        term = xp.where(p, blocked_score, zero) if _is_bool(p, xp) else place.put(p, dtype)
         total = term if total is None else total + term
     return total, False
+
+
+def _is_bool(mask, xp) -> bool:
+    # NumPy's isdtype does not know ml_dtypes' bfloat16: NumPy arrays are asked directly
+    return mask.dtype == np.bool_ if isinstance(mask, np.ndarray) else xp.isdtype(mask.dtype, "bool")
 
 
 def _mha_mask_array(mask, name: str, place: Placement):
@@ -122,7 +127,11 @@ def _mha_mask_array(mask, name: str, place: Placement):
             "or the mask as an array; engine.scaled_dot_product_attention takes the object itself"
         )
     mask = place.put(mask, what=name)
-    if not (place.xp.isdtype(mask.dtype, "bool") or place.xp.isdtype(mask.dtype, "real floating")):
+    if isinstance(mask, np.ndarray):  # NumPy's isdtype does not know ml_dtypes' bfloat16
+        ok = mask.dtype == np.bool_ or is_floating(mask.dtype)
+    else:
+        ok = place.xp.isdtype(mask.dtype, "bool") or place.xp.isdtype(mask.dtype, "real floating")
+    if not ok:
         raise TypeError(
             f"{name} must be boolean (True = not allowed) or floating (added), got dtype "
             f"{mask.dtype} with shape {tuple(mask.shape)}"
