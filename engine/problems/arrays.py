@@ -95,6 +95,11 @@ def as_array(x: Any, name: str) -> Any:
         return native(x)
     if x is None:
         raise TypeError(f"{name} must be an array, got None")
+    if type(x).__name__ == "CausalBias":  # ours or torch's (whose storage is a placeholder)
+        raise TypeError(
+            f"{name} is a causal mask object ({type(x).__module__}.CausalBias), not an array of values: "
+            "pass it as attn_mask"
+        )
     if getattr(x, "requires_grad", False) and type(x).__module__.startswith("torch"):
         # np.asarray would fail with torch's "use tensor.detach().numpy()", and detaching would
         # silently drop the gradient the caller asked for
