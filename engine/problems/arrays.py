@@ -133,7 +133,15 @@ def native(arr: np.ndarray, writeable: bool = False) -> np.ndarray:
 
 
 def native_mod_args(mod_args: tuple) -> tuple:
-    """``mod_args`` with its NumPy arrays made native, aligned and writeable (see :func:`native`)."""
+    """``mod_args`` with its NumPy arrays made native, aligned and writeable (see :func:`native`).
+    ``TypeError`` for a float16/bfloat16 array: the kernels' mods compute in float32/float64, and
+    Numba has no bfloat16 (nor float16 arithmetic on the CPU)."""
+    for i, a in enumerate(mod_args):
+        if isinstance(a, np.ndarray) and a.dtype.itemsize == 2 and is_floating(a.dtype):
+            raise TypeError(
+                f"mod_args[{i}] is a {a.dtype.name} array (shape {a.shape}); mods take float32 or "
+                "float64 arrays: convert it (e.g. table.astype(np.float32), or table.float() in torch)"
+            )
     return tuple(native(a, writeable=True) if isinstance(a, np.ndarray) else a for a in mod_args)
 
 
