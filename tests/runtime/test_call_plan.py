@@ -238,15 +238,18 @@ def test_decode_page_table_errors_on_a_cached_call(bad_table, message):
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_decode_cached_calls_write_and_attend_with_their_own_values(backend):
-    """A generation loop: every step writes its token at its own position and matches the
-    reference on a fresh copy of the caches."""
+    """A generation loop: every step writes its token at its own position, with its own scale, and
+    matches the reference on a fresh copy of the caches."""
     kc, vc = np.zeros((2, 2, 12, 8), np.float32), np.zeros((2, 2, 12, 8), np.float32)
     seqlens = np.array([0, 3], np.int32)
     for _ in range(6):
         q, kn, vn = _arr(2, 4, 1, 8), _arr(2, 2, 1, 8), _arr(2, 2, 1, 8)
         k_ref, v_ref = kc.copy(), vc.copy()
-        out = engine.attention_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=seqlens, backend=backend)
-        want = engine.attention_with_kvcache(q, k_ref, v_ref, kn, vn, cache_seqlens=seqlens, backend="reference")
+        scale = float(RNG.random() + 0.1)
+        out = engine.attention_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=seqlens, scale=scale, backend=backend)
+        want = engine.attention_with_kvcache(
+            q, k_ref, v_ref, kn, vn, cache_seqlens=seqlens, scale=scale, backend="reference"
+        )
         np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-5)
         np.testing.assert_array_equal(kc, k_ref)
         np.testing.assert_array_equal(vc, v_ref)

@@ -78,8 +78,33 @@ class CpuDecode(Op):
 
 #: the kernel arguments each call sets (the others are the signature's, set once in ``_setup``),
 #: under the general kernel's names and the GEMV kernel's (which has no page table)
-_PER_CALL = ("q", "k_pages", "v_pages", "page_table", "seqlens_k", "splits", "part_out", "part_lse", "out", "lse")
-_GEMV_PER_CALL = ("q", "k_cache", "v_cache", "page_table", "seqlens_k", "splits", "part_out", "part_lse", "out", "lse")
+#: (the scale too: a call plan's later calls may pass another)
+_PER_CALL = (
+    "q",
+    "k_pages",
+    "v_pages",
+    "page_table",
+    "seqlens_k",
+    "scale",
+    "splits",
+    "part_out",
+    "part_lse",
+    "out",
+    "lse",
+)
+_GEMV_PER_CALL = (
+    "q",
+    "k_cache",
+    "v_cache",
+    "page_table",
+    "seqlens_k",
+    "scale",
+    "splits",
+    "part_out",
+    "part_lse",
+    "out",
+    "lse",
+)
 
 
 def uses_gemv(problem: DecodeProblem) -> bool:
@@ -140,7 +165,6 @@ def _setup(problem: DecodeProblem) -> _Setup:
         causal=problem.is_causal,
         left=left,
         right=right,
-        scale=problem.scale,
         group=group,
         half_kind=half_kind,
         gather=bool(half_kind or problem.page_table is not None),
@@ -155,7 +179,7 @@ def _setup(problem: DecodeProblem) -> _Setup:
         from ...kernels.cpu import decode_gemv
 
         per_call, args_type = _GEMV_PER_CALL, decode_gemv.GemvArgs
-        fixed = {k: fixed[k] for k in ("causal", "left", "right", "scale", "group", "block_k")}
+        fixed = {k: fixed[k] for k in ("causal", "left", "right", "group", "block_k")}
         setup.kernels = tuple(decode_gemv.gemv_kernel(serial) for serial in (0, 1))
     else:  # the parallel and the serial build; a prepared runner calls their entry points once known
         args_type = _kernels().DecodeArgs
@@ -206,7 +230,7 @@ def _launch(setup: _Setup, problem: DecodeProblem):
     k_pages, v_pages = problem.k_cache, problem.v_cache
     if setup.bits:
         k_pages, v_pages = _pages(k_pages), _pages(v_pages)
-    per_call = (q, k_pages, v_pages, table, seqlens_k, splits, part_out, part_lse, out, lse)
+    per_call = (q, k_pages, v_pages, table, seqlens_k, problem.scale, splits, part_out, part_lse, out, lse)
     args = tuple.__new__(setup.args_type, setup.pick(setup.template + per_call))
     kernel = setup.kernels[serial]
     if setup.fast_write:  # a compiled copy; the old contents back if the kernel fails
