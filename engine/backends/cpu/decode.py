@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 import operator
 
@@ -73,7 +72,7 @@ class CpuDecode(Op):
         setup = _setup(problem)
         setup.kernels = tuple(Bound(k) for k in setup.kernels)
         setup.write, setup.restore, setup.seqlens_k = (Bound(k) for k in (setup.write, setup.restore, setup.seqlens_k))
-        return functools.partial(_launch, setup)
+        return _Prepared(setup, problem)
 
 
 #: the kernel arguments each call sets (the others are the signature's, set once in ``_setup``),
@@ -141,6 +140,7 @@ class _Setup:
         "fast_write",
         "bits",
         "cast",
+        "no_parts",
     )
 
 
@@ -181,7 +181,11 @@ def _setup(problem: DecodeProblem) -> _Setup:
         per_call, args_type = _GEMV_PER_CALL, decode_gemv.GemvArgs
         fixed = {k: fixed[k] for k in ("causal", "left", "right", "group", "block_k")}
         setup.kernels = tuple(decode_gemv.gemv_kernel(serial) for serial in (0, 1))
+        # it writes (B, Hq, L, Dv) itself, and reads the parts only with splits > 1: then these
+        # stand in for them (never written, shared by every call)
+        setup.no_parts = (np.zeros((1, 1, Ev), setup.compute), np.zeros((1, 1), setup.compute))
     else:  # the parallel and the serial build; a prepared runner calls their entry points once known
+        setup.no_parts = None
         args_type = _kernels().DecodeArgs
         compile_mods_alone(problem.score_mod, problem.mask_mod, problem.mod_args, compute)
         setup.kernels = tuple(_kernels().decode_kernel(problem.score_mod, problem.mask_mod, s) for s in (0, 1))
@@ -218,11 +222,17 @@ def _launch(setup: _Setup, problem: DecodeProblem):
         splits = 1 if setup.tasks >= setup.threads else pick_num_splits(setup.tasks, most, setup.threads)
     splits = min(splits, max(1, most))  # a split with no key does nothing
     (N, Ev), lse_n, out_shape, lse_shape = setup.shapes
-    out = np.empty((N, Ev), dtype=compute)
-    lse = np.empty(lse_n, dtype=compute)
+    if setup.no_parts is not None:  # the GEMV kernel writes the output's own shape
+        out = np.empty(out_shape, dtype=compute)
+        lse = np.empty(lse_shape, dtype=compute)
+    else:
+        out = np.empty((N, Ev), dtype=compute)
+        lse = np.empty(lse_n, dtype=compute)
     if splits > 1:
         part_out = np.empty((splits, N, Ev), dtype=compute)
         part_lse = np.empty((splits, N), dtype=compute)
+    elif setup.no_parts is not None:
+        part_out, part_lse = setup.no_parts
     else:
         part_out, part_lse = out.reshape(1, N, Ev), lse.reshape(1, N)
     # keys read: tiny calls run serially (the thread pool's wake-up costs more than it gains)
@@ -236,11 +246,11 @@ def _launch(setup: _Setup, problem: DecodeProblem):
     if setup.fast_write:  # a compiled copy; the old contents back if the kernel fails
         key, value = _bits(problem.key), _bits(problem.value)
         old_k, old_v = np.empty(key.shape, key.dtype), np.empty(value.shape, value.dtype)
-        setup.write(k_pages, v_pages, table, problem.cache_seqlens, key, value, old_k, old_v)
+        setup.write(k_pages, v_pages, table, seqlens_k, key, value, old_k, old_v)
         try:
             _run_kernel(setup.small, kernel, args, problem.mod_args)
         except BaseException:
-            setup.restore(k_pages, v_pages, table, problem.cache_seqlens, old_k, old_v)
+            setup.restore(k_pages, v_pages, table, seqlens_k, old_k, old_v)
             raise
     elif problem.key is not None:
         with new_entries_written(problem):  # NumPy's conversion to the cache dtype
@@ -267,3 +277,90 @@ def _run_kernel(small: bool, kernel, args, mod_args) -> None:
 
 def _bits(a: np.ndarray) -> np.ndarray:
     return a.view(np.uint16) if a.dtype.itemsize == 2 else a
+
+
+class _Prepared:
+    """A prepared runner (:meth:`CpuDecode.prepare`): :func:`_launch` with the setup done once,
+    and ``plain``, the shorter path where the plan's checks hand over the per-call arrays and
+    values directly (None where the signature needs more: a page table, 16-bit caches, a query
+    to convert, new entries to convert)."""
+
+    __slots__ = ("setup", "plain")
+
+    def __init__(self, setup: _Setup, problem: DecodeProblem):
+        self.setup = setup
+        plain = setup.direct_q and problem.page_table is None and not setup.bits and not setup.cast
+        self.plain = _Plain(setup, problem) if plain and (problem.key is None or setup.fast_write) else None
+
+    def __call__(self, problem: DecodeProblem):
+        return _launch(self.setup, problem)
+
+
+class _Plain:
+    """``(out, lse)`` of a call given its arrays, its ``seqlens_k`` (int64 ``cache_seqlens + L_new``,
+    checked against the capacity), their max and sum, the scale and ``mod_args``: :func:`_launch`'s
+    work without a problem object, through the kernels' entry points, with no thread guard around
+    the serial kernel (it does not use Numba's thread pool)."""
+
+    __slots__ = ("setup", "write", "dtype", "pin", "gemv")
+
+    def __init__(self, setup: _Setup, problem: DecodeProblem):
+        self.setup = setup
+        self.gemv = setup.no_parts is not None
+        self.write = problem.key is not None
+        self.dtype = setup.compute
+        self.pin = None if setup.small else get_blas_pin()
+
+    def __call__(self, q, k_cache, v_cache, key, value, seqlens_k, most, total, scale, mod_args):
+        setup = self.setup
+        splits = setup.splits
+        if splits is None:
+            splits = 1 if setup.tasks >= setup.threads else pick_num_splits(setup.tasks, most, setup.threads)
+        splits = min(splits, max(1, most))
+        (N, Ev), lse_n, out_shape, lse_shape = setup.shapes
+        dtype = self.dtype
+        if self.gemv:  # the output's own shape, written by the kernel
+            out = np.empty(out_shape, dtype)
+            lse = np.empty(lse_shape, dtype)
+            if splits > 1:
+                part_out = np.empty((splits, N, Ev), dtype)
+                part_lse = np.empty((splits, N), dtype)
+            else:
+                part_out, part_lse = setup.no_parts
+        elif splits > 1:
+            out = np.empty((N, Ev), dtype)
+            lse = np.empty(lse_n, dtype)
+            part_out = np.empty((splits, N, Ev), dtype)
+            part_lse = np.empty((splits, N), dtype)
+        else:
+            part_out = np.empty((1, N, Ev), dtype)
+            part_lse = np.empty((1, N), dtype)
+            out, lse = part_out[0], part_lse[0]
+        serial = int(splits == 1 and total * setup.work_per_key <= CPU_SERIAL_MAX_WORK)
+        per_call = (q, k_cache, v_cache, setup.table, seqlens_k, scale, splits, part_out, part_lse, out, lse)
+        args = tuple.__new__(setup.args_type, setup.pick(setup.template + per_call))
+        kernel = setup.kernels[serial]
+        call = kernel.entry or kernel
+        if self.write:  # a compiled copy; the old contents back if the kernel fails
+            old_k, old_v = np.empty(key.shape, key.dtype), np.empty(value.shape, value.dtype)
+            setup.write(k_cache, v_cache, setup.table, seqlens_k, key, value, old_k, old_v)
+            try:
+                self._run(serial, call, args, mod_args)
+            except BaseException:
+                setup.restore(k_cache, v_cache, setup.table, seqlens_k, old_k, old_v)
+                raise
+        else:
+            self._run(serial, call, args, mod_args)
+        if self.gemv:
+            return out, lse
+        return out.reshape(out_shape), lse.reshape(lse_shape)
+
+    def _run(self, serial, call, args, mod_args):
+        if serial and self.pin is None:
+            call(args, mod_args)
+        elif self.pin is None:
+            with kernel_call_guard():
+                call(args, mod_args)
+        else:
+            with kernel_call_guard(), self.pin():
+                call(args, mod_args)
