@@ -302,7 +302,7 @@ class _Plain:
     work without a problem object, through the kernels' entry points, with no thread guard around
     the serial kernel (it does not use Numba's thread pool)."""
 
-    __slots__ = ("setup", "write", "dtype", "pin", "gemv")
+    __slots__ = ("setup", "write", "dtype", "guarded", "pin", "gemv", "shapes")
 
     def __init__(self, setup: _Setup, problem: DecodeProblem):
         self.setup = setup
@@ -310,14 +310,19 @@ class _Plain:
         self.write = problem.key is not None
         self.dtype = setup.compute
         self.pin = None if setup.small else get_blas_pin()
+        # the thread guard around the parallel kernel and the pinned BLAS; the serial kernel alone
+        # with no BLAS call needs neither
+        self.guarded = (True, True) if self.pin is not None else (True, False)
+        self.shapes = setup.shapes
 
     def __call__(self, q, k_cache, v_cache, key, value, seqlens_k, most, total, scale, mod_args):
         setup = self.setup
         splits = setup.splits
         if splits is None:
             splits = 1 if setup.tasks >= setup.threads else pick_num_splits(setup.tasks, most, setup.threads)
-        splits = min(splits, max(1, most))
-        (N, Ev), lse_n, out_shape, lse_shape = setup.shapes
+        if splits > most:
+            splits = max(1, most)  # a split with no key does nothing
+        (N, Ev), lse_n, out_shape, lse_shape = self.shapes
         dtype = self.dtype
         if self.gemv:  # the output's own shape, written by the kernel
             out = np.empty(out_shape, dtype)
@@ -336,29 +341,39 @@ class _Plain:
             part_out = np.empty((1, N, Ev), dtype)
             part_lse = np.empty((1, N), dtype)
             out, lse = part_out[0], part_lse[0]
-        serial = int(splits == 1 and total * setup.work_per_key <= CPU_SERIAL_MAX_WORK)
-        per_call = (q, k_cache, v_cache, setup.table, seqlens_k, scale, splits, part_out, part_lse, out, lse)
-        args = tuple.__new__(setup.args_type, setup.pick(setup.template + per_call))
-        kernel = setup.kernels[serial]
+        serial = splits == 1 and total * setup.work_per_key <= CPU_SERIAL_MAX_WORK
+        args = tuple.__new__(
+            setup.args_type,
+            setup.pick(
+                setup.template
+                + (q, k_cache, v_cache, setup.table, seqlens_k, scale, splits, part_out, part_lse, out, lse)
+            ),
+        )
+        kernel = setup.kernels[1 if serial else 0]
         call = kernel.entry or kernel
+        guard = self.guarded[serial]
         if self.write:  # a compiled copy; the old contents back if the kernel fails
             old_k, old_v = np.empty(key.shape, key.dtype), np.empty(value.shape, value.dtype)
-            setup.write(k_cache, v_cache, setup.table, seqlens_k, key, value, old_k, old_v)
+            write = setup.write
+            (write.entry or write)(k_cache, v_cache, setup.table, seqlens_k, key, value, old_k, old_v)
             try:
-                self._run(serial, call, args, mod_args)
+                if guard:
+                    self._guarded(call, args, mod_args)
+                else:
+                    call(args, mod_args)
             except BaseException:
                 setup.restore(k_cache, v_cache, setup.table, seqlens_k, old_k, old_v)
                 raise
+        elif guard:
+            self._guarded(call, args, mod_args)
         else:
-            self._run(serial, call, args, mod_args)
+            call(args, mod_args)
         if self.gemv:
             return out, lse
         return out.reshape(out_shape), lse.reshape(lse_shape)
 
-    def _run(self, serial, call, args, mod_args):
-        if serial and self.pin is None:
-            call(args, mod_args)
-        elif self.pin is None:
+    def _guarded(self, call, args, mod_args):
+        if self.pin is None:
             with kernel_call_guard():
                 call(args, mod_args)
         else:
