@@ -140,7 +140,7 @@ class _Setup:
         "fast_write",
         "bits",
         "cast",
-        "no_parts",
+        "gemv",
     )
 
 
@@ -181,11 +181,9 @@ def _setup(problem: DecodeProblem) -> _Setup:
         per_call, args_type = _GEMV_PER_CALL, decode_gemv.GemvArgs
         fixed = {k: fixed[k] for k in ("causal", "left", "right", "group", "block_k")}
         setup.kernels = tuple(decode_gemv.gemv_kernel(serial) for serial in (0, 1))
-        # it writes (B, Hq, L, Dv) itself, and reads the parts only with splits > 1: then these
-        # stand in for them (never written, shared by every call)
-        setup.no_parts = (np.zeros((1, 1, Ev), setup.compute), np.zeros((1, 1), setup.compute))
+        setup.gemv = True  # it writes (B, Hq, L, Dv) itself, and allocates its split-KV parts
     else:  # the parallel and the serial build; a prepared runner calls their entry points once known
-        setup.no_parts = None
+        setup.gemv = False
         args_type = _kernels().DecodeArgs
         compile_mods_alone(problem.score_mod, problem.mask_mod, problem.mod_args, compute)
         setup.kernels = tuple(_kernels().decode_kernel(problem.score_mod, problem.mask_mod, s) for s in (0, 1))
@@ -222,19 +220,18 @@ def _launch(setup: _Setup, problem: DecodeProblem):
         splits = 1 if setup.tasks >= setup.threads else pick_num_splits(setup.tasks, most, setup.threads)
     splits = min(splits, max(1, most))  # a split with no key does nothing
     (N, Ev), lse_n, out_shape, lse_shape = setup.shapes
-    if setup.no_parts is not None:  # the GEMV kernel writes the output's own shape
+    part_out = part_lse = None
+    if setup.gemv:  # the GEMV kernel writes the output's own shape and holds its parts itself
         out = np.empty(out_shape, dtype=compute)
         lse = np.empty(lse_shape, dtype=compute)
     else:
         out = np.empty((N, Ev), dtype=compute)
         lse = np.empty(lse_n, dtype=compute)
-    if splits > 1:
-        part_out = np.empty((splits, N, Ev), dtype=compute)
-        part_lse = np.empty((splits, N), dtype=compute)
-    elif setup.no_parts is not None:
-        part_out, part_lse = setup.no_parts
-    else:
-        part_out, part_lse = out.reshape(1, N, Ev), lse.reshape(1, N)
+        if splits > 1:
+            part_out = np.empty((splits, N, Ev), dtype=compute)
+            part_lse = np.empty((splits, N), dtype=compute)
+        else:
+            part_out, part_lse = out.reshape(1, N, Ev), lse.reshape(1, N)
     # keys read: tiny calls run serially (the thread pool's wake-up costs more than it gains)
     serial = int(splits == 1 and total * setup.work_per_key <= CPU_SERIAL_MAX_WORK)
     k_pages, v_pages = problem.k_cache, problem.v_cache
@@ -306,7 +303,7 @@ class _Plain:
 
     def __init__(self, setup: _Setup, problem: DecodeProblem):
         self.setup = setup
-        self.gemv = setup.no_parts is not None
+        self.gemv = setup.gemv
         self.write = problem.key is not None
         self.dtype = setup.compute
         self.pin = None if setup.small else get_blas_pin()
@@ -324,14 +321,10 @@ class _Plain:
             splits = max(1, most)  # a split with no key does nothing
         (N, Ev), lse_n, out_shape, lse_shape = self.shapes
         dtype = self.dtype
-        if self.gemv:  # the output's own shape, written by the kernel
+        part_out = part_lse = None
+        if self.gemv:  # the output's own shape, written by the kernel (which holds its parts)
             out = np.empty(out_shape, dtype)
             lse = np.empty(lse_shape, dtype)
-            if splits > 1:
-                part_out = np.empty((splits, N, Ev), dtype)
-                part_lse = np.empty((splits, N), dtype)
-            else:
-                part_out, part_lse = setup.no_parts
         elif splits > 1:
             out = np.empty((N, Ev), dtype)
             lse = np.empty(lse_n, dtype)

@@ -47,8 +47,6 @@ class GemvArgs(NamedTuple):
     group: int
     splits: int
     block_k: int
-    part_out: np.ndarray
-    part_lse: np.ndarray
     out: np.ndarray
     lse: np.ndarray
 
@@ -79,10 +77,11 @@ def _axpy4(acc, r, w0, w1, w2, w3, values, j, Dv):
 
 
 @njit(cache=_CACHE, fastmath=_FM, error_model="numpy")
-def _gemv_task(task, args, qs, st, acc, ml, lim):
+def _gemv_task(task, args, qs, st, acc, ml, lim, part_out, part_lse):
     """Rows of (sequence b, cache head hk), keys of split s: see the module's docstring.
     ``qs``/``st``/``acc``/``ml``/``lim`` are the driver's scratch, indexed by task (views made
-    here would cost a reshape each: a call into Numba's runtime)."""
+    here would cost a reshape each: a call into Numba's runtime); ``part_out``/``part_lse`` its
+    split-KV partial results (unused with one split)."""
     B, Hq, L, D = args.q.shape
     Hkv = args.k_cache.shape[1]
     Dv = args.v_cache.shape[3]
@@ -231,8 +230,8 @@ def _gemv_task(task, args, qs, st, acc, ml, lim):
         else:
             n = (b * Hq + hq) * L + i
             for e in range(Dv):
-                args.part_out[s, n, e] = ac[r, e] * inv
-            args.part_lse[s, n] = lse
+                part_out[s, n, e] = ac[r, e] * inv
+            part_lse[s, n] = lse
 
 
 @njit(parallel=True, cache=_CACHE, fastmath=_FM, error_model="numpy")
@@ -242,9 +241,8 @@ def _gemv_decode(args, mod_args):
     row i of sequence b sits at position ``seqlens_k[b] - L + i``; ``causal`` (bottom right) and
     the window ``left``/``right`` (-1: unbounded) limit what it sees. ``group * L`` rows per task
     (at most ``DECODE_FUSED_ROWS``), key tiles of ``block_k``. ``out`` (B, Hq, L, Dv) and ``lse``
-    (B, Hq, L) receive the result; with ``splits > 1``, ``part_out`` (splits, B*Hq*L, Dv) and
-    ``part_lse`` (splits, B*Hq*L) receive each split's normalised result first, merged into
-    ``out``/``lse`` (with one split they are not touched: pass any arrays of their types).
+    (B, Hq, L) receive the result; with ``splits > 1`` each split's normalised result and its
+    log-sum-exp go to partial arrays first, merged into ``out``/``lse``.
     Rows with no visible key get zeros and lse = -inf; NaN scores propagate to their rows.
     ``mod_args`` is the empty tuple (the call shape of the general kernel)."""
     B, Hq, L, D = args.q.shape
@@ -258,14 +256,17 @@ def _gemv_decode(args, mod_args):
     acc = np.empty((n, R, Dv), dtype=dt)
     ml = np.empty((n, 2, R), dtype=dt)
     lim = np.empty((n, 2, R), dtype=np.int64)
+    N = B * Hq * L
+    P = args.splits if args.splits > 1 else 0
+    part_out = np.empty((P, N, Dv), dtype=dt)
+    part_lse = np.empty((P, N), dtype=dt)
     for task in prange(n):
-        _gemv_task(task, args, qs, st, acc, ml, lim)
+        _gemv_task(task, args, qs, st, acc, ml, lim, part_out, part_lse)
     if args.splits > 1:
-        N = B * Hq * L
         out = args.out.reshape((N, Dv))
         lse = args.lse.reshape((N,))
         for r in prange(N):
-            _merge_row(args.part_out, args.part_lse, r, out, lse)
+            _merge_row(part_out, part_lse, r, out, lse)
 
 
 _gemv_decode_serial = serial_version(_gemv_decode, dict(fastmath=_FM, error_model="numpy"), _CACHE)
