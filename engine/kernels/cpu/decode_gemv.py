@@ -261,7 +261,9 @@ def _gemv_decode(args, mod_args):
     part_out = np.empty((P, N, Dv), dtype=dt)
     part_lse = np.empty((P, N), dtype=dt)
     for task in prange(n):
-        _gemv_task(task, args, qs, st, acc, ml, lim, part_out, part_lse)
+        # the index is int64 when typed, uint64 when lowered: one type, one compilation of the
+        # task (a uint64 one ran 5-8% slower: its index arithmetic mixes signedness)
+        _gemv_task(np.int64(task), args, qs, st, acc, ml, lim, part_out, part_lse)
     if args.splits > 1:
         out = args.out.reshape((N, Dv))
         lse = args.lse.reshape((N,))
