@@ -7,10 +7,11 @@ import dataclasses
 
 import numpy as np
 
-from ...kernels.cpu.gemm import GEMM_CBLAS_BF16, GEMM_CBLAS_F16, GEMM_NUMPY
+from ...kernels.cpu.gemm import GEMM_CBLAS, GEMM_CBLAS_BF16, GEMM_CBLAS_F16, GEMM_NUMPY
 from ...problems.attention import AttentionProblem
 from ...problems.base import dtype_name
 from ...runtime.config import BLAS_SINGLE_THREAD_MNK, CPU_SERIAL_MAX_WORK, CPU_TASK_ROWS
+from ...runtime.gemm_jit import NO_JIT, tile_jit_kernels
 from ...runtime.gemm_providers import get_gemm_provider, sixteen_bit_gemm
 from ...runtime.threads import kernel_call_guard
 from ..base import Op
@@ -87,6 +88,7 @@ class CpuForward(Op):
         q, k, v = arrays
         Hq, L, S = problem.num_q_heads, problem.L, problem.S
         fmask, bmask, mask_batch, kind = kernel_masks(problem)
+        jit = NO_JIT
         if gemm is None:
             name = dtype_name(problem.dtype)
             provider = get_gemm_provider(name)
@@ -101,6 +103,8 @@ class CpuForward(Op):
         else:
             pin = pin()
         sub_tiles = max(1, CPU_TASK_ROWS // block_q)
+        if gemm[0] == GEMM_CBLAS:
+            jit = tile_jit_kernels(provider, name, block_q, block_k, problem.E, problem.Ev)
         tiles = ALL_FULL
         if problem.mask_mod is not None:
             tiles = tile_kinds(problem, block_q, block_k)
@@ -132,6 +136,10 @@ class CpuForward(Op):
             seed_hi=seed_hi,
             gemm_kind=gemm[0],
             gemm_fn=gemm[1],
+            jit_scores=jit[0],
+            jit_scores_h=jit[1],
+            jit_values=jit[2],
+            jit_values_h=jit[3],
             out=out,
             lse=lse,
         )
