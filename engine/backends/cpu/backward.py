@@ -54,7 +54,9 @@ class CpuBackward(Op):
         provider = get_gemm_provider(dt.name)
         gemm = (provider.kind, provider.pointer(dt.name))
         pin = get_blas_pin() if gemm[0] == GEMM_NUMPY else None
-        block_q, block_k, fq = backward_tile_sizes(L, S, E, Ev, blas_pinned=pin is None or pin.available)
+        block_q, block_k, fq = backward_tile_sizes(
+            L, S, E, Ev, blas_pinned=pin is None or pin.available, dtype_name=dt.name, provider=provider.name
+        )
         nqb, nkb = -(-L // block_q), -(-S // block_k)
         splits = backward_splits(B * H, get_num_threads(), nkb)
         # work per key tile: the query tiles it meets (causal: those at or below the diagonal)

@@ -269,14 +269,17 @@ def _flash_task(task, args, mod_args, per_tile):
                 _values_gemm_acc(args.gemm_kind, args.gemm_fn, pt, half, vt, accs)
     for r in range(nt):
         total = l[r]
+        orow = args.out[b, h, t0 + r]
+        arow = acc[r]
         if total > 0.0 or total != total:
-            inv = 1.0 / total
+            tm[0] = 1.0 / total  # rounded to dt: the row's loop stays in dt and vectorises
+            inv = tm[0]
             for c in range(Ev):
-                args.out[b, h, t0 + r, c] = acc[r, c] * inv
+                orow[c] = arow[c] * inv
             args.lse[b, h, t0 + r] = m[r] + np.log(total)
         else:
             for c in range(Ev):
-                args.out[b, h, t0 + r, c] = zero
+                orow[c] = zero
             args.lse[b, h, t0 + r] = neg_inf
 
 

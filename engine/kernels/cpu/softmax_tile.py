@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-from ..fastexp import fast_exp
+from ..fastexp import softmax_exp
 from .fastmath import _FM
 from .half import f32_to_bf16_bits, f32_to_f16_bits
 from .vector_width import wide_vectors
@@ -76,8 +76,8 @@ def _exp_tile_storing(store):
                     sh = shift[r]
                     a = s0[r]
                     b = s1[r]
-                    p0 = fast_exp(a * scale - sh)
-                    p1 = fast_exp(b * scale - sh)
+                    p0 = softmax_exp(a * scale - sh)
+                    p1 = softmax_exp(b * scale - sh)
                     o0[r] = store(p0)
                     o1[r] = store(p1)
                     tc[r] += p0 + p1
@@ -88,7 +88,7 @@ def _exp_tile_storing(store):
                 o0 = out[c1 - 1]
                 for r in range(nq):
                     a = s0[r]
-                    p0 = fast_exp(a * scale - shift[r])
+                    p0 = softmax_exp(a * scale - shift[r])
                     o0[r] = store(p0)
                     tc[r] += p0
                     tmx[r] = a if a > tmx[r] else tmx[r]
