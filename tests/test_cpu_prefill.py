@@ -342,3 +342,24 @@ def test_first_large_call_measures_its_class(tuning_dir, rng, monkeypatch):
     assert engine.get_gemm_provider("float32").name == provider
     notes = " ".join(engine.get_backend("cpu").capabilities()["notes"])
     assert f"float32/w64/short {tiles['block_q']}x{tiles['block_k']}" in notes
+
+
+def test_bf16_rounding_of_probabilities_matches_ml_dtypes_but_subnormals():
+    """The probabilities' bfloat16 rounding (the CPU's own conversion where it has AVX512-BF16):
+    nearest even as ml_dtypes for every normal float32, NaN stays NaN, subnormals 0 or as
+    ml_dtypes."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from engine.kernels.cpu.half import f32_to_bf16_ftz_array
+
+    bits = np.arange(0, 2**32, 97, dtype=np.uint64).astype(np.uint32)
+    bits = np.concatenate([bits, np.array([0x7F800000, 0xFF800000, 0x3F808000, 0x3F818000, 0x00000001], np.uint32)])
+    x = bits.view(np.float32)
+    got = np.empty(x.shape, np.uint16)
+    f32_to_bf16_ftz_array(x, got)
+    with np.errstate(invalid="ignore"):
+        ref = x.astype(ml_dtypes.bfloat16).view(np.uint16)
+    nan = np.isnan(x)
+    sub = (np.abs(x) < np.finfo(np.float32).tiny) & ~nan
+    assert np.array_equal(got[~nan & ~sub], ref[~nan & ~sub])
+    assert np.isnan(got[nan].view(ml_dtypes.bfloat16).astype(np.float32)).all()
+    assert np.all((got[sub] & 0x7FFF == 0) | (got[sub] == ref[sub]))

@@ -41,6 +41,7 @@ __all__ = [
     "machine_fingerprint",
     "lookup",
     "tuned",
+    "remember",
     "tuning_info",
     "tuning_path",
 ]
@@ -220,6 +221,19 @@ def tuned(key: str, measure: Callable[[], dict], valid: Callable[[dict], bool]) 
         if path is not None:
             _write_disk(path, key, value)
         return value
+
+
+def remember(key: str, value: dict) -> None:
+    """Store ``value`` under ``key`` (a choice measured along with another); nothing when tuning
+    is off."""
+    if not autotune_enabled():
+        return
+    with _lock:
+        _load_once()
+        _memory[key] = value
+        path = tuning_path()
+        if path is not None:
+            _write_disk(path, key, value)
 
 
 def tuning_info() -> dict:

@@ -4,10 +4,10 @@
 What is measured, and how:
 
 * **The GEMM provider, per dtype** (float32, float64): every installed provider (``numpy``,
-  ``openblas``, ``mkl`` with its generated GEMMs) runs the kernel on a medium problem (L = S =
-  1024, head 64) at four tile shapes; the provider with the fastest of its four wins, ``numpy``
-  (no extra library) unless another is faster by more than ``GEMM_CALIBRATION_MARGIN``. The
-  backward uses the same provider (``get_gemm_provider``).
+  ``openblas``, ``mkl`` with its generated GEMMs) has its tiles searched (as below) on the medium
+  class (head 64); the provider with the fastest best wins, ``numpy`` (no extra library) unless
+  another is faster by more than ``GEMM_CALIBRATION_MARGIN``. The backward uses the same provider
+  (``get_gemm_provider``).
 * **The tiles, per class** (provider, dtype, head width up to 64 / 128, query length short /
   medium / long: ``tiles.tile_class``): every (block_q, block_k) of ``tiles.BLOCK_Q_CHOICES`` x
   ``tiles.BLOCK_K_CHOICES`` with 256 query rows per task, then the winner with other rows per
@@ -16,14 +16,14 @@ What is measured, and how:
 Each candidate is one call of the kernel's serial build (no thread pool, so the result is the
 per-core speed, and the thread's CPU time measures it: time the process spends descheduled by
 other work on a shared machine does not count), on random inputs sized to take a few
-milliseconds; candidates alternate over :data:`ROUNDS` rounds and the median decides. A class costs
-about 0.1-0.5 s, the provider about as much, once per machine and library versions.
+milliseconds; candidates alternate over :data:`ROUNDS` rounds and each one's fastest round counts
+(interference only adds time). A class costs about 0.2-0.5 s, the provider about 1 s, once per
+machine and library versions.
 """
 
 from __future__ import annotations
 
 import datetime
-import statistics
 import time
 
 import numpy as np
@@ -31,7 +31,7 @@ import numpy as np
 from ...problems.base import dtype_name
 from ...runtime.config import GEMM_CALIBRATION_CANDIDATES, GEMM_CALIBRATION_MARGIN
 from ...runtime.gemm_providers import PROVIDER_KEY, load_provider, valid_provider_choice
-from ...runtime.tuning import tuned
+from ...runtime.tuning import remember, tuned
 from .tiles import BLOCK_K_CHOICES, BLOCK_Q_CHOICES, TASK_ROWS_CHOICES, TilePlan, tile_key, valid_tiles
 
 __all__ = ["tune_provider", "tune_tiles", "CLASS_PROBLEMS", "ROUNDS"]
@@ -40,8 +40,6 @@ __all__ = ["tune_provider", "tune_tiles", "CLASS_PROBLEMS", "ROUNDS"]
 ROUNDS = 3
 #: the problem each length class is measured on: (heads, L, S)
 CLASS_PROBLEMS = {"short": (4, 512, 512), "medium": (2, 1024, 1024), "long": (1, 512, 4096)}
-#: the tiles each provider is tried at when the provider is chosen
-PROVIDER_TILES = ((64, 128), (64, 256), (128, 256), (128, 512))
 
 
 def _inputs(dtype: np.dtype, heads: int, L: int, S: int, width: int):
@@ -69,7 +67,8 @@ def _timer(forward, dtype: np.dtype, width: int, length: str, provider=None):
 
 
 def _measure(run, candidates) -> dict:
-    """Median seconds per candidate over :data:`ROUNDS` rounds, the order rotating each round."""
+    """Seconds per candidate: the least over :data:`ROUNDS` rounds (other work on the machine only
+    ever adds time), the order rotating each round."""
     for c in candidates:
         run(*c)  # untimed: first-call costs (generated GEMMs, page faults)
     times = {c: [] for c in candidates}
@@ -77,7 +76,28 @@ def _measure(run, candidates) -> dict:
         shift = r * len(candidates) // ROUNDS
         for c in candidates[shift:] + candidates[:shift]:
             times[c].append(run(*c))
-    return {c: statistics.median(t) for c, t in times.items()}
+    return {c: min(t) for c, t in times.items()}
+
+
+def _search(run) -> tuple[dict, dict]:
+    """The best tiles for ``run`` (a :func:`_timer`) and every candidate's seconds: each
+    (block_q, block_k) with 256 query rows per task, then the winner with other rows per task."""
+    first = [(bq, bk, max(256, bq)) for bq in BLOCK_Q_CHOICES for bk in BLOCK_K_CHOICES]
+    secs = _measure(run, first)
+    bq, bk, rows = min(secs, key=secs.get)
+    second = [(bq, bk, r) for r in TASK_ROWS_CHOICES if r % bq == 0 and r != rows and r >= bq]
+    if second:
+        again = _measure(run, [(bq, bk, rows)] + second)
+        bq, bk, rows = min(again, key=again.get)
+        secs.update({c: t for c, t in again.items() if c not in secs})
+    choice = {
+        "block_q": bq,
+        "block_k": bk,
+        "task_rows": rows,
+        "ms": {f"{c[0]}x{c[1]}/{c[2]}": round(t * 1e3, 3) for c, t in secs.items()},
+        "measured": _now(),
+    }
+    return choice, secs
 
 
 def _now() -> str:
@@ -86,7 +106,9 @@ def _now() -> str:
 
 def tune_provider(forward, dt_name: str) -> str | None:
     """The measured GEMM provider of ``dt_name`` (measured now if not stored, with the forward
-    op's ``run``); None when tuning is off."""
+    op's ``run``); None when tuning is off. Every installed provider's tiles are searched on the
+    medium class (and kept: that class is then known for each); the provider whose best is
+    fastest wins, ``numpy`` where it is within ``GEMM_CALIBRATION_MARGIN`` of it."""
 
     def measure() -> dict:
         best = {}
@@ -94,9 +116,9 @@ def tune_provider(forward, dt_name: str) -> str | None:
             p = load_provider(name)
             if isinstance(p, str) or not p.supports(dt_name):
                 continue
-            run = _timer(forward, np.dtype(dt_name), 64, "medium", provider=p)
-            secs = _measure(run, [(bq, bk, 256) for bq, bk in PROVIDER_TILES])
+            choice, secs = _search(_timer(forward, np.dtype(dt_name), 64, "medium", provider=p))
             best[name] = min(secs.values())
+            remember(tile_key(name, dt_name, 64, "medium"), choice)
         fastest = min(best, key=best.get)
         if "numpy" in best and best["numpy"] <= best[fastest] * (1.0 + GEMM_CALIBRATION_MARGIN):
             fastest = "numpy"
@@ -113,22 +135,7 @@ def tune_tiles(forward, provider, dtype: np.dtype, width: int, length: str) -> d
     ones: MKL's 16-bit GEMM)."""
 
     def measure() -> dict:
-        run = _timer(forward, dtype, width, length, provider=provider)
-        first = [(bq, bk, max(256, bq)) for bq in BLOCK_Q_CHOICES for bk in BLOCK_K_CHOICES]
-        secs = _measure(run, first)
-        bq, bk, rows = min(secs, key=secs.get)
-        second = [(bq, bk, r) for r in TASK_ROWS_CHOICES if r % bq == 0 and r != rows and r >= bq]
-        if second:
-            again = _measure(run, [(bq, bk, rows)] + second)
-            bq, bk, rows = min(again, key=again.get)
-            secs.update({c: t for c, t in again.items() if c not in secs})
-        return {
-            "block_q": bq,
-            "block_k": bk,
-            "task_rows": rows,
-            "ms": {f"{c[0]}x{c[1]}/{c[2]}": round(t * 1e3, 3) for c, t in secs.items()},
-            "measured": _now(),
-        }
+        return _search(_timer(forward, dtype, width, length, provider=provider))[0]
 
     name = "mkl" if provider is None else provider.name
     return tuned(tile_key(name, dtype_name(dtype), width, length), measure, valid_tiles)

@@ -21,7 +21,7 @@ from numba import njit
 
 from ..fastexp import softmax_exp
 from .fastmath import _FM
-from .half import f32_to_bf16_bits, f32_to_f16_bits
+from .half import f32_to_bf16_bits_ftz, f32_to_f16_bits
 from .vector_width import wide_vectors
 
 __all__ = ["STALE_MAX_MARGIN", "SUM_CHUNK", "column_max", "exp_tile", "exp_tile_bf16", "exp_tile_f16", "all_finite"]
@@ -108,9 +108,14 @@ def _to_f16(x):
     return f32_to_f16_bits(x)
 
 
+@njit(inline="always")
+def _to_bf16(x):  # the probabilities: a subnormal one may become 0 (the row's largest is >= 1)
+    return f32_to_bf16_bits_ftz(x)
+
+
 #: the pass for float probabilities, and for 16-bit ones rounded to bfloat16 / float16
 exp_tile = _exp_tile_storing(_same)
-exp_tile_bf16 = _exp_tile_storing(f32_to_bf16_bits)
+exp_tile_bf16 = _exp_tile_storing(_to_bf16)
 exp_tile_f16 = _exp_tile_storing(_to_f16)
 
 
