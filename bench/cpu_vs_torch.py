@@ -123,6 +123,16 @@ def _time(fn) -> float:
     return clock() - t
 
 
+def select_cases(arg: str) -> set:
+    """Case names from ``--cases``: separated by ";" (names hold commas), or by "," where an item
+    is not itself a name."""
+    names = {c[0] for c in SPEED_CASES + THREAD_CASES} | {c[0] for c in STEP_CASES}
+    out = set()
+    for item in (x.strip() for x in arg.split(";")):
+        out |= {item} if item in names else {x.strip() for x in item.split(",")}
+    return out
+
+
 def sgemm_rate(threads: int, n: int = 2048, rounds: int = 5, clock=None) -> dict:
     """The machine's float32 GEMM rate on ``threads`` threads, GFLOP/s: ``torch.mm`` (MKL or
     oneDNN) and NumPy's BLAS on n x n matrices, best of ``rounds`` calls each (after a pause);
@@ -457,7 +467,7 @@ def main(argv=None):
         "--json", metavar="PATH", help="where to write the JSON (default bench/results/cpu-vs-torch-<cpu>-<date>.json)"
     )
     ap.add_argument("--no-json", action="store_true", help="print only")
-    ap.add_argument("--cases", help="comma-separated case names to run (default all)")
+    ap.add_argument("--cases", help='case names to run, ";"-separated (default all): "L=S=1024;float64, L=S=2048"')
     ap.add_argument(
         "--cpu-time",
         action="store_true",
@@ -512,7 +522,7 @@ def main(argv=None):
         f"{'GF/s':>6}{'%sgemm':>7}  first call   err vs float64: engine, torch"
     )
     speed = []
-    wanted = set(a.cases.split(",")) if a.cases else None
+    wanted = select_cases(a.cases) if a.cases else None
     cases = [c for c in SPEED_CASES if wanted is None or c[0] in wanted]
     if a.quick:
         cases = [c for c in cases if c[1] <= 1024]

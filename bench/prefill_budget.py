@@ -260,7 +260,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--cases", help="comma-separated case names (default all)")
+    ap.add_argument("--cases", help='case names, ";"-separated (default all)')
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--no-json", action="store_true")
     a = ap.parse_args(argv)
@@ -268,7 +268,7 @@ def main(argv=None):
     import torch
 
     import engine
-    from bench.cpu_vs_torch import _PAUSE, sgemm_rate
+    from bench.cpu_vs_torch import _PAUSE, select_cases, sgemm_rate
     from bench.machine import cpu_info, result_path
 
     _PAUSE[0] = PAUSE_S
@@ -284,7 +284,7 @@ def main(argv=None):
         )
         + " GFLOP/s"
     )
-    wanted = set(a.cases.split(",")) if a.cases else None
+    wanted = select_cases(a.cases) if a.cases else None
     rows = []
     for case in CASES:
         if wanted is not None and case[0] not in wanted:

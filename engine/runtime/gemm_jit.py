@@ -9,7 +9,8 @@ key or query tile of a sequence may be shorter: those take ``cblas_?gemm``).
 
 The two products, in row-major terms (``block_k`` x ``block_q`` tiles, head sizes ``E``/``Ev``):
 
-* scores ``st (block_k, block_q) = kt (block_k, E) @ qt (E, block_q)``, beta 0;
+* scores ``st (block_k, block_q) = kt (block_k, E) @ q_tile.T``, ``q_tile (block_q, E)`` read
+  transposed, beta 0;
 * values ``acc (block_q, Ev) += pt.T @ vt (block_k, Ev)``, ``pt (block_k, block_q)`` read
   transposed, beta 1 (accumulated in the GEMM's write-back).
 
@@ -39,12 +40,14 @@ class JitPair(tuple):
 NO_JIT = JitPair((0, 0, 0, 0))
 
 _lock = threading.Lock()
-_made: dict = {}  # (dtype name, m, n, k, lda, ldb, ldc, trans_a, beta) -> (function, handle) or None
+_made: dict = {}  # (dtype name, transposes, m, n, k, lda, ldb, ldc, beta) -> (function, handle) or None
 
 
-def _create(lib, dtype_name: str, trans_a: int, m: int, n: int, k: int, lda: int, ldb: int, ldc: int, beta: float):
+def _create(
+    lib, dtype_name: str, trans_a: int, trans_b: int, m: int, n: int, k: int, lda: int, ldb: int, ldc: int, beta: float
+):
     """One generated kernel as (function address, jitter address), or None."""
-    key = (dtype_name, trans_a, m, n, k, lda, ldb, ldc, beta)
+    key = (dtype_name, trans_a, trans_b, m, n, k, lda, ldb, ldc, beta)
     if key in _made:
         return _made[key]
     kind = "s" if dtype_name == "float32" else "d"
@@ -55,7 +58,7 @@ def _create(lib, dtype_name: str, trans_a: int, m: int, n: int, k: int, lda: int
     get.restype = ctypes.c_void_p
     get.argtypes = [ctypes.c_void_p]
     jitter = ctypes.c_void_p()
-    ints = [ctypes.c_int(x) for x in (_ROW_MAJOR, trans_a, _NO_TRANS, m, n, k)]
+    ints = [ctypes.c_int(x) for x in (_ROW_MAJOR, trans_a, trans_b, m, n, k)]
     lds = [ctypes.c_int(x) for x in (lda, ldb)]
     status = create(ctypes.byref(jitter), *ints, scalar(1.0), *lds, scalar(beta), ctypes.c_int(ldc))
     made = None
@@ -77,8 +80,8 @@ def tile_jit_kernels(provider, dtype_name: str, block_q: int, block_k: int, E: i
     if not hasattr(lib, "mkl_cblas_jit_create_sgemm"):
         return NO_JIT
     with _lock:
-        scores = _create(lib, dtype_name, _NO_TRANS, block_k, block_q, E, E, block_q, block_q, 0.0)
-        values = _create(lib, dtype_name, _TRANS, block_q, Ev, block_k, block_q, Ev, Ev, 1.0)
+        scores = _create(lib, dtype_name, _NO_TRANS, _TRANS, block_k, block_q, E, E, E, block_q, 0.0)
+        values = _create(lib, dtype_name, _TRANS, _NO_TRANS, block_q, Ev, block_k, block_q, Ev, Ev, 1.0)
     if scores is None or values is None:
         return NO_JIT
     return JitPair(scores + values)

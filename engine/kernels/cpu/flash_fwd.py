@@ -35,8 +35,6 @@ from .tile_ops import (
     _apply_dropout,
     _exp_into,
     _half_buffer,
-    _scaled_q,
-    _score_scale,
     _scores_gemm,
     _values_finite,
     _values_gemm_acc,
@@ -99,7 +97,7 @@ def _flash_task(task, args, mod_args, per_tile):
     nqb = (L + rows - 1) // rows
     drop_threshold, drop_scale, seed_lo, seed_hi = args.drop_threshold, args.drop_keep, args.seed_lo, args.seed_hi
     # typed constants: no float64 promotion
-    consts = np.array([-np.inf, 0.0, drop_scale, _score_scale(args.q, args.scale), STALE_MAX_MARGIN, 1.0], dtype=dt)
+    consts = np.array([-np.inf, 0.0, drop_scale, args.scale, STALE_MAX_MARGIN, 1.0], dtype=dt)
     neg_inf = consts[0]
     zero = consts[1]
     keep = consts[2]
@@ -107,8 +105,8 @@ def _flash_task(task, args, mod_args, per_tile):
     margin = consts[4]
     one = consts[5]
     dropping = drop_threshold > 0 or keep != 1.0
-    # the 16-bit path's scale is applied in the softmax pass, unless a mod or a float mask needs
-    # the scaled scores before it
+    # the scores are q @ k.T from q as it is (no scaled copy): the scale is applied in the softmax
+    # pass (an FMA), unless a mod or a float mask needs the scaled scores before it
     prescale = post_scale != 1.0 and (args.has_score_mod or args.mask_kind == MASK_FLOAT)
     pass_scale = one if prescale else post_scale
     b = task // (Hq * nqb)
@@ -120,7 +118,6 @@ def _flash_task(task, args, mod_args, per_tile):
     hk = h // args.group
     mb = args.mask_batch[b]
     # per-task scratch, reused by every key tile; row state indexed by row - t0
-    qt = np.empty((args.sub_tiles, E * args.block_q), dtype=args.q.dtype)  # (scale * q_sub_tile).T, (E, nq) each
     half = _half_buffer(args.q, args.block_k * args.block_q)  # 16-bit operands: the probabilities, rounded
     st_buf = np.empty(args.block_k * args.block_q, dtype=dt)  # transposed scores
     pt_buf = np.empty(args.block_k * args.block_q, dtype=dt)  # their probabilities
@@ -135,12 +132,6 @@ def _flash_task(task, args, mod_args, per_tile):
     ts = np.empty(args.block_q, dtype=np.float64)
     tc = np.empty(args.block_q, dtype=dt)
     zt_buf = np.empty(args.block_k * args.block_q if dropping else 1, dtype=dt)  # dropout multipliers
-    for r in range(nt):
-        sub = r // args.block_q
-        rr = r - sub * args.block_q
-        nqs = min(args.block_q, nt - sub * args.block_q)  # rows of this sub-tile
-        for e in range(E):
-            qt[sub, e * nqs + rr] = _scaled_q(args.q[b, h, t0 + r, e], args.scale)
     kend = max(0, min(S, t1 + args.causal_offset)) if args.causal else S
     for j0 in range(0, kend, args.block_k):
         j1 = min(j0 + args.block_k, kend)
@@ -168,7 +159,7 @@ def _flash_task(task, args, mod_args, per_tile):
             # a full tile has the shape the generated GEMM kernels were made for
             full = args.jit_scores != 0 and nk == args.block_k and nq == args.block_q
             st = st_buf[: nk * nq].reshape((nk, nq))
-            qs = qt[sub, : E * nq].reshape((E, nq))
+            qs = args.q[b, h, i0:i1].T  # (E, nq), read transposed by the GEMM
             if full:
                 jit_gemm(args.jit_scores, args.jit_scores_h, kt, qs, st)
             else:

@@ -16,8 +16,6 @@ from .softmax_tile import all_finite, exp_tile, exp_tile_bf16, exp_tile_f16
 
 __all__ = [
     "_FM",
-    "_scaled_q",
-    "_score_scale",
     "_half_buffer",
     "_scores_gemm",
     "_exp_into",
@@ -29,31 +27,9 @@ __all__ = [
 
 
 # 16-bit operands (uint16 bit patterns of bfloat16 or float16) take the mixed-precision GEMM path:
-# q is copied unscaled (exact), the scale is applied to the float32 scores, and the probabilities
-# are rounded to the operand format for the second product (as FlashAttention does). These helpers
-# are the only places the two paths differ; each compiles to one branch for the operand type.
-
-
-def _scaled_q(x, scale):
-    """What the q tile holds: ``scale * x`` for float operands, the raw bits for 16-bit ones."""
-
-
-@overload(_scaled_q, inline="always")
-def _scaled_q_impl(x, scale):
-    if isinstance(x, nb_types.Integer):
-        return lambda x, scale: x
-    return lambda x, scale: x * scale
-
-
-def _score_scale(q, scale):
-    """The factor still to apply to the scores after the first product (1 for float operands)."""
-
-
-@overload(_score_scale, inline="always")
-def _score_scale_impl(q, scale):
-    if isinstance(q.dtype, nb_types.Integer):
-        return lambda q, scale: scale
-    return lambda q, scale: 1.0
+# the scores are float32, and the probabilities are rounded to the operand format for the second
+# product (as FlashAttention does). These helpers are the only places the two paths differ; each
+# compiles to one branch for the operand type.
 
 
 def _half_buffer(q, n):
