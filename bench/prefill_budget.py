@@ -47,6 +47,8 @@ CASES = [
     ("L=S=4096 causal", 4096, 64, "float32", True),
     ("head 128, L=S=2048", 2048, 128, "float32", False),
     ("float64, L=S=2048", 2048, 64, "float64", False),
+    ("bfloat16, L=S=1024", 1024, 64, "bfloat16", False),
+    ("bfloat16, L=S=4096", 4096, 64, "bfloat16", False),
 ]
 HEADS = 8
 PAUSE_S = 0.3
@@ -62,16 +64,31 @@ def _least(fn, rounds: int, clock=time.thread_time) -> float:
     return best
 
 
+def _np_dtype(dtype):
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(dtype)
+
+
 def _plan(L, E, dtype, threads):
-    """What the forward op would choose: (provider, TilePlan, generated-GEMM quadruple)."""
+    """What the forward op would choose: (provider, TilePlan, generated-GEMM quadruple); 16-bit
+    operands: MKL's 16-bit GEMM (None where it is not used: the inputs are widened to float32)."""
     import engine
     from engine.problems.attention import validate_attention_args
-    from engine.runtime.gemm_jit import tile_jit_kernels
+    from engine.runtime.gemm_jit import NO_JIT, tile_jit_kernels
+    from engine.runtime.gemm_providers import sixteen_bit_gemm
 
-    q = np.zeros((1, HEADS, L, E), dtype)
+    q = np.zeros((1, HEADS, L, E), _np_dtype(dtype))
     problem = validate_attention_args(q, q, q)
-    provider = engine.get_gemm_provider(dtype)
     op = engine.get_backend("cpu").op(type(problem))
+    if dtype in ("bfloat16", "float16"):
+        half = sixteen_bit_gemm(dtype)
+        if half is None:
+            return None, None, NO_JIT
+        return half, op._tiles(problem, dtype, half.name, None, True), NO_JIT
+    provider = engine.get_gemm_provider(dtype)
     plan = op._tiles(problem, dtype, provider.name, provider, True)
     jit = tile_jit_kernels(provider, dtype, plan.block_q, plan.block_k, E, E)
     return provider, plan, jit
@@ -95,22 +112,44 @@ def _parts(provider, plan, jit, E, dtype, rounds):
     """Seconds per tile of each part at (block_q, block_k), one thread."""
     from numba import njit
 
-    from engine.kernels.cpu.gemm import jit_gemm, tile_gemm, tile_gemm_acc
-    from engine.kernels.cpu.softmax_tile import column_max, exp_tile
+    from engine.kernels.cpu.gemm import jit_gemm, tile_gemm, tile_gemm_16, tile_gemm_16_acc, tile_gemm_acc
+    from engine.kernels.cpu.softmax_tile import column_max, exp_tile, exp_tile_bf16, exp_tile_f16
 
     bq, bk = plan.block_q, plan.block_k
+    half = dtype in ("bfloat16", "float16")
+    cdt = np.float32 if half else np.dtype(dtype)  # what the scores and accumulators are in
     kind, fn = provider.kind, provider.pointer(dtype)
     rng = np.random.default_rng(0)
-    kt = rng.standard_normal((bk, E)).astype(dtype)
-    qt = (rng.standard_normal((E, bq)) / np.sqrt(E)).astype(dtype)
-    st = np.empty((bk, bq), dtype)
-    pt = np.empty_like(st)
-    vt = rng.standard_normal((bk, E)).astype(dtype)
-    acc = np.zeros((bq, E), dtype)
-    shift = np.full(bq, 3.0, dtype)
-    ts, tc, tmx, tm = np.zeros(bq), np.zeros(bq, dtype), np.zeros(bq, dtype), np.zeros(bq, dtype)
-    one = np.dtype(dtype).type(1)
+    odt = _np_dtype(dtype)
+    kt = rng.standard_normal((bk, E)).astype(odt)
+    qt = (rng.standard_normal((E, bq)) / np.sqrt(E)).astype(odt)
+    vt = rng.standard_normal((bk, E)).astype(odt)
+    if half:
+        kt, qt, vt = (x.view(np.uint16) for x in (kt, qt, vt))
+    st = np.empty((bk, bq), cdt)
+    pt = np.empty((bk, bq), np.uint16 if half else cdt)
+    acc = np.zeros((bq, E), cdt)
+    shift = np.full(bq, 3.0, cdt)
+    ts, tc, tmx, tm = np.zeros(bq), np.zeros(bq, cdt), np.zeros(bq, cdt), np.zeros(bq, cdt)
+    one = np.dtype(cdt).type(1)
     reps = max(1, int(2e7 // (bq * bk * E)))
+    if half:
+        exp16 = exp_tile_bf16 if dtype == "bfloat16" else exp_tile_f16
+
+        @njit
+        def scores16(fn, kt, qt, st, n):
+            for _ in range(n):
+                tile_gemm_16(fn, kt, qt, st)
+
+        @njit
+        def values16(fn, pt, vt, acc, n):
+            for _ in range(n):
+                tile_gemm_16_acc(fn, pt.T, vt, acc)
+
+        @njit
+        def softmax16(st, pt, one, shift, ts, tc, tmx, n):
+            for _ in range(n):
+                exp16(st, pt, one, shift, ts, tc, tmx)
 
     j = np.array(jit, dtype=np.int64)
 
@@ -146,6 +185,10 @@ def _parts(provider, plan, jit, E, dtype, rounds):
         "values": lambda n: values(kind, fn, j, pt, vt, acc, n),
         "colmax": lambda n: colmax(st, tm, n),
     }
+    if half:
+        calls["scores"] = lambda n: scores16(fn, kt, qt, st, n)
+        calls["softmax"] = lambda n: softmax16(st, pt, one, shift, ts, tc, tmx, n)
+        calls["values"] = lambda n: values16(fn, pt, vt, acc, n)
     calls["scores"](1)
     out = {}
     for name, f in calls.items():
@@ -160,7 +203,7 @@ def _kernel_one_thread(L, E, dtype, causal, rounds):
     from engine.backends.cpu import forward as fwd
 
     rng = np.random.default_rng(0)
-    q, k, v = (rng.standard_normal((1, HEADS, L, E)).astype(dtype) for _ in range(3))
+    q, k, v = (rng.standard_normal((1, HEADS, L, E)).astype(_np_dtype(dtype)) for _ in range(3))
     saved = fwd.CPU_SERIAL_MAX_WORK
     fwd.CPU_SERIAL_MAX_WORK = 1 << 62
     try:
@@ -199,6 +242,9 @@ def budget_case(name, L, E, dtype, causal, threads, rounds, gemm):
     import engine
 
     provider, plan, jit = _plan(L, E, dtype, threads)
+    if provider is None:
+        print(f"{name}: inputs widened to float32 here (no 16-bit GEMM): see the float32 cases")
+        return None
     n, full, qtiles = _tile_counts(L, L, plan.block_q, plan.block_k, causal)
     parts = _parts(provider, plan, jit, E, dtype, rounds)
     per_head = {
@@ -212,7 +258,10 @@ def budget_case(name, L, E, dtype, causal, threads, rounds, gemm):
     engine.set_num_threads(threads)
     wall = _wall(lambda: engine.scaled_dot_product_attention(q, k, v, is_causal=causal, backend="cpu"), rounds)
     ideal = kernel1 / threads + setup
-    tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
+    if dtype == "bfloat16":
+        tq, tk, tv = (torch.from_numpy(x.astype(np.float32)).to(torch.bfloat16) for x in (q, k, v))
+    else:
+        tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
 
     def run_torch():
         with torch.no_grad():
@@ -289,8 +338,11 @@ def main(argv=None):
     for case in CASES:
         if wanted is not None and case[0] not in wanted:
             continue
-        engine.scaled_dot_product_attention(*(np.zeros((1, HEADS, case[1], case[2]), case[3]),) * 3, backend="cpu")
+        x = np.zeros((1, HEADS, case[1], case[2]), _np_dtype(case[3]))
+        engine.scaled_dot_product_attention(x, x, x, backend="cpu")  # compiles, measures the class's tiles
         r = budget_case(*case, threads=a.threads, rounds=a.rounds, gemm=gemm)
+        if r is None:
+            continue
         rows.append(r)
         t = r["one_thread_ms"]
         print(

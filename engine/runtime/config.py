@@ -22,6 +22,10 @@ CPU_TUNE_MAX_WIDTH = 128
 #: (E + Ev)) measures its class's tiles when they are not known yet (about a second, once per
 #: machine); smaller calls use what is known, else the fixed rule
 CPU_TUNE_MIN_WORK = 1 << 28
+#: ``cpu`` backend: a parallel forward call with at least this many multiply-adds first lets the
+#: calling thread's idle GNU OpenMP workers (torch's) go, so they do not spin on its cores
+#: (``engine.runtime.threads.quiet_openmp``; their runtime restarts them in tens of microseconds)
+CPU_QUIET_OPENMP_MIN_WORK = 1 << 24
 #: ``cpu`` backend: calls with at most this many multiply-adds (batch x heads x L x S x (E + Ev))
 #: run the kernels' serial build: waking the thread pool costs more than splitting the work gains
 CPU_SERIAL_MAX_WORK = 1 << 17

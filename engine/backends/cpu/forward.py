@@ -10,10 +10,15 @@ import numpy as np
 from ...kernels.cpu.gemm import GEMM_CBLAS, GEMM_CBLAS_BF16, GEMM_CBLAS_F16, GEMM_NUMPY
 from ...problems.attention import AttentionProblem
 from ...problems.base import dtype_name
-from ...runtime.config import BLAS_SINGLE_THREAD_MNK, CPU_SERIAL_MAX_WORK, CPU_TUNE_MIN_WORK
+from ...runtime.config import (
+    BLAS_SINGLE_THREAD_MNK,
+    CPU_QUIET_OPENMP_MIN_WORK,
+    CPU_SERIAL_MAX_WORK,
+    CPU_TUNE_MIN_WORK,
+)
 from ...runtime.gemm_jit import NO_JIT, tile_jit_kernels
 from ...runtime.gemm_providers import gemm_mode, get_gemm_provider, sixteen_bit_gemm
-from ...runtime.threads import get_num_threads, kernel_call_guard
+from ...runtime.threads import get_num_threads, kernel_call_guard, quiet_openmp
 from ...runtime.tuning import autotune_enabled
 from ..base import Op
 from .autotune import tune_provider, tune_tiles
@@ -180,5 +185,7 @@ class CpuForward(Op):
             lse=lse,
         )
         with kernel_call_guard(), pin:
+            if not serial and B * Hq * L * S * (problem.E + problem.Ev) >= CPU_QUIET_OPENMP_MIN_WORK:
+                quiet_openmp()  # torch's idle workers would spin on our cores (runtime.threads)
             kernel(args, problem.mod_args)
         return out.reshape(problem.out_shape), lse.reshape(problem.lse_shape)
