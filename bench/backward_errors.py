@@ -1,4 +1,4 @@
-"""Largest gradient errors against torch float64 autograd for every case of tests/test_backward.py.
+"""Largest gradient errors against torch float64 autograd for every case of tests/backward/test_backward.py.
 
     python bench/backward_errors.py
 
@@ -15,10 +15,11 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 import torch  # noqa: E402
-from grad_cases import CASES, REFERENCE_ONLY, make_case, torch_attention  # noqa: E402
 
 import engine  # noqa: E402
 import engine.backends.cpu as cpu_backend  # noqa: E402
+
+from grad_cases import CASES, REFERENCE_ONLY, make_case, torch_attention  # noqa: E402
 
 
 def _torch_grads(q, k, v, do, kw, dtype):

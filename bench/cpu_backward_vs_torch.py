@@ -316,10 +316,9 @@ def main(argv=None):
         flush=True,
     )
     if a.json:
-        cpu_model = next(
-            (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-            platform.processor(),
-        )
+        from engine.runtime.machine import cpu_model
+
+        cpu_model = cpu_model()
         result = {
             "command": "python bench/cpu_backward_vs_torch.py" + (" --quick" if a.quick else ""),
             "threads": threads,

@@ -52,6 +52,9 @@ import time
 
 import numpy as np
 
+#: where results are written (``bench/results/<what>-<cpu>-<date>.json``)
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
 #: (name, L = S, head size, dtype, causal, target ratio): batch 1, 8 heads (issue 17's table)
 SPEED_CASES = [
     ("L=S=512", 512, 64, "float32", False, 1.0),
@@ -493,7 +496,7 @@ def main(argv=None):
     import engine.runtime.tuning
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from bench.machine import cpu_info, result_path
+    from engine.runtime.machine import cpu_info, result_file_name
 
     threads = min(a.threads, numba.config.NUMBA_NUM_THREADS)
     torch.set_num_threads(threads)
@@ -597,7 +600,7 @@ def main(argv=None):
     print(f"load average after: {cpu['loadavg_after']}")
     if not a.no_json:
         what = "cpu-vs-torch" + (f"-{threads}thread" if threads != 2 else "") + ("-cputime" if a.cpu_time else "")
-        path = a.json or result_path(what, cpu)
+        path = a.json or os.path.join(RESULTS, result_file_name(what, cpu))
         result = {
             "command": "python bench/cpu_vs_torch.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "clock": "process CPU time" if a.cpu_time else "wall",

@@ -235,9 +235,9 @@ def generation_case(threads, rounds, new_tokens):
 
 
 def cpu_model() -> str:
-    from engine.models.generate import _cpu_model
+    from engine.runtime.machine import cpu_model
 
-    return _cpu_model()
+    return cpu_model()
 
 
 def main(argv=None) -> int:

@@ -28,7 +28,6 @@ import os
 import platform
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,9 +40,9 @@ ATOL = {"float32": 1e-5, "float64": 1e-10}
 
 
 def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    line = next((x for x in out.splitlines() if x.startswith("Model name")), "Model name: unknown")
-    return line.split(":", 1)[1].strip()
+    from engine.runtime.machine import cpu_model
+
+    return cpu_model()
 
 
 def _cluster(workers, threads=1, memory_limit="auto"):

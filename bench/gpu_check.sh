@@ -97,15 +97,14 @@ if os.environ.get('DRY_RUN') != '1':
 export -f setup
 step "environment" 90 setup || { echo "gpu_check: no usable environment, stopping"; exit 1; }
 
-# 2. the GPU-only tests: the cuda test files on the GPU. The simulator launchers (which re-run a
-# file under the simulator in a subprocess) and the PTX files (compile_ptx only) are CPU tests
-# that CI runs; they are left out here.
+# 2. the GPU-only tests: what the simulator run checks (the tests marked "simulator": the
+# capability specifications for cuda, and tests/cuda's own), on the GPU, against the reference
+# backend only. The simulator launcher and the PTX files (compile_ptx only) are CPU tests that CI
+# runs; they are left out here.
 gpu_tests() {
-    local files
-    files=$(ls tests/test_cuda_*.py; grep -l "needs a real CUDA GPU" tests/*.py)
-    "$VENV/bin/python" -m pytest -q -rs -p no:cacheprovider -n 8 --dist loadgroup \
-        -k "not under_the_simulator" ${DRY_RUN:+--collect-only} --junitxml="$stem-tests.xml" \
-        $(echo "$files" | grep -v "_ptx\.py$" | sort -u) \
+    ATTENTION_ENGINE_TEST_BACKENDS=cuda,reference "$VENV/bin/python" -m pytest -q -rs -p no:cacheprovider \
+        -n 8 --dist loadgroup -m simulator --ignore-glob="*_ptx.py" --ignore=tests/cuda/test_simulator.py \
+        ${DRY_RUN:+--collect-only} --junitxml="$stem-tests.xml" tests/forward tests/decode tests/cuda \
         | tee /tmp/gpu_check_tests.out
     local rc=${PIPESTATUS[0]}
     # on a GPU nothing may be skipped for want of one

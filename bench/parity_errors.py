@@ -1,4 +1,4 @@
-"""Largest absolute errors against PyTorch for every parity case of tests/test_torch_parity.py.
+"""Largest absolute errors against PyTorch for every parity case of tests/forward/test_torch_parity.py.
 
     python bench/parity_errors.py
 
@@ -10,7 +10,8 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+_TESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests")
+sys.path[:0] = [_TESTS, os.path.join(_TESTS, "forward")]
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

@@ -25,6 +25,9 @@ from __future__ import annotations
 
 import os
 
+#: where results are written (``bench/results/<what>-<cpu>-<date>.json``)
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
 # one thread for every BLAS before any is loaded (SciPy's OpenBLAS would start its own threads)
 for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_v, "1")
@@ -44,9 +47,9 @@ from numba.core import cgutils  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.machine import cpu_info, result_path  # noqa: E402
 from engine.kernels.cpu.gemm import _data_ptr, tile_gemm  # noqa: E402
 from engine.runtime import gemm_providers  # noqa: E402
+from engine.runtime.machine import cpu_info, result_file_name  # noqa: E402
 
 #: candidates measured here but not offered by the engine (they lost): bench-local kind codes
 BENCH_BLIS, BENCH_LOOPS = 100, 101
@@ -354,7 +357,7 @@ def main(argv=None):
                 )
     info["loadavg_after"] = list(os.getloadavg())
     if not a.no_json:
-        path = a.json or result_path("tile-gemm", info)
+        path = a.json or os.path.join(RESULTS, result_file_name("tile-gemm", info))
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
             json.dump(

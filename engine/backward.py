@@ -10,6 +10,7 @@ from .backends.base import empty_gradients
 from .dispatch import select_backend
 from .problems.attention import BackwardProblem
 from .problems.backward import validate_backward_args
+from .problems.masks import reduce_to_shape
 
 __all__ = ["scaled_dot_product_attention_backward", "run_backward"]
 
@@ -44,17 +45,59 @@ def scaled_dot_product_attention_backward(
     2023), so their memory stays linear in L; ``reference`` recomputes everything densely in
     float64.
 
-    :param dropout_p: the forward's; with ``dropout_p > 0``, ``dropout_seed`` must be the seed the
-        forward used (the dropped weights are regenerated from it, never stored).
+    :param grad_out: the gradient of the loss with respect to ``out``, ``(..., Hq, L, Ev)``, the
+        query's dtype.
+    :type grad_out: array
+    :param query: ``(..., Hq, L, E)``: float16, bfloat16, float32 or float64 (the output's dtype).
+    :type query: array
+    :param key: ``(..., H, S, E)``, the query's dtype; its leading dims broadcast with the query's.
+    :type key: array
+    :param value: ``(..., H, S, Ev)``, the query's dtype.
+    :type value: array
+    :param out: the forward's output, ``(..., Hq, L, Ev)``.
+    :type out: array
+    :param lse: the forward's log-sum-exp (``return_lse=True``), ``(..., Hq, L)``, at least as
+        precise as the query.
+    :type lse: array
+    :param attn_mask: boolean (True = may attend) or floating (added to the scores), broadcastable
+        to ``(..., Hq, L, S)``; or a causal mask object (``engine.causal_lower_right``, torch's
+        ``CausalBias``).
+    :type attn_mask: array | CausalBias | None
+    :param is_causal: top-left causal mask (``tril(ones(L, S))``); not together with ``attn_mask``.
+    :type is_causal: bool
+    :param scale: score scale; None is ``1/sqrt(E)``.
+    :type scale: float | None
+    :param enable_gqa: grouped-query attention: H divides Hq, key/value head j serves query heads
+        ``j*Hq/H ... (j+1)*Hq/H - 1``.
+    :type enable_gqa: bool
+    :param backend: ``"auto"`` or a name from ``engine.list_backends()`` whose capabilities include
+        the backward.
+    :type backend: str
     :param score_mod: the forward's; its derivative with respect to the score is the one it
         declares (``engine.problems.mods.with_score_grad``) or else found by complex-step
         differentiation, checked against finite differences. ``mask_mod`` needs none.
         ``mod_args`` get no gradient.
+    :type score_mod: Callable | None
+    :param mask_mod: the forward's.
+    :type mask_mod: Callable | None
+    :param block_mask: the forward's.
+    :type block_mask: BlockMask | None
+    :param mod_args: the forward's (they get no gradient).
+    :type mod_args: tuple
+    :param dropout_p: the forward's; with ``dropout_p > 0``, ``dropout_seed`` must be the seed the
+        forward used (the dropped weights are regenerated from it, never stored).
+    :type dropout_p: float
+    :param dropout_seed: the seed the forward used (required with ``dropout_p > 0``).
+    :type dropout_seed: int | None
     :param return_mask_grad: also return the gradient of the floating ``attn_mask``, in its
         shape and dtype (summed over the dimensions it broadcasts along), e.g. to train a
         learned bias.
+    :type return_mask_grad: bool
     :return: ``(dq, dk, dv)`` in the shapes and dtype of query, key and value, plus the mask's
-        gradient when ``return_mask_grad=True``. With GQA, ``dk``/``dv`` sum their query heads.
+        gradient when ``return_mask_grad=True``. With GQA, ``dk``/``dv`` sum their query heads;
+        an input broadcast along batch or head axes (a key of batch 1 serving a query of batch 3,
+        a 2-D key) gets its gradient summed over them, in its own shape, as torch's autograd
+        gives it.
         The ``cpu`` backend's gradients are the same bit for bit on every run with the same
         thread count (``engine.set_num_threads``); the ``cuda`` backend's on every run (no atomics).
     :raises TypeError: an argument of the wrong kind, naming it, before any kernel runs (the
@@ -88,7 +131,23 @@ def scaled_dot_product_attention_backward(
 
 
 def run_backward(problem: BackwardProblem, chosen):
-    """``(dq, dk, dv, dmask)`` of a validated backward problem on the chosen backend."""
+    """``(dq, dk, dv, dmask)`` of a validated backward problem on the chosen backend, each
+    gradient in the shape of its input."""
     if problem.is_empty and not problem.on_device:
-        return empty_gradients(problem)
-    return chosen.op(BackwardProblem).run(problem)
+        grads = empty_gradients(problem)
+    else:
+        grads = chosen.op(BackwardProblem).run(problem)
+    return _summed_to_input_shapes(problem, grads[:3]) + (grads[3],)
+
+
+def _summed_to_input_shapes(problem: BackwardProblem, grads: tuple) -> tuple:
+    """Backends compute the gradients of the broadcast views (``problem.query.shape``...); an input
+    broadcast along batch or head axes gets the sum over them, in its own shape (as torch's
+    autograd sums), deterministically. Device inputs are never broadcast views (the ``cuda``
+    backward refuses broadcast device inputs), so they need nothing."""
+    if problem.on_device or not problem.input_shapes:
+        return tuple(grads)
+    return tuple(
+        g if tuple(g.shape) == shape else reduce_to_shape(g, shape).astype(problem.dtype)
+        for g, shape in zip(grads, problem.input_shapes)
+    )

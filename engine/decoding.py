@@ -66,13 +66,45 @@ def attention_with_kvcache(
       parallel partial results merged through ``engine.merge_attention``'s log-sum-exp merge) when
       batch x heads is small against the core count; an int >= 1 forces it.
 
+    :param query: ``(B, Hq, L, D)``, the new query tokens (above).
+    :type query: array
+    :param k_cache: ``(B, Hkv, S_max, D)`` or paged ``(num_pages, Hkv, page_size, D)``, written in
+        place (above).
+    :type k_cache: array
+    :param v_cache: ``(B, Hkv, S_max, Dv)`` or paged, like ``k_cache``.
+    :type v_cache: array
+    :param key: ``(B, Hkv, L_new, D)``: new keys written into ``k_cache`` before attending, or None.
+    :type key: array | None
+    :param value: ``(B, Hkv, L_new, Dv)``: new values, with ``key``.
+    :type value: array | None
+    :param cache_seqlens: the entries already in each sequence's cache (above): an int or an integer
+        host array ``(B,)``.
+    :type cache_seqlens: int | ndarray | torch.Tensor
+    :param page_table: int32 ``(B, max_pages)`` for paged caches, else None.
+    :type page_table: ndarray | torch.Tensor | None
+    :param is_causal: bottom-right causal (above).
+    :type is_causal: bool
     :param scale: defaults to ``1/sqrt(D)``.
+    :type scale: float | None
+    :param window: ``(left, right)``, -1 or None for unbounded (above).
+    :type window: tuple[int | None, int | None] | None
+    :param score_mod: as in ``scaled_dot_product_attention``, at absolute positions (above).
+    :type score_mod: Callable | None
+    :param mask_mod: likewise.
+    :type mask_mod: Callable | None
+    :param mod_args: the mods' extra arguments.
+    :type mod_args: tuple
     :param return_lse: also return the natural-log log-sum-exp of the scaled, masked scores (B, Hq, L).
+    :type return_lse: bool
+    :param num_splits: split-KV chunks per sequence: None picks, an int >= 1 forces (above).
+    :type num_splits: int | None
     :param backend: ``"auto"`` or a backend name whose capabilities include decoding.
+    :type backend: str
     :return: ``out`` ``(B, Hq, L, Dv)`` in the query's dtype, or ``(out, lse)``.
     :raises ValueError: a bad shape or value, named with the values involved: a write that would
         overflow a cache, a negative seqlen, a page index out of range, two sequences writing one
-        slot, a read-only cache. Raised before anything is written.
+        slot, a write into a slot a sequence reads as its history (a shared page), a read-only
+        cache. Raised before anything is written.
     :raises TypeError: a wrong kind of argument (a non-float array, a non-integer seqlen array,
         host and device arrays mixed, ``cache_seqlens``/``page_table`` on the device).
     :raises engine.NotSupportedError: the backend cannot run the call (a ValueError).

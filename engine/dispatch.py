@@ -17,7 +17,10 @@ def list_backends() -> list[str]:
 
 
 def get_backend(name: str) -> Backend:
-    """The backend instance called ``name``; ``ValueError`` listing the names if unknown."""
+    """The backend instance called ``name``; ``ValueError`` listing the names if unknown.
+
+    :param name: a name from :func:`list_backends`.
+    """
     backends = backend_registry()
     if not isinstance(name, str) or name not in backends:
         raise ValueError(f"unknown backend {name!r}; available: auto, {', '.join(sorted(backends))}")

@@ -35,23 +35,48 @@ def scaled_dot_product_attention(
     ``is_causal`` is top-left aligned and excludes ``attn_mask``. ``scale`` defaults to
     ``1/sqrt(E)``. ``enable_gqa`` lets H divide Hq. Rows with no visible key are zeros.
 
+    :param query: ``(..., Hq, L, E)``: float16, bfloat16, float32 or float64 (the output's dtype).
+    :type query: array
+    :param key: ``(..., H, S, E)``, the query's dtype; its leading dims broadcast with the query's.
+    :type key: array
+    :param value: ``(..., H, S, Ev)``, the query's dtype.
+    :type value: array
+    :param attn_mask: boolean (True = may attend) or floating (added to the scores), broadcastable
+        to ``(..., Hq, L, S)``; or a causal mask object (``engine.causal_lower_right``, torch's
+        ``CausalBias``).
+    :type attn_mask: array | CausalBias | None
+    :param is_causal: top-left causal mask (``tril(ones(L, S))``); not together with ``attn_mask``.
+    :type is_causal: bool
+    :param scale: score scale; None is ``1/sqrt(E)``.
+    :type scale: float | None
+    :param enable_gqa: grouped-query attention: H divides Hq, key/value head j serves query heads
+        ``j*Hq/H ... (j+1)*Hq/H - 1``.
+    :type enable_gqa: bool
     :param backend: ``"auto"`` or a name from ``engine.list_backends()``.
+    :type backend: str
     :param return_lse: also return the natural-log log-sum-exp of the scaled, masked scores,
         shape ``(..., Hq, L)``, ``-inf`` for rows with no visible key.
+    :type return_lse: bool
     :param score_mod: ``score_mod(score, b, h, q_idx, kv_idx, *mod_args) -> score`` rewrites each
         scaled score before masking (``b`` is the flattened batch index, ``h`` the query head).
+    :type score_mod: Callable | None
     :param mask_mod: ``mask_mod(b, h, q_idx, kv_idx, *mod_args) -> bool``, True = may attend;
         combined with ``attn_mask``/``is_causal``. Both mods are compiled with ``numba.njit``.
+    :type mask_mod: Callable | None
     :param block_mask: from ``engine.create_block_mask``: a ``mask_mod`` with its tile map, reused
         across calls (empty tiles are skipped).
+    :type block_mask: BlockMask | None
     :param mod_args: a tuple of extra arguments passed to both mods (arrays, numbers).
+    :type mod_args: tuple
     :param dropout_p: probability of dropping each attention weight (torch's ``dropout_p``); the
         kept ones are scaled by ``1 / (1 - dropout_p)``. ``lse`` is that of the weights before
         dropout. Applied whenever it is > 0 (this function has no training mode).
+    :type dropout_p: float
     :param dropout_seed: int in 0 ... 2**64 - 1 keying the counter-based dropout stream: the same
         seed drops the same weights on every backend, tile size and thread count. None with
         ``dropout_p > 0``: drawn from NumPy's global generator (``np.random.seed`` repeats it);
         pass one explicitly to compute the backward (see ``docs/training.md``).
+    :type dropout_seed: int | None
     :return: ``out`` in the input dtype, or ``(out, lse)``.
     :raises TypeError: an argument of the wrong kind, naming it, before any kernel runs.
     :raises ValueError: a wrong shape or value, naming the argument and the shapes.

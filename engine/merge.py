@@ -31,7 +31,9 @@ def merge_attention(outs, lses):
     :param outs: a list or tuple of P >= 1 arrays of one shape ``(..., Ev)`` (NumPy arrays, torch
         CPU tensors; float16, bfloat16, float32 or float64, one dtype), or one array whose first
         axis holds the P parts.
+    :type outs: sequence of arrays | array
     :param lses: the same for the log-sum-exps, each of shape ``outs[p].shape[:-1]``.
+    :type lses: sequence of arrays | array
     :return: ``(out, lse)``: out in the dtype of ``outs``, lse in the dtype of ``lses``; computed in
         float64 if either is float64, else in float32.
     :raises TypeError: a non-floating dtype, mixed dtypes within ``outs`` or ``lses``, device

@@ -92,14 +92,35 @@ def plot_attention(
     - ``(N, heads, L, S)``: ``batch`` picks the sentence (it may be omitted when N is 1); then as
       ``(heads, L, S)``.
 
-    :param query_tokens: L labels for the rows; ``key_tokens`` S labels for the columns (default
-        ``query_tokens``, i.e. self-attention). Their lengths must match the weights.
+    :param weights: the weights, shapes as above.
+    :type weights: ndarray | torch.Tensor
+    :param query_tokens: L labels for the rows (their number must match the weights).
+    :type query_tokens: Sequence[str]
+    :param key_tokens: S labels for the columns (default ``query_tokens``, i.e. self-attention).
+    :type key_tokens: Sequence[str] | None
+    :param batch: the sentence of 4-D (or batched 3-D) weights to draw.
+    :type batch: int | None
+    :param head: the head to draw alone.
+    :type head: int | None
     :param ax: draw a single heat map into this matplotlib Axes (not allowed for a grid).
-    :param ncols: panels per row of a grid. ``vmin``/``vmax``: colour range (``vmax`` defaults to
-        the largest weight drawn, shared by every panel of a grid).
+    :type ax: matplotlib.axes.Axes | None
+    :param title: the figure's title.
+    :type title: str | None
+    :param cmap: a matplotlib colormap name.
+    :type cmap: str
+    :param colorbar: draw a colour bar.
+    :type colorbar: bool
+    :param ncols: panels per row of a grid.
+    :type ncols: int
+    :param vmin: the lower end of the colour range.
+    :type vmin: float
+    :param vmax: its upper end (default: the largest weight drawn, shared by every panel of a grid).
+    :type vmax: float | None
     :param annotate: write each weight in its cell (for short sequences).
+    :type annotate: bool
     :param panel_title: format string for the title of grid panel i, e.g. ``"head {}"`` (default
         ``"head {}"`` for 4-D weights, ``"[{}]"`` for 3-D ones, whose first axis may be heads or sentences).
+    :type panel_title: str | None
     :returns: the ``matplotlib.figure.Figure``. Close it (``plt.close(fig)``) when done.
     """
     w = _as_weights(weights)

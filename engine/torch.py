@@ -30,7 +30,10 @@ from .functional import run_forward
 from .problems.arrays import Placement, bfloat16_dtype, input_placement
 from .problems.attention import validate_attention_args
 from .problems.backward import validate_backward_args
+from .problems.base import check_bool
+from .problems.causal import CausalBias, as_causal_bias
 from .runtime.errors import NotSupportedError
+from .variant import variant_dtype
 
 __all__ = ["scaled_dot_product_attention", "as_module", "VariantModule"]
 
@@ -65,6 +68,36 @@ def scaled_dot_product_attention(
     The dropout seed is drawn from torch's default generator (``torch.manual_seed`` repeats it)
     and handed to the backward, which regenerates the same dropped weights.
 
+    :param query: ``(..., Hq, L, E)``, CPU or CUDA, float16, bfloat16, float32 or float64.
+    :type query: torch.Tensor
+    :param key: ``(..., H, S, E)``, the query's dtype and device.
+    :type key: torch.Tensor
+    :param value: ``(..., H, S, Ev)``, the query's dtype and device.
+    :type value: torch.Tensor
+    :param attn_mask: boolean (True = may attend) or floating (added; it gets a gradient when it
+        requires one), broadcastable to ``(..., Hq, L, S)``; or a causal mask object (torch's
+        ``causal_lower_right``/``causal_upper_left``, ``engine.causal_lower_right``), mapped to the
+        engine's causal kinds.
+    :type attn_mask: torch.Tensor | CausalBias | None
+    :param dropout_p: applied whenever > 0, as torch's functional (pass 0 in evaluation).
+    :type dropout_p: float
+    :param is_causal: top-left causal, as torch.
+    :type is_causal: bool
+    :param scale: None is ``1/sqrt(E)``.
+    :type scale: float | None
+    :param enable_gqa: grouped-query attention, as torch.
+    :type enable_gqa: bool
+    :param score_mod: as ``engine.scaled_dot_product_attention``'s; its derivative is declared or
+        found automatically.
+    :type score_mod: Callable | None
+    :param mask_mod: as ``engine.scaled_dot_product_attention``'s.
+    :type mask_mod: Callable | None
+    :param block_mask: as ``engine.scaled_dot_product_attention``'s.
+    :type block_mask: BlockMask | None
+    :param mod_args: the mods' extra arguments; a tensor among them must not require grad.
+    :type mod_args: tuple
+    :param backend: ``"auto"`` or a backend name.
+    :type backend: str
     :return: a tensor ``(..., Hq, L, Ev)`` of the inputs' dtype, on their device.
     :raises TypeError: an argument of the wrong kind, as the engine's forward, before anything runs.
     :raises ValueError: bad shapes or values, as the engine's forward, before anything runs.
@@ -74,8 +107,8 @@ def scaled_dot_product_attention(
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
-        attn_mask = torch.as_tensor(np.asarray(attn_mask))
+        _check_real_data(t, name)
+    attn_mask, is_causal = _mask_argument(attn_mask, is_causal)
     if not isinstance(mod_args, tuple):
         raise TypeError(f"mod_args must be a tuple, got {type(mod_args).__name__}")
     for i, a in enumerate(mod_args):
@@ -118,8 +151,7 @@ class _Attention(torch.autograd.Function):
             _host(query),
             _host(key),
             _host(value),
-            None if attn_mask is None else _host(attn_mask),
-            opts["is_causal"],
+            *_engine_mask(attn_mask, opts["is_causal"]),
             opts["scale"],
             opts["enable_gqa"],
             True,
@@ -165,8 +197,7 @@ class _Attention(torch.autograd.Function):
             _host(value),
             _host(out),
             _host(lse),
-            None if attn_mask is None else _host(attn_mask),
-            o["is_causal"],
+            *_engine_mask(attn_mask, o["is_causal"]),
             o["scale"],
             o["enable_gqa"],
             o["score_mod"],
@@ -183,6 +214,53 @@ class _Attention(torch.autograd.Function):
             for g, t, need in zip((dq, dk, dv), (query, key, value), ctx.needs_input_grad[:3])
         ]
         return (*grads, None if dmask is None else _as_tensor(dmask, attn_mask), None)
+
+
+def _mask_argument(attn_mask, is_causal):
+    """``(attn_mask, is_causal)`` for the autograd Function: a causal mask object (torch's
+    ``causal_lower_right``/``causal_upper_left``, a tensor subclass whose storage is a placeholder,
+    or ``engine.causal_lower_right``) becomes ``(None, engine CausalBias)``, never read as data;
+    arrays become tensors; a tensor subclass without real data is refused by name."""
+    bias = as_causal_bias(attn_mask)
+    if bias is not None:
+        if check_bool(is_causal, "is_causal"):
+            raise ValueError("pass either attn_mask or is_causal=True, not both (as torch)")
+        return None, bias
+    if attn_mask is None:
+        return None, is_causal
+    if not isinstance(attn_mask, torch.Tensor):
+        return torch.as_tensor(np.asarray(attn_mask)), is_causal
+    _check_real_data(attn_mask, "attn_mask")
+    return attn_mask, is_causal
+
+
+def _engine_mask(attn_mask, is_causal) -> tuple:
+    """``(attn_mask, is_causal)`` as the engine's validation takes them: the causal mask object
+    itself (the engine maps it to its causal kinds), or the tensor's host view and the flag."""
+    if isinstance(is_causal, CausalBias):
+        return is_causal, False
+    return (None if attn_mask is None else _host(attn_mask)), is_causal
+
+
+def _check_real_data(t: torch.Tensor, name: str) -> None:
+    """``TypeError`` naming ``name`` for a tensor subclass whose data is not in its own storage (a
+    wrapper subclass, e.g. DTensor or a fake tensor): its bytes are not its values."""
+    if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:
+        return
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    wrapper = is_traceable_wrapper_subclass(t)
+    if not wrapper:
+        try:
+            t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):
+            wrapper = True
+    if wrapper:
+        raise TypeError(
+            f"{name} is a {type(t).__module__}.{type(t).__name__}, a tensor subclass whose data is not in "
+            "its own storage; engine.torch reads tensors' memory: pass a plain tensor (e.g. its "
+            "materialised values), or torch's causal_lower_right/causal_upper_left as attn_mask"
+        )
 
 
 def _host(t):
@@ -228,6 +306,9 @@ class VariantModule(torch.nn.Module):
     CPU tensors ``(N, L, E)`` or ``(L, E)``, its masks and keywords) and returns
     ``(output, weights_or_None)`` as tensors; ``output`` carries gradients to the inputs and the
     parameters (``weights``, when asked for, are computed without gradients).
+
+    :param variant: the variant to wrap (see :func:`as_module`).
+    :type variant: Variant
     """
 
     def __init__(self, variant):
@@ -247,12 +328,13 @@ class VariantModule(torch.nn.Module):
                 if not hasattr(owner, part):
                     owner.add_module(part, torch.nn.Module())
                 owner = getattr(owner, part)
-            owner.register_parameter(leaf, torch.nn.Parameter(torch.from_numpy(np.array(value))))
+            # _as_tensor: a bfloat16 variant's ml_dtypes array becomes a torch bfloat16 tensor
+            owner.register_parameter(leaf, torch.nn.Parameter(_as_tensor(np.array(value), torch.empty(0))))
         self._variant = _bind(copy.copy(variant), self)
 
     def forward(self, query, key=None, value=None, **kwargs):
         bound = self._variant
-        bound.dtype = np.dtype(str(next(self.parameters()).dtype).removeprefix("torch."))
+        bound.dtype = variant_dtype(next(self.parameters()).dtype)
         bound._attention_calls = 0
         try:
             result = bound(query, key, value, **kwargs)
@@ -323,6 +405,9 @@ def as_module(variant) -> VariantModule:
     module.state_dict())`` copies trained values back. The module computes the projections with
     torch and the attention with the engine (``backend="auto"``, or the call's ``backend=``).
 
+    :param variant: a variant whose forward uses array-API calls (``device_arrays = True``), as the
+        built-in ones.
+    :type variant: Variant
     :raises TypeError: for a variant whose forward computes in NumPy (``device_arrays = False``),
         and, at the first call, for one that does not attend through ``Variant.attention``.
     """

@@ -7,9 +7,19 @@ from typing import ClassVar
 
 import numpy as np
 
-from .problems.arrays import HOST, Placement, input_placement, is_floating, placement_of, to_host, to_numpy
+from .problems.arrays import (
+    HOST,
+    Placement,
+    bfloat16_dtype,
+    input_placement,
+    is_bfloat16,
+    is_floating,
+    placement_of,
+    to_host,
+    to_numpy,
+)
 
-__all__ = ["Variant", "check_fits_in_memory"]
+__all__ = ["Variant", "check_fits_in_memory", "variant_dtype"]
 
 
 def check_fits_in_memory(nbytes: int, what: str) -> None:
@@ -33,6 +43,14 @@ class Variant:
     unbatched ``(L, E)``; boolean masks True = **not allowed**; the result is always
     ``(output, weights_or_None)``. A variant built with ``batch_first=False`` takes and returns
     ``(L, N, E)`` instead (torch's default layout); masks and weights keep their shapes.
+
+    :param dtype: the parameters' and results' dtype: float32 (default), float64, float16 or
+        bfloat16, as a NumPy dtype, its name or a torch dtype.
+    :type dtype: dtype | str | torch.dtype
+    :param seed: seeds the parameters' initialisation (``numpy.random.default_rng``).
+    :type seed: int | None
+    :param batch_first: inputs and outputs ``(N, L, E)`` (default) or, False, ``(L, N, E)`` as
+        torch's default.
     """
 
     name: ClassVar[str] = ""
@@ -44,9 +62,7 @@ class Variant:
     device_arrays: ClassVar[bool] = False
 
     def __init__(self, *, dtype=np.float32, seed=None, batch_first: bool = True):
-        dtype = np.dtype(dtype)
-        if dtype not in (np.float32, np.float64):
-            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        dtype = variant_dtype(dtype)
         if not isinstance(batch_first, (bool, np.bool_)):
             raise TypeError(f"batch_first must be a bool, got {type(batch_first).__name__}")
         self.dtype = dtype
@@ -56,16 +72,32 @@ class Variant:
         # parameters copied to devices: {placement key: (the _params dict they came from, {key: array})}
         self._placed: dict[tuple, tuple] = {}
 
+    @property
+    def compute_dtype(self) -> np.dtype:
+        """The dtype host arithmetic runs in: ``dtype``, or float32 for a float16/bfloat16 layer
+        (whose projections accumulate in float32 and round once, as torch's CPU kernels do; use it
+        for ``mod_args`` values, which Numba cannot take in bfloat16)."""
+        return np.dtype(np.float32) if self.dtype.itemsize == 2 else self.dtype
+
     # -- parameters ---------------------------------------------------------------------------
     def register_parameter(self, key: str, value: np.ndarray) -> None:
-        """Declare a parameter under its torch name (``state_dict`` key)."""
+        """Declare a parameter under its torch name (``state_dict`` key).
+
+        :param key: its ``state_dict`` key (torch's name).
+        :param value: its initial value, cast to the variant's dtype.
+        """
         # a new dict, never an update in place: device copies cached from the old one go stale
         self._params = {**self._params, key: np.ascontiguousarray(value, dtype=self.dtype)}
 
     def param(self, key: str, like=None):
         """The current value of a parameter: the NumPy array itself (no copy), or, with ``like``
         an array of another library or device, a copy there (made once, reused until the
-        parameters change through ``load_state_dict``)."""
+        parameters change through ``load_state_dict``).
+
+        :param key: the parameter's ``state_dict`` key.
+        :param like: an array of the library and device to return the value in, or None for NumPy.
+        :type like: array | None
+        """
         params = self._params
         if like is None or isinstance(like, np.ndarray):
             return params[key]
@@ -89,6 +121,9 @@ class Variant:
 
         Values are cast to the variant's dtype. Missing or unexpected keys, wrong shapes and
         non-floating values raise ``ValueError``/``TypeError`` naming them.
+
+        :param state: parameter name -> value (NumPy arrays, torch tensors or CuPy arrays).
+        :type state: Mapping[str, array]
         """
         if not hasattr(state, "keys"):
             raise TypeError(f"state_dict must be a mapping, got {type(state).__name__}")
@@ -149,6 +184,29 @@ class Variant:
         arrays give results of their own library on their device: computed there when the variant
         declares ``device_arrays`` (the built-in ones do; ``backend="auto"`` then picks ``cuda``),
         else through host copies. Masks may be host arrays (copied over) or on the query's device.
+
+        :param query: ``(N, L, E)``, or unbatched ``(L, E)`` (``(L, N, E)`` with
+            ``batch_first=False``).
+        :type query: array
+        :param key: ``(N, S, kdim)``; None is ``query``.
+        :type key: array | None
+        :param value: ``(N, S, vdim)``; None is ``key``.
+        :type value: array | None
+        :param attn_mask: ``(L, S)`` or ``(N * heads, L, S)``: boolean, True = **not** allowed, or
+            floating, added.
+        :type attn_mask: array | None
+        :param key_padding_mask: ``(N, S)``: boolean, True = ignore that key, or floating, added.
+        :type key_padding_mask: array | None
+        :param need_weights: also return the attention weights (materialised).
+        :type need_weights: bool
+        :param average_attn_weights: average the weights over heads.
+        :type average_attn_weights: bool
+        :param is_causal: apply the causal mask (combined with any other mask).
+        :type is_causal: bool
+        :param backend: ``"auto"`` or a backend name.
+        :type backend: str
+        :param variant_kwargs: keywords of a particular variant (``document_ids``, ``static_k``...).
+        :type variant_kwargs: Any
         """
         place = self.input_placement(query, "query")
         for name, x in (("key", key), ("value", value)):
@@ -209,32 +267,59 @@ class Variant:
     # -- hooks that engine.torch.as_module rebinds to train through torch autograd ------------------
     def input_placement(self, x, name: str) -> Placement:
         """Where this variant computes on input ``x`` (``engine.problems.arrays.input_placement``:
-        NumPy for host inputs, the library and device of GPU arrays)."""
+        NumPy for host inputs, the library and device of GPU arrays).
+
+        :param x: an input.
+        :type x: array
+        :param name: its name, for errors.
+        """
         return input_placement(x, name)
 
     # -- array helpers for forward() (the array-API namespace and device of the inputs) ---------------
     @staticmethod
     def placement_of(x) -> Placement:
         """The array namespace and device of ``x`` (``x.xp`` is NumPy's array-API namespace for
-        host arrays, torch's or CuPy's for theirs): where ``forward`` computes."""
+        host arrays, torch's or CuPy's for theirs): where ``forward`` computes.
+
+        :param x: an array.
+        :type x: array
+        """
         return placement_of(x)
 
     @staticmethod
     def to_host(value):
         """A NumPy copy of an array of another library or device; NumPy arrays, scalars and
-        anything that is not an array come back as they are."""
+        anything that is not an array come back as they are.
+
+        :param value: an array or any other value.
+        :type value: Any
+        """
         return to_host(value)
 
     @staticmethod
     def check_fits_in_memory(nbytes: int, what: str) -> None:
         """``MemoryError`` naming ``what`` if ``nbytes`` exceeds the memory available now (check
-        before materialising something quadratic, such as ``need_weights=True``)."""
+        before materialising something quadratic, such as ``need_weights=True``).
+
+        :param nbytes: bytes about to be allocated.
+        :param what: what they are for, for the error.
+        """
         check_fits_in_memory(nbytes, what)
 
     def attention(self, query, key, value, **kwargs):
         """The attention between the projections: ``engine.scaled_dot_product_attention`` with
         these arguments. ``forward`` calls attention through this method, so that
-        ``engine.torch.as_module`` can route it through torch autograd."""
+        ``engine.torch.as_module`` can route it through torch autograd.
+
+        :param query: ``(N, heads, L, head_dim)`` projections.
+        :type query: array
+        :param key: ``(N, kv_heads, S, head_dim)``.
+        :type key: array
+        :param value: ``(N, kv_heads, S, head_dim_v)``.
+        :type value: array
+        :param kwargs: ``engine.scaled_dot_product_attention``'s keywords.
+        :type kwargs: Any
+        """
         from .functional import scaled_dot_product_attention
 
         return scaled_dot_product_attention(query, key, value, **kwargs)
@@ -250,19 +335,64 @@ class Variant:
         A variant that computes with array-API calls, reads its parameters with
         ``self.param(key, like=x)`` and attends with :meth:`attention` can be trained through
         ``engine.torch.as_module``.
+
+        :param query: ``(N, L, E)`` in ``self.dtype``.
+        :type query: array
+        :param key: ``(N, S, kdim)``.
+        :type key: array
+        :param value: ``(N, S, vdim)``.
+        :type value: array
+        :param attn_mask: as the caller passed it.
+        :type attn_mask: array | None
+        :param key_padding_mask: as the caller passed it (batched).
+        :type key_padding_mask: array | None
+        :param need_weights: whether to return the weights.
+        :type need_weights: bool
+        :param average_attn_weights: average them over heads.
+        :type average_attn_weights: bool
+        :param is_causal: the caller's flag.
+        :type is_causal: bool
+        :param backend: the caller's backend.
+        :type backend: str
         """
         raise NotImplementedError
 
     # -- for tests and benchmarks that cover every registered variant --------------------------
     @classmethod
     def example_params(cls, embed_dim: int = 64, num_heads: int = 8) -> dict:
-        """Constructor parameters for a layer of about this size (tests and benchmarks use them)."""
+        """Constructor parameters for a layer of about this size (tests and benchmarks use them).
+
+        :param embed_dim: embedding size.
+        :param num_heads: heads.
+        """
         return {"embed_dim": embed_dim, "num_heads": num_heads}
 
     def example_inputs(self, batch: int, length: int, key_length: int | None = None, rng=None) -> dict:
-        """Keyword arguments for one call on random inputs of this size (self-attention here)."""
+        """Keyword arguments for one call on random inputs of this size (self-attention here).
+
+        :param batch: N.
+        :param length: L.
+        :param key_length: S for variants that take keys of their own (None: L).
+        :param rng: seed or generator.
+        :type rng: int | numpy.random.Generator | None
+        """
         rng = np.random.default_rng(rng)
         return {"query": rng.standard_normal((batch, length, self.embed_dim)).astype(self.dtype)}
+
+
+def variant_dtype(dtype) -> np.dtype:
+    """The layer dtype: float32, float64, float16 or bfloat16 (ml_dtypes'), given as a NumPy
+    dtype, its name, or a torch dtype (``torch.float16``, as ``nn.MultiheadAttention(dtype=...)``)."""
+    name = str(dtype).removeprefix("torch.") if type(dtype).__module__.startswith("torch") else dtype
+    if isinstance(name, str) and name == "bfloat16" or getattr(name, "__name__", None) == "bfloat16":
+        return bfloat16_dtype()
+    try:
+        dt = np.dtype(name)
+    except TypeError:
+        raise TypeError(f"dtype must be float16, bfloat16, float32 or float64, got {dtype!r}") from None
+    if not (dt in (np.float16, np.float32, np.float64) or is_bfloat16(dt)):
+        raise TypeError(f"dtype must be float16, bfloat16, float32 or float64, got {dt}")
+    return dt
 
 
 def _describe(place: Placement) -> str:

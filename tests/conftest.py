@@ -14,7 +14,7 @@ import os
 import textwrap
 
 # the cpu backend's measured tiles and GEMM provider (engine.runtime.tuning) depend on this machine
-# and on what earlier runs stored: the suite runs the fixed rules, and tests/test_cpu_prefill.py
+# and on what earlier runs stored: the suite runs the fixed rules, and tests/forward/test_cpu_prefill.py
 # turns tuning on where it tests it (child processes inherit this)
 os.environ["ATTENTION_ENGINE_AUTOTUNE"] = "0"
 
@@ -23,9 +23,21 @@ import pytest
 import threadpoolctl
 
 import engine
+from engine.kernels.specialise import CACHED_MODS_ENV
+
+from simulator import SIMULATOR, use_simulator_tiles
+
+#: the tests folder (shared helpers: this file, tolerances.py, grad_cases.py) and the repository root
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
 
 #: seconds a child process or thread may take before a test calls it hung
 HANG_TIMEOUT_S = 1800
+
+# kernels specialised on the tests' mods (tests/testmods.py) are disk-cached as the built-in
+# variants' are, so that every pytest-xdist worker, child process and later run loads them instead
+# of compiling them again; child processes inherit the setting
+os.environ[CACHED_MODS_ENV] = ",".join(filter(None, [os.environ.get(CACHED_MODS_ENV), "testmods"]))
 
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 #: BLAS/OpenMP threads for this test process: its share of the cores
@@ -42,8 +54,27 @@ except ImportError:
 
 
 def available_backends():
-    """Names of registered backends that can run on this machine (cuda is absent without a GPU)."""
-    return [n for n in engine.list_backends() if engine.get_backend(n).unavailable_reason() is None]
+    """Names of registered backends that can run on this machine (cuda is absent without a GPU),
+    narrowed to those ``ATTENTION_ENGINE_TEST_BACKENDS`` lists when it is set (comma-separated):
+    the simulator run (``tests/simulator.py``) and ``bench/gpu_check.sh`` specify ``cuda`` against
+    the ``reference`` oracle, the other backends ran in the ordinary run."""
+    names = [n for n in engine.list_backends() if engine.get_backend(n).unavailable_reason() is None]
+    wanted = os.environ.get("ATTENTION_ENGINE_TEST_BACKENDS")
+    return [n for n in names if n in wanted.split(",")] if wanted else names
+
+
+if SIMULATOR:
+    # compile_ptx needs the real CUDA target; the ordinary run compiles the PTX
+    collect_ignore_glob = ["cuda/test_*ptx.py"]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _simulator_tiles():
+    """Under the simulator, the registered cuda backend runs with the simulator's tiny tiles."""
+    undo = use_simulator_tiles() if SIMULATOR else None
+    yield
+    if undo:
+        undo()
 
 
 def variant_names():
@@ -89,13 +120,7 @@ def make_distribution(root, dist, module, source, entry_points):
         (root / f"{module}.py").write_text(textwrap.dedent(source))
 
 
-@pytest.fixture(scope="session")
-def dask_client():
-    """One ``distributed.LocalCluster`` of 2 worker processes x 1 thread for the whole session.
-
-    Only the modules marked ``pytest.mark.xdist_group("dask")`` use it, and ``--dist loadgroup``
-    (the README's test command) sends them all to one pytest-xdist worker, so one cluster serves
-    them all; a test that kills a worker waits for its nanny to bring it back."""
+def _local_cluster_client(processes: bool):
     pytest.importorskip("distributed", reason="the dask extra is not installed")
     import logging
 
@@ -103,33 +128,28 @@ def dask_client():
 
     with (
         LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.ERROR
+            n_workers=2, threads_per_worker=1, processes=processes, dashboard_address=":0", silence_logs=logging.ERROR
         ) as cluster,
         Client(cluster) as client,
     ):
         yield client
 
 
-def run_under_the_cuda_simulator(path: str) -> None:
-    """Run the test file ``path`` in a subprocess under Numba's CUDA simulator
-    (``NUMBA_ENABLE_CUDASIM=1`` must be set before Numba is imported, hence the subprocess); fail if
-    anything there fails, or is skipped for any reason but needing a real GPU. The CUDA test files'
-    CI entry points call this."""
-    import subprocess
-    import sys
+@pytest.fixture(scope="session")
+def dask_client():
+    """A ``distributed.LocalCluster`` of 2 workers x 1 thread, inside this process, for the whole
+    session: what a task computes does not depend on the process it runs in, and worker processes
+    would each import the engine and compile or load its kernels again. Tests where processes are
+    the point (a killed worker, pickling to another process, per-process thread limits) take
+    ``dask_process_client``."""
+    yield from _local_cluster_client(processes=False)
 
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    res = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", path],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=HANG_TIMEOUT_S,
-        cwd=os.path.dirname(path),
-    )
-    tail = (res.stdout + res.stderr)[-4000:]
-    assert res.returncode == 0, tail
-    summary = res.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "failed" not in summary, tail
-    skipped = [ln for ln in res.stdout.splitlines() if ln.startswith("SKIPPED")]
-    assert all("needs a real CUDA GPU" in ln or "already under the simulator" in ln for ln in skipped), tail
+
+@pytest.fixture(scope="session")
+def dask_process_client():
+    """A ``distributed.LocalCluster`` of 2 worker *processes* x 1 thread for the whole session.
+
+    Only the modules marked ``pytest.mark.xdist_group("dask")`` use the clusters, and ``--dist
+    loadgroup`` (the README's test command) sends them all to one pytest-xdist worker, so one
+    cluster serves them all; a test that kills a worker waits for its nanny to bring it back."""
+    yield from _local_cluster_client(processes=True)

@@ -17,11 +17,7 @@ from variants.alibi import alibi_bias, alibi_slopes
 from variants.sliding_window import window_mask as window
 from variants.softcap import tanh_softcap
 
-
-def cubic_mod(score, b, h, q_idx, kv_idx, c):
-    """A user score_mod with no declared derivative: complex-step finds it."""
-    return score + c * score * score * score - 0.01 * (q_idx - kv_idx)
-
+from testmods import cubic_mod
 
 CASES = [
     "plain",

@@ -51,7 +51,7 @@ class AlibiAttention(MultiHeadAttention):
 
     def attention_mods(self, N, L, S, **call_kwargs):
         super().attention_mods(N, L, S, **call_kwargs)
-        return {"score_mod": alibi_bias, "mod_args": (self.slopes.astype(self.dtype),)}
+        return {"score_mod": alibi_bias, "mod_args": (self.slopes.astype(self.compute_dtype),)}
 
 
 @hookimpl

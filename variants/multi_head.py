@@ -112,16 +112,54 @@ class MultiHeadAttention(Variant):
             return ws + (b[:E], b[E : 2 * E], b[2 * E :])
         return ws + (None, None, None)
 
-    def _heads(self, x, w, b, name, xp):
-        """(N, T, d_in) @ W.T + b -> (N, W.shape[0] // head_dim, T, head_dim)."""
-        if x.shape[-1] != w.shape[1]:
-            raise ValueError(f"{name} has {x.shape[-1]} features, expected {w.shape[1]} (shape {tuple(x.shape)})")
+    def _linear(self, x, w, b, place):
+        """``x @ w.T + b`` as torch's ``F.linear``: a float16/bfloat16 layer on the host accumulates
+        in float32 and rounds once to its dtype (torch's CPU GEMMs do the same; NumPy's float16
+        product would round at every step); otherwise in the arrays' own dtype."""
+        if place.is_numpy and self.compute_dtype != self.dtype:
+            f32 = self.compute_dtype
+            y = x.astype(f32) @ w.astype(f32).T
+            if b is not None:
+                y += b.astype(f32)
+            return y.astype(self.dtype)
         y = x @ w.T
         if b is not None:
             y += b
+        return y
+
+    def _heads(self, x, w, b, name, place):
+        """(N, T, d_in) @ W.T + b -> (N, W.shape[0] // head_dim, T, head_dim)."""
+        if x.shape[-1] != w.shape[1]:
+            raise ValueError(f"{name} has {x.shape[-1]} features, expected {w.shape[1]} (shape {tuple(x.shape)})")
+        y = self._linear(x, w, b, place)
         N, T, width = y.shape
         # explicit head count: reshape cannot infer -1 from an empty array (N, L or S = 0)
-        return xp.permute_dims(xp.reshape(y, (N, T, width // self.head_dim, self.head_dim)), (0, 2, 1, 3))
+        return place.xp.permute_dims(place.xp.reshape(y, (N, T, width // self.head_dim, self.head_dim)), (0, 2, 1, 3))
+
+    def _static(self, x, name: str, N: int, place):
+        """``static_k``/``static_v`` of ``F.multi_head_attention_forward``: precomputed keys or
+        values ``(N * kv_heads, S, head_dim)`` used instead of projecting ``key``/``value``, as
+        ``(N, kv_heads, S, head_dim)`` in this layer's dtype and ``place``."""
+        heads = self.kv_width // self.head_dim
+        if self.add_bias_kv:
+            raise ValueError(f"{name} cannot be combined with add_bias_kv (as torch: no bias is added to a static key)")
+        if place.is_numpy:
+            x = self._input_array(x, name)
+        elif not place.holds(x):
+            x = place.put(x, what=name)
+        want = (N * heads, "S", self.head_dim)
+        if x.ndim != 3 or x.shape[0] != N * heads or x.shape[2] != self.head_dim:
+            raise ValueError(f"{name} must have shape (N * num_heads, S, head_dim) = {want}, got {tuple(x.shape)}")
+        if not place.is_numpy:
+            x = place.put(x, self.dtype, name)
+        return place.xp.reshape(x, (N, heads, x.shape[1], self.head_dim))
+
+    def _input_array(self, x, name: str) -> np.ndarray:
+        arr = self.to_host(x)
+        arr = np.asarray(arr)
+        if arr.dtype.kind != "f" and arr.dtype.name != "bfloat16":
+            raise TypeError(f"{name} must be floating, got dtype {arr.dtype} with shape {arr.shape}")
+        return arr.astype(self.dtype, copy=False)
 
     def attention_mods(self, N: int, L: int, S: int, **call_kwargs) -> dict:
         """Extra ``scaled_dot_product_attention`` arguments (``score_mod``, ``mask_mod``,
@@ -143,21 +181,42 @@ class MultiHeadAttention(Variant):
         average_attn_weights,
         is_causal,
         backend,
+        static_k=None,
+        static_v=None,
         **call_kwargs,
     ):
         place = self.placement_of(query)  # NumPy, or the caller's GPU library: everything stays there
         xp = place.xp
         wq, wk, wv, bq, bk, bv = self.projection_weights(like=query)
-        q = self._heads(query, wq, bq, "query", xp)
-        k = self._heads(key, wk, bk, "key", xp)
-        v = self._heads(value, wv, bv, "value", xp)
+        q = self._heads(query, wq, bq, "query", place)
+        N = q.shape[0]
+        k = self._heads(key, wk, bk, "key", place) if static_k is None else self._static(static_k, "static_k", N, place)
+        v = (
+            self._heads(value, wv, bv, "value", place)
+            if static_v is None
+            else self._static(static_v, "static_v", N, place)
+        )
+        if k.shape[2] != v.shape[2]:
+            raise ValueError(
+                f"keys and values must have one length S, got {k.shape[2]} keys "
+                f"({'static_k' if static_k is not None else 'key'}) and {v.shape[2]} values "
+                f"({'static_v' if static_v is not None else 'value'})"
+            )
         N, H, L, _ = q.shape
         S = k.shape[2]
-        mask, causal = mha_masks_to_sdpa(attn_mask, key_padding_mask, is_causal, N, H, L, S, self.dtype, place)
+        mask, causal = mha_masks_to_sdpa(attn_mask, key_padding_mask, is_causal, N, H, L, S, self.compute_dtype, place)
+        if mask is not None and place.is_numpy and self.compute_dtype != self.dtype and mask.dtype.kind == "f":
+            mask = mask.astype(self.dtype).astype(self.compute_dtype)  # as torch: a float mask in the layer dtype
         extra = self.attention_mods(N, L, S, **call_kwargs)
         if place.is_numpy and "mod_args" in extra:  # the cpu kernels take host arrays only
             extra["mod_args"] = tuple(self.to_host(a) for a in extra["mod_args"])
         appended = self._appended_keys(N, k.shape[1], query, place)
+        # a 16-bit layer on the host: what follows the projections runs in float32 on their
+        # (exactly widened) values and is rounded once per torch op (attention, weights, output)
+        widen = place.is_numpy and self.compute_dtype != self.dtype
+        if widen and (appended is not None or need_weights):
+            q, k, v = (a.astype(self.compute_dtype) for a in (q, k, v))
+            appended = None if appended is None else tuple(a.astype(self.compute_dtype) for a in appended)
         weights = None
         if need_weights:  # materialises (N, H, L, S): checked before anything is allocated
             self.check_fits_in_memory(N * H * L * S * 8 * 3, f"need_weights=True for (N, heads, L, S) = {(N, H, L, S)}")
@@ -171,11 +230,17 @@ class MultiHeadAttention(Variant):
             out, weights = _merge_appended(q, place.put(out), place.put(lse), *appended, weights, xp)
         if weights is not None and average_attn_weights:
             weights = xp.mean(weights, axis=1)
+        if widen:
+            out = out.astype(self.dtype)
+            weights = None if weights is None else weights.astype(self.dtype)
         out = xp.reshape(xp.permute_dims(out, (0, 2, 1, 3)), (N, L, self.embed_dim))
         if self.out_projection:
-            out = out @ self.param("out_proj.weight", like=query).T
-            if self.bias:
-                out += self.param("out_proj.bias", like=query)
+            out = self._linear(
+                out,
+                self.param("out_proj.weight", like=query),
+                self.param("out_proj.bias", like=query) if self.bias else None,
+                place,
+            )
         return out, weights
 
     def _appended_keys(self, N: int, kv_heads: int, like, place):

@@ -38,7 +38,7 @@ class SoftcapAttention(MultiHeadAttention):
     def attention_mods(self, N, L, S, **call_kwargs):
         super().attention_mods(N, L, S, **call_kwargs)
         # cap in the variant's dtype keeps the kernel's arithmetic in float32 for float32 layers
-        return {"score_mod": tanh_softcap, "mod_args": (self.dtype.type(self.cap),)}
+        return {"score_mod": tanh_softcap, "mod_args": (self.compute_dtype.type(self.cap),)}
 
     @classmethod
     def example_params(cls, embed_dim=64, num_heads=8):

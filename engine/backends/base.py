@@ -104,12 +104,19 @@ class Backend:
         return None
 
     def op(self, problem_type: type) -> Op | None:
-        """The op that runs problems of ``problem_type``, or None when this backend has none."""
+        """The op that runs problems of ``problem_type``, or None when this backend has none.
+
+        :param problem_type: a problem type (``AttentionProblem``, ``BackwardProblem``,
+            ``DecodeProblem``...).
+        """
         return self._ops.get(problem_type)
 
     def run(self, problem: Problem) -> Any:
         """``problem`` on the op of its type, without the support check (the dispatcher checks
-        first; tests and benchmarks that picked the backend themselves call this)."""
+        first; tests and benchmarks that picked the backend themselves call this).
+
+        :param problem: a validated problem (``engine.problems``).
+        """
         op = self.op(type(problem))
         if op is None:
             raise TypeError(f"backend {self.name!r} has no op for {type(problem).__name__}")
@@ -118,7 +125,10 @@ class Backend:
     def not_supported_reasons(self, problem: Problem) -> list[str]:
         """Every reason this backend cannot run ``problem``; empty when it can. A problem may need
         ops for other problem types too (``problem.also_runs()``: a forward whose gradient will be
-        asked for needs the backward op)."""
+        asked for needs the backward op).
+
+        :param problem: a validated problem (``engine.problems``).
+        """
         reasons = []
         why = self.unavailable_reason()
         if why:

@@ -258,9 +258,15 @@ def run(args) -> int:
             rows += case_rows
             notes += case_notes
             info = info or case_info
+            if worker.interrupted:
+                break
+    except KeyboardInterrupt:  # between cases: what was measured is reported all the same
+        worker.interrupted = True
+        notes.append("interrupted (Ctrl-C): the cases after the last one reported were not measured")
     finally:
         worker.close()
         progress.close()
+    interrupted = worker.interrupted
     _add_ratios(rows)
     order = {c: i for i, c in enumerate(cases)}
     rows.sort(key=lambda r: (order[r["case"]], r["L"], not r.get("backend"), r.get("baseline", False)))
@@ -272,6 +278,7 @@ def run(args) -> int:
         **info,
     }
     machine = {**machine_before, "load_average_after": machine_info()["load_average"]}
+    busy = busy_machine_warning(machine, threads)
     print("Summary: the engine's fastest backend against the baseline (torch on the same threads)\n")
     print(format_summary(rows))
     print("\nAll rows:\n")
@@ -292,11 +299,23 @@ def run(args) -> int:
         f"{machine['cpu']}, {machine['usable_cores']} cores, load average {machine['load_average']} before and "
         f"{machine['load_average_after']} after; ran in {elapsed:.0f} s"
     )
+    if busy:
+        print("warning: " + busy)
+    if interrupted:
+        print(f"interrupted (Ctrl-C): the tables above hold the {len(rows)} rows measured before it")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
                 _strict_json(
-                    {"machine": machine, "config": config, "elapsed_s": elapsed, "notes": skipped + notes, "rows": rows}
+                    {
+                        "machine": machine,
+                        "config": config,
+                        "elapsed_s": elapsed,
+                        "interrupted": interrupted,
+                        "warnings": [busy] if busy else [],
+                        "notes": skipped + notes,
+                        "rows": rows,
+                    }
                 ),
                 f,
                 indent=1,
@@ -311,4 +330,27 @@ def run(args) -> int:
             f"heads={args.heads}, {threads} threads; {machine['cpu']}; {machine['date'][:10]}",
         )
         print(f"wrote {args.plot}")
+    if interrupted:
+        return 130  # the shell's status for a command stopped by SIGINT
     return 1 if any(r.get("error") and not (r.get("unsupported") or r.get("skipped")) for r in rows) else 0
+
+
+#: a machine is called busy when its 1-minute load average exceeds this share of its cores before
+#: the run, or, after the run, the benchmark's own threads plus this share
+BUSY_LOAD_SHARE = 0.5
+
+
+def busy_machine_warning(machine: dict, threads: int) -> str | None:
+    """A warning when the load averages say other work shared the machine (``None`` when quiet or
+    unknown): timings then vary from run to run and should not be quoted."""
+    before, after = machine.get("load_average"), machine.get("load_average_after")
+    cores = machine.get("usable_cores") or machine.get("cores") or 1
+    if not before or not after:
+        return None
+    if before[0] <= BUSY_LOAD_SHARE * cores and after[0] <= threads + BUSY_LOAD_SHARE * cores:
+        return None
+    return (
+        f"the machine was busy: 1-minute load average {before[0]:g} before the run and {after[0]:g} after, "
+        f"on {cores} cores (the benchmark itself keeps about {threads} busy). Timings on a shared machine vary "
+        "from run to run: rerun on a quiet machine before quoting them"
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["format_table", "format_summary", "best_engine_rows"]
+__all__ = ["format_table", "format_summary", "best_engine_rows", "missing_reason"]
 
 
 def _fmt_time(t):
@@ -73,28 +73,61 @@ def format_table(rows: list[dict]) -> str:
 
 def best_engine_rows(rows: list[dict]) -> dict:
     """Per (case, L): ``(engine row, baseline row)``, the engine row being the fastest measured
-    row of an engine backend (``backend`` set), the baseline the row marked ``baseline``; either is
-    None when missing."""
+    row of an engine backend (``backend`` set) other than the baseline itself, the baseline the row
+    marked ``baseline``; either is None when missing. (Where the baseline is an engine backend, as
+    ``reference`` for ``grouped-query``, whose weights torch's layer cannot hold, that backend is
+    never compared with itself.)"""
     groups: dict = {}
     for r in rows:
         groups.setdefault((r["case"], r["L"]), []).append(r)
     best = {}
     for key, group in groups.items():
-        engine_rows = [r for r in group if r.get("backend") and r.get("time_s")]
+        engine_rows = [r for r in group if r.get("backend") and r.get("time_s") and not r.get("baseline")]
         base = next((r for r in group if r.get("baseline") and r.get("time_s")), None)
         best[key] = (min(engine_rows, key=lambda r: r["time_s"]) if engine_rows else None, base)
     return best
 
 
+def missing_reason(rows: list[dict], case: str, L: int) -> str:
+    """Why a (case, L) has no comparison: what the rows that could not be measured say (skipped,
+    unsupported, an error), or that there is no such row at all."""
+    group = [r for r in rows if r["case"] == case and r["L"] == L]
+    engine_rows = [r for r in group if r.get("backend") and not r.get("baseline")]
+    base = next((r for r in group if r.get("baseline")), None)
+    parts = []
+    if not any(r.get("time_s") for r in engine_rows):
+        why = "; ".join(f"{r['impl']}: {_short(r.get('error'))}" for r in engine_rows if r.get("error"))
+        star = next((r for r in group if r["impl"] == "*"), None)  # the case never ran at this L
+        if star is not None:
+            why = _short(star.get("error"))
+        parts.append("no engine row measured" + (f" ({why})" if why else " (no engine backend selected)"))
+    if base is None or not base.get("time_s"):
+        if base is not None and base.get("error"):
+            why = f"{base['impl']}: {_short(base['error'])}"
+        elif base is None and not any(r["impl"] == "*" for r in group):
+            why = "no baseline implementation in this run"
+        else:
+            why = ""
+        parts.append("no baseline measured" + (f" ({why})" if why else ""))
+    return "; ".join(parts)
+
+
+def _short(text, limit: int = 90) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def format_summary(rows: list[dict]) -> str:
     """One line per (case, L): the engine's fastest backend against the baseline (torch on the same
-    threads), as "N.NNx faster" or "N.NNx slower", and both peak memories."""
+    threads), as "N.NNx faster" or "N.NNx slower", and both peak memories; where either side is
+    missing, why."""
     header = ("case", "L", "engine", "baseline", "engine speed", "peak memory engine / baseline")
-    lines = []
+    lines, missing = [], []
     for (case, L), (eng, base) in best_engine_rows(rows).items():
         if eng is None or base is None:
-            missing = "no engine row measured" if eng is None else "no baseline measured"
-            lines.append((case, str(L), missing, "", "", ""))
+            missing.append((case, str(L), missing_reason(rows, case, L)))
+            label = "no engine row measured" if eng is None else "no baseline measured"
+            lines.append((case, str(L), label + " (below)", "", "", ""))
             continue
         ratio = base["time_s"] / eng["time_s"]
         speed = f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
@@ -114,6 +147,8 @@ def format_summary(rows: list[dict]) -> str:
         for line in (header, *lines)
     ]
     out.insert(1, "  ".join("-" * w for w in widths))
+    for case, L, why in missing:
+        out.append(f"{case} at L={L}: {why}")
     return "\n".join(out)
 
 

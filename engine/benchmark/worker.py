@@ -97,6 +97,11 @@ def _run_spec(spec: dict, out, state: dict) -> None:
 
 def _worker_main() -> None:
     """Entry point of the child: reads case specs (JSON, one a line) on stdin, reports on stdout."""
+    import signal
+
+    # Ctrl-C in a terminal reaches the whole process group: the parent handles it (it stops this
+    # child and reports the rows measured so far), so the child does not die with a traceback first
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # anything a library prints goes to stderr, not into the report stream
     state: dict = {}
@@ -125,6 +130,8 @@ class _Worker:
         )
         self.err = tempfile.TemporaryFile(mode="w+")
         self.proc = None
+        #: set when Ctrl-C stopped a case: the rows measured before it are kept
+        self.interrupted = False
 
     def _start(self) -> None:
         self.proc = subprocess.Popen(
@@ -138,7 +145,10 @@ class _Worker:
 
     def close(self) -> None:
         if self.proc is not None:
-            self.proc.stdin.close()
+            if self.interrupted:
+                self.proc.kill()
+            else:
+                self.proc.stdin.close()
             self.proc.wait()
             self.proc = None
         self.err.close()
@@ -182,6 +192,16 @@ class _Worker:
                     break
         except (BrokenPipeError, OSError):
             pass
+        except KeyboardInterrupt:  # Ctrl-C: stop here, keep the lengths already measured
+            self.interrupted = True
+            proc.kill()
+            proc.wait()
+            self.proc = None
+            notes.append(
+                f"interrupted (Ctrl-C) in case {spec['case']!r} before L = {', '.join(map(str, pending))}: "
+                "those lengths and the cases after it were not measured"
+            )
+            return rows, notes, info
         finally:
             timer.cancel()
         if not finished:  # the child died: report why, and start a new one for the next case

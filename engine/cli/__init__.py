@@ -31,8 +31,16 @@ SUBCOMMANDS = {
 }
 
 
+#: what ``attention-engine --help`` says first (whole sentences: the module docstring's first line
+#: was cut mid-sentence there)
+DESCRIPTION = (
+    "Exact scaled dot-product attention with PyTorch's semantics on Numba kernels: list what is "
+    "installed, benchmark against torch, and run the demos. Each command takes --help."
+)
+
+
 def build_parser(argv) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="attention-engine", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="attention-engine", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
     wanted = next((a for a in argv if a in SUBCOMMANDS), None)
     for name, (module, help_text) in SUBCOMMANDS.items():

@@ -62,8 +62,33 @@ def scaled_dot_product_attention(
     on the result, on whatever scheduler Dask uses (a ``distributed`` client, or the local
     threaded scheduler).
 
+    :param query: ``(..., Hq, L, E)``: a dask array, or a NumPy array or torch CPU tensor (chunked
+        for you).
+    :type query: dask.array.Array | ndarray
+    :param key: ``(..., H, S, E)``, likewise.
+    :type key: dask.array.Array | ndarray
+    :param value: ``(..., H, S, Ev)``, likewise.
+    :type value: dask.array.Array | ndarray
+    :param attn_mask: boolean (True = may attend) or floating (added), broadcastable to ``(..., Hq,
+        L, S)``; a dask array is chunked like the scores.
+    :type attn_mask: dask.array.Array | ndarray | None
+    :param is_causal: top-left causal.
+    :type is_causal: bool
+    :param scale: None is ``1/sqrt(E)``.
+    :type scale: float | None
+    :param enable_gqa: grouped-query attention (any query head chunks).
+    :type enable_gqa: bool
+    :param score_mod: as ``engine.scaled_dot_product_attention``'s, at global indices; picklable.
+    :type score_mod: Callable | None
+    :param mask_mod: likewise.
+    :type mask_mod: Callable | None
+    :param mod_args: the mods' extra arguments.
+    :type mod_args: tuple
+    :param return_lse: also return the log-sum-exp.
+    :type return_lse: bool
     :param split_every: partial results merged per merge task (the tree's fan-in, >= 2); default
         Dask's ``split_every`` setting, else 4 (as ``dask.array.reduction``).
+    :type split_every: int | None
     :return: ``out``, a dask array of shape ``(..., Hq, L, Ev)`` chunked like the query along
         batch, heads and L, with Ev whole; with ``return_lse=True`` also ``lse``, shape
         ``(..., Hq, L)``, natural log, ``-inf`` where a row sees no key.
@@ -94,6 +119,9 @@ def scaled_dot_product_attention(
         )
     kinds = _pair_kinds(plan, score_mod, mask_mod)
     out, lse = _build_graph(plan, kinds, split_every, score_mod, mask_mod)
+    if plan.out_head_chunks != plan.head_chunks:  # a query head chunk split at a GQA group boundary
+        nb = len(plan.batch_shape)
+        out, lse = out.rechunk({nb: plan.out_head_chunks}), lse.rechunk({nb: plan.out_head_chunks})
     return (out, lse) if return_lse else out
 
 

@@ -2,15 +2,18 @@
 
 The rules (each broken rule is a ``ValueError`` naming the arrays and their chunks, raised while
 the graph is built, before any task runs; Dask's own functions would rechunk silently, this
-module never moves data behind the caller's back):
+module moves data behind the caller's back only where grouped-query heads need it, below):
 
 * the feature axes (E of query and key, Ev of value) are whole: one chunk each;
 * key and value are chunked alike along S;
 * along a batch axis, every array of that axis's full size has the same chunks (arrays of size 1
   broadcast, as in torch);
-* heads: query and output share their head chunks; key/value heads are chunked alike, and with
-  ``enable_gqa`` (each key/value head serves ``g`` query heads) each query head chunk is ``g``
-  times the key/value chunk at the same position;
+* heads: query and output share their head chunks; key/value heads are chunked alike. With
+  ``enable_gqa`` (each key/value head serves ``g`` query heads) the query's head chunks decide:
+  any chunks are taken (one head per chunk is how dask users chunk), and the key/value heads are
+  rechunked to serve them; a query chunk that straddles a group boundary without holding whole
+  groups is split there for the computation (the query and a head-chunked mask are split too,
+  and the output is given the query's chunks back). The values are those of one call either way;
 * an ``attn_mask`` given as a dask array is chunked like the scores ``(..., Hq, L, S)`` on every
   axis where it is not of size 1.
 
@@ -41,6 +44,12 @@ def default_chunks(
     heads, in whole groups of ``group`` (GQA), are grouped until a chunk holds about
     ``target_rows`` rows; then entries of the last batch axis likewise; other batch axes are one
     entry per chunk. ``target_rows`` is ``engine.runtime.config.DASK_CHUNK_ROWS`` (2048) by default.
+
+    :param batch_shape: the batch dims.
+    :param heads: query heads.
+    :param rows: L or S.
+    :param group: query heads per key/value head (GQA), kept in one chunk.
+    :param target_rows: rows per chunk aimed at.
     """
     per_row = max(1, min(rows, target_rows))
     row_chunks = _split(rows, per_row)
@@ -84,6 +93,12 @@ class ChunkPlan:
     q_chunks: tuple
     k_chunks: tuple
     two_d: bool
+    #: the key/value head block each output head block reads (GQA: several query head blocks
+    #: may read one key/value block); ``range(len(head_chunks))`` without GQA
+    kv_head_block: tuple = ()
+    #: the output's head chunks as the query asked for them (``head_chunks`` may split a query
+    #: chunk at a GQA group boundary for the computation)
+    out_head_chunks: tuple = ()
 
     @property
     def rank(self) -> int:
@@ -94,7 +109,8 @@ class ChunkPlan:
         query chunk qi and key chunk kj reads: index 0 along axes where ``arr`` broadcasts."""
         nb = len(self.batch_shape)
         idx = [0 if arr.shape[d] == 1 else bidx[d] for d in range(nb)]
-        idx.append(0 if arr.shape[nb] == 1 else hi)
+        kv = kind in ("key", "value") and self.kv_head_block
+        idx.append(0 if arr.shape[nb] == 1 else self.kv_head_block[hi] if kv else hi)
         if kind == "query":
             idx += [qi, 0]
         elif kind in ("key", "value"):
@@ -157,7 +173,7 @@ def plan_chunks(
     for d, n in enumerate(batch_shape):
         asks = {nm: x.chunks[d] for nm, x in padded.items() if isinstance(x, da.Array) and x.shape[d] == n > 1}
         batch_chunks.append(_agree(asks, f"batch axis {d} (size {n})", defaults[d] if n > 1 else (n,)))
-    head_chunks = _head_chunks(padded, Hq, H, g, bool(enable_gqa), nb, defaults[nb])
+    out_heads, head_chunks, kv_heads, kv_block = _head_chunks(padded, Hq, H, g, nb, defaults[nb])
     q_asks = {"query": padded["query"].chunks[nb + 1]} if isinstance(padded["query"], da.Array) else {}
     k_asks = {nm: padded[nm].chunks[nb + 1] for nm in ("key", "value") if isinstance(padded[nm], da.Array)}
     mask = padded.get("attn_mask")
@@ -176,7 +192,6 @@ def plan_chunks(
     k_chunks = _agree(k_asks, f"S (axis -2 of key and value, -1 of attn_mask; S = {problem.S})", k_default)
 
     # -- every input as a dask array with those chunks
-    kv_heads = tuple(c // g for c in head_chunks)
     out = {}
     for name, x in padded.items():
         want = [batch_chunks[d] if x.shape[d] > 1 else (x.shape[d],) for d in range(nb)]
@@ -184,7 +199,7 @@ def plan_chunks(
         if name in ("query", "attn_mask"):
             want.append(head_chunks if heads == Hq > 1 else (heads,))
         else:
-            want.append((heads,) if heads == 1 else kv_heads if g > 1 else head_chunks)
+            want.append((heads,) if heads == 1 else kv_heads)
         if name == "query":
             want += [q_chunks, (x.shape[-1],)]
         elif name in ("key", "value"):
@@ -196,6 +211,8 @@ def plan_chunks(
             ]
         want = tuple(tuple(c) for c in want)
         if isinstance(x, da.Array):
+            if g > 1 and tuple(x.chunks[nb]) != want[nb]:  # GQA: heads aligned to the groups
+                x = x.rechunk({nb: want[nb]})
             if tuple(x.chunks) != want:  # every rule above holds, so this is a broadcast axis
                 raise ValueError(f"{name} has chunks {x.chunks}, expected {want} for these inputs")
             out[name] = x
@@ -213,6 +230,8 @@ def plan_chunks(
         q_chunks=tuple(q_chunks),
         k_chunks=tuple(k_chunks),
         two_d=two_d,
+        kv_head_block=tuple(kv_block),
+        out_head_chunks=tuple(out_heads),
     )
 
 
@@ -231,13 +250,16 @@ def _agree(asks: dict, axis: str, default: tuple) -> tuple:
         detail = ", ".join(f"{n} {tuple(c)}" for n, c in asks.items())
         raise ValueError(
             f"the inputs are chunked differently along {axis}: {detail}; rechunk them "
-            "alike (the engine never rechunks for you)"
+            "alike (the engine does not rechunk them for you)"
         )
     return distinct.pop() if distinct else tuple(default)
 
 
-def _head_chunks(padded: dict, Hq: int, H: int, g: int, gqa: bool, nb: int, default: tuple) -> tuple:
-    """The output's head chunks, from the query (and mask) and from key/value (times ``g``)."""
+def _head_chunks(padded: dict, Hq: int, H: int, g: int, nb: int, default: tuple) -> tuple:
+    """``(asked, heads, kv_chunks, kv_block)``: the output's head chunks as the query (and mask)
+    ask for them; the head chunks computed (``asked`` split at GQA group boundaries where a chunk
+    straddles one without holding whole groups); the key/value head chunks; and, per computed
+    head chunk, the index of the key/value head chunk it reads."""
     q, mask = padded["query"], padded.get("attn_mask")
     asks, kv = {}, {}
     if isinstance(q, da.Array) and q.shape[nb] == Hq > 1:
@@ -252,24 +274,49 @@ def _head_chunks(padded: dict, Hq: int, H: int, g: int, gqa: bool, nb: int, defa
         raise ValueError(
             f"key and value must be chunked alike along the head axis (-3), got key {kv['key']} and value {kv['value']}"
         )
-    if g > 1 and "query" in asks and any(c % g for c in asks["query"]):
-        raise ValueError(
-            f"with enable_gqa=True each key/value head serves {g} query heads, so the "
-            f"query's head chunks must be multiples of {g}; got {asks['query']}"
-        )
-    if g > 1 and kv:
+    axis = f"the head axis (-3; {Hq} query heads, {H} key/value heads)"
+    if g <= 1:
+        if kv and H == Hq:
+            asks.update(kv)
+        heads = _agree(asks, axis, default)
+        return heads, heads, heads, tuple(range(len(heads)))
+    if not asks and kv:  # only key/value chunk the heads: their groups of query heads
         name, chunks = next(iter(kv.items()))
-        scaled = tuple(c * g for c in chunks)
-        if "query" in asks and asks["query"] != scaled:
-            raise ValueError(
-                f"with enable_gqa=True each key/value head serves {g} query heads, so "
-                f"the query's head chunks must be {g} times the {name}'s: got query "
-                f"{asks['query']} and {name} {chunks} (query chunks {scaled} would match)"
-            )
-        asks[name] = scaled
-    elif kv and H == Hq:
-        asks.update(kv)
-    heads = _agree(asks, f"the head axis (-3; {Hq} query heads, {H} key/value heads)", default)
-    if g > 1 and any(c % g for c in heads):
-        raise ValueError(f"head chunks {heads} must be multiples of the GQA group {g}")
-    return heads
+        asks[name] = tuple(c * g for c in chunks)
+    asked = _agree(asks, axis, default)
+    heads = _split_at_groups(asked, g)
+    kv_chunks, kv_block = _kv_blocks(heads, g)
+    return asked, heads, kv_chunks, kv_block
+
+
+def _split_at_groups(chunks: tuple, g: int) -> tuple:
+    """``chunks`` (of query heads) with every chunk that straddles a boundary of the groups of
+    ``g`` heads, without being whole groups, cut there: each piece is then whole groups or inside
+    one group. One head per chunk, or chunks of whole groups, come back unchanged."""
+    out, start = [], 0
+    for c in chunks:
+        end = start + c
+        if c == 0 or (start % g == 0 and end % g == 0) or start // g == (end - 1) // g:
+            out.append(c)
+        else:
+            first, last = -(-start // g) * g, end // g * g  # group boundaries inside the chunk
+            pieces = [first - start, last - first, end - last]
+            out += [p for p in pieces if p]
+        start = end
+    return tuple(out)
+
+
+def _kv_blocks(heads: tuple, g: int) -> tuple:
+    """``(kv_chunks, kv_block)`` for query head chunks that are whole groups or inside one group:
+    the key/value heads each chunk reads (``[start // g, ceil(end / g))``) partition the key/value
+    heads; consecutive chunks inside one group read the same block."""
+    kv_chunks, kv_block, start, last = [], [], 0, None
+    for c in heads:
+        end = start + c
+        span = (start // g, -(-end // g))
+        if c and span != last:
+            kv_chunks.append(span[1] - span[0])
+            last = span
+        kv_block.append(max(len(kv_chunks) - 1, 0))
+        start = end
+    return tuple(kv_chunks) or (0,), tuple(kv_block)

@@ -119,8 +119,38 @@ def time_distributed(client, q, k, v, causal, split_every=None) -> dict:
     out = client.persist(out)
     wait(out)
     seconds = time.perf_counter() - start
-    moved = transfer_bytes(client, t0)
+    moved = transfer_bytes(client, t0, len(counts["merges_per_level"]))
     return {"seconds": seconds, "tasks": counts, "bytes_moved": moved, "out": out}
+
+
+def describe_tasks(t: dict) -> str:
+    """The task counts as a sum that adds up (``engine.distributed.metrics.task_counts``)."""
+    parts = [f"{t['pairs']} pairs", f"{t['merges']} merges"]
+    if t["merges_per_level"]:
+        parts[-1] += f" (per level {', '.join(map(str, t['merges_per_level']))})"
+    for key, what in (
+        ("empty", "empty blocks"),
+        ("outs", "out"),
+        ("lses", "lse"),
+        ("specs", "spec"),
+        ("other", "other"),
+    ):
+        if t.get(key):
+            parts.append(f"{t[key]} {what}")
+    return f"{t['attention']} attention tasks = {' + '.join(parts)}; {t['graph']} in the graph with the inputs"
+
+
+def describe_bytes(moved: dict) -> str:
+    """Bytes moved between workers, by kind; the merge results per level of the merge tree."""
+    levels = moved["merge_levels"]
+    if levels:
+        merges = f"merge results {sum(levels) / 1e6:.1f} MB (per level {', '.join(f'{b / 1e6:.1f}' for b in levels)})"
+    else:
+        merges = "no merge tasks (one key chunk)"
+    return (
+        f"{moved['total'] / 1e6:.1f} MB between workers in {moved['transfers']} transfers (inputs "
+        f"{moved['inputs'] / 1e6:.1f} MB, pair results {moved['pairs'] / 1e6:.1f} MB, {merges})"
+    )
 
 
 def time_cpu(q, k, v, causal, threads) -> tuple[float, np.ndarray]:
@@ -162,15 +192,8 @@ def run(args) -> int:
         d = time_distributed(client, q, k, v, args.causal, args.split_every)
         t = d["tasks"]
         moved = d["bytes_moved"]
-        print(
-            f"distributed  {d['seconds']:.3f} s; tasks: {t['attention']} attention ({t['pairs']} pairs, "
-            f"{t['merges']} merges), {t['graph']} in the graph with the inputs"
-        )
-        print(
-            f"bytes moved  {moved['total'] / 1e6:.1f} MB between workers in {moved['transfers']} "
-            f"transfers (inputs {moved['inputs'] / 1e6:.1f} MB, pair results {moved['pairs'] / 1e6:.1f} MB, "
-            f"merge levels {[round(b / 1e6, 1) for b in moved['merge_levels']]} MB)"
-        )
+        print(f"distributed  {d['seconds']:.3f} s; {describe_tasks(t)}")
+        print(f"bytes moved  {describe_bytes(moved)}")
         record = {
             "cluster": kind,
             "workers": len(info),

@@ -18,20 +18,37 @@ def _name(key) -> str:
 
 
 def task_counts(*arrays) -> dict:
-    """Tasks in the graph of ``arrays`` (dask arrays from ``engine.distributed``): ``pairs``
-    ((query chunk, key chunk) tasks), ``merges`` (per level), ``attention`` (all the engine's
-    tasks: spec, pairs, merges, empty blocks, out and lse) and ``graph`` (everything, inputs too)."""
+    """Tasks in the graph of ``arrays`` (dask arrays from ``engine.distributed``): ``attention``
+    (all the engine's tasks) is the sum of ``pairs`` ((query chunk, key chunk) tasks), ``merges``
+    (``merges_per_level``), ``empty`` (blocks that see no key), ``outs`` and ``lses`` (one per
+    output block), ``specs`` (the call's shared arguments) and ``other`` (anything else the
+    engine's layers hold, e.g. a rechunk of the result); ``graph`` counts everything, inputs too."""
     graph = {}
     for a in arrays:
         graph.update(dict(a.__dask_graph__()))
-    pairs = sum(1 for k in graph if _name(k).startswith("attention-pair-"))
-    levels = Counter(k[1] for k in graph if _name(k).startswith("attention-merge-") and k[1] != "empty")
-    attention = sum(1 for k in graph if _name(k).startswith("attention-"))
+    kinds: Counter = Counter()
+    levels: Counter = Counter()
+    for k in graph:
+        name = _name(k)
+        if not name.startswith("attention-"):
+            continue
+        kind = name.split("-")[1]
+        if kind == "merge":
+            if k[1] == "empty":
+                kind = "empty"
+            else:
+                levels[k[1]] += 1
+        kinds[kind if kind in ("pair", "merge", "empty", "out", "lse", "spec") else "other"] += 1
     return {
-        "pairs": pairs,
-        "merges": sum(levels.values()),
+        "pairs": kinds["pair"],
+        "merges": kinds["merge"],
         "merges_per_level": [levels[i] for i in sorted(levels)],
-        "attention": attention,
+        "empty": kinds["empty"],
+        "outs": kinds["out"],
+        "lses": kinds["lse"],
+        "specs": kinds["spec"],
+        "other": kinds["other"],
+        "attention": sum(kinds.values()),
         "graph": len(graph),
     }
 
@@ -49,10 +66,12 @@ def _incoming_log(dask_worker=None):
     ]
 
 
-def transfer_bytes(client, since: float) -> dict:
+def transfer_bytes(client, since: float, merge_levels: int = 0) -> dict:
     """Bytes fetched from worker to worker since ``since`` (``time.time()`` on this machine):
     ``total``, ``inputs`` (blocks of the query, key, value, mask), ``pairs`` (pair results sent to
-    a merge), ``merge_levels`` (partial results of merge level 0, 1, ... sent on), ``transfers``."""
+    a merge), ``merge_levels`` (partial results of merge level 0, 1, ... sent on: one entry per
+    level of the graph's merge tree, ``merge_levels`` of them, 0 where nothing moved),
+    ``transfers``."""
     total = inputs = pairs = transfers = 0
     levels: Counter = Counter()
     for entries in client.run(_incoming_log).values():
@@ -72,7 +91,7 @@ def transfer_bytes(client, since: float) -> dict:
         "total": total,
         "inputs": inputs,
         "pairs": pairs,
-        "merge_levels": [levels[i] for i in sorted(k for k in levels if isinstance(k, int))],
+        "merge_levels": [levels[i] for i in range(max([merge_levels] + [k + 1 for k in levels if isinstance(k, int)]))],
         "transfers": transfers,
     }
 

@@ -41,15 +41,22 @@ def apply_variant(variant, query, key=None, value=None, *, key_padding_mask=None
     """Run ``variant`` over every sequence of a dask array; return the output as a dask array.
 
     :param variant: an ``engine.Variant`` instance (``engine.get_variant(name, **params)``).
+    :type variant: Variant
     :param query: ``(N, L, E)`` (``(L, N, E)`` for a variant built with ``batch_first=False``),
         a dask array chunked along N only (L and E whole), or a NumPy array, which is chunked
         along N into chunks of about ``engine.runtime.config.DASK_CHUNK_ROWS`` (2048) query rows.
-    :param key, value: optional, as the variant takes them, chunked along N like ``query``.
+    :type query: dask.array.Array | ndarray
+    :param key: optional, as the variant takes it, chunked along N like ``query``.
+    :type key: dask.array.Array | ndarray | None
+    :param value: likewise.
+    :type value: dask.array.Array | ndarray | None
     :param key_padding_mask: ``(N, S)``, chunked along N like ``query`` (NumPy: chunked for you).
+    :type key_padding_mask: dask.array.Array | ndarray | None
     :param kwargs: other keywords of the variant's call. A dask array here is per sequence: its
         first axis is N, chunked like ``query``. Anything else (``is_causal``, an ``(L, S)``
         ``attn_mask``, ``backend``) is passed as it is to every chunk, shipped once per worker
         with the variant. ``need_weights=True`` is refused: the result is the output only.
+    :type kwargs: Any
     :return: the variant's output, a dask array ``(N, L, E_out)`` (or ``(L, N, E_out)``) chunked
         along N like ``query``.
     :raises TypeError: a non-variant (and the variant's own type errors, from a call on zero

@@ -71,12 +71,30 @@ def mask_mod_kinds(
     fine = fine.reshape(tuple(batch_shape) + fine.shape[1:])
     visible, full = fine != EMPTY, fine == FULL
     # where each block begins along each axis of the tile map (chunk starts are multiples of tiles)
-    begins = [starts(c) for c in batch_chunks] + [starts(head_chunks), starts(q_chunks) // tq, starts(k_chunks) // tk]
-    for axis, idx in enumerate(begins):
-        visible = np.logical_or.reduceat(visible, idx, axis=axis)
-        full = np.logical_and.reduceat(full, idx, axis=axis)
+    chunks = list(batch_chunks) + [head_chunks, q_chunks, k_chunks]
+    tiles = [1] * (len(batch_chunks) + 1) + [tq, tk]
+    for axis, (c, t) in enumerate(zip(chunks, tiles)):
+        visible = _reduce_chunks(np.logical_or, visible, c, t, axis)
+        full = _reduce_chunks(np.logical_and, full, c, t, axis)
     kinds = np.where(full, FULL, np.where(visible, PARTIAL, EMPTY)).astype(np.int8)
     return kinds
+
+
+def _reduce_chunks(ufunc, a: np.ndarray, chunks: tuple, tile: int, axis: int) -> np.ndarray:
+    """``ufunc`` reduced over each chunk's tiles along ``axis``; an empty chunk (size 0, anywhere,
+    trailing ones included: ``reduceat`` can neither start past the end nor reduce nothing) gets
+    False, so its pairs are EMPTY and never become tasks."""
+    sizes = np.asarray(chunks, np.int64)
+    nonempty = sizes > 0
+    shape = list(a.shape)
+    shape[axis] = len(chunks)
+    out = np.zeros(shape, bool)
+    if nonempty.any():
+        reduced = ufunc.reduceat(a, starts(chunks)[nonempty] // tile, axis=axis)
+        index = [slice(None)] * a.ndim
+        index[axis] = nonempty
+        out[tuple(index)] = reduced
+    return out
 
 
 def combine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

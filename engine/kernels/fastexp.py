@@ -5,7 +5,7 @@ the classic range reduction x = n*ln2 + r, |r| <= ln2/2, a polynomial for e^r, a
 from exponent bits by a bit cast (an LLVM ``bitcast``, so the whole function is branch-free
 straight-line code that LLVM turns into SIMD when it is called inside a loop).
 
-Contract (tested in ``tests/test_fastexp.py``): for x <= 0, relative error below 2.5e-7
+Contract (tested in ``tests/kernels/test_fastexp.py``): for x <= 0, relative error below 2.5e-7
 (float32, about 2 ulp) and 1e-15 (float64) wherever e^x is a normal number; exactly 0.0 for
 x = -inf and for x below ``_CUT_F32``/``_CUT_F64``, where e^x is below the smallest normal (its
 true value there is < 1.2e-38 or 2.3e-308: negligible next to the row maximum's own term, 1); NaN

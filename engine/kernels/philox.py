@@ -6,7 +6,7 @@ is carried from one draw to the next, so the forward can draw the keep/drop deci
 ``(b, h, i, j)`` in any order, on any tile, on any thread, and the backward regenerates exactly the
 same decision instead of storing an L x S mask (FlashAttention and torch's CUDA dropout do the
 same, with the same generator). Checked against the Random123 known-answer vectors in
-``tests/test_dropout.py``.
+``tests/backward/test_dropout.py``.
 
 Layout of the dropout stream (:func:`keep_scale`): key = the 64-bit seed (low word, high word);
 counter = ``(j // 4, i, h, b)``, and word ``j % 4`` of the result decides element ``(b, h, i, j)``

@@ -8,15 +8,28 @@ forward and backward kernels and the score_mod derivative.
 
 import hashlib
 import marshal
+import os
 import types
 
 from ..runtime.jit_cache import cache_enabled
 
-__all__ = ["named", "cache_tag"]
+__all__ = ["named", "cache_tag", "CACHED_MODS_ENV"]
 
 #: packages whose mods get disk-cached kernels (importable by every process, edited only with
 #: the package): the built-in variants and the engine itself
 _CACHED_MOD_PACKAGES = ("variants", "engine")
+
+#: opt-in: comma-separated top-level modules or packages whose mods are disk-cached too, as the
+#: built-ins' are (a test suite's or a project's own mods module; docs/mods.md says when it is safe)
+CACHED_MODS_ENV = "ATTENTION_ENGINE_CACHED_MODS"
+
+
+def _cached_mod_packages() -> tuple[str, ...]:
+    """The built-in packages and those named by ``ATTENTION_ENGINE_CACHED_MODS`` (read per call,
+    so a test suite may set it after ``engine`` was imported). ``__main__`` is never one: a
+    script's module is another module in every process."""
+    extra = (name.strip() for name in os.environ.get(CACHED_MODS_ENV, "").split(","))
+    return _CACHED_MOD_PACKAGES + tuple(name for name in extra if name and name != "__main__")
 
 
 def named(code, env, name, tag):
@@ -36,10 +49,11 @@ def cache_tag(*mods):
     mod gets a new entry. ``None`` entries stand for "no mod". Not cached: closures (their captured
     values are compiled in but are not in the code) and mods from elsewhere (a script's module
     cannot be imported by the next process; a third-party mod may call functions whose edits the
-    tag cannot see).
+    tag cannot see), unless their top-level package is named in ``ATTENTION_ENGINE_CACHED_MODS``.
     """
     if not cache_enabled():
         return None
+    packages = _cached_mod_packages()
     h = hashlib.sha256()
     for mod in mods:
         if mod is None:
@@ -47,7 +61,7 @@ def cache_tag(*mods):
             continue
         fn = getattr(mod, "py_func", mod)
         module = getattr(fn, "__module__", None) or ""
-        if module.split(".")[0] not in _CACHED_MOD_PACKAGES or not hasattr(fn, "__code__"):
+        if module.split(".")[0] not in packages or not hasattr(fn, "__code__"):
             return None
         if fn.__closure__:  # captured values are compiled in, and the code does not show them
             return None

@@ -18,6 +18,8 @@ import time
 
 import numpy as np
 
+from ..runtime.machine import cpu_model
+
 #: (name, prompt lengths): one prompt, and a ragged batch of four
 CASES = [("batch 1", (16,)), ("ragged batch 4", (8, 16, 24, 32))]
 
@@ -127,21 +129,10 @@ def run(args) -> int:
             "threads": args.threads,
             "backend": args.backend,
             "cache_dtype": args.cache_dtype,
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
             "python": platform.python_version(),
             "torch": torch.__version__,
         }
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=2)
     return 0 if all(r["same_tokens"] for r in results) or args.cache_dtype != "float32" else 1
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"

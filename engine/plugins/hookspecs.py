@@ -27,10 +27,13 @@ def attention_variants():
 
 @hookspec
 def attention_backends():
-    """Contribute compute backends for ``scaled_dot_product_attention``.
+    """Contribute compute backends (forward, backward, decoding, ...: one op per capability).
 
     :return: a list of ``engine.backends.Backend`` subclasses (classes, not instances). Each
-        declares ``name``, ``description``, its supported ``dtypes`` and a ``priority`` used by
-        ``backend="auto"`` (highest first among those whose ``not_supported_reasons`` is empty).
-        The built-in ``reference``, ``cpu`` and ``cuda`` backends come through this hook.
+        declares ``name``, ``description``, a ``priority`` used by ``backend="auto"`` (highest
+        first among those whose ``not_supported_reasons`` is empty) and ``ops``: one
+        ``engine.backends.Op`` subclass per capability it has, each naming its ``problem_type``
+        and declaring what it supports (``dtypes``, ``supports_mods``...). A backend without an op
+        for a problem type refuses those problems by name. The built-in ``reference``, ``cpu`` and
+        ``cuda`` backends come through this hook (see ``docs/architecture.md``).
     """

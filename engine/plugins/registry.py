@@ -102,7 +102,13 @@ def list_variants() -> list[str]:
 
 
 def get_variant(name: str, **params):
-    """A new instance of the variant called ``name``, constructed with ``params``."""
+    """A new instance of the variant called ``name``, constructed with ``params``.
+
+    :param name: a name from :func:`list_variants`.
+    :param params: the variant class's constructor arguments (``embed_dim``, ``num_heads``,
+        ``dtype``, ``seed``...).
+    :type params: Any
+    """
     variants = _registry()
     if name in _conflicts:
         raise PluginError(_describe_conflict(name, _conflicts[name]))
@@ -117,6 +123,10 @@ def register_plugin(plugin, name: str | None = None) -> str:
     Raises ``PluginError`` (and registers nothing) if it implements unknown hooks, offers a
     malformed variant, offers a variant name that is already taken (naming both plugins), or if
     ``name`` is blocked by ``ATTENTION_ENGINE_BLOCK_PLUGINS``.
+
+    :param plugin: a module, class or object with ``@engine.hookimpl`` functions.
+    :type plugin: object
+    :param name: the name to register it under (default: pluggy's).
     """
     with _lock:
         pm = get_plugin_manager()
@@ -162,7 +172,10 @@ def _check_own_variants(pm: pluggy.PluginManager, plugin_name: str) -> None:
 
 
 def unregister_plugin(name: str) -> None:
-    """Remove the plugin registered under ``name``; ``ValueError`` if there is none."""
+    """Remove the plugin registered under ``name``; ``ValueError`` if there is none.
+
+    :param name: the name :func:`register_plugin` returned.
+    """
     with _lock:
         pm = get_plugin_manager()
         if not pm.has_plugin(name):

@@ -95,6 +95,14 @@ def as_array(x: Any, name: str) -> Any:
         return native(x)
     if x is None:
         raise TypeError(f"{name} must be an array, got None")
+    if getattr(x, "requires_grad", False) and type(x).__module__.startswith("torch"):
+        # np.asarray would fail with torch's "use tensor.detach().numpy()", and detaching would
+        # silently drop the gradient the caller asked for
+        raise TypeError(
+            f"{name} is a torch tensor that requires grad (shape {tuple(x.shape)}); the NumPy API "
+            "computes no gradients: use engine.torch.scaled_dot_product_attention for autograd, or "
+            f"pass {name}.detach() if no gradient is wanted"
+        )
     if is_device_array(x):
         return x
     try:

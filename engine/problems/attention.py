@@ -57,6 +57,9 @@ class AttentionProblem(Problem):
     #: with ``is_causal``: query i sees keys j <= i + causal_offset (0: top left, as torch's
     #: ``is_causal``; S - L: bottom right, from ``engine.causal_lower_right``)
     causal_offset: int = 0
+    #: the shapes of query, key and value as the caller passed them (``query``/``key``/``value``
+    #: hold their broadcast views): the gradients are summed back to these
+    input_shapes: tuple = ()
 
     @property
     def batch(self) -> int:
@@ -160,6 +163,7 @@ def validate_attention_args(
             f"device arrays: query={on_device[0]}, key={on_device[1]}, value={on_device[2]}"
         )
 
+    input_shapes = (tuple(q.shape), tuple(k.shape), tuple(v.shape))
     dtypes = [check_float(a, n) for a, n in ((q, "query"), (k, "key"), (v, "value"))]
     if len(set(dtypes)) != 1:
         raise TypeError(f"query, key and value must share one dtype, got {dtypes[0]}, {dtypes[1]}, {dtypes[2]}")
@@ -225,6 +229,7 @@ def validate_attention_args(
         dropout_p=p,
         dropout_seed=seed,
         causal_offset=causal_offset,
+        input_shapes=input_shapes,
         **mods,
     )
 
@@ -309,6 +314,11 @@ def _broadcast_heads(q, k, v, enable_gqa: bool, on_device: bool):
             f"key and value must have the same number of heads (or one of them 1), got key={ks}, value={vs}"
         )
     H = max(hk, hv)
+    if H == 0 and hq != 0:  # checked first: no head count divides by 0 (nor serves a query head)
+        raise ValueError(
+            f"key/value have 0 heads but query has {hq}: every query head needs a key/value head "
+            f"(query={qs}, key={ks}, value={vs})"
+        )
     if hq == H or H == 1:
         Hq = hq
     elif hq == 1 and not enable_gqa:

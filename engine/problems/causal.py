@@ -69,6 +69,9 @@ def causal_lower_right(seq_len_q: int, seq_len_kv: int) -> CausalBias:
     Usable as ``attn_mask`` in ``engine.scaled_dot_product_attention`` (torch's
     ``torch.nn.attention.bias.causal_lower_right``). With L > S the first L - S rows see no key and
     give zeros. ``ValueError`` for a negative or non-integer size.
+
+    :param seq_len_q: L, the query rows.
+    :param seq_len_kv: S, the keys.
     """
     return CausalBias(LOWER_RIGHT, seq_len_q, seq_len_kv)
 

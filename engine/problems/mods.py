@@ -35,6 +35,7 @@ __all__ = [
     "with_score_grad",
     "score_mod_grad",
     "validate_mods",
+    "compile_mods_alone",
     "python_function",
     "EMPTY",
     "PARTIAL",
@@ -72,7 +73,13 @@ def as_jit(fn: Callable, what: str) -> Callable:
 def cast_like(value, like):
     """``value`` converted to the float type of ``like`` (usually the score), in Python and in
     kernels. Mods use it to keep float32 scores in float32: NumPy's rules make int64 * float32 a
-    float64, which halves the SIMD width and costs about 20% at L = 4096 for ALiBi."""
+    float64, which halves the SIMD width and costs about 20% at L = 4096 for ALiBi.
+
+    :param value: a number (an index, a constant).
+    :type value: int | float
+    :param like: a float scalar or array whose type to take.
+    :type like: float | ndarray
+    """
     return np.result_type(like).type(value)
 
 
@@ -242,7 +249,11 @@ class BlockMask:
     _by_tiles: dict = field(default_factory=dict, repr=False)
 
     def kinds_at(self, block_q: int, block_k: int) -> np.ndarray:
-        """The tile map for other tile sizes, derived once and memoised."""
+        """The tile map for other tile sizes, derived once and memoised.
+
+        :param block_q: tile rows.
+        :param block_k: tile columns.
+        """
         want = (min(block_q, max(self.L, 1)), min(block_k, max(self.S, 1)))
         if want == (min(self.block_q, max(self.L, 1)), min(self.block_k, max(self.S, 1))):
             return self.kinds
@@ -267,7 +278,13 @@ class BlockMask:
         return float(np.mean(self.kinds != EMPTY)) if self.kinds.size else 0.0
 
     def check_compatible(self, batch: int, heads: int, L: int, S: int) -> None:
-        """``ValueError`` naming the shapes if this block mask was built for another problem."""
+        """``ValueError`` naming the shapes if this block mask was built for another problem.
+
+        :param batch: the problem's flattened batch.
+        :param heads: its query heads.
+        :param L: its query rows.
+        :param S: its keys.
+        """
         Bm, Hm = self.kinds.shape[:2]
         if (self.L, self.S) != (L, S) or Bm not in (1, batch) or Hm not in (1, heads):
             raise ValueError(
@@ -292,6 +309,15 @@ def create_block_mask(
     Pass ``batch=None``/``heads=None`` when the mask does not depend on ``b``/``h`` (it is then
     evaluated for b = h = 0 only). Cost: one mask evaluation per element, in parallel, and memory of
     one byte per tile.
+
+    :param mask_mod: ``mask_mod(b, h, q_idx, kv_idx, *mod_args) -> bool``, True = may attend.
+    :param batch: flattened batch size, or None when the mask does not depend on ``b``.
+    :param heads: query heads, or None when the mask does not depend on ``h``.
+    :param L: query rows.
+    :param S: keys.
+    :param mod_args: the mask's extra arguments (passed again with the block mask, not separately).
+    :param block_q: tile rows.
+    :param block_k: tile columns.
     """
     from ..kernels.block_sparsity import _classify_blocks
     from ..runtime.threads import kernel_call_guard
@@ -343,6 +369,47 @@ def validate_mods(score_mod, mask_mod, block_mask, mod_args, batch, heads, L, S)
         "mod_args": mod_args,
         "block_mask": block_mask,
     }
+
+
+_compiled_alone: dict = {}
+
+
+def compile_mods_alone(score_mod, mask_mod, mod_args: tuple, score_dtype) -> None:
+    """Compile the (validated) mods on their own for the signature the ``cpu`` kernels call them
+    with: ``score_mod(score_dtype, int64 b, h, q_idx, kv_idx, *mod_args)`` and ``mask_mod(int64
+    b, h, q_idx, kv_idx, *mod_args)``, before a kernel is compiled around them.
+
+    A mod Numba cannot type then fails with Numba's ``TypingError`` from its own compilation, and
+    what Numba warns while typing it (e.g. a ``NumbaTypeSafetyWarning`` for a dict of undefined
+    types) points at the mod's source line, not at the kernel line that calls it. The kernel then
+    reuses these compiled versions (same signature). Memoised per mods, dtype and argument kinds,
+    so a call with compiled mods pays a dictionary lookup."""
+    if score_mod is None and mask_mod is None:
+        return
+    key = (score_mod, mask_mod, np.dtype(score_dtype), tuple(_arg_kind(a) for a in mod_args))
+    if key in _compiled_alone:
+        return
+    from numba import from_dtype, typeof
+
+    args = tuple(typeof(a) for a in mod_args)
+    index = (types.int64,) * 4
+    if score_mod is not None:
+        score_mod.compile((from_dtype(np.dtype(score_dtype)),) + index + args)
+    if mask_mod is not None:
+        mask_mod.compile(index + args)
+    if len(_compiled_alone) > 4096:  # mods made in a loop: forget, rather than hold them all
+        _compiled_alone.clear()
+    _compiled_alone[key] = True
+
+
+def _arg_kind(a):
+    """What Numba's type of a mod argument depends on (a NumPy array's dtype, rank and layout)."""
+    if isinstance(a, np.ndarray):
+        layout = "C" if a.flags.c_contiguous else "F" if a.flags.f_contiguous else "A"
+        return (a.dtype.str, a.ndim, layout, a.flags.writeable, a.flags.aligned)
+    if isinstance(a, (tuple, list)):
+        return (type(a), tuple(_arg_kind(x) for x in a))
+    return type(a)
 
 
 def _check_mod_arity(mod, name: str, fixed: str, n_args: int) -> None:

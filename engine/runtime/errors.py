@@ -8,6 +8,9 @@ class NotSupportedError(ValueError):
 
     ``reasons`` maps each backend name considered to the list of reasons it gave (the same text
     as ``Backend.not_supported_reasons``). A subclass of ``ValueError``, as before it existed.
+
+    :param message: what failed, with every reason.
+    :param reasons: backend name -> its reasons.
     """
 
     def __init__(self, message: str, reasons: dict[str, list[str]] | None = None):

@@ -37,7 +37,6 @@ against the ``reference`` backend).
 from __future__ import annotations
 
 import ctypes
-import functools
 import glob
 import os
 import sys
@@ -53,6 +52,7 @@ from .config import (
     GEMM_CALIBRATION_MARGIN,
     GEMM_HALF_CPU_FLAGS,
 )
+from .machine import cpu_flags, cpu_vendor
 from .tuning import lookup
 
 __all__ = [
@@ -106,19 +106,6 @@ class GemmProvider:
 _lock = threading.Lock()
 _loaded: dict[str, GemmProvider | str] = {}  # name -> provider, or the reason it cannot load
 _forced: str | None = None
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_flags() -> frozenset:
-    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
 
 
 def _lib_dirs() -> list[str]:
@@ -231,6 +218,7 @@ def set_gemm_provider(name: str | None) -> None:
     :data:`PROVIDERS`, ``"calibrate"`` (time the installed ones, keep the fastest), or ``None`` /
     ``"auto"`` (the rule per CPU vendor). Overrides ``ATTENTION_ENGINE_GEMM``.
 
+    :param name: a provider name, ``"calibrate"``, ``"auto"`` or None.
     :raises ValueError: for an unknown name, or a provider that cannot load here (with the reason).
     """
     global _forced
@@ -306,16 +294,9 @@ def _calibrate(dtype_name: str, candidates: list[GemmProvider]) -> tuple[str, di
     return choose_fastest(seconds), seconds
 
 
-@functools.lru_cache(maxsize=None)
 def _vendor() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    """The CPU vendor (a function of its own so tests can pretend to be another CPU)."""
+    return cpu_vendor()
 
 
 def auto_order(vendor: str | None = None) -> tuple:
@@ -330,6 +311,7 @@ def get_gemm_provider(dtype_name: str = "float32") -> GemmProvider:
     provider of :func:`auto_order`. ``calibrate``: the fastest installed candidate (timed once per
     process and dtype).
 
+    :param dtype_name: ``"float32"`` or ``"float64"`` (the operands' dtype).
     :raises ValueError: when ``ATTENTION_ENGINE_GEMM`` names an unknown or unloadable provider.
     """
     name = _requested()

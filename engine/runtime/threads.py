@@ -159,7 +159,10 @@ def _check_count(n) -> None:
 
 
 def set_num_threads(n: int | None) -> None:
-    """Threads the ``cpu`` backend uses (``None``: all of Numba's, ``NUMBA_NUM_THREADS``)."""
+    """Threads the ``cpu`` backend uses (``None``: all of Numba's, ``NUMBA_NUM_THREADS``).
+
+    :param n: threads, >= 1 and at most ``NUMBA_NUM_THREADS``; None for all.
+    """
     global _num_threads
 
     if n is not None:

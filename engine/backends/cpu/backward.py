@@ -8,6 +8,7 @@ import numpy as np
 from ...kernels.cpu.gemm import GEMM_NUMPY
 from ...problems.attention import BackwardProblem
 from ...problems.masks import reduce_to_shape
+from ...problems.mods import compile_mods_alone
 from ...runtime.gemm_providers import get_gemm_provider
 from ...runtime.threads import get_num_threads, kernel_call_guard
 from ..base import Op
@@ -62,6 +63,7 @@ class CpuBackward(Op):
         # work per key tile: the query tiles it meets (causal: those at or below the diagonal)
         first = (np.arange(nkb) * block_k // block_q) if problem.is_causal else np.zeros(nkb, np.int64)
         bounds = split_bounds(nqb - first, splits)
+        compile_mods_alone(problem.score_mod, problem.mask_mod, problem.mod_args, dt)
         tiles = ALL_FULL
         if problem.mask_mod is not None:
             tiles = tile_kinds(problem, block_q, block_k)

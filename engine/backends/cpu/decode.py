@@ -10,6 +10,7 @@ import numpy as np
 
 from ...kernels.cpu.half_floats import BFLOAT16_BITS, FLOAT16_BITS
 from ...problems.decode import DecodeProblem
+from ...problems.mods import compile_mods_alone
 from ...runtime.config import (
     CPU_SERIAL_MAX_WORK,
     DECODE_BLOCK_K,
@@ -90,6 +91,7 @@ def _attend(problem: DecodeProblem, blas_pin):
     # keys read: tiny calls run serially (the thread pool's wake-up costs more than it gains)
     work = int(seqlens_k.sum()) * problem.num_q_heads * L * (problem.E + Ev)
     serial = splits == 1 and work <= CPU_SERIAL_MAX_WORK
+    compile_mods_alone(problem.score_mod, problem.mask_mod, problem.mod_args, compute)
     kernel = _kernels().decode_kernel(problem.score_mod, problem.mask_mod, serial)
     # few rows per task: the kernel's own loops, no BLAS call, so nothing to pin (it costs microseconds)
     small = group * L <= DECODE_FUSED_ROWS

@@ -10,6 +10,7 @@ import numpy as np
 from ...kernels.cpu.gemm import GEMM_CBLAS, GEMM_CBLAS_BF16, GEMM_CBLAS_F16, GEMM_NUMPY
 from ...problems.attention import AttentionProblem
 from ...problems.base import dtype_name
+from ...problems.mods import compile_mods_alone
 from ...runtime.config import (
     BLAS_SINGLE_THREAD_MNK,
     CPU_QUIET_OPENMP_MIN_WORK,
@@ -145,6 +146,7 @@ class CpuForward(Op):
             pin = pin()
         if gemm[0] == GEMM_CBLAS:
             jit = tile_jit_kernels(provider, name, block_q, block_k, problem.E, problem.Ev)
+        compile_mods_alone(problem.score_mod, problem.mask_mod, problem.mod_args, problem.dtype)
         tiles = ALL_FULL
         if problem.mask_mod is not None:
             tiles = tile_kinds(problem, block_q, block_k)

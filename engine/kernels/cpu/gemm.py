@@ -26,7 +26,7 @@ guarantees both, or does not offer it).
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from ...runtime.jit_cache import cache_enabled
 from .blas import gemm_acc
@@ -128,12 +128,27 @@ def _operand(x):
     return -1, 0
 
 
+def _blas_layout(x):
+    """``x`` itself when its type is C- or F-ordered, else a C-ordered copy (in Python: ``x``)."""
+    return x
+
+
+@overload(_blas_layout, inline="always")
+def _blas_layout_overload(x):
+    # Numba's np.dot copies an operand of layout 'A' anyway, with a NumbaPerformanceWarning at
+    # compile time (misnamed "np.vdot() is faster on contiguous arrays"); the copy is made here
+    # explicitly instead, so the fallback path below compiles without a warning
+    if isinstance(x, types.Array) and x.layout not in "CF":
+        return lambda x: np.ascontiguousarray(x)
+    return lambda x: x
+
+
 @njit(cache=_CACHE)
 def tile_gemm(kind, fn, a, b, c):
     """``c = a @ b`` (``a`` (m, k), ``b`` (k, n), ``c`` (m, n) C-ordered, one float dtype) with
     provider ``kind`` (a ``GEMM_*`` code) and its C function ``fn`` (an address; 0 for
     ``GEMM_NUMPY``). An operand in neither row- nor column-major layout, or an empty dimension,
-    goes to ``np.dot``.
+    goes to ``np.dot`` (an operand whose type is neither C- nor F-ordered is copied first).
     """
     m, kk = a.shape
     n = b.shape[1]
@@ -145,7 +160,7 @@ def tile_gemm(kind, fn, a, b, c):
                 fn, ta, tb, m, n, kk, c.dtype.type(1), a, lda, b, ldb, c.dtype.type(0), c, c.strides[0] // c.itemsize
             )
             return
-    np.dot(a, b, c)
+    np.dot(_blas_layout(a), _blas_layout(b), c)
 
 
 @njit(cache=_CACHE)

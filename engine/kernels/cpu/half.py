@@ -8,7 +8,7 @@
   wrapper (NumPy's own float16 casts ran at about 2 ns per element here, 8-12% of an L = 1024
   attention call; these vectorised loops at about 0.1).
 
-Both are tested against ml_dtypes / NumPy on every class of input in ``tests/test_cpu_16bit.py``.
+Both are tested against ml_dtypes / NumPy on every class of input in ``tests/forward/test_cpu_16bit.py``.
 """
 
 from llvmlite import binding, ir

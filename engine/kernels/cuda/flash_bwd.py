@@ -56,9 +56,9 @@ import threading
 import numpy as np
 from numba import cuda, float32  # this module is imported only when the cuda backend runs
 
-from ..kinds import MASK_BOOL, MASK_FLOAT, TILE_EMPTY, TILE_PARTIAL
+from ..kinds import TILE_EMPTY, TILE_PARTIAL
 from .bfloat16 import bf16_to_float32, float32_to_bf16
-from .flash_fwd import _no_mask_mod, _no_score_mod, device_function, philox_device, python_function
+from .flash_fwd import _no_mask_mod, _no_score_mod, device_function, masked_score, philox_device, python_function
 from .score_grad import _no_score_grad, complex_step_device_grad
 from .signatures import backward_signatures
 
@@ -140,7 +140,6 @@ def backward_kernel_sources(
     PARTIAL_TILE = np.int8(TILE_PARTIAL)
     LOAD = device_function(bf16_to_float32) if bf16 else float32
     STORE = device_function(float32_to_bf16) if bf16 else float32
-    MASK_LOAD = device_function(bf16_to_float32) if mask_bf16 else float32
     LSE_LOAD = device_function(bf16_to_float32) if lse_bf16 else float32
     DROPOUT = bool(dropout)
     WANT_DM = bool(want_dm)
@@ -155,28 +154,9 @@ def backward_kernel_sources(
 
     KEEP = cuda.jit(device=True)(_keep) if DROPOUT else None
 
-    def _score(s, b, h, i, j, mod_args, partial, mask, m_index):
-        """``(score, d score_mod / d score)`` of element (b, h, i, j) from its scaled dot product
-        ``s``: the score_mod, then every mask (-inf where hidden; ``m_index``: the element in the
-        flat mask), as the forward applies them."""
-        g = ZERO
-        if HAS_SCORE_MOD:
-            g = float32(SCORE_GRAD(s, b, h, i, j, *mod_args))
-            s = float32(SCORE_MOD(s, b, h, i, j, *mod_args))
-        if HAS_MASK_MOD and partial:
-            if not MASK_MOD(b, h, i, j, *mod_args):
-                s = NEG_INF
-        if CAUSAL and j > i:
-            s = NEG_INF
-        if MASK == MASK_BOOL:
-            if not mask[m_index]:
-                s = NEG_INF
-        elif MASK == MASK_FLOAT:
-            mv = MASK_LOAD(mask[m_index])
-            s = NEG_INF if mv == NEG_INF else s + mv
-        return s, g
-
-    SCORE = cuda.jit(device=True, inline=True)(_score)
+    SCORE = masked_score(
+        MASK, CAUSAL, SCORE_MOD if HAS_SCORE_MOD else None, MASK_MOD if HAS_MASK_MOD else None, mask_bf16, SCORE_GRAD
+    )
 
     def _bwd_preprocess(o, do, lse, meta, L, delta, lrow):
         i = cuda.blockIdx.x * BQ + cuda.threadIdx.x

@@ -120,6 +120,43 @@ def shared_bytes(E: int, Ev: int, block_k: int) -> int:
     return 4 * block_k * (max(E, 1) + max(Ev, 1))
 
 
+def masked_score(mask_kind: int, causal: bool, score_mod, mask_mod, mask_bf16: bool, score_grad=None):
+    """The device function ``score(s, b, h, i, j, mod_args, partial, mask, m_index) -> (s, g)``
+    that every kernel applies to the scaled dot product ``s`` of element (b, h, i, j): the
+    score_mod, then the mask_mod (in ``partial`` tiles), top-left ``causal``, and the boolean or
+    float mask read at ``mask[m_index]`` (-inf where hidden; a -inf mask entry hides even a NaN
+    score). ``g`` is d score_mod / d score from the device function ``score_grad`` (the backward's;
+    0 without one). ``score_mod``/``mask_mod``: device functions or None; ``mask_bf16``: the float
+    mask holds bfloat16 bits."""
+    has_score_mod, has_mask_mod, want_grad = score_mod is not None, mask_mod is not None, score_grad is not None
+    score_fn = score_mod if has_score_mod else _no_score_mod
+    mask_fn = mask_mod if has_mask_mod else _no_mask_mod
+    grad_fn = score_grad if want_grad else _no_score_mod
+    mask_load = device_function(bf16_to_float32) if mask_bf16 else float32
+    neg_inf, zero, is_causal = np.float32(-np.inf), np.float32(0.0), bool(causal)
+
+    def _score(s, b, h, i, j, mod_args, partial, mask, m_index):
+        g = zero
+        if has_score_mod:
+            if want_grad:
+                g = float32(grad_fn(s, b, h, i, j, *mod_args))
+            s = float32(score_fn(s, b, h, i, j, *mod_args))
+        if has_mask_mod and partial:
+            if not mask_fn(b, h, i, j, *mod_args):
+                s = neg_inf
+        if is_causal and j > i:
+            s = neg_inf
+        if mask_kind == MASK_BOOL:
+            if not mask[m_index]:
+                s = neg_inf
+        elif mask_kind == MASK_FLOAT:
+            mv = mask_load(mask[m_index])
+            s = neg_inf if mv == neg_inf else s + mv
+        return s, g
+
+    return cuda.jit(device=True, inline=True)(_score)
+
+
 def flash_kernel_source(
     E: int,
     Ev: int,
@@ -168,21 +205,24 @@ def flash_kernel_source(
     EV = max(Ev, 1)
     BQ = block_q
     BK = block_k
-    MASK = mask_kind
     CAUSAL = bool(causal)
     NEG_INF = np.float32(-np.inf)
     ZERO = np.float32(0.0)
     ONE = np.float32(1.0)
-    HAS_SCORE_MOD = score_mod is not None
     HAS_MASK_MOD = mask_mod is not None
-    SCORE_MOD = device_function(score_mod) if HAS_SCORE_MOD else _no_score_mod
-    MASK_MOD = device_function(mask_mod) if HAS_MASK_MOD else _no_mask_mod
+    # causal is applied by not scoring keys right of the diagonal at all (ncol below)
+    SCORE = masked_score(
+        mask_kind,
+        False,
+        None if score_mod is None else device_function(score_mod),
+        device_function(mask_mod) if HAS_MASK_MOD else None,
+        mask_bf16,
+    )
     EMPTY_TILE = np.int8(TILE_EMPTY)
     PARTIAL_TILE = np.int8(TILE_PARTIAL)
     # float16/float32 storage converts with plain casts (float16 on store, by the assignment)
     LOAD = device_function(bf16_to_float32) if bf16 else float32
     STORE = device_function(float32_to_bf16) if bf16 else float32
-    MASK_LOAD = device_function(bf16_to_float32) if mask_bf16 else float32
     DROPOUT = bool(dropout)
     PHILOX = philox_device() if DROPOUT else None
 
@@ -274,17 +314,7 @@ def flash_kernel_source(
                     s = ZERO
                     for e in range(E):
                         s += qr[e] * ks[c, e]
-                    if HAS_SCORE_MOD:
-                        s = float32(SCORE_MOD(s, b, h, i, j0 + c, *mod_args))
-                    if HAS_MASK_MOD and partial:
-                        if not MASK_MOD(b, h, i, j0 + c, *mod_args):
-                            s = NEG_INF
-                    if MASK == MASK_BOOL:
-                        if not mask[m_base + (j0 + c) * m_col]:
-                            s = NEG_INF
-                    elif MASK == MASK_FLOAT:
-                        mv = MASK_LOAD(mask[m_base + (j0 + c) * m_col])
-                        s = NEG_INF if mv == NEG_INF else s + mv
+                    s, _ = SCORE(s, b, h, i, j0 + c, mod_args, partial, mask, m_base + (j0 + c) * m_col)
                     sc[c] = s
                     tmax = s if s > tmax else tmax  # NaN never wins: it reaches l through exp
                 mn = tmax if tmax > m else m

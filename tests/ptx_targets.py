@@ -1,0 +1,23 @@
+"""The compute capabilities the PTX tests (``tests/cuda/test_*ptx.py``) compile every kernel for."""
+
+import os
+
+
+def _compute_capabilities(text: str) -> list[tuple[int, int]]:
+    try:
+        ccs = [tuple(int(x) for x in cc.strip().split(".")) for cc in text.split(",") if cc.strip()]
+    except ValueError:
+        ccs = []
+    if not ccs or any(len(cc) != 2 for cc in ccs):
+        raise ValueError(f"ATTENTION_ENGINE_PTX_CCS must list compute capabilities such as 8.0,9.0; got {text!r}")
+    return sorted(set(ccs))
+
+
+#: the compute capabilities the PTX tests (tests/cuda/test_*ptx.py) compile every kernel for: 9.0
+#: (H100/H200) unless ``ATTENTION_ENGINE_PTX_CCS`` names others, as "8.0,9.0" (A100 too; each one
+#: costs minutes of compiling, and typing does not depend on the target)
+PTX_CCS = _compute_capabilities(os.environ.get("ATTENTION_ENGINE_PTX_CCS") or "9.0")
+
+
+def cc_id(cc) -> str:
+    return f"sm{cc[0]}{cc[1]}"
