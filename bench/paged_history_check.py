@@ -21,6 +21,7 @@ import timeit
 import numpy as np
 
 import engine.problems.decode as decode
+import engine.problems.pages as pages
 from engine.runtime.machine import machine_info
 
 CONFIGS = [  # (B, max_pages, page_size): one long sequence; a batch of short pages; a larger batch
@@ -42,7 +43,7 @@ def _case(B, width, page_size, heads=8, q_heads=32, dim=128):
 
 
 def measure(rounds: int) -> list[dict]:
-    check = decode._check_no_write_into_history
+    check = pages.check_no_write_into_history
     rows = []
     for B, width, page_size in CONFIGS:
         case = _case(B, width, page_size)
@@ -51,10 +52,10 @@ def measure(rounds: int) -> list[dict]:
         try:
             for r in range(rounds):
                 for mode in ("with", "without") if r % 2 == 0 else ("without", "with"):
-                    decode._check_no_write_into_history = check if mode == "with" else (lambda *a, **k: None)
+                    pages.check_no_write_into_history = check if mode == "with" else (lambda *a, **k: None)
                     times[mode].append(min(timeit.repeat(call, number=20, repeat=3)) / 20)
         finally:
-            decode._check_no_write_into_history = check
+            pages.check_no_write_into_history = check
         med = {m: statistics.median(t) for m, t in times.items()}
         rows.append(
             {

@@ -20,6 +20,7 @@ from .runtime.errors import NotSupportedError, PluginError
 from .runtime.gemm_providers import get_gemm_provider, set_gemm_provider
 from .runtime.threads import get_num_threads, set_num_threads
 from .variant import Variant
+from .varlen import varlen_attention, varlen_attention_backward
 from .weights import attention_weights
 
 __version__ = "0.2.0"
@@ -62,6 +63,8 @@ __all__ = [
     "merge_attention",
     "causal_lower_right",
     "attention_with_kvcache",
+    "varlen_attention",
+    "varlen_attention_backward",
     "set_gemm_provider",
     "get_gemm_provider",
     "attention_weights",

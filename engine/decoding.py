@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .dispatch import select
 from .problems.decode import validate_decode_args
+from .problems.sinks import run_with_sinks
 
 __all__ = ["attention_with_kvcache"]
 
@@ -30,6 +31,8 @@ def attention_with_kvcache(
     return_lse=False,
     num_splits=None,
     backend="auto",
+    cu_seqlens_q=None,
+    sinks=None,
 ):
     """Attention of new query tokens against a KV cache, after writing the new keys and values into it.
 
@@ -66,6 +69,19 @@ def attention_with_kvcache(
       parallel partial results merged through ``engine.merge_attention``'s log-sum-exp merge) when
       batch x heads is small against the core count; an int >= 1 forces it.
 
+    * ``cu_seqlens_q``: int32 ``(B + 1,)`` host array, FlashAttention's cumulative offsets, to mix
+      decoding and prefill in one call: ``query`` is then packed ``(total, Hq, D)`` and
+      ``key``/``value`` ``(total, Hkv, D/Dv)`` (or None), sequence b owning rows
+      ``cu_seqlens_q[b] ... cu_seqlens_q[b + 1] - 1``: ``n_b`` new tokens (0, 1 for a decode step, a
+      chunk of a prompt), written at ``cache_seqlens[b] ... + n_b - 1`` and attended bottom-right
+      causal as above (``L = n_b``, ``S_b = cache_seqlens[b] + n_b``). The result is packed too:
+      ``(total, Hq, Dv)`` and ``lse`` ``(total, Hq)``. The ``cpu`` and ``reference`` backends
+      take it (``cuda`` refuses it by name).
+    * ``sinks``: float ``(Hq,)`` attention sinks (gpt-oss): a logit per query head, in the units of
+      the scaled scores, that joins each row's softmax and carries no value; ``lse`` includes it,
+      and a row with no visible key gives zeros and ``lse = sinks[h]``. Applied once after the
+      split-KV merge. Host arrays only. See ``docs/serving.md``.
+
     :param query: ``(B, Hq, L, D)``, the new query tokens (above).
     :type query: array
     :param k_cache: ``(B, Hkv, S_max, D)`` or paged ``(num_pages, Hkv, page_size, D)``, written in
@@ -100,6 +116,11 @@ def attention_with_kvcache(
     :type num_splits: int | None
     :param backend: ``"auto"`` or a backend name whose capabilities include decoding.
     :type backend: str
+    :param cu_seqlens_q: int32 ``(B + 1,)`` cumulative new-token offsets of a packed mixed
+        decode/prefill call (above), or None.
+    :type cu_seqlens_q: ndarray | None
+    :param sinks: float ``(Hq,)`` attention sinks (above), or None.
+    :type sinks: ndarray | None
     :return: ``out`` ``(B, Hq, L, Dv)`` in the query's dtype, or ``(out, lse)``.
     :raises ValueError: a bad shape or value, named with the values involved: a write that would
         overflow a cache, a negative seqlen, a page index out of range, two sequences writing one
@@ -125,7 +146,9 @@ def attention_with_kvcache(
         mod_args=mod_args,
         return_lse=return_lse,
         num_splits=num_splits,
+        cu_seqlens_q=cu_seqlens_q,
+        sinks=sinks,
     )
     _, op = select(backend, problem)
-    out, lse = op.run(problem)
+    out, lse = run_with_sinks(problem, op.run, -1 if problem.packed else -2)
     return (out, lse) if return_lse else out

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .backends.base import empty_result
 from .dispatch import select_backend
 from .problems.attention import AttentionProblem, validate_attention_args
+from .problems.sinks import run_with_sinks
 
 __all__ = ["scaled_dot_product_attention", "run_forward"]
 
@@ -26,6 +27,7 @@ def scaled_dot_product_attention(
     mod_args=(),
     dropout_p=0.0,
     dropout_seed=None,
+    sinks=None,
 ):
     """Attention with the semantics of ``torch.nn.functional.scaled_dot_product_attention``.
 
@@ -77,6 +79,13 @@ def scaled_dot_product_attention(
         ``dropout_p > 0``: drawn from NumPy's global generator (``np.random.seed`` repeats it);
         pass one explicitly to compute the backward (see ``docs/training.md``).
     :type dropout_seed: int | None
+    :param sinks: attention sinks (gpt-oss, StreamingLLM): float ``(Hq,)``, one logit per query head
+        in the units of the scaled scores, that joins each row's softmax and carries no value:
+        ``softmax([scores, sink_h])`` without its last column weighs the values. ``lse`` then
+        includes the sink; a row with no visible key gives zeros and ``lse = sink_h``. Host
+        arrays only (device inputs with sinks are refused). The formula and its derivation:
+        ``engine.problems.sinks``; see ``docs/serving.md``.
+    :type sinks: array | None
     :return: ``out`` in the input dtype, or ``(out, lse)``.
     :raises TypeError: an argument of the wrong kind, naming it, before any kernel runs.
     :raises ValueError: a wrong shape or value, naming the argument and the shapes.
@@ -97,13 +106,19 @@ def scaled_dot_product_attention(
         mod_args,
         dropout_p,
         dropout_seed,
+        sinks=sinks,
     )
     out, lse = run_forward(problem, select_backend(backend, problem))
     return (out, lse) if return_lse else out
 
 
 def run_forward(problem: AttentionProblem, chosen):
-    """``(out, lse)`` of a validated problem on the chosen backend (empty problems need none)."""
+    """``(out, lse)`` of a validated problem on the chosen backend (empty problems need none), its
+    sinks applied (``engine.problems.sinks``)."""
+    return run_with_sinks(problem, lambda p: _run(p, chosen), -2 if problem.lead_shape else None)
+
+
+def _run(problem: AttentionProblem, chosen):
     if problem.is_empty and not problem.on_device:
         return empty_result(problem)
     return chosen.op(type(problem)).run(problem)

@@ -10,6 +10,7 @@ import math
 import numpy as np
 
 from ..problems.decode import DecodeProblem
+from ..problems.packed import sequence_of_rows
 from ..runtime.config import DECODE_MAX_SPLITS, DECODE_MIN_SPLIT_KEYS
 
 __all__ = ["write_new_entries", "new_entries_written", "gather_sequence", "cache_slots", "pick_num_splits"]
@@ -24,18 +25,31 @@ def cache_slots(problem: DecodeProblem, b, positions: np.ndarray):
     return problem.page_table[b, positions // problem.page_size], positions % problem.page_size
 
 
-def write_new_entries(problem: DecodeProblem) -> None:
-    """``k_cache``/``v_cache`` slots ``cache_seqlens[b] ... + L_new - 1`` of every sequence b get
-    ``key[b]``/``value[b]`` (converted to the cache dtype, rounded to nearest even). Validation has
-    checked every index, so this cannot fail half-way."""
-    if problem.key is None or problem.L_new == 0:
-        return
+def _written_slots(problem: DecodeProblem):
+    """``(pages, offsets, keys, values)``: where the new entries go and what goes there, as index
+    arrays and sources of one shape (``(B, L_new)`` + head dims, or ``(total,)`` + head dims for
+    packed queries: token t of sequence b goes to position ``cache_seqlens[b] + t``)."""
+    if problem.packed:
+        seq, index = sequence_of_rows(problem.cu_seqlens_q)
+        pages, offsets = cache_slots(problem, seq, problem.cache_seqlens[seq] + index)
+        return pages, offsets, problem.key, problem.value
     b = np.arange(problem.batch)[:, None]
     pos = problem.cache_seqlens[:, None] + np.arange(problem.L_new)[None, :]
     pages, offsets = cache_slots(problem, b, pos)
     # advanced indices (B, L_new) around a slice: the target is (B, L_new, Hkv, D)
-    problem.k_cache[pages, :, offsets] = np.swapaxes(problem.key, 1, 2)
-    problem.v_cache[pages, :, offsets] = np.swapaxes(problem.value, 1, 2)
+    return pages, offsets, np.swapaxes(problem.key, 1, 2), np.swapaxes(problem.value, 1, 2)
+
+
+def write_new_entries(problem: DecodeProblem) -> None:
+    """``k_cache``/``v_cache`` slots ``cache_seqlens[b] ... + L_new - 1`` of every sequence b get
+    ``key[b]``/``value[b]`` (converted to the cache dtype, rounded to nearest even); with packed
+    queries, sequence b's rows of the packed key/value. Validation has checked every index, so
+    this cannot fail half-way."""
+    if problem.key is None or problem.L_new == 0:
+        return
+    pages, offsets, keys, values = _written_slots(problem)
+    problem.k_cache[pages, :, offsets] = keys
+    problem.v_cache[pages, :, offsets] = values
 
 
 @contextlib.contextmanager
@@ -47,12 +61,11 @@ def new_entries_written(problem: DecodeProblem):
     if problem.key is None or problem.L_new == 0:
         yield
         return
-    b = np.arange(problem.batch)[:, None]
-    pos = problem.cache_seqlens[:, None] + np.arange(problem.L_new)[None, :]
-    pages, offsets = cache_slots(problem, b, pos)
+    pages, offsets, keys, values = _written_slots(problem)
     old_k = problem.k_cache[pages, :, offsets]  # advanced indexing: copies
     old_v = problem.v_cache[pages, :, offsets]
-    write_new_entries(problem)
+    problem.k_cache[pages, :, offsets] = keys
+    problem.v_cache[pages, :, offsets] = values
     try:
         yield
     except BaseException:

@@ -47,7 +47,10 @@ def _bits_as_float(typingctx, i):
 
 @njit(fastmath={"contract"})
 def _exp_f32(t):
-    tc = t if t >= np.float32(_CUT_F32) else np.float32(_CUT_F32)  # keeps 2^n a normal number
+    # below the cut (and -inf, NaN) evaluate at 0, whose result the select below discards: at the
+    # cut itself the product can round just under the smallest normal, and a subnormal result
+    # costs a microcode assist per lane (2.5x on a row of masked scores, measured)
+    tc = t if t >= np.float32(_CUT_F32) else np.float32(0.0)
     n = np.floor(tc * np.float32(_LOG2E) + np.float32(0.5))
     r = tc - n * np.float32(_LN2_HI) - n * np.float32(_LN2_LO)
     # degree-6 Taylor on |r| <= 0.347: truncation < 2.4e-8 relative
@@ -65,7 +68,7 @@ def _exp_f32(t):
 
 @njit(fastmath={"contract"})
 def _exp_f64(t):
-    tc = t if t >= _CUT_F64 else _CUT_F64
+    tc = t if t >= _CUT_F64 else 0.0  # as in _exp_f32: no subnormal intermediate
     n = np.floor(tc * _LOG2E + 0.5)
     r = tc - n * _LN2_HI - n * _LN2_LO
     # degree-12 Taylor on |r| <= 0.347: truncation < 1e-17 relative

@@ -2,10 +2,13 @@
 language model trained twice from the same initialisation and the same batches, once with
 torch's attention and once with the engine's, and the two loss curves compared step by step.
 
-Two pairs: plain causal attention (torch's ``F.scaled_dot_product_attention`` against
-``engine.torch`` through the ``masked`` variant), and ALiBi (torch's math path with the bias as an
-explicit tensor against the ``alibi`` variant, whose bias is a ``score_mod``). Everything but the
-attention is the same torch code, so the curves differ only by the attention's rounding.
+Three pairs: plain causal attention (torch's ``F.scaled_dot_product_attention`` against
+``engine.torch`` through the ``masked`` variant), ALiBi (torch's math path with the bias as an
+explicit tensor against the ``alibi`` variant, whose bias is a ``score_mod``), and T5's learned
+relative-position bias (torch's math path with the table gathered into a dense float mask, against
+a ``score_mod`` reading the table, whose gradient the engine computes). Everything but the
+attention is the same torch code, so the curves differ only by the attention's rounding; the
+learned T5 tables of both runs can be plotted side by side (``--plot-bias``).
 
 The text is the project's own documentation: the docstrings of the ``engine`` and ``variants``
 packages (they ship with every install), or any file given with ``--text``.
@@ -22,14 +25,16 @@ import time
 
 import numpy as np
 
-__all__ = ["project_text", "train", "compare", "add_arguments", "run", "main"]
+__all__ = ["project_text", "train", "compare", "plot", "plot_bias", "add_arguments", "run", "main"]
 
-#: (name, attention, alibi) of the four runs; pairs share their alibi flag
+#: (name, attention, position) of the six runs; pairs share their position scheme
 RUNS = (
-    ("torch SDPA", "torch", False),
-    ("engine", "engine", False),
-    ("torch math + ALiBi bias tensor", "torch", True),
-    ("engine ALiBi score_mod", "engine", True),
+    ("torch SDPA", "torch", "learned"),
+    ("engine", "engine", "learned"),
+    ("torch math + ALiBi bias tensor", "torch", "alibi"),
+    ("engine ALiBi score_mod", "engine", "alibi"),
+    ("torch math + T5 bias tensor", "torch", "t5"),
+    ("engine T5 bias score_mod", "engine", "t5"),
 )
 
 
@@ -68,8 +73,9 @@ def train(
     vocab_size: int,
     *,
     attention: str,
-    alibi: bool,
+    alibi: bool = False,
     steps: int,
+    position: str | None = None,
     dtype: str = "float32",
     d_model: int = 64,
     n_heads: int = 4,
@@ -78,8 +84,11 @@ def train(
     batch: int = 16,
     lr: float = 3e-3,
     seed: int = 0,
+    tables: list | None = None,
 ) -> list[float]:
-    """Train a :class:`~engine.models.char_lm.CharLM` and return the loss of every step.
+    """Train a :class:`~engine.models.char_lm.CharLM` and return the loss of every step
+    (``position`` as the model's; ``tables``, when given, receives the learned T5 bias table of
+    each layer after training, as float64 arrays ``(heads, buckets)``).
 
     The initial parameters are those of the ``attention="torch"`` model built after
     ``torch.manual_seed(seed)``, loaded into whichever model is trained, so every run with the same
@@ -91,7 +100,12 @@ def train(
 
     torch_dtype = getattr(torch, dtype)
     shape = dict(
-        vocab_size=vocab_size, d_model=d_model, n_heads=n_heads, n_layers=n_layers, context=context, alibi=alibi
+        vocab_size=vocab_size,
+        d_model=d_model,
+        n_heads=n_heads,
+        n_layers=n_layers,
+        context=context,
+        position=position or ("alibi" if alibi else "learned"),
     )
     torch.manual_seed(seed)
     init = CharLM(attention="torch", **shape).to(torch_dtype).state_dict()
@@ -106,6 +120,8 @@ def train(
         loss.backward()
         opt.step()
         losses.append(float(loss.item()))
+    if tables is not None:
+        tables.extend(b.attn.relative_bias.detach().double().numpy() for b in model.blocks if shape["position"] == "t5")
     return losses
 
 
@@ -133,18 +149,22 @@ def compare(
         "model": model,
         "runs": {},
         "seconds": {},
+        "t5_tables": {},
     }
-    for name, attention, alibi in RUNS:
+    for name, attention, position in RUNS:
         t0 = time.perf_counter()
+        tables: list = []
         result["runs"][name] = train(
-            data, len(vocab), attention=attention, alibi=alibi, steps=steps, dtype=dtype, **model
+            data, len(vocab), attention=attention, position=position, steps=steps, dtype=dtype, tables=tables, **model
         )
+        if tables:
+            result["t5_tables"][name] = [t.tolist() for t in tables]
         result["seconds"][name] = time.perf_counter() - t0
         if progress:
             progress(f"{name}: {result['seconds'][name]:.1f} s, final loss {result['runs'][name][-1]:.4f}")
     names = [r[0] for r in RUNS]
     result["relative_difference"] = {}
-    for base, ours in ((names[0], names[1]), (names[2], names[3])):
+    for base, ours in zip(names[0::2], names[1::2]):
         a, b = np.asarray(result["runs"][base]), np.asarray(result["runs"][ours])
         result["relative_difference"][ours] = (np.abs(b - a) / np.abs(a)).tolist()
     return result
@@ -163,6 +183,8 @@ def plot(result: dict, path: str) -> None:
         "engine": ("C1", "--"),
         "torch math + ALiBi bias tensor": ("C2", "-"),
         "engine ALiBi score_mod": ("C3", "--"),
+        "torch math + T5 bias tensor": ("C4", "-"),
+        "engine T5 bias score_mod": ("C5", "--"),
     }
     for name, losses in result["runs"].items():
         color, ls = styles[name]
@@ -177,11 +199,44 @@ def plot(result: dict, path: str) -> None:
         bx.semilogy(np.arange(1, len(d) + 1), d, ".", color=styles[name][0], label=f"{name} vs torch")
     target = 1e-3 if result["dtype"] == "float32" else 1e-8
     bx.axhline(target, color="k", linestyle=":", label=f"target {target:g}")
-    bx.set_ylim(floor / 3, 1e-1)
+    bx.set_ylim(floor / 3, 10.0)
     bx.set_xlabel("step")
     bx.set_ylabel("|loss - torch loss| / torch loss  (equal: 1e-17)")
     bx.set_title("per-step agreement")
-    bx.legend(loc="center right")
+    bx.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_bias(result: dict, path: str) -> None:
+    """The learned T5 bias of every layer and head as a function of the distance ``q_idx - kv_idx``
+    (what the model learned to favour), the engine's run drawn over torch's, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .char_lm import T5_BUCKETS, T5_MAX_DISTANCE
+    from .relative_bias import t5_bucket
+
+    runs = result["t5_tables"]
+    torch_tables, engine_tables = runs["torch math + T5 bias tensor"], runs["engine T5 bias score_mod"]
+    context = result["model"].get("context", 64)
+    distance = np.arange(context)
+    bucket = t5_bucket(-distance, False, T5_BUCKETS, T5_MAX_DISTANCE)
+    layers = len(engine_tables)
+    fig, axes = plt.subplots(1, layers, figsize=(5.5 * layers, 4), squeeze=False)
+    for layer, ax in enumerate(axes[0]):
+        te, tt = np.asarray(engine_tables[layer]), np.asarray(torch_tables[layer])
+        for h in range(te.shape[0]):
+            ax.plot(distance, te[h, bucket], color=f"C{h}", label=f"head {h} (engine)")
+            ax.plot(distance, tt[h, bucket], color=f"C{h}", linestyle="none", marker=".", markersize=4)
+        ax.axhline(0, color="0.7", linewidth=0.8)
+        ax.set_xlabel("distance q_idx - kv_idx (characters back)")
+        ax.set_ylabel("learned bias added to the score")
+        ax.set_title(f"layer {layer}: T5 bias after {result['steps']} steps ({result['dtype']})")
+        ax.legend(fontsize=7, title="lines: engine; dots: torch", title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -203,6 +258,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--text", default=None, help="train on this UTF-8 file instead of the project's docstrings")
     parser.add_argument("--plot", default=None, metavar="PNG", help="write the loss curves here (needs matplotlib)")
     parser.add_argument("--json", default=None, metavar="FILE", help="write losses and differences here")
+    parser.add_argument(
+        "--plot-bias", default=None, metavar="PNG", help="write the learned T5 bias per head and distance here"
+    )
 
 
 def run(args) -> int:
@@ -235,6 +293,9 @@ def run(args) -> int:
     if args.plot:
         plot(result, args.plot)
         print(f"wrote {args.plot}")
+    if args.plot_bias:
+        plot_bias(result, args.plot_bias)
+        print(f"wrote {args.plot_bias}")
     return 0
 
 

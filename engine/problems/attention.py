@@ -19,6 +19,7 @@ from .arrays import array_dtype, as_array, check_float, is_device_array, is_floa
 from .base import Problem, Requirement, check_bool, check_scale
 from .causal import as_causal_bias
 from .mods import validate_mods
+from .sinks import validate_sinks
 
 __all__ = ["AttentionProblem", "BackwardProblem", "validate_attention_args", "validate_dropout"]
 
@@ -57,6 +58,10 @@ class AttentionProblem(Problem):
     #: with ``is_causal``: query i sees keys j <= i + causal_offset (0: top left, as torch's
     #: ``is_causal``; S - L: bottom right, from ``engine.causal_lower_right``)
     causal_offset: int = 0
+    #: for 16-bit inputs, return lse in float32 instead of the input dtype (``engine.torch`` keeps
+    #: it for the backward, as FlashAttention does: a bfloat16 lse puts the recomputed weights off
+    #: by up to 3%); honoured by ``cpu`` and ``reference``
+    lse_float32: bool = False
     #: the shapes of query, key and value as the caller passed them (``query``/``key``/``value``
     #: hold their broadcast views): the gradients are summed back to these
     input_shapes: tuple = ()
@@ -115,7 +120,13 @@ class BackwardProblem(AttentionProblem):
     """A validated ``scaled_dot_product_attention_backward`` call: the forward's problem plus
     ``grad_out`` and ``out`` (of ``out_shape``), ``lse`` (of ``lse_shape``), whether the float
     mask's gradient is wanted, and ``score_grad``, the compiled derivative of ``score_mod`` with
-    respect to the score."""
+    respect to the score.
+
+    ``grad_lse`` (of ``lse_shape``, or None for zero) is the gradient of the loss with respect
+    to ``lse``. ``mod_args_grad`` has one bool per ``mod_args`` entry, True for the float arrays
+    whose gradient is wanted (``()`` for none), and ``arg_grad`` is the compiled per-score step
+    that computes it (``engine.problems.mod_args_grad``; None without a score_mod: then those
+    gradients are zero)."""
 
     missing_op_reason: ClassVar[str] = "no backward pass (gradients) in this backend"
 
@@ -125,6 +136,23 @@ class BackwardProblem(AttentionProblem):
     lse: Any = None
     return_mask_grad: bool = False
     score_grad: Any = None
+    grad_lse: Any = None
+    mod_args_grad: tuple = ()
+    arg_grad: Any = None
+
+    def requirements(self) -> list[Requirement]:
+        reqs = super().requirements()
+        if self.grad_lse is not None:
+            reqs.append(
+                Requirement("supports_lse_grad", True, "a gradient through lse is not computed by this backend")
+            )
+        if self.mod_args_grad:
+            reqs.append(
+                Requirement("supports_mod_args_grad", True, "gradients of mod_args are not computed by this backend")
+            )
+        if self.sinks is not None:  # its weights must come from the given lse' (engine.problems.sinks)
+            reqs.append(Requirement("supports_sinks", True, "sinks are not supported by this backend's backward"))
+        return reqs
 
     def also_runs(self) -> tuple:
         return ()
@@ -146,11 +174,13 @@ def validate_attention_args(
     dropout_p=0.0,
     dropout_seed=None,
     draw_seed=True,
+    sinks=None,
 ) -> AttentionProblem:
     """Check every argument of ``scaled_dot_product_attention`` and describe the problem.
 
     ``draw_seed``: with ``dropout_p > 0`` and no ``dropout_seed``, draw one from NumPy's global
-    generator (as torch draws from its own); when False the seed is required.
+    generator (as torch draws from its own); when False the seed is required. ``sinks``: (Hq,)
+    floats or None (``engine.problems.sinks``).
     Raises ``TypeError``/``ValueError`` naming the argument and shapes; never touches a kernel.
     """
     q = as_array(query, "query")
@@ -206,6 +236,7 @@ def validate_attention_args(
 
     mods = validate_mods(score_mod, mask_mod, block_mask, mod_args, math.prod(batch_shape), Hq, L, S)
     p, seed = validate_dropout(dropout_p, dropout_seed, draw_seed)
+    sinks = validate_sinks(sinks, Hq)
 
     return AttentionProblem(
         query=q,
@@ -229,6 +260,7 @@ def validate_attention_args(
         dropout_p=p,
         dropout_seed=seed,
         causal_offset=causal_offset,
+        sinks=sinks,
         input_shapes=input_shapes,
         **mods,
     )

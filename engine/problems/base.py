@@ -56,7 +56,9 @@ class Problem:
     query rows, ``E``/``Ev`` the key and value head sizes, ``scale`` the score scale,
     ``return_lse`` whether the caller wants the log-sum-exp, ``on_device`` whether the arrays are
     device arrays. ``score_mod``/``mask_mod`` are the compiled (``numba.njit``) mods or None and
-    ``mod_args`` their argument tuple (``engine.problems.mods``).
+    ``mod_args`` their argument tuple (``engine.problems.mods``). ``sinks``: None, or the
+    attention sinks (``(num_q_heads,)``, host, the caller's float dtype), which the public functions
+    apply around the op (``engine.problems.sinks``): ops never see them but in a backward problem.
     """
 
     #: what a backend lacking an op for this problem type says (``engine.backends.base``)
@@ -75,6 +77,7 @@ class Problem:
     score_mod: Any = None
     mask_mod: Any = None
     mod_args: tuple = ()
+    sinks: Any = None
 
     @property
     def has_mods(self) -> bool:
@@ -100,6 +103,9 @@ class Problem:
             reqs.append(Requirement("host_arrays", True, "inputs are host arrays; this backend takes device arrays"))
         if self.has_mods:
             reqs.append(Requirement("supports_mods", True, "score_mod/mask_mod are not supported by this backend"))
+        if self.sinks is not None and self.on_device:
+            # no op offers it: the sink step (engine.problems.sinks) runs on host arrays
+            reqs.append(Requirement("device_sinks", True, "sinks with device arrays are not supported yet"))
         return reqs
 
     def also_runs(self) -> tuple:

@@ -16,6 +16,9 @@ import numpy as np
 from .arrays import DeviceArray, any_array, caller_array, host_array, is_floating, share_memory  # new-import
 from .base import Problem, Requirement, check_bool, check_scale, dtype_name  # new-import
 from .mods import validate_mods  # new-import
+from .packed import check_cu_seqlens, check_distinct_writes, sequence_of_rows
+from .pages import check_pages as _check_pages
+from .sinks import validate_sinks
 
 __all__ = ["DecodeProblem", "validate_decode_args"]
 
@@ -31,6 +34,11 @@ class DecodeProblem(Problem):
     ``(B, max_pages)``. ``cache_seqlens`` (int64 copy, (B,)) is where ``key``/``value``
     (``(B, Hkv, L_new, D/Dv)`` or None) are written; ``seqlens_k = cache_seqlens + L_new`` keys
     are then attended by each sequence. ``window`` is ``(left, right)`` with -1 for unbounded.
+
+    Packed queries (``cu_seqlens_q``, int64 ``(B + 1,)``, not None): ``query`` is
+    ``(total, Hq, D)``, ``key``/``value`` ``(total, Hkv, D/Dv)`` or None, and sequence b owns rows
+    ``cu_seqlens_q[b] ... cu_seqlens_q[b + 1] - 1`` (``new_lens[b]`` of them, 0 allowed); ``L`` is
+    ``total`` and ``L_new`` is ``total`` when key/value are given, else 0.
     """
 
     missing_op_reason: ClassVar[str] = "KV-cache decoding (attention_with_kvcache) is not supported by this backend"
@@ -50,14 +58,36 @@ class DecodeProblem(Problem):
     is_causal: bool
     window: tuple
     num_splits: int | None
+    cu_seqlens_q: np.ndarray | None = None
 
     @property
     def paged(self) -> bool:
         return self.page_table is not None
 
     @property
+    def packed(self) -> bool:
+        """Whether the queries are packed with ``cu_seqlens_q`` (a ragged number per sequence)."""
+        return self.cu_seqlens_q is not None
+
+    @property
+    def q_lens(self) -> np.ndarray:
+        """Query rows of each sequence, int64 (B,)."""
+        if self.packed:
+            return np.diff(self.cu_seqlens_q)
+        return np.full(self.batch, self.L, dtype=np.int64)
+
+    @property
+    def new_lens(self) -> np.ndarray:
+        """New keys written into each sequence's cache, int64 (B,)."""
+        if self.packed:
+            return self.q_lens if self.L_new else np.zeros(self.batch, dtype=np.int64)
+        return np.full(self.batch, self.L_new, dtype=np.int64)
+
+    @property
     def seqlens_k(self) -> np.ndarray:
-        """Keys each sequence attends (after the write): cache_seqlens + L_new, int64 (B,)."""
+        """Keys each sequence attends (after the write): cache_seqlens + the new keys, int64 (B,)."""
+        if self.packed:
+            return self.cache_seqlens + self.new_lens
         return self.cache_seqlens + self.L_new
 
     @property
@@ -67,10 +97,14 @@ class DecodeProblem(Problem):
 
     @property
     def out_shape(self) -> tuple:
+        if self.packed:
+            return (self.L, self.num_q_heads, self.Ev)
         return (self.batch, self.num_q_heads, self.L, self.Ev)
 
     @property
     def lse_shape(self) -> tuple:
+        if self.packed:
+            return (self.L, self.num_q_heads)
         return (self.batch, self.num_q_heads, self.L)
 
     def requirements(self) -> list[Requirement]:
@@ -79,6 +113,8 @@ class DecodeProblem(Problem):
             Requirement("dtypes", name, f"query dtype {name} not supported for decoding (supports {{supported}})"),
             Requirement("cache_dtypes", cache, f"cache dtype {cache} not supported (supports {{supported}})"),
         ]
+        if self.packed:
+            reqs.append(Requirement("supports_cu_seqlens_q", True, "packed queries (cu_seqlens_q) are not supported"))
         return reqs + super().requirements()[1:]  # the base's dtype requirement is the query's, said above
 
 
@@ -112,16 +148,19 @@ def validate_decode_args(
     mod_args=(),
     return_lse=False,
     num_splits=None,
+    cu_seqlens_q=None,
+    sinks=None,
 ) -> DecodeProblem:
     """Check every argument of ``attention_with_kvcache`` and describe the call; writes nothing.
 
     ``query``, the caches and ``key``/``value`` are all host arrays or all device arrays
-    (``__cuda_array_interface__``: torch CUDA, CuPy, Numba); ``cache_seqlens`` and ``page_table``
-    are host arrays either way (their values are checked here)."""
+    (``__cuda_array_interface__``: torch CUDA, CuPy, Numba); ``cache_seqlens``, ``page_table`` and
+    ``cu_seqlens_q`` are host arrays either way (their values are checked here)."""
     q = any_array(query, "query")
     kc = any_array(k_cache, "k_cache")
     vc = any_array(v_cache, "v_cache")
     on_device = isinstance(q, DeviceArray)
+    packed = cu_seqlens_q is not None
     for name, a in (("query", q), ("k_cache", kc), ("v_cache", vc)):
         if isinstance(a, DeviceArray) != on_device:
             raise TypeError(
@@ -133,7 +172,10 @@ def validate_decode_args(
                 f"{name} must have a floating dtype (float16, bfloat16, float32, float64), got "
                 f"{a.dtype} with shape {tuple(a.shape)}"
             )
-        if a.ndim != 4:
+        if packed and name == "query":
+            if a.ndim != 3:
+                raise ValueError(f"with cu_seqlens_q, query must be packed (total, Hq, D), got shape {tuple(a.shape)}")
+        elif a.ndim != 4:
             raise ValueError(
                 f"{name} must have 4 dimensions, got shape {tuple(a.shape)} (query (B, Hq, L, D); "
                 "caches (B, Hkv, S_max, D), or (num_pages, Hkv, page_size, D) with page_table)"
@@ -148,8 +190,16 @@ def validate_decode_args(
             f"the caches must be float16, bfloat16 or the compute dtype {compute} (float64 for "
             f"float64 queries, else float32); got caches of {cache_dtype} with a {dtype} query"
         )
-    B, Hq, L, E = q.shape
-    for name, n in (("batch", B), ("query heads", Hq), ("L (new query rows)", L), ("head size D", E)):
+    if packed:
+        L, Hq, E = q.shape
+        cu_q = check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", L, f"query {tuple(q.shape)}")
+        B = len(cu_q) - 1
+        sizes = (("batch (len(cu_seqlens_q) - 1)", B), ("query heads", Hq), ("head size D", E))
+    else:
+        cu_q = None
+        B, Hq, L, E = q.shape
+        sizes = (("batch", B), ("query heads", Hq), ("L (new query rows)", L), ("head size D", E))
+    for name, n in sizes:
         if n < 1:
             raise ValueError(f"query must have {name} >= 1, got shape {tuple(q.shape)}")
     for name, a in (("k_cache", kc), ("v_cache", vc)):
@@ -209,7 +259,13 @@ def validate_decode_args(
             if isinstance(a, DeviceArray) != on_device:
                 raise TypeError(f"{name} must be a {'device' if on_device else 'host'} array, as the caches are")
             shape = a.shape
-            if len(shape) != 4 or shape[0] != B or shape[1] != Hkv or shape[3] != width:
+            if packed:
+                if len(shape) != 3 or shape[0] != L or shape[1] != Hkv or shape[2] != width:
+                    raise ValueError(
+                        f"with cu_seqlens_q, {name} must be packed as the query: (total, Hkv, "
+                        f"{'D' if name == 'key' else 'Dv'}) = ({L}, {Hkv}, {width}), got {tuple(shape)}"
+                    )
+            elif len(shape) != 4 or shape[0] != B or shape[1] != Hkv or shape[3] != width:
                 raise ValueError(
                     f"{name} must have shape (B, Hkv, L_new, {'D' if name == 'key' else 'Dv'}) = "
                     f"({B}, {Hkv}, L_new, {width}), got {tuple(shape)}"
@@ -218,23 +274,25 @@ def validate_decode_args(
                 raise TypeError(
                     f"{name} must have a floating dtype (it is converted to the cache's {cache_dtype}), got {a.dtype}"
                 )
-        if kn.shape[2] != vn.shape[2]:
+        if not packed and kn.shape[2] != vn.shape[2]:
             raise ValueError(
                 f"key and value must hold the same number of new tokens, got {tuple(kn.shape)} and {tuple(vn.shape)}"
             )
-        L_new = kn.shape[2]
+        L_new = kn.shape[0] if packed else kn.shape[2]
         for name, a in (("k_cache", kc), ("v_cache", vc)):
             if not a.flags.writeable:
                 raise ValueError(f"{name} is read-only, but key/value are to be written into it")
 
     seqlens = _seqlens(cache_seqlens, B)
-    need = seqlens + L_new
+    new_lens = np.diff(cu_q) if packed and L_new else L_new
+    need = seqlens + new_lens
     over = np.nonzero(need > capacity)[0]
     if over.size:
         b = int(over[0])
+        n_new = int(need[b] - seqlens[b])
         what = (
-            f"writing {L_new} new keys at cache_seqlens[{b}] = {seqlens[b]} needs {need[b]} slots"
-            if L_new
+            f"writing {n_new} new keys at cache_seqlens[{b}] = {seqlens[b]} needs {need[b]} slots"
+            if n_new
             else f"cache_seqlens[{b}] = {seqlens[b]}"
         )
         raise ValueError(
@@ -245,8 +303,13 @@ def validate_decode_args(
                 else f" (k_cache {tuple(kc.shape)})"
             )
         )
-    if pt is not None:
+    if pt is not None and not packed:
         _check_pages(pt, need, seqlens, L_new, page_size, num_pages)
+    elif pt is not None:  # page indices as above; the ragged writes' slots checked apart
+        _check_pages(pt, need, seqlens, 0, page_size, num_pages)
+        if L_new:
+            seq, index = sequence_of_rows(cu_q)
+            check_distinct_writes(pt, seq, seqlens[seq] + index, page_size)
 
     is_causal = check_bool(is_causal, "is_causal")
     return_lse = check_bool(return_lse, "return_lse")
@@ -257,6 +320,7 @@ def validate_decode_args(
         raise ValueError(f"num_splits must be <= {MAX_NUM_SPLITS} (FlashAttention's limit), got {splits}")
     mods = validate_mods(score_mod, mask_mod, None, mod_args, B, Hq, L, 0)
     mods.pop("block_mask", None)
+    sinks = validate_sinks(sinks, Hq)
     return DecodeProblem(
         query=caller_array(q),
         k_cache=caller_array(kc),
@@ -283,6 +347,8 @@ def validate_decode_args(
         return_lse=return_lse,
         num_splits=splits,
         on_device=on_device,
+        cu_seqlens_q=cu_q,
+        sinks=sinks,
         **mods,
     )
 
@@ -305,76 +371,6 @@ def _seqlens(cache_seqlens, B: int) -> np.ndarray:
     if bad.size:
         raise ValueError(f"cache_seqlens must be >= 0, got cache_seqlens[{int(bad[0])}] = {s[bad[0]]}")
     return s
-
-
-def _check_pages(
-    pt: np.ndarray, need: np.ndarray, seqlens: np.ndarray, L_new: int, page_size: int, num_pages: int
-) -> None:
-    """Every page a sequence reads or writes is a valid page index, and no two sequences write one
-    slot. Entries past a sequence's last page are never read (vLLM pads them with anything)."""
-    used = (need + page_size - 1) // page_size
-    cols = np.arange(pt.shape[1])
-    live = cols[None, :] < used[:, None]
-    bad = live & ((pt < 0) | (pt >= num_pages))
-    if bad.any():
-        b, j = (int(x[0]) for x in np.nonzero(bad))
-        raise ValueError(
-            f"page_table[{b}, {j}] = {pt[b, j]} is not a page of the cache (0..{num_pages - 1}); "
-            f"sequence {b} uses its first {used[b]} pages"
-        )
-    if L_new and pt.shape[0] > 1:
-        pos = seqlens[:, None] + np.arange(L_new)[None, :]
-        slot = pt[np.arange(pt.shape[0])[:, None], pos // page_size].astype(np.int64) * page_size + pos % page_size
-        flat = slot.reshape(-1)
-        uniq, first, counts = np.unique(flat, return_index=True, return_counts=True)
-        if (counts > 1).any():
-            s = uniq[counts > 1][0]
-            who = sorted({int(i) // L_new for i in np.nonzero(flat == s)[0]})
-            raise ValueError(
-                f"sequences {who} would write the same cache slot (page {s // page_size}, offset "
-                f"{s % page_size}): their page_table rows share a page where new keys go"
-            )
-    if L_new:
-        _check_no_write_into_history(pt, seqlens, L_new, page_size, num_pages)
-
-
-def _check_no_write_into_history(pt: np.ndarray, seqlens: np.ndarray, L_new: int, page_size: int, num_pages: int):
-    """No new key goes into a slot that a sequence reads as its history (its first
-    ``cache_seqlens`` keys): with a shared prefix page, a sequence whose length ends inside that
-    page would append over another's cached key (the torn-block hazard of paged serving; the caller
-    copies the page first, copy on write). One pass marks the pages written to and finds them
-    among the pages holding history; only where one is found (pages shared with a writer) are the
-    slots compared."""
-    B, width = pt.shape
-    hist = (seqlens + page_size - 1) // page_size  # pages holding history (validated above)
-    ncols = int(hist.max()) if B else 0
-    if ncols == 0:
-        return
-    rows = np.arange(B)[:, None]
-    pos = seqlens[:, None] + np.arange(L_new)[None, :]  # (B, L_new) positions written
-    page = pt[rows, pos // page_size].astype(np.int64)
-    written = np.zeros(num_pages, bool)
-    written[page] = True
-    # entries past a row's history may hold anything (vLLM pads with any value): clipped, then masked
-    hits = written.take(pt[:, :ncols], mode="clip") & (np.arange(ncols)[None, :] < hist[:, None])
-    own = seqlens // page_size  # a sequence appending to its own last, partial page: its history
-    partial = np.nonzero(own < ncols)[0]  # there lies below what it writes, not a hazard
-    hits[partial, own[partial]] = False
-    if not hits.any():
-        return
-    offset = pos % page_size
-    fill = np.clip(seqlens[:, None] - np.arange(ncols)[None, :] * page_size, 0, page_size)  # history slots
-    for b2, j in zip(*np.nonzero(hits)):  # pages a writer shares: the slots decide
-        p = pt[b2, j]
-        for b, t in zip(*np.nonzero((page == p) & (offset < fill[b2, j]))):
-            o = int(offset[b, t])
-            whose = "its own" if b2 == b else f"sequence {b2}'s"
-            raise ValueError(
-                f"sequence {b} would write its new key {t} (position {int(pos[b, t])}) into page {p}, slot {o}, "
-                f"which holds {whose} cached key at position {j * page_size + o} (cache_seqlens[{b2}] = "
-                f"{int(seqlens[b2])}): page_table[{b}, {int(pos[b, t]) // page_size}] and page_table[{b2}, {j}] "
-                f"name the same page; copy the shared page before appending to it (copy on write)"
-            )
 
 
 def _window(window) -> tuple:

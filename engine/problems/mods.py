@@ -168,7 +168,9 @@ def score_mod_grad(score_mod: Callable, problem) -> Callable:
 def _check_against_finite_differences(mod, grad, how, name, problem) -> None:
     """Compile ``grad`` for the problem's dtype and compare it in float64 with central finite
     differences of ``mod`` at a few points; ``TypeError`` naming the mod otherwise."""
-    dtype = problem.dtype.type
+    # the kernels' arithmetic type: 16-bit problems compute in float32 (and NumPy's float16 or
+    # ml_dtypes' bfloat16 scalars are not Numba types)
+    dtype = np.float32 if problem.dtype.itemsize == 2 else problem.dtype.type
     last = (max(problem.batch, 1) - 1, max(problem.num_q_heads, 1) - 1, max(problem.L, 1) - 1, max(problem.S, 1) - 1)
     points = [(0, 0, 0, 0), last, (0, last[1], last[2], 0), (last[0], 0, 0, last[3])]
     hint = "declare its derivative with engine.problems.mods.with_score_grad (or set the attribute score_grad on it)"
@@ -383,7 +385,9 @@ def compile_mods_alone(score_mod, mask_mod, mod_args: tuple, score_dtype) -> Non
     what Numba warns while typing it (e.g. a ``NumbaTypeSafetyWarning`` for a dict of undefined
     types) points at the mod's source line, not at the kernel line that calls it. The kernel then
     reuses these compiled versions (same signature). Memoised per mods, dtype and argument kinds,
-    so a call with compiled mods pays a dictionary lookup."""
+    so a call with compiled mods pays a dictionary lookup. A mod taking ``*args`` (a wrapper, as
+    ``engine.distributed``'s shifted mods) is left to the kernel: Numba compiles a star-args
+    function for an explicit signature only through its caller."""
     if score_mod is None and mask_mod is None:
         return
     key = (score_mod, mask_mod, np.dtype(score_dtype), tuple(_arg_kind(a) for a in mod_args))
@@ -393,13 +397,20 @@ def compile_mods_alone(score_mod, mask_mod, mod_args: tuple, score_dtype) -> Non
 
     args = tuple(typeof(a) for a in mod_args)
     index = (types.int64,) * 4
-    if score_mod is not None:
+    if score_mod is not None and not _takes_star_args(score_mod):
         score_mod.compile((from_dtype(np.dtype(score_dtype)),) + index + args)
-    if mask_mod is not None:
+    if mask_mod is not None and not _takes_star_args(mask_mod):
         mask_mod.compile(index + args)
     if len(_compiled_alone) > 4096:  # mods made in a loop: forget, rather than hold them all
         _compiled_alone.clear()
     _compiled_alone[key] = True
+
+
+def _takes_star_args(mod) -> bool:
+    import inspect
+
+    params = inspect.signature(getattr(mod, "py_func", mod)).parameters.values()
+    return any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
 
 
 def _arg_kind(a):

@@ -145,8 +145,8 @@ def test_matches_torch_sdpa_in_float32_and_needs_no_copies():
 def test_refusals():
     q = torch.randn(1, 1, 3, 2, requires_grad=True)
     slopes = torch.ones(1, requires_grad=True)
-    with pytest.raises(ValueError, match=r"mod_args\[0\] requires grad"):
-        et.scaled_dot_product_attention(q, q, q, score_mod=alibi_bias, mod_args=(slopes,))
+    with pytest.raises(ValueError, match=r"mod_args\[0\] requires grad but is 0-d"):
+        et.scaled_dot_product_attention(q, q, q, score_mod=alibi_bias, mod_args=(slopes[0],))
     with pytest.raises(TypeError, match="query must be a torch.Tensor"):
         et.scaled_dot_product_attention(q.detach().numpy(), q, q)
     with pytest.raises(ValueError, match="either attn_mask or is_causal"):
@@ -280,13 +280,25 @@ def test_variants_that_cannot_be_wrapped_say_why():
         module(torch.randn(1, 3, 8))
 
 
-def test_as_module_refuses_add_bias_kv_clearly():
-    """add_bias_kv merges appended keys through the log-sum-exp, whose gradient is not computed:
-    as_module must refuse it by name, not train with a wrong gradient."""
-    layer = et.as_module(engine.get_variant("multi-head", embed_dim=16, num_heads=2, add_bias_kv=True, seed=0))
-    x = torch.randn(2, 5, 16, requires_grad=True)
-    with pytest.raises(engine.NotSupportedError, match="add_bias_kv"):
-        layer(x)
+@pytest.mark.parametrize("options", [{"add_bias_kv": True}, {"add_zero_attn": True}])
+def test_as_module_with_keys_merged_through_lse_trains_like_multihead_attention(options):
+    """add_bias_kv/add_zero_attn merge their extra key through the log-sum-exp: its gradient
+    reaches the bias and the inputs as torch.nn.MultiheadAttention's does (float64)."""
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(16, 2, batch_first=True, dtype=torch.float64, **options)
+    variant = engine.get_variant("multi-head", embed_dim=16, num_heads=2, seed=0, dtype=np.float64, **options)
+    module = et.as_module(variant)
+    module.load_state_dict(mha.state_dict())
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    out, _ = module(x)
+    ref, _ = mha(x, x, x, need_weights=False)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    g = torch.randn(out.shape, dtype=torch.float64)
+    names = [n for n, _ in module.named_parameters()]
+    grads = torch.autograd.grad(out, [x, *module.parameters()], g)
+    refs = torch.autograd.grad(ref, [x, *(dict(mha.named_parameters())[n] for n in names)], g)
+    for n, a, b in zip(["x"] + names, grads, refs):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0, msg=n)
 
 
 def test_create_graph_is_refused_not_silently_first_order():

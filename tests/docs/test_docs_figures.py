@@ -36,7 +36,7 @@ def test_front_page_headline_figures_are_the_readmes():
 
 def test_training_page_quotes_its_result_file():
     doc = _read("docs", "training.md")
-    section = doc[doc.index("The demo (`attention-engine train`") :]
+    section = " ".join(doc[re.search(r"The demo \(`attention-engine train[^`]*`", doc).start() :].split())
     path = re.search(r"`(bench/results/training-demo-[^`]+\.json)`", section).group(1)
     result = json.loads(_read(*path.split("/")))
     chars = re.search(r"corpus of ([\d,]+)\s+characters", section).group(1)
@@ -53,6 +53,13 @@ def test_training_page_quotes_its_result_file():
         ("torch SDPA", "engine", "torch math + ALiBi bias tensor", "engine ALiBi score_mod"), quoted.groups()[1:]
     ):
         assert f"{losses[name]:.6f}" == value, (name, losses[name], value)
+    if "engine T5 bias score_mod" in losses:  # the learned-bias pair (issue 30)
+        t5 = re.search(
+            r"T5 bias through torch's dense mask ([\d.]+), through the\s+engine's `score_mod`[^\d]*?([\d.]+)", section
+        )
+        assert (t5.group(1), t5.group(2)) == tuple(
+            f"{losses[n]:.6f}" for n in ("torch math + T5 bias tensor", "engine T5 bias score_mod")
+        )
     # the page's description of the corpus is the result's size too (not "about 100 KB")
     described = re.search(r"\(`engine` and `variants`, ([^;)]*)", doc).group(1)
     assert f"{result['characters']:,}" in described, described

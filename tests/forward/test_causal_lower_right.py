@@ -123,9 +123,8 @@ def test_materialize_and_immutability():
         engine.causal_lower_right(2, 4).seq_len_q = 3
 
 
-def test_backward_equals_the_materialised_mask_and_cpu_refuses_by_name(rng):
-    """The reference backward handles the offset; the cpu backward kernel has none, so it refuses by
-    name (auto then picks reference) instead of computing top-left gradients."""
+def test_backward_equals_the_materialised_mask_on_every_backend(rng):
+    """The reference and cpu backwards apply the offset tile by tile, as the dense mask does."""
     L, S = 4, 11
     q, k, v = randn(rng, (2, 2, L, 8)), randn(rng, (2, 2, S, 8)), randn(rng, (2, 2, S, 8))
     dense = np.tril(np.ones((L, S), bool), k=S - L)
@@ -136,8 +135,9 @@ def test_backward_equals_the_materialised_mask_and_cpu_refuses_by_name(rng):
     got = engine.scaled_dot_product_attention_backward(g, q, k, v, out, lse, attn_mask=bias)
     for w, x in zip(want, got):
         np.testing.assert_allclose(x, w, rtol=1e-5, atol=1e-6)
-    with pytest.raises(engine.NotSupportedError, match="bottom-right causal"):
-        engine.scaled_dot_product_attention_backward(g, q, k, v, out, lse, attn_mask=bias, backend="cpu")
+    got = engine.scaled_dot_product_attention_backward(g, q, k, v, out, lse, attn_mask=bias, backend="cpu")
+    for w, x in zip(want, got):
+        np.testing.assert_allclose(x, w, rtol=1e-5, atol=1e-6)
 
 
 def test_variants_refuse_the_mask_object_by_name():

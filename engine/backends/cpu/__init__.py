@@ -1,6 +1,6 @@
 """The ``cpu`` backend: Numba ``njit(parallel=True)`` kernels, tiled online softmax, BLAS tile
 products; memory linear in the sequence length. One op per capability: ``forward``, ``backward``,
-``decode``."""
+``decode``, ``varlen`` (packed sequences, and the decode op's packed queries), ``varlen_backward``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from ..base import Backend
 from .backward import CpuBackward
 from .decode import CpuDecode
 from .forward import CpuForward
+from .varlen import CpuVarlen
+from .varlen_backward import CpuVarlenBackward
 
 __all__ = ["CpuBackend"]
 
@@ -16,7 +18,7 @@ class CpuBackend(Backend):
     name = "cpu"
     description = "Numba njit(parallel=True), tiled online softmax, BLAS tiles; memory linear in L"
     priority = 10
-    ops = (CpuForward, CpuBackward, CpuDecode)
+    ops = (CpuForward, CpuBackward, CpuDecode, CpuVarlen, CpuVarlenBackward)
 
     def capabilities(self) -> dict:
         from ...runtime.gemm_providers import gemm_provider_info

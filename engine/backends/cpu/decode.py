@@ -21,6 +21,7 @@ from ...runtime.threads import get_num_threads, kernel_call_guard
 from ..base import Op
 from ..kvcache import new_entries_written, pick_num_splits
 from .blas_pin import get_blas_pin
+from .varlen import attend_packed
 
 __all__ = ["CpuDecode"]
 
@@ -50,12 +51,16 @@ class CpuDecode(Op):
     dtypes = ("float16", "float32", "float64", "bfloat16")
     cache_dtypes = ("float16", "float32", "float64", "bfloat16")
     supports_mods = True
+    supports_cu_seqlens_q = True
 
     def run(self, problem: DecodeProblem):
         """Write the new entries, then run the kernel; ``(out, lse)`` in the query's dtype. If
         anything after the write raises (a mod Numba cannot compile, an allocation), the written
-        slots get their old contents back first."""
+        slots get their old contents back first. Packed queries (``cu_seqlens_q``) run on the
+        ragged kernel (``varlen.attend_packed``)."""
         with new_entries_written(problem):
+            if problem.packed:
+                return attend_packed(problem)
             return _attend(problem, get_blas_pin())
 
 

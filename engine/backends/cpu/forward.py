@@ -91,7 +91,7 @@ class CpuForward(Op):
             q32, k32 = (widen(as4(a, problem.batch)) for a in (problem.query, problem.key))
             wide = dataclasses.replace(problem, query=q32, key=k32, value=widen(v), attn_mask=mask, dtype=f32)
             out, lse = self._run(wide, plan=plan, provider=provider, serial=serial)
-        return narrow(out, problem.dtype), narrow(lse, problem.dtype)
+        return narrow(out, problem.dtype), lse if problem.lse_float32 else narrow(lse, problem.dtype)
 
     def _tiles(self, problem: AttentionProblem, dtype: str, provider_name: str, provider, pinned: bool) -> TilePlan:
         """The call's tiles (``tiles.forward_tiles``); a large call of a class whose tiles are not

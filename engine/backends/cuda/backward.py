@@ -39,6 +39,9 @@ class CudaBackward(Op):
     device_arrays = True
     supports_mods = True
     supports_dropout = True
+    #: its weights are exp(score - lse) from the given lse, which holds the sinks (engine.problems.sinks);
+    #: checked under the CUDA simulator (tests/cuda/test_cuda_sinks.py), not yet on a GPU
+    supports_sinks = True
 
     def not_supported_reasons(self, problem) -> list[str]:
         reasons = super().not_supported_reasons(problem)

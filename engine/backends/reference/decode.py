@@ -1,18 +1,17 @@
 """The ``reference`` backend's decode op: write the new entries, then each sequence is one
 materialised attention over the keys it sees (gathered through its pages), with its causal/window
-rows as a boolean mask and the mods shifted to absolute positions: the decoding oracle is the
-forward oracle."""
+rows as a boolean mask and the mods shifted to absolute positions (``sequences``): the decoding
+oracle is the forward oracle. Packed queries (``cu_seqlens_q``) are the same, sequence by sequence."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from ...problems.attention import AttentionProblem
 from ...problems.decode import DecodeProblem
-from ...problems.mods import python_function
 from ..base import Op
 from ..kvcache import gather_sequence, new_entries_written
 from .forward import DTYPES, attend
+from .sequences import sequence_problem
 
 __all__ = ["ReferenceDecode"]
 
@@ -22,6 +21,7 @@ class ReferenceDecode(Op):
     dtypes = DTYPES
     cache_dtypes = DTYPES
     supports_mods = True
+    supports_cu_seqlens_q = True
 
     def run(self, problem: DecodeProblem):
         with new_entries_written(problem):  # undone if the attention below raises
@@ -31,55 +31,16 @@ class ReferenceDecode(Op):
 def _decode(problem: DecodeProblem):
     out = np.zeros(problem.out_shape, dtype=problem.dtype)
     lse = np.full(problem.lse_shape, -np.inf, dtype=problem.dtype)
+    q_lens, seqlens_k = problem.q_lens, problem.seqlens_k
     for b in range(problem.batch):
-        S = int(problem.seqlens_k[b])
-        if S == 0:
+        S, L = int(seqlens_k[b]), int(q_lens[b])
+        if S == 0 or L == 0:
             continue
         k, v = gather_sequence(problem, b)
-        first = S - problem.L  # position of query row 0
-        pos = first + np.arange(problem.L)[:, None]
-        j = np.arange(S)[None, :]
-        visible = np.ones((problem.L, S), dtype=bool)
-        left, right = problem.window
-        if problem.is_causal:
-            visible &= j <= pos
-        if left >= 0:
-            visible &= j >= pos - left
-        if right >= 0:
-            visible &= j <= pos + right
-        sub = AttentionProblem(
-            query=problem.query[b],
-            key=k,
-            value=v,
-            attn_mask=visible,
-            mask_kind="bool",
-            batch_shape=(),
-            lead_shape=(problem.num_q_heads,),
-            num_q_heads=problem.num_q_heads,
-            num_kv_heads=problem.num_kv_heads,
-            L=problem.L,
-            S=S,
-            E=problem.E,
-            Ev=problem.Ev,
-            dtype=problem.dtype,
-            is_causal=False,
-            scale=problem.scale,
-            return_lse=True,
-            on_device=False,
-            mod_args=problem.mod_args,
-            score_mod=_at_positions(problem.score_mod, b, first, True),
-            mask_mod=_at_positions(problem.mask_mod, b, first, False),
-        )
-        out[b], lse[b] = attend(sub)
+        if problem.packed:  # rows r0 ... r0 + L - 1 of the packed (total, Hq, D) query
+            r0 = int(problem.cu_seqlens_q[b])
+            o, lse_b = attend(sequence_problem(problem, b, np.swapaxes(problem.query[r0 : r0 + L], 0, 1), k, v))
+            out[r0 : r0 + L], lse[r0 : r0 + L] = np.swapaxes(o, 0, 1), lse_b.T
+        else:
+            out[b], lse[b] = attend(sequence_problem(problem, b, problem.query[b], k, v))
     return out, lse
-
-
-def _at_positions(mod, b: int, first: int, is_score: bool):
-    """A mod of one sequence's sub-problem (batch index 0, rows from 0) calling the caller's mod with
-    the sequence's batch index and absolute query positions."""
-    if mod is None:
-        return None
-    fn = python_function(mod)
-    if is_score:
-        return lambda score, _b, h, i, j, *args: fn(score, b, h, i + first, j, *args)
-    return lambda _b, h, i, j, *args: fn(b, h, i + first, j, *args)

@@ -23,6 +23,7 @@ __all__ = [
     "gradients",
     "apply_mods_dense",
     "score_grad_dense",
+    "sink_column",
 ]
 
 
@@ -89,14 +90,22 @@ def add_nonfinite_values(problem: AttentionProblem, out: np.ndarray, lse: np.nda
     return (out + contrib).astype(out.dtype)
 
 
-def softmax(s: np.ndarray):
-    """Row softmax and log-sum-exp; rows with no finite score give zeros and -inf."""
+def softmax(s: np.ndarray, sink=None):
+    """Row softmax and log-sum-exp; rows with no finite score give zeros and -inf.
+
+    ``sink`` (float64, broadcastable to ``s.shape[:-1] + (1,)``): a logit that joins every row's
+    softmax without a column of its own (attention sinks, ``engine.problems.sinks``): the weights
+    of the scores then sum to less than 1, and a row with no visible key has lse = sink."""
     m = np.max(s, axis=-1, keepdims=True, initial=-np.inf)  # S = 0: no key, -inf
+    if sink is not None:
+        m = np.maximum(m, sink)
     dead = np.isneginf(m)
     m = np.where(dead, 0.0, m)
     with np.errstate(invalid="ignore"):  # NaN scores propagate as NaN, as they should
         e = np.exp(s - m)
     total = e.sum(axis=-1, keepdims=True)
+    if sink is not None:
+        total = total + np.exp(sink - m)
     with np.errstate(invalid="ignore", divide="ignore"):
         p = np.where(dead, 0.0, e / np.where(dead, 1.0, total))
         lse = np.where(dead, -np.inf, m + np.log(np.where(dead, 1.0, total)))[..., 0]
@@ -125,19 +134,21 @@ def dropout_multipliers(problem: AttentionProblem):
 
 
 def gradients(problem: AttentionProblem):
-    """``(dq, dk, dv, dmask)`` of a backward problem, in float64, from scratch: the oracle.
+    """``(dq, dk, dv, dmask, dmod_args)`` of a backward problem, in float64, from scratch: the oracle.
 
     The exact gradient of the attention function at the inputs (the softmax is recomputed here,
     ``out`` and ``lse`` are not used): with P the weights, Z the dropout multipliers and g the
     score_mod's derivative, ``dV = (P Z)^T dO``, ``dP = (dO V^T) Z``, ``dS = P (dP - rowsum(P dP))``,
     ``dQ = scale (dS g) K``, ``dK = scale (dS g)^T Q`` (summed over a GQA group), and the float
-    mask's gradient is ``dS`` summed over the dimensions it broadcasts along. Rows with no visible
-    key have P = 0, so zero gradients.
+    mask's gradient is ``dS`` summed over the dimensions it broadcasts along. A gradient through
+    lse adds ``P grad_lse`` to dS. Rows with no visible key have P = 0, so zero gradients. With
+    sinks, P is the softmax with the sink's column (``engine.problems.sinks``), so every formula
+    above holds as written.
     """
     grads = []
     s = scores(problem, score_grad=grads)
     g = grads[0]
-    p, _ = softmax(s)
+    p, _ = softmax(s, sink_column(problem))
     do = np.asarray(problem.grad_out, dtype=np.float64)
     q = np.asarray(problem.query, dtype=np.float64)
     k = np.asarray(problem.key, dtype=np.float64)
@@ -152,6 +163,9 @@ def gradients(problem: AttentionProblem):
     if z is not None:
         dp = dp * z
     ds = p * (dp - np.sum(p * dp, axis=-1, keepdims=True))
+    if problem.grad_lse is not None:  # d lse_i / d s_ij = P_ij
+        ds = ds + p * np.asarray(problem.grad_lse, dtype=np.float64)[..., None]
+    dmod_args = mod_args_gradients(problem, ds) if problem.mod_args_grad and problem.score_mod is not None else None
     dmask = None
     if problem.return_mask_grad:
         dmask = reduce_to_shape(ds, problem.attn_mask.shape).astype(problem.attn_mask.dtype)
@@ -163,7 +177,42 @@ def gradients(problem: AttentionProblem):
     if group > 1:  # key/value head j served query heads j*group ... (j+1)*group - 1
         dk = dk.reshape(dk.shape[:-3] + (problem.num_kv_heads, group) + dk.shape[-2:]).sum(axis=-3)
         dv = dv.reshape(dv.shape[:-3] + (problem.num_kv_heads, group) + dv.shape[-2:]).sum(axis=-3)
-    return dq, dk, dv, dmask
+    return dq, dk, dv, dmask, dmod_args
+
+
+def mod_args_gradients(problem: AttentionProblem, ds: np.ndarray) -> tuple:
+    """The marked ``mod_args``' gradients: for every score with ``ds`` (d loss / d the mod's
+    output) nonzero, ``ds`` times the mod's complex-step partials with respect to the elements it
+    reads (``engine.kernels.mod_arg_grad.arg_grad_python``), summed in float64 in C order."""
+    from ...kernels.mod_arg_grad import arg_grad_python
+    from ...problems.mod_args_grad import mod_args_offsets
+
+    marks = problem.mod_args_grad
+    offsets = mod_args_offsets(marks, problem.mod_args)
+    step = arg_grad_python(problem.score_mod, marks, offsets)
+    q = np.asarray(problem.query, dtype=np.float64)
+    k = np.asarray(problem.key, dtype=np.float64)
+    if problem.group > 1:
+        k = np.repeat(k, problem.group, axis=-3)
+    flat = (problem.batch, problem.num_q_heads, problem.L, problem.S)
+    raw = (np.matmul(q, np.swapaxes(k, -1, -2)) * problem.scale).reshape(flat)
+    ds = ds.reshape(flat)
+    acc = np.zeros(int(offsets[-1]))
+    for b, h, i, j in zip(*np.nonzero(ds)):
+        step(float(ds[b, h, i, j]), float(raw[b, h, i, j]), int(b), int(h), int(i), int(j), problem.mod_args, acc)
+    return tuple(
+        acc[offsets[i] : offsets[i] + a.size].reshape(a.shape).astype(a.dtype) if m else None
+        for i, (a, m) in enumerate(zip(problem.mod_args, marks))
+    )
+
+
+def sink_column(problem):
+    """The problem's sinks as a float64 column that broadcasts against its (..., Hq, L, S) scores
+    (one per query head), or None without sinks."""
+    if problem.sinks is None:
+        return None
+    sinks = np.asarray(problem.sinks, dtype=np.float64)
+    return sinks.reshape(()) if not problem.lead_shape else sinks.reshape((-1, 1, 1))
 
 
 def apply_mods_dense(scores: np.ndarray, score_mod, mask_mod, mod_args: tuple, kv_idx=None) -> np.ndarray:

@@ -27,7 +27,8 @@ def attend(problem: AttentionProblem):
     out = np.matmul(p, v if finite.all() else np.where(finite, v, 0.0))
     if not finite.all():  # 0 * NaN must not leak a bad value into rows that ignore it
         out = add_nonfinite_values(problem, out, lse)
-    return out.astype(problem.dtype), lse.astype(problem.dtype)
+    sixteen = problem.lse_float32 and problem.dtype.itemsize == 2
+    return out.astype(problem.dtype), lse.astype(np.float32 if sixteen else problem.dtype)
 
 
 class ReferenceForward(Op):

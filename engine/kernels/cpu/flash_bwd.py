@@ -32,6 +32,7 @@ from ...runtime.jit_cache import cache_enabled
 from ..fastexp import fast_exp
 from ..identity_mods import no_mask_mod, no_score_mod
 from ..kinds import MASK_BOOL, MASK_FLOAT, MASK_NONE, TILE_EMPTY, TILE_FULL, TILE_PARTIAL
+from ..mod_arg_grad import READS_CAPACITY, no_arg_grad
 from ..mod_kernels import ModKernels
 from ..philox import keep_scale
 from .blas import gemm_acc
@@ -66,6 +67,7 @@ class BackwardArgs(NamedTuple):
     mask_batch: np.ndarray
     mask_kind: int
     causal: bool
+    causal_offset: int
     group: int
     block_q: int
     block_k: int
@@ -86,17 +88,25 @@ class BackwardArgs(NamedTuple):
     dk: np.ndarray
     dv: np.ndarray
     dm: np.ndarray
+    slots: int
+    want_arg_grad: bool
+    arg_offsets: np.ndarray
+    arg_acc: np.ndarray
+    arg_reads: np.ndarray
 
 
-#: the mods and the score_mod's derivative the kernels below call; ``backward_kernel`` re-binds them
+#: the mods, the score_mod's derivative and its mod_args step the kernels below call;
+#: ``backward_kernel`` re-binds them
 _SCORE_MOD = no_score_mod
 _SCORE_GRAD = no_score_grad
 _MASK_MOD = no_mask_mod
+_ARG_GRAD = no_arg_grad
 
 
 @njit(cache=_CACHE, fastmath=_FM, error_model="numpy")
-def _bwd_task(task, args, mod_args, per_tile):
-    """One parallel task: the key tiles ``bounds[s] ... bounds[s + 1] - 1`` of one (batch, kv head)."""
+def _bwd_task(task, slot, args, mod_args, per_tile):
+    """One task: the key tiles ``bounds[s] ... bounds[s + 1] - 1`` of one (batch, kv head), run
+    by accumulator slot ``slot`` (the mod_args gradients' private sums)."""
     B, Hq, L, E = args.qs.shape
     H = args.k.shape[1]
     S = args.k.shape[2]
@@ -123,6 +133,9 @@ def _bwd_task(task, args, mod_args, per_tile):
     dk_acc = np.empty((args.block_k, E), dtype=dt)
     dv_acc = np.empty((args.block_k, Ev), dtype=dt)
     ts = np.empty(args.block_k * args.fq, dtype=dt)  # one forward-shaped block of scores
+    rt_buf = np.empty(args.block_k * args.block_q if args.want_arg_grad else 1, dtype=dt)  # scores before the mod
+    reads = np.empty(READS_CAPACITY + 1 if args.want_arg_grad else 1, dtype=np.int64)  # the gathers one mod made
+    most_reads = 0
     for kb in range(args.bounds[s], args.bounds[s + 1]):
         j0 = kb * args.block_k
         j1 = min(j0 + args.block_k, S)
@@ -131,9 +144,9 @@ def _bwd_task(task, args, mod_args, per_tile):
         vt = args.v[b, hk, j0:j1]
         dk_acc[:nk] = zero
         dv_acc[:nk] = zero
-        q_first = (
-            (j0 // args.block_q) * args.block_q if args.causal else 0
-        )  # earlier query tiles see none of these keys
+        q_first = 0  # causal: earlier query tiles see none of these keys (query i sees j <= i + offset)
+        if args.causal:
+            q_first = max(0, j0 - args.causal_offset) // args.block_q * args.block_q
         for h in range(hk * args.group, (hk + 1) * args.group):
             tile_h = h if args.tile_kinds.shape[1] > 1 else 0
             for i0 in range(q_first, L, args.block_q):
@@ -158,7 +171,7 @@ def _bwd_task(task, args, mod_args, per_tile):
                     not args.has_score_mod
                     and tile != TILE_PARTIAL
                     and args.mask_kind == MASK_NONE
-                    and not (args.causal and j1 - 1 > i0)
+                    and not (args.causal and j1 - 1 > i0 + args.causal_offset)
                 )
                 for c0 in range(0, nq, args.fq):
                     w = min(args.fq, nq - c0)
@@ -180,11 +193,14 @@ def _bwd_task(task, args, mod_args, per_tile):
                         else:
                             for r in range(w):
                                 prow[r] = trow[r]
+                rt = rt_buf[: nk * nq].reshape((nk, nq)) if args.want_arg_grad else rt_buf.reshape((1, 1))
                 if args.has_score_mod:
                     gt = gt_buf[: nk * nq].reshape((nk, nq))
                     for c in range(nk):
                         for r in range(nq):
                             x = pt[c, r]
+                            if args.want_arg_grad:
+                                rt[c, r] = x
                             gt[c, r] = _SCORE_GRAD(x, b, h, i0 + r, j0 + c, *mod_args)
                             pt[c, r] = _SCORE_MOD(x, b, h, i0 + r, j0 + c, *mod_args)
                 if tile == TILE_PARTIAL:
@@ -205,9 +221,9 @@ def _bwd_task(task, args, mod_args, per_tile):
                         for r in range(nq):
                             x = pt[c, r] if args.bmask[mb, h, i0 + r, j0 + c] else neg_inf
                             pt[c, r] = fast_exp(x - lr[r])
-                elif args.causal and j1 - 1 > i0:  # tile crosses the diagonal
+                elif args.causal and j1 - 1 > i0 + args.causal_offset:  # tile crosses the diagonal
                     for c in range(nk):
-                        first = j0 + c - i0  # rows r < first cannot see key j0 + c
+                        first = j0 + c - i0 - args.causal_offset  # rows r < first cannot see key j0 + c
                         for r in range(nq):
                             x = pt[c, r] if r >= first else neg_inf
                             pt[c, r] = fast_exp(x - lr[r])
@@ -238,6 +254,16 @@ def _bwd_task(task, args, mod_args, per_tile):
                         col = j0 + c if args.dm_cols else kb
                         for r in range(nq):
                             args.dm[b, h, i0 + r if args.dm_rows else 0, col] += dpt[c, r]
+                if args.want_arg_grad:  # d loss / d mod_args: dS times the mod's partials, per slot
+                    acc = args.arg_acc[slot]
+                    for c in range(nk):
+                        for r in range(nq):
+                            if dpt[c, r] != zero:
+                                n = _ARG_GRAD(
+                                    np.float64(dpt[c, r]), rt[c, r], b, h, i0 + r, j0 + c, mod_args, acc, reads,
+                                    args.arg_offsets,
+                                )  # fmt: skip
+                                most_reads = max(most_reads, n)
                 if args.has_score_mod:  # chain rule through the score_mod; 0 where the weight is 0
                     for c in range(nk):
                         for r in range(nq):
@@ -249,6 +275,8 @@ def _bwd_task(task, args, mod_args, per_tile):
                 args.dk[b, hk, j0 + c, e] = dk_acc[c, e]
             for e in range(Ev):
                 args.dv[b, hk, j0 + c, e] = dv_acc[c, e]
+    if args.want_arg_grad:
+        args.arg_reads[task] = most_reads
 
 
 @njit(parallel=True, cache=_CACHE, fastmath=_FM, error_model="numpy")
@@ -269,23 +297,35 @@ def _flash_backward(args, mod_args):
     and ``bounds`` (int64, splits + 1 entries from 0 to ceil(S / block_k)) cut each head's key
     tiles into the tasks' runs. With ``want_dm``, ``dm`` (float64, B, Hq, L or 1, S or number of
     key tiles, zeroed) receives the float mask's gradient dS: per row when ``dm_rows`` (else
-    summed over rows), per key when ``dm_cols`` (else summed per key tile).
+    summed over rows), per key when ``dm_cols`` (else summed per key tile). ``causal_offset``:
+    query i sees keys j <= i + offset (bottom-right causal: S - L).
+
+    Tasks run in ``slots`` parallel slots, slot ``s`` running tasks ``s, s + slots, ...`` in that
+    order (``slots`` = the task count unless ``mod_args`` take a gradient). With
+    ``want_arg_grad``, each score with dS != 0 goes through ``_ARG_GRAD``
+    (``engine.kernels.mod_arg_grad``), adding dS times the score_mod's partials with respect to
+    the marked ``mod_args`` elements it reads into ``arg_acc[slot]`` (float64, the marked arrays
+    end to end from ``arg_offsets``); ``arg_reads[task]`` gets the most elements one score read.
     """
     B = args.qs.shape[0]
     H = args.k.shape[1]
     per_tile = args.tile_kinds.shape[2] > 1 or args.tile_kinds.shape[3] > 1 or args.tile_kinds[0, 0, 0, 0] != TILE_FULL
-    for task in prange(B * H * args.splits):
+    tasks = B * H * args.splits
+    for slot in prange(args.slots):
         # the index is int64 when typed, uint64 when lowered: one type, one compilation of the task
-        _bwd_task(np.int64(task), args, mod_args, per_tile)
+        for task in range(np.int64(slot), tasks, args.slots):
+            _bwd_task(np.int64(task), np.int64(slot), args, mod_args, per_tile)
 
 
 # prologue and epilogue: O(L) work, single-threaded (a parallel loop would cost more compile time
 # than it saves: they are under 1% of a call)
 @njit(cache=_CACHE, error_model="numpy")
-def _backward_prologue(q, o, do, lse, scale, fq, qs, qst, delta, lrow):
+def _backward_prologue(q, o, do, lse, dlse, has_dlse, scale, fq, qs, qst, delta, lrow):
     """``qs = scale * q`` (scores and dK then carry the scale), rounded as the forward rounds it;
     ``qst[b, h, t]``: rows ``t*fq ...`` of ``qs`` transposed, ``(E, rows)`` in C order, as the
-    forward's score products read them; ``delta = rowsum(dO * O)``; ``lrow`` = lse with -inf (a
+    forward's score products read them; ``delta = rowsum(dO * O) - dlse`` (``dlse``, float64
+    (B, Hq, L), read when ``has_dlse``: the gradient through lse, whose derivative with respect
+    to a score is its weight, so that it joins dS = P (dP - delta)); ``lrow`` = lse with -inf (a
     row with no visible key) replaced by +inf, so that exp(score - lrow) is 0 on such rows.
     Ev >= 1."""
     B, Hq, L, E = q.shape
@@ -300,9 +340,12 @@ def _backward_prologue(q, o, do, lse, scale, fq, qs, qst, delta, lrow):
                     x = q[b, h, i, e] * scale
                     qs[b, h, i, e] = x
                     qst[b, h, t, e * w + r] = x
-                acc = do[b, h, i, 0] * o[b, h, i, 0]
+                # in float64, rounded once: an error in D reaches every dS of the row
+                acc = np.float64(do[b, h, i, 0]) * np.float64(o[b, h, i, 0])
                 for e in range(1, Ev):
-                    acc += do[b, h, i, e] * o[b, h, i, e]
+                    acc += np.float64(do[b, h, i, e]) * np.float64(o[b, h, i, e])
+                if has_dlse:
+                    acc -= dlse[b, h, i]
                 delta[b, h, i] = acc
                 x = lse[b, h, i]
                 lrow[b, h, i] = -x if x == -np.inf else x
@@ -310,31 +353,32 @@ def _backward_prologue(q, o, do, lse, scale, fq, qs, qst, delta, lrow):
 
 @njit(cache=_CACHE, error_model="numpy")
 def _backward_epilogue(dq_part, scale, dq):
-    """dQ = scale * (the splits' accumulators summed in split order)."""
+    """dQ = scale * (the splits' accumulators summed in split order), in float64 and rounded once."""
     S, B, Hq, L, E = dq_part.shape
     for b in range(B):
         for h in range(Hq):
             for i in range(L):
                 for e in range(E):
-                    acc = dq_part[0, b, h, i, e]
+                    acc = np.float64(dq_part[0, b, h, i, e])
                     for s in range(1, S):
-                        acc += dq_part[s, b, h, i, e]
+                        acc += np.float64(dq_part[s, b, h, i, e])
                     dq[b, h, i, e] = acc * scale
 
 
 _kernels = ModKernels(
     _flash_backward,
     _bwd_task,
-    {"_SCORE_MOD": no_score_mod, "_SCORE_GRAD": no_score_grad, "_MASK_MOD": no_mask_mod},
+    {"_SCORE_MOD": no_score_mod, "_SCORE_GRAD": no_score_grad, "_MASK_MOD": no_mask_mod, "_ARG_GRAD": no_arg_grad},
     dict(fastmath=_FM, error_model="numpy"),
 )
 _with_mods = _kernels.built
 
 
-def backward_kernel(score_mod, score_grad, mask_mod):
-    """The backward kernel for these mods (``None`` for none) and the score_mod's compiled
-    derivative: ``_flash_backward`` itself without mods, else the same code with ``_SCORE_MOD``,
-    ``_SCORE_GRAD`` and ``_MASK_MOD`` bound to them (``engine.kernels.mod_kernels``)."""
+def backward_kernel(score_mod, score_grad, mask_mod, arg_grad=None):
+    """The backward kernel for these mods (``None`` for none), the score_mod's compiled
+    derivative and its mod_args step (``engine.kernels.mod_arg_grad``; None when no mod_args take
+    a gradient): ``_flash_backward`` itself without mods, else the same code with ``_SCORE_MOD``,
+    ``_SCORE_GRAD``, ``_MASK_MOD`` and ``_ARG_GRAD`` bound to them (``engine.kernels.mod_kernels``)."""
     if score_mod is None and mask_mod is None:  # a derivative alone is the identity's: no mods
         return _flash_backward
-    return _kernels(score_mod, score_grad, mask_mod)
+    return _kernels(score_mod, score_grad, mask_mod, arg_grad)

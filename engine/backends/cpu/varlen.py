@@ -1,0 +1,189 @@
+"""The ``cpu`` backend's varlen ops, and the packed-query path of its decode op: both lay their
+problem out for the ragged kernel (``engine.kernels.cpu.varlen_fwd``); the backward op is in
+``varlen_backward``.
+
+A packed batch's keys are read in place when every task is small enough to compute its products
+row by row (decode-like batches: ``(total_k, H, 1, E)``, one key per page, so nothing is copied);
+otherwise key and value are copied once head-major, ``(1, H, total_k, E)``, so that every key tile
+of a sequence is a view the GEMM reads directly (the copy costs one pass over K and V, against
+``len_q`` passes for the products).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+from ...kernels.cpu.gemm import GEMM_NUMPY
+from ...kernels.cpu.half_floats import BFLOAT16_BITS, FLOAT16_BITS
+from ...problems.decode import DecodeProblem
+from ...problems.varlen import VarlenProblem
+from ...runtime.config import CPU_SERIAL_MAX_WORK, DECODE_BLOCK_K, DECODE_BLOCK_ROWS, DECODE_FUSED_ROWS
+from ...runtime.gemm_providers import get_gemm_provider
+from ...runtime.threads import get_num_threads, kernel_call_guard
+from ..base import Op
+from ..kvcache import pick_num_splits
+from .blas_pin import get_blas_pin
+
+__all__ = ["CpuVarlen", "attend_packed", "attend_packed_arrays"]
+
+_NO_PIN = contextlib.nullcontext()
+_kernel_module = None
+
+
+def _kernels():
+    """The kernel module, imported on first use (``import engine`` compiles nothing)."""
+    global _kernel_module
+    if _kernel_module is None:
+        from ...kernels.cpu import varlen_fwd
+
+        _kernel_module = varlen_fwd
+    return _kernel_module
+
+
+def _half_kind(dtype: np.dtype) -> int:
+    if dtype.itemsize != 2:
+        return 0
+    return FLOAT16_BITS if dtype == np.float16 else BFLOAT16_BITS
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    """Pages of 16-bit floats as their uint16 bits (no copy); others as they are."""
+    return a.view(np.uint16) if a.dtype.itemsize == 2 else a
+
+
+class CpuVarlen(Op):
+    problem_type = VarlenProblem
+    dtypes = ("float16", "float32", "float64", "bfloat16")
+    supports_mods = True
+
+    def run(self, problem: VarlenProblem):
+        compute = np.dtype(np.float64 if problem.dtype == np.float64 else np.float32)
+        B, H, E, Ev = problem.batch, problem.num_kv_heads, problem.E, problem.Ev
+        ck = problem.cu_seqlens_k
+        k, v = np.ascontiguousarray(problem.key), np.ascontiguousarray(problem.value)
+        if problem.group * problem.max_seqlen_q <= DECODE_FUSED_ROWS:  # every task reads rows in place
+            k_pages, v_pages = k.reshape(-1, H, 1, E), v.reshape(-1, H, 1, Ev)
+            table = (ck[:-1, None] + np.arange(problem.max_seqlen_k)[None, :]).astype(np.int32)
+            k_base = np.zeros(B, dtype=np.int64)
+        else:  # one head-major page: each sequence's key tiles are views
+            k_pages, v_pages = _head_major(k), _head_major(v)
+            table = np.zeros((B, 1), dtype=np.int32)
+            k_base = ck[:-1].copy()
+        out, lse = attend_packed_arrays(
+            problem,
+            q=np.ascontiguousarray(problem.query, dtype=compute),
+            k_pages=_bits(k_pages),
+            v_pages=_bits(v_pages),
+            page_table=table,
+            k_base=k_base,
+            seqlens_k=np.diff(ck),
+            q_start=problem.cu_seqlens_q,
+            half_kind=_half_kind(problem.dtype),
+            gather=bool(problem.dtype.itemsize == 2 or k_pages.shape[2] == 1),
+            window=problem.window,
+            num_splits=None,
+        )
+        return out.astype(problem.dtype, copy=False), lse.astype(problem.dtype, copy=False)
+
+
+def _head_major(a: np.ndarray) -> np.ndarray:
+    """Packed (total, H, D) as one head-major page (1, H, total, D), copied in parallel."""
+    out = np.empty((a.shape[1], a.shape[0], a.shape[2]), dtype=a.dtype)
+    if out.size:
+        with kernel_call_guard():
+            _kernels().head_major(_bits(a), _bits(out))
+    return out.reshape((1,) + out.shape)
+
+
+def attend_packed(problem: DecodeProblem):
+    """``(out, lse)`` of a decode problem with packed queries (``cu_seqlens_q``), its new entries
+    already written: the caches are the pages, read in place."""
+    compute = problem.compute_dtype
+    if problem.page_table is None:
+        table = np.arange(problem.batch, dtype=np.int32).reshape(problem.batch, 1)
+    else:
+        table = np.ascontiguousarray(problem.page_table, dtype=np.int32)
+    out, lse = attend_packed_arrays(
+        problem,
+        q=np.ascontiguousarray(problem.query, dtype=compute),
+        k_pages=_bits(problem.k_cache),
+        v_pages=_bits(problem.v_cache),
+        page_table=table,
+        k_base=np.zeros(problem.batch, dtype=np.int64),
+        seqlens_k=problem.seqlens_k,
+        q_start=problem.cu_seqlens_q,
+        half_kind=_half_kind(problem.cache_dtype),
+        gather=bool(problem.cache_dtype.itemsize == 2 or problem.page_table is not None),
+        window=problem.window,
+        num_splits=problem.num_splits,
+    )
+    return out.astype(problem.dtype, copy=False), lse.astype(problem.dtype, copy=False)
+
+
+def attend_packed_arrays(
+    problem, *, q, k_pages, v_pages, page_table, k_base, seqlens_k, q_start, half_kind, gather, window, num_splits
+):
+    """Run the ragged kernel on laid-out arrays; ``(out, lse)`` packed, ``(total, Hq, Ev)`` and
+    ``(total, Hq)``, in the compute dtype (q's)."""
+    total, Hq = q.shape[0], q.shape[1]
+    Ev = v_pages.shape[3]
+    group = problem.group
+    q_lens = np.diff(q_start)
+    tasks = int(np.sum(-(-group * q_lens // DECODE_BLOCK_ROWS))) * problem.num_kv_heads
+    max_keys = int(seqlens_k.max()) if len(seqlens_k) else 0
+    threads = get_num_threads()
+    splits = num_splits
+    if splits is None:
+        splits = 1 if tasks >= threads else pick_num_splits(tasks, max_keys, threads)
+    splits = max(1, min(splits, max_keys))  # a split with no key does nothing
+    N = total * Hq
+    out = np.empty((N, Ev), dtype=q.dtype)
+    lse = np.empty(N, dtype=q.dtype)
+    if splits > 1:
+        part_out = np.empty((splits, N, Ev), dtype=q.dtype)
+        part_lse = np.empty((splits, N), dtype=q.dtype)
+    else:
+        part_out, part_lse = out.reshape(1, N, Ev), lse.reshape(1, N)
+    provider = get_gemm_provider(q.dtype.name)
+    gemm_kind, gemm_fn = provider.kind, provider.pointer(q.dtype.name)
+    # keys read: tiny calls run serially (the thread pool's wake-up costs more than it gains)
+    work = int(np.dot(q_lens, seqlens_k)) * Hq * (problem.E + Ev)
+    serial = splits == 1 and work <= CPU_SERIAL_MAX_WORK
+    kernel = _kernels().varlen_kernel(problem.score_mod, problem.mask_mod, serial)
+    # only np.dot's OpenBLAS starts threads of its own, and only tasks over fused_rows call it
+    small = gemm_kind != GEMM_NUMPY or group * (int(q_lens.max()) if len(q_lens) else 0) <= DECODE_FUSED_ROWS
+    left, right = window
+    args = _kernels().VarlenArgs(
+        q=q,
+        q_start=np.ascontiguousarray(q_start, dtype=np.int64),
+        k_pages=k_pages,
+        v_pages=v_pages,
+        page_table=page_table,
+        k_base=np.ascontiguousarray(k_base, dtype=np.int64),
+        seqlens_k=np.ascontiguousarray(seqlens_k, dtype=np.int64),
+        causal=problem.is_causal,
+        left=left,
+        right=right,
+        scale=problem.scale,
+        group=group,
+        half_kind=half_kind,
+        gather=gather,
+        splits=splits,
+        block_k=DECODE_BLOCK_K,
+        block_rows=DECODE_BLOCK_ROWS,
+        fused_rows=DECODE_FUSED_ROWS,
+        has_score_mod=problem.score_mod is not None,
+        has_mask_mod=problem.mask_mod is not None,
+        threads=threads,
+        gemm_kind=gemm_kind,
+        gemm_fn=gemm_fn,
+        part_out=part_out,
+        part_lse=part_lse,
+        out=out,
+        lse=lse,
+    )
+    with kernel_call_guard(), _NO_PIN if small else get_blas_pin()():
+        kernel(args, problem.mod_args)
+    return out.reshape(total, Hq, Ev), lse.reshape(total, Hq)
