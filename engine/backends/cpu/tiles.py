@@ -125,13 +125,14 @@ def backward_tile_sizes(
 ) -> tuple[int, int, int]:
     """(block_q, block_k, fq) of the backward kernel. The forward's tiles are (fq, block_k)
     (:func:`forward_tiles` for this dtype and GEMM provider: measured or the fixed rule); the
-    backward's key tiles are the forward's and its query tiles a multiple of fq, about
-    ``CPU_BWD_BLOCK_Q`` rows when BLAS is held at one thread (one fq otherwise, under OpenBLAS's
-    threshold), so that it recomputes each score with the very product the forward used."""
+    backward's key tiles are the forward's (``block_k`` may exceed S, as the forward's) and its
+    query tiles a multiple of fq, about ``CPU_BWD_BLOCK_Q`` rows when BLAS is held at one thread
+    (one fq otherwise, under OpenBLAS's threshold), so that it recomputes each score with the
+    very product the forward used."""
     plan = forward_tiles(L, E, Ev, dtype_name, provider, blas_pinned, 1, 1)
     fq, block_k = plan.block_q, plan.block_k
     block_q = fq * max(1, CPU_BWD_BLOCK_Q // fq) if blas_pinned else fq
-    return max(1, min(block_q, L)), max(1, min(block_k, S)), fq
+    return max(1, min(block_q, L)), block_k, fq
 
 
 def backward_splits(tasks: int, threads: int, key_tiles: int) -> int:
