@@ -38,7 +38,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from decode_vs_torch import alternate  # noqa: E402  (bench/ is not a package on sys.path)
-from machine import cpu_info, result_path  # noqa: E402
+
+from engine.runtime.machine import cpu_info, result_file_name  # noqa: E402
 
 
 def varlen_case(name, lens, Hq, H, E, causal, rounds, calls, target):
@@ -205,7 +206,7 @@ def main(argv=None) -> int:
         "gemm": engine.get_backend("cpu").capabilities()["gemm"]["in_use"],
         "date": time.strftime("%Y-%m-%d"),
     }
-    path = args.json or result_path(f"serving-vs-torch-{args.threads}threads", info)
+    path = args.json or os.path.join(HERE, "results", result_file_name(f"serving-vs-torch-{args.threads}threads", info))
     with open(path, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)
     print(f"load average before {info['loadavg_1_5_15'][0]:.1f}, after {meta['load_average_after'][0]:.1f}; {path}")

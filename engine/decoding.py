@@ -7,6 +7,7 @@ values into the cache in place and attends.
 from __future__ import annotations
 
 from .dispatch import select
+from .plan.decode import decode_key, remember, run_cached
 from .problems.decode import validate_decode_args
 from .problems.sinks import run_with_sinks
 
@@ -130,6 +131,32 @@ def attention_with_kvcache(
         host and device arrays mixed, ``cache_seqlens``/``page_table`` on the device).
     :raises engine.NotSupportedError: the backend cannot run the call (a ValueError).
     """
+    # packed queries and sinks take the full path every call
+    plan_key = (
+        None
+        if cu_seqlens_q is not None or sinks is not None
+        else decode_key(
+            query,
+            k_cache,
+            v_cache,
+            key,
+            value,
+            cache_seqlens,
+            page_table,
+            is_causal,
+            window,
+            score_mod,
+            mask_mod,
+            mod_args,
+            return_lse,
+            num_splits,
+            backend,
+        )
+    )
+    if plan_key is not None:  # a call with this signature has run before: the checks values need
+        result = run_cached(plan_key, query, k_cache, v_cache, key, value, cache_seqlens, page_table, scale, mod_args)
+        if result is not None:
+            return result if return_lse else result[0]
     problem = validate_decode_args(
         query,
         k_cache,
@@ -149,6 +176,7 @@ def attention_with_kvcache(
         cu_seqlens_q=cu_seqlens_q,
         sinks=sinks,
     )
-    _, op = select(backend, problem)
+    chosen, op = select(backend, problem)
     out, lse = run_with_sinks(problem, op.run, -1 if problem.packed else -2)
+    remember(plan_key, problem, chosen, op, (query, k_cache, v_cache, key, value, page_table))
     return (out, lse) if return_lse else out

@@ -137,6 +137,7 @@ def varlen_attention_backward(
     score_mod=None,
     mask_mod=None,
     mod_args=(),
+    grad_lse=None,
     return_sinks_grad=False,
     backend="auto",
 ):
@@ -182,6 +183,11 @@ def varlen_attention_backward(
     :type mask_mod: Callable | None
     :param mod_args: the forward's.
     :type mod_args: tuple
+    :param grad_lse: the gradient of the loss with respect to ``lse`` when the loss uses it too,
+        ``(total_q, Hq)``, a float dtype at least as precise as the query's; None for zero. Since
+        d lse_i / d s_ij is the weight P_ij, it adds ``grad_lse_i * P_ij`` to each score's gradient
+        (and reaches the sinks: d lse_i / d sink_h is the sink's weight).
+    :type grad_lse: ndarray | None
     :param return_sinks_grad: also return the sinks' gradient ``(Hq,)`` in their dtype, after dv.
     :type return_sinks_grad: bool
     :param backend: ``"auto"`` or a backend with a varlen backward op (``cpu``, ``reference``).
@@ -189,10 +195,10 @@ def varlen_attention_backward(
     :return: ``(dq, dk, dv)`` in the shapes and dtype of query, key and value (with GQA, ``dk``/
         ``dv`` sum their query heads), then ``dsinks`` when ``return_sinks_grad=True``. The ``cpu``
         backend's gradients are the same bit for bit on every run with the same thread count.
-    :raises TypeError: a wrong kind of argument, as the forward, then ``grad_out``/``out``/``lse``
-        dtypes.
-    :raises ValueError: bad shapes or values, as the forward, then ``grad_out``/``out``/``lse``
-        shapes, ``return_sinks_grad`` without sinks, a score_mod with no usable derivative.
+    :raises TypeError: a wrong kind of argument, as the forward, then ``grad_out``/``out``/``lse``/
+        ``grad_lse`` dtypes.
+    :raises ValueError: bad shapes or values, as the forward, then ``grad_out``/``out``/``lse``/
+        ``grad_lse`` shapes, ``return_sinks_grad`` without sinks, a score_mod with no usable derivative.
     :raises engine.NotSupportedError: the backend has no varlen backward (``cuda``) or cannot run
         the inputs (``cpu`` with 16-bit inputs).
     """
@@ -212,6 +218,7 @@ def varlen_attention_backward(
         score_mod,
         mask_mod,
         mod_args,
+        grad_lse,
     )
     want_dsinks = check_bool(return_sinks_grad, "return_sinks_grad")
     if want_dsinks and problem.sinks is None:
@@ -222,5 +229,5 @@ def varlen_attention_backward(
     else:
         grads = chosen.op(VarlenBackwardProblem).run(problem)
     if want_dsinks:
-        grads += (sinks_grad(problem.grad_out, problem.out, problem.lse, problem.sinks, -1),)
+        grads += (sinks_grad(problem.grad_out, problem.out, problem.lse, problem.sinks, -1, problem.grad_lse),)
     return grads

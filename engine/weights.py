@@ -30,6 +30,28 @@ def attention_weights(
     (the attention functions never do): for inspection, plots and ``need_weights=True``. Rows with
     no visible key are zeros. Host arrays only (NumPy, torch CPU tensors); the result is NumPy.
 
+    :param query: ``(..., Hq, L, E)``, float16, bfloat16, float32 or float64.
+    :type query: array
+    :param key: ``(..., H, S, E)``, the query's dtype.
+    :type key: array
+    :param attn_mask: as ``scaled_dot_product_attention``'s: boolean (True = may attend) or
+        floating (added), broadcastable to ``(..., Hq, L, S)``, or a causal mask object.
+    :type attn_mask: array | CausalBias | None
+    :param is_causal: top-left causal mask.
+    :type is_causal: bool
+    :param scale: score scale; None is ``1/sqrt(E)``.
+    :type scale: float | None
+    :param enable_gqa: grouped-query attention (H divides Hq).
+    :type enable_gqa: bool
+    :param score_mod: as ``scaled_dot_product_attention``'s.
+    :type score_mod: Callable | None
+    :param mask_mod: as ``scaled_dot_product_attention``'s.
+    :type mask_mod: Callable | None
+    :param block_mask: as ``scaled_dot_product_attention``'s.
+    :type block_mask: BlockMask | None
+    :param mod_args: the mods' extra arguments.
+    :type mod_args: tuple
+    :return: the weights ``(..., Hq, L, S)``, a NumPy array of the query's dtype.
     :raises TypeError: an argument of the wrong kind, naming it (the forward's checks).
     :raises ValueError: a wrong shape or value, naming the argument and the shapes.
     """

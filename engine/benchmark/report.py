@@ -105,7 +105,9 @@ def missing_reason(rows: list[dict], case: str, L: int) -> str:
         if base is not None and base.get("error"):
             why = f"{base['impl']}: {_short(base['error'])}"
         elif base is None and not any(r["impl"] == "*" for r in group):
-            why = "no baseline implementation in this run"
+            why = "no baseline implementation in this run" + (
+                "" if case == "sdpa" else "; a variant torch has no layer for is compared with the reference backend"
+            )
         else:
             why = ""
         parts.append("no baseline measured" + (f" ({why})" if why else ""))

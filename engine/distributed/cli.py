@@ -20,33 +20,51 @@ import numpy as np
 __all__ = ["add_arguments", "run", "start_client", "make_inputs", "time_distributed", "time_cpu"]
 
 
+def _at_least(minimum: int):
+    """An argparse type: an int >= ``minimum`` (argparse's own error otherwise, not a traceback or
+    a hang: 0 workers waited forever, a merge fan-in of 1 raised inside Dask)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--scheduler",
         default=None,
         help="address of a running Dask scheduler (default: start a LocalCluster of worker processes here)",
     )
-    p.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes (default 2)")
-    p.add_argument("--threads-per-worker", type=int, default=1, help="LocalCluster threads per worker (default 1)")
+    p.add_argument("--workers", type=_at_least(1), default=2, help="LocalCluster worker processes (default 2)")
+    p.add_argument(
+        "--threads-per-worker", type=_at_least(1), default=1, help="LocalCluster threads per worker (default 1)"
+    )
     p.add_argument("--memory-limit", default="auto", help="LocalCluster memory limit per worker (default auto)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--length", type=int, default=8192, help="L (default 8192)")
-    p.add_argument("--key-length", type=int, default=None, help="S (default L)")
-    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--batch", type=_at_least(1), default=1)
+    p.add_argument("--heads", type=_at_least(1), default=8)
+    p.add_argument("--length", type=_at_least(1), default=8192, help="L (default 8192)")
+    p.add_argument("--key-length", type=_at_least(1), default=None, help="S (default L)")
+    p.add_argument("--head-dim", type=_at_least(1), default=64)
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--causal", action="store_true")
     p.add_argument(
         "--chunk",
-        type=int,
+        type=_at_least(1),
         default=None,
         help="rows per chunk along L and S (default engine.runtime.config.DASK_CHUNK_ROWS)",
     )
-    p.add_argument("--split-every", type=int, default=None, help="fan-in of the merge tree (default 4)")
+    p.add_argument("--split-every", type=_at_least(2), default=None, help="fan-in of the merge tree (default 4)")
     p.add_argument("--no-compare", action="store_true", help="skip the single-process cpu run")
     p.add_argument(
         "--cpu-threads",
-        type=int,
+        type=_at_least(1),
         default=None,
         help="threads of the single-process run (default: the cluster's total threads)",
     )

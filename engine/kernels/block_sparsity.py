@@ -1,14 +1,25 @@
-"""Classifying (query tile, key tile) blocks of a ``mask_mod`` as empty, partial or full."""
+"""Classifying (query tile, key tile) blocks of a ``mask_mod`` as empty, partial or full.
+
+The ``mask_mod`` is bound as a global of the compiled code (``kernels.specialise``), not passed as
+an argument: a jitted function as an argument costs Numba's dispatcher tens of microseconds of
+typing on every call (numba#2952), and a call without ``block_mask`` classifies on every call.
+"""
 
 from numba import njit, prange
 
+from ..runtime.jit_cache import cache_enabled
+from .identity_mods import no_mask_mod
 from .kinds import TILE_EMPTY, TILE_FULL, TILE_PARTIAL
+from .specialise import cache_tag, named
+
+__all__ = ["classify_blocks"]
+
+#: the mask_mod the kernel below calls; ``classify_blocks`` re-binds it per mask_mod
+_MASK_MOD = no_mask_mod
 
 
-# not disk-cached: it always takes the user's mask_mod as an argument, and Numba never finds a
-# specialisation on a function argument in its cache again (compiled once per process instead)
 @njit(parallel=True)
-def _classify_blocks(mask_mod, mod_args, L, S, block_q, block_k, kinds):
+def _classify_blocks(mod_args, L, S, block_q, block_k, kinds):
     """kinds[b, h, qb, kb] = TILE_EMPTY (no element allowed), TILE_FULL (all) or TILE_PARTIAL, per tile.
 
     ``kinds`` is (Bm, Hm, ceil(L / block_q), ceil(S / block_k)); ``mask_mod(b, h, i, j, *mod_args)``.
@@ -27,8 +38,26 @@ def _classify_blocks(mask_mod, mod_args, L, S, block_q, block_k, kinds):
             allowed = 0
             for i in range(i0, i1):
                 for j in range(j0, j1):
-                    if mask_mod(b, h, i, j, *mod_args):
+                    if _MASK_MOD(b, h, i, j, *mod_args):
                         allowed += 1
             kinds[b, h, qb, kb] = (
                 TILE_EMPTY if allowed == 0 else TILE_FULL if allowed == (i1 - i0) * (j1 - j0) else TILE_PARTIAL
             )
+
+
+#: the kernel built for each mask_mod in this process
+_by_mod: dict = {}
+
+
+def classify_blocks(mask_mod, mod_args, L, S, block_q, block_k, kinds) -> None:
+    """:func:`_classify_blocks` for this (jitted) ``mask_mod``: built once per mask_mod (and
+    disk-cached for the built-in variants' mods, as the attention kernels are)."""
+    kernel = _by_mod.get(mask_mod)
+    if kernel is None:
+        fn = _classify_blocks.py_func
+        tag = cache_tag(mask_mod)
+        env = dict(fn.__globals__, _MASK_MOD=mask_mod)
+        kernel = _by_mod[mask_mod] = njit(parallel=True, cache=bool(tag) and cache_enabled())(
+            named(fn.__code__, env, fn.__name__ + "_mod", tag)
+        )
+    kernel(mod_args, L, S, block_q, block_k, kinds)

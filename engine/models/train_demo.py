@@ -128,15 +128,27 @@ def train(
 def compare(
     steps: int, dtype: str = "float32", text: str | None = None, threads: int | None = None, progress=None, **model
 ) -> dict:
-    """Run the four trainings of :data:`RUNS`; losses, per-step relative differences within each
-    pair, and seconds per run."""
+    """Run the trainings of :data:`RUNS`; losses, per-step relative differences within each
+    pair, and seconds per run. ``threads``: torch's and the engine's threads during the runs (both
+    restored after: a library call leaves the process's settings as it found them)."""
     import torch
 
-    import engine
+    from ..runtime.threads import thread_limit
 
-    if threads:
-        torch.set_num_threads(threads)
-        engine.set_num_threads(threads)
+    if not threads:
+        return _compare(steps, dtype, text, progress, **model)
+    torch_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with thread_limit(threads):
+            return _compare(steps, dtype, text, progress, **model)
+    finally:
+        torch.set_num_threads(torch_before)
+
+
+def _compare(steps: int, dtype: str, text: str | None, progress, **model) -> dict:
+    import torch
+
     from .char_lm import encode
 
     data, vocab = encode(text if text is not None else project_text())

@@ -95,6 +95,11 @@ def as_array(x: Any, name: str) -> Any:
         return native(x)
     if x is None:
         raise TypeError(f"{name} must be an array, got None")
+    if type(x).__name__ == "CausalBias":  # ours or torch's (whose storage is a placeholder)
+        raise TypeError(
+            f"{name} is a causal mask object ({type(x).__module__}.CausalBias), not an array of values: "
+            "pass it as attn_mask"
+        )
     if getattr(x, "requires_grad", False) and type(x).__module__.startswith("torch"):
         # np.asarray would fail with torch's "use tensor.detach().numpy()", and detaching would
         # silently drop the gradient the caller asked for
@@ -128,7 +133,15 @@ def native(arr: np.ndarray, writeable: bool = False) -> np.ndarray:
 
 
 def native_mod_args(mod_args: tuple) -> tuple:
-    """``mod_args`` with its NumPy arrays made native, aligned and writeable (see :func:`native`)."""
+    """``mod_args`` with its NumPy arrays made native, aligned and writeable (see :func:`native`).
+    ``TypeError`` for a float16/bfloat16 array: the kernels' mods compute in float32/float64, and
+    Numba has no bfloat16 (nor float16 arithmetic on the CPU)."""
+    for i, a in enumerate(mod_args):
+        if isinstance(a, np.ndarray) and a.dtype.itemsize == 2 and is_floating(a.dtype):
+            raise TypeError(
+                f"mod_args[{i}] is a {a.dtype.name} array (shape {a.shape}); mods take float32 or "
+                "float64 arrays: convert it (e.g. table.astype(np.float32), or table.float() in torch)"
+            )
     return tuple(native(a, writeable=True) if isinstance(a, np.ndarray) else a for a in mod_args)
 
 
@@ -253,7 +266,7 @@ def input_placement(x: Any, name: str) -> Placement:
     tensors, lists), the library and device of a torch CUDA tensor or a CuPy array. ``TypeError``
     naming ``name`` for other device arrays (Numba device arrays have no matrix product; the
     functional API takes them)."""
-    if not is_device_array(x):
+    if type(x) is np.ndarray or not is_device_array(x):
         return HOST
     if not (array_api_compat.is_torch_array(x) or array_api_compat.is_cupy_array(x)):
         raise TypeError(
@@ -268,6 +281,8 @@ def to_numpy(value: Any, what: str) -> np.ndarray:
     """A NumPy array holding ``value``: torch tensors (CPU or CUDA; bfloat16 ones as float32), CuPy
     and Numba device arrays are copied to the host; anything else goes through ``np.asarray``.
     ``TypeError`` naming ``what`` when it cannot be converted."""
+    if type(value) is np.ndarray:  # the common case: no library checks to pay for
+        return value
     if array_api_compat.is_torch_array(value):
         value = value.detach().cpu()
         # NumPy has no bfloat16: widen it (exact) rather than fail; callers cast to their dtype

@@ -85,8 +85,9 @@ class Problem:
 
     @property
     def group(self) -> int:
-        """Query heads served by one key/value head (1 without GQA)."""
-        return self.num_q_heads // self.num_kv_heads
+        """Query heads served by one key/value head (1 without GQA; 1 with no heads at all, an empty
+        problem, which validation allows only with no query heads either)."""
+        return self.num_q_heads // self.num_kv_heads if self.num_kv_heads else 1
 
     def requirements(self) -> list[Requirement]:
         """What an op must offer to run this problem (subclasses add their own)."""

@@ -17,6 +17,7 @@ from .arrays import DeviceArray, any_array, caller_array, host_array, is_floatin
 from .base import Problem, Requirement, check_bool, check_scale, dtype_name  # new-import
 from .mods import validate_mods  # new-import
 from .packed import check_cu_seqlens, check_distinct_writes, sequence_of_rows
+from .pages import check_no_write_into_history
 from .pages import check_pages as _check_pages
 from .sinks import validate_sinks
 
@@ -310,6 +311,7 @@ def validate_decode_args(
         if L_new:
             seq, index = sequence_of_rows(cu_q)
             check_distinct_writes(pt, seq, seqlens[seq] + index, page_size)
+            check_no_write_into_history(pt, seqlens, new_lens, page_size, num_pages)
 
     is_causal = check_bool(is_causal, "is_causal")
     return_lse = check_bool(return_lse, "return_lse")

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from .arrays import HOST, Placement
+from .arrays import HOST, Placement, is_floating
 from .attention import AttentionProblem
 
 __all__ = ["kernel_mask", "reduce_to_shape", "mha_masks_to_sdpa"]
@@ -60,6 +60,22 @@ def mha_masks_to_sdpa(
     materialising more than the inputs' own broadcast. ``is_causal`` stays a flag (the fast path)
     when no other mask is given, and is folded into the mask otherwise. The mask is an array of
     ``place`` (NumPy by default; masks given elsewhere are copied there).
+
+    :param attn_mask: MHA's ``attn_mask``: ``(L, S)`` or ``(N * H, L, S)``, boolean (True = not
+        allowed) or float (added); or None.
+    :type attn_mask: array | None
+    :param key_padding_mask: ``(N, S)``, boolean (True = padding, not allowed) or float; or None.
+    :type key_padding_mask: array | None
+    :param is_causal: MHA's causal flag (a hint in torch; applied here).
+    :param N: batch size.
+    :param H: number of heads.
+    :param L: query length.
+    :param S: key length.
+    :param dtype: the dtype of a float mask returned.
+    :type dtype: numpy.dtype
+    :param place: where the mask lives (``Variant.placement_of``); NumPy by default.
+    :return: ``(mask, is_causal)`` for ``scaled_dot_product_attention``.
+    :raises ValueError: a mask of the wrong shape, naming it and the shapes expected.
     """
     xp = place.xp
     parts = []
@@ -83,7 +99,7 @@ def mha_masks_to_sdpa(
         return None, bool(is_causal)
     if is_causal:  # MHA polarity: True = blocked
         parts.append(place.put(np.triu(np.ones((L, S), dtype=bool), k=1)))
-    if all(xp.isdtype(p.dtype, "bool") for p in parts):
+    if all(_is_bool(p, xp) for p in parts):
         blocked = parts[0]
         for p in parts[1:]:
             blocked = blocked | p
@@ -91,9 +107,14 @@ def mha_masks_to_sdpa(
     blocked_score, zero = place.put(np.asarray(-np.inf, dtype)), place.put(np.asarray(0, dtype))
     total = None
     for p in parts:
-        term = xp.where(p, blocked_score, zero) if xp.isdtype(p.dtype, "bool") else place.put(p, dtype)
+        term = xp.where(p, blocked_score, zero) if _is_bool(p, xp) else place.put(p, dtype)
         total = term if total is None else total + term
     return total, False
+
+
+def _is_bool(mask, xp) -> bool:
+    # NumPy's isdtype does not know ml_dtypes' bfloat16: NumPy arrays are asked directly
+    return mask.dtype == np.bool_ if isinstance(mask, np.ndarray) else xp.isdtype(mask.dtype, "bool")
 
 
 def _mha_mask_array(mask, name: str, place: Placement):
@@ -106,7 +127,11 @@ def _mha_mask_array(mask, name: str, place: Placement):
             "or the mask as an array; engine.scaled_dot_product_attention takes the object itself"
         )
     mask = place.put(mask, what=name)
-    if not (place.xp.isdtype(mask.dtype, "bool") or place.xp.isdtype(mask.dtype, "real floating")):
+    if isinstance(mask, np.ndarray):  # NumPy's isdtype does not know ml_dtypes' bfloat16
+        ok = mask.dtype == np.bool_ or is_floating(mask.dtype)
+    else:
+        ok = place.xp.isdtype(mask.dtype, "bool") or place.xp.isdtype(mask.dtype, "real floating")
+    if not ok:
         raise TypeError(
             f"{name} must be boolean (True = not allowed) or floating (added), got dtype "
             f"{mask.dtype} with shape {tuple(mask.shape)}"

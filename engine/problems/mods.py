@@ -47,6 +47,7 @@ from ..kernels.kinds import TILE_FULL as FULL
 from ..kernels.kinds import TILE_PARTIAL as PARTIAL
 from ..runtime.config import BLOCK_MASK_K, BLOCK_MASK_Q
 from .arrays import native_mod_args
+from .mod_compile import compile_mods_alone
 
 _jitted: "weakref.WeakKeyDictionary[Callable, Callable]" = weakref.WeakKeyDictionary()
 
@@ -62,6 +63,14 @@ def as_jit(fn: Callable, what: str) -> Callable:
         return fn
     if not callable(fn):
         raise TypeError(f"{what} must be a function, got {type(fn).__name__}")
+    import types as pytypes
+
+    if not isinstance(fn, pytypes.FunctionType):  # functools.partial, a bound method, a callable object
+        raise TypeError(
+            f"{what} must be a plain Python function (def or lambda) or a numba.njit function, got "
+            f"{type(fn).__name__}: Numba compiles functions only; pass what a partial or an object holds "
+            "through mod_args, or close over it"
+        )
     if fn not in _jitted:
         import numba
 
@@ -110,6 +119,11 @@ def with_score_grad(score_grad: Callable):
             return cap * fast_tanh(score / cap)
 
     It sets the attribute ``score_grad`` on the mod (setting it by hand is the same).
+
+    :param score_grad: ``score_grad(score, b, h, q_idx, kv_idx, *mod_args)``, a function Numba can
+        compile, with the score_mod's signature.
+    :return: a decorator that returns the score_mod with ``score_grad`` set.
+    :raises TypeError: ``score_grad`` is not callable.
     """
     if not callable(score_grad):
         raise TypeError(f"score_grad must be a function, got {type(score_grad).__name__}")
@@ -321,7 +335,7 @@ def create_block_mask(
     :param block_q: tile rows.
     :param block_k: tile columns.
     """
-    from ..kernels.block_sparsity import _classify_blocks
+    from ..kernels.block_sparsity import classify_blocks
     from ..runtime.threads import kernel_call_guard
 
     for name, val in (("L", L), ("S", S)):
@@ -337,7 +351,7 @@ def create_block_mask(
     kinds = np.empty((batch or 1, heads or 1, math.ceil(L / block_q), math.ceil(S / block_k)), np.int8)
     if kinds.size:
         with kernel_call_guard():
-            _classify_blocks(fn, mod_args, L, S, block_q, block_k, kinds)
+            classify_blocks(fn, mod_args, L, S, block_q, block_k, kinds)
     return BlockMask(fn, mod_args, kinds, int(L), int(S), int(block_q), int(block_k))
 
 
@@ -373,56 +387,6 @@ def validate_mods(score_mod, mask_mod, block_mask, mod_args, batch, heads, L, S)
     }
 
 
-_compiled_alone: dict = {}
-
-
-def compile_mods_alone(score_mod, mask_mod, mod_args: tuple, score_dtype) -> None:
-    """Compile the (validated) mods on their own for the signature the ``cpu`` kernels call them
-    with: ``score_mod(score_dtype, int64 b, h, q_idx, kv_idx, *mod_args)`` and ``mask_mod(int64
-    b, h, q_idx, kv_idx, *mod_args)``, before a kernel is compiled around them.
-
-    A mod Numba cannot type then fails with Numba's ``TypingError`` from its own compilation, and
-    what Numba warns while typing it (e.g. a ``NumbaTypeSafetyWarning`` for a dict of undefined
-    types) points at the mod's source line, not at the kernel line that calls it. The kernel then
-    reuses these compiled versions (same signature). Memoised per mods, dtype and argument kinds,
-    so a call with compiled mods pays a dictionary lookup. A mod taking ``*args`` (a wrapper, as
-    ``engine.distributed``'s shifted mods) is left to the kernel: Numba compiles a star-args
-    function for an explicit signature only through its caller."""
-    if score_mod is None and mask_mod is None:
-        return
-    key = (score_mod, mask_mod, np.dtype(score_dtype), tuple(_arg_kind(a) for a in mod_args))
-    if key in _compiled_alone:
-        return
-    from numba import from_dtype, typeof
-
-    args = tuple(typeof(a) for a in mod_args)
-    index = (types.int64,) * 4
-    if score_mod is not None and not _takes_star_args(score_mod):
-        score_mod.compile((from_dtype(np.dtype(score_dtype)),) + index + args)
-    if mask_mod is not None and not _takes_star_args(mask_mod):
-        mask_mod.compile(index + args)
-    if len(_compiled_alone) > 4096:  # mods made in a loop: forget, rather than hold them all
-        _compiled_alone.clear()
-    _compiled_alone[key] = True
-
-
-def _takes_star_args(mod) -> bool:
-    import inspect
-
-    params = inspect.signature(getattr(mod, "py_func", mod)).parameters.values()
-    return any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
-
-
-def _arg_kind(a):
-    """What Numba's type of a mod argument depends on (a NumPy array's dtype, rank and layout)."""
-    if isinstance(a, np.ndarray):
-        layout = "C" if a.flags.c_contiguous else "F" if a.flags.f_contiguous else "A"
-        return (a.dtype.str, a.ndim, layout, a.flags.writeable, a.flags.aligned)
-    if isinstance(a, (tuple, list)):
-        return (type(a), tuple(_arg_kind(x) for x in a))
-    return type(a)
-
-
 def _check_mod_arity(mod, name: str, fixed: str, n_args: int) -> None:
     """A mod must take its fixed arguments and then one per ``mod_args`` entry: checked here, so a
     wrong signature is a TypeError naming the mod instead of a Numba typing error from the kernel."""
@@ -433,6 +397,12 @@ def _check_mod_arity(mod, name: str, fixed: str, n_args: int) -> None:
     except (TypeError, ValueError):  # a builtin or a compiled function without a signature
         return
     count = fixed.count(",") + 1 + n_args
+    defaults = [p.name for p in sig.parameters.values() if p.default is not inspect.Parameter.empty]
+    if defaults:  # Numba types a call by its arguments: a default makes its signature unmatched
+        raise TypeError(
+            f"{name} {getattr(mod, '__name__', mod)!r} has default arguments ({', '.join(defaults)}); "
+            "mods take every argument positionally: pass such values through mod_args, or close over them"
+        )
     try:
         sig.bind(*range(count))
     except TypeError:

@@ -41,40 +41,45 @@ def check_pages(
         check_no_write_into_history(pt, seqlens, L_new, page_size, num_pages)
 
 
-def check_no_write_into_history(pt: np.ndarray, seqlens: np.ndarray, L_new: int, page_size: int, num_pages: int):
+def check_no_write_into_history(pt: np.ndarray, seqlens: np.ndarray, new_lens, page_size: int, num_pages: int):
     """No new key goes into a slot that a sequence reads as its history (its first
     ``cache_seqlens`` keys): with a shared prefix page, a sequence whose length ends inside that
     page would append over another's cached key (the torn-block hazard of paged serving; the caller
-    copies the page first, copy on write). One pass marks the pages written to and finds them
-    among the pages holding history; only where one is found (pages shared with a writer) are the
-    slots compared."""
+    copies the page first, copy on write), and a page table naming one page twice would append over
+    the sequence's own history. ``new_lens``: the new keys per sequence, an int or an int array
+    ``(B,)`` (packed calls, ``cu_seqlens_q``). One pass finds, per page, the most slots any
+    sequence reads from it as history; a write at a lower offset of that page is the hazard."""
     B, width = pt.shape
+    lens = np.broadcast_to(np.asarray(new_lens, dtype=np.int64), (B,))
     hist = (seqlens + page_size - 1) // page_size  # pages holding history (validated above)
     ncols = int(hist.max()) if B else 0
-    if ncols == 0:
+    most = int(lens.max()) if B else 0
+    if ncols == 0 or most == 0:
         return
-    rows = np.arange(B)[:, None]
-    pos = seqlens[:, None] + np.arange(L_new)[None, :]  # (B, L_new) positions written
-    page = pt[rows, pos // page_size].astype(np.int64)
-    written = np.zeros(num_pages, bool)
-    written[page] = True
-    # entries past a row's history may hold anything (vLLM pads with any value): clipped, then masked
-    hits = written.take(pt[:, :ncols], mode="clip") & (np.arange(ncols)[None, :] < hist[:, None])
-    own = seqlens // page_size  # a sequence appending to its own last, partial page: its history
-    partial = np.nonzero(own < ncols)[0]  # there lies below what it writes, not a hazard
-    hits[partial, own[partial]] = False
-    if not hits.any():
-        return
+    # history slots per (sequence, page column); entries past a row's history may hold anything
+    # (vLLM pads with any value): masked out
+    fill = np.clip(seqlens[:, None] - np.arange(ncols)[None, :] * page_size, 0, page_size)
+    reads = np.arange(ncols)[None, :] < hist[:, None]
+    held = np.zeros(num_pages, np.int64)
+    cols = pt[:, :ncols]
+    held[cols[reads & (fill == page_size)]] = page_size  # full history pages: one assignment
+    part = reads & (fill < page_size)  # each sequence's last, partial page: at most B entries
+    np.maximum.at(held, cols[part].astype(np.int64), fill[part])
+    t = np.arange(most)[None, :]
+    writes = t < lens[:, None]
+    pos = seqlens[:, None] + t  # (B, most) positions written where ``writes``
+    page = pt[np.arange(B)[:, None], np.minimum(pos // page_size, width - 1)].astype(np.int64)
     offset = pos % page_size
-    fill = np.clip(seqlens[:, None] - np.arange(ncols)[None, :] * page_size, 0, page_size)  # history slots
-    for b2, j in zip(*np.nonzero(hits)):  # pages a writer shares: the slots decide
-        p = pt[b2, j]
-        for b, t in zip(*np.nonzero((page == p) & (offset < fill[b2, j]))):
-            o = int(offset[b, t])
-            whose = "its own" if b2 == b else f"sequence {b2}'s"
-            raise ValueError(
-                f"sequence {b} would write its new key {t} (position {int(pos[b, t])}) into page {p}, slot {o}, "
-                f"which holds {whose} cached key at position {j * page_size + o} (cache_seqlens[{b2}] = "
-                f"{int(seqlens[b2])}): page_table[{b}, {int(pos[b, t]) // page_size}] and page_table[{b2}, {j}] "
-                f"name the same page; copy the shared page before appending to it (copy on write)"
-            )
+    bad = writes & (offset < held[np.where(writes, page, 0)])
+    if not bad.any():
+        return
+    b, t = (int(x[0]) for x in np.nonzero(bad))
+    p, o = int(page[b, t]), int(offset[b, t])
+    b2, j = (int(x[0]) for x in np.nonzero(reads & (cols == p) & (fill > o)))
+    whose = "its own" if b2 == b else f"sequence {b2}'s"
+    raise ValueError(
+        f"sequence {b} would write its new key {t} (position {int(pos[b, t])}) into page {p}, slot {o}, "
+        f"which holds {whose} cached key at position {j * page_size + o} (cache_seqlens[{b2}] = "
+        f"{int(seqlens[b2])}): page_table[{b}, {int(pos[b, t]) // page_size}] and page_table[{b2}, {j}] "
+        f"name the same page; copy the shared page before appending to it (copy on write)"
+    )

@@ -140,6 +140,7 @@ def run_with_sinks(problem, run, head_axis: int | None):
     wide = widen_for_sinks(problem)
     out, lse = run(wide)
     out, lse = add_sinks(np.asarray(out), np.asarray(lse), problem.sinks, head_axis)
-    if wide is not problem:
-        out, lse = out.astype(problem.dtype), lse.astype(problem.dtype)
+    if wide is not problem:  # a float32 lse stays so where the caller asked (engine.torch's backward needs it)
+        out = out.astype(problem.dtype)
+        lse = lse if getattr(problem, "lse_float32", False) else lse.astype(problem.dtype)
     return out, lse

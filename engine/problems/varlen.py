@@ -93,7 +93,9 @@ class VarlenProblem(Problem):
 class VarlenBackwardProblem(VarlenProblem):
     """A validated ``varlen_attention_backward`` call: the forward's problem plus ``grad_out`` and
     ``out`` (``(total_q, Hq, Ev)``), ``lse`` (``(total_q, Hq)``; with sinks, the forward's with them)
-    and ``score_grad``, the compiled derivative of ``score_mod`` with respect to the score."""
+    and ``score_grad``, the compiled derivative of ``score_mod`` with respect to the score.
+    ``grad_lse`` (``(total_q, Hq)``, or None for zero) is the gradient of the loss with respect to
+    ``lse``."""
 
     missing_op_reason: ClassVar[str] = "no backward pass (gradients) of varlen_attention in this backend"
 
@@ -101,9 +103,14 @@ class VarlenBackwardProblem(VarlenProblem):
     out: Any = None
     lse: Any = None
     score_grad: Any = None
+    grad_lse: Any = None
 
     def requirements(self) -> list[Requirement]:
         reqs = super().requirements()
+        if self.grad_lse is not None:
+            reqs.append(
+                Requirement("supports_lse_grad", True, "a gradient through lse is not computed by this backend")
+            )
         if self.sinks is not None:  # its weights must come from the given lse' (engine.problems.sinks)
             reqs.append(Requirement("supports_sinks", True, "sinks are not supported by this backend's backward"))
         return reqs
@@ -211,19 +218,23 @@ def validate_varlen_backward_args(
     score_mod=None,
     mask_mod=None,
     mod_args=(),
+    grad_lse=None,
 ) -> VarlenBackwardProblem:
     """The forward's checks (same messages), then ``grad_out``/``out`` (the forward's output shape
-    and dtype), ``lse`` (``(total_q, Hq)``, at least as precise as the query) and the score_mod's
-    derivative; runs no kernel."""
+    and dtype), ``lse`` and ``grad_lse`` (``(total_q, Hq)``, at least as precise as the query; None
+    for no ``grad_lse``) and the score_mod's derivative; runs no kernel."""
     problem = validate_varlen_args(
         query, key, value, cu_seqlens_q, cu_seqlens_k, is_causal, scale, window, sinks, score_mod, mask_mod, mod_args
     )
-    arrays = {}
+    arrays = {"grad_lse": None}
     for name, x, shape in (
         ("grad_out", grad_out, problem.out_shape),
         ("out", out, problem.out_shape),
         ("lse", lse, problem.lse_shape),
+        ("grad_lse", grad_lse, problem.lse_shape),
     ):
+        if x is None and name == "grad_lse":
+            continue
         arr = as_array(x, name)
         if is_device_array(arr) != problem.on_device:
             raise TypeError(f"{name} must live where query does (host or device)")
@@ -233,10 +244,11 @@ def validate_varlen_backward_args(
                 f"{name} must have shape {shape} (from query {tuple(problem.query.shape)} and value "
                 f"{tuple(problem.value.shape)}), got {tuple(arr.shape)}"
             )
-        if name != "lse" and dtype != problem.dtype:
+        lse_like = name in ("lse", "grad_lse")
+        if not lse_like and dtype != problem.dtype:
             raise TypeError(f"{name} must have the dtype of query ({problem.dtype}), got {dtype}")
-        if name == "lse" and np.dtype(dtype).itemsize < problem.dtype.itemsize:
-            raise TypeError(f"lse must be at least as precise as query ({problem.dtype}), got {dtype}")
+        if lse_like and np.dtype(dtype).itemsize < problem.dtype.itemsize:
+            raise TypeError(f"{name} must be at least as precise as query ({problem.dtype}), got {dtype}")
         arrays[name] = arr
     score_grad = None
     if problem.score_mod is not None:  # checked at indices within the longest sequence

@@ -101,7 +101,7 @@ class _KernelCallGuard:
             configure_threading_layer()
         if _use_lock:
             _serialise.acquire()
-        n = getattr(_local, "limit", None) or _num_threads or _numba_total_threads()
+        n = getattr(_local, "limit", None) or _num_threads or _total_threads or _numba_total_threads()
         # setting costs microseconds; reading the calling thread's count through Numba's own C
         # function does not (Numba's count is per Python thread, so it is checked each time)
         if _current_threads() != n:
@@ -128,10 +128,17 @@ def kernel_call_guard() -> _KernelCallGuard:
     return _GUARD
 
 
-def _numba_total_threads() -> int:
-    import numba
+_total_threads: int | None = None
 
-    return numba.config.NUMBA_NUM_THREADS
+
+def _numba_total_threads() -> int:
+    """``NUMBA_NUM_THREADS`` (fixed once Numba is imported), read once: it is asked on every call."""
+    global _total_threads
+    if _total_threads is None:
+        import numba
+
+        _total_threads = numba.config.NUMBA_NUM_THREADS
+    return _total_threads
 
 
 def _current_threads() -> int:
@@ -189,9 +196,7 @@ def thread_limit(n: int):
 
 def get_num_threads() -> int:
     """Threads the next ``cpu`` kernel call from this Python thread will use."""
-    import numba
-
-    return getattr(_local, "limit", None) or _num_threads or numba.config.NUMBA_NUM_THREADS
+    return getattr(_local, "limit", None) or _num_threads or _total_threads or _numba_total_threads()
 
 
 #: omp_pause_resource_all of every GNU OpenMP runtime found, and len(sys.modules) when looked for

@@ -44,6 +44,7 @@ __all__ = [
     "remember",
     "tuning_info",
     "tuning_path",
+    "state_token",
 ]
 
 ENV_VAR = "ATTENTION_ENGINE_AUTOTUNE"
@@ -53,6 +54,11 @@ _lock = threading.RLock()
 _memory: dict[str, dict] = {}  # key -> choice, for this process
 _loaded_from_disk = False
 _warned: set = set()
+#: bumped whenever what this process knows changes (a measurement, a stored choice, ``_forget``)
+_generation = 0
+#: the environment's own dict where the platform keeps one (as ``gemm_providers.selection_token``)
+_ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
+_ENV_KEY = ENV_VAR.encode()
 
 
 def set_autotune(enabled: bool | None) -> None:
@@ -62,6 +68,16 @@ def set_autotune(enabled: bool | None) -> None:
     if enabled is not None and not isinstance(enabled, bool):
         raise ValueError(f"set_autotune takes True, False or None, got {enabled!r}")
     _forced = enabled
+
+
+def state_token():
+    """What the measured choices in use depend on besides the problem: ``set_autotune``'s choice,
+    the raw ``ATTENTION_ENGINE_AUTOTUNE`` and a count of the changes to what this process knows.
+    Part of every call plan's key (``engine.plan``): a plan made before a measurement, or with
+    tuning on, is not reused after (its tiles and provider would differ from the backward's).
+    Cheap: called on every call."""
+    env = _ENV_DATA.get(_ENV_KEY) if _ENV_DATA is not None else os.environ.get(ENV_VAR)
+    return (_forced, env, _generation)
 
 
 def autotune_enabled() -> bool:
@@ -216,7 +232,7 @@ def tuned(key: str, measure: Callable[[], dict], valid: Callable[[dict], bool]) 
         if got is not None:
             return got
         value = measure()
-        _memory[key] = value
+        _store(key, value)
         path = tuning_path()
         if path is not None:
             _write_disk(path, key, value)
@@ -230,10 +246,16 @@ def remember(key: str, value: dict) -> None:
         return
     with _lock:
         _load_once()
-        _memory[key] = value
+        _store(key, value)
         path = tuning_path()
         if path is not None:
             _write_disk(path, key, value)
+
+
+def _store(key: str, value: dict) -> None:
+    global _generation
+    _memory[key] = value
+    _generation += 1
 
 
 def tuning_info() -> dict:
@@ -250,7 +272,8 @@ def tuning_info() -> dict:
 
 def _forget() -> None:
     """Drop what this process knows (tests: the next lookup reads the disk again)."""
-    global _loaded_from_disk
+    global _loaded_from_disk, _generation
     with _lock:
         _memory.clear()
         _loaded_from_disk = False
+        _generation += 1

@@ -16,9 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
-__all__ = ["CallConfig", "config_key", "call_config", "TENSOR"]
+from .convert import from_numpy
+
+__all__ = ["CallConfig", "config_key", "call_config", "split_mod_args", "TENSOR"]
 
 #: the placeholder of a tensor entry of ``mod_args`` in ``CallConfig.mod_args``
 TENSOR = object()
@@ -77,3 +80,31 @@ def config_key(score_mod, mask_mod, block_mask, tensor_positions: tuple, statics
 def call_config(key: int) -> CallConfig:
     """The configuration registered under ``key``."""
     return _configs[key]
+
+
+def split_mod_args(mod_args) -> tuple[list, tuple, tuple]:
+    """``(tensors, positions, statics)`` of a call's ``mod_args``: the tensor entries (NumPy arrays
+    become tensors: operator inputs like any other), their positions, and every other entry in
+    order (what :func:`config_key` takes).
+
+    :raises TypeError: ``mod_args`` is not a tuple.
+    :raises ValueError: a 0-d tensor that requires grad (a learnable scalar is a 1-element tensor
+        the score_mod reads as ``t[0]``).
+    """
+    if not isinstance(mod_args, tuple):
+        raise TypeError(f"mod_args must be a tuple, got {type(mod_args).__name__}")
+    tensors, positions, statics = [], [], []
+    for i, a in enumerate(mod_args):
+        if isinstance(a, np.ndarray):
+            a = torch.from_numpy(a) if torch.compiler.is_compiling() else from_numpy(a)
+        if isinstance(a, torch.Tensor):
+            if a.requires_grad and a.ndim == 0:
+                raise ValueError(
+                    f"mod_args[{i}] requires grad but is 0-d: a learnable scalar is a 1-element "
+                    "tensor the score_mod reads as t[0]"
+                )
+            tensors.append(a)
+            positions.append(i)
+        else:
+            statics.append(a)
+    return tensors, tuple(positions), tuple(statics)

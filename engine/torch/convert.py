@@ -50,6 +50,11 @@ def check_real_data(t: torch.Tensor, name: str) -> None:
     parameters and tensors seen while tracing (``torch.compile``) pass."""
     if type(t) is torch.Tensor or type(t) is torch.nn.Parameter or torch.compiler.is_compiling():
         return
+    if type(t).__name__ == "CausalBias":  # torch's causal mask: a placeholder storage, no values
+        raise TypeError(
+            f"{name} is a causal mask object ({type(t).__module__}.CausalBias), not a tensor of values: "
+            "pass it as attn_mask"
+        )
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
     wrapper = is_traceable_wrapper_subclass(t)

@@ -9,8 +9,8 @@ import torch
 from ..problems.attention import validate_dropout
 from ..problems.base import check_bool
 from ..problems.causal import as_causal_bias
-from .calls import config_key
-from .convert import check_real_data, from_numpy
+from .calls import config_key, split_mod_args
+from .convert import check_real_data
 from .ops import attention
 
 __all__ = ["scaled_dot_product_attention"]
@@ -32,6 +32,7 @@ def scaled_dot_product_attention(
     mod_args=(),
     backend="auto",
     return_lse=False,
+    sinks=None,
 ):
     """``torch.nn.functional.scaled_dot_product_attention`` computed by the engine, differentiable.
 
@@ -49,6 +50,9 @@ def scaled_dot_product_attention(
     slopes...: every element the score_mod reads, differentiated by complex step, summed
     deterministically); integer tensors, NumPy arrays and numbers sit beside them and get none.
     Numbers (and the mods) are constants of a ``torch.compile`` graph.
+
+    ``sinks`` (gpt-oss's attention sinks, ``(Hq,)``) join every row's softmax without a value; a
+    sinks tensor that requires grad gets its gradient (``engine.problems.sinks``).
 
     The dropout seed is drawn from torch's default generator (``torch.manual_seed`` repeats it)
     and handed to the backward, which regenerates the same dropped weights.
@@ -92,11 +96,18 @@ def scaled_dot_product_attention(
         (float32 for 16-bit inputs, else the inputs' dtype), through which a loss may
         differentiate too (merges of partial attention, z-losses).
     :type return_lse: bool
+    :param sinks: attention sinks (gpt-oss, StreamingLLM): a float tensor ``(Hq,)`` on the CPU, one
+        logit per query head in the units of the scaled scores, that joins each row's softmax and
+        carries no value, as ``engine.scaled_dot_product_attention``'s ``sinks``; ``lse`` then
+        includes it. It gets its gradient when it requires one (a ``torch.nn.Parameter``). With
+        CUDA inputs: ``engine.NotSupportedError`` (the engine applies sinks to host results).
+    :type sinks: torch.Tensor | None
     :return: a tensor ``(..., Hq, L, Ev)`` of the inputs' dtype on their device, or ``(out, lse)``.
     :raises TypeError: an argument of the wrong kind, as the engine's forward; a tensor subclass
         whose data is not in its own storage (DTensor, a fake tensor), naming it.
     :raises ValueError: bad shapes or values, as the engine's forward; a tensor that requires grad
-        among ``mod_args`` that cannot have one (0-d: pass a 1-element tensor and read ``t[0]``).
+        among ``mod_args`` that cannot have one (0-d: pass a 1-element tensor and read ``t[0]``);
+        ``sinks`` on another device than the query.
     :raises engine.NotSupportedError: a gradient is needed and no backend with a backward pass can
         run the inputs (e.g. float64 CUDA tensors, which the ``cuda`` backend does not take).
     """
@@ -127,31 +138,23 @@ def scaled_dot_product_attention(
         attn_mask = torch.as_tensor(np.asarray(attn_mask))
     elif attn_mask is not None:
         check_real_data(attn_mask, "attn_mask")
-    if not isinstance(mod_args, tuple):
-        raise TypeError(f"mod_args must be a tuple, got {type(mod_args).__name__}")
-    tensors, positions, statics = [], [], []
-    for i, a in enumerate(mod_args):
-        if isinstance(a, np.ndarray):  # an operator input like any tensor
-            a = torch.from_numpy(a) if torch.compiler.is_compiling() else from_numpy(a)
-        if isinstance(a, torch.Tensor):
-            if a.requires_grad and a.ndim == 0:
-                raise ValueError(
-                    f"mod_args[{i}] requires grad but is 0-d: a learnable scalar is a 1-element "
-                    "tensor the score_mod reads as t[0]"
-                )
-            tensors.append(a)
-            positions.append(i)
-        else:
-            statics.append(a)
-    inputs = (query, key, value, *(() if attn_mask is None else (attn_mask,)), *tensors)
+    if sinks is not None and not isinstance(sinks, torch.Tensor):
+        sinks = torch.as_tensor(np.asarray(sinks))
+    elif sinks is not None:
+        check_real_data(sinks, "sinks")
+        if sinks.device != query.device:
+            raise ValueError(f"sinks must be on the query's device ({query.device}), got {sinks.device}")
+    tensors, positions, statics = split_mod_args(mod_args)
+    inputs = (query, key, value, *(t for t in (attn_mask, sinks) if t is not None), *tensors)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
     seed = torch.randint(0, 2**63 - 1, (), dtype=torch.int64) if p > 0 else None
-    config = config_key(score_mod, mask_mod, block_mask, tuple(positions), tuple(statics), backend)
+    config = config_key(score_mod, mask_mod, block_mask, positions, statics, backend)
     out, lse = attention(
         query,
         key,
         value,
         attn_mask,
+        sinks,
         tensors,
         seed,
         p,

@@ -2,33 +2,36 @@
 (meta) implementations and autograd, as FlashAttention registers its kernels: ``torch.compile``
 (``fullgraph=True``) and ``torch.export`` see one opaque op per direction.
 
-- ``attention_engine::attention_forward(query, key, value, attn_mask, mod_tensors, dropout_seed,
-  dropout_p, is_causal, causal_offset, scale, enable_gqa, config, needs_grad) -> (out, lse)``
-- ``attention_engine::attention_backward(grad_out, grad_lse, query, key, value, attn_mask, out,
-  lse, mod_tensors, dropout_seed, ..., config, mask_grad, mod_grads) -> (dq, dk, dv, dmask,
-  dmod_tensors)``
+- ``attention_engine::attention_forward(query, key, value, attn_mask, sinks, mod_tensors,
+  dropout_seed, dropout_p, is_causal, causal_offset, scale, enable_gqa, config, needs_grad) ->
+  (out, lse)``
+- ``attention_engine::attention_backward(grad_out, grad_lse, query, key, value, attn_mask, sinks,
+  out, lse, mod_tensors, dropout_seed, ..., config, mask_grad, sinks_grad, mod_grads) -> (dq, dk,
+  dv, dmask, dsinks, dmod_tensors)``
 
 ``mod_tensors`` are the tensor entries of ``mod_args`` in order; everything else a call needs that
 an operator cannot take (the mods, ``block_mask``, numbers among ``mod_args``, the backend's name)
 is the :class:`~engine.torch.calls.CallConfig` under the int ``config``. The causal kind is
 ``is_causal`` plus the diagonal offset (0: top left; S - L: bottom right, from a ``CausalBias``).
 ``lse`` is float32 for 16-bit inputs (FlashAttention's choice: the backward recomputes the
-weights from it), else the inputs' dtype. A gradient nobody asked for comes back as an empty
-tensor (operators cannot return None).
+weights from it), else the inputs' dtype. ``sinks`` (``(Hq,)`` or None) go to the engine, which
+applies them around its kernels in both directions (``engine.problems.sinks``); ``lse`` then holds
+the sink. A gradient nobody asked for comes back as an empty tensor (operators cannot return
+None).
 
 Eager calls on plain tensors run the same two implementations through :class:`_EagerAttention`
 (an ``autograd.Function``) instead of the operators' dispatch, which costs about a millisecond of
 Python per call; traced calls (``torch.compile``, ``torch.export``, fake or functional tensors)
 go through the operators. :func:`attention` chooses.
 
-**Adding an input with a gradient** (e.g. ``sinks``): a ``Tensor?`` argument in both
+**Adding an input with a gradient** (as ``sinks``): a ``Tensor?`` argument in both
 implementations' signatures (``forward_impl``, ``backward_impl``) and fake functions, passed on to
 the engine there and saved in :func:`_setup_context`; ``backward_impl`` returns its gradient as one
 more output (an empty tensor when not wanted), :func:`_gradients` passes it on, and
 :func:`_backward` and ``_EagerAttention.backward`` return it in the argument's place (one more
-positional input of ``_EagerAttention``). **A second operator** (e.g. varlen) is a pair of
-implementations registered with ``custom_op`` like these two, with its own ``register_fake``,
-``register_autograd`` and eager Function.
+positional input of ``_EagerAttention``). **A second operator** (as varlen, ``engine.torch.varlen``)
+is a pair of implementations registered with ``custom_op`` like these two, with its own
+``register_fake``, ``register_autograd`` and eager Function.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import dataclasses
 
 import torch
 
-from ..backward import run_backward
+from ..backward import backward_sinks_grad, run_backward
 from ..dispatch import select_backend
 from ..functional import run_forward
 from ..problems.attention import validate_attention_args
@@ -46,7 +49,7 @@ from ..problems.causal import LOWER_RIGHT, CausalBias
 from .calls import TENSOR, call_config
 from .convert import as_tensor, empty, host
 
-__all__ = ["attention", "attention_forward", "attention_backward", "output_shapes", "lse_dtype"]
+__all__ = ["attention", "attention_forward", "attention_backward", "output_shapes", "lse_dtype", "host_sinks"]
 
 _LIB = "attention_engine"
 
@@ -69,6 +72,12 @@ def output_shapes(q_shape, k_shape, v_shape, enable_gqa: bool) -> tuple:
     hq, h = qp[-3], max(kp[-3], vp[-3])
     heads = h if (hq == 1 and h != 1 and not enable_gqa) else hq
     return batch + (heads, L, Ev), batch + (heads, L)
+
+
+def host_sinks(sinks: torch.Tensor | None):
+    """The sinks as the engine's host array (a CUDA tensor's copy: the engine applies sinks to host
+    results only and refuses device inputs with sinks by name), or None."""
+    return None if sinks is None else host(sinks.detach().cpu())
 
 
 def _causal(is_causal: bool, causal_offset: int, L: int, S: int):
@@ -95,6 +104,7 @@ def forward_impl(
     key: torch.Tensor,
     value: torch.Tensor,
     attn_mask: torch.Tensor | None,
+    sinks: torch.Tensor | None,
     mod_tensors: list[torch.Tensor],
     dropout_seed: torch.Tensor | None,
     dropout_p: float,
@@ -124,6 +134,7 @@ def forward_impl(
         dropout_p,
         seed,
         draw_seed=False,
+        sinks=host_sinks(sinks),
     )
     # the forward runs where the backward can run too; a 16-bit lse is kept in float32
     problem = dataclasses.replace(problem, needs_backward=needs_grad, lse_float32=True)
@@ -137,8 +148,8 @@ attention_forward = torch.library.custom_op(f"{_LIB}::attention_forward", mutate
 
 
 @attention_forward.register_fake
-def _forward_fake(query, key, value, attn_mask, mod_tensors, dropout_seed, dropout_p, is_causal, causal_offset, *rest):
-    out_shape, lse_shape = output_shapes(query.shape, key.shape, value.shape, rest[1])
+def _forward_fake(query, key, value, attn_mask, sinks, mod_tensors, dropout_seed, *options):
+    out_shape, lse_shape = output_shapes(query.shape, key.shape, value.shape, options[4])  # enable_gqa
     return query.new_empty(out_shape), query.new_empty(lse_shape, dtype=lse_dtype(query.dtype))
 
 
@@ -149,6 +160,7 @@ def backward_impl(
     key: torch.Tensor,
     value: torch.Tensor,
     attn_mask: torch.Tensor | None,
+    sinks: torch.Tensor | None,
     out: torch.Tensor,
     lse: torch.Tensor,
     mod_tensors: list[torch.Tensor],
@@ -160,8 +172,9 @@ def backward_impl(
     enable_gqa: bool,
     config: int,
     mask_grad: bool,
+    sinks_grad: bool,
     mod_grads: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     cfg, mask, causal, mod_args, seed = _problem_args(
         query, key, value, attn_mask, mod_tensors, dropout_seed, dropout_p, is_causal, causal_offset, config
     )
@@ -188,18 +201,20 @@ def backward_impl(
         mask_grad,
         None if grad_lse is None else host(grad_lse),
         marks if any(marks) else False,
+        sinks=host_sinks(sinks),
     )
     grads = run_backward(problem, select_backend(cfg.backend, problem))
     dq, dk, dv = (
         _sum_to(as_tensor(g, t), t).contiguous() for g, t in zip((grads.dq, grads.dk, grads.dv), (query, key, value))
     )
     dmask = empty(query) if not mask_grad else as_tensor(grads.dmask, attn_mask).contiguous()
+    dsinks = empty(query) if not sinks_grad else as_tensor(backward_sinks_grad(problem), sinks).contiguous()
     dmods = []
     tensor_positions = [i for i, a in enumerate(cfg.mod_args) if a is TENSOR]
     for t, want, pos in zip(mod_tensors, mod_grads, tensor_positions):
         g = grads.dmod_args[pos] if want and grads.dmod_args is not None else None
         dmods.append(empty(t) if g is None else as_tensor(g, t).contiguous())
-    return dq, dk, dv, dmask, dmods
+    return dq, dk, dv, dmask, dsinks, dmods
 
 
 attention_backward = torch.library.custom_op(f"{_LIB}::attention_backward", mutates_args=())(backward_impl)
@@ -217,12 +232,14 @@ def _sum_to(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 @attention_backward.register_fake
-def _backward_fake(grad_out, grad_lse, query, key, value, attn_mask, out, lse, mod_tensors, *rest):
-    mask_grad, mod_grads = rest[-2], rest[-1]
+def _backward_fake(grad_out, grad_lse, query, key, value, attn_mask, sinks, out, lse, mod_tensors, *rest):
+    mask_grad, sinks_grad, mod_grads = rest[-3:]
     # contiguous, as the real gradients (empty_like would keep a permuted input's strides)
     dmask = attn_mask.new_empty(attn_mask.shape) if mask_grad else query.new_empty((0,))
+    dsinks = sinks.new_empty(sinks.shape) if sinks_grad else query.new_empty((0,))
     dmods = [t.new_empty(t.shape if want else (0,)) for t, want in zip(mod_tensors, mod_grads)]
-    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape), dmask, dmods
+    q_grad, k_grad, v_grad = (t.new_empty(t.shape) for t in (query, key, value))
+    return q_grad, k_grad, v_grad, dmask, dsinks, dmods
 
 
 # -- autograd -------------------------------------------------------------------------------------
@@ -231,12 +248,14 @@ _OPTIONS = ("dropout_p", "is_causal", "causal_offset", "scale", "enable_gqa", "c
 
 
 def _setup_context(ctx, inputs, output):
-    query, key, value, attn_mask, mod_tensors, dropout_seed, *options, _needs_grad = inputs
+    query, key, value, attn_mask, sinks, mod_tensors, dropout_seed, *options, _needs_grad = inputs
     out, lse = output
     ctx.options = dict(zip(_OPTIONS, options))
     ctx.mask_grad = attn_mask is not None and attn_mask.requires_grad and attn_mask.is_floating_point()
+    ctx.sinks_grad = sinks is not None and sinks.requires_grad
     ctx.mod_grads = [bool(t.requires_grad) for t in mod_tensors]
     ctx.has_mask, ctx.has_seed, ctx.n_mods = attn_mask is not None, dropout_seed is not None, len(mod_tensors)
+    ctx.has_sinks = sinks is not None
     ctx.save_for_backward(
         query,
         key,
@@ -244,14 +263,16 @@ def _setup_context(ctx, inputs, output):
         out,
         lse,
         *(() if attn_mask is None else (attn_mask,)),
+        *(() if sinks is None else (sinks,)),
         *(() if dropout_seed is None else (dropout_seed,)),
         *mod_tensors,
     )
 
 
 def _gradients(ctx, grad_out, grad_lse, run):
-    """``(dq, dk, dv)`` (None where not needed), dmask (or None) and the mod tensors' gradients
-    (None where not wanted), computed by ``run``: the backward operator, or its implementation."""
+    """``(dq, dk, dv)`` (None where not needed), dmask and dsinks (or None) and the mod tensors'
+    gradients (None where not wanted), computed by ``run``: the backward operator, or its
+    implementation."""
     # create_graph=True runs the backward with grad mode on: a second derivative is asked for,
     # which this op cannot give (a gradient penalty would otherwise lose its term silently)
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
@@ -263,18 +284,20 @@ def _gradients(ctx, grad_out, grad_lse, run):
     query, key, value, out, lse = saved[:5]
     rest = saved[5:]
     attn_mask = rest.pop(0) if ctx.has_mask else None
+    sinks = rest.pop(0) if ctx.has_sinks else None
     dropout_seed = rest.pop(0) if ctx.has_seed else None
     mod_tensors = rest
     o = ctx.options
     if grad_out is None:  # only lse reached the loss
         grad_out = torch.zeros_like(out)
-    dq, dk, dv, dmask, dmods = run(
+    dq, dk, dv, dmask, dsinks, dmods = run(
         grad_out.contiguous(),
         None if grad_lse is None else grad_lse.contiguous(),
         query,
         key,
         value,
         attn_mask,
+        sinks,
         out,
         lse,
         mod_tensors,
@@ -286,17 +309,18 @@ def _gradients(ctx, grad_out, grad_lse, run):
         o["enable_gqa"],
         o["config"],
         ctx.mask_grad,
+        ctx.sinks_grad,
         ctx.mod_grads,
     )
     needs = ctx.needs_input_grad
     grads = [g if n else None for g, n in zip((dq, dk, dv), needs[:3])]
     mods = [g if want else None for g, want in zip(dmods, ctx.mod_grads)]
-    return grads, dmask if ctx.mask_grad else None, mods
+    return grads, dmask if ctx.mask_grad else None, dsinks if ctx.sinks_grad else None, mods
 
 
 def _backward(ctx, grad_out, grad_lse):
-    grads, dmask, mods = _gradients(ctx, grad_out, grad_lse, attention_backward)
-    return (*grads, dmask, mods) + (None,) * 8  # dropout_seed ... needs_grad take none
+    grads, dmask, dsinks, mods = _gradients(ctx, grad_out, grad_lse, attention_backward)
+    return (*grads, dmask, dsinks, mods) + (None,) * 8  # dropout_seed ... needs_grad take none
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -308,26 +332,26 @@ class _EagerAttention(torch.autograd.Function):
     are positional here, since autograd.Function sees no tensor inside a list."""
 
     @staticmethod
-    def forward(ctx, query, key, value, attn_mask, dropout_seed, options, *mod_tensors):
-        inputs = (query, key, value, attn_mask, list(mod_tensors), dropout_seed, *options)
+    def forward(ctx, query, key, value, attn_mask, sinks, dropout_seed, options, *mod_tensors):
+        inputs = (query, key, value, attn_mask, sinks, list(mod_tensors), dropout_seed, *options)
         output = forward_impl(*inputs)
         _setup_context(ctx, inputs, output)
         return output
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        grads, dmask, mods = _gradients(ctx, grad_out, grad_lse, backward_impl)
-        return (*grads, dmask, None, None, *mods)
+        grads, dmask, dsinks, mods = _gradients(ctx, grad_out, grad_lse, backward_impl)
+        return (*grads, dmask, dsinks, None, None, *mods)
 
 
-def attention(query, key, value, attn_mask, mod_tensors, dropout_seed, *options):
+def attention(query, key, value, attn_mask, sinks, mod_tensors, dropout_seed, *options):
     """``(out, lse)`` with autograd: through the custom operator when traced (``torch.compile``,
     ``torch.export``, fake or functional tensors), else through :class:`_EagerAttention`, which
     runs the same code. ``options`` are the operator's arguments after ``dropout_seed``."""
-    tensors = (query, key, value, *mod_tensors) + (() if attn_mask is None else (attn_mask,))
+    tensors = (query, key, value, *mod_tensors, *(t for t in (attn_mask, sinks) if t is not None))
     if torch.compiler.is_compiling() or any(type(t) not in _PLAIN for t in tensors):
-        return attention_forward(query, key, value, attn_mask, mod_tensors, dropout_seed, *options)
-    return _EagerAttention.apply(query, key, value, attn_mask, dropout_seed, options, *mod_tensors)
+        return attention_forward(query, key, value, attn_mask, sinks, mod_tensors, dropout_seed, *options)
+    return _EagerAttention.apply(query, key, value, attn_mask, sinks, dropout_seed, options, *mod_tensors)
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)

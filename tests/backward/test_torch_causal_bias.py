@@ -160,3 +160,16 @@ def test_subclass_with_real_data_is_read():
     out = et.scaled_dot_product_attention(q, q, q, attn_mask=mask.as_subclass(Logged))
     expected = torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask)
     np.testing.assert_allclose(out.detach().numpy(), expected.numpy(), rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("argument", ["query", "key", "value"])
+@pytest.mark.parametrize("api", ["engine.torch", "numpy"])
+def test_causal_object_as_query_key_or_value_is_refused_by_name(argument, api):
+    """A causal mask object in the wrong argument (its storage is a placeholder: it was read as the
+    keys' values) is a TypeError naming the argument, in both APIs."""
+    q = torch.randn(1, 2, 8, 8)
+    args = {"query": q, "key": q, "value": q}
+    args[argument] = torch_lower_right(8, 8)
+    fn = et.scaled_dot_product_attention if api == "engine.torch" else engine.scaled_dot_product_attention
+    with pytest.raises(TypeError, match=f"{argument} is a causal mask object .*pass it as attn_mask"):
+        fn(**args)

@@ -223,3 +223,21 @@ def test_bench_run_names_a_busy_machine(monkeypatch, tmp_path):
     assert rc == 0
     assert "warning: the machine was busy: 1-minute load average 9 before the run and 9.5 after" in stdout.getvalue()
     assert json.loads(json_path.read_text())["warnings"][0].startswith("the machine was busy")
+
+
+def test_a_variant_without_torch_layer_or_reference_has_no_baseline_not_itself():
+    """grouped-query with --backends cpu only: no row is marked the baseline (the cpu row was, and
+    was compared with itself: "1.00 (base)", and the summary said no engine backend was selected)."""
+    import contextlib
+    import io
+
+    from engine.cli import main
+
+    out = io.StringIO()
+    args = ["bench", "--variants", "grouped-query", "--backends", "cpu", "--lengths", "16", "--no-functional"]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        rc = main(args + ["--repeat", "1"])
+    text = out.getvalue()
+    assert rc == 0
+    assert "(base)" not in text and "no engine backend selected" not in text
+    assert "compared with the reference backend" in text

@@ -97,3 +97,64 @@ def _contiguous_result(case):
     return engine.attention_with_kvcache(
         case["query"], kc, vc, key=case["key"], value=case["value"], cache_seqlens=seqlens, backend="reference"
     )
+
+
+@pytest.mark.parametrize("backend", DECODE_BACKENDS)
+def test_append_into_another_sequences_partial_last_page_is_refused(backend):
+    # both sequences end inside shared page 0: sequence 0 (2 keys) would write slot 2, which
+    # sequence 1 (3 keys) reads as its position 2 (was accepted: each page was skipped as a
+    # sequence's own last, partial page)
+    case = _case([[0, 5], [0, 6]], [2, 3])
+    _refused(
+        case,
+        backend,
+        r"sequence 0 would write its new key 0 \(position 2\) into page 0, slot 2, which holds sequence 1's",
+    )
+
+
+def _packed(case, new_lens, seed=1):
+    """The case as a packed mixed call: sequence b brings new_lens[b] new tokens."""
+    rng = np.random.default_rng(seed)
+    total = int(sum(new_lens))
+    case = dict(case)
+    case["query"] = rng.standard_normal((total, HQ, D)).astype(np.float32)
+    case["key"] = rng.standard_normal((total, H, D)).astype(np.float32)
+    case["value"] = rng.standard_normal((total, H, D)).astype(np.float32)
+    case["cu_seqlens_q"] = np.concatenate([[0], np.cumsum(new_lens)]).astype(np.int32)
+    return case
+
+
+PACKED_BACKENDS = [b for b in DECODE_BACKENDS if b != "cuda"]  # cuda refuses packed queries by name
+
+
+@pytest.mark.parametrize("backend", PACKED_BACKENDS)
+@pytest.mark.parametrize(
+    "table, seqlens, new_lens, match",
+    [
+        # a shared prefix of pages 0 and 1: sequence 1 (6 keys) appends at page 1, slot 2, which
+        # sequence 0 (8 keys) reads (was accepted with cu_seqlens_q: the packed path skipped the check)
+        (
+            [[0, 1, 2, 9], [0, 1, 3, 9]],
+            [8, 6],
+            [1, 1],
+            r"sequence 1 would write its new key 0 \(position 6\) into page 1, slot 2, which holds sequence 0's",
+        ),
+        # a chunk of 3 new tokens from a page named twice runs over the sequence's own history
+        (
+            [[2, 2, 3]],
+            [2],
+            [3],
+            r"sequence 0 would write its new key 2 \(position 4\) into page 2, slot 0, which holds its own",
+        ),
+    ],
+)
+def test_packed_writes_into_history_are_refused(backend, table, seqlens, new_lens, match):
+    _refused(_packed(_case(table, seqlens), new_lens), backend, match)
+
+
+@pytest.mark.parametrize("backend", PACKED_BACKENDS)
+def test_packed_private_appends_after_a_shared_prefix_are_accepted(backend):
+    case = _packed(_case([[0, 1, 2], [0, 3, 4]], [5, 7]), [2, 0])
+    shared_before = case["k_cache"][0].copy()
+    engine.attention_with_kvcache(**case, backend=backend)
+    np.testing.assert_array_equal(case["k_cache"][0], shared_before)

@@ -144,3 +144,14 @@ def test_one_key_head_serves_query_heads_chunked_any_way(dask_client):
     got = ed.scaled_dot_product_attention(da.from_array(q, chunks=(1, (1, 2, 3), 9, 8)), k, k, return_lse=True)
     expected = engine.scaled_dot_product_attention(q, k, k, return_lse=True)
     _check(dask_client, got, expected, np.float64)
+
+
+@pytest.mark.parametrize("enable_gqa", [False, True])
+def test_no_heads_at_all_gives_the_empty_result(enable_gqa):
+    """0 query and 0 key heads: an empty result, as the NumPy API (was ZeroDivisionError while the
+    graph was built)."""
+    q = np.zeros((1, 0, 4, 8), np.float32)
+    got = ed.scaled_dot_product_attention(
+        da.from_array(q), da.from_array(q), da.from_array(q), enable_gqa=enable_gqa
+    ).compute(scheduler="sync")
+    assert got.shape == (1, 0, 4, 8) and got.dtype == np.float32

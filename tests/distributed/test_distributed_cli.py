@@ -50,3 +50,21 @@ def test_cli_starts_a_local_cluster_and_compares_with_cpu(tmp_path):
     assert record["workers"] == 2 and record["tasks"]["pairs"] == 2 * (1 + 2 + 3)  # causal: 3 chunks
     assert record["max_abs_diff"] <= 1e-5 and record["distributed_s"] > 0 and record["cpu_s"] > 0
     assert record["bytes_moved"]["total"] >= 0
+
+
+@pytest.mark.parametrize(
+    "option, value, words",
+    [
+        ("--workers", "0", "--workers: must be at least 1, got 0"),  # waited forever for a worker
+        ("--split-every", "1", "--split-every: must be at least 2, got 1"),  # a traceback from Dask
+        ("--chunk", "0", "--chunk: must be at least 1, got 0"),  # silently the default
+        ("--length", "0", "--length: must be at least 1, got 0"),  # "throughput = 0.01x"
+    ],
+)
+def test_impossible_sizes_are_argparse_errors(option, value, words, capsys):
+    from engine.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["distributed", option, value])
+    assert exit_.value.code == 2
+    assert words in capsys.readouterr().err

@@ -293,18 +293,47 @@ def test_stored_tiles_are_used_by_forward_and_backward(tuning_dir, rng, monkeypa
     plan = cpu_tiles.forward_tiles(300, 16, 16, "float32", provider, True, 64, 2)
     assert plan == cpu_tiles.TilePlan(32, 64, 2, True)
     assert cpu_tiles.backward_tile_sizes(300, 400, 16, 16, True, "float32", provider)[1:] == (64, 32)
-    seen = []
-    real = cpu_forward.kernels().FlashArgs
-    monkeypatch.setattr(cpu_forward.kernels(), "FlashArgs", lambda **kw: seen.append(kw) or real(**kw))
+    seen = _record_setups(monkeypatch)
     q, k, v = (rng.standard_normal((1, 2, n, 16)).astype(np.float32) for n in (300, 400, 400))
     _check(q, k, v, np.float32, is_causal=True)
-    assert (seen[-1]["block_q"], seen[-1]["block_k"]) == (32, 64)
+    assert (seen[-1].block_q, seen[-1].block_k) == (32, 64)
     out, lse = engine.scaled_dot_product_attention(q, k, v, return_lse=True, backend="cpu")
     do = rng.standard_normal(out.shape).astype(np.float32)
     got = engine.scaled_dot_product_attention_backward(do, q, k, v, out, lse, backend="cpu")
     ref = engine.scaled_dot_product_attention_backward(do, q, k, v, out, lse, backend="reference")
     for g, r in zip(got, ref):
         assert np.allclose(g, r, atol=2e-5)
+
+
+def _record_setups(monkeypatch) -> list:
+    """The forward's kernel set-ups (tiles, provider, kernel) from now on, in order: every call
+    without a plan and every plan's prepared runner makes one."""
+    seen = []
+    real = cpu_forward._setup
+    monkeypatch.setattr(cpu_forward, "_setup", lambda *a, **kw: seen.append(real(*a, **kw)) or seen[-1])
+    return seen
+
+
+def test_call_plans_follow_what_tuning_knows(tuning_dir, rng, monkeypatch):
+    """A call plan made before a choice was stored is not used after it (its tiles would no longer
+    be those the backward recomputes with), nor one made with tuning on once it is off."""
+    from engine import plan as plans
+
+    seen = _record_setups(monkeypatch)
+    q, k, v = (rng.standard_normal((1, 2, n, 16)).astype(np.float32) for n in (300, 400, 400))
+    for _ in range(2):  # the second through the plan
+        engine.scaled_dot_product_attention(q, k, v, backend="cpu")
+    rule = (seen[-1].block_q, seen[-1].block_k)
+    token = plans.runtime_token()
+    key = cpu_tiles.tile_key(engine.get_gemm_provider("float32").name, "float32", 64, "short")
+    tuning.tuned(key, lambda: {"block_q": 32, "block_k": 64, "task_rows": 64}, cpu_tiles.valid_tiles)
+    assert plans.runtime_token() != token
+    for _ in range(2):
+        engine.scaled_dot_product_attention(q, k, v, backend="cpu")
+        assert (seen[-1].block_q, seen[-1].block_k) == (32, 64) != rule
+    tuning.set_autotune(False)
+    engine.scaled_dot_product_attention(q, k, v, backend="cpu")
+    assert (seen[-1].block_q, seen[-1].block_k) == rule
 
 
 def test_rows_per_task_shrink_until_every_thread_has_work():

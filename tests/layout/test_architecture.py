@@ -109,6 +109,8 @@ def test_no_import_cycle_among_engine_modules():
             ("engine.backends", "engine.problems", "engine.kernels", "engine.runtime", "engine.plugins"),
         ),
         ("engine.plugins", ("engine.plugins", "engine.runtime", "engine.variant")),
+        # call plans: keys and per-call checks over the contract; no backend (ops come in plans)
+        ("engine.plan", ("engine.plan", "engine.problems", "engine.kernels", "engine.runtime", "engine.plugins")),
     ],
 )
 def test_layers_import_downward_only(layer, may_import):

@@ -5,11 +5,15 @@ import json
 
 import numpy as np
 
+import engine
 from engine.cli import main
 
 
 def test_short_training_agrees_with_torch_step_by_step_and_trains(tmp_path):
+    import torch
+
     out_json, out_png = tmp_path / "losses.json", tmp_path / "losses.png"
+    threads_before = engine.get_num_threads(), torch.get_num_threads()
     rc = main(
         [
             "train",
@@ -40,6 +44,8 @@ def test_short_training_agrees_with_torch_step_by_step_and_trains(tmp_path):
         ]
     )
     assert rc == 0
+    # --threads 1 held for the run only: the process's settings are as they were (it leaked before)
+    assert (engine.get_num_threads(), torch.get_num_threads()) == threads_before
     result = json.loads(out_json.read_text())
     assert set(result["runs"]) == {
         "torch SDPA",

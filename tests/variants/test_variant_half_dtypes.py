@@ -146,3 +146,22 @@ def test_as_module_trains_a_16_bit_variant(dtype):
     np.testing.assert_allclose(
         _f64(out), np.asarray(expected, np.float64), rtol=0, atol=16 * unit * max(1.0, float(np.abs(_f64(out)).max()))
     )
+
+
+def test_a_bfloat16_layer_takes_bfloat16_masks():
+    """ml_dtypes' bfloat16 masks (what a bfloat16 model has, as torch's bf16 MultiheadAttention
+    wants masks in the query's dtype): the same bits as the same masks given in float32 (was a
+    TypeError from NumPy's isdtype, which does not know bfloat16)."""
+    import ml_dtypes
+
+    bf = ml_dtypes.bfloat16
+    layer = engine.get_variant("multi-head", embed_dim=16, num_heads=2, dtype="bfloat16")
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 5, 16)).astype(bf)
+    mask = rng.standard_normal((5, 5)).astype(bf)
+    padding = np.zeros((2, 5), bf)
+    padding[0, 4] = -np.inf
+    got, _ = layer(x, x, x, attn_mask=mask, key_padding_mask=padding)
+    want, _ = layer(x, x, x, attn_mask=mask.astype(np.float32), key_padding_mask=padding.astype(np.float32))
+    assert got.dtype == bf
+    np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))

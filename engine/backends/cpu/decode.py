@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import math
+import operator
 
 import numpy as np
 
 from ...kernels.cpu.half_floats import BFLOAT16_BITS, FLOAT16_BITS
+from ...kernels.seqlens import _seqlens_k
 from ...problems.decode import DecodeProblem
 from ...problems.mods import compile_mods_alone
 from ...runtime.config import (
@@ -17,6 +19,7 @@ from ...runtime.config import (
     DECODE_BLOCK_ROWS,
     DECODE_FUSED_ROWS,
 )
+from ...runtime.entry_points import Bound
 from ...runtime.threads import get_num_threads, kernel_call_guard
 from ..base import Op
 from ..kvcache import new_entries_written, pick_num_splits
@@ -24,8 +27,6 @@ from .blas_pin import get_blas_pin
 from .varlen import attend_packed
 
 __all__ = ["CpuDecode"]
-
-_NO_PIN = contextlib.nullcontext()
 
 
 def _pages(cache: np.ndarray) -> np.ndarray:
@@ -58,78 +59,187 @@ class CpuDecode(Op):
         anything after the write raises (a mod Numba cannot compile, an allocation), the written
         slots get their old contents back first. Packed queries (``cu_seqlens_q``) run on the
         ragged kernel (``varlen.attend_packed``)."""
-        with new_entries_written(problem):
-            if problem.packed:
+        if problem.packed:
+            with new_entries_written(problem):
                 return attend_packed(problem)
-            return _attend(problem, get_blas_pin())
+        return _launch(_setup(problem), problem)
+
+    def prepare(self, problem: DecodeProblem):
+        """A runner for later problems with this one's signature (``engine.plan``): the layout,
+        the kernel arguments that the signature fixes and (after the first call) the kernel's
+        entry points, worked out once. None for device arrays and packed queries."""
+        if problem.on_device or problem.packed:
+            return None
+        setup = _setup(problem)
+        setup.kernels = tuple(Bound(k) for k in setup.kernels)
+        setup.write, setup.restore, setup.seqlens_k = (Bound(k) for k in (setup.write, setup.restore, setup.seqlens_k))
+        return functools.partial(_launch, setup)
 
 
-def _attend(problem: DecodeProblem, blas_pin):
+#: the kernel arguments each call sets (the others are the signature's, set once in ``_setup``),
+#: under the general kernel's names and the GEMV kernel's (which has no page table)
+_PER_CALL = ("q", "k_pages", "v_pages", "page_table", "seqlens_k", "splits", "part_out", "part_lse", "out", "lse")
+_GEMV_PER_CALL = ("q", "k_cache", "v_cache", "page_table", "seqlens_k", "splits", "part_out", "part_lse", "out", "lse")
+
+
+def uses_gemv(problem: DecodeProblem) -> bool:
+    """Whether the GEMV kernel (``engine.kernels.cpu.decode_gemv``) runs this problem: a contiguous
+    cache of the compute dtype, no mods, at most ``DECODE_FUSED_ROWS`` rows per cache head."""
+    return (
+        problem.page_table is None
+        and problem.cache_dtype == problem.compute_dtype
+        and not problem.has_mods
+        and problem.group * problem.L <= DECODE_FUSED_ROWS
+    )
+
+
+class _Setup:
+    """What a decode problem's signature decides (:func:`_setup`)."""
+
+    __slots__ = (
+        "compute",
+        "direct_q",
+        "table",
+        "tasks",
+        "threads",
+        "splits",
+        "shapes",
+        "template",
+        "pick",
+        "args_type",
+        "kernels",
+        "write",
+        "restore",
+        "seqlens_k",
+        "small",
+        "work_per_key",
+        "fast_write",
+        "bits",
+        "cast",
+    )
+
+
+def _setup(problem: DecodeProblem) -> _Setup:
     B, Hq, L, Ev = problem.batch, problem.num_q_heads, problem.L, problem.Ev
-    compute = problem.compute_dtype
-    q = np.ascontiguousarray(problem.query, dtype=compute)
+    setup = _Setup()
+    setup.compute = compute = problem.compute_dtype
+    q = problem.query
+    setup.direct_q = q.dtype == compute and q.flags.c_contiguous
     half_kind = 0
     if problem.cache_dtype.itemsize == 2:
         half_kind = FLOAT16_BITS if problem.cache_dtype == np.float16 else BFLOAT16_BITS
-    if problem.page_table is None:
-        table = np.arange(B, dtype=np.int32).reshape(B, 1)
-    else:
-        table = np.ascontiguousarray(problem.page_table, dtype=np.int32)
-    seqlens_k = problem.seqlens_k
+    setup.table = np.arange(B, dtype=np.int32).reshape(B, 1) if problem.page_table is None else None
     group = problem.group
-    row_blocks = math.ceil(group * L / DECODE_BLOCK_ROWS)
-    tasks = B * problem.num_kv_heads * row_blocks
-    splits = problem.num_splits
-    if splits is None:
-        threads = get_num_threads()
-        splits = 1 if tasks >= threads else pick_num_splits(tasks, int(seqlens_k.max()), threads)
-    splits = min(splits, max(1, int(seqlens_k.max())))  # a split with no key does nothing
+    setup.tasks = B * problem.num_kv_heads * math.ceil(group * L / DECODE_BLOCK_ROWS)
+    setup.threads = get_num_threads()
+    setup.splits = problem.num_splits
     N = B * Hq * L
+    setup.shapes = ((N, Ev), (N,), problem.out_shape, problem.lse_shape)
+    left, right = problem.window
+    fixed = dict(
+        causal=problem.is_causal,
+        left=left,
+        right=right,
+        scale=problem.scale,
+        group=group,
+        half_kind=half_kind,
+        gather=bool(half_kind or problem.page_table is not None),
+        block_k=DECODE_BLOCK_K,
+        block_rows=DECODE_BLOCK_ROWS,
+        fused_rows=DECODE_FUSED_ROWS,
+        has_score_mod=problem.score_mod is not None,
+        has_mask_mod=problem.mask_mod is not None,
+    )
+    per_call = _PER_CALL
+    if uses_gemv(problem):
+        from ...kernels.cpu import decode_gemv
+
+        per_call, args_type = _GEMV_PER_CALL, decode_gemv.GemvArgs
+        fixed = {k: fixed[k] for k in ("causal", "left", "right", "scale", "group", "block_k")}
+        setup.kernels = tuple(decode_gemv.gemv_kernel(serial) for serial in (0, 1))
+    else:  # the parallel and the serial build; a prepared runner calls their entry points once known
+        args_type = _kernels().DecodeArgs
+        compile_mods_alone(problem.score_mod, problem.mask_mod, problem.mod_args, compute)
+        setup.kernels = tuple(_kernels().decode_kernel(problem.score_mod, problem.mask_mod, s) for s in (0, 1))
+    setup.args_type = args_type
+    fields = args_type._fields
+    setup.template = tuple(fixed[name] for name in fields if name not in per_call)
+    order = [n for n in fields if n not in per_call] + list(per_call)
+    setup.pick = operator.itemgetter(*(order.index(name) for name in fields))
+    # few rows per task: the kernel's own loops, no BLAS call, so nothing to pin (it costs microseconds)
+    setup.small = group * L <= DECODE_FUSED_ROWS
+    setup.work_per_key = problem.num_q_heads * L * (problem.E + Ev)
+    setup.bits = problem.cache_dtype.itemsize == 2  # 16-bit caches reach the kernels as uint16 bits
+    setup.cast = problem.dtype != compute
+    # the new entries copied by a compiled loop when no conversion is needed (bits for bits)
+    setup.fast_write = problem.key is not None and problem.L_new > 0 and problem.key.dtype == problem.cache_dtype
+    from ...kernels.cpu.cache_write import _restore, _save_and_write
+
+    setup.write, setup.restore, setup.seqlens_k = _save_and_write, _restore, _seqlens_k
+    return setup
+
+
+def _launch(setup: _Setup, problem: DecodeProblem):
+    """Allocate everything, write the new entries, then run the kernel; if the kernel raises, the
+    written slots get their old contents back before the error propagates."""
+    compute = setup.compute
+    q = problem.query if setup.direct_q else np.ascontiguousarray(problem.query, dtype=compute)
+    table = setup.table
+    if table is None:
+        table = np.ascontiguousarray(problem.page_table, dtype=np.int32)
+    seqlens_k = np.empty(problem.batch, dtype=np.int64)
+    most, total = setup.seqlens_k(problem.cache_seqlens, problem.L_new, seqlens_k)
+    splits = setup.splits
+    if splits is None:
+        splits = 1 if setup.tasks >= setup.threads else pick_num_splits(setup.tasks, most, setup.threads)
+    splits = min(splits, max(1, most))  # a split with no key does nothing
+    (N, Ev), lse_n, out_shape, lse_shape = setup.shapes
     out = np.empty((N, Ev), dtype=compute)
-    lse = np.empty(N, dtype=compute)
+    lse = np.empty(lse_n, dtype=compute)
     if splits > 1:
         part_out = np.empty((splits, N, Ev), dtype=compute)
         part_lse = np.empty((splits, N), dtype=compute)
     else:
         part_out, part_lse = out.reshape(1, N, Ev), lse.reshape(1, N)
-    left, right = problem.window
     # keys read: tiny calls run serially (the thread pool's wake-up costs more than it gains)
-    work = int(seqlens_k.sum()) * problem.num_q_heads * L * (problem.E + Ev)
-    serial = splits == 1 and work <= CPU_SERIAL_MAX_WORK
-    compile_mods_alone(problem.score_mod, problem.mask_mod, problem.mod_args, compute)
-    kernel = _kernels().decode_kernel(problem.score_mod, problem.mask_mod, serial)
-    # few rows per task: the kernel's own loops, no BLAS call, so nothing to pin (it costs microseconds)
-    small = group * L <= DECODE_FUSED_ROWS
-    with kernel_call_guard(), _NO_PIN if small else blas_pin():
-        kernel(
-            _kernels().DecodeArgs(
-                q=q,
-                k_pages=_pages(problem.k_cache),
-                v_pages=_pages(problem.v_cache),
-                page_table=table,
-                seqlens_k=seqlens_k,
-                causal=problem.is_causal,
-                left=left,
-                right=right,
-                scale=problem.scale,
-                group=group,
-                half_kind=half_kind,
-                gather=bool(half_kind or problem.page_table is not None),
-                splits=splits,
-                block_k=DECODE_BLOCK_K,
-                block_rows=DECODE_BLOCK_ROWS,
-                fused_rows=DECODE_FUSED_ROWS,
-                has_score_mod=problem.score_mod is not None,
-                has_mask_mod=problem.mask_mod is not None,
-                part_out=part_out,
-                part_lse=part_lse,
-                out=out,
-                lse=lse,
-            ),
-            problem.mod_args,
-        )
-    out = out.reshape(problem.out_shape)
-    lse = lse.reshape(problem.lse_shape)
-    if problem.dtype != compute:
+    serial = int(splits == 1 and total * setup.work_per_key <= CPU_SERIAL_MAX_WORK)
+    k_pages, v_pages = problem.k_cache, problem.v_cache
+    if setup.bits:
+        k_pages, v_pages = _pages(k_pages), _pages(v_pages)
+    per_call = (q, k_pages, v_pages, table, seqlens_k, splits, part_out, part_lse, out, lse)
+    args = tuple.__new__(setup.args_type, setup.pick(setup.template + per_call))
+    kernel = setup.kernels[serial]
+    if setup.fast_write:  # a compiled copy; the old contents back if the kernel fails
+        key, value = _bits(problem.key), _bits(problem.value)
+        old_k, old_v = np.empty(key.shape, key.dtype), np.empty(value.shape, value.dtype)
+        setup.write(k_pages, v_pages, table, problem.cache_seqlens, key, value, old_k, old_v)
+        try:
+            _run_kernel(setup.small, kernel, args, problem.mod_args)
+        except BaseException:
+            setup.restore(k_pages, v_pages, table, problem.cache_seqlens, old_k, old_v)
+            raise
+    elif problem.key is not None:
+        with new_entries_written(problem):  # NumPy's conversion to the cache dtype
+            _run_kernel(setup.small, kernel, args, problem.mod_args)
+    else:
+        _run_kernel(setup.small, kernel, args, problem.mod_args)
+    out = out.reshape(out_shape)
+    lse = lse.reshape(lse_shape)
+    if setup.cast:
         out, lse = out.astype(problem.dtype), lse.astype(problem.dtype)
     return out, lse
+
+
+def _run_kernel(small: bool, kernel, args, mod_args) -> None:
+    """The kernel call under the thread guard; BLAS held at one thread unless the tasks are
+    small enough to need no BLAS call (the pin costs microseconds)."""
+    if small:
+        with kernel_call_guard():
+            kernel(args, mod_args)
+    else:
+        with kernel_call_guard(), get_blas_pin()():
+            kernel(args, mod_args)
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    return a.view(np.uint16) if a.dtype.itemsize == 2 else a

@@ -4,6 +4,7 @@ flash kernel (``engine.kernels.cpu.flash_fwd``)."""
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 import numpy as np
 
@@ -79,7 +80,7 @@ class CpuForward(Op):
             bits = tuple(as4(a, problem.batch).view(np.uint16) for a in (problem.query, problem.key))
             kind = GEMM_CBLAS_BF16 if name == "bfloat16" else GEMM_CBLAS_F16
             if plan is None:
-                plan = self._tiles(problem, name, half.name, None, True)
+                plan = _tiles(self.run, problem, name, half.name, None, True)
             out, lse = self._run(
                 dataclasses.replace(problem, attn_mask=mask, dtype=f32),
                 arrays=bits + (v.view(np.uint16),),
@@ -93,101 +94,190 @@ class CpuForward(Op):
             out, lse = self._run(wide, plan=plan, provider=provider, serial=serial)
         return narrow(out, problem.dtype), lse if problem.lse_float32 else narrow(lse, problem.dtype)
 
-    def _tiles(self, problem: AttentionProblem, dtype: str, provider_name: str, provider, pinned: bool) -> TilePlan:
-        """The call's tiles (``tiles.forward_tiles``); a large call of a class whose tiles are not
-        known yet measures them first (``autotune``, once per machine)."""
-        E, Ev, L = problem.E, problem.Ev, problem.L
-        cls = tile_class(L, E, Ev)
-        if (
-            pinned
-            and cls is not None
-            and problem.batch * problem.num_q_heads * L * problem.S * (E + Ev) >= CPU_TUNE_MIN_WORK
-            and autotune_enabled()
-        ):
-            tune_tiles(self.run, provider, np.dtype(problem.dtype) if provider is None else np.dtype(dtype), *cls)
-        return forward_tiles(
-            L, E, Ev, dtype, provider_name, pinned, problem.batch * problem.num_q_heads, get_num_threads()
-        )
+    def prepare(self, problem: AttentionProblem):
+        """A runner for later problems with this one's signature (``engine.plan``): the work that
+        the signature decides (tiles and GEMM provider, measured first where tuning asks for it,
+        thread pin, the kernel and, after its first call, its entry point) done once. None for
+        16-bit problems (``run`` takes them)."""
+        if dtype_name(problem.dtype) in SIXTEEN_BIT:
+            return None
+        return _Launch(_setup(problem, tune=self.run))
 
     def _run(self, problem: AttentionProblem, arrays=None, gemm=None, plan=None, provider=None, serial=None):
         """The kernel call. ``arrays``: ready (batch, heads, rows, features) q, k, v (the 16-bit
         path's uint16 bits; v already checked finite), with ``gemm`` = (kind, address)."""
-        # a NaN/inf value in V reaches only the rows that weigh it: the kernel checks each tile's
-        # product and recomputes a non-finite one exactly (kernels.nonfinite), so no pass over V here
-        B = problem.batch
-        if arrays is None:
-            arrays = tuple(as4(a, B) for a in (problem.query, problem.key, problem.value))
-        q, k, v = arrays
-        Hq, L, S = problem.num_q_heads, problem.L, problem.S
-        fmask, bmask, mask_batch, kind = kernel_masks(problem)
-        jit = NO_JIT
-        name = dtype_name(problem.dtype)
-        if gemm is None:
-            if provider is None:
-                if (
-                    B * Hq * L * S * (problem.E + problem.Ev) >= CPU_TUNE_MIN_WORK
-                    and autotune_enabled()
-                    and gemm_mode() == "auto"
-                ):
-                    tune_provider(self.run, name)
-                provider = get_gemm_provider(name)
-            gemm = (provider.kind, provider.pointer(name))
-        # only np.dot's OpenBLAS starts threads of its own; the other providers are sequential
-        pin = get_blas_pin() if gemm[0] == GEMM_NUMPY else None
-        pinned = pin is None or pin.available
-        if plan is None or not pinned:
-            plan = self._tiles(problem, name, provider.name, provider, pinned)
-        block_q, block_k, sub_tiles = plan.block_q, plan.block_k, plan.sub_tiles
-        # tiles this small never make OpenBLAS start threads: no pin (it costs microseconds)
-        small = min(block_q, L) * min(block_k, S) * max(problem.E, problem.Ev) <= BLAS_SINGLE_THREAD_MNK
-        if pin is None or small:
-            pin = NO_PIN
-        else:
-            pin = pin()
-        if gemm[0] == GEMM_CBLAS:
-            jit = tile_jit_kernels(provider, name, block_q, block_k, problem.E, problem.Ev)
-        compile_mods_alone(problem.score_mod, problem.mask_mod, problem.mod_args, problem.dtype)
-        tiles = ALL_FULL
-        if problem.mask_mod is not None:
-            tiles = tile_kinds(problem, block_q, block_k)
-        out = np.empty((B, Hq, L, problem.Ev), dtype=problem.dtype)
-        lse = np.empty((B, Hq, L), dtype=problem.dtype)
-        if serial is None:
-            serial = B * Hq * L * S * (problem.E + problem.Ev) <= CPU_SERIAL_MAX_WORK
-        kernel = kernels().flash_kernel(problem.score_mod, problem.mask_mod, serial)
-        threshold, keep, seed_lo, seed_hi = dropout_args(problem)
-        args = kernels().FlashArgs(
-            q=q,
-            k=k,
-            v=v,
-            fmask=fmask,
-            bmask=bmask,
-            mask_batch=mask_batch,
-            mask_kind=kind,
-            causal=problem.is_causal,
-            causal_offset=problem.causal_offset,
-            scale=problem.scale,
-            group=problem.group,
-            block_q=block_q,
-            block_k=block_k,
-            sub_tiles=sub_tiles,
-            has_score_mod=problem.score_mod is not None,
-            tile_kinds=tiles,
-            drop_threshold=threshold,
-            drop_keep=keep,
-            seed_lo=seed_lo,
-            seed_hi=seed_hi,
-            gemm_kind=gemm[0],
-            gemm_fn=gemm[1],
-            jit_scores=jit[0],
-            jit_scores_h=jit[1],
-            jit_values=jit[2],
-            jit_values_h=jit[3],
-            out=out,
-            lse=lse,
-        )
-        with kernel_call_guard(), pin:
-            if not serial and B * Hq * L * S * (problem.E + problem.Ev) >= CPU_QUIET_OPENMP_MIN_WORK:
+        return _launch(_setup(problem, gemm, plan, provider, serial, self.run), problem, arrays)
+
+
+def _work(problem: AttentionProblem) -> int:
+    """Multiply-adds of the call: batch x heads x L x S x (E + Ev)."""
+    return problem.batch * problem.num_q_heads * problem.L * problem.S * (problem.E + problem.Ev)
+
+
+def _tiles(tune, problem: AttentionProblem, dtype: str, provider_name: str, provider, pinned: bool) -> TilePlan:
+    """The call's tiles (``tiles.forward_tiles``); a large call of a class whose tiles are not
+    known yet measures them first with ``tune`` (the op's ``run``; ``autotune``, once per machine)."""
+    E, Ev, L = problem.E, problem.Ev, problem.L
+    cls = tile_class(L, E, Ev)
+    if tune is not None and pinned and cls is not None and _work(problem) >= CPU_TUNE_MIN_WORK and autotune_enabled():
+        tune_tiles(tune, provider, np.dtype(problem.dtype) if provider is None else np.dtype(dtype), *cls)
+    return forward_tiles(L, E, Ev, dtype, provider_name, pinned, problem.batch * problem.num_q_heads, get_num_threads())
+
+
+#: the kernel arguments each call sets (the others are the signature's, set once in ``_setup``)
+_PER_CALL = (
+    "q",
+    "k",
+    "v",
+    "fmask",
+    "bmask",
+    "mask_batch",
+    "mask_kind",
+    "scale",
+    "tile_kinds",
+    "drop_threshold",
+    "drop_keep",
+    "seed_lo",
+    "seed_hi",
+    "out",
+    "lse",
+)
+
+
+class _Setup:
+    """What a problem's signature decides about its kernel call (:func:`_setup`): the kernel and
+    its entry point (None until known, False when there is none), the BLAS pin, the tiles, the
+    signature's kernel arguments (``template``) and how to merge them with a call's (``pick``), the
+    masks when there is none, whether q/k/v go to the kernel as they are, the output shapes and
+    whether torch's idle OpenMP workers are let go before the call (``quiet``)."""
+
+    __slots__ = (
+        "kernel",
+        "entry",
+        "pin",
+        "block_q",
+        "block_k",
+        "template",
+        "pick",
+        "masks",
+        "direct",
+        "shapes",
+        "quiet",
+    )
+
+
+def _setup(problem: AttentionProblem, gemm=None, plan=None, provider=None, serial=None, tune=None) -> _Setup:
+    """Tiles, GEMM provider, BLAS pin and kernel of a problem: functions of its signature and of
+    what tuning knows (``engine.runtime.tuning``). ``gemm`` (kind, address), ``plan``,
+    ``provider`` and ``serial`` override the choices (see ``CpuForward.run``); ``tune``: the op's
+    ``run``, with which a large call measures the provider and its class's tiles where they are
+    not known yet (None: nothing is measured)."""
+    L, S, B = problem.L, problem.S, problem.batch
+    work = _work(problem)
+    name = dtype_name(problem.dtype)
+    if gemm is None:
+        if provider is None:
+            if tune is not None and work >= CPU_TUNE_MIN_WORK and autotune_enabled() and gemm_mode() == "auto":
+                tune_provider(tune, name)
+            provider = get_gemm_provider(name)
+        gemm = (provider.kind, provider.pointer(name))
+    # only np.dot's OpenBLAS starts threads of its own; the other providers are sequential
+    pin = get_blas_pin() if gemm[0] == GEMM_NUMPY else None
+    pinned = pin is None or pin.available
+    if plan is None or not pinned:
+        plan = _tiles(tune, problem, name, provider.name, provider, pinned)
+    block_q, block_k = plan.block_q, plan.block_k
+    # tiles this small never make OpenBLAS start threads: no pin (it costs microseconds)
+    small = min(block_q, L) * min(block_k, S) * max(problem.E, problem.Ev) <= BLAS_SINGLE_THREAD_MNK
+    setup = _Setup()
+    setup.pin = NO_PIN if pin is None or small else pin()
+    setup.block_q, setup.block_k = block_q, block_k
+    jit = NO_JIT
+    if gemm[0] == GEMM_CBLAS:
+        jit = tile_jit_kernels(provider, name, block_q, block_k, problem.E, problem.Ev)
+    if serial is None:
+        serial = work <= CPU_SERIAL_MAX_WORK
+    setup.quiet = not serial and work >= CPU_QUIET_OPENMP_MIN_WORK
+    compile_mods_alone(problem.score_mod, problem.mask_mod, problem.mod_args, problem.dtype)
+    setup.kernel = kernels().flash_kernel(problem.score_mod, problem.mask_mod, serial)
+    setup.entry = None
+    fixed = dict(
+        causal=problem.is_causal,
+        causal_offset=problem.causal_offset,
+        group=problem.group,
+        block_q=block_q,
+        block_k=block_k,
+        sub_tiles=plan.sub_tiles,
+        has_score_mod=problem.score_mod is not None,
+        gemm_kind=gemm[0],
+        gemm_fn=gemm[1],
+        jit_scores=jit[0],
+        jit_scores_h=jit[1],
+        jit_values=jit[2],
+        jit_values_h=jit[3],
+    )
+    # the argument tuple is built as pick(fixed values + per-call values): one C call
+    fields = kernels().FlashArgs._fields
+    setup.template = tuple(fixed[name] for name in fields if name not in _PER_CALL)
+    order = [n for n in fields if n not in _PER_CALL] + list(_PER_CALL)
+    setup.pick = operator.itemgetter(*(order.index(name) for name in fields))
+    setup.masks = kernel_masks(problem) if problem.attn_mask is None else None  # never written
+    setup.direct = all(
+        a.ndim == 4 and a.shape[0] == B and a.flags.c_contiguous for a in (problem.query, problem.key, problem.value)
+    )
+    setup.shapes = ((B, problem.num_q_heads, L, problem.Ev), (B, problem.num_q_heads, L))
+    setup.shapes += (problem.out_shape, problem.lse_shape)
+    return setup
+
+
+def _launch(setup: _Setup, problem: AttentionProblem, arrays=None, resolve: bool = False):
+    """The per-call half: lay out this call's arrays, masks, tile map and dropout, allocate the
+    output, call the kernel: through its entry point once known (``engine.runtime.entry_points``).
+    ``resolve``: after a call through the dispatcher, record the entry point of the overload it
+    ran (a prepared runner's first call)."""
+    # a NaN/inf value in V reaches only the rows that weigh it: the kernel checks each tile's
+    # product and recomputes a non-finite one exactly (kernels.nonfinite), so no pass over V here
+    if arrays is None:
+        arrays = (problem.query, problem.key, problem.value)
+        if not setup.direct:
+            arrays = tuple(as4(a, problem.batch) for a in arrays)
+    fmask, bmask, mask_batch, kind = setup.masks or kernel_masks(problem)
+    tiles = ALL_FULL
+    if problem.mask_mod is not None:
+        tiles = tile_kinds(problem, setup.block_q, setup.block_k)
+    out4, lse3, out_shape, lse_shape = setup.shapes
+    out = np.empty(out4, dtype=problem.dtype)
+    lse = np.empty(lse3, dtype=problem.dtype)
+    per_call = arrays + (fmask, bmask, mask_batch, kind, problem.scale, tiles) + dropout_args(problem) + (out, lse)
+    args = tuple.__new__(kernels().FlashArgs, setup.pick(setup.template + per_call))
+    call = setup.entry or setup.kernel
+    if setup.pin is NO_PIN:
+        with kernel_call_guard():
+            if setup.quiet:
                 quiet_openmp()  # torch's idle workers would spin on our cores (runtime.threads)
-            kernel(args, problem.mod_args)
-        return out.reshape(problem.out_shape), lse.reshape(problem.lse_shape)
+            call(args, problem.mod_args)
+    else:
+        with kernel_call_guard(), setup.pin:
+            if setup.quiet:
+                quiet_openmp()
+            call(args, problem.mod_args)
+    if resolve and setup.entry is None:  # once: False when no exact overload is found (then the dispatcher)
+        from ...runtime.entry_points import resolve_entry_point
+
+        setup.entry = resolve_entry_point(setup.kernel, (args, problem.mod_args)) or False
+    return out.reshape(out_shape), lse.reshape(lse_shape)
+
+
+class _Launch:
+    """A prepared runner (:meth:`CpuForward.prepare`): :func:`_launch` with the setup done once.
+    Its first call goes through Numba's dispatcher and records the overload's entry point; later
+    ones call that (the plan's key fixes every argument's Numba type, the thread count and what
+    tuning knows)."""
+
+    __slots__ = ("setup",)
+
+    def __init__(self, setup: _Setup):
+        self.setup = setup
+
+    def __call__(self, problem: AttentionProblem):
+        return _launch(self.setup, problem, None, True)

@@ -25,11 +25,14 @@ __all__ = [
 ]
 
 
+_NO_DROPOUT = (np.uint64(0), 1.0, np.uint64(0), np.uint64(0))
+
+
 def dropout_args(problem: AttentionProblem) -> tuple:
     """The kernels' ``dropout`` argument: (threshold, 1 / (1 - p), seed_lo, seed_hi), typed so
     that one compiled signature serves every call (``(0, 1.0, 0, 0)`` without dropout)."""
     if problem.dropout_p == 0:
-        return (np.uint64(0), 1.0, np.uint64(0), np.uint64(0))
+        return _NO_DROPOUT
     lo, hi = split_seed(problem.dropout_seed)
     keep = 0.0 if problem.dropout_p == 1 else 1.0 / (1.0 - problem.dropout_p)
     return (np.uint64(dropout_threshold(problem.dropout_p)), keep, np.uint64(lo), np.uint64(hi))

@@ -32,6 +32,8 @@ class CpuVarlenBackward(Op):
     supports_mods = True
     #: its weights are exp(score - lse) from the given lse, which holds the sinks (engine.problems.sinks)
     supports_sinks = True
+    #: d lse_i / d s_ij = P_ij folds into the row's delta: dS = P * (dP - (delta - grad_lse))
+    supports_lse_grad = True
 
     def run(self, problem: VarlenBackwardProblem):
         from ...kernels.cpu.varlen_bwd import VarlenBackwardArgs, varlen_backward_epilogue, varlen_backward_kernel
@@ -42,7 +44,10 @@ class CpuVarlenBackward(Op):
         )
         lse = np.asarray(problem.lse, dtype=dt)
         lrow = np.where(np.isneginf(lse), np.inf, lse).astype(dt)  # exp(score - lrow) = 0 on empty rows
-        delta = np.einsum("the,the->th", do, o).astype(dt)
+        delta = np.einsum("the,the->th", do, o)
+        if problem.grad_lse is not None:
+            delta = delta - np.asarray(problem.grad_lse, dtype=delta.dtype)
+        delta = delta.astype(dt)
         block_q, block_k = varlen_backward_tiles(problem.E, problem.Ev)
         threads = get_num_threads()
         max_key_tiles = -(-problem.max_seqlen_k // block_k)

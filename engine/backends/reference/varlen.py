@@ -50,6 +50,8 @@ class ReferenceVarlenBackward(Op):
     supports_mods = True
     #: the dense softmax takes the sink's column (dense.sink_column)
     supports_sinks = True
+    #: the dense backward adds P * grad_lse to dS
+    supports_lse_grad = True
 
     def run(self, problem: VarlenBackwardProblem):
         grads = [np.zeros(a.shape, dtype=np.float64) for a in (problem.query, problem.key, problem.value)]
@@ -66,6 +68,7 @@ class ReferenceVarlenBackward(Op):
                 lse=np.asarray(problem.lse[rows]).T,
                 score_grad=problem.score_grad,
                 sinks=problem.sinks,
+                grad_lse=None if problem.grad_lse is None else np.asarray(problem.grad_lse[rows]).T,
             )
             dq, dk, dv = gradients(sub)[:3]
             for g, s, d in zip(grads, (rows, keys, keys), (dq, dk, dv)):

@@ -1,0 +1,51 @@
+"""Writing a decode step's new keys and values into a host KV cache, compiled (the cpu decode op).
+
+NumPy's advanced-index assignment of the same write costs about ten microseconds of index arrays
+and views per call, which is most of a decode step at short lengths. Here it is a loop over the
+new tokens' cache slots, reached through the page table (a contiguous cache is one page per
+sequence), with the slots' old contents saved first so that a call that fails afterwards restores
+them (the "nothing half-written" promise). Only the same dtype on both sides (a copy of bits: 16-bit
+entries arrive as ``uint16`` views); a conversion takes NumPy's path, which rounds as NumPy does.
+"""
+
+from numba import njit
+
+from ...runtime.jit_cache import cache_enabled
+
+_CACHE = cache_enabled()
+
+__all__ = ["_save_and_write", "_restore"]
+
+
+@njit(cache=_CACHE)
+def _save_and_write(k_pages, v_pages, table, seqlens, key, value, old_k, old_v):
+    """Token t of sequence b goes to slot ``seqlens[b] + t``: page ``table[b, slot // page_size]``,
+    offset ``slot % page_size``, all heads. ``old_k``/``old_v`` (B, Hkv, L_new, D/Dv) receive what
+    the slots held."""
+    B, Hkv, Ln, _ = key.shape
+    ps = k_pages.shape[2]
+    for b in range(B):
+        for t in range(Ln):
+            pos = seqlens[b] + t
+            page = table[b, pos // ps]
+            off = pos - (pos // ps) * ps
+            for h in range(Hkv):
+                old_k[b, h, t] = k_pages[page, h, off]
+                old_v[b, h, t] = v_pages[page, h, off]
+                k_pages[page, h, off] = key[b, h, t]
+                v_pages[page, h, off] = value[b, h, t]
+
+
+@njit(cache=_CACHE)
+def _restore(k_pages, v_pages, table, seqlens, old_k, old_v):
+    """Undo :func:`_save_and_write` (in reverse order)."""
+    B, Hkv, Ln, _ = old_k.shape
+    ps = k_pages.shape[2]
+    for b in range(B - 1, -1, -1):
+        for t in range(Ln - 1, -1, -1):
+            pos = seqlens[b] + t
+            page = table[b, pos // ps]
+            off = pos - (pos // ps) * ps
+            for h in range(Hkv):
+                k_pages[page, h, off] = old_k[b, h, t]
+                v_pages[page, h, off] = old_v[b, h, t]

@@ -1,0 +1,73 @@
+"""The cpu decode op's GEMV kernel (engine.kernels.cpu.decode_gemv): the common decode case
+(contiguous cache of the compute dtype, no mods, at most DECODE_FUSED_ROWS rows per cache head)
+against the reference backend and against the general kernel, on random shapes, windows, splits,
+GQA groups and several new tokens; NaN values only where they are weighed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import engine
+import engine.backends.cpu.decode as cpu_decode
+from engine import plan
+from engine.problems.decode import validate_decode_args
+
+
+def _case(rng, dtype):
+    B, Hkv = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+    group = int(rng.choice([1, 2, 4]))
+    L = int(rng.integers(1, 3))
+    D, Dv = int(rng.choice([8, 16, 64])), int(rng.choice([8, 32]))
+    S_max = int(rng.integers(8, 600))
+    q = rng.standard_normal((B, Hkv * group, L, D)).astype(dtype)
+    kc = rng.standard_normal((B, Hkv, S_max, D)).astype(dtype)
+    vc = rng.standard_normal((B, Hkv, S_max, Dv)).astype(dtype)
+    kn = rng.standard_normal((B, Hkv, L, D)).astype(dtype)
+    vn = rng.standard_normal((B, Hkv, L, Dv)).astype(dtype)
+    kw = dict(
+        cache_seqlens=rng.integers(0, S_max - L + 1, B).astype(np.int32),
+        window=None if rng.random() < 0.5 else (int(rng.integers(0, 40)), int(rng.choice([-1, 0, 3]))),
+        is_causal=bool(rng.random() < 0.8),
+        num_splits=None if rng.random() < 0.6 else int(rng.integers(1, 5)),
+        return_lse=True,
+    )
+    return q, kc, vc, kn, vn, kw
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gemv_kernel_matches_reference_and_the_general_kernel(dtype, monkeypatch):
+    rng = np.random.default_rng(2028)
+    gemv_rule = cpu_decode.uses_gemv
+    tol = 2e-5 if dtype == np.float32 else 1e-12
+    for _ in range(12):
+        q, kc, vc, kn, vn, kw = _case(rng, dtype)
+        plan.invalidate()
+        assert gemv_rule(validate_decode_args(q, kc, vc, kn, vn, **kw))
+        results = {}
+        for name, backend, gemv in (("gemv", "cpu", True), ("general", "cpu", False), ("ref", "reference", True)):
+            monkeypatch.setattr(cpu_decode, "uses_gemv", gemv_rule if gemv else (lambda p: False))
+            for _ in range(2):  # the second call runs on the plan
+                k, v = kc.copy(), vc.copy()
+                results[name] = engine.attention_with_kvcache(q, k, v, kn, vn, backend=backend, **kw) + (k, v)
+            plan.invalidate()
+        for name in ("gemv", "general"):
+            out, lse, k, v = results[name]
+            np.testing.assert_allclose(out, results["ref"][0], rtol=tol, atol=tol)
+            np.testing.assert_allclose(lse, results["ref"][1], rtol=tol, atol=tol)
+            np.testing.assert_array_equal(k, results["ref"][2])
+            np.testing.assert_array_equal(v, results["ref"][3])
+
+
+def test_gemv_kernel_nan_values_reach_only_the_rows_that_weigh_them():
+    q = np.ones((1, 2, 1, 8), np.float32)
+    kc = np.zeros((1, 1, 16, 8), np.float32)
+    vc = np.zeros((1, 1, 16, 8), np.float32)
+    vc[0, 0, 10] = np.nan  # past cache_seqlens: never weighed
+    out = engine.attention_with_kvcache(q, kc, vc, cache_seqlens=5, backend="cpu")
+    assert np.isfinite(out).all()
+    vc[0, 0, 2] = np.nan  # weighed by every row
+    out = engine.attention_with_kvcache(q, kc, vc, cache_seqlens=5, backend="cpu")
+    assert np.isnan(out).all()
+    out = engine.attention_with_kvcache(q, kc, vc, cache_seqlens=5, window=(1, -1), backend="cpu")
+    assert np.isfinite(out).all()  # the window hides key 2 from the row at position 4
