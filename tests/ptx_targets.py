@@ -21,3 +21,12 @@ PTX_CCS = _compute_capabilities(os.environ.get("ATTENTION_ENGINE_PTX_CCS") or "9
 
 def cc_id(cc) -> str:
     return f"sm{cc[0]}{cc[1]}"
+
+
+def all_pairs(dtypes, kinds, heads):
+    """(dtype, kind, heads) cases in which every pair of values of two of the three parameters
+    occurs at least once: len(kinds) x len(heads) compiles instead of the full product's
+    len(dtypes) x len(kinds) x len(heads). A kernel's source depends on the kind and the head sizes
+    (each pair compiled), its types on the dtype (each dtype with every kind and every head size);
+    the three-way product repeated those pairs at minutes of compiling in CI."""
+    return [(dtypes[(i + j) % len(dtypes)], kind, head) for i, kind in enumerate(kinds) for j, head in enumerate(heads)]

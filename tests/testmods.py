@@ -99,3 +99,13 @@ def alibi_with_batch(score, b, h, q_idx, kv_idx, slopes):
 
 def window_by_batch_and_head(b, h, q_idx, kv_idx, slopes):
     return abs(q_idx - kv_idx) <= 9 + b + h
+
+
+def scale_and_shift(score, b, h, q_idx, kv_idx, ss):
+    """A tensor read twice in one mod: a per-head scale and shift of the score."""
+    return score * ss[h, 0] + ss[h, 1]
+
+
+def batch_key_bias(score, b, h, q_idx, kv_idx, kb):
+    """A bias per batch entry and key (a learned padding-style bias)."""
+    return score + kb[b, kv_idx]

@@ -20,18 +20,10 @@ import engine.torch as et
 from engine.models.relative_bias import bucketed_relative_bias, relative_bias, relative_position_buckets
 from variants.alibi import alibi_bias
 
+from testmods import batch_key_bias, scale_and_shift
+
 B, H, L, S, E = 2, 2, 37, 53, 8
 BACKENDS = ["cpu", "reference"]
-
-
-def scale_and_shift(score, b, h, q_idx, kv_idx, ss):
-    """A tensor read twice in one mod: a per-head scale and shift of the score."""
-    return score * ss[h, 0] + ss[h, 1]
-
-
-def batch_key_bias(score, b, h, q_idx, kv_idx, kb):
-    """A bias per batch entry and key (a learned padding-style bias)."""
-    return score + kb[b, kv_idx]
 
 
 def _distance():
@@ -123,9 +115,14 @@ def _check(got, truth, own, dtype, what):
         assert err <= allowed, f"{name}: max error {err:.3g} > allowed {allowed:.3g}"
 
 
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+# every case in float64 (within 1e-10), two in float32 as well (two tables, one read twice): the
+# kernels are the same code in either dtype, and each case and dtype is a new backward kernel of
+# about ten seconds' compiling on the cpu backend
+CASE_DTYPES = [(c, np.float64) for c in CASES] + [(c, np.float32) for c in ("head_distance_table", "read_twice")]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize(("case", "dtype"), CASE_DTYPES, ids=[f"{c}-{d.__name__}" for c, d in CASE_DTYPES])
 def test_numpy_backward_matches_torch_float64_autograd(case, backend, dtype, small_tiles):
     q, k, v, do, mod_args, kw, marks, torch_bias = _problem(case, dtype)
     out, lse = engine.scaled_dot_product_attention(q, k, v, mod_args=mod_args, return_lse=True, backend=backend, **kw)

@@ -29,7 +29,7 @@ from engine.kernels.cuda.flash_bwd import backward_kernel_sources, backward_shar
 from engine.kernels.cuda.flash_fwd import flash_kernel_source, kernel_signature
 from engine.kernels.kinds import MASK_BOOL, MASK_FLOAT, MASK_NONE  # noqa: E402
 
-from ptx_targets import PTX_CCS, cc_id  # noqa: E402
+from ptx_targets import PTX_CCS, all_pairs, cc_id  # noqa: E402
 from testmods import window_mod  # noqa: E402
 
 KINDS = [(MASK_NONE, False), (MASK_NONE, True), (MASK_BOOL, False), (MASK_FLOAT, False)]
@@ -73,13 +73,14 @@ def _compile_all(cc, E, Ev, bq, bk, mask_kind, causal, storage, mask=None, mod_a
     return [p for p, _ in ptxs]
 
 
-# the backend's tiles for common heads, and the simulator tests' tiny ones
-CC_HEADS = [(cc, heads) for cc in PTX_CCS for heads in ((64, 64), (128, 128), (8, 5))]
+# the backend's tiles for common heads, and the simulator tests' tiny ones; every (kind, heads)
+# pair, each dtype with every kind and every head size (ptx_targets.all_pairs)
+PAIRS = all_pairs([np.float32, np.float16], KINDS, [(64, 64), (128, 128), (8, 5)])
+PAIR_IDS = [f"{np.dtype(d).name}-{KIND_IDS[KINDS.index(k)]}-E{h[0]}-Ev{h[1]}" for d, k, h in PAIRS]
 
 
-@pytest.mark.parametrize(("cc", "heads"), CC_HEADS, ids=[f"sm{c[0]}{c[1]}-E{h[0]}-Ev{h[1]}" for c, h in CC_HEADS])
-@pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
-@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("cc", PTX_CCS, ids=cc_id)
+@pytest.mark.parametrize(("dtype", "kind", "heads"), PAIRS, ids=PAIR_IDS)
 def test_backward_kernels_compile(current_device, dtype, kind, heads, cc):
     current_device(cc)
     E, Ev = heads

@@ -33,7 +33,7 @@ from engine.kernels.cuda.flash_fwd import (
     shared_bytes,
 )
 
-from ptx_targets import PTX_CCS, cc_id  # noqa: E402
+from ptx_targets import PTX_CCS, all_pairs, cc_id  # noqa: E402
 from testmods import window_mod  # noqa: E402
 
 # (mask kind, causal): the combinations the backend launches (is_causal excludes attn_mask)
@@ -60,10 +60,18 @@ def current_device(monkeypatch):
     return at
 
 
+def _kind_id(kind):
+    return ["none", "bool", "float"][kind[0]] + ("-causal" if kind[1] else "")
+
+
+# every (kind, heads) pair, each dtype with every kind and every head size (ptx_targets.all_pairs)
+PAIRS = all_pairs([np.float32, np.float16], KINDS, HEADS)
+
+
 @pytest.mark.parametrize("cc", PTX_CCS, ids=cc_id)
-@pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"E{h[0]}-Ev{h[1]}")
-@pytest.mark.parametrize("kind", KINDS, ids=lambda k: ["none", "bool", "float"][k[0]] + ("-causal" if k[1] else ""))
-@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize(
+    ("dtype", "kind", "heads"), PAIRS, ids=[f"{np.dtype(d).name}-{_kind_id(k)}-E{h[0]}-Ev{h[1]}" for d, k, h in PAIRS]
+)
 def test_kernel_compiles_to_ptx(current_device, dtype, kind, heads, cc):
     current_device(cc)
     E, Ev = heads
@@ -136,7 +144,7 @@ def test_kernels_with_mods_compile_to_ptx(current_device, dtype, name, cc):
 
 @pytest.mark.parametrize("cc", PTX_CCS, ids=cc_id)
 @pytest.mark.parametrize("heads", HEADS[:2], ids=lambda h: f"E{h[0]}-Ev{h[1]}")
-@pytest.mark.parametrize("kind", KINDS, ids=lambda k: ["none", "bool", "float"][k[0]] + ("-causal" if k[1] else ""))
+@pytest.mark.parametrize("kind", KINDS, ids=_kind_id)
 def test_bfloat16_kernels_compile_to_ptx(current_device, kind, heads, cc):
     current_device(cc)
     E, Ev = heads

@@ -91,7 +91,9 @@ def test_backend_matches_reference(rng, backend, layout, name):
     if page_size:
         case = paged(case, page_size, rng)
     want = run(case, "reference")
-    for splits in (1, 3, None):
+    # (the simulator's caches are below the split heuristic's threshold: None runs one split
+    # there, so 1 would repeat it at seconds a launch)
+    for splits in (3, None) if simulated(backend) else (1, 3, None):
         got = run(case, backend, num_splits=splits)
         close(got, want, case, f"[splits={splits}]")
         for c in (2, 3):  # the writes are the same too (bit for bit)

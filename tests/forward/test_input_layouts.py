@@ -32,15 +32,13 @@ def _read_only(a):
 LAYOUTS = {"big-endian": _big_endian, "unaligned": _unaligned, "read-only": _read_only}
 
 
-# every operand, layout and dtype; except that a read-only operand is a new Numba signature (a
-# compile of seconds each), so one read-only operand alone is tested in float32 only: float64 is
-# covered by all three read-only and by read-only mod_args (CI time)
+# every operand, layout and dtype (the cpu backend compiles one read-only signature for any
+# read-only operand: test_read_only_operands_share_one_compiled_signature)
 CASES = [
     (dtype, layout, which)
     for dtype in (np.float32, np.float64)
     for layout in sorted(LAYOUTS)
     for which in ("query", "key", "value", "all", "bool_mask", "float_mask", "mod_args")
-    if not (layout == "read-only" and dtype == np.float64 and which in ("query", "key", "value"))
 ]
 
 
@@ -91,3 +89,21 @@ def test_big_endian_inputs_to_variants_and_block_masks():
         q, q, q, mask_mod=doc_only, mod_args=(np.arange(9) // 4,), backend="reference"
     )
     np.testing.assert_allclose(out, ref, atol=1e-6)
+
+
+def test_read_only_operands_share_one_compiled_signature():
+    """Whichever of query/key/value is read-only, the cpu kernel gets all three read-only: one
+    compiled signature for every combination (Numba types each combination apart: seconds of
+    compiling each, for a user and in CI)."""
+    from engine.kernels.cpu.flash_fwd import flash_kernel
+
+    kernel = flash_kernel(None, None, serial=True)
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((1, 2, 11, 8)).astype(np.float32) for _ in range(3))
+    expected = engine.scaled_dot_product_attention(q, k, v, backend="cpu")
+    before = set(kernel.signatures)
+    for which in ("query", "key", "value", "all"):
+        args = [_read_only(a) if which in (name, "all") else a for a, name in ((q, "query"), (k, "key"), (v, "value"))]
+        out = engine.scaled_dot_product_attention(*args, backend="cpu")
+        np.testing.assert_allclose(out, expected, rtol=8 * np.finfo(np.float32).eps, atol=8 * np.finfo(np.float32).eps)
+    assert len(set(kernel.signatures) - before) <= 1

@@ -91,6 +91,8 @@ class CpuBackward(Op):
         )
         dt = problem.dtype
         q, k, v, o, do = (as4(a, B) for a in (problem.query, problem.key, problem.value, problem.out, problem.grad_out))
+        if not q.flags.writeable:  # the kernel reads q itself now: one compiled signature, not two
+            q = q.copy()
         lse = np.ascontiguousarray(problem.lse, dtype=dt).reshape(B, Hq, L)
         dlse = np.zeros((1, 1, 1))
         if problem.grad_lse is not None:

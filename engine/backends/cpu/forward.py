@@ -161,6 +161,7 @@ class _Setup:
         "pick",
         "masks",
         "direct",
+        "readonly",
         "shapes",
         "quiet",
     )
@@ -225,6 +226,9 @@ def _setup(problem: AttentionProblem, gemm=None, plan=None, provider=None, seria
     setup.direct = all(
         a.ndim == 4 and a.shape[0] == B and a.flags.c_contiguous for a in (problem.query, problem.key, problem.value)
     )
+    # a read-only input makes all three read-only for the kernel: one more compiled signature
+    # instead of one for each combination of writeable flags (Numba types them apart)
+    setup.readonly = not all(a.flags.writeable for a in (problem.query, problem.key, problem.value))
     setup.shapes = ((B, problem.num_q_heads, L, problem.Ev), (B, problem.num_q_heads, L))
     setup.shapes += (problem.out_shape, problem.lse_shape)
     return setup
@@ -241,6 +245,8 @@ def _launch(setup: _Setup, problem: AttentionProblem, arrays=None, resolve: bool
         arrays = (problem.query, problem.key, problem.value)
         if not setup.direct:
             arrays = tuple(as4(a, problem.batch) for a in arrays)
+        if setup.readonly:
+            arrays = tuple(map(_read_only, arrays))
     fmask, bmask, mask_batch, kind = setup.masks or kernel_masks(problem)
     tiles = ALL_FULL
     if problem.mask_mod is not None:
@@ -266,6 +272,14 @@ def _launch(setup: _Setup, problem: AttentionProblem, arrays=None, resolve: bool
 
         setup.entry = resolve_entry_point(setup.kernel, (args, problem.mod_args)) or False
     return out.reshape(out_shape), lse.reshape(lse_shape)
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    if not a.flags.writeable:
+        return a
+    view = a.view()
+    view.flags.writeable = False
+    return view
 
 
 class _Launch:
