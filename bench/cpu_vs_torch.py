@@ -1,23 +1,39 @@
-"""The ``cpu`` backend against PyTorch's CPU ``scaled_dot_product_attention`` (issues 4 and 17).
+"""The ``cpu`` backend against PyTorch's CPU ``scaled_dot_product_attention`` (issues 4, 17 and 29).
 
     python bench/cpu_vs_torch.py [--quick] [--threads N] [--rounds R] [--json PATH | --no-json]
 
 Writes ``bench/results/cpu-vs-torch-<cpu model>-f<family>-m<model>-<date>.json`` unless told
-otherwise; the JSON records the CPU (model, vendor, family/model, ISA flags), the GEMM provider
-the engine used for each dtype, library versions, and the load average before and after (a
-figure taken while other work shared the machine is only good as a ratio from this one run).
+otherwise; the JSON records the CPU (model, vendor, family/model, ISA flags), the GEMM provider and
+the tiles the engine measured and chose on this machine, library versions, and the load average
+before and after (a figure taken while other work shared the machine is only good as a ratio from
+this one run).
 
-Every speed figure is a ratio torch_time / engine_time measured in this one run: both libraries
-on the same thread count (``torch.set_num_threads`` and ``engine.set_num_threads``), alternating
-engine/torch (the order flips every round), medians over the rounds. The headline ratio
-alternates *blocks*: one untimed call, then the mean of BLOCK_CALLS calls. Each library's pool
-keeps spinning for a while after a call (torch's OpenMP workers most), which on a 2-core machine
-steals the next call's cores; the untimed call absorbs that switch, so each library is measured
-at its own steady state. The ratio of single calls alternating one by one, which includes that
-interference, is reported too (``per_call_alternation_ratio``). Memory is the
-peak resident-set growth of a child process running one L = 16384 call; cold start is timed in
-fresh child processes with an empty and then a warm Numba cache (wall time, which other load
-on the machine inflates, and the process's CPU time, which it does not). ``--quick`` runs fewer rounds and
+Every speed figure is a ratio torch_time / engine_time measured in this one run, both libraries on
+the same thread count (``torch.set_num_threads`` and ``engine.set_num_threads``), medians over the
+rounds. Two measurements per case, because a library's thread pool keeps its cores busy for a while
+after a call (torch's OpenMP workers spin, then sleep) and the next call of the *other* library
+pays for it:
+
+* **own blocks** (the NumPy user's figure, the headline ``ratio``): each library runs a block of
+  its own (a pause of ``--pause`` seconds, one untimed call, then the mean of a few timed calls),
+  the two alternating, the order flipping every round;
+* **back to back** (the torch user's figure: a torch model with the engine's attention inside,
+  ``engine.torch``): engine and torch calls alternate one by one, each timed; ``back_to_back_ratio``
+  is torch's median over the engine's, and ``after_torch`` the engine's median right after a torch
+  call over its own-block time (issue 29's target: within 1.1 at L = 1024).
+
+The machine's single-precision GEMM rate is measured in the same run and on the same threads
+(``torch.mm``: MKL or oneDNN, and NumPy's BLAS, on 2048 x 2048 float32 matrices, the faster
+counting), and each float32 case reports its attention GFLOP/s (4 * L * S * E * heads, half for
+causal) as a fraction of it.
+
+Also: the 2-thread gain of each library (time at 1 thread over time at ``--threads``), the training
+step (forward + backward through ``engine.torch`` against torch's autograd), the peak memory of an
+L = S = 16384 call in a child process, and cold and warm start in fresh processes with an empty and
+then a warm Numba cache (wall time, which other load on the machine inflates, and the process's CPU
+time, which it does not). The engine's first call of each case is timed apart
+(``first_call_s``): it includes measuring the case's tiles when this machine has not measured them
+yet (``engine.backends.cpu.autotune``, kept on disk afterwards). ``--quick`` runs fewer rounds and
 a smaller memory case, for a smoke check; the committed table comes from a full run.
 """
 
@@ -58,11 +74,19 @@ THREAD_CASES = [
     ("L=S=4096", 4096, 64, "float32", False),
     ("head 128, L=S=2048", 2048, 128, "float32", False),
 ]
+#: training step (forward + backward), float32, 8 heads, head 64: (name, L = S, causal)
+STEP_CASES = [("step L=S=1024", 1024, False), ("step L=S=4096 causal", 4096, True)]
 #: a timed block lasts about this long (fewer calls per block for slow cases, at least one)
 BLOCK_SECONDS = 0.6
 HEADS = 8
 #: timed calls per block (after one untimed call), see the module docstring
 BLOCK_CALLS = 3
+#: seconds of rest before each own block: longer than any thread pool's spinning after a call
+PAUSE_S = 0.3
+#: the engine right after a torch call, over the engine alone (issue 29's target at L = 1024)
+AFTER_TORCH_LIMIT = 1.1
+#: float32 cases at L >= 1024 reach this fraction of the machine's sgemm rate (issue 29)
+SGEMM_FRACTION_TARGET = 0.8
 COMPILE_LIMIT_S = 20.0
 WARM_FIRST_CALL_LIMIT_S = 1.0
 
@@ -91,6 +115,8 @@ def _torch_inputs(arrays, dtype):
 
 #: the clock of the speed cases: wall time, or process CPU time with --cpu-time
 _CLOCK = [time.perf_counter]
+#: --pause
+_PAUSE = [PAUSE_S]
 
 
 def _time(fn) -> float:
@@ -98,6 +124,52 @@ def _time(fn) -> float:
     t = clock()
     fn()
     return clock() - t
+
+
+def select_cases(arg: str) -> set:
+    """Case names from ``--cases``: separated by ";" (names hold commas), or by "," where an item
+    is not itself a name."""
+    names = {c[0] for c in SPEED_CASES + THREAD_CASES} | {c[0] for c in STEP_CASES}
+    out = set()
+    for item in (x.strip() for x in arg.split(";")):
+        out |= {item} if item in names else {x.strip() for x in item.split(",")}
+    return out
+
+
+def sgemm_rate(threads: int, n: int = 2048, rounds: int = 5, clock=None) -> dict:
+    """The machine's float32 GEMM rate on ``threads`` threads, GFLOP/s: ``torch.mm`` (MKL or
+    oneDNN) and NumPy's BLAS on n x n matrices, best of ``rounds`` calls each (after a pause);
+    ``best`` is the faster library. ``clock``: the speed cases' clock by default (one thread's
+    GEMM runs on the calling thread, so ``time.thread_time`` measures it on a busy machine)."""
+    import contextlib
+
+    import torch
+
+    try:
+        import threadpoolctl
+
+        limits = threadpoolctl.threadpool_limits(threads)
+    except ImportError:  # NumPy's BLAS then runs on all cores: its figure is left out
+        limits = contextlib.nullcontext()
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    ta = torch.from_numpy(a)
+    out = {}
+    with limits:
+        libraries = [("torch.mm", lambda: torch.mm(ta, ta))]
+        if not isinstance(limits, contextlib.nullcontext):
+            libraries.append(("numpy", lambda: a @ a))
+        for name, fn in libraries:
+            fn()
+            best = float("inf")
+            for _ in range(rounds):
+                time.sleep(_PAUSE[0])
+                fn()
+                t = (clock or _CLOCK[0])()
+                fn()
+                best = min(best, (clock or _CLOCK[0])() - t)
+            out[name] = 2 * n**3 / best / 1e9
+    out["best"] = max(out.values())
+    return out
 
 
 def speed_case(name, L, E, dtype, causal, target, rounds):
@@ -116,7 +188,9 @@ def speed_case(name, L, E, dtype, causal, target, rounds):
         with torch.no_grad():
             F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
 
+    t0 = time.perf_counter()
     out = engine.scaled_dot_product_attention(q, k, v, is_causal=causal, backend="cpu").astype(np.float64)
+    first_call = time.perf_counter() - t0
     with torch.no_grad():
         expected = F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal).double().numpy()
     exact = engine.scaled_dot_product_attention(
@@ -126,22 +200,25 @@ def speed_case(name, L, E, dtype, causal, target, rounds):
     first = max(_time(run_engine), _time(run_torch))  # warm both; sizes the blocks
     calls = max(1, min(BLOCK_CALLS, int(BLOCK_SECONDS / max(first, 1e-9))))
 
-    def block(fn):  # one untimed call absorbs the switch from the other library, then the mean
+    def block(fn):  # rest, one untimed call, then the mean of `calls`
+        time.sleep(_PAUSE[0])
         fn()
         return _time(lambda: [fn() for _ in range(calls)]) / calls
 
-    te, tt, ce, ct = [], [], [], []
+    te, tt = [], []
     for r in range(rounds):
-        first, second = (
-            ((run_engine, te, ce), (run_torch, tt, ct)) if r % 2 == 0 else ((run_torch, tt, ct), (run_engine, te, ce))
-        )
-        for fn, blocks, _ in (first, second):
+        for fn, blocks in ((run_engine, te), (run_torch, tt)) if r % 2 == 0 else ((run_torch, tt), (run_engine, te)):
             blocks.append(block(fn))
-        for fn, _, single in (first, second):
-            single.append(_time(fn))
+    # back to back: engine, torch, engine, torch ... each call timed
+    be, bt = [], []
+    time.sleep(_PAUSE[0])
+    run_torch()
+    for _ in range(max(rounds, rounds * calls)):
+        be.append(_time(run_engine))
+        bt.append(_time(run_torch))
     me, mt = statistics.median(te), statistics.median(tt)
+    mbe, mbt = statistics.median(be), statistics.median(bt)
     ratio = mt / me
-    call_ratio = statistics.median(ct) / statistics.median(ce)
     flops = 2 * HEADS * L * L * 2 * E * (0.5 if causal else 1.0)
     return {
         "case": name,
@@ -159,15 +236,51 @@ def speed_case(name, L, E, dtype, causal, target, rounds):
         "engine_gflops": flops / me / 1e9,
         "torch_gflops": flops / mt / 1e9,
         "round_ratios": [b / a for a, b in zip(te, tt)],
+        "back_to_back_engine_ms": mbe * 1e3,
+        "back_to_back_torch_ms": mbt * 1e3,
+        "back_to_back_ratio": mbt / mbe,
+        "after_torch": mbe / me,
+        "first_call_s": first_call,
         "max_abs_err_vs_torch": max_err,
         "engine_max_abs_err_vs_float64": float(np.abs(out - exact).max()),
         "torch_max_abs_err_vs_float64": float(np.abs(expected - exact).max()),
         "calls_per_block": calls,
         "gemm_provider": engine.get_gemm_provider("float64" if dtype == "float64" else "float32").name,
-        "per_call_alternation_ratio": call_ratio,
-        "per_call_engine_ms": statistics.median(ce) * 1e3,
-        "per_call_torch_ms": statistics.median(ct) * 1e3,
     }
+
+
+def step_case(name, L, causal, rounds):
+    """Forward + backward (a training step's attention) through ``engine.torch`` against torch's
+    own, float32, own blocks as :func:`speed_case`: ratio = torch time / engine time."""
+    import torch
+    import torch.nn.functional as F
+
+    import engine.torch as et
+
+    arrays = _inputs(L, 64, "float32") + [
+        np.random.default_rng(1).standard_normal((1, HEADS, L, 64)).astype(np.float32)
+    ]
+    leaves = [torch.from_numpy(a.copy()).requires_grad_(True) for a in arrays[:3]]
+    grad = torch.from_numpy(arrays[3])
+
+    def step(fn):
+        for x in leaves:
+            x.grad = None
+        fn(*leaves, is_causal=causal).backward(grad)
+
+    run_engine = lambda: step(et.scaled_dot_product_attention)  # noqa: E731
+    run_torch = lambda: step(F.scaled_dot_product_attention)  # noqa: E731
+    run_engine()
+    first = max(_time(run_engine), _time(run_torch))
+    calls = max(1, min(BLOCK_CALLS, int(BLOCK_SECONDS / max(first, 1e-9))))
+    te, tt = [], []
+    for r in range(rounds):
+        for fn, blocks in ((run_engine, te), (run_torch, tt)) if r % 2 == 0 else ((run_torch, tt), (run_engine, te)):
+            time.sleep(_PAUSE[0])
+            fn()
+            blocks.append(_time(lambda: [fn() for _ in range(calls)]) / calls)
+    me, mt = statistics.median(te), statistics.median(tt)
+    return {"case": name, "L": L, "causal": causal, "engine_ms": me * 1e3, "torch_ms": mt * 1e3, "ratio": mt / me}
 
 
 def thread_gain_case(name, L, E, dtype, causal, rounds, threads):
@@ -352,18 +465,21 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="3 rounds, memory case at H=1 (smoke check)")
     ap.add_argument("--threads", type=int, default=2, help="threads for both libraries (default 2)")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds per case (default 7, quick 3)")
+    ap.add_argument("--pause", type=float, default=PAUSE_S, help=f"seconds of rest before each block ({PAUSE_S})")
     ap.add_argument(
         "--json", metavar="PATH", help="where to write the JSON (default bench/results/cpu-vs-torch-<cpu>-<date>.json)"
     )
     ap.add_argument("--no-json", action="store_true", help="print only")
-    ap.add_argument("--cases", help="comma-separated case names to run (default all)")
+    ap.add_argument("--cases", help='case names to run, ";"-separated (default all): "L=S=1024;float64, L=S=2048"')
     ap.add_argument(
         "--cpu-time",
         action="store_true",
         help="time the speed cases in process CPU time, not wall time: with --threads 1 on a "
         "machine others share, time spent descheduled then does not count",
     )
-    ap.add_argument("--no-extras", action="store_true", help="speed cases only (no thread gain, memory, cold start)")
+    ap.add_argument(
+        "--no-extras", action="store_true", help="speed cases only (no thread gain, training step, memory, cold start)"
+    )
     ap.add_argument("--child-memory", nargs=3, type=int, help=argparse.SUPPRESS)
     ap.add_argument("--child-start", nargs=1, type=int, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -378,6 +494,11 @@ def main(argv=None):
     import engine
     import engine.runtime.gemm_providers
 
+    try:  # an engine without measured tiles (main before issue 29) runs the same cases, for A/B
+        import engine.runtime.tuning as tuning_module
+    except ImportError:
+        tuning_module = None
+
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from engine.runtime.machine import cpu_info, result_file_name
 
@@ -385,45 +506,60 @@ def main(argv=None):
     torch.set_num_threads(threads)
     engine.set_num_threads(threads)
     rounds = a.rounds or (3 if a.quick else 7)
+    _PAUSE[0] = a.pause
     if a.cpu_time:
         _CLOCK[0] = time.process_time
     cpu = cpu_info()
-    info = engine.runtime.gemm_providers.gemm_provider_info()
     print(
         f"CPU: {cpu['model_name']} ({cpu['vendor']} family {cpu['family']} model {cpu['model']}"
         f"{', ' + cpu['generation'] if 'generation' in cpu else ''}); ISA: {' '.join(cpu['isa'])}; "
         f"load average {cpu.get('loadavg_1_5_15')}"
     )
+    gemm = sgemm_rate(threads)
     print(
-        "engine tile products: "
-        + "; ".join(f"{dt} {n} ({info['providers'][n.split()[0]]})" for dt, n in info["in_use"].items())
+        f"machine sgemm rate, {threads} threads, 2048^3 float32: torch.mm {gemm['torch.mm']:.0f} GFLOP/s, "
+        f"NumPy {gemm.get('numpy', float('nan')):.0f} GFLOP/s"
     )
     print(
-        f"engine cpu backend vs torch {torch.__version__} SDPA; {threads} threads each; "
-        f"batch 1, {HEADS} heads; median of {rounds} alternating rounds"
+        f"engine cpu backend vs torch {torch.__version__} SDPA; {threads} threads each; batch 1, {HEADS} heads; "
+        f"medians of {rounds} rounds; own blocks after a {a.pause:.2f} s pause, and back to back"
     )
     print(
-        f"{'case':<22}{'engine ms':>11}{'torch ms':>10}{'ratio':>8}{'target':>9}  met   err vs torch"
-        "      per-call ratio"
+        f"{'case':<22}{'engine ms':>10}{'torch ms':>9}{'ratio':>7}{'target':>8}  met  {'b2b':>5}{'after':>6}"
+        f"{'GF/s':>6}{'%sgemm':>7}  first call   err vs float64: engine, torch"
     )
     speed = []
-    wanted = set(a.cases.split(",")) if a.cases else None
+    wanted = select_cases(a.cases) if a.cases else None
     cases = [c for c in SPEED_CASES if wanted is None or c[0] in wanted]
     if a.quick:
         cases = [c for c in cases if c[1] <= 1024]
     for case in cases:
         r = speed_case(*case, rounds=rounds)
+        if r["dtype"] == "float32":
+            r["sgemm_fraction"] = r["engine_gflops"] / gemm["best"]
+            r["torch_sgemm_fraction"] = r["torch_gflops"] / gemm["best"]
+            if r["L"] >= 1024:
+                r["sgemm_target"] = f">= {SGEMM_FRACTION_TARGET}"
+                r["sgemm_met"] = r["sgemm_fraction"] >= SGEMM_FRACTION_TARGET
         speed.append(r)
+        frac = f"{r['sgemm_fraction'] * 100:>6.0f}%" if "sgemm_fraction" in r else f"{'':>7}"
         print(
-            f"{r['case']:<22}{r['engine_ms']:>11.1f}{r['torch_ms']:>10.1f}{r['ratio']:>8.2f}"
-            f"{r['target']:>9}  {'yes' if r['met'] else 'NO ':<4}{r['max_abs_err_vs_torch']:.1e}"
-            f"{r['per_call_alternation_ratio']:>10.2f}   err vs float64: engine "
-            f"{r['engine_max_abs_err_vs_float64']:.1e}, torch {r['torch_max_abs_err_vs_float64']:.1e}",
+            f"{r['case']:<22}{r['engine_ms']:>10.1f}{r['torch_ms']:>9.1f}{r['ratio']:>7.2f}{r['target']:>8}  "
+            f"{'yes' if r['met'] else 'NO ':<4}{r['back_to_back_ratio']:>5.2f}{r['after_torch']:>6.2f}"
+            f"{r['engine_gflops']:>6.0f}{frac}  {r['first_call_s']:>7.2f} s   "
+            f"{r['engine_max_abs_err_vs_float64']:.1e}, {r['torch_max_abs_err_vs_float64']:.1e}",
             flush=True,
         )
-    gains, mem, start = [], None, None
+    after = next((r for r in speed if r["case"] == "L=S=1024"), None)
+    if after is not None:
+        print(
+            f"engine right after a torch call, L=S=1024: {after['back_to_back_engine_ms']:.1f} ms against "
+            f"{after['engine_ms']:.1f} ms in its own block = {after['after_torch']:.2f} "
+            f"(target <= {AFTER_TORCH_LIMIT}: {'yes' if after['after_torch'] <= AFTER_TORCH_LIMIT else 'NO'})"
+        )
+    gains, steps, mem, start = [], [], None, None
     if threads >= 2 and not a.no_extras:
-        print(f"\n2-thread gain (time at 1 thread / time at {threads}), both libraries in one run:")
+        print(f"\n{threads}-thread gain (time at 1 thread / time at {threads}), both libraries in one run:")
         for case in THREAD_CASES if not a.quick else THREAD_CASES[:1]:
             if wanted is not None and case[0] not in wanted:
                 continue
@@ -436,6 +572,13 @@ def main(argv=None):
                 flush=True,
             )
     if not a.no_extras:
+        print("\ntraining step (forward + backward, engine.torch against torch autograd), float32, own blocks:")
+        for name, L, causal in STEP_CASES if not a.quick else STEP_CASES[:1]:
+            st = step_case(name, L, causal, rounds)
+            steps.append(st)
+            print(
+                f"  {name:<22} engine {st['engine_ms']:.1f} ms, torch {st['torch_ms']:.1f} ms: ratio {st['ratio']:.2f}"
+            )
         mem = memory_case(16384, 1 if a.quick else HEADS, threads)
         print(
             f"L=S=16384 memory ({mem['heads']} heads): peak RSS growth "
@@ -453,7 +596,12 @@ def main(argv=None):
             f"import {start['warm_cache_import_s']:.2f} s, first call {start['warm_cache_first_call_s']:.3f} s "
             f"(target < {WARM_FIRST_CALL_LIMIT_S:.0f}: {'yes' if start['warm_first_call_met'] else 'NO'})"
         )
+    tuning = tuning_module.tuning_info() if tuning_module is not None else None
+    print("\nengine tile products and tiles on this machine:")
+    for note in engine.get_backend("cpu").capabilities()["notes"]:
+        print("  " + note)
     cpu["loadavg_after"] = list(os.getloadavg())
+    print(f"load average after: {cpu['loadavg_after']}")
     if not a.no_json:
         what = "cpu-vs-torch" + (f"-{threads}thread" if threads != 2 else "") + ("-cputime" if a.cpu_time else "")
         path = a.json or os.path.join(RESULTS, result_file_name(what, cpu))
@@ -462,12 +610,16 @@ def main(argv=None):
             "clock": "process CPU time" if a.cpu_time else "wall",
             "threads": threads,
             "rounds": rounds,
+            "pause_s": a.pause,
+            "sgemm_gflops": gemm,
             "speed": speed,
             "thread_gain": gains,
+            "training_step": steps,
             "memory": mem,
             "cold_start": start,
             "cpu": cpu,
             "gemm": engine.runtime.gemm_providers.gemm_provider_info(),
+            "tuning": tuning,
             "machine": {
                 "platform": platform.platform(),
                 "processor": platform.processor(),
@@ -475,6 +627,8 @@ def main(argv=None):
                 "numba_threading_layer": numba.config.THREADING_LAYER,
                 "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
                 "ATTENTION_ENGINE_GEMM": os.environ.get("ATTENTION_ENGINE_GEMM"),
+                "ATTENTION_ENGINE_AUTOTUNE": os.environ.get("ATTENTION_ENGINE_AUTOTUNE"),
+                "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
             },
             "versions": {
                 "numpy": np.__version__,

@@ -13,9 +13,10 @@ overlap), with the very functions the full validation uses, so it raises the sam
 The cache is thread-safe (a dict read is atomic; stores and clears take a lock; a plan never
 changes once stored, except for the entry point its runner may record on first use, a benign
 race), bounded (:data:`MAX_PLANS`), and cleared whenever a plugin is registered or unregistered.
-The thread count and the GEMM provider selection are part of every key (:func:`runtime_token`),
-so ``set_num_threads``, ``thread_limit``, ``set_gemm_provider`` and ``ATTENTION_ENGINE_GEMM`` take
-effect on the next call. The capability-specific keys live beside this module
+The thread count, the GEMM provider selection and the tuning state are part of every key
+(:func:`runtime_token`), so ``set_num_threads``, ``thread_limit``, ``set_gemm_provider``,
+``ATTENTION_ENGINE_GEMM``, ``set_autotune``, ``ATTENTION_ENGINE_AUTOTUNE`` and a tile or provider
+measured since take effect on the next call. The capability-specific keys live beside this module
 (``engine.plan.forward``, ``engine.plan.decode``).
 """
 
@@ -29,6 +30,7 @@ import numpy as np
 from ..plugins.manager import add_listener
 from ..runtime.gemm_providers import selection_token
 from ..runtime.threads import get_num_threads
+from ..runtime.tuning import state_token
 
 __all__ = [
     "Plan",
@@ -157,6 +159,7 @@ def mod_args_key(mod_args):
 
 
 def runtime_token():
-    """What the process state adds to every key: the calling thread's kernel thread count and the
-    GEMM provider selection (``set_gemm_provider`` and ``ATTENTION_ENGINE_GEMM``)."""
-    return (get_num_threads(), selection_token())
+    """What the process state adds to every key: the calling thread's kernel thread count, the
+    GEMM provider selection (``set_gemm_provider`` and ``ATTENTION_ENGINE_GEMM``) and the state of
+    the measured tiles and provider (``engine.runtime.tuning.state_token``)."""
+    return (get_num_threads(), selection_token(), state_token())

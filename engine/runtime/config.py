@@ -12,6 +12,20 @@ CPU_BIG_BLOCK_Q = 128
 CPU_BLOCK_K = 256
 #: ``cpu`` backend: query rows per parallel task, split into tiles that share each key/value tile
 CPU_TASK_ROWS = 256
+#: ``cpu`` backend: rows per task shrink (to one tile at least) until each thread has this many
+#: tasks (TBB balances them; fewer left a thread idle at the end of short calls)
+CPU_MIN_TASKS_PER_THREAD = 4
+#: ``cpu`` backend: heads up to this wide have their tiles measured per machine
+#: (``engine.backends.cpu.autotune``); wider ones take the fixed rule
+CPU_TUNE_MAX_WIDTH = 128
+#: ``cpu`` backend: a forward call with at least this many multiply-adds (batch x heads x L x S x
+#: (E + Ev)) measures its class's tiles when they are not known yet (about a second, once per
+#: machine); smaller calls use what is known, else the fixed rule
+CPU_TUNE_MIN_WORK = 1 << 28
+#: ``cpu`` backend: a parallel forward call with at least this many multiply-adds first lets the
+#: calling thread's idle GNU OpenMP workers (torch's) go, so they do not spin on its cores
+#: (``engine.runtime.threads.quiet_openmp``; their runtime restarts them in tens of microseconds)
+CPU_QUIET_OPENMP_MIN_WORK = 1 << 24
 #: ``cpu`` backend: calls with at most this many multiply-adds (batch x heads x L x S x (E + Ev))
 #: run the kernels' serial build: waking the thread pool costs more than splitting the work gains
 CPU_SERIAL_MAX_WORK = 1 << 17

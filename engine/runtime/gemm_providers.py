@@ -20,9 +20,12 @@ BLIS (the ``blis`` package) and a register-blocked Numba loop are measured by
 ``bench/tile_gemm.py`` but not offered: they lost on every machine measured.
 
 The choice: ``engine.set_gemm_provider(name)``, else the environment variable
-``ATTENTION_ENGINE_GEMM``, else ``auto``. ``auto`` is a rule per CPU vendor
-(:data:`engine.runtime.config.GEMM_AUTO_ORDER`: the first installed provider of the vendor's list; the
-figures behind it are in ``docs/performance.md`` and ``bench/tile_gemm.py``); ``calibrate`` times
+``ATTENTION_ENGINE_GEMM``, else ``auto``. ``auto`` is the provider measured fastest on this machine
+for the dtype where one was measured (``engine.backends.cpu.autotune``, kept on disk by
+``engine.runtime.tuning``; the first large forward call of a dtype measures it), else a rule per
+CPU vendor (:data:`engine.runtime.config.GEMM_AUTO_ORDER`: the first installed provider of the
+vendor's list; the figures behind it are in ``docs/performance.md`` and ``bench/tile_gemm.py``),
+which is also what ``ATTENTION_ENGINE_AUTOTUNE=0`` leaves; ``calibrate`` times
 the installed candidates at the kernel's tile shapes once per process and dtype and keeps the
 fastest (about a second at first use, and timing noise on a busy machine can pick either of two
 providers within a few percent of each other, so it is opt-in). A provider that is forced but
@@ -50,8 +53,11 @@ from .config import (
     GEMM_HALF_CPU_FLAGS,
 )
 from .machine import cpu_flags, cpu_vendor
+from .tuning import lookup
 
 __all__ = [
+    "PROVIDER_KEY",
+    "valid_provider_choice",
     "GemmProvider",
     "PROVIDERS",
     "ENV_VAR",
@@ -64,12 +70,15 @@ __all__ = [
     "choose_fastest",
     "auto_order",
     "sixteen_bit_gemm",
+    "gemm_mode",
     "selection_token",
 ]
 
 #: names of every provider, in the order ``attention-engine list`` shows them
 PROVIDERS = ("mkl", "openblas", "numpy")
 ENV_VAR = "ATTENTION_ENGINE_GEMM"
+#: the tuning cache's key of the measured provider of a dtype (``engine.runtime.tuning``)
+PROVIDER_KEY = "cpu-gemm/{dtype}"
 
 
 @dataclass
@@ -226,6 +235,11 @@ def set_gemm_provider(name: str | None) -> None:
     _forced = name
 
 
+def gemm_mode() -> str:
+    """How the provider is chosen now: ``auto``, ``calibrate`` or a provider's name."""
+    return _requested()
+
+
 #: the environment's own dict where the platform keeps one (POSIX ``os.environ._data``: bytes
 #: names); reading it costs tens of nanoseconds against a microsecond for ``os.environ.get``
 _ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
@@ -325,6 +339,9 @@ def get_gemm_provider(dtype_name: str = "float32") -> GemmProvider:
     if dtype_name not in ("float32", "float64"):
         return load_provider("numpy")
     if name == "auto":
+        measured = lookup(PROVIDER_KEY.format(dtype=dtype_name), valid_provider_choice)
+        if measured is not None:
+            return load_provider(measured["provider"])
         for candidate in auto_order():
             got = load_provider(candidate)
             if not isinstance(got, str) and got.supports(dtype_name):
@@ -345,6 +362,12 @@ def get_gemm_provider(dtype_name: str = "float32") -> GemmProvider:
 
 
 _calibration_lock = threading.Lock()
+
+
+def valid_provider_choice(value: dict) -> bool:
+    """Whether a stored provider choice names a provider that loads here."""
+    name = value["provider"]
+    return name in _LOADERS and not isinstance(load_provider(name), str)
 
 
 def sixteen_bit_gemm(dtype_name: str) -> GemmProvider | None:
@@ -381,12 +404,18 @@ def gemm_provider_info() -> dict:
     (running the calibration if it has not run), the calibration's times, and every provider's
     status (version, or why it cannot load)."""
     in_use = {dt: get_gemm_provider(dt).name for dt in ("float32", "float64")}
+    measured = {
+        dt: got["provider"]
+        for dt in ("float32", "float64")
+        if (got := lookup(PROVIDER_KEY.format(dtype=dt), valid_provider_choice)) is not None
+    }
     for dt in ("bfloat16", "float16"):
         half = sixteen_bit_gemm(dt)
         in_use[dt] = f"{half.name} (16-bit GEMM)" if half else f"{in_use['float32']} (widened to float32)"
     return {
         "requested": _requested(),
         "auto_order": list(auto_order()),
+        "measured": measured,
         "in_use": in_use,
         "calibration_us": {
             dt: {n: round(t * 1e6, 1) for n, t in c[1].items()} for dt, c in _calibrated.items() if c[1]

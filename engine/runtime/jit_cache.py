@@ -27,9 +27,13 @@ import stat
 import tempfile
 import warnings
 
-__all__ = ["cache_enabled"]
+__all__ = ["cache_enabled", "cache_folder", "private_file_problem"]
 
 _enabled: bool | None = None
+#: where the engine's kernels are cached: beside them (engine/kernels/__pycache__) or Numba's
+#: user-wide folder, when NUMBA_CACHE_DIR is not set
+_IN_TREE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels", "__pycache__")
+_USER_WIDE = os.path.join(os.path.expanduser("~"), ".cache", "numba")
 
 
 def _can_write(path: str) -> bool:
@@ -159,11 +163,7 @@ def cache_enabled() -> bool:
                 stacklevel=2,
             )
     else:
-        # Numba's own choice: __pycache__ beside each kernel module (engine/kernels/...)
-        engine_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        here = os.path.join(engine_dir, "kernels", "__pycache__")
-        user = os.path.join(os.path.expanduser("~"), ".cache", "numba")
-        if _writable(here) or _writable(user):
+        if _writable(_IN_TREE) or _writable(_USER_WIDE):
             _enabled = True
         else:
             fallback = os.path.join(tempfile.gettempdir(), f"attention-engine-numba-{os.geteuid()}")
@@ -185,3 +185,38 @@ def cache_enabled() -> bool:
             stacklevel=2,
         )
     return _enabled
+
+
+def cache_folder() -> str | None:
+    """The folder for the engine's own cache files (the tuning cache), beside Numba's cache of its
+    kernels and under the same rules: ``NUMBA_CACHE_DIR`` when set (the user's, or the private
+    fallback chosen above), else ``engine/kernels/__pycache__`` where writable, else Numba's
+    user-wide folder (``~/.cache/numba``); None when caching is off."""
+    import numba
+
+    if not cache_enabled():
+        return None
+    if numba.config.CACHE_DIR:
+        return numba.config.CACHE_DIR
+    for folder in (_IN_TREE, _USER_WIDE):
+        if _writable(folder):
+            return folder
+    return None
+
+
+def private_file_problem(path: str) -> str | None:
+    """Why the file ``path`` may have been written by someone else (a symbolic link, not a regular
+    file, another owner, writable by group or others), or None; never follows a link."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        return f"cannot be inspected ({exc.strerror})"
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link"
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    if st.st_uid != os.geteuid():
+        return f"is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None

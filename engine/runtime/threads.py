@@ -6,6 +6,17 @@ after the parent ran a kernel (GNU OpenMP hangs there). pip installs ``libtbb.so
 ``<prefix>/lib``, off the loader's path, so it is preloaded from there. If TBB cannot be loaded, the
 engine falls back to ``workqueue`` and serialises kernel calls with a lock, so it stays safe, only
 less parallel across Python threads.
+
+Sharing the cores with torch: after a parallel op, torch's OpenMP workers (GNU OpenMP, bundled in
+its wheels) spin for a while before they sleep (``GOMP_SPINCOUNT``: 300000 spins, about 3 ms by
+libgomp's estimate, 0.5-20 ms by CPU), and a parallel kernel started meanwhile shares its cores
+with them. :func:`quiet_openmp` asks every GNU OpenMP runtime loaded in the process to let the
+calling thread's idle workers go (``omp_pause_resource_all(omp_pause_soft)``, the OpenMP 5.0
+routine made for this: the runtime starts them again at its next parallel region, which costs it
+tens of microseconds). The ``cpu`` forward op calls it before a large parallel kernel; it acts only
+on the calling thread's own pool (libgomp's pools are per thread), so a torch op running on
+another Python thread is not touched. It does nothing under Numba's ``omp`` layer (it would stop
+the engine's own workers) or where no GNU OpenMP runtime is loaded.
 """
 
 from __future__ import annotations
@@ -18,7 +29,14 @@ import sys
 import threading
 import warnings
 
-__all__ = ["configure_threading_layer", "kernel_call_guard", "set_num_threads", "get_num_threads", "thread_limit"]
+__all__ = [
+    "configure_threading_layer",
+    "kernel_call_guard",
+    "set_num_threads",
+    "get_num_threads",
+    "thread_limit",
+    "quiet_openmp",
+]
 
 _configured = False
 _serialise = threading.Lock()
@@ -189,3 +207,58 @@ def thread_limit(n: int):
 def get_num_threads() -> int:
     """Threads the next ``cpu`` kernel call from this Python thread will use."""
     return _local.limit or _num_threads or _total_threads or _numba_total_threads()
+
+
+#: omp_pause_resource_all of every GNU OpenMP runtime found, and len(sys.modules) when looked for
+_omp_pauses: list = []
+_omp_seen_modules = -1
+_omp_lock = threading.Lock()
+_OMP_PAUSE_SOFT = 1  # omp_pause_soft (omp.h)
+
+
+def _find_gnu_openmp() -> list:
+    """``omp_pause_resource_all`` of each loaded libgomp (torch's own copy, and any other), from
+    /proc/self/maps (no library is loaded here that was not already)."""
+    paths = set()
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.rstrip("\n").split(None, 5)[-1]
+                if os.path.basename(path).startswith("libgomp"):
+                    paths.add(path)
+    except OSError:
+        return []
+    found = []
+    for path in sorted(paths):
+        try:
+            fn = ctypes.CDLL(path).omp_pause_resource_all  # already loaded: the same handle
+        except (OSError, AttributeError):  # an older libgomp (before GCC 9) has no pause routine
+            continue
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_int]
+        found.append(fn)
+    return found
+
+
+def quiet_openmp() -> int:
+    """Let the calling thread's idle GNU OpenMP workers go (see the module docstring); returns how
+    many runtimes were asked. Looks for runtimes again whenever modules were imported since."""
+    global _omp_pauses, _omp_seen_modules
+    if not _configured or numba_layer() == "omp":
+        return 0
+    n = len(sys.modules)
+    if n != _omp_seen_modules:
+        with _omp_lock:
+            if n != _omp_seen_modules:
+                _omp_pauses = _find_gnu_openmp()
+                _omp_seen_modules = n
+    for pause in _omp_pauses:
+        pause(_OMP_PAUSE_SOFT)
+    return len(_omp_pauses)
+
+
+def numba_layer() -> str:
+    """The threading layer chosen for Numba (``tbb`` unless the user set another)."""
+    import numba
+
+    return numba.config.THREADING_LAYER

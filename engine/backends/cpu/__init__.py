@@ -22,9 +22,12 @@ class CpuBackend(Backend):
 
     def capabilities(self) -> dict:
         from ...runtime.gemm_providers import gemm_provider_info
+        from ...runtime.tuning import tuning_info
 
         caps = super().capabilities()
         info = gemm_provider_info()
+        tuning = tuning_info()
+        caps["tuning"] = tuning
         providers = info["providers"]
         caps["gemm"] = info
         caps["notes"] = [
@@ -32,6 +35,28 @@ class CpuBackend(Backend):
             + "; ".join(
                 f"{dt} {name}" + ("" if " " in name else f" ({providers[name]})") for dt, name in info["in_use"].items()
             )
-            + "; choose with ATTENTION_ENGINE_GEMM or engine.set_gemm_provider"
+            + "; choose with ATTENTION_ENGINE_GEMM or engine.set_gemm_provider",
+            _tuning_note(tuning),
         ]
         return caps
+
+
+def _tuning_note(tuning: dict) -> str:
+    """One line for ``attention-engine list``: the tiles and providers measured on this machine."""
+    if not tuning["enabled"]:
+        return "forward tiles: the fixed rule (ATTENTION_ENGINE_AUTOTUNE=0)"
+    tiles, gemm = [], []
+    for key, value in tuning["choices"].items():
+        kind, _, rest = key.partition("/")
+        if kind == "cpu-forward-tiles":
+            tiles.append(f"{rest} {value.get('block_q')}x{value.get('block_k')}/{value.get('task_rows')}")
+        elif kind == "cpu-gemm":
+            gemm.append(f"{rest} {value.get('provider')}")
+    where = tuning["path"] or "memory only (no cache folder)"
+    if not tiles and not gemm:
+        return f"forward tiles: measured on first large call per class, kept in {where}; none measured yet"
+    return (
+        "measured on this machine (query x key rows / rows per task): "
+        + "; ".join(gemm + tiles)
+        + f" (kept in {where}; ATTENTION_ENGINE_AUTOTUNE=0 for the fixed rule)"
+    )

@@ -7,13 +7,14 @@ import dataclasses
 
 import numpy as np
 
-from ...kernels.cpu.gemm import GEMM_NUMPY
+from ...kernels.cpu.gemm import GEMM_CBLAS, GEMM_NUMPY
 from ...problems.attention import BackwardProblem
 from ...problems.backward import Gradients
 from ...problems.base import dtype_name
 from ...problems.masks import reduce_to_shape
 from ...problems.mod_args_grad import mod_args_offsets
 from ...problems.mods import compile_mods_alone
+from ...runtime.gemm_jit import NO_JIT, tile_jit_kernels
 from ...runtime.gemm_providers import get_gemm_provider
 from ...runtime.threads import get_num_threads, kernel_call_guard
 from ..base import Op
@@ -90,6 +91,8 @@ class CpuBackward(Op):
         )
         dt = problem.dtype
         q, k, v, o, do = (as4(a, B) for a in (problem.query, problem.key, problem.value, problem.out, problem.grad_out))
+        if not q.flags.writeable:  # the kernel reads q itself now: one compiled signature, not two
+            q = q.copy()
         lse = np.ascontiguousarray(problem.lse, dtype=dt).reshape(B, Hq, L)
         dlse = np.zeros((1, 1, 1))
         if problem.grad_lse is not None:
@@ -102,8 +105,16 @@ class CpuBackward(Op):
         # provider, or np.dot's OpenBLAS held at one thread)
         pin = get_blas_pin()
         block_q, block_k, fq = backward_tile_sizes(
-            L, S, E, Ev, blas_pinned=gemm[0] != GEMM_NUMPY or pin.available
-        )  # fmt: skip
+            L,
+            S,
+            E,
+            Ev,
+            blas_pinned=gemm[0] != GEMM_NUMPY or pin.available,
+            dtype_name=dt.name,
+            provider=provider.name,
+        )
+        # and the forward's generated kernel for its full score tiles
+        jit = tile_jit_kernels(provider, dt.name, fq, block_k, E, Ev) if gemm[0] == GEMM_CBLAS else NO_JIT
         nqb, nkb = -(-L // block_q), -(-S // block_k)
         threads = get_num_threads()
         splits = backward_splits(B * H, threads, nkb)
@@ -130,18 +141,20 @@ class CpuBackward(Op):
         dm_cols = want_dm and mshape[-1] != 1
         dm = np.zeros((B, Hq, L if dm_rows else 1, S if dm_cols else nkb) if want_dm else (1, 1, 1, 1))
         qs = np.empty_like(q)
-        qst = np.empty((B, Hq, -(-L // fq), E * fq), dtype=dt)
         lrow = np.empty((B, Hq, L), dtype=dt)
-        delta = np.empty((B, Hq, L), dtype=dt)
+        delta = np.empty((B, Hq, L), dtype=np.float64)
         dq_part = np.zeros((splits, B, Hq, L, E), dtype=dt)
         dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
         kernel = backward_kernel(problem.score_mod, problem.score_grad, problem.mask_mod, problem.arg_grad)
-        _backward_prologue(q, o, do, lse, dlse, problem.grad_lse is not None, problem.scale, fq, qs, qst, delta, lrow)
+        _backward_prologue(q, o, do, lse, dlse, problem.grad_lse is not None, problem.scale, qs, delta, lrow)
         threshold, keep, seed_lo, seed_hi = dropout_args(problem)
         args = BackwardArgs(
+            q=q,
             qs=qs,
-            qst=qst,
+            scale=problem.scale,
             fq=fq,
+            jit_scores=jit[0],
+            jit_scores_h=jit[1],
             k=k,
             v=v,
             do=do,

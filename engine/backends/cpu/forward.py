@@ -8,17 +8,25 @@ import operator
 
 import numpy as np
 
-from ...kernels.cpu.gemm import GEMM_CBLAS_BF16, GEMM_CBLAS_F16, GEMM_NUMPY
+from ...kernels.cpu.gemm import GEMM_CBLAS, GEMM_CBLAS_BF16, GEMM_CBLAS_F16, GEMM_NUMPY
 from ...problems.attention import AttentionProblem
 from ...problems.base import dtype_name
 from ...problems.mods import compile_mods_alone
-from ...runtime.config import BLAS_SINGLE_THREAD_MNK, CPU_SERIAL_MAX_WORK, CPU_TASK_ROWS
-from ...runtime.gemm_providers import get_gemm_provider, sixteen_bit_gemm
-from ...runtime.threads import kernel_call_guard
+from ...runtime.config import (
+    BLAS_SINGLE_THREAD_MNK,
+    CPU_QUIET_OPENMP_MIN_WORK,
+    CPU_SERIAL_MAX_WORK,
+    CPU_TUNE_MIN_WORK,
+)
+from ...runtime.gemm_jit import NO_JIT, tile_jit_kernels
+from ...runtime.gemm_providers import gemm_mode, get_gemm_provider, sixteen_bit_gemm
+from ...runtime.threads import get_num_threads, kernel_call_guard, quiet_openmp
+from ...runtime.tuning import autotune_enabled
 from ..base import Op
+from .autotune import tune_provider, tune_tiles
 from .blas_pin import get_blas_pin
 from .operands import ALL_FULL, NO_PIN, SIXTEEN_BIT, as4, dropout_args, kernel_masks, narrow, tile_kinds, widen
-from .tiles import tile_sizes
+from .tiles import TilePlan, forward_tiles, tile_class
 
 __all__ = ["CpuForward"]
 
@@ -48,12 +56,15 @@ class CpuForward(Op):
             reasons.append("E = 0 (BLAS cannot take an empty inner dimension)")
         return reasons
 
-    def run(self, problem: AttentionProblem):
+    def run(self, problem: AttentionProblem, plan: TilePlan | None = None, provider=None, serial: bool | None = None):
+        """``(out, lse)``. ``plan``, ``provider`` (a ``GemmProvider``; float operands) and
+        ``serial`` override the tiles, the GEMM provider and the choice of the kernel's serial
+        build (the tile measurement, ``autotune``, uses them); by default they are chosen here."""
         if dtype_name(problem.dtype) in SIXTEEN_BIT:  # memoised: dtype.name costs microseconds
-            return self._run_16bit(problem)
-        return self._run(problem)
+            return self._run_16bit(problem, plan, provider, serial)
+        return self._run(problem, plan=plan, provider=provider, serial=serial)
 
-    def _run_16bit(self, problem: AttentionProblem):
+    def _run_16bit(self, problem: AttentionProblem, plan, provider, serial):
         """A 16-bit problem: through a mixed-precision GEMM on the 16-bit bits where one is chosen
         (``engine.runtime.gemm_providers.sixteen_bit_gemm``), else widened to float32 (exact). Either way
         the kernel computes in float32 and the output and lse are rounded once to the input dtype.
@@ -62,34 +73,55 @@ class CpuForward(Op):
         mask = problem.attn_mask
         if problem.mask_kind == "float":
             mask = np.asarray(mask).astype(f32)
-        half = sixteen_bit_gemm(problem.dtype.name)
+        name = problem.dtype.name
+        half = sixteen_bit_gemm(name) if provider is None else None
         v = as4(problem.value, problem.batch)
         if half is not None and np.isfinite(np.sum(v, dtype=np.float32)):
             bits = tuple(as4(a, problem.batch).view(np.uint16) for a in (problem.query, problem.key))
-            kind = GEMM_CBLAS_BF16 if problem.dtype.name == "bfloat16" else GEMM_CBLAS_F16
+            kind = GEMM_CBLAS_BF16 if name == "bfloat16" else GEMM_CBLAS_F16
+            if plan is None:
+                plan = _tiles(self.run, problem, name, half.name, None, True)
             out, lse = self._run(
                 dataclasses.replace(problem, attn_mask=mask, dtype=f32),
                 arrays=bits + (v.view(np.uint16),),
-                gemm=(kind, half.pointer(problem.dtype.name)),
+                gemm=(kind, half.pointer(name)),
+                plan=plan,
+                serial=serial,
             )
         else:  # widened: O(L) next to the O(L^2) kernel
             q32, k32 = (widen(as4(a, problem.batch)) for a in (problem.query, problem.key))
             wide = dataclasses.replace(problem, query=q32, key=k32, value=widen(v), attn_mask=mask, dtype=f32)
-            out, lse = self._run(wide)
+            out, lse = self._run(wide, plan=plan, provider=provider, serial=serial)
         return narrow(out, problem.dtype), lse if problem.lse_float32 else narrow(lse, problem.dtype)
 
     def prepare(self, problem: AttentionProblem):
         """A runner for later problems with this one's signature (``engine.plan``): the work that
-        the signature decides (tiles, GEMM provider, thread pin, the kernel and, after its first
-        call, its entry point) done once. None for 16-bit problems (``run`` takes them)."""
+        the signature decides (tiles and GEMM provider, measured first where tuning asks for it,
+        thread pin, the kernel and, after its first call, its entry point) done once. None for
+        16-bit problems (``run`` takes them)."""
         if dtype_name(problem.dtype) in SIXTEEN_BIT:
             return None
-        return _Launch(_setup(problem), problem)
+        return _Launch(_setup(problem, tune=self.run), problem)
 
-    def _run(self, problem: AttentionProblem, arrays=None, gemm=None):
+    def _run(self, problem: AttentionProblem, arrays=None, gemm=None, plan=None, provider=None, serial=None):
         """The kernel call. ``arrays``: ready (batch, heads, rows, features) q, k, v (the 16-bit
         path's uint16 bits; v already checked finite), with ``gemm`` = (kind, address)."""
-        return _launch(_setup(problem, gemm), problem, arrays)
+        return _launch(_setup(problem, gemm, plan, provider, serial, self.run), problem, arrays)
+
+
+def _work(problem: AttentionProblem) -> int:
+    """Multiply-adds of the call: batch x heads x L x S x (E + Ev)."""
+    return problem.batch * problem.num_q_heads * problem.L * problem.S * (problem.E + problem.Ev)
+
+
+def _tiles(tune, problem: AttentionProblem, dtype: str, provider_name: str, provider, pinned: bool) -> TilePlan:
+    """The call's tiles (``tiles.forward_tiles``); a large call of a class whose tiles are not
+    known yet measures them first with ``tune`` (the op's ``run``; ``autotune``, once per machine)."""
+    E, Ev, L = problem.E, problem.Ev, problem.L
+    cls = tile_class(L, E, Ev)
+    if tune is not None and pinned and cls is not None and _work(problem) >= CPU_TUNE_MIN_WORK and autotune_enabled():
+        tune_tiles(tune, provider, np.dtype(problem.dtype) if provider is None else np.dtype(dtype), *cls)
+    return forward_tiles(L, E, Ev, dtype, provider_name, pinned, problem.batch * problem.num_q_heads, get_num_threads())
 
 
 #: the kernel arguments each call sets (the others are the signature's, set once in ``_setup``)
@@ -115,8 +147,9 @@ _PER_CALL = (
 class _Setup:
     """What a problem's signature decides about its kernel call (:func:`_setup`): the kernel and
     its entry point (None until known, False when there is none), the BLAS pin, the tiles, the
-    signature's kernel arguments (``template``) and how to merge them with a call's (``pick``), the masks when
-    there is none, whether q/k/v go to the kernel as they are, and the output shapes."""
+    signature's kernel arguments (``template``) and how to merge them with a call's (``pick``), the
+    masks when there is none, whether q/k/v go to the kernel as they are, the output shapes and
+    whether torch's idle OpenMP workers are let go before the call (``quiet``)."""
 
     __slots__ = (
         "kernel",
@@ -130,25 +163,42 @@ class _Setup:
         "direct",
         "readonly",
         "shapes",
+        "quiet",
     )
 
 
-def _setup(problem: AttentionProblem, gemm=None) -> _Setup:
-    """Tiles, GEMM provider, BLAS pin and kernel of a problem: functions of its signature only."""
+def _setup(problem: AttentionProblem, gemm=None, plan=None, provider=None, serial=None, tune=None) -> _Setup:
+    """Tiles, GEMM provider, BLAS pin and kernel of a problem: functions of its signature and of
+    what tuning knows (``engine.runtime.tuning``). ``gemm`` (kind, address), ``plan``,
+    ``provider`` and ``serial`` override the choices (see ``CpuForward.run``); ``tune``: the op's
+    ``run``, with which a large call measures the provider and its class's tiles where they are
+    not known yet (None: nothing is measured)."""
     L, S, B = problem.L, problem.S, problem.batch
+    work = _work(problem)
+    name = dtype_name(problem.dtype)
     if gemm is None:
-        name = dtype_name(problem.dtype)
-        provider = get_gemm_provider(name)
+        if provider is None:
+            if tune is not None and work >= CPU_TUNE_MIN_WORK and autotune_enabled() and gemm_mode() == "auto":
+                tune_provider(tune, name)
+            provider = get_gemm_provider(name)
         gemm = (provider.kind, provider.pointer(name))
     # only np.dot's OpenBLAS starts threads of its own; the other providers are sequential
     pin = get_blas_pin() if gemm[0] == GEMM_NUMPY else None
-    block_q, block_k = tile_sizes(L, problem.E, problem.Ev, blas_pinned=pin is None or pin.available)
+    pinned = pin is None or pin.available
+    if plan is None or not pinned:
+        plan = _tiles(tune, problem, name, provider.name, provider, pinned)
+    block_q, block_k = plan.block_q, plan.block_k
     # tiles this small never make OpenBLAS start threads: no pin (it costs microseconds)
     small = min(block_q, L) * min(block_k, S) * max(problem.E, problem.Ev) <= BLAS_SINGLE_THREAD_MNK
     setup = _Setup()
     setup.pin = NO_PIN if pin is None or small else pin()
     setup.block_q, setup.block_k = block_q, block_k
-    serial = B * problem.num_q_heads * L * S * (problem.E + problem.Ev) <= CPU_SERIAL_MAX_WORK
+    jit = NO_JIT
+    if gemm[0] == GEMM_CBLAS:
+        jit = tile_jit_kernels(provider, name, block_q, block_k, problem.E, problem.Ev)
+    if serial is None:
+        serial = work <= CPU_SERIAL_MAX_WORK
+    setup.quiet = not serial and work >= CPU_QUIET_OPENMP_MIN_WORK
     compile_mods_alone(problem.score_mod, problem.mask_mod, problem.mod_args, problem.dtype)
     setup.kernel = kernels().flash_kernel(problem.score_mod, problem.mask_mod, serial)
     setup.entry = None
@@ -158,10 +208,14 @@ def _setup(problem: AttentionProblem, gemm=None) -> _Setup:
         group=problem.group,
         block_q=block_q,
         block_k=block_k,
-        sub_tiles=max(1, CPU_TASK_ROWS // block_q),
+        sub_tiles=plan.sub_tiles,
         has_score_mod=problem.score_mod is not None,
         gemm_kind=gemm[0],
         gemm_fn=gemm[1],
+        jit_scores=jit[0],
+        jit_scores_h=jit[1],
+        jit_values=jit[2],
+        jit_values_h=jit[3],
     )
     # the argument tuple is built as pick(fixed values + per-call values): one C call
     fields = kernels().FlashArgs._fields
@@ -205,9 +259,13 @@ def _launch(setup: _Setup, problem: AttentionProblem, arrays=None, resolve: bool
     call = setup.entry or setup.kernel
     if setup.pin is NO_PIN:
         with kernel_call_guard():
+            if setup.quiet:
+                quiet_openmp()  # torch's idle workers would spin on our cores (runtime.threads)
             call(args, problem.mod_args)
     else:
         with kernel_call_guard(), setup.pin:
+            if setup.quiet:
+                quiet_openmp()
             call(args, problem.mod_args)
     if resolve and setup.entry is None:  # once: False when no exact overload is found (then the dispatcher)
         from ...runtime.entry_points import resolve_entry_point
@@ -227,8 +285,9 @@ def _read_only(a: np.ndarray) -> np.ndarray:
 class _Launch:
     """A prepared runner (:meth:`CpuForward.prepare`): :func:`_launch` with the setup done once.
     Its first call goes through Numba's dispatcher and records the overload's entry point; later
-    ones call that (the plan's key fixes every argument's Numba type). ``plain`` is the shorter
-    path where only q, k, v, the scale and ``mod_args`` can differ between calls (None elsewhere)."""
+    ones call that (the plan's key fixes every argument's Numba type, the thread count and what
+    tuning knows). ``plain`` is the shorter path where only q, k, v, the scale and ``mod_args``
+    can differ between calls (None elsewhere)."""
 
     __slots__ = ("setup", "plain")
 
@@ -237,6 +296,7 @@ class _Launch:
         self.plain = None
         out4, lse3, out_shape, lse_shape = setup.shapes
         plain = setup.direct and setup.masks is not None and problem.mask_mod is None and problem.dropout_p == 0
+        plain = plain and not setup.readonly  # (_launch makes all three read-only: one signature)
         if plain and out4 == out_shape and lse3 == lse_shape:
             self.plain = _Plain(setup, problem)
 
@@ -281,9 +341,13 @@ class _Plain:
             call(args, mod_args)
         elif setup.pin is NO_PIN:
             with kernel_call_guard():
+                if setup.quiet:
+                    quiet_openmp()  # as in _launch
                 call(args, mod_args)
         else:
             with kernel_call_guard(), setup.pin:
+                if setup.quiet:
+                    quiet_openmp()
                 call(args, mod_args)
         if setup.entry is None:  # once, as in _launch
             from ...runtime.entry_points import resolve_entry_point

@@ -1,6 +1,14 @@
-"""Tile sizes and work splits of the ``cpu`` backend's forward and backward kernels."""
+"""Tile sizes and work splits of the ``cpu`` backend's forward and backward kernels.
+
+The forward's tiles (query rows x key rows, and query rows per parallel task) come from
+measurement where there is one for the problem's class (``engine.backends.cpu.autotune``, kept by
+``engine.runtime.tuning``), else from the fixed rule of :func:`tile_sizes`. The backward
+recomputes the forward's scores with its tiles (:func:`backward_tile_sizes`).
+"""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 
@@ -11,13 +19,94 @@ from ...runtime.config import (
     CPU_BLOCK_Q,
     CPU_BWD_BLOCK_Q,
     CPU_BWD_MIN_TASKS_PER_THREAD,
+    CPU_MIN_TASKS_PER_THREAD,
+    CPU_TASK_ROWS,
+    CPU_TUNE_MAX_WIDTH,
 )
+from ...runtime.tuning import lookup
 
-__all__ = ["tile_sizes", "backward_tile_sizes", "backward_splits", "split_bounds"]
+__all__ = [
+    "TilePlan",
+    "tile_class",
+    "tile_key",
+    "valid_tiles",
+    "forward_tiles",
+    "tile_sizes",
+    "backward_tile_sizes",
+    "backward_splits",
+    "split_bounds",
+]
+
+
+class TilePlan(NamedTuple):
+    """The forward kernel's tiles for one call: ``block_q`` query rows x ``block_k`` key rows per
+    tile, ``sub_tiles`` query tiles per parallel task; ``tuned``: measured on this machine (else
+    the fixed rule)."""
+
+    block_q: int
+    block_k: int
+    sub_tiles: int
+    tuned: bool
+
+
+#: the candidates ``autotune`` measures (and the only values a stored choice may hold)
+BLOCK_Q_CHOICES = (32, 64, 128, 256)
+BLOCK_K_CHOICES = (64, 128, 256, 512)
+TASK_ROWS_CHOICES = (32, 64, 128, 256, 512)
+
+
+def tile_class(L: int, E: int, Ev: int) -> tuple[int, str] | None:
+    """(width class, length class) of a problem for tuning: head widths up to 64 and up to 128
+    wide, query lengths up to 768 ("short"), up to 2048 ("medium") and beyond ("long"); None for
+    wider heads (the fixed rule)."""
+    width = max(E, Ev, 1)
+    if width > CPU_TUNE_MAX_WIDTH:
+        return None
+    return (64 if width <= 64 else 128), ("short" if L <= 768 else "medium" if L <= 2048 else "long")
+
+
+def tile_key(provider: str, dtype_name: str, width: int, length: str) -> str:
+    """The tuning cache's key of one class's tiles."""
+    return f"cpu-forward-tiles/{provider}/{dtype_name}/w{width}/{length}"
+
+
+def valid_tiles(value: dict) -> bool:
+    """Whether a stored choice is one :func:`forward_tiles` can use (a file written by someone
+    else, or by another version, is never trusted further than this)."""
+    bq, bk, rows = value["block_q"], value["block_k"], value["task_rows"]
+    return (
+        bq in BLOCK_Q_CHOICES
+        and bk in BLOCK_K_CHOICES
+        and rows in TASK_ROWS_CHOICES
+        and rows % bq == 0
+        and all(type(x) is int for x in (bq, bk, rows))
+    )
+
+
+def forward_tiles(
+    L: int, E: int, Ev: int, dtype_name: str, provider: str, blas_pinned: bool, tasks_per_row_block: int, threads: int
+) -> TilePlan:
+    """The forward's tiles: the measured choice of the problem's class (:func:`tile_class`) for
+    this provider and dtype where one is stored, else :func:`tile_sizes` with
+    ``CPU_TASK_ROWS`` query rows per task. Either way, rows per task shrink (never below one
+    tile) until there are at least ``CPU_MIN_TASKS_PER_THREAD`` tasks per thread
+    (``tasks_per_row_block``: batch x heads, the tasks of each block of query rows), so every
+    thread has work. A function of its arguments and the tuning cache only."""
+    cls = tile_class(L, E, Ev) if blas_pinned else None
+    got = lookup(tile_key(provider, dtype_name, *cls), valid_tiles) if cls is not None else None
+    if got is not None:
+        block_q, block_k, rows = got["block_q"], got["block_k"], got["task_rows"]
+    else:
+        (block_q, block_k), rows = tile_sizes(L, E, Ev, blas_pinned=blas_pinned), CPU_TASK_ROWS
+    block_q = max(1, min(block_q, L))
+    sub_tiles = max(1, rows // block_q)
+    while sub_tiles > 1 and tasks_per_row_block * -(-L // (block_q * sub_tiles)) < CPU_MIN_TASKS_PER_THREAD * threads:
+        sub_tiles //= 2
+    return TilePlan(block_q, block_k, sub_tiles, got is not None)
 
 
 def tile_sizes(L: int, E: int, Ev: int, blas_pinned: bool = False) -> tuple[int, int]:
-    """(block_q, block_k) for a problem. ``blas_pinned``: BLAS is held at one thread, so tiles
+    """(block_q, block_k) of the fixed rule. ``blas_pinned``: BLAS is held at one thread, so tiles
     may be large (128 x 256, 64 x 256 for heads over 128 wide). Otherwise block_k is a multiple of
     16, 16 to 256, and block_q * block_k * max(E, Ev) <= the BLAS single-thread threshold wherever
     E, Ev <= 16384 (block_q shrinks for very large heads)."""
@@ -31,15 +120,19 @@ def tile_sizes(L: int, E: int, Ev: int, blas_pinned: bool = False) -> tuple[int,
     return block_q, block_k
 
 
-def backward_tile_sizes(L: int, S: int, E: int, Ev: int, blas_pinned: bool = False) -> tuple[int, int, int]:
+def backward_tile_sizes(
+    L: int, S: int, E: int, Ev: int, blas_pinned: bool = False, dtype_name: str = "float32", provider: str = "numpy"
+) -> tuple[int, int, int]:
     """(block_q, block_k, fq) of the backward kernel. The forward's tiles are (fq, block_k)
-    (:func:`tile_sizes`); the backward's key tiles are the forward's and its query tiles a
-    multiple of fq, about ``CPU_BWD_BLOCK_Q`` rows when BLAS is held at one thread (one fq
-    otherwise, under OpenBLAS's threshold), so that it recomputes each score with the very
-    product the forward used."""
-    fq, block_k = tile_sizes(L, E, Ev, blas_pinned=blas_pinned)
+    (:func:`forward_tiles` for this dtype and GEMM provider: measured or the fixed rule); the
+    backward's key tiles are the forward's (``block_k`` may exceed S, as the forward's) and its
+    query tiles a multiple of fq, about ``CPU_BWD_BLOCK_Q`` rows when BLAS is held at one thread
+    (one fq otherwise, under OpenBLAS's threshold), so that it recomputes each score with the
+    very product the forward used."""
+    plan = forward_tiles(L, E, Ev, dtype_name, provider, blas_pinned, 1, 1)
+    fq, block_k = plan.block_q, plan.block_k
     block_q = fq * max(1, CPU_BWD_BLOCK_Q // fq) if blas_pinned else fq
-    return max(1, min(block_q, L)), max(1, min(block_k, S)), fq
+    return max(1, min(block_q, L)), block_k, fq
 
 
 def backward_splits(tasks: int, threads: int, key_tiles: int) -> int:

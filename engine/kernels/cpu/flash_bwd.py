@@ -2,12 +2,16 @@
 Dao 2023, Algorithm 2, on CPU threads).
 
 Nothing of size L x S is stored. For every (key tile, query tile) pair the kernel recomputes the
-scores with BLAS, the weights from the forward's log-sum-exp, ``P = exp(S - lse)``, and then
+scores with the forward's own products and arithmetic (``engine.kernels.cpu.flash_fwd``: the same
+GEMM on the same operands, the scale applied where the forward applies it, the same exponential),
+the weights from the forward's log-sum-exp, ``P = exp(S - lse)``, and then
 
     dV_j += P^T dO_i          dP = dO_i V_j^T          dS = P * (dP - D_i)
     dK_j += dS^T (scale Q_i)  dQ_i += dS K_j           with D = rowsum(dO * O)
 
-(five tile products; the three that accumulate call BLAS with beta = 1, ``engine.kernels.cpu.blas``).
+(five tile products; the three that accumulate call BLAS with beta = 1, ``engine.kernels.cpu.blas``;
+D and dS's difference in float64). Weights recomputed from other roundings of the scores than the
+forward's disagree with its lse and output: float32 gradients then lost half their accuracy.
 Tiles are transposed as in the forward (keys along the rows: per-query
 quantities lse and D are contiguous vectors and the element-wise passes vectorise).
 
@@ -29,14 +33,14 @@ import numpy as np
 from numba import njit, prange
 
 from ...runtime.jit_cache import cache_enabled
-from ..fastexp import fast_exp
+from ..fastexp import softmax_exp
 from ..identity_mods import no_mask_mod, no_score_mod
 from ..kinds import MASK_BOOL, MASK_FLOAT, MASK_NONE, TILE_EMPTY, TILE_FULL, TILE_PARTIAL
 from ..mod_arg_grad import READS_CAPACITY, no_arg_grad
 from ..mod_kernels import ModKernels
 from ..philox import keep_scale
 from .blas import gemm_acc
-from .gemm import tile_gemm
+from .gemm import jit_gemm, tile_gemm
 from .tile_ops import _FM
 
 __all__ = ["backward_kernel", "no_score_grad"]
@@ -54,9 +58,12 @@ class BackwardArgs(NamedTuple):
     """Everything the backward kernel reads but the mods' arguments, built in one place (the
     ``cpu`` backend's backward op); see :func:`_flash_backward` for what each field holds."""
 
+    q: np.ndarray
     qs: np.ndarray
-    qst: np.ndarray
+    scale: float
     fq: int
+    jit_scores: int
+    jit_scores_h: int
     k: np.ndarray
     v: np.ndarray
     do: np.ndarray
@@ -113,10 +120,15 @@ def _bwd_task(task, slot, args, mod_args, per_tile):
     Ev = args.v.shape[3]
     dt = args.dk.dtype
     drop_threshold, drop_scale, seed_lo, seed_hi = args.drop_threshold, args.drop_keep, args.seed_lo, args.seed_hi
-    consts = np.array([-np.inf, 0.0, drop_scale], dtype=dt)  # typed constants: no float64 promotion
+    consts = np.array([-np.inf, 0.0, drop_scale, args.scale, 1.0], dtype=dt)  # typed: no float64 promotion
     neg_inf = consts[0]
     zero = consts[1]
     keep = consts[2]
+    post_scale = consts[3]
+    # the forward's arithmetic (flash_fwd): the scores are q @ k.T and the scale goes into the
+    # exponential's argument (an FMA), unless a mod or a float mask reads the scaled scores
+    prescale = post_scale != consts[4] and (args.has_score_mod or args.mask_kind == MASK_FLOAT)
+    pass_scale = consts[4] if prescale else post_scale
     dropping = drop_threshold > 0 or keep != 1.0
     b = task // (H * args.splits)
     rest = task - b * (H * args.splits)
@@ -125,15 +137,16 @@ def _bwd_task(task, slot, args, mod_args, per_tile):
     mb = args.mask_batch[b]
     tile_b = b if args.tile_kinds.shape[0] > 1 else 0
     # per-task scratch, reused by every tile pair
-    pt_buf = np.empty(args.block_k * args.block_q, dtype=dt)  # transposed scores, then weights P^T
-    dpt_buf = np.empty(args.block_k * args.block_q, dtype=dt)  # dP^T, then dS^T
-    zt_buf = np.empty(args.block_k * args.block_q if dropping else 1, dtype=dt)  # dropout multipliers
-    gt_buf = np.empty(args.block_k * args.block_q if args.has_score_mod else 1, dtype=dt)  # score_mod derivative
-    pzt_buf = np.empty(args.block_k * args.block_q if dropping else 1, dtype=dt)  # P^T * Z
-    dk_acc = np.empty((args.block_k, E), dtype=dt)
-    dv_acc = np.empty((args.block_k, Ev), dtype=dt)
-    ts = np.empty(args.block_k * args.fq, dtype=dt)  # one forward-shaped block of scores
-    rt_buf = np.empty(args.block_k * args.block_q if args.want_arg_grad else 1, dtype=dt)  # scores before the mod
+    bk = min(args.block_k, S)  # the forward's key tiles may be longer than the keys
+    pt_buf = np.empty(bk * args.block_q, dtype=dt)  # transposed scores, then weights P^T
+    dpt_buf = np.empty(bk * args.block_q, dtype=dt)  # dP^T, then dS^T
+    zt_buf = np.empty(bk * args.block_q if dropping else 1, dtype=dt)  # dropout multipliers
+    gt_buf = np.empty(bk * args.block_q if args.has_score_mod else 1, dtype=dt)  # score_mod derivative
+    pzt_buf = np.empty(bk * args.block_q if dropping else 1, dtype=dt)  # P^T * Z
+    dk_acc = np.empty((bk, E), dtype=dt)
+    dv_acc = np.empty((bk, Ev), dtype=dt)
+    ts = np.empty(bk * args.fq, dtype=dt)  # one forward-shaped block of scores
+    rt_buf = np.empty(bk * args.block_q if args.want_arg_grad else 1, dtype=dt)  # scores before the mod
     reads = np.empty(READS_CAPACITY + 1 if args.want_arg_grad else 1, dtype=np.int64)  # the gathers one mod made
     most_reads = 0
     for kb in range(args.bounds[s], args.bounds[s + 1]):
@@ -163,10 +176,12 @@ def _bwd_task(task, slot, args, mod_args, per_tile):
                 dr = args.delta[b, h, i0:i1]
                 pt = pt_buf[: nk * nq].reshape((nk, nq))
                 dpt = dpt_buf[: nk * nq].reshape((nk, nq))
-                # scaled scores, as the forward computed them: one product per forward query tile
-                # of args.fq rows, with its operand layout (BLAS rounds differently for other shapes, and
-                # weights recomputed from other roundings of the scores disagree with lse and out)
-                # no mod and no mask on this tile: the weights straight from the products
+                # the scores as the forward computed them: one product per forward query tile of
+                # args.fq rows, with its operands (q as given, read transposed) and its GEMM (the
+                # generated kernel on full tiles): BLAS rounds differently for other shapes, and
+                # weights recomputed from other roundings of the scores disagree with lse and out.
+                # No mod and no mask on this tile: the weights straight from the products, with the
+                # forward's exponential of the same argument
                 plain = (
                     not args.has_score_mod
                     and tile != TILE_PARTIAL
@@ -176,20 +191,21 @@ def _bwd_task(task, slot, args, mod_args, per_tile):
                 for c0 in range(0, nq, args.fq):
                     w = min(args.fq, nq - c0)
                     tsw = ts[: nk * w].reshape((nk, w))
-                    tile_gemm(
-                        args.gemm_kind,
-                        args.gemm_fn,
-                        kt,
-                        args.qst[b, h, (i0 + c0) // args.fq, : E * w].reshape((E, w)),
-                        tsw,
-                    )
+                    qw = args.q[b, h, i0 + c0 : i0 + c0 + w].T
+                    if args.jit_scores != 0 and nk == args.block_k and w == args.fq:
+                        jit_gemm(args.jit_scores, args.jit_scores_h, kt, qw, tsw)
+                    else:
+                        tile_gemm(args.gemm_kind, args.gemm_fn, kt, qw, tsw)
                     lrw = lr[c0 : c0 + w]
                     for c in range(nk):  # 1-D row views: indexing with an offset does not vectorise
                         prow = pt[c, c0 : c0 + w]
                         trow = tsw[c]
                         if plain:
                             for r in range(w):
-                                prow[r] = fast_exp(trow[r] - lrw[r])
+                                prow[r] = softmax_exp(trow[r] * pass_scale - lrw[r])
+                        elif prescale:
+                            for r in range(w):
+                                prow[r] = trow[r] * post_scale
                         else:
                             for r in range(w):
                                 prow[r] = trow[r]
@@ -215,22 +231,22 @@ def _bwd_task(task, slot, args, mod_args, per_tile):
                         for r in range(nq):
                             mv = args.fmask[mb, h, i0 + r, j0 + c]
                             x = neg_inf if mv == neg_inf else pt[c, r] + mv  # -inf hides even NaN
-                            pt[c, r] = fast_exp(x - lr[r])
+                            pt[c, r] = softmax_exp(x * pass_scale - lr[r])
                 elif args.mask_kind == MASK_BOOL:
                     for c in range(nk):
                         for r in range(nq):
                             x = pt[c, r] if args.bmask[mb, h, i0 + r, j0 + c] else neg_inf
-                            pt[c, r] = fast_exp(x - lr[r])
+                            pt[c, r] = softmax_exp(x * pass_scale - lr[r])
                 elif args.causal and j1 - 1 > i0 + args.causal_offset:  # tile crosses the diagonal
                     for c in range(nk):
                         first = j0 + c - i0 - args.causal_offset  # rows r < first cannot see key j0 + c
                         for r in range(nq):
                             x = pt[c, r] if r >= first else neg_inf
-                            pt[c, r] = fast_exp(x - lr[r])
+                            pt[c, r] = softmax_exp(x * pass_scale - lr[r])
                 elif not plain:  # a score_mod or a partial block without another mask
                     for c in range(nk):
                         for r in range(nq):
-                            pt[c, r] = fast_exp(pt[c, r] - lr[r])
+                            pt[c, r] = softmax_exp(pt[c, r] * pass_scale - lr[r])
                 pz = pt
                 if dropping:
                     zt = zt_buf[: nk * nq].reshape((nk, nq))
@@ -241,14 +257,17 @@ def _bwd_task(task, slot, args, mod_args, per_tile):
                             pz[c, r] = pt[c, r] * zt[c, r]
                 gemm_acc(pz, doi, dv_acc[:nk], False)  # dV_j += (P Z)^T dO_i (the tile is transposed)
                 np.dot(vt, doi.T, dpt)  # dP^T
+                # dS = P (dP - D) in float64, rounded once: dP - D cancels where a row's weight is
+                # concentrated, and D is kept in float64 (a float32 D and difference each added an
+                # error there that the rest of dS's products then multiplied)
                 if dropping:
                     for c in range(nk):
                         for r in range(nq):
-                            dpt[c, r] = pt[c, r] * (dpt[c, r] * zt[c, r] - dr[r])
+                            dpt[c, r] = np.float64(pt[c, r]) * (np.float64(dpt[c, r]) * np.float64(zt[c, r]) - dr[r])
                 else:
                     for c in range(nk):
                         for r in range(nq):
-                            dpt[c, r] = pt[c, r] * (dpt[c, r] - dr[r])
+                            dpt[c, r] = np.float64(pt[c, r]) * (np.float64(dpt[c, r]) - dr[r])
                 if args.want_dm:  # the float mask's gradient is dS (after the score_mod)
                     for c in range(nk):
                         col = j0 + c if args.dm_cols else kb
@@ -284,9 +303,12 @@ def _flash_backward(args, mod_args):
     """Gradients of ``out = softmax(scale * q @ k.T + mask) @ v`` per (batch, head), tiled, with
     ``args`` a :class:`BackwardArgs` (the fields below) and ``mod_args`` the mods' arguments.
 
-    From :func:`_backward_prologue`: ``qs`` = scale * q (B, Hq, L, E) and its copy ``qst`` in the
-    forward's operand layout (blocks of ``fq`` rows, each transposed), ``delta`` = rowsum(dO * O)
-    and ``lrow`` = the forward's lse with -inf replaced by +inf (B, Hq, L). k (B, H, S, E),
+    ``q`` (B, Hq, L, E) is the forward's query: the scores are recomputed as the forward computed
+    them (``q @ k.T`` by ``gemm_kind``/``gemm_fn``, or by the generated kernel ``jit_scores`` with
+    handle ``jit_scores_h`` on tiles of ``fq`` x ``block_k``, the forward's tiles; ``scale``
+    applied as the forward applies it). From :func:`_backward_prologue`: ``qs`` = scale * q
+    (dK's operand), ``delta`` = rowsum(dO * O) (float64) and ``lrow`` = the forward's lse with
+    -inf replaced by +inf (B, Hq, L). k (B, H, S, E),
     v (B, H, S, Ev), do (B, Hq, L, Ev), all C order. Writes dk (B, H, S, E), dv (B, H, S, Ev)
     (summed over each GQA group) and the splits' unscaled dQ accumulators ``dq_part``
     (splits, B, Hq, L, E), zeroed by the caller and summed by :func:`_backward_epilogue`.
@@ -320,12 +342,10 @@ def _flash_backward(args, mod_args):
 # prologue and epilogue: O(L) work, single-threaded (a parallel loop would cost more compile time
 # than it saves: they are under 1% of a call)
 @njit(cache=_CACHE, error_model="numpy")
-def _backward_prologue(q, o, do, lse, dlse, has_dlse, scale, fq, qs, qst, delta, lrow):
-    """``qs = scale * q`` (scores and dK then carry the scale), rounded as the forward rounds it;
-    ``qst[b, h, t]``: rows ``t*fq ...`` of ``qs`` transposed, ``(E, rows)`` in C order, as the
-    forward's score products read them; ``delta = rowsum(dO * O) - dlse`` (``dlse``, float64
-    (B, Hq, L), read when ``has_dlse``: the gradient through lse, whose derivative with respect
-    to a score is its weight, so that it joins dS = P (dP - delta)); ``lrow`` = lse with -inf (a
+def _backward_prologue(q, o, do, lse, dlse, has_dlse, scale, qs, delta, lrow):
+    """``qs = scale * q`` (dK then carries the scale); ``delta = rowsum(dO * O) - dlse`` in float64
+    (``dlse``, float64 (B, Hq, L), read when ``has_dlse``: the gradient through lse, whose
+    derivative with respect to a score is its weight, so that it joins dS = P (dP - delta)); ``lrow`` = lse with -inf (a
     row with no visible key) replaced by +inf, so that exp(score - lrow) is 0 on such rows.
     Ev >= 1."""
     B, Hq, L, E = q.shape
@@ -333,14 +353,9 @@ def _backward_prologue(q, o, do, lse, dlse, has_dlse, scale, fq, qs, qst, delta,
     for b in range(B):
         for h in range(Hq):
             for i in range(L):
-                t = i // fq
-                w = min(fq, L - t * fq)
-                r = i - t * fq
                 for e in range(E):
-                    x = q[b, h, i, e] * scale
-                    qs[b, h, i, e] = x
-                    qst[b, h, t, e * w + r] = x
-                # in float64, rounded once: an error in D reaches every dS of the row
+                    qs[b, h, i, e] = q[b, h, i, e] * scale
+                # in float64 (kept so: an error in D reaches every dS of the row)
                 acc = np.float64(do[b, h, i, 0]) * np.float64(o[b, h, i, 0])
                 for e in range(1, Ev):
                     acc += np.float64(do[b, h, i, e]) * np.float64(o[b, h, i, e])

@@ -28,13 +28,21 @@ from ..identity_mods import no_mask_mod, no_score_mod
 from ..kinds import MASK_BOOL, MASK_FLOAT, TILE_EMPTY, TILE_FULL, TILE_PARTIAL
 from ..mod_kernels import ModKernels, serial_version
 from ..philox import keep_scale
-from .tile_ops import _FM, _half_buffer, _scaled_q, _score_scale, _scores_gemm, _values_gemm
+from .gemm import jit_gemm
+from .softmax_tile import STALE_MAX_MARGIN, column_max
+from .tile_ops import (
+    _FM,
+    _apply_dropout,
+    _exp_into,
+    _half_buffer,
+    _scores_gemm,
+    _values_finite,
+    _values_gemm_acc,
+    _values_gemm_checked,
+)
+from .vector_width import wide_vectors
 
 _CACHE = cache_enabled()
-
-
-#: keys per partial row sum of the weights (see ``_flash_task``)
-_SUM_CHUNK = 32
 
 
 class FlashArgs(NamedTuple):
@@ -64,6 +72,10 @@ class FlashArgs(NamedTuple):
     seed_hi: np.uint64
     gemm_kind: int
     gemm_fn: int
+    jit_scores: int
+    jit_scores_h: int
+    jit_values: int
+    jit_values_h: int
     out: np.ndarray
     lse: np.ndarray
 
@@ -76,6 +88,7 @@ _MASK_MOD = no_mask_mod
 @njit(cache=_CACHE, fastmath=_FM, error_model="numpy")
 def _flash_task(task, args, mod_args, per_tile):
     """One parallel task: ``sub_tiles`` query tiles of one (batch, head)."""
+    wide_vectors()
     B, Hq, L, E = args.q.shape
     S = args.k.shape[2]
     Ev = args.v.shape[3]
@@ -84,12 +97,18 @@ def _flash_task(task, args, mod_args, per_tile):
     nqb = (L + rows - 1) // rows
     drop_threshold, drop_scale, seed_lo, seed_hi = args.drop_threshold, args.drop_keep, args.seed_lo, args.seed_hi
     # typed constants: no float64 promotion
-    consts = np.array([-np.inf, 0.0, drop_scale, _score_scale(args.q, args.scale)], dtype=dt)
+    consts = np.array([-np.inf, 0.0, drop_scale, args.scale, STALE_MAX_MARGIN, 1.0], dtype=dt)
     neg_inf = consts[0]
     zero = consts[1]
     keep = consts[2]
     post_scale = consts[3]
+    margin = consts[4]
+    one = consts[5]
     dropping = drop_threshold > 0 or keep != 1.0
+    # the scores are q @ k.T from q as it is (no scaled copy): the scale is applied in the softmax
+    # pass (an FMA), unless a mod or a float mask needs the scaled scores before it
+    prescale = post_scale != 1.0 and (args.has_score_mod or args.mask_kind == MASK_FLOAT)
+    pass_scale = one if prescale else post_scale
     b = task // (Hq * nqb)
     rest = task - b * (Hq * nqb)
     h = rest // nqb
@@ -99,31 +118,27 @@ def _flash_task(task, args, mod_args, per_tile):
     hk = h // args.group
     mb = args.mask_batch[b]
     # per-task scratch, reused by every key tile; row state indexed by row - t0
-    qt = np.empty((args.sub_tiles, E * args.block_q), dtype=args.q.dtype)  # (scale * q_sub_tile).T, (E, nq) each
     half = _half_buffer(args.q, args.block_k * args.block_q)  # 16-bit operands: the probabilities, rounded
-    st_buf = np.empty(args.block_k * args.block_q, dtype=dt)  # transposed scores, then probabilities
+    st_buf = np.empty(args.block_k * args.block_q, dtype=dt)  # transposed scores
+    pt_buf = np.empty(args.block_k * args.block_q, dtype=dt)  # their probabilities
     pv_buf = np.empty(args.block_q * Ev, dtype=dt)
     acc = np.zeros((nt, Ev), dtype=dt)
-    m = np.full(nt, neg_inf, dtype=dt)  # running max per query row
-    l = np.zeros(nt, dtype=np.float64)  # running sum per query row (float64: see below)
+    m = np.full(nt, neg_inf, dtype=dt)  # the shift of each query row's exponentials
+    l = np.zeros(nt, dtype=np.float64)  # running sum per query row (float64: see softmax_tile.SUM_CHUNK)
     tm = np.empty(args.block_q, dtype=dt)
+    tmx = np.empty(args.block_q, dtype=dt)
     shift = np.empty(args.block_q, dtype=dt)
     alpha = np.empty(args.block_q, dtype=dt)
     ts = np.empty(args.block_q, dtype=np.float64)
     tc = np.empty(args.block_q, dtype=dt)
     zt_buf = np.empty(args.block_k * args.block_q if dropping else 1, dtype=dt)  # dropout multipliers
-    for r in range(nt):
-        sub = r // args.block_q
-        rr = r - sub * args.block_q
-        nqs = min(args.block_q, nt - sub * args.block_q)  # rows of this sub-tile
-        for e in range(E):
-            qt[sub, e * nqs + rr] = _scaled_q(args.q[b, h, t0 + r, e], args.scale)
     kend = max(0, min(S, t1 + args.causal_offset)) if args.causal else S
     for j0 in range(0, kend, args.block_k):
         j1 = min(j0 + args.block_k, kend)
         nk = j1 - j0
         kt = args.k[b, hk, j0:j1]
         vt = args.v[b, hk, j0:j1]
+        v_finite = _values_finite(vt)
         for sub in range(args.sub_tiles):
             i0 = t0 + sub * args.block_q
             i1 = min(i0 + args.block_q, t1)
@@ -141,9 +156,15 @@ def _flash_task(task, args, mod_args, per_tile):
                     continue
             nq = i1 - i0
             o = i0 - t0
+            # a full tile has the shape the generated GEMM kernels were made for
+            full = args.jit_scores != 0 and nk == args.block_k and nq == args.block_q
             st = st_buf[: nk * nq].reshape((nk, nq))
-            _scores_gemm(args.gemm_kind, args.gemm_fn, kt, qt[sub, : E * nq].reshape((E, nq)), st)
-            if post_scale != 1.0:
+            qs = args.q[b, h, i0:i1].T  # (E, nq), read transposed by the GEMM
+            if full:
+                jit_gemm(args.jit_scores, args.jit_scores_h, kt, qs, st)
+            else:
+                _scores_gemm(args.gemm_kind, args.gemm_fn, kt, qs, st)
+            if prescale:
                 for c in range(nk):
                     for r in range(nq):
                         st[c, r] *= post_scale
@@ -172,85 +193,84 @@ def _flash_task(task, args, mod_args, per_tile):
                     first = min(j0 + c - i0 - args.causal_offset, nq)  # rows r < first cannot see key j0 + c
                     for r in range(first):
                         st[c, r] = neg_inf
-            # column maxima: NumPy's ufunc loop over whole rows vectorises (5x a per-element
-            # select into tm here, which LLVM keeps scalar); a NaN makes its column's max NaN,
-            # which leaves the running max as it was and the row NaN through exp, as before
-            tmq = tm[:nq]
-            tmq[:] = neg_inf
-            for c in range(nk):
-                np.maximum(tmq, st[c], tmq)
-            # new running max; a row with nothing visible yet shifts by 0 so its -inf -> 0
-            # (and all-NaN rows stay NaN); alpha rescales what was accumulated before
+            # the softmax (softmax_tile): rows that have seen a visible score keep their shift
+            # while this tile stays within the margin above it (one pass, no rescale); a row
+            # with nothing visible yet takes the tile's maximum first. A NaN leaves the shift as
+            # it was and makes the row NaN through its sum; a row with nothing visible shifts
+            # by 0 so its -inf -> 0; alpha rescales what was accumulated before
+            fresh = False
+            for r in range(nq):
+                fresh |= m[o + r] == neg_inf
+            if fresh:
+                column_max(st, tm[:nq])
+                for r in range(nq):
+                    mo = m[o + r]
+                    mt = tm[r] * pass_scale
+                    mn = mt if mt > mo else mo
+                    sh = mn if mn > neg_inf else zero
+                    alpha[r] = fast_exp(mo - sh)
+                    shift[r] = sh
+                    m[o + r] = mn
+            else:
+                for r in range(nq):
+                    shift[r] = m[o + r]
+                    alpha[r] = one
+            pt = pt_buf[: nk * nq].reshape((nk, nq))
+            _exp_into(args.gemm_kind, dropping, st, pt, half, pass_scale, shift, ts, tc, tmx)
+            if not fresh:
+                redo = False
+                for r in range(nq):
+                    redo |= tmx[r] * pass_scale > m[o + r] + margin
+                if redo:  # the shift moves up to the tile's maximum where it passed the margin
+                    for r in range(nq):
+                        mo = m[o + r]
+                        mt = tmx[r] * pass_scale
+                        mn = mt if mt > mo + margin else mo
+                        alpha[r] = fast_exp(mo - mn)
+                        shift[r] = mn
+                        m[o + r] = mn
+                    _exp_into(args.gemm_kind, dropping, st, pt, half, pass_scale, shift, ts, tc, tmx)
             rescale = False
             for r in range(nq):
-                mo = m[o + r]
-                mn = tm[r] if tm[r] > mo else mo
-                sh = mn if mn > neg_inf else zero
-                a = fast_exp(mo - sh)
-                shift[r] = sh
-                alpha[r] = a
-                m[o + r] = mn
-                ts[r] = 0.0
-                rescale |= a != 1.0
-            # chunks of keys summed in dt, the chunk sums in float64: a float32 sum over a whole
-            # tile would lose about sqrt(args.block_k) ulps, which args.lse and the backward's weights inherit.
-            # Two key rows per sweep (two independent exp chains: 15% here); _SUM_CHUNK is even
-            for c0 in range(0, nk, _SUM_CHUNK):
-                c1 = min(c0 + _SUM_CHUNK, nk)
-                tc[:nq] = zero
-                c = c0
-                while c + 2 <= c1:
-                    s0 = st[c]
-                    s1 = st[c + 1]
-                    for r in range(nq):
-                        sh = shift[r]
-                        p0 = fast_exp(s0[r] - sh)
-                        p1 = fast_exp(s1[r] - sh)
-                        s0[r] = p0
-                        s1[r] = p1
-                        tc[r] += p0 + p1
-                    c += 2
-                if c < c1:
-                    s0 = st[c]
-                    for r in range(nq):
-                        p0 = fast_exp(s0[r] - shift[r])
-                        s0[r] = p0
-                        tc[r] += p0
-                for r in range(nq):
-                    ts[r] += tc[r]
-            for r in range(nq):
                 l[o + r] = l[o + r] * alpha[r] + ts[r]
+                rescale |= alpha[r] != one
             if dropping:  # the sum above (so args.lse) is of the kept and dropped weights, as torch
                 zt = zt_buf[: nk * nq].reshape((nk, nq))
                 keep_scale(seed_lo, seed_hi, b, h, i0, nq, j0, nk, drop_threshold, keep, zt)
-                for c in range(nk):
-                    for r in range(nq):
-                        st[c, r] *= zt[c, r]
-            pv = pv_buf[: nq * Ev].reshape((nq, Ev))
-            _values_gemm(args.gemm_kind, args.gemm_fn, st, half, vt, pv)
+                _apply_dropout(args.gemm_kind, pt, zt, half)
+            accs = acc[o : o + nq]
             if rescale:
                 for r in range(nq):
                     a = alpha[r]
-                    if a == zero:  # the old terms' weights underflowed: drop them (an inf stays args.out)
+                    if a == zero:  # the old terms' weights underflowed: drop them (an inf stays out)
                         for c in range(Ev):
-                            acc[o + r, c] = pv[r, c]
-                        continue
-                    for c in range(Ev):
-                        acc[o + r, c] = acc[o + r, c] * a + pv[r, c]
-            else:
+                            accs[r, c] = zero
+                    else:
+                        for c in range(Ev):
+                            accs[r, c] *= a
+            if not v_finite:  # a NaN/inf value reaches only the rows that weigh it
+                pv = pv_buf[: nq * Ev].reshape((nq, Ev))
+                _values_gemm_checked(args.gemm_kind, args.gemm_fn, pt, vt, pv)
                 for r in range(nq):
                     for c in range(Ev):
-                        acc[o + r, c] += pv[r, c]
+                        accs[r, c] += pv[r, c]
+            elif full:
+                jit_gemm(args.jit_values, args.jit_values_h, pt, vt, accs)
+            else:
+                _values_gemm_acc(args.gemm_kind, args.gemm_fn, pt, half, vt, accs)
     for r in range(nt):
         total = l[r]
+        orow = args.out[b, h, t0 + r]
+        arow = acc[r]
         if total > 0.0 or total != total:
-            inv = 1.0 / total
+            tm[0] = 1.0 / total  # rounded to dt: the row's loop stays in dt and vectorises
+            inv = tm[0]
             for c in range(Ev):
-                args.out[b, h, t0 + r, c] = acc[r, c] * inv
+                orow[c] = arow[c] * inv
             args.lse[b, h, t0 + r] = m[r] + np.log(total)
         else:
             for c in range(Ev):
-                args.out[b, h, t0 + r, c] = zero
+                orow[c] = zero
             args.lse[b, h, t0 + r] = neg_inf
 
 

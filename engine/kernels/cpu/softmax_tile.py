@@ -1,0 +1,129 @@
+"""The online softmax's work on one transposed score tile ``st`` (keys along the rows, queries along
+the columns) of the ``cpu`` forward kernel, as few passes over it as the scores allow.
+
+The running maximum ``m`` of each query row is the shift of its exponentials. FlashAttention
+rescales the accumulated output whenever a new tile raises ``m``; that takes a pass over the tile
+for its maximum before the exponentials, and a rescale of the accumulator. Here (as FlashAttention-4
+does on GPUs) the shift stays where it is while the tile's scores exceed it by at most
+:data:`STALE_MAX_MARGIN`: the weights are then at most ``exp(margin)`` (2981), which float32,
+float16 (largest 65504) and the float64 sums hold with the same relative precision, and the
+output and the log-sum-exp are the same quotient and the same sum. So a tile costs one pass
+(:func:`exp_tile`: the exponential, the row sums and the row maxima together) and no rescale; only
+when a tile's maximum exceeds the shift by more than the margin (in practice the first tiles of a
+row) is the pass redone with the new maximum and the accumulator rescaled. A row that has seen no
+visible score yet (shift ``-inf``) takes the maximum first (:func:`column_max`).
+"""
+
+import math
+
+import numpy as np
+from numba import njit
+
+from ..fastexp import softmax_exp
+from .fastmath import _FM
+from .half import f32_to_bf16_bits_ftz, f32_to_f16_bits
+from .vector_width import wide_vectors
+
+__all__ = ["STALE_MAX_MARGIN", "SUM_CHUNK", "column_max", "exp_tile", "exp_tile_bf16", "exp_tile_f16", "all_finite"]
+
+#: how far (natural log) a score may exceed its row's shift before the shift moves up
+STALE_MAX_MARGIN = 8.0
+#: keys per partial row sum in the tile's dtype; the partial sums are added in float64 (a float32
+#: sum over a whole tile would lose about sqrt(block_k) ulps, which the lse and the backward's
+#: weights inherit). Even: the exponentials run over two key rows per sweep
+SUM_CHUNK = 32
+
+
+@njit(fastmath=_FM, error_model="numpy", inline="always")
+def column_max(st, tm):
+    """``tm[r]`` = the largest ``st[c, r]`` over the tile's rows (NaN where a NaN is): NumPy's
+    ``maximum`` loop over whole rows, which vectorises (a per-element select into ``tm`` did not)."""
+    tm[:] = -np.inf
+    for c in range(st.shape[0]):
+        np.maximum(tm, st[c], tm)
+
+
+def _exp_tile_storing(store):
+    """:func:`exp_tile` with ``store`` compiled in (a function passed as an argument would make
+    the kernel uncacheable)."""
+
+    @njit(fastmath=_FM, error_model="numpy")
+    def exp_tile(st, out, scale, shift, ts, tc, tmx):
+        """One pass over ``st`` (nk, nq): ``out[c, r] = store(exp(st[c, r] * scale - shift[r]))``,
+        ``ts[r]`` (float64) = the sum over c of those exponentials before ``store``, ``tmx[r]`` = the
+        largest ``st[c, r]`` (unscaled; NaN ignored: a NaN score makes its row's sum NaN anyway).
+
+        ``store`` rounds into the output's format: the identity for float (:func:`exp_tile`), a
+        16-bit rounding for the 16-bit path's uint16 probabilities (:func:`exp_tile_bf16`,
+        :func:`exp_tile_f16`). ``tc`` (nq,) is scratch for the partial sums (see
+        :data:`SUM_CHUNK`). Two key rows per sweep: two independent polynomial chains.
+        """
+        wide_vectors()
+        nk, nq = st.shape
+        zero = tc.dtype.type(0)
+        for r in range(nq):
+            ts[r] = 0.0
+            tmx[r] = -np.inf
+        for c0 in range(0, nk, SUM_CHUNK):
+            c1 = min(c0 + SUM_CHUNK, nk)
+            tc[:nq] = zero
+            for c in range(c0, c1 - 1, 2):
+                s0 = st[c]
+                s1 = st[c + 1]
+                o0 = out[c]
+                o1 = out[c + 1]
+                for r in range(nq):
+                    sh = shift[r]
+                    a = s0[r]
+                    b = s1[r]
+                    p0 = softmax_exp(a * scale - sh)
+                    p1 = softmax_exp(b * scale - sh)
+                    o0[r] = store(p0)
+                    o1[r] = store(p1)
+                    tc[r] += p0 + p1
+                    ab = a if a > b else b
+                    tmx[r] = ab if ab > tmx[r] else tmx[r]
+            if (c1 - c0) % 2:
+                s0 = st[c1 - 1]
+                o0 = out[c1 - 1]
+                for r in range(nq):
+                    a = s0[r]
+                    p0 = softmax_exp(a * scale - shift[r])
+                    o0[r] = store(p0)
+                    tc[r] += p0
+                    tmx[r] = a if a > tmx[r] else tmx[r]
+            for r in range(nq):
+                ts[r] += tc[r]
+
+    return exp_tile
+
+
+@njit(inline="always")
+def _same(x):
+    return x
+
+
+@njit(inline="always")
+def _to_f16(x):
+    return f32_to_f16_bits(x)
+
+
+@njit(inline="always")
+def _to_bf16(x):  # the probabilities: a subnormal one may become 0 (the row's largest is >= 1)
+    return f32_to_bf16_bits_ftz(x)
+
+
+#: the pass for float probabilities, and for 16-bit ones rounded to bfloat16 / float16
+exp_tile = _exp_tile_storing(_same)
+exp_tile_bf16 = _exp_tile_storing(_to_bf16)
+exp_tile_f16 = _exp_tile_storing(_to_f16)
+
+
+@njit(fastmath=_FM, error_model="numpy", inline="always")
+def all_finite(x):
+    """Whether every entry of the 2-D array ``x`` is finite."""
+    finite = True
+    for i in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            finite &= math.isfinite(x[i, j])
+    return finite

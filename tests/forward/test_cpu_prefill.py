@@ -1,0 +1,394 @@
+"""The ``cpu`` forward's prefill machinery: the one-pass softmax with a kept shift (redone where a
+tile passes the margin), the generated GEMMs of full tiles, ``softmax_exp``'s contract, 512-bit
+vectors, and the tiles measured per machine (``engine.runtime.tuning``, ``backends.cpu.autotune``):
+stored, read back, refused when someone else could have written them, used by the forward and the
+backward alike."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import engine
+import engine.backends.cpu.autotune as autotune
+import engine.backends.cpu.forward as cpu_forward
+import engine.backends.cpu.tiles as cpu_tiles
+from engine.kernels.cpu.softmax_tile import STALE_MAX_MARGIN
+from engine.kernels.fastexp import softmax_exp_array
+from engine.runtime import tuning
+from engine.runtime.gemm_jit import NO_JIT, tile_jit_kernels
+from engine.runtime.gemm_providers import load_provider
+
+from conftest import HANG_TIMEOUT_S
+from tolerances import assert_out_close, lse_atol, out_atol
+
+DTYPES = [np.float32, np.float64]
+
+
+def _check(q, k, v, dtype, **kw):
+    out, lse = engine.scaled_dot_product_attention(q, k, v, backend="cpu", return_lse=True, **kw)
+    ref, ref_lse = engine.scaled_dot_product_attention(q, k, v, backend="reference", return_lse=True, **kw)
+    assert out.dtype == dtype
+    mask = kw.get("attn_mask")
+    assert_out_close(out, ref, out_atol(dtype, q, k, v, kw.get("scale"), mask), what="cpu out")
+    assert_out_close(lse, ref_lse, lse_atol(dtype, q, k, kw.get("scale"), mask), what="cpu lse")
+    return out, lse
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """8 x 16 tiles, 2 per task: many key tiles per row on small inputs."""
+    monkeypatch.setattr(cpu_tiles, "CPU_BIG_BLOCK_Q", 8)
+    monkeypatch.setattr(cpu_tiles, "CPU_BLOCK_K", 16)
+    monkeypatch.setattr(cpu_tiles, "CPU_TASK_ROWS", 16)
+
+
+# ---------------------------------------------------------------- the one-pass softmax
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("jump", [0.5, STALE_MAX_MARGIN - 0.25, STALE_MAX_MARGIN + 0.25, 30.0, 150.0])
+def test_scores_rising_tile_after_tile(small_tiles, dtype, jump):
+    """Each key tile scores ``jump`` above the one before: within the margin the shift is kept
+    (weights up to exp(margin)); beyond it the pass is redone with the new maximum, also where
+    the old shift would overflow the exponential (150)."""
+    L, S, E = 11, 80, 4
+    q = np.zeros((1, 2, L, E), dtype)
+    q[..., 0] = 1.0
+    k = np.zeros((1, 2, S, E), dtype)
+    k[..., 0] = (np.arange(S) // 16 * jump).astype(dtype)
+    v = np.random.default_rng(3).standard_normal((1, 2, S, E)).astype(dtype)
+    out, _ = _check(q, k, v, dtype, scale=1.0)
+    assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scores_falling_and_mixed_rows(small_tiles, dtype, rng):
+    """Falling scores (the first tile's shift stays), and rows whose maximum arrives in
+    different key tiles."""
+    L, S, E = 19, 96, 8
+    q = rng.standard_normal((1, 3, L, E)).astype(dtype) * 3
+    k = rng.standard_normal((1, 3, S, E)).astype(dtype) * 3
+    k[:, 1] *= np.linspace(4, 0.1, S, dtype=dtype)[:, None]
+    k[:, 2] *= np.linspace(0.1, 4, S, dtype=dtype)[:, None]
+    v = rng.standard_normal((1, 3, S, E)).astype(dtype)
+    _check(q, k, v, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_that_see_nothing_until_a_late_tile(small_tiles, dtype, rng):
+    """Boolean masks hiding the first key tiles of some rows: those rows take the tile maximum
+    first (no shift yet) while the others keep theirs."""
+    L, S, E = 16, 64, 8
+    q, k, v = (rng.standard_normal((1, 2, n, E)).astype(dtype) for n in (L, S, S))
+    m = np.ones((L, S), bool)
+    m[::2, :40] = False  # even rows see keys 40.. only
+    m[3] = False  # a row that sees nothing
+    out, lse = _check(q, k, v, dtype, attn_mask=m)
+    assert np.all(out[:, :, 3] == 0) and np.all(lse[:, :, 3] == -np.inf)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_infinite_score_and_nan_score_rows(small_tiles, dtype, rng):
+    """A +inf score in a later tile makes its row NaN (inf - inf), as the reference; a NaN score
+    too; other rows are untouched."""
+    L, S, E = 8, 48, 4
+    q, k, v = (rng.standard_normal((1, 1, n, E)).astype(dtype) for n in (L, S, S))
+    fm = np.zeros((L, S), dtype)
+    fm[2, 40] = np.inf
+    fm[5, 33] = np.nan
+    out = engine.scaled_dot_product_attention(q, k, v, attn_mask=fm, backend="cpu")
+    ref = engine.scaled_dot_product_attention(q, k, v, attn_mask=fm, backend="reference")
+    assert np.array_equal(np.isnan(out), np.isnan(ref))
+    ok = ~np.isnan(ref)
+    assert np.allclose(out[ok], ref[ok], atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nonfinite_value_in_a_full_tile_reaches_only_rows_that_weigh_it(small_tiles, dtype, rng):
+    """The values product accumulates in the GEMM (beta = 1) only for finite value tiles; an inf
+    value goes through the exact path, so a row giving that key weight 0 stays finite."""
+    L, S, E = 8, 32, 4
+    q, k, v = (rng.standard_normal((1, 1, n, E)).astype(dtype) for n in (L, S, S))
+    v[0, 0, 20, 1] = np.inf
+    m = np.ones((L, S), bool)
+    m[:4, 20] = False  # rows 0-3 do not see key 20
+    out = engine.scaled_dot_product_attention(q, k, v, attn_mask=m, backend="cpu")
+    ref = engine.scaled_dot_product_attention(q, k, v, attn_mask=m, backend="reference")
+    assert np.isfinite(out[0, 0, :4]).all()
+    assert np.array_equal(np.isfinite(out), np.isfinite(ref))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("provider", ["mkl", "openblas", "numpy"])
+def test_every_provider_with_full_and_partial_tiles(dtype, provider, rng):
+    """Full tiles through MKL's generated GEMMs (where MKL generates them), the edges through
+    ?gemm; other providers through theirs."""
+    if isinstance(load_provider(provider), str):
+        pytest.skip(load_provider(provider))
+    engine.set_gemm_provider(provider)
+    try:
+        bq, bk = cpu_tiles.tile_sizes(1 << 20, 64, 64, blas_pinned=True)
+        for L, S in ((2 * bq, 2 * bk), (2 * bq + 5, 2 * bk + 7)):
+            q, k, v = (rng.standard_normal((1, 2, n, 64)).astype(dtype) for n in (L, S, S))
+            _check(q, k, v, dtype)
+            _check(q, k, v, dtype, is_causal=True)
+    finally:
+        engine.set_gemm_provider(None)
+
+
+def test_generated_gemms_only_for_mkl_float():
+    assert tile_jit_kernels(load_provider("numpy"), "float32", 128, 256, 64, 64) == NO_JIT
+    mkl = load_provider("mkl")
+    if isinstance(mkl, str):
+        pytest.skip(mkl)
+    assert tile_jit_kernels(mkl, "bfloat16", 128, 256, 64, 64) == NO_JIT
+    got = tile_jit_kernels(mkl, "float32", 128, 256, 64, 64)
+    assert got == NO_JIT or all(x > 0 for x in got)  # MKL may decline to generate code
+    assert tile_jit_kernels(mkl, "float32", 128, 256, 64, 64) == got  # made once
+
+
+# ---------------------------------------------------------------- softmax_exp and vector width
+
+
+@pytest.mark.parametrize(
+    "dtype, bound, hi", [(np.float32, 2.5e-7, 88.0), (np.float64, 1e-15, 709.0)], ids=["float32", "float64"]
+)
+def test_softmax_exp_contract(dtype, bound, hi):
+    tiny = np.finfo(dtype).tiny
+    x = np.concatenate(
+        [
+            -np.logspace(-30, np.log10(-np.log(tiny) * 1.2), 300_000),
+            np.logspace(-30, np.log10(hi), 100_000),
+            np.arange(-800, 800) * np.log(2) / 2,
+            [0.0, -0.0],
+        ]
+    ).astype(dtype)
+    x = x[x <= hi]
+    got = np.empty_like(x)
+    softmax_exp_array(x, got)
+    exact = np.exp(x.astype(np.longdouble))
+    normal = exact >= tiny
+    rel = np.abs((got[normal] - exact[normal]) / exact[normal])
+    assert float(rel.max()) < bound
+    assert np.all((got[~normal] == 0) | (np.abs(got[~normal] - exact[~normal]) <= tiny))
+    special = np.array([-np.inf, np.nan, np.finfo(dtype).min, -1e30, hi * -1.01], dtype=dtype)
+    out = np.empty_like(special)
+    softmax_exp_array(special, out)
+    assert np.isnan(out[1]) and np.all(out[[0, 2, 3, 4]] == 0) and not np.signbit(out[[0, 2, 3, 4]]).any()
+
+
+def test_softmax_pass_asks_for_512_bit_vectors():
+    from engine.kernels.cpu.softmax_tile import exp_tile
+
+    st = np.zeros((4, 16), np.float32)
+    args = (st, np.empty_like(st), np.float32(1), np.zeros(16, np.float32), np.zeros(16), np.zeros(16, np.float32))
+    exp_tile(*args, np.zeros(16, np.float32))
+    ir = next(iter(exp_tile.inspect_llvm().values()))
+    assert '"prefer-vector-width"="512"' in ir
+
+
+# ---------------------------------------------------------------- the tuning cache
+
+
+@pytest.fixture
+def tuning_dir(tmp_path, monkeypatch):
+    """Tuning on, with a private cache folder of its own; what the process knew is dropped."""
+    import numba
+
+    folder = tmp_path / "cache"
+    folder.mkdir(mode=0o700)
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(folder))
+    tuning.set_autotune(True)
+    tuning._forget()
+    yield folder
+    tuning.set_autotune(None)
+    tuning._forget()
+
+
+def _valid(v):
+    return isinstance(v.get("x"), int)
+
+
+def test_tuned_measures_once_and_stores_privately(tuning_dir):
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return {"x": 7}
+
+    assert tuning.tuned("test/a", measure, _valid) == {"x": 7}
+    assert tuning.tuned("test/a", measure, _valid) == {"x": 7}
+    assert calls == [1]
+    path = tuning.tuning_path()
+    assert os.path.dirname(path) == str(tuning_dir)
+    assert stat.S_IMODE(os.stat(path).st_mode) & 0o077 == 0
+    data = json.load(open(path))
+    assert data["choices"]["test/a"] == {"x": 7} and "cpu" in data["machine"]
+    tuning._forget()  # a new process: read back from disk, not measured again
+    assert tuning.lookup("test/a", _valid) == {"x": 7}
+    assert tuning.tuned("test/a", measure, _valid) == {"x": 7} and calls == [1]
+
+
+def test_invalid_or_unreadable_choices_are_measured_again(tuning_dir):
+    tuning.tuned("test/b", lambda: {"x": 1}, _valid)
+    path = tuning.tuning_path()
+    data = json.load(open(path))
+    data["choices"]["test/b"] = {"x": "not an int"}
+    with open(path, "w") as f:
+        json.dump(data, f)
+    tuning._forget()
+    assert tuning.lookup("test/b", _valid) is None
+    assert tuning.tuned("test/b", lambda: {"x": 2}, _valid) == {"x": 2}
+    with open(path, "w") as f:
+        f.write("{garbage")
+    tuning._forget()
+    with pytest.warns(RuntimeWarning, match="cannot be read"):
+        assert tuning.tuned("test/b", lambda: {"x": 3}, _valid) == {"x": 3}
+
+
+def test_file_writable_by_others_is_ignored_and_kept(tuning_dir):
+    tuning.tuned("test/c", lambda: {"x": 1}, _valid)
+    path = tuning.tuning_path()
+    os.chmod(path, 0o666)
+    before = open(path).read()
+    tuning._forget()
+    tuning._warned.clear()
+    with pytest.warns(RuntimeWarning, match="writable by group or others"):
+        assert tuning.lookup("test/c", _valid) is None
+    assert tuning.tuned("test/c", lambda: {"x": 5}, _valid) == {"x": 5}  # this process only
+    assert open(path).read() == before
+
+
+def test_autotune_off_reads_and_writes_nothing(tuning_dir):
+    tuning.set_autotune(False)
+    assert tuning.tuned("test/d", lambda: {"x": 1}, _valid) is None
+    assert not any(tuning_dir.iterdir())
+    with pytest.raises(ValueError, match="True, False or None"):
+        tuning.set_autotune("yes")
+
+
+def test_environment_turns_tuning_off():
+    code = "from engine.runtime import tuning; print(tuning.autotune_enabled())"
+    for value, expect in (("0", "False"), ("off", "False"), ("1", "True")):
+        env = dict(os.environ, ATTENTION_ENGINE_AUTOTUNE=value)
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT_S
+        )
+        assert out.stdout.strip() == expect, out.stderr
+
+
+# ---------------------------------------------------------------- measured tiles in use
+
+
+def test_stored_tiles_are_used_by_forward_and_backward(tuning_dir, rng, monkeypatch):
+    """A stored choice for the class decides both passes' tiles; the result is the reference's."""
+    provider = engine.get_gemm_provider("float32").name
+    key = cpu_tiles.tile_key(provider, "float32", 64, "short")
+    tuning.tuned(key, lambda: {"block_q": 32, "block_k": 64, "task_rows": 64}, cpu_tiles.valid_tiles)
+    plan = cpu_tiles.forward_tiles(300, 16, 16, "float32", provider, True, 64, 2)
+    assert plan == cpu_tiles.TilePlan(32, 64, 2, True)
+    assert cpu_tiles.backward_tile_sizes(300, 400, 16, 16, True, "float32", provider)[1:] == (64, 32)
+    seen = _record_setups(monkeypatch)
+    q, k, v = (rng.standard_normal((1, 2, n, 16)).astype(np.float32) for n in (300, 400, 400))
+    _check(q, k, v, np.float32, is_causal=True)
+    assert (seen[-1].block_q, seen[-1].block_k) == (32, 64)
+    out, lse = engine.scaled_dot_product_attention(q, k, v, return_lse=True, backend="cpu")
+    do = rng.standard_normal(out.shape).astype(np.float32)
+    got = engine.scaled_dot_product_attention_backward(do, q, k, v, out, lse, backend="cpu")
+    ref = engine.scaled_dot_product_attention_backward(do, q, k, v, out, lse, backend="reference")
+    for g, r in zip(got, ref):
+        assert np.allclose(g, r, atol=2e-5)
+
+
+def _record_setups(monkeypatch) -> list:
+    """The forward's kernel set-ups (tiles, provider, kernel) from now on, in order: every call
+    without a plan and every plan's prepared runner makes one."""
+    seen = []
+    real = cpu_forward._setup
+    monkeypatch.setattr(cpu_forward, "_setup", lambda *a, **kw: seen.append(real(*a, **kw)) or seen[-1])
+    return seen
+
+
+def test_call_plans_follow_what_tuning_knows(tuning_dir, rng, monkeypatch):
+    """A call plan made before a choice was stored is not used after it (its tiles would no longer
+    be those the backward recomputes with), nor one made with tuning on once it is off."""
+    from engine import plan as plans
+
+    seen = _record_setups(monkeypatch)
+    q, k, v = (rng.standard_normal((1, 2, n, 16)).astype(np.float32) for n in (300, 400, 400))
+    for _ in range(2):  # the second through the plan
+        engine.scaled_dot_product_attention(q, k, v, backend="cpu")
+    rule = (seen[-1].block_q, seen[-1].block_k)
+    token = plans.runtime_token()
+    key = cpu_tiles.tile_key(engine.get_gemm_provider("float32").name, "float32", 64, "short")
+    tuning.tuned(key, lambda: {"block_q": 32, "block_k": 64, "task_rows": 64}, cpu_tiles.valid_tiles)
+    assert plans.runtime_token() != token
+    for _ in range(2):
+        engine.scaled_dot_product_attention(q, k, v, backend="cpu")
+        assert (seen[-1].block_q, seen[-1].block_k) == (32, 64) != rule
+    tuning.set_autotune(False)
+    engine.scaled_dot_product_attention(q, k, v, backend="cpu")
+    assert (seen[-1].block_q, seen[-1].block_k) == rule
+
+
+def test_rows_per_task_shrink_until_every_thread_has_work():
+    plan = cpu_tiles.forward_tiles(1024, 64, 64, "float32", "none", True, 1, 2)  # nothing stored: the rule
+    assert not plan.tuned
+    tasks = -(-1024 // (plan.block_q * plan.sub_tiles))
+    assert tasks >= 4 * 2 or plan.sub_tiles == 1
+    one = cpu_tiles.forward_tiles(64, 64, 64, "float32", "none", True, 1, 8)
+    assert one.sub_tiles == 1 and one.block_q == 64
+
+
+def test_invalid_stored_tiles_fall_back_to_the_rule(tuning_dir):
+    key = cpu_tiles.tile_key("numpy", "float32", 64, "medium")
+    for bad in ({"block_q": 0, "block_k": 64, "task_rows": 64}, {"block_q": 64, "block_k": 10**9, "task_rows": 64}):
+        tuning._memory[key] = bad
+        plan = cpu_tiles.forward_tiles(1024, 64, 64, "float32", "numpy", True, 8, 2)
+        assert not plan.tuned and plan.block_q >= 1
+
+
+def test_first_large_call_measures_its_class(tuning_dir, rng, monkeypatch):
+    """A call above ``CPU_TUNE_MIN_WORK`` measures the provider and its class's tiles (shrunk
+    here to keep the test short), stores them, and computes the right result; ``attention-engine
+    list`` then names them."""
+    monkeypatch.setattr(cpu_forward, "CPU_TUNE_MIN_WORK", 1)
+    monkeypatch.setattr(autotune, "CLASS_PROBLEMS", {"short": (1, 64, 64), "medium": (1, 64, 64), "long": (1, 64, 128)})
+    monkeypatch.setattr(cpu_tiles, "BLOCK_Q_CHOICES", (32, 64))
+    monkeypatch.setattr(autotune, "BLOCK_Q_CHOICES", (32, 64))
+    monkeypatch.setattr(autotune, "BLOCK_K_CHOICES", (64, 128))
+    q, k, v = (rng.standard_normal((1, 2, n, 32)).astype(np.float32) for n in (96, 100, 100))
+    _check(q, k, v, np.float32)
+    choices = tuning.tuning_info()["choices"]
+    provider = choices["cpu-gemm/float32"]["provider"]
+    tiles = choices[cpu_tiles.tile_key(provider, "float32", 64, "short")]
+    assert cpu_tiles.valid_tiles(tiles) and tiles["block_q"] in (32, 64) and tiles["block_k"] in (64, 128)
+    assert engine.get_gemm_provider("float32").name == provider
+    notes = " ".join(engine.get_backend("cpu").capabilities()["notes"])
+    assert f"float32/w64/short {tiles['block_q']}x{tiles['block_k']}" in notes
+
+
+def test_bf16_rounding_of_probabilities_matches_ml_dtypes_but_subnormals():
+    """The probabilities' bfloat16 rounding (the CPU's own conversion where it has AVX512-BF16):
+    nearest even as ml_dtypes for every normal float32, NaN stays NaN, subnormals 0 or as
+    ml_dtypes."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from engine.kernels.cpu.half import f32_to_bf16_ftz_array
+
+    bits = np.arange(0, 2**32, 97, dtype=np.uint64).astype(np.uint32)
+    bits = np.concatenate([bits, np.array([0x7F800000, 0xFF800000, 0x3F808000, 0x3F818000, 0x00000001], np.uint32)])
+    x = bits.view(np.float32)
+    got = np.empty(x.shape, np.uint16)
+    f32_to_bf16_ftz_array(x, got)
+    with np.errstate(invalid="ignore"):
+        ref = x.astype(ml_dtypes.bfloat16).view(np.uint16)
+    nan = np.isnan(x)
+    sub = (np.abs(x) < np.finfo(np.float32).tiny) & ~nan
+    assert np.array_equal(got[~nan & ~sub], ref[~nan & ~sub])
+    assert np.isnan(got[nan].view(ml_dtypes.bfloat16).astype(np.float32)).all()
+    assert np.all((got[sub] & 0x7FFF == 0) | (got[sub] == ref[sub]))
