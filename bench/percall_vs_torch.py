@@ -27,7 +27,12 @@ torch summing the same bytes):
 * the ``multi-head`` variant at N=1, L=16, E=256, 8 heads against ``torch.nn.MultiheadAttention``
   with the same weights;
 * ``attention-engine generate``'s measurement (GPT-2 small's configuration, random weights, batch
-  1): tokens per second against transformers, and whether the tokens are the same.
+  1): tokens per second against transformers, and whether the tokens are the same; and the bound
+  on any float32 implementation: the weight bytes a step reads against ``torch.sum``'s best rate
+  over that many bytes, with the fraction of it each library reaches.
+
+``--breakdown-only``: where the microseconds of the tiny call and of a decode step at S = 8 go,
+stage by stage, before call plans (the full path) and after, in thread CPU time on one thread.
 """
 
 from __future__ import annotations
@@ -293,15 +298,35 @@ def _thread_us(fn, n=2000, rounds=7):
     return best * 1e6
 
 
+def _spy_entry(runner_setup, run):
+    """The arguments ``run()`` passes to the kernel entry point held in ``runner_setup.entry``."""
+    captured = {}
+    entry = runner_setup.entry
+
+    def spy(*a):
+        captured["args"] = a
+        return entry(*a)
+
+    runner_setup.entry = spy
+    try:
+        run()
+    finally:
+        runner_setup.entry = entry
+    return entry, captured["args"]
+
+
 def breakdown():
-    """Where the microseconds of the tiny call (1, 1, 8, 16) go: the full path (what every call
-    paid before call plans: validation, dispatch, the op's run through Numba's dispatcher) and the
-    cached path, stage by stage, in thread CPU time on one thread."""
+    """Where the microseconds of the tiny call (1, 1, 8, 16) and of a short decode step go: the
+    full path (what every call paid before call plans: validation, dispatch, the op's run through
+    Numba's dispatcher) and the cached path stage by stage, in thread CPU time on one thread."""
     import engine
-    from engine.dispatch import select_backend
-    from engine.plan import fast_problem, lookup
+    from engine.dispatch import select, select_backend
+    from engine.plan import lookup
+    from engine.plan.decode import decode_key
+    from engine.plan.decode import run_cached as decode_cached
     from engine.plan.forward import forward_key, run_cached
     from engine.problems.attention import validate_attention_args
+    from engine.problems.decode import validate_decode_args
 
     q = np.random.default_rng(0).standard_normal((1, 1, 8, 16), dtype=np.float32)
     for _ in range(3):  # the plan, then its runner's entry point
@@ -311,47 +336,102 @@ def breakdown():
     plan = lookup(key)
     problem = validate_attention_args(q, q, q)
     op = select_backend("auto", problem).op(type(problem))
-    fields = {"query": q, "key": q, "value": q, "attn_mask": None, "scale": 0.25, "mod_args": ()}
-    fields.update(dropout_p=0.0, dropout_seed=None)
-    cached = fast_problem(plan, fields)
-    setup = plan.runner.setup
-    captured = {}
-    entry = setup.entry
-
-    def spy(a, m):
-        captured["args"] = (a, m)
-        return entry(a, m)
-
-    setup.entry = spy
-    plan.run(cached)
-    setup.entry = entry
-    kernel_args = captured["args"]
+    plain, setup = plan.plain, plan.runner.setup
+    entry, kernel_args = _spy_entry(setup, lambda: plain(q, q, q, 0.25, ()))
     stages = {
-        "whole call (cached path)": lambda: engine.scaled_dot_product_attention(q, q, q),
-        "before: validate_attention_args": lambda: validate_attention_args(q, q, q),
-        "before: select_backend (support checks of every backend)": lambda: select_backend("auto", problem),
-        "before: op.run (argument building, provider, tiles, dispatcher, kernel)": lambda: op.run(problem),
-        "after: signature key (forward_key)": lambda: forward_key(*args),
-        "after: plan lookup": lambda: lookup(key),
-        "after: per-call checks and problem (run_cached minus the run)": None,
-        "after: fast_problem alone": lambda: fast_problem(plan, fields),
-        "after: prepared runner (arguments, guard, entry point, kernel)": lambda: plan.run(cached),
-        "after: kernel through its entry point alone": lambda: entry(*kernel_args),
-        "after: kernel through Numba's dispatcher alone": lambda: setup.kernel(*kernel_args),
+        "sdpa whole call (cached path)": lambda: engine.scaled_dot_product_attention(q, q, q),
+        "sdpa before: validate_attention_args": lambda: validate_attention_args(q, q, q),
+        "sdpa before: select_backend (support checks of every backend)": lambda: select_backend("auto", problem),
+        "sdpa before: op.run (argument building, provider, tiles, dispatcher, kernel)": lambda: op.run(problem),
+        "sdpa after: signature key (forward_key)": lambda: forward_key(*args),
+        "sdpa after: plan lookup": lambda: lookup(key),
+        "sdpa after: plain runner (output, argument tuple, entry point, kernel)": lambda: plain(q, q, q, 0.25, ()),
+        "sdpa after: kernel through its entry point alone": lambda: entry(*kernel_args),
+        "sdpa after: kernel through Numba's dispatcher alone": lambda: setup.kernel(*kernel_args),
     }
+    # a decode step at S = 8 (B=1 H=8 D=64): the fixed cost with almost no keys to read
+    rng = np.random.default_rng(0)
+    dq = rng.standard_normal((1, 8, 1, 64), dtype=np.float32)
+    kc, vc = (rng.standard_normal((1, 8, 9, 64), dtype=np.float32) for _ in range(2))
+    for _ in range(3):
+        engine.attention_with_kvcache(dq, kc, vc, cache_seqlens=8)
+    dargs = (dq, kc, vc, None, None, 8, None, True, None, None, None, (), False, None, "auto")
+    dkey = decode_key(*dargs)
+    dplan = lookup(dkey)
+    dproblem = validate_decode_args(dq, kc, vc, cache_seqlens=8)
+    dop = select("auto", dproblem)[1]
+    seqlens_k = np.full(1, 8, np.int64)
+    dplain = dplan.plain
+    kernel = dplan.runner.setup.kernels[1]  # the serial build, which a step this short runs
+    dentry, dkernel_args = _spy_entry(kernel, lambda: dplain(dq, kc, vc, None, None, seqlens_k, 8, 8, 0.125, ()))
+    stages.update(
+        {
+            "decode S=8 whole call (cached path)": lambda: engine.attention_with_kvcache(dq, kc, vc, cache_seqlens=8),
+            "decode S=8 before: validate_decode_args": lambda: validate_decode_args(dq, kc, vc, cache_seqlens=8),
+            "decode S=8 before: select (support checks of every backend)": lambda: select("auto", dproblem),
+            "decode S=8 before: op.run (layout, arguments, kernel)": lambda: dop.run(dproblem),
+            "decode S=8 after: signature key (decode_key)": lambda: decode_key(*dargs),
+            "decode S=8 after: plain runner (outputs, argument tuple, entry point, kernel)": lambda: dplain(
+                dq, kc, vc, None, None, seqlens_k, 8, 8, 0.125, ()
+            ),
+            "decode S=8 after: kernel through its entry point alone": lambda: dentry(*dkernel_args),
+        }
+    )
     out = {}
     for name, fn in stages.items():
-        if fn is None:
-            continue
         out[name] = _thread_us(fn)
-    whole_cached = _thread_us(lambda: run_cached(key, q, q, q, None, None, (), None, 0.0, None))
-    out["after: per-call checks and problem (run_cached minus the run)"] = max(
-        0.0, whole_cached - out["after: prepared runner (arguments, guard, entry point, kernel)"]
+    cached = _thread_us(lambda: run_cached(key, q, q, q, None, None, (), None, 0.0, None))
+    out["sdpa after: per-call checks (run_cached minus the runner)"] = max(
+        0.0, cached - out["sdpa after: plain runner (output, argument tuple, entry point, kernel)"]
     )
-    out["before: whole call (sum of the three)"] = sum(v for k, v in out.items() if k.startswith("before:"))
+    dcached = _thread_us(lambda: decode_cached(dkey, dq, kc, vc, None, None, 8, None, None, ()))
+    out["decode S=8 after: per-call checks (run_cached minus the runner)"] = max(
+        0.0, dcached - out["decode S=8 after: plain runner (outputs, argument tuple, entry point, kernel)"]
+    )
+    for prefix in ("sdpa", "decode S=8"):
+        out[f"{prefix} before: whole call (sum of the three)"] = sum(
+            v for k, v in out.items() if k.startswith(f"{prefix} before:")
+        )
     for name, us in out.items():
-        print(f"  {name:75s} {us:7.2f} us", flush=True)
+        print(f"  {name:80s} {us:7.2f} us", flush=True)
     return out
+
+
+def gpt2_bound(threads, rounds=7):
+    """What a float32 GPT-2 small decode step must read (every block's weights and the tied output
+    projection) and the best rate ``torch.sum`` reads that many bytes at: the tokens/s no float32
+    implementation can pass on this machine (batch 1, weights streamed once per token)."""
+    import torch
+
+    from engine.models.gpt2 import random_gpt2
+
+    model, ours = random_gpt2(None, seed=0)
+    per_token = ours.wte_t.nbytes + sum(
+        v.nbytes for k, v in ours.p.items() if k.startswith(("transformer.h.", "transformer.ln_f."))
+    )
+    del model, ours
+    buf = torch.from_numpy(np.random.default_rng(0).standard_normal(per_token // 4, dtype=np.float32))
+    torch.set_num_threads(threads)
+    buf.sum()
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        buf.sum()
+        times.append(time.perf_counter() - t)
+    best = min(times)
+    row = {
+        "case": "GPT-2 small float32: weight bytes per token and the streaming bound",
+        "bytes_per_token": per_token,
+        "torch_sum_GBps_best": per_token / best / 1e9,
+        "torch_sum_GBps_median": per_token / statistics.median(times) / 1e9,
+        "bound_tokens_per_s": 1.0 / best,
+    }
+    print(
+        f"{'GPT-2 bound':58s} {per_token / 1e6:.1f} MB per token; torch.sum {row['torch_sum_GBps_best']:.1f} GB/s "
+        f"(median {row['torch_sum_GBps_median']:.1f}): at most {row['bound_tokens_per_s']:.1f} tokens/s",
+        flush=True,
+    )
+    return row
 
 
 def main(argv=None):
@@ -362,7 +442,9 @@ def main(argv=None):
     parser.add_argument("--skip-generate", action="store_true")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens per GPT-2 generation (default 64)")
     parser.add_argument("--json", help="where to write the results (default bench/results/...)")
-    parser.add_argument("--breakdown-only", action="store_true", help="only the tiny call's breakdown")
+    parser.add_argument(
+        "--breakdown-only", action="store_true", help="only the breakdown of the tiny call and a short decode step"
+    )
     parser.add_argument(
         "--cpu-time",
         action="store_true",
@@ -387,7 +469,7 @@ def main(argv=None):
     rounds = 3 if args.quick else args.rounds
     load_before = os.getloadavg()
     rows = []
-    print("breakdown of the tiny call, thread CPU time, one thread:", flush=True)
+    print("breakdown of the tiny call and a short decode step, thread CPU time, one thread:", flush=True)
     engine.set_num_threads(1)
     with threadpool_limits(limits=1):
         parts = breakdown()
@@ -400,7 +482,13 @@ def main(argv=None):
         rows.append(bandwidth_row(max(3, rounds // 2)))
         rows.append(multi_head_row(rounds))
     if not args.skip_generate:
-        rows.append(generate_row(args.threads, 3 if args.quick else 5, args.new_tokens))
+        gen = generate_row(args.threads, 3 if args.quick else 5, args.new_tokens)
+        with threadpool_limits(limits=args.threads):
+            bound = gpt2_bound(args.threads)
+        for name in ("engine", "transformers"):
+            if f"{name}_tokens_per_s" in gen:
+                bound[f"{name}_fraction_of_bound"] = gen[f"{name}_tokens_per_s"] / bound["bound_tokens_per_s"]
+        rows += [gen, bound]
     out = {
         "machine": machine_info(),
         "cpu": cpu_info(),
@@ -410,7 +498,7 @@ def main(argv=None):
         "load_average_after": os.getloadavg(),
         "method": "each library in blocks of its own after a pause; medians over rounds of block means",
         "clock": "process CPU time" if args.cpu_time else "wall time",
-        "breakdown_tiny_call_thread_us": parts,
+        "breakdown_thread_us": parts,
         "results": rows,
     }
     what = f"percall-vs-torch-{args.threads}threads" + ("-cputime" if args.cpu_time else "")

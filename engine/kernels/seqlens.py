@@ -9,7 +9,7 @@ from ..runtime.jit_cache import cache_enabled
 
 _CACHE = cache_enabled()
 
-__all__ = ["_check_seqlens", "_seqlens_k"]
+__all__ = ["_check_seqlens", "_checked_seqlens_k", "_seqlens_k"]
 
 
 @njit(cache=_CACHE)
@@ -25,6 +25,23 @@ def _check_seqlens(cache_seqlens, L_new, capacity, out):
         out[b] = s
         most = max(most, s + L_new)
     return most
+
+
+@njit(cache=_CACHE)
+def _checked_seqlens_k(cache_seqlens, L_new, capacity, out):
+    """``out[b] = cache_seqlens[b] + L_new`` (int64): sequence b's keys after the write; returns
+    ``(max, sum)`` of ``out``, or ``(-1, 0)`` when some entry is negative or leaves no room for
+    ``L_new`` new keys in ``capacity`` (the full validation then names it)."""
+    most = 0
+    total = 0
+    for b in range(cache_seqlens.shape[0]):
+        s = np.int64(cache_seqlens[b])
+        if s < 0 or s + L_new > capacity:
+            return -1, 0
+        out[b] = s + L_new
+        most = max(most, s + L_new)
+        total += s + L_new
+    return most, total
 
 
 @njit(cache=_CACHE)

@@ -45,8 +45,10 @@ def _layer_norm(x, weight, bias, eps):
 
 
 def _gelu_new(x):
-    """GPT-2's tanh approximation of GELU (transformers' ``gelu_new``)."""
-    return 0.5 * x * (1.0 + np.tanh(np.float32(math.sqrt(2.0 / math.pi)) * (x + np.float32(0.044715) * x**3)))
+    """GPT-2's tanh approximation of GELU (transformers' ``gelu_new``). The cube is ``x * x * x``:
+    what torch's ``pow(x, 3.0)`` computes (bit for bit), where NumPy's ``x**3`` calls ``powf`` per
+    element (another rounding, and 170 us for a decode step's 3072 values: 8% of a step)."""
+    return 0.5 * x * (1.0 + np.tanh(np.float32(math.sqrt(2.0 / math.pi)) * (x + np.float32(0.044715) * (x * x * x))))
 
 
 class GPT2:

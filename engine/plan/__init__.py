@@ -56,10 +56,12 @@ class Plan:
     """What a signature decides. ``backend``/``op``: the dispatcher's choice; ``problem_type`` and
     ``fields``: the validated problem's fields but the per-call ones, to rebuild a problem cheaply
     (:func:`fast_problem`); ``runner``: ``op.prepare(problem)`` (a callable of a problem), or None,
-    then ``op.run`` runs it; ``extra``: what the capability's own module needs per call (views to
-    rebuild, defaults)."""
+    then ``op.run`` runs it; ``plain``: the runner's shorter path for the calls its capability
+    module knows to be plain (the runner's ``plain`` attribute, a callable of the per-call arrays
+    and values; None where it has none); ``extra``: what the capability's own module needs per
+    call (views to rebuild, defaults)."""
 
-    __slots__ = ("backend", "op", "problem_type", "fields", "runner", "extra")
+    __slots__ = ("backend", "op", "problem_type", "fields", "runner", "plain", "extra")
 
     def __init__(self, backend, op, problem, per_call: tuple, extra: Any = None):
         self.backend = backend
@@ -68,6 +70,7 @@ class Plan:
         self.fields = {k: v for k, v in problem.__dict__.items() if k not in per_call}
         prepare = getattr(op, "prepare", None)
         self.runner = prepare(problem) if prepare is not None else None
+        self.plain = getattr(self.runner, "plain", None)
         self.extra = extra
 
     def run(self, problem):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kernels.seqlens import _check_seqlens
+from ..kernels.seqlens import _check_seqlens, _checked_seqlens_k
 from ..problems.arrays import native_mod_args
 from ..problems.base import check_scale
 from ..problems.decode import _check_pages
@@ -114,6 +114,23 @@ def run_cached(plan_key, query, k_cache, v_cache, key, value, cache_seqlens, pag
         scale = info.default_scale
     else:
         scale = check_scale(scale, info.E, info.shapes)
+    plain = plan.plain
+    if plain is not None:  # no page table: the runner takes seqlens_k and the arrays
+        L_new = info.L_new
+        seqlens_k = np.empty(info.B, np.int64)
+        if type(cache_seqlens) is int:
+            most = cache_seqlens + L_new
+            if cache_seqlens < 0 or most > info.capacity:
+                return None
+            seqlens_k.fill(most)
+            total = most * info.B
+        else:
+            most, total = info.checked_seqlens_k(cache_seqlens, L_new, info.capacity, seqlens_k)
+            if most < 0:
+                return None
+        if mod_args:
+            mod_args = native_mod_args(mod_args)
+        return plain(query, k_cache, v_cache, key, value, seqlens_k, most, total, scale, mod_args)
     if type(cache_seqlens) is int:
         if cache_seqlens < 0 or cache_seqlens + info.L_new > info.capacity:
             return None
@@ -144,7 +161,18 @@ def run_cached(plan_key, query, k_cache, v_cache, key, value, cache_seqlens, pag
 
 
 class _Info:
-    __slots__ = ("default_scale", "E", "shapes", "B", "L_new", "capacity", "page_size", "num_pages", "check_seqlens")
+    __slots__ = (
+        "default_scale",
+        "E",
+        "shapes",
+        "B",
+        "L_new",
+        "capacity",
+        "page_size",
+        "num_pages",
+        "check_seqlens",
+        "checked_seqlens_k",
+    )
 
 
 def remember(plan_key, problem, backend, op, arrays) -> None:
@@ -162,4 +190,5 @@ def remember(plan_key, problem, backend, op, arrays) -> None:
     info.B, info.L_new, info.capacity = problem.batch, problem.L_new, problem.capacity
     info.page_size, info.num_pages = problem.page_size, problem.num_pages
     info.check_seqlens = Bound(_check_seqlens)  # the key fixes cache_seqlens' type
+    info.checked_seqlens_k = Bound(_checked_seqlens_k)
     store(plan_key, Plan(backend, op, problem, _PER_CALL, info))

@@ -92,7 +92,11 @@ def run_cached(key, query, key_, value, attn_mask, scale, mod_args, block_mask, 
     elif block_mask is not None:
         mod_args = block_mask.mod_args
     views = info.views
-    if views is not None:
+    if views is None:
+        plain = plan.plain
+        if plain is not None:  # no problem object: the runner takes the arrays and values
+            return plain(query, key_, value, scale, mod_args)
+    else:
         query, key_, value = (
             a if view is None else np.broadcast_to(a.reshape(view[0]), view[1])
             for a, view in zip((query, key_, value), views)
@@ -139,4 +143,7 @@ def remember(key, problem, backend, op, query, key_, value, attn_mask) -> None:
     info.shapes = f"query={tuple(problem.query.shape)}"
     info.dropout = problem.dropout_p > 0
     info.views = None if all(v is None for v in views) else tuple(views)
-    store(key, Plan(backend, op, problem, _PER_CALL, info))
+    plan = Plan(backend, op, problem, _PER_CALL, info)
+    if info.views is not None:  # the runner's plain path takes the arrays as the caller gave them
+        plan.plain = None
+    store(key, plan)

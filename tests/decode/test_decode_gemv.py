@@ -71,3 +71,9 @@ def test_gemv_kernel_nan_values_reach_only_the_rows_that_weigh_them():
     assert np.isnan(out).all()
     out = engine.attention_with_kvcache(q, kc, vc, cache_seqlens=5, window=(1, -1), backend="cpu")
     assert np.isfinite(out).all()  # the window hides key 2 from the row at position 4
+    # two query rows (positions 6 and 7): key 7, in a group of four keys the first row weighs
+    # but for it, reaches the second row only
+    q2, vc[:] = np.ones((1, 1, 2, 8), np.float32), 0
+    vc[0, 0, 7] = np.nan
+    out = engine.attention_with_kvcache(q2, kc, vc, cache_seqlens=8, backend="cpu")
+    assert np.isfinite(out[0, 0, 0]).all() and np.isnan(out[0, 0, 1]).all()

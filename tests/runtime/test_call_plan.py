@@ -122,6 +122,29 @@ def test_forward_broadcast_and_strided_inputs_through_a_plan():
         )
 
 
+def test_forward_plain_calls_through_a_plan():
+    """The plain path (4-D inputs, no mask, mask_mod or dropout): each call's own arrays, scale
+    and mod_args values, on the serial kernel (tiny) and the parallel one; inputs whose broadcast
+    view is contiguous (a missing leading dim) still go through the rebuilt view."""
+    from variants.alibi import alibi_bias as alibi
+
+    sdpa = engine.scaled_dot_product_attention
+    for shape in ((1, 2, 8, 16), (2, 4, 48, 32)):
+        for _ in range(3):
+            q, k, v = _arr(*shape), _arr(*shape), _arr(*shape)
+            scale = float(RNG.random() + 0.1)
+            slopes = RNG.random(shape[1]).astype(np.float32)
+            for kw in ({}, {"scale": scale}, {"score_mod": alibi, "mod_args": (slopes,)}):
+                got, lse = sdpa(q, k, v, backend="cpu", return_lse=True, **kw)
+                want, want_lse = sdpa(q, k, v, backend="reference", return_lse=True, **kw)
+                np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+                np.testing.assert_allclose(lse, want_lse, rtol=2e-5, atol=2e-5)
+    q, kv = _arr(1, 1, 8, 16), _arr(1, 8, 16)
+    for _ in range(3):
+        kv[:] = _arr(1, 8, 16)
+        np.testing.assert_allclose(sdpa(q, kv, kv, backend="cpu"), sdpa(q, kv, kv, backend="reference"), atol=2e-5)
+
+
 def test_forward_signature_changes_take_their_own_plan():
     """A read-only input, another dtype, a bool flag given as an int: no plan of the first call's."""
     sdpa = engine.scaled_dot_product_attention
@@ -215,15 +238,18 @@ def test_decode_page_table_errors_on_a_cached_call(bad_table, message):
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_decode_cached_calls_write_and_attend_with_their_own_values(backend):
-    """A generation loop: every step writes its token at its own position and matches the
-    reference on a fresh copy of the caches."""
+    """A generation loop: every step writes its token at its own position, with its own scale, and
+    matches the reference on a fresh copy of the caches."""
     kc, vc = np.zeros((2, 2, 12, 8), np.float32), np.zeros((2, 2, 12, 8), np.float32)
     seqlens = np.array([0, 3], np.int32)
     for _ in range(6):
         q, kn, vn = _arr(2, 4, 1, 8), _arr(2, 2, 1, 8), _arr(2, 2, 1, 8)
         k_ref, v_ref = kc.copy(), vc.copy()
-        out = engine.attention_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=seqlens, backend=backend)
-        want = engine.attention_with_kvcache(q, k_ref, v_ref, kn, vn, cache_seqlens=seqlens, backend="reference")
+        scale = float(RNG.random() + 0.1)
+        out = engine.attention_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=seqlens, scale=scale, backend=backend)
+        want = engine.attention_with_kvcache(
+            q, k_ref, v_ref, kn, vn, cache_seqlens=seqlens, scale=scale, backend="reference"
+        )
         np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-5)
         np.testing.assert_array_equal(kc, k_ref)
         np.testing.assert_array_equal(vc, v_ref)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 import operator
 
@@ -73,13 +72,38 @@ class CpuDecode(Op):
         setup = _setup(problem)
         setup.kernels = tuple(Bound(k) for k in setup.kernels)
         setup.write, setup.restore, setup.seqlens_k = (Bound(k) for k in (setup.write, setup.restore, setup.seqlens_k))
-        return functools.partial(_launch, setup)
+        return _Prepared(setup, problem)
 
 
 #: the kernel arguments each call sets (the others are the signature's, set once in ``_setup``),
 #: under the general kernel's names and the GEMV kernel's (which has no page table)
-_PER_CALL = ("q", "k_pages", "v_pages", "page_table", "seqlens_k", "splits", "part_out", "part_lse", "out", "lse")
-_GEMV_PER_CALL = ("q", "k_cache", "v_cache", "page_table", "seqlens_k", "splits", "part_out", "part_lse", "out", "lse")
+#: (the scale too: a call plan's later calls may pass another)
+_PER_CALL = (
+    "q",
+    "k_pages",
+    "v_pages",
+    "page_table",
+    "seqlens_k",
+    "scale",
+    "splits",
+    "part_out",
+    "part_lse",
+    "out",
+    "lse",
+)
+_GEMV_PER_CALL = (
+    "q",
+    "k_cache",
+    "v_cache",
+    "page_table",
+    "seqlens_k",
+    "scale",
+    "splits",
+    "part_out",
+    "part_lse",
+    "out",
+    "lse",
+)
 
 
 def uses_gemv(problem: DecodeProblem) -> bool:
@@ -116,6 +140,7 @@ class _Setup:
         "fast_write",
         "bits",
         "cast",
+        "gemv",
     )
 
 
@@ -140,7 +165,6 @@ def _setup(problem: DecodeProblem) -> _Setup:
         causal=problem.is_causal,
         left=left,
         right=right,
-        scale=problem.scale,
         group=group,
         half_kind=half_kind,
         gather=bool(half_kind or problem.page_table is not None),
@@ -155,9 +179,11 @@ def _setup(problem: DecodeProblem) -> _Setup:
         from ...kernels.cpu import decode_gemv
 
         per_call, args_type = _GEMV_PER_CALL, decode_gemv.GemvArgs
-        fixed = {k: fixed[k] for k in ("causal", "left", "right", "scale", "group", "block_k")}
+        fixed = {k: fixed[k] for k in ("causal", "left", "right", "group", "block_k")}
         setup.kernels = tuple(decode_gemv.gemv_kernel(serial) for serial in (0, 1))
+        setup.gemv = True  # it writes (B, Hq, L, Dv) itself, and allocates its split-KV parts
     else:  # the parallel and the serial build; a prepared runner calls their entry points once known
+        setup.gemv = False
         args_type = _kernels().DecodeArgs
         compile_mods_alone(problem.score_mod, problem.mask_mod, problem.mod_args, compute)
         setup.kernels = tuple(_kernels().decode_kernel(problem.score_mod, problem.mask_mod, s) for s in (0, 1))
@@ -194,29 +220,34 @@ def _launch(setup: _Setup, problem: DecodeProblem):
         splits = 1 if setup.tasks >= setup.threads else pick_num_splits(setup.tasks, most, setup.threads)
     splits = min(splits, max(1, most))  # a split with no key does nothing
     (N, Ev), lse_n, out_shape, lse_shape = setup.shapes
-    out = np.empty((N, Ev), dtype=compute)
-    lse = np.empty(lse_n, dtype=compute)
-    if splits > 1:
-        part_out = np.empty((splits, N, Ev), dtype=compute)
-        part_lse = np.empty((splits, N), dtype=compute)
+    part_out = part_lse = None
+    if setup.gemv:  # the GEMV kernel writes the output's own shape and holds its parts itself
+        out = np.empty(out_shape, dtype=compute)
+        lse = np.empty(lse_shape, dtype=compute)
     else:
-        part_out, part_lse = out.reshape(1, N, Ev), lse.reshape(1, N)
+        out = np.empty((N, Ev), dtype=compute)
+        lse = np.empty(lse_n, dtype=compute)
+        if splits > 1:
+            part_out = np.empty((splits, N, Ev), dtype=compute)
+            part_lse = np.empty((splits, N), dtype=compute)
+        else:
+            part_out, part_lse = out.reshape(1, N, Ev), lse.reshape(1, N)
     # keys read: tiny calls run serially (the thread pool's wake-up costs more than it gains)
     serial = int(splits == 1 and total * setup.work_per_key <= CPU_SERIAL_MAX_WORK)
     k_pages, v_pages = problem.k_cache, problem.v_cache
     if setup.bits:
         k_pages, v_pages = _pages(k_pages), _pages(v_pages)
-    per_call = (q, k_pages, v_pages, table, seqlens_k, splits, part_out, part_lse, out, lse)
+    per_call = (q, k_pages, v_pages, table, seqlens_k, problem.scale, splits, part_out, part_lse, out, lse)
     args = tuple.__new__(setup.args_type, setup.pick(setup.template + per_call))
     kernel = setup.kernels[serial]
     if setup.fast_write:  # a compiled copy; the old contents back if the kernel fails
         key, value = _bits(problem.key), _bits(problem.value)
         old_k, old_v = np.empty(key.shape, key.dtype), np.empty(value.shape, value.dtype)
-        setup.write(k_pages, v_pages, table, problem.cache_seqlens, key, value, old_k, old_v)
+        setup.write(k_pages, v_pages, table, seqlens_k, key, value, old_k, old_v)
         try:
             _run_kernel(setup.small, kernel, args, problem.mod_args)
         except BaseException:
-            setup.restore(k_pages, v_pages, table, problem.cache_seqlens, old_k, old_v)
+            setup.restore(k_pages, v_pages, table, seqlens_k, old_k, old_v)
             raise
     elif problem.key is not None:
         with new_entries_written(problem):  # NumPy's conversion to the cache dtype
@@ -243,3 +274,101 @@ def _run_kernel(small: bool, kernel, args, mod_args) -> None:
 
 def _bits(a: np.ndarray) -> np.ndarray:
     return a.view(np.uint16) if a.dtype.itemsize == 2 else a
+
+
+class _Prepared:
+    """A prepared runner (:meth:`CpuDecode.prepare`): :func:`_launch` with the setup done once,
+    and ``plain``, the shorter path where the plan's checks hand over the per-call arrays and
+    values directly (None where the signature needs more: a page table, 16-bit caches, a query
+    to convert, new entries to convert)."""
+
+    __slots__ = ("setup", "plain")
+
+    def __init__(self, setup: _Setup, problem: DecodeProblem):
+        self.setup = setup
+        plain = setup.direct_q and problem.page_table is None and not setup.bits and not setup.cast
+        self.plain = _Plain(setup, problem) if plain and (problem.key is None or setup.fast_write) else None
+
+    def __call__(self, problem: DecodeProblem):
+        return _launch(self.setup, problem)
+
+
+class _Plain:
+    """``(out, lse)`` of a call given its arrays, its ``seqlens_k`` (int64 ``cache_seqlens + L_new``,
+    checked against the capacity), their max and sum, the scale and ``mod_args``: :func:`_launch`'s
+    work without a problem object, through the kernels' entry points, with no thread guard around
+    the serial kernel (it does not use Numba's thread pool)."""
+
+    __slots__ = ("setup", "write", "dtype", "guarded", "pin", "gemv", "shapes")
+
+    def __init__(self, setup: _Setup, problem: DecodeProblem):
+        self.setup = setup
+        self.gemv = setup.gemv
+        self.write = problem.key is not None
+        self.dtype = setup.compute
+        self.pin = None if setup.small else get_blas_pin()
+        # the thread guard around the parallel kernel and the pinned BLAS; the serial kernel alone
+        # with no BLAS call needs neither
+        self.guarded = (True, True) if self.pin is not None else (True, False)
+        self.shapes = setup.shapes
+
+    def __call__(self, q, k_cache, v_cache, key, value, seqlens_k, most, total, scale, mod_args):
+        setup = self.setup
+        splits = setup.splits
+        if splits is None:
+            splits = 1 if setup.tasks >= setup.threads else pick_num_splits(setup.tasks, most, setup.threads)
+        if splits > most:
+            splits = max(1, most)  # a split with no key does nothing
+        (N, Ev), lse_n, out_shape, lse_shape = self.shapes
+        dtype = self.dtype
+        part_out = part_lse = None
+        if self.gemv:  # the output's own shape, written by the kernel (which holds its parts)
+            out = np.empty(out_shape, dtype)
+            lse = np.empty(lse_shape, dtype)
+        elif splits > 1:
+            out = np.empty((N, Ev), dtype)
+            lse = np.empty(lse_n, dtype)
+            part_out = np.empty((splits, N, Ev), dtype)
+            part_lse = np.empty((splits, N), dtype)
+        else:
+            part_out = np.empty((1, N, Ev), dtype)
+            part_lse = np.empty((1, N), dtype)
+            out, lse = part_out[0], part_lse[0]
+        serial = splits == 1 and total * setup.work_per_key <= CPU_SERIAL_MAX_WORK
+        args = tuple.__new__(
+            setup.args_type,
+            setup.pick(
+                setup.template
+                + (q, k_cache, v_cache, setup.table, seqlens_k, scale, splits, part_out, part_lse, out, lse)
+            ),
+        )
+        kernel = setup.kernels[1 if serial else 0]
+        call = kernel.entry or kernel
+        guard = self.guarded[serial]
+        if self.write:  # a compiled copy; the old contents back if the kernel fails
+            old_k, old_v = np.empty(key.shape, key.dtype), np.empty(value.shape, value.dtype)
+            write = setup.write
+            (write.entry or write)(k_cache, v_cache, setup.table, seqlens_k, key, value, old_k, old_v)
+            try:
+                if guard:
+                    self._guarded(call, args, mod_args)
+                else:
+                    call(args, mod_args)
+            except BaseException:
+                setup.restore(k_cache, v_cache, setup.table, seqlens_k, old_k, old_v)
+                raise
+        elif guard:
+            self._guarded(call, args, mod_args)
+        else:
+            call(args, mod_args)
+        if self.gemv:
+            return out, lse
+        return out.reshape(out_shape), lse.reshape(lse_shape)
+
+    def _guarded(self, call, args, mod_args):
+        if self.pin is None:
+            with kernel_call_guard():
+                call(args, mod_args)
+        else:
+            with kernel_call_guard(), self.pin():
+                call(args, mod_args)

@@ -101,7 +101,7 @@ class CpuForward(Op):
         16-bit problems (``run`` takes them)."""
         if dtype_name(problem.dtype) in SIXTEEN_BIT:
             return None
-        return _Launch(_setup(problem, tune=self.run))
+        return _Launch(_setup(problem, tune=self.run), problem)
 
     def _run(self, problem: AttentionProblem, arrays=None, gemm=None, plan=None, provider=None, serial=None):
         """The kernel call. ``arrays``: ready (batch, heads, rows, features) q, k, v (the 16-bit
@@ -286,12 +286,71 @@ class _Launch:
     """A prepared runner (:meth:`CpuForward.prepare`): :func:`_launch` with the setup done once.
     Its first call goes through Numba's dispatcher and records the overload's entry point; later
     ones call that (the plan's key fixes every argument's Numba type, the thread count and what
-    tuning knows)."""
+    tuning knows). ``plain`` is the shorter path where only q, k, v, the scale and ``mod_args``
+    can differ between calls (None elsewhere)."""
 
-    __slots__ = ("setup",)
+    __slots__ = ("setup", "plain")
 
-    def __init__(self, setup: _Setup):
+    def __init__(self, setup: _Setup, problem: AttentionProblem):
         self.setup = setup
+        self.plain = None
+        out4, lse3, out_shape, lse_shape = setup.shapes
+        plain = setup.direct and setup.masks is not None and problem.mask_mod is None and problem.dropout_p == 0
+        plain = plain and not setup.readonly  # (_launch makes all three read-only: one signature)
+        if plain and out4 == out_shape and lse3 == lse_shape:
+            self.plain = _Plain(setup, problem)
 
     def __call__(self, problem: AttentionProblem):
         return _launch(self.setup, problem, None, True)
+
+
+#: the kernel arguments of a plain call (:class:`_Plain`): the others are fixed by its plan
+_PLAIN = ("q", "k", "v", "scale", "out", "lse")
+
+
+class _Plain:
+    """``(out, lse)`` of a call without mask, ``mask_mod`` or dropout, whose q, k, v are passed
+    to the kernel as they are: :func:`_launch`'s work with everything but q, k, v, the scale and
+    ``mod_args`` fixed: no problem object, the argument tuple built in one step, no reshape (only
+    for (batch, heads, rows, features) inputs), no thread guard around a serial kernel (it does
+    not use Numba's thread pool)."""
+
+    __slots__ = ("setup", "template", "pick", "dtype", "out4", "lse3", "guard")
+
+    def __init__(self, setup: _Setup, problem: AttentionProblem):
+        self.setup = setup
+        fields = kernels().FlashArgs._fields
+        per_call = (None, None, None) + setup.masks + (None, ALL_FULL) + dropout_args(problem) + (None, None)
+        held = dict(zip(fields, setup.pick(setup.template + per_call)))  # None: set per call
+        self.template = tuple(held[name] for name in fields if name not in _PLAIN)
+        order = [n for n in fields if n not in _PLAIN] + list(_PLAIN)
+        self.pick = operator.itemgetter(*(order.index(name) for name in fields))
+        self.dtype = problem.dtype
+        self.out4, self.lse3 = setup.shapes[:2]
+        self.guard = setup.pin is not NO_PIN or setup.kernel.targetoptions.get("parallel", False)
+
+    def __call__(self, q, k, v, scale, mod_args):
+        setup = self.setup
+        out = np.empty(self.out4, self.dtype)
+        lse = np.empty(self.lse3, self.dtype)
+        args = tuple.__new__(kernels().FlashArgs, self.pick(self.template + (q, k, v, scale, out, lse)))
+        call = setup.entry
+        if not call:
+            call = setup.kernel
+        if not self.guard:
+            call(args, mod_args)
+        elif setup.pin is NO_PIN:
+            with kernel_call_guard():
+                if setup.quiet:
+                    quiet_openmp()  # as in _launch
+                call(args, mod_args)
+        else:
+            with kernel_call_guard(), setup.pin:
+                if setup.quiet:
+                    quiet_openmp()
+                call(args, mod_args)
+        if setup.entry is None:  # once, as in _launch
+            from ...runtime.entry_points import resolve_entry_point
+
+            setup.entry = resolve_entry_point(setup.kernel, (args, mod_args)) or False
+        return out, lse

@@ -18,15 +18,15 @@ __all__ = ["_save_and_write", "_restore"]
 
 
 @njit(cache=_CACHE)
-def _save_and_write(k_pages, v_pages, table, seqlens, key, value, old_k, old_v):
-    """Token t of sequence b goes to slot ``seqlens[b] + t``: page ``table[b, slot // page_size]``,
-    offset ``slot % page_size``, all heads. ``old_k``/``old_v`` (B, Hkv, L_new, D/Dv) receive what
-    the slots held."""
+def _save_and_write(k_pages, v_pages, table, seqlens_k, key, value, old_k, old_v):
+    """Token t of sequence b goes to slot ``seqlens_k[b] - L_new + t`` (``seqlens_k``: the keys
+    after the write): page ``table[b, slot // page_size]``, offset ``slot % page_size``, all heads.
+    ``old_k``/``old_v`` (B, Hkv, L_new, D/Dv) receive what the slots held."""
     B, Hkv, Ln, _ = key.shape
     ps = k_pages.shape[2]
     for b in range(B):
         for t in range(Ln):
-            pos = seqlens[b] + t
+            pos = seqlens_k[b] - Ln + t
             page = table[b, pos // ps]
             off = pos - (pos // ps) * ps
             for h in range(Hkv):
@@ -37,13 +37,13 @@ def _save_and_write(k_pages, v_pages, table, seqlens, key, value, old_k, old_v):
 
 
 @njit(cache=_CACHE)
-def _restore(k_pages, v_pages, table, seqlens, old_k, old_v):
+def _restore(k_pages, v_pages, table, seqlens_k, old_k, old_v):
     """Undo :func:`_save_and_write` (in reverse order)."""
     B, Hkv, Ln, _ = old_k.shape
     ps = k_pages.shape[2]
     for b in range(B - 1, -1, -1):
         for t in range(Ln - 1, -1, -1):
-            pos = seqlens[b] + t
+            pos = seqlens_k[b] - Ln + t
             page = table[b, pos // ps]
             off = pos - (pos // ps) * ps
             for h in range(Hkv):

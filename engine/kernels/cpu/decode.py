@@ -411,7 +411,8 @@ def _decode(args, mod_args):
     Hkv = args.k_pages.shape[1]
     nrb = (args.group * L + args.block_rows - 1) // args.block_rows
     for task in prange(B * Hkv * nrb * args.splits):
-        _decode_task(task, args, mod_args)
+        # the index is int64 when typed, uint64 when lowered: one type, one compilation of the task
+        _decode_task(np.int64(task), args, mod_args)
     if args.splits > 1:
         for n in prange(args.out.shape[0]):
             _merge_row(args.part_out, args.part_lse, n, args.out, args.lse)

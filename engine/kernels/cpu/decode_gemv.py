@@ -3,13 +3,18 @@
 ``DECODE_FUSED_ROWS`` query rows per cache head: one new token of a GQA group).
 
 A task (sequence, cache head, key split) computes its rows' scores against each key tile as
-matrix-vector products over the cache rows in place, four keys per pass over a query row (four
-independent accumulators: the products of the four rows vectorise along the head dimension, and
-the loop carries four sums, not one; the per-key horizontal sum of a one-key loop was a quarter of
-the step). ONNX Runtime made the same change for M = 1 (a GEMV kernel in place of BLAS GEMM).
-Then the online softmax over the tile and the weighted sum of the value rows, each value row read
-once and skipped where its weight is 0 (so a NaN/inf value reaches only the rows that weigh it).
-Split-KV and the merge are the general kernel's (``engine.kernels.cpu.decode``).
+matrix-vector products over the cache rows in place, four keys per pass (four independent
+accumulators: the products of the four rows vectorise along the head dimension, and the loop
+carries four sums, not one; the per-key horizontal sum of a one-key loop was a quarter of the
+step), every row of the task in one pass (a GQA group reads the four key rows from L1). ONNX
+Runtime made the same change for M = 1 (a GEMV kernel in place of BLAS GEMM). Then the online
+softmax over the tile and the weighted sum of the value rows (for a GQA group, four value rows
+per pass over each accumulator: a quarter of its loads and stores), a value row skipped where its
+weight is 0 (so a NaN/inf value reaches only the rows that weigh it). With one split the tasks write the result
+itself; with more, split-KV's partial results are merged as in the general kernel
+(``engine.kernels.cpu.decode``). The tasks' scratch is allocated once per call by the driver
+(a view reshaped inside a task costs a call into Numba's runtime: a tenth of the step at short
+lengths).
 """
 
 from typing import NamedTuple
@@ -42,22 +47,20 @@ class GemvArgs(NamedTuple):
     group: int
     splits: int
     block_k: int
-    part_out: np.ndarray
-    part_lse: np.ndarray
     out: np.ndarray
     lse: np.ndarray
 
 
 @njit(cache=_CACHE, fastmath=_FM, error_model="numpy", inline="always")
-def _dot4(keys, j, qr, D):
-    """Dot products of ``qr`` with key rows j ... j + 3."""
-    zero = qr.dtype.type(0)
+def _dot4(keys, j, qs, r, D):
+    """Dot products of ``qs[r]`` with key rows j ... j + 3."""
+    zero = qs.dtype.type(0)
     t0 = zero
     t1 = zero
     t2 = zero
     t3 = zero
     for d in range(D):
-        x = qr[d]
+        x = qs[r, d]
         t0 += keys[j, d] * x
         t1 += keys[j + 1, d] * x
         t2 += keys[j + 2, d] * x
@@ -65,9 +68,20 @@ def _dot4(keys, j, qr, D):
     return t0, t1, t2, t3
 
 
+@njit(cache=_CACHE, fastmath=_FM, error_model="numpy", inline="always")
+def _axpy4(acc, r, w0, w1, w2, w3, values, j, Dv):
+    """``acc[r] += w0 * values[j] + ... + w3 * values[j + 3]``: one pass over ``acc[r]`` for four
+    value rows."""
+    for e in range(Dv):
+        acc[r, e] += w0 * values[j, e] + w1 * values[j + 1, e] + w2 * values[j + 2, e] + w3 * values[j + 3, e]
+
+
 @njit(cache=_CACHE, fastmath=_FM, error_model="numpy")
-def _gemv_task(task, args):
-    """Rows of (sequence b, cache head hk), keys of split s: see the module's docstring."""
+def _gemv_task(task, args, qs, st, acc, ml, lim, part_out, part_lse):
+    """Rows of (sequence b, cache head hk), keys of split s: see the module's docstring.
+    ``qs``/``st``/``acc``/``ml``/``lim`` are the driver's scratch, indexed by task (views made
+    here would cost a reshape each: a call into Numba's runtime); ``part_out``/``part_lse`` its
+    split-KV partial results (unused with one split)."""
     B, Hq, L, D = args.q.shape
     Hkv = args.k_cache.shape[1]
     Dv = args.v_cache.shape[3]
@@ -77,48 +91,36 @@ def _gemv_task(task, args):
     rest = task // args.splits
     hk = rest % Hkv
     b = rest // Hkv
-    consts = np.array([-np.inf, 0.0], dtype=dt)  # typed constants: no float64 promotion
-    neg_inf = consts[0]
-    zero = consts[1]
+    neg_inf = dt.type(-np.inf)  # typed constants: no float64 promotion
+    zero = dt.type(0)
     S = args.seqlens_k[b]
     first = S - L
-    row0 = (b * Hq + hk * args.group) * L
     T = args.block_k
-    ibuf = np.empty(3 * R, dtype=np.int64)
-    pos = ibuf[:R]
-    lo = ibuf[R : 2 * R]
-    hi = ibuf[2 * R :]
-    fbuf = np.empty(R * D + R * T + R * Dv + 2 * R, dtype=dt)
-    qs = fbuf[: R * D].reshape((R, D))
-    st = fbuf[R * D : R * D + R * T].reshape((R, T))
-    acc = fbuf[R * D + R * T : R * D + R * T + R * Dv].reshape((R, Dv))
-    m = fbuf[R * D + R * T + R * Dv : R * D + R * T + R * Dv + R]
-    lsum = fbuf[R * D + R * T + R * Dv + R :]
     klo, khi = S, 0
     full_lo, full_hi = 0, S
     for r in range(R):
         hq = hk * args.group + r // L
         i = r % L
-        pos[r] = first + i
+        pos = first + i
         top = S - 1
         if args.causal:
-            top = min(top, pos[r])
+            top = min(top, pos)
         if args.right >= 0:
-            top = min(top, pos[r] + args.right)
-        bottom = 0 if args.left < 0 else max(0, pos[r] - args.left)
-        lo[r] = bottom
-        hi[r] = top
+            top = min(top, pos + args.right)
+        bottom = 0 if args.left < 0 else max(0, pos - args.left)
+        lim[task, 0, r] = bottom
+        lim[task, 1, r] = top
         if bottom <= top:
             klo = min(klo, bottom)
             khi = max(khi, top + 1)
         full_lo = max(full_lo, bottom)
         full_hi = min(full_hi, top + 1)
         for e in range(D):
-            qs[r, e] = args.q[b, hq, i, e] * args.scale
-        m[r] = neg_inf
-        lsum[r] = zero
+            qs[task, r, e] = args.q[b, hq, i, e] * args.scale
+        ml[task, 0, r] = neg_inf
+        ml[task, 1, r] = zero
         for e in range(Dv):
-            acc[r, e] = zero
+            acc[task, r, e] = zero
     chunk = 0
     if khi > klo:
         chunk = ((khi - klo + args.splits - 1) // args.splits + 15) // 16 * 16
@@ -126,73 +128,110 @@ def _gemv_task(task, args):
     s1 = min(khi, s0 + chunk)
     keys = args.k_cache[b, hk]
     values = args.v_cache[b, hk]
+    qt = qs[task]
+    sc = st[task]
+    ac = acc[task]
     j0 = s0
     while j0 < s1:
         nk = min(T, s1 - j0)
-        for r in range(R):  # scores: matrix-vector products, four keys per pass
-            qr = qs[r]
-            c = 0
-            while c + 4 <= nk:
-                t0, t1, t2, t3 = _dot4(keys, j0 + c, qr, D)
-                st[r, c] = t0
-                st[r, c + 1] = t1
-                st[r, c + 2] = t2
-                st[r, c + 3] = t3
-                c += 4
-            while c < nk:
+        # scores: matrix-vector products, four keys per pass over every row (the four key rows
+        # stay in L1 for the rows of a GQA group)
+        c = 0
+        while c + 4 <= nk:
+            for r in range(R):
+                t0, t1, t2, t3 = _dot4(keys, j0 + c, qt, r, D)
+                sc[r, c] = t0
+                sc[r, c + 1] = t1
+                sc[r, c + 2] = t2
+                sc[r, c + 3] = t3
+            c += 4
+        while c < nk:
+            for r in range(R):
                 t = zero
                 for d in range(D):
-                    t += keys[j0 + c, d] * qr[d]
-                st[r, c] = t
-                c += 1
+                    t += keys[j0 + c, d] * qt[r, d]
+                sc[r, c] = t
+            c += 1
         masked = j0 < full_lo or j0 + nk > full_hi  # some rows miss some keys of this tile
         for r in range(R):
-            row = st[r, :nk]
             if masked:
-                a, z = lo[r] - j0, hi[r] - j0
+                a, z = lim[task, 0, r] - j0, lim[task, 1, r] - j0
                 for c in range(nk):
-                    row[c] = row[c] if a <= c and c <= z else neg_inf
+                    sc[r, c] = sc[r, c] if a <= c and c <= z else neg_inf
             mx = neg_inf
             for c in range(nk):
-                x = row[c]
+                x = sc[r, c]
                 mx = x if x > mx or x != x else mx  # a NaN score wins: the row becomes NaN
             # online softmax: a row with nothing visible yet shifts by 0 (its -inf stays -inf -> 0)
-            mo = m[r]
+            mo = ml[task, 0, r]
             mn = mx if mx > mo or mx != mx else mo
             sh = mn if mn > neg_inf else zero
             al = fast_exp(mo - sh)
-            m[r] = mn
+            ml[task, 0, r] = mn
             total = zero
             for c in range(nk):
-                p = fast_exp(row[c] - sh)
-                row[c] = p
+                p = fast_exp(sc[r, c] - sh)
+                sc[r, c] = p
                 total += p
-            lsum[r] = lsum[r] * al + total
+            ml[task, 1, r] = ml[task, 1, r] * al + total
             if al == zero:  # the old terms' weights underflowed: drop them (an inf stays out)
                 for e in range(Dv):
-                    acc[r, e] = zero
+                    ac[r, e] = zero
             elif al != 1:
                 for e in range(Dv):
-                    acc[r, e] *= al
-        for c in range(nk):  # weighted value rows, each read once
-            for r in range(R):
-                w = st[r, c]
-                if w != 0:
+                    ac[r, e] *= al
+        # weighted value rows; a row of weight 0 is skipped (its NaN/inf must not reach a row
+        # that does not weigh it). One row: one value row per pass (measured faster here than
+        # four); a GQA group: four per pass, a quarter of the accumulators' loads and stores
+        c = 0
+        if R == 1:
+            for c in range(nk):
+                w = sc[0, c]
+                if w != zero:
                     for e in range(Dv):
-                        acc[r, e] += w * values[j0 + c, e]
+                        ac[0, e] += w * values[j0 + c, e]
+            c = nk
+        while c + 4 <= nk:
+            for r in range(R):
+                w0 = sc[r, c]
+                w1 = sc[r, c + 1]
+                w2 = sc[r, c + 2]
+                w3 = sc[r, c + 3]
+                if w0 != zero and w1 != zero and w2 != zero and w3 != zero:
+                    _axpy4(ac, r, w0, w1, w2, w3, values, j0 + c, Dv)
+                else:
+                    for cc in range(c, c + 4):
+                        w = sc[r, cc]
+                        if w != zero:
+                            for e in range(Dv):
+                                ac[r, e] += w * values[j0 + cc, e]
+            c += 4
+        while c < nk:
+            for r in range(R):
+                w = sc[r, c]
+                if w != zero:
+                    for e in range(Dv):
+                        ac[r, e] += w * values[j0 + c, e]
+            c += 1
         j0 += nk
     for r in range(R):
-        total = lsum[r]
-        n = row0 + r
+        hq = hk * args.group + r // L
+        i = r % L
+        total = ml[task, 1, r]
+        lse = neg_inf
+        inv = zero
         if total > 0.0 or total != total:
             inv = 1.0 / total
+            lse = ml[task, 0, r] + np.log(total)
+        if args.splits == 1:  # the result itself
             for e in range(Dv):
-                args.part_out[s, n, e] = acc[r, e] * inv
-            args.part_lse[s, n] = m[r] + np.log(total)
+                args.out[b, hq, i, e] = ac[r, e] * inv
+            args.lse[b, hq, i] = lse
         else:
+            n = (b * Hq + hq) * L + i
             for e in range(Dv):
-                args.part_out[s, n, e] = zero
-            args.part_lse[s, n] = neg_inf
+                part_out[s, n, e] = ac[r, e] * inv
+            part_lse[s, n] = lse
 
 
 @njit(parallel=True, cache=_CACHE, fastmath=_FM, error_model="numpy")
@@ -201,18 +240,35 @@ def _gemv_decode(args, mod_args):
     caches ``k_cache`` (B, Hkv, S_max, D) and ``v_cache`` (B, Hkv, S_max, Dv), of q's dtype. Query
     row i of sequence b sits at position ``seqlens_k[b] - L + i``; ``causal`` (bottom right) and
     the window ``left``/``right`` (-1: unbounded) limit what it sees. ``group * L`` rows per task
-    (at most ``DECODE_FUSED_ROWS``), key tiles of ``block_k``. ``part_out`` (splits, B*Hq*L, Dv)
-    and ``part_lse`` (splits, B*Hq*L) receive each split's normalised result, merged into ``out``
-    and ``lse`` when ``splits > 1`` (with one split, pass ``out``/``lse`` reshaped as the parts).
+    (at most ``DECODE_FUSED_ROWS``), key tiles of ``block_k``. ``out`` (B, Hq, L, Dv) and ``lse``
+    (B, Hq, L) receive the result; with ``splits > 1`` each split's normalised result and its
+    log-sum-exp go to partial arrays first, merged into ``out``/``lse``.
     Rows with no visible key get zeros and lse = -inf; NaN scores propagate to their rows.
     ``mod_args`` is the empty tuple (the call shape of the general kernel)."""
-    B = args.q.shape[0]
+    B, Hq, L, D = args.q.shape
     Hkv = args.k_cache.shape[1]
-    for task in prange(B * Hkv * args.splits):
-        _gemv_task(task, args)
+    Dv = args.v_cache.shape[3]
+    R = args.group * L
+    n = B * Hkv * args.splits
+    dt = args.q.dtype
+    qs = np.empty((n, R, D), dtype=dt)
+    st = np.empty((n, R, args.block_k), dtype=dt)
+    acc = np.empty((n, R, Dv), dtype=dt)
+    ml = np.empty((n, 2, R), dtype=dt)
+    lim = np.empty((n, 2, R), dtype=np.int64)
+    N = B * Hq * L
+    P = args.splits if args.splits > 1 else 0
+    part_out = np.empty((P, N, Dv), dtype=dt)
+    part_lse = np.empty((P, N), dtype=dt)
+    for task in prange(n):
+        # the index is int64 when typed, uint64 when lowered: one type, one compilation of the
+        # task (a uint64 one ran 5-8% slower: its index arithmetic mixes signedness)
+        _gemv_task(np.int64(task), args, qs, st, acc, ml, lim, part_out, part_lse)
     if args.splits > 1:
-        for n in prange(args.out.shape[0]):
-            _merge_row(args.part_out, args.part_lse, n, args.out, args.lse)
+        out = args.out.reshape((N, Dv))
+        lse = args.lse.reshape((N,))
+        for r in prange(N):
+            _merge_row(part_out, part_lse, r, out, lse)
 
 
 _gemv_decode_serial = serial_version(_gemv_decode, dict(fastmath=_FM, error_model="numpy"), _CACHE)
