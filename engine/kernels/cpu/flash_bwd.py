@@ -126,8 +126,9 @@ def _bwd_task(task, slot, args, mod_args, per_tile):
     keep = consts[2]
     post_scale = consts[3]
     # the forward's arithmetic (flash_fwd): the scores are q @ k.T and the scale goes into the
-    # exponential's argument (an FMA), unless a mod or a float mask reads the scaled scores
-    prescale = post_scale != consts[4] and (args.has_score_mod or args.mask_kind == MASK_FLOAT)
+    # exponential's argument (an FMA), unless a mod or a float mask reads the scaled scores or the
+    # scale is not positive
+    prescale = post_scale != consts[4] and (args.has_score_mod or args.mask_kind == MASK_FLOAT or not post_scale > zero)
     pass_scale = consts[4] if prescale else post_scale
     dropping = drop_threshold > 0 or keep != 1.0
     b = task // (H * args.splits)

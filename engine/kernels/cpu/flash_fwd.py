@@ -32,13 +32,14 @@ from .gemm import jit_gemm
 from .softmax_tile import STALE_MAX_MARGIN, column_max
 from .tile_ops import (
     _FM,
+    _add_nonfinite,
     _apply_dropout,
     _exp_into,
+    _finite_values,
     _half_buffer,
     _scores_gemm,
     _values_finite,
     _values_gemm_acc,
-    _values_gemm_checked,
 )
 from .vector_width import wide_vectors
 
@@ -106,8 +107,9 @@ def _flash_task(task, args, mod_args, per_tile):
     one = consts[5]
     dropping = drop_threshold > 0 or keep != 1.0
     # the scores are q @ k.T from q as it is (no scaled copy): the scale is applied in the softmax
-    # pass (an FMA), unless a mod or a float mask needs the scaled scores before it
-    prescale = post_scale != 1.0 and (args.has_score_mod or args.mask_kind == MASK_FLOAT)
+    # pass (an FMA), unless a mod or a float mask needs the scaled scores before it, or the scale
+    # is not positive (a masked -inf times 0 is NaN, and a negative one turns maxima into minima)
+    prescale = post_scale != one and (args.has_score_mod or args.mask_kind == MASK_FLOAT or not post_scale > zero)
     pass_scale = one if prescale else post_scale
     b = task // (Hq * nqb)
     rest = task - b * (Hq * nqb)
@@ -121,7 +123,7 @@ def _flash_task(task, args, mod_args, per_tile):
     half = _half_buffer(args.q, args.block_k * args.block_q)  # 16-bit operands: the probabilities, rounded
     st_buf = np.empty(args.block_k * args.block_q, dtype=dt)  # transposed scores
     pt_buf = np.empty(args.block_k * args.block_q, dtype=dt)  # their probabilities
-    pv_buf = np.empty(args.block_q * Ev, dtype=dt)
+    vz_buf = np.empty(args.block_k * Ev, dtype=args.v.dtype)  # a value tile's finite part
     acc = np.zeros((nt, Ev), dtype=dt)
     m = np.full(nt, neg_inf, dtype=dt)  # the shift of each query row's exponentials
     l = np.zeros(nt, dtype=np.float64)  # running sum per query row (float64: see softmax_tile.SUM_CHUNK)
@@ -197,39 +199,39 @@ def _flash_task(task, args, mod_args, per_tile):
             # while this tile stays within the margin above it (one pass, no rescale); a row
             # with nothing visible yet takes the tile's maximum first. A NaN leaves the shift as
             # it was and makes the row NaN through its sum; a row with nothing visible shifts
-            # by 0 so its -inf -> 0; alpha rescales what was accumulated before
+            # by 0 so its -inf -> 0; alpha rescales what was accumulated before. Each row's
+            # arithmetic depends on its own scores only, so a NaN row leaves the others' bits
             fresh = False
             for r in range(nq):
                 fresh |= m[o + r] == neg_inf
             if fresh:
                 column_max(st, tm[:nq])
-                for r in range(nq):
-                    mo = m[o + r]
+            for r in range(nq):
+                mo = m[o + r]
+                if mo == neg_inf:
                     mt = tm[r] * pass_scale
                     mn = mt if mt > mo else mo
                     sh = mn if mn > neg_inf else zero
                     alpha[r] = fast_exp(mo - sh)
                     shift[r] = sh
                     m[o + r] = mn
-            else:
-                for r in range(nq):
-                    shift[r] = m[o + r]
+                else:
+                    shift[r] = mo
                     alpha[r] = one
             pt = pt_buf[: nk * nq].reshape((nk, nq))
             _exp_into(args.gemm_kind, dropping, st, pt, half, pass_scale, shift, ts, tc, tmx)
-            if not fresh:
-                redo = False
+            redo = False
+            for r in range(nq):
+                redo |= tmx[r] * pass_scale > m[o + r] + margin
+            if redo:  # the shift moves up to the tile's maximum where it passed the margin
                 for r in range(nq):
-                    redo |= tmx[r] * pass_scale > m[o + r] + margin
-                if redo:  # the shift moves up to the tile's maximum where it passed the margin
-                    for r in range(nq):
-                        mo = m[o + r]
-                        mt = tmx[r] * pass_scale
-                        mn = mt if mt > mo + margin else mo
-                        alpha[r] = fast_exp(mo - mn)
-                        shift[r] = mn
-                        m[o + r] = mn
-                    _exp_into(args.gemm_kind, dropping, st, pt, half, pass_scale, shift, ts, tc, tmx)
+                    mo = m[o + r]
+                    mt = tmx[r] * pass_scale
+                    if mt > mo + margin:
+                        alpha[r] *= fast_exp(mo - mt)
+                        shift[r] = mt
+                        m[o + r] = mt
+                _exp_into(args.gemm_kind, dropping, st, pt, half, pass_scale, shift, ts, tc, tmx)
             rescale = False
             for r in range(nq):
                 l[o + r] = l[o + r] * alpha[r] + ts[r]
@@ -248,12 +250,13 @@ def _flash_task(task, args, mod_args, per_tile):
                     else:
                         for c in range(Ev):
                             accs[r, c] *= a
-            if not v_finite:  # a NaN/inf value reaches only the rows that weigh it
-                pv = pv_buf[: nq * Ev].reshape((nq, Ev))
-                _values_gemm_checked(args.gemm_kind, args.gemm_fn, pt, vt, pv)
-                for r in range(nq):
-                    for c in range(Ev):
-                        accs[r, c] += pv[r, c]
+            if not v_finite:  # the finite part's product as a finite tile's, then the NaN/inf values
+                vz = _finite_values(vt, vz_buf)  # alone, in the rows that weigh them (kernels.nonfinite)
+                if full:
+                    jit_gemm(args.jit_values, args.jit_values_h, pt, vz, accs)
+                else:
+                    _values_gemm_acc(args.gemm_kind, args.gemm_fn, pt, half, vz, accs)
+                _add_nonfinite(pt, vt, accs)
             elif full:
                 jit_gemm(args.jit_values, args.jit_values_h, pt, vt, accs)
             else:

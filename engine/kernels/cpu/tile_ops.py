@@ -3,6 +3,8 @@ ones (float operands through ``tile_gemm``; float16 or bfloat16 bits through a m
 GEMM, ``tile_gemm_16``): each is one overload that compiles to the one branch of its operand type.
 The fastmath flags of every ``cpu`` kernel are re-exported here (``_FM``)."""
 
+import math
+
 import numpy as np
 from numba import njit
 from numba import types as nb_types
@@ -11,7 +13,6 @@ from numba.extending import overload
 from .fastmath import _FM
 from .gemm import GEMM_CBLAS_F16, tile_gemm, tile_gemm_16, tile_gemm_16_acc, tile_gemm_acc
 from .half import f32_to_bf16_bits, f32_to_f16_bits
-from .nonfinite import redo_if_nonfinite
 from .softmax_tile import all_finite, exp_tile, exp_tile_bf16, exp_tile_f16
 
 __all__ = [
@@ -22,7 +23,8 @@ __all__ = [
     "_apply_dropout",
     "_values_finite",
     "_values_gemm_acc",
-    "_values_gemm_checked",
+    "_finite_values",
+    "_add_nonfinite",
 ]
 
 
@@ -138,19 +140,51 @@ def _values_gemm_acc_impl(kind, fn, pt, half, vt, acc):
     return lambda kind, fn, pt, half, vt, acc: tile_gemm_acc(kind, fn, pt.T, vt, acc)
 
 
-def _values_gemm_checked(kind, fn, pt, vt, pv):
-    """``pv = pt.T @ vt`` for float operands where ``vt`` holds a NaN or inf: a non-finite product
-    is redone exactly (``kernels.nonfinite``), so a NaN/inf value reaches only rows that weigh it.
-    (16-bit values are checked finite by the wrapper: nothing to compile there.)"""
+def _finite_values(vt, buf):
+    """``vt`` (keys, Ev) with its NaN/inf entries replaced by 0, in ``buf``: what the GEMM of a
+    tile with non-finite values reads, so that every row's product is the one a finite value of
+    the same weight would give where that weight is 0 (16-bit values are checked finite by the
+    wrapper: ``vt`` itself)."""
 
 
-@overload(_values_gemm_checked, inline="always")
-def _values_gemm_checked_impl(kind, fn, pt, vt, pv):
+@overload(_finite_values, inline="always")
+def _finite_values_impl(vt, buf):
     if isinstance(vt.dtype, nb_types.Integer):
-        return lambda kind, fn, pt, vt, pv: None
+        return lambda vt, buf: vt
 
-    def impl(kind, fn, pt, vt, pv):
-        tile_gemm(kind, fn, pt.T, vt, pv)
-        redo_if_nonfinite(pt.T, vt, pv)
+    def impl(vt, buf):
+        nk, ev = vt.shape
+        vz = buf[: nk * ev].reshape((nk, ev))
+        zero = buf.dtype.type(0)
+        for j in range(nk):
+            for c in range(ev):
+                x = vt[j, c]
+                vz[j, c] = x if math.isfinite(x) else zero
+        return vz
+
+    return impl
+
+
+def _add_nonfinite(pt, vt, acc):
+    """``acc[r, c] += pt[j, r] * vt[j, c]`` for every NaN/inf ``vt[j, c]`` and every row ``r`` that
+    gives key ``j`` a weight > 0 (or NaN): a non-finite value reaches exactly the rows that weigh
+    it, as in the ``reference`` oracle (a GEMM would make 0 * inf = NaN in the others)."""
+
+
+@overload(_add_nonfinite, inline="always")
+def _add_nonfinite_impl(pt, vt, acc):
+    if isinstance(vt.dtype, nb_types.Integer):
+        return lambda pt, vt, acc: None
+
+    def impl(pt, vt, acc):
+        zero = acc.dtype.type(0)
+        for j in range(vt.shape[0]):
+            for c in range(vt.shape[1]):
+                x = vt[j, c]
+                if not math.isfinite(x):
+                    for r in range(acc.shape[0]):
+                        w = pt[j, r]
+                        if w > zero or w != w:
+                            acc[r, c] += w * x
 
     return impl
