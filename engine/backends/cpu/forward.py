@@ -237,6 +237,7 @@ class _Launch:
         self.plain = None
         out4, lse3, out_shape, lse_shape = setup.shapes
         plain = setup.direct and setup.masks is not None and problem.mask_mod is None and problem.dropout_p == 0
+        plain = plain and not setup.readonly  # (_launch makes all three read-only: one signature)
         if plain and out4 == out_shape and lse3 == lse_shape:
             self.plain = _Plain(setup, problem)
 
