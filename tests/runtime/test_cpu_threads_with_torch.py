@@ -44,6 +44,7 @@ def _gnu_openmp_in_torch() -> bool:
 
 
 def test_torch_runtime_is_found_and_its_ops_still_right(quiet_always):
+    before = torch.get_num_threads()  # (given back: later tests in this worker check the pin)
     torch.set_num_threads(2)
     a = torch.randn(300, 300, dtype=torch.float64)
     expected_mm = (a.numpy() @ a.numpy()).copy()
@@ -56,6 +57,7 @@ def test_torch_runtime_is_found_and_its_ops_still_right(quiet_always):
             np.testing.assert_array_equal(engine.scaled_dot_product_attention(q, k, v, backend="cpu"), expected)
     finally:
         engine.set_num_threads(None)
+        torch.set_num_threads(before)
     asked = rt_threads.quiet_openmp()
     if _gnu_openmp_in_torch():
         assert asked >= 1
