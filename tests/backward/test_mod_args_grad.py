@@ -205,7 +205,9 @@ def test_what_takes_a_gradient_and_what_is_returned():
     # a mask_mod alone reads it: nothing depends on it differentiably, zeros
     window = lambda b, h, i, j, w: abs(i - j) <= w[0]  # noqa: E731
     w = np.array([5.0])
-    o2, l2 = engine.scaled_dot_product_attention(q, k, v, mask_mod=window, mod_args=(w,), return_lse=True)
+    o2, l2 = engine.scaled_dot_product_attention(
+        q, k, v, mask_mod=window, mod_args=(w,), return_lse=True, backend="reference"
+    )
     got = bwd(do, q, k, v, o2, l2, mask_mod=window, mod_args=(w,), return_mod_args_grad=True, backend="reference")
     np.testing.assert_array_equal(got[3][0], np.zeros(1))
 
@@ -239,7 +241,10 @@ def reads_too_much(score, b, h, q_idx, kv_idx, table):
 )
 def test_mods_outside_the_limits_are_refused_by_name_before_any_kernel(mod, args, match):
     q, k, v, do, _, _, _, _ = _problem("head_distance_table", np.float64)
-    out, lse = engine.scaled_dot_product_attention(q, k, v, score_mod=mod, mod_args=args, return_lse=True)
+    # (the forward's outputs only feed the backward: the reference forward compiles no kernel)
+    out, lse = engine.scaled_dot_product_attention(
+        q, k, v, score_mod=mod, mod_args=args, return_lse=True, backend="reference"
+    )
     with pytest.raises(TypeError, match=match) as info:
         engine.scaled_dot_product_attention_backward(
             do, q, k, v, out, lse, score_mod=mod, mod_args=args, return_mod_args_grad=True
