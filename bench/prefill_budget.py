@@ -76,6 +76,7 @@ def _plan(L, E, dtype, threads):
     """What the forward op would choose: (provider, TilePlan, generated-GEMM quadruple); 16-bit
     operands: MKL's 16-bit GEMM (None where it is not used: the inputs are widened to float32)."""
     import engine
+    from engine.backends.cpu.forward import _tiles
     from engine.problems.attention import validate_attention_args
     from engine.runtime.gemm_jit import NO_JIT, tile_jit_kernels
     from engine.runtime.gemm_providers import sixteen_bit_gemm
@@ -87,9 +88,9 @@ def _plan(L, E, dtype, threads):
         half = sixteen_bit_gemm(dtype)
         if half is None:
             return None, None, NO_JIT
-        return half, op._tiles(problem, dtype, half.name, None, True), NO_JIT
+        return half, _tiles(op.run, problem, dtype, half.name, None, True), NO_JIT
     provider = engine.get_gemm_provider(dtype)
-    plan = op._tiles(problem, dtype, provider.name, provider, True)
+    plan = _tiles(op.run, problem, dtype, provider.name, provider, True)
     jit = tile_jit_kernels(provider, dtype, plan.block_q, plan.block_k, E, E)
     return provider, plan, jit
 
@@ -197,22 +198,34 @@ def _parts(provider, plan, jit, E, dtype, rounds):
     return out
 
 
+class _NoKernel:
+    """Stands in for the compiled kernel: does nothing (the set-up's measurement)."""
+
+    targetoptions = {"parallel": False}  # (read by the forward's plain path)
+    overloads = {}  # (no entry point to resolve: calls stay on this object)
+
+    def __call__(self, args, mod_args):
+        return None
+
+
 def _kernel_one_thread(L, E, dtype, causal, rounds):
-    """The whole call's kernel on one thread (serial build), CPU time, and the call's set-up."""
+    """The whole call's kernel on one thread (the op run with its serial build), CPU time, and the
+    call's set-up (a public call whose kernel is a no-op: the call plans are dropped before and
+    after, so neither the plan nor its resolved entry point keeps the real kernel)."""
     import engine
     from engine.backends.cpu import forward as fwd
+    from engine.plan import invalidate
+    from engine.problems.attention import validate_attention_args
 
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((1, HEADS, L, E)).astype(_np_dtype(dtype)) for _ in range(3))
-    saved = fwd.CPU_SERIAL_MAX_WORK
-    fwd.CPU_SERIAL_MAX_WORK = 1 << 62
-    try:
-        kernel = _least(lambda: engine.scaled_dot_product_attention(q, k, v, is_causal=causal, backend="cpu"), rounds)
-    finally:
-        fwd.CPU_SERIAL_MAX_WORK = saved
+    problem = validate_attention_args(q, k, v, is_causal=causal)
+    op = engine.get_backend("cpu").op(type(problem))
+    kernel = _least(lambda: op.run(problem, serial=True), rounds)
     mod = fwd.kernels()
     real = mod.flash_kernel
-    mod.flash_kernel = lambda *a, **kw: lambda args, mod_args: None
+    mod.flash_kernel = lambda *a, **kw: _NoKernel()
+    invalidate()
     try:
         setup = _least(
             lambda: engine.scaled_dot_product_attention(q, k, v, is_causal=causal, backend="cpu"),
@@ -221,6 +234,7 @@ def _kernel_one_thread(L, E, dtype, causal, rounds):
         )
     finally:
         mod.flash_kernel = real
+        invalidate()
     return kernel, setup, (q, k, v)
 
 
@@ -318,12 +332,13 @@ def main(argv=None):
 
     import engine
     from bench.cpu_vs_torch import _PAUSE, select_cases, sgemm_rate
-    from bench.machine import cpu_info, result_path
+    from engine.runtime.machine import cpu_info, result_file_name
 
     _PAUSE[0] = PAUSE_S
     cpu = cpu_info()
     print(f"CPU: {cpu['model_name']} ({cpu['vendor']} family {cpu['family']} model {cpu['model']})")
-    print(f"load average: {cpu.get('loadavg_1_5_15')}")
+    cpu["loadavg_before"] = list(os.getloadavg())
+    print(f"load average: {cpu['loadavg_before']}")
     gemm = {"1": sgemm_rate(1, clock=time.thread_time), str(a.threads): sgemm_rate(a.threads)}
     torch.set_num_threads(a.threads)
     print(
@@ -367,7 +382,9 @@ def main(argv=None):
     cpu["loadavg_after"] = list(os.getloadavg())
     print(f"\nload average after: {cpu['loadavg_after']}")
     if not a.no_json:
-        path = a.json or result_path("prefill-budget", cpu)
+        path = a.json or os.path.join(
+            os.path.dirname(os.path.abspath(__file__)), "results", result_file_name("prefill-budget", cpu)
+        )
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
             json.dump({"cpu": cpu, "sgemm_gflops": gemm, "threads": a.threads, "cases": rows}, f, indent=1)
