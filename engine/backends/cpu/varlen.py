@@ -1,12 +1,14 @@
-"""The ``cpu`` backend's varlen ops, and the packed-query path of its decode op: both lay their
-problem out for the ragged kernel (``engine.kernels.cpu.varlen_fwd``); the backward op is in
-``varlen_backward``.
+"""The ``cpu`` backend's varlen ops, and the packed-query path of its decode op.
 
-A packed batch's keys are read in place when every task is small enough to compute its products
-row by row (decode-like batches: ``(total_k, H, 1, E)``, one key per page, so nothing is copied);
-otherwise key and value are copied once head-major, ``(1, H, total_k, E)``, so that every key tile
-of a sequence is a view the GEMM reads directly (the copy costs one pass over K and V, against
-``len_q`` passes for the products).
+A packed batch (``engine.varlen_attention``) runs the dense forward's tile arithmetic over its
+sequences (``engine.kernels.cpu.varlen_flash``: the tiles, GEMM provider and generated tile
+kernels of ``engine.backends.cpu.tiles``, measured per machine where tuning is on), except in
+three cases that take the ragged kernel (``engine.kernels.cpu.varlen_fwd``): decode-like batches
+(every sequence's rows of a GQA group at most ``DECODE_FUSED_ROWS``: the keys are read in place,
+``(total_k, H, 1, E)``, one key per page, and the products computed row by row), batches whose
+ragged kernel would split the keys across threads (fewer tasks than threads, long keys), and
+``E = 0``. The packed decode op's queries always take the ragged kernel, on the cache's pages.
+The backward op is in ``varlen_backward``.
 """
 
 from __future__ import annotations
@@ -15,16 +17,28 @@ import contextlib
 
 import numpy as np
 
-from ...kernels.cpu.gemm import GEMM_NUMPY
+from ...kernels.cpu.gemm import GEMM_CBLAS, GEMM_NUMPY
 from ...kernels.cpu.half_floats import BFLOAT16_BITS, FLOAT16_BITS
 from ...problems.decode import DecodeProblem
 from ...problems.varlen import VarlenProblem
-from ...runtime.config import CPU_SERIAL_MAX_WORK, DECODE_BLOCK_K, DECODE_BLOCK_ROWS, DECODE_FUSED_ROWS
-from ...runtime.gemm_providers import get_gemm_provider
-from ...runtime.threads import get_num_threads, kernel_call_guard
+from ...runtime.config import (
+    CPU_QUIET_OPENMP_MIN_WORK,
+    CPU_SERIAL_MAX_WORK,
+    CPU_TUNE_MIN_WORK,
+    DECODE_BLOCK_K,
+    DECODE_BLOCK_ROWS,
+    DECODE_FUSED_ROWS,
+)
+from ...runtime.gemm_jit import NO_JIT, tile_jit_kernels
+from ...runtime.gemm_providers import gemm_mode, get_gemm_provider
+from ...runtime.threads import get_num_threads, kernel_call_guard, quiet_openmp
+from ...runtime.tuning import autotune_enabled
 from ..base import Op
 from ..kvcache import pick_num_splits
+from .autotune import tune_provider, tune_tiles
 from .blas_pin import get_blas_pin
+from .forward import CpuForward
+from .tiles import forward_tiles, tile_class
 
 __all__ = ["CpuVarlen", "attend_packed", "attend_packed_arrays"]
 
@@ -62,12 +76,16 @@ class CpuVarlen(Op):
         compute = np.dtype(np.float64 if problem.dtype == np.float64 else np.float32)
         B, H, E, Ev = problem.batch, problem.num_kv_heads, problem.E, problem.Ev
         ck = problem.cu_seqlens_k
+        fused = problem.group * problem.max_seqlen_q <= DECODE_FUSED_ROWS
+        if not fused and E > 0 and not _wants_split_kv(problem):  # the dense forward's tiles (varlen_flash)
+            out, lse = self._run_tiled(problem, compute)
+            return out.astype(problem.dtype, copy=False), lse.astype(problem.dtype, copy=False)
         k, v = np.ascontiguousarray(problem.key), np.ascontiguousarray(problem.value)
-        if problem.group * problem.max_seqlen_q <= DECODE_FUSED_ROWS:  # every task reads rows in place
+        if fused:  # every task reads rows in place
             k_pages, v_pages = k.reshape(-1, H, 1, E), v.reshape(-1, H, 1, Ev)
             table = (ck[:-1, None] + np.arange(problem.max_seqlen_k)[None, :]).astype(np.int32)
             k_base = np.zeros(B, dtype=np.int64)
-        else:  # one head-major page: each sequence's key tiles are views
+        else:  # E = 0 (BLAS takes no empty inner dimension): one head-major page, the ragged kernel
             k_pages, v_pages = _head_major(k), _head_major(v)
             table = np.zeros((B, 1), dtype=np.int32)
             k_base = ck[:-1].copy()
@@ -86,6 +104,79 @@ class CpuVarlen(Op):
             num_splits=None,
         )
         return out.astype(problem.dtype, copy=False), lse.astype(problem.dtype, copy=False)
+
+    def _run_tiled(self, problem: VarlenProblem, compute: np.dtype):
+        """``(out, lse)`` in the compute dtype through the packed-batch flash kernel, with the
+        dense forward's tiles, GEMM provider and generated tile kernels (measured first where
+        tuning asks for it, as the dense forward does: ``engine.backends.cpu.autotune``)."""
+        from ...kernels.cpu import varlen_flash
+
+        name = compute.name
+        Hq, E, Ev = problem.num_q_heads, problem.E, problem.Ev
+        q_lens, k_lens = np.diff(problem.cu_seqlens_q), np.diff(problem.cu_seqlens_k)
+        work = int(np.dot(q_lens, k_lens)) * Hq * (E + Ev)
+        tune = CpuForward(self.backend).run
+        if work >= CPU_TUNE_MIN_WORK and autotune_enabled() and gemm_mode() == "auto":
+            tune_provider(tune, name)
+        provider = get_gemm_provider(name)
+        pin = get_blas_pin() if provider.kind == GEMM_NUMPY else None
+        pinned = pin is None or pin.available
+        L = max(1, problem.max_seqlen_q)
+        cls = tile_class(L, E, Ev)
+        if pinned and cls is not None and work >= CPU_TUNE_MIN_WORK and autotune_enabled():
+            tune_tiles(tune, provider, compute, *cls)
+        threads = get_num_threads()
+        plan = forward_tiles(L, E, Ev, name, provider.name, pinned, problem.batch * Hq, threads)
+        jit = NO_JIT
+        if provider.kind == GEMM_CBLAS:
+            jit = tile_jit_kernels(provider, name, plan.block_q, plan.block_k, E, Ev)
+        q, k, v = (np.ascontiguousarray(a, dtype=compute) for a in (problem.query, problem.key, problem.value))
+        total = problem.query.shape[0]
+        out = np.empty((total, Hq, Ev), dtype=compute)
+        lse = np.empty((total, Hq), dtype=compute)
+        left, right = problem.window
+        args = varlen_flash.VarlenFlashArgs(
+            q=q,
+            k=k,
+            v=v,
+            cu_q=np.ascontiguousarray(problem.cu_seqlens_q, dtype=np.int64),
+            cu_k=np.ascontiguousarray(problem.cu_seqlens_k, dtype=np.int64),
+            causal=problem.is_causal,
+            left=left,
+            right=right,
+            scale=problem.scale,
+            group=problem.group,
+            block_q=plan.block_q,
+            block_k=plan.block_k,
+            sub_tiles=plan.sub_tiles,
+            has_score_mod=problem.score_mod is not None,
+            has_mask_mod=problem.mask_mod is not None,
+            threads=threads,
+            gemm_kind=provider.kind,
+            gemm_fn=provider.pointer(name),
+            jit_scores=jit[0],
+            jit_scores_h=jit[1],
+            jit_values=jit[2],
+            jit_values_h=jit[3],
+            out=out,
+            lse=lse,
+        )
+        serial = work <= CPU_SERIAL_MAX_WORK
+        kernel = varlen_flash.varlen_flash_kernel(problem.score_mod, problem.mask_mod, serial)
+        with kernel_call_guard(), _NO_PIN if pin is None else pin():
+            if not serial and work >= CPU_QUIET_OPENMP_MIN_WORK:
+                quiet_openmp()  # torch's idle workers would spin on our cores (runtime.threads)
+            kernel(args, problem.mod_args)
+        return out, lse
+
+
+def _wants_split_kv(problem: VarlenProblem) -> bool:
+    """Whether the ragged kernel would split the keys across threads (fewer tasks than threads
+    and long keys: a few query rows against a long prefix), which the tiled kernel does not."""
+    q_lens = np.diff(problem.cu_seqlens_q)
+    tasks = int(np.sum(-(-problem.group * q_lens // DECODE_BLOCK_ROWS))) * problem.num_kv_heads
+    threads = get_num_threads()
+    return tasks < threads and pick_num_splits(tasks, problem.max_seqlen_k, threads) > 1
 
 
 def _head_major(a: np.ndarray) -> np.ndarray:

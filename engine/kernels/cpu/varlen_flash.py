@@ -1,0 +1,364 @@
+"""The packed-batch forward kernel of ``engine.varlen_attention`` on the ``cpu`` backend: the dense
+forward's tile arithmetic (``engine.kernels.cpu.flash_fwd``) over sequences of different lengths.
+
+Query, key and value are packed ``(total, heads, features)``; a task copies its query rows, and
+each key and value tile it walks, into contiguous scratch (the copies cost one pass per task
+against ``rows`` passes for the products; the GEMM reading the packed rows in place, 2 KiB apart
+at 8 heads of 64, lost 20 % to cache-set conflicts, and head-major copies of the whole arrays cost
+as much in fresh, page-faulting buffers), so the tiles, the GEMM provider and its generated
+kernels are the dense forward's (``engine.backends.cpu.tiles``), on the same layouts. Each tile is computed as
+in ``flash_fwd``: transposed scores ``st = k_tile @ q_tile.T`` (keys along the rows), the scale
+applied inside the exponential's argument (``softmax_tile``'s one-pass softmax with a stale
+maximum), the values' product
+accumulated in the GEMM's write-back, non-finite values added exactly in the rows that weigh
+them. The backward (``varlen_bwd``) recomputes the scores with the same products and arithmetic.
+
+Sequence b owns query rows ``cu_q[b] ... cu_q[b+1] - 1`` and keys ``cu_k[b] ... cu_k[b+1] - 1``;
+its row i is the token at position ``p = len_k - len_q + i`` (bottom-right alignment), which sees
+keys ``j`` with ``j <= p`` (causal), ``p - left <= j`` (``left >= 0``) and ``j <= p + right``
+(``right >= 0``); the mods see ``(b, h, p, j)``. Key tiles start at multiples of ``block_k``
+within the sequence and query tiles at multiples of ``block_q``, as in the dense kernel.
+
+One task per (sequence, query head, run of ``block_q * sub_tiles`` rows): its cost is its rows
+times the keys they see, which differs a lot between tasks (a causal 512-token sequence beside a
+1-token one), so the tasks are dealt to the threads by estimated cost, largest first, in a snake
+order (``varlen_fwd.deal``): the threads finish together. No result depends on the deal.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit, prange
+
+from ...runtime.jit_cache import cache_enabled
+from ..fastexp import fast_exp
+from ..identity_mods import no_mask_mod, no_score_mod
+from ..mod_kernels import ModKernels, serial_version
+from .gemm import jit_gemm
+from .softmax_tile import STALE_MAX_MARGIN, column_max
+from .tile_ops import (
+    _FM,
+    _add_nonfinite,
+    _exp_into,
+    _finite_values,
+    _scores_gemm,
+    _values_finite,
+    _values_gemm_acc,
+)
+from .varlen_fwd import deal
+from .vector_width import wide_vectors
+
+_CACHE = cache_enabled()
+
+__all__ = ["VarlenFlashArgs", "varlen_flash_kernel", "visible_rows"]
+
+#: the scheduler's fixed cost of one task, in scores: scratch, the row state and the output rows
+_TASK_OVERHEAD = 2048
+
+
+class VarlenFlashArgs(NamedTuple):
+    """Everything the kernel reads but the mods' arguments, built in one place (the ``cpu``
+    backend's varlen op); see :func:`_varlen_flash`."""
+
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    cu_q: np.ndarray
+    cu_k: np.ndarray
+    causal: bool
+    left: int
+    right: int
+    scale: float
+    group: int
+    block_q: int
+    block_k: int
+    sub_tiles: int
+    has_score_mod: bool
+    has_mask_mod: bool
+    threads: int
+    gemm_kind: int
+    gemm_fn: int
+    jit_scores: int
+    jit_scores_h: int
+    jit_values: int
+    jit_values_h: int
+    out: np.ndarray
+    lse: np.ndarray
+
+
+#: the mods the task calls; ``varlen_flash_kernel`` re-binds these names for other mods
+_SCORE_MOD = no_score_mod
+_MASK_MOD = no_mask_mod
+
+
+@njit(cache=_CACHE, inline="always")
+def visible_rows(j, i0, nq, off, causal, left, right):
+    """``(first, last)``: the rows ``i0 + first ... i0 + last`` (of ``nq`` from ``i0``; empty if
+    first > last) that see key ``j``, rows at positions ``off + i``."""
+    first = 0
+    if causal:
+        first = max(first, j - off - i0)
+    if right >= 0:
+        first = max(first, j - right - off - i0)
+    last = nq - 1
+    if left >= 0:
+        last = min(last, j + left - off - i0)
+    return first, last
+
+
+@njit(cache=_CACHE, inline="always")
+def _key_range(i0, i1, off, S, causal, left, right):
+    """``(lo, hi)``: the keys ``lo ... hi - 1`` that rows ``i0 ... i1 - 1`` see between them (each
+    row's visible keys move right with the row)."""
+    hi = S
+    if causal:
+        hi = min(hi, off + i1)
+    if right >= 0:
+        hi = min(hi, off + i1 - 1 + right + 1)
+    lo = 0 if left < 0 else max(0, off + i0 - left)
+    return lo, max(lo, hi)
+
+
+@njit(cache=_CACHE)
+def _schedule(args):
+    """``(task_b, task_t0, order, bin_start)``: the sequence and first row of every run of rows,
+    and the tasks dealt to the threads: thread t runs ``order[bin_start[t] ... bin_start[t+1] -
+    1]``; task ``base * Hq + h`` is run ``base`` of query head ``h``."""
+    B = args.cu_q.shape[0] - 1
+    Hq = args.q.shape[1]
+    rows = args.block_q * args.sub_tiles
+    nb = 0
+    for b in range(B):
+        nb += (args.cu_q[b + 1] - args.cu_q[b] + rows - 1) // rows
+    task_b = np.empty(nb, np.int64)
+    task_t0 = np.empty(nb, np.int64)
+    cost = np.empty(nb, np.float64)
+    x = 0
+    for b in range(B):
+        L = args.cu_q[b + 1] - args.cu_q[b]
+        S = args.cu_k[b + 1] - args.cu_k[b]
+        for t0 in range(0, L, rows):
+            t1 = min(t0 + rows, L)
+            lo, hi = _key_range(t0, t1, S - L, S, args.causal, args.left, args.right)
+            # about the rows times the keys each sees: the band between the first and last rows' ranges
+            w0 = _key_range(t0, t0 + 1, S - L, S, args.causal, args.left, args.right)
+            w1 = _key_range(t1 - 1, t1, S - L, S, args.causal, args.left, args.right)
+            seen = 0.5 * ((w0[1] - w0[0]) + (w1[1] - w1[0]))
+            task_b[x] = b
+            task_t0[x] = t0
+            cost[x] = (t1 - t0) * min(seen, hi - lo) + _TASK_OVERHEAD
+            x += 1
+    order, bin_start = deal(cost, Hq, args.threads)
+    return task_b, task_t0, order, bin_start
+
+
+@njit(cache=_CACHE, fastmath=_FM, error_model="numpy")
+def _varlen_flash_task(task, task_b, task_t0, args, mod_args):
+    """One task: ``sub_tiles`` query tiles of one (sequence, query head)."""
+    wide_vectors()
+    Hq, E = args.q.shape[1], args.q.shape[2]
+    Ev = args.v.shape[2]
+    dt = args.out.dtype
+    h = task % Hq
+    base = task // Hq
+    b = task_b[base]
+    t0 = task_t0[base]
+    q0, k0 = args.cu_q[b], args.cu_k[b]
+    L, S = args.cu_q[b + 1] - q0, args.cu_k[b + 1] - k0
+    off = S - L  # row i is the token at position off + i
+    rows = args.block_q * args.sub_tiles
+    t1 = min(t0 + rows, L)
+    nt = t1 - t0
+    hk = h // args.group
+    consts = np.array([-np.inf, 0.0, args.scale, STALE_MAX_MARGIN, 1.0], dtype=dt)  # typed: no float64 promotion
+    neg_inf = consts[0]
+    zero = consts[1]
+    post_scale = consts[2]
+    margin = consts[3]
+    one = consts[4]
+    # as flash_fwd: the scale goes into the exponential's argument unless a mod reads the scaled
+    # scores or the scale is not positive (a masked -inf times 0 is NaN)
+    prescale = post_scale != one and (args.has_score_mod or not post_scale > zero)
+    pass_scale = one if prescale else post_scale
+    half = np.empty(0, dtype=dt)  # float operands: no 16-bit probabilities
+    st_buf = np.empty(args.block_k * args.block_q, dtype=dt)
+    pt_buf = np.empty(args.block_k * args.block_q, dtype=dt)
+    vz_buf = np.empty(args.block_k * Ev, dtype=dt)
+    kbuf = np.empty((args.block_k, E), dtype=dt)
+    vbuf = np.empty((args.block_k, Ev), dtype=dt)
+    qbuf = np.empty((nt, E), dtype=dt)
+    for r in range(nt):  # element loops: a row slice assignment costs a call per row
+        for e in range(E):
+            qbuf[r, e] = args.q[q0 + t0 + r, h, e]
+    acc = np.zeros((nt, Ev), dtype=dt)
+    m = np.full(nt, neg_inf, dtype=dt)
+    l = np.zeros(nt, dtype=np.float64)  # noqa: E741  (float64 sums: see softmax_tile.SUM_CHUNK)
+    tm = np.empty(args.block_q, dtype=dt)
+    tmx = np.empty(args.block_q, dtype=dt)
+    shift = np.empty(args.block_q, dtype=dt)
+    alpha = np.empty(args.block_q, dtype=dt)
+    ts = np.empty(args.block_q, dtype=np.float64)
+    tc = np.empty(args.block_q, dtype=dt)
+    klo, khi = _key_range(t0, t1, off, S, args.causal, args.left, args.right)
+    for j0 in range(klo // args.block_k * args.block_k, khi, args.block_k):
+        j1 = min(j0 + args.block_k, khi)
+        for c in range(j1 - j0):
+            for e in range(E):
+                kbuf[c, e] = args.k[k0 + j0 + c, hk, e]
+            for e in range(Ev):
+                vbuf[c, e] = args.v[k0 + j0 + c, hk, e]
+        v_finite = _values_finite(vbuf[: j1 - j0])
+        for sub in range(args.sub_tiles):
+            i0 = t0 + sub * args.block_q
+            i1 = min(i0 + args.block_q, t1)
+            if i0 >= i1:
+                continue
+            lo, hi = _key_range(i0, i1, off, S, args.causal, args.left, args.right)
+            if hi <= j0 or lo >= j1:  # no row of this tile sees a key of this one
+                continue
+            nq = i1 - i0
+            o = i0 - t0
+            # the keys up to the last one a row of this query tile sees: on the causal diagonal a
+            # query tile shorter than the key tile computes no block of scores hidden from all rows
+            nk = min(j1, hi) - j0
+            kt = kbuf[:nk]
+            vt = vbuf[:nk]
+            full = args.jit_scores != 0 and nk == args.block_k and nq == args.block_q
+            st = st_buf[: nk * nq].reshape((nk, nq))
+            qs = qbuf[o : o + nq].T  # (E, nq), read transposed by the GEMM
+            if full:
+                jit_gemm(args.jit_scores, args.jit_scores_h, kt, qs, st)
+            else:
+                _scores_gemm(args.gemm_kind, args.gemm_fn, kt, qs, st)
+            if prescale:
+                for c in range(nk):
+                    for r in range(nq):
+                        st[c, r] *= post_scale
+            if args.has_score_mod:
+                for c in range(nk):
+                    for r in range(nq):
+                        st[c, r] = _SCORE_MOD(st[c, r], b, h, off + i0 + r, j0 + c, *mod_args)
+            # rows that see only part of the tile: -inf where hidden (causal, window, mask_mod)
+            f0, _ = visible_rows(j0 + nk - 1, i0, nq, off, args.causal, args.left, args.right)
+            _, z0 = visible_rows(j0, i0, nq, off, args.causal, args.left, args.right)
+            if args.has_mask_mod or f0 > 0 or z0 < nq - 1:
+                for c in range(nk):
+                    first, last = visible_rows(j0 + c, i0, nq, off, args.causal, args.left, args.right)
+                    row = st[c]
+                    for r in range(min(max(first, 0), nq)):
+                        row[r] = neg_inf
+                    for r in range(max(last + 1, 0), nq):
+                        row[r] = neg_inf
+                    if args.has_mask_mod:
+                        for r in range(max(first, 0), min(last + 1, nq)):
+                            if not _MASK_MOD(b, h, off + i0 + r, j0 + c, *mod_args):
+                                row[r] = neg_inf
+            # the softmax as flash_fwd's (softmax_tile: one pass, a stale shift within the margin)
+            fresh = False
+            for r in range(nq):
+                fresh |= m[o + r] == neg_inf
+            if fresh:
+                column_max(st, tm[:nq])
+            for r in range(nq):
+                mo = m[o + r]
+                if mo == neg_inf:
+                    mt = tm[r] * pass_scale
+                    mn = mt if mt > mo else mo
+                    sh = mn if mn > neg_inf else zero
+                    alpha[r] = fast_exp(mo - sh)
+                    shift[r] = sh
+                    m[o + r] = mn
+                else:
+                    shift[r] = mo
+                    alpha[r] = one
+            pt = pt_buf[: nk * nq].reshape((nk, nq))
+            _exp_into(args.gemm_kind, False, st, pt, half, pass_scale, shift, ts, tc, tmx)
+            redo = False
+            for r in range(nq):
+                redo |= tmx[r] * pass_scale > m[o + r] + margin
+            if redo:
+                for r in range(nq):
+                    mo = m[o + r]
+                    mt = tmx[r] * pass_scale
+                    if mt > mo + margin:
+                        alpha[r] *= fast_exp(mo - mt)
+                        shift[r] = mt
+                        m[o + r] = mt
+                _exp_into(args.gemm_kind, False, st, pt, half, pass_scale, shift, ts, tc, tmx)
+            rescale = False
+            for r in range(nq):
+                l[o + r] = l[o + r] * alpha[r] + ts[r]
+                rescale |= alpha[r] != one
+            accs = acc[o : o + nq]
+            if rescale:
+                for r in range(nq):
+                    a = alpha[r]
+                    if a == zero:  # the old terms' weights underflowed: drop them (an inf stays out)
+                        for c in range(Ev):
+                            accs[r, c] = zero
+                    else:
+                        for c in range(Ev):
+                            accs[r, c] *= a
+            if not v_finite:  # as flash_fwd: the finite part's product, then the NaN/inf values alone
+                vz = _finite_values(vt, vz_buf)
+                if full:
+                    jit_gemm(args.jit_values, args.jit_values_h, pt, vz, accs)
+                else:
+                    _values_gemm_acc(args.gemm_kind, args.gemm_fn, pt, half, vz, accs)
+                _add_nonfinite(pt, vt, accs)
+            elif full:
+                jit_gemm(args.jit_values, args.jit_values_h, pt, vt, accs)
+            else:
+                _values_gemm_acc(args.gemm_kind, args.gemm_fn, pt, half, vt, accs)
+    for r in range(nt):
+        total = l[r]
+        orow = args.out[q0 + t0 + r, h]
+        arow = acc[r]
+        if total > 0.0 or total != total:
+            tm[0] = 1.0 / total  # rounded to dt: the row's loop stays in dt and vectorises
+            inv = tm[0]
+            for c in range(Ev):
+                orow[c] = arow[c] * inv
+            args.lse[q0 + t0 + r, h] = m[r] + np.log(total)
+        else:
+            for c in range(Ev):
+                orow[c] = zero
+            args.lse[q0 + t0 + r, h] = neg_inf
+
+
+@njit(parallel=True, cache=_CACHE, fastmath=_FM, error_model="numpy")
+def _varlen_flash(args, mod_args):
+    """Every packed query row against its sequence's keys, with ``args`` a
+    :class:`VarlenFlashArgs` and ``mod_args`` the mods' arguments.
+
+    ``q`` (total_q, Hq, E), ``k`` (total_k, H, E), ``v`` (total_k, H, Ev): packed, C order,
+    float32 or float64; ``cu_q``/``cu_k`` (B + 1,) int64 offsets; ``out`` (total_q, Hq, Ev) and
+    ``lse`` (total_q, Hq) of the same dtype, every row written (a row that sees no key: zeros and
+    -inf; NaN scores make their rows NaN). ``block_q`` x ``block_k`` tiles, ``sub_tiles`` query
+    tiles per task, ``gemm_kind``/``gemm_fn`` the tile products' provider and ``jit_*`` its
+    generated kernels for full tiles (0: none), as ``flash_fwd``'s.
+    """
+    task_b, task_t0, order, bin_start = _schedule(args)
+    for t in prange(bin_start.shape[0] - 1):
+        for x in range(bin_start[t], bin_start[t + 1]):
+            _varlen_flash_task(order[x], task_b, task_t0, args, mod_args)
+
+
+_OPTIONS = dict(fastmath=_FM, error_model="numpy")
+#: the kernel without mods compiled without ``parallel``: disk-cached and loaded like ``_varlen_flash``
+_varlen_flash_serial = serial_version(_varlen_flash, _OPTIONS, _CACHE)
+_kernels = ModKernels(
+    _varlen_flash,
+    _varlen_flash_task,
+    {"_SCORE_MOD": no_score_mod, "_MASK_MOD": no_mask_mod},
+    _OPTIONS,
+    _varlen_flash_serial,
+)
+_with_mods = _kernels.built
+
+
+def varlen_flash_kernel(score_mod, mask_mod, serial=False):
+    """The kernel for these mods (``None`` for none): ``_varlen_flash`` itself without mods, else
+    the same code with ``_SCORE_MOD``/``_MASK_MOD`` bound to them (``engine.kernels.mod_kernels``).
+    ``serial=True``: compiled without ``parallel``, for calls too small to wake the thread pool."""
+    return _kernels(score_mod, mask_mod, serial=serial)
