@@ -111,25 +111,12 @@ class CpuVarlen(Op):
         tuning asks for it, as the dense forward does: ``engine.backends.cpu.autotune``)."""
         from ...kernels.cpu import varlen_flash
 
-        name = compute.name
-        Hq, E, Ev = problem.num_q_heads, problem.E, problem.Ev
         q_lens, k_lens = np.diff(problem.cu_seqlens_q), np.diff(problem.cu_seqlens_k)
+        Hq, E, Ev = problem.num_q_heads, problem.E, problem.Ev
         work = int(np.dot(q_lens, k_lens)) * Hq * (E + Ev)
-        tune = CpuForward(self.backend).run
-        if work >= CPU_TUNE_MIN_WORK and autotune_enabled() and gemm_mode() == "auto":
-            tune_provider(tune, name)
-        provider = get_gemm_provider(name)
-        pin = get_blas_pin() if provider.kind == GEMM_NUMPY else None
-        pinned = pin is None or pin.available
-        L = max(1, problem.max_seqlen_q)
-        cls = tile_class(L, E, Ev)
-        if pinned and cls is not None and work >= CPU_TUNE_MIN_WORK and autotune_enabled():
-            tune_tiles(tune, provider, compute, *cls)
         threads = get_num_threads()
-        plan = forward_tiles(L, E, Ev, name, provider.name, pinned, problem.batch * Hq, threads)
-        jit = NO_JIT
-        if provider.kind == GEMM_CBLAS:
-            jit = tile_jit_kernels(provider, name, plan.block_q, plan.block_k, E, Ev)
+        provider, pin, plan, jit = tiled_setup(problem, compute, threads, CpuForward(self.backend).run, work)
+        name = compute.name
         q, k, v = (np.ascontiguousarray(a, dtype=compute) for a in (problem.query, problem.key, problem.value))
         total = problem.query.shape[0]
         out = np.empty((total, Hq, Ev), dtype=compute)
@@ -168,6 +155,32 @@ class CpuVarlen(Op):
                 quiet_openmp()  # torch's idle workers would spin on our cores (runtime.threads)
             kernel(args, problem.mod_args)
         return out, lse
+
+
+def tiled_setup(problem, compute: np.dtype, threads: int, tune=None, work: int = 0):
+    """``(provider, pin, plan, jit)`` of a packed batch's tiled forward (``varlen_flash``): the
+    GEMM provider of ``compute``, the BLAS pin it needs (None), the dense forward's tiles for the
+    longest query sequence (``tiles.forward_tiles``) and their generated kernels. ``tune``: the
+    dense forward op's ``run``, with which a call of ``work`` multiply-adds measures the provider
+    and the class's tiles first where tuning asks for it, as the dense forward does. The varlen
+    backward calls it without ``tune`` for the same tiles (what tuning stored since is read)."""
+    name = compute.name
+    E, Ev = problem.E, problem.Ev
+    big = tune is not None and work >= CPU_TUNE_MIN_WORK and autotune_enabled()
+    if big and gemm_mode() == "auto":
+        tune_provider(tune, name)
+    provider = get_gemm_provider(name)
+    pin = get_blas_pin() if provider.kind == GEMM_NUMPY else None
+    pinned = pin is None or pin.available
+    L = max(1, problem.max_seqlen_q)
+    cls = tile_class(L, E, Ev)
+    if big and pinned and cls is not None:
+        tune_tiles(tune, provider, compute, *cls)
+    plan = forward_tiles(L, E, Ev, name, provider.name, pinned, problem.batch * problem.num_q_heads, threads)
+    jit = NO_JIT
+    if provider.kind == GEMM_CBLAS:
+        jit = tile_jit_kernels(provider, name, plan.block_q, plan.block_k, E, Ev)
+    return provider, pin, plan, jit
 
 
 def _wants_split_kv(problem: VarlenProblem) -> bool:

@@ -5,22 +5,23 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...kernels.cpu.gemm import GEMM_NUMPY
 from ...problems.varlen import VarlenBackwardProblem
-from ...runtime.gemm_providers import get_gemm_provider
 from ...runtime.threads import get_num_threads, kernel_call_guard
 from ..base import Op
-from .blas_pin import get_blas_pin
 from .operands import NO_PIN
 from .tiles import backward_splits
+from .varlen import tiled_setup
 
 __all__ = ["CpuVarlenBackward", "varlen_backward_tiles"]
 
 
-def varlen_backward_tiles(E: int, Ev: int) -> tuple[int, int]:
-    """(block_q, block_k) of the varlen backward kernel: 128 x 128 tiles (the products' operands
-    stay in L2 with heads up to 128 wide), 64 query rows for wider heads."""
-    return (128 if max(E, Ev) <= 128 else 64), 128
+def varlen_backward_tiles(fq: int, block_k: int, E: int, Ev: int) -> tuple[int, int]:
+    """(block_q, block_k) of the varlen backward kernel, given the forward's tiles (``fq`` x
+    ``block_k``): the forward's key tiles, and query tiles of whole forward tiles, about 128 rows
+    (64 for heads over 128 wide: the products' operands stay in L2), so that every score is
+    recomputed by the product that computed it in the forward."""
+    rows = 128 if max(E, Ev) <= 128 else 64
+    return fq * max(1, rows // fq), block_k
 
 
 class CpuVarlenBackward(Op):
@@ -48,12 +49,12 @@ class CpuVarlenBackward(Op):
         if problem.grad_lse is not None:
             delta = delta - np.asarray(problem.grad_lse, dtype=delta.dtype)
         delta = delta.astype(dt)
-        block_q, block_k = varlen_backward_tiles(problem.E, problem.Ev)
         threads = get_num_threads()
+        provider, pin, plan, jit = tiled_setup(problem, dt, threads)
+        block_q, block_k = varlen_backward_tiles(plan.block_q, plan.block_k, problem.E, problem.Ev)
         max_key_tiles = -(-problem.max_seqlen_k // block_k)
         live = int(np.count_nonzero((problem.seqlens_q > 0) & (problem.seqlens_k > 0)))
         splits = backward_splits(max(1, live) * problem.num_kv_heads, threads, max(1, max_key_tiles))
-        provider = get_gemm_provider(dt.name)
         gemm = (provider.kind, provider.pointer(dt.name))
         dq_part = np.zeros((splits,) + q.shape, dtype=dt)
         dk, dv = np.zeros_like(k), np.zeros_like(v)
@@ -73,18 +74,21 @@ class CpuVarlenBackward(Op):
             group=problem.group,
             block_q=block_q,
             block_k=block_k,
+            fq=plan.block_q,
             splits=splits,
             threads=threads,
             has_score_mod=problem.score_mod is not None,
             has_mask_mod=problem.mask_mod is not None,
             gemm_kind=gemm[0],
             gemm_fn=gemm[1],
+            jit_scores=jit[0],
+            jit_scores_h=jit[1],
             dq_part=dq_part,
             dk=dk,
             dv=dv,
         )
         kernel = varlen_backward_kernel(problem.score_mod, problem.score_grad, problem.mask_mod)
-        with kernel_call_guard(), get_blas_pin()() if gemm[0] == GEMM_NUMPY else NO_PIN:
+        with kernel_call_guard(), NO_PIN if pin is None else pin():
             kernel(args, problem.mod_args)
             dq = np.empty_like(q)
             varlen_backward_epilogue(dq_part, dt.type(problem.scale), dq)

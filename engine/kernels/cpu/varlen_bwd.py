@@ -25,12 +25,13 @@ import numpy as np
 from numba import njit, prange
 
 from ...runtime.jit_cache import cache_enabled
-from ..fastexp import fast_exp
+from ..fastexp import softmax_exp
 from ..identity_mods import no_mask_mod, no_score_mod
 from ..mod_kernels import ModKernels
 from .flash_bwd import no_score_grad
-from .gemm import tile_gemm
+from .gemm import jit_gemm, tile_gemm
 from .tile_ops import _FM
+from .varlen_flash import _key_range
 from .varlen_fwd import deal
 
 _CACHE = cache_enabled()
@@ -57,12 +58,15 @@ class VarlenBackwardArgs(NamedTuple):
     group: int
     block_q: int
     block_k: int
+    fq: int
     splits: int
     threads: int
     has_score_mod: bool
     has_mask_mod: bool
     gemm_kind: int
     gemm_fn: int
+    jit_scores: int
+    jit_scores_h: int
     dq_part: np.ndarray
     dk: np.ndarray
     dv: np.ndarray
@@ -108,9 +112,16 @@ def _bwd_task(task, scratch, args, mod_args):
     t0, t1 = s * nkb // args.splits, (s + 1) * nkb // args.splits
     off = S - L  # row i is the token at position off + i
     bq, bk = args.block_q, args.block_k
-    consts = np.array([-np.inf, 0.0], dtype=dt)  # typed constants: no float64 promotion
+    consts = np.array([-np.inf, 0.0, args.scale, 1.0], dtype=dt)  # typed constants: no float64 promotion
     neg_inf = consts[0]
     zero = consts[1]
+    post_scale = consts[2]
+    one = consts[3]
+    # the forward's arithmetic (varlen_flash, as flash_fwd's): the scores are q @ k.T and the scale
+    # goes into the exponential's argument, unless a score_mod reads the scaled scores or the
+    # scale is not positive
+    prescale = post_scale != one and (args.has_score_mod or not post_scale > zero)
+    pass_scale = one if prescale else post_scale
     # the thread's scratch: key/value tiles, their gradients, a query tile, its dO, scores
     # (then weights), dP (then dS), the derivative g, and products
     o = 0
@@ -135,6 +146,10 @@ def _bwd_task(task, scratch, args, mod_args):
     tk = scratch[o : o + bk * max(E, Ev)]
     o += bk * max(E, Ev)
     tq = scratch[o : o + bq * E].reshape((bq, E))
+    o += bq * E
+    qraw = scratch[o : o + args.fq * E].reshape((args.fq, E))
+    o += args.fq * E
+    ts = scratch[o : o + bk * args.fq]
     for kb in range(t0, t1):
         j0 = kb * bk
         nk = min(bk, S - j0)
@@ -154,6 +169,10 @@ def _bwd_task(task, scratch, args, mod_args):
             i_lo = max(i_lo, j0 - args.right - off)
         if args.left >= 0:
             i_hi = min(i_hi, j1 + args.left - off)
+        # whole forward query tiles (fq rows from multiples of fq): each score is recomputed by
+        # the product of the forward's shape that computed it
+        i_lo = max(0, i_lo) // args.fq * args.fq
+        i_hi = min(L, (i_hi + args.fq - 1) // args.fq * args.fq)
         for hq in range(hk * args.group, (hk + 1) * args.group):
             for i0 in range(i_lo, i_hi, bq):
                 nq = min(bq, i_hi - i0)
@@ -165,7 +184,31 @@ def _bwd_task(task, scratch, args, mod_args):
                 p = p_buf[: nq * nk].reshape((nq, nk))
                 dp = dp_buf[: nq * nk].reshape((nq, nk))
                 g = g_buf[: nq * nk].reshape((nq, nk))
-                tile_gemm(args.gemm_kind, args.gemm_fn, qt[:nq], kt[:nk].T, p)  # scaled scores
+                # the scores as the forward computed them: per forward query tile, the product of
+                # its shape (the generated kernel where the forward's tile was full) on the same
+                # contiguous operands, over the keys up to the last one its rows see
+                for c0 in range(0, nq, args.fq):
+                    w = min(args.fq, nq - c0)
+                    _, hi_f = _key_range(i0 + c0, i0 + c0 + w, off, S, args.causal, args.left, args.right)
+                    nkf = max(0, min(nk, hi_f - j0))
+                    for r in range(w):
+                        for e in range(E):
+                            qraw[r, e] = args.q[q0 + i0 + c0 + r, hq, e]
+                    tsw = ts[: nkf * w].reshape((nkf, w))
+                    if nkf > 0 and args.jit_scores != 0 and nkf == args.block_k and w == args.fq:
+                        jit_gemm(args.jit_scores, args.jit_scores_h, kt[:nkf], qraw[:w].T, tsw)
+                    elif nkf > 0:
+                        tile_gemm(args.gemm_kind, args.gemm_fn, kt[:nkf], qraw[:w].T, tsw)
+                    for r in range(w):
+                        row = p[c0 + r]
+                        if prescale:
+                            for c in range(nkf):
+                                row[c] = tsw[c, r] * post_scale
+                        else:
+                            for c in range(nkf):
+                                row[c] = tsw[c, r]
+                        for c in range(nkf, nk):  # hidden from every row of the forward's tile
+                            row[c] = neg_inf
                 for r in range(nq):
                     pos = off + i0 + r
                     row = p[r]
@@ -188,7 +231,7 @@ def _bwd_task(task, scratch, args, mod_args):
                         row[c] = row[c] if seen else neg_inf
                     shift = args.lrow[q0 + i0 + r, hq]  # +inf for a row with no visible key: P = 0
                     for c in range(nk):
-                        row[c] = fast_exp(row[c] - shift)
+                        row[c] = softmax_exp(row[c] * pass_scale - shift)
                 dv_part = tk[: nk * Ev].reshape((nk, Ev))
                 tile_gemm(args.gemm_kind, args.gemm_fn, p.T, dot[:nq], dv_part)
                 for c in range(nk):
@@ -231,7 +274,7 @@ def _varlen_backward(args, mod_args):
     order, bin_start = _schedule(args)
     E, Ev = args.q.shape[2], args.v.shape[2]
     bq, bk = args.block_q, args.block_k
-    size = 2 * bk * (E + Ev) + bq * (E + Ev) + 3 * bq * bk + bk * max(E, Ev) + bq * E
+    size = 2 * bk * (E + Ev) + bq * (E + Ev) + 3 * bq * bk + bk * max(E, Ev) + bq * E + args.fq * (E + bk)
     for t in prange(bin_start.shape[0] - 1):
         scratch = np.empty(size, dtype=args.q.dtype)
         for x in range(bin_start[t], bin_start[t + 1]):
