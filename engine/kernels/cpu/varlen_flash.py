@@ -119,6 +119,27 @@ def _key_range(i0, i1, off, S, causal, left, right):
     return lo, max(lo, hi)
 
 
+@njit(cache=_CACHE, inline="always")
+def _line(n):
+    """``n`` rounded up to a multiple of 16 (a 64-byte line of float32)."""
+    return (n + 15) // 16 * 16
+
+
+@njit(cache=_CACHE, inline="always")
+def _scratch_size(bq, bk, sub_tiles, E, Ev):
+    """Floats of one thread's scratch (:func:`_varlen_flash_task`)."""
+    rows = bq * sub_tiles
+    return (
+        2 * _line(bk * bq)
+        + 2 * _line(bk * Ev)
+        + _line(bk * E)
+        + _line(rows * E)
+        + _line(rows * Ev)
+        + _line(rows)
+        + 5 * _line(bq)
+    )
+
+
 @njit(cache=_CACHE)
 def _schedule(args):
     """``(task_b, task_t0, order, bin_start)``: the sequence and first row of every run of rows,
@@ -153,8 +174,11 @@ def _schedule(args):
 
 
 @njit(cache=_CACHE, fastmath=_FM, error_model="numpy")
-def _varlen_flash_task(task, task_b, task_t0, args, mod_args):
-    """One task: ``sub_tiles`` query tiles of one (sequence, query head)."""
+def _varlen_flash_task(task, task_b, task_t0, fbuf, dbuf, args, mod_args):
+    """One task: ``sub_tiles`` query tiles of one (sequence, query head), in the thread's scratch
+    ``fbuf`` (:func:`_scratch_size` floats of the compute dtype) and ``dbuf`` (float64), reused by
+    every task of the thread (allocating a task's dozen buffers cost more than the products of a
+    64-token sequence's head)."""
     wide_vectors()
     Hq, E = args.q.shape[1], args.q.shape[2]
     Ev = args.v.shape[2]
@@ -180,25 +204,43 @@ def _varlen_flash_task(task, task_b, task_t0, args, mod_args):
     # scores or the scale is not positive (a masked -inf times 0 is NaN)
     prescale = post_scale != one and (args.has_score_mod or not post_scale > zero)
     pass_scale = one if prescale else post_scale
-    half = np.empty(0, dtype=dt)  # float operands: no 16-bit probabilities
-    st_buf = np.empty(args.block_k * args.block_q, dtype=dt)
-    pt_buf = np.empty(args.block_k * args.block_q, dtype=dt)
-    vz_buf = np.empty(args.block_k * Ev, dtype=dt)
-    kbuf = np.empty((args.block_k, E), dtype=dt)
-    vbuf = np.empty((args.block_k, Ev), dtype=dt)
-    qbuf = np.empty((nt, E), dtype=dt)
+    half = fbuf[:0]  # float operands: no 16-bit probabilities
+    # the thread's scratch, cut for this task: segments start on 64-byte lines
+    bq, bk = args.block_q, args.block_k
+    o = 0
+    st_buf = fbuf[o : o + bk * bq]
+    o += _line(bk * bq)
+    pt_buf = fbuf[o : o + bk * bq]
+    o += _line(bk * bq)
+    vz_buf = fbuf[o : o + bk * Ev]
+    o += _line(bk * Ev)
+    kbuf = fbuf[o : o + bk * E].reshape((bk, E))
+    o += _line(bk * E)
+    vbuf = fbuf[o : o + bk * Ev].reshape((bk, Ev))
+    o += _line(bk * Ev)
+    qbuf = fbuf[o : o + nt * E].reshape((nt, E))
+    o += _line(rows * E)
+    acc = fbuf[o : o + nt * Ev].reshape((nt, Ev))
+    o += _line(rows * Ev)
+    m = fbuf[o : o + nt]
+    o += _line(rows)
+    tm = fbuf[o : o + bq]
+    o += _line(bq)
+    tmx = fbuf[o : o + bq]
+    o += _line(bq)
+    shift = fbuf[o : o + bq]
+    o += _line(bq)
+    alpha = fbuf[o : o + bq]
+    o += _line(bq)
+    tc = fbuf[o : o + bq]
+    l = dbuf[:nt]  # noqa: E741  (float64 sums: see softmax_tile.SUM_CHUNK)
+    ts = dbuf[_line(rows) : _line(rows) + bq]
+    acc[:] = zero
+    m[:] = neg_inf
+    l[:] = 0.0
     for r in range(nt):  # element loops: a row slice assignment costs a call per row
         for e in range(E):
             qbuf[r, e] = args.q[q0 + t0 + r, h, e]
-    acc = np.zeros((nt, Ev), dtype=dt)
-    m = np.full(nt, neg_inf, dtype=dt)
-    l = np.zeros(nt, dtype=np.float64)  # noqa: E741  (float64 sums: see softmax_tile.SUM_CHUNK)
-    tm = np.empty(args.block_q, dtype=dt)
-    tmx = np.empty(args.block_q, dtype=dt)
-    shift = np.empty(args.block_q, dtype=dt)
-    alpha = np.empty(args.block_q, dtype=dt)
-    ts = np.empty(args.block_q, dtype=np.float64)
-    tc = np.empty(args.block_q, dtype=dt)
     klo, khi = _key_range(t0, t1, off, S, args.causal, args.left, args.right)
     for j0 in range(klo // args.block_k * args.block_k, khi, args.block_k):
         j1 = min(j0 + args.block_k, khi)
@@ -339,9 +381,13 @@ def _varlen_flash(args, mod_args):
     generated kernels for full tiles (0: none), as ``flash_fwd``'s.
     """
     task_b, task_t0, order, bin_start = _schedule(args)
+    size = _scratch_size(args.block_q, args.block_k, args.sub_tiles, args.q.shape[2], args.v.shape[2])
+    rows = args.block_q * args.sub_tiles
     for t in prange(bin_start.shape[0] - 1):
+        fbuf = np.empty(size, dtype=args.out.dtype)
+        dbuf = np.empty(_line(rows) + args.block_q, dtype=np.float64)
         for x in range(bin_start[t], bin_start[t + 1]):
-            _varlen_flash_task(order[x], task_b, task_t0, args, mod_args)
+            _varlen_flash_task(order[x], task_b, task_t0, fbuf, dbuf, args, mod_args)
 
 
 _OPTIONS = dict(fastmath=_FM, error_model="numpy")
