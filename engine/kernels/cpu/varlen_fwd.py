@@ -1,7 +1,10 @@
 """The ragged attention kernel of the ``cpu`` backend: packed query rows of B sequences of different
-lengths, each against its own keys, read through pages. It runs ``engine.varlen_attention`` (the
-keys of a packed batch as one page) and ``engine.attention_with_kvcache(..., cu_seqlens_q=)``
-(decode steps and prefill chunks mixed in one call, against a contiguous or paged cache).
+lengths, each against its own keys, read through pages. It runs
+``engine.attention_with_kvcache(..., cu_seqlens_q=)`` (decode steps and prefill chunks mixed in one
+call, against a contiguous or paged cache) and the packed batches of ``engine.varlen_attention``
+that ``varlen_flash`` (the dense forward's tiles) does not take: decode-like ones (keys read in
+place, one per page), those it splits across threads by keys, and ``E = 0`` (the keys of the
+batch as one head-major page).
 
 Sequence b owns query rows ``q_start[b] ... q_start[b+1] - 1`` of the packed ``q`` (total, Hq, E)
 and attends its ``seqlens_k[b]`` keys; key j of sequence b lives in page
