@@ -185,8 +185,16 @@ def test_ctrl_c_prints_the_partial_table_and_writes_the_partial_json(tmp_path):
     cmd = [sys.executable, "-m", "engine.cli", "bench", "--variants", "multi-head,self", "--backends", "cpu"]
     cmd += [*TINY, "--lengths", lengths, "--no-functional", "--json", str(json_path)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # the child takes Ctrl-C as a terminal's command does even where this run ignores SIGINT (a
+    # shell without job control starts background jobs that way, and children inherit it)
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     seen = ""
     deadline = time.monotonic() + 600
