@@ -52,21 +52,27 @@ def _writable(path: str) -> bool:
     return _can_write(path)
 
 
-def _private_folder_problem(path: str) -> str | None:
-    """Why ``path`` is not a folder that only this user can write, or None; never follows a link."""
+def _private_problem(path: str, is_kind, not_kind: str) -> str | None:
+    """Why ``path`` may have been written by someone else (a symbolic link, not of the kind
+    ``is_kind`` tests for, another owner, writable by group or others), or None; never follows a link."""
     try:
         st = os.lstat(path)
     except OSError as exc:
         return f"cannot be inspected ({exc.strerror})"
     if stat.S_ISLNK(st.st_mode):
         return "is a symbolic link"
-    if not stat.S_ISDIR(st.st_mode):
-        return "is not a folder"
+    if not is_kind(st.st_mode):
+        return not_kind
     if st.st_uid != os.geteuid():
         return f"is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         return f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
     return None
+
+
+def _private_folder_problem(path: str) -> str | None:
+    """Why ``path`` is not a folder that only this user can write, or None; never follows a link."""
+    return _private_problem(path, stat.S_ISDIR, "is not a folder")
 
 
 def _parent_problem(path: str) -> str | None:
@@ -207,16 +213,4 @@ def cache_folder() -> str | None:
 def private_file_problem(path: str) -> str | None:
     """Why the file ``path`` may have been written by someone else (a symbolic link, not a regular
     file, another owner, writable by group or others), or None; never follows a link."""
-    try:
-        st = os.lstat(path)
-    except OSError as exc:
-        return f"cannot be inspected ({exc.strerror})"
-    if stat.S_ISLNK(st.st_mode):
-        return "is a symbolic link"
-    if not stat.S_ISREG(st.st_mode):
-        return "is not a regular file"
-    if st.st_uid != os.geteuid():
-        return f"is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
-    return None
+    return _private_problem(path, stat.S_ISREG, "is not a regular file")
