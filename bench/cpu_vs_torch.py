@@ -15,8 +15,8 @@ after a call (torch's OpenMP workers spin, then sleep) and the next call of the 
 pays for it:
 
 * **own blocks** (the NumPy user's figure, the headline ``ratio``): each library runs a block of
-  its own (a pause of ``--pause`` seconds, one untimed call, then the mean of a few timed calls),
-  the two alternating, the order flipping every round;
+  its own (a pause of ``--pause`` seconds, untimed calls for ``WARM_S``, then the mean of timed
+  calls lasting at least ``MIN_TIMED_S``), the two alternating, the order flipping every round;
 * **back to back** (the torch user's figure: a torch model with the engine's attention inside,
   ``engine.torch``): engine and torch calls alternate one by one, each timed; ``back_to_back_ratio``
   is torch's median over the engine's, and ``after_torch`` the engine's median right after a torch
@@ -79,8 +79,14 @@ STEP_CASES = [("step L=S=1024", 1024, False), ("step L=S=4096 causal", 4096, Tru
 #: a timed block lasts about this long (fewer calls per block for slow cases, at least one)
 BLOCK_SECONDS = 0.6
 HEADS = 8
-#: timed calls per block (after one untimed call), see the module docstring
+#: timed calls per block for the slow cases (after the warm-up), see the module docstring
 BLOCK_CALLS = 3
+#: fast cases time at least this many seconds of calls per block, so that one slow call weighs less
+MIN_TIMED_S = 0.05
+#: after the pause, untimed calls of the same library for at least this long: on the KVM guests
+#: measured, both libraries' first 10-40 ms after an idle pause run 2-4x slower (the vCPUs wake
+#: slowly), which decided 3-call blocks of 2 ms calls (L = 512) at random
+WARM_S = 0.05
 #: seconds of rest before each own block: longer than any thread pool's spinning after a call
 PAUSE_S = 0.3
 #: the engine right after a torch call, over the engine alone (issue 29's target at L = 1024)
@@ -124,6 +130,28 @@ def _time(fn) -> float:
     t = clock()
     fn()
     return clock() - t
+
+
+def _calls_per_block(first: float) -> int:
+    """Timed calls per block for a call that took ``first`` seconds: BLOCK_CALLS for slow calls,
+    enough for MIN_TIMED_S for fast ones, and never a block much past BLOCK_SECONDS."""
+    first = max(first, 1e-9)
+    return max(1, min(max(BLOCK_CALLS, int(MIN_TIMED_S / first)), int(BLOCK_SECONDS / first)))
+
+
+def _own_block(fn, calls: int) -> float:
+    """One library's block: rest ``--pause`` seconds (the other library's workers go to sleep),
+    warm up with untimed calls of ``fn`` for WARM_S (at least one), then the mean of ``calls``."""
+    time.sleep(_PAUSE[0])
+    start = time.perf_counter()
+    fn()
+    while time.perf_counter() - start < WARM_S:
+        fn()
+    clock = _CLOCK[0]
+    t = clock()
+    for _ in range(calls):  # each output is dropped before the next call, as a user's loop does
+        fn()
+    return (clock() - t) / calls
 
 
 def select_cases(arg: str) -> set:
@@ -198,21 +226,11 @@ def speed_case(name, L, E, dtype, causal, target, rounds):
     )
     max_err = float(np.abs(out - expected).max())
     first = max(_time(run_engine), _time(run_torch))  # warm both; sizes the blocks
-    calls = max(1, min(BLOCK_CALLS, int(BLOCK_SECONDS / max(first, 1e-9))))
-
-    def calls_of(fn):  # each output is dropped before the next call, as a user's loop does
-        for _ in range(calls):
-            fn()
-
-    def block(fn):  # rest, one untimed call, then the mean of `calls`
-        time.sleep(_PAUSE[0])
-        fn()
-        return _time(lambda: calls_of(fn)) / calls
-
+    calls = _calls_per_block(first)
     te, tt = [], []
     for r in range(rounds):
         for fn, blocks in ((run_engine, te), (run_torch, tt)) if r % 2 == 0 else ((run_torch, tt), (run_engine, te)):
-            blocks.append(block(fn))
+            blocks.append(_own_block(fn, calls))
     # back to back: engine, torch, engine, torch ... each call timed
     be, bt = [], []
     time.sleep(_PAUSE[0])
@@ -276,13 +294,11 @@ def step_case(name, L, causal, rounds):
     run_torch = lambda: step(F.scaled_dot_product_attention)  # noqa: E731
     run_engine()
     first = max(_time(run_engine), _time(run_torch))
-    calls = max(1, min(BLOCK_CALLS, int(BLOCK_SECONDS / max(first, 1e-9))))
+    calls = _calls_per_block(first)
     te, tt = [], []
     for r in range(rounds):
         for fn, blocks in ((run_engine, te), (run_torch, tt)) if r % 2 == 0 else ((run_torch, tt), (run_engine, te)):
-            time.sleep(_PAUSE[0])
-            fn()
-            blocks.append(_time(lambda: [fn() for _ in range(calls)]) / calls)
+            blocks.append(_own_block(fn, calls))
     me, mt = statistics.median(te), statistics.median(tt)
     return {"case": name, "L": L, "causal": causal, "engine_ms": me * 1e3, "torch_ms": mt * 1e3, "ratio": mt / me}
 

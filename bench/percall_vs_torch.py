@@ -6,8 +6,8 @@ variant and GPT-2 generation, on the same threads, with the engine's call plans 
 
 Timing. Right after a torch call, torch's OpenMP workers keep spinning for a while and slow the
 engine's threads (about 1.5x on 2 cores), so each library is timed in blocks of its own: a pause,
-one untimed call, then a block of calls; the order flips every round, and each figure is the
-median over rounds of the block means. The same calls timed back to back (engine, torch, engine,
+untimed calls for ``WARM_S``, then a block of calls; the order flips every round, and each figure
+is the median over rounds of the block means. The same calls timed back to back (engine, torch, engine,
 torch ...) are reported apart as ``back_to_back_ratio``. Both libraries run on ``--threads``
 (``torch.set_num_threads``, ``engine.set_num_threads``, NumPy's BLAS through threadpoolctl). The
 load average before and after is recorded: on a shared machine the ratios still compare the two
@@ -48,13 +48,20 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAUSE_S = 0.05
+#: after the pause, untimed calls of the same library for at least this long: on the KVM guests
+#: measured, both libraries' first 10-40 ms after an idle pause run 2-4x slower (the vCPUs wake
+#: slowly)
+WARM_S = 0.02
 #: what the blocks are timed with: wall time, or (``--cpu-time``, one thread) this process's CPU
 #: time, which time spent descheduled by other processes does not count
 CLOCK = {"now": time.perf_counter}
 
 
-def _block(fn, calls):
+def _block(fn, calls, warm_s=0.0):
+    start = time.perf_counter()
     fn()  # untimed: warms caches (and, back to back, the other library's pool)
+    while time.perf_counter() - start < warm_s:
+        fn()
     now = CLOCK["now"]
     t = now()
     for _ in range(calls):
@@ -69,7 +76,7 @@ def own_blocks(fns: dict, rounds: int, calls: int) -> dict:
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
             time.sleep(PAUSE_S)  # torch's spinning workers go back to sleep
-            times[name].append(_block(fns[name], calls))
+            times[name].append(_block(fns[name], calls, WARM_S))
     return {k: statistics.median(v) for k, v in times.items()}
 
 
