@@ -305,6 +305,28 @@ def test_stored_tiles_are_used_by_forward_and_backward(tuning_dir, rng, monkeypa
         assert np.allclose(g, r, atol=2e-5)
 
 
+def test_short_keys_take_a_key_tile_no_longer_than_S(rng, monkeypatch):
+    """Keys fewer than a tile get a key tile of S rounded up to 16 rows, in both passes (the
+    backward recomputes with the forward's tiles), and the results stay the reference's."""
+    rule = cpu_tiles.forward_tiles(32, 16, 16, "float32", "none", True, 8, 2)
+    for S, block_k in ((32, 32), (40, 48), (1, 16), (10**6, rule.block_k)):
+        assert cpu_tiles.forward_tiles(32, 16, 16, "float32", "none", True, 8, 2, S=S).block_k == min(
+            block_k, rule.block_k
+        )
+        assert cpu_tiles.backward_tile_sizes(32, S, 16, 16, True, "float32", "none")[1] == min(block_k, rule.block_k)
+    seen = _record_setups(monkeypatch)
+    for S in (32, 40):
+        q, k, v = (rng.standard_normal((2, 2, n, 16)).astype(np.float32) for n in (24, S, S))
+        out, lse = _check(q, k, v, np.float32, is_causal=True)
+        assert seen[-1].block_k == min(-(-S // 16) * 16, rule.block_k)
+        do = rng.standard_normal(out.shape).astype(np.float32)
+        kw = dict(is_causal=True)
+        got = engine.scaled_dot_product_attention_backward(do, q, k, v, out, lse, backend="cpu", **kw)
+        ref = engine.scaled_dot_product_attention_backward(do, q, k, v, out, lse, backend="reference", **kw)
+        for g, r in zip(got, ref):
+            assert np.allclose(g, r, atol=2e-5)
+
+
 def _record_setups(monkeypatch) -> list:
     """The forward's kernel set-ups (tiles, provider, kernel) from now on, in order: every call
     without a plan and every plan's prepared runner makes one."""

@@ -121,7 +121,8 @@ def _tiles(tune, problem: AttentionProblem, dtype: str, provider_name: str, prov
     cls = tile_class(L, E, Ev)
     if tune is not None and pinned and cls is not None and _work(problem) >= CPU_TUNE_MIN_WORK and autotune_enabled():
         tune_tiles(tune, provider, np.dtype(problem.dtype) if provider is None else np.dtype(dtype), *cls)
-    return forward_tiles(L, E, Ev, dtype, provider_name, pinned, problem.batch * problem.num_q_heads, get_num_threads())
+    tasks = problem.batch * problem.num_q_heads
+    return forward_tiles(L, E, Ev, dtype, provider_name, pinned, tasks, get_num_threads(), S=problem.S)
 
 
 #: the kernel arguments each call sets (the others are the signature's, set once in ``_setup``)
