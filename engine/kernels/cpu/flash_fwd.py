@@ -37,6 +37,7 @@ from .tile_ops import (
     _exp_into,
     _finite_values,
     _half_buffer,
+    _line,
     _scores_gemm,
     _values_finite,
     _values_gemm_acc,
@@ -119,21 +120,38 @@ def _flash_task(task, args, mod_args, per_tile):
     nt = t1 - t0
     hk = h // args.group
     mb = args.mask_batch[b]
-    # per-task scratch, reused by every key tile; row state indexed by row - t0
-    half = _half_buffer(args.q, args.block_k * args.block_q)  # 16-bit operands: the probabilities, rounded
-    st_buf = np.empty(args.block_k * args.block_q, dtype=dt)  # transposed scores
-    pt_buf = np.empty(args.block_k * args.block_q, dtype=dt)  # their probabilities
-    vz_buf = np.empty(args.block_k * Ev, dtype=args.v.dtype)  # a value tile's finite part
-    acc = np.zeros((nt, Ev), dtype=dt)
-    m = np.full(nt, neg_inf, dtype=dt)  # the shift of each query row's exponentials
-    l = np.zeros(nt, dtype=np.float64)  # running sum per query row (float64: see softmax_tile.SUM_CHUNK)
-    tm = np.empty(args.block_q, dtype=dt)
-    tmx = np.empty(args.block_q, dtype=dt)
-    shift = np.empty(args.block_q, dtype=dt)
-    alpha = np.empty(args.block_q, dtype=dt)
-    ts = np.empty(args.block_q, dtype=np.float64)
-    tc = np.empty(args.block_q, dtype=dt)
-    zt_buf = np.empty(args.block_k * args.block_q if dropping else 1, dtype=dt)  # dropout multipliers
+    # per-task scratch, reused by every key tile, cut from one allocation per dtype (a dozen
+    # allocations cost as much as the products of a 32 x 32 tile); row state indexed by row - t0
+    bq, bk = args.block_q, args.block_k
+    half = _half_buffer(args.q, bk * bq)  # 16-bit operands: the probabilities, rounded
+    drop_size = bk * bq if dropping else 1
+    fbuf = np.empty(2 * _line(bk * bq) + _line(nt * Ev) + _line(nt) + 5 * _line(bq) + _line(drop_size), dt)
+    dbuf = np.empty(_line(nt) + bq, dtype=np.float64)
+    o = 0
+    st_buf = fbuf[o : o + bk * bq]  # transposed scores
+    o += _line(bk * bq)
+    pt_buf = fbuf[o : o + bk * bq]  # their probabilities
+    o += _line(bk * bq)
+    acc = fbuf[o : o + nt * Ev].reshape((nt, Ev))
+    o += _line(nt * Ev)
+    m = fbuf[o : o + nt]  # the shift of each query row's exponentials
+    o += _line(nt)
+    tm = fbuf[o : o + bq]
+    o += _line(bq)
+    tmx = fbuf[o : o + bq]
+    o += _line(bq)
+    shift = fbuf[o : o + bq]
+    o += _line(bq)
+    alpha = fbuf[o : o + bq]
+    o += _line(bq)
+    tc = fbuf[o : o + bq]
+    o += _line(bq)
+    zt_buf = fbuf[o : o + drop_size]  # dropout multipliers
+    l = dbuf[:nt]  # noqa: E741  (running sum per query row, float64: see softmax_tile.SUM_CHUNK)
+    ts = dbuf[_line(nt) : _line(nt) + bq]
+    acc[:] = zero
+    m[:] = neg_inf
+    l[:] = 0.0
     kend = max(0, min(S, t1 + args.causal_offset)) if args.causal else S
     for j0 in range(0, kend, args.block_k):
         j1 = min(j0 + args.block_k, kend)
@@ -251,7 +269,8 @@ def _flash_task(task, args, mod_args, per_tile):
                         for c in range(Ev):
                             accs[r, c] *= a
             if not v_finite:  # the finite part's product as a finite tile's, then the NaN/inf values
-                vz = _finite_values(vt, vz_buf)  # alone, in the rows that weigh them (kernels.nonfinite)
+                vz_buf = np.empty(nk * Ev, dtype=args.v.dtype)  # alone, in the rows that weigh them
+                vz = _finite_values(vt, vz_buf)  # (kernels.nonfinite); rare: allocated where needed
                 if full:
                     jit_gemm(args.jit_values, args.jit_values_h, pt, vz, accs)
                 else:

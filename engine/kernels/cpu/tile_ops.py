@@ -18,6 +18,7 @@ from .softmax_tile import all_finite, exp_tile, exp_tile_bf16, exp_tile_f16
 __all__ = [
     "_FM",
     "_half_buffer",
+    "_line",
     "_scores_gemm",
     "_exp_into",
     "_apply_dropout",
@@ -32,6 +33,13 @@ __all__ = [
 # the scores are float32, and the probabilities are rounded to the operand format for the second
 # product (as FlashAttention does). These helpers are the only places the two paths differ; each
 # compiles to one branch for the operand type.
+
+
+@njit(inline="always")
+def _line(n):
+    """``n`` rounded up to a multiple of 16 (a 64-byte line of float32): where scratch cut from
+    one allocation starts each segment."""
+    return (n + 15) // 16 * 16
 
 
 def _half_buffer(q, n):
