@@ -69,6 +69,35 @@ def _dot4(keys, j, qs, r, D):
 
 
 @njit(cache=_CACHE, fastmath=_FM, error_model="numpy", inline="always")
+def _pick(m, x):
+    """The running maximum ``m`` after ``x``: a NaN wins, and stays."""
+    return x if x > m or x != x else m
+
+
+@njit(cache=_CACHE, fastmath=_FM, error_model="numpy", inline="always")
+def _row_max(sc, r, nk, neg_inf):
+    """The maximum of ``sc[r, :nk]``, NaN if any is NaN: eight running maxima, combined at the
+    end (a single one is a chain of compare-and-select, several cycles a score, that LLVM cannot
+    vectorise without leave to ignore NaN)."""
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = neg_inf
+    c = 0
+    while c + 8 <= nk:
+        m0 = _pick(m0, sc[r, c])
+        m1 = _pick(m1, sc[r, c + 1])
+        m2 = _pick(m2, sc[r, c + 2])
+        m3 = _pick(m3, sc[r, c + 3])
+        m4 = _pick(m4, sc[r, c + 4])
+        m5 = _pick(m5, sc[r, c + 5])
+        m6 = _pick(m6, sc[r, c + 6])
+        m7 = _pick(m7, sc[r, c + 7])
+        c += 8
+    while c < nk:
+        m0 = _pick(m0, sc[r, c])
+        c += 1
+    return _pick(_pick(_pick(m0, m1), _pick(m2, m3)), _pick(_pick(m4, m5), _pick(m6, m7)))
+
+
+@njit(cache=_CACHE, fastmath=_FM, error_model="numpy", inline="always")
 def _axpy8(acc, ws, c, values, j, Dv):
     """``acc[0] += ws[0, c] * values[j] + ... + ws[0, c + 7] * values[j + 7]``: one pass over
     ``acc[0]`` for eight value rows."""
@@ -176,10 +205,7 @@ def _gemv_task(task, args, qs, st, acc, ml, lim, part_out, part_lse):
                 a, z = lim[task, 0, r] - j0, lim[task, 1, r] - j0
                 for c in range(nk):
                     sc[r, c] = sc[r, c] if a <= c and c <= z else neg_inf
-            mx = neg_inf
-            for c in range(nk):
-                x = sc[r, c]
-                mx = x if x > mx or x != x else mx  # a NaN score wins: the row becomes NaN
+            mx = _row_max(sc, r, nk, neg_inf)  # a NaN score wins: the row becomes NaN
             # online softmax: a row with nothing visible yet shifts by 0 (its -inf stays -inf -> 0)
             mo = ml[task, 0, r]
             mn = mx if mx > mo or mx != mx else mo
