@@ -41,7 +41,7 @@ def _models():
     """The serial pass models and the streaming read (compiled here, never by the tests)."""
     from numba import njit
 
-    from engine.kernels.cpu.decode_gemv import _axpy8, _dot4
+    from engine.kernels.cpu.decode_gemv import _axpy8, _dot4, _row_max
     from engine.kernels.cpu.tile_ops import _FM
     from engine.kernels.fastexp import fast_exp
 
@@ -69,9 +69,7 @@ def _models():
                         sc[0, c + 2] = t2
                         sc[0, c + 3] = t3
                 if mode & 2:
-                    mx = np.float32(-np.inf)
-                    for c in range(nk):
-                        mx = max(mx, sc[0, c])
+                    mx = _row_max(sc, 0, nk, np.float32(-np.inf))
                     for c in range(nk):
                         p = fast_exp(sc[0, c] - mx)
                         sc[0, c] = p
