@@ -77,3 +77,17 @@ def test_gemv_kernel_nan_values_reach_only_the_rows_that_weigh_them():
     vc[0, 0, 7] = np.nan
     out = engine.attention_with_kvcache(q2, kc, vc, cache_seqlens=8, backend="cpu")
     assert np.isfinite(out[0, 0, 0]).all() and np.isnan(out[0, 0, 1]).all()
+
+
+def test_gemv_kernel_one_row_skips_unweighed_values_among_eight():
+    # one row per cache head: value rows go eight per pass; a pass whose eight weights include an
+    # exact 0 (key 2: its score underflows exp) must skip that row's NaN, one that weighs it not
+    q = np.ones((1, 1, 1, 8), np.float32)
+    kc = np.zeros((1, 1, 16, 8), np.float32)
+    vc = np.zeros((1, 1, 16, 8), np.float32)
+    kc[0, 0, 2], vc[0, 0, 2] = -100.0, np.nan
+    out = engine.attention_with_kvcache(q, kc, vc, cache_seqlens=12, backend="cpu")
+    assert np.isfinite(out).all()
+    kc[0, 0, 2] = 0.0
+    out = engine.attention_with_kvcache(q, kc, vc, cache_seqlens=12, backend="cpu")
+    assert np.isnan(out).all()
