@@ -12,6 +12,10 @@ CPU_BIG_BLOCK_Q = 128
 CPU_BLOCK_K = 256
 #: ``cpu`` backend: query rows per parallel task, split into tiles that share each key/value tile
 CPU_TASK_ROWS = 256
+#: ``cpu`` packed batches (``varlen_attention``): a tile that a causal or right-window diagonal
+#: crosses computes the keys past its first row's last visible one in strips of this many query
+#: rows, each up to its own last visible key (``kernels.cpu.varlen_flash.diagonal_split``)
+CPU_DIAGONAL_STRIP = 32
 #: ``cpu`` backend: rows per task shrink (to one tile at least) until each thread has this many
 #: tasks (TBB balances them; fewer left a thread idle at the end of short calls)
 CPU_MIN_TASKS_PER_THREAD = 4

@@ -1,5 +1,6 @@
 """The ``cpu`` packed-batch forward on the dense forward's tiles (``kernels.cpu.varlen_flash``) with
-tiles small enough that every sequence spans many of them (8 x 16, two query tiles per task):
+tiles small enough that every sequence spans many of them (8 x 16, two query tiles per task,
+strips of 3 rows on the diagonal):
 causal and window edges inside and across tiles, rows that see nothing, NaN and inf inputs, and
 the backward recomputing the forward's scores tile by tile (``varlen_bwd``)."""
 
@@ -17,6 +18,7 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(cpu_tiles, "CPU_BIG_BLOCK_Q", 8)
     monkeypatch.setattr(cpu_tiles, "CPU_BLOCK_K", 16)
     monkeypatch.setattr(cpu_tiles, "CPU_TASK_ROWS", 16)
+    monkeypatch.setattr(cpu_tiles, "CPU_DIAGONAL_STRIP", 3)  # diagonal tiles in strips, one partial
 
 
 def _case(rng, lens_q, lens_k, Hq=4, H=2, E=16, dtype=np.float32):
@@ -76,3 +78,19 @@ def test_backward_recomputes_the_forward_tiles(small_tiles, rng, causal, window)
     )
     for name, a, b in zip(("dq", "dk", "dv"), got, want):
         np.testing.assert_allclose(a, b, atol=2e-5 * max(1.0, float(np.abs(b).max())), err_msg=name)
+
+
+def test_diagonal_split_skips_only_hidden_keys():
+    """A tile that the causal (or right-window) diagonal crosses computes the keys its first row
+    sees for the whole tile and the rest in strips; other tiles and short ones in one product."""
+    from engine.kernels.cpu.varlen_flash import diagonal_split
+
+    split = diagonal_split.py_func
+    # (rows i0..i1, key tile j0..j1, off, S, causal, left, right, strip) -> (d, e)
+    assert split(0, 8, 0, 16, 0, 40, True, -1, -1, 3) == (1, 8)  # row 0 sees key 0; rows see up to 7
+    assert split(8, 16, 0, 16, 0, 40, True, -1, -1, 3) == (9, 16)
+    assert split(16, 24, 0, 16, 0, 40, True, -1, -1, 3) == (16, 16)  # below the diagonal: one product
+    assert split(0, 8, 0, 16, 0, 40, True, -1, -1, 8) == (8, 8)  # strips as tall as the tile
+    assert split(0, 8, 0, 16, 5, 45, True, -1, -1, 3) == (6, 13)  # bottom-right: row i is at 5 + i
+    assert split(0, 8, 0, 16, 0, 40, False, -1, 2, 3) == (3, 10)  # right window of 2
+    assert split(0, 8, 0, 16, 0, 40, False, 4, -1, 3) == (16, 16)  # a left window alone: no diagonal

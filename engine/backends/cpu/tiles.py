@@ -19,6 +19,7 @@ from ...runtime.config import (
     CPU_BLOCK_Q,
     CPU_BWD_BLOCK_Q,
     CPU_BWD_MIN_TASKS_PER_THREAD,
+    CPU_DIAGONAL_STRIP,
     CPU_MIN_TASKS_PER_THREAD,
     CPU_TASK_ROWS,
     CPU_TUNE_MAX_WIDTH,
@@ -33,6 +34,7 @@ __all__ = [
     "forward_tiles",
     "tile_sizes",
     "backward_tile_sizes",
+    "diagonal_strip",
     "backward_splits",
     "split_bounds",
 ]
@@ -117,6 +119,14 @@ def forward_tiles(
     while sub_tiles > 1 and tasks_per_row_block * -(-L // (block_q * sub_tiles)) < CPU_MIN_TASKS_PER_THREAD * threads:
         sub_tiles //= 2
     return TilePlan(block_q, block_k, sub_tiles, got is not None)
+
+
+def diagonal_strip(block_q: int) -> int:
+    """Query rows per strip of a tile that a causal or right-window diagonal crosses, in the
+    packed-batch forward and its backward (``kernels.cpu.varlen_flash.diagonal_split``): the
+    same for both, so the backward recomputes each score with the forward's product; ``block_q``
+    (one product) where the strips would be as tall as the tile."""
+    return max(1, min(CPU_DIAGONAL_STRIP, block_q))
 
 
 def tile_sizes(L: int, E: int, Ev: int, blas_pinned: bool = False) -> tuple[int, int]:

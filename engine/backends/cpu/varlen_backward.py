@@ -9,7 +9,7 @@ from ...problems.varlen import VarlenBackwardProblem
 from ...runtime.threads import get_num_threads, kernel_call_guard
 from ..base import Op
 from .operands import NO_PIN
-from .tiles import backward_splits
+from .tiles import backward_splits, diagonal_strip
 from .varlen import tiled_setup
 
 __all__ = ["CpuVarlenBackward", "varlen_backward_tiles"]
@@ -75,6 +75,7 @@ class CpuVarlenBackward(Op):
             block_q=block_q,
             block_k=block_k,
             fq=plan.block_q,
+            strip=diagonal_strip(plan.block_q),
             splits=splits,
             threads=threads,
             has_score_mod=problem.score_mod is not None,

@@ -31,7 +31,7 @@ from ..mod_kernels import ModKernels
 from .flash_bwd import no_score_grad
 from .gemm import jit_gemm, tile_gemm
 from .tile_ops import _FM
-from .varlen_flash import _key_range
+from .varlen_flash import _key_range, diagonal_split
 from .varlen_fwd import deal
 
 _CACHE = cache_enabled()
@@ -59,6 +59,7 @@ class VarlenBackwardArgs(NamedTuple):
     block_q: int
     block_k: int
     fq: int
+    strip: int
     splits: int
     threads: int
     has_score_mod: bool
@@ -189,26 +190,40 @@ def _bwd_task(task, scratch, args, mod_args):
                 # contiguous operands, over the keys up to the last one its rows see
                 for c0 in range(0, nq, args.fq):
                     w = min(args.fq, nq - c0)
-                    _, hi_f = _key_range(i0 + c0, i0 + c0 + w, off, S, args.causal, args.left, args.right)
-                    nkf = max(0, min(nk, hi_f - j0))
+                    u0 = i0 + c0
                     for r in range(w):
                         for e in range(E):
-                            qraw[r, e] = args.q[q0 + i0 + c0 + r, hq, e]
-                    tsw = ts[: nkf * w].reshape((nkf, w))
-                    if nkf > 0 and args.jit_scores != 0 and nkf == args.block_k and w == args.fq:
-                        jit_gemm(args.jit_scores, args.jit_scores_h, kt[:nkf], qraw[:w].T, tsw)
-                    elif nkf > 0:
-                        tile_gemm(args.gemm_kind, args.gemm_fn, kt[:nkf], qraw[:w].T, tsw)
-                    for r in range(w):
-                        row = p[c0 + r]
-                        if prescale:
-                            for c in range(nkf):
-                                row[c] = tsw[c, r] * post_scale
+                            qraw[r, e] = args.q[q0 + u0 + r, hq, e]
+                    for r in range(w):  # hidden from every row of the forward's products
+                        for c in range(nk):
+                            p[c0 + r, c] = neg_inf
+                    d, ke = diagonal_split(u0, u0 + w, j0, j1, off, S, args.causal, args.left, args.right, args.strip)
+                    strips = 0 if d >= ke else (w + args.strip - 1) // args.strip
+                    for part in range(1 + strips):  # the forward's products (varlen_flash)
+                        if part == 0:
+                            r0, r1, ka, kb = 0, w, j0, d
                         else:
-                            for c in range(nkf):
-                                row[c] = tsw[c, r]
-                        for c in range(nkf, nk):  # hidden from every row of the forward's tile
-                            row[c] = neg_inf
+                            r0 = (part - 1) * args.strip
+                            r1 = min(r0 + args.strip, w)
+                            _, hi_s = _key_range(u0 + r0, u0 + r1, off, S, args.causal, args.left, args.right)
+                            ka, kb = d, min(ke, hi_s)
+                        if kb <= ka:
+                            continue
+                        ws, nks = r1 - r0, kb - ka
+                        tsw = ts[: nks * ws].reshape((nks, ws))
+                        ktp = kt[ka - j0 : kb - j0]
+                        if args.jit_scores != 0 and nks == args.block_k and ws == args.fq:
+                            jit_gemm(args.jit_scores, args.jit_scores_h, ktp, qraw[r0:r1].T, tsw)
+                        else:
+                            tile_gemm(args.gemm_kind, args.gemm_fn, ktp, qraw[r0:r1].T, tsw)
+                        for r in range(ws):
+                            row = p[c0 + r0 + r, ka - j0 : kb - j0]
+                            if prescale:
+                                for c in range(nks):
+                                    row[c] = tsw[c, r] * post_scale
+                            else:
+                                for c in range(nks):
+                                    row[c] = tsw[c, r]
                 for r in range(nq):
                     pos = off + i0 + r
                     row = p[r]

@@ -50,7 +50,7 @@ from .vector_width import wide_vectors
 
 _CACHE = cache_enabled()
 
-__all__ = ["VarlenFlashArgs", "varlen_flash_kernel", "visible_rows"]
+__all__ = ["VarlenFlashArgs", "varlen_flash_kernel", "visible_rows", "diagonal_split"]
 
 #: the scheduler's fixed cost of one task, in scores: scratch, the row state and the output rows
 _TASK_OVERHEAD = 2048
@@ -73,6 +73,7 @@ class VarlenFlashArgs(NamedTuple):
     block_q: int
     block_k: int
     sub_tiles: int
+    strip: int
     has_score_mod: bool
     has_mask_mod: bool
     threads: int
@@ -117,6 +118,25 @@ def _key_range(i0, i1, off, S, causal, left, right):
         hi = min(hi, off + i1 - 1 + right + 1)
     lo = 0 if left < 0 else max(0, off + i0 - left)
     return lo, max(lo, hi)
+
+
+@njit(cache=_CACHE, inline="always")
+def diagonal_split(i0, i1, j0, j1, off, S, causal, left, right, strip):
+    """``(d, e)`` of the tile of query rows ``i0 ... i1 - 1`` and key tile ``j0 ... j1 - 1``, whose
+    rows see keys up to ``e - 1`` between them: the tile computes keys ``j0 ... d - 1`` for all its
+    rows in one product, then keys ``d ... e - 1`` in strips of ``strip`` rows, each up to the last
+    key a row of the strip sees. ``d < e`` where a causal or right-window diagonal crosses the
+    tile (its first row does not see key ``e - 1``) and ``strip`` is under its rows: ``d`` is the
+    first key hidden from its first row, so the strips skip the hidden triangle (as
+    FlashAttention computes only the diagonal block of a causal row block) while the keys every
+    row sees keep the whole tile's product. Else ``d = e``: one product. The backward
+    (``varlen_bwd``) recomputes the scores with the same products."""
+    _, hi = _key_range(i0, i1, off, S, causal, left, right)
+    e = max(j0, min(j1, hi))
+    if strip < 1 or strip >= i1 - i0:
+        return e, e
+    _, first_hi = _key_range(i0, i0 + 1, off, S, causal, left, right)
+    return max(j0, min(e, first_hi)), e
 
 
 @njit(cache=_CACHE, inline="always")
@@ -251,107 +271,114 @@ def _varlen_flash_task(task, task_b, task_t0, fbuf, dbuf, args, mod_args):
                 vbuf[c, e] = args.v[k0 + j0 + c, hk, e]
         v_finite = _values_finite(vbuf[: j1 - j0])
         for sub in range(args.sub_tiles):
-            i0 = t0 + sub * args.block_q
-            i1 = min(i0 + args.block_q, t1)
-            if i0 >= i1:
+            u0 = t0 + sub * args.block_q
+            u1 = min(u0 + args.block_q, t1)
+            if u0 >= u1:
                 continue
-            lo, hi = _key_range(i0, i1, off, S, args.causal, args.left, args.right)
-            if hi <= j0 or lo >= j1:  # no row of this tile sees a key of this one
-                continue
-            nq = i1 - i0
-            o = i0 - t0
-            # the keys up to the last one a row of this query tile sees: on the causal diagonal a
-            # query tile shorter than the key tile computes no block of scores hidden from all rows
-            nk = min(j1, hi) - j0
-            kt = kbuf[:nk]
-            vt = vbuf[:nk]
-            full = args.jit_scores != 0 and nk == args.block_k and nq == args.block_q
-            st = st_buf[: nk * nq].reshape((nk, nq))
-            qs = qbuf[o : o + nq].T  # (E, nq), read transposed by the GEMM
-            if full:
-                jit_gemm(args.jit_scores, args.jit_scores_h, kt, qs, st)
-            else:
-                _scores_gemm(args.gemm_kind, args.gemm_fn, kt, qs, st)
-            if prescale:
-                for c in range(nk):
-                    for r in range(nq):
-                        st[c, r] *= post_scale
-            if args.has_score_mod:
-                for c in range(nk):
-                    for r in range(nq):
-                        st[c, r] = _SCORE_MOD(st[c, r], b, h, off + i0 + r, j0 + c, *mod_args)
-            # rows that see only part of the tile: -inf where hidden (causal, window, mask_mod)
-            f0, _ = visible_rows(j0 + nk - 1, i0, nq, off, args.causal, args.left, args.right)
-            _, z0 = visible_rows(j0, i0, nq, off, args.causal, args.left, args.right)
-            if args.has_mask_mod or f0 > 0 or z0 < nq - 1:
-                for c in range(nk):
-                    first, last = visible_rows(j0 + c, i0, nq, off, args.causal, args.left, args.right)
-                    row = st[c]
-                    for r in range(min(max(first, 0), nq)):
-                        row[r] = neg_inf
-                    for r in range(max(last + 1, 0), nq):
-                        row[r] = neg_inf
-                    if args.has_mask_mod:
-                        for r in range(max(first, 0), min(last + 1, nq)):
-                            if not _MASK_MOD(b, h, off + i0 + r, j0 + c, *mod_args):
-                                row[r] = neg_inf
-            # the softmax as flash_fwd's (softmax_tile: one pass, a stale shift within the margin)
-            fresh = False
-            for r in range(nq):
-                fresh |= m[o + r] == neg_inf
-            if fresh:
-                column_max(st, tm[:nq])
-            for r in range(nq):
-                mo = m[o + r]
-                if mo == neg_inf:
-                    mt = tm[r] * pass_scale
-                    mn = mt if mt > mo else mo
-                    sh = mn if mn > neg_inf else zero
-                    alpha[r] = fast_exp(mo - sh)
-                    shift[r] = sh
-                    m[o + r] = mn
+            d, ke = diagonal_split(u0, u1, j0, j1, off, S, args.causal, args.left, args.right, args.strip)
+            strips = 0 if d >= ke else (u1 - u0 + args.strip - 1) // args.strip
+            for part in range(1 + strips):  # keys j0 ... d - 1 for the whole tile, then d ... for strips
+                if part == 0:
+                    i0, i1, ka, kb = u0, u1, j0, d
                 else:
-                    shift[r] = mo
-                    alpha[r] = one
-            pt = pt_buf[: nk * nq].reshape((nk, nq))
-            _exp_into(args.gemm_kind, False, st, pt, half, pass_scale, shift, ts, tc, tmx)
-            redo = False
-            for r in range(nq):
-                redo |= tmx[r] * pass_scale > m[o + r] + margin
-            if redo:
+                    i0 = u0 + (part - 1) * args.strip
+                    i1 = min(i0 + args.strip, u1)
+                    ka, kb = d, min(ke, _key_range(i0, i1, off, S, args.causal, args.left, args.right)[1])
+                lo, _ = _key_range(i0, i1, off, S, args.causal, args.left, args.right)
+                if kb <= ka or lo >= kb:  # no row of these sees a key of this part
+                    continue
+                nq = i1 - i0
+                o = i0 - t0
+                nk = kb - ka
+                kt = kbuf[ka - j0 : kb - j0]
+                vt = vbuf[ka - j0 : kb - j0]
+                full = args.jit_scores != 0 and nk == args.block_k and nq == args.block_q
+                st = st_buf[: nk * nq].reshape((nk, nq))
+                qs = qbuf[o : o + nq].T  # (E, nq), read transposed by the GEMM
+                if full:
+                    jit_gemm(args.jit_scores, args.jit_scores_h, kt, qs, st)
+                else:
+                    _scores_gemm(args.gemm_kind, args.gemm_fn, kt, qs, st)
+                if prescale:
+                    for c in range(nk):
+                        for r in range(nq):
+                            st[c, r] *= post_scale
+                if args.has_score_mod:
+                    for c in range(nk):
+                        for r in range(nq):
+                            st[c, r] = _SCORE_MOD(st[c, r], b, h, off + i0 + r, ka + c, *mod_args)
+                # rows that see only part of the tile: -inf where hidden (causal, window, mask_mod)
+                f0, _ = visible_rows(ka + nk - 1, i0, nq, off, args.causal, args.left, args.right)
+                _, z0 = visible_rows(ka, i0, nq, off, args.causal, args.left, args.right)
+                if args.has_mask_mod or f0 > 0 or z0 < nq - 1:
+                    for c in range(nk):
+                        first, last = visible_rows(ka + c, i0, nq, off, args.causal, args.left, args.right)
+                        row = st[c]
+                        for r in range(min(max(first, 0), nq)):
+                            row[r] = neg_inf
+                        for r in range(max(last + 1, 0), nq):
+                            row[r] = neg_inf
+                        if args.has_mask_mod:
+                            for r in range(max(first, 0), min(last + 1, nq)):
+                                if not _MASK_MOD(b, h, off + i0 + r, ka + c, *mod_args):
+                                    row[r] = neg_inf
+                # the softmax as flash_fwd's (softmax_tile: one pass, a stale shift within the margin)
+                fresh = False
+                for r in range(nq):
+                    fresh |= m[o + r] == neg_inf
+                if fresh:
+                    column_max(st, tm[:nq])
                 for r in range(nq):
                     mo = m[o + r]
-                    mt = tmx[r] * pass_scale
-                    if mt > mo + margin:
-                        alpha[r] *= fast_exp(mo - mt)
-                        shift[r] = mt
-                        m[o + r] = mt
-                _exp_into(args.gemm_kind, False, st, pt, half, pass_scale, shift, ts, tc, tmx)
-            rescale = False
-            for r in range(nq):
-                l[o + r] = l[o + r] * alpha[r] + ts[r]
-                rescale |= alpha[r] != one
-            accs = acc[o : o + nq]
-            if rescale:
-                for r in range(nq):
-                    a = alpha[r]
-                    if a == zero:  # the old terms' weights underflowed: drop them (an inf stays out)
-                        for c in range(Ev):
-                            accs[r, c] = zero
+                    if mo == neg_inf:
+                        mt = tm[r] * pass_scale
+                        mn = mt if mt > mo else mo
+                        sh = mn if mn > neg_inf else zero
+                        alpha[r] = fast_exp(mo - sh)
+                        shift[r] = sh
+                        m[o + r] = mn
                     else:
-                        for c in range(Ev):
-                            accs[r, c] *= a
-            if not v_finite:  # as flash_fwd: the finite part's product, then the NaN/inf values alone
-                vz = _finite_values(vt, vz_buf)
-                if full:
-                    jit_gemm(args.jit_values, args.jit_values_h, pt, vz, accs)
+                        shift[r] = mo
+                        alpha[r] = one
+                pt = pt_buf[: nk * nq].reshape((nk, nq))
+                _exp_into(args.gemm_kind, False, st, pt, half, pass_scale, shift, ts, tc, tmx)
+                redo = False
+                for r in range(nq):
+                    redo |= tmx[r] * pass_scale > m[o + r] + margin
+                if redo:
+                    for r in range(nq):
+                        mo = m[o + r]
+                        mt = tmx[r] * pass_scale
+                        if mt > mo + margin:
+                            alpha[r] *= fast_exp(mo - mt)
+                            shift[r] = mt
+                            m[o + r] = mt
+                    _exp_into(args.gemm_kind, False, st, pt, half, pass_scale, shift, ts, tc, tmx)
+                rescale = False
+                for r in range(nq):
+                    l[o + r] = l[o + r] * alpha[r] + ts[r]
+                    rescale |= alpha[r] != one
+                accs = acc[o : o + nq]
+                if rescale:
+                    for r in range(nq):
+                        a = alpha[r]
+                        if a == zero:  # the old terms' weights underflowed: drop them (an inf stays out)
+                            for c in range(Ev):
+                                accs[r, c] = zero
+                        else:
+                            for c in range(Ev):
+                                accs[r, c] *= a
+                if not v_finite:  # as flash_fwd: the finite part's product, then the NaN/inf values alone
+                    vz = _finite_values(vt, vz_buf)
+                    if full:
+                        jit_gemm(args.jit_values, args.jit_values_h, pt, vz, accs)
+                    else:
+                        _values_gemm_acc(args.gemm_kind, args.gemm_fn, pt, half, vz, accs)
+                    _add_nonfinite(pt, vt, accs)
+                elif full:
+                    jit_gemm(args.jit_values, args.jit_values_h, pt, vt, accs)
                 else:
-                    _values_gemm_acc(args.gemm_kind, args.gemm_fn, pt, half, vz, accs)
-                _add_nonfinite(pt, vt, accs)
-            elif full:
-                jit_gemm(args.jit_values, args.jit_values_h, pt, vt, accs)
-            else:
-                _values_gemm_acc(args.gemm_kind, args.gemm_fn, pt, half, vt, accs)
+                    _values_gemm_acc(args.gemm_kind, args.gemm_fn, pt, half, vt, accs)
     for r in range(nt):
         total = l[r]
         orow = args.out[q0 + t0 + r, h]
