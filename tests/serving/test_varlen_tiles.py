@@ -18,6 +18,7 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(cpu_tiles, "CPU_BIG_BLOCK_Q", 8)
     monkeypatch.setattr(cpu_tiles, "CPU_BLOCK_K", 16)
     monkeypatch.setattr(cpu_tiles, "CPU_TASK_ROWS", 16)
+    monkeypatch.setattr(cpu_tiles, "CPU_VARLEN_TASK_ROWS", 16)
     monkeypatch.setattr(cpu_tiles, "CPU_DIAGONAL_STRIP", 3)  # diagonal tiles in strips, one partial
 
 
@@ -82,15 +83,35 @@ def test_backward_recomputes_the_forward_tiles(small_tiles, rng, causal, window)
 
 def test_diagonal_split_skips_only_hidden_keys():
     """A tile that the causal (or right-window) diagonal crosses computes the keys its first row
-    sees for the whole tile and the rest in strips; other tiles and short ones in one product."""
-    from engine.kernels.cpu.varlen_flash import diagonal_split
+    sees (3 or more) for the whole tile and the rest in strips; other tiles and short ones in one
+    product."""
+    from engine.kernels.cpu.varlen_rows import diagonal_split
 
     split = diagonal_split.py_func
     # (rows i0..i1, key tile j0..j1, off, S, causal, left, right, strip) -> (d, e)
-    assert split(0, 8, 0, 16, 0, 40, True, -1, -1, 3) == (1, 8)  # row 0 sees key 0; rows see up to 7
+    assert split(0, 8, 0, 16, 0, 40, True, -1, -1, 3) == (0, 8)  # row 0 sees key 0 (< 3): all in strips
     assert split(8, 16, 0, 16, 0, 40, True, -1, -1, 3) == (9, 16)
     assert split(16, 24, 0, 16, 0, 40, True, -1, -1, 3) == (16, 16)  # below the diagonal: one product
     assert split(0, 8, 0, 16, 0, 40, True, -1, -1, 8) == (8, 8)  # strips as tall as the tile
     assert split(0, 8, 0, 16, 5, 45, True, -1, -1, 3) == (6, 13)  # bottom-right: row i is at 5 + i
     assert split(0, 8, 0, 16, 0, 40, False, -1, 2, 3) == (3, 10)  # right window of 2
     assert split(0, 8, 0, 16, 0, 40, False, 4, -1, 3) == (16, 16)  # a left window alone: no diagonal
+
+
+def test_rows_per_task_do_not_change_the_results(small_tiles, monkeypatch, rng):
+    """Tasks of 2 or 8 query tiles (``CPU_VARLEN_TASK_ROWS``): the same bits (each row's products
+    and softmax steps are its tiles', whichever task runs them)."""
+    case = _case(rng, *LENS)
+    two = engine.varlen_attention(**case, is_causal=True, return_lse=True, backend="cpu")
+    monkeypatch.setattr(cpu_tiles, "CPU_VARLEN_TASK_ROWS", 64)
+    eight = engine.varlen_attention(**case, is_causal=True, return_lse=True, backend="cpu")
+    assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(two, eight))
+
+
+def test_varlen_task_rows_keep_every_thread_busy():
+    plan = cpu_tiles.TilePlan(128, 256, 2, False)
+    lens = np.linspace(1, 512, 16).astype(np.int64)
+    assert cpu_tiles.varlen_sub_tiles(plan, lens, 8, 2) == 4  # 512 rows: 128 tasks
+    assert cpu_tiles.varlen_sub_tiles(plan, np.array([512]), 2, 2) == 2  # 4 tasks < 4 per thread: the plan's
+    assert cpu_tiles.varlen_sub_tiles(plan, np.array([4096]), 1, 2) == 4  # 8 tasks of 512 rows
+    assert cpu_tiles.varlen_sub_tiles(cpu_tiles.TilePlan(64, 256, 8, False), lens, 8, 2) == 8

@@ -23,6 +23,7 @@ from ...runtime.config import (
     CPU_MIN_TASKS_PER_THREAD,
     CPU_TASK_ROWS,
     CPU_TUNE_MAX_WIDTH,
+    CPU_VARLEN_TASK_ROWS,
 )
 from ...runtime.tuning import lookup
 
@@ -35,6 +36,7 @@ __all__ = [
     "tile_sizes",
     "backward_tile_sizes",
     "diagonal_strip",
+    "varlen_sub_tiles",
     "backward_splits",
     "split_bounds",
 ]
@@ -127,6 +129,20 @@ def diagonal_strip(block_q: int) -> int:
     same for both, so the backward recomputes each score with the forward's product; ``block_q``
     (one product) where the strips would be as tall as the tile."""
     return max(1, min(CPU_DIAGONAL_STRIP, block_q))
+
+
+def varlen_sub_tiles(plan: TilePlan, q_lens: np.ndarray, heads: int, threads: int) -> int:
+    """Query tiles per task of the packed-batch forward (``kernels.cpu.varlen_flash``): up to
+    ``CPU_VARLEN_TASK_ROWS`` rows, halved (never under the dense forward's ``plan.sub_tiles``)
+    while the batch (``q_lens`` query rows per sequence, ``heads`` query heads) would have fewer
+    than ``CPU_MIN_TASKS_PER_THREAD`` tasks per thread. The results do not depend on it."""
+    sub = max(plan.sub_tiles, CPU_VARLEN_TASK_ROWS // plan.block_q)
+    while sub > plan.sub_tiles:
+        rows = plan.block_q * sub
+        if heads * int(np.sum(-(-q_lens // rows))) >= CPU_MIN_TASKS_PER_THREAD * threads:
+            break
+        sub //= 2
+    return max(sub, plan.sub_tiles)
 
 
 def tile_sizes(L: int, E: int, Ev: int, blas_pinned: bool = False) -> tuple[int, int]:

@@ -38,7 +38,7 @@ from ..kvcache import pick_num_splits
 from .autotune import tune_provider, tune_tiles
 from .blas_pin import get_blas_pin
 from .forward import CpuForward
-from .tiles import diagonal_strip, forward_tiles, tile_class
+from .tiles import diagonal_strip, forward_tiles, tile_class, varlen_sub_tiles
 
 __all__ = ["CpuVarlen", "attend_packed", "attend_packed_arrays"]
 
@@ -135,7 +135,7 @@ class CpuVarlen(Op):
             group=problem.group,
             block_q=plan.block_q,
             block_k=plan.block_k,
-            sub_tiles=plan.sub_tiles,
+            sub_tiles=varlen_sub_tiles(plan, q_lens, Hq, threads),
             strip=diagonal_strip(plan.block_q),
             has_score_mod=problem.score_mod is not None,
             has_mask_mod=problem.mask_mod is not None,

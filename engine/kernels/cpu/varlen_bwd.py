@@ -31,8 +31,8 @@ from ..mod_kernels import ModKernels
 from .flash_bwd import no_score_grad
 from .gemm import jit_gemm, tile_gemm
 from .tile_ops import _FM
-from .varlen_flash import _key_range, diagonal_split
 from .varlen_fwd import deal
+from .varlen_rows import diagonal_split, key_range
 
 _CACHE = cache_enabled()
 
@@ -205,7 +205,7 @@ def _bwd_task(task, scratch, args, mod_args):
                         else:
                             r0 = (part - 1) * args.strip
                             r1 = min(r0 + args.strip, w)
-                            _, hi_s = _key_range(u0 + r0, u0 + r1, off, S, args.causal, args.left, args.right)
+                            _, hi_s = key_range(u0 + r0, u0 + r1, off, S, args.causal, args.left, args.right)
                             ka, kb = d, min(ke, hi_s)
                         if kb <= ka:
                             continue

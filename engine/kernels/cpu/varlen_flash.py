@@ -46,6 +46,7 @@ from .tile_ops import (
     _values_gemm_acc,
 )
 from .varlen_fwd import deal
+from .varlen_rows import diagonal_split, key_range, visible_rows
 from .vector_width import wide_vectors
 
 _CACHE = cache_enabled()
@@ -93,53 +94,6 @@ _MASK_MOD = no_mask_mod
 
 
 @njit(cache=_CACHE, inline="always")
-def visible_rows(j, i0, nq, off, causal, left, right):
-    """``(first, last)``: the rows ``i0 + first ... i0 + last`` (of ``nq`` from ``i0``; empty if
-    first > last) that see key ``j``, rows at positions ``off + i``."""
-    first = 0
-    if causal:
-        first = max(first, j - off - i0)
-    if right >= 0:
-        first = max(first, j - right - off - i0)
-    last = nq - 1
-    if left >= 0:
-        last = min(last, j + left - off - i0)
-    return first, last
-
-
-@njit(cache=_CACHE, inline="always")
-def _key_range(i0, i1, off, S, causal, left, right):
-    """``(lo, hi)``: the keys ``lo ... hi - 1`` that rows ``i0 ... i1 - 1`` see between them (each
-    row's visible keys move right with the row)."""
-    hi = S
-    if causal:
-        hi = min(hi, off + i1)
-    if right >= 0:
-        hi = min(hi, off + i1 - 1 + right + 1)
-    lo = 0 if left < 0 else max(0, off + i0 - left)
-    return lo, max(lo, hi)
-
-
-@njit(cache=_CACHE, inline="always")
-def diagonal_split(i0, i1, j0, j1, off, S, causal, left, right, strip):
-    """``(d, e)`` of the tile of query rows ``i0 ... i1 - 1`` and key tile ``j0 ... j1 - 1``, whose
-    rows see keys up to ``e - 1`` between them: the tile computes keys ``j0 ... d - 1`` for all its
-    rows in one product, then keys ``d ... e - 1`` in strips of ``strip`` rows, each up to the last
-    key a row of the strip sees. ``d < e`` where a causal or right-window diagonal crosses the
-    tile (its first row does not see key ``e - 1``) and ``strip`` is under its rows: ``d`` is the
-    first key hidden from its first row, so the strips skip the hidden triangle (as
-    FlashAttention computes only the diagonal block of a causal row block) while the keys every
-    row sees keep the whole tile's product. Else ``d = e``: one product. The backward
-    (``varlen_bwd``) recomputes the scores with the same products."""
-    _, hi = _key_range(i0, i1, off, S, causal, left, right)
-    e = max(j0, min(j1, hi))
-    if strip < 1 or strip >= i1 - i0:
-        return e, e
-    _, first_hi = _key_range(i0, i0 + 1, off, S, causal, left, right)
-    return max(j0, min(e, first_hi)), e
-
-
-@njit(cache=_CACHE, inline="always")
 def _line(n):
     """``n`` rounded up to a multiple of 16 (a 64-byte line of float32)."""
     return (n + 15) // 16 * 16
@@ -180,10 +134,10 @@ def _schedule(args):
         S = args.cu_k[b + 1] - args.cu_k[b]
         for t0 in range(0, L, rows):
             t1 = min(t0 + rows, L)
-            lo, hi = _key_range(t0, t1, S - L, S, args.causal, args.left, args.right)
+            lo, hi = key_range(t0, t1, S - L, S, args.causal, args.left, args.right)
             # about the rows times the keys each sees: the band between the first and last rows' ranges
-            w0 = _key_range(t0, t0 + 1, S - L, S, args.causal, args.left, args.right)
-            w1 = _key_range(t1 - 1, t1, S - L, S, args.causal, args.left, args.right)
+            w0 = key_range(t0, t0 + 1, S - L, S, args.causal, args.left, args.right)
+            w1 = key_range(t1 - 1, t1, S - L, S, args.causal, args.left, args.right)
             seen = 0.5 * ((w0[1] - w0[0]) + (w1[1] - w1[0]))
             task_b[x] = b
             task_t0[x] = t0
@@ -261,7 +215,7 @@ def _varlen_flash_task(task, task_b, task_t0, fbuf, dbuf, args, mod_args):
     for r in range(nt):  # element loops: a row slice assignment costs a call per row
         for e in range(E):
             qbuf[r, e] = args.q[q0 + t0 + r, h, e]
-    klo, khi = _key_range(t0, t1, off, S, args.causal, args.left, args.right)
+    klo, khi = key_range(t0, t1, off, S, args.causal, args.left, args.right)
     for j0 in range(klo // args.block_k * args.block_k, khi, args.block_k):
         j1 = min(j0 + args.block_k, khi)
         for c in range(j1 - j0):
@@ -283,8 +237,8 @@ def _varlen_flash_task(task, task_b, task_t0, fbuf, dbuf, args, mod_args):
                 else:
                     i0 = u0 + (part - 1) * args.strip
                     i1 = min(i0 + args.strip, u1)
-                    ka, kb = d, min(ke, _key_range(i0, i1, off, S, args.causal, args.left, args.right)[1])
-                lo, _ = _key_range(i0, i1, off, S, args.causal, args.left, args.right)
+                    ka, kb = d, min(ke, key_range(i0, i1, off, S, args.causal, args.left, args.right)[1])
+                lo, _ = key_range(i0, i1, off, S, args.causal, args.left, args.right)
                 if kb <= ka or lo >= kb:  # no row of these sees a key of this part
                     continue
                 nq = i1 - i0
