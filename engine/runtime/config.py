@@ -16,10 +16,11 @@ CPU_TASK_ROWS = 256
 #: crosses computes the keys past its first row's last visible one in strips of this many query
 #: rows, each up to its own last visible key (``kernels.cpu.varlen_flash.diagonal_split``)
 CPU_DIAGONAL_STRIP = 32
-#: ``cpu`` packed batches: query rows per parallel task (at least the dense forward's), so that a
-#: task copies each key and value tile of its sequence once for more query tiles (16 sequences of
-#: 1 to 512 tokens, causal: 4 % faster than 256 rows on one thread); fewer where the tasks would
-#: fall under ``CPU_MIN_TASKS_PER_THREAD`` per thread
+#: ``cpu`` packed batches: query rows per parallel task for heads up to 64 wide (at least the dense
+#: forward's; wider heads proportionally fewer), so that a task copies each key and value tile of
+#: its sequence once for more query tiles (16 causal sequences of 1 to 512 tokens, E = 64: 4 %
+#: faster than 256 rows on one thread); fewer where the tasks would fall under
+#: ``CPU_MIN_TASKS_PER_THREAD`` per thread
 CPU_VARLEN_TASK_ROWS = 512
 #: ``cpu`` backend: rows per task shrink (to one tile at least) until each thread has this many
 #: tasks (TBB balances them; fewer left a thread idle at the end of short calls)

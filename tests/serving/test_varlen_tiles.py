@@ -111,7 +111,8 @@ def test_rows_per_task_do_not_change_the_results(small_tiles, monkeypatch, rng):
 def test_varlen_task_rows_keep_every_thread_busy():
     plan = cpu_tiles.TilePlan(128, 256, 2, False)
     lens = np.linspace(1, 512, 16).astype(np.int64)
-    assert cpu_tiles.varlen_sub_tiles(plan, lens, 8, 2) == 4  # 512 rows: 128 tasks
-    assert cpu_tiles.varlen_sub_tiles(plan, np.array([512]), 2, 2) == 2  # 4 tasks < 4 per thread: the plan's
-    assert cpu_tiles.varlen_sub_tiles(plan, np.array([4096]), 1, 2) == 4  # 8 tasks of 512 rows
-    assert cpu_tiles.varlen_sub_tiles(cpu_tiles.TilePlan(64, 256, 8, False), lens, 8, 2) == 8
+    assert cpu_tiles.varlen_sub_tiles(plan, lens, 8, 2, 64) == 4  # 512 rows: 128 tasks
+    assert cpu_tiles.varlen_sub_tiles(plan, lens, 8, 2, 128) == 2  # wider heads: 256 rows, the plan's
+    assert cpu_tiles.varlen_sub_tiles(plan, np.array([512]), 2, 2, 64) == 2  # 2 tasks < 4 per thread: the plan's
+    assert cpu_tiles.varlen_sub_tiles(plan, np.array([4096]), 1, 2, 32) == 4  # 8 tasks of 512 rows
+    assert cpu_tiles.varlen_sub_tiles(cpu_tiles.TilePlan(64, 256, 8, False), lens, 8, 2, 64) == 8

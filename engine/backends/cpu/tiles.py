@@ -131,12 +131,15 @@ def diagonal_strip(block_q: int) -> int:
     return max(1, min(CPU_DIAGONAL_STRIP, block_q))
 
 
-def varlen_sub_tiles(plan: TilePlan, q_lens: np.ndarray, heads: int, threads: int) -> int:
+def varlen_sub_tiles(plan: TilePlan, q_lens: np.ndarray, heads: int, threads: int, width: int) -> int:
     """Query tiles per task of the packed-batch forward (``kernels.cpu.varlen_flash``): up to
-    ``CPU_VARLEN_TASK_ROWS`` rows, halved (never under the dense forward's ``plan.sub_tiles``)
-    while the batch (``q_lens`` query rows per sequence, ``heads`` query heads) would have fewer
-    than ``CPU_MIN_TASKS_PER_THREAD`` tasks per thread. The results do not depend on it."""
-    sub = max(plan.sub_tiles, CPU_VARLEN_TASK_ROWS // plan.block_q)
+    ``CPU_VARLEN_TASK_ROWS`` rows for heads up to 64 wide (``width``: the wider of E and Ev; wider
+    heads proportionally fewer rows, so the task's query and accumulator scratch stays the size
+    measured), halved (never under the dense forward's ``plan.sub_tiles``) while the batch
+    (``q_lens`` query rows per sequence, ``heads`` query heads) would have fewer than
+    ``CPU_MIN_TASKS_PER_THREAD`` tasks per thread. The results do not depend on it."""
+    rows = CPU_VARLEN_TASK_ROWS * 64 // max(64, width)
+    sub = max(plan.sub_tiles, rows // plan.block_q)
     while sub > plan.sub_tiles:
         rows = plan.block_q * sub
         if heads * int(np.sum(-(-q_lens // rows))) >= CPU_MIN_TASKS_PER_THREAD * threads:

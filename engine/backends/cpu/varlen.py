@@ -135,7 +135,7 @@ class CpuVarlen(Op):
             group=problem.group,
             block_q=plan.block_q,
             block_k=plan.block_k,
-            sub_tiles=varlen_sub_tiles(plan, q_lens, Hq, threads),
+            sub_tiles=varlen_sub_tiles(plan, q_lens, Hq, threads, max(E, Ev)),
             strip=diagonal_strip(plan.block_q),
             has_score_mod=problem.score_mod is not None,
             has_mask_mod=problem.mask_mod is not None,

@@ -17,7 +17,10 @@ Sequence b owns query rows ``cu_q[b] ... cu_q[b+1] - 1`` and keys ``cu_k[b] ... 
 its row i is the token at position ``p = len_k - len_q + i`` (bottom-right alignment), which sees
 keys ``j`` with ``j <= p`` (causal), ``p - left <= j`` (``left >= 0``) and ``j <= p + right``
 (``right >= 0``); the mods see ``(b, h, p, j)``. Key tiles start at multiples of ``block_k``
-within the sequence and query tiles at multiples of ``block_q``, as in the dense kernel.
+within the sequence and query tiles at multiples of ``block_q``, as in the dense kernel; a tile
+that the causal (or right-window) diagonal crosses computes the keys past its first row's last
+visible one in strips of ``strip`` rows, each up to its own last visible key
+(``varlen_rows.diagonal_split``), so most of the hidden triangle is not computed.
 
 One task per (sequence, query head, run of ``block_q * sub_tiles`` rows): its cost is its rows
 times the keys they see, which differs a lot between tasks (a causal 512-token sequence beside a
