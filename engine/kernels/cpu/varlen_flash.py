@@ -44,6 +44,7 @@ from .tile_ops import (
     _add_nonfinite,
     _exp_into,
     _finite_values,
+    _line,
     _scores_gemm,
     _values_finite,
     _values_gemm_acc,
@@ -94,12 +95,6 @@ class VarlenFlashArgs(NamedTuple):
 #: the mods the task calls; ``varlen_flash_kernel`` re-binds these names for other mods
 _SCORE_MOD = no_score_mod
 _MASK_MOD = no_mask_mod
-
-
-@njit(cache=_CACHE, inline="always")
-def _line(n):
-    """``n`` rounded up to a multiple of 16 (a 64-byte line of float32)."""
-    return (n + 15) // 16 * 16
 
 
 @njit(cache=_CACHE, inline="always")
