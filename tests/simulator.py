@@ -26,6 +26,16 @@ SIM_TILES = (4, 8)
 SIM_DECODE_TILES = dict(threads=16, block_rows=4, block_k=8)
 #: the one reason a test may skip under the simulator
 NEEDS_GPU = "needs a real CUDA GPU"
+#: the GIL switch interval of the simulator run, in seconds (Python's default: 0.005)
+SWITCH_INTERVAL_S = 2e-5
+
+if SIMULATOR:
+    # Numba's simulator runs each GPU thread of a block as a Python thread, and the launching thread
+    # polls them for syncthreads in a loop that holds the GIL: with the default interval, each hand-over
+    # of the GIL to a simulated thread waited up to 5 ms while that loop spun (about half the run's
+    # CPU time and more of its wall time). A shorter interval changes no simulated result: the
+    # threads still meet at every barrier, and they interleave more often, not less.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
 
 
 def simulated(backend: str) -> bool:
