@@ -37,6 +37,26 @@ if SIMULATOR:
     # threads still meet at every barrier, and they interleave more often, not less.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
 
+    import traceback
+
+    import numpy as np
+    from numba.cuda.simulator.kernelapi import FakeCUDAShared, numpy_support, types
+
+    def _shared_array(self, shape, dtype, alignment=None):
+        """Numba's ``FakeCUDAShared.array`` with its check-then-insert made one step: two threads
+        of a block that both found no array for a declaration each allocated one, so they used
+        different "shared" arrays (uninitialised values; seen once the threads switch often).
+        The declaration is still keyed by the caller's file and line, as Numba keys it."""
+        if shape == 0 or alignment is not None:  # dynamic shared memory, or Numba's own error
+            return _numba_shared_array(self, shape, dtype, alignment)
+        if isinstance(dtype, types.Type):
+            dtype = numpy_support.as_dtype(dtype)
+        caller = traceback.extract_stack(sys._getframe())[-2][0:2]
+        return self._allocations.setdefault(caller, np.empty(shape, dtype))  # atomic under the GIL
+
+    _numba_shared_array = FakeCUDAShared.array
+    FakeCUDAShared.array = _shared_array
+
 
 def simulated(backend: str) -> bool:
     """True when ``backend`` runs under the simulator: give it the small shapes."""
