@@ -26,6 +26,36 @@ SIM_TILES = (4, 8)
 SIM_DECODE_TILES = dict(threads=16, block_rows=4, block_k=8)
 #: the one reason a test may skip under the simulator
 NEEDS_GPU = "needs a real CUDA GPU"
+#: the GIL switch interval of the simulator run, in seconds (Python's default: 0.005)
+SWITCH_INTERVAL_S = 2e-5
+
+if SIMULATOR:
+    # Numba's simulator runs each GPU thread of a block as a Python thread, and the launching thread
+    # polls them for syncthreads in a loop that holds the GIL: with the default interval, each hand-over
+    # of the GIL to a simulated thread waited up to 5 ms while that loop spun (about half the run's
+    # CPU time and more of its wall time). A shorter interval changes no simulated result: the
+    # threads still meet at every barrier, and they interleave more often, not less.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+
+    import traceback
+
+    import numpy as np
+    from numba.cuda.simulator.kernelapi import FakeCUDAShared, numpy_support, types
+
+    def _shared_array(self, shape, dtype, alignment=None):
+        """Numba's ``FakeCUDAShared.array`` with its check-then-insert made one step: two threads
+        of a block that both found no array for a declaration each allocated one, so they used
+        different "shared" arrays (uninitialised values; seen once the threads switch often).
+        The declaration is still keyed by the caller's file and line, as Numba keys it."""
+        if shape == 0 or alignment is not None:  # dynamic shared memory, or Numba's own error
+            return _numba_shared_array(self, shape, dtype, alignment)
+        if isinstance(dtype, types.Type):
+            dtype = numpy_support.as_dtype(dtype)
+        caller = traceback.extract_stack(sys._getframe())[-2][0:2]
+        return self._allocations.setdefault(caller, np.empty(shape, dtype))  # atomic under the GIL
+
+    _numba_shared_array = FakeCUDAShared.array
+    FakeCUDAShared.array = _shared_array
 
 
 def simulated(backend: str) -> bool:
