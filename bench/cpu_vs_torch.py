@@ -617,6 +617,9 @@ def main(argv=None):
             f"(target < {WARM_FIRST_CALL_LIMIT_S:.0f}: {'yes' if start['warm_first_call_met'] else 'NO'})"
         )
     tuning = tuning_module.tuning_info() if tuning_module is not None else None
+    if tuning and isinstance(tuning.get("path"), str):  # no machine's path in a committed result
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        tuning["path"] = tuning["path"].replace(repo, "<repository>").replace(os.path.expanduser("~"), "~")
     print("\nengine tile products and tiles on this machine:")
     for note in engine.get_backend("cpu").capabilities()["notes"]:
         print("  " + note)
