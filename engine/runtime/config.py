@@ -14,7 +14,7 @@ CPU_BLOCK_K = 256
 CPU_TASK_ROWS = 256
 #: ``cpu`` packed batches (``varlen_attention``): a tile that a causal or right-window diagonal
 #: crosses computes the keys past its first row's last visible one in strips of this many query
-#: rows, each up to its own last visible key (``kernels.cpu.varlen_flash.diagonal_split``)
+#: rows, each up to its own last visible key (``kernels.cpu.varlen_rows.diagonal_split``)
 CPU_DIAGONAL_STRIP = 32
 #: ``cpu`` packed batches: query rows per parallel task for heads up to 64 wide (at least the dense
 #: forward's; wider heads proportionally fewer), so that a task copies each key and value tile of

@@ -125,7 +125,7 @@ def forward_tiles(
 
 def diagonal_strip(block_q: int) -> int:
     """Query rows per strip of a tile that a causal or right-window diagonal crosses, in the
-    packed-batch forward and its backward (``kernels.cpu.varlen_flash.diagonal_split``): the
+    packed-batch forward and its backward (``kernels.cpu.varlen_rows.diagonal_split``): the
     same for both, so the backward recomputes each score with the forward's product; ``block_q``
     (one product) where the strips would be as tall as the tile."""
     return max(1, min(CPU_DIAGONAL_STRIP, block_q))
