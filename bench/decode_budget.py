@@ -33,6 +33,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from percall_vs_torch import _spy_entry  # noqa: E402  (bench/ is not a package on sys.path)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 CASES = ((1, 8, 64, 128), (1, 8, 64, 1024), (1, 8, 64, 4096), (1, 8, 128, 32768))
 
@@ -97,23 +100,6 @@ def _models():
     return passes, stream
 
 
-def _spy(bound, run):
-    """The entry point a prepared runner calls through ``bound`` and the arguments it passes."""
-    captured = {}
-    entry = bound.entry
-
-    def spy(*a):
-        captured["args"] = a
-        return entry(*a)
-
-    bound.entry = spy
-    try:
-        run()
-    finally:
-        bound.entry = entry
-    return entry, captured["args"]
-
-
 def case(B, H, D, S, threads, rounds, clock):
     import torch
     import torch.nn.functional as F
@@ -146,7 +132,7 @@ def case(B, H, D, S, threads, rounds, clock):
     for bound in setup.kernels:
         if bound.entry:
             try:
-                entry, args = _spy(bound, run_plain)
+                entry, args = _spy_entry(bound, run_plain)
                 break
             except KeyError:
                 continue
