@@ -9,6 +9,8 @@ engine's) are disk-cached under a name tagged by it; kernels with other mods are
 process.
 """
 
+import threading
+
 from numba import njit
 
 from .specialise import cache_tag, named
@@ -46,11 +48,20 @@ class ModKernels:
         self.serial_driver = serial_driver
         self.built: dict = {}
         self._tasks: dict = {}
+        # threads that ask for the same mods at once (Dask's) get one kernel, compiled once
+        self._lock = threading.Lock()
 
     def __call__(self, *mods, serial: bool = False):
         if all(m is None for m in mods):
             return self.serial_driver if serial else self.driver
         key = mods + (serial,)
+        kernel = self.built.get(key)
+        if kernel is None:
+            with self._lock:
+                return self._build(mods, key, serial)
+        return kernel
+
+    def _build(self, mods: tuple, key: tuple, serial: bool):
         kernel = self.built.get(key)
         if kernel is None:
             tag = cache_tag(*mods)

@@ -183,6 +183,10 @@ def cache_enabled() -> bool:
                     "used: whoever can write there could run code in this process through "
                     "Numba's cache files (pickles)"
                 )
+    if _enabled:
+        from .compile_lock import install
+
+        install()  # one compilation per kernel and signature among the processes sharing the cache
     if not _enabled:
         warnings.warn(
             f"attention-engine: {why_not}; kernels are compiled in every process (set "

@@ -1,0 +1,140 @@
+"""Processes that share a Numba cache folder compile each engine kernel overload once
+(``engine/runtime/compile_lock.py``): the others wait for the lock and load it from the cache.
+
+Each case runs child interpreters on a fresh ``NUMBA_CACHE_DIR`` with the small kernel of
+``merge_attention`` (a second or two to compile). The children start the call together (they wait
+for a file the test creates once all have imported the engine), so without the lock both compile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import HANG_TIMEOUT_S, ROOT
+
+pytest.importorskip("fcntl", reason="no advisory file locks on this platform: every process compiles")
+
+CHILD = r"""
+import json, os, sys, time, warnings
+import numpy as np
+import engine
+from engine.kernels.lse_merge import _merge_rows
+from engine.runtime import compile_lock
+
+go, hold = sys.argv[1], sys.argv[2] == "hold"
+rng = np.random.default_rng(0)
+q, k, v = (rng.standard_normal((1, 2, 40, 8)).astype(np.float32) for _ in range(3))
+parts = [engine.scaled_dot_product_attention(q, k[:, :, s], v[:, :, s], backend="reference", return_lse=True)
+         for s in (slice(0, 15), slice(15, 40))]
+if hold:  # another process stuck with the lock: this one waits WAIT_S, then compiles anyway
+    import fcntl
+    compile_lock.WAIT_S = 0.5
+    args = tuple(_merge_rows.typeof_pyval(a) for a in (np.empty((2, 80, 8), np.float32), np.empty((2, 80), np.float32),
+                                                      np.empty((80, 8), np.float32), np.empty(80, np.float32)))
+    fd = os.open(compile_lock._lock_path(_merge_rows, args), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+print("READY", flush=True)
+while not os.path.exists(go):
+    time.sleep(0.005)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    out, lse = engine.merge_attention([o for o, _ in parts], [l for _, l in parts])
+ref = engine.scaled_dot_product_attention(q, k, v, backend="reference")
+print(json.dumps({"misses": sum(_merge_rows.stats.cache_misses.values()),
+                  "hits": sum(_merge_rows.stats.cache_hits.values()),
+                  "err": float(np.abs(out - ref).max()),
+                  "warnings": [str(w.message) for w in caught]}))
+"""
+
+
+def _run_together(tmp_path, modes):
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=ROOT)
+    go = tmp_path / "go"
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(go), mode],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for mode in modes
+    ]
+    for child in children:  # every child has imported the engine and waits for the file
+        assert child.stdout.readline().strip() == "READY", child.stderr.read()
+    go.touch()
+    results = []
+    for child in children:
+        out, err = child.communicate(timeout=HANG_TIMEOUT_S)
+        assert child.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def test_processes_starting_together_compile_a_kernel_once(tmp_path):
+    results = _run_together(tmp_path, ["wait", "wait"])
+    assert sorted(r["misses"] for r in results) == [0, 1], results  # one compiled...
+    assert sorted(r["hits"] for r in results) == [0, 1], results  # ...the other loaded its result
+    assert all(r["err"] < 1e-5 for r in results), results
+    assert not [w for r in results for w in r["warnings"] if "compiling this kernel here as well" in w]
+
+
+def test_a_lock_held_too_long_is_given_up_with_a_warning(tmp_path):
+    start = time.monotonic()
+    (result,) = _run_together(tmp_path, ["hold"])
+    assert result["misses"] == 1 and result["err"] < 1e-5, result
+    assert any("compiling this kernel here as well" in w for w in result["warnings"]), result
+    assert time.monotonic() - start < HANG_TIMEOUT_S
+
+
+def test_user_functions_and_uncached_kernels_take_no_lock(tmp_path):
+    from numba import njit
+
+    from engine.kernels.cpu import flash_fwd
+    from engine.runtime import compile_lock
+
+    plain = njit(lambda x: x)  # not the engine's, no cache
+    assert compile_lock._lock_path(plain, ()) is None
+    closure_mod = flash_fwd.flash_kernel(None, lambda b, h, q, k: q >= k)  # a script's mod: no disk cache
+    assert compile_lock._lock_path(closure_mod, ()) is None
+    cached = flash_fwd.flash_kernel(None, None)
+    if cached._cache.__class__.__name__ == "FunctionCache":  # caching on (the default)
+        path = compile_lock._lock_path(cached, ())
+        assert path.endswith(".lock") and os.path.dirname(path) == cached._cache._cache_path
+    assert np.isfinite(compile_lock.WAIT_S)
+
+
+def test_threads_asking_for_the_same_mods_get_one_kernel():
+    """Dask's threads specialise a kernel on the same mod at once: one kernel, compiled once."""
+    import threading
+
+    from engine.kernels.cpu import flash_fwd
+
+    def window(b, h, q_idx, kv_idx):
+        return abs(q_idx - kv_idx) <= 3
+
+    barrier = threading.Barrier(8)
+    got = []
+
+    def ask():
+        barrier.wait()
+        got.append(flash_fwd.flash_kernel(None, window, serial=True))
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, as a loaded machine may
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert len(got) == 8 and len({id(k) for k in got}) == 1
