@@ -13,7 +13,16 @@ it: shapes, dtypes and flags of every array, the types of every scalar).
 
 from __future__ import annotations
 
-__all__ = ["resolve_entry_point", "Bound"]
+import threading
+
+__all__ = ["resolve_entry_point", "canonical_entry", "Bound"]
+
+#: kernel argument fields (of the namedtuple a kernel takes first) compiled as read-only arrays:
+#: q, k, v are only read, and a caller's read-only view would otherwise compile a second overload
+READ_ONLY_FIELDS = frozenset(("q", "k", "v"))
+#: fields compiled with layout "A": masks arrive as broadcast views ("A") or whole ("C")
+ANY_LAYOUT_FIELDS = frozenset(("fmask", "bmask"))
+_canonical_lock = threading.Lock()
 
 
 def resolve_entry_point(dispatcher, args: tuple):
@@ -30,6 +39,52 @@ def resolve_entry_point(dispatcher, args: tuple):
         return None
     cres = overloads.get(sig)
     return getattr(cres, "entry_point", None)
+
+
+def _canonical_signature(dispatcher, args: tuple) -> tuple:
+    from numba.core import types
+
+    first, rest = args[0], args[1:]
+    fields = first._fields
+    tys = []
+    for name, t in zip(fields, dispatcher.typeof_pyval(first).types):
+        if isinstance(t, types.Array):
+            if name in READ_ONLY_FIELDS:
+                t = t.copy(readonly=True)
+            if name in ANY_LAYOUT_FIELDS:
+                t = t.copy(layout="A")
+        tys.append(t)
+    return (types.BaseTuple.from_types(tys, type(first)),) + tuple(dispatcher.typeof_pyval(a) for a in rest)
+
+
+def canonical_entry(dispatcher, args: tuple):
+    """The entry point of ``dispatcher``'s overload for ``args`` (a kernel's argument namedtuple
+    first) with q, k, v typed read-only and the masks with layout "A" (:data:`READ_ONLY_FIELDS`,
+    :data:`ANY_LAYOUT_FIELDS`), compiled or loaded from the disk cache on first use; None where it
+    does not apply (the dispatcher is then called as it is).
+
+    Numba types a read-only array and a writeable one, or a contiguous mask and a broadcast one,
+    apart, and compiles the whole kernel (seconds) for each combination it meets. The read-only,
+    any-layout overload runs every combination: its entry point reads the arrays' data, shape and
+    strides whatever their flags (what Numba's dispatcher does when it converts a "C" array for an
+    "A" overload). Memoised per dispatcher by the arguments' Numba fingerprints (about 6 us for
+    the forward's 28 fields; the call plans store the entry point instead)."""
+    from numba._dispatcher import compute_fingerprint
+
+    memo = getattr(dispatcher, "_attention_engine_entries", None)
+    if memo is None:
+        if not hasattr(dispatcher, "typeof_pyval") or not hasattr(args[0], "_fields"):
+            return None
+        with _canonical_lock:
+            memo = dispatcher.__dict__.setdefault("_attention_engine_entries", {})
+    try:
+        key = tuple(map(compute_fingerprint, args))
+    except Exception:  # a value without a fingerprint (Numba types it the slow way): no memo
+        return None
+    entry = memo.get(key)
+    if entry is None:
+        entry = memo[key] = dispatcher.compile(_canonical_signature(dispatcher, args))
+    return entry
 
 
 class Bound:

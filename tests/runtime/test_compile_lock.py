@@ -17,6 +17,8 @@ import time
 import numpy as np
 import pytest
 
+import engine
+
 from conftest import HANG_TIMEOUT_S, ROOT
 
 pytest.importorskip("fcntl", reason="no advisory file locks on this platform: every process compiles")
@@ -138,3 +140,40 @@ def test_threads_asking_for_the_same_mods_get_one_kernel():
     finally:
         sys.setswitchinterval(interval)
     assert len(got) == 8 and len({id(k) for k in got}) == 1
+
+
+def test_one_overload_per_dtype_whatever_the_flags_and_the_mask_layout():
+    """A read-only q/k/v and a writeable one, a whole mask ("C") and a broadcast one ("A") run one
+    compiled forward and one backward overload (``runtime.entry_points.canonical_entry``), with
+    the reference's results, through the first call and the call plan alike."""
+    from engine.kernels.cpu import flash_bwd, flash_fwd
+
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((2, 3, 20, 8))
+    read_only = q.copy()
+    read_only.flags.writeable = False
+    full = rng.standard_normal((2, 3, 20, 20))
+    broadcast = np.broadcast_to(rng.standard_normal((20, 20)), (2, 3, 20, 20))
+    masks = [None, full, broadcast, full > 0, broadcast > 0]
+    kernels = [flash_fwd.flash_kernel(None, None, serial=s) for s in (True, False)] + [
+        flash_bwd.backward_kernel(None, None, None)
+    ]
+    before = [set(k.signatures) for k in kernels]
+    for x in (q, read_only):
+        for mask in masks:
+            ref, ref_lse = engine.scaled_dot_product_attention(
+                x, x, x, attn_mask=mask, backend="reference", return_lse=True
+            )
+            for _ in range(2):  # the first call, then the plan's
+                out, lse = engine.scaled_dot_product_attention(x, x, x, attn_mask=mask, backend="cpu", return_lse=True)
+                np.testing.assert_allclose(out, ref, rtol=0, atol=1e-12)
+            grads = [
+                engine.scaled_dot_product_attention_backward(np.ones_like(ref), x, x, x, out, lse, mask, backend=b)
+                for b in ("cpu", "reference")
+            ]
+            for g, e in zip(*grads):
+                np.testing.assert_allclose(g, e, rtol=0, atol=1e-10)
+    new = [set(k.signatures) - b for k, b in zip(kernels, before)]
+    assert all(len(n) <= 1 for n in new), new
+    for n in new[:2]:  # a forward overload compiled here is the read-only one
+        assert all(not t.mutable for sig in n for t in sig[0].types[:3]), n

@@ -14,6 +14,7 @@ from ...problems.base import dtype_name
 from ...problems.masks import reduce_to_shape
 from ...problems.mod_args_grad import mod_args_offsets
 from ...problems.mods import compile_mods_alone
+from ...runtime.entry_points import canonical_entry
 from ...runtime.gemm_jit import NO_JIT, tile_jit_kernels
 from ...runtime.gemm_providers import get_gemm_provider
 from ...runtime.threads import get_num_threads, kernel_call_guard
@@ -195,8 +196,9 @@ class CpuBackward(Op):
         # the other four products are np.dot's (SciPy's OpenBLAS) whatever the provider: held at one
         # thread always (unpinned, each task's large tile products started OpenBLAS threads of their
         # own: 8-15x slower on a loaded machine)
+        call = canonical_entry(kernel, (args, problem.mod_args)) or kernel  # one overload per dtype
         with kernel_call_guard(), pin():
-            kernel(args, problem.mod_args)
+            call(args, problem.mod_args)
         _backward_epilogue(dq_part, problem.scale, dq)
         dmask = None
         if want_dm:

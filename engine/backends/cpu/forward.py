@@ -18,6 +18,7 @@ from ...runtime.config import (
     CPU_SERIAL_MAX_WORK,
     CPU_TUNE_MIN_WORK,
 )
+from ...runtime.entry_points import canonical_entry
 from ...runtime.gemm_jit import NO_JIT, tile_jit_kernels
 from ...runtime.gemm_providers import gemm_mode, get_gemm_provider, sixteen_bit_gemm
 from ...runtime.threads import get_num_threads, kernel_call_guard, quiet_openmp
@@ -257,7 +258,7 @@ def _launch(setup: _Setup, problem: AttentionProblem, arrays=None, resolve: bool
     lse = np.empty(lse3, dtype=problem.dtype)
     per_call = arrays + (fmask, bmask, mask_batch, kind, problem.scale, tiles) + dropout_args(problem) + (out, lse)
     args = tuple.__new__(kernels().FlashArgs, setup.pick(setup.template + per_call))
-    call = setup.entry or setup.kernel
+    call = setup.entry or canonical_entry(setup.kernel, (args, problem.mod_args)) or setup.kernel
     if setup.pin is NO_PIN:
         with kernel_call_guard():
             if setup.quiet:
@@ -268,10 +269,8 @@ def _launch(setup: _Setup, problem: AttentionProblem, arrays=None, resolve: bool
             if setup.quiet:
                 quiet_openmp()
             call(args, problem.mod_args)
-    if resolve and setup.entry is None:  # once: False when no exact overload is found (then the dispatcher)
-        from ...runtime.entry_points import resolve_entry_point
-
-        setup.entry = resolve_entry_point(setup.kernel, (args, problem.mod_args)) or False
+    if resolve and setup.entry is None:  # once: False where there is none (then the dispatcher)
+        setup.entry = call if call is not setup.kernel else False
     return out.reshape(out_shape), lse.reshape(lse_shape)
 
 
@@ -336,6 +335,8 @@ class _Plain:
         lse = np.empty(self.lse3, self.dtype)
         args = tuple.__new__(kernels().FlashArgs, self.pick(self.template + (q, k, v, scale, out, lse)))
         call = setup.entry
+        if call is None:  # the first call: once, as in _launch
+            call = setup.entry = canonical_entry(setup.kernel, (args, mod_args)) or False
         if not call:
             call = setup.kernel
         if not self.guard:
@@ -350,8 +351,4 @@ class _Plain:
                 if setup.quiet:
                     quiet_openmp()
                 call(args, mod_args)
-        if setup.entry is None:  # once, as in _launch
-            from ...runtime.entry_points import resolve_entry_point
-
-            setup.entry = resolve_entry_point(setup.kernel, (args, mod_args)) or False
         return out, lse
