@@ -83,6 +83,11 @@ def canonical_entry(dispatcher, args: tuple):
         return None
     entry = memo.get(key)
     if entry is None:
+        from .threads import configure_threading_layer
+
+        # compiling a parallel kernel starts Numba's thread pool: the engine's layer (TBB, loaded
+        # from the environment) must be chosen first, as kernel_call_guard does before a call
+        configure_threading_layer()
         entry = memo[key] = dispatcher.compile(_canonical_signature(dispatcher, args))
     return entry
 

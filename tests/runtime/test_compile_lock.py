@@ -177,3 +177,43 @@ def test_one_overload_per_dtype_whatever_the_flags_and_the_mask_layout():
     assert all(len(n) <= 1 for n in new), new
     for n in new[:2]:  # a forward overload compiled here is the read-only one
         assert all(not t.mutable for sig in n for t in sig[0].types[:3]), n
+
+
+LAYER_CHILD = r"""
+import collections, json
+import numpy as np, numba
+from numba import njit, prange
+from engine.runtime.entry_points import canonical_entry
+from engine.runtime.threads import configure_threading_layer
+
+Args = collections.namedtuple("Args", "q out")
+
+
+@njit(parallel=True)
+def double(a):
+    q, out = a.q, a.out  # (a write to a.out[i] inside the prange loop is lost: Numba's parfors)
+    for i in prange(q.shape[0]):
+        out[i] = q[i] * 2
+
+
+a = Args(np.ones(1000), np.empty(1000))
+canonical_entry(double, (a,))(a)  # the process's first parallel compilation, outside any kernel call
+print(json.dumps({"layer": numba.threading_layer(), "configured": configure_threading_layer(),
+                  "ok": bool((a.out == 2).all())}))
+"""
+
+
+def test_a_first_compilation_through_canonical_entry_starts_the_engines_threading_layer():
+    """Compiling a parallel kernel starts Numba's thread pool; ``canonical_entry`` compiles before
+    the kernel call (and its guard), so it must pin the engine's layer first (TBB where it loads).
+    Once it did not: Numba then chose GNU OpenMP, and a process that forked after a first call hung."""
+    res = subprocess.run(
+        [sys.executable, "-c", LAYER_CHILD],
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        capture_output=True,
+        text=True,
+        timeout=HANG_TIMEOUT_S,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["ok"] and got["layer"] == got["configured"], got
