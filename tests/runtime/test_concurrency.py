@@ -135,6 +135,7 @@ def child_work(i):
 
 _CHILD = r"""
 import json, multiprocessing as mp, os, sys
+from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 sys.path[:0] = sys.argv[1].split(os.pathsep)
 import engine, numba
@@ -145,8 +146,10 @@ if __name__ == "__main__":
     expected = [work(i) for i in range(4)]   # the parent runs the kernels first (and starts its pool)
     layer = numba.threading_layer()
     ctx = mp.get_context(method)
-    with ctx.Pool(2) as pool:
-        got = pool.map_async(work, range(4)).get(timeout=float(sys.argv[3]))
+    # a pool whose worker dies (an abort after fork) raises BrokenProcessPool here at once; a
+    # multiprocessing.Pool replaced the worker and waited for the lost task until the timeout
+    with ProcessPoolExecutor(2, mp_context=ctx) as pool:
+        got = list(pool.map(work, range(4), timeout=float(sys.argv[3])))
     same = all(np.array_equal(a, b) for a, b in zip(got, expected))
     print(json.dumps({"layer": layer, "identical": same, "n": len(got)}))
 """
