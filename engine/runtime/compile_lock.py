@@ -14,7 +14,13 @@ find the overload in the cache and load it (Numba's own ``Dispatcher.compile`` l
   locks, in call order (callee after caller), so two processes cannot wait for each other.
 * A process that dies releases its locks (the kernel does). A lock held for longer than
   :data:`WAIT_S` (a process stopped in a debugger) is given up with a warning: this process then
-  compiles on its own, as without the lock.
+  compiles on its own, as without the lock, and does not wait again for the locks of that
+  kernel's callees (the stopped process may hold them too), so a stuck holder costs one
+  :data:`WAIT_S` per kernel a call compiles, not one per nested lock.
+* The wait happens inside Numba's global compiler lock, as a compilation does: while this process
+  waits, its other threads cannot compile either (they would wait for Numba's lock during a
+  compilation here all the same). Hence a :data:`WAIT_S` of minutes, not ten: a few times the
+  longest compilation measured (the backward with mods, 12 s of CPU, 20-30 s on a loaded machine).
 * Without ``fcntl`` (Windows) nothing changes.
 
 The lock files are empty and stay in the cache folder (``<index name>-<signature hash>.lock``):
@@ -36,8 +42,12 @@ except ImportError:  # Windows: no advisory locks, every process compiles for it
 __all__ = ["install", "WAIT_S"]
 
 #: seconds a process waits for another's compilation of the same overload before it compiles too
-WAIT_S = 600.0
+WAIT_S = 120.0
 _POLL_S = 0.02
+#: compilations in progress in this process (nested: a kernel's callees), and whether a wait of
+#: this outermost compilation has timed out; both only change under Numba's global compiler lock
+_depth = 0
+_gave_up = False
 
 
 def _lock_path(dispatcher, args) -> str | None:
@@ -60,13 +70,18 @@ def _acquire(path: str):
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
     except OSError:
         return None
-    deadline = time.monotonic() + WAIT_S
+    global _gave_up
+    deadline = time.monotonic() + (0.0 if _gave_up else WAIT_S)
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return fd
         except BlockingIOError:
+            if _gave_up:  # a wait of this compilation already timed out: no second one
+                os.close(fd)
+                return None
             if time.monotonic() > deadline:
+                _gave_up = True
                 os.close(fd)
                 warnings.warn(
                     f"attention-engine: another process has held {path} for over {WAIT_S:.0f} s; "
@@ -94,13 +109,18 @@ def install() -> None:
     compile_ = Dispatcher.compile
 
     def compile(self, sig):
+        global _depth, _gave_up
         with global_compiler_lock:
             args, _ = sigutils.normalize_signature(sig)
             path = None if tuple(args) in self.overloads else _lock_path(self, args)
             fd = _acquire(path) if path else None
+            _depth += 1
             try:
                 return compile_(self, sig)  # loads the overload if the lock's last holder saved it
             finally:
+                _depth -= 1
+                if _depth == 0:
+                    _gave_up = False  # the next call's compilation waits again
                 if fd is not None:
                     os.close(fd)  # releases the lock
 

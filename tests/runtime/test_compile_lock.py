@@ -42,6 +42,14 @@ if hold:  # another process stuck with the lock: this one waits WAIT_S, then com
                                                       np.empty((80, 8), np.float32), np.empty(80, np.float32)))
     fd = os.open(compile_lock._lock_path(_merge_rows, args), os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)
+if sys.argv[2] == "all-held":  # every lock held elsewhere (a stopped process holding nested locks)
+    import fcntl, types
+    compile_lock.WAIT_S = 0.3
+
+    def flock(fd, op):
+        raise BlockingIOError
+
+    compile_lock.fcntl = types.SimpleNamespace(LOCK_EX=fcntl.LOCK_EX, LOCK_NB=fcntl.LOCK_NB, flock=flock)
 print("READY", flush=True)
 while not os.path.exists(go):
     time.sleep(0.005)
@@ -93,6 +101,17 @@ def test_a_lock_held_too_long_is_given_up_with_a_warning(tmp_path):
     (result,) = _run_together(tmp_path, ["hold"])
     assert result["misses"] == 1 and result["err"] < 1e-5, result
     assert any("compiling this kernel here as well" in w for w in result["warnings"]), result
+    assert time.monotonic() - start < HANG_TIMEOUT_S
+
+
+def test_a_stuck_holder_costs_one_wait_per_call_not_one_per_nested_lock(tmp_path):
+    """The kernel's callees (``_merge_row``, ``fast_exp``) compile inside it and have locks of
+    their own; once this compilation has waited ``WAIT_S`` it does not wait for them again."""
+    start = time.monotonic()
+    (result,) = _run_together(tmp_path, ["all-held"])
+    waits = [w for w in result["warnings"] if "compiling this kernel here as well" in w]
+    assert result["misses"] == 1 and result["err"] < 1e-5, result
+    assert len(waits) == 1, waits
     assert time.monotonic() - start < HANG_TIMEOUT_S
 
 
