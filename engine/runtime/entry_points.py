@@ -13,8 +13,6 @@ it: shapes, dtypes and flags of every array, the types of every scalar).
 
 from __future__ import annotations
 
-import threading
-
 __all__ = ["resolve_entry_point", "canonical_entry", "Bound"]
 
 #: kernel argument fields (of the namedtuple a kernel takes first) compiled as read-only arrays:
@@ -22,7 +20,6 @@ __all__ = ["resolve_entry_point", "canonical_entry", "Bound"]
 READ_ONLY_FIELDS = frozenset(("q", "k", "v"))
 #: fields compiled with layout "A": masks arrive as broadcast views ("A") or whole ("C")
 ANY_LAYOUT_FIELDS = frozenset(("fmask", "bmask"))
-_canonical_lock = threading.Lock()
 
 
 def resolve_entry_point(dispatcher, args: tuple):
@@ -75,8 +72,7 @@ def canonical_entry(dispatcher, args: tuple):
     if memo is None:
         if not hasattr(dispatcher, "typeof_pyval") or not hasattr(args[0], "_fields"):
             return None
-        with _canonical_lock:
-            memo = dispatcher.__dict__.setdefault("_attention_engine_entries", {})
+        memo = dispatcher.__dict__.setdefault("_attention_engine_entries", {})  # atomic: one memo
     try:
         key = tuple(map(compute_fingerprint, args))
     except Exception:  # a value without a fingerprint (Numba types it the slow way): no memo
