@@ -7,13 +7,12 @@ forward and backward kernels and the score_mod derivative.
 """
 
 import hashlib
-import marshal
 import os
 import types
 
 from ..runtime.jit_cache import cache_enabled
 
-__all__ = ["named", "cache_tag", "CACHED_MODS_ENV"]
+__all__ = ["named", "cache_tag", "code_digest", "CACHED_MODS_ENV"]
 
 #: packages whose mods get disk-cached kernels (importable by every process, edited only with
 #: the package): the built-in variants and the engine itself
@@ -66,5 +65,42 @@ def cache_tag(*mods):
         if fn.__closure__:  # captured values are compiled in, and the code does not show them
             return None
         h.update(f"{module}.{fn.__qualname__}".encode())
-        h.update(marshal.dumps(fn.__code__))  # the mod's code and constants: an edit is a new entry
+        code_digest(fn.__code__, h)  # the mod's code and constants: an edit is a new entry
     return h.hexdigest()[:16]
+
+
+def code_digest(code, h):
+    """Feed ``h`` (a :mod:`hashlib` object) what defines ``code``: its bytecode, names, line
+    table, flags and constants, nested functions' code recursively; the same in every process.
+
+    Not ``marshal.dumps``: from format 3 on it marks objects referenced more than once, so the
+    bytes depend on reference counts (a code object built from a template hashed differently under
+    pytest than alone, and its kernel never loaded from the cache in another process). A frozenset
+    constant (``x in {"a", "b"}``) iterates in an order that depends on ``PYTHONHASHSEED``, so its
+    members are hashed sorted, as marshal does."""
+    for field in ("co_code", "co_linetable", "co_exceptiontable"):
+        h.update(getattr(code, field, b""))
+    h.update(
+        repr(
+            (code.co_names, code.co_varnames, code.co_freevars, code.co_cellvars, code.co_argcount)
+            + (code.co_posonlyargcount, code.co_kwonlyargcount, code.co_flags, code.co_firstlineno)
+        ).encode()
+    )
+    for const in code.co_consts:
+        _const_digest(const, h)
+
+
+def _const_digest(const, h):
+    if isinstance(const, types.CodeType):
+        h.update(b"<code")
+        code_digest(const, h)
+        h.update(b">")
+    elif isinstance(const, tuple):
+        h.update(b"(")
+        for item in const:
+            _const_digest(item, h)
+        h.update(b")")
+    elif isinstance(const, frozenset):
+        h.update(b"{" + ",".join(sorted(repr(item) for item in const)).encode() + b"}")
+    else:  # numbers, strings, bytes, None, Ellipsis: their type and repr say all
+        h.update(f"{type(const).__name__}:{const!r};".encode())

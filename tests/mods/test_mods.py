@@ -324,6 +324,39 @@ def test_cache_tag_changes_with_the_mods_code_and_skips_what_it_cannot_vouch_for
     assert _cache_tag(inner, None) is None
 
 
+def test_cache_tag_is_the_same_in_every_process():
+    """The tag names a disk-cache entry that other processes look up, so it may depend only on the
+    mods' code: not on reference counts (``marshal.dumps`` marks objects referenced twice, which
+    gave a generated gradient step another tag under pytest than alone, so its kernel was compiled
+    again in every process) nor on the hash seed (a frozenset constant iterates in a
+    seed-dependent order)."""
+    import subprocess
+    import sys
+
+    from engine.kernels.cpu.flash_fwd import _CACHE
+    from engine.kernels.specialise import cache_tag as _cache_tag
+
+    if not _CACHE:
+        pytest.skip("Numba's disk cache is off in this environment")
+    a = _module_function("def f(score, b, h, q_idx, kv_idx):\n    return score * 2.5 + (1.5, 0.5)[b]\n", "variants.x")
+    before = _cache_tag(a, None)
+    extra_references = list(a.__code__.co_consts)  # noqa: F841 (raises each constant's count)
+    assert _cache_tag(a, None) == before
+
+    source = "def f(score, b, h, q_idx, kv_idx):\n    return score if str(b) in {'0', '1', '2', '3', '4'} else 0.0\n"
+    script = (
+        "import sys; from engine.kernels.specialise import cache_tag; env = {'__name__': 'variants.x'}; "
+        "exec(compile(sys.argv[1], '<variants.x>', 'exec'), env); print(cache_tag(env['f'], None))"
+    )
+    tags = set()
+    for seed in ("1", "2", "3"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        run = subprocess.run([sys.executable, "-c", script, source], env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+        tags.add(run.stdout.strip())
+    assert len(tags) == 1 and None not in tags, tags
+
+
 def test_cached_mods_setting_adds_the_modules_it_names_and_nothing_else(monkeypatch):
     """``ATTENTION_ENGINE_CACHED_MODS`` (comma-separated top-level names) makes those modules' mods
     cacheable as the built-ins' are; other modules, ``__main__`` and closures stay uncached."""
