@@ -109,3 +109,10 @@ def scale_and_shift(score, b, h, q_idx, kv_idx, ss):
 def batch_key_bias(score, b, h, q_idx, kv_idx, kb):
     """A bias per batch entry and key (a learned padding-style bias)."""
     return score + kb[b, kv_idx]
+
+
+def raising_mod(score, b, h, q_idx, kv_idx):
+    """Raises at one score: the exception must reach the caller."""
+    if q_idx == 3 and kv_idx == 2:
+        raise ValueError("raised by the mod")
+    return score

@@ -30,7 +30,7 @@ batch x heads is a multiple of the thread count), one scaled copy of Q and O(til
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
 
 from ...runtime.jit_cache import cache_enabled
 from ..fastexp import softmax_exp
@@ -386,6 +386,8 @@ _kernels = ModKernels(
     _bwd_task,
     {"_SCORE_MOD": no_score_mod, "_SCORE_GRAD": no_score_grad, "_MASK_MOD": no_mask_mod, "_ARG_GRAD": no_arg_grad},
     dict(fastmath=_FM, error_model="numpy"),
+    # the types the driver calls the task with (engine.kernels.task_pointer)
+    task_types=lambda args, mod_args: (types.int64, types.int64, args, mod_args, types.boolean),
 )
 _with_mods = _kernels.built
 

@@ -20,7 +20,7 @@ the tiles below OpenBLAS's multithreading threshold.
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
 
 from ...runtime.jit_cache import cache_enabled
 from ..fastexp import fast_exp
@@ -347,7 +347,13 @@ _OPTIONS = dict(fastmath=_FM, error_model="numpy")
 #: module global, so it is disk-cached and loaded like ``_flash_forward``
 _flash_forward_serial = serial_version(_flash_forward, _OPTIONS, _CACHE)
 _kernels = ModKernels(
-    _flash_forward, _flash_task, {"_SCORE_MOD": no_score_mod, "_MASK_MOD": no_mask_mod}, _OPTIONS, _flash_forward_serial
+    _flash_forward,
+    _flash_task,
+    {"_SCORE_MOD": no_score_mod, "_MASK_MOD": no_mask_mod},
+    _OPTIONS,
+    _flash_forward_serial,
+    # the types the driver calls the task with (engine.kernels.task_pointer)
+    task_types=lambda args, mod_args: (types.int64, args, mod_args, types.boolean),
 )
 #: the kernels built for mods in this process, by (score_mod, mask_mod, serial)
 _with_mods = _kernels.built
