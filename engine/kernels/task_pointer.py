@@ -51,8 +51,13 @@ def _call_task(typingctx, address, *task_args):
     return sig, codegen
 
 
-# one trampoline per task signature shape: (task, args, mod_args, per_tile) and
-# (task, slot, args, mod_args, per_tile); mod_args arrive as (address, *mod_args)
+# one trampoline per task signature shape: (task, args, mod_args), (task, args, mod_args,
+# per_tile) and (task, slot, args, mod_args, per_tile); mod_args arrive as (address, *mod_args)
+@njit(inline="always")
+def _via_3(a0, a1, ext):
+    _call_task(ext[0], a0, a1, ext[1:])
+
+
 @njit(inline="always")
 def _via_4(a0, a1, ext, a3):
     _call_task(ext[0], a0, a1, ext[1:], a3)
@@ -63,7 +68,7 @@ def _via_5(a0, a1, a2, ext, a4):
     _call_task(ext[0], a0, a1, a2, ext[1:], a4)
 
 
-_TRAMPOLINES = {(4, 2): _via_4, (5, 3): _via_5}
+_TRAMPOLINES = {(3, 2): _via_3, (4, 2): _via_4, (5, 3): _via_5}
 
 
 def via_driver(driver, task, options: dict, serial: bool):

@@ -422,7 +422,13 @@ _OPTIONS = dict(fastmath=_FM, error_model="numpy")
 #: the kernel without mods compiled without ``parallel``: disk-cached and loaded like ``_decode``
 _decode_serial = serial_version(_decode, _OPTIONS, _CACHE)
 _kernels = ModKernels(
-    _decode, _decode_task, {"_SCORE_MOD": no_score_mod, "_MASK_MOD": no_mask_mod}, _OPTIONS, _decode_serial
+    _decode,
+    _decode_task,
+    {"_SCORE_MOD": no_score_mod, "_MASK_MOD": no_mask_mod},
+    _OPTIONS,
+    _decode_serial,
+    # the types the driver calls the task with (engine.kernels.task_pointer)
+    task_types=lambda args, mod_args: (types.int64, args, mod_args),
 )
 _with_mods = _kernels.built
 
