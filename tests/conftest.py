@@ -77,6 +77,22 @@ def _simulator_tiles():
         undo()
 
 
+#: the cpu backends' size thresholds, as engine.runtime.config sets them: a test that changes one
+#: without monkeypatch (a task "for a worker process" run by the in-process Dask cluster did) makes
+#: every later test of its pytest-xdist worker take other kernels
+_THRESHOLDS = ("CPU_SERIAL_MAX_WORK", "CPU_QUIET_OPENMP_MIN_WORK")
+
+
+@pytest.fixture(autouse=True)
+def _thresholds_restored():
+    yield  # autouse fixtures set up first, so this runs after monkeypatch has undone its changes
+    from engine.backends.cpu import forward
+    from engine.runtime import config
+
+    changed = [n for n in _THRESHOLDS if getattr(forward, n) != getattr(config, n)]
+    assert not changed, f"the test left engine.backends.cpu.forward.{changed} changed"
+
+
 def variant_names():
     return engine.list_variants()
 

@@ -89,12 +89,15 @@ class TaskKernel:
     dispatcher). Called as the plain kernel is, ``kernel(args, mod_args)``; it also answers
     ``typeof_pyval`` and ``compile(signature) -> entry`` as a dispatcher does, so that
     ``engine.runtime.entry_points.canonical_entry`` compiles it once per dtype and the call plans
-    call the entry directly."""
+    call the entry directly. A TaskKernel is called under the caller's thread guard, as a
+    dispatcher is (``kernel_call_guard`` picks Numba's threading layer before a compile starts it).
+    """
 
     def __init__(self, via, task, task_types):
         self.via = via
         self.task = task
         self.task_types = task_types
+        self._runs: dict = {}
 
     def typeof_pyval(self, value):
         return self.via.typeof_pyval(value)
@@ -132,6 +135,10 @@ class TaskKernel:
         return run
 
     def __call__(self, args, mod_args):
-        from ..runtime.entry_points import canonical_entry
-
-        return canonical_entry(self, (args, mod_args))(args, mod_args)
+        """A call with the arguments' own types (the cpu ops call the entry of their canonical
+        types instead, ``engine.runtime.entry_points.canonical_entry``)."""
+        signature = (self.via.typeof_pyval(args), self.via.typeof_pyval(mod_args))
+        run = self._runs.get(signature)
+        if run is None:
+            run = self._runs.setdefault(signature, self.compile(signature))
+        return run(args, mod_args)

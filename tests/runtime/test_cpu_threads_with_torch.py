@@ -151,9 +151,9 @@ def _dask_task(seed):
 
 
 @pytest.mark.xdist_group("dask")
-def test_dask_worker_processes(dask_client):
-    futures = dask_client.map(_dask_task, [0, 1, 2, 3], pure=False)
-    got = dask_client.gather(futures, errors="raise")
+def test_dask_worker_processes(dask_process_client):
+    futures = dask_process_client.map(_dask_task, [0, 1, 2, 3], pure=False)
+    got = dask_process_client.gather(futures, errors="raise")
     for seed, (out, same) in enumerate(got):
         assert same
         np.testing.assert_allclose(
