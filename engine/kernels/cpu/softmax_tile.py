@@ -12,6 +12,11 @@ output and the log-sum-exp are the same quotient and the same sum. So a tile cos
 when a tile's maximum exceeds the shift by more than the margin (in practice the first tiles of a
 row) is the pass redone with the new maximum and the accumulator rescaled. A row that has seen no
 visible score yet (shift ``-inf``) takes the maximum first (:func:`column_max`).
+
+The 16-bit path's pass (:func:`exp_tile_bf16`, :func:`exp_tile_f16`) writes the probabilities
+rounded to the operands' format in the same pass, and computes them as powers of two
+(:func:`exp2_16`): its scale and shifts are multiplied by log2(e) once per tile and per row, which
+saves the two-step reduction by ln 2 and a polynomial degree at the same accuracy.
 """
 
 import math
