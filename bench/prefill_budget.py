@@ -109,6 +109,15 @@ def _tile_counts(L, S, block_q, block_k, causal):
     return n, full, -(-L // block_q)
 
 
+def _aligned_copy(x):
+    """A C-ordered copy of ``x`` whose data starts on a 64-byte boundary."""
+    raw = np.empty(x.nbytes + 64, np.uint8)
+    off = -raw.ctypes.data % 64
+    out = raw[off : off + x.nbytes].view(x.dtype).reshape(x.shape)
+    out[...] = x
+    return out
+
+
 def _parts(provider, plan, jit, E, dtype, rounds):
     """Seconds per tile of each part at (block_q, block_k), one thread."""
     from numba import njit
@@ -127,9 +136,13 @@ def _parts(provider, plan, jit, E, dtype, rounds):
     vt = rng.standard_normal((bk, E)).astype(odt)
     if half:
         kt, qt, vt = (x.view(np.uint16) for x in (kt, qt, vt))
-    st = np.empty((bk, bq), cdt)
-    pt = np.empty((bk, bq), np.uint16 if half else cdt)
-    acc = np.zeros((bq, E), cdt)
+    # every operand on a 64-byte cache line, as the kernel's scratch (tile_ops._aligned_empty): a
+    # C matrix whose rows straddle lines made MKL's 16-bit GEMM 1.6x slower, so the part's time
+    # depended on where the allocator happened to put it
+    kt, qt, vt = (_aligned_copy(x) for x in (kt, qt, vt))
+    st = _aligned_copy(np.empty((bk, bq), cdt))
+    pt = _aligned_copy(np.empty((bk, bq), np.uint16 if half else cdt))
+    acc = _aligned_copy(np.zeros((bq, E), cdt))
     shift = np.full(bq, 3.0, cdt)
     ts, tc, tmx, tm = np.zeros(bq), np.zeros(bq, cdt), np.zeros(bq, cdt), np.zeros(bq, cdt)
     one = np.dtype(cdt).type(1)

@@ -26,7 +26,18 @@ from ...runtime.tuning import autotune_enabled
 from ..base import Op
 from .autotune import tune_provider, tune_tiles
 from .blas_pin import get_blas_pin
-from .operands import ALL_FULL, NO_PIN, SIXTEEN_BIT, as4, dropout_args, kernel_masks, narrow, tile_kinds, widen
+from .operands import (
+    ALL_FULL,
+    NO_PIN,
+    SIXTEEN_BIT,
+    all_finite16,
+    as4,
+    dropout_args,
+    kernel_masks,
+    narrow,
+    tile_kinds,
+    widen,
+)
 from .tiles import TilePlan, forward_tiles, tile_class
 
 __all__ = ["CpuForward"]
@@ -77,7 +88,7 @@ class CpuForward(Op):
         name = problem.dtype.name
         half = sixteen_bit_gemm(name) if provider is None else None
         v = as4(problem.value, problem.batch)
-        if half is not None and np.isfinite(np.sum(v, dtype=np.float32)):
+        if half is not None and all_finite16(v):
             bits = tuple(as4(a, problem.batch).view(np.uint16) for a in (problem.query, problem.key))
             kind = GEMM_CBLAS_BF16 if name == "bfloat16" else GEMM_CBLAS_F16
             if plan is None:

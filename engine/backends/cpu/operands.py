@@ -16,6 +16,7 @@ __all__ = [
     "ALL_FULL",
     "NO_PIN",
     "SIXTEEN_BIT",
+    "all_finite16",
     "as4",
     "dropout_args",
     "kernel_masks",
@@ -86,6 +87,14 @@ def widen(a: np.ndarray) -> np.ndarray:
     out = np.empty(a.shape, dtype=np.float32)
     widen(a.reshape(-1).view(np.uint16), out.reshape(-1), a.dtype == np.float16)
     return out
+
+
+def all_finite16(a: np.ndarray) -> bool:
+    """Whether the C-contiguous float16/bfloat16 array ``a`` holds no NaN or infinity (on its
+    bits: no conversion)."""
+    from ...kernels.cpu.half import all_finite_bits
+
+    return bool(all_finite_bits(a.reshape(-1).view(np.uint16), a.dtype == np.float16))
 
 
 def narrow(x: np.ndarray, dtype: np.dtype) -> np.ndarray:

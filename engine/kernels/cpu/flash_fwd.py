@@ -33,6 +33,7 @@ from .softmax_tile import STALE_MAX_MARGIN, column_max
 from .tile_ops import (
     _FM,
     _add_nonfinite,
+    _aligned_empty,
     _apply_dropout,
     _exp_into,
     _finite_values,
@@ -125,7 +126,7 @@ def _flash_task(task, args, mod_args, per_tile):
     bq, bk = args.block_q, args.block_k
     half = _half_buffer(args.q, bk * bq)  # 16-bit operands: the probabilities, rounded
     drop_size = bk * bq if dropping else 1
-    fbuf = np.empty(2 * _line(bk * bq) + _line(nt * Ev) + _line(nt) + 5 * _line(bq) + _line(drop_size), dt)
+    fbuf = _aligned_empty(2 * _line(bk * bq) + _line(nt * Ev) + _line(nt) + 5 * _line(bq) + _line(drop_size), dt)
     dbuf = np.empty(_line(nt) + bq, dtype=np.float64)
     o = 0
     st_buf = fbuf[o : o + bk * bq]  # transposed scores

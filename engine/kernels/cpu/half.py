@@ -4,6 +4,9 @@
   torch and ml_dtypes; NaN stays a quiet NaN): a few integer operations that LLVM vectorises.
 * :func:`f32_to_f16_bits`: LLVM's ``fptrunc`` to ``half`` (IEEE round to nearest even, subnormals
   and overflow included), one ``vcvtps2ph`` on CPUs with F16C.
+* :func:`all_finite_bits`: whether a whole array of 16-bit patterns is finite (the exponent
+  field not all ones), without converting it (NumPy's sum of a bfloat16/float16 array through
+  float32 took 0.3-0.6 ms at 512 Ki values here, 8-15% of a 2-thread attention call at L = 1024).
 * :func:`widen` / :func:`narrow`: whole arrays, 16-bit bits <-> float32, for the ``cpu`` backend's
   wrapper (NumPy's own float16 casts ran at about 2 ns per element here, 8-12% of an L = 1024
   attention call; these vectorised loops at about 0.1).
@@ -26,6 +29,7 @@ __all__ = [
     "f32_to_f16_array",
     "widen",
     "narrow",
+    "all_finite_bits",
 ]
 
 _CACHE = cache_enabled()
@@ -180,3 +184,15 @@ def narrow(x, bits, is_f16):
     else:
         for i in range(x.shape[0]):
             bits[i] = f32_to_bf16_bits(x[i])
+
+
+@njit(cache=_CACHE)
+def all_finite_bits(bits, is_f16):
+    """Whether every 16-bit pattern of the 1-D uint16 array ``bits`` is a finite number: float16
+    (``is_f16``) or bfloat16, whose NaNs and infinities are the patterns with an exponent field of
+    all ones. Exact, and no conversion: an integer count that LLVM vectorises."""
+    mask = types.uint16(0x7C00) if is_f16 else types.uint16(0x7F80)
+    bad = 0
+    for i in range(bits.shape[0]):
+        bad += (bits[i] & mask) == mask
+    return bad == 0

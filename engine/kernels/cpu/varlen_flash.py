@@ -42,6 +42,7 @@ from .softmax_tile import STALE_MAX_MARGIN, column_max
 from .tile_ops import (
     _FM,
     _add_nonfinite,
+    _aligned_empty,
     _exp_into,
     _finite_values,
     _line,
@@ -363,7 +364,7 @@ def _varlen_flash(args, mod_args):
     size = _scratch_size(args.block_q, args.block_k, args.sub_tiles, args.q.shape[2], args.v.shape[2])
     rows = args.block_q * args.sub_tiles
     for t in prange(bin_start.shape[0] - 1):
-        fbuf = np.empty(size, dtype=args.out.dtype)
+        fbuf = _aligned_empty(size, args.out.dtype)
         dbuf = np.empty(_line(rows) + args.block_q, dtype=np.float64)
         for x in range(bin_start[t], bin_start[t + 1]):
             _varlen_flash_task(order[x], task_b, task_t0, fbuf, dbuf, args, mod_args)
