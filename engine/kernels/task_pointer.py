@@ -24,7 +24,7 @@ from numba.extending import intrinsic
 from ..runtime.jit_cache import cache_enabled
 from .specialise import named
 
-__all__ = ["TaskKernel", "via_driver"]
+__all__ = ["TaskKernel", "via_driver", "field_dtype", "vector", "return_types"]
 
 
 @intrinsic
@@ -51,8 +51,9 @@ def _call_task(typingctx, address, *task_args):
     return sig, codegen
 
 
-# one trampoline per task signature shape: (task, args, mod_args), (task, args, mod_args,
-# per_tile) and (task, slot, args, mod_args, per_tile); mod_args arrive as (address, *mod_args)
+# one trampoline per task signature shape (number of arguments, position of mod_args), e.g.
+# (task, args, mod_args) or (task, slot, args, mod_args, per_tile); mod_args arrive as
+# (address, *mod_args)
 @njit(inline="always")
 def _via_3(a0, a1, ext):
     _call_task(ext[0], a0, a1, ext[1:])
@@ -68,7 +69,34 @@ def _via_5(a0, a1, a2, ext, a4):
     _call_task(ext[0], a0, a1, a2, ext[1:], a4)
 
 
-_TRAMPOLINES = {(3, 2): _via_3, (4, 2): _via_4, (5, 3): _via_5}
+@njit(inline="always")
+def _via_4_3(a0, a1, a2, ext):
+    _call_task(ext[0], a0, a1, a2, ext[1:])
+
+
+@njit(inline="always")
+def _via_7(a0, a1, a2, a3, a4, a5, ext):
+    _call_task(ext[0], a0, a1, a2, a3, a4, a5, ext[1:])
+
+
+_TRAMPOLINES = {(3, 2): _via_3, (4, 2): _via_4, (4, 3): _via_4_3, (5, 3): _via_5, (7, 6): _via_7}
+
+
+def field_dtype(args_ty, name: str):
+    """The Numba dtype of the array field ``name`` of a kernel's argument namedtuple type."""
+    return args_ty.types[args_ty.fields.index(name)].dtype
+
+
+def vector(dtype):
+    """The type of ``np.empty(n, dtype)`` in a kernel: a 1-D C array."""
+    return types.Array(dtype, 1, "C")
+
+
+def return_types(dispatcher, args_ty) -> tuple:
+    """The element types of the tuple ``dispatcher(args)`` returns (it is compiled for
+    ``args_ty`` if it was not), for the task arguments a driver derives from its arguments."""
+    dispatcher.compile((args_ty,))
+    return tuple(dispatcher.overloads[(args_ty,)].signature.return_type)
 
 
 def via_driver(driver, task, options: dict, serial: bool):

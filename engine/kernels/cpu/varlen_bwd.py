@@ -28,6 +28,7 @@ from ...runtime.jit_cache import cache_enabled
 from ..fastexp import softmax_exp
 from ..identity_mods import no_mask_mod, no_score_mod
 from ..mod_kernels import ModKernels
+from ..task_pointer import field_dtype, return_types, vector
 from .flash_bwd import no_score_grad
 from .gemm import jit_gemm, tile_gemm
 from .tile_ops import _FM
@@ -314,8 +315,15 @@ _kernels = ModKernels(
     _bwd_task,
     {"_SCORE_MOD": no_score_mod, "_SCORE_GRAD": no_score_grad, "_MASK_MOD": no_mask_mod},
     dict(fastmath=_FM, error_model="numpy"),
+    # the types the driver calls the task with (engine.kernels.task_pointer)
+    task_types=lambda args, mod_args: _task_types(args, mod_args),
 )
 _with_mods = _kernels.built
+
+
+def _task_types(args, mod_args):
+    order, _ = return_types(_schedule, args)
+    return (order.dtype, vector(field_dtype(args, "q")), args, mod_args)
 
 
 def varlen_backward_kernel(score_mod, score_grad, mask_mod):

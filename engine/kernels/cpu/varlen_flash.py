@@ -31,12 +31,13 @@ order (``varlen_fwd.deal``): the threads finish together. No result depends on t
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
 
 from ...runtime.jit_cache import cache_enabled
 from ..fastexp import fast_exp
 from ..identity_mods import no_mask_mod, no_score_mod
 from ..mod_kernels import ModKernels, serial_version
+from ..task_pointer import field_dtype, return_types, vector
 from .gemm import jit_gemm
 from .softmax_tile import STALE_MAX_MARGIN, column_max
 from .tile_ops import (
@@ -379,7 +380,17 @@ _kernels = ModKernels(
     {"_SCORE_MOD": no_score_mod, "_MASK_MOD": no_mask_mod},
     _OPTIONS,
     _varlen_flash_serial,
+    # the types the driver calls the task with (engine.kernels.task_pointer)
+    task_types=lambda args, mod_args: _task_types(args, mod_args),
 )
+
+
+def _task_types(args, mod_args):
+    task_b, task_t0, order, _ = return_types(_schedule, args)
+    fbuf, dbuf = vector(field_dtype(args, "out")), vector(types.float64)
+    return (order.dtype, task_b, task_t0, fbuf, dbuf, args, mod_args)
+
+
 _with_mods = _kernels.built
 
 

@@ -32,13 +32,14 @@ the long sequence finishing last. No result depends on this order (each task wri
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
 
 from ...runtime.jit_cache import cache_enabled
 from ..fastexp import fast_exp
 from ..identity_mods import no_mask_mod, no_score_mod
 from ..lse_merge import _merge_row
 from ..mod_kernels import ModKernels, serial_version
+from ..task_pointer import field_dtype, return_types, vector
 from .decode import _scores_fused, _tile, _values_fused
 from .gemm import tile_gemm
 from .nonfinite import redo_if_nonfinite
@@ -392,7 +393,17 @@ _kernels = ModKernels(
     {"_SCORE_MOD": no_score_mod, "_MASK_MOD": no_mask_mod},
     _OPTIONS,
     _varlen_forward_serial,
+    # the types the driver calls the task with (engine.kernels.task_pointer)
+    task_types=lambda args, mod_args: _task_types(args, mod_args),
 )
+
+
+def _task_types(args, mod_args):
+    task_b, task_r0, order, _ = return_types(_schedule, args)
+    scratch, rows = vector(field_dtype(args, "q")), vector(types.int64)
+    return (order.dtype, task_b, task_r0, scratch, rows, args, mod_args)
+
+
 _with_mods = _kernels.built
 
 
