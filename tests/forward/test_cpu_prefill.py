@@ -264,6 +264,18 @@ def test_file_writable_by_others_is_ignored_and_kept(tuning_dir):
     assert open(path).read() == before
 
 
+def test_edited_kernels_read_another_file(tuning_dir, monkeypatch):
+    """The file's name hashes the cpu kernels' source: choices measured before an edit of a
+    checkout's kernels (its version number unchanged) are measured again."""
+    tuning.tuned("test/e", lambda: {"x": 1}, _valid)
+    before = tuning.tuning_path()
+    assert tuning.machine_fingerprint()["kernels"] == tuning._kernels_digest()
+    monkeypatch.setattr(tuning, "_KERNELS_DIGEST", ["edited"])
+    tuning._forget()
+    assert tuning.tuning_path() != before
+    assert tuning.lookup("test/e", _valid) is None
+
+
 def test_autotune_off_reads_and_writes_nothing(tuning_dir):
     tuning.set_autotune(False)
     assert tuning.tuned("test/d", lambda: {"x": 1}, _valid) is None
