@@ -158,7 +158,15 @@ class TaskKernel:
         head = (address,)
 
         def run(args, mod_args):
-            return entry(args, head + tuple(mod_args))
+            try:
+                return entry(args, head + tuple(mod_args))
+            except SystemError as e:
+                # what a mod raises inside a parallel loop reaches Python as Numba's SystemError
+                # ("returned a result with an exception set") caused by the mod's exception: the
+                # caller gets the mod's exception, as from a serial call
+                if isinstance(e.__cause__, Exception) and not isinstance(e.__cause__, SystemError):
+                    raise e.__cause__ from None
+                raise
 
         return run
 

@@ -3,6 +3,7 @@ address (``engine.kernels.task_pointer``): each tuple of mods gets its own resul
 compiled once for all of them, and what a mod raises reaches the caller as before."""
 
 import numpy as np
+import pytest
 
 import engine
 from engine.kernels.cpu import flash_fwd
@@ -43,10 +44,12 @@ def test_mods_of_the_same_argument_types_share_one_driver_and_keep_their_own_tas
 def test_an_exception_a_mods_task_raises_reaches_the_caller(rng):
     from testmods import raising_mod
 
-    q = randn(rng, (1, 1, 8, 4))
-    try:
-        engine.scaled_dot_product_attention(q, q, q, backend="cpu", score_mod=raising_mod)
-    except ValueError as e:
-        assert "raised by the mod" in str(e)
-    else:
-        raise AssertionError("the mod's exception was lost")
+    # a serial call, and a parallel one (where Numba reports a SystemError caused by the mod's
+    # exception; the kernel re-raises the mod's own), forward and backward (always parallel)
+    for shape in ((1, 1, 8, 4), (2, 8, 64, 16)):
+        q = randn(rng, shape)
+        with pytest.raises(ValueError, match="raised by the mod"):
+            engine.scaled_dot_product_attention(q, q, q, backend="cpu", score_mod=raising_mod)
+    out, lse = engine.scaled_dot_product_attention(q, q, q, backend="cpu", return_lse=True)
+    with pytest.raises(ValueError, match="raised by the mod"):
+        engine.scaled_dot_product_attention_backward(out, q, q, q, out, lse, backend="cpu", score_mod=raising_mod)
