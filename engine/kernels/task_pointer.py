@@ -13,7 +13,10 @@ The driver's code is the plain kernel's, with its task global bound to a trampol
 the address from ``mod_args[0]`` and calls it, with ``mod_args[1:]``, through Numba's calling
 convention (:func:`_call_task`). The task must be compiled for exactly the types the trampoline
 passes: :class:`TaskKernel` compiles it for ``task_types(args type, mod_args type)``, which the
-kernel module states, and checks that ``mod_args[1:]`` types as ``mod_args`` does.
+kernel module states, and checks that ``mod_args[1:]`` types as ``mod_args`` does. The address is
+an argument of every call, never a constant of the compiled code, so the disk-cached driver holds
+no address of the process that compiled it. (Numba's own first-class function types would call
+through a pointer too, but take only C-compatible arguments: no arrays or namedtuples.)
 """
 
 from __future__ import annotations
