@@ -15,8 +15,9 @@ convention (:func:`_call_task`). The task must be compiled for exactly the types
 passes: :class:`TaskKernel` compiles it for ``task_types(args type, mod_args type)``, which the
 kernel module states, and checks that ``mod_args[1:]`` types as ``mod_args`` does. The address is
 an argument of every call, never a constant of the compiled code, so the disk-cached driver holds
-no address of the process that compiled it. (Numba's own first-class function types would call
-through a pointer too, but take only C-compatible arguments: no arrays or namedtuples.)
+no address of the process that compiled it. (The task passed as a Numba first-class function
+instead would put a function type in the driver's signature, which the disk cache cannot match in
+the next process; see ``engine.kernels.mod_kernels``.)
 """
 
 from __future__ import annotations
