@@ -116,3 +116,10 @@ def raising_mod(score, b, h, q_idx, kv_idx):
     if q_idx == 3 and kv_idx == 2:
         raise ValueError("raised by the mod")
     return score
+
+
+def raising_in_batch_1(score, b, h, q_idx, kv_idx):
+    """Raises in every score of batch 1 (tasks a pool's worker thread runs as well as the caller)."""
+    if b == 1:
+        raise ValueError("raised by the mod in batch 1")
+    return score

@@ -22,6 +22,8 @@ the next process; see ``engine.kernels.mod_kernels``.)
 
 from __future__ import annotations
 
+import numpy as np
+from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
@@ -32,23 +34,27 @@ __all__ = ["TaskKernel", "via_driver", "field_dtype", "vector", "return_types"]
 
 
 @intrinsic
-def _call_task(typingctx, address, *task_args):
+def _call_task(typingctx, address, failed, *task_args):
     """Call the Numba-compiled function at ``address`` (int64) with ``task_args``; it returns
-    nothing. An exception it raises propagates to the caller, as a direct call's would."""
-    if address != types.int64:
+    nothing. If it raises, ``failed[0]`` (a uint8 vector) is set to 1 and the exception propagates
+    to the caller, as a direct call's would. (Numba drops an exception raised in a parallel loop's
+    worker thread; only the flag tells the caller then.)"""
+    if address != types.int64 or not (isinstance(failed, types.Array) and failed.dtype == types.uint8):
         return None
     if len(task_args) == 1 and isinstance(task_args[0], types.StarArgTuple):
         task_args = tuple(task_args[0].types)
     argtys = tuple(task_args)
-    sig = types.none(address, types.StarArgTuple.from_types(argtys))
+    sig = types.none(address, failed, types.StarArgTuple.from_types(argtys))
 
     def codegen(context, builder, signature, llargs):
-        packed = llargs[1]
+        packed = llargs[2]
         values = [builder.extract_value(packed, i) for i in range(len(argtys))]
         fnty = context.call_conv.get_function_type(types.none, argtys)
         callee = builder.inttoptr(llargs[0], fnty.as_pointer())
         status, _ = context.call_conv.call_function(builder, callee, types.none, argtys, values)
         with builder.if_then(status.is_error, likely=False):
+            flag = context.make_array(failed)(context, builder, llargs[1])
+            builder.store(ir.Constant(ir.IntType(8), 1), flag.data)
             context.call_conv.return_status_propagate(builder, status)
         return context.get_dummy_value()
 
@@ -57,30 +63,30 @@ def _call_task(typingctx, address, *task_args):
 
 # one trampoline per task signature shape (number of arguments, position of mod_args), e.g.
 # (task, args, mod_args) or (task, slot, args, mod_args, per_tile); mod_args arrive as
-# (address, *mod_args)
+# (address, failed flag, *mod_args)
 @njit(inline="always")
 def _via_3(a0, a1, ext):
-    _call_task(ext[0], a0, a1, ext[1:])
+    _call_task(ext[0], ext[1], a0, a1, ext[2:])
 
 
 @njit(inline="always")
 def _via_4(a0, a1, ext, a3):
-    _call_task(ext[0], a0, a1, ext[1:], a3)
+    _call_task(ext[0], ext[1], a0, a1, ext[2:], a3)
 
 
 @njit(inline="always")
 def _via_5(a0, a1, a2, ext, a4):
-    _call_task(ext[0], a0, a1, a2, ext[1:], a4)
+    _call_task(ext[0], ext[1], a0, a1, a2, ext[2:], a4)
 
 
 @njit(inline="always")
 def _via_4_3(a0, a1, a2, ext):
-    _call_task(ext[0], a0, a1, a2, ext[1:])
+    _call_task(ext[0], ext[1], a0, a1, a2, ext[2:])
 
 
 @njit(inline="always")
 def _via_7(a0, a1, a2, a3, a4, a5, ext):
-    _call_task(ext[0], a0, a1, a2, a3, a4, a5, ext[1:])
+    _call_task(ext[0], ext[1], a0, a1, a2, a3, a4, a5, ext[2:])
 
 
 _TRAMPOLINES = {(3, 2): _via_3, (4, 2): _via_4, (4, 3): _via_4_3, (5, 3): _via_5, (7, 6): _via_7}
@@ -116,6 +122,32 @@ def via_driver(driver, task, options: dict, serial: bool):
     return njit(parallel=not serial, cache=cache_enabled(), **options)(named(fn.__code__, env, name, None))
 
 
+_FLAG_TY = types.Array(types.uint8, 1, "C")
+
+
+def _rerun_on_one_thread(entry, args, ext, name):
+    """Run ``entry`` again on the calling thread only, so that the exception a task raised in a
+    worker thread (and Numba dropped) is raised here; if none is, say so (a mod that raises only
+    sometimes)."""
+    import numba
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        entry(args, ext)
+    except SystemError as e:
+        if isinstance(e.__cause__, Exception) and not isinstance(e.__cause__, SystemError):
+            raise e.__cause__ from None
+        raise
+    finally:
+        numba.set_num_threads(before)
+    raise RuntimeError(
+        f"a score_mod or mask_mod raised an exception in a task of {name} run by a worker thread, "
+        "where Numba cannot pass it on, and did not raise again on one thread; call with "
+        "engine.set_num_threads(1) or backend='reference' to see it"
+    )
+
+
 class TaskKernel:
     """A kernel with mods: ``via`` (:func:`via_driver`) bound to ``task`` (the mods' task
     dispatcher). Called as the plain kernel is, ``kernel(args, mod_args)``; it also answers
@@ -148,9 +180,9 @@ class TaskKernel:
         """Compile (or load) the driver for ``signature`` = (args type, mod_args type) and the
         task for the matching types; the entry ``entry(args, mod_args)`` calls the pair."""
         args_ty, mod_args_ty = signature
-        ext_ty = types.BaseTuple.from_types((types.int64,) + tuple(mod_args_ty))
+        ext_ty = types.BaseTuple.from_types((types.int64, _FLAG_TY) + tuple(mod_args_ty))
         # what the trampoline passes the task: must be the type the task is compiled for
-        if types.BaseTuple.from_types(tuple(ext_ty)[1:]) != mod_args_ty:
+        if types.BaseTuple.from_types(tuple(ext_ty)[2:]) != mod_args_ty:
             raise RuntimeError(f"mod_args of type {mod_args_ty} do not round-trip through {ext_ty}")
         entry = self.via.compile((args_ty, ext_ty))
         task_sig = tuple(self.task_types(args_ty, mod_args_ty))
@@ -159,11 +191,12 @@ class TaskKernel:
         address = compiled.library.get_pointer_to_function(compiled.fndesc.llvm_func_name)
         if not address:
             raise RuntimeError(f"no address for the task {self.task.py_func.__qualname__}{task_sig}")
-        head = (address,)
+        name = self.task.py_func.__qualname__
 
         def run(args, mod_args):
+            failed = np.zeros(1, np.uint8)
             try:
-                return entry(args, head + tuple(mod_args))
+                entry(args, (address, failed) + tuple(mod_args))
             except SystemError as e:
                 # what a mod raises inside a parallel loop reaches Python as Numba's SystemError
                 # ("returned a result with an exception set") caused by the mod's exception: the
@@ -171,6 +204,10 @@ class TaskKernel:
                 if isinstance(e.__cause__, Exception) and not isinstance(e.__cause__, SystemError):
                     raise e.__cause__ from None
                 raise
+            if failed[0]:
+                # raised in a worker thread, where Numba drops it: run again on this thread alone,
+                # where it propagates (the outputs of a call that raises are not used)
+                _rerun_on_one_thread(entry, args, (address, np.zeros(1, np.uint8)) + tuple(mod_args), name)
 
         return run
 

@@ -53,3 +53,47 @@ def test_an_exception_a_mods_task_raises_reaches_the_caller(rng):
     out, lse = engine.scaled_dot_product_attention(q, q, q, backend="cpu", return_lse=True)
     with pytest.raises(ValueError, match="raised by the mod"):
         engine.scaled_dot_product_attention_backward(out, q, q, q, out, lse, backend="cpu", score_mod=raising_mod)
+
+
+def test_an_exception_raised_in_a_worker_thread_is_not_lost(rng):
+    """Numba drops an exception a parallel loop's worker thread raises (the call returned a wrong
+    result, and a decode call kept its cache writes): the trampoline sets a flag, and the kernel
+    runs again on the calling thread, where the mod's exception propagates."""
+    from testmods import raising_in_batch_1
+
+    q = randn(rng, (2, 8, 256, 16))
+    for threads in sorted({1, engine.get_num_threads()}):
+        engine.set_num_threads(threads)
+        try:
+            with pytest.raises(ValueError, match="in batch 1"):
+                engine.scaled_dot_product_attention(q, q, q, backend="cpu", score_mod=raising_in_batch_1)
+        finally:
+            engine.set_num_threads(None)
+
+
+def test_the_failure_flag_is_set_when_a_task_raises():
+    """What the worker-thread case relies on, checked on the calling thread: the trampoline's call
+    sets ``failed[0]`` when the task raises, and propagates the exception."""
+    from numba import njit, types
+
+    from engine.kernels.task_pointer import _call_task
+
+    @njit
+    def task(i):
+        if i == 3:
+            raise ValueError("task 3")
+
+    @njit
+    def drive(address, failed, n):
+        for i in range(n):
+            _call_task(address, failed, np.int64(i))
+
+    task.compile((types.int64,))
+    compiled = task.overloads[(types.int64,)]
+    address = compiled.library.get_pointer_to_function(compiled.fndesc.llvm_func_name)
+    failed = np.zeros(1, np.uint8)
+    drive(address, failed, 3)
+    assert failed[0] == 0
+    with pytest.raises(ValueError, match="task 3"):
+        drive(address, failed, 5)
+    assert failed[0] == 1
