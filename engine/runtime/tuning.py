@@ -10,8 +10,9 @@ class, once) and this module keeps the answers:
 * on disk beside Numba's cache of the engine's kernels (``engine.runtime.jit_cache.cache_folder``),
   in ``attention-engine-tuning-<machine>.json``, where ``<machine>`` is a hash of what the answers
   depend on (:func:`machine_fingerprint`: CPU model and vector ISA, core count, the versions of the
-  engine, NumPy, SciPy, Numba and the installed GEMM libraries, a hash of the ``cpu`` kernels'
-  source). A different CPU, library version or kernel code reads another file, so it measures again.
+  engine, NumPy, SciPy, Numba and the installed GEMM libraries, a hash of the cpu kernels' source
+  in ``engine/kernels`` and ``engine/kernels/cpu``). A different CPU, library version or kernel
+  code reads another file, so it measures again.
 
 The file is read only if it is a regular file owned by this user and not writable by group or
 others (the rules of the Numba cache folder, ``docs/security.md``), and every value is checked by
@@ -125,16 +126,18 @@ _KERNELS_DIGEST: list = []
 
 
 def _kernels_digest() -> str:
-    """A hash of the ``cpu`` kernels' source files (``engine/kernels/cpu/*.py``): a checkout whose
-    kernels were edited measures again (its version number does not change; choices measured
-    before a kernel change, e.g. where the tiles' scratch sits in memory, may not hold after)."""
+    """A hash of the cpu kernels' source files (``engine/kernels/*.py`` and ``engine/kernels/cpu/
+    *.py``, what the cpu kernels import): a checkout whose kernels were edited measures again (its
+    version number does not change; choices measured before a kernel change, e.g. where the tiles'
+    scratch sits in memory, may not hold after)."""
     if not _KERNELS_DIGEST:
-        folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels", "cpu")
+        top = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
         h = hashlib.sha256()
-        for name in sorted(os.listdir(folder)):
-            if name.endswith(".py"):
-                with open(os.path.join(folder, name), "rb") as f:
-                    h.update(name.encode() + b"\0" + f.read())
+        for folder in (top, os.path.join(top, "cpu")):
+            for name in sorted(os.listdir(folder)):
+                if name.endswith(".py"):
+                    with open(os.path.join(folder, name), "rb") as f:
+                        h.update(name.encode() + b"\0" + f.read())
         _KERNELS_DIGEST.append(h.hexdigest()[:16])
     return _KERNELS_DIGEST[0]
 
