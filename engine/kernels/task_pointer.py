@@ -6,18 +6,19 @@ callee into each caller's library and optimises the linked module again, so a dr
 tuple of mods re-optimises and re-emits the whole task: 4 s of a parallel forward's 9.5 s, 1 s of
 a serial one's 6.5 (Intel Xeon, one thread). Here the driver is built once per kernel, compiled
 once per argument types (and disk-cached, whatever the mods), and takes the task's address in
-front of ``mod_args``; only the task is compiled per tuple of mods. The indirect call costs
-nothing beside a task (one or more tiles).
+front of ``mod_args`` (with a flag it sets when the task raises); only the task is compiled per
+tuple of mods. The indirect call costs nothing beside a task (one or more tiles).
 
 The driver's code is the plain kernel's, with its task global bound to a trampoline that takes
-the address from ``mod_args[0]`` and calls it, with ``mod_args[1:]``, through Numba's calling
-convention (:func:`_call_task`). The task must be compiled for exactly the types the trampoline
-passes: :class:`TaskKernel` compiles it for ``task_types(args type, mod_args type)``, which the
-kernel module states, and checks that ``mod_args[1:]`` types as ``mod_args`` does. The address is
-an argument of every call, never a constant of the compiled code, so the disk-cached driver holds
-no address of the process that compiled it. (The task passed as a Numba first-class function
-instead would put a function type in the driver's signature, which the disk cache cannot match in
-the next process; see ``engine.kernels.mod_kernels``.)
+the address from ``mod_args[0]`` and the flag from ``mod_args[1]`` and calls the task, with
+``mod_args[2:]``, through Numba's calling convention (:func:`_call_task`). The task must be
+compiled for exactly the types the trampoline passes: :class:`TaskKernel` compiles it for
+``task_types(args type, mod_args type)``, which the kernel module states, and checks that
+``mod_args[2:]`` types as ``mod_args`` does. The address is an argument of every call, never a
+constant of the compiled code, so the disk-cached driver holds no address of the process that
+compiled it. (The task passed as a Numba first-class function instead would put a function type
+in the driver's signature, which the disk cache cannot match in the next process; see
+``engine.kernels.mod_kernels``.)
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def return_types(dispatcher, args_ty) -> tuple:
 def via_driver(driver, task, options: dict, serial: bool):
     """``driver``'s code with its ``task`` global bound to the trampoline for the task's
     signature, under the name ``<driver>_via`` (``_via_serial`` without ``parallel``); disk-cached
-    like the plain driver. Its second argument is ``(task address, *mod_args)``."""
+    like the plain driver. Its second argument is ``(task address, failed flag, *mod_args)``."""
     code = task.py_func.__code__
     params = code.co_varnames[: code.co_argcount]
     trampoline = _TRAMPOLINES[(len(params), params.index("mod_args"))]
@@ -123,6 +124,16 @@ def via_driver(driver, task, options: dict, serial: bool):
 
 
 _FLAG_TY = types.Array(types.uint8, 1, "C")
+
+
+def _raise_cause(error: SystemError):
+    """What a mod raises inside a parallel loop (on the calling thread) reaches Python as Numba's
+    SystemError ("returned a result with an exception set") caused by the mod's exception: raise
+    the mod's exception, as a serial call does; any other SystemError as it is."""
+    cause = error.__cause__
+    if isinstance(cause, Exception) and not isinstance(cause, SystemError):
+        raise cause from None
+    raise error
 
 
 def _rerun_on_one_thread(entry, args, ext, name):
@@ -136,9 +147,7 @@ def _rerun_on_one_thread(entry, args, ext, name):
     try:
         entry(args, ext)
     except SystemError as e:
-        if isinstance(e.__cause__, Exception) and not isinstance(e.__cause__, SystemError):
-            raise e.__cause__ from None
-        raise
+        _raise_cause(e)
     finally:
         numba.set_num_threads(before)
     raise RuntimeError(
@@ -198,12 +207,7 @@ class TaskKernel:
             try:
                 entry(args, (address, failed) + tuple(mod_args))
             except SystemError as e:
-                # what a mod raises inside a parallel loop reaches Python as Numba's SystemError
-                # ("returned a result with an exception set") caused by the mod's exception: the
-                # caller gets the mod's exception, as from a serial call
-                if isinstance(e.__cause__, Exception) and not isinstance(e.__cause__, SystemError):
-                    raise e.__cause__ from None
-                raise
+                _raise_cause(e)
             if failed[0]:
                 # raised in a worker thread, where Numba drops it: run again on this thread alone,
                 # where it propagates (the outputs of a call that raises are not used)
