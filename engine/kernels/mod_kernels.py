@@ -1,12 +1,13 @@
-"""A kernel re-built with the caller's mods bound as globals, memoised per process (the forward,
-backward and decoding kernels of the ``cpu`` backend share this).
+"""A kernel's task re-built with the caller's mods bound as globals, memoised per process (the
+forward, backward, decoding and varlen kernels of the ``cpu`` backend share this); its driver is
+shared by every tuple of mods (``engine.kernels.task_pointer``).
 
 The mods are globals of the compiled code, not arguments: Numba then calls them directly (inlined,
 vectorised), and the kernel without mods loads from Numba's disk cache (a function argument would
 put a function type in the signature, which never matches after unpickling). Kernels with mods
 whose module :func:`~engine.kernels.specialise.cache_tag` accepts (the built-in variants' and the
-engine's) are disk-cached under a name tagged by it; kernels with other mods are compiled once per
-process.
+engine's) have their task disk-cached under a name tagged by it; tasks of other mods are compiled
+once per process.
 """
 
 import threading
@@ -36,19 +37,17 @@ class ModKernels:
     is :func:`serial_version` of ``driver`` (None when the kernel has no serial build);
     ``options`` are the njit options of both (without ``parallel``/``cache``).
 
-    ``kernels(*mods, serial=False)`` gives the driver for these mods (in the order of
-    ``defaults``; ``None`` for "none"): the plain one when every mod is None, else the same code with
-    the task re-built over the mods, built once per process per tuple. ``built`` holds them.
-
-    ``task_types`` (``(args type, mod_args type) -> the task's argument types``), when given, makes
-    the kernels with mods a :class:`~engine.kernels.task_pointer.TaskKernel`: one driver per
-    kernel (compiled once per argument types and disk-cached, whatever the mods) that calls the
-    mods' task through its address, so a new tuple of mods compiles its task only, not a driver
-    that links the task and optimises it again (4 of a parallel forward's 9.5 s, 1 of a serial one's
-    6.5, on an Intel Xeon).
+    ``kernels(*mods, serial=False)`` gives the kernel for these mods (in the order of
+    ``defaults``; ``None`` for "none"): the plain driver when every mod is None, else a
+    :class:`~engine.kernels.task_pointer.TaskKernel`: the task re-built over the mods (once per
+    process per tuple) called through its address by one driver per kernel (compiled once per
+    argument types and disk-cached, whatever the mods), so a new tuple of mods compiles its task
+    only, not a driver that links the task and optimises it again (4 of a parallel forward's 9.5 s,
+    1 of a serial one's 6.5, on an Intel Xeon). ``built`` holds them. ``task_types`` (``(args type,
+    mod_args type) -> the task's argument types``) says what the driver passes the task.
     """
 
-    def __init__(self, driver, task, defaults: dict, options: dict, serial_driver=None, task_types=None):
+    def __init__(self, driver, task, defaults: dict, options: dict, serial_driver=None, *, task_types):
         self.driver = driver
         self.task = task
         self.defaults = defaults
@@ -84,16 +83,8 @@ class ModKernels:
                 task = self._tasks[mods] = njit(**self.options, **cache)(
                     named(fn.__code__, env, fn.__name__ + "_mods", tag)
                 )
-            if self.task_types is not None:
-                via = self._via.get(serial)
-                if via is None:
-                    via = self._via[serial] = via_driver(self.driver, self.task, self.options, serial)
-                kernel = self.built[key] = TaskKernel(via, task, self.task_types)
-                return kernel
-            fn = self.driver.py_func
-            env = dict(fn.__globals__, **{self.task.py_func.__name__: task})
-            name = fn.__name__ + "_mods" + ("_serial" if serial else "")
-            kernel = self.built[key] = njit(parallel=not serial, **self.options, **cache)(
-                named(fn.__code__, env, name, tag)
-            )
+            via = self._via.get(serial)
+            if via is None:
+                via = self._via[serial] = via_driver(self.driver, self.task, self.options, serial)
+            kernel = self.built[key] = TaskKernel(via, task, self.task_types)
         return kernel
