@@ -33,26 +33,26 @@ class ModKernels:
 
     ``driver`` is the kernel without mods (an ``njit(parallel=True)`` dispatcher) and ``task`` the
     per-task function it calls through a global of the same name; ``defaults`` maps the task's
-    globals that hold the mods (``_SCORE_MOD``...) to what they hold without one. ``serial_driver``
-    is :func:`serial_version` of ``driver`` (None when the kernel has no serial build);
-    ``options`` are the njit options of both (without ``parallel``/``cache``).
+    globals that hold the mods (``_SCORE_MOD``...) to what they hold without one; ``options`` are
+    the njit options of both (without ``parallel``/``cache``).
 
     ``kernels(*mods, serial=False)`` gives the kernel for these mods (in the order of
-    ``defaults``; ``None`` for "none"): the plain driver when every mod is None, else a
-    :class:`~engine.kernels.task_pointer.TaskKernel`: the task re-built over the mods (once per
-    process per tuple) called through its address by one driver per kernel (compiled once per
-    argument types and disk-cached, whatever the mods), so a new tuple of mods compiles its task
-    only, not a driver that links the task and optimises it again (4 of a parallel forward's 9.5 s,
-    1 of a serial one's 6.5, on an Intel Xeon). ``built`` holds them. ``task_types`` (``(args type,
-    mod_args type) -> the task's argument types``) says what the driver passes the task.
+    ``defaults``; ``None`` for "none"): a :class:`~engine.kernels.task_pointer.TaskKernel`, the
+    task (``task`` itself when every mod is None, else the task re-built over the mods, once per
+    process per tuple) called through its address by one driver per kernel and ``serial``
+    (compiled once per argument types and disk-cached, whatever the mods). So a new tuple of mods
+    compiles its task only, not a driver that links the task and optimises it again (4 of a
+    parallel forward's 9.5 s, 1 of a serial one's 6.5, on an Intel Xeon), and the kernel without
+    mods compiles its task once for the serial and the parallel driver (cold, both: 12.5 -> 8.5 s).
+    ``built`` holds them. ``task_types`` (``(args type, mod_args type) -> the task's argument
+    types``) says what the driver passes the task.
     """
 
-    def __init__(self, driver, task, defaults: dict, options: dict, serial_driver=None, *, task_types):
+    def __init__(self, driver, task, defaults: dict, options: dict, *, task_types):
         self.driver = driver
         self.task = task
         self.defaults = defaults
         self.options = options
-        self.serial_driver = serial_driver
         self.task_types = task_types
         self.built: dict = {}
         self._tasks: dict = {}
@@ -61,8 +61,6 @@ class ModKernels:
         self._lock = threading.Lock()
 
     def __call__(self, *mods, serial: bool = False):
-        if all(m is None for m in mods):
-            return self.serial_driver if serial else self.driver
         key = mods + (serial,)
         kernel = self.built.get(key)
         if kernel is None:
@@ -73,10 +71,10 @@ class ModKernels:
     def _build(self, mods: tuple, key: tuple, serial: bool):
         kernel = self.built.get(key)
         if kernel is None:
-            tag = cache_tag(*mods)
-            cache = {"cache": True} if tag else {}
-            task = self._tasks.get(mods)
+            task = self.task if all(m is None for m in mods) else self._tasks.get(mods)
             if task is None:
+                tag = cache_tag(*mods)
+                cache = {"cache": True} if tag else {}
                 fn = self.task.py_func
                 bound = {name: mod or default for (name, default), mod in zip(self.defaults.items(), mods)}
                 env = dict(fn.__globals__, **bound)

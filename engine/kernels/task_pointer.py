@@ -23,6 +23,8 @@ in the driver's signature, which the disk cache cannot match in the next process
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
@@ -124,6 +126,17 @@ def via_driver(driver, task, options: dict, serial: bool):
 
 
 _FLAG_TY = types.Array(types.uint8, 1, "C")
+_flags = threading.local()
+
+
+def _thread_flag() -> np.ndarray:
+    """This thread's failure flag (one uint8): a thread runs one kernel at a time, so one flag
+    per thread serves every call (a new array per call cost 0.15 of a small call's 5 us)."""
+    try:
+        return _flags.failed
+    except AttributeError:
+        _flags.failed = np.zeros(1, np.uint8)
+        return _flags.failed
 
 
 def _raise_cause(error: SystemError):
@@ -185,10 +198,21 @@ class TaskKernel:
         """The driver's (``parallel`` says whether a call wakes the thread pool)."""
         return self.via.targetoptions
 
+    @property
+    def signatures(self) -> list:
+        """The (args type, mod_args type) signatures compiled or loaded so far."""
+        return list(self._runs)
+
     def compile(self, signature):
         """Compile (or load) the driver for ``signature`` = (args type, mod_args type) and the
         task for the matching types; the entry ``entry(args, mod_args)`` calls the pair."""
-        args_ty, mod_args_ty = signature
+        signature = tuple(signature)
+        run = self._runs.get(signature)
+        if run is None:
+            run = self._runs.setdefault(signature, self._compile(*signature))
+        return run
+
+    def _compile(self, args_ty, mod_args_ty):
         ext_ty = types.BaseTuple.from_types((types.int64, _FLAG_TY) + tuple(mod_args_ty))
         # what the trampoline passes the task: must be the type the task is compiled for
         if types.BaseTuple.from_types(tuple(ext_ty)[2:]) != mod_args_ty:
@@ -203,12 +227,17 @@ class TaskKernel:
         name = self.task.py_func.__qualname__
 
         def run(args, mod_args):
-            failed = np.zeros(1, np.uint8)
+            failed = _thread_flag()  # 0 between calls: cleared whenever a call leaves it set
             try:
                 entry(args, (address, failed) + tuple(mod_args))
             except SystemError as e:
+                failed[0] = 0
                 _raise_cause(e)
+            except BaseException:
+                failed[0] = 0
+                raise
             if failed[0]:
+                failed[0] = 0
                 # raised in a worker thread, where Numba drops it: run again on this thread alone,
                 # where it propagates (the outputs of a call that raises are not used)
                 _rerun_on_one_thread(entry, args, (address, np.zeros(1, np.uint8)) + tuple(mod_args), name)
@@ -219,7 +248,5 @@ class TaskKernel:
         """A call with the arguments' own types (the cpu ops call the entry of their canonical
         types instead, ``engine.runtime.entry_points.canonical_entry``)."""
         signature = (self.via.typeof_pyval(args), self.via.typeof_pyval(mod_args))
-        run = self._runs.get(signature)
-        if run is None:
-            run = self._runs.setdefault(signature, self.compile(signature))
+        run = self._runs.get(signature) or self.compile(signature)
         return run(args, mod_args)

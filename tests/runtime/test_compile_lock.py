@@ -123,12 +123,15 @@ def test_user_functions_and_uncached_kernels_take_no_lock(tmp_path):
 
     plain = njit(lambda x: x)  # not the engine's, no cache
     assert compile_lock._lock_path(plain, ()) is None
-    closure_mod = flash_fwd.flash_kernel(None, lambda b, h, q, k: q >= k)  # a script's mod: no disk cache
-    assert compile_lock._lock_path(closure_mod, ()) is None
-    cached = flash_fwd.flash_kernel(None, None)
-    if cached._cache.__class__.__name__ == "FunctionCache":  # caching on (the default)
-        path = compile_lock._lock_path(cached, ())
-        assert path.endswith(".lock") and os.path.dirname(path) == cached._cache._cache_path
+    # a kernel is a task (compiled per mods) called by a driver (shared): a script's mod's task is
+    # not disk-cached; the task without mods and every driver are
+    closure_mod = flash_fwd.flash_kernel(None, lambda b, h, q, k: q >= k)
+    assert compile_lock._lock_path(closure_mod.task, ()) is None
+    no_mods = flash_fwd.flash_kernel(None, None)
+    for cached in (no_mods.task, no_mods.via, closure_mod.via):
+        if cached._cache.__class__.__name__ == "FunctionCache":  # caching on (the default)
+            path = compile_lock._lock_path(cached, ())
+            assert path.endswith(".lock") and os.path.dirname(path) == cached._cache._cache_path
     assert np.isfinite(compile_lock.WAIT_S)
 
 

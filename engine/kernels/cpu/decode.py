@@ -35,7 +35,7 @@ from ...runtime.jit_cache import cache_enabled
 from ..fastexp import fast_exp
 from ..identity_mods import no_mask_mod, no_score_mod
 from ..lse_merge import _merge_row
-from ..mod_kernels import ModKernels, serial_version
+from ..mod_kernels import ModKernels
 from .half_floats import BFLOAT16_BITS, bf16_bits_to_f32, f16_bits_to_f32
 from .nonfinite import redo_if_nonfinite
 from .tile_ops import _FM
@@ -419,14 +419,11 @@ def _decode(args, mod_args):
 
 
 _OPTIONS = dict(fastmath=_FM, error_model="numpy")
-#: the kernel without mods compiled without ``parallel``: disk-cached and loaded like ``_decode``
-_decode_serial = serial_version(_decode, _OPTIONS, _CACHE)
 _kernels = ModKernels(
     _decode,
     _decode_task,
     {"_SCORE_MOD": no_score_mod, "_MASK_MOD": no_mask_mod},
     _OPTIONS,
-    _decode_serial,
     # the types the driver calls the task with (engine.kernels.task_pointer)
     task_types=lambda args, mod_args: (types.int64, args, mod_args),
 )
@@ -434,7 +431,7 @@ _with_mods = _kernels.built
 
 
 def decode_kernel(score_mod, mask_mod, serial=False):
-    """The kernel for these mods (``None`` for none): ``_decode`` itself without mods, else the same
+    """The kernel for these mods (``None`` for none): ``_decode`` over its own task without mods, else the same
     code with ``_SCORE_MOD``/``_MASK_MOD`` bound to them (``engine.kernels.mod_kernels``).
     ``serial=True``: the same code compiled without ``parallel``, for calls too small to wake the
     thread pool for."""

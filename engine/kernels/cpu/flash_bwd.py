@@ -395,8 +395,8 @@ _with_mods = _kernels.built
 def backward_kernel(score_mod, score_grad, mask_mod, arg_grad=None):
     """The backward kernel for these mods (``None`` for none), the score_mod's compiled
     derivative and its mod_args step (``engine.kernels.mod_arg_grad``; None when no mod_args take
-    a gradient): ``_flash_backward`` itself without mods, else the same code with ``_SCORE_MOD``,
+    a gradient): ``_flash_backward`` over its own task without mods, else the same code with ``_SCORE_MOD``,
     ``_SCORE_GRAD``, ``_MASK_MOD`` and ``_ARG_GRAD`` bound to them (``engine.kernels.mod_kernels``)."""
     if score_mod is None and mask_mod is None:  # a derivative alone is the identity's: no mods
-        return _flash_backward
+        return _kernels(*(None,) * len(_kernels.defaults))
     return _kernels(score_mod, score_grad, mask_mod, arg_grad)

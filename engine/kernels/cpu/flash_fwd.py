@@ -26,7 +26,7 @@ from ...runtime.jit_cache import cache_enabled
 from ..fastexp import fast_exp
 from ..identity_mods import no_mask_mod, no_score_mod
 from ..kinds import MASK_BOOL, MASK_FLOAT, TILE_EMPTY, TILE_FULL, TILE_PARTIAL
-from ..mod_kernels import ModKernels, serial_version
+from ..mod_kernels import ModKernels
 from ..philox import keep_scale
 from .gemm import jit_gemm
 from .softmax_tile import STALE_MAX_MARGIN, column_max
@@ -344,15 +344,11 @@ def _flash_forward(args, mod_args):
 
 
 _OPTIONS = dict(fastmath=_FM, error_model="numpy")
-#: the kernel without mods compiled without ``parallel`` (see ``mod_kernels.serial_version``): a
-#: module global, so it is disk-cached and loaded like ``_flash_forward``
-_flash_forward_serial = serial_version(_flash_forward, _OPTIONS, _CACHE)
 _kernels = ModKernels(
     _flash_forward,
     _flash_task,
     {"_SCORE_MOD": no_score_mod, "_MASK_MOD": no_mask_mod},
     _OPTIONS,
-    _flash_forward_serial,
     # the types the driver calls the task with (engine.kernels.task_pointer)
     task_types=lambda args, mod_args: (types.int64, args, mod_args, types.boolean),
 )
@@ -361,7 +357,7 @@ _with_mods = _kernels.built
 
 
 def flash_kernel(score_mod, mask_mod, serial=False):
-    """The kernel for these mods (``None`` for none): ``_flash_forward`` itself without mods, else
+    """The kernel for these mods (``None`` for none): ``_flash_forward`` over its own task without mods, else
     the same code with ``_SCORE_MOD``/``_MASK_MOD`` bound to the caller's mods, built once per
     process per pair (``engine.kernels.mod_kernels``). ``serial=True``: the same code without
     ``parallel``, for calls too small to pay for waking the thread pool."""

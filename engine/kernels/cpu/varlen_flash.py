@@ -36,7 +36,7 @@ from numba import njit, prange, types
 from ...runtime.jit_cache import cache_enabled
 from ..fastexp import fast_exp
 from ..identity_mods import no_mask_mod, no_score_mod
-from ..mod_kernels import ModKernels, serial_version
+from ..mod_kernels import ModKernels
 from ..task_pointer import field_dtype, return_types, vector
 from .gemm import jit_gemm
 from .softmax_tile import STALE_MAX_MARGIN, column_max
@@ -372,14 +372,11 @@ def _varlen_flash(args, mod_args):
 
 
 _OPTIONS = dict(fastmath=_FM, error_model="numpy")
-#: the kernel without mods compiled without ``parallel``: disk-cached and loaded like ``_varlen_flash``
-_varlen_flash_serial = serial_version(_varlen_flash, _OPTIONS, _CACHE)
 _kernels = ModKernels(
     _varlen_flash,
     _varlen_flash_task,
     {"_SCORE_MOD": no_score_mod, "_MASK_MOD": no_mask_mod},
     _OPTIONS,
-    _varlen_flash_serial,
     # the types the driver calls the task with (engine.kernels.task_pointer)
     task_types=lambda args, mod_args: _task_types(args, mod_args),
 )
@@ -395,7 +392,7 @@ _with_mods = _kernels.built
 
 
 def varlen_flash_kernel(score_mod, mask_mod, serial=False):
-    """The kernel for these mods (``None`` for none): ``_varlen_flash`` itself without mods, else
+    """The kernel for these mods (``None`` for none): ``_varlen_flash`` over its own task without mods, else
     the same code with ``_SCORE_MOD``/``_MASK_MOD`` bound to them (``engine.kernels.mod_kernels``).
     ``serial=True``: compiled without ``parallel``, for calls too small to wake the thread pool."""
     return _kernels(score_mod, mask_mod, serial=serial)

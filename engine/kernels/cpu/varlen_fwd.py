@@ -38,7 +38,7 @@ from ...runtime.jit_cache import cache_enabled
 from ..fastexp import fast_exp
 from ..identity_mods import no_mask_mod, no_score_mod
 from ..lse_merge import _merge_row
-from ..mod_kernels import ModKernels, serial_version
+from ..mod_kernels import ModKernels
 from ..task_pointer import field_dtype, return_types, vector
 from .decode import _scores_fused, _tile, _values_fused
 from .gemm import tile_gemm
@@ -385,14 +385,11 @@ def head_major(src, dst):
 
 
 _OPTIONS = dict(fastmath=_FM, error_model="numpy")
-#: the kernel without mods compiled without ``parallel``: disk-cached and loaded like ``_varlen_forward``
-_varlen_forward_serial = serial_version(_varlen_forward, _OPTIONS, _CACHE)
 _kernels = ModKernels(
     _varlen_forward,
     _varlen_task,
     {"_SCORE_MOD": no_score_mod, "_MASK_MOD": no_mask_mod},
     _OPTIONS,
-    _varlen_forward_serial,
     # the types the driver calls the task with (engine.kernels.task_pointer)
     task_types=lambda args, mod_args: _task_types(args, mod_args),
 )
@@ -408,7 +405,7 @@ _with_mods = _kernels.built
 
 
 def varlen_kernel(score_mod, mask_mod, serial=False):
-    """The kernel for these mods (``None`` for none): ``_varlen_forward`` itself without mods,
+    """The kernel for these mods (``None`` for none): ``_varlen_forward`` over its own task without mods,
     else the same code with ``_SCORE_MOD``/``_MASK_MOD`` bound to them
     (``engine.kernels.mod_kernels``). ``serial=True``: compiled without ``parallel``, for calls too
     small to wake the thread pool for."""
