@@ -28,6 +28,7 @@ from ..identity_mods import no_mask_mod, no_score_mod
 from ..kinds import MASK_BOOL, MASK_FLOAT, TILE_EMPTY, TILE_FULL, TILE_PARTIAL
 from ..mod_kernels import ModKernels
 from ..philox import keep_scale
+from .borrow import borrowed, keep_alive
 from .gemm import jit_gemm
 from .softmax_tile import STALE_MAX_MARGIN, column_max
 from .tile_ops import (
@@ -126,8 +127,12 @@ def _flash_task(task, args, mod_args, per_tile):
     bq, bk = args.block_q, args.block_k
     half = _half_buffer(args.q, bk * bq)  # 16-bit operands: the probabilities, rounded
     drop_size = bk * bq if dropping else 1
-    fbuf = _aligned_empty(2 * _line(bk * bq) + _line(nt * Ev) + _line(nt) + 5 * _line(bq) + _line(drop_size), dt)
-    dbuf = np.empty(_line(nt) + bq, dtype=np.float64)
+    # views cut from borrowed arrays count no references (kernels.cpu.borrow): the scratch is
+    # kept alive to the end of the task, the arguments are alive for the whole call
+    fraw = _aligned_empty(2 * _line(bk * bq) + _line(nt * Ev) + _line(nt) + 5 * _line(bq) + _line(drop_size), dt)
+    draw = np.empty(_line(nt) + bq, dtype=np.float64)
+    fbuf, dbuf = borrowed(fraw), borrowed(draw)
+    q_all, k_all, v_all = borrowed(args.q), borrowed(args.k), borrowed(args.v)
     o = 0
     st_buf = fbuf[o : o + bk * bq]  # transposed scores
     o += _line(bk * bq)
@@ -157,8 +162,8 @@ def _flash_task(task, args, mod_args, per_tile):
     for j0 in range(0, kend, args.block_k):
         j1 = min(j0 + args.block_k, kend)
         nk = j1 - j0
-        kt = args.k[b, hk, j0:j1]
-        vt = args.v[b, hk, j0:j1]
+        kt = k_all[b, hk, j0:j1]
+        vt = v_all[b, hk, j0:j1]
         v_finite = _values_finite(vt)
         for sub in range(args.sub_tiles):
             i0 = t0 + sub * args.block_q
@@ -180,7 +185,7 @@ def _flash_task(task, args, mod_args, per_tile):
             # a full tile has the shape the generated GEMM kernels were made for
             full = args.jit_scores != 0 and nk == args.block_k and nq == args.block_q
             st = st_buf[: nk * nq].reshape((nk, nq))
-            qs = args.q[b, h, i0:i1].T  # (E, nq), read transposed by the GEMM
+            qs = q_all[b, h, i0:i1].T  # (E, nq), read transposed by the GEMM
             if full:
                 jit_gemm(args.jit_scores, args.jit_scores_h, kt, qs, st)
             else:
@@ -281,20 +286,22 @@ def _flash_task(task, args, mod_args, per_tile):
                 jit_gemm(args.jit_values, args.jit_values_h, pt, vt, accs)
             else:
                 _values_gemm_acc(args.gemm_kind, args.gemm_fn, pt, half, vt, accs)
+    # indexed, not through row views: a view costs an atomic reference count increment and
+    # decrement (Numba's NRT)
     for r in range(nt):
         total = l[r]
-        orow = args.out[b, h, t0 + r]
-        arow = acc[r]
         if total > 0.0 or total != total:
             tm[0] = 1.0 / total  # rounded to dt: the row's loop stays in dt and vectorises
             inv = tm[0]
             for c in range(Ev):
-                orow[c] = arow[c] * inv
+                args.out[b, h, t0 + r, c] = acc[r, c] * inv
             args.lse[b, h, t0 + r] = m[r] + np.log(total)
         else:
             for c in range(Ev):
-                orow[c] = zero
+                args.out[b, h, t0 + r, c] = zero
             args.lse[b, h, t0 + r] = neg_inf
+    keep_alive(fraw)
+    keep_alive(draw)
 
 
 # error_model="numpy": a float division by zero gives inf/NaN instead of raising, so divisions

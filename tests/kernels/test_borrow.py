@@ -1,0 +1,34 @@
+"""``engine.kernels.cpu.borrow``: views without reference counting read and write the array they
+were borrowed from."""
+
+import numpy as np
+from numba import njit
+
+from engine.kernels.cpu.borrow import borrowed, keep_alive
+
+
+@njit
+def _scaled_rows(a, rows, factor):
+    # a view of a view of a borrowed array, written through, and a scratch array kept alive
+    scratch = np.empty(a.shape[1])
+    s = borrowed(scratch)
+    b = borrowed(a)
+    view = b[rows[0] : rows[1]].T
+    for j in range(view.shape[1]):
+        s[:] = view[:, j]
+        for i in range(s.shape[0]):
+            view[i, j] = s[i] * factor
+    keep_alive(scratch)
+    return b.shape, b.strides
+
+
+def test_borrowed_views_are_the_arrays_own_memory():
+    a = np.arange(24.0).reshape(4, 6)
+    want = a.copy()
+    want[1:3] *= 2.0
+    shape, strides = _scaled_rows(a, (1, 3), 2.0)
+    np.testing.assert_array_equal(a, want)
+    assert shape == a.shape and strides == a.strides
+    column = np.asfortranarray(np.arange(12.0).reshape(3, 4))  # other strides: kept as they are
+    _scaled_rows(column, (0, 2), -1.0)
+    np.testing.assert_array_equal(column, np.where(np.arange(3)[:, None] < 2, -1, 1) * np.arange(12.0).reshape(3, 4))
