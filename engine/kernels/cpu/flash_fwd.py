@@ -101,13 +101,12 @@ def _flash_task(task, args, mod_args, per_tile):
     nqb = (L + rows - 1) // rows
     drop_threshold, drop_scale, seed_lo, seed_hi = args.drop_threshold, args.drop_keep, args.seed_lo, args.seed_hi
     # typed constants: no float64 promotion
-    consts = np.array([-np.inf, 0.0, drop_scale, args.scale, STALE_MAX_MARGIN, 1.0], dtype=dt)
-    neg_inf = consts[0]
-    zero = consts[1]
-    keep = consts[2]
-    post_scale = consts[3]
-    margin = consts[4]
-    one = consts[5]
+    neg_inf = dt.type(-np.inf)
+    zero = dt.type(0.0)
+    keep = dt.type(drop_scale)
+    post_scale = dt.type(args.scale)
+    margin = dt.type(STALE_MAX_MARGIN)
+    one = dt.type(1.0)
     dropping = drop_threshold > 0 or keep != 1.0
     # the scores are q @ k.T from q as it is (no scaled copy): the scale is applied in the softmax
     # pass (an FMA), unless a mod or a float mask needs the scaled scores before it, or the scale
