@@ -196,8 +196,11 @@ def test_peak_memory_is_measured_linear_for_tiled_quadratic_for_materialised(tmp
     assert rc == 0
     peak = {(r["impl"], r["L"]): r["peak_bytes"] for r in json.loads(json_path.read_text())["rows"]}
     scores = 1 * 2 * 1024 * 1024 * 4  # (N, heads, L, L) float32 at L = 1024: 8 MiB
-    assert peak["numpy", 1024] >= scores, peak  # the float32 score matrix exists
-    assert peak["reference", 1024] >= 2 * scores, peak  # float64 scores
+    # the probe counts pages that become resident during the call: a few of the matrix's pages may
+    # have stayed resident from earlier work in this process (once 28 KiB of 8 MiB under pytest)
+    reused = 256 * 1024
+    assert peak["numpy", 1024] >= scores - reused, peak  # the float32 score matrix exists
+    assert peak["reference", 1024] >= 2 * scores - reused, peak  # float64 scores
     assert peak["numpy", 1024] > 8 * peak["numpy", 256], peak  # quadratic: 16x from 4x the length
     assert peak["cpu", 1024] < scores / 4, peak  # tiled: never holds the scores
     assert peak["cpu", 1024] < 8 * max(peak["cpu", 256], 65536), peak  # linear, up to allocator granularity
