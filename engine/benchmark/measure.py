@@ -101,8 +101,11 @@ def _malloc_trim() -> None:
 def _peak_bytes(fn: Callable, method: str) -> int:
     """Peak resident memory a call adds to this process, in bytes.
 
-    With ``clear_refs`` it is exact up to page granularity; with ``ru_maxrss`` (no ``/proc``) it is
-    a lower bound (0 when an earlier peak of the process was higher).
+    With ``clear_refs`` it counts the pages that become resident during the call: exact up to page
+    granularity, less the few pages a call may reuse that stayed resident from earlier work
+    (``malloc_trim`` returns most freed ones first; 28 KiB of an 8 MiB matrix once, under pytest);
+    with ``ru_maxrss`` (no ``/proc``) it is a lower bound (0 when an earlier peak of the process was
+    higher).
     """
     gc.collect()
     _malloc_trim()  # freed heap pages would otherwise be reused without showing in the RSS
