@@ -123,3 +123,11 @@ def raising_in_batch_1(score, b, h, q_idx, kv_idx):
     if b == 1:
         raise ValueError("raised by the mod in batch 1")
     return score
+
+
+def mask_raising_in_batch_1(b, h, q_idx, kv_idx):
+    """A mask_mod that raises for every element of batch 1 (where the tile map's worker thread
+    classifies as well as the caller's)."""
+    if b == 1:
+        raise ValueError("raised by the mask_mod in batch 1")
+    return kv_idx <= q_idx

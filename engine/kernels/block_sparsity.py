@@ -11,6 +11,7 @@ from ..runtime.jit_cache import cache_enabled
 from .identity_mods import no_mask_mod
 from .kinds import TILE_EMPTY, TILE_FULL, TILE_PARTIAL
 from .specialise import cache_tag, named
+from .task_pointer import raise_cause, rerun_serially
 
 __all__ = ["classify_blocks"]
 
@@ -45,19 +46,34 @@ def _classify_blocks(mod_args, L, S, block_q, block_k, kinds):
             )
 
 
-#: the kernel built for each mask_mod in this process
+#: the kernel built for each (mask_mod, parallel) in this process
 _by_mod: dict = {}
+#: what ``kinds`` holds before the kernel runs: a tile still holding it was never classified
+_UNSET = -1
 
 
-def classify_blocks(mask_mod, mod_args, L, S, block_q, block_k, kinds) -> None:
-    """:func:`_classify_blocks` for this (jitted) ``mask_mod``: built once per mask_mod (and
-    disk-cached for the built-in variants' mods, as the attention kernels are)."""
-    kernel = _by_mod.get(mask_mod)
+def _kernel(mask_mod, parallel: bool):
+    kernel = _by_mod.get((mask_mod, parallel))
     if kernel is None:
         fn = _classify_blocks.py_func
         tag = cache_tag(mask_mod)
         env = dict(fn.__globals__, _MASK_MOD=mask_mod)
-        kernel = _by_mod[mask_mod] = njit(parallel=True, cache=bool(tag) and cache_enabled())(
-            named(fn.__code__, env, fn.__name__ + "_mod", tag)
+        name = fn.__name__ + ("_mod" if parallel else "_mod_serial")
+        kernel = _by_mod[mask_mod, parallel] = njit(parallel=parallel, cache=bool(tag) and cache_enabled())(
+            named(fn.__code__, env, name, tag)
         )
-    kernel(mod_args, L, S, block_q, block_k, kinds)
+    return kernel
+
+
+def classify_blocks(mask_mod, mod_args, L, S, block_q, block_k, kinds) -> None:
+    """:func:`_classify_blocks` for this (jitted) ``mask_mod``: built once per mask_mod (and
+    disk-cached for the built-in variants' mods, as the attention kernels are). An exception the
+    mask_mod raises reaches the caller as itself, also one raised in a worker thread (which Numba
+    drops: the tile it was classifying stays unset, and the serial build runs again to raise it)."""
+    kinds.fill(_UNSET)
+    try:
+        _kernel(mask_mod, True)(mod_args, L, S, block_q, block_k, kinds)
+    except SystemError as e:
+        raise_cause(e)
+    if (kinds == _UNSET).any():
+        rerun_serially(_kernel(mask_mod, False), (mod_args, L, S, block_q, block_k, kinds), "the mask_mod's tile map")

@@ -81,8 +81,16 @@ class ModKernels:
                 task = self._tasks[mods] = njit(**self.options, **cache)(
                     named(fn.__code__, env, fn.__name__ + "_mods", tag)
                 )
-            via = self._via.get(serial)
-            if via is None:
-                via = self._via[serial] = via_driver(self.driver, self.task, self.options, serial)
-            kernel = self.built[key] = TaskKernel(via, task, self.task_types)
+            kernel = self.built[key] = TaskKernel(self._driver(serial), task, self.task_types, self._serial_driver)
         return kernel
+
+    def _driver(self, serial: bool):
+        via = self._via.get(serial)
+        if via is None:
+            via = self._via[serial] = via_driver(self.driver, self.task, self.options, serial)
+        return via
+
+    def _serial_driver(self):
+        """The serial driver, which a flagged parallel call runs again on (``TaskKernel``)."""
+        with self._lock:
+            return self._driver(True)

@@ -33,7 +33,7 @@ from numba.extending import intrinsic
 from ..runtime.jit_cache import cache_enabled
 from .specialise import named
 
-__all__ = ["TaskKernel", "via_driver", "field_dtype", "vector", "return_types"]
+__all__ = ["TaskKernel", "via_driver", "field_dtype", "vector", "return_types", "raise_cause", "rerun_serially"]
 
 
 @intrinsic
@@ -139,7 +139,7 @@ def _thread_flag() -> np.ndarray:
         return _flags.failed
 
 
-def _raise_cause(error: SystemError):
+def raise_cause(error: SystemError):
     """What a mod raises inside a parallel loop (on the calling thread) reaches Python as Numba's
     SystemError ("returned a result with an exception set") caused by the mod's exception: raise
     the mod's exception, as a serial call does; any other SystemError as it is."""
@@ -149,24 +149,20 @@ def _raise_cause(error: SystemError):
     raise error
 
 
-def _rerun_on_one_thread(entry, args, ext, name):
-    """Run ``entry`` again on the calling thread only, so that the exception a task raised in a
-    worker thread (and Numba dropped) is raised here; if none is, say so (a mod that raises only
-    sometimes)."""
-    import numba
-
-    before = numba.get_num_threads()
-    numba.set_num_threads(1)
+def rerun_serially(entry, args: tuple, name: str) -> None:
+    """Run a parallel kernel's serial build ``entry(*args)`` after a worker thread of its parallel
+    loop raised (Numba drops such an exception), so that the exception is raised on the calling
+    thread; if it is not raised again (a mod that raises only sometimes), say so. The serial build,
+    not the parallel one on one thread: Numba's ``workqueue`` layer still runs a parallel loop in
+    a worker thread when set to one thread."""
     try:
-        entry(args, ext)
+        entry(*args)
     except SystemError as e:
-        _raise_cause(e)
-    finally:
-        numba.set_num_threads(before)
+        raise_cause(e)
     raise RuntimeError(
         f"a score_mod or mask_mod raised an exception in a task of {name} run by a worker thread, "
-        "where Numba cannot pass it on, and did not raise again on one thread; call with "
-        "engine.set_num_threads(1) or backend='reference' to see it"
+        "where Numba cannot pass it on, and did not raise again when run on the calling thread; "
+        "call with backend='reference' to see it"
     )
 
 
@@ -179,10 +175,12 @@ class TaskKernel:
     dispatcher is (``kernel_call_guard`` picks Numba's threading layer before a compile starts it).
     """
 
-    def __init__(self, via, task, task_types):
+    def __init__(self, via, task, task_types, serial_via=None):
         self.via = via
         self.task = task
         self.task_types = task_types
+        # () -> the serial build of ``via``: a flagged parallel call runs again on it
+        self.serial_via = serial_via
         self._runs: dict = {}
 
     def typeof_pyval(self, value):
@@ -232,15 +230,16 @@ class TaskKernel:
                 entry(args, (address, failed) + tuple(mod_args))
             except SystemError as e:
                 failed[0] = 0
-                _raise_cause(e)
+                raise_cause(e)
             except BaseException:
                 failed[0] = 0
                 raise
             if failed[0]:
                 failed[0] = 0
-                # raised in a worker thread, where Numba drops it: run again on this thread alone,
+                # raised in a worker thread, where Numba drops it: run again on the serial driver,
                 # where it propagates (the outputs of a call that raises are not used)
-                _rerun_on_one_thread(entry, args, (address, np.zeros(1, np.uint8)) + tuple(mod_args), name)
+                serial = self.serial_via().compile((args_ty, ext_ty)) if self.serial_via else entry
+                rerun_serially(serial, (args, (address, np.zeros(1, np.uint8)) + tuple(mod_args)), name)
 
         return run
 

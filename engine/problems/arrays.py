@@ -135,8 +135,14 @@ def native(arr: np.ndarray, writeable: bool = False) -> np.ndarray:
 def native_mod_args(mod_args: tuple) -> tuple:
     """``mod_args`` with its NumPy arrays made native, aligned and writeable (see :func:`native`).
     ``TypeError`` for a float16/bfloat16 array: the kernels' mods compute in float32/float64, and
-    Numba has no bfloat16 (nor float16 arithmetic on the CPU)."""
+    Numba has no bfloat16 (nor float16 arithmetic on the CPU); and for a tuple or list (a parallel
+    kernel cannot take a tuple inside its ``mod_args``: every backend refuses it alike)."""
     for i, a in enumerate(mod_args):
+        if isinstance(a, (tuple, list)):
+            raise TypeError(
+                f"mod_args[{i}] is a {type(a).__name__} of {len(a)}; mods take scalars and arrays: "
+                "pass it as an array (np.asarray(...)) or as separate mod_args"
+            )
         if isinstance(a, np.ndarray) and a.dtype.itemsize == 2 and is_floating(a.dtype):
             raise TypeError(
                 f"mod_args[{i}] is a {a.dtype.name} array (shape {a.shape}); mods take float32 or "

@@ -71,6 +71,58 @@ def test_an_exception_raised_in_a_worker_thread_is_not_lost(rng):
             engine.set_num_threads(None)
 
 
+def test_an_exception_a_mask_mod_raises_in_the_tile_map_reaches_the_caller(rng):
+    """The mask_mod's tile map is a parallel kernel of its own: its exception is the mod's own (not
+    Numba's SystemError), also when a worker thread raised it (the tile stays unset, and the
+    serial build runs again)."""
+    from testmods import mask_raising_in_batch_1
+
+    q = randn(rng, (2, 8, 256, 16))
+    for threads in sorted({1, engine.get_num_threads()}):
+        engine.set_num_threads(threads)
+        try:
+            with pytest.raises(ValueError, match="mask_mod in batch 1"):
+                engine.scaled_dot_product_attention(q, q, q, backend="cpu", mask_mod=mask_raising_in_batch_1)
+        finally:
+            engine.set_num_threads(None)
+
+
+WORKQUEUE_SCRIPT = """
+import numpy as np, numba, engine
+from testmods import mask_raising_in_batch_1, raising_in_batch_1
+q = np.random.default_rng(0).standard_normal((2, 8, 256, 16)).astype(np.float32)
+engine.set_num_threads(2)
+for kw in ({"score_mod": raising_in_batch_1}, {"mask_mod": mask_raising_in_batch_1}):
+    try:
+        engine.scaled_dot_product_attention(q, q, q, backend="cpu", **kw)
+        print("no exception", kw)
+    except ValueError as e:
+        print("ValueError", e)
+print(numba.threading_layer())
+"""
+
+
+def test_worker_thread_exceptions_under_the_workqueue_layer(tmp_path):
+    """Numba's workqueue layer runs a parallel loop in a worker thread even when set to one
+    thread: a flagged call runs again on the serial build, where the mod's exception propagates
+    (the tile map's exception was lost there, and the call returned a wrong result)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import HANG_TIMEOUT_S, TESTS
+
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue", PYTHONPATH=TESTS)
+    res = subprocess.run(
+        [sys.executable, "-c", WORKQUEUE_SCRIPT], capture_output=True, text=True, env=env, timeout=HANG_TIMEOUT_S
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.strip().splitlines()
+    assert lines[-1] == "workqueue", lines
+    want = ["ValueError raised by the mod in batch 1", "ValueError raised by the mask_mod in batch 1"]
+    assert lines[:2] == want, lines
+
+
 def test_the_failure_flag_is_set_when_a_task_raises():
     """What the worker-thread case relies on, checked on the calling thread: the trampoline's call
     sets ``failed[0]`` when the task raises, and propagates the exception."""

@@ -410,3 +410,15 @@ def test_mod_with_the_wrong_arity_is_a_type_error_naming_it(kw, match):
     for backend in ("reference", "cpu"):
         with pytest.raises(TypeError, match=match):
             engine.scaled_dot_product_attention(q, q, q, backend=backend, **kw)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_tuple_inside_mod_args_is_refused_by_name(backend):
+    """A parallel kernel cannot take a tuple inside its mod_args: every backend refuses it alike
+    (the reference backend used to take it and the cpu kernel to fail with Numba's type error)."""
+    from testmods import softcap_mod
+
+    q = np.ones((1, 2, 8, 4), np.float32)
+    for bad in ((0.5, 1.0), [0.5]):
+        with pytest.raises(TypeError, match=r"mod_args\[0\] is a (tuple|list)"):
+            engine.scaled_dot_product_attention(q, q, q, score_mod=softcap_mod, mod_args=(bad,), backend=backend)
