@@ -55,20 +55,25 @@ def test_an_exception_a_mods_task_raises_reaches_the_caller(rng):
         engine.scaled_dot_product_attention_backward(out, q, q, q, out, lse, backend="cpu", score_mod=raising_mod)
 
 
-def test_an_exception_raised_in_a_worker_thread_is_not_lost(rng):
-    """Numba drops an exception a parallel loop's worker thread raises (the call returned a wrong
-    result, and a decode call kept its cache writes): the trampoline sets a flag, and the kernel
-    runs again on the calling thread, where the mod's exception propagates."""
-    from testmods import raising_in_batch_1
-
+def _raises_on_every_thread_count(rng, match, **mods):
+    """The call raises the mod's ValueError on one thread and on all of them."""
     q = randn(rng, (2, 8, 256, 16))
     for threads in sorted({1, engine.get_num_threads()}):
         engine.set_num_threads(threads)
         try:
-            with pytest.raises(ValueError, match="in batch 1"):
-                engine.scaled_dot_product_attention(q, q, q, backend="cpu", score_mod=raising_in_batch_1)
+            with pytest.raises(ValueError, match=match):
+                engine.scaled_dot_product_attention(q, q, q, backend="cpu", **mods)
         finally:
             engine.set_num_threads(None)
+
+
+def test_an_exception_raised_in_a_worker_thread_is_not_lost(rng):
+    """Numba drops an exception a parallel loop's worker thread raises (the call returned a wrong
+    result, and a decode call kept its cache writes): the trampoline sets a flag, and the kernel
+    runs again on its serial build, where the mod's exception propagates."""
+    from testmods import raising_in_batch_1
+
+    _raises_on_every_thread_count(rng, "mod in batch 1", score_mod=raising_in_batch_1)
 
 
 def test_an_exception_a_mask_mod_raises_in_the_tile_map_reaches_the_caller(rng):
@@ -77,14 +82,7 @@ def test_an_exception_a_mask_mod_raises_in_the_tile_map_reaches_the_caller(rng):
     serial build runs again)."""
     from testmods import mask_raising_in_batch_1
 
-    q = randn(rng, (2, 8, 256, 16))
-    for threads in sorted({1, engine.get_num_threads()}):
-        engine.set_num_threads(threads)
-        try:
-            with pytest.raises(ValueError, match="mask_mod in batch 1"):
-                engine.scaled_dot_product_attention(q, q, q, backend="cpu", mask_mod=mask_raising_in_batch_1)
-        finally:
-            engine.set_num_threads(None)
+    _raises_on_every_thread_count(rng, "mask_mod in batch 1", mask_mod=mask_raising_in_batch_1)
 
 
 WORKQUEUE_SCRIPT = """
