@@ -167,8 +167,8 @@ def rerun_serially(entry, args: tuple, name: str) -> None:
 
 
 class TaskKernel:
-    """A kernel with mods: ``via`` (:func:`via_driver`) bound to ``task`` (the mods' task
-    dispatcher). Called as the plain kernel is, ``kernel(args, mod_args)``; it also answers
+    """A kernel: ``via`` (:func:`via_driver`) bound to ``task`` (the task dispatcher: the mods'
+    one, or the kernel's own without mods). Called as the plain kernel is, ``kernel(args, mod_args)``; it also answers
     ``typeof_pyval`` and ``compile(signature) -> entry`` as a dispatcher does, so that
     ``engine.runtime.entry_points.canonical_entry`` compiles it once per dtype and the call plans
     call the entry directly. A TaskKernel is called under the caller's thread guard, as a
