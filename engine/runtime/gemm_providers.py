@@ -390,6 +390,20 @@ def sixteen_bit_gemm(dtype_name: str) -> GemmProvider | None:
     return got
 
 
+def sixteen_bit_amx(dtype_name: str) -> int:
+    """The address of the AMX tile product (``engine.kernels.cpu.amx.amx_gemm``) the ``cpu``
+    forward uses for ``dtype_name`` (``bfloat16``/``float16``) operands, or 0: under ``auto`` or
+    ``calibrate`` on a CPU with AMX-BF16 / AMX-FP16 that Linux lets this process use (a provider
+    named with ``set_gemm_provider`` or ``ATTENTION_ENGINE_GEMM`` is kept instead;
+    ``ATTENTION_ENGINE_AMX=0`` turns it off). No library needed: the tile instructions are
+    compiled by Numba."""
+    if _requested() not in ("auto", "calibrate"):
+        return 0
+    from ..kernels.cpu.amx import amx_gemm
+
+    return amx_gemm(dtype_name)
+
+
 def available_gemm_providers() -> dict[str, str]:
     """Every provider: its version string when it loads here, else why it does not."""
     out = {}
@@ -412,6 +426,8 @@ def gemm_provider_info() -> dict:
     for dt in ("bfloat16", "float16"):
         half = sixteen_bit_gemm(dt)
         in_use[dt] = f"{half.name} (16-bit GEMM)" if half else f"{in_use['float32']} (widened to float32)"
+        if sixteen_bit_amx(dt):
+            in_use[dt] = f"amx (AMX tiles) where sizes are multiples of 32, else {in_use[dt]}"
     return {
         "requested": _requested(),
         "auto_order": list(auto_order()),

@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 
 import engine
+from engine.backends.cpu import forward as cpu_forward
+from engine.kernels.cpu.amx import amx_ready
 from engine.kernels.cpu.half import f32_to_bf16_array, f32_to_f16_array
 from engine.runtime import gemm_providers as gp
 
@@ -26,12 +28,22 @@ from tolerances import assert_out_close, lse_atol, out_atol
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = [np.dtype(np.float16), BF16]
-PATHS = ["widened", "16-bit GEMM"]
+PATHS = ["widened", "16-bit GEMM", "AMX"]
 
 
 @pytest.fixture
-def path(request):
-    """Force one 16-bit path for the test (``numpy``: widened; ``mkl``: MKL's 16-bit GEMMs)."""
+def path(request, monkeypatch):
+    """Force one 16-bit path for the test (``numpy``: widened; ``mkl``: MKL's 16-bit GEMMs;
+    ``AMX``: the engine's own AMX tile products, ``auto`` on a CPU with AMX, skipped elsewhere;
+    each AMX test checks that the path ran)."""
+    if request.param == "AMX":
+        monkeypatch.delenv(gp.ENV_VAR, raising=False)
+        monkeypatch.delenv("ATTENTION_ENGINE_AMX", raising=False)
+        engine.set_gemm_provider(None)
+        if not amx_ready("bfloat16"):
+            pytest.skip("the AMX path needs a CPU with AMX-BF16 that Linux lets this process use")
+        yield request.param
+        return
     name = "numpy" if request.param == "widened" else "mkl"
     got = gp.load_provider(name)
     if isinstance(got, str):
@@ -51,12 +63,14 @@ def _qkv(rng, dtype, Hq=2, H=2, L=140, S=301, E=32, Ev=24):
     )
 
 
-def _cases(rng, dtype):
-    q, k, v = _qkv(rng, dtype)
+def _cases(rng, dtype, path="widened"):
+    # the AMX path takes sizes that are multiples of 32 only (others take the paths below it)
+    shape = dict(L=128, S=320, E=64, Ev=32) if path == "AMX" else {}
+    q, k, v = _qkv(rng, dtype, **shape)
     L, S = q.shape[2], k.shape[2]
     fmask = (rng.standard_normal((L, S)) * 2).astype(np.float32)
     fmask[:, ::7] = -np.inf
-    qg, kg, vg = _qkv(rng, dtype, Hq=4, H=2)
+    qg, kg, vg = _qkv(rng, dtype, Hq=4, H=2, **shape)
     from variants.softcap import tanh_softcap
 
     return [
@@ -72,14 +86,27 @@ def _cases(rng, dtype):
 
 @pytest.mark.parametrize("path", PATHS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cpu_16bit_matches_reference(dtype, path, rng):
-    for name, q, k, v, kw in _cases(rng, dtype):
+def test_cpu_16bit_matches_reference(dtype, path, rng, monkeypatch):
+    amx = _count_amx(monkeypatch, path, dtype)
+    for name, q, k, v, kw in _cases(rng, dtype, path):
         out, lse = engine.scaled_dot_product_attention(q, k, v, backend="cpu", return_lse=True, **kw)
         ref, ref_lse = engine.scaled_dot_product_attention(q, k, v, backend="reference", return_lse=True, **kw)
         assert out.dtype == dtype and lse.dtype == dtype, (name, out.dtype, lse.dtype)
         mask = kw.get("attn_mask")
         assert_out_close(out, ref, out_atol(dtype, q, k, v, None, mask), f"{dtype} {name} out")
         assert_out_close(lse, ref_lse, lse_atol(dtype, q, k, None, mask), f"{dtype} {name} lse")
+    assert amx() in (0, len(_cases(rng, dtype, path))) and (amx() > 0) == (path == "AMX")
+
+
+def _count_amx(monkeypatch, path, dtype):
+    """A function giving how many calls took the AMX path since (skips an AMX test for a dtype
+    whose AMX instruction this CPU lacks: AMX-FP16 is newer than AMX-BF16)."""
+    if path == "AMX" and not amx_ready(np.dtype(dtype).name):
+        pytest.skip(f"no AMX instruction for {np.dtype(dtype).name} here")
+    calls = []
+    real = cpu_forward.amx_operands
+    monkeypatch.setattr(cpu_forward, "amx_operands", lambda k, v: calls.append(1) or real(k, v))
+    return lambda: len(calls)
 
 
 @pytest.mark.parametrize("path", PATHS, indirect=True)
@@ -87,7 +114,8 @@ def test_cpu_16bit_matches_reference(dtype, path, rng):
 def test_torch_16bit_tensors(dtype, path, rng):
     torch = pytest.importorskip("torch")
     tdt = getattr(torch, dtype)
-    q, k, v = (torch.from_numpy(a).to(tdt) for a in _qkv(rng, np.float32))
+    shape = dict(L=128, S=320, E=64, Ev=32) if path == "AMX" else {}
+    q, k, v = (torch.from_numpy(a).to(tdt) for a in _qkv(rng, np.float32, **shape))
     out = engine.scaled_dot_product_attention(q, k, v, backend="cpu", is_causal=True)
     ref = engine.scaled_dot_product_attention(q, k, v, backend="reference", is_causal=True)
     assert out.dtype == ref.dtype == (BF16 if dtype == "bfloat16" else np.float16)
@@ -110,12 +138,13 @@ def _flash_rule_cases(rng, dtype):
 
 @pytest.mark.parametrize("path", PATHS, indirect=True)
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_flash_attention_accuracy_rule_against_torch(dtype, path, rng):
+def test_flash_attention_accuracy_rule_against_torch(dtype, path, rng, monkeypatch):
     """max |engine - exact| <= 2 * max |torch - exact|, exact = float64 from the 16-bit values."""
     torch = pytest.importorskip("torch")
     import torch.nn.functional as F
 
     np_dt = BF16 if dtype == "bfloat16" else np.dtype(np.float16)
+    amx = _count_amx(monkeypatch, path, np_dt)
     for name, q, k, v, kw in _flash_rule_cases(rng, np_dt):
         exact = engine.scaled_dot_product_attention(
             *(x.astype(np.float64) for x in (q, k, v)),
@@ -139,6 +168,7 @@ def test_flash_attention_accuracy_rule_against_torch(dtype, path, rng):
             theirs = F.scaled_dot_product_attention(tq, tk, tv, **tkw).float().numpy().astype(np.float64)
         err, torch_err = np.abs(ours - exact).max(), np.abs(theirs - exact).max()
         assert err <= 2 * torch_err, f"{dtype} {path} {name}: engine error {err:.3g} > 2 x torch's {torch_err:.3g}"
+    assert (amx() > 0) == (path == "AMX")
 
 
 def test_16bit_path_with_a_nonfinite_value_matches_reference(rng):

@@ -128,14 +128,16 @@ def tune_provider(forward, dt_name: str) -> str | None:
     return None if got is None else got["provider"]
 
 
-def tune_tiles(forward, provider, dtype: np.dtype, width: int, length: str) -> dict | None:
+def tune_tiles(forward, provider, dtype: np.dtype, width: int, length: str, name: str | None = None) -> dict | None:
     """The measured tiles of one class (measured now if not stored): {block_q, block_k,
     task_rows, ms (per candidate), measured (date)}; None when tuning is off. ``forward``: the
     forward op's ``run``; ``provider``: the GEMM provider of float operands (``None`` for 16-bit
-    ones: MKL's 16-bit GEMM)."""
+    ones: the tile products the 16-bit path picks, AMX or MKL's 16-bit GEMM); ``name``: the
+    provider's name in the tuning key (default: ``provider``'s, ``mkl`` for None)."""
 
     def measure() -> dict:
         return _search(_timer(forward, dtype, width, length, provider=provider))[0]
 
-    name = "mkl" if provider is None else provider.name
+    if name is None:
+        name = "mkl" if provider is None else provider.name
     return tuned(tile_key(name, dtype_name(dtype), width, length), measure, valid_tiles)

@@ -8,7 +8,7 @@ import operator
 
 import numpy as np
 
-from ...kernels.cpu.gemm import GEMM_CBLAS, GEMM_CBLAS_BF16, GEMM_CBLAS_F16, GEMM_NUMPY
+from ...kernels.cpu.gemm import GEMM_AMX_BF16, GEMM_AMX_F16, GEMM_CBLAS, GEMM_CBLAS_BF16, GEMM_CBLAS_F16, GEMM_NUMPY
 from ...problems.attention import AttentionProblem
 from ...problems.base import dtype_name
 from ...problems.mods import compile_mods_alone
@@ -20,7 +20,7 @@ from ...runtime.config import (
 )
 from ...runtime.entry_points import canonical_entry
 from ...runtime.gemm_jit import NO_JIT, tile_jit_kernels
-from ...runtime.gemm_providers import gemm_mode, get_gemm_provider, sixteen_bit_gemm
+from ...runtime.gemm_providers import gemm_mode, get_gemm_provider, sixteen_bit_amx, sixteen_bit_gemm
 from ...runtime.threads import get_num_threads, kernel_call_guard, quiet_openmp
 from ...runtime.tuning import autotune_enabled
 from ..base import Op
@@ -29,8 +29,11 @@ from .blas_pin import get_blas_pin
 from .operands import (
     ALL_FULL,
     NO_PIN,
+    NO_SOURCES,
     SIXTEEN_BIT,
     all_finite16,
+    amx_fits,
+    amx_operands,
     as4,
     dropout_args,
     kernel_masks,
@@ -79,31 +82,47 @@ class CpuForward(Op):
     def _run_16bit(self, problem: AttentionProblem, plan, provider, serial):
         """A 16-bit problem: through a mixed-precision GEMM on the 16-bit bits where one is chosen
         (``engine.runtime.gemm_providers.sixteen_bit_gemm``), else widened to float32 (exact). Either way
-        the kernel computes in float32 and the output and lse are rounded once to the input dtype.
+        the kernel computes in float32 and the output and lse are rounded once to the input dtype
+        (the output by the kernel as it writes it, on the 16-bit GEMM paths).
         A float mask is widened to float32 (exact, as the reference adds it)."""
         f32 = np.dtype(np.float32)
         mask = problem.attn_mask
         if problem.mask_kind == "float":
             mask = np.asarray(mask).astype(f32)
         name = problem.dtype.name
+        given = plan
+        amx = sixteen_bit_amx(name) if provider is None else 0
         half = sixteen_bit_gemm(name) if provider is None else None
         v = as4(problem.value, problem.batch)
-        if half is not None and all_finite16(v):
-            bits = tuple(as4(a, problem.batch).view(np.uint16) for a in (problem.query, problem.key))
-            kind = GEMM_CBLAS_BF16 if name == "bfloat16" else GEMM_CBLAS_F16
+        arrays = None
+        q, k = (as4(a, problem.batch).view(np.uint16) for a in (problem.query, problem.key))
+        if amx:
             if plan is None:
-                plan = _tiles(self.run, problem, name, half.name, None, True)
+                plan = _tiles(self.run, problem, name, "amx", None, True)
+            finite = all_finite16(v)
+            if finite and amx_fits(problem, plan.block_q, plan.block_k):
+                # AMX tiles (kernels.cpu.amx): k's rows on cache lines, v transposed (by the kernel)
+                arrays = (q, k, v.view(np.uint16)) + amx_operands(k, v.view(np.uint16))
+                gemm = (GEMM_AMX_BF16 if name == "bfloat16" else GEMM_AMX_F16, amx)
+            elif not finite:
+                half = None  # a NaN/inf value: the widened path
+        if arrays is None and half is not None and all_finite16(v):
+            plan = given if given is not None else _tiles(self.run, problem, name, half.name, None, True)
+            arrays = (q, k, v.view(np.uint16))
+            gemm = (GEMM_CBLAS_BF16 if name == "bfloat16" else GEMM_CBLAS_F16, half.pointer(name))
+        if arrays is not None:
             out, lse = self._run(
                 dataclasses.replace(problem, attn_mask=mask, dtype=f32),
-                arrays=bits + (v.view(np.uint16),),
-                gemm=(kind, half.pointer(name)),
+                arrays=arrays,
+                gemm=gemm,
                 plan=plan,
                 serial=serial,
             )
-        else:  # widened: O(L) next to the O(L^2) kernel
-            q32, k32 = (widen(as4(a, problem.batch)) for a in (problem.query, problem.key))
-            wide = dataclasses.replace(problem, query=q32, key=k32, value=widen(v), attn_mask=mask, dtype=f32)
-            out, lse = self._run(wide, plan=plan, provider=provider, serial=serial)
+            return out.view(problem.dtype), lse if problem.lse_float32 else narrow(lse, problem.dtype)
+        # widened: O(L) next to the O(L^2) kernel
+        q32, k32 = (widen(as4(a, problem.batch)) for a in (problem.query, problem.key))
+        wide = dataclasses.replace(problem, query=q32, key=k32, value=widen(v), attn_mask=mask, dtype=f32)
+        out, lse = self._run(wide, plan=given, provider=provider, serial=serial)
         return narrow(out, problem.dtype), lse if problem.lse_float32 else narrow(lse, problem.dtype)
 
     def prepare(self, problem: AttentionProblem):
@@ -132,7 +151,9 @@ def _tiles(tune, problem: AttentionProblem, dtype: str, provider_name: str, prov
     E, Ev, L = problem.E, problem.Ev, problem.L
     cls = tile_class(L, E, Ev)
     if tune is not None and pinned and cls is not None and _work(problem) >= CPU_TUNE_MIN_WORK and autotune_enabled():
-        tune_tiles(tune, provider, np.dtype(problem.dtype) if provider is None else np.dtype(dtype), *cls)
+        tune_tiles(
+            tune, provider, np.dtype(problem.dtype) if provider is None else np.dtype(dtype), *cls, provider_name
+        )
     tasks = problem.batch * problem.num_q_heads
     return forward_tiles(L, E, Ev, dtype, provider_name, pinned, tasks, get_num_threads(), S=problem.S)
 
@@ -154,6 +175,8 @@ _PER_CALL = (
     "seed_hi",
     "out",
     "lse",
+    "k_amx",
+    "vt_amx",
 )
 
 
@@ -177,6 +200,7 @@ class _Setup:
         "readonly",
         "shapes",
         "quiet",
+        "out_dtype",
     )
 
 
@@ -244,7 +268,12 @@ def _setup(problem: AttentionProblem, gemm=None, plan=None, provider=None, seria
     setup.readonly = not all(a.flags.writeable for a in (problem.query, problem.key, problem.value))
     setup.shapes = ((B, problem.num_q_heads, L, problem.Ev), (B, problem.num_q_heads, L))
     setup.shapes += (problem.out_shape, problem.lse_shape)
+    # the 16-bit paths' kernel rounds its output to the operands' format as it writes it
+    setup.out_dtype = np.dtype(np.uint16) if gemm[0] in _SIXTEEN_BIT_KINDS else problem.dtype
     return setup
+
+
+_SIXTEEN_BIT_KINDS = (GEMM_CBLAS_BF16, GEMM_CBLAS_F16, GEMM_AMX_BF16, GEMM_AMX_F16)
 
 
 def _launch(setup: _Setup, problem: AttentionProblem, arrays=None, resolve: bool = False):
@@ -265,9 +294,10 @@ def _launch(setup: _Setup, problem: AttentionProblem, arrays=None, resolve: bool
     if problem.mask_mod is not None:
         tiles = tile_kinds(problem, setup.block_q, setup.block_k)
     out4, lse3, out_shape, lse_shape = setup.shapes
-    out = np.empty(out4, dtype=problem.dtype)
+    out = np.empty(out4, dtype=setup.out_dtype)
     lse = np.empty(lse3, dtype=problem.dtype)
-    per_call = arrays + (fmask, bmask, mask_batch, kind, problem.scale, tiles) + dropout_args(problem) + (out, lse)
+    per_call = arrays[:3] + (fmask, bmask, mask_batch, kind, problem.scale, tiles) + dropout_args(problem)
+    per_call += (out, lse) + (arrays[3:] or NO_SOURCES)
     args = tuple.__new__(kernels().FlashArgs, setup.pick(setup.template + per_call))
     call = setup.entry or canonical_entry(setup.kernel, (args, problem.mod_args)) or setup.kernel
     if setup.pin is NO_PIN:
@@ -331,7 +361,9 @@ class _Plain:
     def __init__(self, setup: _Setup, problem: AttentionProblem):
         self.setup = setup
         fields = kernels().FlashArgs._fields
-        per_call = (None, None, None) + setup.masks + (None, ALL_FULL) + dropout_args(problem) + (None, None)
+        per_call = (
+            (None, None, None) + setup.masks + (None, ALL_FULL) + dropout_args(problem) + (None, None) + NO_SOURCES
+        )
         held = dict(zip(fields, setup.pick(setup.template + per_call)))  # None: set per call
         self.template = tuple(held[name] for name in fields if name not in _PLAIN)
         order = [n for n in fields if n not in _PLAIN] + list(_PLAIN)

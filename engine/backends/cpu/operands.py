@@ -15,8 +15,11 @@ from ...problems.masks import kernel_mask
 __all__ = [
     "ALL_FULL",
     "NO_PIN",
+    "NO_SOURCES",
     "SIXTEEN_BIT",
     "all_finite16",
+    "amx_fits",
+    "amx_operands",
     "as4",
     "dropout_args",
     "kernel_masks",
@@ -95,6 +98,39 @@ def all_finite16(a: np.ndarray) -> bool:
     from ...kernels.cpu.half import all_finite_bits
 
     return bool(all_finite_bits(a.reshape(-1).view(np.uint16), a.dtype == np.float16))
+
+
+def _aligned_empty(shape, dtype) -> np.ndarray:
+    """``np.empty`` whose data starts a 64-byte cache line."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(n + 64, dtype=np.uint8)
+    off = -raw.ctypes.data % 64
+    return raw[off : off + n].view(dtype).reshape(shape)
+
+
+#: the forward kernel's AMX buffers when it has none (``amx_operands``)
+NO_SOURCES = (np.empty((0, 0, 0, 0), np.uint16), np.empty((0, 0, 0, 0), np.uint16))
+
+
+def amx_operands(k: np.ndarray, v: np.ndarray) -> tuple:
+    """``(k_amx, vt_amx)``: the buffers the forward kernel's driver fills for the AMX path before
+    its tasks (``kernels.cpu.amx.operands_head``), from C-contiguous (batch, heads, rows, features)
+    16-bit bits: an aligned buffer for k's copy where k's data does not start a cache line (AMX
+    tile loads of rows straddling cache lines ran 6x slower on the Intel Xeon measured; empty
+    where k is read as it is), and the values' transpose, (batch, heads, features, rows), 64-byte
+    aligned."""
+    vt = _aligned_empty(v.shape[:2] + (v.shape[3], v.shape[2]), v.dtype)
+    k_amx = NO_SOURCES[0] if k.ctypes.data % 64 == 0 else _aligned_empty(k.shape, k.dtype)
+    return k_amx, vt
+
+
+def amx_fits(problem: AttentionProblem, block_q: int, block_k: int) -> bool:
+    """Whether the AMX path takes ``problem`` at these tiles: every size it multiplies a multiple
+    of 32 (``kernels.cpu.amx.AMX_BLOCK``), no dropout (its multipliers are applied to float32
+    probabilities)."""
+    sizes = (problem.E, problem.Ev, problem.L, problem.S, block_q, block_k)
+    return problem.dropout_p == 0 and all(n % 32 == 0 and n > 0 for n in sizes)
 
 
 def narrow(x: np.ndarray, dtype: np.dtype) -> np.ndarray:

@@ -28,19 +28,28 @@ from ..identity_mods import no_mask_mod, no_score_mod
 from ..kinds import MASK_BOOL, MASK_FLOAT, TILE_EMPTY, TILE_FULL, TILE_PARTIAL
 from ..mod_kernels import ModKernels
 from ..philox import keep_scale
+from .amx import amx_release
 from .borrow import borrowed, keep_alive
-from .gemm import jit_gemm
+from .gemm import GEMM_AMX_BF16, GEMM_AMX_F16, GEMM_CBLAS_F16, jit_gemm
 from .softmax_tile import STALE_MAX_MARGIN, column_max
 from .tile_ops import (
     _FM,
     _add_nonfinite,
     _aligned_empty,
+    _amx_operands,
+    _amx_scores,
+    _amx_values_acc,
     _apply_dropout,
     _exp_into,
     _finite_values,
     _half_buffer,
     _line,
+    _pair_buffer,
+    _pair_rows,
+    _row_address,
     _scores_gemm,
+    _store_out,
+    _transposed_rows,
     _values_finite,
     _values_gemm_acc,
 )
@@ -82,6 +91,8 @@ class FlashArgs(NamedTuple):
     jit_values_h: int
     out: np.ndarray
     lse: np.ndarray
+    k_amx: np.ndarray
+    vt_amx: np.ndarray
 
 
 #: the mods the kernels below call; ``flash_kernel`` re-binds these names for other mods
@@ -95,8 +106,12 @@ def _flash_task(task, args, mod_args, per_tile):
     wide_vectors()
     B, Hq, L, E = args.q.shape
     S = args.k.shape[2]
-    Ev = args.v.shape[3]
-    dt = args.out.dtype
+    Ev = args.out.shape[3]
+    dt = args.lse.dtype  # the arithmetic's (out holds 16-bit bits on the 16-bit paths)
+    f16 = args.gemm_kind == GEMM_CBLAS_F16 or args.gemm_kind == GEMM_AMX_F16
+    # Intel AMX (kernels.cpu.amx): v arrives transposed, (B, H, Ev, S), and the accumulator is kept
+    # transposed, (Ev, rows); both products by amx_gemm's address (gemm_fn)
+    amx = args.gemm_kind == GEMM_AMX_BF16 or args.gemm_kind == GEMM_AMX_F16
     rows = args.block_q * args.sub_tiles
     nqb = (L + rows - 1) // rows
     drop_threshold, drop_scale, seed_lo, seed_hi = args.drop_threshold, args.drop_keep, args.seed_lo, args.seed_hi
@@ -138,6 +153,7 @@ def _flash_task(task, args, mod_args, per_tile):
     pt_buf = fbuf[o : o + bk * bq]  # their probabilities
     o += _line(bk * bq)
     acc = fbuf[o : o + nt * Ev].reshape((nt, Ev))
+    acct = fbuf[o : o + nt * Ev].reshape((Ev, nt))  # the same memory, transposed (AMX)
     o += _line(nt * Ev)
     m = fbuf[o : o + nt]  # the shift of each query row's exponentials
     o += _line(nt)
@@ -155,6 +171,10 @@ def _flash_task(task, args, mod_args, per_tile):
     l = dbuf[:nt]  # noqa: E741  (running sum per query row, float64: see softmax_tile.SUM_CHUNK)
     ts = dbuf[_line(nt) : _line(nt) + bq]
     acc[:] = zero
+    qraw = _pair_buffer(args.q, E // 2 * nt if amx else 0)  # the task's queries paired (AMX)
+    qv = borrowed(qraw)
+    if amx:
+        _pair_rows(q_all, b, h, t0, nt, qv)
     m[:] = neg_inf
     l[:] = 0.0
     kend = max(0, min(S, t1 + args.causal_offset)) if args.causal else S
@@ -185,7 +205,12 @@ def _flash_task(task, args, mod_args, per_tile):
             full = args.jit_scores != 0 and nk == args.block_k and nq == args.block_q
             st = st_buf[: nk * nq].reshape((nk, nq))
             qs = q_all[b, h, i0:i1].T  # (E, nq), read transposed by the GEMM
-            if full:
+            if amx:  # k's rows as they are, or their copy on cache lines
+                if args.k_amx.size > 0:
+                    _amx_scores(args.gemm_fn, _row_address(args.k_amx, b, hk, j0), E * 2, qv, o, nt, st)
+                else:
+                    _amx_scores(args.gemm_fn, _row_address(args.k, b, hk, j0), E * 2, qv, o, nt, st)
+            elif full:
                 jit_gemm(args.jit_scores, args.jit_scores_h, kt, qs, st)
             else:
                 _scores_gemm(args.gemm_kind, args.gemm_fn, kt, qs, st)
@@ -235,7 +260,8 @@ def _flash_task(task, args, mod_args, per_tile):
                     mt = tm[r] * pass_scale
                     mn = mt if mt > mo else mo
                     sh = mn if mn > neg_inf else zero
-                    alpha[r] = fast_exp(mo - sh)
+                    # nothing was added to such a row but zeros (or NaNs, which stay): no rescale
+                    alpha[r] = one
                     shift[r] = sh
                     m[o + r] = mn
                 else:
@@ -264,7 +290,12 @@ def _flash_task(task, args, mod_args, per_tile):
                 keep_scale(seed_lo, seed_hi, b, h, i0, nq, j0, nk, drop_threshold, keep, zt)
                 _apply_dropout(args.gemm_kind, pt, zt, half)
             accs = acc[o : o + nq]
-            if rescale:
+            if rescale and amx:  # (values are finite on this path: a product, no select)
+                accts = acct[:, o : o + nq]
+                for c in range(Ev):
+                    for r in range(nq):
+                        accts[c, r] *= alpha[r]
+            elif rescale:
                 for r in range(nq):
                     a = alpha[r]
                     if a == zero:  # the old terms' weights underflowed: drop them (an inf stays out)
@@ -273,7 +304,9 @@ def _flash_task(task, args, mod_args, per_tile):
                     else:
                         for c in range(Ev):
                             accs[r, c] *= a
-            if not v_finite:  # the finite part's product as a finite tile's, then the NaN/inf values
+            if amx:
+                _amx_values_acc(args.gemm_fn, args.vt_amx, b, hk, j0, nk, half, nq, acct, o, nt)
+            elif not v_finite:  # the finite part's product as a finite tile's, then the NaN/inf values
                 vz_buf = np.empty(nk * Ev, dtype=args.v.dtype)  # alone, in the rows that weigh them
                 vz = _finite_values(vt, vz_buf)  # (kernels.nonfinite); rare: allocated where needed
                 if full:
@@ -285,22 +318,33 @@ def _flash_task(task, args, mod_args, per_tile):
                 jit_gemm(args.jit_values, args.jit_values_h, pt, vt, accs)
             else:
                 _values_gemm_acc(args.gemm_kind, args.gemm_fn, pt, half, vt, accs)
-    # indexed, not through row views: a view costs an atomic reference count increment and
-    # decrement (Numba's NRT)
-    for r in range(nt):
+    ob = borrowed(args.out)[b, h, t0:t1]  # the task's output rows (no reference count)
+    if amx:  # the transposed accumulator: per-row quotients first, then 16 rows at a time
+        for r in range(nt):
+            total = l[r]
+            if total > 0.0 or total != total:
+                args.lse[b, h, t0 + r] = m[r] + np.log(total)
+                m[r] = 1.0 / total  # (m is spent: it holds the row's 1 / sum now)
+            else:
+                args.lse[b, h, t0 + r] = neg_inf
+                m[r] = zero  # nothing was added to such a row: 0 * 0
+        _transposed_rows(acct, m, ob, f16)
+        amx_release(args.gemm_fn)
+    for r in range(0 if amx else nt):
         total = l[r]
         if total > 0.0 or total != total:
             tm[0] = 1.0 / total  # rounded to dt: the row's loop stays in dt and vectorises
             inv = tm[0]
             for c in range(Ev):
-                args.out[b, h, t0 + r, c] = acc[r, c] * inv
+                _store_out(ob, r, c, acc[r, c] * inv, f16)
             args.lse[b, h, t0 + r] = m[r] + np.log(total)
         else:
             for c in range(Ev):
-                args.out[b, h, t0 + r, c] = zero
+                _store_out(ob, r, c, zero, f16)
             args.lse[b, h, t0 + r] = neg_inf
     keep_alive(fraw)
     keep_alive(draw)
+    keep_alive(qraw)
 
 
 # error_model="numpy": a float division by zero gives inf/NaN instead of raising, so divisions
@@ -336,12 +380,18 @@ def _flash_forward(args, mod_args):
     this dtype (see ``engine.kernels.cpu.gemm.tile_gemm``); ``GEMM_NUMPY`` and 0 is ``np.dot``.
     16-bit operands: q, k, v are uint16 bit patterns, ``gemm_fn`` a mixed-precision GEMM
     (``tile_gemm_16``) and ``gemm_kind`` ``GEMM_CBLAS_BF16`` or ``GEMM_CBLAS_F16`` (which format
-    the probabilities are rounded to); ``out``/``lse`` are float32.
+    the probabilities are rounded to), or ``GEMM_AMX_BF16``/``GEMM_AMX_F16`` with ``gemm_fn`` the
+    address of ``kernels.cpu.amx.amx_gemm`` and ``v`` transposed, (B, H, Ev, S), E, Ev, L, S and
+    the tiles multiples of 32; ``out`` is uint16, the output rounded to the operands' format as it
+    is written, and ``lse`` float32.
 
     A task owns ``sub_tiles`` query tiles of ``block_q`` rows and walks the key tiles once for all
     of them, so each key/value tile is read from memory once and reused from cache by every
     sub-tile (at L = 4096 one head's K and V no longer fit in L2).
     """
+    if args.vt_amx.shape[0] > 0:  # the AMX path's k and v.T, made in this call's thread pool
+        for bh in prange(args.v.shape[0] * args.v.shape[1]):
+            _amx_operands(args.k, args.v, args.k_amx, args.vt_amx, bh)
     per_tile = args.tile_kinds.shape[2] > 1 or args.tile_kinds.shape[3] > 1 or args.tile_kinds[0, 0, 0, 0] != TILE_FULL
     rows = args.block_q * args.sub_tiles
     for task in prange(args.q.shape[0] * args.q.shape[1] * ((args.q.shape[2] + rows - 1) // rows)):

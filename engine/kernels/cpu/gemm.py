@@ -36,6 +36,8 @@ __all__ = [
     "GEMM_CBLAS",
     "GEMM_CBLAS_BF16",
     "GEMM_CBLAS_F16",
+    "GEMM_AMX_BF16",
+    "GEMM_AMX_F16",
     "tile_gemm",
     "tile_gemm_acc",
     "tile_gemm_16",
@@ -49,6 +51,9 @@ _CACHE = cache_enabled()
 GEMM_NUMPY, GEMM_CBLAS = 0, 1
 #: the kernels' 16-bit path: a mixed-precision CBLAS GEMM, and which format the operands are in
 GEMM_CBLAS_BF16, GEMM_CBLAS_F16 = 2, 3
+#: the forward's 16-bit path on Intel AMX tiles (``kernels.cpu.amx``): both products by
+#: ``amx_gemm``'s address, with the operands the kernel lays out for it
+GEMM_AMX_BF16, GEMM_AMX_F16 = 4, 5
 
 #: CBLAS enum values (cblas.h)
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112

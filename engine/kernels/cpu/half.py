@@ -63,9 +63,11 @@ def f32_to_f16_bits(typingctx, x):
 def f32_to_bf16_bits(x):
     """The bfloat16 nearest to float32 ``x`` (ties to even; NaN a quiet NaN), as uint16 bits."""
     u = _float32_bits(x)
-    if x != x:
-        return types.uint16((u >> types.uint32(16)) | types.uint32(0x40))
-    return types.uint16((u + types.uint32(0x7FFF) + ((u >> types.uint32(16)) & types.uint32(1))) >> types.uint32(16))
+    nan = types.uint16((u >> types.uint32(16)) | types.uint32(0x40))
+    rounded = types.uint16((u + types.uint32(0x7FFF) + ((u >> types.uint32(16)) & types.uint32(1))) >> types.uint32(16))
+    # without a branch (a conditional return kept loops over this scalar): NaN picks ``nan``
+    pick = types.uint16(x != x)
+    return rounded + pick * (nan - rounded)
 
 
 class _BFloatType(ir.types._BaseFloatType):

@@ -38,6 +38,8 @@ __all__ = [
     "exp_tile",
     "exp_tile_bf16",
     "exp_tile_f16",
+    "exp_tile_bf16_pairs",
+    "exp_tile_f16_pairs",
     "all_finite",
 ]
 
@@ -102,11 +104,13 @@ def _natural(t):
     return softmax_exp(t)
 
 
-def _exp_tile_storing(store, exp_of=_natural, units=1.0):
+def _exp_tile_storing(store, exp_of=_natural, units=1.0, pairs=False):
     """:func:`exp_tile` with ``store`` compiled in (a function passed as an argument would make
     the kernel uncacheable), and its exponential: ``exp_of`` of the exponent times ``units``
     (``softmax_exp`` and 1, or :func:`exp2_16` and log2(e), whose product with the scale and the
-    shift is made once per tile and per row)."""
+    shift is made once per tile and per row). ``pairs``: ``out`` is uint32 (ceil(nk / 2), nq),
+    key rows 2i and 2i + 1 stored in the low and high half of row i (the pair layout of AMX's
+    right operand, ``kernels.cpu.amx``; an odd last row paired with 0)."""
 
     @njit(fastmath=_FM, error_model="numpy")
     def exp_tile(st, out, scale, shift, ts, tc, tmx):
@@ -133,22 +137,35 @@ def _exp_tile_storing(store, exp_of=_natural, units=1.0):
             for c in range(c0, c1 - 1, 2):
                 s0 = st[c]
                 s1 = st[c + 1]
-                o0 = out[c]
-                o1 = out[c + 1]
-                for r in range(nq):
-                    sh = shift[r] * u
-                    a = s0[r]
-                    b = s1[r]
-                    p0 = exp_of(a * scale_u - sh)
-                    p1 = exp_of(b * scale_u - sh)
-                    o0[r] = store(p0)
-                    o1[r] = store(p1)
-                    tc[r] += p0 + p1
-                    ab = a if a > b else b
-                    tmx[r] = ab if ab > tmx[r] else tmx[r]
+                if pairs:
+                    o = out[c // 2]
+                    for r in range(nq):
+                        sh = shift[r] * u
+                        a = s0[r]
+                        b = s1[r]
+                        p0 = exp_of(a * scale_u - sh)
+                        p1 = exp_of(b * scale_u - sh)
+                        o[r] = np.uint32(store(p0)) | (np.uint32(store(p1)) << np.uint32(16))
+                        tc[r] += p0 + p1
+                        ab = a if a > b else b
+                        tmx[r] = ab if ab > tmx[r] else tmx[r]
+                else:
+                    o0 = out[c]
+                    o1 = out[c + 1]
+                    for r in range(nq):
+                        sh = shift[r] * u
+                        a = s0[r]
+                        b = s1[r]
+                        p0 = exp_of(a * scale_u - sh)
+                        p1 = exp_of(b * scale_u - sh)
+                        o0[r] = store(p0)
+                        o1[r] = store(p1)
+                        tc[r] += p0 + p1
+                        ab = a if a > b else b
+                        tmx[r] = ab if ab > tmx[r] else tmx[r]
             if (c1 - c0) % 2:
                 s0 = st[c1 - 1]
-                o0 = out[c1 - 1]
+                o0 = out[(c1 - 1) // 2] if pairs else out[c1 - 1]
                 for r in range(nq):
                     a = s0[r]
                     p0 = exp_of(a * scale_u - shift[r] * u)
@@ -180,6 +197,9 @@ def _to_bf16(x):  # the probabilities: a subnormal one may become 0 (the row's l
 exp_tile = _exp_tile_storing(_same)
 exp_tile_bf16 = _exp_tile_storing(_to_bf16, exp2_16, LOG2E)
 exp_tile_f16 = _exp_tile_storing(_to_f16, exp2_16, LOG2E)
+#: the same, the probabilities in AMX's pair layout (``kernels.cpu.amx``)
+exp_tile_bf16_pairs = _exp_tile_storing(_to_bf16, exp2_16, LOG2E, pairs=True)
+exp_tile_f16_pairs = _exp_tile_storing(_to_f16, exp2_16, LOG2E, pairs=True)
 
 
 @njit(fastmath=_FM, error_model="numpy", inline="always")

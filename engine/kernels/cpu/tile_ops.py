@@ -10,10 +10,26 @@ from numba import njit
 from numba import types as nb_types
 from numba.extending import overload
 
+from .amx import amx_call, operands_head
 from .fastmath import _FM
-from .gemm import GEMM_CBLAS_F16, tile_gemm, tile_gemm_16, tile_gemm_16_acc, tile_gemm_acc
+from .gemm import (
+    GEMM_AMX_BF16,
+    GEMM_AMX_F16,
+    GEMM_CBLAS_F16,
+    tile_gemm,
+    tile_gemm_16,
+    tile_gemm_16_acc,
+    tile_gemm_acc,
+)
 from .half import f32_to_bf16_bits, f32_to_f16_bits
-from .softmax_tile import all_finite, exp_tile, exp_tile_bf16, exp_tile_f16
+from .softmax_tile import (
+    all_finite,
+    exp_tile,
+    exp_tile_bf16,
+    exp_tile_bf16_pairs,
+    exp_tile_f16,
+    exp_tile_f16_pairs,
+)
 
 __all__ = [
     "_FM",
@@ -27,6 +43,14 @@ __all__ = [
     "_values_gemm_acc",
     "_finite_values",
     "_add_nonfinite",
+    "_pair_buffer",
+    "_pair_rows",
+    "_amx_scores",
+    "_amx_values_acc",
+    "_store_out",
+    "_transposed_rows",
+    "_row_address",
+    "_amx_operands",
 ]
 
 
@@ -94,6 +118,12 @@ def _exp_into_impl(kind, dropping, st, pt, half, scale, shift, ts, tc, tmx):
             nk, nq = st.shape
             if dropping:
                 exp_tile(st, pt, scale, shift, ts, tc, tmx)
+            elif kind == GEMM_AMX_BF16 or kind == GEMM_AMX_F16:  # pairs of key rows (kernels.cpu.amx)
+                pairs = half.view(np.uint32)[: (nk + 1) // 2 * nq].reshape(((nk + 1) // 2, nq))
+                if kind == GEMM_AMX_F16:
+                    exp_tile_f16_pairs(st, pairs, scale, shift, ts, tc, tmx)
+                else:
+                    exp_tile_bf16_pairs(st, pairs, scale, shift, ts, tc, tmx)
             elif kind == GEMM_CBLAS_F16:
                 exp_tile_f16(st, half[: nk * nq].reshape((nk, nq)), scale, shift, ts, tc, tmx)
             else:
@@ -212,3 +242,124 @@ def _add_nonfinite_impl(pt, vt, acc):
                             acc[r, c] += w * x
 
     return impl
+
+
+# Intel AMX (kernels.cpu.amx): the scores st = k_tile @ q_tile.T with k's rows as they are and
+# q's rows paired once per task (qv), the transposed output acc.T += v.T @ P.T with v transposed
+# once per call and P.T written in pairs by the softmax pass (_exp_into). Addresses and strides in
+# bytes; every size a multiple of 32 (the wrapper checks before it picks these kinds).
+
+
+def _pair_buffer(q, n):
+    """uint32 scratch of ``n`` entries, 64-byte aligned, for AMX's paired query rows (empty for
+    float operands)."""
+
+
+@overload(_pair_buffer, inline="always")
+def _pair_buffer_impl(q, n):
+    if isinstance(q.dtype, nb_types.Integer):
+        return lambda q, n: _aligned_empty(n, np.uint32)
+    return lambda q, n: np.empty(0, dtype=np.uint32)
+
+
+def _pair_rows(q, b, h, t0, nt, qv):
+    """``qv`` (E / 2, nt) uint32 = the pairs (q[b, h, t0 + r, 2i], q[b, h, t0 + r, 2i + 1]) in
+    the low and high half of entry (i, r): the transposed queries in AMX's pair layout (nothing for
+    float operands)."""
+
+
+@overload(_pair_rows, inline="always")
+def _pair_rows_impl(q, b, h, t0, nt, qv):
+    if isinstance(q.dtype, nb_types.Integer):
+
+        def impl(q, b, h, t0, nt, qv):
+            sixteen = np.uint32(16)
+            full = nt // 16 * 16
+            for r0 in range(0, full, 16):  # 16 rows at a time: both sides stay in cache
+                for i in range(q.shape[3] // 2):
+                    for r in range(r0, r0 + 16):
+                        lo = np.uint32(q[b, h, t0 + r, 2 * i])
+                        qv[i * nt + r] = lo | (np.uint32(q[b, h, t0 + r, 2 * i + 1]) << sixteen)
+            for i in range(q.shape[3] // 2):
+                for r in range(full, nt):
+                    lo = np.uint32(q[b, h, t0 + r, 2 * i])
+                    qv[i * nt + r] = lo | (np.uint32(q[b, h, t0 + r, 2 * i + 1]) << sixteen)
+
+        return impl
+    return lambda q, b, h, t0, nt, qv: None
+
+
+@njit(inline="always")
+def _amx_scores(fn, k_rows, k_stride, qv, o, nt, st):
+    """``st`` (nk, nq) float32 = the nk key rows at address ``k_rows`` (``k_stride`` bytes apart,
+    E 16-bit entries each) @ the queries ``o`` to ``o + nq`` of the task's paired rows ``qv``
+    (E / 2, nt)."""
+    nk, nq = st.shape
+    amx_call(fn, k_rows, k_stride, qv.ctypes.data + 4 * o, 4 * nt, st.ctypes.data, 4 * nq, nk, nq, k_stride // 2, False)
+
+
+@njit(inline="always")
+def _amx_values_acc(fn, vt_all, b, hk, j0, nk, pairs, nq, acct, o, nt):
+    """``acct[:, o : o + nq] += vt_all[b, hk, :, j0 : j0 + nk] @ P`` for the probabilities'
+    pairs (nk / 2, nq) at the start of ``pairs``: ``vt_all`` (B, H, Ev, S) the values
+    transposed, ``acct`` (Ev, nt) float32 the task's transposed output."""
+    s = vt_all.strides
+    base = vt_all.ctypes.data + b * s[0] + hk * s[1] + j0 * s[3]
+    amx_call(fn, base, s[2], pairs.ctypes.data, 4 * nq, acct.ctypes.data + 4 * o, 4 * nt, vt_all.shape[2], nq, nk, True)
+
+
+def _store_out(out, i, c, x, f16):
+    """``out[i, c] = x``; for the 16-bit paths' uint16 ``out``, ``x`` rounded to float16 (``f16``)
+    or bfloat16, nearest even (the output's one rounding, as ``narrow`` did after the kernel)."""
+
+
+@overload(_store_out, inline="always")
+def _store_out_impl(out, i, c, x, f16):
+    if isinstance(out.dtype, nb_types.Integer):
+
+        def impl(out, i, c, x, f16):
+            if f16:
+                out[i, c] = f32_to_f16_bits(np.float32(x))
+            else:
+                out[i, c] = f32_to_bf16_bits(np.float32(x))
+
+        return impl
+
+    def impl(out, i, c, x, f16):
+        out[i, c] = x
+
+    return impl
+
+
+@njit(fastmath=_FM, error_model="numpy", inline="always")
+def _transposed_rows(acct, inv, ob, f16):
+    """``ob[r, c] = acct[c, r] * inv[r]`` (rounded as :func:`_store_out`): the AMX path's transposed
+    accumulator (Ev, nt) written as the task's (nt, Ev) rows, 16 rows at a time (both sides stay
+    in cache)."""
+    Ev, nt = acct.shape
+    full = nt // 16 * 16
+    for r0 in range(0, full, 16):
+        for c in range(Ev):
+            for r in range(r0, r0 + 16):
+                _store_out(ob, r, c, acct[c, r] * inv[r], f16)
+    for c in range(Ev):
+        for r in range(full, nt):
+            _store_out(ob, r, c, acct[c, r] * inv[r], f16)
+
+
+@njit(inline="always")
+def _row_address(a, b, h, j):
+    """The address of ``a[b, h, j, 0]`` (4-D, C order)."""
+    s = a.strides
+    return a.ctypes.data + b * s[0] + h * s[1] + j * s[2]
+
+
+def _amx_operands(k, v, k_amx, vt_amx, bh):
+    """:func:`~engine.kernels.cpu.amx.operands_head` for 16-bit operands (nothing for float ones)."""
+
+
+@overload(_amx_operands, inline="always")
+def _amx_operands_impl(k, v, k_amx, vt_amx, bh):
+    if isinstance(v.dtype, nb_types.Integer):
+        return lambda k, v, k_amx, vt_amx, bh: operands_head(k, v, k_amx, vt_amx, bh)
+    return lambda k, v, k_amx, vt_amx, bh: None
