@@ -41,6 +41,7 @@ from .tile_ops import (
     _amx_values_acc,
     _apply_dropout,
     _exp_into,
+    _finish_rows,
     _finite_values,
     _half_buffer,
     _line,
@@ -48,7 +49,6 @@ from .tile_ops import (
     _pair_rows,
     _row_address,
     _scores_gemm,
-    _store_out,
     _transposed_rows,
     _values_finite,
     _values_gemm_acc,
@@ -319,29 +319,20 @@ def _flash_task(task, args, mod_args, per_tile):
             else:
                 _values_gemm_acc(args.gemm_kind, args.gemm_fn, pt, half, vt, accs)
     ob = borrowed(args.out)[b, h, t0:t1]  # the task's output rows (no reference count)
+    lse = borrowed(args.lse)[b, h, t0:t1]
     if amx:  # the transposed accumulator: per-row quotients first, then 16 rows at a time
         for r in range(nt):
             total = l[r]
             if total > 0.0 or total != total:
-                args.lse[b, h, t0 + r] = m[r] + np.log(total)
+                lse[r] = m[r] + np.log(total)
                 m[r] = 1.0 / total  # (m is spent: it holds the row's 1 / sum now)
             else:
-                args.lse[b, h, t0 + r] = neg_inf
+                lse[r] = neg_inf
                 m[r] = zero  # nothing was added to such a row: 0 * 0
         _transposed_rows(acct, m, ob, f16)
         amx_release(args.gemm_fn)
-    for r in range(0 if amx else nt):
-        total = l[r]
-        if total > 0.0 or total != total:
-            tm[0] = 1.0 / total  # rounded to dt: the row's loop stays in dt and vectorises
-            inv = tm[0]
-            for c in range(Ev):
-                _store_out(ob, r, c, acc[r, c] * inv, f16)
-            args.lse[b, h, t0 + r] = m[r] + np.log(total)
-        else:
-            for c in range(Ev):
-                _store_out(ob, r, c, zero, f16)
-            args.lse[b, h, t0 + r] = neg_inf
+    else:
+        _finish_rows(acc, l, m, tm, ob, lse, f16)
     keep_alive(fraw)
     keep_alive(draw)
     keep_alive(qraw)

@@ -41,6 +41,7 @@ __all__ = [
     "exp_tile_bf16_pairs",
     "exp_tile_f16_pairs",
     "all_finite",
+    "all_finite_flat",
 ]
 
 #: how far (natural log) a score may exceed its row's shift before the shift moves up
@@ -209,4 +210,13 @@ def all_finite(x):
     for i in range(x.shape[0]):
         for j in range(x.shape[1]):
             finite &= math.isfinite(x[i, j])
+    return finite
+
+
+@njit(fastmath=_FM, error_model="numpy", inline="always")
+def all_finite_flat(x):
+    """Whether every entry of the 1-D array ``x`` is finite."""
+    finite = True
+    for i in range(x.shape[0]):
+        finite &= math.isfinite(x[i])
     return finite

@@ -11,6 +11,7 @@ from numba import types as nb_types
 from numba.extending import overload
 
 from .amx import amx_call, operands_head
+from .borrow import flat
 from .fastmath import _FM
 from .gemm import (
     GEMM_AMX_BF16,
@@ -24,6 +25,7 @@ from .gemm import (
 from .half import f32_to_bf16_bits, f32_to_f16_bits
 from .softmax_tile import (
     all_finite,
+    all_finite_flat,
     exp_tile,
     exp_tile_bf16,
     exp_tile_bf16_pairs,
@@ -47,7 +49,7 @@ __all__ = [
     "_pair_rows",
     "_amx_scores",
     "_amx_values_acc",
-    "_store_out",
+    "_finish_rows",
     "_transposed_rows",
     "_row_address",
     "_amx_operands",
@@ -174,6 +176,8 @@ def _values_finite(vt):
 def _values_finite_impl(vt):
     if isinstance(vt.dtype, nb_types.Integer):
         return lambda vt: True
+    if vt.layout == "C":  # as one long loop (one short loop per row cost 4% of a 32 x 32 task)
+        return lambda vt: all_finite_flat(flat(vt))
     return lambda vt: all_finite(vt)
 
 
@@ -308,43 +312,73 @@ def _amx_values_acc(fn, vt_all, b, hk, j0, nk, pairs, nq, acct, o, nt):
     amx_call(fn, base, s[2], pairs.ctypes.data, 4 * nq, acct.ctypes.data + 4 * o, 4 * nt, vt_all.shape[2], nq, nk, True)
 
 
-def _store_out(out, i, c, x, f16):
-    """``out[i, c] = x``; for the 16-bit paths' uint16 ``out``, ``x`` rounded to float16 (``f16``)
-    or bfloat16, nearest even (the output's one rounding, as ``narrow`` did after the kernel)."""
+def _finish_rows(acc, l, m, tm, ob, lse, f16):
+    """The task's outputs: ``ob[r] = acc[r] / l[r]`` and ``lse[r] = m[r] + log(l[r])``, or 0 and
+    -inf for a row with nothing visible (``l[r] = 0``); for the 16-bit paths' uint16 ``ob`` the
+    row rounded to float16 (``f16``) or bfloat16, nearest even (the output's one rounding). ``tm``:
+    scratch of the arithmetic's dtype. The loops over a row are written per output type (an
+    inlined function per element took a reference count per row)."""
 
 
-@overload(_store_out, inline="always")
-def _store_out_impl(out, i, c, x, f16):
-    if isinstance(out.dtype, nb_types.Integer):
+@overload(_finish_rows, inline="always")
+def _finish_rows_impl(acc, l, m, tm, ob, lse, f16):
+    sixteen = isinstance(ob.dtype, nb_types.Integer)
 
-        def impl(out, i, c, x, f16):
-            if f16:
-                out[i, c] = f32_to_f16_bits(np.float32(x))
+    def impl(acc, l, m, tm, ob, lse, f16):
+        ev = ob.shape[1]
+        for r in range(ob.shape[0]):
+            total = l[r]
+            if total > 0.0 or total != total:
+                tm[0] = 1.0 / total  # rounded to dt: the row's loop stays in dt and vectorises
+                inv = tm[0]
+                if sixteen and f16:
+                    for c in range(ev):
+                        ob[r, c] = f32_to_f16_bits(np.float32(acc[r, c] * inv))
+                elif sixteen:
+                    for c in range(ev):
+                        ob[r, c] = f32_to_bf16_bits(np.float32(acc[r, c] * inv))
+                else:
+                    for c in range(ev):
+                        ob[r, c] = acc[r, c] * inv
+                lse[r] = m[r] + np.log(total)
             else:
-                out[i, c] = f32_to_bf16_bits(np.float32(x))
-
-        return impl
-
-    def impl(out, i, c, x, f16):
-        out[i, c] = x
+                for c in range(ev):
+                    ob[r, c] = 0
+                lse[r] = -np.inf
 
     return impl
 
 
-@njit(fastmath=_FM, error_model="numpy", inline="always")
 def _transposed_rows(acct, inv, ob, f16):
-    """``ob[r, c] = acct[c, r] * inv[r]`` (rounded as :func:`_store_out`): the AMX path's transposed
-    accumulator (Ev, nt) written as the task's (nt, Ev) rows, 16 rows at a time (both sides stay
-    in cache)."""
-    Ev, nt = acct.shape
-    full = nt // 16 * 16
-    for r0 in range(0, full, 16):
-        for c in range(Ev):
-            for r in range(r0, r0 + 16):
-                _store_out(ob, r, c, acct[c, r] * inv[r], f16)
-    for c in range(Ev):
-        for r in range(full, nt):
-            _store_out(ob, r, c, acct[c, r] * inv[r], f16)
+    """``ob[r, c] = acct[c, r] * inv[r]``, rounded as :func:`_finish_rows` rounds: the AMX path's
+    transposed accumulator (Ev, nt) written as the task's (nt, Ev) rows, 16 rows at a time (both
+    sides stay in cache)."""
+
+
+@overload(_transposed_rows, inline="always")
+def _transposed_rows_impl(acct, inv, ob, f16):
+    if not isinstance(ob.dtype, nb_types.Integer):  # (the AMX path's output is 16-bit)
+        return lambda acct, inv, ob, f16: None
+
+    def impl(acct, inv, ob, f16):
+        ev, nt = acct.shape
+        full = nt // 16 * 16
+        for r0 in range(0, full, 16):
+            for c in range(ev):
+                if f16:
+                    for r in range(r0, r0 + 16):
+                        ob[r, c] = f32_to_f16_bits(np.float32(acct[c, r] * inv[r]))
+                else:
+                    for r in range(r0, r0 + 16):
+                        ob[r, c] = f32_to_bf16_bits(np.float32(acct[c, r] * inv[r]))
+        for c in range(ev):
+            for r in range(full, nt):
+                if f16:
+                    ob[r, c] = f32_to_f16_bits(np.float32(acct[c, r] * inv[r]))
+                else:
+                    ob[r, c] = f32_to_bf16_bits(np.float32(acct[c, r] * inv[r]))
+
+    return impl
 
 
 @njit(inline="always")
