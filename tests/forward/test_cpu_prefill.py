@@ -67,6 +67,38 @@ def test_scores_rising_tile_after_tile(small_tiles, dtype, jump):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("first", [-40.0, -0.5, 0.0, 3.0, STALE_MAX_MARGIN, STALE_MAX_MARGIN + 0.5, 90.0])
+def test_plain_call_first_tile_maximum_anywhere(small_tiles, dtype, first, rng):
+    """A call without masks or mods, rows whose first tile's maximum is far below 0, near it, or
+    beyond the margin, in one tile (even rows a quarter of the odd ones), and later tiles more
+    than the margin above it (head 1): the first tile sets each row's shift, later ones keep or
+    raise it."""
+    L, S, E = 16, 48, 4
+    q = np.zeros((1, 2, L, E), dtype)
+    q[..., 0] = 1.0
+    q[:, :, ::2, 0] = 0.25  # even rows: a quarter of each score
+    k = np.zeros((1, 2, S, E), dtype)
+    k[..., 0] = first + rng.uniform(-1.0, 0.0, S).astype(dtype)
+    k[:, 1, 20:, 0] += 12.0  # head 1: later tiles above the first's maximum by more than the margin
+    v = rng.standard_normal((1, 2, S, E)).astype(dtype)
+    _check(q, k, v, dtype, scale=1.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_plain_call_rows_with_infinite_or_nan_queries(small_tiles, dtype, rng):
+    """An inf in q makes inf/NaN scores in a call without masks: the row is NaN as the reference's;
+    the other rows are untouched."""
+    q, k, v = (rng.standard_normal((1, 1, n, 4)).astype(dtype) for n in (8, 40, 40))
+    q[0, 0, 2, 1] = np.inf
+    q[0, 0, 5, 0] = np.nan
+    out = engine.scaled_dot_product_attention(q, k, v, backend="cpu")
+    ref = engine.scaled_dot_product_attention(q, k, v, backend="reference")
+    assert np.array_equal(np.isnan(out), np.isnan(ref))
+    ok = ~np.isnan(ref)
+    assert np.allclose(out[ok], ref[ok], atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_scores_falling_and_mixed_rows(small_tiles, dtype, rng):
     """Falling scores (the first tile's shift stays), and rows whose maximum arrives in
     different key tiles."""

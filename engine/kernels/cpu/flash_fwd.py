@@ -24,6 +24,7 @@ from numba import njit, prange, types
 
 from ...runtime.jit_cache import cache_enabled
 from ..fastexp import fast_exp
+from ..fastlog import fast_log
 from ..identity_mods import no_mask_mod, no_score_mod
 from ..kinds import MASK_BOOL, MASK_FLOAT, TILE_EMPTY, TILE_FULL, TILE_PARTIAL
 from ..mod_kernels import ModKernels
@@ -322,9 +323,10 @@ def _flash_task(task, args, mod_args, per_tile):
     lse = borrowed(args.lse)[b, h, t0:t1]
     if amx:  # the transposed accumulator: per-row quotients first, then 16 rows at a time
         for r in range(nt):
+            lse[r] = m[r] + fast_log(l[r])  # (vectorised: tile_ops._finish_rows)
+        for r in range(nt):
             total = l[r]
             if total > 0.0 or total != total:
-                lse[r] = m[r] + np.log(total)
                 m[r] = 1.0 / total  # (m is spent: it holds the row's 1 / sum now)
             else:
                 lse[r] = neg_inf

@@ -10,6 +10,7 @@ from numba import njit
 from numba import types as nb_types
 from numba.extending import overload
 
+from ..fastlog import fast_log
 from .amx import amx_call, operands_head
 from .borrow import flat
 from .fastmath import _FM
@@ -326,6 +327,8 @@ def _finish_rows_impl(acc, l, m, tm, ob, lse, f16):
 
     def impl(acc, l, m, tm, ob, lse, f16):
         ev = ob.shape[1]
+        for r in range(ob.shape[0]):  # one vectorised loop (a libm call per row was 3% at L = 32)
+            lse[r] = m[r] + fast_log(l[r])
         for r in range(ob.shape[0]):
             total = l[r]
             if total > 0.0 or total != total:
@@ -340,7 +343,6 @@ def _finish_rows_impl(acc, l, m, tm, ob, lse, f16):
                 else:
                     for c in range(ev):
                         ob[r, c] = acc[r, c] * inv
-                lse[r] = m[r] + np.log(total)
             else:
                 for c in range(ev):
                     ob[r, c] = 0
