@@ -180,6 +180,22 @@ _PER_CALL = (
 )
 
 
+_order = None
+
+
+def _argument_order():
+    """(the kernel argument fields ``_setup`` fixes, the ``itemgetter`` that puts fixed + per-call
+    values in field order): the same for every call, made once (per call it was 60 list
+    searches, a fifth of a call that has no plan)."""
+    global _order
+    if _order is None:
+        fields = kernels().FlashArgs._fields
+        fixed = [n for n in fields if n not in _PER_CALL]
+        order = fixed + list(_PER_CALL)
+        _order = (fixed, operator.itemgetter(*(order.index(name) for name in fields)))
+    return _order
+
+
 class _Setup:
     """What a problem's signature decides about its kernel call (:func:`_setup`): the kernel and
     its entry point (None until known, False when there is none), the BLAS pin, the tiles, the
@@ -255,10 +271,8 @@ def _setup(problem: AttentionProblem, gemm=None, plan=None, provider=None, seria
         jit_values_h=jit[3],
     )
     # the argument tuple is built as pick(fixed values + per-call values): one C call
-    fields = kernels().FlashArgs._fields
-    setup.template = tuple(fixed[name] for name in fields if name not in _PER_CALL)
-    order = [n for n in fields if n not in _PER_CALL] + list(_PER_CALL)
-    setup.pick = operator.itemgetter(*(order.index(name) for name in fields))
+    fixed_fields, setup.pick = _argument_order()
+    setup.template = tuple(fixed[name] for name in fixed_fields)
     setup.masks = kernel_masks(problem) if problem.attn_mask is None else None  # never written
     setup.direct = all(
         a.ndim == 4 and a.shape[0] == B and a.flags.c_contiguous for a in (problem.query, problem.key, problem.value)

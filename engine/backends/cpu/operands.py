@@ -4,6 +4,7 @@ mask slots, 16-bit widening and rounding, the dropout argument and the mask_mod'
 from __future__ import annotations
 
 import contextlib
+import math
 
 import numpy as np
 
@@ -103,7 +104,7 @@ def all_finite16(a: np.ndarray) -> bool:
 def _aligned_empty(shape, dtype) -> np.ndarray:
     """``np.empty`` whose data starts a 64-byte cache line."""
     dtype = np.dtype(dtype)
-    n = int(np.prod(shape)) * dtype.itemsize
+    n = math.prod(shape) * dtype.itemsize
     raw = np.empty(n + 64, dtype=np.uint8)
     off = -raw.ctypes.data % 64
     return raw[off : off + n].view(dtype).reshape(shape)
