@@ -228,10 +228,9 @@ def amx_gemm(dtype_name: str) -> int:
     contiguous entries; B (K x N) in the pair layout, K / 2 rows of N uint32 (entries (2i, j) and
     (2i + 1, j) of B in the low and high half of row i's j-th); C (M x N) float32, row-major.
     M, N and K multiples of :data:`AMX_BLOCK`; products summed in float32 by the hardware. The
-    tiles stay configured after a product (releasing them after each one made the calls 5x
-    slower for a while after an idle pause, Intel Xeon); ``M = 0`` releases them (``TILERELEASE``):
-    a caller does so when it is done, so that its thread does not carry 8 KiB of tile state
-    through context switches (``amx_release``).
+    tiles stay configured after a product; ``M = 0`` releases them (``TILERELEASE``): a caller
+    does so when it is done (``amx_release``), so that its thread does not carry 8 KiB of tile
+    state through context switches.
 
     Compiled here, apart from the kernels, only on a CPU with the extension (LLVM cannot emit an
     AMX instruction for a CPU without it), and called by address (:func:`amx_call`), so the
