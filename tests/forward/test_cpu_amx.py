@@ -176,3 +176,22 @@ def test_a_nan_value_or_a_size_amx_does_not_take_goes_another_path(rng, monkeypa
 def test_a_provider_named_keeps_the_amx_path_off(monkeypatch):
     monkeypatch.setenv(gp.ENV_VAR, "numpy")
     assert gp.sixteen_bit_amx("bfloat16") == 0
+
+
+def test_a_portable_numba_target_keeps_amx_off(monkeypatch):
+    """NUMBA_CPU_NAME=generic (portable caches) compiles for a CPU without AMX: the path must not
+    be taken (LLVM could not emit its instructions); NUMBA_CPU_FEATURES is read where set."""
+    import numba
+
+    from engine.kernels.cpu import amx
+
+    monkeypatch.setattr(numba.config, "CPU_NAME", "generic")
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", None)
+    amx._cpu_features.cache_clear()
+    try:
+        assert not amx.amx_ready("bfloat16") and amx.amx_gemm("bfloat16") == 0
+        monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx512f,-amx-tile,+amx-bf16")
+        amx._cpu_features.cache_clear()
+        assert not amx.amx_ready("bfloat16")  # no amx-tile
+    finally:
+        amx._cpu_features.cache_clear()

@@ -67,8 +67,10 @@ def _os_grants_amx() -> bool:
 
 def amx_ready(dtype_name: str) -> bool:
     """Whether :func:`amx_gemm` can run for ``dtype_name`` (``bfloat16``: AMX-BF16; ``float16``:
-    AMX-FP16) in this process: the CPU has the extension as LLVM detects it (the JIT compiles for
-    that CPU), Linux grants the tile state, and ``ATTENTION_ENGINE_AMX`` is not ``0``."""
+    AMX-FP16) in this process: the CPU Numba compiles for has the extension (the host CPU as LLVM
+    detects it, or ``NUMBA_CPU_FEATURES`` where set; a ``NUMBA_CPU_NAME`` without features, as for
+    portable caches, counts as none), Linux grants the tile state, and ``ATTENTION_ENGINE_AMX`` is
+    not ``0``."""
     if os.environ.get("ATTENTION_ENGINE_AMX", "1") == "0":
         return False
     need = {"bfloat16": "amx-bf16", "float16": "amx-fp16"}.get(dtype_name)
@@ -77,8 +79,15 @@ def amx_ready(dtype_name: str) -> bool:
 
 @functools.cache
 def _cpu_features() -> frozenset:
+    """The features of the CPU Numba compiles for (``numba.config``'s target where one is set:
+    LLVM cannot emit an AMX instruction for a target without it)."""
     import llvmlite.binding as ll
+    import numba
 
+    if numba.config.CPU_FEATURES:
+        return frozenset(f[1:] for f in numba.config.CPU_FEATURES.split(",") if f.startswith("+"))
+    if numba.config.CPU_NAME and numba.config.CPU_NAME != "host":
+        return frozenset()
     return frozenset(name for name, on in ll.get_host_cpu_features().items() if on)
 
 
