@@ -195,3 +195,18 @@ def test_a_portable_numba_target_keeps_amx_off(monkeypatch):
         assert not amx.amx_ready("bfloat16")  # no amx-tile
     finally:
         amx._cpu_features.cache_clear()
+
+
+def test_mkl_tiles_are_measured_on_mkls_path(monkeypatch):
+    """The tile measurement of MKL's 16-bit path must not time the AMX path, which the same call
+    takes by default (autotune's timer passes ``amx=False``)."""
+    _need(BF16)
+    engine.set_gemm_provider(None)
+    from engine.backends.cpu import autotune
+
+    calls = _spy(monkeypatch)
+    forward = cpu_forward.CpuForward().run
+    autotune._timer(forward, BF16, 64, "short", amx=False)(64, 64, 64)
+    assert calls == []
+    autotune._timer(forward, BF16, 64, "short")(64, 64, 64)
+    assert len(calls) == 1

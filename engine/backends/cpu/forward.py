@@ -71,15 +71,23 @@ class CpuForward(Op):
             reasons.append("E = 0 (BLAS cannot take an empty inner dimension)")
         return reasons
 
-    def run(self, problem: AttentionProblem, plan: TilePlan | None = None, provider=None, serial: bool | None = None):
+    def run(
+        self,
+        problem: AttentionProblem,
+        plan: TilePlan | None = None,
+        provider=None,
+        serial: bool | None = None,
+        amx: bool = True,
+    ):
         """``(out, lse)``. ``plan``, ``provider`` (a ``GemmProvider``; float operands) and
         ``serial`` override the tiles, the GEMM provider and the choice of the kernel's serial
-        build (the tile measurement, ``autotune``, uses them); by default they are chosen here."""
+        build (the tile measurement, ``autotune``, uses them); by default they are chosen here.
+        ``amx=False`` keeps a 16-bit call off the AMX path (the measurement of MKL's tiles)."""
         if dtype_name(problem.dtype) in SIXTEEN_BIT:  # memoised: dtype.name costs microseconds
-            return self._run_16bit(problem, plan, provider, serial)
+            return self._run_16bit(problem, plan, provider, serial, amx)
         return self._run(problem, plan=plan, provider=provider, serial=serial)
 
-    def _run_16bit(self, problem: AttentionProblem, plan, provider, serial):
+    def _run_16bit(self, problem: AttentionProblem, plan, provider, serial, amx_allowed):
         """A 16-bit problem: through a mixed-precision GEMM on the 16-bit bits where one is chosen
         (``engine.runtime.gemm_providers.sixteen_bit_gemm``), else widened to float32 (exact). Either way
         the kernel computes in float32 and the output and lse are rounded once to the input dtype
@@ -91,7 +99,7 @@ class CpuForward(Op):
             mask = np.asarray(mask).astype(f32)
         name = problem.dtype.name
         given = plan
-        amx = sixteen_bit_amx(name) if provider is None else 0
+        amx = sixteen_bit_amx(name) if provider is None and amx_allowed else 0
         half = sixteen_bit_gemm(name) if provider is None else None
         v = as4(problem.value, problem.batch)
         arrays = None
