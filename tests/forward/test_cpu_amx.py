@@ -203,9 +203,12 @@ def test_mkl_tiles_are_measured_on_mkls_path(monkeypatch):
     _need(BF16)
     engine.set_gemm_provider(None)
     from engine.backends.cpu import autotune
+    from engine.dispatch import select
+    from engine.problems.attention import validate_attention_args
 
     calls = _spy(monkeypatch)
-    forward = cpu_forward.CpuForward().run
+    x = np.zeros((1, 1, 32, 64), BF16)
+    forward = select("cpu", validate_attention_args(x, x, x))[1].run
     autotune._timer(forward, BF16, 64, "short", amx=False)(64, 64, 64)
     assert calls == []
     autotune._timer(forward, BF16, 64, "short")(64, 64, 64)
