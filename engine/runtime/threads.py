@@ -16,7 +16,8 @@ routine made for this: the runtime starts them again at its next parallel region
 tens of microseconds). The ``cpu`` forward op calls it before a large parallel kernel; it acts only
 on the calling thread's own pool (libgomp's pools are per thread), so a torch op running on
 another Python thread is not touched. It does nothing under Numba's ``omp`` layer (it would stop
-the engine's own workers) or where no GNU OpenMP runtime is loaded.
+the engine's own workers), where no GNU OpenMP runtime is loaded, or in a child made by
+``os.fork`` (GNU OpenMP cannot be called safely there: the pause hung).
 """
 
 from __future__ import annotations
@@ -212,6 +213,19 @@ def get_num_threads() -> int:
 #: omp_pause_resource_all of every GNU OpenMP runtime found, and len(sys.modules) when looked for
 _omp_pauses: list = []
 _omp_seen_modules = -1
+#: set in a child made by ``os.fork``: GNU OpenMP is not fork-safe, and a call into it there (the
+#: pause below) hangs when the parent's pool was busy at the fork (found by a trial: a torch op,
+#: then ``os.fork()``, then the engine's first large call in the child never returned)
+_forked_child = False
+
+
+def _after_fork_in_child() -> None:
+    global _forked_child
+    _forked_child = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 _omp_lock = threading.Lock()
 _OMP_PAUSE_SOFT = 1  # omp_pause_soft (omp.h)
 
@@ -244,7 +258,7 @@ def quiet_openmp() -> int:
     """Let the calling thread's idle GNU OpenMP workers go (see the module docstring); returns how
     many runtimes were asked. Looks for runtimes again whenever modules were imported since."""
     global _omp_pauses, _omp_seen_modules
-    if not _configured or numba_layer() == "omp":
+    if not _configured or _forked_child or numba_layer() == "omp":
         return 0
     n = len(sys.modules)
     if n != _omp_seen_modules:

@@ -98,11 +98,48 @@ print(json.dumps({"status": status}))
 
 def test_child_forked_after_torch_and_the_engine_ran():
     """A child forked after a torch op and an engine call runs both. (A child forked right after a
-    parallel torch op hangs in its own first parallel op, engine or not: GNU OpenMP's team does
-    not survive fork. Here the engine call between them let that team go, so the child's torch
-    starts a new one.)"""
+    parallel torch op hangs in its own first parallel torch op: GNU OpenMP's team does not survive
+    fork. Here the engine call between them let that team go, so the child's torch starts a new
+    one.)"""
     proc = subprocess.run(
         [sys.executable, "-c", _FORK, HERE], capture_output=True, text=True, timeout=HANG_TIMEOUT_S, cwd=HERE
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"status": 0}, proc.stderr[-3000:]
+
+
+_FORK_AFTER_TORCH = r"""
+import json, os, sys
+import numpy as np, torch
+sys.path[:0] = [sys.argv[1], os.path.dirname(sys.argv[1])]
+import engine
+import engine.backends.cpu.forward as fwd
+from test_cpu_threads_with_torch import _inputs
+fwd.CPU_QUIET_OPENMP_MIN_WORK = 0
+fwd.CPU_SERIAL_MAX_WORK = 0
+torch.set_num_threads(2); engine.set_num_threads(2)
+q, k, v = _inputs()
+expected = engine.scaled_dot_product_attention(q, k, v, backend="cpu")
+a = torch.randn(200, 200)
+torch.mm(a, a)  # torch's parallel op last: its OpenMP team is busy or spinning at the fork
+pid = os.fork()
+if pid == 0:  # the child: the engine only (its pause of OpenMP workers hung here)
+    ok = all(np.array_equal(engine.scaled_dot_product_attention(q, k, v, backend="cpu"), expected) for _ in range(3))
+    os._exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+print(json.dumps({"status": status}))
+"""
+
+
+def test_child_forked_right_after_a_torch_op_runs_the_engine():
+    """The engine does not call into GNU OpenMP in a forked child (``quiet_openmp`` is off
+    there): found by a trial, where the child's first large call hung in the pause."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _FORK_AFTER_TORCH, HERE],
+        capture_output=True,
+        text=True,
+        timeout=HANG_TIMEOUT_S,
+        cwd=HERE,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"status": 0}, proc.stderr[-3000:]
