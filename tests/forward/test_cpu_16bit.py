@@ -265,3 +265,24 @@ def test_wrapper_widen_and_narrow_are_exact(fmt, rng):
     got = _narrow(x, dt)
     nan = np.isnan(x)
     assert got.dtype == dt and np.array_equal(got.view(np.uint16)[~nan], want.view(np.uint16)[~nan])
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_one_hot_rows_give_the_value_row_exactly(dtype, path, rng, monkeypatch):
+    """Scores so large that each row's softmax is one-hot: the output is that key's value row, bit
+    for bit, as torch's and the reference's. (The 16-bit GEMM paths were a 16-bit step off on a
+    quarter of the rows: the largest weight's exponent, scale folded in, was not exactly 0 at such
+    magnitudes, and the second product read it rounded while the row's sum did not; found by a
+    trial.)"""
+    amx = _count_amx(monkeypatch, path, dtype)
+    scale = 1000.0 if dtype == BF16 else 100.0  # float16 scores overflow beyond
+    q = (rng.standard_normal((1, 1, 64, 64)) * scale).astype(dtype)
+    k = (rng.standard_normal((1, 1, 64, 64)) * scale).astype(dtype)
+    v = rng.standard_normal((1, 1, 64, 64)).astype(dtype)
+    s = q[0, 0].astype(np.float64) @ k[0, 0].astype(np.float64).T / 8
+    top2 = np.sort(s, axis=1)[:, -2:]
+    assert np.all(top2[:, 1] - top2[:, 0] > 50)  # one-hot in float64 already
+    out = engine.scaled_dot_product_attention(q, k, v, backend="cpu")
+    np.testing.assert_array_equal(out[0, 0], v[0, 0][s.argmax(axis=1)])
+    assert (amx() > 0) == (path == "AMX")

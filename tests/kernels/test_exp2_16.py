@@ -33,8 +33,9 @@ def test_16bit_pass_matches_float64(rng):
     nk, nq, scale = 67, 45, np.float32(0.3)
     st = (rng.standard_normal((nk, nq)) * 6).astype(np.float32)
     st[3, :5] = -np.inf  # masked scores
-    shift = (np.max(st, axis=0) * scale - rng.random(nq) * 4).astype(np.float32)
-    exact = np.exp(st.astype(np.float64) * float(scale) - shift.astype(np.float64))
+    # the 16-bit passes take each row's shift unscaled (a score) and compute (st - shift) * scale
+    shift = (np.max(st, axis=0) - rng.random(nq) * 4 / scale).astype(np.float32)
+    exact = np.exp((st.astype(np.float64) - shift.astype(np.float64)) * float(scale))
     for fn, fmt in ((exp_tile_bf16, ml_dtypes.bfloat16), (exp_tile_f16, np.float16)):
         pt = np.empty((nk, nq), np.uint16)
         ts, tc, tmx = np.empty(nq), np.empty(nq, np.float32), np.empty(nq, np.float32)

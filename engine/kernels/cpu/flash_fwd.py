@@ -144,7 +144,7 @@ def _flash_task(task, args, mod_args, per_tile):
     drop_size = bk * bq if dropping else 1
     # views cut from borrowed arrays count no references (kernels.cpu.borrow): the scratch is
     # kept alive to the end of the task, the arguments are alive for the whole call
-    fraw = _aligned_empty(2 * _line(bk * bq) + _line(nt * Ev) + _line(nt) + 5 * _line(bq) + _line(drop_size), dt)
+    fraw = _aligned_empty(2 * _line(bk * bq) + _line(nt * Ev) + 2 * _line(nt) + 6 * _line(bq) + _line(drop_size), dt)
     draw = np.empty(_line(nt) + bq, dtype=np.float64)
     fbuf, dbuf = borrowed(fraw), borrowed(draw)
     q_all, k_all, v_all = borrowed(args.q), borrowed(args.k), borrowed(args.v)
@@ -158,11 +158,15 @@ def _flash_task(task, args, mod_args, per_tile):
     o += _line(nt * Ev)
     m = fbuf[o : o + nt]  # the shift of each query row's exponentials
     o += _line(nt)
+    mr = fbuf[o : o + nt]  # the same unscaled: the score it was taken from (the 16-bit passes')
+    o += _line(nt)
     tm = fbuf[o : o + bq]
     o += _line(bq)
     tmx = fbuf[o : o + bq]
     o += _line(bq)
     shift = fbuf[o : o + bq]
+    o += _line(bq)
+    shift_raw = fbuf[o : o + bq]
     o += _line(bq)
     alpha = fbuf[o : o + bq]
     o += _line(bq)
@@ -265,11 +269,13 @@ def _flash_task(task, args, mod_args, per_tile):
                     alpha[r] = one
                     shift[r] = sh
                     m[o + r] = mn
+                    mr[o + r] = tm[r] if mn > neg_inf else zero
                 else:
                     shift[r] = mo
                     alpha[r] = one
+                shift_raw[r] = mr[o + r]
             pt = pt_buf[: nk * nq].reshape((nk, nq))
-            _exp_into(args.gemm_kind, dropping, st, pt, half, pass_scale, shift, ts, tc, tmx)
+            _exp_into(args.gemm_kind, dropping, st, pt, half, pass_scale, shift, shift_raw, ts, tc, tmx)
             redo = False
             for r in range(nq):
                 redo |= tmx[r] * pass_scale > m[o + r] + margin
@@ -281,7 +287,9 @@ def _flash_task(task, args, mod_args, per_tile):
                         alpha[r] *= fast_exp(mo - mt)
                         shift[r] = mt
                         m[o + r] = mt
-                _exp_into(args.gemm_kind, dropping, st, pt, half, pass_scale, shift, ts, tc, tmx)
+                        mr[o + r] = tmx[r]
+                        shift_raw[r] = tmx[r]
+                _exp_into(args.gemm_kind, dropping, st, pt, half, pass_scale, shift, shift_raw, ts, tc, tmx)
             rescale = False
             for r in range(nq):
                 l[o + r] = l[o + r] * alpha[r] + ts[r]

@@ -105,13 +105,17 @@ def _natural(t):
     return softmax_exp(t)
 
 
-def _exp_tile_storing(store, exp_of=_natural, units=1.0, pairs=False):
+def _exp_tile_storing(store, exp_of=_natural, units=1.0, pairs=False, raw=False):
     """:func:`exp_tile` with ``store`` compiled in (a function passed as an argument would make
     the kernel uncacheable), and its exponential: ``exp_of`` of the exponent times ``units``
     (``softmax_exp`` and 1, or :func:`exp2_16` and log2(e), whose product with the scale and the
     shift is made once per tile and per row). ``pairs``: ``out`` is uint32 (ceil(nk / 2), nq),
     key rows 2i and 2i + 1 stored in the low and high half of row i (the pair layout of AMX's
-    right operand, ``kernels.cpu.amx``; an odd last row paired with 0)."""
+    right operand, ``kernels.cpu.amx``; an odd last row paired with 0). ``raw``: ``shift`` holds
+    unscaled scores (a row's largest so far) and the exponent is ``(st - shift) * scale``, exactly 0
+    at that score whatever its size (the 16-bit passes: their second product reads the weights
+    rounded, so the largest weight must be exactly the one the row's sum counts, or a one-hot
+    row's output is a 16-bit step off at scores above about 1e4)."""
 
     @njit(fastmath=_FM, error_model="numpy")
     def exp_tile(st, out, scale, shift, ts, tc, tmx):
@@ -141,11 +145,15 @@ def _exp_tile_storing(store, exp_of=_natural, units=1.0, pairs=False):
                 if pairs:
                     o = out[c // 2]
                     for r in range(nq):
-                        sh = shift[r] * u
                         a = s0[r]
                         b = s1[r]
-                        p0 = exp_of(a * scale_u - sh)
-                        p1 = exp_of(b * scale_u - sh)
+                        if raw:
+                            p0 = exp_of((a - shift[r]) * scale_u)
+                            p1 = exp_of((b - shift[r]) * scale_u)
+                        else:
+                            sh = shift[r] * u
+                            p0 = exp_of(a * scale_u - sh)
+                            p1 = exp_of(b * scale_u - sh)
                         o[r] = np.uint32(store(p0)) | (np.uint32(store(p1)) << np.uint32(16))
                         tc[r] += p0 + p1
                         ab = a if a > b else b
@@ -154,11 +162,15 @@ def _exp_tile_storing(store, exp_of=_natural, units=1.0, pairs=False):
                     o0 = out[c]
                     o1 = out[c + 1]
                     for r in range(nq):
-                        sh = shift[r] * u
                         a = s0[r]
                         b = s1[r]
-                        p0 = exp_of(a * scale_u - sh)
-                        p1 = exp_of(b * scale_u - sh)
+                        if raw:
+                            p0 = exp_of((a - shift[r]) * scale_u)
+                            p1 = exp_of((b - shift[r]) * scale_u)
+                        else:
+                            sh = shift[r] * u
+                            p0 = exp_of(a * scale_u - sh)
+                            p1 = exp_of(b * scale_u - sh)
                         o0[r] = store(p0)
                         o1[r] = store(p1)
                         tc[r] += p0 + p1
@@ -169,7 +181,7 @@ def _exp_tile_storing(store, exp_of=_natural, units=1.0, pairs=False):
                 o0 = out[(c1 - 1) // 2] if pairs else out[c1 - 1]
                 for r in range(nq):
                     a = s0[r]
-                    p0 = exp_of(a * scale_u - shift[r] * u)
+                    p0 = exp_of((a - shift[r]) * scale_u) if raw else exp_of(a * scale_u - shift[r] * u)
                     o0[r] = store(p0)
                     tc[r] += p0
                     tmx[r] = a if a > tmx[r] else tmx[r]
@@ -196,11 +208,11 @@ def _to_bf16(x):  # the probabilities: a subnormal one may become 0 (the row's l
 
 #: the pass for float probabilities, and for 16-bit ones rounded to bfloat16 / float16
 exp_tile = _exp_tile_storing(_same)
-exp_tile_bf16 = _exp_tile_storing(_to_bf16, exp2_16, LOG2E)
-exp_tile_f16 = _exp_tile_storing(_to_f16, exp2_16, LOG2E)
+exp_tile_bf16 = _exp_tile_storing(_to_bf16, exp2_16, LOG2E, raw=True)
+exp_tile_f16 = _exp_tile_storing(_to_f16, exp2_16, LOG2E, raw=True)
 #: the same, the probabilities in AMX's pair layout (``kernels.cpu.amx``)
-exp_tile_bf16_pairs = _exp_tile_storing(_to_bf16, exp2_16, LOG2E, pairs=True)
-exp_tile_f16_pairs = _exp_tile_storing(_to_f16, exp2_16, LOG2E, pairs=True)
+exp_tile_bf16_pairs = _exp_tile_storing(_to_bf16, exp2_16, LOG2E, pairs=True, raw=True)
+exp_tile_f16_pairs = _exp_tile_storing(_to_f16, exp2_16, LOG2E, pairs=True, raw=True)
 
 
 @njit(fastmath=_FM, error_model="numpy", inline="always")

@@ -107,33 +107,37 @@ def _scores_gemm_impl(kind, fn, kt, qt, st):
     return lambda kind, fn, kt, qt, st: tile_gemm(kind, fn, kt, qt, st)
 
 
-def _exp_into(kind, dropping, st, pt, half, scale, shift, ts, tc, tmx):
+def _exp_into(kind, dropping, st, pt, half, scale, shift, shift_raw, ts, tc, tmx):
     """The softmax pass over ``st`` (``softmax_tile.exp_tile``) into the probabilities the second
     product reads: float ``pt``, or for 16-bit operands ``half`` rounded to the operand format in
-    the same pass (into float ``pt`` when ``dropping``: the dropout multiplies before rounding)."""
+    the same pass (into float ``pt`` when ``dropping``: the dropout multiplies before rounding).
+    ``shift``: the rows' shifts (scaled); ``shift_raw``: the same unscaled, which the 16-bit
+    passes take (``softmax_tile._exp_tile_storing``'s ``raw``)."""
 
 
 @overload(_exp_into, inline="always")
-def _exp_into_impl(kind, dropping, st, pt, half, scale, shift, ts, tc, tmx):
+def _exp_into_impl(kind, dropping, st, pt, half, scale, shift, shift_raw, ts, tc, tmx):
     if isinstance(half.dtype, nb_types.Integer):
 
-        def impl(kind, dropping, st, pt, half, scale, shift, ts, tc, tmx):
+        def impl(kind, dropping, st, pt, half, scale, shift, shift_raw, ts, tc, tmx):
             nk, nq = st.shape
             if dropping:
                 exp_tile(st, pt, scale, shift, ts, tc, tmx)
             elif kind == GEMM_AMX_BF16 or kind == GEMM_AMX_F16:  # pairs of key rows (kernels.cpu.amx)
                 pairs = half.view(np.uint32)[: (nk + 1) // 2 * nq].reshape(((nk + 1) // 2, nq))
                 if kind == GEMM_AMX_F16:
-                    exp_tile_f16_pairs(st, pairs, scale, shift, ts, tc, tmx)
+                    exp_tile_f16_pairs(st, pairs, scale, shift_raw, ts, tc, tmx)
                 else:
-                    exp_tile_bf16_pairs(st, pairs, scale, shift, ts, tc, tmx)
+                    exp_tile_bf16_pairs(st, pairs, scale, shift_raw, ts, tc, tmx)
             elif kind == GEMM_CBLAS_F16:
-                exp_tile_f16(st, half[: nk * nq].reshape((nk, nq)), scale, shift, ts, tc, tmx)
+                exp_tile_f16(st, half[: nk * nq].reshape((nk, nq)), scale, shift_raw, ts, tc, tmx)
             else:
-                exp_tile_bf16(st, half[: nk * nq].reshape((nk, nq)), scale, shift, ts, tc, tmx)
+                exp_tile_bf16(st, half[: nk * nq].reshape((nk, nq)), scale, shift_raw, ts, tc, tmx)
 
         return impl
-    return lambda kind, dropping, st, pt, half, scale, shift, ts, tc, tmx: exp_tile(st, pt, scale, shift, ts, tc, tmx)
+    return lambda kind, dropping, st, pt, half, scale, shift, shift_raw, ts, tc, tmx: exp_tile(
+        st, pt, scale, shift, ts, tc, tmx
+    )
 
 
 def _apply_dropout(kind, pt, zt, half):
