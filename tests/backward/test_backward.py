@@ -325,6 +325,24 @@ def test_gemm_acc_accumulates_in_place_with_any_row_stride(rng):
         np.testing.assert_array_equal(big[outside], before[outside])  # nothing else written
 
 
+def test_gemm_acc_takes_single_rows_whose_stride_is_the_items(rng):
+    # the forward's last query tile of one row: P.T is (1, keys) with both strides one item;
+    # BLAS refuses a leading dimension under the row's length (OpenBLAS printed "parameter
+    # number 10 had an illegal value" and left c as it was)
+    from engine.kernels.cpu.blas import gemm_acc_kernel
+
+    for dtype in (np.float32, np.float64):
+        col, b = randn(rng, (9, 1), dtype), randn(rng, (9, 5), dtype)
+        a = col.T  # (1, 9), strides (item, item)
+        assert a.strides[0] == a.itemsize
+        c = np.zeros((1, 5), dtype)
+        gemm_acc_kernel(a, b, c, False)
+        np.testing.assert_allclose(c, a @ b, rtol=1e-5)
+        c1 = np.zeros((9, 1), dtype)[:1]  # and a single output row: (1, 1)
+        gemm_acc_kernel(col[:3].T, col[:3], c1, False)
+        np.testing.assert_allclose(c1, col[:3].T @ col[:3], rtol=1e-5)
+
+
 def test_lse_less_precise_than_query_is_refused():
     q = np.random.default_rng(0).standard_normal((1, 2, 8, 16)).astype(np.float32)
     out, lse = engine.scaled_dot_product_attention(q, q, q, return_lse=True)

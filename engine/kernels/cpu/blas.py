@@ -11,7 +11,7 @@ from numba import njit, types
 from numba.extending import overload
 from numba.np.linalg import _BLAS, get_blas_kind
 
-__all__ = ["gemm_acc", "gemm_acc_kernel"]
+__all__ = ["gemm_acc", "gemm_acc_kernel", "row_ld"]
 
 _NO, _YES = ord("n"), ord("t")
 
@@ -19,6 +19,15 @@ _NO, _YES = ord("n"), ord("t")
 def gemm_acc(a, b, c, trans_a):
     """``c += (a.T if trans_a else a) @ b`` (float32 or float64; NumPy here, BLAS in kernels)."""
     c += (a.T if trans_a else a) @ b
+
+
+@njit(inline="always")
+def row_ld(x, item):
+    """The leading dimension BLAS is given for the C-order rows of ``x``: its row stride, or, for a
+    single row, whose stride can be anything (a column of a transposed view has the item's), the
+    row's length (BLAS rejects a leading dimension below it: OpenBLAS's "parameter number 10 had
+    an illegal value", and the product is not computed)."""
+    return max(x.strides[0] // item, x.shape[1], 1) if x.shape[0] <= 1 else x.strides[0] // item
 
 
 @overload(gemm_acc, target="cpu")
@@ -48,12 +57,12 @@ def _gemm_acc_overload(a, b, c, trans_a):
             k,
             ones[0:].ctypes,
             b.ctypes,
-            b.strides[0] // item,
+            row_ld(b, item),
             a.ctypes,
-            a.strides[0] // item,
+            row_ld(a, item),
             ones[1:].ctypes,
             c.ctypes,
-            c.strides[0] // item,
+            row_ld(c, item),
         )
 
     return impl

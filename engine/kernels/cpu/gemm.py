@@ -29,7 +29,7 @@ from numba import njit, types
 from numba.extending import intrinsic, overload
 
 from ...runtime.jit_cache import cache_enabled
-from .blas import gemm_acc
+from .blas import gemm_acc, row_ld
 
 __all__ = [
     "GEMM_NUMPY",
@@ -162,7 +162,7 @@ def tile_gemm(kind, fn, a, b, c):
         tb, ldb = _operand(b)
         if ta >= 0 and tb >= 0 and kk > 0 and m > 0 and n > 0:
             _cblas_call(
-                fn, ta, tb, m, n, kk, c.dtype.type(1), a, lda, b, ldb, c.dtype.type(0), c, c.strides[0] // c.itemsize
+                fn, ta, tb, m, n, kk, c.dtype.type(1), a, lda, b, ldb, c.dtype.type(0), c, row_ld(c, c.itemsize)
             )
             return
     np.dot(_blas_layout(a), _blas_layout(b), c)
@@ -181,7 +181,7 @@ def tile_gemm_acc(kind, fn, a, b, c):
         tb, ldb = _operand(b)
         if ta >= 0 and tb >= 0:
             one = c.dtype.type(1)
-            _cblas_call(fn, ta, tb, m, n, kk, one, a, lda, b, ldb, one, c, c.strides[0] // c.itemsize)
+            _cblas_call(fn, ta, tb, m, n, kk, one, a, lda, b, ldb, one, c, row_ld(c, c.itemsize))
             return
     if ta == _TRANS:
         gemm_acc(a.T, b, c, True)
@@ -210,7 +210,7 @@ def _gemm_16(fn, a, b, c, beta):
     n = b.shape[1]
     ta, lda = _operand(a)
     tb, ldb = _operand(b)
-    _cblas_call(fn, ta, tb, m, n, kk, np.float32(1.0), a, lda, b, ldb, beta, c, c.strides[0] // c.itemsize)
+    _cblas_call(fn, ta, tb, m, n, kk, np.float32(1.0), a, lda, b, ldb, beta, c, row_ld(c, c.itemsize))
 
 
 @njit(cache=_CACHE)
