@@ -24,12 +24,10 @@ from numba import njit, prange, types
 
 from ...runtime.jit_cache import cache_enabled
 from ..fastexp import fast_exp
-from ..fastlog import fast_log
 from ..identity_mods import no_mask_mod, no_score_mod
 from ..kinds import MASK_BOOL, MASK_FLOAT, TILE_EMPTY, TILE_FULL, TILE_PARTIAL
 from ..mod_kernels import ModKernels
 from ..philox import keep_scale
-from .amx import amx_release
 from .borrow import borrowed, keep_alive
 from .gemm import GEMM_AMX_BF16, GEMM_AMX_F16, GEMM_CBLAS_F16, jit_gemm
 from .softmax_tile import STALE_MAX_MARGIN, column_max
@@ -37,7 +35,9 @@ from .tile_ops import (
     _FM,
     _add_nonfinite,
     _aligned_empty,
+    _amx_finish,
     _amx_operands,
+    _amx_rescale,
     _amx_scores,
     _amx_values_acc,
     _apply_dropout,
@@ -48,9 +48,7 @@ from .tile_ops import (
     _line,
     _pair_buffer,
     _pair_rows,
-    _row_address,
     _scores_gemm,
-    _transposed_rows,
     _values_finite,
     _values_gemm_acc,
 )
@@ -210,11 +208,8 @@ def _flash_task(task, args, mod_args, per_tile):
             full = args.jit_scores != 0 and nk == args.block_k and nq == args.block_q
             st = st_buf[: nk * nq].reshape((nk, nq))
             qs = q_all[b, h, i0:i1].T  # (E, nq), read transposed by the GEMM
-            if amx:  # k's rows as they are, or their copy on cache lines
-                if args.k_amx.size > 0:
-                    _amx_scores(args.gemm_fn, _row_address(args.k_amx, b, hk, j0), E * 2, qv, o, nt, st)
-                else:
-                    _amx_scores(args.gemm_fn, _row_address(args.k, b, hk, j0), E * 2, qv, o, nt, st)
+            if amx:  # (the AMX steps compile to nothing for float operands: tile_ops)
+                _amx_scores(args.gemm_fn, args.k, args.k_amx, b, hk, j0, qv, o, nt, st)
             elif full:
                 jit_gemm(args.jit_scores, args.jit_scores_h, kt, qs, st)
             else:
@@ -299,11 +294,8 @@ def _flash_task(task, args, mod_args, per_tile):
                 keep_scale(seed_lo, seed_hi, b, h, i0, nq, j0, nk, drop_threshold, keep, zt)
                 _apply_dropout(args.gemm_kind, pt, zt, half)
             accs = acc[o : o + nq]
-            if rescale and amx:  # (values are finite on this path: a product, no select)
-                accts = acct[:, o : o + nq]
-                for c in range(Ev):
-                    for r in range(nq):
-                        accts[c, r] *= alpha[r]
+            if rescale and amx:
+                _amx_rescale(acct, alpha, o, nq, args.k)
             elif rescale:
                 for r in range(nq):
                     a = alpha[r]
@@ -314,7 +306,7 @@ def _flash_task(task, args, mod_args, per_tile):
                         for c in range(Ev):
                             accs[r, c] *= a
             if amx:
-                _amx_values_acc(args.gemm_fn, args.vt_amx, b, hk, j0, nk, half, nq, acct, o, nt)
+                _amx_values_acc(args.gemm_fn, args.vt_amx, b, hk, j0, nk, half, nq, acct, o, nt, args.k)
             elif not v_finite:  # the finite part's product as a finite tile's, then the NaN/inf values
                 vz_buf = np.empty(nk * Ev, dtype=args.v.dtype)  # alone, in the rows that weigh them
                 vz = _finite_values(vt, vz_buf)  # (kernels.nonfinite); rare: allocated where needed
@@ -329,18 +321,8 @@ def _flash_task(task, args, mod_args, per_tile):
                 _values_gemm_acc(args.gemm_kind, args.gemm_fn, pt, half, vt, accs)
     ob = borrowed(args.out)[b, h, t0:t1]  # the task's output rows (no reference count)
     lse = borrowed(args.lse)[b, h, t0:t1]
-    if amx:  # the transposed accumulator: per-row quotients first, then 16 rows at a time
-        for r in range(nt):
-            lse[r] = m[r] + fast_log(l[r])  # (vectorised: tile_ops._finish_rows)
-        for r in range(nt):
-            total = l[r]
-            if total > 0.0 or total != total:
-                m[r] = 1.0 / total  # (m is spent: it holds the row's 1 / sum now)
-            else:
-                lse[r] = neg_inf
-                m[r] = zero  # nothing was added to such a row: 0 * 0
-        _transposed_rows(acct, m, ob, f16)
-        amx_release(args.gemm_fn)
+    if amx:  # the transposed accumulator
+        _amx_finish(args.gemm_fn, acct, l, m, ob, lse, f16)
     else:
         _finish_rows(acc, l, m, tm, ob, lse, f16)
     keep_alive(fraw)

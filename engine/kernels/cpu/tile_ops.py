@@ -11,7 +11,7 @@ from numba import types as nb_types
 from numba.extending import overload
 
 from ..fastlog import fast_log
-from .amx import amx_call, operands_head
+from .amx import amx_call, amx_release, operands_head
 from .borrow import flat
 from .fastmath import _FM
 from .gemm import (
@@ -49,7 +49,9 @@ __all__ = [
     "_pair_buffer",
     "_pair_rows",
     "_amx_scores",
+    "_amx_rescale",
     "_amx_values_acc",
+    "_amx_finish",
     "_finish_rows",
     "_transposed_rows",
     "_row_address",
@@ -298,23 +300,98 @@ def _pair_rows_impl(q, b, h, t0, nt, qv):
     return lambda q, b, h, t0, nt, qv: None
 
 
-@njit(inline="always")
-def _amx_scores(fn, k_rows, k_stride, qv, o, nt, st):
-    """``st`` (nk, nq) float32 = the nk key rows at address ``k_rows`` (``k_stride`` bytes apart,
-    E 16-bit entries each) @ the queries ``o`` to ``o + nq`` of the task's paired rows ``qv``
-    (E / 2, nt)."""
-    nk, nq = st.shape
-    amx_call(fn, k_rows, k_stride, qv.ctypes.data + 4 * o, 4 * nt, st.ctypes.data, 4 * nq, nk, nq, k_stride // 2, False)
+# The AMX path's steps below compile to nothing for float operands (each is keyed on a 16-bit
+# argument's type): the float32/float64 task then carries none of their loops, which added a
+# fifth to its compile time (9.4 -> 11.4 s cold on Zen 4)
 
 
-@njit(inline="always")
-def _amx_values_acc(fn, vt_all, b, hk, j0, nk, pairs, nq, acct, o, nt):
+def _amx_scores(fn, k, k_amx, b, hk, j0, qv, o, nt, st):
+    """``st`` (nk, nq) float32 = the nk key rows from ``j0`` of head ``hk`` (of ``k_amx``, their
+    copy on cache lines, where it was made, else of ``k``) @ the queries ``o`` to ``o + nq`` of
+    the task's paired rows ``qv`` (E / 2, nt)."""
+
+
+@overload(_amx_scores, inline="always")
+def _amx_scores_impl(fn, k, k_amx, b, hk, j0, qv, o, nt, st):
+    if not isinstance(k.dtype, nb_types.Integer):
+        return lambda fn, k, k_amx, b, hk, j0, qv, o, nt, st: None
+
+    def impl(fn, k, k_amx, b, hk, j0, qv, o, nt, st):
+        nk, nq = st.shape
+        rows = _row_address(k_amx, b, hk, j0) if k_amx.size > 0 else _row_address(k, b, hk, j0)
+        stride = k.shape[3] * 2
+        amx_call(fn, rows, stride, qv.ctypes.data + 4 * o, 4 * nt, st.ctypes.data, 4 * nq, nk, nq, k.shape[3], False)
+
+    return impl
+
+
+def _amx_rescale(acct, alpha, o, nq, k):
+    """``acct[:, o : o + nq] *= alpha`` (per column: the accumulator is transposed); nothing for
+    float ``k``."""
+
+
+@overload(_amx_rescale, inline="always")
+def _amx_rescale_impl(acct, alpha, o, nq, k):
+    if not isinstance(k.dtype, nb_types.Integer):
+        return lambda acct, alpha, o, nq, k: None
+
+    def impl(acct, alpha, o, nq, k):
+        accts = acct[:, o : o + nq]  # (values are finite on this path: a product, no select)
+        for c in range(acct.shape[0]):
+            for r in range(nq):
+                accts[c, r] *= alpha[r]
+
+    return impl
+
+
+def _amx_values_acc(fn, vt_all, b, hk, j0, nk, pairs, nq, acct, o, nt, k):
     """``acct[:, o : o + nq] += vt_all[b, hk, :, j0 : j0 + nk] @ P`` for the probabilities'
     pairs (nk / 2, nq) at the start of ``pairs``: ``vt_all`` (B, H, Ev, S) the values
-    transposed, ``acct`` (Ev, nt) float32 the task's transposed output."""
-    s = vt_all.strides
-    base = vt_all.ctypes.data + b * s[0] + hk * s[1] + j0 * s[3]
-    amx_call(fn, base, s[2], pairs.ctypes.data, 4 * nq, acct.ctypes.data + 4 * o, 4 * nt, vt_all.shape[2], nq, nk, True)
+    transposed, ``acct`` (Ev, nt) float32 the task's transposed output (nothing for float ``k``)."""
+
+
+@overload(_amx_values_acc, inline="always")
+def _amx_values_acc_impl(fn, vt_all, b, hk, j0, nk, pairs, nq, acct, o, nt, k):
+    if not isinstance(k.dtype, nb_types.Integer):
+        return lambda fn, vt_all, b, hk, j0, nk, pairs, nq, acct, o, nt, k: None
+
+    def impl(fn, vt_all, b, hk, j0, nk, pairs, nq, acct, o, nt, k):
+        s = vt_all.strides
+        base = vt_all.ctypes.data + b * s[0] + hk * s[1] + j0 * s[3]
+        amx_call(
+            fn, base, s[2], pairs.ctypes.data, 4 * nq, acct.ctypes.data + 4 * o, 4 * nt, vt_all.shape[2], nq, nk, True
+        )
+
+    return impl
+
+
+def _amx_finish(fn, acct, l, m, ob, lse, f16):
+    """The AMX path's task outputs, as :func:`_finish_rows` writes them, from the transposed
+    accumulator ``acct`` (Ev, nt): the rows' lse and 1 / sum first (into ``m``, which is spent),
+    then the rows 16 at a time (:func:`_transposed_rows`); then the thread's AMX tiles released
+    through ``fn``. Nothing for a float ``ob``."""
+
+
+@overload(_amx_finish, inline="always")
+def _amx_finish_impl(fn, acct, l, m, ob, lse, f16):
+    if not isinstance(ob.dtype, nb_types.Integer):  # (the AMX path's output is 16-bit)
+        return lambda fn, acct, l, m, ob, lse, f16: None
+
+    def impl(fn, acct, l, m, ob, lse, f16):
+        nt = ob.shape[0]
+        for r in range(nt):
+            lse[r] = m[r] + fast_log(l[r])  # (vectorised: as _finish_rows)
+        for r in range(nt):
+            total = l[r]
+            if total > 0.0 or total != total:
+                m[r] = 1.0 / total
+            else:
+                lse[r] = -np.inf
+                m[r] = 0.0  # nothing was added to such a row: 0 * 0
+        _transposed_rows(acct, m, ob, f16)
+        amx_release(fn)
+
+    return impl
 
 
 def _finish_rows(acc, l, m, tm, ob, lse, f16):
