@@ -28,6 +28,7 @@ from ..identity_mods import no_mask_mod, no_score_mod
 from ..kinds import MASK_BOOL, MASK_FLOAT, TILE_EMPTY, TILE_FULL, TILE_PARTIAL
 from ..mod_kernels import ModKernels
 from ..philox import keep_scale
+from .amx_steps import _amx_finish, _amx_operands, _amx_rescale, _amx_scores, _amx_values_acc, _pair_buffer, _pair_rows
 from .borrow import borrowed, keep_alive
 from .gemm import GEMM_AMX_BF16, GEMM_AMX_F16, GEMM_CBLAS_F16, jit_gemm
 from .softmax_tile import STALE_MAX_MARGIN, column_max
@@ -35,19 +36,12 @@ from .tile_ops import (
     _FM,
     _add_nonfinite,
     _aligned_empty,
-    _amx_finish,
-    _amx_operands,
-    _amx_rescale,
-    _amx_scores,
-    _amx_values_acc,
     _apply_dropout,
     _exp_into,
     _finish_rows,
     _finite_values,
     _half_buffer,
     _line,
-    _pair_buffer,
-    _pair_rows,
     _scores_gemm,
     _values_finite,
     _values_gemm_acc,
