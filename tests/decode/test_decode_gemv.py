@@ -91,3 +91,63 @@ def test_gemv_kernel_one_row_skips_unweighed_values_among_eight():
     kc[0, 0, 2] = 0.0
     out = engine.attention_with_kvcache(q, kc, vc, cache_seqlens=12, backend="cpu")
     assert np.isnan(out).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_both_read_orders_of_one_row_match_the_reference(dtype, monkeypatch):
+    # one query row per cache head (R = 1): the interleaved passes and the address-order ones
+    # (GemvArgs.sequential, chosen per machine by autotune.tune_decode_order) give the same result
+    rng = np.random.default_rng(7)
+    tol = 2e-5 if dtype == np.float32 else 1e-12
+    for case in range(6):
+        B, H, D, S_max = int(rng.integers(1, 3)), int(rng.integers(1, 4)), int(rng.choice([8, 64, 128])), 700
+        q = rng.standard_normal((B, H, 1, D)).astype(dtype)
+        kc = rng.standard_normal((B, H, S_max, D)).astype(dtype)
+        vc = rng.standard_normal((B, H, S_max, D)).astype(dtype)
+        if case == 4:  # a NaN value the window gives weight 0: skipped, so out stays finite
+            vc[0, 0, 10] = np.nan
+        kw = dict(
+            cache_seqlens=rng.integers(300, 600, B).astype(np.int32),
+            window=None if case % 2 else (100 if case == 4 else int(rng.integers(0, 300)), 0),
+            num_splits=None if case < 3 else 2,
+            return_lse=True,
+        )
+        want = engine.attention_with_kvcache(q, kc, vc, backend="reference", **kw)
+        for sequential in (False, True):
+            monkeypatch.setattr(cpu_decode, "tune_decode_order", lambda dt, s=sequential: s)
+            plan.invalidate()
+            for _ in range(2):  # the second call runs on the plan
+                out, lse = engine.attention_with_kvcache(q, kc, vc, backend="cpu", **kw)
+            assert np.isfinite(out).all()
+            np.testing.assert_allclose(out, want[0], rtol=tol, atol=tol, err_msg=f"sequential={sequential}")
+            np.testing.assert_allclose(lse, want[1], rtol=tol, atol=tol, err_msg=f"sequential={sequential}")
+    plan.invalidate()
+
+
+def test_the_read_order_is_measured_once_and_kept(tmp_path, monkeypatch):
+    import numba
+
+    from engine.backends.cpu import autotune
+    from engine.runtime import tuning
+
+    folder = tmp_path / "cache"
+    folder.mkdir(mode=0o700)
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(folder))
+    monkeypatch.setattr(autotune, "DECODE_ORDER_PROBLEM", (2, 512, 64))  # small: the test is not a timing
+    tuning.set_autotune(True)
+    tuning._forget()
+    try:
+        got = autotune.tune_decode_order(np.dtype(np.float32))
+        stored = tuning.lookup("decode-order/float32", lambda v: True)
+        assert stored["sequential"] is got
+        assert set(stored["ms"]) == {"interleaved", "sequential"} and all(t > 0 for t in stored["ms"].values())
+        assert got is (stored["ms"]["sequential"] < stored["ms"]["interleaved"])
+        tuning._forget()  # a new process reads it back
+        monkeypatch.setattr(autotune, "_measure", lambda *a: pytest.fail("measured again"))
+        assert autotune.tune_decode_order(np.dtype(np.float32)) is got
+        tuning.set_autotune(False)  # off: the fixed rule (interleaved)
+        tuning._forget()
+        assert autotune.tune_decode_order(np.dtype(np.float32)) is False
+    finally:
+        tuning.set_autotune(None)
+        tuning._forget()

@@ -8,6 +8,11 @@ What is measured, and how:
   class (head 64); the provider with the fastest best wins, ``numpy`` (no extra library) unless
   another is faster by more than ``GEMM_CALIBRATION_MARGIN``. The backward uses the same provider
   (``get_gemm_provider``).
+* **The order the decode kernel reads a cache in, per dtype** (float32, float64): the GEMV kernel
+  (``engine.kernels.cpu.decode_gemv``) on one query row per head of a cache larger than most L3
+  caches (:data:`DECODE_ORDER_PROBLEM`), its four- and eight-row interleaved passes against one
+  row at a time in address order; the faster one is kept (interleaved, today's rule, when tuning
+  is off). About 0.1-0.2 s and 128 MiB of memory for the moment it runs, once per machine.
 * **The tiles, per class** (provider, dtype, head width up to 64 / 128, query length short /
   medium / long: ``tiles.tile_class``): every (block_q, block_k) of ``tiles.BLOCK_Q_CHOICES`` x
   ``tiles.BLOCK_K_CHOICES`` with 256 query rows per task, then the winner with other rows per
@@ -29,12 +34,12 @@ import time
 import numpy as np
 
 from ...problems.base import dtype_name
-from ...runtime.config import GEMM_CALIBRATION_CANDIDATES, GEMM_CALIBRATION_MARGIN
+from ...runtime.config import DECODE_BLOCK_K, GEMM_CALIBRATION_CANDIDATES, GEMM_CALIBRATION_MARGIN
 from ...runtime.gemm_providers import PROVIDER_KEY, load_provider, valid_provider_choice
 from ...runtime.tuning import remember, tuned
 from .tiles import BLOCK_K_CHOICES, BLOCK_Q_CHOICES, TASK_ROWS_CHOICES, TilePlan, tile_key, valid_tiles
 
-__all__ = ["tune_provider", "tune_tiles", "CLASS_PROBLEMS", "ROUNDS"]
+__all__ = ["tune_provider", "tune_tiles", "tune_decode_order", "DECODE_ORDER_PROBLEM", "CLASS_PROBLEMS", "ROUNDS"]
 
 #: timed rounds per candidate (after one untimed call)
 ROUNDS = 3
@@ -142,3 +147,43 @@ def tune_tiles(forward, provider, dtype: np.dtype, width: int, length: str, name
     if name is None:
         name = "mkl" if provider is None else provider.name
     return tuned(tile_key(name, dtype_name(dtype), width, length), measure, valid_tiles)
+
+
+#: the cache the decode order is measured on: (heads, keys, head size), K and V of 64 MiB each
+#: in float32 (more than most CPUs' L3, where the two orders differ most)
+DECODE_ORDER_PROBLEM = (8, 16384, 128)
+
+
+def tune_decode_order(dtype: np.dtype) -> bool:
+    """Whether the GEMV decode kernel reads a single query row's cache in address order on this
+    machine (``GemvArgs.sequential``), measured now if not stored (its serial build, each order
+    timed in this thread's CPU time, the least of :data:`ROUNDS` rounds); False when tuning is
+    off. ``dtype``: float32 or float64."""
+    from ...kernels.cpu.decode_gemv import GemvArgs, gemv_kernel
+
+    def measure() -> dict:
+        H, S, D = DECODE_ORDER_PROBLEM
+        # the values do not change the work (no weight is 0 at this scale): ones, no random fill
+        kc = np.ones((1, H, S, D), dtype)
+        vc = np.ones((1, H, S, D), dtype)
+        q = np.full((1, H, 1, D), 0.01, dtype)
+        out, lse = np.empty((1, H, 1, D), dtype), np.empty((1, H, 1), dtype)
+        kernel = gemv_kernel(True)
+
+        def run(sequential: bool) -> float:
+            seqlens = np.array([S], np.int64)
+            args = GemvArgs(q, kc, vc, seqlens, True, -1, -1, 1.0, 1, 1, DECODE_BLOCK_K, sequential, out, lse)
+            t = time.thread_time()
+            kernel(args, ())
+            return time.thread_time() - t
+
+        secs = _measure(run, [(False,), (True,)])
+        inter, seq = secs[(False,)], secs[(True,)]
+        return {
+            "sequential": seq < inter,
+            "ms": {"interleaved": round(inter * 1e3, 3), "sequential": round(seq * 1e3, 3)},
+            "measured": _now(),
+        }
+
+    got = tuned(f"decode-order/{np.dtype(dtype).name}", measure, lambda v: isinstance(v.get("sequential"), bool))
+    return False if got is None else got["sequential"]

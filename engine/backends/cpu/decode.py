@@ -22,6 +22,7 @@ from ...runtime.entry_points import Bound
 from ...runtime.threads import get_num_threads, kernel_call_guard
 from ..base import Op
 from ..kvcache import new_entries_written, pick_num_splits
+from .autotune import tune_decode_order
 from .blas_pin import get_blas_pin
 from .varlen import attend_packed
 
@@ -180,6 +181,7 @@ def _setup(problem: DecodeProblem) -> _Setup:
 
         per_call, args_type = _GEMV_PER_CALL, decode_gemv.GemvArgs
         fixed = {k: fixed[k] for k in ("causal", "left", "right", "group", "block_k")}
+        fixed["sequential"] = tune_decode_order(compute)  # measured once per machine and dtype
         setup.kernels = tuple(decode_gemv.gemv_kernel(serial) for serial in (0, 1))
         setup.gemv = True  # it writes (B, Hq, L, Dv) itself, and allocates its split-KV parts
     else:  # the parallel and the serial build; a prepared runner calls their entry points once known

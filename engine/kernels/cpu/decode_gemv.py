@@ -11,7 +11,13 @@ Runtime made the same change for M = 1 (a GEMV kernel in place of BLAS GEMM). Th
 softmax over the tile and the weighted sum of the value rows (eight value rows per pass over
 the accumulator for one row, four for each row of a GQA group: an eighth or a quarter of its loads
 and stores), a value row skipped where its weight is 0 (so a NaN/inf value reaches only the rows
-that weigh it). With one split the tasks write the result itself; with more, split-KV's partial
+that weigh it). Those interleaved reads (four or eight rows at once, 512 bytes apart at D = 128)
+are the faster order on some CPUs and three times slower on others: on AMD Zen 4, from a cache
+larger than L3, the key pass read 11.6 GB/s interleaved against 30 one key at a time (and the
+value pass 11 against 33), on one thread, while within L3 the four-key pass was 7% faster. So a
+single row (``R == 1``: decode without GQA) reads in address order where ``sequential``, which
+``engine.backends.cpu.autotune.tune_decode_order`` measures once per machine. With one split the
+tasks write the result itself; with more, split-KV's partial
 results are merged as in the general kernel (``engine.kernels.cpu.decode``). The tasks' scratch is
 allocated once per call by the driver (a view reshaped inside a task costs a call into Numba's
 runtime: a tenth of the step at short lengths).
@@ -47,6 +53,7 @@ class GemvArgs(NamedTuple):
     group: int
     splits: int
     block_k: int
+    sequential: bool
     out: np.ndarray
     lse: np.ndarray
 
@@ -182,8 +189,16 @@ def _gemv_task(task, args, qs, st, acc, ml, lim, part_out, part_lse):
     while j0 < s1:
         nk = min(T, s1 - j0)
         # scores: matrix-vector products, four keys per pass over every row (the four key rows
-        # stay in L1 for the rows of a GQA group)
+        # stay in L1 for the rows of a GQA group), or for one row, where ``sequential``, one key
+        # at a time (the cache read in address order: see the module's docstring)
         c = 0
+        if R == 1 and args.sequential:
+            while c < nk:
+                t = zero
+                for d in range(D):
+                    t += keys[j0 + c, d] * qt[0, d]
+                sc[0, c] = t
+                c += 1
         while c + 4 <= nk:
             for r in range(R):
                 t0, t1, t2, t3 = _dot4(keys, j0 + c, qt, r, D)
@@ -229,7 +244,14 @@ def _gemv_task(task, args, qs, st, acc, ml, lim, part_out, part_lse):
         # eighth of its loads and stores: 1.13x on a 256 MB cache, one thread, Intel Xeon); a
         # GQA group: four per pass for each row, the four value rows read from L1
         c = 0
-        if R == 1:
+        if R == 1 and args.sequential:  # one value row per pass, in address order
+            while c < nk:
+                w = sc[0, c]
+                if w != zero:
+                    for e in range(Dv):
+                        ac[0, e] += w * values[j0 + c, e]
+                c += 1
+        elif R == 1:
             while c + 8 <= nk:
                 weighed = True
                 for cc in range(c, c + 8):
