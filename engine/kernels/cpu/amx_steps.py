@@ -2,7 +2,8 @@
 the queries in AMX's pair layout, both tile products by ``amx_gemm``'s address, the transposed
 accumulator's rescale and output rows, and the driver's k and v.T. Each is an overload keyed on a
 16-bit argument's type that compiles to nothing for float operands, so the float32/float64 task
-carries none of their loops (they had added a fifth to its compile time: 9.4 -> 11.4 s cold on Zen 4).
+carries none of their loops (they had added a fifth to its compile time: 9.4 -> 11.4 s cold on Zen 4);
+they are plain calls, not inlined by Numba, as in ``tile_ops``.
 """
 
 import numpy as np
@@ -33,7 +34,7 @@ def _pair_buffer(q, n):
     float operands)."""
 
 
-@overload(_pair_buffer, inline="always")
+@overload(_pair_buffer)
 def _pair_buffer_impl(q, n):
     if isinstance(q.dtype, nb_types.Integer):
         return lambda q, n: _aligned_empty(n, np.uint32)
@@ -46,7 +47,7 @@ def _pair_rows(q, b, h, t0, nt, qv):
     float operands)."""
 
 
-@overload(_pair_rows, inline="always")
+@overload(_pair_rows)
 def _pair_rows_impl(q, b, h, t0, nt, qv):
     if isinstance(q.dtype, nb_types.Integer):
 
@@ -73,7 +74,7 @@ def _amx_scores(fn, k, k_amx, b, hk, j0, qv, o, nt, st):
     the task's paired rows ``qv`` (E / 2, nt)."""
 
 
-@overload(_amx_scores, inline="always")
+@overload(_amx_scores)
 def _amx_scores_impl(fn, k, k_amx, b, hk, j0, qv, o, nt, st):
     if not isinstance(k.dtype, nb_types.Integer):
         return lambda fn, k, k_amx, b, hk, j0, qv, o, nt, st: None
@@ -92,7 +93,7 @@ def _amx_rescale(acct, alpha, o, nq, k):
     float ``k``."""
 
 
-@overload(_amx_rescale, inline="always")
+@overload(_amx_rescale)
 def _amx_rescale_impl(acct, alpha, o, nq, k):
     if not isinstance(k.dtype, nb_types.Integer):
         return lambda acct, alpha, o, nq, k: None
@@ -112,7 +113,7 @@ def _amx_values_acc(fn, vt_all, b, hk, j0, nk, pairs, nq, acct, o, nt, k):
     transposed, ``acct`` (Ev, nt) float32 the task's transposed output (nothing for float ``k``)."""
 
 
-@overload(_amx_values_acc, inline="always")
+@overload(_amx_values_acc)
 def _amx_values_acc_impl(fn, vt_all, b, hk, j0, nk, pairs, nq, acct, o, nt, k):
     if not isinstance(k.dtype, nb_types.Integer):
         return lambda fn, vt_all, b, hk, j0, nk, pairs, nq, acct, o, nt, k: None
@@ -134,7 +135,7 @@ def _amx_finish(fn, acct, l, m, ob, lse, f16):
     through ``fn``. Nothing for a float ``ob``."""
 
 
-@overload(_amx_finish, inline="always")
+@overload(_amx_finish)
 def _amx_finish_impl(fn, acct, l, m, ob, lse, f16):
     if not isinstance(ob.dtype, nb_types.Integer):  # (the AMX path's output is 16-bit)
         return lambda fn, acct, l, m, ob, lse, f16: None
@@ -162,7 +163,7 @@ def _transposed_rows(acct, inv, ob, f16):
     sides stay in cache)."""
 
 
-@overload(_transposed_rows, inline="always")
+@overload(_transposed_rows)
 def _transposed_rows_impl(acct, inv, ob, f16):
     if not isinstance(ob.dtype, nb_types.Integer):  # (the AMX path's output is 16-bit)
         return lambda acct, inv, ob, f16: None
@@ -199,7 +200,7 @@ def _amx_operands(k, v, k_amx, vt_amx, bh):
     """:func:`~engine.kernels.cpu.amx.operands_head` for 16-bit operands (nothing for float ones)."""
 
 
-@overload(_amx_operands, inline="always")
+@overload(_amx_operands)
 def _amx_operands_impl(k, v, k_amx, vt_amx, bh):
     if isinstance(v.dtype, nb_types.Integer):
         return lambda k, v, k_amx, vt_amx, bh: operands_head(k, v, k_amx, vt_amx, bh)
