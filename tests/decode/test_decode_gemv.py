@@ -141,7 +141,8 @@ def test_the_read_order_is_measured_once_and_kept(tmp_path, monkeypatch):
         stored = tuning.lookup("decode-order/float32", lambda v: True)
         assert stored["sequential"] is got
         assert set(stored["ms"]) == {"interleaved", "sequential"} and all(t > 0 for t in stored["ms"].values())
-        assert got is (stored["ms"]["sequential"] < stored["ms"]["interleaved"])
+        seq, inter = stored["ms"]["sequential"], stored["ms"]["interleaved"]
+        assert seq == inter or got is (seq < inter)  # (stored rounded: equal ones say nothing)
         tuning._forget()  # a new process reads it back
         monkeypatch.setattr(autotune, "_measure", lambda *a: pytest.fail("measured again"))
         assert autotune.tune_decode_order(np.dtype(np.float32)) is got
