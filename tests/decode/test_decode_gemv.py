@@ -143,6 +143,10 @@ def test_the_read_order_is_measured_once_and_kept(tmp_path, monkeypatch):
         assert set(stored["ms"]) == {"interleaved", "sequential"} and all(t > 0 for t in stored["ms"].values())
         seq, inter = stored["ms"]["sequential"], stored["ms"]["interleaved"]
         assert seq == inter or got is (seq < inter)  # (stored rounded: equal ones say nothing)
+        from engine.backends.cpu import _tuning_note  # what `attention-engine list` prints
+
+        order = "address order" if got else "interleaved"
+        assert f"decode float32 {order}" in _tuning_note(tuning.tuning_info())
         tuning._forget()  # a new process reads it back
         monkeypatch.setattr(autotune, "_measure", lambda *a: pytest.fail("measured again"))
         assert autotune.tune_decode_order(np.dtype(np.float32)) is got

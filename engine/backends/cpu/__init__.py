@@ -42,21 +42,24 @@ class CpuBackend(Backend):
 
 
 def _tuning_note(tuning: dict) -> str:
-    """One line for ``attention-engine list``: the tiles and providers measured on this machine."""
+    """One line for ``attention-engine list``: the tiles, providers and decode read order measured on
+    this machine."""
     if not tuning["enabled"]:
-        return "forward tiles: the fixed rule (ATTENTION_ENGINE_AUTOTUNE=0)"
-    tiles, gemm = [], []
+        return "forward tiles and decode read order: the fixed rule (ATTENTION_ENGINE_AUTOTUNE=0)"
+    tiles, gemm, order = [], [], []
     for key, value in tuning["choices"].items():
         kind, _, rest = key.partition("/")
         if kind == "cpu-forward-tiles":
             tiles.append(f"{rest} {value.get('block_q')}x{value.get('block_k')}/{value.get('task_rows')}")
         elif kind == "cpu-gemm":
             gemm.append(f"{rest} {value.get('provider')}")
+        elif kind == "decode-order":
+            order.append(f"decode {rest} {'address order' if value.get('sequential') else 'interleaved'}")
     where = tuning["path"] or "memory only (no cache folder)"
-    if not tiles and not gemm:
+    if not tiles and not gemm and not order:
         return f"forward tiles: measured on first large call per class, kept in {where}; none measured yet"
     return (
         "measured on this machine (query x key rows / rows per task): "
-        + "; ".join(gemm + tiles)
+        + "; ".join(gemm + tiles + order)
         + f" (kept in {where}; ATTENTION_ENGINE_AUTOTUNE=0 for the fixed rule)"
     )

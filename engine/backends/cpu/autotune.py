@@ -12,7 +12,10 @@ What is measured, and how:
   (``engine.kernels.cpu.decode_gemv``) on one query row per head of a cache larger than most L3
   caches (:data:`DECODE_ORDER_PROBLEM`), its four- and eight-row interleaved passes against one
   row at a time in address order; the faster one is kept (interleaved, today's rule, when tuning
-  is off). About 0.1-0.2 s and 128 MiB of memory for the moment it runs, once per machine.
+  is off). Once per machine and dtype, on the first call that takes the kernel: 128 MiB of cache
+  for the moment it runs and 0.3-0.6 s on a warm Numba cache (allocating it, eight calls of the
+  kernel's serial build), plus that build's compile on a cold one (seconds; small decode calls use
+  it anyway).
 * **The tiles, per class** (provider, dtype, head width up to 64 / 128, query length short /
   medium / long: ``tiles.tile_class``): every (block_q, block_k) of ``tiles.BLOCK_Q_CHOICES`` x
   ``tiles.BLOCK_K_CHOICES`` with 256 query rows per task, then the winner with other rows per
@@ -149,8 +152,8 @@ def tune_tiles(forward, provider, dtype: np.dtype, width: int, length: str, name
     return tuned(tile_key(name, dtype_name(dtype), width, length), measure, valid_tiles)
 
 
-#: the cache the decode order is measured on: (heads, keys, head size), K and V of 64 MiB each
-#: in float32 (more than most CPUs' L3, where the two orders differ most)
+#: the cache the decode order is measured on: (heads, keys, head size) in float32, K and V of 64
+#: MiB each (more than most CPUs' L3, where the two orders differ most); float64 takes half the keys
 DECODE_ORDER_PROBLEM = (8, 16384, 128)
 
 
@@ -163,6 +166,7 @@ def tune_decode_order(dtype: np.dtype) -> bool:
 
     def measure() -> dict:
         H, S, D = DECODE_ORDER_PROBLEM
+        S = S * 4 // np.dtype(dtype).itemsize  # the same bytes in every dtype
         # the values do not change the work (no weight is 0 at this scale): ones, no random fill
         kc = np.ones((1, H, S, D), dtype)
         vc = np.ones((1, H, S, D), dtype)
