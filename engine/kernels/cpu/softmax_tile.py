@@ -117,6 +117,14 @@ def _exp_tile_storing(store, exp_of=_natural, units=1.0, pairs=False, raw=False)
     rounded, so the largest weight must be exactly the one the row's sum counts, or a one-hot
     row's output is a 16-bit step off at scores above about 1e4)."""
 
+    @njit(fastmath=_FM, error_model="numpy", inline="always")  # per element: inlined, so it vectorises
+    def weight(a, shift_r, scale_u, u):
+        """One score's exponential: ``(a - shift_r) * scale`` where ``raw``, else ``a * scale -
+        shift_r`` (each times ``units``)."""
+        if raw:
+            return exp_of((a - shift_r) * scale_u)
+        return exp_of(a * scale_u - shift_r * u)
+
     @njit(fastmath=_FM, error_model="numpy")
     def exp_tile(st, out, scale, shift, ts, tc, tmx):
         """One pass over ``st`` (nk, nq): ``out[c, r] = store(exp(st[c, r] * scale - shift[r]))``,
@@ -147,13 +155,8 @@ def _exp_tile_storing(store, exp_of=_natural, units=1.0, pairs=False, raw=False)
                     for r in range(nq):
                         a = s0[r]
                         b = s1[r]
-                        if raw:
-                            p0 = exp_of((a - shift[r]) * scale_u)
-                            p1 = exp_of((b - shift[r]) * scale_u)
-                        else:
-                            sh = shift[r] * u
-                            p0 = exp_of(a * scale_u - sh)
-                            p1 = exp_of(b * scale_u - sh)
+                        p0 = weight(a, shift[r], scale_u, u)
+                        p1 = weight(b, shift[r], scale_u, u)
                         o[r] = np.uint32(store(p0)) | (np.uint32(store(p1)) << np.uint32(16))
                         tc[r] += p0 + p1
                         ab = a if a > b else b
@@ -164,13 +167,8 @@ def _exp_tile_storing(store, exp_of=_natural, units=1.0, pairs=False, raw=False)
                     for r in range(nq):
                         a = s0[r]
                         b = s1[r]
-                        if raw:
-                            p0 = exp_of((a - shift[r]) * scale_u)
-                            p1 = exp_of((b - shift[r]) * scale_u)
-                        else:
-                            sh = shift[r] * u
-                            p0 = exp_of(a * scale_u - sh)
-                            p1 = exp_of(b * scale_u - sh)
+                        p0 = weight(a, shift[r], scale_u, u)
+                        p1 = weight(b, shift[r], scale_u, u)
                         o0[r] = store(p0)
                         o1[r] = store(p1)
                         tc[r] += p0 + p1
@@ -181,7 +179,7 @@ def _exp_tile_storing(store, exp_of=_natural, units=1.0, pairs=False, raw=False)
                 o0 = out[(c1 - 1) // 2] if pairs else out[c1 - 1]
                 for r in range(nq):
                     a = s0[r]
-                    p0 = exp_of((a - shift[r]) * scale_u) if raw else exp_of(a * scale_u - shift[r] * u)
+                    p0 = weight(a, shift[r], scale_u, u)
                     o0[r] = store(p0)
                     tc[r] += p0
                     tmx[r] = a if a > tmx[r] else tmx[r]
