@@ -14,9 +14,10 @@ A borrowed view is never returned, stored or passed to a parallel loop.
 """
 
 from numba import types
+from numba.core.imputils import impl_ret_borrowed
 from numba.extending import intrinsic
 
-__all__ = ["borrowed", "flat", "keep_alive"]
+__all__ = ["borrowed", "flat", "keep_alive", "readonly_like"]
 
 
 @intrinsic
@@ -79,3 +80,18 @@ def keep_alive(typingctx, a):
         return context.get_dummy_value()
 
     return types.none(a), codegen
+
+
+@intrinsic
+def readonly_like(typingctx, a, like):
+    """``a`` itself, typed read-only when ``like`` is (the same data and reference count): a
+    scratch tile that stands in for a read-only input's tile then has the input's type, so the
+    code that reads either compiles once (each Numba array type is another compilation)."""
+    if not (isinstance(a, types.Array) and isinstance(like, types.Array)):
+        return None
+    out_ty = a.copy(readonly=like.mutable is False)
+
+    def codegen(context, builder, signature, args):
+        return impl_ret_borrowed(context, builder, out_ty, args[0])
+
+    return out_ty(a, like), codegen

@@ -17,7 +17,7 @@ from numba import types as nb_types
 from numba.extending import overload
 
 from ..fastlog import fast_log
-from .borrow import flat
+from .borrow import flat, readonly_like
 from .fastmath import _FM
 from .gemm import (
     GEMM_AMX_BF16,
@@ -221,7 +221,7 @@ def _finite_values_impl(vt, buf):
             for c in range(ev):
                 x = vt[j, c]
                 vz[j, c] = x if math.isfinite(x) else zero
-        return vz
+        return readonly_like(vz, vt)  # vt's type: the product that reads it compiles once
 
     return impl
 
