@@ -6,6 +6,10 @@ new tokens' cache slots, reached through the page table (a contiguous cache is o
 sequence), with the slots' old contents saved first so that a call that fails afterwards restores
 them (the "nothing half-written" promise). Only the same dtype on both sides (a copy of bits: 16-bit
 entries arrive as ``uint16`` views); a conversion takes NumPy's path, which rounds as NumPy does.
+
+The rows are copied element by element, not as ``dst[...] = src[...]``: Numba compiles an array
+assignment's shape-mismatch error message (``str`` of each dimension, ``join``), 2-4 s of this
+module's first compile for a message that cannot occur here (the shapes are equal by construction).
 """
 
 from numba import njit
@@ -29,11 +33,13 @@ def _save_and_write(k_pages, v_pages, table, seqlens_k, key, value, old_k, old_v
             pos = seqlens_k[b] - Ln + t
             page = table[b, pos // ps]
             off = pos - (pos // ps) * ps
-            for h in range(Hkv):
-                old_k[b, h, t] = k_pages[page, h, off]
-                old_v[b, h, t] = v_pages[page, h, off]
-                k_pages[page, h, off] = key[b, h, t]
-                v_pages[page, h, off] = value[b, h, t]
+            for h in range(Hkv):  # element loops: see the module on array assignment
+                for d in range(key.shape[3]):
+                    old_k[b, h, t, d] = k_pages[page, h, off, d]
+                    k_pages[page, h, off, d] = key[b, h, t, d]
+                for d in range(value.shape[3]):
+                    old_v[b, h, t, d] = v_pages[page, h, off, d]
+                    v_pages[page, h, off, d] = value[b, h, t, d]
 
 
 @njit(cache=_CACHE)
@@ -47,5 +53,7 @@ def _restore(k_pages, v_pages, table, seqlens_k, old_k, old_v):
             page = table[b, pos // ps]
             off = pos - (pos // ps) * ps
             for h in range(Hkv):
-                k_pages[page, h, off] = old_k[b, h, t]
-                v_pages[page, h, off] = old_v[b, h, t]
+                for d in range(old_k.shape[3]):
+                    k_pages[page, h, off, d] = old_k[b, h, t, d]
+                for d in range(old_v.shape[3]):
+                    v_pages[page, h, off, d] = old_v[b, h, t, d]

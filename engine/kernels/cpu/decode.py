@@ -98,7 +98,10 @@ def _tile_overload(pages, table, b, h, j0, n, buf, half_kind):
                 p = (j0 + t) // ps
                 off = j0 + t - p * ps
                 m = min(n - t, ps - off)
-                out[t : t + m] = pages[table[b, p], h, off : off + m]
+                src = pages[table[b, p], h]
+                for i in range(m):  # not out[t : t + m] = ...: that compiles a shape error's
+                    for d in range(D):  # message (3-5 s of the task's first compile)
+                        out[t + i, d] = src[off + i, d]
                 t += m
             return out
 
