@@ -17,7 +17,15 @@ from numba import njit
 from .specialise import cache_tag, named
 from .task_pointer import TaskKernel, via_driver
 
-__all__ = ["ModKernels"]
+__all__ = ["ModKernels", "serial_version"]
+
+
+def serial_version(driver, options: dict, cache: bool):
+    """``driver``'s code compiled without ``parallel`` (``prange`` runs as ``range``), under the
+    name ``<driver>_serial``: for calls too small to pay for waking the thread pool (whose spinning
+    workers also slow the Python code that runs right after a parallel call on a busy machine)."""
+    fn = driver.py_func
+    return njit(cache=cache, **options)(named(fn.__code__, fn.__globals__, fn.__name__ + "_serial", None))
 
 
 class ModKernels:

@@ -92,12 +92,7 @@ def _via_7(a0, a1, a2, a3, a4, a5, ext):
     _call_task(ext[0], ext[1], a0, a1, a2, a3, a4, a5, ext[2:])
 
 
-@njit(inline="always")
-def _via_10(a0, a1, a2, a3, a4, a5, a6, a7, a8, ext):
-    _call_task(ext[0], ext[1], a0, a1, a2, a3, a4, a5, a6, a7, a8, ext[2:])
-
-
-_TRAMPOLINES = {(3, 2): _via_3, (4, 2): _via_4, (4, 3): _via_4_3, (5, 3): _via_5, (7, 6): _via_7, (10, 9): _via_10}
+_TRAMPOLINES = {(3, 2): _via_3, (4, 2): _via_4, (4, 3): _via_4_3, (5, 3): _via_5, (7, 6): _via_7}
 
 
 def field_dtype(args_ty, name: str):

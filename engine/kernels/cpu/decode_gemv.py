@@ -26,13 +26,12 @@ runtime: a tenth of the step at short lengths).
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit, prange, types
+from numba import njit, prange
 
 from ...runtime.jit_cache import cache_enabled
 from ..fastexp import fast_exp
 from ..lse_merge import _merge_row
-from ..mod_kernels import ModKernels
-from ..task_pointer import field_dtype
+from ..mod_kernels import serial_version
 from .tile_ops import _FM
 
 _CACHE = cache_enabled()
@@ -132,13 +131,11 @@ def _axpy4(acc, r, w0, w1, w2, w3, values, j, Dv):
 
 
 @njit(cache=_CACHE, fastmath=_FM, error_model="numpy")
-def _gemv_task(task, args, qs, st, acc, ml, lim, part_out, part_lse, mod_args):
+def _gemv_task(task, args, qs, st, acc, ml, lim, part_out, part_lse):
     """Rows of (sequence b, cache head hk), keys of split s: see the module's docstring.
     ``qs``/``st``/``acc``/``ml``/``lim`` are the driver's scratch, indexed by task (views made
     here would cost a reshape each: a call into Numba's runtime); ``part_out``/``part_lse`` its
-    split-KV partial results (unused with one split). ``mod_args`` is the empty tuple: the driver
-    calls the task through its address, as the kernels with mods do (``engine.kernels.task_pointer``),
-    so the serial and the parallel driver share one compiled task."""
+    split-KV partial results (unused with one split)."""
     B, Hq, L, D = args.q.shape
     Hkv = args.k_cache.shape[1]
     Dv = args.v_cache.shape[3]
@@ -340,7 +337,7 @@ def _gemv_decode(args, mod_args):
     for task in prange(n):
         # the index is int64 when typed, uint64 when lowered: one type, one compilation of the
         # task (a uint64 one ran 5-8% slower: its index arithmetic mixes signedness)
-        _gemv_task(np.int64(task), args, qs, st, acc, ml, lim, part_out, part_lse, mod_args)
+        _gemv_task(np.int64(task), args, qs, st, acc, ml, lim, part_out, part_lse)
     if args.splits > 1:
         out = args.out.reshape((N, Dv))
         lse = args.lse.reshape((N,))
@@ -348,19 +345,9 @@ def _gemv_decode(args, mod_args):
             _merge_row(part_out, part_lse, r, out, lse)
 
 
-def _task_types(args, mod_args):
-    """The types the driver calls :func:`_gemv_task` with (its scratch as allocated there)."""
-    dt = field_dtype(args, "q")
-    d3 = types.Array(dt, 3, "C")
-    return (types.int64, args, d3, d3, d3, d3, types.Array(types.int64, 3, "C"), d3, types.Array(dt, 2, "C"), mod_args)
-
-
-# no mods: ModKernels for the one driver per build calling the task by address (the serial build
-# had compiled the whole task a second time: 5.5 s of a cold first decode call's 6 s on Zen 4)
-_kernels = ModKernels(_gemv_decode, _gemv_task, {}, dict(fastmath=_FM, error_model="numpy"), task_types=_task_types)
+_gemv_decode_serial = serial_version(_gemv_decode, dict(fastmath=_FM, error_model="numpy"), _CACHE)
 
 
 def gemv_kernel(serial: bool):
-    """The parallel kernel, or its serial build for calls too small to wake the thread pool
-    (:class:`~engine.kernels.task_pointer.TaskKernel`s over one task)."""
-    return _kernels(serial=bool(serial))
+    """The parallel kernel, or its serial build for calls too small to wake the thread pool."""
+    return _gemv_decode_serial if serial else _gemv_decode
