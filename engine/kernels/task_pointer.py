@@ -23,9 +23,9 @@ in the driver's signature, which the disk cache cannot match in the next process
 
 from __future__ import annotations
 
+import ctypes
 import threading
 
-import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
@@ -39,10 +39,10 @@ __all__ = ["TaskKernel", "via_driver", "field_dtype", "vector", "return_types", 
 @intrinsic
 def _call_task(typingctx, address, failed, *task_args):
     """Call the Numba-compiled function at ``address`` (int64) with ``task_args``; it returns
-    nothing. If it raises, ``failed[0]`` (a uint8 vector) is set to 1 and the exception propagates
+    nothing. If it raises, the byte at ``failed`` (an int64 address) is set to 1 and the exception propagates
     to the caller, as a direct call's would. (Numba drops an exception raised in a parallel loop's
     worker thread; only the flag tells the caller then.)"""
-    if address != types.int64 or not (isinstance(failed, types.Array) and failed.dtype == types.uint8):
+    if address != types.int64 or failed != types.int64:
         return None
     if len(task_args) == 1 and isinstance(task_args[0], types.StarArgTuple):
         task_args = tuple(task_args[0].types)
@@ -56,8 +56,8 @@ def _call_task(typingctx, address, failed, *task_args):
         callee = builder.inttoptr(llargs[0], fnty.as_pointer())
         status, _ = context.call_conv.call_function(builder, callee, types.none, argtys, values)
         with builder.if_then(status.is_error, likely=False):
-            flag = context.make_array(failed)(context, builder, llargs[1])
-            builder.store(ir.Constant(ir.IntType(8), 1), flag.data)
+            flag = builder.inttoptr(llargs[1], ir.IntType(8).as_pointer())
+            builder.store(ir.Constant(ir.IntType(8), 1), flag)
             context.call_conv.return_status_propagate(builder, status)
         return context.get_dummy_value()
 
@@ -125,17 +125,27 @@ def via_driver(driver, task, options: dict, serial: bool):
     return njit(parallel=not serial, cache=cache_enabled(), **options)(named(fn.__code__, env, name, None))
 
 
-_FLAG_TY = types.Array(types.uint8, 1, "C")
+#: the failure flag reaches the kernel as its address (an int64 converts faster than an array)
+_FLAG_TY = types.int64
 _flags = threading.local()
 
 
-def _thread_flag() -> np.ndarray:
-    """This thread's failure flag (one uint8): a thread runs one kernel at a time, so one flag
-    per thread serves every call (a new array per call cost 0.15 of a small call's 5 us)."""
+def _new_flag() -> tuple:
+    """``(flag, address)``: a one-byte ``bytearray`` set to 0 and the address of its byte, valid
+    while the returned pair is alive (its ctypes view holds the buffer)."""
+    flag = bytearray(1)
+    view = (ctypes.c_uint8 * 1).from_buffer(flag)
+    return flag, ctypes.addressof(view), view
+
+
+def _thread_flag() -> tuple:
+    """This thread's failure flag, ``(flag, address, view)`` of :func:`_new_flag`: a thread runs
+    one kernel at a time, so one flag per thread serves every call (a new array per call cost
+    0.15 of a small call's 5 us; a ``bytearray`` reads faster than a NumPy array's item)."""
     try:
         return _flags.failed
     except AttributeError:
-        _flags.failed = np.zeros(1, np.uint8)
+        _flags.failed = _new_flag()
         return _flags.failed
 
 
@@ -225,9 +235,9 @@ class TaskKernel:
         name = self.task.py_func.__qualname__
 
         def run(args, mod_args):
-            failed = _thread_flag()  # 0 between calls: cleared whenever a call leaves it set
+            failed, flag_address, _ = _thread_flag()  # 0 between calls: cleared whenever set
             try:
-                entry(args, (address, failed) + tuple(mod_args))
+                entry(args, (address, flag_address, *mod_args))
             except SystemError as e:
                 failed[0] = 0
                 raise_cause(e)
@@ -239,9 +249,19 @@ class TaskKernel:
                 # raised in a worker thread, where Numba drops it: run again on the serial driver,
                 # where it propagates (the outputs of a call that raises are not used)
                 serial = self.serial_via().compile((args_ty, ext_ty)) if self.serial_via else entry
-                rerun_serially(serial, (args, (address, np.zeros(1, np.uint8)) + tuple(mod_args)), name)
+                spare = _new_flag()
+                rerun_serially(serial, (args, (address, spare[1], *mod_args)), name)
 
         return run
+
+    def entry_point_for(self, args: tuple):
+        """The compiled run for ``args`` = (args, mod_args) of these types, or None (not compiled
+        yet): what ``engine.runtime.entry_points.resolve_entry_point`` gives a call plan's
+        ``Bound``, so that its later calls skip typing the arguments."""
+        try:
+            return self._runs.get((self.via.typeof_pyval(args[0]), self.via.typeof_pyval(args[1])))
+        except Exception:  # a value Numba cannot type: the call itself will say so
+            return None
 
     def __call__(self, args, mod_args):
         """A call with the arguments' own types (the cpu ops call the entry of their canonical

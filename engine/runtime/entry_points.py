@@ -25,7 +25,11 @@ ANY_LAYOUT_FIELDS = frozenset(("fmask", "bmask"))
 def resolve_entry_point(dispatcher, args: tuple):
     """The entry point of the overload of ``dispatcher`` that a call with ``args`` runs, or None
     (not compiled for exactly these types yet, or not a CPU dispatcher): call the dispatcher once
-    first so that it compiles or loads the overload."""
+    first so that it compiles or loads the overload. A kernel that calls its task by address
+    (``engine.kernels.task_pointer.TaskKernel``) answers through its ``entry_point_for``."""
+    own = getattr(dispatcher, "entry_point_for", None)
+    if own is not None:
+        return own(args)
     overloads = getattr(dispatcher, "overloads", None)
     typeof = getattr(dispatcher, "typeof_pyval", None)
     if overloads is None or typeof is None:

@@ -123,10 +123,10 @@ def test_worker_thread_exceptions_under_the_workqueue_layer(tmp_path):
 
 def test_the_failure_flag_is_set_when_a_task_raises():
     """What the worker-thread case relies on, checked on the calling thread: the trampoline's call
-    sets ``failed[0]`` when the task raises, and propagates the exception."""
+    sets the flag byte (passed by address) when the task raises, and propagates the exception."""
     from numba import njit, types
 
-    from engine.kernels.task_pointer import _call_task
+    from engine.kernels.task_pointer import _call_task, _new_flag
 
     @njit
     def task(i):
@@ -141,9 +141,9 @@ def test_the_failure_flag_is_set_when_a_task_raises():
     task.compile((types.int64,))
     compiled = task.overloads[(types.int64,)]
     address = compiled.library.get_pointer_to_function(compiled.fndesc.llvm_func_name)
-    failed = np.zeros(1, np.uint8)
-    drive(address, failed, 3)
+    failed, flag_address, _view = _new_flag()
+    drive(address, flag_address, 3)
     assert failed[0] == 0
     with pytest.raises(ValueError, match="task 3"):
-        drive(address, failed, 5)
+        drive(address, flag_address, 5)
     assert failed[0] == 1
