@@ -29,6 +29,7 @@ from ...runtime.config import (
     DECODE_BLOCK_ROWS,
     DECODE_FUSED_ROWS,
 )
+from ...runtime.entry_points import canonical_entry
 from ...runtime.gemm_jit import NO_JIT, tile_jit_kernels
 from ...runtime.gemm_providers import gemm_mode, get_gemm_provider
 from ...runtime.threads import get_num_threads, kernel_call_guard, quiet_openmp
@@ -154,7 +155,9 @@ class CpuVarlen(Op):
         with kernel_call_guard(), _NO_PIN if pin is None else pin():
             if not serial and work >= CPU_QUIET_OPENMP_MIN_WORK:
                 quiet_openmp()  # torch's idle workers would spin on our cores (runtime.threads)
-            kernel(args, problem.mod_args)
+            # the entry of q, k, v typed read-only: no typing of the arguments per call (a
+            # TaskKernel's own call types all of them, ~80 us), the dense forward's tile overloads
+            (canonical_entry(kernel, (args, problem.mod_args)) or kernel)(args, problem.mod_args)
         return out, lse
 
 
@@ -290,5 +293,5 @@ def attend_packed_arrays(
         lse=lse,
     )
     with kernel_call_guard(), _NO_PIN if small else get_blas_pin()():
-        kernel(args, problem.mod_args)
+        (canonical_entry(kernel, (args, problem.mod_args)) or kernel)(args, problem.mod_args)
     return out.reshape(total, Hq, Ev), lse.reshape(total, Hq)

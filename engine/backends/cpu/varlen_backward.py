@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...problems.varlen import VarlenBackwardProblem
+from ...runtime.entry_points import canonical_entry
 from ...runtime.threads import get_num_threads, kernel_call_guard
 from ..base import Op
 from .operands import NO_PIN
@@ -90,7 +91,7 @@ class CpuVarlenBackward(Op):
         )
         kernel = varlen_backward_kernel(problem.score_mod, problem.score_grad, problem.mask_mod)
         with kernel_call_guard(), NO_PIN if pin is None else pin():
-            kernel(args, problem.mod_args)
+            (canonical_entry(kernel, (args, problem.mod_args)) or kernel)(args, problem.mod_args)
             dq = np.empty_like(q)
             varlen_backward_epilogue(dq_part, dt.type(problem.scale), dq)
         return dq, dk, dv
