@@ -92,9 +92,29 @@ def _calls():
     }
 
 
+def _tree(records: list) -> list:
+    """The compile events of one call as a forest of ``(record, children)``: an event ends after
+    those nested in it, so each one adopts the finished events one level deeper before it."""
+    waiting: dict = {}  # depth -> finished nodes whose caller has not ended yet
+    for r in records:
+        node = (r, waiting.pop(r["depth"] + 1, []))
+        waiting.setdefault(r["depth"], []).append(node)
+    return waiting.get(0, [])
+
+
+def _show(nodes: list, min_s: float, levels: int, indent: int = 1) -> None:
+    """Each node of at least ``min_s`` s, the largest first, its callees indented under it."""
+    for r, children in sorted(nodes, key=lambda n: -n[0]["s"]):
+        if r["s"] >= min_s:
+            print(f"{'    ' * indent}{r['s']:6.2f} s  {r['function']}  {r['types'][:100]}")
+            if levels > 1:
+                _show(children, min_s, levels - 1, indent + 1)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--min-s", type=float, default=0.2, help="list compiles of at least this many seconds")
+    ap.add_argument("--depth", type=int, default=2, help="levels of nested compiles to list (default 2)")
     ap.add_argument("--json", metavar="PATH", help="write every compile event here")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     opts = ap.parse_args(argv)
@@ -115,10 +135,7 @@ def main(argv=None):
         s = time.perf_counter() - t
         total += s
         print(f"{name:20s} first call {s:6.2f} s")
-        # the largest first; a caller's time includes the compiles nested in it (indented)
-        for r in sorted(records[first:], key=lambda r: -r["s"]):
-            if r["s"] >= opts.min_s and r["depth"] <= 1:
-                print(f"    {'    ' * r['depth']}{r['s']:6.2f} s  {r['function']}  {r['types'][:100]}")
+        _show(_tree(records[first:]), opts.min_s, opts.depth)
     print(f"{'all':20s} {total:6.2f} s")
     if opts.json:
         with open(opts.json, "w") as f:

@@ -136,6 +136,26 @@ def test_fully_masked_rows_are_zero_with_lse_minus_inf(backend, rng):
     np.testing.assert_allclose(out_f, ref, atol=2e-5)
 
 
+@pytest.mark.simulator
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_fully_masked_rows_stay_zero_with_nonfinite_values(backend, rng):
+    """A row that sees no key is zeros with lse -inf even where ``value`` holds NaN/inf (the
+    reference oracle once added them to such rows: their weights exp(-inf - (-inf)) were NaN)."""
+    n = 11 if simulated(backend) else 37
+    q, k, v = (randn(rng, (1, 2, n, 8)) for _ in range(3))
+    v[0, 0, 3, 0], v[0, 1, 4, 1] = np.inf, np.nan
+    mask = np.ones((n, n), bool)
+    mask[5] = False  # row 5 sees nothing
+    mask[:, 3] = mask[:, 4] = False  # no row sees the non-finite values...
+    mask[7, 3] = mask[8, 4] = True  # ...but rows 7 (head 0: inf) and 8 (head 1: NaN)
+    out, lse = engine.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend=backend, return_lse=True)
+    assert np.all(out[0, :, 5] == 0) and np.all(np.isneginf(lse[0, :, 5]))
+    assert np.isinf(out[0, 0, 7, 0]) and np.isnan(out[0, 1, 8, 1])
+    others = np.ones(n, bool)
+    others[[7, 8]] = False
+    assert np.isfinite(out[0, :, others]).all()
+
+
 # L < S, L > S, one past a key tile, exactly one tile (of the cpu; of cuda under the simulator)
 CAUSAL_SIZES = {"cpu": [(5, 300), (300, 5), (257, 257), (64, 256)], "simulator": [(3, 21), (21, 3), (9, 9), (4, 8)]}
 

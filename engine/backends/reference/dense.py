@@ -74,8 +74,10 @@ def add_nonfinite_values(problem: AttentionProblem, out: np.ndarray, lse: np.nda
     """Complete a result computed with the non-finite entries of ``value`` replaced by 0.
 
     Every row whose weight for such a key is > 0 gets the NaN/inf added (so it becomes NaN or
-    inf); rows that do not attend to the key stay untouched. Weights are recomputed for the few
-    affected key columns only, as exp(score - lse), from the same scoring as the oracle.
+    inf); rows that do not attend to the key stay untouched, and so do rows that see no key at all
+    (lse = -inf: their weights are exp(-inf - (-inf)) = NaN here, not weights). Weights are
+    recomputed for the few affected key columns only, as exp(score - lse), from the same scoring
+    as the oracle.
     """
     v = np.asarray(problem.value)
     finite = np.isfinite(v)
@@ -85,7 +87,8 @@ def add_nonfinite_values(problem: AttentionProblem, out: np.ndarray, lse: np.nda
     bad = np.where(finite, 0.0, v)[..., cols, :]
     if problem.group > 1:
         bad = np.repeat(bad, problem.group, axis=-3)
-    attends = (p > 0) | np.isnan(p)  # (..., Hq, L, cols)
+    sees_a_key = ~np.isneginf(np.asarray(lse))[..., None]  # a row that sees nothing stays zeros
+    attends = sees_a_key & ((p > 0) | np.isnan(p))  # (..., Hq, L, cols)
     contrib = np.where(attends[..., None], bad[..., None, :, :], 0.0).sum(axis=-2)
     return (out + contrib).astype(out.dtype)
 
