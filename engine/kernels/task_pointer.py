@@ -131,8 +131,8 @@ _flags = threading.local()
 
 
 def _new_flag() -> tuple:
-    """``(flag, address)``: a one-byte ``bytearray`` set to 0 and the address of its byte, valid
-    while the returned pair is alive (its ctypes view holds the buffer)."""
+    """``(flag, address, view)``: a one-byte ``bytearray`` set to 0, the address of its byte and
+    the ctypes view that holds its buffer; the address is valid while the triple is alive."""
     flag = bytearray(1)
     view = (ctypes.c_uint8 * 1).from_buffer(flag)
     return flag, ctypes.addressof(view), view

@@ -155,8 +155,8 @@ class CpuVarlen(Op):
         with kernel_call_guard(), _NO_PIN if pin is None else pin():
             if not serial and work >= CPU_QUIET_OPENMP_MIN_WORK:
                 quiet_openmp()  # torch's idle workers would spin on our cores (runtime.threads)
-            # the entry of q, k, v typed read-only: no typing of the arguments per call (a
-            # TaskKernel's own call types all of them, ~80 us), the dense forward's tile overloads
+            # the entry compiled for q, k, v typed read-only (as the dense forward's, whose tile
+            # overloads it shares): no typing of every argument per call (~80 us a call)
             (canonical_entry(kernel, (args, problem.mod_args)) or kernel)(args, problem.mod_args)
         return out, lse
 
