@@ -1,20 +1,22 @@
-"""A kernel's task re-built with the caller's mods bound as globals, memoised per process (the
-forward, backward, decoding and varlen kernels of the ``cpu`` backend share this); its driver is
-shared by every tuple of mods (``engine.kernels.task_pointer``).
+"""A kernel of the ``cpu`` backend for each tuple of mods, memoised per process (the forward,
+backward, decoding and varlen kernels share this): one driver and one task for every tuple
+(``engine.kernels.task_pointer``), and the mods' loops built per tuple
+(``engine.kernels.mod_calls``).
 
-The mods are globals of the compiled code, not arguments: Numba then calls them directly (inlined,
-vectorised), and the kernel without mods loads from Numba's disk cache (a function argument would
-put a function type in the signature, which never matches after unpickling). Kernels with mods
-whose module :func:`~engine.kernels.specialise.cache_tag` accepts (the built-in variants' and the
-engine's) have their task disk-cached under a name tagged by it; tasks of other mods are compiled
-once per process.
+The mods are globals of their loops' compiled code, not arguments: Numba then calls them directly
+(inlined, vectorised), and the kernel without mods loads from Numba's disk cache (a function
+argument would put a function type in the signature, which never matches after unpickling). Loops
+of mods whose module :func:`~engine.kernels.specialise.cache_tag` accepts (the built-in variants'
+and the engine's) are disk-cached under a name tagged by it; other mods' loops are compiled once
+per process.
 """
 
 import threading
 
 from numba import njit
 
-from .specialise import cache_tag, named
+from .mod_calls import BoundLoops
+from .specialise import named
 from .task_pointer import TaskKernel, via_driver
 
 __all__ = ["ModKernels", "serial_version"]
@@ -32,30 +34,31 @@ class ModKernels:
     """The variants of one parallel kernel for each tuple of mods.
 
     ``driver`` is the kernel without mods (an ``njit(parallel=True)`` dispatcher) and ``task`` the
-    per-task function it calls through a global of the same name; ``defaults`` maps the task's
-    globals that hold the mods (``_SCORE_MOD``...) to what they hold without one; ``options`` are
-    the njit options of both (without ``parallel``/``cache``).
+    per-task function it calls through a global of the same name; ``defaults`` maps the mod
+    globals (``_SCORE_MOD``...) to what they hold without one; ``options`` are the njit options
+    (without ``parallel``/``cache``); ``loops`` the kernel's mod loops
+    (:class:`~engine.kernels.mod_calls.ModLoop`, written over those globals).
 
     ``kernels(*mods, serial=False)`` gives the kernel for these mods (in the order of
     ``defaults``; ``None`` for "none"): a :class:`~engine.kernels.task_pointer.TaskKernel`, the
-    task (``task`` itself when every mod is None, else the task re-built over the mods, once per
-    process per tuple) called through its address by one driver per kernel and ``serial``
-    (compiled once per argument types and disk-cached, whatever the mods). So a new tuple of mods
-    compiles its task only, not a driver that links the task and optimises it again (4 of a
-    parallel forward's 9.5 s, 1 of a serial one's 6.5, on an Intel Xeon), and the kernel without
-    mods compiles its task once for the serial and the parallel driver (cold, both: 12.5 -> 8.5 s).
-    ``built`` holds them. ``task_types`` (``(args type, mod_args type) -> the task's argument
-    types``) says what the driver passes the task.
+    task called through its address by one driver per kernel and ``serial``, both compiled once
+    per argument types and disk-cached, whatever the mods; the task calls the mods' loops, built
+    once per process per tuple of mods (:class:`~engine.kernels.mod_calls.BoundLoops`), through
+    their addresses. So a new tuple of mods compiles its loops only (a fraction of a second), not
+    the task (5.5-9 s a kernel on an AMD Zen 4) nor a driver that links the task and optimises it
+    again. ``built`` holds the kernels. ``task_types`` (``(args type, task mod_args type) -> the
+    task's argument types``) says what the driver passes the task.
     """
 
-    def __init__(self, driver, task, defaults: dict, options: dict, *, task_types):
+    def __init__(self, driver, task, defaults: dict, options: dict, *, task_types, loops: tuple):
         self.driver = driver
         self.task = task
         self.defaults = defaults
         self.options = options
         self.task_types = task_types
+        self.loops = loops
         self.built: dict = {}
-        self._tasks: dict = {}
+        self._loops: dict = {}
         self._via: dict = {}
         # threads that ask for the same mods at once (Dask's) get one kernel, compiled once
         self._lock = threading.Lock()
@@ -71,17 +74,12 @@ class ModKernels:
     def _build(self, mods: tuple, key: tuple, serial: bool):
         kernel = self.built.get(key)
         if kernel is None:
-            task = self.task if all(m is None for m in mods) else self._tasks.get(mods)
-            if task is None:
-                tag = cache_tag(*mods)
-                cache = {"cache": True} if tag else {}
-                fn = self.task.py_func
-                bound = {name: mod or default for (name, default), mod in zip(self.defaults.items(), mods)}
-                env = dict(fn.__globals__, **bound)
-                task = self._tasks[mods] = njit(**self.options, **cache)(
-                    named(fn.__code__, env, fn.__name__ + "_mods", tag)
-                )
-            kernel = self.built[key] = TaskKernel(self._driver(serial), task, self.task_types, self._serial_driver)
+            bound = self._loops.get(mods)
+            if bound is None and any(m is not None for m in mods):
+                bound = self._loops[mods] = BoundLoops(self.loops, dict(zip(self.defaults, mods)), self.options)
+            via, n = self._driver(serial), len(self.loops)
+            kernel = TaskKernel(via, self.task, self.task_types, self._serial_driver, loops=bound, n_loops=n)
+            self.built[key] = kernel
         return kernel
 
     def _driver(self, serial: bool):

@@ -1,23 +1,25 @@
-"""One driver for every tuple of mods: the driver calls the mods' task through its address.
+"""One driver for every tuple of mods: the driver calls the kernel's task through its address.
 
-A kernel with mods is its per-task function (the task, with the mods inlined) and a driver that
-splits the work into tasks (a ``prange`` loop, or a plain loop for small calls). Numba compiles a
-callee into each caller's library and optimises the linked module again, so a driver built per
-tuple of mods re-optimises and re-emits the whole task: 4 s of a parallel forward's 9.5 s, 1 s of
-a serial one's 6.5 (Intel Xeon, one thread). Here the driver is built once per kernel, compiled
-once per argument types (and disk-cached, whatever the mods), and takes the task's address in
-front of ``mod_args`` (with a flag it sets when the task raises); only the task is compiled per
-tuple of mods. The indirect call costs nothing beside a task (one or more tiles).
+A kernel is its per-task function (the task) and a driver that splits the work into tasks (a
+``prange`` loop, or a plain loop for small calls). Numba compiles a callee into each caller's
+library and optimises the linked module again, so a driver that called its task directly would
+re-optimise and re-emit the whole task: 4 s of a parallel forward's 9.5 s, 1 s of a serial one's
+6.5 (Intel Xeon, one thread). Here the driver is built once per kernel, compiled once per
+argument types (and disk-cached, whatever the mods), and takes the task's address in front of
+``mod_args`` (with a flag it sets when the task raises), so the serial and the parallel driver
+share one compiled task. The indirect call costs nothing beside a task (one or more tiles). The
+task is the same for every tuple of mods too: it calls the mods' loops by address in turn
+(``engine.kernels.mod_calls``), whose addresses and tags lead its ``mod_args``.
 
 The driver's code is the plain kernel's, with its task global bound to a trampoline that takes
 the address from ``mod_args[0]`` and the flag from ``mod_args[1]`` and calls the task, with
 ``mod_args[2:]``, through Numba's calling convention (:func:`_call_task`). The task must be
 compiled for exactly the types the trampoline passes: :class:`TaskKernel` compiles it for
-``task_types(args type, mod_args type)``, which the kernel module states, and checks that
-``mod_args[2:]`` types as ``mod_args`` does. The address is an argument of every call, never a
-constant of the compiled code, so the disk-cached driver holds no address of the process that
-compiled it. (The task passed as a Numba first-class function instead would put a function type
-in the driver's signature, which the disk cache cannot match in the next process; see
+``task_types(args type, task mod_args type)``, which the kernel module states, and checks that
+``mod_args[2:]`` types as the task's ``mod_args`` do. The address is an argument of every call,
+never a constant of the compiled code, so the disk-cached driver holds no address of the process
+that compiled it. (The task passed as a Numba first-class function instead would put a function
+type in the driver's signature, which the disk cache cannot match in the next process; see
 ``engine.kernels.mod_kernels``.)
 """
 
@@ -31,6 +33,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from ..runtime.jit_cache import cache_enabled
+from .mod_calls import task_mod_args
 from .specialise import named
 
 __all__ = ["TaskKernel", "via_driver", "field_dtype", "vector", "return_types", "raise_cause", "rerun_serially"]
@@ -177,18 +180,23 @@ def rerun_serially(entry, args: tuple, name: str) -> None:
 
 
 class TaskKernel:
-    """A kernel: ``via`` (:func:`via_driver`) bound to ``task`` (the task dispatcher: the mods'
-    one, or the kernel's own without mods). Called as the plain kernel is, ``kernel(args, mod_args)``; it also answers
+    """A kernel: ``via`` (:func:`via_driver`) bound to ``task`` (the kernel's task dispatcher) and
+    to the mods' ``loops`` (``engine.kernels.mod_calls.BoundLoops``, None without mods; the kernel
+    has ``n_loops`` of them). Called as the plain kernel is, ``kernel(args, mod_args)``; it also answers
     ``typeof_pyval`` and ``compile(signature) -> entry`` as a dispatcher does, so that
     ``engine.runtime.entry_points.canonical_entry`` compiles it once per dtype and the call plans
     call the entry directly. A TaskKernel is called under the caller's thread guard, as a
     dispatcher is (``kernel_call_guard`` picks Numba's threading layer before a compile starts it).
     """
 
-    def __init__(self, via, task, task_types, serial_via=None):
+    def __init__(self, via, task, task_types, serial_via=None, *, loops=None, n_loops: int = 0):
         self.via = via
         self.task = task
         self.task_types = task_types
+        # the mods' loops (engine.kernels.mod_calls.BoundLoops; None: no mods), whose addresses
+        # and tags lead the task's mod_args, n_loops pairs (0, 0 for a loop not built)
+        self.loops = loops
+        self.n_loops = n_loops
         # () -> the serial build of ``via``: a flagged parallel call runs again on it
         self.serial_via = serial_via
         self._runs: dict = {}
@@ -198,8 +206,9 @@ class TaskKernel:
 
     @property
     def stats(self):
-        """The task's cache statistics (Numba's ``Dispatcher.stats``): the part built per mods."""
-        return self.task.stats
+        """The cache statistics (Numba's ``Dispatcher.stats``) of the part built per mods: the
+        mods' loops where the kernel has them, else the task."""
+        return self.loops.stats if self.loops is not None else self.task.stats
 
     @property
     def targetoptions(self) -> dict:
@@ -221,12 +230,17 @@ class TaskKernel:
         return run
 
     def _compile(self, args_ty, mod_args_ty):
-        ext_ty = types.BaseTuple.from_types((types.int64, _FLAG_TY) + tuple(mod_args_ty))
+        # the task's mod_args (engine.kernels.mod_calls): the mods' loops' (address, tag) pairs,
+        # then the address the user's mod_args are packed at, so that one task and one driver per
+        # args type serve every tuple of mods and none (without mods: zeros); mod_args of a type
+        # that cannot be packed follow the pairs as they are (a task per type)
+        task_mod_args_ty, make = task_mod_args(self.loops, self.n_loops, args_ty, mod_args_ty)
+        ext_ty = types.BaseTuple.from_types((types.int64, _FLAG_TY) + tuple(task_mod_args_ty))
         # what the trampoline passes the task: must be the type the task is compiled for
-        if types.BaseTuple.from_types(tuple(ext_ty)[2:]) != mod_args_ty:
+        if types.BaseTuple.from_types(tuple(ext_ty)[2:]) != task_mod_args_ty:
             raise RuntimeError(f"mod_args of type {mod_args_ty} do not round-trip through {ext_ty}")
         entry = self.via.compile((args_ty, ext_ty))
-        task_sig = tuple(self.task_types(args_ty, mod_args_ty))
+        task_sig = tuple(self.task_types(args_ty, task_mod_args_ty))
         self.task.compile(task_sig)
         compiled = self.task.overloads[task_sig]
         address = compiled.library.get_pointer_to_function(compiled.fndesc.llvm_func_name)
@@ -236,8 +250,10 @@ class TaskKernel:
 
         def run(args, mod_args):
             failed, flag_address, _ = _thread_flag()  # 0 between calls: cleared whenever set
+            # the buffer and mod_args, whose arrays it borrows, live to the end of the call
+            task_args, buf = make(mod_args)  # noqa: F841  (buf: kept alive)
             try:
-                entry(args, (address, flag_address, *mod_args))
+                entry(args, (address, flag_address, *task_args))
             except SystemError as e:
                 failed[0] = 0
                 raise_cause(e)
@@ -250,7 +266,7 @@ class TaskKernel:
                 # where it propagates (the outputs of a call that raises are not used)
                 serial = self.serial_via().compile((args_ty, ext_ty)) if self.serial_via else entry
                 spare = _new_flag()
-                rerun_serially(serial, (args, (address, spare[1], *mod_args)), name)
+                rerun_serially(serial, (args, (address, spare[1], *task_args)), name)
 
         return run
 

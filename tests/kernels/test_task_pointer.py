@@ -1,6 +1,6 @@
-"""Kernels with mods share one driver per argument types and call their own task through its
-address (``engine.kernels.task_pointer``): each tuple of mods gets its own result, the driver is
-compiled once for all of them, and what a mod raises reaches the caller as before."""
+"""Kernels with mods share one driver and one task per argument types; the task calls the mods'
+own loops through their addresses (``engine.kernels.task_pointer``, ``engine.kernels.mod_calls``):
+each tuple of mods gets its own result, and what a mod raises reaches the caller as before."""
 
 import numpy as np
 import pytest
@@ -13,8 +13,8 @@ from conftest import randn
 from testmods import causal_mod, linear_bias, skip_every_third_key
 
 
-def test_mods_of_the_same_argument_types_share_one_driver_and_keep_their_own_tasks(rng):
-    # mods and shapes whose tasks other tests compile already (disk-cached for every worker); the
+def test_mods_of_the_same_argument_types_share_one_driver_and_one_task_and_keep_their_own_loops(rng):
+    # mods and shapes whose loops other tests compile already (disk-cached for every worker); the
     # backward and decode kernels take the same path in their own tests
     q, k, v = randn(rng, (2, 2, 5, 8)), randn(rng, (2, 2, 13, 8)), randn(rng, (2, 2, 13, 8))
     cases = [
@@ -30,15 +30,20 @@ def test_mods_of_the_same_argument_types_share_one_driver_and_keep_their_own_tas
         np.testing.assert_allclose(out, want, atol=2e-6, err_msg=str(mods))
     built = {key: k for key, k in flash_fwd._with_mods.items() if isinstance(k, TaskKernel)}
     assert len(built) >= len(cases)
-    # every kernel with mods runs one of at most two drivers (parallel, serial), each with one
-    # overload per argument types: the tuples of mods compiled no driver of their own
+    # every kernel runs one of at most two drivers (parallel, serial) and the one task, each with
+    # one overload per argument types: the tuples of mods compiled neither of their own
     assert len({id(k.via) for k in built.values()}) <= 2
-    # one task per tuple of mods (its serial and parallel kernels share it), each its own
-    tasks: dict = {}
+    assert {k.task for k in built.values()} == {flash_fwd._flash_task}
+    # the mods' loops: one set per tuple of mods (its serial and parallel kernels share it), each its own
+    loops: dict = {}
     for key, k in built.items():
-        tasks.setdefault(key[:-1], set()).add(k.task)
-    assert all(len(t) == 1 for t in tasks.values())
-    assert len(set().union(*tasks.values())) == len(tasks)
+        loops.setdefault(key[:-1], set()).add(k.loops)
+    assert all(len(b) == 1 for b in loops.values())
+    with_mods = [b for key, b in loops.items() if any(m is not None for m in key)]
+    assert len({id(b) for bs in with_mods for b in bs}) == len(with_mods) >= len(cases)
+    # a loop is built for each mod given: a score loop and a mask loop, or the mask loop alone
+    built_loops = {tuple(d is not None for d in b.dispatchers) for bs in with_mods for b in bs}
+    assert {(True, True), (False, True)} <= built_loops
 
 
 def test_an_exception_a_mods_task_raises_reaches_the_caller(rng):

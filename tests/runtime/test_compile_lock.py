@@ -123,11 +123,13 @@ def test_user_functions_and_uncached_kernels_take_no_lock(tmp_path):
 
     plain = njit(lambda x: x)  # not the engine's, no cache
     assert compile_lock._lock_path(plain, ()) is None
-    # a kernel is a task (compiled per mods) called by a driver (shared): a script's mod's task is
-    # not disk-cached; the task without mods and every driver are
+    # a kernel is a driver and a task (shared by every tuple of mods) and the mods' loops (built
+    # per mods): a script's mod's loop is not disk-cached; the task and every driver are
     closure_mod = flash_fwd.flash_kernel(None, lambda b, h, q, k: q >= k)
-    assert compile_lock._lock_path(closure_mod.task, ()) is None
+    mask_loop = closure_mod.loops.dispatchers[1]
+    assert mask_loop is not None and compile_lock._lock_path(mask_loop, ()) is None
     no_mods = flash_fwd.flash_kernel(None, None)
+    assert closure_mod.task is no_mods.task
     for cached in (no_mods.task, no_mods.via, closure_mod.via):
         if cached._cache.__class__.__name__ == "FunctionCache":  # caching on (the default)
             path = compile_lock._lock_path(cached, ())

@@ -35,8 +35,10 @@ from ...runtime.jit_cache import cache_enabled
 from ..fastexp import fast_exp
 from ..identity_mods import no_mask_mod, no_score_mod
 from ..lse_merge import _merge_row
+from ..mod_calls import MOD_CALL_MISMATCH, ModLoop, mod_loop, row_types
 from ..mod_kernels import ModKernels
 from .half_floats import BFLOAT16_BITS, bf16_bits_to_f32, f16_bits_to_f32
+from .mod_loops import mask_keys, score_keys
 from .nonfinite import redo_if_nonfinite
 from .tile_ops import _FM
 
@@ -69,11 +71,6 @@ class DecodeArgs(NamedTuple):
     part_lse: np.ndarray
     out: np.ndarray
     lse: np.ndarray
-
-
-#: the mods the kernels below call; ``decode_kernel`` re-binds these names for other mods
-_SCORE_MOD = no_score_mod
-_MASK_MOD = no_mask_mod
 
 
 def _tile(pages, table, b, h, j0, n, buf, half_kind):
@@ -338,16 +335,18 @@ def _decode_task(task, args, mod_args):
         masked = args.has_mask_mod or j0 < full_lo or j0 + nk > full_hi  # some rows miss some keys
         for r in range(nr):
             row = st[r]
-            if args.has_score_mod:
-                for c in range(nk):
-                    row[c] = _SCORE_MOD(row[c], b, hq[r], pos[r], j0 + c, *mod_args)
+            # the mods' loops, by address (engine.kernels.mod_calls):
+            # loop 0 runs the score_mod, 1 the mask_mod
+            b_, h_, q_, k_ = np.int64(b), np.int64(hq[r]), np.int64(pos[r]), np.int64(j0)
+            if args.has_score_mod and not mod_loop(0, mod_args, row, b_, h_, q_, k_, mod_args):
+                raise RuntimeError(MOD_CALL_MISMATCH)
             if masked:
                 a, z = lo[r] - j0, hi[r] - j0  # visible columns a..z of this tile
                 for c in range(nk):
-                    seen = a <= c and c <= z
-                    if args.has_mask_mod and seen:
-                        seen = _MASK_MOD(b, hq[r], pos[r], j0 + c, *mod_args)
-                    row[c] = row[c] if seen else neg_inf
+                    row[c] = row[c] if a <= c and c <= z else neg_inf
+                c0, c1 = np.int64(max(a, 0)), np.int64(min(z + 1, nk))
+                if args.has_mask_mod and c0 < c1 and not mod_loop(1, mod_args, row, b_, h_, q_, k_, c0, c1, mod_args):
+                    raise RuntimeError(MOD_CALL_MISMATCH)
             mx = neg_inf
             for c in range(nk):
                 x = row[c]
@@ -429,6 +428,10 @@ _kernels = ModKernels(
     _OPTIONS,
     # the types the driver calls the task with (engine.kernels.task_pointer)
     task_types=lambda args, mod_args: (types.int64, args, mod_args),
+    loops=(
+        ModLoop(score_keys, ("_SCORE_MOD",), lambda args, mod_args: row_types(args, "q", 4, mod_args)),
+        ModLoop(mask_keys, ("_MASK_MOD",), lambda args, mod_args: row_types(args, "q", 6, mod_args)),
+    ),
 )
 _with_mods = _kernels.built
 

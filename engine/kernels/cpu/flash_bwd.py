@@ -34,24 +34,21 @@ from numba import njit, prange, types
 
 from ...runtime.jit_cache import cache_enabled
 from ..fastexp import softmax_exp
-from ..identity_mods import no_mask_mod, no_score_mod
+from ..identity_mods import no_mask_mod, no_score_grad, no_score_mod
 from ..kinds import MASK_BOOL, MASK_FLOAT, MASK_NONE, TILE_EMPTY, TILE_FULL, TILE_PARTIAL
 from ..mod_arg_grad import READS_CAPACITY, no_arg_grad
+from ..mod_calls import MOD_CALL_MISMATCH, ModLoop, mod_loop
 from ..mod_kernels import ModKernels
 from ..philox import keep_scale
+from ..task_pointer import field_dtype
 from .blas import gemm_acc
 from .gemm import jit_gemm, tile_gemm
+from .mod_loops import arg_grad_tile, mask_tile, score_grad_tile
 from .tile_ops import _FM
 
 __all__ = ["backward_kernel", "no_score_grad"]
 
 _CACHE = cache_enabled()
-
-
-@njit(cache=_CACHE)
-def no_score_grad(score, b, h, q_idx, kv_idx, *mod_args):
-    """The derivative of the identity ``score_mod``: 1."""
-    return 1.0
 
 
 class BackwardArgs(NamedTuple):
@@ -102,14 +99,6 @@ class BackwardArgs(NamedTuple):
     arg_reads: np.ndarray
 
 
-#: the mods, the score_mod's derivative and its mod_args step the kernels below call;
-#: ``backward_kernel`` re-binds them
-_SCORE_MOD = no_score_mod
-_SCORE_GRAD = no_score_grad
-_MASK_MOD = no_mask_mod
-_ARG_GRAD = no_arg_grad
-
-
 @njit(cache=_CACHE, fastmath=_FM, error_model="numpy")
 def _bwd_task(task, slot, args, mod_args, per_tile):
     """One task: the key tiles ``bounds[s] ... bounds[s + 1] - 1`` of one (batch, kv head), run
@@ -149,7 +138,7 @@ def _bwd_task(task, slot, args, mod_args, per_tile):
     ts = np.empty(bk * args.fq, dtype=dt)  # one forward-shaped block of scores
     rt_buf = np.empty(bk * args.block_q if args.want_arg_grad else 1, dtype=dt)  # scores before the mod
     reads = np.empty(READS_CAPACITY + 1 if args.want_arg_grad else 1, dtype=np.int64)  # the gathers one mod made
-    most_reads = 0
+    most = np.zeros(1, dtype=np.int64)  # the most gathers one score made
     for kb in range(args.bounds[s], args.bounds[s + 1]):
         j0 = kb * args.block_k
         j1 = min(j0 + args.block_k, S)
@@ -211,20 +200,15 @@ def _bwd_task(task, slot, args, mod_args, per_tile):
                             for r in range(w):
                                 prow[r] = trow[r]
                 rt = rt_buf[: nk * nq].reshape((nk, nq)) if args.want_arg_grad else rt_buf.reshape((1, 1))
-                if args.has_score_mod:
-                    gt = gt_buf[: nk * nq].reshape((nk, nq))
-                    for c in range(nk):
-                        for r in range(nq):
-                            x = pt[c, r]
-                            if args.want_arg_grad:
-                                rt[c, r] = x
-                            gt[c, r] = _SCORE_GRAD(x, b, h, i0 + r, j0 + c, *mod_args)
-                            pt[c, r] = _SCORE_MOD(x, b, h, i0 + r, j0 + c, *mod_args)
-                if tile == TILE_PARTIAL:
-                    for c in range(nk):
-                        for r in range(nq):
-                            if not _MASK_MOD(b, h, i0 + r, j0 + c, *mod_args):
-                                pt[c, r] = neg_inf
+                # the mods' loops, by address (engine.kernels.mod_calls):
+                # loop 0 runs the score_mod (and its derivative), 1 the mask_mod, 2 the mod_args gradients
+                gt = gt_buf[: nk * nq].reshape((nk, nq)) if args.has_score_mod else gt_buf.reshape((1, 1))
+                if args.has_score_mod and not mod_loop(
+                    0, mod_args, pt, gt, rt, args.want_arg_grad, b, h, i0, j0, mod_args
+                ):
+                    raise RuntimeError(MOD_CALL_MISMATCH)
+                if tile == TILE_PARTIAL and not mod_loop(1, mod_args, pt, b, h, i0, j0, mod_args):
+                    raise RuntimeError(MOD_CALL_MISMATCH)
                 # weights, one specialised straight loop per mask kind; args.lrow is lse with -inf (a
                 # row with no visible key) replaced by +inf, so its weights come out 0
                 if args.mask_kind == MASK_FLOAT:
@@ -275,15 +259,9 @@ def _bwd_task(task, slot, args, mod_args, per_tile):
                         for r in range(nq):
                             args.dm[b, h, i0 + r if args.dm_rows else 0, col] += dpt[c, r]
                 if args.want_arg_grad:  # d loss / d mod_args: dS times the mod's partials, per slot
-                    acc = args.arg_acc[slot]
-                    for c in range(nk):
-                        for r in range(nq):
-                            if dpt[c, r] != zero:
-                                n = _ARG_GRAD(
-                                    np.float64(dpt[c, r]), rt[c, r], b, h, i0 + r, j0 + c, mod_args, acc, reads,
-                                    args.arg_offsets,
-                                )  # fmt: skip
-                                most_reads = max(most_reads, n)
+                    acc, offsets = args.arg_acc[slot], args.arg_offsets
+                    if not mod_loop(2, mod_args, dpt, rt, b, h, i0, j0, mod_args, acc, reads, offsets, most):
+                        raise RuntimeError(MOD_CALL_MISMATCH)
                 if args.has_score_mod:  # chain rule through the score_mod; 0 where the weight is 0
                     for c in range(nk):
                         for r in range(nq):
@@ -296,7 +274,7 @@ def _bwd_task(task, slot, args, mod_args, per_tile):
             for e in range(Ev):
                 args.dv[b, hk, j0 + c, e] = dv_acc[c, e]
     if args.want_arg_grad:
-        args.arg_reads[task] = most_reads
+        args.arg_reads[task] = most[0]
 
 
 @njit(parallel=True, cache=_CACHE, fastmath=_FM, error_model="numpy")
@@ -381,6 +359,32 @@ def _backward_epilogue(dq_part, scale, dq):
                     dq[b, h, i, e] = acc * scale
 
 
+def _tile(args):
+    return types.Array(field_dtype(args, "dk"), 2, "C")
+
+
+def _field(args, name):
+    return args.types[args.fields.index(name)]
+
+
+# what the task passes its mod loops (engine.kernels.cpu.mod_loops), for its argument types
+_INDICES = (types.int64,) * 4
+
+
+def _score_types(args, mod_args):
+    return (_tile(args),) * 3 + (_field(args, "want_arg_grad"),) + _INDICES + (mod_args,)
+
+
+def _mask_types(args, mod_args):
+    return (_tile(args),) + _INDICES + (mod_args,)
+
+
+def _arg_grad_types(args, mod_args):
+    acc = types.Array(types.float64, 1, "C")
+    ints = types.Array(types.int64, 1, "C")
+    return (_tile(args),) * 2 + _INDICES + (mod_args, acc, ints, _field(args, "arg_offsets"), ints)
+
+
 _kernels = ModKernels(
     _flash_backward,
     _bwd_task,
@@ -388,6 +392,12 @@ _kernels = ModKernels(
     dict(fastmath=_FM, error_model="numpy"),
     # the types the driver calls the task with (engine.kernels.task_pointer)
     task_types=lambda args, mod_args: (types.int64, types.int64, args, mod_args, types.boolean),
+    loops=(
+        ModLoop(score_grad_tile, ("_SCORE_MOD", "_SCORE_GRAD"), _score_types),
+        ModLoop(mask_tile, ("_MASK_MOD",), _mask_types),
+        # the generated step is the same code for every score_mod: the mod is in the loop's tag
+        ModLoop(arg_grad_tile, ("_ARG_GRAD", "_SCORE_MOD"), _arg_grad_types),
+    ),
 )
 _with_mods = _kernels.built
 

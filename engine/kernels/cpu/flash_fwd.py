@@ -26,11 +26,14 @@ from ...runtime.jit_cache import cache_enabled
 from ..fastexp import fast_exp
 from ..identity_mods import no_mask_mod, no_score_mod
 from ..kinds import MASK_BOOL, MASK_FLOAT, TILE_EMPTY, TILE_FULL, TILE_PARTIAL
+from ..mod_calls import MOD_CALL_MISMATCH, ModLoop, mod_loop
 from ..mod_kernels import ModKernels
 from ..philox import keep_scale
+from ..task_pointer import field_dtype
 from .amx_steps import _amx_finish, _amx_operands, _amx_rescale, _amx_scores, _amx_values_acc, _pair_buffer, _pair_rows
 from .borrow import borrowed, keep_alive
 from .gemm import GEMM_AMX_BF16, GEMM_AMX_F16, GEMM_CBLAS_F16, jit_gemm
+from .mod_loops import mask_tile, score_tile
 from .softmax_tile import STALE_MAX_MARGIN, column_max
 from .tile_ops import (
     _FM,
@@ -86,11 +89,6 @@ class FlashArgs(NamedTuple):
     lse: np.ndarray
     k_amx: np.ndarray
     vt_amx: np.ndarray
-
-
-#: the mods the kernels below call; ``flash_kernel`` re-binds these names for other mods
-_SCORE_MOD = no_score_mod
-_MASK_MOD = no_mask_mod
 
 
 @njit(cache=_CACHE, fastmath=_FM, error_model="numpy")
@@ -212,15 +210,12 @@ def _flash_task(task, args, mod_args, per_tile):
                 for c in range(nk):
                     for r in range(nq):
                         st[c, r] *= post_scale
-            if args.has_score_mod:
-                for c in range(nk):
-                    for r in range(nq):
-                        st[c, r] = _SCORE_MOD(st[c, r], b, h, i0 + r, j0 + c, *mod_args)
-            if tile == TILE_PARTIAL:
-                for c in range(nk):
-                    for r in range(nq):
-                        if not _MASK_MOD(b, h, i0 + r, j0 + c, *mod_args):
-                            st[c, r] = neg_inf
+            # the mods' loops, by address (engine.kernels.mod_calls):
+            # loop 0 runs the score_mod, 1 the mask_mod
+            if args.has_score_mod and not mod_loop(0, mod_args, st, b, h, i0, j0, mod_args):
+                raise RuntimeError(MOD_CALL_MISMATCH)
+            if tile == TILE_PARTIAL and not mod_loop(1, mod_args, st, b, h, i0, j0, mod_args):
+                raise RuntimeError(MOD_CALL_MISMATCH)
             # masking: one specialised straight loop per kind, writing -inf where hidden
             if args.mask_kind == MASK_FLOAT:
                 for c in range(nk):
@@ -376,6 +371,11 @@ def _flash_forward(args, mod_args):
         _flash_task(np.int64(task), args, mod_args, per_tile)
 
 
+def _tile_types(args, mod_args):
+    """What the task passes its mod loops: the transposed score tile, b, h, q0, k0, mod_args."""
+    return (types.Array(field_dtype(args, "lse"), 2, "C"),) + (types.int64,) * 4 + (mod_args,)
+
+
 _OPTIONS = dict(fastmath=_FM, error_model="numpy")
 _kernels = ModKernels(
     _flash_forward,
@@ -384,6 +384,7 @@ _kernels = ModKernels(
     _OPTIONS,
     # the types the driver calls the task with (engine.kernels.task_pointer)
     task_types=lambda args, mod_args: (types.int64, args, mod_args, types.boolean),
+    loops=(ModLoop(score_tile, ("_SCORE_MOD",), _tile_types), ModLoop(mask_tile, ("_MASK_MOD",), _tile_types)),
 )
 #: the kernels built for mods in this process, by (score_mod, mask_mod, serial)
 _with_mods = _kernels.built

@@ -22,15 +22,16 @@ Tasks are dealt to the threads by cost as the forward's (``varlen_fwd.deal``).
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
 
 from ...runtime.jit_cache import cache_enabled
 from ..fastexp import softmax_exp
-from ..identity_mods import no_mask_mod, no_score_mod
+from ..identity_mods import no_mask_mod, no_score_grad, no_score_mod
+from ..mod_calls import MOD_CALL_MISMATCH, ModLoop, mod_loop, row_types
 from ..mod_kernels import ModKernels
 from ..task_pointer import field_dtype, return_types, vector
-from .flash_bwd import no_score_grad
 from .gemm import jit_gemm, tile_gemm
+from .mod_loops import mask_keys, score_grad_keys
 from .tile_ops import _FM
 from .varlen_fwd import deal
 from .varlen_rows import diagonal_split, key_range
@@ -72,12 +73,6 @@ class VarlenBackwardArgs(NamedTuple):
     dq_part: np.ndarray
     dk: np.ndarray
     dv: np.ndarray
-
-
-#: the mods and the score_mod's derivative the task calls; ``varlen_backward_kernel`` re-binds them
-_SCORE_MOD = no_score_mod
-_SCORE_GRAD = no_score_grad
-_MASK_MOD = no_mask_mod
 
 
 @njit(cache=_CACHE)
@@ -228,11 +223,11 @@ def _bwd_task(task, scratch, args, mod_args):
                 for r in range(nq):
                     pos = off + i0 + r
                     row = p[r]
-                    if args.has_score_mod:
-                        for c in range(nk):
-                            x = row[c]
-                            g[r, c] = _SCORE_GRAD(x, b, hq, pos, j0 + c, *mod_args)
-                            row[c] = _SCORE_MOD(x, b, hq, pos, j0 + c, *mod_args)
+                    # the mods' loops, by address (engine.kernels.mod_calls):
+                    # loop 0 runs the score_mod (and its derivative), 1 the mask_mod
+                    b_, h_, q_, k_ = np.int64(b), np.int64(hq), np.int64(pos), np.int64(j0)
+                    if args.has_score_mod and not mod_loop(0, mod_args, row, g[r], b_, h_, q_, k_, mod_args):
+                        raise RuntimeError(MOD_CALL_MISMATCH)
                     hi = S - 1
                     if args.causal:
                         hi = min(hi, pos)
@@ -241,10 +236,14 @@ def _bwd_task(task, scratch, args, mod_args):
                     lo = 0 if args.left < 0 else max(0, pos - args.left)
                     for c in range(nk):
                         j = j0 + c
-                        seen = lo <= j and j <= hi
-                        if args.has_mask_mod and seen:
-                            seen = _MASK_MOD(b, hq, pos, j, *mod_args)
-                        row[c] = row[c] if seen else neg_inf
+                        row[c] = row[c] if lo <= j and j <= hi else neg_inf
+                    c0, c1 = np.int64(max(lo - j0, 0)), np.int64(min(hi - j0 + 1, nk))
+                    if (
+                        args.has_mask_mod
+                        and c0 < c1
+                        and not mod_loop(1, mod_args, row, b_, h_, q_, k_, c0, c1, mod_args)
+                    ):
+                        raise RuntimeError(MOD_CALL_MISMATCH)
                     shift = args.lrow[q0 + i0 + r, hq]  # +inf for a row with no visible key: P = 0
                     for c in range(nk):
                         row[c] = softmax_exp(row[c] * pass_scale - shift)
@@ -317,7 +316,19 @@ _kernels = ModKernels(
     dict(fastmath=_FM, error_model="numpy"),
     # the types the driver calls the task with (engine.kernels.task_pointer)
     task_types=lambda args, mod_args: _task_types(args, mod_args),
+    loops=(
+        ModLoop(score_grad_keys, ("_SCORE_MOD", "_SCORE_GRAD"), lambda a, m: _score_types(a, m)),
+        ModLoop(mask_keys, ("_MASK_MOD",), lambda args, mod_args: row_types(args, "q", 6, mod_args)),
+    ),
 )
+
+
+def _score_types(args, mod_args):
+    """The score loop's: the row of scores and of derivatives, b, h, q, k0, mod_args."""
+    row = types.Array(field_dtype(args, "q"), 1, "C")
+    return (row, row) + (types.int64,) * 4 + (mod_args,)
+
+
 _with_mods = _kernels.built
 
 

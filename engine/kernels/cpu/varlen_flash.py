@@ -36,9 +36,11 @@ from numba import njit, prange, types
 from ...runtime.jit_cache import cache_enabled
 from ..fastexp import fast_exp
 from ..identity_mods import no_mask_mod, no_score_mod
+from ..mod_calls import MOD_CALL_MISMATCH, ModLoop, mod_loop, row_types
 from ..mod_kernels import ModKernels
 from ..task_pointer import field_dtype, return_types, vector
 from .gemm import jit_gemm
+from .mod_loops import mask_queries, score_tile
 from .softmax_tile import STALE_MAX_MARGIN, column_max
 from .tile_ops import (
     _FM,
@@ -92,11 +94,6 @@ class VarlenFlashArgs(NamedTuple):
     jit_values_h: int
     out: np.ndarray
     lse: np.ndarray
-
-
-#: the mods the task calls; ``varlen_flash_kernel`` re-binds these names for other mods
-_SCORE_MOD = no_score_mod
-_MASK_MOD = no_mask_mod
 
 
 @njit(cache=_CACHE, inline="always")
@@ -257,10 +254,11 @@ def _varlen_flash_task(task, task_b, task_t0, fbuf, dbuf, args, mod_args):
                     for c in range(nk):
                         for r in range(nq):
                             st[c, r] *= post_scale
-                if args.has_score_mod:
-                    for c in range(nk):
-                        for r in range(nq):
-                            st[c, r] = _SCORE_MOD(st[c, r], b, h, off + i0 + r, ka + c, *mod_args)
+                # the mods' loops, by address (engine.kernels.mod_calls):
+                # loop 0 runs the score_mod, 1 the mask_mod
+                b_, h_, q_ = np.int64(b), np.int64(h), np.int64(off + i0)
+                if args.has_score_mod and not mod_loop(0, mod_args, st, b_, h_, q_, np.int64(ka), mod_args):
+                    raise RuntimeError(MOD_CALL_MISMATCH)
                 # rows that see only part of the tile: -inf where hidden (causal, window, mask_mod)
                 f0, _ = visible_rows(ka + nk - 1, i0, nq, off, args.causal, args.left, args.right)
                 _, z0 = visible_rows(ka, i0, nq, off, args.causal, args.left, args.right)
@@ -272,10 +270,10 @@ def _varlen_flash_task(task, task_b, task_t0, fbuf, dbuf, args, mod_args):
                             row[r] = neg_inf
                         for r in range(max(last + 1, 0), nq):
                             row[r] = neg_inf
-                        if args.has_mask_mod:
-                            for r in range(max(first, 0), min(last + 1, nq)):
-                                if not _MASK_MOD(b, h, off + i0 + r, ka + c, *mod_args):
-                                    row[r] = neg_inf
+                        r0, r1 = np.int64(max(first, 0)), np.int64(min(last + 1, nq))
+                        if args.has_mask_mod and r0 < r1:
+                            if not mod_loop(1, mod_args, row, b_, h_, q_, np.int64(ka + c), r0, r1, mod_args):
+                                raise RuntimeError(MOD_CALL_MISMATCH)
                 # the softmax as flash_fwd's (softmax_tile: one pass, a stale shift within the margin)
                 fresh = False
                 for r in range(nq):
@@ -379,7 +377,16 @@ _kernels = ModKernels(
     _OPTIONS,
     # the types the driver calls the task with (engine.kernels.task_pointer)
     task_types=lambda args, mod_args: _task_types(args, mod_args),
+    loops=(
+        ModLoop(score_tile, ("_SCORE_MOD",), lambda args, mod_args: _tile_types(args, mod_args)),
+        ModLoop(mask_queries, ("_MASK_MOD",), lambda args, mod_args: row_types(args, "out", 6, mod_args)),
+    ),
 )
+
+
+def _tile_types(args, mod_args):
+    """The score loop's: the transposed tile, b, h, q0, k0, mod_args."""
+    return (types.Array(field_dtype(args, "out"), 2, "C"),) + (types.int64,) * 4 + (mod_args,)
 
 
 def _task_types(args, mod_args):

@@ -38,10 +38,12 @@ from ...runtime.jit_cache import cache_enabled
 from ..fastexp import fast_exp
 from ..identity_mods import no_mask_mod, no_score_mod
 from ..lse_merge import _merge_row
+from ..mod_calls import MOD_CALL_MISMATCH, ModLoop, mod_loop, row_types
 from ..mod_kernels import ModKernels
 from ..task_pointer import field_dtype, return_types, vector
 from .decode import _scores_fused, _tile, _values_fused
 from .gemm import tile_gemm
+from .mod_loops import mask_keys, score_keys
 from .nonfinite import redo_if_nonfinite
 from .tile_ops import _FM
 
@@ -83,11 +85,6 @@ class VarlenArgs(NamedTuple):
     part_lse: np.ndarray
     out: np.ndarray
     lse: np.ndarray
-
-
-#: the mods the task calls; ``varlen_kernel`` re-binds these names for other mods
-_SCORE_MOD = no_score_mod
-_MASK_MOD = no_mask_mod
 
 
 @njit(cache=_CACHE, inline="always")
@@ -290,17 +287,18 @@ def _varlen_task(task, task_b, task_r0, scratch, rows, args, mod_args):
         masked = args.has_mask_mod or j0 < full_lo or j0 + nk > full_hi  # some rows miss some keys
         for r in range(nr):
             row = st[r]
-            if args.has_score_mod:
-                for c in range(nk):
-                    row[c] = _SCORE_MOD(row[c], b, hq[r], pos[r], j0 + c, *mod_args)
+            # the mods' loops, by address (engine.kernels.mod_calls):
+            # loop 0 runs the score_mod, 1 the mask_mod
+            b_, h_, q_, k_ = np.int64(b), np.int64(hq[r]), np.int64(pos[r]), np.int64(j0)
+            if args.has_score_mod and not mod_loop(0, mod_args, row, b_, h_, q_, k_, mod_args):
+                raise RuntimeError(MOD_CALL_MISMATCH)
             if masked:
                 a, z = max(0, lo[r] - j0), min(nk - 1, hi[r] - j0)  # visible columns a..z of this tile
                 row[: max(0, a)] = neg_inf
                 row[max(0, z + 1) :] = neg_inf
-                if args.has_mask_mod:
-                    for c in range(a, z + 1):
-                        if not _MASK_MOD(b, hq[r], pos[r], j0 + c, *mod_args):
-                            row[c] = neg_inf
+                c0, c1 = np.int64(a), np.int64(z + 1)
+                if args.has_mask_mod and c0 < c1 and not mod_loop(1, mod_args, row, b_, h_, q_, k_, c0, c1, mod_args):
+                    raise RuntimeError(MOD_CALL_MISMATCH)
             # the max ignores NaN scores: exp(NaN) below makes the row's sum, so the row, NaN
             mx = _row_max(row, neg_inf, part)
             # online softmax: a row with nothing visible yet shifts by 0 (its -inf stays -inf -> 0)
@@ -392,6 +390,10 @@ _kernels = ModKernels(
     _OPTIONS,
     # the types the driver calls the task with (engine.kernels.task_pointer)
     task_types=lambda args, mod_args: _task_types(args, mod_args),
+    loops=(
+        ModLoop(score_keys, ("_SCORE_MOD",), lambda args, mod_args: row_types(args, "q", 4, mod_args)),
+        ModLoop(mask_keys, ("_MASK_MOD",), lambda args, mod_args: row_types(args, "q", 6, mod_args)),
+    ),
 )
 
 
