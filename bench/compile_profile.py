@@ -1,8 +1,9 @@
 """What the first calls of a process compile, and how long each takes: the cold-start profile.
 
 Runs a fixed set of first calls (float32 and float64 forward, a forward with a ``score_mod`` and
-``mod_args``, the backward through ``engine.torch``, a GEMV decode step with a write, a general
-decode step with a mod, a packed varlen call) in a fresh, private Numba cache folder, and prints
+``mod_args``, one with another ``score_mod`` with ``mod_args`` of the same types, the backward
+through ``engine.torch`` without and with a ``score_mod``, a GEMV decode step with a write, a
+general decode step with a mod, a packed varlen call) in a fresh, private Numba cache folder, and prints
 each call's wall time and, from Numba's ``numba:compile`` events, the functions compiled under it
 (nested compiles indented under their caller), the largest first. Numba compiles each distinct
 argument type of a function apart, so a function listed twice with different types is a place to
@@ -20,7 +21,9 @@ CALLS = (
     "forward float32",
     "forward float64",
     "forward score_mod",
+    "forward 2nd score_mod",
     "backward",
+    "backward score_mod",
     "decode GEMV",
     "decode general",
     "varlen",
@@ -66,9 +69,12 @@ def _calls():
     def alibi(score, b, h, q_idx, kv_idx, slopes):
         return score + slopes[h] * (kv_idx - q_idx)
 
-    def backward():
+    def softcap(score, b, h, q_idx, kv_idx, caps):  # another mod, mod_args of the same types
+        return caps[h] * np.tanh(score / caps[h])
+
+    def backward(**mods):
         qt = torch.tensor(q, requires_grad=True)
-        torch_sdpa(qt, qt, qt, backend="cpu").sum().backward()
+        torch_sdpa(qt, qt, qt, backend="cpu", **mods).sum().backward()
 
     kc = np.zeros((1, 2, 128, 64), np.float32)
     qv = rng.random((64, 2, 64)).astype(np.float32)
@@ -83,7 +89,11 @@ def _calls():
         "forward score_mod": lambda: engine.scaled_dot_product_attention(
             q, q, q, score_mod=alibi, mod_args=(slopes,), backend="cpu"
         ),
+        "forward 2nd score_mod": lambda: engine.scaled_dot_product_attention(
+            q, q, q, score_mod=softcap, mod_args=(slopes,), backend="cpu"
+        ),
         "backward": backward,
+        "backward score_mod": lambda: backward(score_mod=alibi, mod_args=(slopes,)),
         "decode GEMV": lambda: awk(q[:, :, :1], kc, kc.copy(), q[:, :, :1], q[:, :, :1], cache_seqlens=5),
         "decode general": lambda: awk(
             q[:, :, :3], kc, kc.copy(), q[:, :, :3], q[:, :, :3], cache_seqlens=5, score_mod=alibi, mod_args=(slopes,)
