@@ -136,8 +136,8 @@ _INT64 = (-(2**63), 2**63)
 
 def mod_args_key(mod_args):
     """The signature of a ``mod_args`` tuple: each entry's type, as Numba will type it (arrays by
-    dtype, dimensions and C/F contiguity once made native and writeable; Python and NumPy scalars
-    by type). None when an entry is of another kind (the call then takes the full path)."""
+    dtype, dimensions and flags: contiguity, alignment, writeability; Python and NumPy scalars by
+    type). None when an entry is of another kind (the call then takes the full path)."""
     if type(mod_args) is not tuple:
         return None
     if not mod_args:
@@ -145,7 +145,7 @@ def mod_args_key(mod_args):
     out = []
     for a in mod_args:
         t = type(a)
-        if t is np.ndarray:  # the flags decide whether native_mod_args copies it, so its layout
+        if t is np.ndarray:  # the flags decide whether native_mod_args copies it, and its type
             out.append((a.dtype, a.ndim, a.flags.num))
         elif t is int:
             if not _INT64[0] <= a < _INT64[1]:

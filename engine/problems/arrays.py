@@ -122,33 +122,45 @@ def as_array(x: Any, name: str) -> Any:
     return native(arr)
 
 
-def native(arr: np.ndarray, writeable: bool = False) -> np.ndarray:
+def native(arr: np.ndarray) -> np.ndarray:
     """``arr`` itself when its layout suits a kernel; otherwise a copy in native byte order and
     aligned memory (the values are unchanged). Numba compiles no big-endian array, and compiles a
-    new specialisation (tens of seconds) for an unaligned one, or a read-only one: ``writeable``
-    copies those too (for the small ``mod_args`` arrays; the caller's array is never written)."""
-    if arr.dtype.isnative and arr.flags.aligned and (arr.flags.writeable or not writeable):
+    new specialisation for an unaligned one."""
+    if arr.dtype.isnative and arr.flags.aligned:
         return arr
-    return np.require(arr, dtype=arr.dtype.newbyteorder("="), requirements="AW" if writeable else "A")
+    return np.require(arr, dtype=arr.dtype.newbyteorder("="), requirements="A")
 
 
 def native_mod_args(mod_args: tuple) -> tuple:
-    """``mod_args`` with its NumPy arrays made native, aligned and writeable (see :func:`native`).
-    ``TypeError`` for a float16/bfloat16 array: the kernels' mods compute in float32/float64, and
-    Numba has no bfloat16 (nor float16 arithmetic on the CPU); and for a tuple or list (a parallel
-    kernel cannot take a tuple inside its ``mod_args``: every backend refuses it alike)."""
+    """``mod_args`` with its torch CPU tensors as NumPy arrays (:func:`as_array`) and its arrays
+    made native and aligned (see :func:`native`; read-only ones are not copied: a new type of
+    ``mod_args`` compiles only the mods' small loops, ``engine.kernels.mod_calls``), and a Python
+    int past int64 as ``np.uint64`` (Numba types it so: its own type, not int64's kernels).
+    ``TypeError`` for a float16/bfloat16 array or scalar: the kernels' mods compute in
+    float32/float64, and Numba has no bfloat16 (nor float16 arithmetic on the CPU); for a tuple or
+    list (a parallel kernel cannot take a tuple inside its ``mod_args``: every backend refuses it
+    alike); ``ValueError`` for an int that does not fit in 64 bits."""
+    out = []
     for i, a in enumerate(mod_args):
         if isinstance(a, (tuple, list)):
             raise TypeError(
                 f"mod_args[{i}] is a {type(a).__name__} of {len(a)}; mods take scalars and arrays: "
                 "pass it as an array (np.asarray(...)) or as separate mod_args"
             )
-        if isinstance(a, np.ndarray) and a.dtype.itemsize == 2 and is_floating(a.dtype):
+        if type(a).__module__.startswith("torch") and hasattr(a, "shape"):  # a tensor: its NumPy view
+            a = as_array(a, f"mod_args[{i}]")
+        if isinstance(a, (np.ndarray, np.generic)) and a.dtype.itemsize == 2 and is_floating(a.dtype):
+            kind = f"array (shape {a.shape})" if isinstance(a, np.ndarray) else "scalar"
             raise TypeError(
-                f"mod_args[{i}] is a {a.dtype.name} array (shape {a.shape}); mods take float32 or "
-                "float64 arrays: convert it (e.g. table.astype(np.float32), or table.float() in torch)"
+                f"mod_args[{i}] is a {a.dtype.name} {kind}; mods take float32 or float64 values: "
+                "convert it (e.g. table.astype(np.float32), or table.float() in torch)"
             )
-    return tuple(native(a, writeable=True) if isinstance(a, np.ndarray) else a for a in mod_args)
+        if type(a) is int and not -(2**63) <= a < 2**63:
+            if not 0 <= a < 2**64:
+                raise ValueError(f"mod_args[{i}] = {a} does not fit in 64 bits (int64 or uint64)")
+            a = np.uint64(a)
+        out.append(native(a) if isinstance(a, np.ndarray) else a)
+    return tuple(out)
 
 
 def check_float(arr: Any, name: str) -> np.dtype:

@@ -86,3 +86,41 @@ def test_mod_args_that_cannot_be_packed_are_passed_as_they_are(rng):
     out = engine.scaled_dot_product_attention(q, q, q, backend="cpu", mask_mod=_by_mode, mod_args=("causal",))
     want = engine.scaled_dot_product_attention(q, q, q, backend="reference", is_causal=True)
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+
+
+def _gate(score, b, h, q_idx, kv_idx, a):
+    return score * (a > 0)
+
+
+def test_ints_past_int64_get_their_own_kernels_in_any_order(rng):
+    """Numba types an int past int64 as uint64: such a call and later int64 ones each get their
+    own kernel, whichever comes first (one memo once served both, and raised OverflowError)."""
+    q = randn(rng, (1, 2, 16, 8))
+    for a in (3, 2**63 + 5, -1, 2**64 - 1, 7):
+        out = engine.scaled_dot_product_attention(q, q, q, backend="cpu", score_mod=_gate, mod_args=(a,))
+        want = engine.scaled_dot_product_attention(q, q, q, backend="reference", score_mod=_gate, mod_args=(a,))
+        np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6, err_msg=str(a))
+    with pytest.raises(ValueError, match=r"mod_args\[0\] = 18446744073709551616 does not fit in 64 bits"):
+        engine.scaled_dot_product_attention(q, q, q, backend="cpu", score_mod=_gate, mod_args=(2**64,))
+
+
+def test_mod_args_kinds_reach_the_kernels_as_given(rng):
+    import torch
+
+    from engine.problems.arrays import native_mod_args
+
+    q = randn(rng, (1, 2, 16, 8))
+    table = np.array([0.5, -0.25], np.float32)
+    read_only = table.copy()
+    read_only.flags.writeable = False
+    assert native_mod_args((read_only,))[0] is read_only  # read (not copied) on every call
+    for slopes in (read_only, np.broadcast_to(np.float32(0.3), (2,)), torch.tensor(table)):
+        out = engine.scaled_dot_product_attention(q, q, q, backend="cpu", score_mod=_slope, mod_args=(slopes,))
+        want = engine.scaled_dot_product_attention(q, q, q, backend="reference", score_mod=_slope, mod_args=(slopes,))
+        np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6, err_msg=type(slopes).__name__)
+    with pytest.raises(TypeError, match=r"mod_args\[0\] is a float16 scalar"):
+        engine.scaled_dot_product_attention(q, q, q, backend="cpu", score_mod=_gate, mod_args=(np.float16(1),))
+
+
+def _slope(score, b, h, q_idx, kv_idx, slopes):
+    return score + slopes[h] * (kv_idx - q_idx)
