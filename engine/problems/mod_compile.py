@@ -34,12 +34,32 @@ def compile_mods_alone(score_mod, mask_mod, mod_args: tuple, score_dtype) -> Non
     args = tuple(typeof(a) for a in mod_args)
     index = (types.int64,) * 4
     if score_mod is not None and not _takes_star_args(score_mod):
-        score_mod.compile((from_dtype(np.dtype(score_dtype)),) + index + args)
+        sig = (from_dtype(np.dtype(score_dtype)),) + index + args
+        score_mod.compile(sig)
+        _check_return(score_mod, sig, "score_mod", "a real number (the new score)", _SCORES)
     if mask_mod is not None and not _takes_star_args(mask_mod):
         mask_mod.compile(index + args)
+        _check_return(mask_mod, index + args, "mask_mod", "a bool (True: may attend)", _MASKS)
     if len(_compiled_alone) > 4096:  # mods made in a loop: forget, rather than hold them all
         _compiled_alone.clear()
     _compiled_alone[key] = True
+
+
+#: what the kernels can store as a score, and test as a mask
+_SCORES = (types.Integer, types.Float, types.Boolean)
+_MASKS = (types.Boolean, types.Integer, types.Float)
+
+
+def _check_return(mod, sig: tuple, what: str, wanted: str, kinds: tuple) -> None:
+    """``TypeError`` naming the mod when what it returns for ``sig`` is not of ``kinds`` (a
+    complex, a tuple, an array, or None on some path), before a kernel fails to store it."""
+    returned = mod.overloads[sig].signature.return_type
+    if not isinstance(returned, kinds):
+        fn = getattr(mod, "py_func", mod)
+        raise TypeError(
+            f"{what} {getattr(fn, '__qualname__', fn)} returns {returned} for arguments "
+            f"({', '.join(map(str, sig))}); it must return {wanted} on every path"
+        )
 
 
 def _takes_star_args(mod) -> bool:

@@ -47,3 +47,39 @@ def test_sixteen_bit_mod_args_are_refused_by_name(dtype):
     table = np.zeros(1, ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16)
     with pytest.raises(TypeError, match=rf"mod_args\[0\] is a {dtype} array .*float32 or float64"):
         engine.scaled_dot_product_attention(Q, Q, Q, score_mod=lambda s, b, h, i, j, t: s + t[h], mod_args=(table,))
+
+
+def _score_returns_tuple(score, b, h, q_idx, kv_idx):
+    return score, score
+
+
+def _score_returns_complex(score, b, h, q_idx, kv_idx):
+    return complex(score, 1.0)
+
+
+def _mask_returns_array(b, h, q_idx, kv_idx, table):
+    return table[h:]
+
+
+def _score_returns_none_sometimes(score, b, h, q_idx, kv_idx):
+    if q_idx > 3:
+        return score
+    return None
+
+
+@pytest.mark.parametrize(
+    "mods, returned",
+    [
+        (dict(score_mod=_score_returns_tuple), "UniTuple"),
+        (dict(score_mod=_score_returns_complex), "complex"),
+        (dict(score_mod=_score_returns_none_sometimes), "OptionalType"),
+        (dict(mask_mod=_mask_returns_array, mod_args=(np.ones(2, bool),)), "array"),
+    ],
+)
+def test_a_mod_returning_what_a_kernel_cannot_store_is_named(mods, returned):
+    """The cpu backend names the mod and what it returns (before: Numba's typing error at the
+    kernel's line that stores the score)."""
+    q = np.random.default_rng(0).random((1, 2, 8, 4)).astype(np.float32)
+    name = next(v for k, v in mods.items() if k.endswith("_mod")).__qualname__
+    with pytest.raises(TypeError, match=rf"(score|mask)_mod {name} returns .*{returned}.*on every path"):
+        engine.scaled_dot_product_attention(q, q, q, backend="cpu", **mods)
