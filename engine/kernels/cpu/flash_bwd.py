@@ -280,7 +280,8 @@ def _bwd_task(task, slot, args, mod_args, per_tile):
 @njit(parallel=True, cache=_CACHE, fastmath=_FM, error_model="numpy")
 def _flash_backward(args, mod_args):
     """Gradients of ``out = softmax(scale * q @ k.T + mask) @ v`` per (batch, head), tiled, with
-    ``args`` a :class:`BackwardArgs` (the fields below) and ``mod_args`` the mods' arguments.
+    ``args`` a :class:`BackwardArgs` (the fields below) and ``mod_args`` the task's (the mods'
+    loops' addresses and tags, then the caller's: ``engine.kernels.mod_calls.task_mod_args``).
 
     ``q`` (B, Hq, L, E) is the forward's query: the scores are recomputed as the forward computed
     them (``q @ k.T`` by ``gemm_kind``/``gemm_fn``, or by the generated kernel ``jit_scores`` with
@@ -303,7 +304,7 @@ def _flash_backward(args, mod_args):
 
     Tasks run in ``slots`` parallel slots, slot ``s`` running tasks ``s, s + slots, ...`` in that
     order (``slots`` = the task count unless ``mod_args`` take a gradient). With
-    ``want_arg_grad``, each score with dS != 0 goes through ``_ARG_GRAD``
+    ``want_arg_grad``, each score with dS != 0 goes through the mod_args gradients' loop
     (``engine.kernels.mod_arg_grad``), adding dS times the score_mod's partials with respect to
     the marked ``mod_args`` elements it reads into ``arg_acc[slot]`` (float64, the marked arrays
     end to end from ``arg_offsets``); ``arg_reads[task]`` gets the most elements one score read.
@@ -405,8 +406,8 @@ _with_mods = _kernels.built
 def backward_kernel(score_mod, score_grad, mask_mod, arg_grad=None):
     """The backward kernel for these mods (``None`` for none), the score_mod's compiled
     derivative and its mod_args step (``engine.kernels.mod_arg_grad``; None when no mod_args take
-    a gradient): ``_flash_backward`` over its own task without mods, else the same code with ``_SCORE_MOD``,
-    ``_SCORE_GRAD``, ``_MASK_MOD`` and ``_ARG_GRAD`` bound to them (``engine.kernels.mod_kernels``)."""
+    a gradient): ``_flash_backward`` over its task, the same for all of them, which calls the
+    mods' loops (built once per process per tuple) by address (``engine.kernels.mod_kernels``)."""
     if score_mod is None and mask_mod is None:  # a derivative alone is the identity's: no mods
         return _kernels(*(None,) * len(_kernels.defaults))
     return _kernels(score_mod, score_grad, mask_mod, arg_grad)

@@ -324,8 +324,10 @@ def _flash_task(task, args, mod_args, per_tile):
 @njit(parallel=True, cache=_CACHE, fastmath=_FM, error_model="numpy")
 def _flash_forward(args, mod_args):
     """out[b, h] = softmax(scale * q[b, h] @ k[b, h // group].T + mask) @ v[b, h // group], with
-    ``args`` a :class:`FlashArgs` (the fields below) and ``mod_args`` the mods' argument tuple (a
-    separate argument: a parallel loop cannot take a tuple inside a tuple).
+    ``args`` a :class:`FlashArgs` (the fields below) and ``mod_args`` the task's (a separate
+    argument: a parallel loop cannot take a tuple inside a tuple): the mods' loops' addresses and
+    tags, then the caller's ``mod_args`` packed behind an address or as they are
+    (``engine.kernels.mod_calls.task_mod_args``).
 
     q (B, Hq, L, E), k (B, H, S, E), v (B, H, S, Ev), out (B, Hq, L, Ev), lse (B, Hq, L): C order.
     ``fmask`` (float, added) and ``bmask`` (bool, True = may attend), each (Bm, Hq, L, S), may be
@@ -340,8 +342,9 @@ def _flash_forward(args, mod_args):
     masks) when ``has_score_mod``. ``tile_kinds`` (Bt, Ht, ceil(L / block_q), ceil(S / block_k))
     int8 is the ``mask_mod``'s tile map at these tile sizes (Bt/Ht 1 when it does not depend on
     b/h): empty tiles are skipped, ``mask_mod(b, h, q_idx, kv_idx, *mod_args)`` is evaluated per
-    element in partial ones only. Without a ``mask_mod`` it is a (1, 1, 1, 1) array of TILE_FULL,
-    ``has_score_mod`` False and ``mod_args`` ``()``.
+    element in partial ones only (both through the mods' loops). Without a ``mask_mod`` it is a
+    (1, 1, 1, 1) array of TILE_FULL, and without mods ``has_score_mod`` is False and the loops'
+    addresses 0.
 
     ``drop_threshold``, ``drop_keep`` (1 / (1 - p)), ``seed_lo``, ``seed_hi`` (uint64, float,
     uint64, uint64) are the dropout: with a threshold > 0, each weight is kept and scaled by 1 / (1 - p), or dropped, as
@@ -391,8 +394,9 @@ _with_mods = _kernels.built
 
 
 def flash_kernel(score_mod, mask_mod, serial=False):
-    """The kernel for these mods (``None`` for none): ``_flash_forward`` over its own task without mods, else
-    the same code with ``_SCORE_MOD``/``_MASK_MOD`` bound to the caller's mods, built once per
-    process per pair (``engine.kernels.mod_kernels``). ``serial=True``: the same code without
-    ``parallel``, for calls too small to pay for waking the thread pool."""
+    """The kernel for these mods (``None`` for none): ``_flash_forward`` over its task, the same for
+    every pair, which calls the mods' loops (``score_tile``/``mask_tile`` of
+    ``engine.kernels.cpu.mod_loops``, built once per process per pair) by address
+    (``engine.kernels.mod_kernels``). ``serial=True``: the same code without ``parallel``, for
+    calls too small to pay for waking the thread pool."""
     return _kernels(score_mod, mask_mod, serial=serial)

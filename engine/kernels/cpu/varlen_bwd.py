@@ -339,8 +339,8 @@ def _task_types(args, mod_args):
 
 def varlen_backward_kernel(score_mod, score_grad, mask_mod):
     """The kernel for these mods (``None`` for none) and the score_mod's compiled derivative:
-    ``_varlen_backward`` over its own task without mods, else the same code with ``_SCORE_MOD``,
-    ``_SCORE_GRAD`` and ``_MASK_MOD`` bound to them (``engine.kernels.mod_kernels``)."""
+    ``_varlen_backward`` over its task, the same for all of them, which calls the mods' loops by
+    address (``engine.kernels.mod_kernels``)."""
     if score_mod is None and mask_mod is None:  # a derivative alone is the identity's: no mods
         return _kernels(*(None,) * len(_kernels.defaults))
     return _kernels(score_mod, score_grad, mask_mod)

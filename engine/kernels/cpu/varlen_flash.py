@@ -399,7 +399,7 @@ _with_mods = _kernels.built
 
 
 def varlen_flash_kernel(score_mod, mask_mod, serial=False):
-    """The kernel for these mods (``None`` for none): ``_varlen_flash`` over its own task without mods, else
-    the same code with ``_SCORE_MOD``/``_MASK_MOD`` bound to them (``engine.kernels.mod_kernels``).
+    """The kernel for these mods (``None`` for none): ``_varlen_flash`` over its task, the same for
+    every pair, which calls the mods' loops by address (``engine.kernels.mod_kernels``).
     ``serial=True``: compiled without ``parallel``, for calls too small to wake the thread pool."""
     return _kernels(score_mod, mask_mod, serial=serial)

@@ -407,8 +407,8 @@ _with_mods = _kernels.built
 
 
 def varlen_kernel(score_mod, mask_mod, serial=False):
-    """The kernel for these mods (``None`` for none): ``_varlen_forward`` over its own task without mods,
-    else the same code with ``_SCORE_MOD``/``_MASK_MOD`` bound to them
-    (``engine.kernels.mod_kernels``). ``serial=True``: compiled without ``parallel``, for calls too
-    small to wake the thread pool for."""
+    """The kernel for these mods (``None`` for none): ``_varlen_forward`` over its task, the same for
+    every pair, which calls the mods' loops by address (``engine.kernels.mod_kernels``).
+    ``serial=True``: compiled without ``parallel``, for calls too small to wake the thread pool
+    for."""
     return _kernels(score_mod, mask_mod, serial=serial)
