@@ -44,6 +44,7 @@ from .specialise import cache_tag, named
 
 __all__ = [
     "mod_loop",
+    "call_address",
     "types_tag",
     "ModLoop",
     "BoundLoops",
@@ -64,6 +65,16 @@ MOD_CALL_MISMATCH = "internal error: a mod loop was compiled for other argument 
 def types_tag(argtys) -> int:
     """A checksum of these Numba types' names, the same in every process (0 is never one)."""
     return zlib.crc32(repr(tuple(str(t) for t in argtys)).encode()) + 1
+
+
+def call_address(context, builder, address, argtys: tuple, values: list):
+    """Emit a call, through Numba's calling convention, of the Numba-compiled function returning
+    nothing at ``address`` (an LLVM i64) with ``values`` of types ``argtys``; its status (the
+    caller propagates an error: ``context.call_conv.return_status_propagate``)."""
+    fnty = context.call_conv.get_function_type(types.none, argtys)
+    callee = builder.inttoptr(address, fnty.as_pointer())
+    status, _ = context.call_conv.call_function(builder, callee, types.none, argtys, values)
+    return status
 
 
 @intrinsic
@@ -92,9 +103,7 @@ def mod_loop(typingctx, k, mod_args, *args):
         absent = builder.icmp_signed("==", address, ir.Constant(i64, 0))
         matches = builder.icmp_signed("==", tag, ir.Constant(i64, expected))
         with builder.if_then(builder.and_(builder.not_(absent), matches), likely=True):
-            fnty = context.call_conv.get_function_type(types.none, argtys)
-            callee = builder.inttoptr(address, fnty.as_pointer())
-            status, _ = context.call_conv.call_function(builder, callee, types.none, argtys, values)
+            status = call_address(context, builder, address, argtys, values)
             with builder.if_then(status.is_error, likely=False):
                 context.call_conv.return_status_propagate(builder, status)
         return builder.or_(absent, matches)
@@ -233,7 +242,9 @@ class BoundLoops:
                 self._heads[key] = head
         return head
 
-    def _loop_dispatchers(self, mod_args_ty) -> list:
+    def loops_for(self, mod_args_ty) -> list:
+        """The loops' dispatchers for the user's ``mod_args`` of type ``mod_args_ty`` (None for a
+        loop not built), built on first use."""
         packed = erasable(mod_args_ty)
         key = (mod_args_ty, packed)
         built = self._dispatchers.get(key)
@@ -259,7 +270,7 @@ class BoundLoops:
     def _compile(self, args_ty, mod_args_ty) -> tuple:
         head = []
         task_mod_args_ty = task_mod_args_type(len(self.loops), mod_args_ty)
-        for loop, dispatcher in zip(self.loops, self._loop_dispatchers(mod_args_ty)):
+        for loop, dispatcher in zip(self.loops, self.loops_for(mod_args_ty)):
             if dispatcher is None:
                 head += [0, 0]
                 continue
@@ -271,14 +282,6 @@ class BoundLoops:
                 raise RuntimeError(f"no address for the mod loop {dispatcher.py_func.__qualname__}{argtys}")
             head += [address, types_tag(argtys)]
         return tuple(head)
-
-    @property
-    def dispatchers(self) -> list:
-        """The loops built for the first type of ``mod_args`` met (None where not built), or for
-        none yet: whether each loop is built."""
-        for built in self._dispatchers.values():
-            return built
-        return [None if own is None else True for own in self.own]
 
     @property
     def stats(self):

@@ -33,7 +33,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from ..runtime.jit_cache import cache_enabled
-from .mod_calls import task_mod_args
+from .mod_calls import call_address, task_mod_args
 from .specialise import named
 
 __all__ = ["TaskKernel", "via_driver", "field_dtype", "vector", "return_types", "raise_cause", "rerun_serially"]
@@ -55,9 +55,7 @@ def _call_task(typingctx, address, failed, *task_args):
     def codegen(context, builder, signature, llargs):
         packed = llargs[2]
         values = [builder.extract_value(packed, i) for i in range(len(argtys))]
-        fnty = context.call_conv.get_function_type(types.none, argtys)
-        callee = builder.inttoptr(llargs[0], fnty.as_pointer())
-        status, _ = context.call_conv.call_function(builder, callee, types.none, argtys, values)
+        status = call_address(context, builder, llargs[0], argtys, values)
         with builder.if_then(status.is_error, likely=False):
             flag = builder.inttoptr(llargs[1], ir.IntType(8).as_pointer())
             builder.store(ir.Constant(ir.IntType(8), 1), flag)

@@ -116,6 +116,7 @@ def test_a_stuck_holder_costs_one_wait_per_call_not_one_per_nested_lock(tmp_path
 
 
 def test_user_functions_and_uncached_kernels_take_no_lock(tmp_path):
+    import numba
     from numba import njit
 
     from engine.kernels.cpu import flash_fwd
@@ -126,7 +127,7 @@ def test_user_functions_and_uncached_kernels_take_no_lock(tmp_path):
     # a kernel is a driver and a task (shared by every tuple of mods) and the mods' loops (built
     # per mods): a script's mod's loop is not disk-cached; the task and every driver are
     closure_mod = flash_fwd.flash_kernel(None, lambda b, h, q, k: q >= k)
-    mask_loop = closure_mod.loops.dispatchers[1]
+    mask_loop = closure_mod.loops.loops_for(numba.typeof(()))[1]
     assert mask_loop is not None and compile_lock._lock_path(mask_loop, ()) is None
     no_mods = flash_fwd.flash_kernel(None, None)
     assert closure_mod.task is no_mods.task
