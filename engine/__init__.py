@@ -18,12 +18,17 @@ from .problems.masks import mha_masks_to_sdpa
 from .problems.mods import BlockMask, cast_like, create_block_mask, with_score_grad
 from .runtime.errors import NotSupportedError, PluginError
 from .runtime.gemm_providers import get_gemm_provider, set_gemm_provider
-from .runtime.threads import get_num_threads, set_num_threads
+from .runtime.threads import configure_threading_layer, get_num_threads, set_num_threads
 from .variant import Variant
 from .varlen import varlen_attention, varlen_attention_backward
 from .weights import attention_weights
 
 __version__ = "0.2.0"
+
+# Numba's layer is chosen once, when its thread pool starts: pinned now (1-2 ms), so that a
+# numba.set_num_threads or parallel=True function of the user's after this import starts TBB too
+configure_threading_layer()
+del configure_threading_layer
 
 
 def __getattr__(name):

@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 _configured = False
+_layer = ""  # the layer configure_threading_layer found or chose
 _serialise = threading.Lock()
 _use_lock = False
 _num_threads: int | None = None
@@ -74,13 +75,32 @@ def configure_threading_layer() -> str:
     An explicit ``NUMBA_THREADING_LAYER`` in the environment is respected (on ``workqueue`` calls
     are serialised).
     """
-    global _configured, _use_lock
+    global _configured, _use_lock, _layer
     import numba
 
     if _configured:
-        return numba.config.THREADING_LAYER
+        return numba_layer()
     _configured = True
-    if os.environ.get("NUMBA_THREADING_LAYER"):
+    started = _started_layer()
+    if started is not None:  # the user's own Numba code started the pool first: it stays on its layer
+        layer = started
+        if started != "tbb" and not os.environ.get("NUMBA_THREADING_LAYER"):
+            warnings.warn(
+                f"attention-engine: Numba's threads were started on its {started!r} threading layer "
+                "before the engine could choose TBB (numba.set_num_threads or a parallel=True "
+                "function ran before `import engine`). The engine runs on it"
+                + (
+                    " with its calls serialised across Python threads"
+                    if started == "workqueue"
+                    else "; on 'omp' a child forked after a kernel call can hang, and a parallel "
+                    "call right after a NumPy (OpenBLAS) call can wait milliseconds for a worker"
+                )
+                + ". Import engine before starting Numba's threads, or set NUMBA_THREADING_LAYER "
+                "to choose a layer yourself.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    elif os.environ.get("NUMBA_THREADING_LAYER"):
         layer = numba.config.THREADING_LAYER
     else:
         _preload_tbb()
@@ -98,6 +118,7 @@ def configure_threading_layer() -> str:
             layer = "workqueue"
         numba.config.THREADING_LAYER = layer
     _use_lock = layer in ("workqueue", "default")
+    _layer = layer
     return layer
 
 
@@ -258,7 +279,7 @@ def quiet_openmp() -> int:
     """Let the calling thread's idle GNU OpenMP workers go (see the module docstring); returns how
     many runtimes were asked. Looks for runtimes again whenever modules were imported since."""
     global _omp_pauses, _omp_seen_modules
-    if not _configured or _forked_child or numba_layer() == "omp":
+    if not _configured or _forked_child or _layer == "omp":
         return 0
     n = len(sys.modules)
     if n != _omp_seen_modules:
@@ -271,8 +292,19 @@ def quiet_openmp() -> int:
     return len(_omp_pauses)
 
 
+def _started_layer() -> str | None:
+    """The layer Numba's thread pool runs on, or None before it starts (a layer cannot change
+    once started: Numba starts its pool on the first parallel compilation or thread-count call)."""
+    from numba.np.ufunc import parallel
+
+    if not getattr(parallel, "_is_initialized", False):
+        return None
+    return parallel.threading_layer()
+
+
 def numba_layer() -> str:
-    """The threading layer chosen for Numba (``tbb`` unless the user set another)."""
+    """Numba's threading layer: the one its pool runs on once started, else the one chosen
+    (``tbb`` unless the user set another)."""
     import numba
 
-    return numba.config.THREADING_LAYER
+    return _started_layer() or numba.config.THREADING_LAYER

@@ -66,7 +66,7 @@ def test_torch_runtime_is_found_and_its_ops_still_right(quiet_always):
 
 
 def test_nothing_is_asked_under_numbas_omp_layer(monkeypatch):
-    monkeypatch.setattr(rt_threads, "numba_layer", lambda: "omp")
+    monkeypatch.setattr(rt_threads, "_layer", "omp")  # the layer configure_threading_layer found
     assert rt_threads.quiet_openmp() == 0
 
 

@@ -70,3 +70,78 @@ def test_blas_and_torch_threads_are_this_workers_share_of_the_cores():
     assert any(p["user_api"] == "blas" for p in pools), pools
     assert all(p["num_threads"] <= THREADS_PER_WORKER for p in pools), pools
     assert torch.get_num_threads() <= THREADS_PER_WORKER
+
+
+STARTED_FIRST = r"""
+import json, threading, warnings
+import numba, numpy as np
+
+numba.config.THREADING_LAYER = {layer!r}  # what the user's own code asked for ("default": Numba's pick)
+numba.set_num_threads(1)  # the user's own Numba code starts the thread pool before the engine loads
+started = numba.threading_layer()
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import engine
+import engine.runtime.threads as threads
+
+q = np.random.default_rng(0).standard_normal((1, 2, 300, 16)).astype(np.float32)
+want = engine.scaled_dot_product_attention(q, q, q, backend="reference")
+bad = []
+
+
+def work():  # two Python threads at once: serialised where the layer needs it, never an abort
+    for _ in range(5):
+        out = engine.scaled_dot_product_attention(q, q, q, backend="cpu")
+        bad.append(float(abs(out - want).max()) > 1e-4)
+
+
+ts = [threading.Thread(target=work) for _ in range(2)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+print(json.dumps({"started": started, "engine": threads.numba_layer(), "lock": threads._use_lock,
+                  "warned": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)],
+                  "bad": any(bad)}))
+"""
+
+STARTED_AFTER = r"""
+import engine, numba
+numba.set_num_threads(1)  # after `import engine`: the layer the engine chose at import
+import engine.runtime.threads as threads
+print(numba.threading_layer(), threads._layer)
+"""
+
+
+def _child(code):
+    import subprocess
+    import sys
+
+    from conftest import HANG_TIMEOUT_S, ROOT
+
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    env["PYTHONPATH"] = ROOT
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("layer", ["default", "workqueue"])
+def test_numba_threads_started_before_import_engine_keep_their_layer_and_the_engine_says_so(layer):
+    """A pool started by the user's Numba code cannot change layer: the engine must run on the layer
+    it really has (it once believed TBB, so under ``workqueue`` two threads could abort the process)
+    and warn where that layer is not TBB (GNU OpenMP: fork hangs, milliseconds waiting for a worker
+    after a NumPy BLAS call)."""
+    import json
+
+    got = json.loads(_child(STARTED_FIRST.replace("{layer!r}", repr(layer))))
+    assert got["engine"] == got["started"], got
+    assert got["lock"] == (got["started"] == "workqueue"), got
+    warned = [w for w in got["warned"] if "before the engine could choose TBB" in w]
+    assert bool(warned) == (got["started"] != "tbb"), got
+    if warned:
+        assert repr(got["started"]) in warned[0]
+    assert not got["bad"], got
+
+
+def test_numba_threads_started_after_import_engine_run_the_engines_layer():
+    started, chosen = _child(STARTED_AFTER).split()
+    assert started == chosen, (started, chosen)
