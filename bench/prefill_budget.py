@@ -252,14 +252,14 @@ def _kernel_one_thread(L, E, dtype, causal, rounds):
 
 
 def _wall(fn, rounds):
-    xs = []
-    for _ in range(rounds):
-        time.sleep(PAUSE_S)
-        fn()
-        t = time.perf_counter()
-        fn()
-        xs.append(time.perf_counter() - t)
-    return statistics.median(xs)
+    """Median over ``rounds`` of ``bench/cpu_vs_torch.py``'s own blocks (a pause, 50 ms of untimed
+    calls, then at least 50 ms of timed ones): one timed call right after a pause fell in the
+    10-40 ms after it in which KVM guests run both libraries 2-4 times slower (bfloat16 at
+    L = 1024 on AMD Zen 4: 24.5 ms against 15-17.5 ms in a loop)."""
+    from bench.cpu_vs_torch import _calls_per_block, _own_block, _time
+
+    calls = _calls_per_block(_time(fn))
+    return statistics.median(_own_block(fn, calls) for _ in range(rounds))
 
 
 def budget_case(name, L, E, dtype, causal, threads, rounds, gemm):
