@@ -404,6 +404,23 @@ def sixteen_bit_amx(dtype_name: str) -> int:
     return amx_gemm(dtype_name)
 
 
+def sixteen_bit_tiles(dtype_name: str) -> tuple[int, str]:
+    """The engine's own 16-bit tile product for ``dtype_name`` operands and its name: AMX where
+    :func:`sixteen_bit_amx` gives one (``"amx"``), else for bfloat16 on a CPU with AVX512-BF16
+    ``engine.kernels.cpu.avx512_bf16.bf16_dot_gemm`` (``"avx512-bf16"``: the same contract and
+    operands; ``ATTENTION_ENGINE_AVX512_BF16=0`` turns it off), else ``(0, "")``. Only under
+    ``auto`` or ``calibrate``, as AMX."""
+    amx = sixteen_bit_amx(dtype_name)
+    if amx:
+        return amx, "amx"
+    if _requested() not in ("auto", "calibrate"):
+        return 0, ""
+    from ..kernels.cpu.avx512_bf16 import bf16_dot_gemm
+
+    dot = bf16_dot_gemm(dtype_name)
+    return (dot, "avx512-bf16") if dot else (0, "")
+
+
 def available_gemm_providers() -> dict[str, str]:
     """Every provider: its version string when it loads here, else why it does not."""
     out = {}
@@ -426,8 +443,10 @@ def gemm_provider_info() -> dict:
     for dt in ("bfloat16", "float16"):
         half = sixteen_bit_gemm(dt)
         in_use[dt] = f"{half.name} (16-bit GEMM)" if half else f"{in_use['float32']} (widened to float32)"
-        if sixteen_bit_amx(dt):
-            in_use[dt] = f"amx (AMX tiles) where sizes are multiples of 32, else {in_use[dt]}"
+        own = sixteen_bit_tiles(dt)[1]
+        if own:
+            what = "AMX tiles" if own == "amx" else "VDPBF16PS"
+            in_use[dt] = f"{own} ({what}) where sizes are multiples of 32, else {in_use[dt]}"
     return {
         "requested": _requested(),
         "auto_order": list(auto_order()),

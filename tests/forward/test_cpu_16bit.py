@@ -1,14 +1,15 @@
 """float16 and bfloat16 on the ``cpu`` backend: same semantics as float32, 16-bit outputs and lse.
 
-Both paths run: ``widened`` (inputs widened to float32, the float32 kernel; what runs without
-MKL or without AMX/AVX512 16-bit instructions) and ``16-bit GEMM`` (MKL's
+Three paths run: ``widened`` (inputs widened to float32, the float32 kernel; what runs without
+MKL or without AMX/AVX512 16-bit instructions), ``16-bit GEMM`` (MKL's
 ``cblas_gemm_bf16bf16f32``/``cblas_gemm_f16f16f32`` on the 16-bit bits, probabilities rounded to
 16 bits for the second product; forced here by the ``mkl`` provider, which MKL emulates on CPUs
-without those instructions). Checked against the ``reference`` backend at the suite's tolerance model (16-bit unit
-roundoff),
-with NumPy float16 and ml_dtypes bfloat16 arrays and torch tensors, masks (boolean, and float
-masks in 16-bit or float32), causal, GQA and a mod; and against FlashAttention's accuracy rule:
-the error against a float64 computation from the same 16-bit values at most twice torch's own
+without those instructions) and ``own tiles`` (the engine's own tile products: AMX, or VDPBF16PS
+for bfloat16 on a CPU with AVX512-BF16; skipped where neither runs). Checked against the
+``reference`` backend at the suite's tolerance model (16-bit unit roundoff), with NumPy float16
+and ml_dtypes bfloat16 arrays and torch tensors, masks (boolean, and float masks in 16-bit or
+float32), causal, GQA and a mod; and against FlashAttention's accuracy rule: the error against a
+float64 computation from the same 16-bit values at most twice torch's own
 CPU error in that dtype.
 """
 
@@ -20,7 +21,6 @@ import pytest
 
 import engine
 from engine.backends.cpu import forward as cpu_forward
-from engine.kernels.cpu.amx import amx_ready
 from engine.kernels.cpu.half import f32_to_bf16_array, f32_to_f16_array
 from engine.runtime import gemm_providers as gp
 
@@ -28,20 +28,25 @@ from tolerances import assert_out_close, lse_atol, out_atol
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = [np.dtype(np.float16), BF16]
-PATHS = ["widened", "16-bit GEMM", "AMX"]
+PATHS = ["widened", "16-bit GEMM", "own tiles"]
+
+
+def _own_tiles(dtype_name: str) -> str:
+    """The engine's own tile product for this dtype here: "amx", "avx512-bf16" or ""."""
+    return gp.sixteen_bit_tiles(dtype_name)[1]
 
 
 @pytest.fixture
 def path(request, monkeypatch):
     """Force one 16-bit path for the test (``numpy``: widened; ``mkl``: MKL's 16-bit GEMMs;
-    ``AMX``: the engine's own AMX tile products, ``auto`` on a CPU with AMX, skipped elsewhere;
-    each AMX test checks that the path ran)."""
-    if request.param == "AMX":
-        monkeypatch.delenv(gp.ENV_VAR, raising=False)
-        monkeypatch.delenv("ATTENTION_ENGINE_AMX", raising=False)
+    ``own tiles``: the engine's own tile products, AMX or VDPBF16PS (``auto`` on a CPU with AMX
+    or AVX512-BF16), skipped elsewhere; each such test checks that the path ran)."""
+    if request.param == "own tiles":
+        for var in (gp.ENV_VAR, "ATTENTION_ENGINE_AMX", "ATTENTION_ENGINE_AVX512_BF16"):
+            monkeypatch.delenv(var, raising=False)
         engine.set_gemm_provider(None)
-        if not amx_ready("bfloat16"):
-            pytest.skip("the AMX path needs a CPU with AMX-BF16 that Linux lets this process use")
+        if not _own_tiles("bfloat16"):
+            pytest.skip("the engine's own tile products need AMX (that Linux lets this process use) or AVX512-BF16")
         yield request.param
         return
     name = "numpy" if request.param == "widened" else "mkl"
@@ -64,8 +69,8 @@ def _qkv(rng, dtype, Hq=2, H=2, L=140, S=301, E=32, Ev=24):
 
 
 def _cases(rng, dtype, path="widened"):
-    # the AMX path takes sizes that are multiples of 32 only (others take the paths below it)
-    shape = dict(L=128, S=320, E=64, Ev=32) if path == "AMX" else {}
+    # the own tiles' path takes sizes that are multiples of 32 only (others take the paths below it)
+    shape = dict(L=128, S=320, E=64, Ev=32) if path == "own tiles" else {}
     q, k, v = _qkv(rng, dtype, **shape)
     L, S = q.shape[2], k.shape[2]
     fmask = (rng.standard_normal((L, S)) * 2).astype(np.float32)
@@ -95,14 +100,15 @@ def test_cpu_16bit_matches_reference(dtype, path, rng, monkeypatch):
         mask = kw.get("attn_mask")
         assert_out_close(out, ref, out_atol(dtype, q, k, v, None, mask), f"{dtype} {name} out")
         assert_out_close(lse, ref_lse, lse_atol(dtype, q, k, None, mask), f"{dtype} {name} lse")
-    assert amx() in (0, len(_cases(rng, dtype, path))) and (amx() > 0) == (path == "AMX")
+    assert amx() in (0, len(_cases(rng, dtype, path))) and (amx() > 0) == (path == "own tiles")
 
 
 def _count_amx(monkeypatch, path, dtype):
-    """A function giving how many calls took the AMX path since (skips an AMX test for a dtype
-    whose AMX instruction this CPU lacks: AMX-FP16 is newer than AMX-BF16)."""
-    if path == "AMX" and not amx_ready(np.dtype(dtype).name):
-        pytest.skip(f"no AMX instruction for {np.dtype(dtype).name} here")
+    """A function giving how many calls took the own tiles' path since (skips such a test for a
+    dtype whose instruction this CPU lacks: AMX-FP16 is newer than AMX-BF16, AVX512-BF16 has no
+    float16 counterpart)."""
+    if path == "own tiles" and not _own_tiles(np.dtype(dtype).name):
+        pytest.skip(f"no tile instruction of the engine's for {np.dtype(dtype).name} here")
     calls = []
     real = cpu_forward.amx_operands
     monkeypatch.setattr(cpu_forward, "amx_operands", lambda k, v: calls.append(1) or real(k, v))
@@ -114,7 +120,7 @@ def _count_amx(monkeypatch, path, dtype):
 def test_torch_16bit_tensors(dtype, path, rng):
     torch = pytest.importorskip("torch")
     tdt = getattr(torch, dtype)
-    shape = dict(L=128, S=320, E=64, Ev=32) if path == "AMX" else {}
+    shape = dict(L=128, S=320, E=64, Ev=32) if path == "own tiles" else {}
     q, k, v = (torch.from_numpy(a).to(tdt) for a in _qkv(rng, np.float32, **shape))
     out = engine.scaled_dot_product_attention(q, k, v, backend="cpu", is_causal=True)
     ref = engine.scaled_dot_product_attention(q, k, v, backend="reference", is_causal=True)
@@ -168,7 +174,7 @@ def test_flash_attention_accuracy_rule_against_torch(dtype, path, rng, monkeypat
             theirs = F.scaled_dot_product_attention(tq, tk, tv, **tkw).float().numpy().astype(np.float64)
         err, torch_err = np.abs(ours - exact).max(), np.abs(theirs - exact).max()
         assert err <= 2 * torch_err, f"{dtype} {path} {name}: engine error {err:.3g} > 2 x torch's {torch_err:.3g}"
-    assert (amx() > 0) == (path == "AMX")
+    assert (amx() > 0) == (path == "own tiles")
 
 
 def test_16bit_path_with_a_nonfinite_value_matches_reference(rng):
@@ -285,4 +291,4 @@ def test_one_hot_rows_give_the_value_row_exactly(dtype, path, rng, monkeypatch):
     assert np.all(top2[:, 1] - top2[:, 0] > 50)  # one-hot in float64 already
     out = engine.scaled_dot_product_attention(q, k, v, backend="cpu")
     np.testing.assert_array_equal(out[0, 0], v[0, 0][s.argmax(axis=1)])
-    assert (amx() > 0) == (path == "AMX")
+    assert (amx() > 0) == (path == "own tiles")

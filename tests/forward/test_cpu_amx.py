@@ -1,11 +1,13 @@
-"""The ``cpu`` forward's AMX path (``engine.kernels.cpu.amx``): the tile product against NumPy, the
-operands the kernel lays out for it, and the forward through it against the ``reference`` backend
-where its layout choices matter (a key array whose rows do not start cache lines, read-only
-inputs, NaN values, sizes it does not take, the switch that turns it off).
+"""The ``cpu`` forward's AMX path (``engine.kernels.cpu.amx``) and its VDPBF16PS twin
+(``engine.kernels.cpu.avx512_bf16``, the same contract and operands): the tile product against
+NumPy, the operands the kernel lays out for it, and the forward through it against the
+``reference`` backend where its layout choices matter (a key array whose rows do not start cache
+lines, read-only inputs, NaN values, sizes it does not take, the switches that turn it off).
 
-The tile product and the forward through it need a CPU with AMX that Linux lets this process use
-(Intel Xeon from Sapphire Rapids on; AMX-FP16 for float16 from Granite Rapids on): elsewhere those
-tests are skipped, and the operands' layout is still tested (it is plain Numba code).
+The tile products and the forward through them need a CPU with AMX that Linux lets this process
+use (Intel Xeon from Sapphire Rapids on; AMX-FP16 for float16 from Granite Rapids on), or for
+bfloat16 one with AVX512-BF16 (AMD Zen 4, Intel Cooper Lake): elsewhere those tests are skipped,
+and the operands' layout is still tested (it is plain Numba code).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import engine
 from engine.backends.cpu import forward as cpu_forward
 from engine.backends.cpu.operands import _aligned_empty
 from engine.kernels.cpu.amx import amx_call, amx_gemm, amx_ready, operands_head
+from engine.kernels.cpu.avx512_bf16 import bf16_dot_gemm, bf16_dot_ready
 from engine.runtime import gemm_providers as gp
 
 from tolerances import assert_out_close, lse_atol, out_atol
@@ -27,9 +30,14 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 F16 = np.dtype(np.float16)
 
 
+#: the engine's own tile products, by name (the forward takes AMX first)
+GEMMS = {"amx": amx_gemm, "avx512-bf16": bf16_dot_gemm}
+
+
 def _need(dtype):
-    if not amx_ready(np.dtype(dtype).name):
-        pytest.skip(f"no AMX for {np.dtype(dtype).name} on this CPU (or Linux does not grant it)")
+    """Skip unless the forward takes one of the engine's own tile products for ``dtype`` here."""
+    if not gp.sixteen_bit_tiles(np.dtype(dtype).name)[0]:
+        pytest.skip(f"no AMX or AVX512-BF16 for {np.dtype(dtype).name} on this CPU (or Linux does not grant AMX)")
 
 
 @njit
@@ -46,19 +54,21 @@ def _aligned(x):
     return out
 
 
+@pytest.mark.parametrize("gemm", list(GEMMS))
 @pytest.mark.parametrize("dtype", [BF16, F16], ids=str)
 @pytest.mark.parametrize("M, N, K", [(32, 32, 32), (64, 96, 128), (256, 64, 64)])
-def test_amx_gemm_matches_numpy(dtype, M, N, K, rng):
+def test_amx_gemm_matches_numpy(gemm, dtype, M, N, K, rng):
     """C = A @ B and C += A @ B with B in the pair layout, against float64 products of the same
-    16-bit values (AMX sums in float32: the error is float32 rounding of K terms)."""
-    _need(dtype)
+    16-bit values (both sum in float32: the error is float32 rounding of K terms)."""
+    fn = GEMMS[gemm](dtype.name)
+    if not fn:
+        pytest.skip(f"no {gemm} product for {dtype.name} here")
     a = rng.standard_normal((M, K)).astype(dtype)
     b = rng.standard_normal((K, N)).astype(dtype)
     pairs = np.empty((K // 2, N, 2), dtype)
     pairs[:, :, 0], pairs[:, :, 1] = b[0::2], b[1::2]
     a16, b32 = _aligned(a.view(np.uint16)), _aligned(pairs.view(np.uint16).reshape(K // 2, 2 * N).view(np.uint32))
     c = _aligned(np.full((M, N), np.nan, np.float32))  # overwritten, not added to
-    fn = amx_gemm(dtype.name)
     exact = a.astype(np.float64) @ b.astype(np.float64)
     tol = 4 * K * np.finfo(np.float32).eps * (np.abs(a.astype(np.float64)) @ np.abs(b.astype(np.float64)))
     _gemm(fn, a16, b32, c, M, N, K, False)
@@ -71,6 +81,10 @@ def test_amx_gemm_is_zero_where_the_cpu_lacks_it(monkeypatch):
     monkeypatch.setenv("ATTENTION_ENGINE_AMX", "0")
     assert amx_gemm("bfloat16") == 0 and amx_gemm("float16") == 0
     assert not amx_ready("float32")
+    assert bf16_dot_gemm("float16") == 0 and bf16_dot_gemm("float32") == 0  # bfloat16 only
+    monkeypatch.setenv("ATTENTION_ENGINE_AVX512_BF16", "0")
+    assert not bf16_dot_ready() and bf16_dot_gemm("bfloat16") == 0
+    assert gp.sixteen_bit_tiles("bfloat16") == (0, "")
 
 
 @njit
@@ -165,10 +179,12 @@ def test_a_nan_value_or_a_size_amx_does_not_take_goes_another_path(rng, monkeypa
     _check(q2, k2, v2)
     assert calls == []
     monkeypatch.setenv("ATTENTION_ENGINE_AMX", "0")
+    monkeypatch.setenv("ATTENTION_ENGINE_AVX512_BF16", "0")
     q3, k3, v3 = (rng.standard_normal((1, 2, 64, 64)).astype(BF16) for _ in range(3))
     _check(q3, k3, v3)
     assert calls == []
     monkeypatch.delenv("ATTENTION_ENGINE_AMX")
+    monkeypatch.delenv("ATTENTION_ENGINE_AVX512_BF16")
     _check(q3, k3, v3)
     assert len(calls) == 1
 
@@ -176,6 +192,7 @@ def test_a_nan_value_or_a_size_amx_does_not_take_goes_another_path(rng, monkeypa
 def test_a_provider_named_keeps_the_amx_path_off(monkeypatch):
     monkeypatch.setenv(gp.ENV_VAR, "numpy")
     assert gp.sixteen_bit_amx("bfloat16") == 0
+    assert gp.sixteen_bit_tiles("bfloat16") == (0, "")
 
 
 def test_a_portable_numba_target_keeps_amx_off(monkeypatch):
@@ -190,9 +207,13 @@ def test_a_portable_numba_target_keeps_amx_off(monkeypatch):
     amx._cpu_features.cache_clear()
     try:
         assert not amx.amx_ready("bfloat16") and amx.amx_gemm("bfloat16") == 0
+        assert not bf16_dot_ready() and bf16_dot_gemm("bfloat16") == 0
         monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx512f,-amx-tile,+amx-bf16")
         amx._cpu_features.cache_clear()
         assert not amx.amx_ready("bfloat16")  # no amx-tile
+        monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx512f,+avx512bf16")
+        amx._cpu_features.cache_clear()
+        assert bf16_dot_ready() and not amx.amx_ready("bfloat16")
     finally:
         amx._cpu_features.cache_clear()
 

@@ -145,7 +145,7 @@ def tune_tiles(forward, provider, dtype: np.dtype, width: int, length: str, name
 
     def measure() -> dict:
         # the 16-bit tiles of MKL's path are measured on it, not on the AMX path the same call takes
-        return _search(_timer(forward, dtype, width, length, provider=provider, amx=name == "amx"))[0]
+        return _search(_timer(forward, dtype, width, length, provider=provider, amx=name in ("amx", "avx512-bf16")))[0]
 
     if name is None:
         name = "mkl" if provider is None else provider.name

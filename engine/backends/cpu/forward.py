@@ -20,7 +20,7 @@ from ...runtime.config import (
 )
 from ...runtime.entry_points import canonical_entry
 from ...runtime.gemm_jit import NO_JIT, tile_jit_kernels
-from ...runtime.gemm_providers import gemm_mode, get_gemm_provider, sixteen_bit_amx, sixteen_bit_gemm
+from ...runtime.gemm_providers import gemm_mode, get_gemm_provider, sixteen_bit_gemm, sixteen_bit_tiles
 from ...runtime.threads import get_num_threads, kernel_call_guard, quiet_openmp
 from ...runtime.tuning import autotune_enabled
 from ..base import Op
@@ -99,17 +99,19 @@ class CpuForward(Op):
             mask = np.asarray(mask).astype(f32)
         name = problem.dtype.name
         given = plan
-        amx = sixteen_bit_amx(name) if provider is None and amx_allowed else 0
+        # the engine's own tile products (AMX, or VDPBF16PS for bfloat16): one path, one contract
+        amx, own = sixteen_bit_tiles(name) if provider is None and amx_allowed else (0, "")
         half = sixteen_bit_gemm(name) if provider is None else None
         v = as4(problem.value, problem.batch)
         arrays = None
         q, k = (as4(a, problem.batch).view(np.uint16) for a in (problem.query, problem.key))
         if amx:
             if plan is None:
-                plan = _tiles(self.run, problem, name, "amx", None, True)
+                plan = _tiles(self.run, problem, name, own, None, True)
             finite = all_finite16(v)
             if finite and amx_fits(problem, plan.block_q, plan.block_k):
-                # AMX tiles (kernels.cpu.amx): k's rows on cache lines, v transposed (by the kernel)
+                # the tile products of kernels.cpu.amx (or avx512_bf16, the same operands): k's rows
+                # on cache lines, v transposed (by the kernel)
                 arrays = (q, k, v.view(np.uint16)) + amx_operands(k, v.view(np.uint16))
                 gemm = (GEMM_AMX_BF16 if name == "bfloat16" else GEMM_AMX_F16, amx)
             elif not finite:
