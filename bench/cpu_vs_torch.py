@@ -512,7 +512,7 @@ def main(argv=None):
     import torch
 
     import engine
-    import engine.runtime.gemm_providers
+    import engine.runtime.gemm_info
 
     try:  # an engine without measured tiles (main before issue 29) runs the same cases, for A/B
         import engine.runtime.tuning as tuning_module
@@ -641,7 +641,7 @@ def main(argv=None):
             "memory": mem,
             "cold_start": start,
             "cpu": cpu,
-            "gemm": engine.runtime.gemm_providers.gemm_provider_info(),
+            "gemm": engine.runtime.gemm_info.gemm_provider_info(),
             "tuning": tuning,
             "machine": {
                 "platform": platform.platform(),

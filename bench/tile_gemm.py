@@ -48,7 +48,7 @@ from numba.extending import intrinsic  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from engine.kernels.cpu.gemm import _data_ptr, tile_gemm  # noqa: E402
-from engine.runtime import gemm_providers  # noqa: E402
+from engine.runtime import gemm_info, gemm_providers  # noqa: E402
 from engine.runtime.machine import cpu_info, result_file_name  # noqa: E402
 
 #: candidates measured here but not offered by the engine (they lost): bench-local kind codes
@@ -250,7 +250,7 @@ def main(argv=None):
     import numba
 
     info = cpu_info()
-    status = gemm_providers.available_gemm_providers()
+    status = gemm_info.available_gemm_providers()
     providers = [gemm_providers.load_provider(n) for n in gemm_providers.PROVIDERS]
     providers = [p for p in providers if not isinstance(p, str)]
     try:

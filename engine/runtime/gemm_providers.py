@@ -63,13 +63,14 @@ __all__ = [
     "ENV_VAR",
     "set_gemm_provider",
     "get_gemm_provider",
-    "available_gemm_providers",
-    "gemm_provider_info",
+    "calibration_times",
     "load_provider",
     "cpu_flags",
     "choose_fastest",
     "auto_order",
     "sixteen_bit_gemm",
+    "sixteen_bit_amx",
+    "sixteen_bit_tiles",
     "gemm_mode",
     "selection_token",
 ]
@@ -421,39 +422,6 @@ def sixteen_bit_tiles(dtype_name: str) -> tuple[int, str]:
     return (dot, "avx512-bf16") if dot else (0, "")
 
 
-def available_gemm_providers() -> dict[str, str]:
-    """Every provider: its version string when it loads here, else why it does not."""
-    out = {}
-    for name in PROVIDERS:
-        got = load_provider(name)
-        out[name] = got if isinstance(got, str) else got.version
-    return out
-
-
-def gemm_provider_info() -> dict:
-    """What ``attention-engine list`` shows: how the provider is chosen, the one in use per dtype
-    (running the calibration if it has not run), the calibration's times, and every provider's
-    status (version, or why it cannot load)."""
-    in_use = {dt: get_gemm_provider(dt).name for dt in ("float32", "float64")}
-    measured = {
-        dt: got["provider"]
-        for dt in ("float32", "float64")
-        if (got := lookup(PROVIDER_KEY.format(dtype=dt), valid_provider_choice)) is not None
-    }
-    for dt in ("bfloat16", "float16"):
-        half = sixteen_bit_gemm(dt)
-        in_use[dt] = f"{half.name} (16-bit GEMM)" if half else f"{in_use['float32']} (widened to float32)"
-        own = sixteen_bit_tiles(dt)[1]
-        if own:
-            what = "AMX tiles" if own == "amx" else "VDPBF16PS"
-            in_use[dt] = f"{own} ({what}) where sizes are multiples of 32, else {in_use[dt]}"
-    return {
-        "requested": _requested(),
-        "auto_order": list(auto_order()),
-        "measured": measured,
-        "in_use": in_use,
-        "calibration_us": {
-            dt: {n: round(t * 1e6, 1) for n, t in c[1].items()} for dt, c in _calibrated.items() if c[1]
-        },
-        "providers": available_gemm_providers(),
-    }
+def calibration_times() -> dict:
+    """The calibration's measured microseconds per provider, by dtype (where it ran)."""
+    return {dt: {n: round(t * 1e6, 1) for n, t in c[1].items()} for dt, c in _calibrated.items() if c[1]}

@@ -70,10 +70,15 @@ def _preload_tbb() -> bool:
 
 
 def configure_threading_layer() -> str:
-    """Pin Numba's threading layer before the first parallel kernel; return the layer chosen.
+    """Pin Numba's threading layer before its thread pool starts; return the layer the engine runs
+    on (called at ``import engine``).
 
-    An explicit ``NUMBA_THREADING_LAYER`` in the environment is respected (on ``workqueue`` calls
-    are serialised).
+    A layer the user chose (``NUMBA_THREADING_LAYER``, or ``numba.config.THREADING_LAYER`` set in
+    code) is respected: TBB is preloaded all the same (a pip venv's ``libtbb`` is off the loader's
+    path, so ``tbb`` or ``safe`` could not load otherwise) and the pool is started now to learn
+    which layer the choice resolves to (``forksafe`` may give ``workqueue``). A pool the user's
+    own Numba code started before keeps its layer, with a warning unless it is TBB. Calls are
+    serialised across Python threads on ``workqueue``, which aborts on concurrent calls.
     """
     global _configured, _use_lock, _layer
     import numba
@@ -82,28 +87,21 @@ def configure_threading_layer() -> str:
         return numba_layer()
     _configured = True
     started = _started_layer()
+    if started is None:
+        _preload_tbb()
+    chosen = numba.config.THREADING_LAYER != "default"  # NUMBA_THREADING_LAYER, or set in code
     if started is not None:  # the user's own Numba code started the pool first: it stays on its layer
         layer = started
-        if started != "tbb" and not os.environ.get("NUMBA_THREADING_LAYER"):
-            warnings.warn(
-                f"attention-engine: Numba's threads were started on its {started!r} threading layer "
-                "before the engine could choose TBB (numba.set_num_threads or a parallel=True "
-                "function ran before `import engine`). The engine runs on it"
-                + (
-                    " with its calls serialised across Python threads"
-                    if started == "workqueue"
-                    else "; on 'omp' a child forked after a kernel call can hang, and a parallel "
-                    "call right after a NumPy (OpenBLAS) call can wait milliseconds for a worker"
-                )
-                + ". Import engine before starting Numba's threads, or set NUMBA_THREADING_LAYER "
-                "to choose a layer yourself.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-    elif os.environ.get("NUMBA_THREADING_LAYER"):
-        layer = numba.config.THREADING_LAYER
+        if started != "tbb" and not chosen:
+            _warn_started_first(started)
+    elif chosen:
+        try:
+            numba.get_num_threads()  # starts the pool on the layer the choice resolves to
+            layer = _started_layer() or numba.config.THREADING_LAYER
+        except ValueError as exc:  # the choice cannot load here: Numba says so at the first kernel
+            warnings.warn(f"attention-engine: {exc}", RuntimeWarning, stacklevel=_user_stacklevel())
+            layer = numba.config.THREADING_LAYER
     else:
-        _preload_tbb()
         try:
             import numba.np.ufunc.tbbpool  # noqa: F401  (raises if libtbb cannot be loaded)
 
@@ -113,13 +111,50 @@ def configure_threading_layer() -> str:
                 f"attention-engine: TBB threading layer unavailable ({exc}); using "
                 "'workqueue' with calls serialised across Python threads",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=_user_stacklevel(),
             )
             layer = "workqueue"
         numba.config.THREADING_LAYER = layer
-    _use_lock = layer in ("workqueue", "default")
+    # a layer not known to be thread-safe (not started, or the abort-prone workqueue): serialise
+    _use_lock = layer not in ("tbb", "omp")
     _layer = layer
     return layer
+
+
+def _warn_started_first(started: str) -> None:
+    warnings.warn(
+        f"attention-engine: Numba's threads were started on its {started!r} threading layer "
+        "before the engine could choose TBB (numba.set_num_threads, numba.get_num_threads or a "
+        "parallel=True function ran before `import engine`). The engine runs on it"
+        + (
+            ", with its own calls serialised across Python threads (a parallel function of yours "
+            "running at the same time as an engine call can still abort the process)"
+            if started == "workqueue"
+            else "; on 'omp' a child forked after a kernel call can hang or be killed by GNU OpenMP, "
+            "and a parallel call right after a NumPy (OpenBLAS) product can wait milliseconds for a worker"
+        )
+        + ". Import engine before starting Numba's threads, or choose a layer yourself with "
+        "NUMBA_THREADING_LAYER.",
+        RuntimeWarning,
+        stacklevel=_user_stacklevel(),
+    )
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside the import machinery and this project's
+    packages (``engine``, ``variants``): the user's import line, whichever module imported first."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    ours = (os.path.join(root, "engine") + os.sep, os.path.join(root, "variants") + os.sep)
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if name.startswith("<frozen importlib"):  # (warnings skips these frames when it counts)
+            frame = frame.f_back
+            continue
+        if not name.startswith(ours):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 2
 
 
 class _KernelCallGuard:

@@ -111,7 +111,7 @@ print(numba.threading_layer(), threads._layer)
 """
 
 
-def _child(code):
+def _child(code, **extra_env):
     import subprocess
     import sys
 
@@ -119,6 +119,7 @@ def _child(code):
 
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
     env["PYTHONPATH"] = ROOT
+    env.update(extra_env)
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout.strip().splitlines()[-1]
@@ -136,7 +137,8 @@ def test_numba_threads_started_before_import_engine_keep_their_layer_and_the_eng
     assert got["engine"] == got["started"], got
     assert got["lock"] == (got["started"] == "workqueue"), got
     warned = [w for w in got["warned"] if "before the engine could choose TBB" in w]
-    assert bool(warned) == (got["started"] != "tbb"), got
+    # no warning where the user chose the layer (here in code): only for Numba's own pick
+    assert bool(warned) == (got["started"] != "tbb" and layer == "default"), got
     if warned:
         assert repr(got["started"]) in warned[0]
     assert not got["bad"], got
@@ -145,3 +147,59 @@ def test_numba_threads_started_before_import_engine_keep_their_layer_and_the_eng
 def test_numba_threads_started_after_import_engine_run_the_engines_layer():
     started, chosen = _child(STARTED_AFTER).split()
     assert started == chosen, (started, chosen)
+
+
+CHOSEN = r"""
+import json, threading, warnings
+import numpy as np
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import engine
+import numba
+import engine.runtime.threads as threads
+
+q = np.random.default_rng(0).standard_normal((2, 4, 256, 32)).astype(np.float32)
+want = engine.scaled_dot_product_attention(q, q, q, backend="reference")
+bad = []
+
+
+def work():
+    for _ in range(5):
+        bad.append(float(abs(engine.scaled_dot_product_attention(q, q, q, backend="cpu") - want).max()) > 1e-4)
+
+
+ts = [threading.Thread(target=work) for _ in range(4)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+print(json.dumps({"running": numba.threading_layer(), "engine": threads._layer, "lock": threads._use_lock,
+                  "warned": [str(w.message) for w in caught], "bad": any(bad)}))
+"""
+
+
+@pytest.mark.parametrize("layer", ["tbb", "safe", "forksafe", "threadsafe", "workqueue"])
+def test_a_layer_chosen_with_numba_threading_layer_loads_and_four_threads_never_abort(layer):
+    """The user's NUMBA_THREADING_LAYER: TBB is preloaded for it too (``tbb`` and ``safe`` failed
+    to load in a pip venv), the engine runs on what the name resolves to, and serialises its calls
+    where that is ``workqueue`` (``forksafe`` may resolve to it: it once aborted four threads)."""
+    import json
+
+    got = json.loads(_child(CHOSEN, NUMBA_THREADING_LAYER=layer))
+    assert got["engine"] == got["running"], got
+    assert got["lock"] == (got["running"] == "workqueue"), got
+    assert not got["warned"] and not got["bad"], got
+    if layer in ("tbb", "safe"):
+        assert got["running"] == "tbb", got
+
+
+IN_CODE = r"""
+import numba
+numba.config.THREADING_LAYER = "omp"  # Numba's documented alternative to the environment variable
+import engine
+import engine.runtime.threads as threads
+print(numba.config.THREADING_LAYER, numba.threading_layer(), threads._layer)
+"""
+
+
+def test_a_layer_chosen_in_code_before_import_engine_is_kept():
+    pytest.importorskip("numba.np.ufunc.omppool", reason="Numba's omp layer does not load here")
+    assert _child(IN_CODE).split() == ["omp", "omp", "omp"]

@@ -21,7 +21,7 @@ class CpuBackend(Backend):
     ops = (CpuForward, CpuBackward, CpuDecode, CpuVarlen, CpuVarlenBackward)
 
     def capabilities(self) -> dict:
-        from ...runtime.gemm_providers import gemm_provider_info
+        from ...runtime.gemm_info import gemm_provider_info
         from ...runtime.tuning import tuning_info
 
         caps = super().capabilities()

@@ -70,8 +70,8 @@ def amx_ready(dtype_name: str) -> bool:
     AMX-FP16) in this process: the CPU Numba compiles for has the extension (the host CPU as LLVM
     detects it, or ``NUMBA_CPU_FEATURES`` where set; a ``NUMBA_CPU_NAME`` without features, as for
     portable caches, counts as none), Linux grants the tile state, and ``ATTENTION_ENGINE_AMX`` is
-    not ``0``."""
-    if os.environ.get("ATTENTION_ENGINE_AMX", "1") == "0":
+    not ``0``/``off``/``false``/``no``."""
+    if os.environ.get("ATTENTION_ENGINE_AMX", "1").strip().lower() in ("0", "off", "false", "no"):
         return False
     need = {"bfloat16": "amx-bf16", "float16": "amx-fp16"}.get(dtype_name)
     return need is not None and need in _cpu_features() and "amx-tile" in _cpu_features() and _os_grants_amx()

@@ -155,8 +155,9 @@ _SIGNATURE = types.void(*(types.int64,) * 10)
 
 def bf16_dot_ready() -> bool:
     """Whether :func:`bf16_dot_gemm` can run here: the CPU Numba compiles for has AVX512-BF16 (as
-    ``amx_ready`` reads it) and ``ATTENTION_ENGINE_AVX512_BF16`` is not ``0``."""
-    if os.environ.get("ATTENTION_ENGINE_AVX512_BF16", "1") == "0":
+    ``amx_ready`` reads it) and ``ATTENTION_ENGINE_AVX512_BF16`` is not ``0``/``off``/``false``/``no``
+    (as ``ATTENTION_ENGINE_AUTOTUNE``)."""
+    if os.environ.get("ATTENTION_ENGINE_AVX512_BF16", "1").strip().lower() in ("0", "off", "false", "no"):
         return False
     return "avx512bf16" in _cpu_features()
 
