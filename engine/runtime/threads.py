@@ -75,8 +75,9 @@ def configure_threading_layer() -> str:
 
     A layer the user chose (``NUMBA_THREADING_LAYER``, or ``numba.config.THREADING_LAYER`` set in
     code) is respected: TBB is preloaded all the same (a pip venv's ``libtbb`` is off the loader's
-    path, so ``tbb`` or ``safe`` could not load otherwise) and the pool is started now to learn
-    which layer the choice resolves to (``forksafe`` may give ``workqueue``). A pool the user's
+    path, so ``tbb`` or ``safe`` could not load otherwise), and the layer the choice resolves to
+    (``forksafe`` may give ``workqueue``) is found as Numba finds it, without starting the pool. A
+    pool the user's
     own Numba code started before keeps its layer, with a warning unless it is TBB. Calls are
     serialised across Python threads on ``workqueue``, which aborts on concurrent calls.
     """
@@ -94,13 +95,8 @@ def configure_threading_layer() -> str:
         layer = started
         if started != "tbb" and not chosen:
             _warn_started_first(started)
-    elif chosen:
-        try:
-            numba.get_num_threads()  # starts the pool on the layer the choice resolves to
-            layer = _started_layer() or numba.config.THREADING_LAYER
-        except ValueError as exc:  # the choice cannot load here: Numba says so at the first kernel
-            warnings.warn(f"attention-engine: {exc}", RuntimeWarning, stacklevel=_user_stacklevel())
-            layer = numba.config.THREADING_LAYER
+    elif chosen:  # (not started here: a pool started at import made GNU OpenMP kill forked children)
+        layer = _resolved_layer(str(numba.config.THREADING_LAYER).lower())
     else:
         try:
             import numba.np.ufunc.tbbpool  # noqa: F401  (raises if libtbb cannot be loaded)
@@ -119,6 +115,36 @@ def configure_threading_layer() -> str:
     _use_lock = layer not in ("tbb", "omp")
     _layer = layer
     return layer
+
+
+#: the layers Numba tries, in order, for a purpose named in NUMBA_THREADING_LAYER (Numba's own
+#: resolution, ``numba.np.ufunc.parallel._launch_threads``)
+_PURPOSES = {
+    "safe": ("tbb",),
+    "threadsafe": ("tbb", "omp"),
+    "forksafe": ("tbb", "workqueue") if sys.platform.startswith("linux") else ("tbb", "omp", "workqueue"),
+}
+_BACKEND_MODULES = {"tbb": "tbbpool", "omp": "omppool", "workqueue": "workqueue"}
+
+
+def _resolved_layer(choice: str) -> str:
+    """The layer Numba's pool will start on for ``choice`` (a layer, a purpose or ``default``): the
+    first of its candidates whose module loads; the choice itself where none does (Numba then
+    raises its own error at the first parallel call)."""
+    import importlib
+
+    import numba
+
+    candidates = _PURPOSES.get(choice) or (
+        tuple(numba.config.THREADING_LAYER_PRIORITY) if choice == "default" else (choice,)
+    )
+    for name in candidates:
+        try:
+            importlib.import_module(f"numba.np.ufunc.{_BACKEND_MODULES[name]}")
+            return name
+        except (ImportError, KeyError):
+            continue
+    return choice
 
 
 def _warn_started_first(started: str) -> None:

@@ -194,8 +194,11 @@ def test_a_layer_chosen_with_numba_threading_layer_loads_and_four_threads_never_
 IN_CODE = r"""
 import numba
 numba.config.THREADING_LAYER = "omp"  # Numba's documented alternative to the environment variable
+import numpy as np
 import engine
 import engine.runtime.threads as threads
+q = np.ones((1, 2, 64, 16), np.float32)
+engine.scaled_dot_product_attention(q, q, q, backend="cpu")
 print(numba.config.THREADING_LAYER, numba.threading_layer(), threads._layer)
 """
 
@@ -203,3 +206,32 @@ print(numba.config.THREADING_LAYER, numba.threading_layer(), threads._layer)
 def test_a_layer_chosen_in_code_before_import_engine_is_kept():
     pytest.importorskip("numba.np.ufunc.omppool", reason="Numba's omp layer does not load here")
     assert _child(IN_CODE).split() == ["omp", "omp", "omp"]
+
+
+FORK_AFTER_IMPORT = r"""
+import os
+import numba, numpy as np
+import engine  # with the user's NUMBA_THREADING_LAYER=omp: must not start GNU OpenMP's pool
+
+
+@numba.njit(parallel=True)
+def total(a):
+    s = 0.0
+    for i in numba.prange(a.size):
+        s += a[i]
+    return s
+
+
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if total(np.ones(1000)) == 1000 else 3)
+print(os.waitpid(pid, 0)[1])
+"""
+
+
+def test_import_engine_starts_no_pool_so_a_child_forked_after_it_runs_openmp():
+    """Starting the pool at import (to learn what a chosen layer resolves to) made GNU OpenMP kill
+    a child forked after ``import engine`` ("fork() called from a process already using GNU
+    OpenMP"); the layer is now resolved as Numba resolves it, without starting anything."""
+    pytest.importorskip("numba.np.ufunc.omppool", reason="Numba's omp layer does not load here")
+    assert _child(FORK_AFTER_IMPORT, NUMBA_THREADING_LAYER="omp") == "0"
