@@ -90,13 +90,25 @@ def configure_threading_layer() -> str:
     started = _started_layer()
     if started is None:
         _preload_tbb()
-    chosen = numba.config.THREADING_LAYER != "default"  # NUMBA_THREADING_LAYER, or set in code
+    # the user's choice: NUMBA_THREADING_LAYER or numba.config set in code, or Numba's order of
+    # preference changed (NUMBA_THREADING_LAYER_PRIORITY) for its default
+    choice = str(numba.config.THREADING_LAYER).lower()
+    chosen = choice != "default" or tuple(numba.config.THREADING_LAYER_PRIORITY) != ("tbb", "omp", "workqueue")
     if started is not None:  # the user's own Numba code started the pool first: it stays on its layer
         layer = started
         if started != "tbb" and not chosen:
             _warn_started_first(started)
     elif chosen:  # (not started here: a pool started at import made GNU OpenMP kill forked children)
-        layer = _resolved_layer(str(numba.config.THREADING_LAYER).lower())
+        layer = _resolved_layer(choice)
+        if layer not in _BACKEND_MODULES:
+            warnings.warn(
+                f"attention-engine: NUMBA_THREADING_LAYER (or numba.config.THREADING_LAYER) is "
+                f"{numba.config.THREADING_LAYER!r}, which names no threading layer that loads here "
+                "(tbb, omp, workqueue, or safe, threadsafe, forksafe, default): Numba will raise at "
+                "the first parallel call",
+                RuntimeWarning,
+                stacklevel=_user_stacklevel(),
+            )
     else:
         try:
             import numba.np.ufunc.tbbpool  # noqa: F401  (raises if libtbb cannot be loaded)
@@ -302,8 +314,12 @@ _forked_child = False
 
 
 def _after_fork_in_child() -> None:
-    global _forked_child
+    global _forked_child, _serialise, _omp_lock
     _forked_child = True
+    # a lock held by another of the parent's threads at the fork stays held in the child, whose
+    # first call then waited forever (found by a trial on workqueue); the child starts unlocked
+    _serialise = threading.Lock()
+    _omp_lock = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):

@@ -235,3 +235,58 @@ def test_import_engine_starts_no_pool_so_a_child_forked_after_it_runs_openmp():
     OpenMP"); the layer is now resolved as Numba resolves it, without starting anything."""
     pytest.importorskip("numba.np.ufunc.omppool", reason="Numba's omp layer does not load here")
     assert _child(FORK_AFTER_IMPORT, NUMBA_THREADING_LAYER="omp") == "0"
+
+
+FORK_WHILE_LOCKED = r"""
+import os, signal, threading, time
+import numpy as np
+import engine
+
+q = np.random.default_rng(0).standard_normal((2, 4, 256, 32)).astype(np.float32)
+engine.scaled_dot_product_attention(q, q, q)
+stop = False
+
+
+def busy():  # another thread inside engine calls (holding the workqueue lock) when the fork comes
+    while not stop:
+        engine.scaled_dot_product_attention(q, q, q)
+
+
+t = threading.Thread(target=busy)
+t.start()
+time.sleep(0.05)
+codes = []
+for _ in range(3):
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(20)  # a child that waits on the inherited lock is killed, not left hanging
+        engine.scaled_dot_product_attention(q, q, q)
+        os._exit(0)
+    codes.append(os.waitpid(pid, 0)[1])
+stop = True
+t.join()
+print(codes)
+"""
+
+
+def test_a_child_forked_while_another_thread_holds_the_workqueue_lock_is_not_left_waiting():
+    """Under ``workqueue`` the engine's calls take a lock; a child forked while another thread held
+    it inherited it held and its first call waited forever (every child, in a trial)."""
+    assert _child(FORK_WHILE_LOCKED, NUMBA_THREADING_LAYER="workqueue") == "[0, 0, 0]"
+
+
+PRIORITY = r"""
+import warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import engine
+import engine.runtime.threads as threads
+print(threads._layer, threads._use_lock, len([w for w in caught if "names no threading layer" in str(w.message)]))
+"""
+
+
+def test_numbas_priority_order_and_an_unknown_layer_name_are_the_users_choice():
+    # NUMBA_THREADING_LAYER_PRIORITY reorders Numba's default: kept (the engine once pinned TBB)
+    assert _child(PRIORITY, NUMBA_THREADING_LAYER_PRIORITY="workqueue omp tbb").split() == ["workqueue", "True", "0"]
+    # a name Numba does not know: a warning at import, not only Numba's error at the first call
+    assert _child(PRIORITY, NUMBA_THREADING_LAYER="bogus").split() == ["bogus", "True", "1"]
