@@ -1,11 +1,13 @@
 """Numba's threading layer and the thread count of the ``cpu`` backend.
 
-The layer is pinned to TBB: the only one of Numba's layers that is safe both when several Python
-threads call a parallel kernel at once (``workqueue`` aborts the process) and in a child forked
-after the parent ran a kernel (GNU OpenMP hangs there). pip installs ``libtbb.so.12`` into
-``<prefix>/lib``, off the loader's path, so it is preloaded from there. If TBB cannot be loaded, the
-engine falls back to ``workqueue`` and serialises kernel calls with a lock, so it stays safe, only
-less parallel across Python threads.
+The layer is pinned to TBB at ``import engine`` (Numba fixes it when its pool starts, which the
+user's own Numba code may do too): the only one of Numba's layers that is safe both when several
+Python threads call a parallel kernel at once (``workqueue`` aborts the process) and in a child
+forked after the parent ran a kernel (GNU OpenMP hangs there). A layer the user chose, or a pool
+their code started first, is kept (:func:`configure_threading_layer`). pip installs
+``libtbb.so.12`` into ``<prefix>/lib``, off the loader's path, so it is preloaded from there. If
+TBB cannot be loaded, the engine falls back to ``workqueue`` and serialises kernel calls with a
+lock, so it stays safe, only less parallel across Python threads.
 
 Sharing the cores with torch: after a parallel op, torch's OpenMP workers (GNU OpenMP, bundled in
 its wheels) spin for a while before they sleep (``GOMP_SPINCOUNT``: 300000 spins, about 3 ms by
@@ -77,9 +79,8 @@ def configure_threading_layer() -> str:
     code) is respected: TBB is preloaded all the same (a pip venv's ``libtbb`` is off the loader's
     path, so ``tbb`` or ``safe`` could not load otherwise), and the layer the choice resolves to
     (``forksafe`` may give ``workqueue``) is found as Numba finds it, without starting the pool. A
-    pool the user's
-    own Numba code started before keeps its layer, with a warning unless it is TBB. Calls are
-    serialised across Python threads on ``workqueue``, which aborts on concurrent calls.
+    pool the user's own Numba code started before keeps its layer, with a warning unless it is TBB.
+    Calls are serialised across Python threads on ``workqueue``, which aborts on concurrent calls.
     """
     global _configured, _use_lock, _layer
     import numba
