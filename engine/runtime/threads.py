@@ -180,10 +180,17 @@ def _warn_started_first(started: str) -> None:
 
 
 def _user_stacklevel() -> int:
-    """The ``stacklevel`` of the first frame outside the import machinery and this project's
-    packages (``engine``, ``variants``): the user's import line, whichever module imported first."""
+    """The ``stacklevel`` of the first frame outside the import machinery (``importlib`` included)
+    and this project's packages (``engine``, ``variants``): the user's import line, whichever
+    module imported first."""
+    import importlib
+
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    ours = (os.path.join(root, "engine") + os.sep, os.path.join(root, "variants") + os.sep)
+    ours = (
+        os.path.join(root, "engine") + os.sep,
+        os.path.join(root, "variants") + os.sep,
+        os.path.dirname(importlib.__file__) + os.sep,  # importlib.import_module's own frame
+    )
     frame, level = sys._getframe(1), 1
     while frame is not None:
         name = frame.f_code.co_filename

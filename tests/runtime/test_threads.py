@@ -290,3 +290,23 @@ def test_numbas_priority_order_and_an_unknown_layer_name_are_the_users_choice():
     assert _child(PRIORITY, NUMBA_THREADING_LAYER_PRIORITY="workqueue omp tbb").split() == ["workqueue", "True", "0"]
     # a name Numba does not know: a warning at import, not only Numba's error at the first call
     assert _child(PRIORITY, NUMBA_THREADING_LAYER="bogus").split() == ["bogus", "True", "1"]
+
+
+WHERE = r"""
+import importlib, warnings
+import numba
+numba.set_num_threads(1)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    importlib.import_module("engine")  # line 7
+print([(w.filename, w.lineno) for w in caught if "before the engine could choose" in str(w.message)])
+"""
+
+
+def test_the_started_first_warning_points_at_the_users_import_line():
+    """Past the engine's and importlib's frames (through ``importlib.import_module`` it pointed at
+    importlib's own file)."""
+    got = _child(WHERE)
+    if got == "[]":
+        pytest.skip("Numba's own pick here is TBB: no warning to place")
+    assert got == "[('<string>', 7)]", got
