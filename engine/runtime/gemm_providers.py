@@ -71,6 +71,7 @@ __all__ = [
     "sixteen_bit_gemm",
     "sixteen_bit_amx",
     "sixteen_bit_tiles",
+    "OWN_TILES",
     "gemm_mode",
     "selection_token",
 ]
@@ -78,6 +79,8 @@ __all__ = [
 #: names of every provider, in the order ``attention-engine list`` shows them
 PROVIDERS = ("mkl", "openblas", "numpy")
 ENV_VAR = "ATTENTION_ENGINE_GEMM"
+#: the names of the engine's own 16-bit tile products (:func:`sixteen_bit_tiles`; tuning keys)
+OWN_TILES = ("amx", "avx512-bf16")
 #: the tuning cache's key of the measured provider of a dtype (``engine.runtime.tuning``)
 PROVIDER_KEY = "cpu-gemm/{dtype}"
 
@@ -413,13 +416,13 @@ def sixteen_bit_tiles(dtype_name: str) -> tuple[int, str]:
     ``auto`` or ``calibrate``, as AMX."""
     amx = sixteen_bit_amx(dtype_name)
     if amx:
-        return amx, "amx"
+        return amx, OWN_TILES[0]
     if _requested() not in ("auto", "calibrate"):
         return 0, ""
     from ..kernels.cpu.avx512_bf16 import bf16_dot_gemm
 
     dot = bf16_dot_gemm(dtype_name)
-    return (dot, "avx512-bf16") if dot else (0, "")
+    return (dot, OWN_TILES[1]) if dot else (0, "")
 
 
 def calibration_times() -> dict:

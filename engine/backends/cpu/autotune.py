@@ -38,7 +38,7 @@ import numpy as np
 
 from ...problems.base import dtype_name
 from ...runtime.config import DECODE_BLOCK_K, GEMM_CALIBRATION_CANDIDATES, GEMM_CALIBRATION_MARGIN
-from ...runtime.gemm_providers import PROVIDER_KEY, load_provider, valid_provider_choice
+from ...runtime.gemm_providers import OWN_TILES, PROVIDER_KEY, load_provider, valid_provider_choice
 from ...runtime.tuning import remember, tuned
 from .tiles import BLOCK_K_CHOICES, BLOCK_Q_CHOICES, TASK_ROWS_CHOICES, TilePlan, tile_key, valid_tiles
 
@@ -145,7 +145,7 @@ def tune_tiles(forward, provider, dtype: np.dtype, width: int, length: str, name
 
     def measure() -> dict:
         # the 16-bit tiles of MKL's path are measured on it, not on the AMX path the same call takes
-        return _search(_timer(forward, dtype, width, length, provider=provider, amx=name in ("amx", "avx512-bf16")))[0]
+        return _search(_timer(forward, dtype, width, length, provider=provider, amx=name in OWN_TILES))[0]
 
     if name is None:
         name = "mkl" if provider is None else provider.name
