@@ -67,6 +67,9 @@ SPEED_CASES = [
     ("bfloat16, L=S=4096", 4096, 64, "bfloat16", False, 1.0),
     ("float16, L=S=1024", 1024, 64, "float16", False, 1.0),
     ("float16, L=S=4096", 4096, 64, "float16", False, 1.0),
+    # a length that is not a multiple of the 16-bit tile products' 32 (their partial tiles)
+    ("bfloat16, L=S=1000", 1000, 64, "bfloat16", False, 1.0),
+    ("float16, L=S=1000", 1000, 64, "float16", False, 1.0),
 ]
 #: cases whose 2-thread gain (time at 1 thread / time at 2) is compared with torch's
 THREAD_CASES = [

@@ -69,8 +69,8 @@ def _qkv(rng, dtype, Hq=2, H=2, L=140, S=301, E=32, Ev=24):
 
 
 def _cases(rng, dtype, path="widened"):
-    # the own tiles' path takes sizes that are multiples of 32 only (others take the paths below it)
-    shape = dict(L=128, S=320, E=64, Ev=32) if path == "own tiles" else {}
+    # the own tiles' path takes head widths that are multiples of 32 only (any L and S)
+    shape = dict(E=64, Ev=32) if path == "own tiles" else {}
     q, k, v = _qkv(rng, dtype, **shape)
     L, S = q.shape[2], k.shape[2]
     fmask = (rng.standard_normal((L, S)) * 2).astype(np.float32)
@@ -101,6 +101,28 @@ def test_cpu_16bit_matches_reference(dtype, path, rng, monkeypatch):
         assert_out_close(out, ref, out_atol(dtype, q, k, v, None, mask), f"{dtype} {name} out")
         assert_out_close(lse, ref_lse, lse_atol(dtype, q, k, None, mask), f"{dtype} {name} lse")
     assert amx() in (0, len(_cases(rng, dtype, path))) and (amx() > 0) == (path == "own tiles")
+
+
+@pytest.mark.parametrize("path", ["own tiles"], indirect=True)
+@pytest.mark.parametrize("L, S", [(1, 1), (5, 3), (31, 33), (33, 31), (64, 97), (97, 64), (300, 257)])
+def test_own_tiles_take_any_length(L, S, path, rng, monkeypatch):
+    """L and S that are not multiples of the tile products' 32: a partial tile is multiplied at 32
+    (zero keys past S, spare query columns) and cut; causal top left and bottom right, a window
+    cut by the diagonal, GQA and a batch of two."""
+    amx = _count_amx(monkeypatch, path, BF16)
+    q, k, v = (x.astype(BF16) for x in _qkv(rng, np.float32, Hq=4, H=2, L=L, S=S, E=64, Ev=32))
+    q2, k2, v2 = (np.concatenate([x, x[:, ::-1]]) for x in (q, k, v))
+    cases = [({}, q, k, v), ({"is_causal": True}, q, k, v), ({"is_causal": True}, q2, k2, v2)]
+    if L <= S:  # (bottom right with L > S hides every key of the first rows: also covered)
+        cases.append(({"attn_mask": engine.causal_lower_right(L, S)}, q, k, v))
+    for kw, a, b, c in cases:
+        out, lse = engine.scaled_dot_product_attention(a, b, c, backend="cpu", return_lse=True, enable_gqa=True, **kw)
+        ref, ref_lse = engine.scaled_dot_product_attention(
+            a, b, c, backend="reference", return_lse=True, enable_gqa=True, **kw
+        )
+        assert_out_close(out, ref, out_atol(BF16, a, b, c, None), f"L={L} S={S} {kw}")
+        assert_out_close(lse, ref_lse, lse_atol(BF16, a, b, None), f"L={L} S={S} {kw} lse")
+    assert amx() == len(cases)
 
 
 def _count_amx(monkeypatch, path, dtype):

@@ -93,20 +93,26 @@ def _lay_out(k, v, k_out, vt_out):
         operands_head(k, v, k_out, vt_out, bh)
 
 
-@pytest.mark.parametrize("S", [2, 32, 70, 96])
+@pytest.mark.parametrize("S", [1, 2, 32, 70, 71, 96])
 def test_operands_transpose_values_and_copy_keys(S, rng):
     """v.T per head (two rows at a time, 16 pairs per sweep, and the tail), k copied only where a
-    buffer is given: plain Numba, so on every CPU."""
+    buffer is given, both zero from S to a multiple of 32 (stale bits there first): plain Numba, so
+    on every CPU."""
+    Sp = -(-S // 32) * 32
     k = rng.integers(0, 1 << 16, (2, 3, S, 64), dtype=np.uint16)
     v = rng.integers(0, 1 << 16, (2, 3, S, 32), dtype=np.uint16)
-    vt = np.zeros((2, 3, 32, S), np.uint16)
-    k_out = np.zeros_like(k)
+    want_vt = np.zeros((2, 3, 32, Sp), np.uint16)
+    want_vt[..., :S] = np.swapaxes(v, 2, 3)
+    want_k = np.zeros((2, 3, Sp, 64), np.uint16)
+    want_k[:, :, :S] = k
+    vt = np.full((2, 3, 32, Sp), 0xFFFF, np.uint16)
+    k_out = np.full((2, 3, Sp, 64), 0xFFFF, np.uint16)
     _lay_out(k, v, k_out, vt)
-    np.testing.assert_array_equal(vt, np.swapaxes(v, 2, 3))
-    np.testing.assert_array_equal(k_out, k)
-    vt[:] = 0
+    np.testing.assert_array_equal(vt, want_vt)
+    np.testing.assert_array_equal(k_out, want_k)
+    vt[:] = 0xFFFF
     _lay_out(k, v, np.empty((0, 0, 0, 0), np.uint16), vt)
-    np.testing.assert_array_equal(vt, np.swapaxes(v, 2, 3))
+    np.testing.assert_array_equal(vt, want_vt)
 
 
 def _spy(monkeypatch):
@@ -167,17 +173,21 @@ def test_forward_through_amx_with_read_only_inputs_and_a_score_mod(rng, monkeypa
 
 
 def test_a_nan_value_or_a_size_amx_does_not_take_goes_another_path(rng, monkeypatch):
-    """A NaN in v: the widened path (exact NaN pattern: only the rows that weigh it); sizes not
-    multiples of 32, or ATTENTION_ENGINE_AMX=0: the other paths, same results."""
+    """A NaN in v: the widened path (exact NaN pattern: only the rows that weigh it); a head width
+    not a multiple of 32, or ATTENTION_ENGINE_AMX=0: the other paths, same results (L and S of
+    any size take this one)."""
     _need(BF16)
     engine.set_gemm_provider(None)
     calls = _spy(monkeypatch)
     q, k, v = (rng.standard_normal((1, 2, 64, 64)).astype(BF16) for _ in range(3))
     v[0, 1, 5, 3] = np.nan
     _check(q, k, v, is_causal=True)
-    q2, k2, v2 = (rng.standard_normal((1, 2, 70, 64)).astype(BF16) for _ in range(3))
+    q2, k2, v2 = (rng.standard_normal((1, 2, 70, 48)).astype(BF16) for _ in range(3))
     _check(q2, k2, v2)
     assert calls == []
+    _check(*(x[..., :32] for x in (q2, k2, v2)))  # L = S = 70, E = Ev = 32: here
+    assert len(calls) == 1
+    calls.clear()
     monkeypatch.setenv("ATTENTION_ENGINE_AMX", "0")
     monkeypatch.setenv("ATTENTION_ENGINE_AVX512_BF16", "0")
     q3, k3, v3 = (rng.standard_normal((1, 2, 64, 64)).astype(BF16) for _ in range(3))

@@ -34,6 +34,7 @@ from .operands import (
     all_finite16,
     amx_fits,
     amx_operands,
+    amx_rows,
     as4,
     dropout_args,
     kernel_masks,
@@ -106,8 +107,9 @@ class CpuForward(Op):
         arrays = None
         q, k = (as4(a, problem.batch).view(np.uint16) for a in (problem.query, problem.key))
         if amx:
-            if plan is None:
+            if plan is None:  # tiles clamped to a short L or S, rounded up to the products' 32
                 plan = _tiles(self.run, problem, name, own, None, True)
+                plan = plan._replace(block_q=amx_rows(plan.block_q), block_k=amx_rows(plan.block_k))
             finite = all_finite16(v)
             if finite and amx_fits(problem, plan.block_q, plan.block_k):
                 # the tile products of kernels.cpu.amx (or avx512_bf16, the same operands): k's rows

@@ -21,6 +21,7 @@ __all__ = [
     "all_finite16",
     "amx_fits",
     "amx_operands",
+    "amx_rows",
     "as4",
     "dropout_args",
     "kernel_masks",
@@ -117,21 +118,30 @@ NO_SOURCES = (np.empty((0, 0, 0, 0), np.uint16), np.empty((0, 0, 0, 0), np.uint1
 def amx_operands(k: np.ndarray, v: np.ndarray) -> tuple:
     """``(k_amx, vt_amx)``: the buffers the forward kernel's driver fills for the AMX path before
     its tasks (``kernels.cpu.amx.operands_head``), from C-contiguous (batch, heads, rows, features)
-    16-bit bits: an aligned buffer for k's copy where k's data does not start a cache line (AMX
-    tile loads of rows straddling cache lines ran 6x slower on the Intel Xeon measured; empty
-    where k is read as it is), and the values' transpose, (batch, heads, features, rows), 64-byte
-    aligned."""
-    vt = _aligned_empty(v.shape[:2] + (v.shape[3], v.shape[2]), v.dtype)
-    k_amx = NO_SOURCES[0] if k.ctypes.data % 64 == 0 else _aligned_empty(k.shape, k.dtype)
+    16-bit bits, both with the keys rounded up to a multiple of 32 (``amx_rows``; the extra keys
+    zero, so a last key tile's products run at the tile products' sizes): a copy of k, 64-byte
+    aligned, where k's data does not start a cache line (AMX tile loads of rows straddling cache
+    lines ran 6x slower on the Intel Xeon measured) or S is not a multiple of 32 (empty where k is
+    read as it is), and the values' transpose, (batch, heads, features, rows), 64-byte aligned."""
+    S = k.shape[2]
+    rows = amx_rows(S)
+    vt = _aligned_empty(v.shape[:2] + (v.shape[3], rows), v.dtype)
+    aligned = k.ctypes.data % 64 == 0 and rows == S
+    k_amx = NO_SOURCES[0] if aligned else _aligned_empty(k.shape[:2] + (rows, k.shape[3]), k.dtype)
     return k_amx, vt
 
 
+def amx_rows(n: int) -> int:
+    """``n`` rounded up to a multiple of 32 (``kernels.cpu.amx.AMX_BLOCK``)."""
+    return -(-n // 32) * 32
+
+
 def amx_fits(problem: AttentionProblem, block_q: int, block_k: int) -> bool:
-    """Whether the AMX path takes ``problem`` at these tiles: every size it multiplies a multiple
-    of 32 (``kernels.cpu.amx.AMX_BLOCK``), no dropout (its multipliers are applied to float32
-    probabilities)."""
-    sizes = (problem.E, problem.Ev, problem.L, problem.S, block_q, block_k)
-    return problem.dropout_p == 0 and all(n % 32 == 0 and n > 0 for n in sizes)
+    """Whether the AMX path takes ``problem`` at these tiles: the head widths and the tiles
+    multiples of 32 (``kernels.cpu.amx.AMX_BLOCK``; any L and S: the kernel pads a partial tile's
+    products), no dropout (its multipliers are applied to float32 probabilities)."""
+    sizes = (problem.E, problem.Ev, block_q, block_k)
+    return problem.dropout_p == 0 and problem.L > 0 and problem.S > 0 and all(n % 32 == 0 and n > 0 for n in sizes)
 
 
 def narrow(x: np.ndarray, dtype: np.dtype) -> np.ndarray:

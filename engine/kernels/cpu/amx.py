@@ -280,18 +280,20 @@ def operands_head(k_src, v_src, k_out, vt_out, bh):
     driver in its own parallel loop before the tasks (a second parallel region from Python, with
     a gap between, made calls 5x slower for a while after an idle pause on the KVM guest
     measured): ``vt_out[b, h] = v_src[b, h].T`` for 16-bit bits, (B, H, S, E) ``v_src`` and
-    C-contiguous (B, H, E, S) ``vt_out``, S even; ``k_src[b, h]`` copied into ``k_out[b, h]``
-    unless ``k_out`` is empty (a k whose rows start cache lines is read as it is). Two rows of ``v`` at a
-    time as one uint32 per column, written 16 at a time: 6x faster than element by element (0.12
-    against 0.72 ms for 8 x 1024 x 64 on one thread, Intel Xeon)."""
+    C-contiguous (B, H, E, Sp) ``vt_out``, its columns from S to Sp (even) zero; ``k_src[b, h]``
+    copied into the first S rows of ``k_out[b, h]`` (B, H, Sp, E) and its other rows zeroed,
+    unless ``k_out`` is empty (a k whose rows start cache lines is read as it is). Two rows of
+    ``v`` at a time as one uint32 per column, written 16 at a time: 6x faster than element by
+    element (0.12 against 0.72 ms for 8 x 1024 x 64 on one thread, Intel Xeon)."""
     B, H, S, E = v_src.shape
+    Sp = vt_out.shape[3]
     b = bh // H
     h = bh - b * H
     half = S // 2
     full = half // 16 * 16
     sixteen = np.uint32(16)
     x = v_src[b, h]
-    y = vt_out[b, h].reshape(E * S).view(np.uint32).reshape((E, half))
+    y = vt_out[b, h].reshape(E * Sp).view(np.uint32).reshape((E, Sp // 2))
     for p0 in range(0, full, 16):
         for e in range(E):
             for p in range(p0, p0 + 16):  # a constant count: unrolled and vectorised
@@ -299,11 +301,18 @@ def operands_head(k_src, v_src, k_out, vt_out, bh):
     for e in range(E):
         for p in range(full, half):
             y[e, p] = np.uint32(x[2 * p, e]) | (np.uint32(x[2 * p + 1, e]) << sixteen)
+        if S % 2:  # the last key paired with a zero one
+            y[e, half] = np.uint32(x[S - 1, e])
+        for p in range((S + 1) // 2, Sp // 2):
+            y[e, p] = 0
     if k_out.size > 0:  # flat: a vectorised copy (an element loop over the 2-D slices ran at 6 GB/s)
-        src = k_src[b, h].reshape(k_src.shape[2] * k_src.shape[3])
-        dst = k_out[b, h].reshape(k_src.shape[2] * k_src.shape[3])
-        for i in range(src.shape[0]):
+        n = S * k_src.shape[3]
+        src = k_src[b, h].reshape(n)
+        dst = k_out[b, h].reshape(k_out.shape[2] * k_out.shape[3])
+        for i in range(n):
             dst[i] = src[i]
+        for i in range(n, dst.shape[0]):
+            dst[i] = 0
 
 
 @njit(inline="always")

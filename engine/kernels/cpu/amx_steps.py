@@ -68,24 +68,41 @@ def _pair_rows_impl(q, b, h, t0, nt, qv):
     return lambda q, b, h, t0, nt, qv: None
 
 
-def _amx_scores(fn, k, k_amx, b, hk, j0, qv, o, nt, st):
+def _amx_scores(fn, k, k_amx, b, hk, j0, qv, o, nt, st, stage):
     """``st`` (nk, nq) float32 = the nk key rows from ``j0`` of head ``hk`` (of ``k_amx``, their
     copy on cache lines, where it was made, else of ``k``) @ the queries ``o`` to ``o + nq`` of
-    the task's paired rows ``qv`` (E / 2, nt)."""
+    the task's paired rows ``qv`` (E / 2, nt). A tile with nk or nq not a multiple of 32 is
+    multiplied at both rounded up (the rows past S are ``k_amx``'s zeros, the columns past nq
+    other queries or ``qv``'s 32 spare entries) into ``stage`` (float32, at least that size),
+    then copied into ``st``: each entry of a product depends on its own row and column only."""
 
 
 @overload(_amx_scores)
-def _amx_scores_impl(fn, k, k_amx, b, hk, j0, qv, o, nt, st):
+def _amx_scores_impl(fn, k, k_amx, b, hk, j0, qv, o, nt, st, stage):
     if not isinstance(k.dtype, nb_types.Integer):
-        return lambda fn, k, k_amx, b, hk, j0, qv, o, nt, st: None
+        return lambda fn, k, k_amx, b, hk, j0, qv, o, nt, st, stage: None
 
-    def impl(fn, k, k_amx, b, hk, j0, qv, o, nt, st):
+    def impl(fn, k, k_amx, b, hk, j0, qv, o, nt, st, stage):
         nk, nq = st.shape
         rows = _row_address(k_amx, b, hk, j0) if k_amx.size > 0 else _row_address(k, b, hk, j0)
         stride = k.shape[3] * 2
-        amx_call(fn, rows, stride, qv.ctypes.data + 4 * o, 4 * nt, st.ctypes.data, 4 * nq, nk, nq, k.shape[3], False)
+        queries = qv.ctypes.data + 4 * o
+        mp, np_ = _rounded(nk), _rounded(nq)
+        if mp == nk and np_ == nq:
+            amx_call(fn, rows, stride, queries, 4 * nt, st.ctypes.data, 4 * nq, nk, nq, k.shape[3], False)
+            return
+        amx_call(fn, rows, stride, queries, 4 * nt, stage.ctypes.data, 4 * np_, mp, np_, k.shape[3], False)
+        for c in range(nk):
+            for r in range(nq):
+                st[c, r] = stage[c * np_ + r]
 
     return impl
+
+
+@njit(inline="always")
+def _rounded(n):
+    """``n`` rounded up to a multiple of 32 (``AMX_BLOCK``)."""
+    return (n + 31) // 32 * 32
 
 
 def _amx_rescale(acct, alpha, o, nq, k):
@@ -107,23 +124,30 @@ def _amx_rescale_impl(acct, alpha, o, nq, k):
     return impl
 
 
-def _amx_values_acc(fn, vt_all, b, hk, j0, nk, pairs, nq, acct, o, nt, k):
+def _amx_values_acc(fn, vt_all, b, hk, j0, nk, pairs, nq, acct, o, k):
     """``acct[:, o : o + nq] += vt_all[b, hk, :, j0 : j0 + nk] @ P`` for the probabilities'
-    pairs (nk / 2, nq) at the start of ``pairs``: ``vt_all`` (B, H, Ev, S) the values
-    transposed, ``acct`` (Ev, nt) float32 the task's transposed output (nothing for float ``k``)."""
+    pairs (ceil(nk / 2), nq) at the start of ``pairs``: ``vt_all`` (B, H, Ev, Sp) the values
+    transposed (zero past S), ``acct`` (Ev, ntp) float32 the task's transposed output, ntp a
+    multiple of 32 (nothing for float ``k``). nk and nq not multiples of 32 are rounded up: the
+    pair rows past nk are zeroed first (a zero times a value, never a stale NaN), and the columns
+    past nq land in ``acct``'s spare columns."""
 
 
 @overload(_amx_values_acc)
-def _amx_values_acc_impl(fn, vt_all, b, hk, j0, nk, pairs, nq, acct, o, nt, k):
+def _amx_values_acc_impl(fn, vt_all, b, hk, j0, nk, pairs, nq, acct, o, k):
     if not isinstance(k.dtype, nb_types.Integer):
-        return lambda fn, vt_all, b, hk, j0, nk, pairs, nq, acct, o, nt, k: None
+        return lambda fn, vt_all, b, hk, j0, nk, pairs, nq, acct, o, k: None
 
-    def impl(fn, vt_all, b, hk, j0, nk, pairs, nq, acct, o, nt, k):
+    def impl(fn, vt_all, b, hk, j0, nk, pairs, nq, acct, o, k):
         s = vt_all.strides
         base = vt_all.ctypes.data + b * s[0] + hk * s[1] + j0 * s[3]
-        amx_call(
-            fn, base, s[2], pairs.ctypes.data, 4 * nq, acct.ctypes.data + 4 * o, 4 * nt, vt_all.shape[2], nq, nk, True
-        )
+        kp = _rounded(nk)
+        spare = pairs.view(np.uint32)
+        for i in range((nk + 1) // 2 * nq, kp // 2 * nq):
+            spare[i] = 0
+        out = acct.ctypes.data + 4 * o
+        ldc, m = 4 * acct.shape[1], vt_all.shape[2]
+        amx_call(fn, base, s[2], pairs.ctypes.data, 4 * nq, out, ldc, m, _rounded(nq), kp, True)
 
     return impl
 
@@ -159,7 +183,7 @@ def _amx_finish_impl(fn, acct, l, m, ob, lse, f16):
 
 def _transposed_rows(acct, inv, ob, f16):
     """``ob[r, c] = acct[c, r] * inv[r]``, rounded as :func:`_finish_rows` rounds: the AMX path's
-    transposed accumulator (Ev, nt) written as the task's (nt, Ev) rows, 16 rows at a time (both
+    transposed accumulator (Ev, ntp >= nt) written as the task's (nt, Ev) rows, 16 rows at a time (both
     sides stay in cache)."""
 
 
@@ -169,7 +193,7 @@ def _transposed_rows_impl(acct, inv, ob, f16):
         return lambda acct, inv, ob, f16: None
 
     def impl(acct, inv, ob, f16):
-        ev, nt = acct.shape
+        ev, nt = acct.shape[0], ob.shape[0]  # (acct's columns past nt: the padded products')
         full = nt // 16 * 16
         for r0 in range(0, full, 16):
             for c in range(ev):

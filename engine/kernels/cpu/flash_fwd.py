@@ -134,7 +134,10 @@ def _flash_task(task, args, mod_args, per_tile):
     drop_size = bk * bq if dropping else 1
     # views cut from borrowed arrays count no references (kernels.cpu.borrow): the scratch is
     # kept alive to the end of the task, the arguments are alive for the whole call
-    fraw = _aligned_empty(2 * _line(bk * bq) + _line(nt * Ev) + 2 * _line(nt) + 6 * _line(bq) + _line(drop_size), dt)
+    # the AMX path's transposed accumulator has a multiple of 32 columns: a partial tile's
+    # values product writes 32 (amx_steps._amx_values_acc)
+    ntp = (nt + 31) // 32 * 32 if amx else nt
+    fraw = _aligned_empty(2 * _line(bk * bq) + _line(ntp * Ev) + 2 * _line(nt) + 6 * _line(bq) + _line(drop_size), dt)
     draw = np.empty(_line(nt) + bq, dtype=np.float64)
     fbuf, dbuf = borrowed(fraw), borrowed(draw)
     q_all, k_all, v_all = borrowed(args.q), borrowed(args.k), borrowed(args.v)
@@ -143,9 +146,10 @@ def _flash_task(task, args, mod_args, per_tile):
     o += _line(bk * bq)
     pt_buf = fbuf[o : o + bk * bq]  # their probabilities
     o += _line(bk * bq)
-    acc = fbuf[o : o + nt * Ev].reshape((nt, Ev))
-    acct = fbuf[o : o + nt * Ev].reshape((Ev, nt))  # the same memory, transposed (AMX)
-    o += _line(nt * Ev)
+    acc_raw = fbuf[o : o + ntp * Ev]
+    acc = acc_raw[: nt * Ev].reshape((nt, Ev))
+    acct = acc_raw.reshape((Ev, ntp))  # the same memory, transposed (AMX)
+    o += _line(ntp * Ev)
     m = fbuf[o : o + nt]  # the shift of each query row's exponentials
     o += _line(nt)
     mr = fbuf[o : o + nt]  # the same unscaled: the score it was taken from (the 16-bit passes')
@@ -165,11 +169,13 @@ def _flash_task(task, args, mod_args, per_tile):
     zt_buf = fbuf[o : o + drop_size]  # dropout multipliers
     l = dbuf[:nt]  # noqa: E741  (running sum per query row, float64: see softmax_tile.SUM_CHUNK)
     ts = dbuf[_line(nt) : _line(nt) + bq]
-    acc[:] = zero
-    qraw = _pair_buffer(args.q, E // 2 * nt if amx else 0)  # the task's queries paired (AMX)
+    acc_raw[:] = zero
+    # the task's queries paired (AMX), and 32 spare entries a partial tile's product reads
+    qraw = _pair_buffer(args.q, E // 2 * nt + 32 if amx else 0)
     qv = borrowed(qraw)
     if amx:
         _pair_rows(q_all, b, h, t0, nt, qv)
+        qv[E // 2 * nt :] = 0
     m[:] = neg_inf
     l[:] = 0.0
     kend = max(0, min(S, t1 + args.causal_offset)) if args.causal else S
@@ -201,7 +207,7 @@ def _flash_task(task, args, mod_args, per_tile):
             st = st_buf[: nk * nq].reshape((nk, nq))
             qs = q_all[b, h, i0:i1].T  # (E, nq), read transposed by the GEMM
             if amx:  # (the AMX steps compile to nothing for float operands: tile_ops)
-                _amx_scores(args.gemm_fn, args.k, args.k_amx, b, hk, j0, qv, o, nt, st)
+                _amx_scores(args.gemm_fn, args.k, args.k_amx, b, hk, j0, qv, o, nt, st, pt_buf)
             elif full:
                 jit_gemm(args.jit_scores, args.jit_scores_h, kt, qs, st)
             else:
@@ -295,7 +301,7 @@ def _flash_task(task, args, mod_args, per_tile):
                         for c in range(Ev):
                             accs[r, c] *= a
             if amx:
-                _amx_values_acc(args.gemm_fn, args.vt_amx, b, hk, j0, nk, half, nq, acct, o, nt, args.k)
+                _amx_values_acc(args.gemm_fn, args.vt_amx, b, hk, j0, nk, half, nq, acct, o, args.k)
             elif not v_finite:  # the finite part's product as a finite tile's, then the NaN/inf values
                 vz_buf = np.empty(nk * Ev, dtype=args.v.dtype)  # alone, in the rows that weigh them
                 vz = _finite_values(vt, vz_buf)  # (kernels.nonfinite); rare: allocated where needed
@@ -356,9 +362,9 @@ def _flash_forward(args, mod_args):
     16-bit operands: q, k, v are uint16 bit patterns, ``gemm_fn`` a mixed-precision GEMM
     (``tile_gemm_16``) and ``gemm_kind`` ``GEMM_CBLAS_BF16`` or ``GEMM_CBLAS_F16`` (which format
     the probabilities are rounded to), or ``GEMM_AMX_BF16``/``GEMM_AMX_F16`` with ``gemm_fn`` the
-    address of ``kernels.cpu.amx.amx_gemm`` and ``v`` transposed, (B, H, Ev, S), E, Ev, L, S and
-    the tiles multiples of 32; ``out`` is uint16, the output rounded to the operands' format as it
-    is written, and ``lse`` float32.
+    address of ``kernels.cpu.amx.amx_gemm`` and ``v`` transposed, (B, H, Ev, Sp), Sp = S rounded
+    up to a multiple of 32 (zero past S), E, Ev and the tiles multiples of 32; ``out`` is uint16,
+    the output rounded to the operands' format as it is written, and ``lse`` float32.
 
     A task owns ``sub_tiles`` query tiles of ``block_q`` rows and walks the key tiles once for all
     of them, so each key/value tile is read from memory once and reused from cache by every
