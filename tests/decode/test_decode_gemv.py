@@ -18,7 +18,8 @@ def _case(rng, dtype):
     B, Hkv = int(rng.integers(1, 4)), int(rng.integers(1, 4))
     group = int(rng.choice([1, 2, 4]))
     L = int(rng.integers(1, 3))
-    D, Dv = int(rng.choice([8, 16, 64])), int(rng.choice([8, 32]))
+    # widths the register-resident row passes take (16 to 128 by 16: decode_rows) and others
+    D, Dv = int(rng.choice([8, 16, 64, 128])), int(rng.choice([8, 32, 80]))
     S_max = int(rng.integers(8, 600))
     q = rng.standard_normal((B, Hkv * group, L, D)).astype(dtype)
     kc = rng.standard_normal((B, Hkv, S_max, D)).astype(dtype)
@@ -59,10 +60,11 @@ def test_gemv_kernel_matches_reference_and_the_general_kernel(dtype, monkeypatch
             np.testing.assert_array_equal(v, results["ref"][3])
 
 
-def test_gemv_kernel_nan_values_reach_only_the_rows_that_weigh_them():
-    q = np.ones((1, 2, 1, 8), np.float32)
-    kc = np.zeros((1, 1, 16, 8), np.float32)
-    vc = np.zeros((1, 1, 16, 8), np.float32)
+@pytest.mark.parametrize("D", [8, 64])  # 64: decode_rows' passes for the one-row case
+def test_gemv_kernel_nan_values_reach_only_the_rows_that_weigh_them(D):
+    q = np.ones((1, 2, 1, D), np.float32)
+    kc = np.zeros((1, 1, 16, D), np.float32)
+    vc = np.zeros((1, 1, 16, D), np.float32)
     vc[0, 0, 10] = np.nan  # past cache_seqlens: never weighed
     out = engine.attention_with_kvcache(q, kc, vc, cache_seqlens=5, backend="cpu")
     assert np.isfinite(out).all()
@@ -73,18 +75,20 @@ def test_gemv_kernel_nan_values_reach_only_the_rows_that_weigh_them():
     assert np.isfinite(out).all()  # the window hides key 2 from the row at position 4
     # two query rows (positions 6 and 7): key 7, in a group of four keys the first row weighs
     # but for it, reaches the second row only
-    q2, vc[:] = np.ones((1, 1, 2, 8), np.float32), 0
+    q2, vc[:] = np.ones((1, 1, 2, D), np.float32), 0
     vc[0, 0, 7] = np.nan
     out = engine.attention_with_kvcache(q2, kc, vc, cache_seqlens=8, backend="cpu")
     assert np.isfinite(out[0, 0, 0]).all() and np.isnan(out[0, 0, 1]).all()
 
 
-def test_gemv_kernel_one_row_skips_unweighed_values_among_eight():
-    # one row per cache head: value rows go eight per pass; a pass whose eight weights include an
-    # exact 0 (key 2: its score underflows exp) must skip that row's NaN, one that weighs it not
-    q = np.ones((1, 1, 1, 8), np.float32)
-    kc = np.zeros((1, 1, 16, 8), np.float32)
-    vc = np.zeros((1, 1, 16, 8), np.float32)
+@pytest.mark.parametrize("D", [8, 64])  # 64: decode_rows' value pass
+def test_gemv_kernel_one_row_skips_unweighed_values_among_eight(D):
+    # one row per cache head: value rows go eight per pass (or all in registers); a pass whose
+    # weights include an exact 0 (key 2: its score underflows exp) must skip that row's NaN, one
+    # that weighs it not
+    q = np.ones((1, 1, 1, D), np.float32)
+    kc = np.zeros((1, 1, 16, D), np.float32)
+    vc = np.zeros((1, 1, 16, D), np.float32)
     kc[0, 0, 2], vc[0, 0, 2] = -100.0, np.nan
     out = engine.attention_with_kvcache(q, kc, vc, cache_seqlens=12, backend="cpu")
     assert np.isfinite(out).all()

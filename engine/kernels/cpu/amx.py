@@ -35,6 +35,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ...runtime.jit_cache import cache_enabled
+from .vector_width import target_features as _cpu_features
 
 _CACHE = cache_enabled()
 
@@ -75,20 +76,6 @@ def amx_ready(dtype_name: str) -> bool:
         return False
     need = {"bfloat16": "amx-bf16", "float16": "amx-fp16"}.get(dtype_name)
     return need is not None and need in _cpu_features() and "amx-tile" in _cpu_features() and _os_grants_amx()
-
-
-@functools.cache
-def _cpu_features() -> frozenset:
-    """The features of the CPU Numba compiles for (``numba.config``'s target where one is set:
-    LLVM cannot emit an AMX instruction for a target without it)."""
-    import llvmlite.binding as ll
-    import numba
-
-    if numba.config.CPU_FEATURES:
-        return frozenset(f[1:] for f in numba.config.CPU_FEATURES.split(",") if f.startswith("+"))
-    if numba.config.CPU_NAME and numba.config.CPU_NAME != "host":
-        return frozenset()
-    return frozenset(name for name, on in ll.get_host_cpu_features().items() if on)
 
 
 def _declare(builder, name, args):

@@ -27,7 +27,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ...runtime.jit_cache import cache_enabled
-from .amx import _cpu_features
+from .vector_width import target_features
 
 _CACHE = cache_enabled()
 
@@ -159,7 +159,7 @@ def bf16_dot_ready() -> bool:
     (as ``ATTENTION_ENGINE_AUTOTUNE``)."""
     if os.environ.get("ATTENTION_ENGINE_AVX512_BF16", "1").strip().lower() in ("0", "off", "false", "no"):
         return False
-    return "avx512bf16" in _cpu_features()
+    return "avx512bf16" in target_features()
 
 
 def bf16_dot_gemm(dtype_name: str) -> int:

@@ -16,7 +16,11 @@ are the faster order on some CPUs and three times slower on others: on AMD Zen 4
 larger than L3, the key pass read 11.6 GB/s interleaved against 30 one key at a time (and the
 value pass 11 against 33), on one thread, while within L3 the four-key pass was 7% faster. So a
 single row (``R == 1``: decode without GQA) reads in address order where ``sequential``, which
-``engine.backends.cpu.autotune.tune_decode_order`` measures once per machine. With one split the
+``engine.backends.cpu.autotune.tune_decode_order`` measures once per machine; in float32 with a
+head of 16 to 128 in steps of 16 (to 64 without AVX-512) it takes neither loop but
+``engine.kernels.cpu.decode_rows``' passes, which read in address order with the query or the
+accumulator in vector registers (the decode step 1.3-1.5x faster at S = 128 to 4096 on AMD Zen 4;
+docs/performance.md). With one split the
 tasks write the result itself; with more, split-KV's partial
 results are merged as in the general kernel (``engine.kernels.cpu.decode``). The tasks' scratch is
 allocated once per call by the driver (a view reshaped inside a task costs a call into Numba's
@@ -32,6 +36,7 @@ from ...runtime.jit_cache import cache_enabled
 from ..fastexp import fast_exp
 from ..lse_merge import _merge_row
 from ..mod_kernels import serial_version
+from .decode_rows import row_scores, row_values
 from .tile_ops import _FM
 
 _CACHE = cache_enabled()
@@ -192,7 +197,9 @@ def _gemv_task(task, args, qs, st, acc, ml, lim, part_out, part_lse):
         # stay in L1 for the rows of a GQA group), or for one row, where ``sequential``, one key
         # at a time (the cache read in address order: see the module's docstring)
         c = 0
-        if R == 1 and args.sequential:
+        if R == 1 and row_scores(qt, keys, j0, nk, sc, D):  # float32, D a multiple of 16 up to 128
+            c = nk
+        elif R == 1 and args.sequential:
             while c < nk:
                 t = zero
                 for d in range(D):
@@ -244,7 +251,9 @@ def _gemv_task(task, args, qs, st, acc, ml, lim, part_out, part_lse):
         # eighth of its loads and stores: 1.13x on a 256 MB cache, one thread, Intel Xeon); a
         # GQA group: four per pass for each row, the four value rows read from L1
         c = 0
-        if R == 1 and args.sequential:  # one value row per pass, in address order
+        if R == 1 and row_values(ac, sc, values, j0, nk, Dv):  # the accumulator in registers
+            c = nk
+        elif R == 1 and args.sequential:  # one value row per pass, in address order
             while c < nk:
                 w = sc[0, c]
                 if w != zero:

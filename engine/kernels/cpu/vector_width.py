@@ -12,11 +12,13 @@ The attributes are compiled into the function's code, so they travel with Numba'
 whose index is keyed by the CPU it was compiled for.
 """
 
+import functools
+
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-__all__ = ["wide_vectors"]
+__all__ = ["target_features", "wide_vectors"]
 
 #: clang's attributes for -mprefer-vector-width=512 (the X86 backend reads both per function)
 _WIDE = ('"prefer-vector-width"="512"', '"min-legal-vector-width"="512"')
@@ -45,3 +47,19 @@ def wide_vectors(typingctx):
         return context.get_dummy_value()
 
     return types.none(), codegen
+
+
+@functools.cache
+def target_features() -> frozenset:
+    """The features of the CPU Numba compiles for, LLVM's names (``avx512f``, ``amx-bf16``...):
+    ``numba.config``'s target where one is set (LLVM cannot emit an instruction for a target
+    without it; a ``NUMBA_CPU_NAME`` without features, as for portable caches, counts as none),
+    else the host's."""
+    import llvmlite.binding as ll
+    import numba
+
+    if numba.config.CPU_FEATURES:
+        return frozenset(f[1:] for f in numba.config.CPU_FEATURES.split(",") if f.startswith("+"))
+    if numba.config.CPU_NAME and numba.config.CPU_NAME != "host":
+        return frozenset()
+    return frozenset(name for name, on in ll.get_host_cpu_features().items() if on)
