@@ -78,6 +78,12 @@ DECODE_BLOCK_ROWS = 128
 #: tiles. OpenBLAS's GEMM with 4 rows took 9x the time of 1 row; its GEMV per row is no faster
 #: than the kernel's own loops, which also skip the copy of 16-bit and paged tiles
 DECODE_FUSED_ROWS = 8
+#: ``cpu`` forward: a call with at most DECODE_FUSED_ROWS query rows per key head (L x group), in
+#: float32/float64 at most this many query rows (L), and nothing the decode op lacks, runs on the
+#: decode op (``backends.cpu.decode_route``). Measured on AMD Zen 4, 2 threads, S = 1024: float32
+#: L = 1 2.2-2.5x faster there, L = 2 1.05-1.47x, L = 4 0.89-1.02x, L = 8 0.89x; 16-bit 2-9x
+#: faster at every L up to 8 (the forward's 16-bit tiles pad a few rows to 32)
+DECODE_ROUTE_FLOAT_ROWS = 2
 #: ``cpu`` decoding: split-KV never gives a split fewer keys than this (the merge would cost more
 #: than the parallelism gains)
 DECODE_MIN_SPLIT_KEYS = 512

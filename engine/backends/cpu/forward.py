@@ -11,6 +11,7 @@ import numpy as np
 from ...kernels.cpu.gemm import GEMM_AMX_BF16, GEMM_AMX_F16, GEMM_CBLAS, GEMM_CBLAS_BF16, GEMM_CBLAS_F16, GEMM_NUMPY
 from ...problems.attention import AttentionProblem
 from ...problems.base import dtype_name
+from ...problems.decode import DecodeProblem
 from ...problems.mods import compile_mods_alone
 from ...runtime.config import (
     BLAS_SINGLE_THREAD_MNK,
@@ -26,6 +27,7 @@ from ...runtime.tuning import autotune_enabled
 from ..base import Op
 from .autotune import tune_provider, tune_tiles
 from .blas_pin import get_blas_pin
+from .decode_route import DecodeRoute, decode_shaped, run_as_decode
 from .operands import (
     ALL_FULL,
     NO_PIN,
@@ -84,6 +86,8 @@ class CpuForward(Op):
         ``serial`` override the tiles, the GEMM provider and the choice of the kernel's serial
         build (the tile measurement, ``autotune``, uses them); by default they are chosen here.
         ``amx=False`` keeps a 16-bit call off the AMX path (the measurement of MKL's tiles)."""
+        if plan is None and provider is None and serial is None and decode_shaped(problem):
+            return run_as_decode(problem, self.backend.op(DecodeProblem))  # few rows, many keys
         if dtype_name(problem.dtype) in SIXTEEN_BIT:  # memoised: dtype.name costs microseconds
             return self._run_16bit(problem, plan, provider, serial, amx)
         return self._run(problem, plan=plan, provider=provider, serial=serial)
@@ -141,7 +145,9 @@ class CpuForward(Op):
         """A runner for later problems with this one's signature (``engine.plan``): the work that
         the signature decides (tiles and GEMM provider, measured first where tuning asks for it,
         thread pin, the kernel and, after its first call, its entry point) done once. None for
-        16-bit problems (``run`` takes them)."""
+        16-bit problems (``run`` takes them); a decode op's runner for ``decode_route.decode_shaped`` ones."""
+        if decode_shaped(problem):
+            return DecodeRoute(problem, self.backend.op(DecodeProblem))
         if dtype_name(problem.dtype) in SIXTEEN_BIT:
             return None
         return _Launch(_setup(problem, tune=self.run), problem)
