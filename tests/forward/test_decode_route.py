@@ -9,7 +9,6 @@ import pytest
 import engine
 from engine import plan
 from engine.backends.cpu import decode_route
-from engine.backends.cpu import forward as cpu_forward
 
 from tolerances import assert_out_close, lse_atol, out_atol
 
@@ -18,19 +17,21 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 
 @pytest.fixture
 def routed(monkeypatch):
-    """How many calls the decode op answered since: without a plan (``run_as_decode``), through a
-    plan's runner, or through its plain path (each ``_check`` makes three calls)."""
+    """How many calls the decode op answered since: through a runner (a plan's, or the one
+    ``run_as_decode`` keeps per signature), or through a plan's plain path (each ``_check`` makes
+    three calls)."""
     calls = []
 
     def spy(fn):
         return lambda *a: calls.append(1) or fn(*a)
 
-    monkeypatch.setattr(cpu_forward, "run_as_decode", spy(decode_route.run_as_decode))
+    decode_route.forget_routes()
     monkeypatch.setattr(decode_route.DecodeRoute, "__call__", spy(decode_route.DecodeRoute.__call__))
     monkeypatch.setattr(decode_route.DecodeRoute, "_plain", spy(decode_route.DecodeRoute._plain))
     plan.invalidate()
     yield lambda: len(calls)
     plan.invalidate()
+    decode_route.forget_routes()
 
 
 def _arrays(rng, dtype, B, Hq, H, L, S, E=64, Ev=64):
@@ -133,3 +134,23 @@ def test_engine_torch_calls_and_their_gradients(dtype, routed):
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a.grad, b.grad, **tol)
     assert routed() == 1
+
+
+def test_calls_without_a_plan_reuse_their_signatures_runner(routed, rng, monkeypatch):
+    """A call that has no call plan (``engine.torch``'s tensors have none) keeps one runner per
+    signature; another thread count makes another."""
+    made = []
+    real = decode_route.DecodeRoute.__init__
+    monkeypatch.setattr(decode_route.DecodeRoute, "__init__", lambda self, *a: made.append(1) or real(self, *a))
+    q, k, v = _arrays(rng, np.float32, 1, 4, 4, 1, 40)
+    mask = engine.causal_lower_right(1, 40)  # (a CausalBias: no call plan)
+    for _ in range(3):
+        _check(q, k, v, attn_mask=mask)
+    assert len(made) == 1 and routed() == 9
+    threads = engine.get_num_threads()
+    try:
+        engine.set_num_threads(1)
+        _check(q, k, v, attn_mask=mask)
+        assert len(made) == 2
+    finally:
+        engine.set_num_threads(threads)

@@ -14,14 +14,18 @@ the decode op (:func:`decode_shaped`), with the same results up to rounding.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
+from ...plan import MAX_PLANS, array_key, runtime_token
+from ...plugins.manager import add_listener
 from ...problems.attention import AttentionProblem
 from ...problems.decode import DecodeProblem, validate_decode_args
 from ...runtime.config import DECODE_FUSED_ROWS, DECODE_ROUTE_FLOAT_ROWS
 from .operands import as4, narrow, widen
 
-__all__ = ["decode_shaped", "run_as_decode", "DecodeRoute"]
+__all__ = ["decode_shaped", "decode_route", "run_as_decode", "DecodeRoute"]
 
 
 def decode_shaped(problem: AttentionProblem) -> bool:
@@ -75,22 +79,69 @@ def _decode_problem(problem: AttentionProblem) -> DecodeProblem:
     )
 
 
+#: the runners by signature, for every number of keys: a model's decode steps pass one more key
+#: each step (transformers' caches grow by concatenation), so a runner per S would be made per
+#: step (validation and set-up: about 200 us of a 360 us step in a Llama layer, Zen 4). Calls
+#: without a call plan (``engine.torch``'s tensors have none) and each new S's call plan take the
+#: signature's runner from here. Forgotten as the call plans are (``engine.plan``: a plugin
+#: registered; the thread count, provider and tuning state are in the key)
+_routes: dict = {}
+_lock = threading.Lock()
+
+
+def _signature(problem: AttentionProblem, op) -> tuple:
+    """What a :class:`DecodeRoute` is made for: the arrays' types and shapes but the keys' count,
+    the heads, the causal flag (bottom right: the offset follows S), the lse's dtype, the runtime."""
+    k, v = problem.key, problem.value
+    return (
+        array_key(problem.query),
+        (k.shape[:-2], k.shape[-1], k.dtype, k.flags.num),
+        (v.shape[:-2], v.shape[-1], v.dtype, v.flags.num),
+        problem.num_q_heads,
+        problem.is_causal,
+        problem.lse_float32,
+        problem.lead_shape,
+        runtime_token(),
+        id(op),
+    )
+
+
+def decode_route(problem: AttentionProblem, op) -> DecodeRoute:
+    """The :class:`DecodeRoute` of a :func:`decode_shaped` problem's signature on ``op`` (the
+    backend's decode op), made on first use."""
+    key = _signature(problem, op)
+    route = _routes.get(key)
+    if route is None:
+        route = DecodeRoute(problem, op)
+        with _lock:
+            if len(_routes) >= MAX_PLANS:
+                _routes.clear()
+            _routes[key] = route
+    return route
+
+
 def run_as_decode(problem: AttentionProblem, op):
     """``(out, lse)`` of a :func:`decode_shaped` problem on ``op`` (the backend's decode op), in
     the problem's shapes and dtype."""
-    out, lse = op.run(_decode_problem(problem))
-    if _wide_query(problem):
-        out = narrow(out, problem.dtype)  # (rounded to nearest even, as the decode op rounds)
-    return out.reshape(problem.out_shape), lse.reshape(problem.lse_shape)
+    return decode_route(problem, op)(problem)
+
+
+def forget_routes() -> None:
+    """Forget every stored :class:`DecodeRoute`."""
+    with _lock:
+        _routes.clear()
+
+
+add_listener(forget_routes)
 
 
 class DecodeRoute:
-    """A prepared runner (``CpuForward.prepare``) for a :func:`decode_shaped` signature: the decode
-    op's own prepared runner, a decode problem rebuilt per call from the signature's (only the
-    arrays and the scale change), and ``plain``, the decode op's shortest path, where the forward
-    plan hands over 4-D arrays as the caller gave them."""
+    """A prepared runner for a :func:`decode_shaped` signature, any number of keys: the decode op's
+    own prepared runner, a decode problem rebuilt per call from the first's (the arrays, the keys'
+    count and the scale change), and ``plain``, the decode op's shortest path, where a forward
+    call plan hands over 4-D arrays as the caller gave them."""
 
-    __slots__ = ("runner", "fields", "plain", "_decode_plain", "_seqlens", "_most", "_total", "_shapes", "_narrow")
+    __slots__ = ("runner", "fields", "plain", "_decode_plain", "_shapes", "_narrow")
 
     def __init__(self, problem: AttentionProblem, op):
         first = _decode_problem(problem)
@@ -98,19 +149,22 @@ class DecodeRoute:
         self.fields = dict(first.__dict__)
         self._narrow = problem.dtype if _wide_query(problem) else None
         self._shapes = (problem.out_shape, problem.lse_shape)
-        self._seqlens = first.seqlens_k
-        self._most, self._total = problem.S, problem.S * problem.batch
         self._decode_plain = getattr(self.runner, "plain", None)
-        four_d = all(a.ndim == 4 and a.shape[0] == problem.batch for a in (problem.query, problem.key, problem.value))
-        self.plain = self._plain if self._decode_plain is not None and four_d else None
+        # the plain path takes the caller's arrays as they are: (batch, heads, rows, features), C order
+        arrays = (problem.query, problem.key, problem.value)
+        as_given = all(a.ndim == 4 and a.shape[0] == problem.batch and a.flags.c_contiguous for a in arrays)
+        self.plain = self._plain if self._decode_plain is not None and as_given else None
 
     def __call__(self, problem: AttentionProblem):
-        B = problem.batch
+        """``(out, lse)`` of a problem with this runner's signature."""
+        B, S = problem.batch, problem.S
         fields = self.fields.copy()
         fields["query"] = _query(problem)
         fields["k_cache"] = as4(problem.key, B)
         fields["v_cache"] = as4(problem.value, B)
         fields["scale"] = problem.scale
+        fields["cache_seqlens"] = np.full(B, S, dtype=np.int64)
+        fields["capacity"] = fields["page_size"] = S
         decode = object.__new__(DecodeProblem)  # (as engine.plan.fast_problem: no __init__ per call)
         object.__setattr__(decode, "__dict__", fields)
         out, lse = self.runner(decode)
@@ -119,4 +173,6 @@ class DecodeRoute:
         return out.reshape(self._shapes[0]), lse.reshape(self._shapes[1])
 
     def _plain(self, q, k, v, scale, mod_args):
-        return self._decode_plain(q, k, v, None, None, self._seqlens, self._most, self._total, scale, ())
+        B, S = k.shape[0], k.shape[2]
+        seqlens = np.full(B, S, dtype=np.int64)
+        return self._decode_plain(q, k, v, None, None, seqlens, S, B * S, scale, ())

@@ -27,7 +27,7 @@ from ...runtime.tuning import autotune_enabled
 from ..base import Op
 from .autotune import tune_provider, tune_tiles
 from .blas_pin import get_blas_pin
-from .decode_route import DecodeRoute, decode_shaped, run_as_decode
+from .decode_route import decode_route, decode_shaped, run_as_decode
 from .operands import (
     ALL_FULL,
     NO_PIN,
@@ -147,7 +147,7 @@ class CpuForward(Op):
         thread pin, the kernel and, after its first call, its entry point) done once. None for
         16-bit problems (``run`` takes them); a decode op's runner for ``decode_route.decode_shaped`` ones."""
         if decode_shaped(problem):
-            return DecodeRoute(problem, self.backend.op(DecodeProblem))
+            return decode_route(problem, self.backend.op(DecodeProblem))
         if dtype_name(problem.dtype) in SIXTEEN_BIT:
             return None
         return _Launch(_setup(problem, tune=self.run), problem)
