@@ -18,11 +18,13 @@ import threading
 
 import numpy as np
 
-from ...plan import MAX_PLANS, array_key, runtime_token
 from ...plugins.manager import add_listener
 from ...problems.attention import AttentionProblem
 from ...problems.decode import DecodeProblem, validate_decode_args
 from ...runtime.config import DECODE_FUSED_ROWS, DECODE_ROUTE_FLOAT_ROWS
+from ...runtime.gemm_providers import selection_token
+from ...runtime.threads import get_num_threads
+from ...runtime.tuning import state_token
 from .operands import as4, narrow, widen
 
 __all__ = ["decode_shaped", "decode_route", "run_as_decode", "DecodeRoute"]
@@ -87,21 +89,24 @@ def _decode_problem(problem: AttentionProblem) -> DecodeProblem:
 #: registered; the thread count, provider and tuning state are in the key)
 _routes: dict = {}
 _lock = threading.Lock()
+#: the most runners kept (all are forgotten when full, as ``engine.plan`` does with its plans)
+_MAX_ROUTES = 512
 
 
 def _signature(problem: AttentionProblem, op) -> tuple:
     """What a :class:`DecodeRoute` is made for: the arrays' types and shapes but the keys' count,
     the heads, the causal flag (bottom right: the offset follows S), the lse's dtype, the runtime."""
-    k, v = problem.key, problem.value
+    q, k, v = problem.query, problem.key, problem.value
     return (
-        array_key(problem.query),
+        (q.shape, q.dtype, q.flags.num),
         (k.shape[:-2], k.shape[-1], k.dtype, k.flags.num),
         (v.shape[:-2], v.shape[-1], v.dtype, v.flags.num),
         problem.num_q_heads,
         problem.is_causal,
         problem.lse_float32,
         problem.lead_shape,
-        runtime_token(),
+        # what engine.plan's runtime_token holds (this layer does not import the plans')
+        (get_num_threads(), selection_token(), state_token()),
         id(op),
     )
 
@@ -114,7 +119,7 @@ def decode_route(problem: AttentionProblem, op) -> DecodeRoute:
     if route is None:
         route = DecodeRoute(problem, op)
         with _lock:
-            if len(_routes) >= MAX_PLANS:
+            if len(_routes) >= _MAX_ROUTES:
                 _routes.clear()
             _routes[key] = route
     return route
