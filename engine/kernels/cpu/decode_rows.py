@@ -75,20 +75,26 @@ def _load(builder, address, offset):
     return builder.load(_vector_at(builder, address, offset), align=4)
 
 
-def _ints(*tys):
-    return all(isinstance(t, types.Integer) for t in tys)
+def _typed(ints, chunks):
+    """``(signature, chunk count)`` of a call with the integer arguments ``ints`` (addresses,
+    strides, counts; passed as int64) and a literal ``chunks`` from 1 to ``MAX_CHUNKS``; None for
+    any other call (Numba then reports no matching signature)."""
+    if not (all(isinstance(t, types.Integer) for t in ints) and isinstance(chunks, types.IntegerLiteral)):
+        return None
+    count = chunks.literal_value
+    if not 1 <= count <= MAX_CHUNKS:
+        return None
+    return types.void(*(types.int64,) * len(ints), chunks), count
 
 
 @intrinsic
 def _dots(typingctx, q, rows, stride, n, out, chunks):
     """``out[j] = sum(q[0:16 * chunks] * row_j)`` for j < n, row_j at ``rows + j * stride``
     (addresses and the stride in bytes, float32). ``chunks`` a literal from 1 to ``MAX_CHUNKS``."""
-    if not (_ints(q, rows, stride, n, out) and isinstance(chunks, types.IntegerLiteral)):
+    typed = _typed((q, rows, stride, n, out), chunks)
+    if typed is None:
         return None
-    count = chunks.literal_value
-    if not 1 <= count <= MAX_CHUNKS:
-        return None
-    sig = types.void(types.int64, types.int64, types.int64, types.int64, types.int64, chunks)
+    sig, count = typed
 
     def codegen(context, builder, signature, args):
         q, rows, stride, n, out = args[:5]
@@ -120,12 +126,10 @@ def _weighted_sum(typingctx, acc, weights, rows, stride, n, chunks):
     of weight 0 is read but not added: its NaN or inf must not reach the sum), row_j at ``rows +
     j * stride`` (addresses and the stride in bytes, float32); the accumulator stays in registers
     from the first row to the last. ``chunks`` a literal from 1 to ``MAX_CHUNKS``."""
-    if not (_ints(acc, weights, rows, stride, n) and isinstance(chunks, types.IntegerLiteral)):
+    typed = _typed((acc, weights, rows, stride, n), chunks)
+    if typed is None:
         return None
-    count = chunks.literal_value
-    if not 1 <= count <= MAX_CHUNKS:
-        return None
-    sig = types.void(types.int64, types.int64, types.int64, types.int64, types.int64, chunks)
+    sig, count = typed
 
     def codegen(context, builder, signature, args):
         acc, weights, rows, stride, n = args[:5]
