@@ -43,6 +43,7 @@ import torch
 from ..backward import backward_sinks_grad, run_backward
 from ..dispatch import select_backend
 from ..functional import run_forward
+from ..plan.forward import forward_key, remember, run_cached
 from ..problems.attention import validate_attention_args
 from ..problems.backward import validate_backward_args
 from ..problems.causal import LOWER_RIGHT, CausalBias
@@ -118,10 +119,23 @@ def forward_impl(
     cfg, mask, causal, mod_args, seed = _problem_args(
         query, key, value, attn_mask, mod_tensors, dropout_seed, dropout_p, is_causal, causal_offset, config
     )
+    q, k, v = host(query), host(key), host(value)
+    # a call plan as the NumPy call's (engine.plan.forward), in keys of its own: the problem it
+    # rebuilds has this op's flags. Not for sinks or dropout (the full path every call)
+    plan_key = None
+    if sinks is None and dropout_p == 0:
+        plan_key = forward_key(
+            q, k, v, mask, causal, enable_gqa, cfg.backend, True, cfg.score_mod, cfg.mask_mod, cfg.block_mask, mod_args
+        )
+        if plan_key is not None:
+            plan_key += (_TORCH_PLANS, needs_grad)
+            result = run_cached(plan_key, q, k, v, mask, scale, mod_args, cfg.block_mask, dropout_p, seed)
+            if result is not None:
+                return _tensors(result, query)
     problem = validate_attention_args(
-        host(query),
-        host(key),
-        host(value),
+        q,
+        k,
+        v,
         mask,
         causal,
         scale,
@@ -138,10 +152,20 @@ def forward_impl(
     )
     # the forward runs where the backward can run too; a 16-bit lse is kept in float32
     problem = dataclasses.replace(problem, needs_backward=needs_grad, lse_float32=True)
-    out, lse = run_forward(problem, select_backend(cfg.backend, problem))
-    out_t = as_tensor(out, query)
-    lse_t = as_tensor(lse, query).to(lse_dtype(query.dtype))
-    return out_t.contiguous(), lse_t.contiguous()
+    chosen = select_backend(cfg.backend, problem)
+    result = run_forward(problem, chosen)
+    remember(plan_key, problem, chosen, chosen.op(type(problem)), q, k, v, mask)
+    return _tensors(result, query)
+
+
+#: marks the call plans of this op's forward (``forward_impl``) apart from the NumPy calls'
+_TORCH_PLANS = "engine.torch"
+
+
+def _tensors(result, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The engine's ``(out, lse)`` as the op's contiguous tensors on the query's device."""
+    out, lse = result
+    return as_tensor(out, query).contiguous(), as_tensor(lse, query).to(lse_dtype(query.dtype)).contiguous()
 
 
 attention_forward = torch.library.custom_op(f"{_LIB}::attention_forward", mutates_args=())(forward_impl)
