@@ -56,6 +56,17 @@ def _hashable(x):
         return ("id", id(x))
 
 
+def _static_ident(a):
+    """What tells two ``mod_args`` entries apart: their type and value, floating-point numbers by
+    their bits (``0.0 == -0.0``, but a mod may tell them apart, as ``copysign`` does; a NaN equals
+    no NaN, which gave every call a new config), tuples entry by entry."""
+    if isinstance(a, tuple):
+        return ("tuple",) + tuple(_static_ident(x) for x in a)
+    if isinstance(a, (float, complex, np.floating, np.complexfloating)):
+        return (type(a).__name__, np.asarray(a).tobytes())
+    return (type(a).__name__, _hashable(a))
+
+
 @torch.compiler.assume_constant_result
 def config_key(score_mod, mask_mod, block_mask, tensor_positions: tuple, statics: tuple, backend: str) -> int:
     """The key of this configuration (registered on first use): ``mod_args`` has tensors at
@@ -68,7 +79,7 @@ def config_key(score_mod, mask_mod, block_mask, tensor_positions: tuple, statics
     ident = (
         tuple(_hashable(x) for x in (score_mod, mask_mod, block_mask, backend))
         + (tuple(tensor_positions),)
-        + tuple((type(a).__name__, _hashable(a)) for a in statics)
+        + tuple(_static_ident(a) for a in statics)
     )
     key = _keys.get(ident)
     if key is None:

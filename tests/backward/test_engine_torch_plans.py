@@ -12,7 +12,7 @@ import torch
 import engine
 import engine.torch as et
 from engine import plan
-from engine.torch import ops
+from engine.torch import calls, ops
 
 
 @pytest.fixture
@@ -86,3 +86,26 @@ def test_numpy_calls_keep_plans_of_their_own(validations):
         _, lse_t2 = et.scaled_dot_product_attention(q, k, v, return_lse=True)
     assert lse_t.dtype == lse_t2.dtype == torch.float32 and lse_np.dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(lse_t.numpy(), lse_t2.numpy())
+
+
+def test_mod_args_numbers_are_told_apart_by_their_bits(validations):
+    """0.0 and -0.0 (equal, and hashed alike) are different arguments to a mod that reads the sign;
+    each call gets its own value's result, as the NumPy API does (found by a trial: the second
+    call took the first one's number)."""
+    from engine import cast_like
+
+    def signed(score, b, h, q_idx, kv_idx, x):
+        return score + cast_like(math.copysign(1.0, x), score) * cast_like(kv_idx, score)
+
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 1, n, 8, generator=gen) for n in (2, 4, 4))
+    for x in (-0.0, 0.0, np.float32(-0.0), np.float32(0.0), -0.0):
+        out = et.scaled_dot_product_attention(q, k, v, score_mod=signed, mod_args=(x,))
+        want = engine.scaled_dot_product_attention(q.numpy(), k.numpy(), v.numpy(), score_mod=signed, mod_args=(x,))
+        np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-6, err_msg=repr(x))
+    nan = float("nan")
+    before = len(calls._configs)
+    for _ in range(3):
+        et.scaled_dot_product_attention(q, k, v, score_mod=signed, mod_args=(nan,))
+        et.scaled_dot_product_attention(q, k, v, score_mod=signed, mod_args=(float("nan"),))
+    assert len(calls._configs) == before + 1  # one config for a NaN, not one per call
