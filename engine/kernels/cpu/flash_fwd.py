@@ -266,15 +266,15 @@ def _flash_task(task, args, mod_args, per_tile):
                 shift_raw[r] = mr[o + r]
             pt = pt_buf[: nk * nq].reshape((nk, nq))
             _exp_into(args.gemm_kind, dropping, st, pt, half, pass_scale, shift, shift_raw, ts, tc, tmx)
+            # (the margin and the rescale in the exponents' terms, from unscaled maxima: exp_tile)
             redo = False
             for r in range(nq):
-                redo |= tmx[r] * pass_scale > m[o + r] + margin
+                redo |= (tmx[r] - mr[o + r]) * pass_scale > margin
             if redo:  # the shift moves up to the tile's maximum where it passed the margin
                 for r in range(nq):
-                    mo = m[o + r]
                     mt = tmx[r] * pass_scale
-                    if mt > mo + margin:
-                        alpha[r] *= fast_exp(mo - mt)
+                    if (tmx[r] - mr[o + r]) * pass_scale > margin:
+                        alpha[r] *= fast_exp((mr[o + r] - tmx[r]) * pass_scale)
                         shift[r] = mt
                         m[o + r] = mt
                         mr[o + r] = tmx[r]

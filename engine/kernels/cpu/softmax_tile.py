@@ -205,7 +205,11 @@ def _to_bf16(x):  # the probabilities: a subnormal one may become 0 (the row's l
 
 
 #: the pass for float probabilities, and for 16-bit ones rounded to bfloat16 / float16
-exp_tile = _exp_tile_storing(_same)
+# raw: the exponent (score - the row's unscaled largest) * scale, exactly 0 at that score. As one
+# FMA against a scaled shift rounded to float32 the rounding (half a step of the largest scaled
+# score) is common to the row and cancels, until it passes exp's range: above about 1.5e9 every
+# weight of a row underflowed to 0 (a scale of 1e8 on unit inputs; docs/reliability.md)
+exp_tile = _exp_tile_storing(_same, raw=True)
 exp_tile_bf16 = _exp_tile_storing(_to_bf16, exp2_16, LOG2E, raw=True)
 exp_tile_f16 = _exp_tile_storing(_to_f16, exp2_16, LOG2E, raw=True)
 #: the same, the probabilities in AMX's pair layout (``kernels.cpu.amx``)

@@ -109,8 +109,8 @@ def _exp_into(kind, dropping, st, pt, half, scale, shift, shift_raw, ts, tc, tmx
     """The softmax pass over ``st`` (``softmax_tile.exp_tile``) into the probabilities the second
     product reads: float ``pt``, or for 16-bit operands ``half`` rounded to the operand format in
     the same pass (into float ``pt`` when ``dropping``: the dropout multiplies before rounding).
-    ``shift``: the rows' shifts (scaled); ``shift_raw``: the same unscaled, which the 16-bit
-    passes take (``softmax_tile._exp_tile_storing``'s ``raw``)."""
+    ``shift``: the rows' shifts (scaled); ``shift_raw``: the same unscaled, which every pass takes
+    (``softmax_tile._exp_tile_storing``'s ``raw``)."""
 
 
 @overload(_exp_into)
@@ -120,7 +120,7 @@ def _exp_into_impl(kind, dropping, st, pt, half, scale, shift, shift_raw, ts, tc
         def impl(kind, dropping, st, pt, half, scale, shift, shift_raw, ts, tc, tmx):
             nk, nq = st.shape
             if dropping:
-                exp_tile(st, pt, scale, shift, ts, tc, tmx)
+                exp_tile(st, pt, scale, shift_raw, ts, tc, tmx)
             elif kind == GEMM_AMX_BF16 or kind == GEMM_AMX_F16:  # pairs of key rows (kernels.cpu.amx)
                 pairs = half.view(np.uint32)[: (nk + 1) // 2 * nq].reshape(((nk + 1) // 2, nq))
                 if kind == GEMM_AMX_F16:
@@ -134,7 +134,7 @@ def _exp_into_impl(kind, dropping, st, pt, half, scale, shift, shift_raw, ts, tc
 
         return impl
     return lambda kind, dropping, st, pt, half, scale, shift, shift_raw, ts, tc, tmx: exp_tile(
-        st, pt, scale, shift, ts, tc, tmx
+        st, pt, scale, shift_raw, ts, tc, tmx
     )
 
 
