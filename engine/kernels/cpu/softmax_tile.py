@@ -36,6 +36,7 @@ __all__ = [
     "column_max",
     "exp2_16",
     "exp_tile",
+    "exp_tile_scaled",
     "exp_tile_bf16",
     "exp_tile_f16",
     "exp_tile_bf16_pairs",
@@ -210,6 +211,9 @@ def _to_bf16(x):  # the probabilities: a subnormal one may become 0 (the row's l
 # score) is common to the row and cancels, until it passes exp's range: above about 1.5e9 every
 # weight of a row underflowed to 0 (a scale of 1e8 on unit inputs; docs/reliability.md)
 exp_tile = _exp_tile_storing(_same, raw=True)
+#: the same with a scaled shift, one FMA per exponent: the packed-batch forward's
+#: (``varlen_flash``, whose rows keep no unscaled maximum; it keeps the limit above)
+exp_tile_scaled = _exp_tile_storing(_same)
 exp_tile_bf16 = _exp_tile_storing(_to_bf16, exp2_16, LOG2E, raw=True)
 exp_tile_f16 = _exp_tile_storing(_to_f16, exp2_16, LOG2E, raw=True)
 #: the same, the probabilities in AMX's pair layout (``kernels.cpu.amx``)

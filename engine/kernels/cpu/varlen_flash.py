@@ -41,12 +41,11 @@ from ..mod_kernels import ModKernels
 from ..task_pointer import field_dtype, return_types, vector
 from .gemm import jit_gemm
 from .mod_loops import mask_queries, score_tile
-from .softmax_tile import STALE_MAX_MARGIN, column_max
+from .softmax_tile import STALE_MAX_MARGIN, column_max, exp_tile_scaled
 from .tile_ops import (
     _FM,
     _add_nonfinite,
     _aligned_empty,
-    _exp_into,
     _finite_values,
     _line,
     _scores_gemm,
@@ -175,7 +174,7 @@ def _varlen_flash_task(task, task_b, task_t0, fbuf, dbuf, args, mod_args):
     # scores or the scale is not positive (a masked -inf times 0 is NaN)
     prescale = post_scale != one and (args.has_score_mod or not post_scale > zero)
     pass_scale = one if prescale else post_scale
-    half = fbuf[:0]  # float operands: no 16-bit probabilities (so no raw shifts: `shift` twice)
+    half = fbuf[:0]  # float operands: no 16-bit probabilities (and a scaled shift: exp_tile_scaled)
     # the thread's scratch, cut for this task: segments start on 64-byte lines
     bq, bk = args.block_q, args.block_k
     o = 0
@@ -293,7 +292,7 @@ def _varlen_flash_task(task, task_b, task_t0, fbuf, dbuf, args, mod_args):
                         shift[r] = mo
                         alpha[r] = one
                 pt = pt_buf[: nk * nq].reshape((nk, nq))
-                _exp_into(args.gemm_kind, False, st, pt, half, pass_scale, shift, shift, ts, tc, tmx)
+                exp_tile_scaled(st, pt, pass_scale, shift, ts, tc, tmx)
                 redo = False
                 for r in range(nq):
                     redo |= tmx[r] * pass_scale > m[o + r] + margin
@@ -305,7 +304,7 @@ def _varlen_flash_task(task, task_b, task_t0, fbuf, dbuf, args, mod_args):
                             alpha[r] *= fast_exp(mo - mt)
                             shift[r] = mt
                             m[o + r] = mt
-                    _exp_into(args.gemm_kind, False, st, pt, half, pass_scale, shift, shift, ts, tc, tmx)
+                    exp_tile_scaled(st, pt, pass_scale, shift, ts, tc, tmx)
                 rescale = False
                 for r in range(nq):
                     l[o + r] = l[o + r] * alpha[r] + ts[r]
