@@ -30,3 +30,20 @@ def test_huge_scales_and_scores_match_the_reference(dtype, E, rng, monkeypatch):
         got, want = out.astype(np.float64), ref.astype(np.float64)
         np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2, err_msg=str(kw))
         np.testing.assert_allclose(lse.astype(np.float64), ref_lse.astype(np.float64), rtol=1e-2, err_msg=str(kw))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=str)
+def test_varlen_huge_scales_match_the_reference(dtype, rng):
+    """The packed-batch kernel (``varlen_flash``) takes its exponents from unscaled maxima too: it
+    gave rows of zeros at ``scale=1e8`` and NaN at ``1e30`` until 2026-12-07."""
+    q = rng.standard_normal((100, 2, 64)).astype(dtype)
+    k, v = (rng.standard_normal((700, 2, 64)).astype(dtype) for _ in range(2))
+    cu_q, cu_k = np.array([0, 40, 100], np.int32), np.array([0, 600, 700], np.int32)
+    for scale in (1e8, 1e10, 1e30):
+        for causal in (False, True):
+            kw = dict(scale=scale, is_causal=causal, return_lse=True)
+            out, lse = engine.varlen_attention(q, k, v, cu_q, cu_k, backend="cpu", **kw)
+            ref, ref_lse = engine.varlen_attention(q, k, v, cu_q, cu_k, backend="reference", **kw)
+            assert np.isfinite(out).all(), kw
+            np.testing.assert_allclose(out, ref, rtol=1e-2, atol=1e-2, err_msg=str(kw))
+            np.testing.assert_allclose(lse, ref_lse, rtol=1e-2, err_msg=str(kw))

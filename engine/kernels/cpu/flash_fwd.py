@@ -137,7 +137,7 @@ def _flash_task(task, args, mod_args, per_tile):
     # the AMX path's transposed accumulator has a multiple of 32 columns: a partial tile's
     # values product writes 32 (amx_steps._amx_values_acc)
     ntp = (nt + 31) // 32 * 32 if amx else nt
-    fraw = _aligned_empty(2 * _line(bk * bq) + _line(ntp * Ev) + 2 * _line(nt) + 6 * _line(bq) + _line(drop_size), dt)
+    fraw = _aligned_empty(2 * _line(bk * bq) + _line(ntp * Ev) + 2 * _line(nt) + 5 * _line(bq) + _line(drop_size), dt)
     draw = np.empty(_line(nt) + bq, dtype=np.float64)
     fbuf, dbuf = borrowed(fraw), borrowed(draw)
     q_all, k_all, v_all = borrowed(args.q), borrowed(args.k), borrowed(args.v)
@@ -157,8 +157,6 @@ def _flash_task(task, args, mod_args, per_tile):
     tm = fbuf[o : o + bq]
     o += _line(bq)
     tmx = fbuf[o : o + bq]
-    o += _line(bq)
-    shift = fbuf[o : o + bq]
     o += _line(bq)
     shift_raw = fbuf[o : o + bq]
     o += _line(bq)
@@ -254,32 +252,27 @@ def _flash_task(task, args, mod_args, per_tile):
                 if mo == neg_inf:
                     mt = tm[r] * pass_scale
                     mn = mt if mt > mo else mo
-                    sh = mn if mn > neg_inf else zero
                     # nothing was added to such a row but zeros (or NaNs, which stay): no rescale
                     alpha[r] = one
-                    shift[r] = sh
                     m[o + r] = mn
                     mr[o + r] = tm[r] if mn > neg_inf else zero
                 else:
-                    shift[r] = mo
                     alpha[r] = one
                 shift_raw[r] = mr[o + r]
             pt = pt_buf[: nk * nq].reshape((nk, nq))
-            _exp_into(args.gemm_kind, dropping, st, pt, half, pass_scale, shift, shift_raw, ts, tc, tmx)
+            _exp_into(args.gemm_kind, dropping, st, pt, half, pass_scale, shift_raw, ts, tc, tmx)
             # (the margin and the rescale in the exponents' terms, from unscaled maxima: exp_tile)
             redo = False
             for r in range(nq):
                 redo |= (tmx[r] - mr[o + r]) * pass_scale > margin
             if redo:  # the shift moves up to the tile's maximum where it passed the margin
                 for r in range(nq):
-                    mt = tmx[r] * pass_scale
                     if (tmx[r] - mr[o + r]) * pass_scale > margin:
                         alpha[r] *= fast_exp((mr[o + r] - tmx[r]) * pass_scale)
-                        shift[r] = mt
-                        m[o + r] = mt
+                        m[o + r] = tmx[r] * pass_scale
                         mr[o + r] = tmx[r]
                         shift_raw[r] = tmx[r]
-                _exp_into(args.gemm_kind, dropping, st, pt, half, pass_scale, shift, shift_raw, ts, tc, tmx)
+                _exp_into(args.gemm_kind, dropping, st, pt, half, pass_scale, shift_raw, ts, tc, tmx)
             rescale = False
             for r in range(nq):
                 l[o + r] = l[o + r] * alpha[r] + ts[r]

@@ -36,7 +36,6 @@ __all__ = [
     "column_max",
     "exp2_16",
     "exp_tile",
-    "exp_tile_scaled",
     "exp_tile_bf16",
     "exp_tile_f16",
     "exp_tile_bf16_pairs",
@@ -106,29 +105,27 @@ def _natural(t):
     return softmax_exp(t)
 
 
-def _exp_tile_storing(store, exp_of=_natural, units=1.0, pairs=False, raw=False):
+def _exp_tile_storing(store, exp_of=_natural, units=1.0, pairs=False):
     """:func:`exp_tile` with ``store`` compiled in (a function passed as an argument would make
     the kernel uncacheable), and its exponential: ``exp_of`` of the exponent times ``units``
     (``softmax_exp`` and 1, or :func:`exp2_16` and log2(e), whose product with the scale and the
     shift is made once per tile and per row). ``pairs``: ``out`` is uint32 (ceil(nk / 2), nq),
     key rows 2i and 2i + 1 stored in the low and high half of row i (the pair layout of AMX's
-    right operand, ``kernels.cpu.amx``; an odd last row paired with 0). ``raw``: ``shift`` holds
+    right operand, ``kernels.cpu.amx``; an odd last row paired with 0). ``shift`` holds
     unscaled scores (a row's largest so far) and the exponent is ``(st - shift) * scale``, exactly 0
-    at that score whatever its size (the 16-bit passes: their second product reads the weights
-    rounded, so the largest weight must be exactly the one the row's sum counts, or a one-hot
-    row's output is a 16-bit step off at scores above about 1e4)."""
+    at that score whatever its size: the 16-bit passes' second product reads the weights rounded,
+    so the largest weight must be exactly the one the row's sum counts (or a one-hot row's output
+    is a 16-bit step off at scores above about 1e4); and a shift scaled and rounded to float32
+    would pass exp's range at scaled scores above about 1.5e9 (see :data:`exp_tile`)."""
 
     @njit(fastmath=_FM, error_model="numpy", inline="always")  # per element: inlined, so it vectorises
     def weight(a, shift_r, scale_u, u):
-        """One score's exponential: ``(a - shift_r) * scale`` where ``raw``, else ``a * scale -
-        shift_r`` (each times ``units``)."""
-        if raw:
-            return exp_of((a - shift_r) * scale_u)
-        return exp_of(a * scale_u - shift_r * u)
+        """One score's exponential: ``exp((a - shift_r) * scale)`` (times ``units``)."""
+        return exp_of((a - shift_r) * scale_u)
 
     @njit(fastmath=_FM, error_model="numpy")
     def exp_tile(st, out, scale, shift, ts, tc, tmx):
-        """One pass over ``st`` (nk, nq): ``out[c, r] = store(exp(st[c, r] * scale - shift[r]))``,
+        """One pass over ``st`` (nk, nq): ``out[c, r] = store(exp((st[c, r] - shift[r]) * scale))``,
         ``ts[r]`` (float64) = the sum over c of those exponentials before ``store``, ``tmx[r]`` = the
         largest ``st[c, r]`` (unscaled; NaN ignored: a NaN score makes its row's sum NaN anyway).
 
@@ -205,20 +202,17 @@ def _to_bf16(x):  # the probabilities: a subnormal one may become 0 (the row's l
     return f32_to_bf16_bits_ftz(x)
 
 
-#: the pass for float probabilities, and for 16-bit ones rounded to bfloat16 / float16
-# raw: the exponent (score - the row's unscaled largest) * scale, exactly 0 at that score. As one
+#: the pass for float probabilities, and for 16-bit ones rounded to bfloat16 / float16.
+# The exponent (score - the row's unscaled largest) * scale, exactly 0 at that score. As one
 # FMA against a scaled shift rounded to float32 the rounding (half a step of the largest scaled
 # score) is common to the row and cancels, until it passes exp's range: above about 1.5e9 every
 # weight of a row underflowed to 0 (a scale of 1e8 on unit inputs; docs/reliability.md)
-exp_tile = _exp_tile_storing(_same, raw=True)
-#: the same with a scaled shift, one FMA per exponent: the packed-batch forward's
-#: (``varlen_flash``, whose rows keep no unscaled maximum; it keeps the limit above)
-exp_tile_scaled = _exp_tile_storing(_same)
-exp_tile_bf16 = _exp_tile_storing(_to_bf16, exp2_16, LOG2E, raw=True)
-exp_tile_f16 = _exp_tile_storing(_to_f16, exp2_16, LOG2E, raw=True)
+exp_tile = _exp_tile_storing(_same)
+exp_tile_bf16 = _exp_tile_storing(_to_bf16, exp2_16, LOG2E)
+exp_tile_f16 = _exp_tile_storing(_to_f16, exp2_16, LOG2E)
 #: the same, the probabilities in AMX's pair layout (``kernels.cpu.amx``)
-exp_tile_bf16_pairs = _exp_tile_storing(_to_bf16, exp2_16, LOG2E, pairs=True, raw=True)
-exp_tile_f16_pairs = _exp_tile_storing(_to_f16, exp2_16, LOG2E, pairs=True, raw=True)
+exp_tile_bf16_pairs = _exp_tile_storing(_to_bf16, exp2_16, LOG2E, pairs=True)
+exp_tile_f16_pairs = _exp_tile_storing(_to_f16, exp2_16, LOG2E, pairs=True)
 
 
 @njit(fastmath=_FM, error_model="numpy", inline="always")

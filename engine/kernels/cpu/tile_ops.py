@@ -105,19 +105,18 @@ def _scores_gemm_impl(kind, fn, kt, qt, st):
     return lambda kind, fn, kt, qt, st: tile_gemm(kind, fn, kt, qt, st)
 
 
-def _exp_into(kind, dropping, st, pt, half, scale, shift, shift_raw, ts, tc, tmx):
+def _exp_into(kind, dropping, st, pt, half, scale, shift_raw, ts, tc, tmx):
     """The softmax pass over ``st`` (``softmax_tile.exp_tile``) into the probabilities the second
     product reads: float ``pt``, or for 16-bit operands ``half`` rounded to the operand format in
     the same pass (into float ``pt`` when ``dropping``: the dropout multiplies before rounding).
-    ``shift``: the rows' shifts (scaled); ``shift_raw``: the same unscaled, which every pass takes
-    (``softmax_tile._exp_tile_storing``'s ``raw``)."""
+    ``shift_raw``: the rows' shifts, unscaled (each row's largest score so far)."""
 
 
 @overload(_exp_into)
-def _exp_into_impl(kind, dropping, st, pt, half, scale, shift, shift_raw, ts, tc, tmx):
+def _exp_into_impl(kind, dropping, st, pt, half, scale, shift_raw, ts, tc, tmx):
     if isinstance(half.dtype, nb_types.Integer):
 
-        def impl(kind, dropping, st, pt, half, scale, shift, shift_raw, ts, tc, tmx):
+        def impl(kind, dropping, st, pt, half, scale, shift_raw, ts, tc, tmx):
             nk, nq = st.shape
             if dropping:
                 exp_tile(st, pt, scale, shift_raw, ts, tc, tmx)
@@ -133,7 +132,7 @@ def _exp_into_impl(kind, dropping, st, pt, half, scale, shift, shift_raw, ts, tc
                 exp_tile_bf16(st, half[: nk * nq].reshape((nk, nq)), scale, shift_raw, ts, tc, tmx)
 
         return impl
-    return lambda kind, dropping, st, pt, half, scale, shift, shift_raw, ts, tc, tmx: exp_tile(
+    return lambda kind, dropping, st, pt, half, scale, shift_raw, ts, tc, tmx: exp_tile(
         st, pt, scale, shift_raw, ts, tc, tmx
     )
 

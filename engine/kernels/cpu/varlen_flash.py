@@ -41,7 +41,7 @@ from ..mod_kernels import ModKernels
 from ..task_pointer import field_dtype, return_types, vector
 from .gemm import jit_gemm
 from .mod_loops import mask_queries, score_tile
-from .softmax_tile import STALE_MAX_MARGIN, column_max, exp_tile_scaled
+from .softmax_tile import STALE_MAX_MARGIN, column_max, exp_tile
 from .tile_ops import (
     _FM,
     _add_nonfinite,
@@ -105,7 +105,7 @@ def _scratch_size(bq, bk, sub_tiles, E, Ev):
         + _line(bk * E)
         + _line(rows * E)
         + _line(rows * Ev)
-        + _line(rows)
+        + 2 * _line(rows)
         + 5 * _line(bq)
     )
 
@@ -174,7 +174,7 @@ def _varlen_flash_task(task, task_b, task_t0, fbuf, dbuf, args, mod_args):
     # scores or the scale is not positive (a masked -inf times 0 is NaN)
     prescale = post_scale != one and (args.has_score_mod or not post_scale > zero)
     pass_scale = one if prescale else post_scale
-    half = fbuf[:0]  # float operands: no 16-bit probabilities (and a scaled shift: exp_tile_scaled)
+    half = fbuf[:0]  # float operands: no 16-bit probabilities
     # the thread's scratch, cut for this task: segments start on 64-byte lines
     bq, bk = args.block_q, args.block_k
     o = 0
@@ -194,11 +194,13 @@ def _varlen_flash_task(task, task_b, task_t0, fbuf, dbuf, args, mod_args):
     o += _line(rows * Ev)
     m = fbuf[o : o + nt]
     o += _line(rows)
+    mr = fbuf[o : o + nt]  # the same unscaled: the score it was taken from (flash_fwd's)
+    o += _line(rows)
     tm = fbuf[o : o + bq]
     o += _line(bq)
     tmx = fbuf[o : o + bq]
     o += _line(bq)
-    shift = fbuf[o : o + bq]
+    shift_raw = fbuf[o : o + bq]
     o += _line(bq)
     alpha = fbuf[o : o + bq]
     o += _line(bq)
@@ -273,7 +275,9 @@ def _varlen_flash_task(task, task_b, task_t0, fbuf, dbuf, args, mod_args):
                         if args.has_mask_mod and r0 < r1:
                             if not mod_loop(1, mod_args, row, b_, h_, q_, np.int64(ka + c), r0, r1, mod_args):
                                 raise RuntimeError(MOD_CALL_MISMATCH)
-                # the softmax as flash_fwd's (softmax_tile: one pass, a stale shift within the margin)
+                # the softmax as flash_fwd's (softmax_tile: one pass, a stale shift within the margin;
+                # exponents, margin and rescale from each row's unscaled largest score, so a scaled
+                # score past float32's integers cannot round the shift out of exp's range)
                 fresh = False
                 for r in range(nq):
                     fresh |= m[o + r] == neg_inf
@@ -284,27 +288,25 @@ def _varlen_flash_task(task, task_b, task_t0, fbuf, dbuf, args, mod_args):
                     if mo == neg_inf:
                         mt = tm[r] * pass_scale
                         mn = mt if mt > mo else mo
-                        sh = mn if mn > neg_inf else zero
-                        alpha[r] = fast_exp(mo - sh)
-                        shift[r] = sh
+                        alpha[r] = fast_exp(mo - (mn if mn > neg_inf else zero))
                         m[o + r] = mn
+                        mr[o + r] = tm[r] if mn > neg_inf else zero
                     else:
-                        shift[r] = mo
                         alpha[r] = one
+                    shift_raw[r] = mr[o + r]
                 pt = pt_buf[: nk * nq].reshape((nk, nq))
-                exp_tile_scaled(st, pt, pass_scale, shift, ts, tc, tmx)
+                exp_tile(st, pt, pass_scale, shift_raw, ts, tc, tmx)
                 redo = False
                 for r in range(nq):
-                    redo |= tmx[r] * pass_scale > m[o + r] + margin
+                    redo |= (tmx[r] - mr[o + r]) * pass_scale > margin
                 if redo:
                     for r in range(nq):
-                        mo = m[o + r]
-                        mt = tmx[r] * pass_scale
-                        if mt > mo + margin:
-                            alpha[r] *= fast_exp(mo - mt)
-                            shift[r] = mt
-                            m[o + r] = mt
-                    exp_tile_scaled(st, pt, pass_scale, shift, ts, tc, tmx)
+                        if (tmx[r] - mr[o + r]) * pass_scale > margin:
+                            alpha[r] *= fast_exp((mr[o + r] - tmx[r]) * pass_scale)
+                            m[o + r] = tmx[r] * pass_scale
+                            mr[o + r] = tmx[r]
+                            shift_raw[r] = tmx[r]
+                    exp_tile(st, pt, pass_scale, shift_raw, ts, tc, tmx)
                 rescale = False
                 for r in range(nq):
                     l[o + r] = l[o + r] * alpha[r] + ts[r]
