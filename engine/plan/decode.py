@@ -19,6 +19,7 @@ from ..kernels.seqlens import _check_seqlens, _checked_seqlens_k
 from ..problems.arrays import native_mod_args
 from ..problems.base import check_scale
 from ..problems.decode import _check_pages
+from ..problems.mod_bounds import mod_ranges, probe_mod_bounds
 from ..runtime.entry_points import Bound
 from . import Plan, fast_problem, lookup, mod_args_key, runtime_token, store
 
@@ -130,6 +131,8 @@ def run_cached(plan_key, query, k_cache, v_cache, key, value, cache_seqlens, pag
                 return None
         if mod_args:
             mod_args = native_mod_args(mod_args)
+        if info.mod_probe is not None:
+            _probe_mods(info, mod_args, seqlens_k.min() if type(cache_seqlens) is not int else most)
         return plain(query, k_cache, v_cache, key, value, seqlens_k, most, total, scale, mod_args)
     if type(cache_seqlens) is int:
         if cache_seqlens < 0 or cache_seqlens + info.L_new > info.capacity:
@@ -143,6 +146,8 @@ def run_cached(plan_key, query, k_cache, v_cache, key, value, cache_seqlens, pag
         _check_pages(page_table, seqlens + info.L_new, seqlens, info.L_new, info.page_size, info.num_pages)
     if mod_args:
         mod_args = native_mod_args(mod_args)
+    if info.mod_probe is not None:
+        _probe_mods(info, mod_args, seqlens.min() + info.L_new)
     problem = fast_problem(
         plan,
         {
@@ -166,12 +171,14 @@ class _Info:
         "E",
         "shapes",
         "B",
+        "L",
         "L_new",
         "capacity",
         "page_size",
         "num_pages",
         "check_seqlens",
         "checked_seqlens_k",
+        "mod_probe",
     )
 
 
@@ -184,6 +191,12 @@ def remember(plan_key, problem, backend, op, arrays) -> None:
     if any(h is not a for h, a in zip(held, arrays)):
         return
     info = _Info()
+    info.mod_probe = None
+    if problem.score_mod is not None or problem.mask_mod is not None:
+        if problem.L_new < problem.L and problem.cu_seqlens_q is not None:
+            return  # packed rows with no new keys: their lowest q_idx needs cu_seqlens_q (full path)
+        info.mod_probe = (problem.score_mod, problem.mask_mod, problem.batch, problem.num_q_heads)
+    info.L = problem.L
     info.default_scale = check_scale(None, problem.E, "")
     info.E = problem.E
     info.shapes = f"query={tuple(problem.query.shape)}"
@@ -192,3 +205,13 @@ def remember(plan_key, problem, backend, op, arrays) -> None:
     info.check_seqlens = Bound(_check_seqlens)  # the key fixes cache_seqlens' type
     info.checked_seqlens_k = Bound(_checked_seqlens_k)
     store(plan_key, Plan(backend, op, problem, _PER_CALL, info))
+
+
+def _probe_mods(info, mod_args, lowest_seqlen_k) -> None:
+    """``probe_mod_bounds`` at the positions validation takes (``problems.decode``): q_idx from
+    ``min(S_b - L, 0)`` and both up to the capacity; ``S_b - L >= 0`` where every query row writes
+    a key."""
+    score_mod, mask_mod, batch, heads = info.mod_probe
+    q_lo = min(int(lowest_seqlen_k) - info.L, 0) if info.L_new < info.L else 0
+    top = info.capacity - 1
+    probe_mod_bounds(score_mod, mask_mod, mod_args, mod_ranges(batch, heads, (q_lo, top), (0, top)))

@@ -15,6 +15,7 @@ import numpy as np
 from ..problems.arrays import native_mod_args
 from ..problems.attention import validate_dropout
 from ..problems.base import check_scale
+from ..problems.mod_bounds import mod_ranges, probe_mod_bounds
 from . import Plan, array_key, fast_problem, lookup, mod_args_key, runtime_token, store
 
 __all__ = ["forward_key", "run_cached", "remember"]
@@ -91,6 +92,8 @@ def run_cached(key, query, key_, value, attn_mask, scale, mod_args, block_mask, 
             mod_args = native_mod_args(mod_args)
     elif block_mask is not None:
         mod_args = block_mask.mod_args
+    if info.mod_probe is not None:  # the arrays' shapes and the numbers are the call's
+        probe_mod_bounds(info.mod_probe[0], info.mod_probe[1], mod_args, info.mod_probe[2])
     views = info.views
     if views is None:
         plain = plan.plain
@@ -118,7 +121,7 @@ def run_cached(key, query, key_, value, attn_mask, scale, mod_args, block_mask, 
 
 
 class _Info:
-    __slots__ = ("default_scale", "E", "shapes", "dropout", "views")
+    __slots__ = ("default_scale", "E", "shapes", "dropout", "views", "mod_probe")
 
 
 def remember(key, problem, backend, op, query, key_, value, attn_mask) -> None:
@@ -143,6 +146,10 @@ def remember(key, problem, backend, op, query, key_, value, attn_mask) -> None:
     info.shapes = f"query={tuple(problem.query.shape)}"
     info.dropout = problem.dropout_p > 0
     info.views = None if all(v is None for v in views) else tuple(views)
+    info.mod_probe = None
+    if problem.score_mod is not None or problem.mask_mod is not None:
+        ranges = mod_ranges(problem.batch, problem.num_q_heads, (0, problem.L - 1), (0, problem.S - 1))
+        info.mod_probe = (problem.score_mod, problem.mask_mod, ranges)
     plan = Plan(backend, op, problem, _PER_CALL, info)
     if info.views is not None:  # the runner's plain path takes the arrays as the caller gave them
         plan.plain = None

@@ -320,7 +320,11 @@ def validate_decode_args(
     splits = None if num_splits is None else _int_arg(num_splits, "num_splits", 1)
     if splits is not None and splits > MAX_NUM_SPLITS:  # each split is a (B*Hq*L, Dv) buffer
         raise ValueError(f"num_splits must be <= {MAX_NUM_SPLITS} (FlashAttention's limit), got {splits}")
-    mods = validate_mods(score_mod, mask_mod, None, mod_args, B, Hq, L, 0)
+    # the mods see absolute positions: q_idx = S_b - L_b + i, kv_idx < S_b; a plan's later calls
+    # may take any from 0 to the cache's capacity, so the bounds probe takes all of those
+    q_lo = int((need - (np.diff(cu_q) if packed else L)).min())
+    positions = ((min(q_lo, 0), capacity - 1), (0, capacity - 1))
+    mods = validate_mods(score_mod, mask_mod, None, mod_args, B, Hq, L, 0, positions=positions)
     mods.pop("block_mask", None)
     sinks = validate_sinks(sinks, Hq)
     return DecodeProblem(

@@ -47,6 +47,7 @@ from ..kernels.kinds import TILE_FULL as FULL
 from ..kernels.kinds import TILE_PARTIAL as PARTIAL
 from ..runtime.config import BLOCK_MASK_K, BLOCK_MASK_Q
 from .arrays import native_mod_args
+from .mod_bounds import mod_ranges, probe_mod_bounds
 from .mod_compile import compile_mods_alone
 
 _jitted: "weakref.WeakKeyDictionary[Callable, Callable]" = weakref.WeakKeyDictionary()
@@ -334,6 +335,9 @@ def create_block_mask(
     :param mod_args: the mask's extra arguments (passed again with the block mask, not separately).
     :param block_q: tile rows.
     :param block_k: tile columns.
+    :raises ValueError: a bad size, or ``mask_mod`` indexing ``mod_args`` out of bounds at a corner
+        of the indices (:func:`~engine.problems.mod_bounds.probe_mod_bounds`).
+    :raises TypeError: ``mod_args`` not a tuple, or ``mask_mod``'s signature does not take them.
     """
     from ..kernels.block_sparsity import classify_blocks
     from ..runtime.threads import kernel_call_guard
@@ -348,6 +352,8 @@ def create_block_mask(
         raise TypeError(f"mod_args must be a tuple, got {type(mod_args).__name__}")
     mod_args = native_mod_args(mod_args)
     fn = as_jit(mask_mod, "mask_mod")
+    _check_mod_arity(fn, "mask_mod", "b, h, q_idx, kv_idx", len(mod_args))
+    probe_mod_bounds(None, fn, mod_args, mod_ranges(batch or 1, heads or 1, (0, L - 1), (0, S - 1)))
     kinds = np.empty((batch or 1, heads or 1, math.ceil(L / block_q), math.ceil(S / block_k)), np.int8)
     if kinds.size:
         with kernel_call_guard():
@@ -355,8 +361,11 @@ def create_block_mask(
     return BlockMask(fn, mod_args, kinds, int(L), int(S), int(block_q), int(block_k))
 
 
-def validate_mods(score_mod, mask_mod, block_mask, mod_args, batch, heads, L, S) -> dict:
-    """Compile the mods (once per function) and check the block mask against the problem."""
+def validate_mods(score_mod, mask_mod, block_mask, mod_args, batch, heads, L, S, positions=None) -> dict:
+    """Check the mods' signatures, the block mask against the problem, and (``probe_mod_bounds``)
+    that the mods index ``mod_args`` within bounds at the corners of the indices the call passes:
+    ``b < batch``, ``h < heads``, and ``positions = ((q_lo, q_hi), (kv_lo, kv_hi))`` (inclusive;
+    default ``q_idx < L``, ``kv_idx < S``)."""
     if not isinstance(mod_args, tuple):
         raise TypeError(f"mod_args must be a tuple, got {type(mod_args).__name__}")
     if score_mod is None and mask_mod is None and block_mask is None:
@@ -379,9 +388,13 @@ def validate_mods(score_mod, mask_mod, block_mask, mod_args, batch, heads, L, S)
     ):
         if mod is not None:
             _check_mod_arity(mod, name, fixed, len(mod_args))
+    score_mod = None if score_mod is None else as_jit(score_mod, "score_mod")
+    mask_mod = None if mask_mod is None else as_jit(mask_mod, "mask_mod")
+    q_range, kv_range = positions if positions is not None else ((0, L - 1), (0, S - 1))
+    probe_mod_bounds(score_mod, mask_mod, mod_args, mod_ranges(batch, heads, q_range, kv_range))
     return {
-        "score_mod": None if score_mod is None else as_jit(score_mod, "score_mod"),
-        "mask_mod": None if mask_mod is None else as_jit(mask_mod, "mask_mod"),
+        "score_mod": score_mod,
+        "mask_mod": mask_mod,
         "mod_args": mod_args,
         "block_mask": block_mask,
     }

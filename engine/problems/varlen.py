@@ -175,7 +175,14 @@ def validate_varlen_args(
     is_causal = check_bool(is_causal, "is_causal")
     return_lse = check_bool(return_lse, "return_lse")
     scale_f = check_scale(scale, E, f"query={qs}")
-    mods = validate_mods(score_mod, mask_mod, None, mod_args, max(B, 1), Hq, max_q, max_k)
+    # the mods see positions within each sequence: q_idx = len_k - len_q + i, kv_idx < len_k
+    len_q, len_k = np.diff(cu_q), np.diff(cu_k)
+    rows = len_q > 0
+    positions = (
+        (int((len_k - len_q)[rows].min()), int(len_k[rows].max()) - 1) if rows.any() else (0, -1),
+        (0, max_k - 1),
+    )
+    mods = validate_mods(score_mod, mask_mod, None, mod_args, max(B, 1), Hq, max_q, max_k, positions=positions)
     mods.pop("block_mask", None)
     return VarlenProblem(
         query=q,
