@@ -21,10 +21,32 @@ import torch
 
 from .convert import from_numpy
 
-__all__ = ["CallConfig", "config_key", "call_config", "split_mod_args", "TENSOR"]
+__all__ = ["CallConfig", "Number", "config_key", "call_config", "split_mod_args", "tensor_slot", "TENSOR"]
 
 #: the placeholder of a tensor entry of ``mod_args`` in ``CallConfig.mod_args``
 TENSOR = object()
+
+#: Python number types that travel as 0-d tensors under ``torch.compile`` (see :class:`Number`)
+_NUMBER_KINDS = {"bool": (bool, torch.bool), "int": (int, torch.int64), "float": (float, torch.float64)}
+
+
+@dataclass(frozen=True)
+class Number:
+    """The placeholder of a Python number of ``mod_args`` that a traced call passes to the
+    operators as a 0-d tensor (float64, int64 or bool: its exact value), handed back to the mods
+    as a number of its own type. Under ``torch.compile`` a number whose value changes between
+    calls becomes a symbolic graph input: as a constant of the configuration it failed
+    (``assume_constant_result`` takes no symbolic value) and recompiled per value."""
+
+    kind: str
+
+    def value(self, array):
+        return _NUMBER_KINDS[self.kind][0](array)
+
+
+def tensor_slot(a) -> bool:
+    """Whether a ``CallConfig.mod_args`` entry is filled from the operators' ``mod_tensors``."""
+    return a is TENSOR or type(a) is Number
 
 
 @dataclass(frozen=True)
@@ -39,9 +61,10 @@ class CallConfig:
     backend: str
 
     def mod_args_with(self, tensors) -> tuple:
-        """``mod_args`` with the tensors (as the engine's arrays) back in their places."""
+        """``mod_args`` with the tensors (as the engine's arrays) back in their places, and the
+        numbers that travelled as tensors back as numbers."""
         it = iter(tensors)
-        return tuple(next(it) if a is TENSOR else a for a in self.mod_args)
+        return tuple(next(it) if a is TENSOR else a.value(next(it)) if type(a) is Number else a for a in self.mod_args)
 
 
 _configs: list = []
@@ -71,10 +94,12 @@ def _static_ident(a):
 def config_key(score_mod, mask_mod, block_mask, tensor_positions: tuple, statics: tuple, backend: str) -> int:
     """The key of this configuration (registered on first use): ``mod_args`` has tensors at
     ``tensor_positions`` and the ``statics``, in order, everywhere else (plain values, so that
-    ``torch.compile`` can hand them to this function as constants)."""
+    ``torch.compile`` can hand them to this function as constants). A position given as
+    ``(i, kind)`` is a number that travels as a tensor (:class:`Number`)."""
     n = len(tensor_positions) + len(statics)
     it = iter(statics)
-    mod_args = tuple(TENSOR if i in tensor_positions else next(it) for i in range(n))
+    slots = {p if type(p) is int else p[0]: TENSOR if type(p) is int else Number(p[1]) for p in tensor_positions}
+    mod_args = tuple(slots[i] if i in slots else next(it) for i in range(n))
     config = CallConfig(score_mod, mask_mod, block_mask, mod_args, backend)
     ident = (
         tuple(_hashable(x) for x in (score_mod, mask_mod, block_mask, backend))
@@ -98,6 +123,9 @@ def split_mod_args(mod_args) -> tuple[list, tuple, tuple]:
     become tensors: operator inputs like any other), their positions, and every other entry in
     order (what :func:`config_key` takes).
 
+    Under ``torch.compile`` the Python numbers (bool, int, float) are tensors too, at positions
+    ``(i, kind)`` (:class:`Number`): their values are then graph inputs, not constants.
+
     :raises TypeError: ``mod_args`` is not a tuple.
     :raises ValueError: a 0-d tensor that requires grad (a learnable scalar is a 1-element tensor
         the score_mod reads as ``t[0]``).
@@ -105,9 +133,15 @@ def split_mod_args(mod_args) -> tuple[list, tuple, tuple]:
     if not isinstance(mod_args, tuple):
         raise TypeError(f"mod_args must be a tuple, got {type(mod_args).__name__}")
     tensors, positions, statics = [], [], []
+    compiling = torch.compiler.is_compiling()
     for i, a in enumerate(mod_args):
+        kind = type(a).__name__
+        if compiling and kind in _NUMBER_KINDS and not (kind == "int" and not -(2**63) <= a < 2**63):
+            tensors.append(torch.scalar_tensor(a, dtype=_NUMBER_KINDS[kind][1]))
+            positions.append((i, kind))
+            continue
         if isinstance(a, np.ndarray):
-            a = torch.from_numpy(a) if torch.compiler.is_compiling() else from_numpy(a)
+            a = torch.from_numpy(a) if compiling else from_numpy(a)
         if isinstance(a, torch.Tensor):
             if a.requires_grad and a.ndim == 0:
                 raise ValueError(

@@ -47,7 +47,7 @@ from ..plan.forward import forward_key, remember, run_cached
 from ..problems.attention import validate_attention_args
 from ..problems.backward import validate_backward_args
 from ..problems.causal import LOWER_RIGHT, CausalBias
-from .calls import TENSOR, call_config
+from .calls import call_config, tensor_slot
 from .convert import as_tensor, empty, host
 
 __all__ = ["attention", "attention_forward", "attention_backward", "output_shapes", "lse_dtype", "host_sinks"]
@@ -234,7 +234,7 @@ def backward_impl(
     dmask = empty(query) if not mask_grad else as_tensor(grads.dmask, attn_mask).contiguous()
     dsinks = empty(query) if not sinks_grad else as_tensor(backward_sinks_grad(problem), sinks).contiguous()
     dmods = []
-    tensor_positions = [i for i, a in enumerate(cfg.mod_args) if a is TENSOR]
+    tensor_positions = [i for i, a in enumerate(cfg.mod_args) if tensor_slot(a)]
     for t, want, pos in zip(mod_tensors, mod_grads, tensor_positions):
         g = grads.dmod_args[pos] if want and grads.dmod_args is not None else None
         dmods.append(empty(t) if g is None else as_tensor(g, t).contiguous())
@@ -247,7 +247,7 @@ attention_backward = torch.library.custom_op(f"{_LIB}::attention_backward", muta
 def _marks(cfg, mod_grads) -> tuple:
     """One bool per ``mod_args`` entry: True for the tensor entries whose gradient is wanted."""
     it = iter(mod_grads)
-    return tuple(bool(next(it)) if a is TENSOR else False for a in cfg.mod_args)
+    return tuple(bool(next(it)) if tensor_slot(a) else False for a in cfg.mod_args)
 
 
 def _sum_to(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

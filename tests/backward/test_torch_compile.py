@@ -97,7 +97,8 @@ def test_export_sees_one_opaque_op_and_runs():
         module.table.normal_()
     ep = torch.export.export(module, (q, k, v))
     ops = [str(n.target) for n in ep.graph.nodes if n.op == "call_function" and "getitem" not in str(n.target)]
-    assert ops == ["attention_engine.attention_forward.default"]
+    # the number among mod_args (S - 1) is a 0-d tensor input of the op, built in the graph
+    assert ops == ["aten.scalar_tensor.default", "attention_engine.attention_forward.default"]
     torch.testing.assert_close(ep.module()(q, k, v), module(q, k, v), atol=0, rtol=0)
 
 
@@ -139,3 +140,29 @@ def test_causal_biases_become_a_flag_before_the_op():
     # the engine's own CausalBias is built inside compiled code as well
     g = lambda q, k, v: et.scaled_dot_product_attention(q, k, v, attn_mask=engine.causal_lower_right(5, 9))  # noqa: E731
     torch.testing.assert_close(torch.compile(g, fullgraph=True, backend="aot_eager")(q, k, v), want, atol=1e-12, rtol=0)
+
+
+def _shifted(score, b, h, q_idx, kv_idx, table, offset, scale, biased):
+    return score * scale + table[h, q_idx - kv_idx + offset] if biased else score * scale
+
+
+def test_numbers_in_mod_args_may_change_between_compiled_calls():
+    """Numbers among mod_args travel as 0-d tensors under torch.compile and come back to the mod
+    as numbers of their type: a compiled function whose float, int or bool changes between calls
+    gives eager mode's results and gradients (it failed with fullgraph=True on the second value:
+    assume_constant_result takes no symbolic number)."""
+    q, k, v, table = _inputs()
+    big = torch.zeros(H, L + S + 1, dtype=torch.float64)
+    big[:, : L + S - 1] = table.detach()
+
+    def f(q, k, v, offset, scale, biased):
+        return et.scaled_dot_product_attention(q, k, v, score_mod=_shifted, mod_args=(big, offset, scale, biased))
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for offset, scale, biased in ((S - 1, 1.0, True), (S, 0.5, True), (S + 1, 2.0, False), (S - 1, 1.5, True)):
+        want = f(q, k, v, offset, scale, biased)
+        got = compiled(q, k, v, offset, scale, biased)
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+        g = torch.randn_like(want)
+        for a, b in zip(torch.autograd.grad(got, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
