@@ -126,6 +126,31 @@ def test_own_tiles_take_any_length(L, S, path, rng, monkeypatch):
     assert amx() == len(cases)
 
 
+@pytest.mark.parametrize("path", ["own tiles"], indirect=True)
+@pytest.mark.parametrize("E, Ev", [(80, 80), (112, 48), (40, 96), (8, 8)])
+def test_own_tiles_take_any_head_width(E, Ev, path, rng, monkeypatch):
+    """Head widths that are not multiples of the tile products' 32 (Phi-2's 80): zero features
+    padded to 32 (the same scores), the output's extra columns cut; with a score_mod and causal,
+    GQA, and odd lengths."""
+    amx = _count_amx(monkeypatch, path, BF16)
+    q, k, v = (x.astype(BF16) for x in _qkv(rng, np.float32, Hq=4, H=2, L=70, S=95, E=E, Ev=Ev))
+    bias = rng.standard_normal(4).astype(np.float32)
+    cases = [{}, {"is_causal": True}, {"score_mod": _head_bias, "mod_args": (bias,)}]
+    for kw in cases:
+        out, lse = engine.scaled_dot_product_attention(q, k, v, backend="cpu", return_lse=True, enable_gqa=True, **kw)
+        ref, ref_lse = engine.scaled_dot_product_attention(
+            q, k, v, backend="reference", return_lse=True, enable_gqa=True, **kw
+        )
+        assert out.shape == ref.shape and out.flags.c_contiguous
+        assert_out_close(out, ref, out_atol(BF16, q, k, v, None), f"E={E} Ev={Ev} {kw}")
+        assert_out_close(lse, ref_lse, lse_atol(BF16, q, k, None), f"E={E} Ev={Ev} {kw} lse")
+    assert amx() == len(cases)
+
+
+def _head_bias(score, b, h, q_idx, kv_idx, bias):
+    return score + bias[h]
+
+
 def _count_amx(monkeypatch, path, dtype):
     """A function giving how many calls took the own tiles' path since (skips such a test for a
     dtype whose instruction this CPU lacks: AMX-FP16 is newer than AMX-BF16, AVX512-BF16 has no

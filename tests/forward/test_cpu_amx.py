@@ -173,20 +173,20 @@ def test_forward_through_amx_with_read_only_inputs_and_a_score_mod(rng, monkeypa
 
 
 def test_a_nan_value_or_a_size_amx_does_not_take_goes_another_path(rng, monkeypatch):
-    """A NaN in v: the widened path (exact NaN pattern: only the rows that weigh it); a head width
-    not a multiple of 32, or ATTENTION_ENGINE_AMX=0: the other paths, same results (L and S of
-    any size take this one)."""
+    """A NaN in v: the widened path (exact NaN pattern: only the rows that weigh it); or
+    ATTENTION_ENGINE_AMX=0: the other paths, same results (L and S of any size, and head widths
+    that are not multiples of 32, padded with zero features, take this one)."""
     _need(BF16)
     engine.set_gemm_provider(None)
     calls = _spy(monkeypatch)
     q, k, v = (rng.standard_normal((1, 2, 64, 64)).astype(BF16) for _ in range(3))
     v[0, 1, 5, 3] = np.nan
     _check(q, k, v, is_causal=True)
-    q2, k2, v2 = (rng.standard_normal((1, 2, 70, 48)).astype(BF16) for _ in range(3))
-    _check(q2, k2, v2)
     assert calls == []
-    _check(*(x[..., :32] for x in (q2, k2, v2)))  # L = S = 70, E = Ev = 32: here
-    assert len(calls) == 1
+    q2, k2, v2 = (rng.standard_normal((1, 2, 70, 48)).astype(BF16) for _ in range(3))
+    _check(q2, k2, v2)  # E = Ev = 48: padded to 64
+    _check(*(x[..., :32] for x in (q2, k2, v2)))  # L = S = 70, E = Ev = 32
+    assert len(calls) == 2
     calls.clear()
     monkeypatch.setenv("ATTENTION_ENGINE_AMX", "0")
     monkeypatch.setenv("ATTENTION_ENGINE_AVX512_BF16", "0")

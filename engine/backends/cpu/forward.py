@@ -41,6 +41,7 @@ from .operands import (
     dropout_args,
     kernel_masks,
     narrow,
+    pad_head_widths,
     tile_kinds,
     widen,
 )
@@ -110,11 +111,14 @@ class CpuForward(Op):
         v = as4(problem.value, problem.batch)
         arrays = None
         q, k = (as4(a, problem.batch).view(np.uint16) for a in (problem.query, problem.key))
+        given_problem = problem
         if amx:
             if plan is None:  # tiles clamped to a short L or S, rounded up to the products' 32
                 plan = _tiles(self.run, problem, name, own, None, True)
                 plan = plan._replace(block_q=amx_rows(plan.block_q), block_k=amx_rows(plan.block_k))
             finite = all_finite16(v)
+            if finite and (problem.E % 32 or problem.Ev % 32):  # zero features; extra columns cut below
+                problem, q, k, v = pad_head_widths(problem, q, k, v)
             if finite and amx_fits(problem, plan.block_q, plan.block_k):
                 # the tile products of kernels.cpu.amx (or avx512_bf16, the same operands): k's rows
                 # on cache lines, v transposed (by the kernel)
@@ -134,10 +138,13 @@ class CpuForward(Op):
                 plan=plan,
                 serial=serial,
             )
+            if problem.Ev != given_problem.Ev:  # the padded head widths' extra output columns
+                out = np.ascontiguousarray(out[..., : given_problem.Ev])
             return out.view(problem.dtype), lse if problem.lse_float32 else narrow(lse, problem.dtype)
+        problem = given_problem  # (not padded: the widened kernel takes any head width)
         # widened: O(L) next to the O(L^2) kernel
-        q32, k32 = (widen(as4(a, problem.batch)) for a in (problem.query, problem.key))
-        wide = dataclasses.replace(problem, query=q32, key=k32, value=widen(v), attn_mask=mask, dtype=f32)
+        q32, k32, v32 = (widen(as4(a, problem.batch)) for a in (problem.query, problem.key, problem.value))
+        wide = dataclasses.replace(problem, query=q32, key=k32, value=v32, attn_mask=mask, dtype=f32)
         out, lse = self._run(wide, plan=given, provider=provider, serial=serial)
         return narrow(out, problem.dtype), lse if problem.lse_float32 else narrow(lse, problem.dtype)
 

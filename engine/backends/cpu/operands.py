@@ -4,6 +4,7 @@ mask slots, 16-bit widening and rounding, the dropout argument and the mask_mod'
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 
 import numpy as np
@@ -26,6 +27,7 @@ __all__ = [
     "dropout_args",
     "kernel_masks",
     "narrow",
+    "pad_head_widths",
     "tile_kinds",
     "widen",
 ]
@@ -134,6 +136,24 @@ def amx_operands(k: np.ndarray, v: np.ndarray) -> tuple:
 def amx_rows(n: int) -> int:
     """``n`` rounded up to a multiple of 32 (``kernels.cpu.amx.AMX_BLOCK``)."""
     return -(-n // 32) * 32
+
+
+def pad_head_widths(problem: AttentionProblem, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple:
+    """``(problem, q, k, v)`` with the head widths E and Ev zero-padded to multiples of 32 for the
+    16-bit tile products (``amx_fits``): zero features add nothing to a score, and the output's
+    extra columns (zeros) are cut by the caller. ``q``, ``k`` (uint16 bits) and ``v`` are
+    (batch, heads, rows, features); a copy of each, O(L * E) next to the O(L * S) kernel. The
+    problem keeps its scale (1 / sqrt of the true E unless given)."""
+    E, Ev = amx_rows(problem.E), amx_rows(problem.Ev)
+    padded = []
+    for a, width in ((q, E), (k, E), (v, Ev)):
+        p = np.zeros(a.shape[:3] + (width,), a.dtype)
+        p[..., : a.shape[3]] = a
+        padded.append(p)
+    q, k, v = padded
+    dt = problem.dtype
+    wider = dataclasses.replace(problem, query=q.view(dt), key=k.view(dt), value=v, E=E, Ev=Ev)
+    return wider, q, k, v
 
 
 def amx_fits(problem: AttentionProblem, block_q: int, block_k: int) -> bool:
