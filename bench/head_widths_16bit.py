@@ -6,7 +6,9 @@ Run: ``python bench/head_widths_16bit.py [--threads 2] [--rounds 7]``.
 """
 
 import argparse
+import statistics
 import time
+import timeit
 
 import ml_dtypes
 import numpy as np
@@ -19,14 +21,10 @@ CASES = [(80, 1024), (80, 2048), (64, 1024), (112, 1024)]
 
 
 def _median_ms(fn, rounds: int) -> float:
+    """Median of ``rounds`` single calls after two untimed ones (compile, tiles, warm caches)."""
     fn()
     fn()
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times)) * 1e3
+    return statistics.median(timeit.repeat(fn, number=1, repeat=rounds)) * 1e3
 
 
 def main(argv=None):
