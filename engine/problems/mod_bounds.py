@@ -28,11 +28,14 @@ def probe_mod_bounds(score_mod, mask_mod, mod_args: tuple, ranges: dict) -> None
     a relative-position table indexed by ``q_idx - kv_idx + offset``) takes its extreme values at
     the corners, so a table too small for them is found. An index read from another array
     (``table[doc[q_idx]]``) is checked only where the corners lead; the kernels themselves check
-    nothing. Only ``IndexError`` counts: anything else a mod raises in Python (a division by the
-    score 0.0, a Numba-only call) is left to the kernels, which define their own behaviour.
+    nothing. Only NumPy's bounds errors count (an ``IndexError`` saying "out of bounds"): anything
+    else a mod raises in Python (its own ``IndexError``, a division by the score 0.0, a Numba-only
+    call) is left to the kernels, which define their own behaviour.
 
-    Memoised by the mods, the ranges, the arrays' shapes and the numbers' values, so a call
-    plan's cached calls (which call this too) pay a dictionary lookup.
+    Memoised by the mods, the ranges, the numbers' values, the arrays' dtypes and shapes, and the
+    values of arrays of at most :data:`_BY_VALUE` entries (an offset passed as a 0-d array or a
+    small per-head array), so a call plan's cached calls (which call this too) pay a dictionary
+    lookup.
 
     :raises ValueError: naming the mod, the indices, the ranges and the shapes of ``mod_args``.
     """
@@ -51,6 +54,8 @@ def probe_mod_bounds(score_mod, mask_mod, mod_args: tuple, ranges: dict) -> None
                 try:
                     fn(*args)
                 except IndexError as exc:
+                    if "out of bounds" not in str(exc):  # the mod's own, not NumPy's: the kernels'
+                        continue
                     raise ValueError(_message(name, fn, index, ranges, mod_args, exc)) from None
                 except Exception:  # noqa: BLE001 - not a bounds question; the kernels decide
                     pass
@@ -63,10 +68,17 @@ def probe_mod_bounds(score_mod, mask_mod, mod_args: tuple, ranges: dict) -> None
 _probed: dict = {}
 
 
+#: arrays of at most this many entries are told apart by their values too (an offset as a 0-d array)
+_BY_VALUE = 16
+
+
 def _arg_key(a):
-    """What the corners' outcome depends on besides the mods and the ranges: an array's shape, a
-    number's value (an offset added to an index). The arrays' contents are not probed apart."""
-    return a.shape if isinstance(a, np.ndarray) else (type(a), a)
+    """What the corners' outcome depends on besides the mods and the ranges: a number's value (an
+    offset added to an index), an array's dtype and shape, and a small array's values. The values
+    of larger arrays (tables) are not keyed: an index read from them is not probed apart."""
+    if isinstance(a, np.ndarray):
+        return (a.dtype.str, a.shape, a.tobytes() if a.size <= _BY_VALUE else None)
+    return (type(a), a)
 
 
 def _message(name, fn, index, ranges, mod_args, exc) -> str:

@@ -28,6 +28,8 @@ TENSOR = object()
 
 #: Python number types that travel as 0-d tensors under ``torch.compile`` (see :class:`Number`)
 _NUMBER_KINDS = {"bool": (bool, torch.bool), "int": (int, torch.int64), "float": (float, torch.float64)}
+#: the symbolic numbers non-strict ``torch.export`` passes in their place
+_SYMBOLIC = {"SymBool": "bool", "SymInt": "int", "SymFloat": "float"}
 
 
 @dataclass(frozen=True)
@@ -135,9 +137,9 @@ def split_mod_args(mod_args) -> tuple[list, tuple, tuple]:
     tensors, positions, statics = [], [], []
     compiling = torch.compiler.is_compiling()
     for i, a in enumerate(mod_args):
-        kind = type(a).__name__
-        if compiling and kind in _NUMBER_KINDS and not (kind == "int" and not -(2**63) <= a < 2**63):
-            tensors.append(torch.scalar_tensor(a, dtype=_NUMBER_KINDS[kind][1]))
+        kind = _SYMBOLIC.get(type(a).__name__, type(a).__name__)
+        if compiling and kind in _NUMBER_KINDS and not (kind == "int" and _past_int64(a)):
+            tensors.append(_number_tensor(a, kind))
             positions.append((i, kind))
             continue
         if isinstance(a, np.ndarray):
@@ -153,3 +155,18 @@ def split_mod_args(mod_args) -> tuple[list, tuple, tuple]:
         else:
             statics.append(a)
     return tensors, tuple(positions), tuple(statics)
+
+
+def _past_int64(a) -> bool:
+    """An int outside int64 (kept a constant: no tensor holds it). A symbolic int is within."""
+    return type(a) is int and not -(2**63) <= a < 2**63
+
+
+def _number_tensor(a, kind: str) -> torch.Tensor:
+    """A 0-d tensor holding the number ``a`` exactly. A float as ``ones * a`` (exact, -0.0 and NaN
+    included): ``torch.scalar_tensor``/``torch.tensor`` of a symbolic float make Dynamo specialise
+    on its value, a graph per value until the recompile limit failed the call under
+    ``fullgraph=True``; an int or bool through ``scalar_tensor`` stays symbolic."""
+    if kind == "float":
+        return torch.ones((), dtype=torch.float64) * a
+    return torch.scalar_tensor(a, dtype=_NUMBER_KINDS[kind][1])

@@ -166,3 +166,33 @@ def test_numbers_in_mod_args_may_change_between_compiled_calls():
         g = torch.randn_like(want)
         for a, b in zip(torch.autograd.grad(got, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_a_float_changing_past_the_recompile_limit_and_a_dynamic_export():
+    """A float among mod_args stays symbolic (as ``scalar_tensor`` it made a graph per value: the
+    ninth failed under fullgraph=True); non-strict export with a dynamic int (a SymInt, once
+    frozen into the configuration) serves other values. Found by a trial."""
+    q, k, v, table = _inputs()
+
+    def scaled(score, b, h, q_idx, kv_idx, s):
+        return score * s
+
+    def f(q, k, v, s):
+        return et.scaled_dot_product_attention(q, k, v, score_mod=scaled, mod_args=(s,))
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        for i in range(12):
+            torch.testing.assert_close(compiled(q, k, v, 0.5 + i), f(q, k, v, 0.5 + i), atol=0, rtol=0)
+
+    bias = table.detach()
+
+    class Shifted(torch.nn.Module):
+        def forward(self, q, k, v, offset):
+            return et.scaled_dot_product_attention(q, k, v, score_mod=relative_bias, mod_args=(bias, offset))
+
+    args = (q.detach(), k.detach(), v.detach())
+    dims = {"q": None, "k": None, "v": None, "offset": torch.export.Dim.DYNAMIC}
+    ep = torch.export.export(Shifted(), args + (S - 1,), dynamic_shapes=dims)
+    for offset in (S - 1, S - 3):
+        torch.testing.assert_close(ep.module()(*args, offset), Shifted()(*args, offset), atol=0, rtol=0)

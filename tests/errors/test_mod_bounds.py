@@ -55,6 +55,31 @@ def test_a_cached_call_with_a_shorter_table_is_refused(qkv):
     _sdpa(qkv, score_mod=relative_bias, mod_args=(table, S - 1))
 
 
+def test_small_arrays_are_told_apart_by_value(qkv):
+    """An offset passed as a 0-d array (or a tensor) is a number: a cached call with another one
+    is probed again (keyed by shape alone, a second call with an offset past the table read the
+    memory after it; found by a trial)."""
+    table = np.zeros(L + S - 1, np.float32)
+    for _ in range(2):
+        _sdpa(qkv, score_mod=relative_bias, mod_args=(table, np.array(S - 1)))
+    with pytest.raises(ValueError, match="relative_bias"):
+        _sdpa(qkv, score_mod=relative_bias, mod_args=(table, np.array(S + 10**6)))
+    with pytest.raises(ValueError, match="relative_bias"):
+        _sdpa(qkv, score_mod=relative_bias, mod_args=(table, np.array(S, dtype=np.int32)))
+
+
+def test_a_mods_own_index_error_reaches_the_caller_as_itself(qkv):
+    """Only NumPy's bounds errors are the probe's: an IndexError the mod raises is the mod's."""
+
+    def strict(score, b, h, q_idx, kv_idx):
+        if kv_idx == S - 1 and q_idx == L - 1:
+            raise IndexError("the mod's own")
+        return score
+
+    with pytest.raises(IndexError, match="the mod's own"):
+        _sdpa(qkv, score_mod=strict)
+
+
 def test_mask_mod_and_block_mask(qkv):
     keep = np.ones((B, S - 1), np.float32)
     with pytest.raises(ValueError, match=r"mask_mod 'key_mask' indexes outside.*kv_idx=47"):
