@@ -46,7 +46,7 @@ def gemm_provider_info() -> dict:
         own = sixteen_bit_tiles(dt)[1]
         if own:
             what = "AMX tiles" if own == "amx" else "VDPBF16PS"
-            in_use[dt] = f"{own} ({what}) where head widths are multiples of 32, else {in_use[dt]}"
+            in_use[dt] = f"{own} ({what}) without dropout, else {in_use[dt]}"
     return {
         "requested": gemm_mode(),
         "auto_order": list(auto_order()),

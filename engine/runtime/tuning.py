@@ -143,9 +143,18 @@ def _kernels_digest() -> str:
 
 
 def machine_fingerprint() -> dict:
-    """What the measured choices depend on: CPU (vendor, model, vector ISA), logical core count,
-    library versions and the ``cpu`` kernels' code."""
-    return {"cpu": _cpu_fields(), "cores": os.cpu_count(), "versions": _versions(), "kernels": _kernels_digest()}
+    """What the measured choices depend on: CPU (vendor, model, vector ISA), the target Numba
+    compiles for (``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES``: AVX2 code on an AVX-512 CPU measures
+    other tiles), logical core count, library versions and the ``cpu`` kernels' code."""
+    import numba
+
+    return {
+        "cpu": _cpu_fields(),
+        "numba_target": [numba.config.CPU_NAME, numba.config.CPU_FEATURES],
+        "cores": os.cpu_count(),
+        "versions": _versions(),
+        "kernels": _kernels_digest(),
+    }
 
 
 def _fingerprint_hash() -> str:

@@ -296,6 +296,20 @@ def test_file_writable_by_others_is_ignored_and_kept(tuning_dir):
     assert open(path).read() == before
 
 
+def test_another_numba_target_reads_another_file(tuning_dir, monkeypatch):
+    """Tiles measured with AVX2 code (NUMBA_CPU_NAME/NUMBA_CPU_FEATURES set on an AVX-512 CPU)
+    are kept apart from the host's: the same /proc/cpuinfo shared one file until 2026-12-07."""
+    import numba
+
+    tuning.tuned("test/t", lambda: {"x": 1}, _valid)
+    before = tuning.tuning_path()
+    monkeypatch.setattr(numba.config, "CPU_NAME", "znver3")
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx,+avx2,+fma")
+    tuning._forget()
+    assert tuning.tuning_path() != before
+    assert tuning.lookup("test/t", _valid) is None
+
+
 def test_edited_kernels_read_another_file(tuning_dir, monkeypatch):
     """The file's name hashes the cpu kernels' source: choices measured before an edit of a
     checkout's kernels (its version number unchanged) are measured again."""
