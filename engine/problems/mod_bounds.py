@@ -28,9 +28,10 @@ def probe_mod_bounds(score_mod, mask_mod, mod_args: tuple, ranges: dict) -> None
     a relative-position table indexed by ``q_idx - kv_idx + offset``) takes its extreme values at
     the corners, so a table too small for them is found. An index read from another array
     (``table[doc[q_idx]]``) is checked only where the corners lead; the kernels themselves check
-    nothing. Only NumPy's bounds errors count (an ``IndexError`` saying "out of bounds"): anything
-    else a mod raises in Python (its own ``IndexError``, a division by the score 0.0, a Numba-only
-    call) is left to the kernels, which define their own behaviour.
+    nothing. Only NumPy's bounds errors count (an ``IndexError`` saying "is out of bounds for
+    axis"): anything else a mod raises in Python (its own ``IndexError``, a typed List's, a
+    division by the score 0.0, a Numba-only call) is left to the kernels, which define their own
+    behaviour.
 
     Memoised by the mods, the ranges, the numbers' values, the arrays' dtypes and shapes, and the
     values of arrays of at most :data:`_BY_VALUE` entries (an offset passed as a 0-d array or a
@@ -54,7 +55,7 @@ def probe_mod_bounds(score_mod, mask_mod, mod_args: tuple, ranges: dict) -> None
                 try:
                     fn(*args)
                 except IndexError as exc:
-                    if "out of bounds" not in str(exc):  # the mod's own, not NumPy's: the kernels'
+                    if "is out of bounds for axis" not in str(exc):  # not NumPy's: the kernels'
                         continue
                     raise ValueError(_message(name, fn, index, ranges, mod_args, exc)) from None
                 except Exception:  # noqa: BLE001 - not a bounds question; the kernels decide
@@ -78,6 +79,10 @@ def _arg_key(a):
     of larger arrays (tables) are not keyed: an index read from them is not probed apart."""
     if isinstance(a, np.ndarray):
         return (a.dtype.str, a.shape, a.tobytes() if a.size <= _BY_VALUE else None)
+    try:
+        hash(a)
+    except TypeError:  # a Numba typed List or Dict (mutable): keyed by identity
+        return (type(a), "id", id(a))
     return (type(a), a)
 
 

@@ -361,11 +361,11 @@ def create_block_mask(
     return BlockMask(fn, mod_args, kinds, int(L), int(S), int(block_q), int(block_k))
 
 
-def validate_mods(score_mod, mask_mod, block_mask, mod_args, batch, heads, L, S, positions=None) -> dict:
-    """Check the mods' signatures, the block mask against the problem, and (``probe_mod_bounds``)
-    that the mods index ``mod_args`` within bounds at the corners of the indices the call passes:
-    ``b < batch``, ``h < heads``, and ``positions = ((q_lo, q_hi), (kv_lo, kv_hi))`` (inclusive;
-    default ``q_idx < L``, ``kv_idx < S``)."""
+def validate_mods(score_mod, mask_mod, block_mask, mod_args, batch, heads, L, S, positions=None, probe=True) -> dict:
+    """Check the mods' signatures, the block mask against the problem, and (``probe_mod_bounds``,
+    unless ``probe`` is False: the caller probes) that the mods index ``mod_args`` within bounds
+    at the corners of the indices the call passes: ``b < batch``, ``h < heads``, and ``positions
+    = ((q_lo, q_hi), (kv_lo, kv_hi))`` (inclusive; default ``q_idx < L``, ``kv_idx < S``)."""
     if not isinstance(mod_args, tuple):
         raise TypeError(f"mod_args must be a tuple, got {type(mod_args).__name__}")
     if score_mod is None and mask_mod is None and block_mask is None:
@@ -391,7 +391,8 @@ def validate_mods(score_mod, mask_mod, block_mask, mod_args, batch, heads, L, S,
     score_mod = None if score_mod is None else as_jit(score_mod, "score_mod")
     mask_mod = None if mask_mod is None else as_jit(mask_mod, "mask_mod")
     q_range, kv_range = positions if positions is not None else ((0, L - 1), (0, S - 1))
-    probe_mod_bounds(score_mod, mask_mod, mod_args, mod_ranges(batch, heads, q_range, kv_range))
+    if probe:
+        probe_mod_bounds(score_mod, mask_mod, mod_args, mod_ranges(batch, heads, q_range, kv_range))
     return {
         "score_mod": score_mod,
         "mask_mod": mask_mod,

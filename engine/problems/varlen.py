@@ -20,6 +20,7 @@ import numpy as np
 from .arrays import as_array, check_float, is_device_array
 from .base import Problem, Requirement, check_bool, check_scale
 from .decode import _window as window_arg
+from .mod_bounds import probe_mod_bounds
 from .mods import score_mod_grad, validate_mods
 from .packed import check_cu_seqlens
 from .sinks import validate_sinks
@@ -175,15 +176,10 @@ def validate_varlen_args(
     is_causal = check_bool(is_causal, "is_causal")
     return_lse = check_bool(return_lse, "return_lse")
     scale_f = check_scale(scale, E, f"query={qs}")
-    # the mods see positions within each sequence: q_idx = len_k - len_q + i, kv_idx < len_k
-    len_q, len_k = np.diff(cu_q), np.diff(cu_k)
-    rows = len_q > 0
-    positions = (
-        (int((len_k - len_q)[rows].min()), int(len_k[rows].max()) - 1) if rows.any() else (0, -1),
-        (0, max_k - 1),
-    )
-    mods = validate_mods(score_mod, mask_mod, None, mod_args, max(B, 1), Hq, max_q, max_k, positions=positions)
+    mods = validate_mods(score_mod, mask_mod, None, mod_args, max(B, 1), Hq, max_q, max_k, probe=False)
     mods.pop("block_mask", None)
+    if mods.get("score_mod") is not None or mods.get("mask_mod") is not None:
+        _probe_sequences(mods, Hq, np.diff(cu_q), np.diff(cu_k))
     return VarlenProblem(
         query=q,
         key=k,
@@ -271,3 +267,24 @@ def validate_varlen_backward_args(
         score_grad = score_mod_grad(score_mod, where)
     fields = {f.name: getattr(problem, f.name) for f in dataclasses.fields(VarlenProblem)}
     return VarlenBackwardProblem(**fields, score_grad=score_grad, **arrays)
+
+
+#: up to this many sequences are probed each (``_probe_sequences``); more, only the extreme ones
+PROBED_SEQUENCES = 64
+
+
+def _probe_sequences(mods: dict, heads: int, len_q: np.ndarray, len_k: np.ndarray) -> None:
+    """``probe_mod_bounds`` at each sequence's own corners: ``b``, ``q_idx`` from ``len_k - len_q``
+    to ``len_k - 1`` and ``kv_idx < len_k`` (the batch's longest ranges paired with every ``b``
+    refused a mod reading a per-token table through per-sequence starts; found by a trial). Of
+    more than :data:`PROBED_SEQUENCES` sequences, the first, the last and those with the most
+    query rows, the most keys and the lowest ``q_idx``."""
+    seqs = np.nonzero(len_q > 0)[0]
+    if seqs.size > PROBED_SEQUENCES:
+        offsets = (len_k - len_q)[seqs]
+        extremes = (0, -1, np.argmax(len_q[seqs]), np.argmax(len_k[seqs]), np.argmin(offsets))
+        seqs = np.unique(seqs[list(extremes)])
+    for b in seqs.tolist():
+        nq, nk = int(len_q[b]), int(len_k[b])
+        ranges = {"b": (b, b), "h": (0, heads - 1), "q_idx": (nk - nq, nk - 1), "kv_idx": (0, nk - 1)}
+        probe_mod_bounds(mods["score_mod"], mods["mask_mod"], mods["mod_args"], ranges)

@@ -148,6 +148,43 @@ def test_varlen_positions_within_each_sequence(rng):
     engine.varlen_attention(q, k, v, cu_q, cu_k, score_mod=by_key, mod_args=(np.zeros(18),), backend="cpu")
 
 
+def test_varlen_probes_each_sequence_at_its_own_positions(rng):
+    """A per-token table read through per-sequence starts is valid for every sequence: paired with
+    the longest sequence's positions, a short one was refused (found by a trial)."""
+    cu = np.array([0, 20, 25], np.int32)
+    q, k, v = (rng.standard_normal((25, 2, 16)).astype(np.float32) for _ in range(3))
+
+    def token_bias(score, b, h, q_idx, kv_idx, bias, start):
+        return score + bias[start[b] + q_idx]
+
+    bias, start = rng.standard_normal(25).astype(np.float32), cu[:-1].astype(np.int64)
+    kw = dict(score_mod=token_bias, mod_args=(bias, start))
+    np.testing.assert_allclose(
+        engine.varlen_attention(q, k, v, cu, cu, backend="cpu", **kw),
+        engine.varlen_attention(q, k, v, cu, cu, backend="reference", **kw),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    with pytest.raises(ValueError, match=r"b=1, h=0, q_idx=4"):
+        engine.varlen_attention(q, k, v, cu, cu, score_mod=token_bias, mod_args=(bias, start + 1), backend="cpu")
+
+
+def test_unhashable_mod_args_are_memoised_by_identity(qkv):
+    """A Numba typed List among mod_args (passed as it is) broke the probe's memo (found by a
+    trial): keyed by identity instead."""
+    from numba.typed import List
+
+    def by_list(score, b, h, q_idx, kv_idx, lst):
+        return score + lst[h]
+
+    table = List([0.5] * H)
+    for _ in range(2):
+        _sdpa(qkv, score_mod=by_list, mod_args=(table,))
+    # (a typed List checks its bounds itself, in Python and in the kernels: its own IndexError)
+    with pytest.raises(IndexError, match="list index out of range"):
+        _sdpa(qkv, score_mod=by_list, mod_args=(List([0.5] * (H - 1)),))
+
+
 def test_engine_torch_tensor_tables(qkv):
     torch = pytest.importorskip("torch")
     import engine.torch as et
