@@ -28,9 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..plugins.manager import add_listener
-from ..runtime.gemm_providers import selection_token
-from ..runtime.threads import get_num_threads
-from ..runtime.tuning import state_token
+from ..runtime.process_state import runtime_token
 
 __all__ = [
     "Plan",
@@ -156,10 +154,3 @@ def mod_args_key(mod_args):
         else:
             return None
     return tuple(out)
-
-
-def runtime_token():
-    """What the process state adds to every key: the calling thread's kernel thread count, the
-    GEMM provider selection (``set_gemm_provider`` and ``ATTENTION_ENGINE_GEMM``) and the state of
-    the measured tiles and provider (``engine.runtime.tuning.state_token``)."""
-    return (get_num_threads(), selection_token(), state_token())

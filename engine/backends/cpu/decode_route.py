@@ -22,9 +22,7 @@ from ...plugins.manager import add_listener
 from ...problems.attention import AttentionProblem
 from ...problems.decode import DecodeProblem, validate_decode_args
 from ...runtime.config import DECODE_FUSED_ROWS, DECODE_ROUTE_FLOAT_ROWS
-from ...runtime.gemm_providers import selection_token
-from ...runtime.threads import get_num_threads
-from ...runtime.tuning import state_token
+from ...runtime.process_state import runtime_token
 from .operands import as4, narrow, widen
 
 __all__ = ["decode_shaped", "decode_route", "run_as_decode", "DecodeRoute"]
@@ -105,8 +103,7 @@ def _signature(problem: AttentionProblem, op) -> tuple:
         problem.is_causal,
         problem.lse_float32,
         problem.lead_shape,
-        # what engine.plan's runtime_token holds (this layer does not import the plans')
-        (get_num_threads(), selection_token(), state_token()),
+        runtime_token(),
         id(op),
     )
 
