@@ -67,3 +67,42 @@ def test_every_backend_and_a_bfloat16_cache(models):
 def test_bad_arguments(models, prompts, new, words):
     with pytest.raises(ValueError, match=words):
         models[1].generate(prompts, new)
+
+
+def test_weights_keep_their_values_in_the_order_a_decode_step_reads_fastest(models):
+    """A block weight whose output is no wider than its input is held column-major (BLAS's
+    dot-product form of a one-row product), the others row-major; the values are transformers'."""
+    model, ours = models
+    state = model.state_dict()
+    orders = set()
+    for name, w in ours.p.items():
+        np.testing.assert_array_equal(w, state[name].numpy())
+        assert w.dtype == np.float32
+        if name.startswith("transformer.h.") and name.endswith(".weight") and w.ndim == 2:
+            column_major = w.shape[1] <= w.shape[0]
+            assert w.flags.f_contiguous if column_major else w.flags.c_contiguous, (name, w.shape)
+            orders.add(column_major)
+        else:
+            assert w.flags.c_contiguous, name
+    assert orders == {True, False}  # the tiny model has both kinds (c_proj; c_attn, c_fc)
+
+
+def test_generate_command_times_both_libraries(tmp_path):
+    """``attention-engine generate`` on the tiny model: the same tokens, tokens/s for both, each
+    run after its pause and warm-up; a negative pause is refused."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "gen.json"
+    cmd = [sys.executable, "-m", "engine.cli", "generate", "--model", "tiny", "--new-tokens", "4"]
+    cmd += ["--rounds", "1", "--threads", "1", "--pause", "0.01", "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [r["case"] for r in rows] == ["batch 1", "ragged batch 4"]
+    for r in rows:
+        assert r["same_tokens"] and r["engine_tokens_per_s"] > 0 and r["transformers_tokens_per_s"] > 0
+        assert len(r["times_s"]["engine"]) == len(r["times_s"]["transformers"]) == 1
+    bad = subprocess.run(cmd[:-2] + ["--pause", "-1"], capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "--pause must be a number of seconds >= 0, got -1" in bad.stderr
