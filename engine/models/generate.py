@@ -3,13 +3,19 @@
 Builds a GPT-2 (GPT-2 small's configuration by default, random weights from a fixed seed: no
 download) in transformers, copies it into :class:`engine.models.gpt2.GPT2`, and generates
 ``--new-tokens`` tokens greedily for one prompt and for a ragged batch of four, with both. Prints
-tokens per second for each (alternating the two libraries, medians over ``--rounds``), their ratio,
+tokens per second for each (medians over ``--rounds``, the libraries alternating), their ratio,
 and whether the tokens are the same and how far the logits are apart. Both run on ``--threads``
 threads (torch's, NumPy's BLAS through threadpoolctl, and the engine's).
+
+Each timed run starts after ``--pause`` seconds idle and an untimed two-token warm-up of the same
+library: each library is timed in its own block, as a user running only one of them sees it.
+Right after a torch call, torch's OpenMP workers keep spinning on the cores for a while and slow
+whatever runs next (NumPy's BLAS threads included); ``--pause 0`` times the two back to back.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -46,6 +52,12 @@ def add_arguments(parser) -> None:
         default="float32",
         help="the engine's KV cache dtype (default float32, the same numbers as transformers)",
     )
+    parser.add_argument(
+        "--pause",
+        type=float,
+        default=0.3,
+        help="seconds idle before each timed run, then a two-token warm-up of the same library (default 0.3)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the prompts")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
 
@@ -73,6 +85,8 @@ def run(args) -> int:
 
     if args.new_tokens < 1 or args.rounds < 1 or args.threads < 1:
         raise SystemExit("--new-tokens, --rounds and --threads must be at least 1")
+    if not args.pause >= 0:
+        raise SystemExit(f"--pause must be a number of seconds >= 0, got {args.pause}")
     torch.set_num_threads(args.threads)
     import numba
 
@@ -89,15 +103,21 @@ def run(args) -> int:
             tokens = len(prompts) * args.new_tokens
             ours.generate(prompts, 2, backend=args.backend, cache_dtype=cache_dtype)  # compile, warm up
             times = {"engine": [], "transformers": []}
+            runs = {  # each called with the number of new tokens
+                "engine": functools.partial(ours.generate, prompts, backend=args.backend, cache_dtype=cache_dtype),
+                "transformers": functools.partial(transformers_generate, model, prompts),
+            }
+            got = {}
             for r in range(args.rounds):
                 order = ("engine", "transformers") if r % 2 == 0 else ("transformers", "engine")
                 for lib in order:
+                    if args.pause > 0:  # the other library's workers go to sleep; this one's wake
+                        time.sleep(args.pause)
+                        runs[lib](2)
                     t = time.perf_counter()
-                    if lib == "engine":
-                        mine = ours.generate(prompts, args.new_tokens, backend=args.backend, cache_dtype=cache_dtype)
-                    else:
-                        theirs = transformers_generate(model, prompts, args.new_tokens)
+                    got[lib] = runs[lib](args.new_tokens)
                     times[lib].append(time.perf_counter() - t)
+            mine, theirs = got["engine"], got["transformers"]
             te, tt = statistics.median(times["engine"]), statistics.median(times["transformers"])
             row = {
                 "case": name,
