@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import platform
 import statistics
@@ -85,8 +86,8 @@ def run(args) -> int:
 
     if args.new_tokens < 1 or args.rounds < 1 or args.threads < 1:
         raise SystemExit("--new-tokens, --rounds and --threads must be at least 1")
-    if not args.pause >= 0:
-        raise SystemExit(f"--pause must be a number of seconds >= 0, got {args.pause}")
+    if not 0 <= args.pause < math.inf:
+        raise SystemExit(f"--pause must be a finite number of seconds >= 0, got {args.pause}")
     torch.set_num_threads(args.threads)
     import numba
 

@@ -104,5 +104,7 @@ def test_generate_command_times_both_libraries(tmp_path):
     for r in rows:
         assert r["same_tokens"] and r["engine_tokens_per_s"] > 0 and r["transformers_tokens_per_s"] > 0
         assert len(r["times_s"]["engine"]) == len(r["times_s"]["transformers"]) == 1
-    bad = subprocess.run(cmd[:-2] + ["--pause", "-1"], capture_output=True, text=True, timeout=600)
-    assert bad.returncode != 0 and "--pause must be a number of seconds >= 0, got -1" in bad.stderr
+    for pause in ("-1", "nan", "inf"):
+        bad = subprocess.run(cmd[:-2] + ["--pause", pause], capture_output=True, text=True, timeout=600)
+        assert bad.returncode != 0, pause
+        assert f"--pause must be a finite number of seconds >= 0, got {float(pause)}" in bad.stderr
