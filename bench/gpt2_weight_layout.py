@@ -3,8 +3,10 @@
 ``engine.models.gpt2`` holds a block's weight column-major where the product's output is no wider
 than its input (``_held_for_one_row``). This builds GPT-2 small (random weights, no download),
 copies the model with every weight row-major, checks both give the same tokens, and times
-batch-1 greedy generation of ``--new-tokens`` tokens with each, alternating (the order flips every
-round), each run after a pause and a two-token warm-up; prints the median tokens per second.
+batch-1 greedy generation with each, alternating (the order flips every round), each run after a
+pause and a two-token warm-up; prints the median tokens per second: ``--new-tokens`` tokens over
+the time of a ``generate`` call making one more (the first comes from the 16-token prompt's
+prefill, which the time includes).
 Run: ``python bench/gpt2_weight_layout.py [--threads 2] [--rounds 12]``; with
 ``OPENBLAS_CORETYPE=Haswell`` (NumPy's OpenBLAS with AVX2 kernels) for another CPU's kernels.
 """

@@ -46,21 +46,42 @@ def _layer_norm(x, weight, bias, eps):
     return centred / np.sqrt(var + eps) * weight + bias
 
 
-def _held_for_one_row(name: str, w: np.ndarray) -> np.ndarray:
-    """A block's ``Conv1D`` weight (in, out) in the memory order its products ``x @ W`` read fastest
-    at a decode step (one row of x per sequence): column-major (``np.asfortranarray``: each output's
-    weights contiguous, BLAS's dot-product form of the matrix-vector product) where the output is
-    no wider than the input (``attn.c_proj`` 768 x 768, ``mlp.c_proj`` 3072 x 768), row-major (the
-    axpy form) where it is wider (``c_attn``, ``c_fc``). The same values and shape, so ``x @ W`` is
-    unchanged; only the rounding of the sums' order differs (about 1e-6 of a logit). Measured on AMD
-    Zen 4, 2 threads, NumPy's OpenBLAS (``python bench/gpt2_weight_layout.py``): GPT-2 small's
-    batch-1 generation 60.1 against 48.7 tokens/s all row-major with its SkylakeX kernels, 54.2
-    against 48.5 with its Haswell (AVX2) kernels; the output projection ``wte.T`` (768 x 50257)
-    stays row-major, where its product is faster (``bench/gpt2_weight_products.py``)."""
+def _held_for_one_row(name: str, w) -> np.ndarray:
+    """A float32 copy of ``w``, a block's ``Conv1D`` weight (in, out) in the memory order that
+    reads fastest in a decode step (one row per sequence): column-major where the output is no
+    wider than the input (``attn.c_proj`` 768 x 768, ``mlp.c_proj`` 3072 x 768), row-major where
+    it is wider (``c_attn``, ``c_fc``) and for every other parameter. :func:`_linear` multiplies by
+    either. Measured on AMD Zen 4, 2 threads, NumPy's OpenBLAS (``python
+    bench/gpt2_weight_layout.py``): GPT-2 small's batch-1 generation 60.1 against 48.7 tokens/s all
+    row-major with its SkylakeX kernels, 54.2 against 48.5 with its Haswell (AVX2) kernels; the
+    output projection ``wte.T`` (768 x 50257) stays row-major, where its product is faster
+    (``bench/gpt2_weight_products.py``)."""
     w = np.asarray(w)
-    if name.startswith("transformer.h.") and name.endswith(".weight") and w.ndim == 2 and w.shape[1] <= w.shape[0]:
-        return np.asfortranarray(w, dtype=np.float32)
-    return np.ascontiguousarray(w, dtype=np.float32)
+    column_major = name.startswith("transformer.h.") and name.endswith(".weight") and w.ndim == 2
+    column_major = column_major and w.shape[1] <= w.shape[0]
+    return np.array(w, dtype=np.float32, order="F" if column_major else "C")
+
+
+#: below this many sequences of one token each (a decode step of a small batch) a product runs as
+#: one matrix-vector product per sequence (NumPy's stacked ``matmul``), from it on as one 2-D
+#: product. Measured on AMD Zen 4, 2 threads, NumPy's OpenBLAS, ``mlp.c_proj`` (3072 x 768,
+#: column-major): 4 rows 0.28 ms stacked against 0.32 ms as one product, 16 rows 1.04 against 0.55.
+STACKED_ROWS = 16
+
+
+def _linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
+    """``x @ w + b`` for x (B, L, in) and w (in, out) held as :func:`_held_for_one_row` holds it:
+    a decode step of fewer than :data:`STACKED_ROWS` sequences as ``x @ w`` (one matrix-vector
+    product per sequence, in w's order), anything else as one 2-D product over every row, a
+    column-major w multiplied as ``(w.T @ x.T).T`` (row-major w.T: ``x @ w`` on a column-major w
+    took 1.7x as long at 16 rows of 3072 here). Only the order of each output's sum differs."""
+    B, L, n_in = x.shape
+    if L == 1 and B < STACKED_ROWS:
+        y = x @ w
+    else:
+        rows = x.reshape(B * L, n_in)
+        y = ((w.T @ rows.T).T if w.flags.f_contiguous and not w.flags.c_contiguous else rows @ w).reshape(B, L, -1)
+    return y if b is None else y + b
 
 
 def _gelu_new(x):
@@ -73,8 +94,10 @@ def _gelu_new(x):
 class GPT2:
     """A GPT-2 language model held as NumPy arrays (float32), for greedy generation.
 
-    ``params`` uses transformers' state-dict names (``transformer.h.0.attn.c_attn.weight`` ...);
-    ``config`` needs ``n_layer``, ``n_head``, ``n_embd``, ``n_positions``, ``layer_norm_epsilon``.
+    ``params`` uses transformers' state-dict names (``transformer.h.0.attn.c_attn.weight`` ...),
+    any array-likes; they are copied to float32 (:func:`_held_for_one_row`), so changing the source
+    afterwards leaves the model as it was. ``config`` needs ``n_layer``, ``n_head``, ``n_embd``,
+    ``n_positions``, ``layer_norm_epsilon``.
     """
 
     def __init__(self, params: dict, config):
@@ -103,7 +126,7 @@ class GPT2:
         p, pre = self.p, f"transformer.h.{i}."
         B, L, _ = x.shape
         h = _layer_norm(x, p[pre + "ln_1.weight"], p[pre + "ln_1.bias"], self.eps)
-        qkv = h @ p[pre + "attn.c_attn.weight"] + p[pre + "attn.c_attn.bias"]
+        qkv = _linear(h, p[pre + "attn.c_attn.weight"], p[pre + "attn.c_attn.bias"])
         # (B, L, 3, H, hd) -> three (B, H, L, hd): the engine's head-major layout
         qkv = qkv.reshape(B, L, 3, self.n_head, self.head_dim).transpose(2, 0, 3, 1, 4)
         q, k, v = (np.ascontiguousarray(a) for a in qkv)
@@ -111,10 +134,10 @@ class GPT2:
 
         a = attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens, is_causal=True, backend=backend)
         a = a.transpose(0, 2, 1, 3).reshape(B, L, self.n_embd)
-        x = x + (a @ p[pre + "attn.c_proj.weight"] + p[pre + "attn.c_proj.bias"])
+        x = x + _linear(a, p[pre + "attn.c_proj.weight"], p[pre + "attn.c_proj.bias"])
         h = _layer_norm(x, p[pre + "ln_2.weight"], p[pre + "ln_2.bias"], self.eps)
-        h = _gelu_new(h @ p[pre + "mlp.c_fc.weight"] + p[pre + "mlp.c_fc.bias"])
-        return x + (h @ p[pre + "mlp.c_proj.weight"] + p[pre + "mlp.c_proj.bias"])
+        h = _gelu_new(_linear(h, p[pre + "mlp.c_fc.weight"], p[pre + "mlp.c_fc.bias"]))
+        return x + _linear(h, p[pre + "mlp.c_proj.weight"], p[pre + "mlp.c_proj.bias"])
 
     def _forward(self, tokens, positions, caches, seqlens, backend):
         """Logits (B, L, vocab) of ``tokens`` (B, L) at ``positions`` (B, L), after the caches."""
@@ -122,7 +145,7 @@ class GPT2:
         for i, (kc, vc) in enumerate(caches):
             x = self._block(i, x, kc, vc, seqlens, backend)
         x = _layer_norm(x, self.p["transformer.ln_f.weight"], self.p["transformer.ln_f.bias"], self.eps)
-        return x @ self.wte_t
+        return _linear(x, self.wte_t)
 
     def generate(self, prompts, max_new_tokens: int, *, backend: str = "auto", cache_dtype=np.float32) -> Generation:
         """Greedy decoding of ``max_new_tokens`` tokens after each prompt.

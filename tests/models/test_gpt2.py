@@ -108,3 +108,36 @@ def test_generate_command_times_both_libraries(tmp_path):
         bad = subprocess.run(cmd[:-2] + ["--pause", pause], capture_output=True, text=True, timeout=600)
         assert bad.returncode != 0, pause
         assert f"--pause must be a finite number of seconds >= 0, got {float(pause)}" in bad.stderr
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (4, 1), (15, 1), (16, 1), (1, 16), (3, 5)], ids=str)
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_linear_is_x_at_w_plus_b_in_either_order(shape, order):
+    """Every path of ``_linear`` (stacked one-row products, one 2-D product, a column-major weight
+    through its transpose) gives ``x @ w + b`` to float32 rounding, with the shape (B, L, out)."""
+    from engine.models.gpt2 import _linear
+
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(shape + (48,), dtype=np.float32)
+    w = np.array(rng.standard_normal((48, 40), dtype=np.float32), order=order)
+    b = rng.standard_normal(40, dtype=np.float32)
+    want = x.astype(np.float64) @ w.astype(np.float64) + b
+    got = _linear(x, w, b)
+    assert got.shape == shape + (40,) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_linear(x, w), want - b, rtol=1e-5, atol=1e-5)
+
+
+def test_from_transformers_copies_every_weight():
+    """The NumPy model owns its weights: changing the torch model in place afterwards (an optimiser
+    step, ``load_state_dict``) leaves it as it was (most arrays shared the torch tensors' memory)."""
+    import torch
+
+    model, ours = random_gpt2(tiny_config(), seed=1)
+    before = {k: v.copy() for k, v in ours.p.items()}
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.mul_(2.0)
+    for k, v in ours.p.items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
