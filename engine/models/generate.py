@@ -148,6 +148,7 @@ def run(args) -> int:
             ),
             "model": args.model,
             "threads": args.threads,
+            "pause_s": args.pause,
             "backend": args.backend,
             "cache_dtype": args.cache_dtype,
             "cpu": cpu_model(),

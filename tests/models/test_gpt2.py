@@ -99,7 +99,9 @@ def test_generate_command_times_both_libraries(tmp_path):
     cmd += ["--rounds", "1", "--threads", "1", "--pause", "0.01", "--json", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = json.loads(out.read_text())["results"]
+    got = json.loads(out.read_text())
+    assert got["meta"]["pause_s"] == 0.01 and got["meta"]["threads"] == 1
+    rows = got["results"]
     assert [r["case"] for r in rows] == ["batch 1", "ragged batch 4"]
     for r in rows:
         assert r["same_tokens"] and r["engine_tokens_per_s"] > 0 and r["transformers_tokens_per_s"] > 0
