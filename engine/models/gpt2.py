@@ -80,7 +80,8 @@ def _linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.nda
         y = x @ w
     else:
         rows = x.reshape(B * L, n_in)
-        y = ((w.T @ rows.T).T if w.flags.f_contiguous and not w.flags.c_contiguous else rows @ w).reshape(B, L, -1)
+        y = (w.T @ rows.T).T if w.flags.f_contiguous and not w.flags.c_contiguous else rows @ w
+        y = y.reshape(B, L, w.shape[1])
     return y if b is None else y + b
 
 
@@ -94,10 +95,12 @@ def _gelu_new(x):
 class GPT2:
     """A GPT-2 language model held as NumPy arrays (float32), for greedy generation.
 
-    ``params`` uses transformers' state-dict names (``transformer.h.0.attn.c_attn.weight`` ...),
-    any array-likes; they are copied to float32 (:func:`_held_for_one_row`), so changing the source
-    afterwards leaves the model as it was. ``config`` needs ``n_layer``, ``n_head``, ``n_embd``,
-    ``n_positions``, ``layer_norm_epsilon``.
+    ``params`` uses transformers' state-dict names (``transformer.h.0.attn.c_attn.weight`` ...):
+    NumPy arrays or anything ``np.asarray`` reads (CPU tensors without gradients, of a NumPy
+    dtype); they are copied to float32 (:func:`_held_for_one_row`), so changing the source
+    afterwards leaves the model as it was. ``lm_head.weight``, where given, is the output
+    projection (an untied head); else ``transformer.wte.weight`` is. ``config`` needs ``n_layer``,
+    ``n_head``, ``n_embd``, ``n_positions``, ``layer_norm_epsilon``.
     """
 
     def __init__(self, params: dict, config):
@@ -107,7 +110,10 @@ class GPT2:
         self.eps = float(config.layer_norm_epsilon)
         self.p = {k: _held_for_one_row(k, v) for k, v in params.items()}
         self.wte = self.p["transformer.wte.weight"]
-        self.wte_t = np.ascontiguousarray(self.wte.T)  # the tied output projection, (n_embd, vocab)
+        # the output projection (n_embd, vocab): lm_head.weight where given (transformers' state dict
+        # holds it even when tied to wte), not kept twice
+        head = self.p.pop("lm_head.weight", self.wte)
+        self.wte_t = np.ascontiguousarray(head.T)
         self.wpe = self.p["transformer.wpe.weight"]
 
     @classmethod

@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from engine.models.gpt2 import random_gpt2, tiny_config, transformers_generate  # noqa: E402
+from engine.models.gpt2 import GPT2, random_gpt2, tiny_config, transformers_generate  # noqa: E402
 
 NEW_TOKENS = 128
 
@@ -112,7 +112,7 @@ def test_generate_command_times_both_libraries(tmp_path):
         assert f"--pause must be a finite number of seconds >= 0, got {float(pause)}" in bad.stderr
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (4, 1), (15, 1), (16, 1), (1, 16), (3, 5)], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (4, 1), (15, 1), (16, 1), (1, 16), (3, 5), (0, 3), (2, 0)], ids=str)
 @pytest.mark.parametrize("order", ["C", "F"])
 def test_linear_is_x_at_w_plus_b_in_either_order(shape, order):
     """Every path of ``_linear`` (stacked one-row products, one 2-D product, a column-major weight
@@ -143,3 +143,22 @@ def test_from_transformers_copies_every_weight():
                 t.mul_(2.0)
     for k, v in ours.p.items():
         np.testing.assert_array_equal(v, before[k], err_msg=k)
+    assert "lm_head.weight" not in ours.p  # tied to wte: not held twice
+    np.testing.assert_array_equal(ours.wte_t, before["transformer.wte.weight"].T)
+
+
+def test_an_untied_output_projection_is_used():
+    """A state dict whose ``lm_head.weight`` differs from ``wte`` (an untied head) gives
+    transformers' logits with that head."""
+    import torch
+
+    model, _ = random_gpt2(tiny_config(tie_word_embeddings=False), seed=2)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-0.5)
+    assert not torch.equal(model.lm_head.weight, model.transformer.wte.weight)
+    ours = GPT2.from_transformers(model)
+    prompts = _prompts((6, 3))
+    want = transformers_generate(model, prompts, 8)
+    got = ours.generate(prompts, 8)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.logits, want.logits, atol=1e-4)
