@@ -72,6 +72,10 @@ def _cache_dtype(name):
 
 
 def run(args) -> int:
+    if args.new_tokens < 1 or args.rounds < 1 or args.threads < 1:
+        raise SystemExit("--new-tokens, --rounds and --threads must be at least 1")
+    if not 0 <= args.pause < math.inf:
+        raise SystemExit(f"--pause must be a finite number of seconds >= 0, got {args.pause}")
     try:
         import torch
         from threadpoolctl import threadpool_limits
@@ -84,10 +88,6 @@ def run(args) -> int:
 
     from .gpt2 import random_gpt2, tiny_config, transformers_generate
 
-    if args.new_tokens < 1 or args.rounds < 1 or args.threads < 1:
-        raise SystemExit("--new-tokens, --rounds and --threads must be at least 1")
-    if not 0 <= args.pause < math.inf:
-        raise SystemExit(f"--pause must be a finite number of seconds >= 0, got {args.pause}")
     torch.set_num_threads(args.threads)
     import numba
 
