@@ -5,13 +5,13 @@ paths included) and the calibration's times."""
 from __future__ import annotations
 
 from .gemm_providers import (
-    PROVIDER_KEY,
     PROVIDERS,
     auto_order,
     calibration_times,
     gemm_mode,
     get_gemm_provider,
     load_provider,
+    provider_key,
     sixteen_bit_gemm,
     sixteen_bit_tiles,
     valid_provider_choice,
@@ -32,14 +32,20 @@ def available_gemm_providers() -> dict[str, str]:
 
 def gemm_provider_info() -> dict:
     """What ``attention-engine list`` shows: how the provider is chosen, the one in use per dtype
-    (running the calibration if it has not run), the calibration's times, and every provider's
-    status (version, or why it cannot load)."""
+    (running the calibration if it has not run; heads over 64 apart where their measured provider
+    differs), the calibration's times, and every provider's status (version, or why it cannot
+    load)."""
     in_use = {dt: get_gemm_provider(dt).name for dt in ("float32", "float64")}
     measured = {
         dt: got["provider"]
         for dt in ("float32", "float64")
-        if (got := lookup(PROVIDER_KEY.format(dtype=dt), valid_provider_choice)) is not None
+        if (got := lookup(provider_key(dt), valid_provider_choice)) is not None
     }
+    for dt in ("float32", "float64"):  # heads wider than 64, where measured apart (autotune)
+        if (got := lookup(provider_key(dt, 128), valid_provider_choice)) is not None:
+            measured[f"{dt}, heads over 64"] = got["provider"]
+            if get_gemm_provider(dt, 128).name != in_use[dt]:
+                in_use[f"{dt}, heads over 64"] = get_gemm_provider(dt, 128).name
     for dt in ("bfloat16", "float16"):
         half = sixteen_bit_gemm(dt)
         in_use[dt] = f"{half.name} (16-bit GEMM)" if half else f"{in_use['float32']} (widened to float32)"

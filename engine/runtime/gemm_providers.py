@@ -21,8 +21,10 @@ BLIS (the ``blis`` package) and a register-blocked Numba loop are measured by
 
 The choice: ``engine.set_gemm_provider(name)``, else the environment variable
 ``ATTENTION_ENGINE_GEMM``, else ``auto``. ``auto`` is the provider measured fastest on this machine
-for the dtype where one was measured (``engine.backends.cpu.autotune``, kept on disk by
-``engine.runtime.tuning``; the first large forward call of a dtype measures it), else a rule per
+for the dtype and head-width class where one was measured (``engine.backends.cpu.autotune``, kept
+on disk by ``engine.runtime.tuning``; the first large forward call of a dtype with heads up to 64,
+or of one with wider heads, measures it: the fastest library differs between the two on some
+machines), else the dtype's other class's measurement, else a rule per
 CPU vendor (:data:`engine.runtime.config.GEMM_AUTO_ORDER`: the first installed provider of the
 vendor's list; the figures behind it are in ``docs/performance.md`` and ``bench/tile_gemm.py``),
 which is also what ``ATTENTION_ENGINE_AUTOTUNE=0`` leaves; ``calibrate`` times
@@ -57,6 +59,7 @@ from .tuning import lookup
 
 __all__ = [
     "PROVIDER_KEY",
+    "provider_key",
     "valid_provider_choice",
     "GemmProvider",
     "PROVIDERS",
@@ -81,8 +84,16 @@ PROVIDERS = ("mkl", "openblas", "numpy")
 ENV_VAR = "ATTENTION_ENGINE_GEMM"
 #: the names of the engine's own 16-bit tile products (:func:`sixteen_bit_tiles`; tuning keys)
 OWN_TILES = ("amx", "avx512-bf16")
-#: the tuning cache's key of the measured provider of a dtype (``engine.runtime.tuning``)
+#: the tuning cache's key of the measured provider of a dtype for heads up to 64 wide
+#: (``engine.runtime.tuning``); :func:`provider_key` adds the wider heads' class
 PROVIDER_KEY = "cpu-gemm/{dtype}"
+
+
+def provider_key(dtype_name: str, width: int = 64) -> str:
+    """The tuning key of the provider measured for ``dtype_name`` and heads ``width`` wide (the
+    larger of the query/key and value head sizes): :data:`PROVIDER_KEY` up to 64 (the key older
+    versions wrote), ``PROVIDER_KEY + "/w128"`` for wider heads (measured at 128)."""
+    return PROVIDER_KEY.format(dtype=dtype_name) + ("" if width <= 64 else "/w128")
 
 
 @dataclass
@@ -324,14 +335,17 @@ def auto_order(vendor: str | None = None) -> tuple:
     return GEMM_AUTO_ORDER.get(_vendor() if vendor is None else vendor, GEMM_AUTO_DEFAULT)
 
 
-def get_gemm_provider(dtype_name: str = "float32") -> GemmProvider:
-    """The provider the next ``cpu`` kernel call uses for operands of ``dtype_name``.
+def get_gemm_provider(dtype_name: str = "float32", width: int = 64) -> GemmProvider:
+    """The provider the next ``cpu`` kernel call uses for operands of ``dtype_name`` in heads
+    ``width`` wide.
 
-    Forced: that one, or ``numpy`` where it lacks this dtype. ``auto``: the first installed
-    provider of :func:`auto_order`. ``calibrate``: the fastest installed candidate (timed once per
-    process and dtype).
+    Forced: that one, or ``numpy`` where it lacks this dtype. ``auto``: the provider measured on
+    this machine for the dtype and the width's class (:func:`provider_key`), else the one measured
+    for the dtype's other class, else the first installed provider of :func:`auto_order`.
+    ``calibrate``: the fastest installed candidate (timed once per process and dtype, any width).
 
     :param dtype_name: ``"float32"`` or ``"float64"`` (the operands' dtype).
+    :param width: the head size (the larger of the query/key and value ones); 64 by default.
     :raises ValueError: when ``ATTENTION_ENGINE_GEMM`` names an unknown or unloadable provider.
     """
     name = _requested()
@@ -343,9 +357,12 @@ def get_gemm_provider(dtype_name: str = "float32") -> GemmProvider:
     if dtype_name not in ("float32", "float64"):
         return load_provider("numpy")
     if name == "auto":
-        measured = lookup(PROVIDER_KEY.format(dtype=dtype_name), valid_provider_choice)
-        if measured is not None:
-            return load_provider(measured["provider"])
+        for key in dict.fromkeys(
+            (provider_key(dtype_name, width), provider_key(dtype_name, 64), provider_key(dtype_name, 128))
+        ):
+            measured = lookup(key, valid_provider_choice)
+            if measured is not None:
+                return load_provider(measured["provider"])
         for candidate in auto_order():
             got = load_provider(candidate)
             if not isinstance(got, str) and got.supports(dtype_name):

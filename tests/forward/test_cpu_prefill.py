@@ -472,3 +472,100 @@ def test_bf16_rounding_of_probabilities_matches_ml_dtypes_but_subnormals():
     assert np.array_equal(got[~nan & ~sub], ref[~nan & ~sub])
     assert np.isnan(got[nan].view(ml_dtypes.bfloat16).astype(np.float32)).all()
     assert np.all((got[sub] & 0x7FFF == 0) | (got[sub] == ref[sub]))
+
+
+def _spy_providers(monkeypatch, *modules) -> list:
+    """(dtype, width, provider name) of every ``get_gemm_provider`` call these modules make."""
+    from engine.runtime.gemm_providers import get_gemm_provider
+
+    seen = []
+
+    def spy(dtype_name="float32", width=64):
+        got = get_gemm_provider(dtype_name, width)
+        seen.append((dtype_name, width, got.name))
+        return got
+
+    for module in modules:
+        monkeypatch.setattr(module, "get_gemm_provider", spy)
+    return seen
+
+
+def _store_provider(dtype: str, width: int, name: str):
+    from engine.runtime.gemm_providers import provider_key, valid_provider_choice
+
+    tuning.tuned(provider_key(dtype, width), lambda: {"provider": name, "ms": {}}, valid_provider_choice)
+
+
+def test_heads_over_64_take_the_provider_measured_for_them(tuning_dir, rng, monkeypatch):
+    """The provider stored for heads over 64 runs their forward and backward (and varlen's); heads
+    up to 64 keep the dtype's; the results stay the reference's."""
+    import engine.backends.cpu.backward as cpu_backward
+    import engine.backends.cpu.varlen as cpu_varlen
+
+    if isinstance(load_provider("openblas"), str):
+        pytest.fail("the test extra installs scipy-openblas32: " + load_provider("openblas"))
+    _store_provider("float32", 64, "numpy")
+    _store_provider("float32", 128, "openblas")
+    seen = _spy_providers(monkeypatch, cpu_forward, cpu_backward, cpu_varlen)
+    for E, want in ((96, "openblas"), (128, "openblas"), (200, "openblas"), (64, "numpy"), (16, "numpy")):
+        seen.clear()
+        q, k, v = (rng.standard_normal((1, 2, n, E)).astype(np.float32) for n in (40, 56, 56))
+        out, lse = _check(q, k, v, np.float32, is_causal=True)
+        do = rng.standard_normal(out.shape).astype(np.float32)
+        got = engine.scaled_dot_product_attention_backward(do, q, k, v, out, lse, backend="cpu", is_causal=True)
+        ref = engine.scaled_dot_product_attention_backward(do, q, k, v, out, lse, backend="reference", is_causal=True)
+        for g, r in zip(got, ref):
+            assert np.allclose(g, r, atol=2e-5)
+        assert {name for _, _, name in seen} == {want} and len(seen) >= 2, (E, seen)
+    seen.clear()
+    q, k, v = (rng.standard_normal((50, 2, 96)).astype(np.float32) for _ in range(3))
+    cu = np.array([0, 20, 50], np.int32)
+    got = engine.varlen_attention(q, k, v, cu, cu, is_causal=True, backend="cpu")
+    ref = engine.varlen_attention(q, k, v, cu, cu, is_causal=True, backend="reference")
+    assert np.allclose(got, ref, atol=2e-5)
+    assert seen and {name for _, _, name in seen} == {"openblas"}
+
+
+def test_a_width_without_its_own_measurement_takes_the_other_one(tuning_dir):
+    """Until a class is measured, its calls take the dtype's other class's measurement, then the
+    vendor's rule; forcing a provider overrides every width."""
+    from engine.runtime.gemm_providers import auto_order
+
+    rule = next(n for n in auto_order() if not isinstance(load_provider(n), str))
+    assert engine.get_gemm_provider("float32", 128).name == rule
+    _store_provider("float32", 128, "numpy")
+    assert engine.get_gemm_provider("float32", 64).name == "numpy"
+    assert engine.get_gemm_provider("float32").name == "numpy"
+    _store_provider("float32", 64, "openblas")
+    assert engine.get_gemm_provider("float32", 64).name == "openblas"
+    assert engine.get_gemm_provider("float32", 128).name == "numpy"
+    assert engine.get_gemm_provider("float32", 512).name == "numpy"
+    info = engine.get_backend("cpu").capabilities()["gemm"]
+    assert info["measured"]["float32, heads over 64"] == "numpy" and info["measured"]["float32"] == "openblas"
+    assert info["in_use"]["float32, heads over 64"] == "numpy"
+    engine.set_gemm_provider("numpy")
+    try:
+        assert engine.get_gemm_provider("float32", 64).name == engine.get_gemm_provider("float32", 128).name == "numpy"
+    finally:
+        engine.set_gemm_provider(None)
+
+
+def test_first_large_call_with_wide_heads_measures_their_provider(tuning_dir, rng, monkeypatch):
+    """A large call with heads over 64 measures the provider on the 128-wide class (every
+    installed provider's tiles there, kept), apart from the dtype's head-64 choice."""
+    from engine.runtime.gemm_providers import provider_key
+
+    monkeypatch.setattr(cpu_forward, "CPU_TUNE_MIN_WORK", 1)
+    monkeypatch.setattr(autotune, "CLASS_PROBLEMS", {"short": (1, 64, 64), "medium": (1, 64, 64), "long": (1, 64, 128)})
+    monkeypatch.setattr(cpu_tiles, "BLOCK_Q_CHOICES", (32, 64))
+    monkeypatch.setattr(autotune, "BLOCK_Q_CHOICES", (32, 64))
+    monkeypatch.setattr(autotune, "BLOCK_K_CHOICES", (64, 128))
+    q, k, v = (rng.standard_normal((1, 2, n, 100)).astype(np.float32) for n in (96, 100, 100))
+    _check(q, k, v, np.float32)
+    choices = tuning.tuning_info()["choices"]
+    assert provider_key("float32", 64) not in choices  # nothing measured for heads up to 64
+    got = choices[provider_key("float32", 128)]
+    assert engine.get_gemm_provider("float32", 100).name == got["provider"]
+    for name in got["ms"]:  # each candidate's tiles of that class were searched and kept
+        assert cpu_tiles.valid_tiles(choices[cpu_tiles.tile_key(name, "float32", 128, "medium")])
+    assert "numpy" in got["ms"] and len(got["ms"]) >= 2

@@ -100,7 +100,7 @@ class CpuBackward(Op):
             dlse = np.ascontiguousarray(problem.grad_lse, dtype=np.float64).reshape(B, Hq, L)
         fmask, bmask, mask_batch, kind = kernel_masks(problem)
         # the forward's provider and tiles: the scores are recomputed with the very same products
-        provider = get_gemm_provider(dt.name)
+        provider = get_gemm_provider(dt.name, max(E, Ev))
         gemm = (provider.kind, provider.pointer(dt.name))
         # the forward's tiles: large ones when its score products cannot start threads (a sequential
         # provider, or np.dot's OpenBLAS held at one thread)

@@ -17,6 +17,7 @@ from ...runtime.config import (
     BLAS_SINGLE_THREAD_MNK,
     CPU_QUIET_OPENMP_MIN_WORK,
     CPU_SERIAL_MAX_WORK,
+    CPU_TUNE_MAX_WIDTH,
     CPU_TUNE_MIN_WORK,
 )
 from ...runtime.entry_points import canonical_entry
@@ -256,9 +257,11 @@ def _setup(problem: AttentionProblem, gemm=None, plan=None, provider=None, seria
     name = dtype_name(problem.dtype)
     if gemm is None:
         if provider is None:
+            width = max(problem.E, problem.Ev)
             if tune is not None and work >= CPU_TUNE_MIN_WORK and autotune_enabled() and gemm_mode() == "auto":
-                tune_provider(tune, name)
-            provider = get_gemm_provider(name)
+                if width <= CPU_TUNE_MAX_WIDTH:  # wider heads take the fixed rule, and the w128 provider
+                    tune_provider(tune, name, width)
+            provider = get_gemm_provider(name, width)
         gemm = (provider.kind, provider.pointer(name))
     # only np.dot's OpenBLAS starts threads of its own; the other providers are sequential
     pin = get_blas_pin() if gemm[0] == GEMM_NUMPY else None

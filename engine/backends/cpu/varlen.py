@@ -24,6 +24,7 @@ from ...problems.varlen import VarlenProblem
 from ...runtime.config import (
     CPU_QUIET_OPENMP_MIN_WORK,
     CPU_SERIAL_MAX_WORK,
+    CPU_TUNE_MAX_WIDTH,
     CPU_TUNE_MIN_WORK,
     DECODE_BLOCK_K,
     DECODE_BLOCK_ROWS,
@@ -171,9 +172,9 @@ def tiled_setup(problem, compute: np.dtype, threads: int, tune=None, work: int =
     name = compute.name
     E, Ev = problem.E, problem.Ev
     big = tune is not None and work >= CPU_TUNE_MIN_WORK and autotune_enabled()
-    if big and gemm_mode() == "auto":
-        tune_provider(tune, name)
-    provider = get_gemm_provider(name)
+    if big and gemm_mode() == "auto" and max(E, Ev) <= CPU_TUNE_MAX_WIDTH:
+        tune_provider(tune, name, max(E, Ev))
+    provider = get_gemm_provider(name, max(E, Ev))
     pin = get_blas_pin() if provider.kind == GEMM_NUMPY else None
     pinned = pin is None or pin.available
     L = max(1, problem.max_seqlen_q)
@@ -254,7 +255,7 @@ def attend_packed_arrays(
         part_lse = np.empty((splits, N), dtype=q.dtype)
     else:
         part_out, part_lse = out.reshape(1, N, Ev), lse.reshape(1, N)
-    provider = get_gemm_provider(q.dtype.name)
+    provider = get_gemm_provider(q.dtype.name, max(problem.E, Ev))
     gemm_kind, gemm_fn = provider.kind, provider.pointer(q.dtype.name)
     # keys read: tiny calls run serially (the thread pool's wake-up costs more than it gains)
     work = int(np.dot(q_lens, seqlens_k)) * Hq * (problem.E + Ev)
