@@ -52,6 +52,7 @@ from .config import (
     GEMM_CALIBRATION_CALLS,
     GEMM_CALIBRATION_CANDIDATES,
     GEMM_CALIBRATION_MARGIN,
+    GEMM_CALIBRATION_PREFERENCE,
     GEMM_HALF_CPU_FLAGS,
 )
 from .machine import cpu_flags, cpu_vendor
@@ -281,12 +282,14 @@ def _requested() -> str:
 
 
 def choose_fastest(seconds: dict[str, float], margin: float = GEMM_CALIBRATION_MARGIN) -> str:
-    """The provider to use from calibration times (seconds per call, lower is better): the
-    fastest, except that ``numpy`` is kept when it is within ``margin`` of it (no extra library
-    in the kernel's path for a gain below the noise). Ties go to the name first in ``seconds``."""
+    """The provider to use from measured times (seconds, lower is better): the first of
+    :data:`~engine.runtime.config.GEMM_CALIBRATION_PREFERENCE` (``openblas``, then ``numpy``)
+    within ``margin`` of the fastest, else the fastest (a gain below the noise does not bring in
+    another library). Ties go to the name first in ``seconds``."""
     best = min(seconds, key=lambda n: seconds[n])
-    if "numpy" in seconds and seconds["numpy"] <= seconds[best] * (1.0 + margin):
-        return "numpy"
+    for name in GEMM_CALIBRATION_PREFERENCE:
+        if name in seconds and seconds[name] <= seconds[best] * (1.0 + margin):
+            return name
     return best
 
 

@@ -169,6 +169,11 @@ def test_calibration_decision_on_injected_timings():
     assert gp.choose_fastest({"numpy": 1.02, "mkl": 1.0}, margin=0.03) == "numpy"
     assert gp.choose_fastest({"numpy": 1.05, "mkl": 1.0}, margin=0.03) == "mkl"
     assert gp.choose_fastest({"openblas": 2.0, "mkl": 1.0}) == "mkl"
+    # openblas before numpy within the margin (GEMM_CALIBRATION_PREFERENCE), whichever is faster
+    assert gp.choose_fastest({"numpy": 1.0, "openblas": 1.02, "mkl": 1.01}, margin=0.03) == "openblas"
+    assert gp.choose_fastest({"numpy": 1.02, "openblas": 1.029, "mkl": 1.0}, margin=0.03) == "openblas"
+    assert gp.choose_fastest({"numpy": 1.0, "openblas": 1.04, "mkl": 1.05}, margin=0.03) == "numpy"
+    assert gp.choose_fastest({"numpy": 1.06, "openblas": 1.04, "mkl": 1.0}, margin=0.03) == "mkl"
 
 
 def test_calibrate_mode_picks_an_installed_candidate(monkeypatch):

@@ -6,11 +6,12 @@ What is measured, and how:
 * **The GEMM provider, per dtype and head-width class** (float32, float64; heads up to 64, and
   wider ones measured at 128): every installed provider (``numpy``, ``openblas``, ``mkl`` with its
   generated GEMMs) has its tiles searched (as below) on the class's medium problem; the provider
-  with the fastest best wins, ``numpy`` (no extra library) unless another is faster by more than
-  ``GEMM_CALIBRATION_MARGIN``. The two widths are measured apart because the winner can differ:
-  on an AMD Zen 4 SciPy's OpenBLAS 0.3.30 and ``scipy-openblas32`` 0.3.34 tied at head 64 (6.65
-  against 6.47 ms) while the newer one was 6% faster at head 128 (11.88 against 12.63 ms). The
-  backward uses the forward's provider (``get_gemm_provider`` with the same width).
+  with the fastest best wins, except that ``openblas``, then ``numpy``, is kept within
+  ``GEMM_CALIBRATION_MARGIN`` of it (``gemm_providers.choose_fastest``). The two widths are
+  measured apart because the winner can differ: on an AMD Zen 4 SciPy's OpenBLAS 0.3.30 and
+  ``scipy-openblas32`` 0.3.34 tied at head 64 (6.65 against 6.47 ms) while the newer one was 3-6%
+  faster at head 128 (11.74-11.88 against 12.10-12.63 ms). The backward uses the forward's
+  provider (``get_gemm_provider`` with the same width).
 * **The order the decode kernel reads a cache in, per dtype** (float32, float64): the GEMV kernel
   (``engine.kernels.cpu.decode_gemv``) on one query row per head of a cache larger than most L3
   caches (:data:`DECODE_ORDER_PROBLEM`), its four- and eight-row interleaved passes against one
@@ -40,8 +41,8 @@ import time
 import numpy as np
 
 from ...problems.base import dtype_name
-from ...runtime.config import DECODE_BLOCK_K, GEMM_CALIBRATION_CANDIDATES, GEMM_CALIBRATION_MARGIN
-from ...runtime.gemm_providers import OWN_TILES, load_provider, provider_key, valid_provider_choice
+from ...runtime.config import DECODE_BLOCK_K, GEMM_CALIBRATION_CANDIDATES
+from ...runtime.gemm_providers import OWN_TILES, choose_fastest, load_provider, provider_key, valid_provider_choice
 from ...runtime.tuning import remember, tuned
 from .tiles import BLOCK_K_CHOICES, BLOCK_Q_CHOICES, TASK_ROWS_CHOICES, TilePlan, tile_key, valid_tiles
 
@@ -119,8 +120,8 @@ def tune_provider(forward, dt_name: str, width: int = 64) -> str | None:
     """The measured GEMM provider of ``dt_name`` in heads ``width`` wide (measured now if not
     stored, with the forward op's ``run``); None when tuning is off. Every installed provider's
     tiles are searched on the medium class of the width's class (64, or 128 for wider heads) and
-    kept (that class is then known for each); the provider whose best is fastest wins, ``numpy``
-    where it is within ``GEMM_CALIBRATION_MARGIN`` of it. Stored under ``provider_key``."""
+    kept (that class is then known for each); the provider whose best is fastest wins, as
+    ``gemm_providers.choose_fastest`` breaks near-ties. Stored under ``provider_key``."""
     width = 64 if width <= 64 else 128
 
     def measure() -> dict:
@@ -132,9 +133,7 @@ def tune_provider(forward, dt_name: str, width: int = 64) -> str | None:
             choice, secs = _search(_timer(forward, np.dtype(dt_name), width, "medium", provider=p))
             best[name] = min(secs.values())
             remember(tile_key(name, dt_name, width, "medium"), choice)
-        fastest = min(best, key=best.get)
-        if "numpy" in best and best["numpy"] <= best[fastest] * (1.0 + GEMM_CALIBRATION_MARGIN):
-            fastest = "numpy"
+        fastest = choose_fastest(best)
         return {"provider": fastest, "ms": {n: round(t * 1e3, 3) for n, t in best.items()}, "measured": _now()}
 
     got = tuned(provider_key(dt_name, width), measure, valid_provider_choice)
