@@ -9,7 +9,7 @@ name       what it is
 numpy      ``np.dot`` inside the kernel: SciPy's bundled OpenBLAS. Always available (the fallback)
 mkl        Intel oneMKL's CBLAS (``pip install mkl``; sequential layer), plus its bfloat16/float16
            GEMMs, which reach AMX / AVX512-BF16 / AVX512-FP16 where the CPU has them
-openblas   a newer OpenBLAS (``pip install scipy-openblas32``), held at one thread
+openblas   a newer OpenBLAS (``scipy-openblas32``, a dependency), held at one thread
 =========  ======================================================================================
 
 MKL is loaded from ``<prefix>/lib/libmkl_rt.so*`` and set to its sequential threading layer, which

@@ -503,7 +503,7 @@ def test_heads_over_64_take_the_provider_measured_for_them(tuning_dir, rng, monk
     import engine.backends.cpu.varlen as cpu_varlen
 
     if isinstance(load_provider("openblas"), str):
-        pytest.fail("the test extra installs scipy-openblas32: " + load_provider("openblas"))
+        pytest.fail("scipy-openblas32 is a dependency of the engine: " + load_provider("openblas"))
     _store_provider("float32", 64, "numpy")
     _store_provider("float32", 128, "openblas")
     seen = _spy_providers(monkeypatch, cpu_forward, cpu_backward, cpu_varlen)
