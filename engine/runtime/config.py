@@ -99,20 +99,19 @@ GEMM_AUTO_DEFAULT = ("numpy",)
 #: ``calibrate`` (opt-in): time the installed candidates at the kernel's tile shapes once per
 #: process and dtype (thread CPU time, best of GEMM_CALIBRATION_BLOCKS blocks of
 #: GEMM_CALIBRATION_CALLS calls), keep the fastest; so does the measured ``auto`` choice
-#: (``backends.cpu.autotune``), except that the first of GEMM_CALIBRATION_PREFERENCE within
-#: GEMM_CALIBRATION_MARGIN of the fastest is kept (``gemm_providers.choose_fastest``)
+#: (``backends.cpu.autotune``). Both go through ``gemm_providers.choose_fastest``: ``numpy`` (no
+#: extra library) is kept unless another is faster by more than GEMM_CALIBRATION_MARGIN, and then
+#: ``openblas`` where it is at least as fast as ``numpy``. ``openblas`` (``scipy-openblas32``) is
+#: the library NumPy and SciPy bundle, a newer build loaded for the engine alone and sequential:
+#: on AMD Zen 4 (2 cores, 2026-12-07) it tied ``numpy`` serially at head 64 (6.47 against 6.61-6.65
+#: ms on the tuning problem) and took 0-7% less at 2 threads on the float32 cases of issue 29
+#: (docs/performance.md); on an Intel Xeon it was 7% faster serially (4.00 against 4.31 ms,
+#: bench/results/cpu-vs-torch-intel-xeon-f6-m167-2026-12-06-session8.json); on AMD Zen 3 its
+#: products ran at 0.93-0.98x of ``numpy``'s (2026-11-29), which this rule leaves on ``numpy``.
 GEMM_CALIBRATION_CANDIDATES = ("numpy", "openblas", "mkl")
 GEMM_CALIBRATION_BLOCKS = 5
 GEMM_CALIBRATION_CALLS = 8
 GEMM_CALIBRATION_MARGIN = 0.03
-#: where the serial measurement ties: ``openblas`` (``scipy-openblas32``: the library NumPy and
-#: SciPy bundle, a newer build loaded for the engine alone and sequential, so it needs no thread
-#: pin around the kernel) before ``numpy`` (``np.dot``, no extra library). On AMD Zen 4 (2 cores,
-#: 2026-12-07) the two tied serially at head 64 (6.47 against 6.65 ms on the tuning problem)
-#: while at 2 threads ``openblas`` took 0-7% less on the float32 cases of issue 29 (L = 512 to
-#: 4096, causal, head 128); on an Intel Xeon it was 7% faster serially. MKL only when fastest
-#: by more than the margin.
-GEMM_CALIBRATION_PREFERENCE = ("openblas", "numpy")
 #: 16-bit inputs go through MKL's mixed-precision GEMMs (16-bit operands, float32 accumulation)
 #: where the CPU has one of these flags (AMX or AVX-512 16-bit dot products: ``auto``), or where
 #: the ``mkl`` provider is forced; otherwise they are widened to float32 once and take the

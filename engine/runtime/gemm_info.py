@@ -46,9 +46,12 @@ def gemm_provider_info() -> dict:
             measured[f"{dt}, heads over 64"] = got["provider"]
             if get_gemm_provider(dt, 128).name != in_use[dt]:
                 in_use[f"{dt}, heads over 64"] = get_gemm_provider(dt, 128).name
+    widened = in_use["float32"]
+    if "float32, heads over 64" in in_use:
+        widened += f", heads over 64 {in_use['float32, heads over 64']}"
     for dt in ("bfloat16", "float16"):
         half = sixteen_bit_gemm(dt)
-        in_use[dt] = f"{half.name} (16-bit GEMM)" if half else f"{in_use['float32']} (widened to float32)"
+        in_use[dt] = f"{half.name} (16-bit GEMM)" if half else f"{widened} (widened to float32)"
         own = sixteen_bit_tiles(dt)[1]
         if own:
             what = "AMX tiles" if own == "amx" else "VDPBF16PS"

@@ -22,9 +22,10 @@ BLIS (the ``blis`` package) and a register-blocked Numba loop are measured by
 The choice: ``engine.set_gemm_provider(name)``, else the environment variable
 ``ATTENTION_ENGINE_GEMM``, else ``auto``. ``auto`` is the provider measured fastest on this machine
 for the dtype and head-width class where one was measured (``engine.backends.cpu.autotune``, kept
-on disk by ``engine.runtime.tuning``; the first large forward call of a dtype with heads up to 64,
-or of one with wider heads, measures it: the fastest library differs between the two on some
-machines), else the dtype's other class's measurement, else a rule per
+on disk by ``engine.runtime.tuning``; the first large forward call of a dtype with heads up to 64
+measures one class, the first with heads of 65 to 128 the other: the fastest library differs
+between the two on some machines; wider heads take the second class's choice and measure
+nothing), else the dtype's other class's measurement, else a rule per
 CPU vendor (:data:`engine.runtime.config.GEMM_AUTO_ORDER`: the first installed provider of the
 vendor's list; the figures behind it are in ``docs/performance.md`` and ``bench/tile_gemm.py``),
 which is also what ``ATTENTION_ENGINE_AUTOTUNE=0`` leaves; ``calibrate`` times
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import operator
 import os
 import sys
 import threading
@@ -52,7 +54,6 @@ from .config import (
     GEMM_CALIBRATION_CALLS,
     GEMM_CALIBRATION_CANDIDATES,
     GEMM_CALIBRATION_MARGIN,
-    GEMM_CALIBRATION_PREFERENCE,
     GEMM_HALF_CPU_FLAGS,
 )
 from .machine import cpu_flags, cpu_vendor
@@ -233,7 +234,8 @@ def _check_name(name) -> str:
 def set_gemm_provider(name: str | None) -> None:
     """Choose the provider of the ``cpu`` kernels' tile products: a name from
     :data:`PROVIDERS`, ``"calibrate"`` (time the installed ones, keep the fastest), or ``None`` /
-    ``"auto"`` (the rule per CPU vendor). Overrides ``ATTENTION_ENGINE_GEMM``.
+    ``"auto"`` (the provider measured on this machine per dtype and head width, else the rule
+    per CPU vendor: see the module docstring). Overrides ``ATTENTION_ENGINE_GEMM``.
 
     :param name: a provider name, ``"calibrate"``, ``"auto"`` or None.
     :raises ValueError: for an unknown name, or a provider that cannot load here (with the reason).
@@ -282,14 +284,16 @@ def _requested() -> str:
 
 
 def choose_fastest(seconds: dict[str, float], margin: float = GEMM_CALIBRATION_MARGIN) -> str:
-    """The provider to use from measured times (seconds, lower is better): the first of
-    :data:`~engine.runtime.config.GEMM_CALIBRATION_PREFERENCE` (``openblas``, then ``numpy``)
-    within ``margin`` of the fastest, else the fastest (a gain below the noise does not bring in
-    another library). Ties go to the name first in ``seconds``."""
+    """The provider to use from measured times (seconds, lower is better): the fastest, except
+    that ``numpy`` is kept when it is within ``margin`` of it (no extra library for a gain below
+    the noise), and ``openblas`` instead of ``numpy`` there when it is at least as fast as
+    ``numpy`` (a sequential copy of the same library: see ``GEMM_CALIBRATION_MARGIN`` in
+    ``engine.runtime.config`` for the figures). Ties go to the name first in ``seconds``."""
     best = min(seconds, key=lambda n: seconds[n])
-    for name in GEMM_CALIBRATION_PREFERENCE:
-        if name in seconds and seconds[name] <= seconds[best] * (1.0 + margin):
-            return name
+    if "numpy" in seconds and seconds["numpy"] <= seconds[best] * (1.0 + margin):
+        if "openblas" in seconds and seconds["openblas"] <= seconds["numpy"]:
+            return "openblas"
+        return "numpy"
     return best
 
 
@@ -348,9 +352,18 @@ def get_gemm_provider(dtype_name: str = "float32", width: int = 64) -> GemmProvi
     ``calibrate``: the fastest installed candidate (timed once per process and dtype, any width).
 
     :param dtype_name: ``"float32"`` or ``"float64"`` (the operands' dtype).
-    :param width: the head size (the larger of the query/key and value ones); 64 by default.
-    :raises ValueError: when ``ATTENTION_ENGINE_GEMM`` names an unknown or unloadable provider.
+    :param width: the head size (the larger of the query/key and value ones), an int >= 1; 64
+        by default.
+    :raises ValueError: when ``ATTENTION_ENGINE_GEMM`` names an unknown or unloadable provider,
+        or ``width`` is below 1.
+    :raises TypeError: when ``width`` is not an integer.
     """
+    try:
+        width = operator.index(width)
+    except TypeError:
+        raise TypeError(f"width must be an int (the head size), got {width!r}") from None
+    if width < 1:
+        raise ValueError(f"width must be at least 1 (the head size), got {width}")
     name = _requested()
     if name not in _MODES:
         got = load_provider(name)

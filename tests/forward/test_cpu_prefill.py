@@ -569,3 +569,29 @@ def test_first_large_call_with_wide_heads_measures_their_provider(tuning_dir, rn
     for name in got["ms"]:  # each candidate's tiles of that class were searched and kept
         assert cpu_tiles.valid_tiles(choices[cpu_tiles.tile_key(name, "float32", 128, "medium")])
     assert "numpy" in got["ms"] and len(got["ms"]) >= 2
+
+
+def test_list_names_only_stored_choices_the_engine_would_use(tuning_dir, monkeypatch):
+    """A stored provider or tiles the engine refuses (a file edited by hand, another version) is
+    not listed as measured; a widened 16-bit call's line names the wide heads' provider too."""
+    import engine.runtime.gemm_info as gemm_info
+    from engine.runtime.gemm_providers import provider_key
+
+    tuning._memory[provider_key("float32", 128)] = {"provider": "bogus"}
+    tuning._memory[provider_key("float64", 128)] = ["not", "a", "dict"]
+    tuning._memory[cpu_tiles.tile_key("numpy", "float32", 64, "medium")] = {
+        "block_q": 0,
+        "block_k": 64,
+        "task_rows": 64,
+    }
+    notes = " ".join(engine.get_backend("cpu").capabilities()["notes"])
+    assert "bogus" not in notes and "w128" not in notes and "medium 0x64" not in notes
+    assert engine.get_gemm_provider("float32", 128).name != "bogus"
+    _store_provider("float32", 64, "numpy")
+    tuning._memory.pop(provider_key("float32", 128))
+    _store_provider("float32", 128, "openblas")
+    monkeypatch.setattr(gemm_info, "sixteen_bit_gemm", lambda dt: None)
+    monkeypatch.setattr(gemm_info, "sixteen_bit_tiles", lambda dt: (None, None))
+    info = engine.get_backend("cpu").capabilities()
+    assert info["gemm"]["in_use"]["float16"] == "numpy, heads over 64 openblas (widened to float32)"
+    assert "float32/w128 openblas" in " ".join(info["notes"])

@@ -169,11 +169,22 @@ def test_calibration_decision_on_injected_timings():
     assert gp.choose_fastest({"numpy": 1.02, "mkl": 1.0}, margin=0.03) == "numpy"
     assert gp.choose_fastest({"numpy": 1.05, "mkl": 1.0}, margin=0.03) == "mkl"
     assert gp.choose_fastest({"openblas": 2.0, "mkl": 1.0}) == "mkl"
-    # openblas before numpy within the margin (GEMM_CALIBRATION_PREFERENCE), whichever is faster
-    assert gp.choose_fastest({"numpy": 1.0, "openblas": 1.02, "mkl": 1.01}, margin=0.03) == "openblas"
-    assert gp.choose_fastest({"numpy": 1.02, "openblas": 1.029, "mkl": 1.0}, margin=0.03) == "openblas"
-    assert gp.choose_fastest({"numpy": 1.0, "openblas": 1.04, "mkl": 1.05}, margin=0.03) == "numpy"
+    # where numpy is kept, openblas instead when it is at least as fast as numpy, not when slower
+    assert gp.choose_fastest({"numpy": 1.02, "openblas": 1.01, "mkl": 1.0}, margin=0.03) == "openblas"
+    assert gp.choose_fastest({"numpy": 1.0, "openblas": 1.0}, margin=0.03) == "openblas"
+    assert gp.choose_fastest({"numpy": 1.0, "openblas": 1.02, "mkl": 1.01}, margin=0.03) == "numpy"
+    assert gp.choose_fastest({"numpy": 1.02, "openblas": 1.029, "mkl": 1.0}, margin=0.03) == "numpy"
     assert gp.choose_fastest({"numpy": 1.06, "openblas": 1.04, "mkl": 1.0}, margin=0.03) == "mkl"
+    assert gp.choose_fastest({"numpy": 1.06, "openblas": 1.0, "mkl": 1.01}, margin=0.03) == "openblas"
+
+
+@pytest.mark.parametrize(
+    "width, error", [(None, TypeError), (64.0, TypeError), ("64", TypeError), (0, ValueError), (-5, ValueError)]
+)
+def test_a_bad_width_is_refused_by_name(width, error):
+    with pytest.raises(error, match="width"):
+        engine.get_gemm_provider("float32", width)
+    assert engine.get_gemm_provider("float32", np.int64(96)).name in gp.PROVIDERS
 
 
 def test_calibrate_mode_picks_an_installed_candidate(monkeypatch):

@@ -8,6 +8,7 @@ from ..base import Backend
 from .backward import CpuBackward
 from .decode import CpuDecode
 from .forward import CpuForward
+from .tiles import valid_tiles
 from .varlen import CpuVarlen
 from .varlen_backward import CpuVarlenBackward
 
@@ -41,18 +42,30 @@ class CpuBackend(Backend):
         return caps
 
 
+def _usable(check, value: dict) -> bool:
+    """Whether the engine would use a stored choice (``check`` is the validator it reads it with)."""
+    try:
+        return bool(check(value))
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
 def _tuning_note(tuning: dict) -> str:
     """One line for ``attention-engine list``: the tiles, providers and decode read order measured on
     this machine."""
+    from ...runtime.gemm_providers import valid_provider_choice
+
     if not tuning["enabled"]:
         return "forward tiles and decode read order: the fixed rule (ATTENTION_ENGINE_AUTOTUNE=0)"
     tiles, gemm, order = [], [], []
     for key, value in tuning["choices"].items():
         kind, _, rest = key.partition("/")
         if kind == "cpu-forward-tiles":
-            tiles.append(f"{rest} {value.get('block_q')}x{value.get('block_k')}/{value.get('task_rows')}")
-        elif kind == "cpu-gemm":
-            gemm.append(f"{rest} {value.get('provider')}")
+            if isinstance(value, dict) and _usable(valid_tiles, value):
+                tiles.append(f"{rest} {value['block_q']}x{value['block_k']}/{value['task_rows']}")
+        elif kind == "cpu-gemm":  # a stored choice the engine would not use is not listed
+            if isinstance(value, dict) and _usable(valid_provider_choice, value):
+                gemm.append(f"{rest} {value['provider']}")
         elif kind == "decode-order":
             order.append(f"decode {rest} {'address order' if value.get('sequential') else 'interleaved'}")
     where = tuning["path"] or "memory only (no cache folder)"
