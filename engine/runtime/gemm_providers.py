@@ -39,13 +39,9 @@ against the ``reference`` backend).
 
 from __future__ import annotations
 
-import ctypes
-import glob
 import operator
 import os
-import sys
 import threading
-from dataclasses import dataclass, field
 
 from .config import (
     GEMM_AUTO_DEFAULT,
@@ -56,6 +52,7 @@ from .config import (
     GEMM_CALIBRATION_MARGIN,
     GEMM_HALF_CPU_FLAGS,
 )
+from .gemm_libraries import LOADERS, GemmProvider
 from .machine import cpu_flags, cpu_vendor
 from .tuning import lookup
 
@@ -98,135 +95,29 @@ def provider_key(dtype_name: str, width: int = 64) -> str:
     return PROVIDER_KEY.format(dtype=dtype_name) + ("" if width <= 64 else "/w128")
 
 
-@dataclass
-class GemmProvider:
-    """A loaded provider: its kernel code, C function addresses per operand dtype name
-    (``float32``, ``float64``, and for mixed-precision GEMMs ``bfloat16``/``float16``), and what
-    it is (library and version) for listings."""
-
-    name: str
-    kind: int
-    functions: dict = field(default_factory=dict)
-    version: str = ""
-    #: keeps the loaded libraries alive for as long as their addresses are used
-    libraries: tuple = ()
-
-    def pointer(self, dtype_name: str) -> int:
-        """The address for operands of ``dtype_name`` (0 where the kind takes none)."""
-        return self.functions.get(dtype_name, 0)
-
-    def supports(self, dtype_name: str) -> bool:
-        from ..kernels.cpu.gemm import GEMM_CBLAS
-
-        return dtype_name in ("float32", "float64") and (self.kind != GEMM_CBLAS or dtype_name in self.functions)
-
-
 _lock = threading.Lock()
 _loaded: dict[str, GemmProvider | str] = {}  # name -> provider, or the reason it cannot load
 _forced: str | None = None
 
 
-def _lib_dirs() -> list[str]:
-    """Where pip puts shared libraries of packages like ``mkl`` and ``tbb``: ``<prefix>/lib``."""
-    return list(dict.fromkeys(os.path.join(p, "lib") for p in (sys.prefix, sys.base_prefix)))
-
-
-def _address(lib, name: str) -> int:
-    return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
-
-
-def _load_numpy() -> GemmProvider:
-    from ..kernels.cpu.gemm import GEMM_NUMPY
-
-    return GemmProvider("numpy", GEMM_NUMPY, version=_scipy_openblas_version())
-
-
-#: MKL_Set_Threading_Layer's code for the sequential layer (mkl_service.h)
-_MKL_THREADING_SEQUENTIAL = 1
-
-
-def _load_mkl() -> GemmProvider:
-    from ..kernels.cpu.gemm import GEMM_CBLAS
-
-    paths = [p for d in _lib_dirs() for p in sorted(glob.glob(os.path.join(d, "libmkl_rt.so*")))]
-    if not paths:
-        raise OSError("libmkl_rt not found in " + ", ".join(_lib_dirs()) + " (pip install mkl)")
-    lib = ctypes.CDLL(paths[0])
-    # sequential: each parallel task's GEMM on its own core; MKL starting threads inside our
-    # threads would oversubscribe them. Returns the layer in force (another user may have fixed it)
-    lib.MKL_Set_Threading_Layer.restype = ctypes.c_int
-    layer = lib.MKL_Set_Threading_Layer(ctypes.c_int(_MKL_THREADING_SEQUENTIAL))
-    if layer != _MKL_THREADING_SEQUENTIAL:
-        raise OSError(f"MKL is already set up with threading layer {layer}, not sequential")
-    buf = ctypes.create_string_buffer(256)
-    lib.MKL_Get_Version_String(buf, 256)
-    functions = {"float32": _address(lib, "cblas_sgemm"), "float64": _address(lib, "cblas_dgemm")}
-    for dt, sym in (("bfloat16", "cblas_gemm_bf16bf16f32"), ("float16", "cblas_gemm_f16f16f32")):
-        if hasattr(lib, sym):
-            functions[dt] = _address(lib, sym)
-    return GemmProvider("mkl", GEMM_CBLAS, functions, buf.value.decode(errors="replace").strip(), (lib,))
-
-
-def _load_openblas() -> GemmProvider:
-    import scipy_openblas32
-
-    from ..kernels.cpu.gemm import GEMM_CBLAS
-
-    so = sorted(glob.glob(os.path.join(scipy_openblas32.get_lib_dir(), f"lib{scipy_openblas32.get_library()}.so*")))
-    if not so:
-        raise OSError(f"no lib{scipy_openblas32.get_library()}.so in {scipy_openblas32.get_lib_dir()}")
-    lib = ctypes.CDLL(so[0])
-    lib.scipy_openblas_set_num_threads(1)  # this copy serves only us; see the module docstring
-    lib.scipy_openblas_get_config.restype = ctypes.c_char_p
-    lib.scipy_openblas_get_corename.restype = ctypes.c_char_p
-    version = f"{lib.scipy_openblas_get_config().decode()} ({lib.scipy_openblas_get_corename().decode()} kernels)"
-    return GemmProvider(
-        "openblas",
-        GEMM_CBLAS,
-        {"float32": _address(lib, "scipy_cblas_sgemm"), "float64": _address(lib, "scipy_cblas_dgemm")},
-        version,
-        (lib,),
-    )
-
-
-_LOADERS = {"numpy": _load_numpy, "mkl": _load_mkl, "openblas": _load_openblas}
-
-
 def load_provider(name: str) -> GemmProvider | str:
     """The provider ``name`` loaded (once per process), or a string saying why it cannot load."""
-    if name not in _LOADERS:
+    if name not in LOADERS:
         raise ValueError(f"unknown GEMM provider {name!r}; known: {', '.join(PROVIDERS)}")
     with _lock:
         if name not in _loaded:
             try:
-                _loaded[name] = _LOADERS[name]()
+                _loaded[name] = LOADERS[name]()
             except (ImportError, OSError, AttributeError) as exc:
                 _loaded[name] = f"{name}: {type(exc).__name__}: {exc}"
         return _loaded[name]
-
-
-def _scipy_openblas_version() -> str:
-    try:
-        import scipy.linalg.cython_blas as cython_blas
-
-        lib = ctypes.CDLL(cython_blas.__file__)
-        for prefix in ("scipy_", ""):
-            if hasattr(lib, prefix + "openblas_get_config"):
-                get = getattr(lib, prefix + "openblas_get_config")
-                get.restype = ctypes.c_char_p
-                core = getattr(lib, prefix + "openblas_get_corename")
-                core.restype = ctypes.c_char_p
-                return f"SciPy's {get().decode()} ({core().decode()} kernels)"
-    except (ImportError, OSError, AttributeError):
-        pass
-    return "SciPy's BLAS"
 
 
 _MODES = ("auto", "calibrate")
 
 
 def _check_name(name) -> str:
-    if not isinstance(name, str) or (name not in _MODES and name not in _LOADERS):
+    if not isinstance(name, str) or (name not in _MODES and name not in LOADERS):
         raise ValueError(f"GEMM provider must be 'auto', 'calibrate' or one of {', '.join(PROVIDERS)}, got {name!r}")
     return name
 
@@ -404,7 +295,7 @@ _calibration_lock = threading.Lock()
 def valid_provider_choice(value: dict) -> bool:
     """Whether a stored provider choice names a provider that loads here."""
     name = value["provider"]
-    return name in _LOADERS and not isinstance(load_provider(name), str)
+    return name in LOADERS and not isinstance(load_provider(name), str)
 
 
 def sixteen_bit_gemm(dtype_name: str) -> GemmProvider | None:
