@@ -74,17 +74,22 @@ def _np_dtype(dtype):
 
 def _plan(L, E, dtype, threads):
     """What the forward op would choose: (provider, TilePlan, generated-GEMM quadruple); 16-bit
-    operands: MKL's 16-bit GEMM (None where it is not used: the inputs are widened to float32)."""
+    operands: the name of the engine's own tile products where they run (``amx``,
+    ``avx512-bf16``), else MKL's 16-bit GEMM (None where it is not used: the inputs are widened to
+    float32)."""
     import engine
     from engine.backends.cpu.forward import _tiles
     from engine.problems.attention import validate_attention_args
     from engine.runtime.gemm_jit import NO_JIT, tile_jit_kernels
-    from engine.runtime.gemm_providers import sixteen_bit_gemm
+    from engine.runtime.gemm_providers import sixteen_bit_gemm, sixteen_bit_tiles
 
     q = np.zeros((1, HEADS, L, E), _np_dtype(dtype))
     problem = validate_attention_args(q, q, q)
     op = engine.get_backend("cpu").op(type(problem))
     if dtype in ("bfloat16", "float16"):
+        own = sixteen_bit_tiles(dtype)[1]
+        if own:  # the engine's own tile products (AMX, VDPBF16PS): their operands are not MKL's
+            return own, _tiles(op.run, problem, dtype, own, None, True), NO_JIT
         half = sixteen_bit_gemm(dtype)
         if half is None:
             return None, None, NO_JIT
@@ -273,15 +278,16 @@ def budget_case(name, L, E, dtype, causal, threads, rounds, gemm):
         print(f"{name}: inputs widened to float32 here (no 16-bit GEMM): see the float32 cases")
         return None
     n, full, qtiles = _tile_counts(L, L, plan.block_q, plan.block_k, causal)
-    parts = _parts(provider, plan, jit, E, dtype, rounds)
+    own = isinstance(provider, str)  # the own 16-bit tile products: the kernel's total only
+    parts = {} if own else _parts(provider, plan, jit, E, dtype, rounds)
     per_head = {
-        "scores GEMM": n * parts["scores"],
-        "softmax pass": n * parts["softmax"] + qtiles * parts["colmax"],
-        "values GEMM": n * parts["values"],
+        "scores GEMM": n * parts.get("scores", 0.0),
+        "softmax pass": n * parts.get("softmax", 0.0) + qtiles * parts.get("colmax", 0.0),
+        "values GEMM": n * parts.get("values", 0.0),
     }
-    totals = {k: v * HEADS for k, v in per_head.items()}
+    totals = {} if own else {k: v * HEADS for k, v in per_head.items()}
     kernel1, setup, (q, k, v) = _kernel_one_thread(L, E, dtype, causal, rounds)
-    totals["other in kernel"] = kernel1 - sum(totals.values())
+    totals["not split (own 16-bit tile products)" if own else "other in kernel"] = kernel1 - sum(totals.values())
     engine.set_num_threads(threads)
     wall = _wall(lambda: engine.scaled_dot_product_attention(q, k, v, is_causal=causal, backend="cpu"), rounds)
     ideal = kernel1 / threads + setup
@@ -306,7 +312,7 @@ def budget_case(name, L, E, dtype, causal, threads, rounds, gemm):
         "E": E,
         "dtype": dtype,
         "causal": causal,
-        "provider": provider.name,
+        "provider": provider if own else provider.name,
         "generated_gemm": bool(jit[0]),
         "block_q": plan.block_q,
         "block_k": plan.block_k,
@@ -317,7 +323,7 @@ def budget_case(name, L, E, dtype, causal, threads, rounds, gemm):
         "per_tile_us": {k: v * 1e6 for k, v in parts.items()},
         "one_thread_ms": {k: v * 1e3 for k, v in totals.items()},
         "one_thread_kernel_ms": kernel1 * 1e3,
-        "tile_gemm_gflops": gemm_flops / (totals["scores GEMM"] + totals["values GEMM"]) / 1e9,
+        "tile_gemm_gflops": None if own else gemm_flops / (totals["scores GEMM"] + totals["values GEMM"]) / 1e9,
         "setup_ms": setup * 1e3,
         f"wall_{threads}_threads_ms": wall * 1e3,
         "ideal_ms": ideal * 1e3,
@@ -382,7 +388,9 @@ def main(argv=None):
             "  one thread, ms: "
             + ", ".join(f"{k} {v:.2f}" for k, v in t.items())
             + f" = kernel {r['one_thread_kernel_ms']:.2f} ({r['engine_gflops_1_thread']:.0f} GFLOP/s, "
-            f"{r['sgemm_fraction_1_thread'] * 100:.0f}% of sgemm; tile products at {r['tile_gemm_gflops']:.0f}); "
+            f"{r['sgemm_fraction_1_thread'] * 100:.0f}% of sgemm"
+            + ("" if r["tile_gemm_gflops"] is None else f"; tile products at {r['tile_gemm_gflops']:.0f}")
+            + "); "
             f"torch {r['torch_1_thread_ms']:.2f} ({r['torch_gflops_1_thread']:.0f})"
         )
         print(
