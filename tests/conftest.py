@@ -137,7 +137,9 @@ def make_distribution(root, dist, module, source, entry_points):
 
 
 def _local_cluster_client(processes: bool):
-    pytest.importorskip("distributed", reason="the dask extra is not installed")
+    # dask.distributed, not distributed: tests/ is on sys.path, where tests/distributed/ would
+    # import as a namespace package and hide a missing extra
+    pytest.importorskip("dask.distributed", reason="the dask extra is not installed")
     import logging
 
     from dask.distributed import Client, LocalCluster

@@ -242,7 +242,8 @@ def get_gemm_provider(dtype_name: str = "float32", width: int = 64) -> GemmProvi
     for the dtype's other class, else the first installed provider of :func:`auto_order`.
     ``calibrate``: the fastest installed candidate (timed once per process and dtype, any width).
 
-    :param dtype_name: ``"float32"`` or ``"float64"`` (the operands' dtype).
+    :param dtype_name: ``"float32"`` or ``"float64"`` (the operands' dtype); any other name gets
+        ``numpy`` (no library's product of another dtype is used through this choice).
     :param width: the head size (the larger of the query/key and value ones), an int >= 1; 64
         by default.
     :raises ValueError: when ``ATTENTION_ENGINE_GEMM`` names an unknown or unloadable provider,
@@ -250,6 +251,8 @@ def get_gemm_provider(dtype_name: str = "float32", width: int = 64) -> GemmProvi
     :raises TypeError: when ``width`` is not an integer.
     """
     try:
+        if isinstance(width, bool):
+            raise TypeError
         width = operator.index(width)
     except TypeError:
         raise TypeError(f"width must be an int (the head size), got {width!r}") from None

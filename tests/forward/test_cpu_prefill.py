@@ -584,8 +584,14 @@ def test_list_names_only_stored_choices_the_engine_would_use(tuning_dir, monkeyp
         "block_k": 64,
         "task_rows": 64,
     }
+    good = {"block_q": 64, "block_k": 128, "task_rows": 256}
+    tuning._memory[cpu_tiles.tile_key("bogus", "float32", 64, "medium")] = good  # a key nobody reads
+    tuning._memory["cpu-gemm/float32/w256"] = {"provider": "mkl"}
+    tuning._memory["cpu-gemm/bfloat16"] = {"provider": "numpy"}
+    tuning._memory["decode-order/float32"] = {"sequential": "yes"}
     notes = " ".join(engine.get_backend("cpu").capabilities()["notes"])
     assert "bogus" not in notes and "w128" not in notes and "medium 0x64" not in notes
+    assert "w256" not in notes and "bfloat16 numpy" not in notes and "decode float32" not in notes
     assert engine.get_gemm_provider("float32", 128).name != "bogus"
     _store_provider("float32", 64, "numpy")
     tuning._memory.pop(provider_key("float32", 128))
@@ -594,4 +600,9 @@ def test_list_names_only_stored_choices_the_engine_would_use(tuning_dir, monkeyp
     monkeypatch.setattr(gemm_info, "sixteen_bit_tiles", lambda dt: (None, None))
     info = engine.get_backend("cpu").capabilities()
     assert info["gemm"]["in_use"]["float16"] == "numpy, heads over 64 openblas (widened to float32)"
-    assert "float32/w128 openblas" in " ".join(info["notes"])
+    notes = " ".join(info["notes"])
+    assert "float32/w128 openblas" in notes and "float32 numpy" in notes
+    tuning._memory["decode-order/float32"] = {"sequential": True}
+    tuning._memory[cpu_tiles.tile_key("openblas", "float32", 128, "long")] = good
+    notes = " ".join(engine.get_backend("cpu").capabilities()["notes"])
+    assert "decode float32 address order" in notes and "openblas/float32/w128/long 64x128/256" in notes

@@ -179,7 +179,8 @@ def test_calibration_decision_on_injected_timings():
 
 
 @pytest.mark.parametrize(
-    "width, error", [(None, TypeError), (64.0, TypeError), ("64", TypeError), (0, ValueError), (-5, ValueError)]
+    "width, error",
+    [(None, TypeError), (64.0, TypeError), ("64", TypeError), (True, TypeError), (0, ValueError), (-5, ValueError)],
 )
 def test_a_bad_width_is_refused_by_name(width, error):
     with pytest.raises(error, match="width"):

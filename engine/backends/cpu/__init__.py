@@ -50,24 +50,42 @@ def _usable(check, value: dict) -> bool:
         return False
 
 
+def _read_keys() -> tuple[set, set, set]:
+    """The tuning keys (after their kind) the engine reads: providers, tiles, decode orders."""
+    from ...runtime.gemm_providers import OWN_TILES, PROVIDERS, provider_key
+
+    floats = ("float32", "float64")
+    gemm = {provider_key(dt, w).partition("/")[2] for dt in floats for w in (64, 128)}
+    tiles = {
+        f"{p}/{dt}/w{w}/{n}"
+        for p in PROVIDERS + OWN_TILES
+        for dt in floats + ("bfloat16", "float16")
+        for w in (64, 128)
+        for n in ("short", "medium", "long")
+    }
+    return gemm, tiles, set(floats)
+
+
 def _tuning_note(tuning: dict) -> str:
     """One line for ``attention-engine list``: the tiles, providers and decode read order measured on
-    this machine."""
+    this machine. A stored entry the engine would not read (an unknown key, a value its validator
+    refuses: a file edited by hand, or written by another version) is not listed."""
     from ...runtime.gemm_providers import valid_provider_choice
 
     if not tuning["enabled"]:
         return "forward tiles and decode read order: the fixed rule (ATTENTION_ENGINE_AUTOTUNE=0)"
+    gemm_keys, tile_keys, order_keys = _read_keys()
     tiles, gemm, order = [], [], []
     for key, value in tuning["choices"].items():
         kind, _, rest = key.partition("/")
-        if kind == "cpu-forward-tiles":
-            if isinstance(value, dict) and _usable(valid_tiles, value):
-                tiles.append(f"{rest} {value['block_q']}x{value['block_k']}/{value['task_rows']}")
-        elif kind == "cpu-gemm":  # a stored choice the engine would not use is not listed
-            if isinstance(value, dict) and _usable(valid_provider_choice, value):
-                gemm.append(f"{rest} {value['provider']}")
-        elif kind == "decode-order":
-            order.append(f"decode {rest} {'address order' if value.get('sequential') else 'interleaved'}")
+        if not isinstance(value, dict):
+            continue
+        if kind == "cpu-forward-tiles" and rest in tile_keys and _usable(valid_tiles, value):
+            tiles.append(f"{rest} {value['block_q']}x{value['block_k']}/{value['task_rows']}")
+        elif kind == "cpu-gemm" and rest in gemm_keys and _usable(valid_provider_choice, value):
+            gemm.append(f"{rest} {value['provider']}")
+        elif kind == "decode-order" and rest in order_keys and isinstance(value.get("sequential"), bool):
+            order.append(f"decode {rest} {'address order' if value['sequential'] else 'interleaved'}")
     where = tuning["path"] or "memory only (no cache folder)"
     if not tiles and not gemm and not order:
         return f"forward tiles: measured on first large call per class, kept in {where}; none measured yet"
