@@ -125,19 +125,29 @@ def _versions() -> dict:
 _KERNELS_DIGEST: list = []
 
 
+#: besides the kernels, the files whose rules decide what is measured and chosen (the tuner's
+#: problems and candidates, ``choose_fastest``): a changed rule measures again
+_RULE_FILES = (("backends", "cpu", "autotune.py"), ("runtime", "gemm_providers.py"))
+
+
 def _kernels_digest() -> str:
     """A hash of the cpu kernels' source files (``engine/kernels/*.py`` and ``engine/kernels/cpu/
-    *.py``, what the cpu kernels import): a checkout whose kernels were edited measures again (its
-    version number does not change; choices measured before a kernel change, e.g. where the tiles'
-    scratch sits in memory, may not hold after)."""
+    *.py``, what the cpu kernels import) and of the tuner's rules (:data:`_RULE_FILES`): a checkout
+    whose kernels or rules were edited measures again (its version number does not change; choices
+    measured before a kernel change, e.g. where the tiles' scratch sits in memory, may not hold
+    after, and a stored provider was chosen by the rule of its day)."""
     if not _KERNELS_DIGEST:
-        top = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+        package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        top = os.path.join(package, "kernels")
         h = hashlib.sha256()
         for folder in (top, os.path.join(top, "cpu")):
             for name in sorted(os.listdir(folder)):
                 if name.endswith(".py"):
                     with open(os.path.join(folder, name), "rb") as f:
                         h.update(name.encode() + b"\0" + f.read())
+        for parts in _RULE_FILES:
+            with open(os.path.join(package, *parts), "rb") as f:
+                h.update("/".join(parts).encode() + b"\0" + f.read())
         _KERNELS_DIGEST.append(h.hexdigest()[:16])
     return _KERNELS_DIGEST[0]
 

@@ -322,6 +322,17 @@ def test_edited_kernels_read_another_file(tuning_dir, monkeypatch):
     assert tuning.lookup("test/e", _valid) is None
 
 
+def test_the_tuners_rules_are_in_the_file_name(monkeypatch):
+    """Choices stored under another rule for choosing them (``choose_fastest``, the tuner's
+    problems) are measured again: those files' source is hashed with the kernels'."""
+    assert ("runtime", "gemm_providers.py") in tuning._RULE_FILES
+    monkeypatch.setattr(tuning, "_KERNELS_DIGEST", [])
+    full = tuning._kernels_digest()
+    monkeypatch.setattr(tuning, "_KERNELS_DIGEST", [])
+    monkeypatch.setattr(tuning, "_RULE_FILES", tuning._RULE_FILES[:1])
+    assert tuning._kernels_digest() != full
+
+
 def test_autotune_off_reads_and_writes_nothing(tuning_dir):
     tuning.set_autotune(False)
     assert tuning.tuned("test/d", lambda: {"x": 1}, _valid) is None
