@@ -100,8 +100,8 @@ GEMM_AUTO_DEFAULT = ("numpy",)
 #: process and dtype (thread CPU time, best of GEMM_CALIBRATION_BLOCKS blocks of
 #: GEMM_CALIBRATION_CALLS calls), keep the fastest; so does the measured ``auto`` choice
 #: (``backends.cpu.autotune``). Both go through ``gemm_providers.choose_fastest``: ``numpy`` (no
-#: extra library) is kept unless another is faster by more than GEMM_CALIBRATION_MARGIN, and then
-#: ``openblas`` where it is at least as fast as ``numpy``. ``openblas`` (``scipy-openblas32``) is
+#: extra library) is kept unless another is faster by more than GEMM_CALIBRATION_MARGIN, and where
+#: it is kept, ``openblas`` replaces it if at least as fast as ``numpy``. ``openblas`` (``scipy-openblas32``) is
 #: the library NumPy and SciPy bundle, a newer build loaded for the engine alone and sequential:
 #: on AMD Zen 4 (2 cores, 2026-12-07) it tied ``numpy`` serially at head 64 (6.47 against 6.61-6.65
 #: ms on the tuning problem) and took 0-7% less at 2 threads on the float32 cases of issue 29
