@@ -44,8 +44,9 @@ def gemm_provider_info() -> dict:
     for dt in ("float32", "float64"):  # heads wider than 64, where measured apart (autotune)
         if (got := lookup(provider_key(dt, 128), valid_provider_choice)) is not None:
             measured[f"{dt}, heads over 64"] = got["provider"]
-            if get_gemm_provider(dt, 128).name != in_use[dt]:
-                in_use[f"{dt}, heads over 64"] = get_gemm_provider(dt, 128).name
+            wide = get_gemm_provider(dt, 128).name
+            if wide != in_use[dt]:
+                in_use[f"{dt}, heads over 64"] = wide
     widened = in_use["float32"]
     if "float32, heads over 64" in in_use:
         widened += f", heads over 64 {in_use['float32, heads over 64']}"

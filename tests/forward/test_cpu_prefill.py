@@ -444,15 +444,20 @@ def test_invalid_stored_tiles_fall_back_to_the_rule(tuning_dir):
         assert not plan.tuned and plan.block_q >= 1
 
 
-def test_first_large_call_measures_its_class(tuning_dir, rng, monkeypatch):
-    """A call above ``CPU_TUNE_MIN_WORK`` measures the provider and its class's tiles (shrunk
-    here to keep the test short), stores them, and computes the right result; ``attention-engine
-    list`` then names them."""
+def _shrink_tuning(monkeypatch):
+    """Every call measures what tuning lacks, on small class problems and few candidates."""
     monkeypatch.setattr(cpu_forward, "CPU_TUNE_MIN_WORK", 1)
     monkeypatch.setattr(autotune, "CLASS_PROBLEMS", {"short": (1, 64, 64), "medium": (1, 64, 64), "long": (1, 64, 128)})
     monkeypatch.setattr(cpu_tiles, "BLOCK_Q_CHOICES", (32, 64))
     monkeypatch.setattr(autotune, "BLOCK_Q_CHOICES", (32, 64))
     monkeypatch.setattr(autotune, "BLOCK_K_CHOICES", (64, 128))
+
+
+def test_first_large_call_measures_its_class(tuning_dir, rng, monkeypatch):
+    """A call above ``CPU_TUNE_MIN_WORK`` measures the provider and its class's tiles (shrunk
+    here to keep the test short), stores them, and computes the right result; ``attention-engine
+    list`` then names them."""
+    _shrink_tuning(monkeypatch)
     q, k, v = (rng.standard_normal((1, 2, n, 32)).astype(np.float32) for n in (96, 100, 100))
     _check(q, k, v, np.float32)
     choices = tuning.tuning_info()["choices"]
@@ -566,11 +571,7 @@ def test_first_large_call_with_wide_heads_measures_their_provider(tuning_dir, rn
     installed provider's tiles there, kept), apart from the dtype's head-64 choice."""
     from engine.runtime.gemm_providers import provider_key
 
-    monkeypatch.setattr(cpu_forward, "CPU_TUNE_MIN_WORK", 1)
-    monkeypatch.setattr(autotune, "CLASS_PROBLEMS", {"short": (1, 64, 64), "medium": (1, 64, 64), "long": (1, 64, 128)})
-    monkeypatch.setattr(cpu_tiles, "BLOCK_Q_CHOICES", (32, 64))
-    monkeypatch.setattr(autotune, "BLOCK_Q_CHOICES", (32, 64))
-    monkeypatch.setattr(autotune, "BLOCK_K_CHOICES", (64, 128))
+    _shrink_tuning(monkeypatch)
     q, k, v = (rng.standard_normal((1, 2, n, 100)).astype(np.float32) for n in (96, 100, 100))
     _check(q, k, v, np.float32)
     choices = tuning.tuning_info()["choices"]
