@@ -242,6 +242,18 @@ def tuning_dir(tmp_path, monkeypatch):
     tuning._forget()
 
 
+@pytest.fixture
+def tuning_in_memory(monkeypatch):
+    """Tuning on and kept in memory only (no file): what the process knew is dropped. Unlike
+    ``tuning_dir`` it leaves Numba's cache folder alone, so no kernel compiles again."""
+    monkeypatch.setattr(tuning, "tuning_path", lambda: None)
+    tuning.set_autotune(True)
+    tuning._forget()
+    yield
+    tuning.set_autotune(None)
+    tuning._forget()
+
+
 def _valid(v):
     return isinstance(v.get("x"), int)
 
@@ -512,7 +524,7 @@ def _store_provider(dtype: str, width: int, name: str):
     tuning.tuned(provider_key(dtype, width), lambda: {"provider": name, "ms": {}}, valid_provider_choice)
 
 
-def test_heads_over_64_take_the_provider_measured_for_them(tuning_dir, rng, monkeypatch):
+def test_heads_over_64_take_the_provider_measured_for_them(tuning_in_memory, rng, monkeypatch):
     """The provider stored for heads over 64 runs their forward and backward (and varlen's); heads
     up to 64 keep the dtype's; the results stay the reference's."""
     import engine.backends.cpu.backward as cpu_backward
