@@ -32,7 +32,7 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 
 #: seconds a child process or thread may take before a test calls it hung
-HANG_TIMEOUT_S = 1800
+HANG_TIMEOUT_S = 900
 
 # kernels specialised on the tests' mods (tests/testmods.py) are disk-cached as the built-in
 # variants' are, so that every pytest-xdist worker, child process and later run loads them instead

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from conftest import HANG_TIMEOUT_S
+
 pytest.importorskip("distributed", reason="the dask extra is not installed")
 
 pytestmark = pytest.mark.xdist_group("dask")
@@ -33,7 +35,7 @@ def test_cli_starts_a_local_cluster_and_compares_with_cpu(tmp_path):
         ],
         capture_output=True,
         text=True,
-        timeout=1800,
+        timeout=HANG_TIMEOUT_S,
         check=True,
     ).stdout
     for label in (

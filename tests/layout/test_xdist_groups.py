@@ -3,13 +3,16 @@ pytest-xdist worker: the Dask tests share one cluster that way. pytest 9.2 broke
 (pytest-xdist#1386: the tests then spread over the workers as if unmarked), so the test extra
 stays below 9.2, and this test fails if grouping stops working with the installed versions."""
 
+import configparser
 import os
 import re
 import subprocess
 import sys
 import textwrap
 
-from conftest import HANG_TIMEOUT_S
+import pytest
+
+from conftest import HANG_TIMEOUT_S, ROOT
 
 MODULE = """
     import pytest
@@ -38,3 +41,70 @@ def test_loadgroup_keeps_a_group_on_one_worker(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     workers = re.findall(r"\[(gw\d+)\].*PASSED .*test_grouped\[", res.stdout)
     assert len(workers) == 8 and len(set(workers)) == 1, res.stdout[-3000:]
+
+
+CRASHING = """
+    import os
+    import time
+
+    import pytest
+
+
+    @pytest.mark.xdist_group("hangs")
+    def test_hangs():
+        time.sleep(600)
+
+
+    @pytest.mark.xdist_group("aborts")
+    def test_aborts():
+        os.write(2, b"written to fd 2 before the abort\\n")  # as glibc or LLVM would
+        os.abort()
+
+
+    @pytest.mark.parametrize("i", range(4))
+    def test_fine(i):
+        pass
+"""
+
+
+def _readme_pytest_options() -> list:
+    """The options of the README's test command (``.ci/run`` runs it as written)."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    command = next(ln for ln in readme.splitlines() if ln.startswith("python3 -m venv") and " pytest " in ln)
+    return command.split(" -m pytest ", 1)[1].split()
+
+
+@pytest.mark.parametrize("case", ["hangs", "aborts"])
+def test_a_hung_or_crashed_worker_ends_the_run_as_a_failure(tmp_path, case):
+    """A worker that dies (a native crash, or pytest-timeout ending a hung test) must end the run
+    with a failure: under ``--dist loadgroup`` pytest-xdist 3.8 can wait forever for a replaced
+    worker (pytest-xdist#1323, #1378; a CI run hung until its 90-minute limit), so the README's
+    command does not replace workers, and ``setup.cfg``'s timeout method works in native code."""
+    options = _readme_pytest_options()
+    assert "--max-worker-restart=0" in options and "loadgroup" in options, options
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(ROOT, "setup.cfg"))
+    ini = cfg["tool:pytest"]
+    assert float(ini["faulthandler_timeout"]) < float(ini["timeout"])  # the stacks, then the end
+    (tmp_path / "test_crashing.py").write_text(textwrap.dedent(CRASHING))
+    (tmp_path / "pytest.ini").write_text(
+        f"[pytest]\nfaulthandler_timeout = 3\ntimeout = 6\ntimeout_method = {ini['timeout_method']}\n"
+        f"addopts = {ini['addopts']}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", *options, "-k", f"{case} or fine"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=HANG_TIMEOUT_S,
+    )
+    out = res.stdout + res.stderr
+    assert res.returncode not in (0, 5), out[-3000:]
+    assert f"crashed while running 'test_crashing.py::test_{case}" in out, out[-3000:]
+    assert "replacing crashed worker" not in out, out[-3000:]
+    if case == "hangs":  # faulthandler's report: the hung test's stack
+        assert "Timeout (0:00:03)!" in out and "in test_hangs" in out, out[-3000:]
+    else:  # native code's last words reach the log (not a capture file that dies with the worker)
+        assert "written to fd 2 before the abort" in out, out[-3000:]
