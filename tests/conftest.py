@@ -25,6 +25,7 @@ import threadpoolctl
 import engine
 from engine.kernels.specialise import CACHED_MODS_ENV
 
+from hang_guard import pytest_collection, pytest_exception_interact, pytest_sessionfinish  # noqa: F401
 from simulator import SIMULATOR, use_simulator_tiles
 
 #: the tests folder (shared helpers: this file, tolerances.py, grad_cases.py) and the repository root

@@ -55,6 +55,17 @@ CRASHING = """
         ctypes.PyDLL(None).sleep(600)  # native code holding the GIL, as a Numba kernel does
 
 
+    @pytest.fixture
+    def hangs_in_teardown():
+        yield
+        ctypes.PyDLL(None).sleep(600)
+
+
+    @pytest.mark.xdist_group("teardown")
+    def test_teardown(hangs_in_teardown):
+        assert False  # pytest stops its own watchdog at a failure: tests/hang_guard.py restarts it
+
+
     @pytest.mark.xdist_group("aborts")
     def test_aborts():
         os.write(2, b"written to fd 2 before the abort\\n")  # as glibc or LLVM would
@@ -74,7 +85,7 @@ def _readme_pytest_options() -> list:
     return command.split(" -m pytest ", 1)[1].split()
 
 
-@pytest.mark.parametrize("case", ["hangs", "aborts"])
+@pytest.mark.parametrize("case", ["hangs", "teardown", "aborts"])
 def test_a_hung_or_crashed_worker_ends_the_run_as_a_failure(tmp_path, case):
     """A worker that dies (a native crash, or faulthandler ending a hung test) must stop the run
     as a failure: under ``--dist loadgroup`` pytest-xdist 3.8 can wait forever for a replaced
@@ -87,11 +98,13 @@ def test_a_hung_or_crashed_worker_ends_the_run_as_a_failure(tmp_path, case):
     cfg.read(os.path.join(ROOT, "setup.cfg"))
     ini = cfg["tool:pytest"]
     (tmp_path / "test_crashing.py").write_text(textwrap.dedent(CRASHING))
+    (tmp_path / "conftest.py").write_text("from hang_guard import *  # noqa: F403\n")  # as tests/conftest.py
     (tmp_path / "pytest.ini").write_text(
         "[pytest]\nfaulthandler_timeout = 3\n"
         f"faulthandler_exit_on_timeout = {ini['faulthandler_exit_on_timeout']}\naddopts = {ini['addopts']}\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.join(ROOT, "tests"), env.get("PYTHONPATH")]))
     res = subprocess.run(
         [sys.executable, "-m", "pytest", *options, "-k", f"{case} or fine"],
         cwd=tmp_path,
@@ -106,5 +119,7 @@ def test_a_hung_or_crashed_worker_ends_the_run_as_a_failure(tmp_path, case):
     assert "replacing crashed worker" not in out, out[-3000:]
     if case == "hangs":  # faulthandler's report: the hung test's stack
         assert "Timeout (0:00:03)!" in out and "in test_hangs" in out, out[-3000:]
+    elif case == "teardown":  # the same after the test failed, in its fixture's teardown
+        assert "Timeout (0:00:03)!" in out and "in hangs_in_teardown" in out, out[-3000:]
     else:  # native code's last words reach the log (not a capture file that dies with the worker)
         assert "written to fd 2 before the abort" in out, out[-3000:]
