@@ -32,19 +32,20 @@ def pytest_exception_interact(node, call, report):
         _arm(node.config)
 
 
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_collection(session):
-    _arm(session.config)
+def _watched(config):
+    """The body of a hook wrapper whose hook runs under the watchdog."""
+    _arm(config)
     try:
         return (yield)
     finally:
         faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_collection(session):
+    return (yield from _watched(session.config))
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_sessionfinish(session):
-    _arm(session.config)
-    try:
-        return (yield)
-    finally:
-        faulthandler.cancel_dump_traceback_later()
+    return (yield from _watched(session.config))
