@@ -88,11 +88,19 @@ OWN_TILES = ("amx", "avx512-bf16")
 PROVIDER_KEY = "cpu-gemm/{dtype}"
 
 
+def width_class(width: int) -> int:
+    """The width class that tuning measures heads ``width`` wide in (the larger of the query/key
+    and value head sizes): 64 for heads up to 64, else 128. The one rule for the provider's key
+    (:func:`provider_key`), the width it is measured at and the tiles' class
+    (``engine.backends.cpu.tiles.tile_class``), so the three cannot disagree."""
+    return 64 if width <= 64 else 128
+
+
 def provider_key(dtype_name: str, width: int = 64) -> str:
     """The tuning key of the provider measured for ``dtype_name`` and heads ``width`` wide (the
-    larger of the query/key and value head sizes): :data:`PROVIDER_KEY` up to 64 (the key older
-    versions wrote), ``PROVIDER_KEY + "/w128"`` for wider heads (measured at 128)."""
-    return PROVIDER_KEY.format(dtype=dtype_name) + ("" if width <= 64 else "/w128")
+    larger of the query/key and value head sizes): :data:`PROVIDER_KEY` in the 64 class (the key
+    older versions wrote), ``PROVIDER_KEY + "/w128"`` in the 128 class (:func:`width_class`)."""
+    return PROVIDER_KEY.format(dtype=dtype_name) + ("" if width_class(width) == 64 else "/w128")
 
 
 _lock = threading.Lock()

@@ -595,6 +595,17 @@ def test_first_large_call_with_wide_heads_measures_their_provider(tuning_dir, rn
     assert "numpy" in got["ms"] and len(got["ms"]) >= 2
 
 
+@pytest.mark.parametrize(("E", "Ev", "cls"), [(64, 64, 64), (8, 64, 64), (64, 65, 128), (128, 32, 128), (129, 8, None)])
+def test_tiles_and_provider_share_one_width_class(E, Ev, cls):
+    """Heads up to 64 wide are the 64 class, to 128 the 128 class (the provider's key gains
+    "/w128"), wider ones take the fixed tiles but the 128 class's provider."""
+    from engine.runtime.gemm_providers import provider_key
+
+    got = cpu_tiles.tile_class(1024, E, Ev)
+    assert (got and got[0]) == cls
+    assert provider_key("float32", max(E, Ev)).endswith("/w128") == (cls != 64)
+
+
 def test_list_names_only_stored_choices_the_engine_would_use(tuning_dir, monkeypatch):
     """A stored provider or tiles the engine refuses (a file edited by hand, another version) is
     not listed as measured; a widened 16-bit call's line names the wide heads' provider too."""

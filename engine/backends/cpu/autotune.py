@@ -43,7 +43,14 @@ import numpy as np
 
 from ...problems.base import dtype_name
 from ...runtime.config import DECODE_BLOCK_K, GEMM_CALIBRATION_CANDIDATES
-from ...runtime.gemm_providers import OWN_TILES, choose_fastest, load_provider, provider_key, valid_provider_choice
+from ...runtime.gemm_providers import (
+    OWN_TILES,
+    choose_fastest,
+    load_provider,
+    provider_key,
+    valid_provider_choice,
+    width_class,
+)
 from ...runtime.tuning import remember, tuned
 from .tiles import BLOCK_K_CHOICES, BLOCK_Q_CHOICES, TASK_ROWS_CHOICES, TilePlan, tile_key, valid_tiles
 
@@ -123,7 +130,7 @@ def tune_provider(forward, dt_name: str, width: int = 64) -> str | None:
     tiles are searched on the medium class of the width's class (64, or 128 for wider heads) and
     kept (that class is then known for each); the provider whose best is fastest wins, as
     ``gemm_providers.choose_fastest`` breaks near-ties. Stored under ``provider_key``."""
-    width = 64 if width <= 64 else 128
+    width = width_class(width)
 
     def measure() -> dict:
         best = {}

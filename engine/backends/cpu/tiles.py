@@ -25,6 +25,7 @@ from ...runtime.config import (
     CPU_TUNE_MAX_WIDTH,
     CPU_VARLEN_TASK_ROWS,
 )
+from ...runtime.gemm_providers import width_class
 from ...runtime.tuning import lookup
 
 __all__ = [
@@ -66,7 +67,7 @@ def tile_class(L: int, E: int, Ev: int) -> tuple[int, str] | None:
     width = max(E, Ev, 1)
     if width > CPU_TUNE_MAX_WIDTH:
         return None
-    return (64 if width <= 64 else 128), ("short" if L <= 768 else "medium" if L <= 2048 else "long")
+    return width_class(width), ("short" if L <= 768 else "medium" if L <= 2048 else "long")
 
 
 def tile_key(provider: str, dtype_name: str, width: int, length: str) -> str:
