@@ -28,16 +28,22 @@ def cache_slots(problem: DecodeProblem, b, positions: np.ndarray):
 def _written_slots(problem: DecodeProblem):
     """``(pages, offsets, keys, values)``: where the new entries go and what goes there, as index
     arrays and sources of one shape (``(B, L_new)`` + head dims, or ``(total,)`` + head dims for
-    packed queries: token t of sequence b goes to position ``cache_seqlens[b] + t``)."""
+    packed queries: token t of sequence b goes to position ``cache_seqlens[b] + t``). Every slot
+    gets what its entry held before the call: values that lie in k_cache's memory are copied, as
+    the keys are written first (NumPy's assignment already copies a source overlapping its own
+    target)."""
+    key, value = problem.key, problem.value
+    if np.may_share_memory(value, problem.k_cache):
+        value = value.copy()
     if problem.packed:
         seq, index = sequence_of_rows(problem.cu_seqlens_q)
         pages, offsets = cache_slots(problem, seq, problem.cache_seqlens[seq] + index)
-        return pages, offsets, problem.key, problem.value
+        return pages, offsets, key, value
     b = np.arange(problem.batch)[:, None]
     pos = problem.cache_seqlens[:, None] + np.arange(problem.L_new)[None, :]
     pages, offsets = cache_slots(problem, b, pos)
     # advanced indices (B, L_new) around a slice: the target is (B, L_new, Hkv, D)
-    return pages, offsets, np.swapaxes(problem.key, 1, 2), np.swapaxes(problem.value, 1, 2)
+    return pages, offsets, np.swapaxes(key, 1, 2), np.swapaxes(value, 1, 2)
 
 
 def write_new_entries(problem: DecodeProblem) -> None:

@@ -20,7 +20,7 @@ def _check_seqlens(cache_seqlens, L_new, capacity, out):
     most = 0
     for b in range(cache_seqlens.shape[0]):
         s = np.int64(cache_seqlens[b])  # (uint64 + int64 would be a float in Numba)
-        if s < 0 or s + L_new > capacity:
+        if s < 0 or s > capacity - L_new:  # (s + L_new could wrap past int64's largest)
             return -1
         out[b] = s
         most = max(most, s + L_new)
@@ -36,7 +36,7 @@ def _checked_seqlens_k(cache_seqlens, L_new, capacity, out):
     total = 0
     for b in range(cache_seqlens.shape[0]):
         s = np.int64(cache_seqlens[b])
-        if s < 0 or s + L_new > capacity:
+        if s < 0 or s > capacity - L_new:  # (s + L_new could wrap past int64's largest)
             return -1, 0
         out[b] = s + L_new
         most = max(most, s + L_new)

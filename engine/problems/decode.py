@@ -280,19 +280,26 @@ def validate_decode_args(
                 f"key and value must hold the same number of new tokens, got {tuple(kn.shape)} and {tuple(vn.shape)}"
             )
         L_new = kn.shape[0] if packed else kn.shape[2]
-        for name, a in (("k_cache", kc), ("v_cache", vc)):
+        for name, a, given in (("k_cache", kc, k_cache), ("v_cache", vc, v_cache)):
             if not a.flags.writeable:
                 raise ValueError(f"{name} is read-only, but key/value are to be written into it")
+            if not _its_own_memory(a, given):
+                raise ValueError(
+                    f"{name} must be an array the new entries can be written into, got "
+                    f"{_layout_of(given)}: it is read through a copy (native byte order, aligned), "
+                    "and the write would go to the copy"
+                )
 
     seqlens = _seqlens(cache_seqlens, B)
     new_lens = np.diff(cu_q) if packed and L_new else L_new
-    need = seqlens + new_lens
-    over = np.nonzero(need > capacity)[0]
+    # seqlens > capacity - new_lens, not seqlens + new_lens > capacity: the sum of an entry near
+    # int64's largest and the new keys would wrap negative and pass (then write out of bounds)
+    over = np.nonzero(seqlens > capacity - new_lens)[0]
     if over.size:
         b = int(over[0])
-        n_new = int(need[b] - seqlens[b])
+        n_new = int(new_lens[b]) if packed and L_new else int(L_new)
         what = (
-            f"writing {n_new} new keys at cache_seqlens[{b}] = {seqlens[b]} needs {need[b]} slots"
+            f"writing {n_new} new keys at cache_seqlens[{b}] = {seqlens[b]} needs {int(seqlens[b]) + n_new} slots"
             if n_new
             else f"cache_seqlens[{b}] = {seqlens[b]}"
         )
@@ -304,6 +311,7 @@ def validate_decode_args(
                 else f" (k_cache {tuple(kc.shape)})"
             )
         )
+    need = seqlens + new_lens  # no entry is near int64's largest now
     if pt is not None and not packed:
         _check_pages(pt, need, seqlens, L_new, page_size, num_pages)
     elif pt is not None:  # page indices as above; the ragged writes' slots checked apart
@@ -359,12 +367,43 @@ def validate_decode_args(
     )
 
 
+_INT64_MAX = int(np.iinfo(np.int64).max)
+
+
+def _its_own_memory(arr, given) -> bool:
+    """Whether ``arr`` (what ``any_array`` made of the argument ``given``) is ``given``'s memory,
+    not a copy: ``native`` copies a NumPy array in a foreign byte order or unaligned, and a
+    list becomes a new array. Device arrays and torch tensors are used in place."""
+    if arr is given or isinstance(arr, DeviceArray):
+        return True
+    if isinstance(given, np.ndarray):
+        return given.dtype.isnative and given.flags.aligned
+    if type(given).__module__.startswith("torch"):
+        return True  # a CPU tensor's memory, viewed (engine.problems.arrays.as_array)
+    try:
+        return np.may_share_memory(arr, given)
+    except TypeError:
+        return False
+
+
+def _layout_of(given) -> str:
+    """What ``given`` is, with its article: "an unaligned array (float32, shape ...)", "a list"."""
+    if isinstance(given, np.ndarray):
+        what = [] if given.dtype.isnative else [f"byte order {given.dtype.byteorder!r}"]
+        what += [] if given.flags.aligned else ["unaligned"]
+        desc = f"{', '.join(what)} array ({given.dtype}, shape {given.shape})"
+        return ("an " if desc[0] in "aeiou" else "a ") + desc
+    return f"{type(given).__module__}.{type(given).__qualname__}".removeprefix("builtins.")
+
+
 def _seqlens(cache_seqlens, B: int) -> np.ndarray:
     if isinstance(cache_seqlens, (bool, np.bool_)):
         raise TypeError("cache_seqlens must be an int or an integer array of shape (B,), got a bool")
     if isinstance(cache_seqlens, (int, np.integer)):
         if cache_seqlens < 0:
             raise ValueError(f"cache_seqlens must be >= 0, got {cache_seqlens}")
+        if cache_seqlens > _INT64_MAX:
+            raise ValueError(f"cache_seqlens must be at most {_INT64_MAX} (int64), got {cache_seqlens}")
         return np.full(B, int(cache_seqlens), dtype=np.int64)
     else:
         arr = host_array(cache_seqlens, "cache_seqlens")
@@ -372,6 +411,13 @@ def _seqlens(cache_seqlens, B: int) -> np.ndarray:
             raise TypeError(f"cache_seqlens must hold integers (int32), got dtype {arr.dtype}")
         if arr.shape != (B,):
             raise ValueError(f"cache_seqlens must have shape (B,) = ({B},), got {tuple(arr.shape)}")
+        if arr.dtype.kind == "u" and arr.size:  # above int64's largest an entry would wrap negative
+            big = np.nonzero(arr > _INT64_MAX)[0]
+            if big.size:
+                raise ValueError(
+                    f"cache_seqlens must be at most {_INT64_MAX} (int64), got "
+                    f"cache_seqlens[{int(big[0])}] = {arr[big[0]]}"
+                )
         s = arr.astype(np.int64)  # a copy: the caller may advance theirs while we hold this one
     bad = np.nonzero(s < 0)[0]
     if bad.size:

@@ -300,6 +300,22 @@ def _bad(rng, **changes):
     return case
 
 
+def _swapped(case, name):
+    """``case`` with its cache ``name`` in big-endian byte order (the same values)."""
+    case[name] = case[name].astype(case[name].dtype.newbyteorder(">"))
+    return case
+
+
+def _unaligned(case, name):
+    """``case`` with its cache ``name`` moved to an address one byte off its alignment."""
+    a = case[name]
+    buf = np.zeros(a.nbytes + 1, np.uint8)
+    moved = np.frombuffer(buf.data, a.dtype, a.size, offset=1).reshape(a.shape)
+    moved[...] = a
+    case[name] = moved
+    return case
+
+
 def _paged_bad(rng, table, seqlens=(3, 9)):
     case = paged(make_case(rng, B=2, Hq=4, Hkv=2, L=1, L_new=1, S_max=16, seqlens=seqlens), 4, rng)
     case["page_table"] = np.asarray(table, np.int32)
@@ -426,6 +442,18 @@ ERRORS = [
         ValueError,
         r"a contiguous k_cache must have the query's batch size 2 first",
     ),
+    (
+        "k_cache-byte-order",  # was read through a native copy, and the write went to the copy
+        lambda rng: _swapped(_bad(rng), "k_cache"),
+        ValueError,
+        r"k_cache must be an array the new entries can be written into, got a byte order '>' array",
+    ),
+    (
+        "v_cache-unaligned",  # the same with an unaligned one, after k_cache was written
+        lambda rng: _unaligned(_bad(rng), "v_cache"),
+        ValueError,
+        r"v_cache must be an array the new entries can be written into, got an unaligned array",
+    ),
     ("window", lambda rng: _bad(rng, window=(3,)), TypeError, r"window must be None or a pair"),
     ("window-value", lambda rng: _bad(rng, window=(-2, 0)), ValueError, r"window left must be an int >= 0"),
     ("num-splits", lambda rng: _bad(rng, num_splits=0), ValueError, r"num_splits must be >= 1, got 0"),
@@ -491,3 +519,23 @@ def test_a_call_that_fails_after_the_write_leaves_the_caches_as_they_were(rng, b
         # and the same call without the failing mod writes them
         kvcache(**case, backend=backend)
         assert not np.array_equal(case["k_cache"], before[0])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_new_entries_that_are_views_of_the_caches_are_written_as_they_were(rng, backend):
+    """key/value views of the slots the call writes (or of the other cache): each slot gets what
+    the entry held before the call, as NumPy's assignment; the cpu write went slot by slot and
+    read an entry after an earlier slot of the same call had overwritten it."""
+    kc = rng.standard_normal((1, 2, 16, 4)).astype(np.float32)
+    vc = rng.standard_normal((1, 2, 16, 4)).astype(np.float32)
+    q = rng.standard_normal((1, 2, 2, 4)).astype(np.float32)
+    want_k, want_v = kc.copy(), vc.copy()
+    want_k[:, :, 4:6] = kc[:, :, 3:5]  # key: slots 3-4 of k_cache, written to 4-5
+    want_v[:, :, 4:6] = kc[:, :, 4:6]  # value: the k_cache slots the key overwrites
+    want_out = kvcache(q, want_k.copy(), want_v.copy(), cache_seqlens=6, backend="reference")
+    for _ in range(2):  # the second call runs on the plan
+        k, v = kc.copy(), vc.copy()
+        out = kvcache(q, k, v, k[:, :, 3:5], k[:, :, 4:6], cache_seqlens=4, backend=backend)
+        np.testing.assert_array_equal(k, want_k)
+        np.testing.assert_array_equal(v, want_v)
+        np.testing.assert_allclose(out, want_out, rtol=1e-6, atol=1e-6)

@@ -176,6 +176,12 @@ def _cache(B=2, H=2, S=16, D=8):
         (np.array([16, 2], np.int64), "needs 17 slots"),
         (-2, "cache_seqlens must be >= 0"),
         (16, "needs 17 slots"),
+        # near int64's largest: the sum with the new keys wrapped negative, passed the capacity
+        # test and the write went far outside the cache (a segmentation fault)
+        (np.array([3, 2**63 - 1], np.int64), "needs 9223372036854775808 slots"),
+        (2**63 - 1, "needs 9223372036854775808 slots"),
+        (np.array([3, 2**64 - 1], np.uint64), "at most 9223372036854775807"),
+        (2**63, "at most 9223372036854775807"),
     ],
 )
 def test_decode_seqlens_errors_on_a_cached_call(bad_seqlens, message):

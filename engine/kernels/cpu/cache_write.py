@@ -21,11 +21,40 @@ _CACHE = cache_enabled()
 __all__ = ["_save_and_write", "_restore"]
 
 
+@njit(cache=_CACHE, inline="always")
+def _extent(a):
+    """``(lo, hi)``: the byte addresses ``a``'s elements lie within (any strides)."""
+    lo = a.ctypes.data
+    hi = lo + a.itemsize
+    for i in range(a.ndim):
+        if a.shape[i] == 0:
+            return lo, lo
+        step = (a.shape[i] - 1) * a.strides[i]
+        if step < 0:
+            lo += step
+        else:
+            hi += step
+    return lo, hi
+
+
+@njit(cache=_CACHE, inline="always")
+def _overlaps(a, b):
+    a_lo, a_hi = _extent(a)
+    b_lo, b_hi = _extent(b)
+    return a_lo < b_hi and b_lo < a_hi
+
+
 @njit(cache=_CACHE)
 def _save_and_write(k_pages, v_pages, table, seqlens_k, key, value, old_k, old_v):
     """Token t of sequence b goes to slot ``seqlens_k[b] - L_new + t`` (``seqlens_k``: the keys
     after the write): page ``table[b, slot // page_size]``, offset ``slot % page_size``, all heads.
-    ``old_k``/``old_v`` (B, Hkv, L_new, D/Dv) receive what the slots held."""
+    ``old_k``/``old_v`` (B, Hkv, L_new, D/Dv) receive what the slots held. New entries that lie in
+    a cache's memory (views of its slots) are copied first, so every slot gets what the entries
+    held before the call, as NumPy's assignment gives (an address-range test, nanoseconds)."""
+    if _overlaps(key, k_pages) or _overlaps(key, v_pages):
+        key = key.copy()
+    if _overlaps(value, k_pages) or _overlaps(value, v_pages):
+        value = value.copy()
     B, Hkv, Ln, _ = key.shape
     ps = k_pages.shape[2]
     for b in range(B):
