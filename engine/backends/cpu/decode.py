@@ -245,7 +245,8 @@ def _launch(setup: _Setup, problem: DecodeProblem):
     if setup.fast_write:  # a compiled copy; the old contents back if the kernel fails
         key, value = _bits(problem.key), _bits(problem.value)
         old_k, old_v = np.empty(key.shape, key.dtype), np.empty(value.shape, value.dtype)
-        setup.write(k_pages, v_pages, table, seqlens_k, key, value, old_k, old_v)
+        if not setup.write(k_pages, v_pages, table, seqlens_k, key, value, old_k, old_v):
+            setup.write(k_pages, v_pages, table, seqlens_k, key.copy(), value.copy(), old_k, old_v)  # views of a cache
         try:
             _run_kernel(setup.small, kernel, args, problem.mod_args)
         except BaseException:
@@ -350,7 +351,9 @@ class _Plain:
         if self.write:  # a compiled copy; the old contents back if the kernel fails
             old_k, old_v = np.empty(key.shape, key.dtype), np.empty(value.shape, value.dtype)
             write = setup.write
-            (write.entry or write)(k_cache, v_cache, setup.table, seqlens_k, key, value, old_k, old_v)
+            write = write.entry or write
+            if not write(k_cache, v_cache, setup.table, seqlens_k, key, value, old_k, old_v):
+                write(k_cache, v_cache, setup.table, seqlens_k, key.copy(), value.copy(), old_k, old_v)  # views
             try:
                 if guard:
                     self._guarded(call, args, mod_args)

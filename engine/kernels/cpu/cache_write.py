@@ -12,7 +12,8 @@ assignment's shape-mismatch error message (``str`` of each dimension, ``join``),
 module's first compile for a message that cannot occur here (the shapes are equal by construction).
 """
 
-from numba import njit
+from numba import njit, types
+from numba.extending import intrinsic
 
 from ...runtime.jit_cache import cache_enabled
 
@@ -21,10 +22,23 @@ _CACHE = cache_enabled()
 __all__ = ["_save_and_write", "_restore"]
 
 
+@intrinsic
+def _data_address(typingctx, a):
+    """The address of ``a``'s first element (``a.ctypes.data`` builds a ctypes view per call)."""
+    if not isinstance(a, types.Array):
+        return None
+
+    def codegen(context, builder, signature, args):
+        arr = context.make_array(signature.args[0])(context, builder, args[0])
+        return builder.ptrtoint(arr.data, context.get_value_type(types.intp))
+
+    return types.intp(a), codegen
+
+
 @njit(cache=_CACHE, inline="always")
 def _extent(a):
     """``(lo, hi)``: the byte addresses ``a``'s elements lie within (any strides)."""
-    lo = a.ctypes.data
+    lo = _data_address(a)
     hi = lo + a.itemsize
     for i in range(a.ndim):
         if a.shape[i] == 0:
@@ -37,24 +51,23 @@ def _extent(a):
     return lo, hi
 
 
-@njit(cache=_CACHE, inline="always")
-def _overlaps(a, b):
-    a_lo, a_hi = _extent(a)
-    b_lo, b_hi = _extent(b)
-    return a_lo < b_hi and b_lo < a_hi
-
-
 @njit(cache=_CACHE)
 def _save_and_write(k_pages, v_pages, table, seqlens_k, key, value, old_k, old_v):
     """Token t of sequence b goes to slot ``seqlens_k[b] - L_new + t`` (``seqlens_k``: the keys
     after the write): page ``table[b, slot // page_size]``, offset ``slot % page_size``, all heads.
-    ``old_k``/``old_v`` (B, Hkv, L_new, D/Dv) receive what the slots held. New entries that lie in
-    a cache's memory (views of its slots) are copied first, so every slot gets what the entries
-    held before the call, as NumPy's assignment gives (an address-range test, nanoseconds)."""
-    if _overlaps(key, k_pages) or _overlaps(key, v_pages):
-        key = key.copy()
-    if _overlaps(value, k_pages) or _overlaps(value, v_pages):
-        value = value.copy()
+    ``old_k``/``old_v`` (B, Hkv, L_new, D/Dv) receive what the slots held. Returns True; False,
+    writing nothing, when ``key`` or ``value`` lie in a cache's memory (views of its slots): the
+    caller then passes copies, so that every slot gets what the entries held before the call, as
+    NumPy's assignment gives (an address-range test here, nanoseconds; a copy made in here would
+    make every call pay for reference counting)."""
+    k_lo, k_hi = _extent(k_pages)
+    v_lo, v_hi = _extent(v_pages)
+    a_lo, a_hi = _extent(key)  # (key and value may differ in layout: no loop over the pair)
+    b_lo, b_hi = _extent(value)
+    if (a_lo < k_hi and k_lo < a_hi) or (a_lo < v_hi and v_lo < a_hi):
+        return False
+    if (b_lo < k_hi and k_lo < b_hi) or (b_lo < v_hi and v_lo < b_hi):
+        return False
     B, Hkv, Ln, _ = key.shape
     ps = k_pages.shape[2]
     for b in range(B):
@@ -69,6 +82,7 @@ def _save_and_write(k_pages, v_pages, table, seqlens_k, key, value, old_k, old_v
                 for d in range(value.shape[3]):
                     old_v[b, h, t, d] = v_pages[page, h, off, d]
                     v_pages[page, h, off, d] = value[b, h, t, d]
+    return True
 
 
 @njit(cache=_CACHE)
