@@ -143,6 +143,8 @@ def run_cached(plan_key, query, k_cache, v_cache, key, value, cache_seqlens, pag
         if info.check_seqlens(cache_seqlens, info.L_new, info.capacity, seqlens) < 0:
             return None
     if page_table is not None:
+        if key is not None and (np.may_share_memory(page_table, k_cache) or np.may_share_memory(page_table, v_cache)):
+            return None  # the write would overwrite page indices: the full validation says so
         _check_pages(page_table, seqlens + info.L_new, seqlens, info.L_new, info.page_size, info.num_pages)
     if mod_args:
         mod_args = native_mod_args(mod_args)

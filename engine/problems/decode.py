@@ -289,6 +289,11 @@ def validate_decode_args(
                     f"{_layout_of(given)}: it is read through a copy (native byte order, aligned), "
                     "and the write would go to the copy"
                 )
+        if pt is not None and (share_memory(pt, kc) or share_memory(pt, vc)):
+            raise ValueError(
+                "page_table must not share memory with k_cache or v_cache: the new entries would "
+                "overwrite page indices the write and the attention then read"
+            )
 
     seqlens = _seqlens(cache_seqlens, B)
     new_lens = np.diff(cu_q) if packed and L_new else L_new

@@ -539,3 +539,24 @@ def test_new_entries_that_are_views_of_the_caches_are_written_as_they_were(rng, 
         np.testing.assert_array_equal(k, want_k)
         np.testing.assert_array_equal(v, want_v)
         np.testing.assert_allclose(out, want_out, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_new_entries_in_another_layout_inside_a_cache_through_the_plan(rng, backend):
+    """A key that is an F-ordered view of v_cache's unused slots: the cached call's write got
+    C-ordered copies into an entry point compiled for the F-ordered view, and wrote them permuted."""
+    from numpy.lib.stride_tricks import as_strided
+
+    kc = rng.standard_normal((2, 2, 16, 8)).astype(np.float32)
+    vc = rng.standard_normal((2, 2, 16, 8)).astype(np.float32)
+    q = rng.standard_normal((2, 4, 2, 8)).astype(np.float32)
+    value = rng.standard_normal((2, 2, 2, 8)).astype(np.float32)
+    seqlens = np.array([4, 6], np.int32)
+    for _ in range(3):  # the second and third calls run on the plan
+        k, v = kc.copy(), vc.copy()
+        key = as_strided(v[1, 1, 8:].reshape(-1), (2, 2, 2, 8), (4, 8, 16, 32))  # F-contiguous
+        assert key.flags.f_contiguous and np.may_share_memory(key, v)
+        want_k = k.copy()
+        want_k[0, :, 4:6], want_k[1, :, 6:8] = key[0], key[1]
+        kvcache(q, k, v, key, value, cache_seqlens=seqlens, backend=backend)
+        np.testing.assert_array_equal(k, want_k)

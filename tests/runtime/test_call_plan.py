@@ -209,6 +209,25 @@ def test_decode_overlapping_caches_on_a_cached_call():
     assert "must not share memory" in str(err)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_decode_page_table_inside_a_cache_on_a_cached_call(backend):
+    """A page table in k_cache's memory: the first sequence's key overwrote its page indices after
+    validation, and the cpu write then went to page 1900671690 (a segmentation fault)."""
+    kc, vc = np.zeros((8, 1, 4, 4), np.float32), np.ones((8, 1, 4, 4), np.float32)
+    q, kn, vn = np.ones((2, 1, 1, 4), np.float32), np.full((2, 1, 1, 4), 1e30, np.float32), _arr(2, 1, 1, 4)
+    seqlens = np.array([0, 1], np.int32)
+    inside = np.ndarray((2, 3), np.int32, buffer=kc, offset=7 * 16 * 4)
+    inside[...] = [[7, 5, 6], [0, 1, 2]]
+    apart = inside.copy()
+    awk = engine.attention_with_kvcache
+    err = assert_same_error(
+        lambda: awk(q, kc.copy(), vc.copy(), kn, vn, cache_seqlens=seqlens, page_table=apart, backend=backend),
+        lambda: awk(q, kc, vc, kn, vn, cache_seqlens=seqlens, page_table=inside, backend=backend),
+        state=(kc, vc),
+    )
+    assert "page_table must not share memory with k_cache or v_cache" in str(err)
+
+
 def test_decode_scale_errors_on_a_cached_call():
     kc, vc, q, kn, vn = _cache()
     awk = engine.attention_with_kvcache

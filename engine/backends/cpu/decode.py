@@ -207,6 +207,16 @@ def _setup(problem: DecodeProblem) -> _Setup:
     return setup
 
 
+def _write_copies(k_pages, v_pages, table, seqlens_k, key, value, old_k, old_v) -> None:
+    """The write of new entries that lie in a cache's memory (``_save_and_write`` returned False):
+    from copies, so every slot gets what the entries held before the call. Through the
+    dispatcher, not a plan's entry point: that one takes exactly the first call's types, and a
+    copy may differ from the view in layout or flags (rare: views of the caches as new entries)."""
+    from ...kernels.cpu.cache_write import _save_and_write
+
+    _save_and_write(k_pages, v_pages, table, seqlens_k, key.copy(), value.copy(), old_k, old_v)
+
+
 def _launch(setup: _Setup, problem: DecodeProblem):
     """Allocate everything, write the new entries, then run the kernel; if the kernel raises, the
     written slots get their old contents back before the error propagates."""
@@ -246,7 +256,7 @@ def _launch(setup: _Setup, problem: DecodeProblem):
         key, value = _bits(problem.key), _bits(problem.value)
         old_k, old_v = np.empty(key.shape, key.dtype), np.empty(value.shape, value.dtype)
         if not setup.write(k_pages, v_pages, table, seqlens_k, key, value, old_k, old_v):
-            setup.write(k_pages, v_pages, table, seqlens_k, key.copy(), value.copy(), old_k, old_v)  # views of a cache
+            _write_copies(k_pages, v_pages, table, seqlens_k, key, value, old_k, old_v)
         try:
             _run_kernel(setup.small, kernel, args, problem.mod_args)
         except BaseException:
@@ -351,9 +361,8 @@ class _Plain:
         if self.write:  # a compiled copy; the old contents back if the kernel fails
             old_k, old_v = np.empty(key.shape, key.dtype), np.empty(value.shape, value.dtype)
             write = setup.write
-            write = write.entry or write
-            if not write(k_cache, v_cache, setup.table, seqlens_k, key, value, old_k, old_v):
-                write(k_cache, v_cache, setup.table, seqlens_k, key.copy(), value.copy(), old_k, old_v)  # views
+            if not (write.entry or write)(k_cache, v_cache, setup.table, seqlens_k, key, value, old_k, old_v):
+                _write_copies(k_cache, v_cache, setup.table, seqlens_k, key, value, old_k, old_v)
             try:
                 if guard:
                     self._guarded(call, args, mod_args)
