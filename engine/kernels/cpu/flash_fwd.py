@@ -174,6 +174,20 @@ def _flash_task(task, args, mod_args, per_tile):
     if amx:
         _pair_rows(q_all, b, h, t0, nt, qv)
         qv[E // 2 * nt :] = 0
+    # the task's query tiles transposed once, each (E, rows of the tile) row-major: the scores
+    # product's right operand, read row-major for every key tile (a library packs a transposed
+    # operand on each call; the fma provider reads a row-major one in place). Not for AMX (its
+    # own pairs, above) nor MKL's generated GEMMs (made for the transposed view)
+    q_rows = not amx and args.jit_scores == 0
+    qtraw = np.empty(E * nt if q_rows else 0, dtype=args.q.dtype)
+    qtv = borrowed(qtraw)
+    if q_rows:
+        for r in range(nt):
+            s0 = (r // bq) * E * bq
+            w = min(bq, nt - (r // bq) * bq)
+            c0 = r % bq
+            for d in range(E):
+                qtv[s0 + d * w + c0] = q_all[b, h, t0 + r, d]
     m[:] = neg_inf
     l[:] = 0.0
     kend = max(0, min(S, t1 + args.causal_offset)) if args.causal else S
@@ -209,7 +223,8 @@ def _flash_task(task, args, mod_args, per_tile):
             elif full:
                 jit_gemm(args.jit_scores, args.jit_scores_h, kt, qs, st)
             else:
-                _scores_gemm(args.gemm_kind, args.gemm_fn, kt, qs, st)
+                qc = qtv[o * E : o * E + E * nq].reshape((E, nq))  # (o = sub * bq: tile sub's copy)
+                _scores_gemm(args.gemm_kind, args.gemm_fn, kt, qc, st)
             if prescale:
                 for c in range(nk):
                     for r in range(nq):
@@ -316,6 +331,7 @@ def _flash_task(task, args, mod_args, per_tile):
     keep_alive(fraw)
     keep_alive(draw)
     keep_alive(qraw)
+    keep_alive(qtraw)
 
 
 # error_model="numpy": a float division by zero gives inf/NaN instead of raising, so divisions
