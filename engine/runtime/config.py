@@ -108,7 +108,7 @@ GEMM_AUTO_DEFAULT = ("numpy",)
 #: (docs/performance.md); on an Intel Xeon it was 7% faster serially (4.00 against 4.31 ms,
 #: bench/results/cpu-vs-torch-intel-xeon-f6-m167-2026-12-06-session8.json); on AMD Zen 3 its
 #: products ran at 0.93-0.98x of ``numpy``'s (2026-11-29), which this rule leaves on ``numpy``.
-GEMM_CALIBRATION_CANDIDATES = ("numpy", "openblas", "mkl")
+GEMM_CALIBRATION_CANDIDATES = ("numpy", "openblas", "mkl", "fma")
 GEMM_CALIBRATION_BLOCKS = 5
 GEMM_CALIBRATION_CALLS = 8
 GEMM_CALIBRATION_MARGIN = 0.03

@@ -1,7 +1,8 @@
 """Finding and loading the libraries behind the ``cpu`` kernels' GEMM providers
 (``engine.runtime.gemm_providers`` decides which one runs): SciPy's OpenBLAS behind ``np.dot``
-(``numpy``), oneMKL's CBLAS set to its sequential layer (``mkl``) and ``scipy-openblas32`` held at
-one thread (``openblas``). Each loader returns a :class:`GemmProvider` or raises ``ImportError``,
+(``numpy``), oneMKL's CBLAS set to its sequential layer (``mkl``), ``scipy-openblas32`` held at
+one thread (``openblas``) and the engine's own register-blocked product (``fma``, compiled by
+Numba: ``engine.kernels.cpu.fma_gemm``). Each loader returns a :class:`GemmProvider` or raises ``ImportError``,
 ``OSError`` or ``AttributeError`` with the reason it cannot load."""
 
 from __future__ import annotations
@@ -118,5 +119,16 @@ def _scipy_openblas_version() -> str:
     return "SciPy's BLAS"
 
 
+def _load_fma() -> GemmProvider:
+    from ..kernels.cpu import fma_gemm as own
+    from ..kernels.cpu.gemm import GEMM_CBLAS
+
+    if not own.fma_ready():
+        raise OSError("the CPU Numba compiles for has no FMA instructions")
+    functions = {dt: own.fma_gemm(dt) for dt in ("float32", "float64")}
+    version = f"the engine's own, {own.lanes('float32') * 32}-bit vectors, {own.ROWS}-row blocks"
+    return GemmProvider("fma", GEMM_CBLAS, functions, version)
+
+
 #: provider name -> its loader
-LOADERS = {"numpy": _load_numpy, "mkl": _load_mkl, "openblas": _load_openblas}
+LOADERS = {"numpy": _load_numpy, "mkl": _load_mkl, "openblas": _load_openblas, "fma": _load_fma}

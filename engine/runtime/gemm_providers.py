@@ -10,14 +10,18 @@ numpy      ``np.dot`` inside the kernel: SciPy's bundled OpenBLAS. Always availa
 mkl        Intel oneMKL's CBLAS (``pip install mkl``; sequential layer), plus its bfloat16/float16
            GEMMs, which reach AMX / AVX512-BF16 / AVX512-FP16 where the CPU has them
 openblas   a newer OpenBLAS (``scipy-openblas32``, a dependency), held at one thread
+fma        the engine's own register-blocked product on the CPU's vector FMA, compiled by Numba
+           for this CPU (``engine.kernels.cpu.fma_gemm``): no library, no packing of A, no
+           clearing of C; float32 and float64
 =========  ======================================================================================
 
 MKL is loaded from ``<prefix>/lib/libmkl_rt.so*`` and set to its sequential threading layer, which
 is process-wide: where MKL was already set up with another layer (a NumPy built on MKL, say), the
 ``mkl`` provider refuses with that reason rather than change it.
 
-BLIS (the ``blis`` package) and a register-blocked Numba loop are measured by
-``bench/tile_gemm.py`` but not offered: they lost on every machine measured.
+BLIS (the ``blis`` package) and a register-blocked loop in plain Numba are measured by
+``bench/tile_gemm.py`` but not offered: they lost on every machine measured (the ``fma`` provider
+keeps its accumulators in vector registers through LLVM's vector IR, which plain loops do not).
 
 The choice: ``engine.set_gemm_provider(name)``, else the environment variable
 ``ATTENTION_ENGINE_GEMM``, else ``auto``. ``auto`` is the provider measured fastest on this machine
@@ -79,7 +83,7 @@ __all__ = [
 ]
 
 #: names of every provider, in the order ``attention-engine list`` shows them
-PROVIDERS = ("mkl", "openblas", "numpy")
+PROVIDERS = ("mkl", "openblas", "fma", "numpy")
 ENV_VAR = "ATTENTION_ENGINE_GEMM"
 #: the names of the engine's own 16-bit tile products (:func:`sixteen_bit_tiles`; tuning keys)
 OWN_TILES = ("amx", "avx512-bf16")

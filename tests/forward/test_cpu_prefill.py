@@ -156,7 +156,7 @@ def test_nonfinite_value_in_a_full_tile_reaches_only_rows_that_weigh_it(small_ti
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("provider", ["mkl", "openblas", "numpy"])
+@pytest.mark.parametrize("provider", ["mkl", "openblas", "fma", "numpy"])
 def test_every_provider_with_full_and_partial_tiles(dtype, provider, rng):
     """Full tiles through MKL's generated GEMMs (where MKL generates them), the edges through
     ?gemm; other providers through theirs."""

@@ -14,7 +14,10 @@ Providers (codes below):
   same signature's mixed-precision ``cblas_gemm_bf16bf16f32``/``cblas_gemm_f16f16f32`` (MKL) for
   16-bit ``a``/``b`` bit patterns with float32 ``c`` (:func:`tile_gemm_16`).
 
-BLIS and a register-blocked Numba loop were measured too (``bench/tile_gemm.py``) and lost
+* ``GEMM_CBLAS`` also carries the engine's own product (the ``fma`` provider,
+  ``engine.kernels.cpu.fma_gemm``): a Numba ``cfunc`` with ``cblas_sgemm``'s signature.
+
+BLIS and a register-blocked loop in plain Numba were measured too (``bench/tile_gemm.py``) and lost
 everywhere measured, so they are not compiled into the kernels (each branch costs compile time).
 
 ``a`` and ``b`` may be C-ordered or F-ordered 2-D arrays (an F-ordered one is read as a transposed

@@ -1,0 +1,279 @@
+"""The engine's own float32/float64 tile product: a register-blocked GEMM on vector FMA, with
+CBLAS's ``?gemm`` signature, for the ``fma`` GEMM provider (``engine.runtime.gemm_providers``).
+
+The design is the GotoBLAS/BLIS one without the packing of A (K. Goto and R. van de Geijn,
+"Anatomy of high-performance matrix multiplication", ACM TOMS 34(3), 2008; F. Van Zee and R. van
+de Geijn, "BLIS: a framework for rapidly instantiating BLAS functionality", ACM TOMS 41(3), 2015):
+C is computed in blocks of :data:`ROWS` rows by ``REGS`` vector registers of columns; each block's
+accumulators stay in registers for the whole K loop, which per step loads ``REGS`` vectors of one
+row of B and broadcasts one element of each of the block's rows of A into a fused multiply-add
+(``llvm.fma``). A is read where it lies, row-major or transposed (the attention kernels' tiles are
+a few hundred rows of at most a few hundred elements: they stay in the L2 cache); B is read where
+it lies when row-major and copied one block of columns at a time into a zeroed panel when
+transposed or at the last, partial block of columns. The vector width follows the CPU Numba
+compiles for (:func:`lanes`: 512-bit registers with AVX-512, else 256-bit), so one source serves
+Zen 3 (AVX2), Zen 4 and Xeon (AVX-512).
+
+Why it exists: at the attention kernels' tile shapes, where K is a head size (scores) or a key
+tile (values), the libraries' GEMMs spend a tenth of their time packing both operands and clearing
+C (``docs/performance.md``, "Where the forward's cycles go"). On AMD Zen 4, one thread, this
+product ran a 256 x 256 x 64 scores tile at 112 GFLOP/s against 81-95 for OpenBLAS 0.3.30 and a
+256 x 64 x 256 values tile at 115 against 91-98. Whether it is used is measured per machine like
+every provider (``engine.backends.cpu.autotune``).
+
+Results differ from a library's only by rounding (each output is one FMA chain over K, in order).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ...runtime.jit_cache import cache_enabled
+from .vector_width import target_features
+
+__all__ = ["lanes", "fma_ready", "fma_gemm", "ROWS", "REGS"]
+
+_CACHE = cache_enabled()
+_I32, _I64 = ir.IntType(32), ir.IntType(64)
+#: rows of A per block, and vector registers of C's columns per row (24 accumulators, 4 of B and
+#: 1 broadcast: 29 of AVX-512's 32 registers), where the CPU has AVX-512; with 256-bit registers
+#: the classic 6 x 2 (12 + 2 + 1 of 16)
+ROWS = 6
+REGS = {512: 4, 256: 2}
+#: CBLAS's enum values (cblas.h)
+_ROW_MAJOR, _NO_TRANS = 101, 111
+
+
+def _bits() -> int:
+    """The vector register width the product is compiled for: 512 where the CPU Numba compiles
+    for has AVX-512F, else 256."""
+    return 512 if "avx512f" in target_features() else 256
+
+
+def lanes(dtype_name: str) -> int:
+    """Elements of ``dtype_name`` (float32 or float64) per vector register here."""
+    return _bits() // (32 if dtype_name == "float32" else 64)
+
+
+def fma_ready() -> bool:
+    """Whether the CPU Numba compiles for has FMA (every x86 CPU since 2013-2015; without it the
+    product would call ``fma`` from libm per element)."""
+    return "fma" in target_features()
+
+
+#: the vector width compiled for, in bits, and the columns of C per block by dtype
+_BITS = _bits()
+_NC32, _NC64 = (_BITS // 32) * REGS[_BITS], (_BITS // 64) * REGS[_BITS]
+
+
+@intrinsic
+def _block(typingctx, a, sa_r, sa_k, b, ldb, c, ldc, K, rows, alpha, beta):
+    """C[0:ROWS, 0:NC] = alpha * A @ B + beta * C (beta = 0: C is not read; NC = :data:`_NC32`
+    or :data:`_NC64`), with A's element (r, k) at ``a + r * sa_r + k * sa_k``, B's rows of NC
+    contiguous elements ``ldb`` bytes apart, C's rows ``ldc`` bytes apart (addresses and
+    strides in bytes). Rows of A at and after ``rows`` read row ``rows - 1`` and their C rows
+    are not written."""
+    ints = (a, sa_r, sa_k, b, ldb, c, ldc, K, rows)
+    if not all(isinstance(t, types.Integer) for t in ints) or not isinstance(alpha, types.Float):
+        return None
+    if alpha != beta:
+        return None
+    sig = types.void(*(types.int64,) * 9, alpha, beta)
+
+    def codegen(context, builder, signature, args):
+        a, sa_r, sa_k, b, ldb, c, ldc, K, rows, alpha, beta = args
+        fty = context.get_value_type(signature.args[9])
+        isz = 4 if signature.args[9] == types.float32 else 8
+        width, regs = _BITS // (8 * isz), REGS[_BITS]
+        vty = ir.VectorType(fty, width)
+        suffix = f"v{width}f{isz * 8}"
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3), f"llvm.fma.{suffix}")
+        zeros_i32 = ir.Constant(ir.VectorType(_I32, width), [0] * width)
+
+        def splat(x):
+            v = builder.insert_element(ir.Constant(vty, None), x, ir.Constant(_I32, 0))
+            return builder.shuffle_vector(v, ir.Constant(vty, None), zeros_i32)
+
+        def vec_ptr(base, j):
+            return builder.inttoptr(builder.add(base, ir.Constant(_I64, isz * width * j)), vty.as_pointer())
+
+        last = builder.sub(rows, ir.Constant(_I64, 1))
+        row_a = []
+        for r in range(ROWS):
+            rr = builder.select(builder.icmp_signed("<", ir.Constant(_I64, r), rows), ir.Constant(_I64, r), last)
+            row_a.append(builder.add(a, builder.mul(rr, sa_r)))
+        n = ROWS * regs
+        entry = builder.block
+        body = builder.append_basic_block("fma.k")
+        done = builder.append_basic_block("fma.done")
+        builder.cbranch(builder.icmp_signed(">", K, ir.Constant(_I64, 0)), body, done)
+        builder.position_at_end(body)
+        p = builder.phi(_I64)
+        p.add_incoming(ir.Constant(_I64, 0), entry)
+        acc = []
+        for _ in range(n):
+            phi = builder.phi(vty)
+            phi.add_incoming(ir.Constant(vty, None), entry)
+            acc.append(phi)
+        brow = builder.add(b, builder.mul(p, ldb))
+        bv = [builder.load(vec_ptr(brow, j), align=isz) for j in range(regs)]
+        koff = builder.mul(p, sa_k)
+        new = []
+        for r in range(ROWS):
+            x = builder.load(builder.inttoptr(builder.add(row_a[r], koff), fty.as_pointer()), align=isz)
+            xs = splat(x)
+            for j in range(regs):
+                new.append(builder.call(fma, [xs, bv[j], acc[r * regs + j]]))
+        p_next = builder.add(p, ir.Constant(_I64, 1))
+        tail = builder.block
+        p.add_incoming(p_next, tail)
+        for i in range(n):
+            acc[i].add_incoming(new[i], tail)
+        builder.cbranch(builder.icmp_signed("<", p_next, K), body, done)
+        builder.position_at_end(done)
+        outs = []
+        for i in range(n):  # (a block's phi nodes come first)
+            out = builder.phi(vty)
+            out.add_incoming(ir.Constant(vty, None), entry)
+            out.add_incoming(new[i], tail)
+            outs.append(out)
+        va, vb = splat(alpha), splat(beta)
+        read_c = builder.fcmp_ordered("!=", beta, ir.Constant(fty, 0.0))
+        for r in range(ROWS):
+            with builder.if_then(builder.icmp_signed("<", ir.Constant(_I64, r), rows), likely=True):
+                crow = builder.add(c, builder.mul(ir.Constant(_I64, r), ldc))
+                for j in range(regs):
+                    ptr = vec_ptr(crow, j)
+                    val = builder.fmul(outs[r * regs + j], va)
+                    with builder.if_else(read_c) as (then, otherwise):
+                        with then:
+                            with_c = builder.call(fma, [builder.load(ptr, align=isz), vb, val])
+                            from_c = builder.block
+                        with otherwise:
+                            from_none = builder.block
+                    got = builder.phi(vty)
+                    got.add_incoming(with_c, from_c)
+                    got.add_incoming(val, from_none)
+                    builder.store(got, ptr, align=isz)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _load(typingctx, address, like):
+    """The element at ``address`` of ``like``'s type."""
+    if not isinstance(address, types.Integer) or not isinstance(like, types.Float):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.load(builder.inttoptr(args[0], context.get_value_type(like).as_pointer()))
+
+    return like(address, like), codegen
+
+
+@intrinsic
+def _store(typingctx, address, value):
+    """Write ``value`` (a float) at ``address``."""
+    if not isinstance(address, types.Integer) or not isinstance(value, types.Float):
+        return None
+
+    def codegen(context, builder, signature, args):
+        builder.store(args[1], builder.inttoptr(args[0], context.get_value_type(value).as_pointer()))
+        return context.get_dummy_value()
+
+    return types.void(address, value), codegen
+
+
+@njit(inline="always")
+def _gemm(dtype, isz, nc, layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+    """CBLAS ``?gemm`` on :func:`_block` for ``dtype`` (``isz`` bytes; see :func:`fma_gemm`);
+    ``nc`` columns of C per block."""
+    if layout != _ROW_MAJOR:  # column-major C = op(A) op(B) is row-major C^T = op(B)^T op(A)^T
+        m, n, a, lda, b, ldb = n, m, b, ldb, a, lda
+        trans_a, trans_b = trans_b, trans_a
+    if m <= 0 or n <= 0:
+        return
+    zero = dtype(0)
+    m64, n64, k64 = np.int64(m), np.int64(n), max(np.int64(k), np.int64(0))
+    # A's element (r, kk) at a + r * sa_r + kk * sa_k
+    if trans_a == _NO_TRANS:
+        sa_r, sa_k = np.int64(lda) * isz, isz
+    else:
+        sa_r, sa_k = isz, np.int64(lda) * isz
+    ldb_b, ldc_b = np.int64(ldb) * isz, np.int64(ldc) * isz
+    b_rows = trans_b == _NO_TRANS  # B's rows contiguous: read in place where whole
+    panel = np.empty((max(k64, 1), nc), dtype)  # one block of B's columns, zero-padded
+    cb = np.empty((ROWS, nc), dtype)  # C of a partial block of columns
+    pp, cp = np.int64(panel.ctypes.data), np.int64(cb.ctypes.data)
+    for n0 in range(0, n64, nc):
+        cols = min(nc, n64 - n0)
+        whole = cols == nc
+        if b_rows and whole:
+            bp, ld = b + n0 * isz, ldb_b
+        else:
+            panel[:] = zero
+            for j in range(cols):
+                if b_rows:  # B (k, n): column n0 + j
+                    src, step = b + (n0 + j) * isz, ldb_b
+                else:  # B given as its transpose (n, k): row n0 + j
+                    src, step = b + (n0 + j) * ldb_b, isz
+                for kk in range(k64):
+                    panel[kk, j] = _load(src + kk * step, zero)
+            bp, ld = pp, nc * isz
+        for m0 in range(0, m64, ROWS):
+            rows = min(np.int64(ROWS), m64 - m0)
+            ap = a + m0 * sa_r
+            cm = c + m0 * ldc_b + n0 * isz
+            if whole:
+                _block(ap, sa_r, sa_k, bp, ld, cm, ldc_b, k64, rows, alpha, beta)
+            else:  # into cb, then the valid columns
+                for r in range(rows):
+                    for j in range(cols):
+                        cb[r, j] = _load(cm + r * ldc_b + j * isz, zero) if beta != 0 else zero
+                _block(ap, sa_r, sa_k, bp, ld, cp, nc * isz, k64, rows, alpha, beta)
+                for r in range(rows):
+                    for j in range(cols):
+                        _store(cm + r * ldc_b + j * isz, cb[r, j])
+
+
+def _sgemm(layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+    _gemm(np.float32, np.int64(4), _NC32, layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+
+
+def _dgemm(layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+    _gemm(np.float64, np.int64(8), _NC64, layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+
+
+def _signature(dtype):
+    scalar = types.float32 if dtype == np.float32 else types.float64
+    i32 = types.int32
+    return types.void(
+        i32, i32, i32, i32, i32, i32, scalar, types.int64, i32, types.int64, i32, scalar, types.int64, i32
+    )
+
+
+@functools.cache
+def _compiled(dtype_name: str) -> int:
+    from numba import cfunc
+
+    dtype = np.float32 if dtype_name == "float32" else np.float64
+    return cfunc(_signature(dtype), cache=_CACHE)(_sgemm if dtype_name == "float32" else _dgemm).address
+
+
+def fma_gemm(dtype_name: str) -> int:
+    """The address of a C function with CBLAS's ``cblas_sgemm`` (``float32``) or ``cblas_dgemm``
+    (``float64``) signature and meaning (row- or column-major, either operand transposed, any
+    alpha and beta; beta = 0 does not read C), computing on this CPU's vector FMA; 0 for another
+    dtype or where :func:`fma_ready` is false. Compiled once per process (from Numba's disk cache
+    where it is on), re-entrant and single-threaded, as the kernels need a provider to be.
+    Integer arguments are not checked as a BLAS checks them (the kernels pass valid ones)."""
+    if dtype_name not in ("float32", "float64") or not fma_ready():
+        return 0
+    return _compiled(dtype_name)
