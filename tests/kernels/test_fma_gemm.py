@@ -97,3 +97,40 @@ def test_backward_through_the_fma_provider(dtype, rng):
                 np.testing.assert_allclose(mine, theirs, rtol=0, atol=tol, err_msg=f"{name} {kw}")
     finally:
         engine.set_gemm_provider(None)
+
+
+_AVX2_CHECK = """
+import ctypes, numpy as np
+from engine.kernels.cpu import fma_gemm as own
+assert own.lanes("float32") == 8, own.lanes("float32")
+rng = np.random.default_rng(0)
+for dt, tol in ((np.float32, 1e-3), (np.float64, 1e-10)):
+    scalar = ctypes.c_float if dt == np.float32 else ctypes.c_double
+    i, p = ctypes.c_int, ctypes.c_void_p
+    fn = ctypes.CFUNCTYPE(None, i, i, i, i, i, i, scalar, p, i, p, i, scalar, p, i)(own.fma_gemm(np.dtype(dt).name))
+    for m, n, k in ((13, 130, 37), (6, 16, 64), (256, 64, 64)):
+        for ta in (111, 112):
+            for tb in (111, 112):
+                a = rng.standard_normal((k, m) if ta == 112 else (m, k)).astype(dt)
+                b = rng.standard_normal((n, k) if tb == 112 else (k, n)).astype(dt)
+                c = rng.standard_normal((m, n)).astype(dt)
+                want = 0.5 * ((a.T if ta == 112 else a) @ (b.T if tb == 112 else b)) + 2.0 * c
+                fn(101, ta, tb, m, n, k, 0.5, a.ctypes.data, a.shape[1], b.ctypes.data, b.shape[1], 2.0,
+                   c.ctypes.data, n)
+                assert np.abs(c - want).max() < tol * k, (dt, m, n, k, ta, tb)
+print("ok")
+"""
+
+
+def test_the_256_bit_build(tmp_path):
+    """The product as compiled for a CPU without AVX-512 (Zen 3's 256-bit registers, 6 x 2
+    blocks), run here through Numba's target CPU settings: the build CI's CPU may not take."""
+    import os
+    import subprocess
+    import sys
+
+    features = "+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+fxsr,+lzcnt,+mmx,+movbe,+popcnt"
+    features += ",+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave"
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=features, NUMBA_CACHE_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", _AVX2_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

@@ -8,18 +8,19 @@ C is computed in blocks of :data:`ROWS` rows by ``REGS`` vector registers of col
 accumulators stay in registers for the whole K loop, which per step loads ``REGS`` vectors of one
 row of B and broadcasts one element of each of the block's rows of A into a fused multiply-add
 (``llvm.fma``). A is read where it lies, row-major or transposed (the attention kernels' tiles are
-a few hundred rows of at most a few hundred elements: they stay in the L2 cache); B is read where
-it lies when row-major and copied one block of columns at a time into a zeroed panel when
-transposed or at the last, partial block of columns. The vector width follows the CPU Numba
-compiles for (:func:`lanes`: 512-bit registers with AVX-512, else 256-bit), so one source serves
-Zen 3 (AVX2), Zen 4 and Xeon (AVX-512).
+a few hundred rows of at most a few hundred elements: they stay in the L2 cache). B is copied one
+block of columns at a time into a panel of contiguous rows (zero-padded at the last, partial
+block), which stays in L1 while the blocks of rows of A pass over it. The vector width follows
+the CPU Numba compiles for (:func:`lanes`: 512-bit registers with AVX-512, else 256-bit), so one
+source serves Zen 3 (AVX2), Zen 4 and Xeon (AVX-512).
 
 Why it exists: at the attention kernels' tile shapes, where K is a head size (scores) or a key
 tile (values), the libraries' GEMMs spend a tenth of their time packing both operands and clearing
-C (``docs/performance.md``, "Where the forward's cycles go"). On AMD Zen 4, one thread, this
-product ran a 256 x 256 x 64 scores tile at 112 GFLOP/s against 81-95 for OpenBLAS 0.3.30 and a
-256 x 64 x 256 values tile at 115 against 91-98. Whether it is used is measured per machine like
-every provider (``engine.backends.cpu.autotune``).
+C (``docs/performance.md``, "Where the forward's cycles go"). On AMD Zen 4, one thread, the
+kernel's own calls (``gemm_probe``): a 256 x 256 x 64 scores tile at 110 GFLOP/s against 99 for
+``scipy-openblas32`` (SkylakeX kernels), a 256 x 64 x 256 values tile at 113 against 99; compiled
+for AVX2 on the same CPU 107 and 109 against OpenBLAS's Haswell kernels' 105 and 103. Whether it
+is used is measured per machine like every provider (``engine.backends.cpu.autotune``).
 
 Results differ from a library's only by rounding (each output is one FMA chain over K, in order).
 """
@@ -167,6 +168,26 @@ def _block(typingctx, a, sa_r, sa_k, b, ldb, c, ldc, K, rows, alpha, beta):
 
 
 @intrinsic
+def _copy_row(typingctx, dst, src, like):
+    """Copy one row of a block of B (``REGS`` vectors of ``like``'s type) from ``src`` to
+    ``dst`` (addresses; unaligned loads and stores)."""
+    if not (isinstance(dst, types.Integer) and isinstance(src, types.Integer) and isinstance(like, types.Float)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        isz = 4 if like == types.float32 else 8
+        width = _BITS // (8 * isz)
+        vty = ir.VectorType(context.get_value_type(like), width)
+        for j in range(REGS[_BITS]):
+            off = ir.Constant(_I64, isz * width * j)
+            x = builder.load(builder.inttoptr(builder.add(args[1], off), vty.as_pointer()), align=isz)
+            builder.store(x, builder.inttoptr(builder.add(args[0], off), vty.as_pointer()), align=isz)
+        return context.get_dummy_value()
+
+    return types.void(dst, src, like), codegen
+
+
+@intrinsic
 def _load(typingctx, address, like):
     """The element at ``address`` of ``like``'s type."""
     if not isinstance(address, types.Integer) or not isinstance(like, types.Float):
@@ -208,15 +229,19 @@ def _gemm(dtype, isz, nc, layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, l
     else:
         sa_r, sa_k = isz, np.int64(lda) * isz
     ldb_b, ldc_b = np.int64(ldb) * isz, np.int64(ldc) * isz
-    b_rows = trans_b == _NO_TRANS  # B's rows contiguous: read in place where whole
-    panel = np.empty((max(k64, 1), nc), dtype)  # one block of B's columns, zero-padded
+    b_rows = trans_b == _NO_TRANS
+    panel = np.empty((max(k64, 1), nc), dtype)  # one block of B's columns, rows contiguous
     cb = np.empty((ROWS, nc), dtype)  # C of a partial block of columns
     pp, cp = np.int64(panel.ctypes.data), np.int64(cb.ctypes.data)
     for n0 in range(0, n64, nc):
         cols = min(nc, n64 - n0)
         whole = cols == nc
+        # B's block is copied into the panel even where its rows lie in place: rows far apart
+        # (a 256-column B) evict each other from L1 in the K loop (256-bit blocks on Zen 4: 66-88
+        # GFLOP/s in place, 105-111 copied; 512-bit blocks the same either way)
         if b_rows and whole:
-            bp, ld = b + n0 * isz, ldb_b
+            for kk in range(k64):
+                _copy_row(pp + kk * nc * isz, b + kk * ldb_b + n0 * isz, alpha)
         else:
             panel[:] = zero
             for j in range(cols):
@@ -226,7 +251,7 @@ def _gemm(dtype, isz, nc, layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, l
                     src, step = b + (n0 + j) * ldb_b, isz
                 for kk in range(k64):
                     panel[kk, j] = _load(src + kk * step, zero)
-            bp, ld = pp, nc * isz
+        bp, ld = pp, nc * isz
         for m0 in range(0, m64, ROWS):
             rows = min(np.int64(ROWS), m64 - m0)
             ap = a + m0 * sa_r
