@@ -175,10 +175,10 @@ def _flash_task(task, args, mod_args, per_tile):
         _pair_rows(q_all, b, h, t0, nt, qv)
         qv[E // 2 * nt :] = 0
     # the task's query tiles transposed once, each (E, rows of the tile) row-major: the scores
-    # product's right operand, read row-major for every key tile (a library packs a transposed
-    # operand on each call; the fma provider reads a row-major one in place). Not for AMX (its
-    # own pairs, above) nor MKL's generated GEMMs (made for the transposed view)
-    q_rows = not amx and args.jit_scores == 0
+    # product's right operand for every key tile (a BLAS packs a transposed view on each call).
+    # Not for AMX (its own pairs, above); MKL's generated GEMMs of full tiles take the view they
+    # were made for, its ?gemm at the edges this copy
+    q_rows = not amx
     qtraw = np.empty(E * nt if q_rows else 0, dtype=args.q.dtype)
     qtv = borrowed(qtraw)
     if q_rows:

@@ -145,7 +145,7 @@ def _block(typingctx, a, sa_r, sa_k, b, ldb, c, ldc, K, rows, alpha, beta):
             out.add_incoming(new[i], tail)
             outs.append(out)
         va, vb = splat(alpha), splat(beta)
-        read_c = builder.fcmp_ordered("!=", beta, ir.Constant(fty, 0.0))
+        read_c = builder.fcmp_unordered("!=", beta, ir.Constant(fty, 0.0))  # NaN beta reads C, as BLAS
         for r in range(ROWS):
             with builder.if_then(builder.icmp_signed("<", ir.Constant(_I64, r), rows), likely=True):
                 crow = builder.add(c, builder.mul(ir.Constant(_I64, r), ldc))
