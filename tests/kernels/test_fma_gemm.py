@@ -23,7 +23,9 @@ def _call(dtype, layout, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
 
 
 # sizes across the block's rows (6) and columns (32 or 64 float32, 16 or 32 float64), and edges
+# and K across the panel's 512 rows (own.KC)
 SIZES = [(1, 1, 1), (5, 7, 3), (6, 64, 64), (7, 65, 9), (13, 130, 37), (64, 80, 256), (3, 1, 5), (12, 33, 0)]
+SIZES += [(7, 70, 1100)]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -60,6 +62,21 @@ def test_every_transpose_alpha_beta_and_size(dtype, layout, rng):
                     outside = np.ones(big_c.shape, bool)
                     outside[:m, :n] = False
                     assert np.array_equal(big_c[outside], before[outside]), what
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_alpha_zero_reads_neither_operand(dtype):
+    """BLAS's rule: alpha = 0 gives beta C without reading A or B (an inf there stays out), and
+    beta = 1 keeps C's bits (-0.0 too)."""
+    a = np.array([[np.inf, np.nan]], dtype)
+    b = np.ones((2, 3), dtype)
+    c = np.array([[5.0, -0.0, np.inf]], dtype)
+    _call(dtype, _ROW, _N, _N, 1, 3, 2, 0.0, a, 2, b, 3, 1.0, c, 3)
+    assert np.array_equal(c, [[5.0, -0.0, np.inf]]) and np.signbit(c[0, 1])
+    _call(dtype, _ROW, _N, _N, 1, 3, 2, 0.0, a, 2, b, 3, 0.5, c, 3)
+    assert np.array_equal(c, [[2.5, -0.0, np.inf]])
+    _call(dtype, _ROW, _N, _N, 1, 3, 2, 0.0, a, 2, b, 3, 0.0, c, 3)
+    assert np.array_equal(c, np.zeros((1, 3)))
 
 
 def test_empty_sizes_write_nothing(rng):

@@ -22,7 +22,8 @@ kernel's own calls (``gemm_probe``): a 256 x 256 x 64 scores tile at 110 GFLOP/s
 for AVX2 on the same CPU 107 and 109 against OpenBLAS's Haswell kernels' 105 and 103. Whether it
 is used is measured per machine like every provider (``engine.backends.cpu.autotune``).
 
-Results differ from a library's only by rounding (each output is one FMA chain over K, in order).
+Results differ from a library's only by rounding: each output is one FMA chain over K, in order,
+for K up to :data:`KC` (512), and a sum of such chains, one per slice of 512, beyond.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ _I32, _I64 = ir.IntType(32), ir.IntType(64)
 #: the classic 6 x 2 (12 + 2 + 1 of 16)
 ROWS = 6
 REGS = {512: 4, 256: 2}
+#: rows of B (the inner dimension) per panel: the attention kernels' products fit one (a head
+#: size, or a key tile of at most 512); longer ones are summed slice by slice into C, which
+#: bounds the panel's memory and each FMA chain's length
+KC = 512
 #: CBLAS's enum values (cblas.h)
 _ROW_MAJOR, _NO_TRANS = 101, 111
 
@@ -223,49 +228,57 @@ def _gemm(dtype, isz, nc, layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, l
         return
     zero = dtype(0)
     m64, n64, k64 = np.int64(m), np.int64(n), max(np.int64(k), np.int64(0))
+    ldb_b, ldc_b = np.int64(ldb) * isz, np.int64(ldc) * isz
+    if alpha == 0 or k64 == 0:  # C = beta C, A and B not read (BLAS's rule; beta = 0 writes zeros)
+        for r in range(m64):
+            for j in range(n64):
+                at = c + r * ldc_b + j * isz
+                _store(at, beta * _load(at, zero) if beta != 0 else zero)
+        return
     # A's element (r, kk) at a + r * sa_r + kk * sa_k
     if trans_a == _NO_TRANS:
         sa_r, sa_k = np.int64(lda) * isz, isz
     else:
         sa_r, sa_k = isz, np.int64(lda) * isz
-    ldb_b, ldc_b = np.int64(ldb) * isz, np.int64(ldc) * isz
     b_rows = trans_b == _NO_TRANS
-    panel = np.empty((max(k64, 1), nc), dtype)  # one block of B's columns, rows contiguous
+    panel = np.empty((min(k64, KC), nc), dtype)  # B's rows k0 ... k0 + KC of one block of columns
     cb = np.empty((ROWS, nc), dtype)  # C of a partial block of columns
     pp, cp = np.int64(panel.ctypes.data), np.int64(cb.ctypes.data)
     for n0 in range(0, n64, nc):
         cols = min(nc, n64 - n0)
         whole = cols == nc
-        # B's block is copied into the panel even where its rows lie in place: rows far apart
-        # (a 256-column B) evict each other from L1 in the K loop (256-bit blocks on Zen 4: 66-88
-        # GFLOP/s in place, 105-111 copied; 512-bit blocks the same either way)
-        if b_rows and whole:
-            for kk in range(k64):
-                _copy_row(pp + kk * nc * isz, b + kk * ldb_b + n0 * isz, alpha)
-        else:
-            panel[:] = zero
-            for j in range(cols):
-                if b_rows:  # B (k, n): column n0 + j
-                    src, step = b + (n0 + j) * isz, ldb_b
-                else:  # B given as its transpose (n, k): row n0 + j
-                    src, step = b + (n0 + j) * ldb_b, isz
-                for kk in range(k64):
-                    panel[kk, j] = _load(src + kk * step, zero)
-        bp, ld = pp, nc * isz
-        for m0 in range(0, m64, ROWS):
-            rows = min(np.int64(ROWS), m64 - m0)
-            ap = a + m0 * sa_r
-            cm = c + m0 * ldc_b + n0 * isz
-            if whole:
-                _block(ap, sa_r, sa_k, bp, ld, cm, ldc_b, k64, rows, alpha, beta)
-            else:  # into cb, then the valid columns
-                for r in range(rows):
-                    for j in range(cols):
-                        cb[r, j] = _load(cm + r * ldc_b + j * isz, zero) if beta != 0 else zero
-                _block(ap, sa_r, sa_k, bp, ld, cp, nc * isz, k64, rows, alpha, beta)
-                for r in range(rows):
-                    for j in range(cols):
-                        _store(cm + r * ldc_b + j * isz, cb[r, j])
+        for k0 in range(0, k64, KC):
+            kn = min(KC, k64 - k0)
+            beta_k = beta if k0 == 0 else dtype(1)  # later slices of K add to C
+            # B's block is copied into the panel even where its rows lie in place: rows far apart
+            # (a 256-column B) evict each other from L1 in the K loop (256-bit blocks on Zen 4:
+            # 66-88 GFLOP/s in place, 105-111 copied; 512-bit blocks the same either way)
+            if b_rows and whole:
+                for kk in range(kn):
+                    _copy_row(pp + kk * nc * isz, b + (k0 + kk) * ldb_b + n0 * isz, alpha)
+            else:
+                panel[:] = zero
+                for j in range(cols):
+                    if b_rows:  # B (k, n): column n0 + j
+                        src, step = b + k0 * ldb_b + (n0 + j) * isz, ldb_b
+                    else:  # B given as its transpose (n, k): row n0 + j
+                        src, step = b + (n0 + j) * ldb_b + k0 * isz, isz
+                    for kk in range(kn):
+                        panel[kk, j] = _load(src + kk * step, zero)
+            for m0 in range(0, m64, ROWS):
+                rows = min(np.int64(ROWS), m64 - m0)
+                ap = a + m0 * sa_r + k0 * sa_k
+                cm = c + m0 * ldc_b + n0 * isz
+                if whole:
+                    _block(ap, sa_r, sa_k, pp, nc * isz, cm, ldc_b, kn, rows, alpha, beta_k)
+                else:  # into cb, then the valid columns
+                    for r in range(rows):
+                        for j in range(cols):
+                            cb[r, j] = _load(cm + r * ldc_b + j * isz, zero) if beta_k != 0 else zero
+                    _block(ap, sa_r, sa_k, pp, nc * isz, cp, nc * isz, kn, rows, alpha, beta_k)
+                    for r in range(rows):
+                        for j in range(cols):
+                            _store(cm + r * ldc_b + j * isz, cb[r, j])
 
 
 def _sgemm(layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
@@ -295,10 +308,11 @@ def _compiled(dtype_name: str) -> int:
 def fma_gemm(dtype_name: str) -> int:
     """The address of a C function with CBLAS's ``cblas_sgemm`` (``float32``) or ``cblas_dgemm``
     (``float64``) signature and meaning (row- or column-major, either operand transposed, any
-    alpha and beta; beta = 0 does not read C), computing on this CPU's vector FMA; 0 for another
-    dtype or where :func:`fma_ready` is false. Compiled once per process (from Numba's disk cache
-    where it is on), re-entrant and single-threaded, as the kernels need a provider to be.
-    Integer arguments are not checked as a BLAS checks them (the kernels pass valid ones)."""
+    alpha and beta; beta = 0 does not read C, alpha = 0 reads neither A nor B), computing on this
+    CPU's vector FMA; 0 for another dtype or where :func:`fma_ready` is false. Compiled once per
+    process (from Numba's disk cache where it is on), re-entrant and single-threaded, as the
+    kernels need a provider to be. Integer arguments are not checked as a BLAS checks them (the
+    kernels pass valid ones)."""
     if dtype_name not in ("float32", "float64") or not fma_ready():
         return 0
     return _compiled(dtype_name)
