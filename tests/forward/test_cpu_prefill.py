@@ -173,6 +173,36 @@ def test_every_provider_with_full_and_partial_tiles(dtype, provider, rng):
         engine.set_gemm_provider(None)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("provider", ["mkl", "openblas", "fma", "numpy"])
+def test_query_copies_of_several_tiles_per_task(dtype, provider, rng):
+    """Each task copies its query tiles transposed (one (E, rows) block per tile, the last one
+    narrower): tasks of 2 and 3 tiles, a last tile and a last task cut short, causal rows offset
+    from the keys, given tiles on the serial and the parallel build, each provider."""
+    p = load_provider(provider)
+    if isinstance(p, str):
+        pytest.skip(p)
+    from engine.dispatch import get_backend
+    from engine.problems.attention import validate_attention_args
+
+    op = cpu_forward.CpuForward(get_backend("cpu"))
+    for (L, S, E), (bq, bk, sub) in (
+        ((53, 40, 7), (8, 16, 3)),
+        ((37, 70, 24), (16, 32, 2)),
+        ((64, 64, 5), (32, 16, 2)),
+    ):
+        q = rng.standard_normal((2, 2, L, E)).astype(dtype)
+        k, v = (rng.standard_normal((2, 2, S, E)).astype(dtype) for _ in range(2))
+        for kw in ({}, {"is_causal": True}):
+            problem = validate_attention_args(q, k, v, **kw)
+            ref, ref_lse = engine.scaled_dot_product_attention(q, k, v, backend="reference", return_lse=True, **kw)
+            for serial in (True, False):
+                out, lse = op.run(problem, plan=cpu_tiles.TilePlan(bq, bk, sub, True), provider=p, serial=serial)
+                what = f"{provider} L={L} S={S} E={E} tiles {bq}x{bk}x{sub} {kw} serial={serial}"
+                assert_out_close(out, ref, out_atol(dtype, q, k, v, None, None), what=what)
+                assert_out_close(lse, ref_lse, lse_atol(dtype, q, k, None, None), what=what + " lse")
+
+
 def test_generated_gemms_only_for_mkl_float():
     assert tile_jit_kernels(load_provider("numpy"), "float32", 128, 256, 64, 64) == NO_JIT
     mkl = load_provider("mkl")
