@@ -290,6 +290,8 @@ def _dgemm(layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ld
 
 
 def _signature(dtype):
+    """``cblas_?gemm``'s C signature, the pointers as int64 (the x86-64 calling conventions pass a
+    pointer and a 64-bit integer alike)."""
     scalar = types.float32 if dtype == np.float32 else types.float64
     i32 = types.int32
     return types.void(
