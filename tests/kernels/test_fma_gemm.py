@@ -23,9 +23,9 @@ def _call(dtype, layout, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
 
 
 # sizes across the block's rows (6) and columns (32 or 64 float32, 16 or 32 float64), and edges
-# and K across the panel's 512 rows (own.KC)
+# and K across the panel's 512 rows (own.KC); blocks of 1, 2 and 3 whole vectors of columns
 SIZES = [(1, 1, 1), (5, 7, 3), (6, 64, 64), (7, 65, 9), (13, 130, 37), (64, 80, 256), (3, 1, 5), (12, 33, 0)]
-SIZES += [(7, 70, 1100)]
+SIZES += [(7, 70, 1100), (9, 48, 20), (5, 32, 11), (6, 16, 3)]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -75,28 +75,30 @@ def fma_ready() -> bool:
 
 #: the vector width compiled for, in bits, and the columns of C per block by dtype
 _BITS = _bits()
-_NC32, _NC64 = (_BITS // 32) * REGS[_BITS], (_BITS // 64) * REGS[_BITS]
+_REGS_HERE = REGS[_BITS]
+_NC32, _NC64 = (_BITS // 32) * _REGS_HERE, (_BITS // 64) * _REGS_HERE
 
 
 @intrinsic
-def _block(typingctx, a, sa_r, sa_k, b, ldb, c, ldc, K, rows, alpha, beta):
-    """C[0:ROWS, 0:NC] = alpha * A @ B + beta * C (beta = 0: C is not read; NC = :data:`_NC32`
-    or :data:`_NC64`), with A's element (r, k) at ``a + r * sa_r + k * sa_k``, B's rows of NC
-    contiguous elements ``ldb`` bytes apart, C's rows ``ldc`` bytes apart (addresses and
-    strides in bytes). Rows of A at and after ``rows`` read row ``rows - 1`` and their C rows
-    are not written."""
+def _block(typingctx, a, sa_r, sa_k, b, ldb, c, ldc, K, rows, alpha, beta, regs):
+    """C[0:ROWS, 0:NC] = alpha * A @ B + beta * C (beta = 0: C is not read; NC = ``regs``
+    vectors, ``regs`` a constant from 1 to :data:`REGS`), with A's element (r, k) at ``a + r *
+    sa_r + k * sa_k``, B's rows of NC contiguous elements ``ldb`` bytes apart, C's rows ``ldc``
+    bytes apart (addresses and strides in bytes). Rows of A at and after ``rows`` read row
+    ``rows - 1`` and their C rows are not written."""
     ints = (a, sa_r, sa_k, b, ldb, c, ldc, K, rows)
     if not all(isinstance(t, types.Integer) for t in ints) or not isinstance(alpha, types.Float):
         return None
-    if alpha != beta:
+    if alpha != beta or not isinstance(regs, types.IntegerLiteral):
         return None
-    sig = types.void(*(types.int64,) * 9, alpha, beta)
+    sig = types.void(*(types.int64,) * 9, alpha, beta, regs)
+    n_regs = regs.literal_value
 
     def codegen(context, builder, signature, args):
-        a, sa_r, sa_k, b, ldb, c, ldc, K, rows, alpha, beta = args
+        a, sa_r, sa_k, b, ldb, c, ldc, K, rows, alpha, beta, _ = args
         fty = context.get_value_type(signature.args[9])
         isz = 4 if signature.args[9] == types.float32 else 8
-        width, regs = _BITS // (8 * isz), REGS[_BITS]
+        width, regs = _BITS // (8 * isz), n_regs
         vty = ir.VectorType(fty, width)
         suffix = f"v{width}f{isz * 8}"
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3), f"llvm.fma.{suffix}")
@@ -173,23 +175,52 @@ def _block(typingctx, a, sa_r, sa_k, b, ldb, c, ldc, K, rows, alpha, beta):
 
 
 @intrinsic
-def _copy_row(typingctx, dst, src, like):
-    """Copy one row of a block of B (``REGS`` vectors of ``like``'s type) from ``src`` to
-    ``dst`` (addresses; unaligned loads and stores)."""
+def _copy_row(typingctx, dst, src, like, regs):
+    """Copy one row of a block of B (``regs`` vectors of ``like``'s type, a constant) from ``src``
+    to ``dst`` (addresses; unaligned loads and stores)."""
     if not (isinstance(dst, types.Integer) and isinstance(src, types.Integer) and isinstance(like, types.Float)):
         return None
+    if not isinstance(regs, types.IntegerLiteral):
+        return None
+    n_regs = regs.literal_value
 
     def codegen(context, builder, signature, args):
         isz = 4 if like == types.float32 else 8
         width = _BITS // (8 * isz)
         vty = ir.VectorType(context.get_value_type(like), width)
-        for j in range(REGS[_BITS]):
+        for j in range(n_regs):
             off = ir.Constant(_I64, isz * width * j)
             x = builder.load(builder.inttoptr(builder.add(args[1], off), vty.as_pointer()), align=isz)
             builder.store(x, builder.inttoptr(builder.add(args[0], off), vty.as_pointer()), align=isz)
         return context.get_dummy_value()
 
-    return types.void(dst, src, like), codegen
+    return types.void(dst, src, like, regs), codegen
+
+
+@njit(inline="always")
+def _block_of(nregs, a, sa_r, sa_k, b, ldb, c, ldc, K, rows, alpha, beta):
+    """:func:`_block` with ``nregs`` (1 to 4) vectors of columns, chosen at run time."""
+    if nregs == 1:
+        _block(a, sa_r, sa_k, b, ldb, c, ldc, K, rows, alpha, beta, 1)
+    elif nregs == 2:
+        _block(a, sa_r, sa_k, b, ldb, c, ldc, K, rows, alpha, beta, 2)
+    elif nregs == 3:
+        _block(a, sa_r, sa_k, b, ldb, c, ldc, K, rows, alpha, beta, 3)
+    else:
+        _block(a, sa_r, sa_k, b, ldb, c, ldc, K, rows, alpha, beta, 4)
+
+
+@njit(inline="always")
+def _copy_row_of(nregs, dst, src, like):
+    """:func:`_copy_row` of ``nregs`` (1 to 4) vectors, chosen at run time."""
+    if nregs == 1:
+        _copy_row(dst, src, like, 1)
+    elif nregs == 2:
+        _copy_row(dst, src, like, 2)
+    elif nregs == 3:
+        _copy_row(dst, src, like, 3)
+    else:
+        _copy_row(dst, src, like, 4)
 
 
 @intrinsic
@@ -244,9 +275,13 @@ def _gemm(dtype, isz, nc, layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, l
     panel = np.empty((min(k64, KC), nc), dtype)  # B's rows k0 ... k0 + KC of one block of columns
     cb = np.empty((ROWS, nc), dtype)  # C of a partial block of columns
     pp, cp = np.int64(panel.ctypes.data), np.int64(cb.ctypes.data)
+    lanes = nc // _REGS_HERE
     for n0 in range(0, n64, nc):
         cols = min(nc, n64 - n0)
-        whole = cols == nc
+        # whole vectors of columns go in place (the last block may have fewer of them); a tail
+        # that is not a whole vector goes through cb (zero-padded panel columns)
+        nregs = (cols + lanes - 1) // lanes
+        whole = cols % lanes == 0
         for k0 in range(0, k64, KC):
             kn = min(KC, k64 - k0)
             beta_k = beta if k0 == 0 else dtype(1)  # later slices of K add to C
@@ -255,9 +290,9 @@ def _gemm(dtype, isz, nc, layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, l
             # 66-88 GFLOP/s in place, 105-111 copied; 512-bit blocks the same either way)
             if b_rows and whole:
                 for kk in range(kn):
-                    _copy_row(pp + kk * nc * isz, b + (k0 + kk) * ldb_b + n0 * isz, alpha)
+                    _copy_row_of(nregs, pp + kk * nc * isz, b + (k0 + kk) * ldb_b + n0 * isz, alpha)
             else:
-                panel[:] = zero
+                panel[:kn] = zero
                 for j in range(cols):
                     if b_rows:  # B (k, n): column n0 + j
                         src, step = b + k0 * ldb_b + (n0 + j) * isz, ldb_b
@@ -270,12 +305,12 @@ def _gemm(dtype, isz, nc, layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, l
                 ap = a + m0 * sa_r + k0 * sa_k
                 cm = c + m0 * ldc_b + n0 * isz
                 if whole:
-                    _block(ap, sa_r, sa_k, pp, nc * isz, cm, ldc_b, kn, rows, alpha, beta_k)
+                    _block_of(nregs, ap, sa_r, sa_k, pp, nc * isz, cm, ldc_b, kn, rows, alpha, beta_k)
                 else:  # into cb, then the valid columns
                     for r in range(rows):
                         for j in range(cols):
                             cb[r, j] = _load(cm + r * ldc_b + j * isz, zero) if beta_k != 0 else zero
-                    _block(ap, sa_r, sa_k, pp, nc * isz, cp, nc * isz, kn, rows, alpha, beta_k)
+                    _block_of(nregs, ap, sa_r, sa_k, pp, nc * isz, cp, nc * isz, kn, rows, alpha, beta_k)
                     for r in range(rows):
                         for j in range(cols):
                             _store(cm + r * ldc_b + j * isz, cb[r, j])
