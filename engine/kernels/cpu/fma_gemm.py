@@ -16,11 +16,11 @@ source serves Zen 3 (AVX2), Zen 4 and Xeon (AVX-512).
 
 Why it exists: at the attention kernels' tile shapes, where K is a head size (scores) or a key
 tile (values), the libraries' GEMMs spend a tenth of their time packing both operands and clearing
-C (``docs/performance.md``, "Where the forward's cycles go"). On AMD Zen 4, one thread, the
-kernel's own calls (``gemm_probe``): a 256 x 256 x 64 scores tile at 110 GFLOP/s against 99 for
-``scipy-openblas32`` (SkylakeX kernels), a 256 x 64 x 256 values tile at 113 against 99; compiled
-for AVX2 on the same CPU 107 and 109 against OpenBLAS's Haswell kernels' 105 and 103. Whether it
-is used is measured per machine like every provider (``engine.backends.cpu.autotune``).
+C (``docs/performance.md``, "Where the forward's cycles go"). On AMD Zen 4, one thread
+(``python bench/provider_tiles.py``): a 256 x 256 x 64 scores tile at 109 GFLOP/s against 96 for
+``scipy-openblas32`` (SkylakeX kernels), a 256 x 64 x 256 values tile at 112 against 99; on
+OpenBLAS's own small tiles (128 x 64 x 64) 106 against 115. Whether it is used is measured per
+machine like every provider (``engine.backends.cpu.autotune``).
 
 Results differ from a library's only by rounding: each output is one FMA chain over K, in order,
 for K up to :data:`KC` (512), and a sum of such chains, one per slice of 512, beyond.
