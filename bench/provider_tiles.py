@@ -7,7 +7,10 @@ before, the softmax pass over the scores (``softmax_tile.exp_tile``) and the val
 (``P.T @ V_tile``, accumulated). Each figure is the best of 5 blocks of 200 calls inside one
 compiled loop, in this thread's CPU time. Then the whole forward (B = 1, H = 8, float32) with each
 provider forced and its own measured tiles, one thread, seven rounds of alternating calls (min and
-median of thread CPU time). Printed, no JSON. Run: ``python bench/provider_tiles.py``
+median of thread CPU time). Last, the softmax pass alone on tiles from 32 x 64 (16 KiB of scores and
+probabilities: in L1) to 1024 x 512 (4 MiB: past L2): the bound on what fusing the exponential into
+the scores product's registers could save (the tile's store and load; the arithmetic stays).
+Printed, no JSON. Run: ``python bench/provider_tiles.py``
 (for the 256-bit build of ``fma`` on an AVX-512 CPU, with ``NUMBA_CPU_NAME=haswell``, the Haswell
 features in ``NUMBA_CPU_FEATURES``, a fresh ``NUMBA_CACHE_DIR`` and ``OPENBLAS_CORETYPE=Haswell``).
 """
@@ -115,6 +118,25 @@ def whole_calls():
         print(f"L = {L}, head {e}: {row}", flush=True)
 
 
+#: (key rows, query rows) of the softmax pass alone, from L1-resident to past L2
+RESIDENCY_TILES = [(32, 64), (64, 64), (128, 64), (256, 256), (512, 256), (1024, 512)]
+
+
+def softmax_residency():
+    """ns per score of the softmax pass by where its tile lives: the same figure in L1 as past L2
+    means the pass is bound by its arithmetic, not by reading the scores back."""
+    print("\nthe softmax pass alone, by tile size (scores + probabilities), one thread")
+    rng = np.random.default_rng(0)
+    for nk, nq in RESIDENCY_TILES:
+        st = (3 * rng.standard_normal((nk, nq))).astype(np.float32)
+        pt = np.empty_like(st)
+        shift = st.max(axis=0)
+        ts, tc, tmx = np.zeros(nq), np.zeros(nq, np.float32), np.zeros(nq, np.float32)
+        soft = _best(lambda n: _softmax(n, st, pt, np.float32(0.125), shift, ts, tc, tmx))
+        print(f"{nk} x {nq} ({2 * st.nbytes // 1024} KiB): {soft * 1e9 / (nk * nq):.3f} ns/score", flush=True)
+
+
 if __name__ == "__main__":
     main()
     whole_calls()
+    softmax_residency()
