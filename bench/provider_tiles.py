@@ -31,7 +31,7 @@ from engine.runtime.gemm_providers import load_provider  # noqa: E402
 from engine.runtime.machine import cpu_model  # noqa: E402
 
 #: (key rows, query rows, head size)
-TILES = [(256, 256, 64), (128, 256, 64), (256, 256, 128), (512, 256, 64), (128, 64, 64)]
+TILES = [(256, 256, 64), (128, 256, 64), (256, 256, 128), (512, 256, 64), (128, 64, 64), (32, 32, 64)]
 PROVIDERS = ("openblas", "fma", "mkl")
 BLOCKS, CALLS = 5, 200
 

@@ -101,11 +101,13 @@ GEMM_AUTO_DEFAULT = ("numpy",)
 #: GEMM_CALIBRATION_CALLS calls), keep the fastest; so does the measured ``auto`` choice
 #: (``backends.cpu.autotune``). Both go through ``gemm_providers.choose_fastest``: ``numpy`` (no
 #: extra library) is kept unless another is faster by more than GEMM_CALIBRATION_MARGIN, and where
-#: it is kept, ``openblas`` replaces it if at least as fast as ``numpy``. ``openblas`` (``scipy-openblas32``) is
-#: the library NumPy and SciPy bundle, a newer build loaded for the engine alone and sequential:
-#: on AMD Zen 4 (2 cores, 2026-12-07) it tied ``numpy`` serially at head 64 (6.47 against 6.61-6.65
-#: ms on the tuning problem) and took 0-7% less at 2 threads on the float32 cases of issue 29
-#: (docs/performance.md); on an Intel Xeon it was 7% faster serially (4.00 against 4.31 ms,
+#: it is kept, ``openblas`` replaces it if at least as fast as ``numpy``; the engine's own ``fma``
+#: must beat every library by more than the margin (on small tiles the libraries are faster).
+#: ``openblas`` (``scipy-openblas32``) is the library NumPy and SciPy bundle, a newer build loaded
+#: for the engine alone and sequential: on AMD Zen 4 (2 cores, 2026-12-07) it tied ``numpy``
+#: serially at head 64 (6.47 against 6.61-6.65 ms on the tuning problem) and took 0-7% less at 2
+#: threads on the float32 cases of issue 29 (docs/performance.md); on an Intel Xeon it was 7%
+#: faster serially (4.00 against 4.31 ms,
 #: bench/results/cpu-vs-torch-intel-xeon-f6-m167-2026-12-06-session8.json); on AMD Zen 3 its
 #: products ran at 0.93-0.98x of ``numpy``'s (2026-11-29), which this rule leaves on ``numpy``.
 GEMM_CALIBRATION_CANDIDATES = ("numpy", "openblas", "mkl", "fma")

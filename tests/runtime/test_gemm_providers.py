@@ -178,6 +178,19 @@ def test_calibration_decision_on_injected_timings():
     assert gp.choose_fastest({"numpy": 1.06, "openblas": 1.0, "mkl": 1.01}, margin=0.03) == "openblas"
 
 
+def test_fma_only_when_faster_than_every_library_by_the_margin():
+    # the engine's own product must beat the fastest library by more than the margin
+    assert gp.choose_fastest({"numpy": 1.0, "openblas": 1.0, "fma": 0.98}, margin=0.03) == "openblas"
+    assert gp.choose_fastest({"numpy": 1.0, "openblas": 1.1, "fma": 0.9}, margin=0.03) == "fma"
+    assert gp.choose_fastest({"numpy": 1.0, "mkl": 0.8, "fma": 0.79}, margin=0.03) == "mkl"
+    assert gp.choose_fastest({"numpy": 1.0, "mkl": 0.8, "fma": 0.7}, margin=0.03) == "fma"
+    # slower than a library, or alone
+    assert gp.choose_fastest({"numpy": 1.0, "fma": 1.5}, margin=0.03) == "numpy"
+    assert gp.choose_fastest({"fma": 1.0}) == "fma"
+    # the libraries' own rule is unchanged where fma does not win
+    assert gp.choose_fastest({"numpy": 1.02, "mkl": 1.0, "fma": 0.99}, margin=0.03) == "numpy"
+
+
 @pytest.mark.parametrize(
     "width, error",
     [(None, TypeError), (64.0, TypeError), ("64", TypeError), (True, TypeError), (0, ValueError), (-5, ValueError)],

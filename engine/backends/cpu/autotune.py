@@ -7,7 +7,8 @@ What is measured, and how:
   wider ones measured at 128): every installed provider (``numpy``, ``openblas``, ``mkl`` with its
   generated GEMMs) has its tiles searched (as below) on the class's medium problem; the provider
   with the fastest best wins, except that ``numpy`` (or ``openblas`` where at least as fast as
-  it) is kept within ``GEMM_CALIBRATION_MARGIN`` of it (``gemm_providers.choose_fastest``).
+  it) is kept within ``GEMM_CALIBRATION_MARGIN`` of it, and the engine's own ``fma`` only wins
+  by more than that margin over every library (``gemm_providers.choose_fastest``).
   Heads of 65 to 128 measure the second class; wider heads take its choice. The two widths are
   measured apart because the winner can differ: on an AMD Zen 4 SciPy's OpenBLAS 0.3.30 and
   ``scipy-openblas32`` 0.3.34 tied at head 64 (6.65 against 6.47 ms) while the newer one was 3-6%
