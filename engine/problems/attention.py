@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .arrays import array_dtype, as_array, check_float, is_device_array, is_floating
-from .base import Problem, Requirement, check_bool, check_scale
+from .base import Problem, Requirement, check_bool, check_scale, real_float
 from .causal import as_causal_bias
 from .mods import validate_mods
 from .sinks import validate_sinks
@@ -270,7 +270,7 @@ def validate_dropout(dropout_p, dropout_seed, draw_seed: bool):
     """``(p, seed)``: p a float in [0, 1]; seed an int in [0, 2**64) when p > 0, else None."""
     if isinstance(dropout_p, (bool, np.bool_)) or not isinstance(dropout_p, (int, float, np.integer, np.floating)):
         raise TypeError(f"dropout_p must be a real number, got {type(dropout_p).__name__}")
-    p = float(dropout_p)
+    p = real_float(dropout_p, "dropout_p", "be between 0 and 1")
     if not 0.0 <= p <= 1.0:  # NaN fails too
         raise ValueError(f"dropout_p must be between 0 and 1, got {p}")
     if dropout_seed is not None:

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-__all__ = ["Problem", "Requirement", "dtype_name", "check_bool", "check_scale"]
+__all__ = ["Problem", "Requirement", "dtype_name", "check_bool", "check_scale", "real_float"]
 
 
 @dataclass(frozen=True)
@@ -122,6 +122,16 @@ def check_bool(value, name: str) -> bool:
     return bool(value)
 
 
+def real_float(value, name: str, must: str) -> float:
+    """``float(value)`` of a real number already type-checked; a Python int too large for a
+    float64 (where ``float`` raises ``OverflowError``) is refused with ``ValueError`` naming
+    ``name``: "``name`` must ``must``"."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must {must}, got an integer of {int(value).bit_length()} bits") from None
+
+
 def check_scale(scale, E: int, shapes: str) -> float:
     """The score scale: ``1/sqrt(E)`` for None, else a finite real number. ``shapes`` names the
     inputs for the error when E = 0 leaves no default."""
@@ -131,7 +141,7 @@ def check_scale(scale, E: int, shapes: str) -> float:
         return 1.0 / math.sqrt(E)
     if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.integer, np.floating)):
         raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-    scale_f = float(scale)
+    scale_f = real_float(scale, "scale", "be finite")
     if not math.isfinite(scale_f):
         raise ValueError(f"scale must be finite, got {scale_f}")
     return scale_f
