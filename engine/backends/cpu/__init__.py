@@ -70,7 +70,7 @@ def _tuning_note(tuning: dict) -> str:
     """One line for ``attention-engine list``: the tiles, providers and decode read order measured on
     this machine. A stored entry the engine would not read (an unknown key, a value its validator
     refuses: a file edited by hand, or written by another version) is not listed."""
-    from ...runtime.gemm_providers import valid_provider_choice
+    from ...runtime.gemm_providers import gemm_mode, valid_provider_choice
 
     if not tuning["enabled"]:
         return "forward tiles and decode read order: the fixed rule (ATTENTION_ENGINE_AUTOTUNE=0)"
@@ -87,6 +87,8 @@ def _tuning_note(tuning: dict) -> str:
         elif kind == "decode-order" and rest in order_keys and isinstance(value.get("sequential"), bool):
             order.append(f"decode {rest} {'address order' if value['sequential'] else 'interleaved'}")
     where = tuning["path"] or "memory only (no cache folder)"
+    if gemm and gemm_mode() != "auto":  # measured for "auto": not what a forced provider uses
+        gemm = [f"providers for auto (not in use: {gemm_mode()} requested) " + ", ".join(gemm)]
     if not tiles and not gemm and not order:
         return f"forward tiles: measured on first large call per class, kept in {where}; none measured yet"
     return (
