@@ -137,6 +137,9 @@ def softmax_residency():
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     main()
     whole_calls()
     softmax_residency()

@@ -190,7 +190,7 @@ def cache_enabled() -> bool:
     if not _enabled:
         warnings.warn(
             f"attention-engine: {why_not}; kernels are compiled in every process (set "
-            "NUMBA_CACHE_DIR to a private folder to fix)",
+            "NUMBA_CACHE_DIR to a private folder this user can write to fix)",
             RuntimeWarning,
             stacklevel=2,
         )
