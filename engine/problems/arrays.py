@@ -108,6 +108,11 @@ def as_array(x: Any, name: str) -> Any:
             "computes no gradients: use engine.torch.scaled_dot_product_attention for autograd, or "
             f"pass {name}.detach() if no gradient is wanted"
         )
+    if type(x).__module__.startswith("numpy.ma"):  # np.asarray would drop the mask without a word
+        raise TypeError(
+            f"{name} is a numpy.ma.MaskedArray (shape {x.shape}): its mask would be ignored; pass "
+            f"{name}.filled(value) (the value masked entries stand for) or {name}.data"
+        )
     if is_device_array(x):
         return x
     try:

@@ -217,6 +217,20 @@ CATALOGUE = [
         r"scale must be finite, got -inf",
     ),
     (
+        "query-masked-array",
+        "query=np.ma.masked_array(...)",
+        _call(np.ma.masked_array(Q, mask=np.zeros(Q.shape, bool)), K, V),
+        TypeError,
+        r"query is a numpy.ma.MaskedArray \(shape \(2, 4, 5, 8\)\): its mask would be ignored",
+    ),
+    (
+        "mask-masked-array",
+        "attn_mask=np.ma.masked_array(...)",
+        _call(Q, K, V, attn_mask=np.ma.masked_array(np.ones((5, 7), bool))),
+        TypeError,
+        r"attn_mask is a numpy.ma.MaskedArray",
+    ),
+    (
         "scale-huge-int",
         "scale=10**400 (a Python int past float64)",
         _call(Q, K, V, scale=10**400),
