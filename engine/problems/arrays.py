@@ -88,6 +88,15 @@ def array_dtype(x: Any) -> np.dtype:
     return x.dtype
 
 
+def _refuse_masked(x: Any, name: str) -> None:
+    """``TypeError`` for a NumPy masked array: ``np.asarray`` would drop its mask without a word."""
+    if type(x).__module__.startswith("numpy.ma"):
+        raise TypeError(
+            f"{name} is a numpy.ma.MaskedArray (shape {x.shape}): its mask would be ignored; pass "
+            f"{name}.filled(value) (the value masked entries stand for) or {name}.data"
+        )
+
+
 def as_array(x: Any, name: str) -> Any:
     """Host inputs become ``np.ndarray`` (torch CPU tensors included, bfloat16 ones as ml_dtypes'
     bfloat16); device arrays stay as they are."""
@@ -108,11 +117,7 @@ def as_array(x: Any, name: str) -> Any:
             "computes no gradients: use engine.torch.scaled_dot_product_attention for autograd, or "
             f"pass {name}.detach() if no gradient is wanted"
         )
-    if type(x).__module__.startswith("numpy.ma"):  # np.asarray would drop the mask without a word
-        raise TypeError(
-            f"{name} is a numpy.ma.MaskedArray (shape {x.shape}): its mask would be ignored; pass "
-            f"{name}.filled(value) (the value masked entries stand for) or {name}.data"
-        )
+    _refuse_masked(x, name)
     if is_device_array(x):
         return x
     try:
@@ -314,6 +319,7 @@ def to_numpy(value: Any, what: str) -> np.ndarray:
         return value.get()
     if is_device_array(value) and hasattr(value, "copy_to_host"):  # Numba device array
         return value.copy_to_host()
+    _refuse_masked(value, what)
     try:
         return np.asarray(value)
     except Exception as exc:

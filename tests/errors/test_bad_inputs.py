@@ -358,6 +358,18 @@ def test_bad_argument(entry):
             call()
 
 
+def test_masked_arrays_are_refused_by_variants_too():
+    v = engine.get_variant("multi-head", embed_dim=16, num_heads=2)
+    x = np.ones((1, 4, 16), np.float32)
+    for _ in range(2):
+        with pytest.raises(TypeError, match=r"query is a numpy.ma.MaskedArray \(shape \(1, 4, 16\)\)"):
+            v(np.ma.masked_array(x), x, x)
+    state = v.state_dict()
+    state["in_proj_weight"] = np.ma.masked_array(state["in_proj_weight"])
+    with pytest.raises(TypeError, match=r"state_dict\['in_proj_weight'\] is a numpy.ma.MaskedArray"):
+        v.load_state_dict(state)
+
+
 def test_enable_gqa_not_bool():
     with pytest.raises(TypeError, match="enable_gqa must be a bool"):
         f(Q, K, V, enable_gqa="no")
