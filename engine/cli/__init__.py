@@ -54,6 +54,13 @@ def build_parser(argv) -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
+    from ..runtime.gemm_providers import gemm_mode
+
+    try:  # ATTENTION_ENGINE_GEMM, read by every command: a bad value is a usage error, not a traceback
+        gemm_mode()
+    except ValueError as exc:
+        print(f"attention-engine: error: {exc}", file=sys.stderr)
+        return 2
     return int(args._module.run(args) or 0)
 
 

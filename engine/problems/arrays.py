@@ -12,6 +12,7 @@ array, without copying it.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -26,6 +27,7 @@ __all__ = [
     "bfloat16_dtype",
     "array_dtype",
     "as_array",
+    "refuse_masked_array",
     "host_array",
     "any_array",
     "caller_array",
@@ -88,12 +90,15 @@ def array_dtype(x: Any) -> np.dtype:
     return x.dtype
 
 
-def _refuse_masked(x: Any, name: str) -> None:
-    """``TypeError`` for a NumPy masked array: ``np.asarray`` would drop its mask without a word."""
-    if type(x).__module__.startswith("numpy.ma"):
+def refuse_masked_array(x: Any, name: str) -> None:
+    """``TypeError`` for a NumPy masked array (``np.ma.MaskedArray`` or any subclass, such as
+    astropy's masked columns): ``np.asarray`` would drop its mask without a word. Costs nothing
+    where ``numpy.ma`` was never imported (then no masked array exists)."""
+    ma = sys.modules.get("numpy.ma")
+    if ma is not None and isinstance(x, ma.MaskedArray):
         raise TypeError(
             f"{name} is a numpy.ma.MaskedArray (shape {x.shape}): its mask would be ignored; pass "
-            f"{name}.filled(value) (the value masked entries stand for) or {name}.data"
+            "the values with masked entries filled (x.filled(value)) or the data (x.data)"
         )
 
 
@@ -117,7 +122,7 @@ def as_array(x: Any, name: str) -> Any:
             "computes no gradients: use engine.torch.scaled_dot_product_attention for autograd, or "
             f"pass {name}.detach() if no gradient is wanted"
         )
-    _refuse_masked(x, name)
+    refuse_masked_array(x, name)
     if is_device_array(x):
         return x
     try:
@@ -159,6 +164,7 @@ def native_mod_args(mod_args: tuple) -> tuple:
             )
         if type(a).__module__.startswith("torch") and hasattr(a, "shape"):  # a tensor: its NumPy view
             a = as_array(a, f"mod_args[{i}]")
+        refuse_masked_array(a, f"mod_args[{i}]")
         if isinstance(a, (np.ndarray, np.generic)) and a.dtype.itemsize == 2 and is_floating(a.dtype):
             kind = f"array (shape {a.shape})" if isinstance(a, np.ndarray) else "scalar"
             raise TypeError(
@@ -319,7 +325,7 @@ def to_numpy(value: Any, what: str) -> np.ndarray:
         return value.get()
     if is_device_array(value) and hasattr(value, "copy_to_host"):  # Numba device array
         return value.copy_to_host()
-    _refuse_masked(value, what)
+    refuse_masked_array(value, what)
     try:
         return np.asarray(value)
     except Exception as exc:

@@ -129,7 +129,8 @@ def real_float(value, name: str, must: str) -> float:
     try:
         return float(value)
     except OverflowError:
-        raise ValueError(f"{name} must {must}, got an integer of {int(value).bit_length()} bits") from None
+        sign = "a negative" if value < 0 else "an"
+        raise ValueError(f"{name} must {must}, got {sign} integer of {int(value).bit_length()} bits") from None
 
 
 def check_scale(scale, E: int, shapes: str) -> float:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..problems.arrays import refuse_masked_array
 from .convert import from_numpy
 
 __all__ = ["CallConfig", "Number", "config_key", "call_config", "split_mod_args", "tensor_slot", "TENSOR"]
@@ -143,6 +144,7 @@ def split_mod_args(mod_args) -> tuple[list, tuple, tuple]:
             positions.append((i, kind))
             continue
         if isinstance(a, np.ndarray):
+            refuse_masked_array(a, f"mod_args[{i}]")
             a = torch.from_numpy(a) if compiling else from_numpy(a)
         if isinstance(a, torch.Tensor):
             if a.requires_grad and a.ndim == 0:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..problems.arrays import refuse_masked_array
 from ..problems.attention import validate_dropout
-from ..problems.base import check_bool
+from ..problems.base import check_bool, check_scale
 from ..problems.causal import as_causal_bias
 from .calls import config_key, split_mod_args
 from .convert import check_real_data
@@ -135,10 +136,12 @@ def scaled_dot_product_attention(
             )
         attn_mask, is_causal, causal_offset = None, True, bias.diagonal_offset
     elif attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
+        refuse_masked_array(attn_mask, "attn_mask")
         attn_mask = torch.as_tensor(np.asarray(attn_mask))
     elif attn_mask is not None:
         check_real_data(attn_mask, "attn_mask")
     if sinks is not None and not isinstance(sinks, torch.Tensor):
+        refuse_masked_array(sinks, "sinks")
         sinks = torch.as_tensor(np.asarray(sinks))
     elif sinks is not None:
         check_real_data(sinks, "sinks")
@@ -160,7 +163,7 @@ def scaled_dot_product_attention(
         p,
         is_causal,
         causal_offset,
-        None if scale is None else float(scale),
+        None if scale is None else check_scale(scale, query.shape[-1], ""),
         enable_gqa,
         config,
         needs_grad,

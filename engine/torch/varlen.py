@@ -19,7 +19,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..problems.base import check_bool
+from ..problems.arrays import refuse_masked_array
+from ..problems.base import check_bool, check_scale
 from ..problems.decode import _window as window_arg
 from ..runtime.errors import NotSupportedError
 from ..varlen import varlen_attention as _varlen_forward
@@ -200,6 +201,7 @@ def _as_offsets(x, name: str) -> torch.Tensor:
     if x is None:
         raise TypeError(f"{name} must be an integer tensor of shape (B + 1,), got None")
     if not isinstance(x, torch.Tensor):
+        refuse_masked_array(x, name)
         x = torch.as_tensor(np.asarray(x))
     return x
 
@@ -303,7 +305,7 @@ def varlen_attention(
                 "gradient: detach it, or use engine.torch.scaled_dot_product_attention on a padded batch"
             )
     config = config_key(score_mod, mask_mod, None, positions, statics, backend)
-    options = (is_causal, left, right, None if scale is None else float(scale), config)
+    options = (is_causal, left, right, None if scale is None else check_scale(scale, query.shape[-1], ""), config)
     plain = (query, key, value, cu_q, cu_k, *tensors, *(() if sinks is None else (sinks,)))
     if torch.compiler.is_compiling() or any(type(t) not in _PLAIN for t in plain):
         out, lse = varlen_forward(query, key, value, cu_q, cu_k, sinks, tensors, *options)

@@ -242,7 +242,7 @@ CATALOGUE = [
         "dropout_p=-(10**400)",
         _call(Q, K, V, dropout_p=-(10**400)),
         ValueError,
-        r"dropout_p must be between 0 and 1, got an integer of 1329 bits",
+        r"dropout_p must be between 0 and 1, got a negative integer of 1329 bits",
     ),
     (
         "scale-string",
@@ -471,6 +471,15 @@ def test_bad_cli_values_return_2(argv, message, capsys):
 
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["list"], ["bench", "--lengths", "8"]])
+def test_a_bad_gemm_environment_variable_is_a_usage_error(argv, monkeypatch, capsys):
+    from engine.cli import main
+
+    monkeypatch.setenv("ATTENTION_ENGINE_GEMM", "bogus")
+    assert main(argv) == 2
+    assert "attention-engine: error: ATTENTION_ENGINE_GEMM='bogus': GEMM provider must be" in capsys.readouterr().err
 
 
 # -- cases that reach a kernel: run in a child process -------------------------------------------

@@ -233,19 +233,19 @@ def test_list_says_which_provider_runs():
     assert cpu["gemm"]["in_use"]["bfloat16"].endswith(("(16-bit GEMM)", "(widened to float32)"))
 
 
-def test_list_says_measured_providers_are_not_in_use_under_a_forced_one(monkeypatch):
-    """`attention-engine list`'s tuning line: providers measured for ``auto`` are marked as not in
-    use while another is requested (ATTENTION_ENGINE_GEMM or set_gemm_provider)."""
+def test_list_says_which_provider_is_requested_beside_those_measured_for_auto(monkeypatch):
+    """`attention-engine list`'s tuning line: the providers measured for ``auto`` are marked so
+    while one is requested (ATTENTION_ENGINE_GEMM or set_gemm_provider)."""
     from engine.backends.cpu import _tuning_note
 
     info = {"enabled": True, "path": None, "choices": {gp.provider_key("float32"): {"provider": "numpy"}}}
     engine.set_gemm_provider(None)
     monkeypatch.delenv("ATTENTION_ENGINE_GEMM", raising=False)
     auto = _tuning_note(info)
-    assert "float32 numpy" in auto and "not in use" not in auto
+    assert "float32 numpy" in auto and "requested now" not in auto
     engine.set_gemm_provider("numpy")
     try:
         forced = _tuning_note(info)
     finally:
         engine.set_gemm_provider(None)
-    assert "providers for auto (not in use: numpy requested) float32 numpy" in forced
+    assert "providers measured for auto (numpy requested now) float32 numpy" in forced

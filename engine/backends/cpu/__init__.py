@@ -88,7 +88,7 @@ def _tuning_note(tuning: dict) -> str:
             order.append(f"decode {rest} {'address order' if value['sequential'] else 'interleaved'}")
     where = tuning["path"] or "memory only (no cache folder)"
     if gemm and gemm_mode() != "auto":  # measured for "auto": not what a forced provider uses
-        gemm = [f"providers for auto (not in use: {gemm_mode()} requested) " + ", ".join(gemm)]
+        gemm = [f"providers measured for auto ({gemm_mode()} requested now) " + ", ".join(gemm)]
     if not tiles and not gemm and not order:
         return f"forward tiles: measured on first large call per class, kept in {where}; none measured yet"
     return (
