@@ -27,6 +27,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ...runtime.jit_cache import cache_enabled
+from .ir_loop import counted_loop
 from .vector_width import target_features
 
 _CACHE = cache_enabled()
@@ -92,51 +93,31 @@ def _block(typingctx, a, lda, b, ldb, c, ldc, K, accumulate):
             phi.add_incoming(ir.Constant(_V16F, None), from_zero)
             start.append(phi)
         pairs = builder.sdiv(K, ir.Constant(_I64, 2))
-        entry = builder.block
-        body = builder.append_basic_block("bf16dot.pair")
-        done = builder.append_basic_block("bf16dot.done")
-        builder.cbranch(builder.icmp_signed(">", pairs, ir.Constant(_I64, 0)), body, done)
-        builder.position_at_end(body)
-        p = builder.phi(_I64)
-        p.add_incoming(ir.Constant(_I64, 0), entry)
-        acc = []
-        for i in range(n):
-            phi = builder.phi(_V16F)
-            phi.add_incoming(start[i], entry)
-            acc.append(phi)
-        row = builder.add(b, builder.mul(p, ldb))
-        bv = [
-            builder.bitcast(
-                builder.load(
-                    builder.inttoptr(builder.add(row, ir.Constant(_I64, 64 * j)), _V16I.as_pointer()), align=4
-                ),
-                _V32BF,
-            )
-            for j in range(_REGS)
-        ]
-        offset = builder.mul(p, ir.Constant(_I64, 4))  # two bfloat16 of A's row per pair
-        new = []
-        for r in range(_ROWS):
-            at = builder.add(builder.add(a, builder.mul(ir.Constant(_I64, r), lda)), offset)
-            two = builder.load(builder.inttoptr(at, _I32.as_pointer()), align=2)
-            splat = builder.insert_element(ir.Constant(_V16I, None), two, ir.Constant(_I32, 0))
-            splat = builder.shuffle_vector(splat, ir.Constant(_V16I, None), ir.Constant(_V16I, [0] * 16))
-            av = builder.bitcast(splat, _V32BF)
-            for j in range(_REGS):
-                new.append(builder.call(dot, [acc[r * _REGS + j], av, bv[j]]))
-        p_next = builder.add(p, ir.Constant(_I64, 1))
-        last = builder.block
-        p.add_incoming(p_next, last)
-        for i in range(n):
-            acc[i].add_incoming(new[i], last)
-        builder.cbranch(builder.icmp_signed("<", p_next, pairs), body, done)
-        builder.position_at_end(done)
-        outs = []
-        for i in range(n):  # (a block's phi nodes come first)
-            out = builder.phi(_V16F)
-            out.add_incoming(start[i], entry)
-            out.add_incoming(new[i], last)
-            outs.append(out)
+
+        def pair_step(p, acc):  # one pair of k: B's pair row into registers, a VDPBF16PS each
+            row = builder.add(b, builder.mul(p, ldb))
+            bv = [
+                builder.bitcast(
+                    builder.load(
+                        builder.inttoptr(builder.add(row, ir.Constant(_I64, 64 * j)), _V16I.as_pointer()), align=4
+                    ),
+                    _V32BF,
+                )
+                for j in range(_REGS)
+            ]
+            offset = builder.mul(p, ir.Constant(_I64, 4))  # two bfloat16 of A's row per pair
+            new = []
+            for r in range(_ROWS):
+                at = builder.add(builder.add(a, builder.mul(ir.Constant(_I64, r), lda)), offset)
+                two = builder.load(builder.inttoptr(at, _I32.as_pointer()), align=2)
+                splat = builder.insert_element(ir.Constant(_V16I, None), two, ir.Constant(_I32, 0))
+                splat = builder.shuffle_vector(splat, ir.Constant(_V16I, None), ir.Constant(_V16I, [0] * 16))
+                av = builder.bitcast(splat, _V32BF)
+                for j in range(_REGS):
+                    new.append(builder.call(dot, [acc[r * _REGS + j], av, bv[j]]))
+            return new
+
+        outs = counted_loop(builder, pairs, start, pair_step)
         for i, out in enumerate(outs):
             builder.store(out, c_ptr(i // _REGS, i % _REGS), align=4)
         return context.get_dummy_value()

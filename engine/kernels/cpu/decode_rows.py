@@ -17,6 +17,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from .ir_loop import counted_loop
 from .vector_width import target_features
 
 __all__ = ["row_scores", "row_values"]
@@ -32,38 +33,6 @@ MAX_CHUNKS = 8
 #: (a head of 128 is 16 ymm accumulators: they would spill). A constant of the compiled task:
 #: Numba's disk cache is keyed by the CPU it compiled for
 WIDEST = 128 if "avx512f" in target_features() else 64
-
-
-def _loop(builder, n, carried, body):
-    """``for j in range(n)`` with ``carried`` values (LLVM values) carried across iterations;
-    ``body(j, values) -> new values``. Returns the carried values after the loop."""
-    entry = builder.block
-    head = builder.append_basic_block("rows.body")
-    done = builder.append_basic_block("rows.done")
-    builder.cbranch(builder.icmp_signed(">", n, ir.Constant(_I64, 0)), head, done)
-    builder.position_at_end(head)
-    j = builder.phi(_I64)
-    j.add_incoming(ir.Constant(_I64, 0), entry)
-    phis = []
-    for v in carried:
-        phi = builder.phi(v.type)
-        phi.add_incoming(v, entry)
-        phis.append(phi)
-    new = body(j, phis)
-    j_next = builder.add(j, ir.Constant(_I64, 1))
-    last = builder.block
-    j.add_incoming(j_next, last)
-    for phi, v in zip(phis, new):
-        phi.add_incoming(v, last)
-    builder.cbranch(builder.icmp_signed("<", j_next, n), head, done)
-    builder.position_at_end(done)
-    outs = []
-    for start, v in zip(carried, new):
-        out = builder.phi(v.type)
-        out.add_incoming(start, entry)
-        out.add_incoming(v, last)
-        outs.append(out)
-    return outs
 
 
 def _vector_at(builder, address, offset):
@@ -114,7 +83,7 @@ def _dots(typingctx, q, rows, stride, n, out, chunks):
             builder.store(s, at, align=4)
             return []
 
-        _loop(builder, n, [], body)
+        counted_loop(builder, n, [], body)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -149,7 +118,7 @@ def _weighted_sum(typingctx, acc, weights, rows, stride, n, chunks):
                 new.append(builder.select(weighed, added, sums[c]))
             return new
 
-        for c, v in enumerate(_loop(builder, n, start, body)):
+        for c, v in enumerate(counted_loop(builder, n, start, body)):
             builder.store(v, _vector_at(builder, acc, 64 * c), align=4)
         return context.get_dummy_value()
 

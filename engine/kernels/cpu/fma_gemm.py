@@ -37,6 +37,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ...runtime.jit_cache import cache_enabled
+from .ir_loop import counted_loop
 from .vector_width import target_features
 
 __all__ = ["lanes", "fma_ready", "fma_gemm", "ROWS", "REGS"]
@@ -117,40 +118,20 @@ def _block(typingctx, a, sa_r, sa_k, b, ldb, c, ldc, K, rows, alpha, beta, regs)
             rr = builder.select(builder.icmp_signed("<", ir.Constant(_I64, r), rows), ir.Constant(_I64, r), last)
             row_a.append(builder.add(a, builder.mul(rr, sa_r)))
         n = ROWS * regs
-        entry = builder.block
-        body = builder.append_basic_block("fma.k")
-        done = builder.append_basic_block("fma.done")
-        builder.cbranch(builder.icmp_signed(">", K, ir.Constant(_I64, 0)), body, done)
-        builder.position_at_end(body)
-        p = builder.phi(_I64)
-        p.add_incoming(ir.Constant(_I64, 0), entry)
-        acc = []
-        for _ in range(n):
-            phi = builder.phi(vty)
-            phi.add_incoming(ir.Constant(vty, None), entry)
-            acc.append(phi)
-        brow = builder.add(b, builder.mul(p, ldb))
-        bv = [builder.load(vec_ptr(brow, j), align=isz) for j in range(regs)]
-        koff = builder.mul(p, sa_k)
-        new = []
-        for r in range(ROWS):
-            x = builder.load(builder.inttoptr(builder.add(row_a[r], koff), fty.as_pointer()), align=isz)
-            xs = splat(x)
-            for j in range(regs):
-                new.append(builder.call(fma, [xs, bv[j], acc[r * regs + j]]))
-        p_next = builder.add(p, ir.Constant(_I64, 1))
-        tail = builder.block
-        p.add_incoming(p_next, tail)
-        for i in range(n):
-            acc[i].add_incoming(new[i], tail)
-        builder.cbranch(builder.icmp_signed("<", p_next, K), body, done)
-        builder.position_at_end(done)
-        outs = []
-        for i in range(n):  # (a block's phi nodes come first)
-            out = builder.phi(vty)
-            out.add_incoming(ir.Constant(vty, None), entry)
-            out.add_incoming(new[i], tail)
-            outs.append(out)
+
+        def k_step(p, acc):  # one k: B's row of NC into registers, an FMA per accumulator
+            brow = builder.add(b, builder.mul(p, ldb))
+            bv = [builder.load(vec_ptr(brow, j), align=isz) for j in range(regs)]
+            koff = builder.mul(p, sa_k)
+            new = []
+            for r in range(ROWS):
+                x = builder.load(builder.inttoptr(builder.add(row_a[r], koff), fty.as_pointer()), align=isz)
+                xs = splat(x)
+                for j in range(regs):
+                    new.append(builder.call(fma, [xs, bv[j], acc[r * regs + j]]))
+            return new
+
+        outs = counted_loop(builder, K, [ir.Constant(vty, None)] * n, k_step)
         va, vb = splat(alpha), splat(beta)
         read_c = builder.fcmp_unordered("!=", beta, ir.Constant(fty, 0.0))  # NaN beta reads C, as BLAS
         for r in range(ROWS):
